@@ -1,0 +1,158 @@
+//! PyO3 binding of mistralrs-serve-core: converts, validates, releases the
+//! GIL around the work. No logic lives here.
+
+use mistralrs_serve_core::{sample_batch, DryParams, SampleOutput, SamplerError, SamplingParams, TokenHistory};
+use numpy::{IntoPyArray, PyArray1, PyArray2, PyReadonlyArray1, PyReadwriteArray2};
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+
+/// The one mapping from core errors to Python exceptions.
+fn to_py_err(err: SamplerError) -> PyErr {
+    match err {
+        SamplerError::InvalidParam(_) | SamplerError::Shape(_) | SamplerError::TokenOutOfRange { .. } => {
+            PyValueError::new_err(err.to_string())
+        }
+        SamplerError::NoCandidate => PyRuntimeError::new_err(err.to_string()),
+    }
+}
+
+/// Validated sampling options of one request, built once per request.
+#[pyclass(frozen, name = "SamplingParams", module = "mistralrs_serve._native")]
+struct PySamplingParams {
+    inner: SamplingParams,
+}
+
+#[pymethods]
+impl PySamplingParams {
+    #[new]
+    #[pyo3(signature = (
+        *, temperature = 1.0, top_k = 0, top_p = 1.0, min_p = 0.0, repetition_penalty = 1.0,
+        presence_penalty = 0.0, frequency_penalty = 0.0, logit_bias = Vec::new(),
+        dry_multiplier = 0.0, dry_base = 1.75, dry_allowed_length = 2,
+        dry_sequence_breakers = Vec::new(), seed = 0, return_logprob = false, num_top_logprobs = 0
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        temperature: f32,
+        top_k: usize,
+        top_p: f32,
+        min_p: f32,
+        repetition_penalty: f32,
+        presence_penalty: f32,
+        frequency_penalty: f32,
+        logit_bias: Vec<(u32, f32)>,
+        dry_multiplier: f32,
+        dry_base: f32,
+        dry_allowed_length: usize,
+        dry_sequence_breakers: Vec<u32>,
+        seed: u64,
+        return_logprob: bool,
+        num_top_logprobs: usize,
+    ) -> PyResult<Self> {
+        let dry = (dry_multiplier != 0.0).then(|| DryParams {
+            multiplier: dry_multiplier,
+            base: dry_base,
+            allowed_length: dry_allowed_length,
+            sequence_breakers: dry_sequence_breakers,
+        });
+        let inner = SamplingParams {
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            repetition_penalty,
+            presence_penalty,
+            frequency_penalty,
+            logit_bias,
+            dry,
+            seed,
+            return_logprob,
+            num_top_logprobs,
+        };
+        inner.validate().map_err(to_py_err)?;
+        Ok(Self { inner })
+    }
+
+    #[getter]
+    fn temperature(&self) -> f32 {
+        self.inner.temperature
+    }
+
+    #[getter]
+    fn seed(&self) -> u64 {
+        self.inner.seed
+    }
+
+    #[getter]
+    fn num_top_logprobs(&self) -> usize {
+        self.inner.num_top_logprobs
+    }
+
+    fn __repr__(&self) -> String {
+        format!("{:?}", self.inner)
+    }
+}
+
+type SampleArrays<'py> =
+    (Bound<'py, PyArray1<i64>>, Bound<'py, PyArray1<f32>>, Bound<'py, PyArray2<i64>>, Bound<'py, PyArray2<f32>>);
+
+/// Sample one token per row of `logits` (modified in place). Returns
+/// `(token_ids, logprobs, top_ids, top_logprobs)`; logprobs are NaN where
+/// not asked for, and the top arrays are padded with -1 / NaN to the widest
+/// row's `num_top_logprobs`.
+#[pyfunction]
+fn sample<'py>(
+    py: Python<'py>,
+    mut logits: PyReadwriteArray2<'py, f32>,
+    params: Vec<Bound<'py, PySamplingParams>>,
+    prompt_ids: Vec<PyReadonlyArray1<'py, u32>>,
+    output_ids: Vec<PyReadonlyArray1<'py, u32>>,
+    steps: Vec<u64>,
+) -> PyResult<SampleArrays<'py>> {
+    let vocab_size = logits.as_array().ncols();
+    let rows = logits.as_slice_mut().map_err(|_| PyValueError::new_err("logits must be C-contiguous"))?;
+    if prompt_ids.len() != output_ids.len() {
+        return Err(PyValueError::new_err("prompt_ids and output_ids differ in length"));
+    }
+    let histories = prompt_ids
+        .iter()
+        .zip(&output_ids)
+        .map(|(p, o)| Ok(TokenHistory { prompt_ids: contiguous(p)?, output_ids: contiguous(o)? }))
+        .collect::<PyResult<Vec<_>>>()?;
+    let param_refs: Vec<&SamplingParams> = params.iter().map(|p| &p.get().inner).collect();
+    let outputs = py
+        .detach(|| sample_batch(rows, vocab_size, &param_refs, &histories, &steps))
+        .map_err(to_py_err)?;
+    Ok(to_arrays(py, &outputs))
+}
+
+fn contiguous<'a>(array: &'a PyReadonlyArray1<'_, u32>) -> PyResult<&'a [u32]> {
+    array.as_slice().map_err(|_| PyValueError::new_err("token arrays must be contiguous"))
+}
+
+fn to_arrays<'py>(py: Python<'py>, outputs: &[SampleOutput]) -> SampleArrays<'py> {
+    let width = outputs.iter().map(|o| o.top_logprobs.len()).max().unwrap_or(0);
+    let ids: Vec<i64> = outputs.iter().map(|o| o.token_id as i64).collect();
+    let logprobs: Vec<f32> = outputs.iter().map(|o| o.logprob).collect();
+    let mut top_ids = vec![-1i64; outputs.len() * width];
+    let mut top_lps = vec![f32::NAN; outputs.len() * width];
+    for (row, out) in outputs.iter().enumerate() {
+        for (j, &(id, lp)) in out.top_logprobs.iter().enumerate() {
+            top_ids[row * width + j] = id as i64;
+            top_lps[row * width + j] = lp;
+        }
+    }
+    let top_ids = numpy::ndarray::Array2::from_shape_vec((outputs.len(), width), top_ids)
+        .expect("length is rows * width by construction");
+    let top_lps = numpy::ndarray::Array2::from_shape_vec((outputs.len(), width), top_lps)
+        .expect("length is rows * width by construction");
+    (ids.into_pyarray(py), logprobs.into_pyarray(py), top_ids.into_pyarray(py), top_lps.into_pyarray(py))
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PySamplingParams>()?;
+    m.add_function(wrap_pyfunction!(sample, m)?)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}

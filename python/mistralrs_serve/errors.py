@@ -1,0 +1,27 @@
+"""The exception hierarchy: one root, subclasses that say who is at fault."""
+
+from __future__ import annotations
+
+
+class MistralrsServeError(Exception):
+    """Root of every error this package raises on purpose."""
+
+
+class InvalidRequestError(MistralrsServeError, ValueError):
+    """The caller sent something invalid; `param` names the offending field."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class ModelLoadError(MistralrsServeError):
+    """A model could not be found, read or understood; the message names the file and cause."""
+
+
+class UnsupportedModelError(ModelLoadError):
+    """The model is readable but uses an architecture or format we do not implement."""
+
+
+class ChatTemplateError(InvalidRequestError):
+    """A chat template failed to compile or raised while rendering."""

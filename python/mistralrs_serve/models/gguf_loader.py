@@ -1,0 +1,103 @@
+"""Load a model, its tokenizer and chat template from one GGUF file."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from mistralrs_serve.config import ModelConfig
+from mistralrs_serve.errors import ModelLoadError
+from mistralrs_serve.models.gguf_file import GGUFFile
+from mistralrs_serve.layers.linear import AnyWeight, Q4Weight
+from mistralrs_serve.models.gguf_quants import Q4_TYPES, dequantize, unpack_q4
+from mistralrs_serve.models.registry import Architecture, config_from_gguf, find_architecture
+from mistralrs_serve.tokenizer.chat_template import load_chat_template
+from mistralrs_serve.tokenizer.gguf_tokenizer import tokenizer_from_gguf
+from mistralrs_serve.tokenizer.tokenizer import Tokenizer
+
+# GGUF tensor names -> Hugging Face names (N is the layer index).
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "rope_freqs.weight": "rope_freqs",
+}
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+
+
+def hf_name(gguf_name: str) -> str | None:
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    m = _LAYER_RE.fullmatch(gguf_name)
+    if m and m.group(2) in _LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
+    return None
+
+
+def unpermute_qk(w: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's row order for interleaved RoPE: back to rotate-halves."""
+    rows = w.shape[0]
+    return w.reshape(num_heads, rows // num_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def read_gguf(path: Path) -> tuple[GGUFFile, Architecture, ModelConfig]:
+    gguf = GGUFFile(path)
+    arch = find_architecture(gguf_name=gguf.architecture)
+    try:
+        cfg = config_from_gguf(gguf.metadata, arch, has_output="output.weight" in gguf.tensors)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelLoadError(f"{path}: GGUF metadata lacks or garbles a model setting ({e})") from e
+    return gguf, arch, cfg
+
+
+def load_gguf_weights(gguf: GGUFFile, arch: Architecture, cfg: ModelConfig,
+                      dtype: torch.dtype) -> dict[str, AnyWeight]:
+    """Weights under Hugging Face names; 4-bit matrices of linear layers stay 4-bit."""
+    weights: dict[str, AnyWeight] = {}
+    for name, info in gguf.tensors.items():
+        target = hf_name(name)
+        if target is None:
+            continue
+        keep_q4 = info.type_name in Q4_TYPES and len(info.shape) == 2 and "embed_tokens" not in target
+        w: AnyWeight = unpack_q4(gguf.raw(name), info) if keep_q4 else dequantize(gguf.raw(name), info, dtype)
+        heads = _permuted_heads(arch, cfg, target)
+        if heads:
+            w = _unpermute(w, heads)
+        weights[target] = w
+    return weights
+
+
+def _permuted_heads(arch: Architecture, cfg: ModelConfig, target: str) -> int:
+    if not arch.gguf_permuted_qk:
+        return 0
+    return cfg.num_heads if ".q_proj." in target else cfg.num_kv_heads if ".k_proj." in target else 0
+
+
+def _unpermute(w: AnyWeight, heads: int) -> AnyWeight:
+    if isinstance(w, Q4Weight):
+        return w.map_rows(lambda t: unpermute_qk(t, heads))
+    return unpermute_qk(w, heads)
+
+
+def load_gguf_tokenizer(gguf: GGUFFile, chat_template_override: str | None) -> Tokenizer:
+    backend, special = tokenizer_from_gguf(gguf.metadata, str(gguf.path))
+    template = load_chat_template(
+        override=chat_template_override, model_dir=None, gguf_metadata=gguf.metadata, tokenizer_config=None,
+        bos_token=special.bos_token, eos_token=special.eos_token,
+    )
+    return Tokenizer(backend, special, template)

@@ -1,0 +1,98 @@
+"""Load a model from a directory in Hugging Face layout.
+
+Expected files: config.json, *.safetensors (one file or shards with an
+index), tokenizer.json, tokenizer_config.json; optional
+generation_config.json and chat_template.jinja.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import tokenizers
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from mistralrs_serve.config import ModelConfig
+from mistralrs_serve.errors import ModelLoadError
+from mistralrs_serve.models.registry import config_from_hf, find_architecture
+from mistralrs_serve.tokenizer.chat_template import load_chat_template
+from mistralrs_serve.tokenizer.tokenizer import Tokenizer, special_tokens_from_hf
+
+
+def read_json(path: Path, *, required: bool) -> dict[str, Any]:
+    if not path.exists():
+        if required:
+            raise ModelLoadError(f"{path}: file is missing")
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{path}: cannot read JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object")
+    return data
+
+
+def read_hf_config(model_dir: Path) -> ModelConfig:
+    raw = read_json(model_dir / "config.json", required=True)
+    names = raw.get("architectures") or []
+    if not names:
+        raise ModelLoadError(f"{model_dir / 'config.json'}: no 'architectures' entry")
+    arch = find_architecture(hf_name=names[0])
+    try:
+        return config_from_hf(raw, arch)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelLoadError(f"{model_dir / 'config.json'}: missing or invalid setting {e}") from e
+
+
+def load_safetensors(model_dir: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        found = ", ".join(sorted(p.name for p in model_dir.iterdir())) or "nothing"
+        raise ModelLoadError(f"{model_dir}: no *.safetensors weights (found: {found})")
+    weights: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            weights.update({k: v.to(dtype) for k, v in load_file(f).items()})
+        except (SafetensorError, OSError) as e:
+            raise ModelLoadError(f"{f}: cannot read safetensors ({e})") from e
+    return weights
+
+
+def generation_eos_ids(model_dir: Path) -> list[int]:
+    ids: list[int] = []
+    for name in ("config.json", "generation_config.json"):
+        value = read_json(model_dir / name, required=False).get("eos_token_id")
+        ids += value if isinstance(value, list) else [value] if isinstance(value, int) else []
+    return ids
+
+
+def load_hf_tokenizer(model_dir: Path, chat_template_override: str | None) -> Tokenizer:
+    path = model_dir / "tokenizer.json"
+    if not path.exists():
+        raise ModelLoadError(f"{path}: tokenizer file is missing")
+    try:
+        backend = tokenizers.Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises plain Exception on bad files
+        raise ModelLoadError(f"{path}: cannot load tokenizer ({e})") from e
+    tok_cfg = read_json(model_dir / "tokenizer_config.json", required=False)
+    special = special_tokens_from_hf(backend, tok_cfg, generation_eos_ids(model_dir))
+    template = load_chat_template(
+        override=chat_template_override, model_dir=model_dir, gguf_metadata=None, tokenizer_config=tok_cfg,
+        bos_token=special.bos_token, eos_token=special.eos_token,
+    )
+    return Tokenizer(backend, special, template)
+
+
+def generation_defaults(model_dir: Path) -> dict[str, Any]:
+    """Sampling defaults the model's authors chose (generation_config.json)."""
+    raw = read_json(model_dir / "generation_config.json", required=False)
+    keys = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+    defaults = {k: raw[k] for k in keys if raw.get(k) is not None}
+    if raw.get("do_sample") is False:
+        defaults["temperature"] = 0.0
+    return defaults

@@ -1,0 +1,125 @@
+"""From a model reference (path, hub id, or the default) to a runnable model."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mistralrs_serve.config import ModelConfig
+from mistralrs_serve.errors import ModelLoadError
+from mistralrs_serve.models import gguf_loader, hf_loader, hub
+from mistralrs_serve.models.default_model import DEFAULT_MODEL_ID, default_model_path
+from mistralrs_serve.models.llama import LlamaForCausalLM
+from mistralrs_serve.tokenizer.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from. `kind`: default, gguf, hf_dir or hub."""
+
+    kind: str
+    location: str | None = None  # file, directory or repo id
+    filename: str | None = None  # a GGUF inside `location` (directory or repo)
+    revision: str | None = None
+    tokenizer_location: str | None = None  # HF-layout dir or repo id to take the tokenizer from
+    chat_template: str | None = None
+
+    @classmethod
+    def parse(cls, model: str | None, chat_template: str | None = None) -> ModelSource:
+        """Resolve a CLI `-m` value: nothing/"default", a GGUF file, a directory, or a hub id."""
+        if model in (None, "", "default"):
+            return cls("default", chat_template=chat_template)
+        assert model is not None
+        path = Path(model).expanduser()
+        if path.is_file():
+            return cls("gguf", str(path), chat_template=chat_template)
+        if path.is_dir():
+            return cls._from_dir(path, chat_template)
+        if hub.is_repo_id(model):
+            return cls("hub", model, chat_template=chat_template)
+        raise ModelLoadError(f"{model}: no such file or directory, and not a Hugging Face repo id")
+
+    @classmethod
+    def _from_dir(cls, path: Path, chat_template: str | None) -> ModelSource:
+        if (path / "config.json").exists():
+            return cls("hf_dir", str(path), chat_template=chat_template)
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return cls("gguf", str(ggufs[0]), chat_template=chat_template)
+        raise ModelLoadError(
+            f"{path}: expected config.json (Hugging Face layout) or exactly one .gguf file, "
+            f"found {len(ggufs)} .gguf files"
+        )
+
+
+@dataclass
+class LoadedModel:
+    name: str  # the id /v1/models reports
+    model: LlamaForCausalLM
+    tokenizer: Tokenizer
+    config: ModelConfig
+    generation_defaults: dict[str, Any] = field(default_factory=dict)
+    load_time_s: float = 0.0
+
+
+def load_model(source: ModelSource, dtype: torch.dtype = torch.bfloat16) -> LoadedModel:
+    start = time.perf_counter()
+    if source.kind == "default":
+        loaded = _load_gguf(default_model_path(), source, dtype, name=DEFAULT_MODEL_ID)
+    elif source.kind == "gguf":
+        loaded = _load_gguf(_gguf_path(source), source, dtype, name=None)
+    elif source.kind in ("hf_dir", "hub"):
+        loaded = _load_hf(source, dtype)
+    else:
+        raise ModelLoadError(f"unknown model source kind {source.kind!r}")
+    loaded.load_time_s = time.perf_counter() - start
+    logger.info("loaded %s (%s, %d layers) in %.2f s", loaded.name, loaded.config.architecture,
+                loaded.config.num_layers, loaded.load_time_s)
+    return loaded
+
+
+def _gguf_path(source: ModelSource) -> Path:
+    assert source.location is not None
+    if source.filename is None:
+        return Path(source.location)
+    local = Path(source.location).expanduser() / source.filename
+    if local.exists():
+        return local
+    if Path(source.location).expanduser().is_dir() or not hub.is_repo_id(source.location):
+        raise ModelLoadError(f"{local}: no such file")
+    return hub.download_file(source.location, source.filename, source.revision)
+
+
+def _load_gguf(path: Path, source: ModelSource, dtype: torch.dtype, name: str | None) -> LoadedModel:
+    gguf, arch, cfg = gguf_loader.read_gguf(path)
+    if source.tokenizer_location:
+        tokenizer = hf_loader.load_hf_tokenizer(_model_dir(source.tokenizer_location, None), source.chat_template)
+    else:
+        tokenizer = gguf_loader.load_gguf_tokenizer(gguf, source.chat_template)
+    model = LlamaForCausalLM(cfg, gguf_loader.load_gguf_weights(gguf, arch, cfg, dtype), dtype)
+    return LoadedModel(name or path.name, model, tokenizer, cfg)
+
+
+def _model_dir(location: str, revision: str | None) -> Path:
+    path = Path(location).expanduser()
+    if path.is_dir():
+        return path
+    if hub.is_repo_id(location):
+        return hub.download_model_dir(location, revision)
+    raise ModelLoadError(f"{location}: no such directory, and not a Hugging Face repo id")
+
+
+def _load_hf(source: ModelSource, dtype: torch.dtype) -> LoadedModel:
+    assert source.location is not None
+    model_dir = _model_dir(source.location, source.revision)
+    cfg = hf_loader.read_hf_config(model_dir)
+    tokenizer = hf_loader.load_hf_tokenizer(model_dir, source.chat_template)
+    model = LlamaForCausalLM(cfg, hf_loader.load_safetensors(model_dir, dtype), dtype)
+    return LoadedModel(source.location, model, tokenizer, cfg, hf_loader.generation_defaults(model_dir))

@@ -1,0 +1,99 @@
+"""Architectures we run, and how to read their configs from HF and GGUF files."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from mistralrs_serve.config import ModelConfig, RopeScaling
+from mistralrs_serve.errors import UnsupportedModelError
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str
+    hf_names: tuple[str, ...]  # config.json "architectures"
+    gguf_names: tuple[str, ...]  # general.architecture
+    attention_bias: bool = False
+    qk_norm: bool = False
+    # llama.cpp's converter reorders q/k rows of "llama" tensors for its
+    # interleaved RoPE; we rotate halves (HF layout) and undo that order.
+    gguf_permuted_qk: bool = False
+
+
+def _architectures() -> tuple[Architecture, ...]:
+    from mistralrs_serve.models import llama, qwen2, qwen3
+
+    return (llama.LLAMA, qwen2.QWEN2, qwen3.QWEN3)
+
+
+def find_architecture(*, hf_name: str | None = None, gguf_name: str | None = None) -> Architecture:
+    for arch in _architectures():
+        if hf_name in arch.hf_names or gguf_name in arch.gguf_names:
+            return arch
+    known = sorted(n for a in _architectures() for n in (a.hf_names if hf_name else a.gguf_names))
+    raise UnsupportedModelError(
+        f"architecture {hf_name or gguf_name!r} is not supported (supported: {', '.join(known)})"
+    )
+
+
+def config_from_hf(cfg: Mapping[str, Any], arch: Architecture) -> ModelConfig:
+    """ModelConfig from a Hugging Face config.json (transformers 4.x and 5.x keys)."""
+    heads = int(cfg["num_attention_heads"])
+    rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
+    max_pos = int(cfg.get("max_position_embeddings", 4096))
+    window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
+    if window:
+        # No sliding-window attention here: stay inside the window instead.
+        max_pos = min(max_pos, int(window))
+    return ModelConfig(
+        architecture=arch.name,
+        vocab_size=int(cfg["vocab_size"]),
+        hidden_size=int(cfg["hidden_size"]),
+        intermediate_size=int(cfg["intermediate_size"]),
+        num_layers=int(cfg["num_hidden_layers"]),
+        num_heads=heads,
+        num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+        head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // heads),
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rope_theta=float(theta),
+        rope_scaling=RopeScaling.from_dict(rope),
+        max_position_embeddings=max_pos,
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        attention_bias=arch.attention_bias or bool(cfg.get("attention_bias", False)),
+        qk_norm=arch.qk_norm,
+    )
+
+
+def config_from_gguf(meta: Mapping[str, Any], arch: Architecture, has_output: bool) -> ModelConfig:
+    """ModelConfig from GGUF metadata; `has_output` is whether lm_head is stored."""
+    a = meta["general.architecture"]
+
+    def get(key: str, default: Any = None) -> Any:
+        return meta.get(f"{a}.{key}", default)
+
+    hidden, heads = int(get("embedding_length")), int(get("attention.head_count"))
+    vocab = get("vocab_size") or len(meta.get("tokenizer.ggml.tokens", []))
+    scaling = {"rope_type": get("rope.scaling.type", "default"), "factor": get("rope.scaling.factor", 1.0),
+               "original_max_position_embeddings": get("rope.scaling.original_context_length", 8192)}
+    if scaling["rope_type"] == "none":
+        scaling["rope_type"] = "default"
+    return ModelConfig(
+        architecture=arch.name,
+        vocab_size=int(vocab),
+        hidden_size=hidden,
+        intermediate_size=int(get("feed_forward_length")),
+        num_layers=int(get("block_count")),
+        num_heads=heads,
+        num_kv_heads=int(get("attention.head_count_kv", heads)),
+        head_dim=int(get("attention.key_length", hidden // heads)),
+        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+        rope_theta=float(get("rope.freq_base", 10000.0)),
+        rope_scaling=RopeScaling.from_dict(scaling),
+        max_position_embeddings=int(get("context_length", 4096)),
+        tie_word_embeddings=not has_output,
+        attention_bias=arch.attention_bias,
+        qk_norm=arch.qk_norm,
+    )

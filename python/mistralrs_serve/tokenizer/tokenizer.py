@@ -1,0 +1,89 @@
+"""The tokenizer a model runs with: ids, text, special tokens, chat template."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import tokenizers
+
+from mistralrs_serve.errors import InvalidRequestError
+from mistralrs_serve.tokenizer.chat_template import ChatTemplate
+from mistralrs_serve.tokenizer.special_tokens import END_OF_GENERATION_TEXTS, SpecialTokens
+
+
+class Tokenizer:
+    def __init__(self, backend: tokenizers.Tokenizer, special: SpecialTokens,
+                 chat_template: ChatTemplate | None) -> None:
+        self.backend = backend
+        self.special = special
+        self.chat_template = chat_template
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.backend.get_vocab_size(with_added_tokens=True))
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        return self.special.eos_token_ids
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.backend.encode(text, add_special_tokens=add_special_tokens).ids)
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        ids = list(ids)
+        vocab = self.vocab_size
+        bad = [i for i in ids if not 0 <= i < vocab]
+        if bad:
+            raise InvalidRequestError(f"token ids {bad[:5]} are outside the vocabulary (size {vocab})", "tokens")
+        return str(self.backend.decode(ids, skip_special_tokens=skip_special_tokens))
+
+    def token_text(self, token_id: int) -> str:
+        """The text one token decodes to on its own (special tokens included)."""
+        return str(self.backend.decode([token_id], skip_special_tokens=False))
+
+    def render_chat(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
+                    tools: list[dict[str, Any]] | None = None, enable_thinking: bool | None = None,
+                    **extra: Any) -> str:
+        if self.chat_template is None:
+            raise InvalidRequestError(
+                "this model has no chat template; pass one with --chat-template or use /v1/completions",
+                "messages",
+            )
+        return self.chat_template.render(messages, add_generation_prompt=add_generation_prompt, tools=tools,
+                                         enable_thinking=enable_thinking, **extra)
+
+    def encode_chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> list[int]:
+        # The template writes BOS itself where the model wants one, so the
+        # rendered text is encoded without adding specials (as transformers does).
+        return self.encode(self.render_chat(messages, **kwargs), add_special_tokens=False)
+
+
+def end_of_generation_ids(backend: tokenizers.Tokenizer, *known: int | None) -> frozenset[int]:
+    """`known` EOS ids plus every end-of-turn marker the vocabulary holds."""
+    ids = {i for i in known if i is not None}
+    for text in END_OF_GENERATION_TEXTS:
+        token_id = backend.token_to_id(text)
+        if token_id is not None:
+            ids.add(token_id)
+    return frozenset(ids)
+
+
+def special_tokens_from_hf(backend: tokenizers.Tokenizer, tokenizer_config: Mapping[str, Any],
+                           eos_ids: Iterable[int]) -> SpecialTokens:
+    """SpecialTokens from tokenizer_config.json plus EOS ids from config/generation_config."""
+
+    def token(key: str) -> str | None:
+        value = tokenizer_config.get(key)
+        return value.get("content") if isinstance(value, dict) else value
+
+    bos, eos = token("bos_token"), token("eos_token")
+    bos_id = backend.token_to_id(bos) if bos else None
+    eos_id = backend.token_to_id(eos) if eos else None
+    return SpecialTokens(
+        bos_token=bos, eos_token=eos, unk_token=token("unk_token"), pad_token=token("pad_token"),
+        bos_token_id=bos_id, eos_token_id=eos_id,
+        eos_token_ids=end_of_generation_ids(backend, eos_id, *eos_ids),
+        add_bos_token=bool(tokenizer_config.get("add_bos_token", False)),
+        add_eos_token=bool(tokenizer_config.get("add_eos_token", False)),
+    )
