@@ -111,7 +111,9 @@ pub struct SampleOutput {
 }
 
 /// Process and sample every row of `logits` (row-major, `vocab_size`
-/// columns), modifying the rows in place. `steps[i]` is the number of tokens
+/// columns), modifying the rows in place: they are left holding the processed
+/// logits (after penalties and bias, then, for sampled rows with a
+/// temperature other than 1, shifted by the row's maximum and divided by it). `steps[i]` is the number of tokens
 /// row `i` has generated so far: with the request seed it fixes the random
 /// draw, so a seeded request samples the same tokens whatever its batch.
 pub fn sample_batch(
@@ -155,8 +157,7 @@ pub fn sample_row(
 ) -> Result<SampleOutput, SamplerError> {
     apply_penalties(logits, params, history)?;
     if !params.is_greedy() && params.temperature != 1.0 {
-        let inv = 1.0 / params.temperature;
-        logits.iter_mut().for_each(|x| *x *= inv);
+        apply_temperature(logits, params.temperature);
     }
     let token_id = if params.is_greedy() {
         argmax(logits)?
@@ -164,6 +165,16 @@ pub fn sample_row(
         draw(logits, params, uniform(params.seed, step))?
     };
     Ok(with_logprobs(logits, params, token_id))
+}
+
+/// Divide by the temperature after shifting the row so its largest logit is
+/// 0. The shift changes neither the softmax nor the draw, but keeps a tiny
+/// temperature (valid, e.g. 1e-40) from overflowing the best logits to +inf,
+/// which made `inf - inf = NaN` and left nothing to sample.
+fn apply_temperature(logits: &mut [f32], temperature: f32) {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let shift = if max.is_finite() { max } else { 0.0 };
+    logits.iter_mut().for_each(|x| *x = (*x - shift) / temperature);
 }
 
 /// DRY, repetition, presence/frequency penalties and logit bias.

@@ -122,6 +122,20 @@ fn temperature_sharpens() {
 }
 
 #[test]
+fn tiny_temperature_acts_like_argmax_instead_of_failing() {
+    // 1 / 1e-40 overflows f32: scaling without the shift gave inf - inf = NaN.
+    let logits = [0.0f32, 2.0, 1.0, -3.0];
+    for t in [1e-40f32, 1e-37, 1e-20] {
+        let p = SamplingParams { temperature: t, return_logprob: true, ..params() };
+        for step in 0..20 {
+            let out = sample(&logits, &p, TokenHistory::default(), step);
+            assert_eq!(out.token_id, 1, "temperature {t}");
+            assert_eq!(out.logprob, 0.0, "temperature {t}");
+        }
+    }
+}
+
+#[test]
 fn logprobs_are_log_softmax_after_temperature() {
     let logits = [2.0f32, 1.0, 0.0];
     let p = SamplingParams { temperature: 0.5, top_k: 1, return_logprob: true, num_top_logprobs: 2, ..params() };

@@ -2,8 +2,11 @@
 //! GIL around the work. No logic lives here.
 
 use mistralrs_serve_core::{sample_batch, DryParams, SampleOutput, SamplerError, SamplingParams, TokenHistory};
-use numpy::{IntoPyArray, PyArray1, PyArray2, PyReadonlyArray1, PyReadwriteArray2};
-use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use numpy::{
+    IntoPyArray, PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray1, PyReadwriteArray2,
+    PyUntypedArray, PyUntypedArrayMethods,
+};
+use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
 /// The one mapping from core errors to Python exceptions.
@@ -103,22 +106,29 @@ type SampleArrays<'py> =
 #[pyfunction]
 fn sample<'py>(
     py: Python<'py>,
-    mut logits: PyReadwriteArray2<'py, f32>,
+    logits: Bound<'py, PyAny>,
     params: Vec<Bound<'py, PySamplingParams>>,
-    prompt_ids: Vec<PyReadonlyArray1<'py, u32>>,
-    output_ids: Vec<PyReadonlyArray1<'py, u32>>,
+    prompt_ids: Vec<Bound<'py, PyAny>>,
+    output_ids: Vec<Bound<'py, PyAny>>,
     steps: Vec<u64>,
 ) -> PyResult<SampleArrays<'py>> {
+    let mut logits = logits_array(&logits)?;
     let vocab_size = logits.as_array().ncols();
-    let rows = logits.as_slice_mut().map_err(|_| PyValueError::new_err("logits must be C-contiguous"))?;
+    let rows = logits.as_slice_mut().map_err(|_| PyValueError::new_err("logits must be aligned"))?;
     if prompt_ids.len() != output_ids.len() {
-        return Err(PyValueError::new_err("prompt_ids and output_ids differ in length"));
+        return Err(PyValueError::new_err(format!(
+            "prompt_ids and output_ids differ in length ({} and {})",
+            prompt_ids.len(),
+            output_ids.len()
+        )));
     }
+    let prompt_ids = token_arrays("prompt_ids", &prompt_ids)?;
+    let output_ids = token_arrays("output_ids", &output_ids)?;
     let histories = prompt_ids
         .iter()
         .zip(&output_ids)
-        .map(|(p, o)| Ok(TokenHistory { prompt_ids: contiguous(p)?, output_ids: contiguous(o)? }))
-        .collect::<PyResult<Vec<_>>>()?;
+        .map(|(p, o)| TokenHistory { prompt_ids: p.as_slice().expect("checked"), output_ids: o.as_slice().expect("checked") })
+        .collect::<Vec<_>>();
     let param_refs: Vec<&SamplingParams> = params.iter().map(|p| &p.get().inner).collect();
     let outputs = py
         .detach(|| sample_batch(rows, vocab_size, &param_refs, &histories, &steps))
@@ -126,8 +136,50 @@ fn sample<'py>(
     Ok(to_arrays(py, &outputs))
 }
 
-fn contiguous<'a>(array: &'a PyReadonlyArray1<'_, u32>) -> PyResult<&'a [u32]> {
-    array.as_slice().map_err(|_| PyValueError::new_err("token arrays must be contiguous"))
+/// `dtype` and shape of an ndarray, or the type name of anything else.
+fn describe(obj: &Bound<'_, PyAny>) -> String {
+    match obj.cast::<PyUntypedArray>() {
+        Ok(array) => format!("a {} array of shape {:?}", array.dtype(), array.shape()),
+        Err(_) => format!("a {}", obj.get_type().name().map_or_else(|_| "?".into(), |n| n.to_string())),
+    }
+}
+
+/// Not an ndarray: TypeError; an ndarray of the wrong dtype, rank or layout: ValueError.
+fn bad_array(name: &str, want: &str, obj: &Bound<'_, PyAny>) -> PyErr {
+    let msg = format!("{name} must be {want}, got {}", describe(obj));
+    if obj.cast::<PyUntypedArray>().is_ok() {
+        PyValueError::new_err(msg)
+    } else {
+        PyTypeError::new_err(msg)
+    }
+}
+
+/// The logits as a writeable, row-major array: a Fortran-ordered array is
+/// contiguous too, but its flat data is not rows.
+fn logits_array<'py>(obj: &Bound<'py, PyAny>) -> PyResult<PyReadwriteArray2<'py, f32>> {
+    const WANT: &str = "a writeable, C-contiguous 2-D float32 array";
+    let array = obj.cast::<PyArray2<f32>>().map_err(|_| bad_array("logits", WANT, obj))?;
+    if !array.is_c_contiguous() {
+        return Err(PyValueError::new_err(format!(
+            "logits must be C-contiguous (row-major); copy it with numpy.ascontiguousarray, got {}",
+            describe(obj)
+        )));
+    }
+    array.try_readwrite().map_err(|err| PyValueError::new_err(format!("logits: {err}")))
+}
+
+fn token_arrays<'py>(name: &str, objs: &[Bound<'py, PyAny>]) -> PyResult<Vec<PyReadonlyArray1<'py, u32>>> {
+    const WANT: &str = "a contiguous 1-D uint32 array";
+    objs.iter()
+        .enumerate()
+        .map(|(i, obj)| {
+            let name = format!("{name}[{i}]");
+            let array = obj.cast::<PyArray1<u32>>().map_err(|_| bad_array(&name, WANT, obj))?;
+            let array = array.try_readonly().map_err(|err| PyValueError::new_err(format!("{name}: {err}")))?;
+            array.as_slice().map_err(|_| bad_array(&name, WANT, obj))?;
+            Ok(array)
+        })
+        .collect()
 }
 
 fn to_arrays<'py>(py: Python<'py>, outputs: &[SampleOutput]) -> SampleArrays<'py> {

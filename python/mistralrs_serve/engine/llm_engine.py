@@ -36,6 +36,7 @@ class StepOutput:
     text: str  # newly released text (stop strings held back or cut)
     logprob: TokenLogprob | None = None
     finish_reason: str | None = None  # "stop" or "length" on the last step
+    is_stop_token: bool = False  # an EOS/stop token: counted, but not part of the text
 
 
 @dataclass
@@ -72,7 +73,7 @@ class LLMEngine:
         for step in self.stream(prompt_ids, params, choice_index, param):
             out.text += step.text
             out.token_ids.append(step.token_id)
-            if step.logprob is not None:
+            if step.logprob is not None and not step.is_stop_token:
                 out.logprobs.append(step.logprob)
             out.finish_reason = step.finish_reason
         return out
@@ -97,7 +98,7 @@ class LLMEngine:
             finish = self._finish_reason(is_stop_token or stops.matched is not None, len(output), budget)
             if finish is not None and stops.matched is None:
                 text += stops.push(detok.flush()) + stops.flush()
-            yield StepOutput(token, text, logprob, finish)
+            yield StepOutput(token, text, logprob, finish, is_stop_token)
             if finish is not None:
                 return
             logits = self._forward(cache, [token], len(prompt_ids) + len(output) - 1)

@@ -73,6 +73,12 @@ class Linear:
     def out_features(self) -> int:
         return int(self.weight.shape[0])
 
+    def decode_bytes(self) -> int:
+        """Bytes one decode step (a single row) reads from this layer's weights."""
+        parts = list(self.int4) if self.int4 is not None else [self.weight]
+        parts += [] if self.bias is None else [self.bias]
+        return sum(t.numel() * t.element_size() for t in parts)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.int4 is not None and x.shape[0] <= INT4_MAX_ROWS:
             packed, scales_zeros = self.int4

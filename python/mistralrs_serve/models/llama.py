@@ -49,7 +49,9 @@ class DecoderLayer:
         self.post_norm = dense(p + "post_attention_layernorm.weight")
         qkv_bias = torch.cat([dense(att + n + "_proj.bias") for n in "qkv"]) if cfg.attention_bias else None
         self.qkv = Linear(concat_weights([w[att + n + "_proj.weight"] for n in "qkv"]), qkv_bias, dtype)
-        self.o = Linear(w[att + "o_proj.weight"], None, dtype)
+        # Llama with attention_bias=True has an o_proj bias too (Qwen2 does not).
+        o_bias = w.get(att + "o_proj.bias")
+        self.o = Linear(w[att + "o_proj.weight"], None if o_bias is None else dense(att + "o_proj.bias"), dtype)
         self.q_norm = dense(att + "q_norm.weight") if cfg.qk_norm else None
         self.k_norm = dense(att + "k_norm.weight") if cfg.qk_norm else None
         self.gate_up = Linear(concat_weights([w[mlp + "gate_proj.weight"], w[mlp + "up_proj.weight"]]), None, dtype)
@@ -101,6 +103,13 @@ class LlamaForCausalLM:
             x = layer.forward(x, cos, sin, attn)
         x = ops.rms_norm(x[logits_indices], self.norm, self.config.rms_norm_eps)
         return self.lm_head(x).float()
+
+
+    def decode_weight_bytes(self) -> int:
+        """Weight bytes one decode step reads (the embedding row is negligible)."""
+        linears = [self.lm_head] + [lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up,
+                                                                               layer.down)]
+        return sum(lin.decode_bytes() for lin in linears)
 
 
 def _dense(w: AnyWeight, dtype: torch.dtype) -> torch.Tensor:

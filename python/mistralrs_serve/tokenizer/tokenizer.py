@@ -42,6 +42,9 @@ class Tokenizer:
         """The text one token decodes to on its own (special tokens included)."""
         return str(self.backend.decode([token_id], skip_special_tokens=False))
 
+    def token_bytes(self, token_id: int) -> bytes:
+        return token_bytes(self.backend, token_id)
+
     def render_chat(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
                     tools: list[dict[str, Any]] | None = None, enable_thinking: bool | None = None,
                     **extra: Any) -> str:
@@ -87,3 +90,34 @@ def special_tokens_from_hf(backend: tokenizers.Tokenizer, tokenizer_config: Mapp
         add_bos_token=bool(tokenizer_config.get("add_bos_token", False)),
         add_eos_token=bool(tokenizer_config.get("add_eos_token", False)),
     )
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    # GPT-2 byte-level BPE spells each byte as one printable character:
+    # printable Latin-1 bytes as themselves, the other 68 as U+0100 onwards.
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    extra = [b for b in range(256) if b not in printable]
+    chars = {chr(b): b for b in printable}
+    chars.update({chr(256 + i): b for i, b in enumerate(extra)})
+    return chars
+
+
+BYTE_LEVEL_ALPHABET = _byte_level_alphabet()
+_BYTE_FALLBACK_LEN = len("<0x00>")
+
+
+def token_bytes(backend: tokenizers.Tokenizer, token_id: int) -> bytes:
+    """The raw bytes a token stands for, also for tokens that are a partial
+    UTF-8 sequence (which decode to U+FFFD on their own)."""
+    piece = backend.id_to_token(token_id)
+    if piece is None:
+        return b""
+    if len(piece) == _BYTE_FALLBACK_LEN and piece.startswith("<0x") and piece.endswith(">"):
+        return bytes([int(piece[3:5], 16)])
+    if _is_byte_level(backend) and all(c in BYTE_LEVEL_ALPHABET for c in piece):
+        return bytes(BYTE_LEVEL_ALPHABET[c] for c in piece)
+    return piece.replace("\u2581", " ").encode("utf-8")
+
+
+def _is_byte_level(backend: tokenizers.Tokenizer) -> bool:
+    return type(backend.decoder).__name__ == "ByteLevel" or "ByteLevel" in repr(backend.decoder)

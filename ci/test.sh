@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Every test tier, in order of cost: static checks, the pure Rust core,
+# the CPU pytest suite, then a seconds-long benchmark smoke run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=.venv/bin
+bash ci/lint.sh
+cargo test --release
+$BIN/python -m pytest -q -ra
+$BIN/python bench/decode.py --smoke

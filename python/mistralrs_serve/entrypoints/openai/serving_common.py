@@ -1,0 +1,102 @@
+"""What chat and legacy completions share: sampling params from a request,
+prompt limits, logprob shapes and usage."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from mistralrs_serve.engine.llm_engine import CompletionOutput, LLMEngine
+from mistralrs_serve.engine.llm_engine import TokenLogprob as EngineLogprob
+from mistralrs_serve.entrypoints.openai.protocol import (
+    SamplingFields,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+)
+from mistralrs_serve.errors import InvalidRequestError
+from mistralrs_serve.sampling_params import DEFAULT_DRY_BREAKERS, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+# Fields a later part of the server implements; until then a clear 400, never a silent drop.
+NOT_YET_SUPPORTED = ("grammar",)
+
+
+def log_unknown_fields(req: SamplingFields) -> None:
+    extra = sorted((req.model_extra or {}).keys())
+    if extra:
+        logger.debug("ignoring unknown request fields: %s", ", ".join(extra))
+
+
+def reject_unsupported(req: SamplingFields, fields: tuple[str, ...]) -> None:
+    for name in fields:
+        if getattr(req, name, None) is not None:
+            raise InvalidRequestError(f"'{name}' is not supported by this server yet", name)
+
+
+def sampling_params(req: SamplingFields, *, max_tokens: int | None, logprobs: bool, top_logprobs: int,
+                    defaults: dict[str, Any]) -> SamplingParams:
+    """Validated SamplingParams; unset fields fall back to the model's generation_config."""
+
+    def pick(name: str, fallback: Any) -> Any:
+        value = getattr(req, name)
+        return value if value is not None else defaults.get(name, fallback)
+
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=pick("temperature", 1.0),
+        top_p=pick("top_p", 1.0),
+        top_k=pick("top_k", 0),
+        min_p=pick("min_p", 0.0),
+        repetition_penalty=pick("repetition_penalty", 1.0),
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        logit_bias=dict(req.logit_bias or {}),
+        dry_multiplier=req.dry_multiplier or 0.0,
+        dry_base=req.dry_base if req.dry_base is not None else 1.75,
+        dry_allowed_length=req.dry_allowed_length if req.dry_allowed_length is not None else 2,
+        dry_sequence_breakers=tuple(req.dry_sequence_breakers or DEFAULT_DRY_BREAKERS),
+        seed=req.seed,
+        stop=tuple(stop),
+        ignore_eos=req.ignore_eos,
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+        n=req.n,
+    )
+
+
+def fit_prompt(engine: LLMEngine, prompt_ids: list[int], params: SamplingParams, *, truncate: bool,
+               param: str) -> list[int]:
+    """Keep the prompt's last tokens when asked to truncate; else the engine rejects long prompts."""
+    room_for_output = params.max_tokens or 1
+    limit = engine.max_model_len - room_for_output
+    if truncate and len(prompt_ids) > limit:
+        if limit < 1:
+            raise InvalidRequestError(
+                f"max_tokens ({room_for_output}) leaves no room for the prompt in this model's context "
+                f"of {engine.max_model_len} tokens", "max_tokens")
+        return prompt_ids[-limit:]
+    return prompt_ids
+
+
+def run_choices(engine: LLMEngine, prompt_ids: list[int], params: SamplingParams,
+                param: str) -> list[CompletionOutput]:
+    return [engine.generate(prompt_ids, params, i, param) for i in range(params.n)]
+
+
+def usage(prompt_ids: list[int], outputs: list[CompletionOutput]) -> Usage:
+    completion = sum(len(o.token_ids) for o in outputs)
+    return Usage(prompt_tokens=len(prompt_ids), completion_tokens=completion,
+                 total_tokens=len(prompt_ids) + completion)
+
+
+def chat_logprob(engine: LLMEngine, lp: EngineLogprob) -> TokenLogprob:
+    def top(token_id: int, logprob: float) -> TopLogprob:
+        raw = engine.tokenizer.token_bytes(token_id)
+        return TopLogprob(token=raw.decode("utf-8", errors="replace"), logprob=logprob, bytes=list(raw))
+
+    chosen = top(lp.token_id, lp.logprob)
+    return TokenLogprob(token=chosen.token, logprob=chosen.logprob, bytes=chosen.bytes,
+                        top_logprobs=[top(i, v) for i, v in lp.top])

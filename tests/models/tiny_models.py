@@ -1,0 +1,310 @@
+"""Tiny random-weight models in Hugging Face layout, built with transformers, for numerics tests.
+
+Each model is a few layers of hidden size 64 with a ~300-token byte-level BPE tokenizer, saved the way
+`save_pretrained(safe_serialization=True)` saves it plus tokenizer.json and tokenizer_config.json (with a
+ChatML chat template). Weights are drawn at a larger scale than transformers' init (std 0.02 gives
+near-uniform logits, where a numerics bug hides under any tolerance), norm weights are moved off 1 and
+biases off 0 so that every tensor matters.
+
+Also here: writing the same model as a GGUF file the way llama.cpp's converter does (tensor names,
+metadata keys, the q/k row permutation of "llama" tensors, tokenizer metadata).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tokenizers
+import torch
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+BPE_VOCAB_SIZE = 300
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+_CORPUS = [
+    "the quick brown fox jumps over the lazy dog while the cat sleeps on the mat",
+    "a tiny model reads tokens and writes logits; the logits pick the next token",
+    "hello world, hello there, general kenobi! numbers 0123456789 and symbols +-*/=()",
+    "rotary position embeddings rotate the halves of each query and key head",
+    "the server streams text back to the client, one token after another, until it stops",
+] * 4
+
+
+def build_tokenizer() -> tokenizers.Tokenizer:
+    """A byte-level BPE tokenizer (GPT-2 style) of BPE_VOCAB_SIZE tokens; deterministic."""
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=BPE_VOCAB_SIZE, special_tokens=SPECIAL_TOKENS, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(_CORPUS, trainer)
+    return tok
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """One tiny model variant."""
+
+    name: str
+    architecture: str  # "llama", "qwen2" or "qwen3"
+    num_layers: int = 2
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    head_dim: int | None = None  # None: hidden // heads
+    rope_parameters: dict[str, Any] = field(default_factory=lambda: {"rope_type": "default"})
+
+
+LLAMA3_ROPE = {
+    # original_max_position_embeddings is small so that, with head_dim 16, some frequencies are
+    # scaled, some kept and some blended inside the 64-token test prompts.
+    "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
+
+SPECS: dict[str, TinySpec] = {s.name: s for s in (
+    TinySpec("llama", "llama"),
+    TinySpec("llama-tied-llama3", "llama", num_layers=3, tie_word_embeddings=True,
+             rope_parameters=dict(LLAMA3_ROPE)),
+    TinySpec("llama-bias", "llama", attention_bias=True),
+    TinySpec("qwen2", "qwen2", tie_word_embeddings=True),
+    TinySpec("qwen2-untied", "qwen2"),
+    TinySpec("qwen3", "qwen3", head_dim=32),
+)}
+
+HIDDEN, INTERMEDIATE, HEADS, KV_HEADS = 64, 128, 4, 2
+ROPE_THETA = 10000.0
+MAX_POSITIONS = 256
+EOS_TOKEN = "<|im_end|>"
+
+
+def make_config(spec: TinySpec, vocab_size: int) -> Any:
+    import transformers
+
+    config_cls = {
+        "llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
+    }[spec.architecture]
+    kwargs: dict[str, Any] = dict(
+        vocab_size=vocab_size, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
+        num_hidden_layers=spec.num_layers, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
+        max_position_embeddings=MAX_POSITIONS, rms_norm_eps=1e-5, tie_word_embeddings=spec.tie_word_embeddings,
+        rope_parameters={"rope_theta": ROPE_THETA, **spec.rope_parameters},
+        bos_token_id=None, eos_token_id=vocab_size - 1, pad_token_id=None,
+    )
+    if spec.architecture == "llama":
+        kwargs["attention_bias"] = spec.attention_bias
+    if spec.head_dim is not None:
+        kwargs["head_dim"] = spec.head_dim
+    config = config_cls(**kwargs)
+    config._attn_implementation = "eager"
+    return config
+
+
+def make_hf_model(spec: TinySpec, vocab_size: int, seed: int = 0) -> Any:
+    """The transformers model, fp32, eval mode, with well-spread random weights."""
+    import transformers
+
+    model_cls = {
+        "llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
+        "qwen3": transformers.Qwen3ForCausalLM,
+    }[spec.architecture]
+    torch.manual_seed(seed)
+    model = model_cls(make_config(spec, vocab_size)).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
+            elif name.endswith(".bias"):
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+            elif p.dim() == 2:
+                # std 1/sqrt(fan_in) keeps activations O(1); embeddings get std 0.25, so tied heads
+                # give logits of std ~2 (std 1 would give ~8 and loosen an absolute tolerance)
+                fan_in = p.shape[1] if "embed" not in name else 16
+                p.copy_(torch.randn(p.shape, generator=gen) / fan_in**0.5)
+    return model
+
+
+def save_tiny_model(spec: TinySpec, directory: Path, seed: int = 0) -> Path:
+    """Save model + tokenizer in Hugging Face layout into `directory`; returns it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer()
+    vocab_size = tok.get_vocab_size()
+    model = make_hf_model(spec, vocab_size, seed)
+    model.config.eos_token_id = tok.token_to_id(EOS_TOKEN)
+    model.save_pretrained(directory, safe_serialization=True)
+    tok.save(str(directory / "tokenizer.json"))
+    tok_cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None, "eos_token": EOS_TOKEN,
+        "pad_token": "<|endoftext|>", "unk_token": None, "add_bos_token": False,
+        "chat_template": CHAT_TEMPLATE, "model_max_length": MAX_POSITIONS,
+    }
+    (directory / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
+    return directory
+
+
+def load_hf_model(directory: Path, dtype: torch.dtype = torch.float32) -> Any:
+    """The saved model back through transformers (the reference), eager attention."""
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        directory, dtype=dtype, attn_implementation="eager"
+    ).eval()
+
+
+@torch.no_grad()
+def hf_logits(model: Any, ids: list[int]) -> torch.Tensor:
+    """fp32 logits (T, vocab) of transformers' forward over the whole prompt."""
+    return model(torch.tensor([ids])).logits[0].float()
+
+
+def prompt_ids(length: int, vocab_size: int, seed: int = 1) -> list[int]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (length,), generator=gen).tolist()
+
+
+# --- GGUF, the way llama.cpp's convert_hf_to_gguf.py writes it ---
+
+GGUF_LAYER_NAMES = {
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+}
+GGUF_GLOBAL_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+
+
+def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's converter reorders q/k rows of llama models for its interleaved RoPE."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_name(hf_name: str) -> str:
+    if hf_name in GGUF_GLOBAL_NAMES:
+        return GGUF_GLOBAL_NAMES[hf_name]
+    parts = hf_name.split(".")  # model.layers.N.<module...>.(weight|bias)
+    module = ".".join(parts[3:-1])
+    return f"blk.{parts[2]}.{GGUF_LAYER_NAMES[module]}.{parts[-1]}"
+
+
+def add_tokenizer_metadata(writer: Any, tok: tokenizers.Tokenizer, eos_token: str = EOS_TOKEN,
+                           chat_template: str | None = CHAT_TEMPLATE) -> None:
+    """tokenizer.ggml.* keys for a byte-level BPE tokenizer ("gpt2" model), as the converter writes them."""
+    import gguf
+
+    spec = json.loads(tok.to_str())
+    vocab: dict[str, int] = spec["model"]["vocab"]
+    for added in spec["added_tokens"]:
+        vocab[added["content"]] = added["id"]
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    assert len(tokens) == max(vocab.values()) + 1
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    specials = set(SPECIAL_TOKENS)
+    token_types = [gguf.TokenType.CONTROL if t in specials else gguf.TokenType.NORMAL for t in tokens]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([int(t) for t in token_types])
+    writer.add_token_merges(merges)
+    writer.add_eos_token_id(vocab[eos_token])
+    writer.add_pad_token_id(vocab["<|endoftext|>"])
+    writer.add_add_bos_token(False)
+    if chat_template is not None:
+        writer.add_chat_template(chat_template)
+
+
+def write_gguf_from_hf(model_dir: Path, path: Path, *, tokenizer: bool = True,
+                       quant: Any = None, arch_name: str | None = None) -> Path:
+    """Convert a saved tiny model to GGUF like llama.cpp does (F32 tensors unless `quant` is given:
+    a GGMLQuantizationType applied to 2-D weights other than the embedding)."""
+    import gguf
+    from safetensors.numpy import load_file
+
+    cfg = json.loads((model_dir / "config.json").read_text())
+    arch = arch_name or cfg["model_type"]
+    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_name(model_dir.name)
+    writer.add_context_length(cfg["max_position_embeddings"])
+    writer.add_embedding_length(cfg["hidden_size"])
+    writer.add_block_count(cfg["num_hidden_layers"])
+    writer.add_feed_forward_length(cfg["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
+    writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    tok = build_tokenizer()
+    if tokenizer:
+        add_tokenizer_metadata(writer, tok)
+    rope = cfg["rope_parameters"]
+    weights = load_file(str(model_dir / "model.safetensors"))
+    if rope.get("rope_type") == "llama3":
+        # The converter stores Llama 3.1 scaling as per-frequency divisors.
+        from mistralrs_serve.config import RopeScaling
+        from mistralrs_serve.layers.rotary import inverse_frequencies
+
+        base = inverse_frequencies(head_dim, rope["rope_theta"], RopeScaling())
+        scaled = inverse_frequencies(head_dim, rope["rope_theta"], RopeScaling.from_dict(rope))
+        weights["rope_freqs.weight"] = (base / scaled).float().numpy()
+    for name, w in weights.items():
+        if name == "rope_freqs.weight":
+            target = name
+        else:
+            target = gguf_name(name)
+            if arch == "llama" and ".q_proj." in name:
+                w = permute_qk(w, heads)
+            elif arch == "llama" and ".k_proj." in name:
+                w = permute_qk(w, kv_heads)
+        w = np.ascontiguousarray(w, dtype=np.float32)
+        if quant is not None and w.ndim == 2 and "embed" not in name:
+            writer.add_tensor(target, gguf.quants.quantize(w, quant), raw_dtype=quant)
+        else:
+            writer.add_tensor(target, w)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+# --- Running our model ---
+
+
+def run_ours(model: Any, ids: list[int], chunks: list[int] | None = None, max_len: int = 256) -> torch.Tensor:
+    """Logits (T, vocab) of every position from our model, fed through a ContiguousKVCache in steps
+    of `chunks` tokens (default: the whole prompt at once)."""
+    from mistralrs_serve.engine.kv_cache import ContiguousKVCache
+
+    chunks = chunks or [len(ids)]
+    assert sum(chunks) == len(ids)
+    cache = ContiguousKVCache(model.config, max_len, model.dtype)
+    out, start = [], 0
+    for n in chunks:
+        cache.begin_step(n)
+        rows = torch.arange(n)
+        out.append(model.forward(torch.tensor(ids[start : start + n]), torch.arange(start, start + n), cache, rows))
+        cache.end_step()
+        start += n
+    return torch.cat(out)
+
+
+def row_correlations(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Pearson correlation of each row of a with the same row of b."""
+    a = a.double() - a.double().mean(-1, keepdim=True)
+    b = b.double() - b.double().mean(-1, keepdim=True)
+    return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
