@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from mistralrs_serve.engine.llm_engine import LLMEngine
 from mistralrs_serve.models.default_model import default_model_path
 from mistralrs_serve.models.loader import ModelSource, load_model
@@ -61,11 +60,16 @@ def ours(path: Path, prompt: list[int], new_tokens: int) -> dict[str, float]:
     stamps = [time.perf_counter() for _ in engine.stream(prompt, params)]
     prefill_s = stamps[0] - start
     decode_s = stamps[-1] - stamps[0]
-    return {"prefill_tok_s": len(prompt) / prefill_s, "decode_tok_s": (len(stamps) - 1) / decode_s,
-            "weight_bytes": float(loaded.model.decode_weight_bytes())}
+    return {
+        "prefill_tok_s": len(prompt) / prefill_s,
+        "decode_tok_s": (len(stamps) - 1) / decode_s,
+        "weight_bytes": float(loaded.model.decode_weight_bytes()),
+    }
 
 
-def transformers_engine(path: Path, dtype: torch.dtype, prompt: list[int], new_tokens: int) -> dict[str, float]:
+def transformers_engine(
+    path: Path, dtype: torch.dtype, prompt: list[int], new_tokens: int
+) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         os.symlink(path, Path(tmp) / path.name)
         model = load_transformers_gguf(Path(tmp), path.name, dtype)
@@ -80,8 +84,11 @@ def transformers_engine(path: Path, dtype: torch.dtype, prompt: list[int], new_t
         model.generate(ids[:, :1], **kwargs)
         gen_s = time.perf_counter() - start
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    return {"prefill_tok_s": len(prompt) / prefill_s, "decode_tok_s": new_tokens / gen_s,
-            "weight_bytes": float(weight_bytes)}
+    return {
+        "prefill_tok_s": len(prompt) / prefill_s,
+        "decode_tok_s": new_tokens / gen_s,
+        "weight_bytes": float(weight_bytes),
+    }
 
 
 def load_transformers_gguf(model_dir: Path, filename: str, dtype: torch.dtype) -> Any:
@@ -89,19 +96,28 @@ def load_transformers_gguf(model_dir: Path, filename: str, dtype: torch.dtype) -
     from transformers import AutoModelForCausalLM, GgufConfig
 
     config = GgufConfig(dequantize=True)
-    return AutoModelForCausalLM.from_pretrained(model_dir, gguf_file=filename, dtype=dtype,
-                                                quantization_config=config).eval()
+    return AutoModelForCausalLM.from_pretrained(
+        model_dir, gguf_file=filename, dtype=dtype, quantization_config=config
+    ).eval()
 
 
 def report(engine: str, r: dict[str, float], bandwidth: float) -> None:
     gb = r["weight_bytes"] / 1e9
     emit(engine, "prefill_tok_s", r["prefill_tok_s"])
-    emit(engine, "decode_tok_s", r["decode_tok_s"], achieved_gb_s=round(r["decode_tok_s"] * gb, 2),
-         roofline_tok_s=round(bandwidth / gb, 1), weight_gb_per_token=round(gb, 4))
+    emit(
+        engine,
+        "decode_tok_s",
+        r["decode_tok_s"],
+        achieved_gb_s=round(r["decode_tok_s"] * gb, 2),
+        roofline_tok_s=round(bandwidth / gb, 1),
+        weight_gb_per_token=round(gb, 4),
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default=None, help="a GGUF file (default: the embedded default model)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, transformers bf16 only (CI)")
     parser.add_argument("--threads", type=int, default=None)
@@ -114,16 +130,22 @@ def main() -> None:
     bandwidth = copy_bandwidth_gb_s()
     emit("machine", "copy_bandwidth_gb_s", bandwidth, threads=torch.get_num_threads())
     results = {"mistralrs-serve": ours(path, prompt, new_tokens)}
-    dtypes = {"transformers-bf16": torch.bfloat16} if args.smoke else {
-        "transformers-bf16": torch.bfloat16, "transformers-fp32": torch.float32}
+    dtypes = (
+        {"transformers-bf16": torch.bfloat16}
+        if args.smoke
+        else {"transformers-bf16": torch.bfloat16, "transformers-fp32": torch.float32}
+    )
     for name, dtype in dtypes.items():
         results[name] = transformers_engine(path, dtype, prompt, new_tokens)
     for name, r in results.items():
         report(name, r, bandwidth)
     base = results["transformers-bf16"]
     for metric in ("decode_tok_s", "prefill_tok_s"):
-        emit("mistralrs-serve", f"{metric}_ratio_vs_transformers_bf16",
-             results["mistralrs-serve"][metric] / base[metric])
+        emit(
+            "mistralrs-serve",
+            f"{metric}_ratio_vs_transformers_bf16",
+            results["mistralrs-serve"][metric] / base[metric],
+        )
 
 
 if __name__ == "__main__":

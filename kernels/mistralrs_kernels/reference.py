@@ -34,9 +34,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int)
     position start_pos + i and sees keys 0..start_pos + i.
     """
     num_queries, num_keys = q.shape[1], k.shape[1]
+    gqa = q.shape[0] != k.shape[0]
     if num_queries == 1:
-        mask = None
-    else:
-        rows = torch.arange(num_queries).unsqueeze(1) + start_pos
-        mask = torch.arange(num_keys).unsqueeze(0) <= rows  # (T, S)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[0] != k.shape[0])
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+    if start_pos == 0:
+        # top-left causal alignment is right when nothing precedes the queries
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    rows = torch.arange(num_queries).unsqueeze(1) + start_pos
+    mask = torch.arange(num_keys).unsqueeze(0) <= rows  # (T, S)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)

@@ -1,7 +1,7 @@
 """mistralrs-serve: an OpenAI-compatible inference server and SDK with a Rust core.
 
-    from mistralrs_serve import Runner, Which, ChatCompletionRequest
-    runner = Runner(which=Which.Default())
+from mistralrs_serve import Runner, Which, ChatCompletionRequest
+runner = Runner(which=Which.Default())
 """
 
 from mistralrs_serve.entrypoints.openai.protocol import (

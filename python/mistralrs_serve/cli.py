@@ -1,7 +1,7 @@
 """The `mistralrs-serve` command.
 
-    mistralrs-serve run --prompt "What is the capital of France?"
-    mistralrs-serve run -m path/to/model.gguf          # interactive chat
+mistralrs-serve run --prompt "What is the capital of France?"
+mistralrs-serve run -m path/to/model.gguf          # interactive chat
 """
 
 from __future__ import annotations
@@ -19,14 +19,28 @@ logger = logging.getLogger("mistralrs_serve")
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("-m", "--model", default=None, metavar="MODEL",
-                   help="a GGUF file, a directory in Hugging Face layout (config.json, *.safetensors, "
-                        "tokenizer.json), a Hugging Face repo id, or 'default' (SmolLM2-135M-Instruct, "
-                        "fetched once into ~/.cache/mistralrs-serve). Default: default")
-    g.add_argument("-c", "--chat-template", default=None, metavar="FILE",
-                   help="a Jinja chat template file (or literal template) to use instead of the model's")
-    g.add_argument("--dtype", default="auto", choices=["auto", "bf16", "f32", "f16"],
-                   help="compute dtype; auto = bf16 (4-bit GGUF weights stay 4-bit)")
+    g.add_argument(
+        "-m",
+        "--model",
+        default=None,
+        metavar="MODEL",
+        help="a GGUF file, a directory in Hugging Face layout (config.json, *.safetensors, "
+        "tokenizer.json), a Hugging Face repo id, or 'default' (SmolLM2-135M-Instruct, "
+        "fetched once into ~/.cache/mistralrs-serve). Default: default",
+    )
+    g.add_argument(
+        "-c",
+        "--chat-template",
+        default=None,
+        metavar="FILE",
+        help="a Jinja chat template file (or literal template) to use instead of the model's",
+    )
+    g.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "bf16", "f32", "f16"],
+        help="compute dtype; auto = bf16 (4-bit GGUF weights stay 4-bit)",
+    )
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
@@ -44,14 +58,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mistralrs-serve",
         description="An OpenAI-compatible LLM inference server and SDK. "
-                    "Start with: mistralrs-serve run --prompt 'Hello'",
+        "Start with: mistralrs-serve run --prompt 'Hello'",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    run = sub.add_parser("run", help="answer one prompt (--prompt) or chat interactively",
-                         description="Load a model and answer a prompt with its chat template.")
+    run = sub.add_parser(
+        "run",
+        help="answer one prompt (--prompt) or chat interactively",
+        description="Load a model and answer a prompt with its chat template.",
+    )
     add_model_args(run)
     add_sampling_args(run)
-    run.add_argument("--prompt", "-p", default=None, help="the user message; without it, read lines from stdin")
+    run.add_argument(
+        "--prompt", "-p", default=None, help="the user message; without it, read lines from stdin"
+    )
     run.add_argument("--system", default=None, help="an optional system message")
     run.add_argument("--stats", action="store_true", help="print load time, tokens and tok/s to stderr")
     return parser
@@ -59,8 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     try:
         return run_command(args)
     except MistralrsServeError as e:
@@ -70,30 +92,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except Exception as e:  # the CLI never ends on a bare traceback
         logger.debug("unexpected error", exc_info=True)
-        print(f"internal error: {type(e).__name__}: {e} (run with --log-level debug for details)",
-              file=sys.stderr)
+        print(
+            f"internal error: {type(e).__name__}: {e} (run with --log-level debug for details)",
+            file=sys.stderr,
+        )
         return 2
 
 
 def run_command(args: argparse.Namespace) -> int:
     from mistralrs_serve import ChatCompletionRequest, Runner
 
-    runner = Runner.from_model(args.model, chat_template=args.chat_template, dtype=args.dtype,
-                               num_threads=args.threads)
+    runner = Runner.from_model(
+        args.model, chat_template=args.chat_template, dtype=args.dtype, num_threads=args.threads
+    )
     prompts = [args.prompt] if args.prompt is not None else _stdin_lines()
     for prompt in prompts:
-        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        messages = [{"role": "system", "content": args.system}] if args.system else []
         messages.append({"role": "user", "content": prompt})
-        req = ChatCompletionRequest(messages=messages, max_tokens=args.max_tokens, temperature=args.temperature,
-                                    top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+        req = ChatCompletionRequest(
+            messages=messages,
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            seed=args.seed,
+        )
         start = time.perf_counter()
         res = runner.send_chat_completion_request(req)
         print(res.choices[0].message.content, flush=True)
         if args.stats:
             n = res.usage.completion_tokens
             elapsed = time.perf_counter() - start
-            print(f"[{res.usage.prompt_tokens} prompt tokens, {n} generated in {elapsed:.2f} s, "
-                  f"{n / elapsed:.1f} tok/s; model loaded in {runner.loaded.load_time_s:.2f} s]", file=sys.stderr)
+            print(
+                f"[{res.usage.prompt_tokens} prompt tokens, {n} generated in {elapsed:.2f} s, "
+                f"{n / elapsed:.1f} tok/s; model loaded in {runner.loaded.load_time_s:.2f} s]",
+                file=sys.stderr,
+            )
     return 0
 
 

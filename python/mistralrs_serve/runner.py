@@ -53,9 +53,14 @@ class Which:
         revision: str | None = None
 
         def source(self, chat_template: str | None) -> ModelSource:
-            return ModelSource("gguf", self.quantized_model_id, filename=self.quantized_filename,
-                               revision=self.revision, tokenizer_location=self.tok_model_id,
-                               chat_template=chat_template)
+            return ModelSource(
+                "gguf",
+                self.quantized_model_id,
+                filename=self.quantized_filename,
+                revision=self.revision,
+                tokenizer_location=self.tok_model_id,
+                chat_template=chat_template,
+            )
 
 
 AnyWhich = Which.Default | Which.Plain | Which.GGUF
@@ -64,14 +69,26 @@ AnyWhich = Which.Default | Which.Plain | Which.GGUF
 class Runner:
     """Load a model once, then answer OpenAI-shaped requests in process."""
 
-    def __init__(self, which: AnyWhich | None = None, *, chat_template: str | None = None,
-                 dtype: str = "auto", num_threads: int | None = None) -> None:
+    def __init__(
+        self,
+        which: AnyWhich | None = None,
+        *,
+        chat_template: str | None = None,
+        dtype: str = "auto",
+        num_threads: int | None = None,
+    ) -> None:
         which = which if which is not None else Which.Default()
         self._setup(which.source(chat_template), dtype, num_threads)
 
     @classmethod
-    def from_model(cls, model: str | None, *, chat_template: str | None = None, dtype: str = "auto",
-                   num_threads: int | None = None) -> Runner:
+    def from_model(
+        cls,
+        model: str | None,
+        *,
+        chat_template: str | None = None,
+        dtype: str = "auto",
+        num_threads: int | None = None,
+    ) -> Runner:
         """A Runner for a CLI-style model reference: file, directory, repo id or "default"."""
         runner = cls.__new__(cls)
         runner._setup(ModelSource.parse(model, chat_template), dtype, num_threads)
@@ -109,12 +126,18 @@ def _reject_stream(stream: bool) -> None:
         raise InvalidRequestError("stream=True is not supported by the Runner yet", "stream")
 
 
-DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "f32": torch.float32, "float32": torch.float32,
-          "f16": torch.float16, "float16": torch.float16}
+DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "f32": torch.float32,
+    "float32": torch.float32,
+    "f16": torch.float16,
+    "float16": torch.float16,
+}
 
 
 def resolve_dtype(name: str) -> torch.dtype:
-    """"auto" is bf16: on this CPU class it runs 4-bit and bf16 matmuls fastest (see layers/linear.py)."""
+    """ "auto" is bf16: on this CPU class it runs 4-bit and bf16 matmuls fastest (see layers/linear.py)."""
     if name == "auto":
         return torch.bfloat16
     if name not in DTYPES:

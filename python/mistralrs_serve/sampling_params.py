@@ -55,15 +55,20 @@ class SamplingParams:
         _check(0.0 < self.repetition_penalty <= 10.0, "repetition_penalty", "must be in (0, 10]")
         _check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "must be between -2 and 2")
         _check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "must be between -2 and 2")
-        _check(all(-100.0 <= b <= 100.0 for b in self.logit_bias.values()), "logit_bias",
-               "values must be between -100 and 100")
+        _check(
+            all(-100.0 <= b <= 100.0 for b in self.logit_bias.values()),
+            "logit_bias",
+            "values must be between -100 and 100",
+        )
         _check(self.dry_multiplier >= 0.0, "dry_multiplier", "must be >= 0")
         _check(self.dry_base >= 1.0, "dry_base", "must be >= 1")
         _check(self.dry_allowed_length >= 1, "dry_allowed_length", "must be >= 1")
         _check(self.seed is None or 0 <= self.seed < 2**64, "seed", "must be in [0, 2**64)")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", "entries must be non-empty strings")
         _check(len(self.stop) <= 16, "stop", "may hold at most 16 sequences")
-        _check(0 <= self.top_logprobs <= MAX_TOP_LOGPROBS, "top_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}]")
+        _check(
+            0 <= self.top_logprobs <= MAX_TOP_LOGPROBS, "top_logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}]"
+        )
         _check(1 <= self.n <= 128, "n", "must be in [1, 128]")
 
     @property
@@ -84,10 +89,19 @@ class SamplingParams:
         breakers = sorted({t for s in self.dry_sequence_breakers for t in encode(s)})
         seed = secrets.randbits(64) if self.seed is None else (self.seed + choice_index) % 2**64
         return _native.SamplingParams(
-            temperature=self.temperature, top_k=max(self.top_k, 0), top_p=self.top_p, min_p=self.min_p,
-            repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty, logit_bias=list(self.logit_bias.items()),
-            dry_multiplier=self.dry_multiplier, dry_base=self.dry_base,
-            dry_allowed_length=self.dry_allowed_length, dry_sequence_breakers=breakers, seed=seed,
-            return_logprob=self.logprobs, num_top_logprobs=self.top_logprobs if self.logprobs else 0,
+            temperature=self.temperature,
+            top_k=max(self.top_k, 0),
+            top_p=self.top_p,
+            min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            logit_bias=list(self.logit_bias.items()),
+            dry_multiplier=self.dry_multiplier,
+            dry_base=self.dry_base,
+            dry_allowed_length=self.dry_allowed_length,
+            dry_sequence_breakers=breakers,
+            seed=seed,
+            return_logprob=self.logprobs,
+            num_top_logprobs=self.top_logprobs if self.logprobs else 0,
         )

@@ -224,10 +224,32 @@ def add_tokenizer_metadata(writer: Any, tok: tokenizers.Tokenizer, eos_token: st
         writer.add_chat_template(chat_template)
 
 
-def write_gguf_from_hf(model_dir: Path, path: Path, *, tokenizer: bool = True,
-                       quant: Any = None, arch_name: str | None = None) -> Path:
-    """Convert a saved tiny model to GGUF like llama.cpp does (F32 tensors unless `quant` is given:
-    a GGMLQuantizationType applied to 2-D weights other than the embedding)."""
+def random_blocks(qtype: Any, shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
+    """Random bytes for a (rows, cols) tensor of a block type, as the (rows, bytes) uint8 array
+    GGUFWriter takes (fp16 scale fields are not made finite: callers that dequantize fix them)."""
+    import gguf
+
+    block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    rows, cols = shape
+    return np.random.default_rng(seed).integers(0, 256, (rows, cols // block_size * type_size), dtype=np.uint8)
+
+
+def quantize_roundtrip(w: np.ndarray, quant: Any) -> np.ndarray:
+    """What a weight becomes after quantizing to `quant` and back (the gguf package both ways)."""
+    import gguf
+
+    return gguf.quants.dequantize(gguf.quants.quantize(w, quant), quant).reshape(w.shape)
+
+
+def write_gguf_from_hf(model_dir: Path, path: Path, *, tokenizer: bool = True, quant: Any = None,
+                       arch_name: str | None = None, raw_types: dict[str, Any] | None = None,
+                       drop: tuple[str, ...] = ()) -> Path:
+    """Convert a saved tiny model to GGUF like llama.cpp does.
+
+    Tensors are F32 unless `quant` (a GGMLQuantizationType) is given, which applies to 2-D weights other
+    than the embedding. `raw_types` maps GGUF tensor names to a type written as random bytes (for types
+    gguf cannot quantize to); `drop` lists GGUF tensor names or metadata keys to leave out.
+    """
     import gguf
     from safetensors.numpy import load_file
 
@@ -237,8 +259,11 @@ def write_gguf_from_hf(model_dir: Path, path: Path, *, tokenizer: bool = True,
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_name(model_dir.name)
+    if "vocab_size" not in drop:
+        writer.add_vocab_size(cfg["vocab_size"])
     writer.add_context_length(cfg["max_position_embeddings"])
-    writer.add_embedding_length(cfg["hidden_size"])
+    if "embedding_length" not in drop:
+        writer.add_embedding_length(cfg["hidden_size"])
     writer.add_block_count(cfg["num_hidden_layers"])
     writer.add_feed_forward_length(cfg["intermediate_size"])
     writer.add_head_count(heads)
@@ -271,7 +296,11 @@ def write_gguf_from_hf(model_dir: Path, path: Path, *, tokenizer: bool = True,
             elif arch == "llama" and ".k_proj." in name:
                 w = permute_qk(w, kv_heads)
         w = np.ascontiguousarray(w, dtype=np.float32)
-        if quant is not None and w.ndim == 2 and "embed" not in name:
+        if target in drop:
+            continue
+        if raw_types and target in raw_types:
+            writer.add_tensor(target, random_blocks(raw_types[target], w.shape), raw_dtype=raw_types[target])
+        elif quant is not None and w.ndim == 2 and "embed" not in name:
             writer.add_tensor(target, gguf.quants.quantize(w, quant), raw_dtype=quant)
         else:
             writer.add_tensor(target, w)
@@ -308,3 +337,14 @@ def row_correlations(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     a = a.double() - a.double().mean(-1, keepdim=True)
     b = b.double() - b.double().mean(-1, keepdim=True)
     return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
+
+
+def load_hf_model_quant_roundtrip(model_dir: Path, quant: Any) -> Any:
+    """The transformers reference with every weight `write_gguf_from_hf(quant=...)` quantizes replaced
+    by its dequantized value (quantization works per row, so llama's q/k row permutation commutes)."""
+    model = load_hf_model(model_dir)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embed" not in name:
+                p.copy_(torch.from_numpy(quantize_roundtrip(p.numpy(), quant)))
+    return model

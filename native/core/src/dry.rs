@@ -22,10 +22,14 @@ pub struct DryParams {
 impl DryParams {
     pub fn validate(&self) -> Result<(), SamplerError> {
         if !(self.multiplier.is_finite() && self.multiplier >= 0.0) {
-            return Err(SamplerError::InvalidParam("dry_multiplier must be a finite number >= 0".into()));
+            return Err(SamplerError::InvalidParam(
+                "dry_multiplier must be a finite number >= 0".into(),
+            ));
         }
         if !(self.base.is_finite() && self.base >= 1.0) {
-            return Err(SamplerError::InvalidParam("dry_base must be a finite number >= 1".into()));
+            return Err(SamplerError::InvalidParam(
+                "dry_base must be a finite number >= 1".into(),
+            ));
         }
         Ok(())
     }
@@ -87,7 +91,12 @@ mod tests {
     use super::*;
 
     fn dry(allowed_length: usize, breakers: &[u32]) -> DryParams {
-        DryParams { multiplier: 1.0, base: 2.0, allowed_length, sequence_breakers: breakers.to_vec() }
+        DryParams {
+            multiplier: 1.0,
+            base: 2.0,
+            allowed_length,
+            sequence_breakers: breakers.to_vec(),
+        }
     }
 
     #[test]

@@ -142,7 +142,11 @@ pub fn sample_batch(
     }
     let run = |(i, row): (usize, &mut [f32])| sample_row(row, params[i], histories[i], steps[i]);
     if num_rows >= MIN_ROWS_FOR_PARALLEL {
-        logits.par_chunks_mut(vocab_size).enumerate().map(run).collect()
+        logits
+            .par_chunks_mut(vocab_size)
+            .enumerate()
+            .map(run)
+            .collect()
     } else {
         logits.chunks_mut(vocab_size).enumerate().map(run).collect()
     }
@@ -174,7 +178,9 @@ pub fn sample_row(
 fn apply_temperature(logits: &mut [f32], temperature: f32) {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let shift = if max.is_finite() { max } else { 0.0 };
-    logits.iter_mut().for_each(|x| *x = (*x - shift) / temperature);
+    logits
+        .iter_mut()
+        .for_each(|x| *x = (*x - shift) / temperature);
 }
 
 /// DRY, repetition, presence/frequency penalties and logit bias.
@@ -199,7 +205,9 @@ pub fn apply_penalties(
     }
     for &(id, bias) in &params.logit_bias {
         let vocab = logits.len();
-        let x = logits.get_mut(id as usize).ok_or(SamplerError::TokenOutOfRange { id, vocab })?;
+        let x = logits
+            .get_mut(id as usize)
+            .ok_or(SamplerError::TokenOutOfRange { id, vocab })?;
         *x += bias;
     }
     Ok(())
@@ -207,7 +215,11 @@ pub fn apply_penalties(
 
 /// CTRL-style: divide positive logits, multiply negative ones, once per
 /// distinct token seen.
-fn apply_repetition_penalty<'a>(logits: &mut [f32], seen: impl Iterator<Item = &'a u32>, penalty: f32) {
+fn apply_repetition_penalty<'a>(
+    logits: &mut [f32],
+    seen: impl Iterator<Item = &'a u32>,
+    penalty: f32,
+) {
     let mut done = vec![false; logits.len()];
     for &id in seen {
         let i = id as usize;
@@ -241,7 +253,9 @@ pub fn argmax(logits: &[f32]) -> Result<u32, SamplerError> {
 /// Candidates left after top-k, top-p and min-p, most likely first, with
 /// their unnormalised probabilities.
 fn truncated_candidates(logits: &[f32], params: &SamplingParams) -> Vec<(u32, f32)> {
-    let mut ids: Vec<u32> = (0..logits.len() as u32).filter(|&i| logits[i as usize] > f32::NEG_INFINITY).collect();
+    let mut ids: Vec<u32> = (0..logits.len() as u32)
+        .filter(|&i| logits[i as usize] > f32::NEG_INFINITY)
+        .collect();
     let by_logit_desc = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]);
     if params.top_k > 0 && params.top_k < ids.len() {
         ids.select_nth_unstable_by(params.top_k - 1, by_logit_desc);
@@ -250,8 +264,14 @@ fn truncated_candidates(logits: &[f32], params: &SamplingParams) -> Vec<(u32, f3
     if ids.is_empty() {
         return Vec::new();
     }
-    let max = ids.iter().map(|&i| logits[i as usize]).fold(f32::NEG_INFINITY, f32::max);
-    let mut cands: Vec<(u32, f32)> = ids.into_iter().map(|i| (i, (logits[i as usize] - max).exp())).collect();
+    let max = ids
+        .iter()
+        .map(|&i| logits[i as usize])
+        .fold(f32::NEG_INFINITY, f32::max);
+    let mut cands: Vec<(u32, f32)> = ids
+        .into_iter()
+        .map(|i| (i, (logits[i as usize] - max).exp()))
+        .collect();
     if params.top_p < 1.0 {
         cands.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
         keep_top_p(&mut cands, params.top_p);
@@ -264,13 +284,16 @@ fn truncated_candidates(logits: &[f32], params: &SamplingParams) -> Vec<(u32, f3
 }
 
 /// Keep the shortest prefix whose mass reaches `top_p` (at least one token).
+/// The sums are f64: over a 50k-150k vocabulary an f32 running sum drifts by
+/// about 1e-4 of the mass, which moved the cut by up to a dozen tokens.
 fn keep_top_p(sorted: &mut Vec<(u32, f32)>, top_p: f32) {
-    let total: f32 = sorted.iter().map(|c| c.1).sum();
-    let mut cumulative = 0.0;
+    let total: f64 = sorted.iter().map(|c| c.1 as f64).sum();
+    let threshold = top_p as f64 * total;
+    let mut cumulative = 0.0f64;
     let mut keep = sorted.len();
     for (i, &(_, p)) in sorted.iter().enumerate() {
-        cumulative += p;
-        if cumulative >= top_p * total {
+        cumulative += p as f64;
+        if cumulative >= threshold {
             keep = i + 1;
             break;
         }
@@ -299,12 +322,23 @@ fn draw(logits: &[f32], params: &SamplingParams, u: f64) -> Result<u32, SamplerE
 fn with_logprobs(logits: &[f32], params: &SamplingParams, token_id: u32) -> SampleOutput {
     let wants_any = params.return_logprob || params.num_top_logprobs > 0;
     if !wants_any {
-        return SampleOutput { token_id, logprob: f32::NAN, top_logprobs: Vec::new() };
+        return SampleOutput {
+            token_id,
+            logprob: f32::NAN,
+            top_logprobs: Vec::new(),
+        };
     }
     let log_z = log_sum_exp(logits);
     let logprob = |id: u32| logits[id as usize] - log_z;
-    let top_logprobs = top_n(logits, params.num_top_logprobs).into_iter().map(|id| (id, logprob(id))).collect();
-    SampleOutput { token_id, logprob: logprob(token_id), top_logprobs }
+    let top_logprobs = top_n(logits, params.num_top_logprobs)
+        .into_iter()
+        .map(|id| (id, logprob(id)))
+        .collect();
+    SampleOutput {
+        token_id,
+        logprob: logprob(token_id),
+        top_logprobs,
+    }
 }
 
 fn log_sum_exp(logits: &[f32]) -> f32 {
@@ -322,7 +356,11 @@ pub fn top_n(logits: &[f32], n: usize) -> Vec<u32> {
     if n == 0 {
         return Vec::new();
     }
-    let order = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
+    let order = |a: &u32, b: &u32| {
+        logits[*b as usize]
+            .total_cmp(&logits[*a as usize])
+            .then(a.cmp(b))
+    };
     let mut ids: Vec<u32> = (0..logits.len() as u32).collect();
     ids.select_nth_unstable_by(n - 1, order);
     ids.truncate(n);

@@ -1,7 +1,9 @@
 //! PyO3 binding of mistralrs-serve-core: converts, validates, releases the
 //! GIL around the work. No logic lives here.
 
-use mistralrs_serve_core::{sample_batch, DryParams, SampleOutput, SamplerError, SamplingParams, TokenHistory};
+use mistralrs_serve_core::{
+    sample_batch, DryParams, SampleOutput, SamplerError, SamplingParams, TokenHistory,
+};
 use numpy::{
     IntoPyArray, PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray1, PyReadwriteArray2,
     PyUntypedArray, PyUntypedArrayMethods,
@@ -12,9 +14,9 @@ use pyo3::prelude::*;
 /// The one mapping from core errors to Python exceptions.
 fn to_py_err(err: SamplerError) -> PyErr {
     match err {
-        SamplerError::InvalidParam(_) | SamplerError::Shape(_) | SamplerError::TokenOutOfRange { .. } => {
-            PyValueError::new_err(err.to_string())
-        }
+        SamplerError::InvalidParam(_)
+        | SamplerError::Shape(_)
+        | SamplerError::TokenOutOfRange { .. } => PyValueError::new_err(err.to_string()),
         SamplerError::NoCandidate => PyRuntimeError::new_err(err.to_string()),
     }
 }
@@ -52,7 +54,7 @@ impl PySamplingParams {
         return_logprob: bool,
         num_top_logprobs: usize,
     ) -> PyResult<Self> {
-        let dry = (dry_multiplier != 0.0).then(|| DryParams {
+        let dry = (dry_multiplier != 0.0).then_some(DryParams {
             multiplier: dry_multiplier,
             base: dry_base,
             allowed_length: dry_allowed_length,
@@ -96,8 +98,12 @@ impl PySamplingParams {
     }
 }
 
-type SampleArrays<'py> =
-    (Bound<'py, PyArray1<i64>>, Bound<'py, PyArray1<f32>>, Bound<'py, PyArray2<i64>>, Bound<'py, PyArray2<f32>>);
+type SampleArrays<'py> = (
+    Bound<'py, PyArray1<i64>>,
+    Bound<'py, PyArray1<f32>>,
+    Bound<'py, PyArray2<i64>>,
+    Bound<'py, PyArray2<f32>>,
+);
 
 /// Sample one token per row of `logits` (modified in place). Returns
 /// `(token_ids, logprobs, top_ids, top_logprobs)`; logprobs are NaN where
@@ -114,7 +120,9 @@ fn sample<'py>(
 ) -> PyResult<SampleArrays<'py>> {
     let mut logits = logits_array(&logits)?;
     let vocab_size = logits.as_array().ncols();
-    let rows = logits.as_slice_mut().map_err(|_| PyValueError::new_err("logits must be aligned"))?;
+    let rows = logits
+        .as_slice_mut()
+        .map_err(|_| PyValueError::new_err("logits must be aligned"))?;
     if prompt_ids.len() != output_ids.len() {
         return Err(PyValueError::new_err(format!(
             "prompt_ids and output_ids differ in length ({} and {})",
@@ -127,7 +135,10 @@ fn sample<'py>(
     let histories = prompt_ids
         .iter()
         .zip(&output_ids)
-        .map(|(p, o)| TokenHistory { prompt_ids: p.as_slice().expect("checked"), output_ids: o.as_slice().expect("checked") })
+        .map(|(p, o)| TokenHistory {
+            prompt_ids: p.as_slice().expect("checked"),
+            output_ids: o.as_slice().expect("checked"),
+        })
         .collect::<Vec<_>>();
     let param_refs: Vec<&SamplingParams> = params.iter().map(|p| &p.get().inner).collect();
     let outputs = py
@@ -139,8 +150,21 @@ fn sample<'py>(
 /// `dtype` and shape of an ndarray, or the type name of anything else.
 fn describe(obj: &Bound<'_, PyAny>) -> String {
     match obj.cast::<PyUntypedArray>() {
-        Ok(array) => format!("a {} array of shape {:?}", array.dtype(), array.shape()),
-        Err(_) => format!("a {}", obj.get_type().name().map_or_else(|_| "?".into(), |n| n.to_string())),
+        Ok(array) => {
+            let dims: Vec<String> = array.shape().iter().map(|d| d.to_string()).collect();
+            let comma = if dims.len() == 1 { "," } else { "" };
+            format!(
+                "a {} array of shape ({}{comma})",
+                array.dtype(),
+                dims.join(", ")
+            )
+        }
+        Err(_) => format!(
+            "a {}",
+            obj.get_type()
+                .name()
+                .map_or_else(|_| "?".into(), |n| n.to_string())
+        ),
     }
 }
 
@@ -158,24 +182,35 @@ fn bad_array(name: &str, want: &str, obj: &Bound<'_, PyAny>) -> PyErr {
 /// contiguous too, but its flat data is not rows.
 fn logits_array<'py>(obj: &Bound<'py, PyAny>) -> PyResult<PyReadwriteArray2<'py, f32>> {
     const WANT: &str = "a writeable, C-contiguous 2-D float32 array";
-    let array = obj.cast::<PyArray2<f32>>().map_err(|_| bad_array("logits", WANT, obj))?;
+    let array = obj
+        .cast::<PyArray2<f32>>()
+        .map_err(|_| bad_array("logits", WANT, obj))?;
     if !array.is_c_contiguous() {
         return Err(PyValueError::new_err(format!(
             "logits must be C-contiguous (row-major); copy it with numpy.ascontiguousarray, got {}",
             describe(obj)
         )));
     }
-    array.try_readwrite().map_err(|err| PyValueError::new_err(format!("logits: {err}")))
+    array.try_readwrite().map_err(|err| {
+        PyValueError::new_err(format!("logits must be writeable and not in use: {err}"))
+    })
 }
 
-fn token_arrays<'py>(name: &str, objs: &[Bound<'py, PyAny>]) -> PyResult<Vec<PyReadonlyArray1<'py, u32>>> {
+fn token_arrays<'py>(
+    name: &str,
+    objs: &[Bound<'py, PyAny>],
+) -> PyResult<Vec<PyReadonlyArray1<'py, u32>>> {
     const WANT: &str = "a contiguous 1-D uint32 array";
     objs.iter()
         .enumerate()
         .map(|(i, obj)| {
             let name = format!("{name}[{i}]");
-            let array = obj.cast::<PyArray1<u32>>().map_err(|_| bad_array(&name, WANT, obj))?;
-            let array = array.try_readonly().map_err(|err| PyValueError::new_err(format!("{name}: {err}")))?;
+            let array = obj
+                .cast::<PyArray1<u32>>()
+                .map_err(|_| bad_array(&name, WANT, obj))?;
+            let array = array
+                .try_readonly()
+                .map_err(|err| PyValueError::new_err(format!("{name} is not readable: {err}")))?;
             array.as_slice().map_err(|_| bad_array(&name, WANT, obj))?;
             Ok(array)
         })
@@ -183,7 +218,11 @@ fn token_arrays<'py>(name: &str, objs: &[Bound<'py, PyAny>]) -> PyResult<Vec<PyR
 }
 
 fn to_arrays<'py>(py: Python<'py>, outputs: &[SampleOutput]) -> SampleArrays<'py> {
-    let width = outputs.iter().map(|o| o.top_logprobs.len()).max().unwrap_or(0);
+    let width = outputs
+        .iter()
+        .map(|o| o.top_logprobs.len())
+        .max()
+        .unwrap_or(0);
     let ids: Vec<i64> = outputs.iter().map(|o| o.token_id as i64).collect();
     let logprobs: Vec<f32> = outputs.iter().map(|o| o.logprob).collect();
     let mut top_ids = vec![-1i64; outputs.len() * width];
@@ -198,7 +237,12 @@ fn to_arrays<'py>(py: Python<'py>, outputs: &[SampleOutput]) -> SampleArrays<'py
         .expect("length is rows * width by construction");
     let top_lps = numpy::ndarray::Array2::from_shape_vec((outputs.len(), width), top_lps)
         .expect("length is rows * width by construction");
-    (ids.into_pyarray(py), logprobs.into_pyarray(py), top_ids.into_pyarray(py), top_lps.into_pyarray(py))
+    (
+        ids.into_pyarray(py),
+        logprobs.into_pyarray(py),
+        top_ids.into_pyarray(py),
+        top_lps.into_pyarray(py),
+    )
 }
 
 #[pymodule]

@@ -28,14 +28,14 @@ class IncrementalDetokenizer:
             return ""  # an incomplete UTF-8 sequence: wait for more bytes
         self.prefix_offset = max(len(self.ids) - CONTEXT_TOKENS, self.read_offset)
         self.read_offset = len(self.ids)
-        return full[len(prefix):]
+        return full[len(prefix) :]
 
     def flush(self) -> str:
         """Text still held back at the end of generation (a dangling byte sequence)."""
         prefix = self._decode(self.prefix_offset, self.read_offset)
         full = self._decode(self.prefix_offset, len(self.ids))
         self.read_offset = len(self.ids)
-        return full[len(prefix):]
+        return full[len(prefix) :]
 
     def _decode(self, start: int, end: int) -> str:
         return self.tokenizer.decode(self.ids[start:end], skip_special_tokens=self.skip_special_tokens)

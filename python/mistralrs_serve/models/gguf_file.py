@@ -22,12 +22,30 @@ DEFAULT_ALIGNMENT = 32
 
 # Metadata value types (GGUF v2/v3).
 _SCALARS: dict[int, tuple[str, int]] = {
-    0: ("<B", 1), 1: ("<b", 1), 2: ("<H", 2), 3: ("<h", 2), 4: ("<I", 4), 5: ("<i", 4),
-    6: ("<f", 4), 7: ("<?", 1), 10: ("<Q", 8), 11: ("<q", 8), 12: ("<d", 8),
+    0: ("<B", 1),
+    1: ("<b", 1),
+    2: ("<H", 2),
+    3: ("<h", 2),
+    4: ("<I", 4),
+    5: ("<i", 4),
+    6: ("<f", 4),
+    7: ("<?", 1),
+    10: ("<Q", 8),
+    11: ("<q", 8),
+    12: ("<d", 8),
 }
 _NUMPY_TYPES = {
-    0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32,
-    6: np.float32, 7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64,
+    0: np.uint8,
+    1: np.int8,
+    2: np.uint16,
+    3: np.int16,
+    4: np.uint32,
+    5: np.int32,
+    6: np.float32,
+    7: np.bool_,
+    10: np.uint64,
+    11: np.int64,
+    12: np.float64,
 }
 _STRING, _ARRAY = 8, 9
 
@@ -80,7 +98,9 @@ class _Cursor:
 
     def take(self, n: int) -> bytes:
         if n < 0 or self.pos + n > len(self.buf):
-            raise ModelLoadError(f"{self.path}: GGUF file is truncated (header runs past the end of the file)")
+            raise ModelLoadError(
+                f"{self.path}: GGUF file is truncated (header runs past the end of the file)"
+            )
         out = self.buf[self.pos : self.pos + n]
         self.pos += n
         return out
@@ -161,7 +181,9 @@ class GGUFFile:
             raise ModelLoadError(f"{self.path}: tensor {name!r} has unsupported GGML type {ggml_type}")
         num_elements = int(np.prod(shape)) if shape else 1
         if num_elements % kind.block_size:
-            raise ModelLoadError(f"{self.path}: tensor {name!r} of shape {shape} is not whole {kind.name} blocks")
+            raise ModelLoadError(
+                f"{self.path}: tensor {name!r} of shape {shape} is not whole {kind.name} blocks"
+            )
         num_bytes = num_elements // kind.block_size * kind.type_size
         if offset + num_bytes > len(self._map):
             raise ModelLoadError(

@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 
 from mistralrs_serve.config import ModelConfig
-from mistralrs_serve.errors import ModelLoadError
-from mistralrs_serve.models.gguf_file import GGUFFile
+from mistralrs_serve.errors import ModelLoadError, UnsupportedModelError
 from mistralrs_serve.layers.linear import AnyWeight, Q4Weight
+from mistralrs_serve.models.gguf_file import GGUFFile
 from mistralrs_serve.models.gguf_quants import Q4_TYPES, dequantize, unpack_q4
 from mistralrs_serve.models.registry import Architecture, config_from_gguf, find_architecture
 from mistralrs_serve.tokenizer.chat_template import load_chat_template
@@ -57,16 +57,21 @@ def unpermute_qk(w: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 def read_gguf(path: Path) -> tuple[GGUFFile, Architecture, ModelConfig]:
     gguf = GGUFFile(path)
-    arch = find_architecture(gguf_name=gguf.architecture)
+    arch_name = gguf.architecture
     try:
-        cfg = config_from_gguf(gguf.metadata, arch, has_output="output.weight" in gguf.tensors)
+        arch = find_architecture(gguf_name=arch_name)
+        cfg = config_from_gguf(gguf.metadata, arch, has_output="output.weight" in gguf.tensors,
+                               has_qkv_bias="blk.0.attn_q.bias" in gguf.tensors)
+    except ModelLoadError as e:  # unsupported architecture, invalid config: say which file
+        raise type(e)(f"{path}: {e}") from e
     except (KeyError, TypeError, ValueError) as e:
         raise ModelLoadError(f"{path}: GGUF metadata lacks or garbles a model setting ({e})") from e
     return gguf, arch, cfg
 
 
-def load_gguf_weights(gguf: GGUFFile, arch: Architecture, cfg: ModelConfig,
-                      dtype: torch.dtype) -> dict[str, AnyWeight]:
+def load_gguf_weights(
+    gguf: GGUFFile, arch: Architecture, cfg: ModelConfig, dtype: torch.dtype
+) -> dict[str, AnyWeight]:
     """Weights under Hugging Face names; 4-bit matrices of linear layers stay 4-bit."""
     weights: dict[str, AnyWeight] = {}
     for name, info in gguf.tensors.items():
@@ -74,7 +79,12 @@ def load_gguf_weights(gguf: GGUFFile, arch: Architecture, cfg: ModelConfig,
         if target is None:
             continue
         keep_q4 = info.type_name in Q4_TYPES and len(info.shape) == 2 and "embed_tokens" not in target
-        w: AnyWeight = unpack_q4(gguf.raw(name), info) if keep_q4 else dequantize(gguf.raw(name), info, dtype)
+        try:
+            w: AnyWeight = (
+                unpack_q4(gguf.raw(name), info) if keep_q4 else dequantize(gguf.raw(name), info, dtype)
+            )
+        except UnsupportedModelError as e:
+            raise UnsupportedModelError(f"{gguf.path}: {e}") from e
         heads = _permuted_heads(arch, cfg, target)
         if heads:
             w = _unpermute(w, heads)
@@ -97,7 +107,11 @@ def _unpermute(w: AnyWeight, heads: int) -> AnyWeight:
 def load_gguf_tokenizer(gguf: GGUFFile, chat_template_override: str | None) -> Tokenizer:
     backend, special = tokenizer_from_gguf(gguf.metadata, str(gguf.path))
     template = load_chat_template(
-        override=chat_template_override, model_dir=None, gguf_metadata=gguf.metadata, tokenizer_config=None,
-        bos_token=special.bos_token, eos_token=special.eos_token,
+        override=chat_template_override,
+        model_dir=None,
+        gguf_metadata=gguf.metadata,
+        tokenizer_config=None,
+        bos_token=special.bos_token,
+        eos_token=special.eos_token,
     )
     return Tokenizer(backend, special, template)

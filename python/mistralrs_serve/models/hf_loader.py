@@ -42,9 +42,10 @@ def read_hf_config(model_dir: Path) -> ModelConfig:
     names = raw.get("architectures") or []
     if not names:
         raise ModelLoadError(f"{model_dir / 'config.json'}: no 'architectures' entry")
-    arch = find_architecture(hf_name=names[0])
     try:
-        return config_from_hf(raw, arch)
+        return config_from_hf(raw, find_architecture(hf_name=names[0]))
+    except ModelLoadError as e:  # unsupported architecture, invalid config: say which file
+        raise type(e)(f"{model_dir / 'config.json'}: {e}") from e
     except (KeyError, TypeError, ValueError) as e:
         raise ModelLoadError(f"{model_dir / 'config.json'}: missing or invalid setting {e}") from e
 
@@ -82,8 +83,12 @@ def load_hf_tokenizer(model_dir: Path, chat_template_override: str | None) -> To
     tok_cfg = read_json(model_dir / "tokenizer_config.json", required=False)
     special = special_tokens_from_hf(backend, tok_cfg, generation_eos_ids(model_dir))
     template = load_chat_template(
-        override=chat_template_override, model_dir=model_dir, gguf_metadata=None, tokenizer_config=tok_cfg,
-        bos_token=special.bos_token, eos_token=special.eos_token,
+        override=chat_template_override,
+        model_dir=model_dir,
+        gguf_metadata=None,
+        tokenizer_config=tok_cfg,
+        bos_token=special.bos_token,
+        eos_token=special.eos_token,
     )
     return Tokenizer(backend, special, template)
 

@@ -51,20 +51,26 @@ class DecoderLayer:
         self.qkv = Linear(concat_weights([w[att + n + "_proj.weight"] for n in "qkv"]), qkv_bias, dtype)
         # Llama with attention_bias=True has an o_proj bias too (Qwen2 does not).
         o_bias = w.get(att + "o_proj.bias")
-        self.o = Linear(w[att + "o_proj.weight"], None if o_bias is None else dense(att + "o_proj.bias"), dtype)
+        self.o = Linear(
+            w[att + "o_proj.weight"], None if o_bias is None else dense(att + "o_proj.bias"), dtype
+        )
         self.q_norm = dense(att + "q_norm.weight") if cfg.qk_norm else None
         self.k_norm = dense(att + "k_norm.weight") if cfg.qk_norm else None
-        self.gate_up = Linear(concat_weights([w[mlp + "gate_proj.weight"], w[mlp + "up_proj.weight"]]), None, dtype)
+        self.gate_up = Linear(
+            concat_weights([w[mlp + "gate_proj.weight"], w[mlp + "up_proj.weight"]]), None, dtype
+        )
         self.down = Linear(w[mlp + "down_proj.weight"], None, dtype)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn: AttentionBackend) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend
+    ) -> torch.Tensor:
         x = x + self._attention(ops.rms_norm(x, self.input_norm, self.eps), cos, sin, attn)
         h = ops.rms_norm(x, self.post_norm, self.eps)
         return x + self.down(ops.silu_mul(self.gate_up(h)))
 
-    def _attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   attn: AttentionBackend) -> torch.Tensor:
+    def _attention(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend
+    ) -> torch.Tensor:
         num_tokens = x.shape[0]
         h, kv = self.num_heads, self.num_kv_heads
         qkv = self.qkv(x).view(num_tokens, h + 2 * kv, self.head_dim)
@@ -90,12 +96,23 @@ class LlamaForCausalLM:
         head = weights["model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"]
         self.lm_head = Linear(head, None, dtype)
         freq_factors = weights.get("rope_freqs")
-        self.rotary = RotaryTable(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings,
-                                  dtype, None if freq_factors is None else _dense(freq_factors, torch.float64))
+        self.rotary = RotaryTable(
+            cfg.head_dim,
+            cfg.rope_theta,
+            cfg.rope_scaling,
+            cfg.max_position_embeddings,
+            dtype,
+            None if freq_factors is None else _dense(freq_factors, torch.float64),
+        )
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend,
-                logits_indices: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attn: AttentionBackend,
+        logits_indices: torch.Tensor,
+    ) -> torch.Tensor:
         """input_ids/positions (T,); returns fp32 logits (len(logits_indices), vocab)."""
         x = F.embedding(input_ids, self.embed)
         cos, sin = self.rotary.lookup(positions)
@@ -104,11 +121,11 @@ class LlamaForCausalLM:
         x = ops.rms_norm(x[logits_indices], self.norm, self.config.rms_norm_eps)
         return self.lm_head(x).float()
 
-
     def decode_weight_bytes(self) -> int:
         """Weight bytes one decode step reads (the embedding row is negligible)."""
-        linears = [self.lm_head] + [lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up,
-                                                                               layer.down)]
+        linears = [self.lm_head] + [
+            lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)
+        ]
         return sum(lin.decode_bytes() for lin in linears)
 
 

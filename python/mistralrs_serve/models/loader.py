@@ -6,7 +6,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -80,8 +80,13 @@ def load_model(source: ModelSource, dtype: torch.dtype = torch.bfloat16) -> Load
     else:
         raise ModelLoadError(f"unknown model source kind {source.kind!r}")
     loaded.load_time_s = time.perf_counter() - start
-    logger.info("loaded %s (%s, %d layers) in %.2f s", loaded.name, loaded.config.architecture,
-                loaded.config.num_layers, loaded.load_time_s)
+    logger.info(
+        "loaded %s (%s, %d layers) in %.2f s",
+        loaded.name,
+        loaded.config.architecture,
+        loaded.config.num_layers,
+        loaded.load_time_s,
+    )
     return loaded
 
 
@@ -100,11 +105,23 @@ def _gguf_path(source: ModelSource) -> Path:
 def _load_gguf(path: Path, source: ModelSource, dtype: torch.dtype, name: str | None) -> LoadedModel:
     gguf, arch, cfg = gguf_loader.read_gguf(path)
     if source.tokenizer_location:
-        tokenizer = hf_loader.load_hf_tokenizer(_model_dir(source.tokenizer_location, None), source.chat_template)
+        tokenizer = hf_loader.load_hf_tokenizer(
+            _model_dir(source.tokenizer_location, None), source.chat_template
+        )
     else:
         tokenizer = gguf_loader.load_gguf_tokenizer(gguf, source.chat_template)
-    model = LlamaForCausalLM(cfg, gguf_loader.load_gguf_weights(gguf, arch, cfg, dtype), dtype)
+    try:
+        model = LlamaForCausalLM(cfg, gguf_loader.load_gguf_weights(gguf, arch, cfg, dtype), dtype)
+    except ModelLoadError as e:
+        _raise_naming(path, e)
     return LoadedModel(name or path.name, model, tokenizer, cfg)
+
+
+def _raise_naming(path: Path, e: ModelLoadError) -> NoReturn:
+    """Re-raise `e`, with `path` in front of its message unless it names the file already."""
+    if str(path) in str(e):
+        raise e
+    raise type(e)(f"{path}: {e}") from e
 
 
 def _model_dir(location: str, revision: str | None) -> Path:
@@ -121,5 +138,8 @@ def _load_hf(source: ModelSource, dtype: torch.dtype) -> LoadedModel:
     model_dir = _model_dir(source.location, source.revision)
     cfg = hf_loader.read_hf_config(model_dir)
     tokenizer = hf_loader.load_hf_tokenizer(model_dir, source.chat_template)
-    model = LlamaForCausalLM(cfg, hf_loader.load_safetensors(model_dir, dtype), dtype)
+    try:
+        model = LlamaForCausalLM(cfg, hf_loader.load_safetensors(model_dir, dtype), dtype)
+    except ModelLoadError as e:
+        _raise_naming(model_dir, e)
     return LoadedModel(source.location, model, tokenizer, cfg, hf_loader.generation_defaults(model_dir))

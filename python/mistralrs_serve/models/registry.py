@@ -67,8 +67,10 @@ def config_from_hf(cfg: Mapping[str, Any], arch: Architecture) -> ModelConfig:
     )
 
 
-def config_from_gguf(meta: Mapping[str, Any], arch: Architecture, has_output: bool) -> ModelConfig:
-    """ModelConfig from GGUF metadata; `has_output` is whether lm_head is stored."""
+def config_from_gguf(meta: Mapping[str, Any], arch: Architecture, has_output: bool,
+                     has_qkv_bias: bool = False) -> ModelConfig:
+    """ModelConfig from GGUF metadata; `has_output` is whether lm_head is stored,
+    `has_qkv_bias` whether q/k/v biases are (optional in llama.cpp's "llama")."""
     a = meta["general.architecture"]
 
     def get(key: str, default: Any = None) -> Any:
@@ -76,8 +78,11 @@ def config_from_gguf(meta: Mapping[str, Any], arch: Architecture, has_output: bo
 
     hidden, heads = int(get("embedding_length")), int(get("attention.head_count"))
     vocab = get("vocab_size") or len(meta.get("tokenizer.ggml.tokens", []))
-    scaling = {"rope_type": get("rope.scaling.type", "default"), "factor": get("rope.scaling.factor", 1.0),
-               "original_max_position_embeddings": get("rope.scaling.original_context_length", 8192)}
+    scaling = {
+        "rope_type": get("rope.scaling.type", "default"),
+        "factor": get("rope.scaling.factor", 1.0),
+        "original_max_position_embeddings": get("rope.scaling.original_context_length", 8192),
+    }
     if scaling["rope_type"] == "none":
         scaling["rope_type"] = "default"
     return ModelConfig(
@@ -94,6 +99,6 @@ def config_from_gguf(meta: Mapping[str, Any], arch: Architecture, has_output: bo
         rope_scaling=RopeScaling.from_dict(scaling),
         max_position_embeddings=int(get("context_length", 4096)),
         tie_word_embeddings=not has_output,
-        attention_bias=arch.attention_bias,
+        attention_bias=arch.attention_bias or has_qkv_bias,
         qk_norm=arch.qk_norm,
     )

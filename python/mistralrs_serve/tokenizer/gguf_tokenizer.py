@@ -14,20 +14,17 @@ needs no tokenizer.json next to it:
 - "bert": WordPiece. llama.cpp's converter stores word-initial pieces with a
   leading "▁" and continuation pieces bare; we turn them back into the
   "word" / "##piece" form that `tokenizers`' WordPiece expects.
-
-The tokenizer is assembled as tokenizer.json text: `Tokenizer.from_str` builds a
-150k-token vocabulary in a fraction of the time the Python constructors take.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard, cast
 
-from tokenizers import Tokenizer
+from tokenizers import AddedToken, Tokenizer, models
 
 from mistralrs_serve.errors import ModelLoadError, UnsupportedModelError
 from mistralrs_serve.tokenizer.special_tokens import END_OF_GENERATION_TEXTS, SpecialTokens
@@ -182,7 +179,7 @@ _UNSUPPORTED_PRE = frozenset({"kimi-k2", "afmoe", "superbpe", "gemma4", "sarvam-
 # --- End of generation (llama.cpp's EOG detection, by token text) ------------------------------------
 
 _LLAMA_CPP_EOG_TEXTS = frozenset(
-    {
+    [
         "<|eot_id|>",
         "<|im_end|>",
         "<|end|>",
@@ -205,7 +202,7 @@ _LLAMA_CPP_EOG_TEXTS = frozenset(
         "<|tool_response>",
         "<｜end▁of▁sentence｜>",
         "[e~[",
-    }
+    ]
 )
 # Fill-in-the-middle pad / repository / file-separator tokens also end generation
 # in llama.cpp; each is named by a key or, failing that, found by its text.
@@ -231,27 +228,23 @@ class _Vocab:
         return None if token_id is None else self.tokens[token_id]
 
     def token_id(self, key: str, default: int | None = None) -> int | None:
+        """The id a "tokenizer.ggml.<key>" names; llama.cpp ignores ids outside the vocabulary."""
         value = self.metadata.get(_KEY + key)
-        if value is None:
-            return default if default is not None and default < len(self.tokens) else None
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < len(self.tokens):
-            logger.warning(
-                "%s: ignoring %s%s = %r (vocabulary has %d tokens)",
-                self.source,
-                _KEY,
-                key,
-                value,
-                len(self.tokens),
-            )
-            return default
-        return value
+        if value is not None and not self._in_range(value):
+            logger.warning("%s: ignoring out-of-range %s%s = %r", self.source, _KEY, key, value)
+            value = None
+        value = default if value is None else value
+        return value if self._in_range(value) else None
+
+    def _in_range(self, value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(self.tokens)
 
     def flag(self, key: str, default: bool) -> bool:
         value = self.metadata.get(_KEY + key)
         return default if value is None else bool(value)
 
 
-def _is_string_array(value: Any) -> bool:
+def _is_string_array(value: Any) -> TypeGuard[list[str]]:
     # GGUF arrays hold one element type, so the first element speaks for all.
     return isinstance(value, list) and (not value or isinstance(value[0], str))
 
@@ -303,8 +296,8 @@ class _Specials:
 
 
 def _read_specials(vocab: _Vocab, model: str, add_bos_default: bool) -> _Specials:
-    # llama.cpp's per-model defaults, except GPT-2's BOS/EOS of 11 (a comma),
-    # which only ever served GGUFs too old to name their special tokens.
+    # llama.cpp's per-model defaults, except byte-level BPE's BOS/EOS of 11 (a comma
+    # in GPT-2's vocabulary): a GGUF that names neither gets none.
     bert = model == "bert"
     spm = model == "llama"
     bos = vocab.token_id("bos_token_id", 1 if spm else None)
@@ -340,7 +333,9 @@ def _end_of_generation_ids(vocab: _Vocab, eos: int | None) -> set[int]:
     texts = _LLAMA_CPP_EOG_TEXTS | set(END_OF_GENERATION_TEXTS)
     eog = {vocab.ids[t] for t in texts if t in vocab.ids}
     named = [eos, vocab.token_id("eot_token_id"), vocab.token_id("eom_token_id")]
-    named += [vocab.token_id(key) or _first_id(vocab, found) for key, found in _FIM_EOG.items()]
+    for key, texts_for_key in _FIM_EOG.items():
+        named_id = vocab.token_id(key)
+        named.append(_first_id(vocab, texts_for_key) if named_id is None else named_id)
     eog.update(i for i in named if i is not None)
     present = {vocab.tokens[i] for i in eog}
     # gpt-oss (harmony) ends turns with <|return|> / <|call|>; there <|end|> only
@@ -390,7 +385,7 @@ def _strip_flags(vocab: _Vocab, candidates: Iterable[int]) -> tuple[set[int], se
     return lstrip, rstrip
 
 
-def _added_tokens(vocab: _Vocab, eog: set[int]) -> list[_Json]:
+def _added_tokens(vocab: _Vocab, eog: set[int]) -> list[AddedToken]:
     """Control, unknown and user-defined tokens: text matched whole before the model runs.
 
     Control and unknown tokens are special (dropped by `skip_special_tokens`), and
@@ -405,15 +400,9 @@ def _added_tokens(vocab: _Vocab, eog: set[int]) -> list[_Json]:
     user -= special
     lstrip, rstrip = _strip_flags(vocab, special | user)
     return [
-        {
-            "id": i,
-            "content": vocab.tokens[i],
-            "single_word": False,
-            "lstrip": i in lstrip,
-            "rstrip": i in rstrip,
-            "normalized": False,
-            "special": i in special,
-        }
+        AddedToken(
+            vocab.tokens[i], lstrip=i in lstrip, rstrip=i in rstrip, normalized=False, special=i in special
+        )
         for i in sorted(special | user)
     ]
 
@@ -449,11 +438,11 @@ def _post_processor(vocab: _Vocab, first: int | None, last: int | None, pair_fir
 
 @dataclass(frozen=True)
 class _Pipeline:
-    model: _Json
+    """The text-processing stages around the vocabulary model, as tokenizer.json sections."""
+
     normalizer: _Json | None
     pre_tokenizer: _Json | None
     decoder: _Json
-    post_processor: _Json | None
 
 
 def _pre_tokenizer_for(vocab: _Vocab) -> _PreTokenizer:
@@ -465,9 +454,7 @@ def _pre_tokenizer_for(vocab: _Vocab) -> _PreTokenizer:
         raise UnsupportedModelError(f"{vocab.source}: pre-tokenizer {name!r} ({_KEY}pre) is not supported")
     pre = _PRE_TOKENIZERS.get(str(name))
     if pre is None:
-        logger.warning(
-            "%s: unknown pre-tokenizer %r (%spre); splitting words as GPT-2 does", vocab.source, name, _KEY
-        )
+        logger.warning("%s: unknown pre-tokenizer %r; splitting words as GPT-2 does", vocab.source, name)
         return _PRE_TOKENIZERS["gpt-2"]
     return pre
 
@@ -476,57 +463,44 @@ def _split(regex: str) -> _Json:
     return {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False}
 
 
-def _bpe_model(vocab: _Vocab, merges: Sequence[Any], **options: Any) -> _Json:
-    model = {
-        "type": "BPE",
-        "dropout": None,
-        "unk_token": None,
-        "continuing_subword_prefix": None,
-        "end_of_word_suffix": None,
-        "fuse_unk": False,
-        "byte_fallback": False,
-        "ignore_merges": False,
-        "vocab": vocab.ids,
-        "merges": merges,
-    }
-    model.update(options)
-    return model
-
-
-def _gpt2_merges(vocab: _Vocab) -> list[str]:
-    merges = vocab.metadata.get(_KEY + "merges")
-    if not _is_string_array(merges):
-        raise ModelLoadError(f"{vocab.source}: GGUF metadata has no {_KEY}merges string array")
-    return merges
-
-
-def _valid_merge_pairs(vocab: _Vocab, merges: list[str]) -> list[tuple[str, str]]:
-    """The merges `tokenizers` accepts: llama.cpp keeps any, but a merge whose parts
-    or result are not tokens can never produce a token, so dropping it changes nothing."""
-    pairs = []
-    for merge in merges:
-        cut = merge.find(" ", 1)  # a part may itself start with a space, as in llama.cpp's parser
-        left, right = (merge[:cut], merge[cut + 1 :]) if cut > 0 else (merge, "")
-        if left in vocab.ids and right in vocab.ids and left + right in vocab.ids:
-            pairs.append((left, right))
-    if len(pairs) < len(merges):
-        logger.warning(
-            "%s: dropped %d merges that do not join two tokens into a token",
-            vocab.source,
-            len(merges) - len(pairs),
-        )
-    return pairs
-
-
-def _gpt2_pipeline(vocab: _Vocab, pre: _PreTokenizer, merges: Sequence[Any]) -> _Pipeline:
+def _gpt2_pipeline(pre: _PreTokenizer) -> _Pipeline:
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
     return _Pipeline(
-        model=_bpe_model(vocab, merges, ignore_merges=pre.ignore_merges),
         normalizer=None,
         pre_tokenizer={"type": "Sequence", "pretokenizers": [*map(_split, pre.regexes), byte_level]},
         decoder={"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
-        post_processor=None,
     )
+
+
+def _gpt2_model(vocab: _Vocab, pre: _PreTokenizer) -> models.Model:
+    merges = vocab.metadata.get(_KEY + "merges")
+    if not _is_string_array(merges):
+        raise ModelLoadError(f"{vocab.source}: GGUF metadata has no {_KEY}merges string array")
+    try:
+        # Byte-level text has no spaces, so each merge is exactly "left right".
+        pairs = cast(list[tuple[str, str]], [tuple(m.split(" ", 1)) for m in merges])
+        return models.BPE(vocab.ids, pairs, ignore_merges=pre.ignore_merges)
+    except Exception:  # a malformed merge or one naming a non-token: rare, so only then check them all
+        return models.BPE(vocab.ids, _token_merges(vocab, merges), ignore_merges=pre.ignore_merges)
+
+
+def _token_merges(vocab: _Vocab, merges: list[str]) -> list[tuple[str, str]]:
+    """The merges `tokenizers` accepts. llama.cpp keeps the others, but a merge whose
+    parts or result are not tokens never yields a token, so dropping it changes nothing."""
+    ids = vocab.ids
+    kept = []
+    for merge in merges:
+        cut = merge.find(" ", 1)  # where llama.cpp's parser cuts
+        left, right = merge[:cut], merge[cut + 1 :]
+        if cut > 0 and left in ids and right in ids and left + right in ids:
+            kept.append((left, right))
+    logger.warning(
+        "%s: dropped %d of %d merges that do not join two tokens into a token",
+        vocab.source,
+        len(merges) - len(kept),
+        len(merges),
+    )
+    return kept
 
 
 def _spm_merges(vocab: _Vocab) -> list[tuple[str, str]]:
@@ -549,7 +523,7 @@ def _spm_merges(vocab: _Vocab) -> list[tuple[str, str]]:
     return [(vocab.tokens[m][:cut], vocab.tokens[m][cut:]) for _, m, _, cut in ranked]
 
 
-def _spm_pipeline(vocab: _Vocab, specials: _Specials) -> _Pipeline:
+def _spm_pipeline(vocab: _Vocab) -> _Pipeline:
     add_space_prefix = vocab.flag("add_space_prefix", True)
     # llama.cpp prefixes a space to every stretch of text between special tokens;
     # `tokenizers` normalizes each such stretch on its own, so Prepend does the same.
@@ -562,16 +536,16 @@ def _spm_pipeline(vocab: _Vocab, specials: _Specials) -> _Pipeline:
     ]
     if add_space_prefix:
         decoders.append({"type": "Strip", "content": " ", "start": 1, "stop": 0})
-    model = _bpe_model(
-        vocab, _spm_merges(vocab), unk_token=vocab.text(specials.unk), fuse_unk=True, byte_fallback=True
-    )
     return _Pipeline(
-        model=model,
         normalizer={"type": "Sequence", "normalizers": normalizers},
         pre_tokenizer=None,
         decoder={"type": "Sequence", "decoders": decoders},
-        post_processor=None,
     )
+
+
+def _spm_model(vocab: _Vocab, specials: _Specials) -> models.Model:
+    unk = vocab.text(specials.unk)
+    return models.BPE(vocab.ids, _spm_merges(vocab), unk_token=unk, fuse_unk=True, byte_fallback=True)
 
 
 def _wordpiece_vocab(vocab: _Vocab) -> dict[str, int]:
@@ -588,18 +562,8 @@ def _wordpiece_vocab(vocab: _Vocab) -> dict[str, int]:
     return out
 
 
-def _bert_pipeline(vocab: _Vocab, specials: _Specials) -> _Pipeline:
-    if specials.unk is None:
-        raise ModelLoadError(f"{vocab.source}: WordPiece vocabulary has no unknown token")
+def _bert_pipeline(vocab: _Vocab) -> _Pipeline:
     lowercase = vocab.flag("normalizer.lowercase", True)
-    model = {
-        "type": "WordPiece",
-        "unk_token": vocab.tokens[specials.unk],
-        "continuing_subword_prefix": "##",
-        # Hugging Face's limit (llama.cpp has none): words this long become [UNK].
-        "max_input_chars_per_word": 100,
-        "vocab": _wordpiece_vocab(vocab),
-    }
     normalizer = {
         "type": "BertNormalizer",
         "clean_text": True,
@@ -608,49 +572,65 @@ def _bert_pipeline(vocab: _Vocab, specials: _Specials) -> _Pipeline:
         "lowercase": lowercase,
     }
     return _Pipeline(
-        model=model,
         normalizer=normalizer,
         pre_tokenizer={"type": "BertPreTokenizer"},
         decoder={"type": "WordPiece", "prefix": "##", "cleanup": True},
-        post_processor=None,
+    )
+
+
+def _wordpiece_model(vocab: _Vocab, specials: _Specials) -> models.Model:
+    if specials.unk is None:
+        raise ModelLoadError(f"{vocab.source}: WordPiece vocabulary has no unknown token")
+    # 100 is Hugging Face's limit (llama.cpp has none): longer words become the unknown token.
+    return models.WordPiece(
+        _wordpiece_vocab(vocab),
+        unk_token=vocab.tokens[specials.unk],
+        max_input_chars_per_word=100,
+        continuing_subword_prefix="##",
     )
 
 
 # --- Assembly -----------------------------------------------------------------------------------------
 
 
-def _tokenizer_json(pipeline: _Pipeline, added: list[_Json], post_processor: _Json | None) -> str:
-    return json.dumps(
-        {
-            "version": "1.0",
-            "truncation": None,
-            "padding": None,
-            "added_tokens": added,
-            "normalizer": pipeline.normalizer,
-            "pre_tokenizer": pipeline.pre_tokenizer,
-            "post_processor": post_processor,
-            "decoder": pipeline.decoder,
-            "model": pipeline.model,
-        },
-        ensure_ascii=False,
-    )
+def _shell(pipeline: _Pipeline, post_processor: _Json | None) -> Tokenizer:
+    """A tokenizer with every stage but the vocabulary.
+
+    The stages come from tokenizer.json text because TemplateProcessing's Python
+    form parses "token:type_id" strings and so cannot name a token containing ":".
+    The vocabulary does not: the Python model constructors take about half the
+    time of serializing it to JSON and parsing it back.
+    """
+    document: _Json = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [],
+        "normalizer": pipeline.normalizer,
+        "pre_tokenizer": pipeline.pre_tokenizer,
+        "post_processor": post_processor,
+        "decoder": pipeline.decoder,
+        "model": {"type": "BPE", "vocab": {}, "merges": []},
+    }
+    return Tokenizer.from_str(json.dumps(document))
 
 
-def _build(vocab: _Vocab, pipeline: _Pipeline, added: list[_Json], post: _Json | None) -> Tokenizer:
+def _assemble(
+    vocab: _Vocab,
+    build_model: Callable[[], models.Model],
+    pipeline: _Pipeline,
+    added: list[AddedToken],
+    post_processor: _Json | None,
+) -> Tokenizer:
     try:
-        return Tokenizer.from_str(_tokenizer_json(pipeline, added, post))
+        tokenizer = _shell(pipeline, post_processor)
+        tokenizer.model = build_model()
+        tokenizer.add_tokens(added)  # each is a vocabulary token, so keeps its id
+    except ModelLoadError:
+        raise
     except Exception as e:  # tokenizers raises a bare Exception for every kind of bad input
         raise ModelLoadError(f"{vocab.source}: cannot build the tokenizer from GGUF metadata ({e})") from e
-
-
-def _gpt2_tokenizer(vocab: _Vocab, pre: _PreTokenizer, added: list[_Json], post: _Json | None) -> Tokenizer:
-    merges = _gpt2_merges(vocab)
-    try:
-        # Fast path: `tokenizers` parses the "left right" strings itself.
-        return Tokenizer.from_str(_tokenizer_json(_gpt2_pipeline(vocab, pre, merges), added, post))
-    except Exception:
-        pipeline = _gpt2_pipeline(vocab, pre, _valid_merge_pairs(vocab, merges))
-        return _build(vocab, pipeline, added, post)
+    return tokenizer
 
 
 def tokenizer_from_gguf(metadata: Mapping[str, Any], source: str) -> tuple[Tokenizer, SpecialTokens]:
@@ -670,23 +650,19 @@ def tokenizer_from_gguf(metadata: Mapping[str, Any], source: str) -> tuple[Token
     specials = _read_specials(vocab, model, add_bos_default=pre is not None and pre.add_bos)
     eog = _end_of_generation_ids(vocab, specials.eos)
     added = _added_tokens(vocab, eog)
+    first = specials.bos if specials.add_bos else None
     if model == "bert":
-        post = _post_processor(
-            vocab,
-            specials.bos if specials.add_bos else None,
-            specials.sep if specials.add_sep else None,
-            pair_first=False,
+        last = specials.sep if specials.add_sep else None
+        post = _post_processor(vocab, first, last, pair_first=False)
+        tokenizer = _assemble(
+            vocab, lambda: _wordpiece_model(vocab, specials), _bert_pipeline(vocab), added, post
         )
-        tokenizer = _build(vocab, _bert_pipeline(vocab, specials), added, post)
     else:
-        post = _post_processor(
-            vocab,
-            specials.bos if specials.add_bos else None,
-            specials.eos if specials.add_eos else None,
-            pair_first=True,
-        )
+        post = _post_processor(vocab, first, specials.eos if specials.add_eos else None, pair_first=True)
         if pre is not None:
-            tokenizer = _gpt2_tokenizer(vocab, pre, added, post)
+            tokenizer = _assemble(vocab, lambda: _gpt2_model(vocab, pre), _gpt2_pipeline(pre), added, post)
         else:
-            tokenizer = _build(vocab, _spm_pipeline(vocab, specials), added, post)
+            tokenizer = _assemble(
+                vocab, lambda: _spm_model(vocab, specials), _spm_pipeline(vocab), added, post
+            )
     return tokenizer, _special_tokens(vocab, specials, eog)

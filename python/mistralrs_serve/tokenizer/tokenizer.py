@@ -13,8 +13,9 @@ from mistralrs_serve.tokenizer.special_tokens import END_OF_GENERATION_TEXTS, Sp
 
 
 class Tokenizer:
-    def __init__(self, backend: tokenizers.Tokenizer, special: SpecialTokens,
-                 chat_template: ChatTemplate | None) -> None:
+    def __init__(
+        self, backend: tokenizers.Tokenizer, special: SpecialTokens, chat_template: ChatTemplate | None
+    ) -> None:
         self.backend = backend
         self.special = special
         self.chat_template = chat_template
@@ -35,7 +36,9 @@ class Tokenizer:
         vocab = self.vocab_size
         bad = [i for i in ids if not 0 <= i < vocab]
         if bad:
-            raise InvalidRequestError(f"token ids {bad[:5]} are outside the vocabulary (size {vocab})", "tokens")
+            raise InvalidRequestError(
+                f"token ids {bad[:5]} are outside the vocabulary (size {vocab})", "tokens"
+            )
         return str(self.backend.decode(ids, skip_special_tokens=skip_special_tokens))
 
     def token_text(self, token_id: int) -> str:
@@ -45,16 +48,27 @@ class Tokenizer:
     def token_bytes(self, token_id: int) -> bytes:
         return token_bytes(self.backend, token_id)
 
-    def render_chat(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
-                    tools: list[dict[str, Any]] | None = None, enable_thinking: bool | None = None,
-                    **extra: Any) -> str:
+    def render_chat(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+        enable_thinking: bool | None = None,
+        **extra: Any,
+    ) -> str:
         if self.chat_template is None:
             raise InvalidRequestError(
                 "this model has no chat template; pass one with --chat-template or use /v1/completions",
                 "messages",
             )
-        return self.chat_template.render(messages, add_generation_prompt=add_generation_prompt, tools=tools,
-                                         enable_thinking=enable_thinking, **extra)
+        return self.chat_template.render(
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            tools=tools,
+            enable_thinking=enable_thinking,
+            **extra,
+        )
 
     def encode_chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> list[int]:
         # The template writes BOS itself where the model wants one, so the
@@ -72,8 +86,9 @@ def end_of_generation_ids(backend: tokenizers.Tokenizer, *known: int | None) -> 
     return frozenset(ids)
 
 
-def special_tokens_from_hf(backend: tokenizers.Tokenizer, tokenizer_config: Mapping[str, Any],
-                           eos_ids: Iterable[int]) -> SpecialTokens:
+def special_tokens_from_hf(
+    backend: tokenizers.Tokenizer, tokenizer_config: Mapping[str, Any], eos_ids: Iterable[int]
+) -> SpecialTokens:
     """SpecialTokens from tokenizer_config.json plus EOS ids from config/generation_config."""
 
     def token(key: str) -> str | None:
@@ -84,8 +99,12 @@ def special_tokens_from_hf(backend: tokenizers.Tokenizer, tokenizer_config: Mapp
     bos_id = backend.token_to_id(bos) if bos else None
     eos_id = backend.token_to_id(eos) if eos else None
     return SpecialTokens(
-        bos_token=bos, eos_token=eos, unk_token=token("unk_token"), pad_token=token("pad_token"),
-        bos_token_id=bos_id, eos_token_id=eos_id,
+        bos_token=bos,
+        eos_token=eos,
+        unk_token=token("unk_token"),
+        pad_token=token("pad_token"),
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
         eos_token_ids=end_of_generation_ids(backend, eos_id, *eos_ids),
         add_bos_token=bool(tokenizer_config.get("add_bos_token", False)),
         add_eos_token=bool(tokenizer_config.get("add_eos_token", False)),

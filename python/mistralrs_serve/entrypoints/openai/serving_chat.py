@@ -29,20 +29,26 @@ class ChatServing:
         common.log_unknown_fields(req)
         common.reject_unsupported(req, (*common.NOT_YET_SUPPORTED, "tools", "response_format"))
         params = self.sampling_params(req)
-        prompt_ids = common.fit_prompt(self.engine, self.prompt_ids(req), params,
-                                       truncate=req.truncate_sequence, param="messages")
+        prompt_ids = common.fit_prompt(
+            self.engine, self.prompt_ids(req), params, truncate=req.truncate_sequence, param="messages"
+        )
         outputs = common.run_choices(self.engine, prompt_ids, params, "messages")
         choices = [self._choice(o, req.logprobs) for o in outputs]
-        return ChatCompletionResponse(model=self.model_name, choices=choices,
-                                      usage=common.usage(prompt_ids, outputs))
+        return ChatCompletionResponse(
+            model=self.model_name, choices=choices, usage=common.usage(prompt_ids, outputs)
+        )
 
     def sampling_params(self, req: ChatCompletionRequest) -> Any:
         if req.top_logprobs is not None and not req.logprobs:
             raise InvalidRequestError("top_logprobs requires logprobs to be true", "top_logprobs")
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        return common.sampling_params(req, max_tokens=max_tokens, logprobs=req.logprobs,
-                                      top_logprobs=req.top_logprobs or 0,
-                                      defaults=self.engine.loaded.generation_defaults)
+        return common.sampling_params(
+            req,
+            max_tokens=max_tokens,
+            logprobs=req.logprobs,
+            top_logprobs=req.top_logprobs or 0,
+            defaults=self.engine.loaded.generation_defaults,
+        )
 
     def prompt_ids(self, req: ChatCompletionRequest) -> list[int]:
         tokenizer = self.engine.tokenizer
@@ -59,8 +65,12 @@ class ChatServing:
         logprobs = None
         if want_logprobs:
             logprobs = ChoiceLogprobs(content=[common.chat_logprob(self.engine, lp) for lp in out.logprobs])
-        return ChatChoice(index=out.index, message=ChatMessage(content=out.text), logprobs=logprobs,
-                          finish_reason=out.finish_reason or "stop")
+        return ChatChoice(
+            index=out.index,
+            message=ChatMessage(content=out.text),
+            logprobs=logprobs,
+            finish_reason=out.finish_reason or "stop",
+        )
 
 
 def _check_message(index: int, message: Any) -> dict[str, Any]:
@@ -69,7 +79,9 @@ def _check_message(index: int, message: Any) -> dict[str, Any]:
         raise InvalidRequestError(f"{where} must be an object", where)
     role = message.get("role")
     if role not in ROLES:
-        raise InvalidRequestError(f"{where}.role must be one of {', '.join(ROLES)}; got {role!r}", f"{where}.role")
+        raise InvalidRequestError(
+            f"{where}.role must be one of {', '.join(ROLES)}; got {role!r}", f"{where}.role"
+        )
     content = message.get("content")
     if isinstance(content, list):
         for j, part in enumerate(content):

@@ -35,8 +35,14 @@ def reject_unsupported(req: SamplingFields, fields: tuple[str, ...]) -> None:
             raise InvalidRequestError(f"'{name}' is not supported by this server yet", name)
 
 
-def sampling_params(req: SamplingFields, *, max_tokens: int | None, logprobs: bool, top_logprobs: int,
-                    defaults: dict[str, Any]) -> SamplingParams:
+def sampling_params(
+    req: SamplingFields,
+    *,
+    max_tokens: int | None,
+    logprobs: bool,
+    top_logprobs: int,
+    defaults: dict[str, Any],
+) -> SamplingParams:
     """Validated SamplingParams; unset fields fall back to the model's generation_config."""
 
     def pick(name: str, fallback: Any) -> Any:
@@ -67,8 +73,9 @@ def sampling_params(req: SamplingFields, *, max_tokens: int | None, logprobs: bo
     )
 
 
-def fit_prompt(engine: LLMEngine, prompt_ids: list[int], params: SamplingParams, *, truncate: bool,
-               param: str) -> list[int]:
+def fit_prompt(
+    engine: LLMEngine, prompt_ids: list[int], params: SamplingParams, *, truncate: bool, param: str
+) -> list[int]:
     """Keep the prompt's last tokens when asked to truncate; else the engine rejects long prompts."""
     room_for_output = params.max_tokens or 1
     limit = engine.max_model_len - room_for_output
@@ -76,20 +83,24 @@ def fit_prompt(engine: LLMEngine, prompt_ids: list[int], params: SamplingParams,
         if limit < 1:
             raise InvalidRequestError(
                 f"max_tokens ({room_for_output}) leaves no room for the prompt in this model's context "
-                f"of {engine.max_model_len} tokens", "max_tokens")
+                f"of {engine.max_model_len} tokens",
+                "max_tokens",
+            )
         return prompt_ids[-limit:]
     return prompt_ids
 
 
-def run_choices(engine: LLMEngine, prompt_ids: list[int], params: SamplingParams,
-                param: str) -> list[CompletionOutput]:
+def run_choices(
+    engine: LLMEngine, prompt_ids: list[int], params: SamplingParams, param: str
+) -> list[CompletionOutput]:
     return [engine.generate(prompt_ids, params, i, param) for i in range(params.n)]
 
 
 def usage(prompt_ids: list[int], outputs: list[CompletionOutput]) -> Usage:
     completion = sum(len(o.token_ids) for o in outputs)
-    return Usage(prompt_tokens=len(prompt_ids), completion_tokens=completion,
-                 total_tokens=len(prompt_ids) + completion)
+    return Usage(
+        prompt_tokens=len(prompt_ids), completion_tokens=completion, total_tokens=len(prompt_ids) + completion
+    )
 
 
 def chat_logprob(engine: LLMEngine, lp: EngineLogprob) -> TokenLogprob:
@@ -98,5 +109,9 @@ def chat_logprob(engine: LLMEngine, lp: EngineLogprob) -> TokenLogprob:
         return TopLogprob(token=raw.decode("utf-8", errors="replace"), logprob=logprob, bytes=list(raw))
 
     chosen = top(lp.token_id, lp.logprob)
-    return TokenLogprob(token=chosen.token, logprob=chosen.logprob, bytes=chosen.bytes,
-                        top_logprobs=[top(i, v) for i, v in lp.top])
+    return TokenLogprob(
+        token=chosen.token,
+        logprob=chosen.logprob,
+        bytes=chosen.bytes,
+        top_logprobs=[top(i, v) for i, v in lp.top],
+    )

@@ -24,27 +24,39 @@ class CompletionServing:
         common.log_unknown_fields(req)
         common.reject_unsupported(req, common.NOT_YET_SUPPORTED)
         if req.suffix:
-            raise InvalidRequestError("suffix is not supported: this model has no fill-in-the-middle mode", "suffix")
+            raise InvalidRequestError(
+                "suffix is not supported: this model has no fill-in-the-middle mode", "suffix"
+            )
         if req.best_of is not None and req.best_of != req.n:
             raise InvalidRequestError("best_of must equal n (ranking candidates is not supported)", "best_of")
         if req.logprobs is not None and not 0 <= req.logprobs <= MAX_TOP_LOGPROBS:
             raise InvalidRequestError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}]", "logprobs")
-        params = common.sampling_params(req, max_tokens=req.max_tokens, logprobs=req.logprobs is not None,
-                                        top_logprobs=req.logprobs or 0,
-                                        defaults=self.engine.loaded.generation_defaults)
+        params = common.sampling_params(
+            req,
+            max_tokens=req.max_tokens,
+            logprobs=req.logprobs is not None,
+            top_logprobs=req.logprobs or 0,
+            defaults=self.engine.loaded.generation_defaults,
+        )
         choices: list[CompletionChoice] = []
         prompt_tokens = completion_tokens = 0
         for prompt_index, prompt_ids in enumerate(self.prompts(req)):
-            prompt_ids = common.fit_prompt(self.engine, prompt_ids, params, truncate=req.truncate_sequence,
-                                           param="prompt")
+            prompt_ids = common.fit_prompt(
+                self.engine, prompt_ids, params, truncate=req.truncate_sequence, param="prompt"
+            )
             outputs = common.run_choices(self.engine, prompt_ids, params, "prompt")
             prompt_tokens += len(prompt_ids)
             completion_tokens += sum(len(o.token_ids) for o in outputs)
             prefix = self.engine.tokenizer.decode(prompt_ids) if req.echo else ""
-            choices += [self._choice(prompt_index * params.n + o.index, prefix, o, req.logprobs is not None)
-                        for o in outputs]
-        usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                      total_tokens=prompt_tokens + completion_tokens)
+            choices += [
+                self._choice(prompt_index * params.n + o.index, prefix, o, req.logprobs is not None)
+                for o in outputs
+            ]
+        usage = Usage(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        )
         return CompletionResponse(model=self.model_name, choices=choices, usage=usage)
 
     def prompts(self, req: CompletionRequest) -> list[list[int]]:
@@ -66,10 +78,16 @@ class CompletionServing:
             raise InvalidRequestError(f"prompt token ids must be non-empty and in [0, {vocab})", "prompt")
         return ids
 
-    def _choice(self, index: int, prefix: str, out: CompletionOutput, want_logprobs: bool) -> CompletionChoice:
+    def _choice(
+        self, index: int, prefix: str, out: CompletionOutput, want_logprobs: bool
+    ) -> CompletionChoice:
         logprobs = self._logprobs(out, len(prefix)) if want_logprobs else None
-        return CompletionChoice(index=index, text=prefix + out.text, logprobs=logprobs,
-                                finish_reason="length" if out.finish_reason == "length" else "stop")
+        return CompletionChoice(
+            index=index,
+            text=prefix + out.text,
+            logprobs=logprobs,
+            finish_reason="length" if out.finish_reason == "length" else "stop",
+        )
 
     def _logprobs(self, out: CompletionOutput, offset: int) -> CompletionLogprobs:
         tok = self.engine.tokenizer
@@ -78,7 +96,13 @@ class CompletionServing:
         for t in tokens:
             offsets.append(offset)
             offset += len(t)
-        top = [{tok.token_bytes(i).decode("utf-8", errors="replace"): v for i, v in lp.top} or None
-               for lp in out.logprobs]
-        return CompletionLogprobs(tokens=tokens, token_logprobs=[lp.logprob for lp in out.logprobs],
-                                  top_logprobs=top, text_offset=offsets)
+        top = [
+            {tok.token_bytes(i).decode("utf-8", errors="replace"): v for i, v in lp.top} or None
+            for lp in out.logprobs
+        ]
+        return CompletionLogprobs(
+            tokens=tokens,
+            token_logprobs=[lp.logprob for lp in out.logprobs],
+            top_logprobs=top,
+            text_offset=offsets,
+        )

@@ -1,0 +1,149 @@
+"""The in-process SDK on the default model, as a user would call it."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from mistralrs_serve import ChatCompletionRequest, CompletionRequest, InvalidRequestError
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def chat(runner, **kwargs):  # type: ignore[no-untyped-def]
+    fields = {"model": "default", "messages": QUESTION, "max_tokens": 24, "temperature": 0.0, **kwargs}
+    return runner.send_chat_completion_request(ChatCompletionRequest(**fields))
+
+
+def test_greedy_chat_answers_and_counts_tokens(default_runner) -> None:  # type: ignore[no-untyped-def]
+    res = chat(default_runner)
+    choice = res.choices[0]
+    assert "Paris" in choice.message.content
+    assert choice.finish_reason in ("stop", "length")
+    assert res.usage.total_tokens == res.usage.prompt_tokens + res.usage.completion_tokens
+    assert res.object == "chat.completion" and res.id.startswith("chatcmpl-")
+
+
+def test_greedy_is_repeatable_bit_for_bit(default_runner) -> None:  # type: ignore[no-untyped-def]
+    assert chat(default_runner).choices[0].message.content == chat(default_runner).choices[0].message.content
+
+
+def test_seed_makes_sampling_reproducible(default_runner) -> None:  # type: ignore[no-untyped-def]
+    runs = [
+        chat(default_runner, temperature=1.0, seed=s, max_tokens=16).choices[0].message.content
+        for s in (7, 7, 8)
+    ]
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]
+
+
+def test_max_tokens_gives_length(default_runner) -> None:  # type: ignore[no-untyped-def]
+    res = chat(default_runner, max_tokens=3)
+    assert res.choices[0].finish_reason == "length"
+    assert res.usage.completion_tokens == 3
+
+
+def test_stop_string_cuts_the_text(default_runner) -> None:  # type: ignore[no-untyped-def]
+    full = chat(default_runner).choices[0].message.content
+    word = full.split()[2]
+    res = chat(default_runner, stop=[word])
+    assert res.choices[0].finish_reason == "stop"
+    assert word not in res.choices[0].message.content
+    assert full.startswith(res.choices[0].message.content)
+
+
+def test_logprobs_shape_and_values(default_runner) -> None:  # type: ignore[no-untyped-def]
+    res = chat(default_runner, logprobs=True, top_logprobs=3, max_tokens=5)
+    content = res.choices[0].logprobs.content
+    assert len(content) == 5
+    for entry in content:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
+        # greedy: the chosen token is the most likely one
+        assert entry.token == entry.top_logprobs[0].token
+        assert math.isclose(entry.logprob, entry.top_logprobs[0].logprob)
+        assert bytes(entry.bytes).decode("utf-8", errors="replace") == entry.token
+
+
+def test_n_choices_have_indices(default_runner) -> None:  # type: ignore[no-untyped-def]
+    res = chat(default_runner, n=2, temperature=0.8, seed=3, max_tokens=8)
+    assert [c.index for c in res.choices] == [0, 1]
+    assert res.usage.completion_tokens == sum(1 for _ in range(2)) * 8 or res.usage.completion_tokens <= 16
+
+
+def test_mistralrs_names_are_accepted(default_runner) -> None:  # type: ignore[no-untyped-def]
+    req = ChatCompletionRequest(
+        model="default", messages=QUESTION, max_tokens=4, temperature=0.0, n_choices=2, stop_seqs=["zzz"]
+    )
+    assert req.n == 2 and req.stop == ["zzz"]
+
+
+def test_tokenize_roundtrip(default_runner) -> None:  # type: ignore[no-untyped-def]
+    ids = default_runner.tokenize_text("hello world", add_special_tokens=False)
+    assert ids and all(isinstance(i, int) for i in ids)
+    assert default_runner.detokenize_text(ids, skip_special_tokens=True) == "hello world"
+    im_end = default_runner.tokenize_text("<|im_end|>", add_special_tokens=False)
+    assert len(im_end) == 1
+    assert default_runner.detokenize_text(ids + im_end, skip_special_tokens=True) == "hello world"
+
+
+def test_legacy_completion(default_runner) -> None:  # type: ignore[no-untyped-def]
+    req = CompletionRequest(
+        model="default",
+        prompt="The capital of France is",
+        max_tokens=4,
+        temperature=0.0,
+        echo=True,
+        logprobs=2,
+    )
+    res = default_runner.send_completion_request(req)
+    text = res.choices[0].text
+    assert text.startswith("The capital of France is") and len(text) > len("The capital of France is")
+    assert len(res.choices[0].logprobs.tokens) == 4
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
+        ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+            "messages[0].content[0]",
+        ),
+        ({"temperature": -1.0}, "temperature"),
+        ({"temperature": 2.5}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"n": 0}, "n"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"top_logprobs": 3}, "top_logprobs"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"logit_bias": {10**9: 1.0}}, "logit_bias"),
+        ({"logit_bias": {1: 500.0}}, "logit_bias"),
+        ({"stop": [""]}, "stop"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"grammar": {"type": "regex", "value": "a+"}}, "grammar"),
+    ],
+)
+def test_bad_input_names_the_field(default_runner, fields, param) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(InvalidRequestError) as info:
+        chat(default_runner, **fields)
+    assert info.value.param == param
+    # the runner still serves afterwards
+    assert chat(default_runner, max_tokens=2).usage.completion_tokens == 2
+
+
+def test_prompt_longer_than_context_is_rejected_or_truncated(default_runner, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(default_runner.engine, "max_model_len", 300)
+    long_text = "hello " * 400
+    with pytest.raises(InvalidRequestError) as info:
+        chat(default_runner, messages=[{"role": "user", "content": long_text}], max_tokens=2)
+    assert info.value.param == "messages"
+    res = chat(
+        default_runner,
+        messages=[{"role": "user", "content": long_text}],
+        max_tokens=2,
+        truncate_sequence=True,
+    )
+    assert res.usage.prompt_tokens == default_runner.engine.max_model_len - 2
