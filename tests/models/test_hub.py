@@ -81,7 +81,9 @@ class FakeHub:
                     self.wfile.write(data)
 
             def _json(self, value: Any, body: bool, status: int = 200, **headers: str) -> None:
-                self._send(status, json.dumps(value).encode(), {"Content-Type": "application/json", **headers}, body)
+                self._send(
+                    status, json.dumps(value).encode(), {"Content-Type": "application/json", **headers}, body
+                )
 
             def _not_found(self, body: bool, code: str) -> None:
                 self._json({"error": f"{code}: {self.path}"}, body, 404, **{"X-Error-Code": code})
@@ -96,10 +98,19 @@ class FakeHub:
                     files = fake.files(repo)
                     if action == "revision":
                         siblings = [{"rfilename": name} for name in files]
-                        return self._json({"id": repo, "sha": COMMIT, "siblings": siblings, "private": False}, body)
+                        return self._json(
+                            {"id": repo, "sha": COMMIT, "siblings": siblings, "private": False}, body
+                        )
                     if action == "tree":
-                        tree = [{"type": "file", "path": name, "size": p.stat().st_size,
-                                 "oid": _git_blob_sha1(p.read_bytes())} for name, p in files.items()]  # fmt: skip
+                        tree = [
+                            {
+                                "type": "file",
+                                "path": name,
+                                "size": p.stat().st_size,
+                                "oid": _git_blob_sha1(p.read_bytes()),
+                            }
+                            for name, p in files.items()
+                        ]
                         return self._json(tree, body)
                 if len(parts) >= 5 and parts[2] == "resolve":
                     repo, filename = "/".join(parts[:2]), "/".join(parts[4:])
@@ -109,8 +120,11 @@ class FakeHub:
                     if path is None:
                         return self._not_found(body, "EntryNotFound")
                     data = path.read_bytes()
-                    headers = {"ETag": f'"{_git_blob_sha1(data)}"', "X-Repo-Commit": COMMIT,
-                               "Content-Type": "application/octet-stream"}  # fmt: skip
+                    headers = {
+                        "ETag": f'"{_git_blob_sha1(data)}"',
+                        "X-Repo-Commit": COMMIT,
+                        "Content-Type": "application/octet-stream",
+                    }
                     return self._send(200, data, headers, body)
                 return self._not_found(body, "RepoNotFound")
 
@@ -148,7 +162,9 @@ def fake_hub(server: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.setattr(constants, "ENDPOINT", server.url)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(
+        constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}"
+    )
     monkeypatch.setattr(constants, "HF_HOME", str(home))
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
@@ -182,8 +198,13 @@ def test_hub_model_downloads_and_matches_local_dir(
     assert torch.equal(_logits(loaded), local_logits)
     assert loaded.tokenizer.render_chat([{"role": "user", "content": "hi"}]).startswith("<|im_start|>user")
     fetched = {r.split("/resolve/")[1].split("/", 1)[1] for r in fake_hub.requests if "/resolve/" in r}
-    assert fetched == {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-                       "tokenizer_config.json"}  # fmt: skip
+    assert fetched == {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    }
     snapshot = tmp_path / "hf_home" / "hub" / "models--tiny-org--tiny-llama" / "snapshots" / COMMIT
     assert (snapshot / "model.safetensors").is_file()
 
@@ -216,7 +237,7 @@ def test_gguf_file_from_a_hub_repo(fake_hub: FakeHub, local_logits: torch.Tensor
     loaded = load_model(ModelSource("gguf", GGUF_REPO, filename="tiny.gguf"), dtype=torch.float32)
     assert loaded.name == "tiny.gguf"
     torch.testing.assert_close(_logits(loaded), local_logits, rtol=0, atol=1e-4)
-    with pytest.raises(ModelLoadError, match="missing.gguf"):
+    with pytest.raises(ModelLoadError, match=r"missing\.gguf"):
         load_model(ModelSource("gguf", GGUF_REPO, filename="missing.gguf"), dtype=torch.float32)
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 import tiny_models as tm
+import torch
 from mistralrs_serve.models.loader import LoadedModel, ModelSource, load_model
 
 FP32_ATOL = 1e-4
@@ -140,8 +140,9 @@ def test_llama3_rope_scaling_is_applied(references: dict[str, Reference]) -> Non
 
     cfg = loaded.config
     model: Any = load_model(ModelSource.parse(str(ref.directory)), dtype=torch.float32).model
-    model.rotary = RotaryTable(cfg.head_dim, cfg.rope_theta, RopeScaling(), cfg.max_position_embeddings,
-                               torch.float32)
+    model.rotary = RotaryTable(
+        cfg.head_dim, cfg.rope_theta, RopeScaling(), cfg.max_position_embeddings, torch.float32
+    )
     unscaled = tm.run_ours(model, ref.ids)
     assert (unscaled - ref.logits).abs().max().item() > 100 * FP32_ATOL
 

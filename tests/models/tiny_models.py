@@ -43,7 +43,9 @@ def build_tokenizer() -> tokenizers.Tokenizer:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=BPE_VOCAB_SIZE, special_tokens=SPECIAL_TOKENS, show_progress=False,
+        vocab_size=BPE_VOCAB_SIZE,
+        special_tokens=SPECIAL_TOKENS,
+        show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(_CORPUS, trainer)
@@ -66,19 +68,30 @@ class TinySpec:
 LLAMA3_ROPE = {
     # original_max_position_embeddings is small so that, with head_dim 16, some frequencies are
     # scaled, some kept and some blended inside the 64-token test prompts.
-    "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
     "original_max_position_embeddings": 64,
 }
 
-SPECS: dict[str, TinySpec] = {s.name: s for s in (
-    TinySpec("llama", "llama"),
-    TinySpec("llama-tied-llama3", "llama", num_layers=3, tie_word_embeddings=True,
-             rope_parameters=dict(LLAMA3_ROPE)),
-    TinySpec("llama-bias", "llama", attention_bias=True),
-    TinySpec("qwen2", "qwen2", tie_word_embeddings=True),
-    TinySpec("qwen2-untied", "qwen2"),
-    TinySpec("qwen3", "qwen3", head_dim=32),
-)}
+SPECS: dict[str, TinySpec] = {
+    s.name: s
+    for s in (
+        TinySpec("llama", "llama"),
+        TinySpec(
+            "llama-tied-llama3",
+            "llama",
+            num_layers=3,
+            tie_word_embeddings=True,
+            rope_parameters=dict(LLAMA3_ROPE),
+        ),
+        TinySpec("llama-bias", "llama", attention_bias=True),
+        TinySpec("qwen2", "qwen2", tie_word_embeddings=True),
+        TinySpec("qwen2-untied", "qwen2"),
+        TinySpec("qwen3", "qwen3", head_dim=32),
+    )
+}
 
 HIDDEN, INTERMEDIATE, HEADS, KV_HEADS = 64, 128, 4, 2
 ROPE_THETA = 10000.0
@@ -90,14 +103,24 @@ def make_config(spec: TinySpec, vocab_size: int) -> Any:
     import transformers
 
     config_cls = {
-        "llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
+        "llama": transformers.LlamaConfig,
+        "qwen2": transformers.Qwen2Config,
+        "qwen3": transformers.Qwen3Config,
     }[spec.architecture]
     kwargs: dict[str, Any] = dict(
-        vocab_size=vocab_size, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
-        num_hidden_layers=spec.num_layers, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
-        max_position_embeddings=MAX_POSITIONS, rms_norm_eps=1e-5, tie_word_embeddings=spec.tie_word_embeddings,
+        vocab_size=vocab_size,
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        max_position_embeddings=MAX_POSITIONS,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=spec.tie_word_embeddings,
         rope_parameters={"rope_theta": ROPE_THETA, **spec.rope_parameters},
-        bos_token_id=None, eos_token_id=vocab_size - 1, pad_token_id=None,
+        bos_token_id=None,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=None,
     )
     if spec.architecture == "llama":
         kwargs["attention_bias"] = spec.attention_bias
@@ -113,7 +136,8 @@ def make_hf_model(spec: TinySpec, vocab_size: int, seed: int = 0) -> Any:
     import transformers
 
     model_cls = {
-        "llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
+        "llama": transformers.LlamaForCausalLM,
+        "qwen2": transformers.Qwen2ForCausalLM,
         "qwen3": transformers.Qwen3ForCausalLM,
     }[spec.architecture]
     torch.manual_seed(seed)
@@ -143,9 +167,14 @@ def save_tiny_model(spec: TinySpec, directory: Path, seed: int = 0) -> Path:
     model.save_pretrained(directory, safe_serialization=True)
     tok.save(str(directory / "tokenizer.json"))
     tok_cfg = {
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": None, "eos_token": EOS_TOKEN,
-        "pad_token": "<|endoftext|>", "unk_token": None, "add_bos_token": False,
-        "chat_template": CHAT_TEMPLATE, "model_max_length": MAX_POSITIONS,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": None,
+        "eos_token": EOS_TOKEN,
+        "pad_token": "<|endoftext|>",
+        "unk_token": None,
+        "add_bos_token": False,
+        "chat_template": CHAT_TEMPLATE,
+        "model_max_length": MAX_POSITIONS,
     }
     (directory / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
     return directory
@@ -174,13 +203,21 @@ def prompt_ids(length: int, vocab_size: int, seed: int = 1) -> list[int]:
 # --- GGUF, the way llama.cpp's convert_hf_to_gguf.py writes it ---
 
 GGUF_LAYER_NAMES = {
-    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
-    "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
 }
 GGUF_GLOBAL_NAMES = {
-    "model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
     "lm_head.weight": "output.weight",
 }
 
@@ -198,8 +235,12 @@ def gguf_name(hf_name: str) -> str:
     return f"blk.{parts[2]}.{GGUF_LAYER_NAMES[module]}.{parts[-1]}"
 
 
-def add_tokenizer_metadata(writer: Any, tok: tokenizers.Tokenizer, eos_token: str = EOS_TOKEN,
-                           chat_template: str | None = CHAT_TEMPLATE) -> None:
+def add_tokenizer_metadata(
+    writer: Any,
+    tok: tokenizers.Tokenizer,
+    eos_token: str = EOS_TOKEN,
+    chat_template: str | None = CHAT_TEMPLATE,
+) -> None:
     """tokenizer.ggml.* keys for a byte-level BPE tokenizer ("gpt2" model), as the converter writes them."""
     import gguf
 
@@ -231,7 +272,9 @@ def random_blocks(qtype: Any, shape: tuple[int, ...], seed: int = 0) -> np.ndarr
 
     block_size, type_size = gguf.GGML_QUANT_SIZES[qtype]
     rows, cols = shape
-    return np.random.default_rng(seed).integers(0, 256, (rows, cols // block_size * type_size), dtype=np.uint8)
+    return np.random.default_rng(seed).integers(
+        0, 256, (rows, cols // block_size * type_size), dtype=np.uint8
+    )
 
 
 def quantize_roundtrip(w: np.ndarray, quant: Any) -> np.ndarray:
@@ -241,9 +284,16 @@ def quantize_roundtrip(w: np.ndarray, quant: Any) -> np.ndarray:
     return gguf.quants.dequantize(gguf.quants.quantize(w, quant), quant).reshape(w.shape)
 
 
-def write_gguf_from_hf(model_dir: Path, path: Path, *, tokenizer: bool = True, quant: Any = None,
-                       arch_name: str | None = None, raw_types: dict[str, Any] | None = None,
-                       drop: tuple[str, ...] = ()) -> Path:
+def write_gguf_from_hf(
+    model_dir: Path,
+    path: Path,
+    *,
+    tokenizer: bool = True,
+    quant: Any = None,
+    arch_name: str | None = None,
+    raw_types: dict[str, Any] | None = None,
+    drop: tuple[str, ...] = (),
+) -> Path:
     """Convert a saved tiny model to GGUF like llama.cpp does.
 
     Tensors are F32 unless `quant` (a GGMLQuantizationType) is given, which applies to 2-D weights other
@@ -326,7 +376,9 @@ def run_ours(model: Any, ids: list[int], chunks: list[int] | None = None, max_le
     for n in chunks:
         cache.begin_step(n)
         rows = torch.arange(n)
-        out.append(model.forward(torch.tensor(ids[start : start + n]), torch.arange(start, start + n), cache, rows))
+        out.append(
+            model.forward(torch.tensor(ids[start : start + n]), torch.arange(start, start + n), cache, rows)
+        )
         cache.end_step()
         start += n
     return torch.cat(out)

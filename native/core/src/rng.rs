@@ -8,11 +8,21 @@ fn mix64(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Uniform f64 in [0, 1) for draw number `step` of stream `seed`.
+/// SplitMix64's increment (2^64 / golden ratio, odd).
+const GOLDEN_GAMMA: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// Uniform f64 in the open interval (0, 1) for draw number `step` of stream
+/// `seed`: SplitMix64's output number `step` from state `mix64(seed)`.
+///
+/// The state advances before it is mixed, as in SplitMix64: `mix64(0) == 0`,
+/// so mixing `mix64(seed) + step * gamma` made (seed 0, step 0), the first
+/// draw of the default seed, exactly 0. And the draw is the midpoint of its
+/// 2^-53 bucket, so it is never 0: a draw of 0 picks the first candidate in
+/// the list however small its probability (e^-100 after a logit bias).
 pub fn uniform(seed: u64, step: u64) -> f64 {
-    let bits = mix64(mix64(seed).wrapping_add(step.wrapping_mul(0x9e37_79b9_7f4a_7c15)));
+    let state = mix64(seed).wrapping_add(step.wrapping_add(1).wrapping_mul(GOLDEN_GAMMA));
     // The top 53 bits fill an f64 mantissa exactly.
-    (bits >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    ((mix64(state) >> 11) as f64 + 0.5) * (1.0 / (1u64 << 53) as f64)
 }
 
 #[cfg(test)]
@@ -24,6 +34,18 @@ mod tests {
         assert_eq!(uniform(7, 3), uniform(7, 3));
         assert_ne!(uniform(7, 3), uniform(7, 4));
         assert_ne!(uniform(7, 3), uniform(8, 3));
+    }
+
+    #[test]
+    fn draws_are_never_zero() {
+        // mix64(0) == 0: the default seed's first draw used to be exactly 0.
+        assert!(uniform(0, 0) > 1e-3, "{}", uniform(0, 0));
+        for seed in [0, 1, u64::MAX] {
+            for step in [0, 1, u64::MAX] {
+                let u = uniform(seed, step);
+                assert!(u > 0.0 && u < 1.0, "{seed} {step} {u}");
+            }
+        }
     }
 
     #[test]

@@ -183,6 +183,21 @@ fn sampling_frequencies_follow_the_distribution() {
 }
 
 #[test]
+fn a_biased_away_token_is_never_drawn_by_the_default_seed() {
+    // Seed 0, step 0 drew u = 0, which picked token 0 at probability e^-100.
+    let logits = [0.0f32, 100.0, 0.0];
+    for seed in 0..50 {
+        let p = SamplingParams { seed, ..params() };
+        for step in 0..4 {
+            assert_eq!(
+                sample(&logits, &p, TokenHistory::default(), step).token_id,
+                1
+            );
+        }
+    }
+}
+
+#[test]
 fn temperature_sharpens() {
     let logits = [1.0f32, 0.0];
     let count = |t: f32| {
