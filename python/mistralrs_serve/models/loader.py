@@ -20,6 +20,10 @@ from mistralrs_serve.tokenizer.tokenizer import Tokenizer
 logger = logging.getLogger(__name__)
 
 
+# A name with one of these endings means a local file, never a repo id.
+LOCAL_SUFFIXES = (".gguf", ".safetensors", ".json", ".bin")
+
+
 @dataclass(frozen=True)
 class ModelSource:
     """Where a model comes from. `kind`: default, gguf, hf_dir or hub."""
@@ -34,15 +38,14 @@ class ModelSource:
     @classmethod
     def parse(cls, model: str | None, chat_template: str | None = None) -> ModelSource:
         """Resolve a CLI `-m` value: nothing/"default", a GGUF file, a directory, or a hub id."""
-        if model in (None, "", "default"):
+        if model is None or model in ("", "default"):
             return cls("default", chat_template=chat_template)
-        assert model is not None
         path = Path(model).expanduser()
         if path.is_file():
             return cls("gguf", str(path), chat_template=chat_template)
         if path.is_dir():
             return cls._from_dir(path, chat_template)
-        if hub.is_repo_id(model):
+        if hub.is_repo_id(model) and path.suffix not in LOCAL_SUFFIXES:
             return cls("hub", model, chat_template=chat_template)
         raise ModelLoadError(f"{model}: no such file or directory, and not a Hugging Face repo id")
 
@@ -91,7 +94,8 @@ def load_model(source: ModelSource, dtype: torch.dtype = torch.bfloat16) -> Load
 
 
 def _gguf_path(source: ModelSource) -> Path:
-    assert source.location is not None
+    if source.location is None:
+        raise ModelLoadError("a GGUF model needs a file, directory or repo id")
     if source.filename is None:
         return Path(source.location)
     local = Path(source.location).expanduser() / source.filename
@@ -134,7 +138,8 @@ def _model_dir(location: str, revision: str | None) -> Path:
 
 
 def _load_hf(source: ModelSource, dtype: torch.dtype) -> LoadedModel:
-    assert source.location is not None
+    if source.location is None:
+        raise ModelLoadError("a Hugging Face model needs a directory or repo id")
     model_dir = _model_dir(source.location, source.revision)
     cfg = hf_loader.read_hf_config(model_dir)
     tokenizer = hf_loader.load_hf_tokenizer(model_dir, source.chat_template)

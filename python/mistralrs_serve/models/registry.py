@@ -40,6 +40,8 @@ def find_architecture(*, hf_name: str | None = None, gguf_name: str | None = Non
 
 def config_from_hf(cfg: Mapping[str, Any], arch: Architecture) -> ModelConfig:
     """ModelConfig from a Hugging Face config.json (transformers 4.x and 5.x keys)."""
+    if cfg.get("mlp_bias"):
+        raise UnsupportedModelError("mlp_bias=true (biases on the MLP projections) is not supported")
     heads = int(cfg["num_attention_heads"])
     rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
     theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
@@ -67,8 +69,9 @@ def config_from_hf(cfg: Mapping[str, Any], arch: Architecture) -> ModelConfig:
     )
 
 
-def config_from_gguf(meta: Mapping[str, Any], arch: Architecture, has_output: bool,
-                     has_qkv_bias: bool = False) -> ModelConfig:
+def config_from_gguf(
+    meta: Mapping[str, Any], arch: Architecture, has_output: bool, has_qkv_bias: bool = False
+) -> ModelConfig:
     """ModelConfig from GGUF metadata; `has_output` is whether lm_head is stored,
     `has_qkv_bias` whether q/k/v biases are (optional in llama.cpp's "llama")."""
     a = meta["general.architecture"]
