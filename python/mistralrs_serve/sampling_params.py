@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import secrets
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,8 +61,14 @@ class SamplingParams:
             "logit_bias",
             "values must be between -100 and 100",
         )
-        _check(self.dry_multiplier >= 0.0, "dry_multiplier", "must be >= 0")
-        _check(self.dry_base >= 1.0, "dry_base", "must be >= 1")
+        _check(
+            math.isfinite(self.dry_multiplier) and self.dry_multiplier >= 0.0,
+            "dry_multiplier",
+            "must be a finite number >= 0",
+        )
+        _check(
+            math.isfinite(self.dry_base) and self.dry_base >= 1.0, "dry_base", "must be a finite number >= 1"
+        )
         _check(self.dry_allowed_length >= 1, "dry_allowed_length", "must be >= 1")
         _check(self.seed is None or 0 <= self.seed < 2**64, "seed", "must be in [0, 2**64)")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", "entries must be non-empty strings")
