@@ -14,6 +14,7 @@ setup: $(STAMP) build
 $(STAMP): pyproject.toml kernels/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q 'maturin>=1.7,<2'
 	$(BIN)/pip install -q -e kernels
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
