@@ -30,7 +30,8 @@ from mistralrs_serve.models.gguf_quants import dequantize, unpack_q4
 from mistralrs_serve.models.loader import LoadedModel, ModelSource, load_model
 
 FP32_ATOL = 1e-4
-PROMPT_LEN = 64
+PROMPT_LEN = tm.PROMPT_LEN
+TinyRefs = dict[str, tm.TinyReference]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -192,23 +193,10 @@ def test_unpermute_inverts_the_converters_permutation(heads: int) -> None:
 # --- Tiny models: GGUF against transformers on the original weights ---
 
 
-class TinyRef:
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        hf = tm.load_hf_model(directory)
-        self.vocab_size = hf.config.vocab_size
-        self.ids = tm.prompt_ids(PROMPT_LEN, self.vocab_size)
-        self.logits = tm.hf_logits(hf, self.ids)
-
-    def gguf(self, tmp: Path, **kwargs: Any) -> Path:
-        suffix = "-".join(f"{k}={getattr(v, 'name', v)}" for k, v in sorted(kwargs.items()))
-        return tm.write_gguf_from_hf(self.directory, tmp / f"{self.directory.name}{suffix}.gguf", **kwargs)
-
-
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, TinyRef]:
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tm.TinyReference]:
     root = tmp_path_factory.mktemp("tiny_hf")
-    return {name: TinyRef(tm.save_tiny_model(spec, root / name)) for name, spec in tm.SPECS.items()}
+    return {name: tm.TinyReference(tm.save_tiny_model(spec, root / name)) for name, spec in tm.SPECS.items()}
 
 
 def _assert_close(got: torch.Tensor, want: torch.Tensor, what: str, atol: float = FP32_ATOL) -> None:
@@ -217,7 +205,7 @@ def _assert_close(got: torch.Tensor, want: torch.Tensor, what: str, atol: float 
 
 
 @pytest.mark.parametrize("name", sorted(tm.SPECS))
-def test_f32_gguf_matches_transformers(tiny: dict[str, TinyRef], tmp_path: Path, name: str) -> None:
+def test_f32_gguf_matches_transformers(tiny: TinyRefs, tmp_path: Path, name: str) -> None:
     ref = tiny[name]
     path = ref.gguf(tmp_path)
     loaded = load_model(ModelSource.parse(str(path)), dtype=torch.float32)
@@ -230,7 +218,7 @@ def test_f32_gguf_matches_transformers(tiny: dict[str, TinyRef], tmp_path: Path,
     _assert_close(tm.run_ours(loaded.model, ref.ids, [40] + [1] * 24), ref.logits, f"{name} GGUF decode")
 
 
-def test_gguf_tokenizer_and_template_come_from_metadata(tiny: dict[str, TinyRef], tmp_path: Path) -> None:
+def test_gguf_tokenizer_and_template_come_from_metadata(tiny: TinyRefs, tmp_path: Path) -> None:
     loaded = load_model(ModelSource.parse(str(tiny["qwen2"].gguf(tmp_path))), dtype=torch.float32)
     tok = loaded.tokenizer
     assert tok.vocab_size == tiny["qwen2"].vocab_size
@@ -242,7 +230,7 @@ def test_gguf_tokenizer_and_template_come_from_metadata(tiny: dict[str, TinyRef]
     )
 
 
-def test_tokenizer_location_overrides_gguf_tokenizer(tiny: dict[str, TinyRef], tmp_path: Path) -> None:
+def test_tokenizer_location_overrides_gguf_tokenizer(tiny: TinyRefs, tmp_path: Path) -> None:
     ref = tiny["llama"]
     path = ref.gguf(tmp_path, tokenizer=False)
     source = ModelSource("gguf", str(path), tokenizer_location=str(ref.directory))
@@ -264,7 +252,7 @@ def test_tokenizer_location_overrides_gguf_tokenizer(tiny: dict[str, TinyRef], t
     ids=lambda v: getattr(v, "name", v),
 )
 def test_quantized_gguf_matches_transformers_on_dequantized_weights(
-    tiny: dict[str, TinyRef], tmp_path: Path, name: str, quant: QT
+    tiny: TinyRefs, tmp_path: Path, name: str, quant: QT
 ) -> None:
     ref = tiny[name]
     hf = tm.load_hf_model_quant_roundtrip(ref.directory, quant)
@@ -284,9 +272,7 @@ def _linears(loaded: LoadedModel) -> list[Linear]:
 @pytest.mark.parametrize(
     ("name", "quant"), [("llama", QT.Q4_0), ("qwen2-untied", QT.Q4_1)], ids=lambda v: getattr(v, "name", v)
 )
-def test_q4_int4_kernel_path_matches_dense_path(
-    tiny: dict[str, TinyRef], tmp_path: Path, name: str, quant: QT
-) -> None:
+def test_q4_int4_kernel_path_matches_dense_path(tiny: TinyRefs, tmp_path: Path, name: str, quant: QT) -> None:
     ref = tiny[name]
     path = ref.gguf(tmp_path, quant=quant)
     int4 = load_model(ModelSource.parse(str(path)), dtype=torch.bfloat16)
@@ -400,7 +386,7 @@ def test_default_model_fp32_matches_transformers(default_reference: dict[str, An
 
 
 @pytest.fixture(scope="module")
-def good_gguf(tiny: dict[str, TinyRef], tmp_path_factory: pytest.TempPathFactory) -> Path:
+def good_gguf(tiny: TinyRefs, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny["llama"].gguf(tmp_path_factory.mktemp("good"))
 
 
@@ -454,40 +440,40 @@ def test_not_a_gguf_file(tmp_path: Path) -> None:
     assert "bad magic" in _load_error(path)
 
 
-def test_unsupported_architecture(tiny: dict[str, TinyRef], tmp_path: Path) -> None:
+def test_unsupported_architecture(tiny: TinyRefs, tmp_path: Path) -> None:
     path = tiny["llama"].gguf(tmp_path, arch_name="gpt2")
     message = _load_error(path, UnsupportedModelError)
     assert "'gpt2'" in message and "not supported" in message
 
 
-def test_unknown_tensor_type(tiny: dict[str, TinyRef], tmp_path: Path) -> None:
+def test_unknown_tensor_type(tiny: TinyRefs, tmp_path: Path) -> None:
     path = tiny["llama"].gguf(tmp_path, raw_types={"blk.0.ffn_down.weight": QT.IQ4_NL})
     message = _load_error(path)
     assert "blk.0.ffn_down.weight" in message and "type 20" in message
 
 
-def test_unsupported_tensor_type(tiny: dict[str, TinyRef], tmp_path: Path) -> None:
+def test_unsupported_tensor_type(tiny: TinyRefs, tmp_path: Path) -> None:
     # Q8_K has a known size (so the file parses) but is only an intermediate type: nothing to dequantize.
     path = tiny["llama"].gguf(tmp_path, raw_types={"blk.1.ffn_up.weight": QT.Q8_K})
     message = _load_error(path, UnsupportedModelError)
     assert "blk.1.ffn_up.weight" in message and "Q8_K" in message
 
 
-def test_missing_tokenizer_metadata(tiny: dict[str, TinyRef], tmp_path: Path) -> None:
+def test_missing_tokenizer_metadata(tiny: TinyRefs, tmp_path: Path) -> None:
     message = _load_error(tiny["llama"].gguf(tmp_path, tokenizer=False))
     assert "tokenizer.ggml" in message
 
 
-def test_missing_tensor(tiny: dict[str, TinyRef], tmp_path: Path) -> None:
+def test_missing_tensor(tiny: TinyRefs, tmp_path: Path) -> None:
     message = _load_error(tiny["llama"].gguf(tmp_path, drop=("blk.1.ffn_up.weight",)))
     assert "model.layers.1.mlp.up_proj.weight" in message and "missing" in message
 
 
-def test_missing_model_setting(tiny: dict[str, TinyRef], tmp_path: Path) -> None:
+def test_missing_model_setting(tiny: TinyRefs, tmp_path: Path) -> None:
     message = _load_error(tiny["llama"].gguf(tmp_path, drop=("embedding_length",)))
     assert "setting" in message
 
 
-def test_missing_vocab_size_and_tokens(tiny: dict[str, TinyRef], tmp_path: Path) -> None:
+def test_missing_vocab_size_and_tokens(tiny: TinyRefs, tmp_path: Path) -> None:
     message = _load_error(tiny["llama"].gguf(tmp_path, tokenizer=False, drop=("vocab_size",)))
     assert "vocab_size" in message

@@ -12,18 +12,17 @@ top tokens but not to decorrelate rows (measured: top-1 agreement >= 0.97, row c
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
 import tiny_models as tm
 import torch
-from mistralrs_serve.models.loader import LoadedModel, ModelSource, load_model
+from mistralrs_serve.models.loader import ModelSource, load_model
 
 FP32_ATOL = 1e-4
 BF16_MIN_TOP1 = 0.90
 BF16_MIN_CORR = 0.99
-PROMPT_LEN = 64
+PROMPT_LEN = tm.PROMPT_LEN
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -35,31 +34,14 @@ def _one_thread() -> Any:
     torch.set_num_threads(threads)
 
 
-class Reference:
-    """One saved tiny model and transformers' logits for the test prompt."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        hf = tm.load_hf_model(directory)
-        self.vocab_size = hf.config.vocab_size
-        self.ids = tm.prompt_ids(PROMPT_LEN, self.vocab_size)
-        self.logits = tm.hf_logits(hf, self.ids)
-        self._loaded: dict[torch.dtype, LoadedModel] = {}
-
-    def ours(self, dtype: torch.dtype) -> LoadedModel:
-        if dtype not in self._loaded:
-            self._loaded[dtype] = load_model(ModelSource.parse(str(self.directory)), dtype=dtype)
-        return self._loaded[dtype]
-
-
 @pytest.fixture(scope="module")
-def references(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Reference]:
+def references(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tm.TinyReference]:
     root = tmp_path_factory.mktemp("tiny_hf")
-    return {name: Reference(tm.save_tiny_model(spec, root / name)) for name, spec in tm.SPECS.items()}
+    return {name: tm.TinyReference(tm.save_tiny_model(spec, root / name)) for name, spec in tm.SPECS.items()}
 
 
 @pytest.fixture(params=sorted(tm.SPECS))
-def ref(request: pytest.FixtureRequest, references: dict[str, Reference]) -> Reference:
+def ref(request: pytest.FixtureRequest, references: dict[str, tm.TinyReference]) -> tm.TinyReference:
     return references[request.param]
 
 
@@ -72,7 +54,7 @@ def _assert_close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
     )
 
 
-def test_config_read_from_config_json(ref: Reference) -> None:
+def test_config_read_from_config_json(ref: tm.TinyReference) -> None:
     spec = tm.SPECS[ref.directory.name]
     cfg = ref.ours(torch.float32).config
     assert cfg.architecture == spec.architecture
@@ -86,26 +68,26 @@ def test_config_read_from_config_json(ref: Reference) -> None:
     assert cfg.attention_bias == (spec.attention_bias or spec.architecture == "qwen2")
 
 
-def test_fp32_prefill_matches_transformers(ref: Reference) -> None:
+def test_fp32_prefill_matches_transformers(ref: tm.TinyReference) -> None:
     got = tm.run_ours(ref.ours(torch.float32).model, ref.ids)
     _assert_close(got, ref.logits, "one-step prefill")
 
 
-def test_fp32_prefill_then_decode_matches_transformers(ref: Reference) -> None:
+def test_fp32_prefill_then_decode_matches_transformers(ref: tm.TinyReference) -> None:
     prefill = 16
     chunks = [prefill] + [1] * (PROMPT_LEN - prefill)
     got = tm.run_ours(ref.ours(torch.float32).model, ref.ids, chunks)
     _assert_close(got, ref.logits, f"prefill of {prefill} then token-by-token decode")
 
 
-def test_fp32_chunked_prefill_matches_transformers(ref: Reference) -> None:
+def test_fp32_chunked_prefill_matches_transformers(ref: tm.TinyReference) -> None:
     # Uneven chunks: 1 token first (decode-shaped start), then chunks that straddle each other's ends.
     chunks = [1, 5, 7, 13, 17, 21]
     got = tm.run_ours(ref.ours(torch.float32).model, ref.ids, chunks)
     _assert_close(got, ref.logits, f"prefill in chunks of {chunks}")
 
 
-def test_logits_indices_select_rows(ref: Reference) -> None:
+def test_logits_indices_select_rows(ref: tm.TinyReference) -> None:
     from mistralrs_serve.engine.kv_cache import ContiguousKVCache
 
     model = ref.ours(torch.float32).model
@@ -116,7 +98,7 @@ def test_logits_indices_select_rows(ref: Reference) -> None:
     _assert_close(got, ref.logits[rows], "selected rows")
 
 
-def test_bf16_agrees_loosely(ref: Reference) -> None:
+def test_bf16_agrees_loosely(ref: tm.TinyReference) -> None:
     loaded = ref.ours(torch.bfloat16)
     assert loaded.model.dtype == torch.bfloat16
     for chunks in (None, [PROMPT_LEN - 8] + [1] * 8):
@@ -130,7 +112,7 @@ def test_bf16_agrees_loosely(ref: Reference) -> None:
         )
 
 
-def test_llama3_rope_scaling_is_applied(references: dict[str, Reference]) -> None:
+def test_llama3_rope_scaling_is_applied(references: dict[str, tm.TinyReference]) -> None:
     """The llama3 variant's prompt reaches the scaled frequencies: plain RoPE would not match."""
     ref = references["llama-tied-llama3"]
     loaded = ref.ours(torch.float32)
@@ -147,7 +129,7 @@ def test_llama3_rope_scaling_is_applied(references: dict[str, Reference]) -> Non
     assert (unscaled - ref.logits).abs().max().item() > 100 * FP32_ATOL
 
 
-def test_tokenizer_and_chat_template_load(references: dict[str, Reference]) -> None:
+def test_tokenizer_and_chat_template_load(references: dict[str, tm.TinyReference]) -> None:
     tok = references["llama"].ours(torch.float32).tokenizer
     assert tok.vocab_size == references["llama"].vocab_size
     eos = tok.backend.token_to_id(tm.EOS_TOKEN)

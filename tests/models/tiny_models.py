@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import tokenizers
 import torch
+from mistralrs_serve.models.loader import LoadedModel, ModelSource, load_model
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -400,3 +401,28 @@ def load_hf_model_quant_roundtrip(model_dir: Path, quant: Any) -> Any:
             if p.dim() == 2 and "embed" not in name:
                 p.copy_(torch.from_numpy(quantize_roundtrip(p.numpy(), quant)))
     return model
+
+
+PROMPT_LEN = 64
+
+
+class TinyReference:
+    """One saved tiny model and transformers' logits for the test prompt."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        hf = load_hf_model(directory)
+        self.vocab_size = hf.config.vocab_size
+        self.ids = prompt_ids(PROMPT_LEN, self.vocab_size)
+        self.logits = hf_logits(hf, self.ids)
+        self._loaded: dict[torch.dtype, LoadedModel] = {}
+
+    def ours(self, dtype: torch.dtype) -> LoadedModel:
+        if dtype not in self._loaded:
+            self._loaded[dtype] = load_model(ModelSource.parse(str(self.directory)), dtype=dtype)
+        return self._loaded[dtype]
+
+    def gguf(self, tmp: Path, **kwargs: Any) -> Path:
+        """The same weights written as a GGUF the way llama.cpp's converter does."""
+        suffix = "-".join(f"{k}={getattr(v, 'name', v)}" for k, v in sorted(kwargs.items()))
+        return write_gguf_from_hf(self.directory, tmp / f"{self.directory.name}{suffix}.gguf", **kwargs)

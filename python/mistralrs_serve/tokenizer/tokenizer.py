@@ -48,27 +48,14 @@ class Tokenizer:
     def token_bytes(self, token_id: int) -> bytes:
         return token_bytes(self.backend, token_id)
 
-    def render_chat(
-        self,
-        messages: list[dict[str, Any]],
-        *,
-        add_generation_prompt: bool = True,
-        tools: list[dict[str, Any]] | None = None,
-        enable_thinking: bool | None = None,
-        **extra: Any,
-    ) -> str:
+    def render_chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> str:
+        """The prompt text; keyword arguments as for ChatTemplate.render."""
         if self.chat_template is None:
             raise InvalidRequestError(
                 "this model has no chat template; pass one with --chat-template or use /v1/completions",
                 "messages",
             )
-        return self.chat_template.render(
-            messages,
-            add_generation_prompt=add_generation_prompt,
-            tools=tools,
-            enable_thinking=enable_thinking,
-            **extra,
-        )
+        return self.chat_template.render(messages, **kwargs)
 
     def encode_chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> list[int]:
         # The template writes BOS itself where the model wants one, so the
