@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from mistralrs_serve.engine.engine_loop import EngineLoop
 from mistralrs_serve.engine.llm_engine import LLMEngine
 from mistralrs_serve.models.default_model import default_model_path
 from mistralrs_serve.models.loader import ModelSource, load_model
@@ -53,11 +54,12 @@ def prompt_ids(vocab_size: int, n: int) -> list[int]:
 
 def ours(path: Path, prompt: list[int], new_tokens: int) -> dict[str, float]:
     loaded = load_model(ModelSource("gguf", str(path)))
-    engine = LLMEngine(loaded)
+    client = EngineLoop(LLMEngine(loaded))
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-    engine.generate(prompt[:32], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))  # warm-up
+    client.generate(prompt[:32], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))  # warm-up
     start = time.perf_counter()
-    stamps = [time.perf_counter() for _ in engine.stream(prompt, params)]
+    stamps = [time.perf_counter() for _ in client.stream(prompt, params)]
+    client.shutdown()
     prefill_s = stamps[0] - start
     decode_s = stamps[-1] - stamps[0]
     return {

@@ -5,12 +5,12 @@ Hand-written: keep it in step with the `#[pyclass]` / `#[pyfunction]` signatures
 """
 
 from collections.abc import Sequence
-from typing import final
+from typing import Any, final
 
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["SamplingParams", "__version__", "sample"]
+__all__ = ["SamplingParams", "Scheduler", "StopMatcher", "__version__", "sample"]
 
 __version__: str
 
@@ -67,3 +67,71 @@ def sample(
     Raises ValueError for a bad shape, dtype, layout or token id, RuntimeError when a row has
     no token left to sample (every logit -inf or NaN).
     """
+
+@final
+class StopMatcher:
+    """Stop strings over a stream of decoded text deltas.
+
+    Releases text as soon as it can no longer become part of a stop string and holds back
+    the longest tail that is a prefix of one. The match that wins is the one that ends first
+    (then the longest, then the first listed), whatever the split of the text into deltas.
+
+    Raises ValueError for an empty stop string. No stop strings at all passes text through.
+    """
+
+    def __new__(cls, stops: Sequence[str]) -> StopMatcher: ...
+    def push(self, delta: str) -> tuple[str, int | None]:
+        """Add decoded text; return `(text to release now, index into stops of the match)`.
+
+        On a match only the text before the stop string is released; after it every push
+        returns `("", None)`.
+        """
+
+    def flush(self) -> str:
+        """Release the held-back text at the end of generation ("" after a match)."""
+
+    @property
+    def finished(self) -> bool:
+        """Whether a stop string has matched."""
+
+@final
+class Scheduler:
+    """Waiting/running queues, KV block pool and prefix cache of one model."""
+
+    def __new__(
+        cls,
+        *,
+        num_blocks: int,
+        block_size: int = 16,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 2048,
+        enable_prefix_caching: bool = True,
+        cache_salt: int = 0,
+    ) -> Scheduler: ...
+    def add(self, seq_id: int, prompt_ids: NDArray[np.uint32], num_forks: int = 0) -> None: ...
+    def append_token(self, seq_id: int, token_id: int) -> None: ...
+    def fork(self, parent_id: int, child_id: int) -> None: ...
+    def finish(self, seq_id: int) -> None: ...
+    def schedule(self) -> dict[str, NDArray[Any]]:
+        """seq_ids, query_lens, context_lens, sample, input_ids, positions, slot_mapping (int64 / bool),
+        block_tables (int32, seqs x max_blocks, -1 padded), copy_ops (k x 2), preempted."""
+    @property
+    def num_waiting(self) -> int: ...
+    @property
+    def num_running(self) -> int: ...
+    @property
+    def has_work(self) -> bool: ...
+    @property
+    def num_blocks(self) -> int: ...
+    @property
+    def num_free_blocks(self) -> int: ...
+    @property
+    def num_used_blocks(self) -> int: ...
+    @property
+    def block_size(self) -> int: ...
+    @property
+    def prefix_cache_queries(self) -> int: ...
+    @property
+    def prefix_cache_hits(self) -> int: ...
+    @property
+    def num_preemptions(self) -> int: ...

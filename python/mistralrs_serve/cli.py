@@ -100,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from mistralrs_serve import ChatCompletionRequest, Runner
+    from mistralrs_serve import ChatCompletionRequest, ChatCompletionResponse, Runner
 
     runner = Runner.from_model(
         args.model, chat_template=args.chat_template, dtype=args.dtype, num_threads=args.threads
@@ -119,6 +119,7 @@ def run_command(args: argparse.Namespace) -> int:
         )
         start = time.perf_counter()
         res = runner.send_chat_completion_request(req)
+        assert isinstance(res, ChatCompletionResponse)  # stream=False
         print(res.choices[0].message.content, flush=True)
         if args.stats:
             n = res.usage.completion_tokens

@@ -68,3 +68,23 @@ class ModelConfig:
                 f"model config: num_heads ({self.num_heads}) is not a multiple of "
                 f"num_kv_heads ({self.num_kv_heads})"
             )
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine batches and caches; the CLI flags map onto these."""
+
+    block_size: int = 16
+    kv_cache_mb: int = 1024  # KV cache memory budget
+    max_num_seqs: int = 64
+    # Tokens per step: bounds a prefill chunk, and so the time decodes wait behind it.
+    max_num_batched_tokens: int = 1024
+    enable_prefix_caching: bool = True
+    max_model_len: int | None = None  # None: the model's own context length
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "kv_cache_mb", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.max_model_len is not None and self.max_model_len <= 0:
+            raise ValueError(f"max_model_len must be > 0, got {self.max_model_len}")

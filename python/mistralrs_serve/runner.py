@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
+from mistralrs_serve.config import EngineConfig
+from mistralrs_serve.engine.engine_loop import EngineLoop
 from mistralrs_serve.engine.llm_engine import LLMEngine
 from mistralrs_serve.entrypoints.openai.protocol import (
+    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
@@ -76,9 +79,10 @@ class Runner:
         chat_template: str | None = None,
         dtype: str = "auto",
         num_threads: int | None = None,
+        engine_config: EngineConfig | None = None,
     ) -> None:
         which = which if which is not None else Which.Default()
-        self._setup(which.source(chat_template), dtype, num_threads)
+        self._setup(which.source(chat_template), dtype, num_threads, engine_config)
 
     @classmethod
     def from_model(
@@ -88,42 +92,47 @@ class Runner:
         chat_template: str | None = None,
         dtype: str = "auto",
         num_threads: int | None = None,
+        engine_config: EngineConfig | None = None,
     ) -> Runner:
         """A Runner for a CLI-style model reference: file, directory, repo id or "default"."""
         runner = cls.__new__(cls)
-        runner._setup(ModelSource.parse(model, chat_template), dtype, num_threads)
+        runner._setup(ModelSource.parse(model, chat_template), dtype, num_threads, engine_config)
         return runner
 
-    def _setup(self, source: ModelSource, dtype: str, num_threads: int | None) -> None:
+    def _setup(
+        self, source: ModelSource, dtype: str, num_threads: int | None, engine_config: EngineConfig | None
+    ) -> None:
         if num_threads:
             torch.set_num_threads(num_threads)
         self.loaded = load_model(source, dtype=resolve_dtype(dtype))
-        self.engine = LLMEngine(self.loaded)
-        self._chat = ChatServing(self.engine, self.loaded.name)
-        self._completion = CompletionServing(self.engine, self.loaded.name)
-        # One request at a time until the batching engine lands.
-        self._lock = threading.Lock()
+        self.engine = LLMEngine(self.loaded, engine_config)
+        # One engine thread serves every caller: requests from many threads batch together.
+        self.client = EngineLoop(self.engine)
+        self._chat = ChatServing(self.client, self.loaded.name)
+        self._completion = CompletionServing(self.client, self.loaded.name)
 
-    def send_chat_completion_request(self, request: ChatCompletionRequest) -> ChatCompletionResponse:
-        _reject_stream(request.stream)
-        with self._lock:
-            return self._chat.create(request)
+    def send_chat_completion_request(
+        self, request: ChatCompletionRequest
+    ) -> ChatCompletionResponse | Iterator[ChatCompletionChunk]:
+        """The response, or with `stream=True` an iterator of chunks (closing it aborts the request)."""
+        if request.stream:
+            return self._chat.create_stream(request)
+        return self._chat.create(request)
 
     def send_completion_request(self, request: CompletionRequest) -> CompletionResponse:
-        _reject_stream(request.stream)
-        with self._lock:
-            return self._completion.create(request)
+        if request.stream:
+            raise InvalidRequestError("stream=True is not supported for completions by the Runner", "stream")
+        return self._completion.create(request)
+
+    def close(self) -> None:
+        """Stop the engine thread (it also stops with the process)."""
+        self.client.shutdown()
 
     def tokenize_text(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.engine.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def detokenize_text(self, tokens: list[int], skip_special_tokens: bool = True) -> str:
         return self.engine.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
-
-
-def _reject_stream(stream: bool) -> None:
-    if stream:
-        raise InvalidRequestError("stream=True is not supported by the Runner yet", "stream")
 
 
 DTYPES = {

@@ -13,3 +13,31 @@ pub enum SamplerError {
     #[error("no token can be sampled: every logit is -inf or NaN after processing")]
     NoCandidate,
 }
+
+#[derive(Debug, Error, Clone, PartialEq)]
+pub enum SchedulerError {
+    #[error("invalid scheduler config: {0}")]
+    InvalidConfig(String),
+    #[error("sequence {0} already exists")]
+    DuplicateSequence(u64),
+    #[error("sequence {0} is unknown (finished or never added)")]
+    UnknownSequence(u64),
+    #[error("sequence {0} is not running")]
+    NotRunning(u64),
+    #[error("sequence {0} has no fork seat left (add it with add_group)")]
+    NoReservedSeat(u64),
+    #[error("sequence {seq_id} asks for {wanted} choices; at most {max} sequences run at once")]
+    TooManyChoices {
+        seq_id: u64,
+        wanted: usize,
+        max: usize,
+    },
+    #[error("sequence {0} has an empty prompt")]
+    EmptyPrompt(u64),
+    #[error("sequence {seq_id} needs {needed} KV blocks; the cache has {available}")]
+    TooLong {
+        seq_id: u64,
+        needed: usize,
+        available: usize,
+    },
+}

@@ -1,12 +1,18 @@
 //! mistralrs-serve-core: the per-request, per-step bookkeeping of the server
-//! in pure Rust (no Python): sampling now; scheduling, the block pool, the
-//! prefix cache and grammar masks as they arrive.
+//! in pure Rust (no Python): sampling, the block pool, the prefix cache,
+//! continuous-batching scheduling, stop strings; grammar masks to come.
 
+pub mod block_pool;
 pub mod dry;
 pub mod error;
+pub mod prefix_cache;
 pub mod rng;
 pub mod sampler;
+pub mod scheduler;
+pub mod stop;
 
 pub use dry::DryParams;
-pub use error::SamplerError;
+pub use error::{SamplerError, SchedulerError};
 pub use sampler::{sample_batch, sample_row, SampleOutput, SamplingParams, TokenHistory};
+pub use scheduler::{Scheduler, SchedulerConfig, SchedulerStats, StepPlan};
+pub use stop::{StopError, StopMatcher, StopPush};

@@ -1,6 +1,7 @@
 //! PyO3 binding of mistralrs-serve-core: converts, validates, releases the
 //! GIL around the work. No logic lives here.
 
+use mistralrs_serve_core::stop::{StopError, StopMatcher};
 use mistralrs_serve_core::{
     sample_batch, DryParams, SampleOutput, SamplerError, SamplingParams, TokenHistory,
 };
@@ -10,6 +11,8 @@ use numpy::{
 };
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
+
+mod scheduler;
 
 /// The one mapping from core errors to Python exceptions.
 fn to_py_err(err: SamplerError) -> PyErr {
@@ -245,10 +248,61 @@ fn to_arrays<'py>(py: Python<'py>, outputs: &[SampleOutput]) -> SampleArrays<'py
     )
 }
 
+/// Stop strings over a stream of decoded text deltas (see `mistralrs_serve_core::stop`).
+#[pyclass(name = "StopMatcher", module = "mistralrs_serve._native")]
+struct PyStopMatcher {
+    inner: StopMatcher,
+}
+
+fn stop_err(err: StopError) -> PyErr {
+    match err {
+        StopError::Empty { .. } => PyValueError::new_err(err.to_string()),
+    }
+}
+
+#[pymethods]
+impl PyStopMatcher {
+    #[new]
+    fn new(stops: Vec<String>) -> PyResult<Self> {
+        let inner = StopMatcher::new(stops).map_err(stop_err)?;
+        Ok(Self { inner })
+    }
+
+    /// Add decoded text; returns `(text to release now, index of the stop string matched)`.
+    fn push(&mut self, delta: &str) -> (String, Option<usize>) {
+        let push = self.inner.push(delta);
+        (push.release, push.matched)
+    }
+
+    /// Release the held-back text at the end of generation.
+    fn flush(&mut self) -> String {
+        self.inner.flush()
+    }
+
+    #[getter]
+    fn finished(&self) -> bool {
+        self.inner.finished()
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "StopMatcher(stops={:?}, finished={})",
+            self.inner.stops(),
+            if self.inner.finished() {
+                "True"
+            } else {
+                "False"
+            }
+        )
+    }
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PySamplingParams>()?;
     m.add_function(wrap_pyfunction!(sample, m)?)?;
+    m.add_class::<PyStopMatcher>()?;
+    m.add_class::<scheduler::PyScheduler>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

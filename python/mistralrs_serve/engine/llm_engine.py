@@ -1,71 +1,73 @@
-"""Generation on one sequence at a time: prefill, then decode token by token.
-
-Continuous batching over a paged cache replaces the loop body later; the
-outputs and the stop logic stay.
-"""
+"""The synchronous engine: one `step()` = schedule, run the model, sample,
+postprocess. The Rust scheduler decides what runs; torch runs it over the
+paged KV cache; the Rust sampler picks tokens for every row at once."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+import itertools
+import logging
+import time
 
 import numpy as np
 import torch
 
 from mistralrs_serve import _native
-from mistralrs_serve.engine.detokenizer import IncrementalDetokenizer
-from mistralrs_serve.engine.kv_cache import ContiguousKVCache
-from mistralrs_serve.engine.stop import StopStringMatcher
+from mistralrs_serve.config import EngineConfig
+from mistralrs_serve.engine.paged_cache import PagedAttention, PagedKVCache
+from mistralrs_serve.engine.sequence import (
+    CompletionOutput,
+    OutputCallback,
+    Request,
+    Sequence,
+    StepOutput,
+    TokenLogprob,
+)
 from mistralrs_serve.errors import InvalidRequestError
 from mistralrs_serve.models.loader import LoadedModel
 from mistralrs_serve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
 
 # The KV cache is fp32 on the CPU whatever the compute dtype: torch's CPU
 # attention kernels run fp32 5-9x faster than bf16 (decode over 512 cached
 # positions: 68 vs 380 us per layer), for twice the cache memory.
 KV_CACHE_DTYPE = torch.float32
 
-# Prompt tokens per forward pass: bounds attention scratch memory (T x S
-# scores) on long prompts.
-PREFILL_CHUNK_TOKENS = 512
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    token_id: int
-    logprob: float
-    top: tuple[tuple[int, float], ...] = ()
-
-
-@dataclass(frozen=True)
-class StepOutput:
-    """What one decode step adds to a sequence."""
-
-    token_id: int
-    text: str  # newly released text (stop strings held back or cut)
-    logprob: TokenLogprob | None = None
-    finish_reason: str | None = None  # "stop" or "length" on the last step
-    is_stop_token: bool = False  # an EOS/stop token: counted, but not part of the text
-
-
-@dataclass
-class CompletionOutput:
-    index: int
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    finish_reason: str | None = None
-
 
 class LLMEngine:
-    def __init__(self, loaded: LoadedModel) -> None:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None) -> None:
+        self.config = config or EngineConfig()
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
-        self.max_model_len = loaded.config.max_position_embeddings
+        model_len = loaded.config.max_position_embeddings
+        self.max_model_len = min(model_len, self.config.max_model_len or model_len)
+        cfg, block_size = loaded.config, self.config.block_size
+        budget = self.config.kv_cache_mb << 20
+        num_blocks = PagedKVCache.num_blocks_for_budget(cfg, block_size, KV_CACHE_DTYPE, budget)
+        self.cache = PagedKVCache(cfg, num_blocks, block_size, KV_CACHE_DTYPE)
+        self.scheduler = _native.Scheduler(
+            num_blocks=num_blocks,
+            block_size=block_size,
+            max_num_seqs=self.config.max_num_seqs,
+            max_num_batched_tokens=self.config.max_num_batched_tokens,
+            enable_prefix_caching=self.config.enable_prefix_caching,
+        )
+        logger.info(
+            "KV cache: %d blocks of %d tokens (%d tokens, %d MiB)",
+            num_blocks,
+            block_size,
+            num_blocks * block_size,
+            num_blocks * PagedKVCache.bytes_per_block(cfg, block_size, KV_CACHE_DTYPE) >> 20,
+        )
+        self.requests: dict[str, Request] = {}
+        self.sequences: dict[int, Sequence] = {}
+        self._seq_ids = itertools.count()
+
+    # --- requests -------------------------------------------------------
 
     def check_prompt(self, prompt_ids: list[int], params: SamplingParams, param: str) -> int:
-        """Number of tokens we may generate; raises if the prompt cannot fit."""
+        """Number of tokens each choice may generate; raises if the prompt cannot fit."""
         if not prompt_ids:
             raise InvalidRequestError("the prompt is empty", param)
         room = self.max_model_len - len(prompt_ids)
@@ -74,78 +76,158 @@ class LLMEngine:
                 f"the prompt has {len(prompt_ids)} tokens; this model's context holds {self.max_model_len}",
                 param,
             )
+        kv_tokens = self.scheduler.num_blocks * self.scheduler.block_size
+        if len(prompt_ids) + 1 > kv_tokens:
+            raise InvalidRequestError(
+                f"the prompt has {len(prompt_ids)} tokens; the KV cache holds {kv_tokens} "
+                "(raise --kv-cache-mb)",
+                param,
+            )
         return room if params.max_tokens is None else min(room, params.max_tokens)
 
-    def generate(
-        self, prompt_ids: list[int], params: SamplingParams, choice_index: int = 0, param: str = "prompt"
-    ) -> CompletionOutput:
-        out = CompletionOutput(index=choice_index)
-        for step in self.stream(prompt_ids, params, choice_index, param):
-            out.text += step.text
-            out.token_ids.append(step.token_id)
-            if step.logprob is not None and not step.is_stop_token:
-                out.logprobs.append(step.logprob)
-            out.finish_reason = step.finish_reason
-        return out
-
-    def stream(
-        self, prompt_ids: list[int], params: SamplingParams, choice_index: int = 0, param: str = "prompt"
-    ) -> Iterator[StepOutput]:
+    def add_request(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        on_output: OutputCallback,
+        param: str = "prompt",
+    ) -> Request:
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already running", "request_id")
+        if params.n > self.config.max_num_seqs:
+            raise InvalidRequestError(f"n must be <= {self.config.max_num_seqs} (--max-seqs)", "n")
         budget = self.check_prompt(prompt_ids, params, param)
-        native = params.to_native(
-            self.model.config.vocab_size,
-            lambda s: self.tokenizer.encode(s, add_special_tokens=False),
-            choice_index,
+        req = Request(request_id, np.asarray(prompt_ids, dtype=np.uint32), params, budget, on_output)
+        leader = self._new_sequence(req)
+        self.scheduler.add(leader.seq_id, req.prompt_ids, params.n - 1)
+        self.requests[request_id] = req
+        return req
+
+    def _new_sequence(self, req: Request) -> Sequence:
+        index = len(req.seq_ids)
+        native = req.params.to_native(
+            self.model.config.vocab_size, lambda s: self.tokenizer.encode(s, add_special_tokens=False), index
         )
-        cache = ContiguousKVCache(self.model.config, len(prompt_ids) + budget, KV_CACHE_DTYPE)
-        detok = IncrementalDetokenizer(self.tokenizer)
-        stops = StopStringMatcher(params.stop)
-        stop_ids = set(params.stop_token_ids) | (
-            set() if params.ignore_eos else set(self.tokenizer.eos_token_ids)
+        stop_ids = frozenset(req.params.stop_token_ids) | (
+            frozenset() if req.params.ignore_eos else self.tokenizer.eos_token_ids
         )
-        prompt = np.asarray(prompt_ids, dtype=np.uint32)
-        output: list[int] = []
-        logits = self._prefill(cache, prompt_ids)
-        while True:
-            token, logprob = self._sample(logits, native, prompt, output)
-            output.append(token)
-            is_stop_token = token in stop_ids
-            text = "" if is_stop_token else stops.push(detok.push(token))
-            finish = self._finish_reason(is_stop_token or stops.matched is not None, len(output), budget)
-            if finish is not None and stops.matched is None:
-                text += stops.push(detok.flush()) + stops.flush()
-            yield StepOutput(token, text, logprob, finish, is_stop_token)
-            if finish is not None:
-                return
-            logits = self._forward(cache, [token], len(prompt_ids) + len(output) - 1)
+        seq = Sequence(next(self._seq_ids), index, req, self.tokenizer, native, stop_ids)
+        req.seq_ids.append(seq.seq_id)
+        req.num_unfinished += 1
+        self.sequences[seq.seq_id] = seq
+        return seq
 
-    @staticmethod
-    def _finish_reason(stopped: bool, num_generated: int, budget: int) -> str | None:
-        if stopped:
-            return "stop"
-        return "length" if num_generated >= budget else None
+    def abort_request(self, request_id: str) -> bool:
+        """Stop a request at any point and free its KV blocks."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return False
+        for seq_id in req.seq_ids:
+            seq = self.sequences.pop(seq_id, None)
+            if seq is not None and not seq.finished:
+                self.scheduler.finish(seq_id)
+        return True
 
-    def _prefill(self, cache: ContiguousKVCache, prompt_ids: list[int]) -> torch.Tensor:
-        for start in range(0, len(prompt_ids), PREFILL_CHUNK_TOKENS):
-            logits = self._forward(cache, prompt_ids[start : start + PREFILL_CHUNK_TOKENS], start)
-        return logits
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
 
-    def _forward(self, cache: ContiguousKVCache, ids: list[int], start: int) -> torch.Tensor:
-        cache.begin_step(len(ids))
-        input_ids = torch.tensor(ids, dtype=torch.long)
-        positions = torch.arange(start, start + len(ids))
-        logits = self.model.forward(input_ids, positions, cache, torch.tensor([len(ids) - 1]))
-        cache.end_step()
-        return logits
+    # --- one step -------------------------------------------------------
 
-    def _sample(
-        self, logits: torch.Tensor, native: _native.SamplingParams, prompt: np.ndarray, output: list[int]
-    ) -> tuple[int, TokenLogprob | None]:
-        rows = logits.numpy()
-        history = np.asarray(output, dtype=np.uint32)
-        ids, lps, top_ids, top_lps = _native.sample(rows, [native], [prompt], [history], [len(output)])
-        token = int(ids[0])
-        if np.isnan(lps[0]):
-            return token, None
-        top = tuple((int(i), float(lp)) for i, lp in zip(top_ids[0], top_lps[0], strict=True) if i >= 0)
-        return token, TokenLogprob(token, float(lps[0]), top)
+    def step(self) -> int:
+        """Run one step; outputs go to each request's callback. Returns tokens computed."""
+        plan = self.scheduler.schedule()
+        if len(plan["seq_ids"]) == 0:
+            return 0
+        self.cache.copy_blocks(plan["copy_ops"])
+        attn = PagedAttention(
+            self.cache, plan["query_lens"], plan["context_lens"], plan["slot_mapping"], plan["block_tables"]
+        )
+        sample_rows = (np.cumsum(plan["query_lens"]) - 1)[plan["sample"]]
+        logits = self.model.forward(
+            torch.from_numpy(plan["input_ids"]),
+            torch.from_numpy(plan["positions"]),
+            attn,
+            torch.from_numpy(sample_rows),
+        )
+        self._sample_and_update(plan["seq_ids"][plan["sample"]], logits)
+        return len(plan["input_ids"])
+
+    def _sample_and_update(self, seq_ids: np.ndarray, logits: torch.Tensor) -> None:
+        now = time.monotonic()
+        rows, seqs = self._rows_to_sample(seq_ids)
+        if not seqs:
+            return
+        logits_np = logits.numpy()[rows]  # fancy indexing copies: the sampler writes in place
+        ids, lps, top_ids, top_lps = _native.sample(
+            logits_np,
+            [s.native for s in seqs],
+            [s.request.prompt_ids for s in seqs],
+            [s.history() for s in seqs],
+            [len(s.output_ids) for s in seqs],
+        )
+        for i, seq in enumerate(seqs):
+            logprob = None
+            if not np.isnan(lps[i]):
+                top = tuple((int(t), float(v)) for t, v in zip(top_ids[i], top_lps[i], strict=True) if t >= 0)
+                logprob = TokenLogprob(int(ids[i]), float(lps[i]), top)
+            self._emit(seq, seq.append(int(ids[i]), logprob), now)
+
+    def _rows_to_sample(self, seq_ids: np.ndarray) -> tuple[list[int], list[Sequence]]:
+        """Logits row per sequence; a request's first token also starts its other choices,
+        which fork the leader's blocks and sample from the same row."""
+        rows: list[int] = []
+        seqs: list[Sequence] = []
+        for row, seq_id in enumerate(seq_ids.tolist()):
+            seq = self.sequences.get(seq_id)
+            if seq is None:
+                continue
+            rows.append(row)
+            seqs.append(seq)
+            req = seq.request
+            while req.num_pending_forks > 0:
+                child = self._new_sequence(req)
+                self.scheduler.fork(seq.seq_id, child.seq_id)
+                rows.append(row)
+                seqs.append(child)
+        return rows, seqs
+
+    def _emit(self, seq: Sequence, out: StepOutput, now: float) -> None:
+        req = seq.request
+        times = req.times
+        times.first_token = times.first_token or now
+        times.tokens.append(now)
+        if seq.finished:
+            self.scheduler.finish(seq.seq_id)
+            self.sequences.pop(seq.seq_id, None)
+            req.num_unfinished -= 1
+            if req.num_unfinished == 0:
+                times.finished = now
+                self.requests.pop(req.request_id, None)
+        else:
+            self.scheduler.append_token(seq.seq_id, out.token_id)
+        req.on_output(out)
+
+    def fail_all(self, message: str) -> None:
+        """End every request with an error (the model step raised)."""
+        for request_id, req in list(self.requests.items()):
+            self.abort_request(request_id)
+            for index in range(req.params.n):
+                req.on_output(StepOutput(index, -1, "", finish_reason="abort", error=message))
+
+    # --- blocking helpers (no background loop running) ------------------
+
+    def generate(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        param: str = "prompt",
+        request_id: str | None = None,
+    ) -> list[CompletionOutput]:
+        """Run one request to completion on this thread."""
+        outputs = [CompletionOutput(i) for i in range(params.n)]
+        request_id = request_id or f"sync-{next(self._seq_ids)}"
+        self.add_request(request_id, prompt_ids, params, lambda out: outputs[out.index].add(out), param)
+        while request_id in self.requests:
+            self.step()
+        return outputs

@@ -1,37 +1,35 @@
 """Stop strings over a stream of text deltas, with hold-back of any tail
-that could still grow into a stop string."""
+that could still grow into a stop string.
+
+A thin wrapper over the Rust `_native.StopMatcher` (native/core/src/stop.rs).
+The stop string that wins is the one that ends first in the text (then the
+longest, then the first listed), so the result does not depend on how the
+text is split into deltas.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+from mistralrs_serve._native import StopMatcher
+
 
 class StopStringMatcher:
-    def __init__(self, stops: tuple[str, ...]) -> None:
-        self.stops = stops
-        self.pending = ""  # text held back: a suffix that is a prefix of a stop string
-        self.matched: str | None = None
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = tuple(stops)
+        # No stop strings: text passes straight through, no native object.
+        self._native = StopMatcher(self.stops) if self.stops else None
+        self.matched: str | None = None  # the stop string that matched, once one has
 
     def push(self, delta: str) -> str:
-        """Add decoded text; return what may be released now."""
-        if self.matched is not None or not self.stops:
-            return "" if self.matched is not None else delta
-        text = self.pending + delta
-        hit = min(((text.find(s), s) for s in self.stops if s in text), default=None)
-        if hit is not None:
-            self.matched, self.pending = hit[1], ""
-            return text[: hit[0]]
-        keep = self._longest_partial(text)
-        self.pending = text[len(text) - keep :] if keep else ""
-        return text[: len(text) - keep]
+        """Add decoded text; return what may be released now ("" once a stop string matched)."""
+        if self._native is None:
+            return delta
+        release, index = self._native.push(delta)
+        if index is not None:
+            self.matched = self.stops[index]
+        return release
 
     def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        return out
-
-    def _longest_partial(self, text: str) -> int:
-        best = 0
-        for s in self.stops:
-            for n in range(min(len(s) - 1, len(text)), best, -1):
-                if text.endswith(s[:n]):
-                    best = n
-                    break
-        return best
+        """Release the held-back text at the end of generation."""
+        return "" if self._native is None else self._native.flush()

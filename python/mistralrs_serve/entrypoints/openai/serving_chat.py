@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
 from typing import Any
 
-from mistralrs_serve.engine.llm_engine import LLMEngine
+from mistralrs_serve.engine.engine_loop import EngineLoop
+from mistralrs_serve.engine.sequence import StepOutput
 from mistralrs_serve.entrypoints.openai import serving_common as common
 from mistralrs_serve.entrypoints.openai.protocol import (
     ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatMessage,
     ChoiceLogprobs,
+    DeltaMessage,
+    random_id,
 )
 from mistralrs_serve.errors import InvalidRequestError
+from mistralrs_serve.sampling_params import SamplingParams
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 # Content part types a later part of the server implements.
@@ -21,24 +29,44 @@ PENDING_PART_TYPES = ("image_url", "input_audio", "file", "image", "audio")
 
 
 class ChatServing:
-    def __init__(self, engine: LLMEngine, model_name: str) -> None:
-        self.engine = engine
+    def __init__(self, client: EngineLoop, model_name: str) -> None:
+        self.client = client
+        self.engine = client.engine
         self.model_name = model_name
 
-    def create(self, req: ChatCompletionRequest) -> ChatCompletionResponse:
+    def prepare(self, req: ChatCompletionRequest) -> tuple[list[int], SamplingParams]:
+        """Validated prompt ids and sampling params; raises InvalidRequestError."""
         common.log_unknown_fields(req)
         common.reject_unsupported(req, (*common.NOT_YET_SUPPORTED, "tools", "response_format"))
         params = self.sampling_params(req)
         prompt_ids = common.fit_prompt(
             self.engine, self.prompt_ids(req), params, truncate=req.truncate_sequence, param="messages"
         )
-        outputs = common.run_choices(self.engine, prompt_ids, params, "messages")
+        return prompt_ids, params
+
+    def create(self, req: ChatCompletionRequest) -> ChatCompletionResponse:
+        prompt_ids, params = self.prepare(req)
+        outputs = self.client.generate(prompt_ids, params, "messages")
         choices = [self._choice(o, req.logprobs) for o in outputs]
         return ChatCompletionResponse(
             model=self.model_name, choices=choices, usage=common.usage(prompt_ids, outputs)
         )
 
-    def sampling_params(self, req: ChatCompletionRequest) -> Any:
+    def create_stream(self, req: ChatCompletionRequest) -> Iterator[ChatCompletionChunk]:
+        """OpenAI's chunk sequence: a role chunk per choice, content deltas, finish, optional usage."""
+        prompt_ids, params = self.prepare(req)
+        chunks = ChunkBuilder(self, req, len(prompt_ids))
+        return self._stream(chunks, prompt_ids, params)
+
+    def _stream(
+        self, chunks: ChunkBuilder, prompt_ids: list[int], params: SamplingParams
+    ) -> Iterator[ChatCompletionChunk]:
+        yield from chunks.start(params.n)
+        for step in self.client.stream(prompt_ids, params, "messages"):
+            yield from chunks.step(step)
+        yield from chunks.end()
+
+    def sampling_params(self, req: ChatCompletionRequest) -> SamplingParams:
         if req.top_logprobs is not None and not req.logprobs:
             raise InvalidRequestError("top_logprobs requires logprobs to be true", "top_logprobs")
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
@@ -71,6 +99,48 @@ class ChatServing:
             logprobs=logprobs,
             finish_reason=out.finish_reason or "stop",
         )
+
+
+class ChunkBuilder:
+    """Turns StepOutputs into ChatCompletionChunks (shared by sync and async streams)."""
+
+    def __init__(self, serving: ChatServing, req: ChatCompletionRequest, num_prompt_tokens: int) -> None:
+        self.serving = serving
+        self.want_logprobs = req.logprobs
+        self.include_usage = bool((req.stream_options or {}).get("include_usage"))
+        self.id, self.created = random_id("chatcmpl"), int(time.time())
+        self.num_prompt_tokens = num_prompt_tokens
+        self.num_completion_tokens = 0
+
+    def _chunk(self, choices: list[ChatChunkChoice], usage: Any = None) -> ChatCompletionChunk:
+        return ChatCompletionChunk(
+            id=self.id, created=self.created, model=self.serving.model_name, choices=choices, usage=usage
+        )
+
+    def start(self, n: int) -> Iterator[ChatCompletionChunk]:
+        for i in range(n):
+            yield self._chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
+
+    def step(self, step: StepOutput) -> Iterator[ChatCompletionChunk]:
+        self.num_completion_tokens += 1
+        logprobs = None
+        if self.want_logprobs and step.logprob is not None and not step.is_stop_token:
+            logprobs = ChoiceLogprobs(content=[common.chat_logprob(self.serving.engine, step.logprob)])
+        if step.text or logprobs is not None or step.finish_reason:
+            finish = step.finish_reason if step.finish_reason in ("stop", "length") else None
+            delta = DeltaMessage(content=step.text) if step.text else DeltaMessage()
+            yield self._chunk(
+                [ChatChunkChoice(index=step.index, delta=delta, logprobs=logprobs, finish_reason=finish)]
+            )
+
+    def end(self) -> Iterator[ChatCompletionChunk]:
+        if self.include_usage:
+            usage = common.Usage(
+                prompt_tokens=self.num_prompt_tokens,
+                completion_tokens=self.num_completion_tokens,
+                total_tokens=self.num_prompt_tokens + self.num_completion_tokens,
+            )
+            yield self._chunk([], usage)
 
 
 def _check_message(index: int, message: Any) -> dict[str, Any]:

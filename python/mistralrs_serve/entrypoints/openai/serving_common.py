@@ -6,8 +6,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from mistralrs_serve.engine.llm_engine import CompletionOutput, LLMEngine
-from mistralrs_serve.engine.llm_engine import TokenLogprob as EngineLogprob
+from mistralrs_serve.engine.llm_engine import LLMEngine
+from mistralrs_serve.engine.sequence import CompletionOutput
+from mistralrs_serve.engine.sequence import TokenLogprob as EngineLogprob
 from mistralrs_serve.entrypoints.openai.protocol import (
     SamplingFields,
     TokenLogprob,
@@ -88,12 +89,6 @@ def fit_prompt(
             )
         return prompt_ids[-limit:]
     return prompt_ids
-
-
-def run_choices(
-    engine: LLMEngine, prompt_ids: list[int], params: SamplingParams, param: str
-) -> list[CompletionOutput]:
-    return [engine.generate(prompt_ids, params, i, param) for i in range(params.n)]
 
 
 def usage(prompt_ids: list[int], outputs: list[CompletionOutput]) -> Usage:

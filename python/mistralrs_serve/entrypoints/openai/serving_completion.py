@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from mistralrs_serve.engine.llm_engine import CompletionOutput, LLMEngine
+from mistralrs_serve.engine.engine_loop import EngineLoop
+from mistralrs_serve.engine.sequence import CompletionOutput
 from mistralrs_serve.entrypoints.openai import serving_common as common
 from mistralrs_serve.entrypoints.openai.protocol import (
     CompletionChoice,
@@ -16,8 +17,9 @@ from mistralrs_serve.sampling_params import MAX_TOP_LOGPROBS
 
 
 class CompletionServing:
-    def __init__(self, engine: LLMEngine, model_name: str) -> None:
-        self.engine = engine
+    def __init__(self, client: EngineLoop, model_name: str) -> None:
+        self.client = client
+        self.engine = client.engine
         self.model_name = model_name
 
     def create(self, req: CompletionRequest) -> CompletionResponse:
@@ -44,7 +46,7 @@ class CompletionServing:
             prompt_ids = common.fit_prompt(
                 self.engine, prompt_ids, params, truncate=req.truncate_sequence, param="prompt"
             )
-            outputs = common.run_choices(self.engine, prompt_ids, params, "prompt")
+            outputs = self.client.generate(prompt_ids, params, "prompt")
             prompt_tokens += len(prompt_ids)
             completion_tokens += sum(len(o.token_ids) for o in outputs)
             prefix = self.engine.tokenizer.decode(prompt_ids) if req.echo else ""

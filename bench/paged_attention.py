@@ -1,0 +1,135 @@
+"""Paged attention on the CPU: batched decode vs a per-sequence loop.
+
+    .venv/bin/python bench/paged_attention.py            # batch 1/8/32 x context 64/256/1024/mixed
+    .venv/bin/python bench/paged_attention.py --smoke    # seconds
+
+SmolLM2 shapes (9 heads, 3 kv heads, head_dim 64, 30 layers), fp32 cache,
+block_size 16, shuffled block tables. Every layer has its own cache and a
+timed pass calls all 30 layers in turn, so KV is read from DRAM as in a real
+step, not from L3. Prints one JSON line per case:
+
+{"batch": 8, "context": "mixed", "method": "group", "us_per_layer": ..., "gb_s": ...,
+ "vs_loop": ..., "plan_us": ...}
+
+us_per_layer is one `attend` call (cache write + gathers + SDPA); gb_s is the
+KV bytes the step attends over (sum of contexts x kv heads x head_dim x 4 B
+x 2 for k and v) per us_per_layer, counted once (the gather copy is not
+counted); plan_us is building the PagedAttention (once per step, all
+layers). Methods: group (default: sort by context, pad within ~96
+positions), pad (one call padded to the longest context), loop (one call per
+sequence). Prefill rows: one 512-token chunk from 0, and one at 512..1023.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+
+from mistralrs_serve.config import ModelConfig
+from mistralrs_serve.engine.paged_cache import DecodeMode, PagedAttention, PagedKVCache
+
+CFG = ModelConfig(
+    architecture="llama",
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_layers=30,
+    num_heads=9,
+    num_kv_heads=3,
+    head_dim=64,
+)
+BLOCK_SIZE = 16
+
+
+def plan_for(
+    ctxs: np.ndarray, qlens: np.ndarray, rng: np.random.Generator
+) -> tuple[int, np.ndarray, np.ndarray]:
+    """Shuffled block tables and the slots of the step's tokens."""
+    needed = -(-ctxs // BLOCK_SIZE)
+    num_blocks = int(needed.sum())
+    pool = rng.permutation(num_blocks)
+    tables = np.full((len(ctxs), int(needed.max())), -1, dtype=np.int32)
+    slots: list[int] = []
+    offset = 0
+    for i, (c, q, n) in enumerate(zip(ctxs, qlens, needed, strict=True)):
+        tables[i, :n] = pool[offset : offset + n]
+        offset += n
+        slots += [int(tables[i, p // BLOCK_SIZE]) * BLOCK_SIZE + p % BLOCK_SIZE for p in range(c - q, c)]
+    return num_blocks, tables, np.array(slots, dtype=np.int64)
+
+
+def time_layers(attn: PagedAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, passes: int) -> float:
+    """Best mean seconds per layer call over `passes` passes of all layers."""
+    for layer in range(CFG.num_layers):  # warm-up
+        attn.attend(layer, q, k, v)
+    best = float("inf")
+    for _ in range(passes):
+        start = time.perf_counter()
+        for layer in range(CFG.num_layers):
+            attn.attend(layer, q, k, v)
+        best = min(best, (time.perf_counter() - start) / CFG.num_layers)
+    return best
+
+
+def run_case(
+    batch: int, context: str, ctxs: np.ndarray, qlens: np.ndarray, methods: list[str], passes: int
+) -> None:
+    rng = np.random.default_rng(0)
+    num_blocks, tables, slots = plan_for(ctxs, qlens, rng)
+    cache = PagedKVCache(CFG, num_blocks, BLOCK_SIZE, torch.float32)
+    cache.kv.uniform_(-1, 1)
+    gen = torch.Generator().manual_seed(0)
+    num_tokens = int(qlens.sum())
+    q = torch.randn(num_tokens, CFG.num_heads, CFG.head_dim, generator=gen)
+    k = torch.randn(num_tokens, CFG.num_kv_heads, CFG.head_dim, generator=gen)
+    v = torch.randn(num_tokens, CFG.num_kv_heads, CFG.head_dim, generator=gen)
+    kv_bytes = int(ctxs.sum()) * CFG.num_kv_heads * CFG.head_dim * 4 * 2
+    results: dict[str, float] = {}
+    for method in methods:
+        mode: DecodeMode = method if method in ("group", "pad", "loop") else "group"  # type: ignore[assignment]
+        start = time.perf_counter()
+        for _ in range(10):
+            attn = PagedAttention(cache, qlens, ctxs, slots, tables, decode_mode=mode)
+        plan_s = (time.perf_counter() - start) / 10
+        results[method] = time_layers(attn, q, k, v, passes)
+        row = {
+            "batch": batch,
+            "context": context,
+            "method": method,
+            "us_per_layer": round(results[method] * 1e6, 1),
+            "gb_s": round(kv_bytes / results[method] / 1e9, 2),
+            "plan_us": round(plan_s * 1e6, 1),
+        }
+        if "loop" in results:
+            row["vs_loop"] = round(results["loop"] / results[method], 2)
+        print(json.dumps(row), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="two small cases, one pass")
+    parser.add_argument("--passes", type=int, default=3)
+    args = parser.parse_args()
+    batches, contexts, passes = ([1, 8, 32], ["64", "256", "1024", "mixed"], args.passes)
+    if args.smoke:
+        batches, contexts, passes = [1, 8], ["64", "mixed"], 1
+    torch.manual_seed(0)
+    for batch in batches:
+        for context in contexts:
+            if context == "mixed":
+                ctxs = np.random.default_rng(batch).integers(64, 1025, size=batch)
+            else:
+                ctxs = np.full(batch, int(context))
+            # the loop first: the other rows report their speed-up over it
+            run_case(batch, context, ctxs, np.ones(batch, dtype=np.int64), ["loop", "pad", "group"], passes)
+    if not args.smoke:
+        run_case(1, "prefill 0..511", np.array([512]), np.array([512]), ["prefill"], passes)
+        run_case(1, "prefill 512..1023", np.array([1024]), np.array([512]), ["prefill"], passes)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,486 @@
+//! Continuous batching over the block pool.
+//!
+//! Each step: running sequences first, oldest first (a decode token, or the
+//! next chunk of a prefill), then waiting ones while the token budget and
+//! `max_num_seqs` allow. When blocks run out, the newest running sequence is
+//! preempted by recompute: its blocks are freed (their hashes stay in the
+//! prefix cache) and it waits at the front of the queue. The step goes out
+//! as flat arrays (`StepPlan`).
+
+use std::collections::{HashMap, VecDeque};
+
+use crate::block_pool::{BlockId, BlockPool};
+use crate::error::SchedulerError;
+use crate::prefix_cache::{block_hash, PrefixCache};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SchedulerConfig {
+    pub num_blocks: usize,
+    pub block_size: usize,
+    pub max_num_seqs: usize,
+    pub max_num_batched_tokens: usize,
+    pub enable_prefix_caching: bool,
+    /// Mixed into every block hash: a different model or adapter never hits.
+    pub cache_salt: u64,
+}
+
+impl SchedulerConfig {
+    pub fn validate(&self) -> Result<(), SchedulerError> {
+        let bad = |what: &str| Err(SchedulerError::InvalidConfig(format!("{what} must be > 0")));
+        if self.num_blocks == 0 {
+            return bad("num_blocks");
+        }
+        if self.block_size == 0 {
+            return bad("block_size");
+        }
+        if self.max_num_seqs == 0 {
+            return bad("max_num_seqs");
+        }
+        if self.max_num_batched_tokens == 0 {
+            return bad("max_num_batched_tokens");
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Sequence {
+    token_ids: Vec<u32>,
+    /// Tokens whose KV is cached, counting those scheduled in the last plan.
+    num_computed: usize,
+    block_table: Vec<BlockId>,
+    /// Hashes of the full blocks at the front of `block_table`.
+    block_hashes: Vec<u64>,
+    /// Seats in the running batch kept for the forks this sequence will make.
+    reserved_forks: usize,
+}
+
+/// One step's work as flat arrays, sequences in plan order.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StepPlan {
+    pub seq_ids: Vec<u64>,
+    pub query_lens: Vec<u32>,
+    /// Cached tokens of each sequence once this step has run.
+    pub context_lens: Vec<u32>,
+    /// Whether the step computes a sequence's last known token, so a new one is sampled.
+    pub sample: Vec<bool>,
+    pub input_ids: Vec<u32>,
+    pub positions: Vec<u32>,
+    pub slot_mapping: Vec<i64>,
+    /// Row-major (seq_ids.len(), max_blocks), padded with -1.
+    pub block_tables: Vec<i32>,
+    pub max_blocks: usize,
+    /// (source, destination) block copies to run before the model (copy-on-write).
+    pub copy_ops: Vec<(BlockId, BlockId)>,
+    pub preempted: Vec<u64>,
+}
+
+impl StepPlan {
+    pub fn num_tokens(&self) -> usize {
+        self.input_ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.seq_ids.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SchedulerStats {
+    pub prefix_cache_queries: u64,
+    pub prefix_cache_hits: u64,
+    pub num_preemptions: u64,
+}
+
+#[derive(Debug)]
+pub struct Scheduler {
+    cfg: SchedulerConfig,
+    pool: BlockPool,
+    cache: PrefixCache,
+    seqs: HashMap<u64, Sequence>,
+    waiting: VecDeque<u64>,
+    /// Oldest first.
+    running: Vec<u64>,
+    stats: SchedulerStats,
+}
+
+impl Scheduler {
+    pub fn new(cfg: SchedulerConfig) -> Result<Self, SchedulerError> {
+        cfg.validate()?;
+        let pool = BlockPool::new(cfg.num_blocks);
+        Ok(Self {
+            cfg,
+            pool,
+            cache: PrefixCache::default(),
+            seqs: HashMap::new(),
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            stats: SchedulerStats::default(),
+        })
+    }
+
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.cfg
+    }
+
+    pub fn stats(&self) -> SchedulerStats {
+        self.stats
+    }
+
+    pub fn pool(&self) -> &BlockPool {
+        &self.pool
+    }
+
+    pub fn num_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    pub fn num_running(&self) -> usize {
+        self.running.len()
+    }
+
+    pub fn has_work(&self) -> bool {
+        !self.waiting.is_empty() || !self.running.is_empty()
+    }
+
+    fn blocks_for(&self, num_tokens: usize) -> usize {
+        num_tokens.div_ceil(self.cfg.block_size)
+    }
+
+    /// Queue a new sequence. Its whole prompt must fit in the pool.
+    pub fn add(&mut self, seq_id: u64, prompt_ids: &[u32]) -> Result<(), SchedulerError> {
+        self.add_group(seq_id, prompt_ids, 0)
+    }
+
+    /// Queue a sequence that will `fork` `num_forks` times once its prompt is
+    /// computed (n > 1 choices); it is admitted only with seats for all.
+    pub fn add_group(
+        &mut self,
+        seq_id: u64,
+        prompt_ids: &[u32],
+        num_forks: usize,
+    ) -> Result<(), SchedulerError> {
+        if self.seqs.contains_key(&seq_id) {
+            return Err(SchedulerError::DuplicateSequence(seq_id));
+        }
+        if prompt_ids.is_empty() {
+            return Err(SchedulerError::EmptyPrompt(seq_id));
+        }
+        let needed = self.blocks_for(prompt_ids.len() + 1);
+        if needed > self.cfg.num_blocks {
+            return Err(SchedulerError::TooLong {
+                seq_id,
+                needed,
+                available: self.cfg.num_blocks,
+            });
+        }
+        if num_forks + 1 > self.cfg.max_num_seqs {
+            return Err(SchedulerError::TooManyChoices {
+                seq_id,
+                wanted: num_forks + 1,
+                max: self.cfg.max_num_seqs,
+            });
+        }
+        let seq = Sequence {
+            token_ids: prompt_ids.to_vec(),
+            num_computed: 0,
+            block_table: vec![],
+            block_hashes: vec![],
+            reserved_forks: num_forks,
+        };
+        self.seqs.insert(seq_id, seq);
+        self.waiting.push_back(seq_id);
+        Ok(())
+    }
+
+    /// Append a sampled token; the next step computes it.
+    pub fn append_token(&mut self, seq_id: u64, token_id: u32) -> Result<(), SchedulerError> {
+        let seq = self
+            .seqs
+            .get_mut(&seq_id)
+            .ok_or(SchedulerError::UnknownSequence(seq_id))?;
+        seq.token_ids.push(token_id);
+        Ok(())
+    }
+
+    /// A new running sequence sharing every block of `parent` (n > 1 choices).
+    /// The shared partial last block is copied when either side writes to it.
+    pub fn fork(&mut self, parent_id: u64, child_id: u64) -> Result<(), SchedulerError> {
+        if self.seqs.contains_key(&child_id) {
+            return Err(SchedulerError::DuplicateSequence(child_id));
+        }
+        let pos = self
+            .running
+            .iter()
+            .position(|&s| s == parent_id)
+            .ok_or(SchedulerError::NotRunning(parent_id))?;
+        let parent = self
+            .seqs
+            .get_mut(&parent_id)
+            .expect("running sequences are known");
+        if parent.reserved_forks == 0 {
+            return Err(SchedulerError::NoReservedSeat(parent_id));
+        }
+        parent.reserved_forks -= 1;
+        let mut child = parent.clone();
+        child.reserved_forks = 0;
+        for &b in &child.block_table {
+            self.pool.share(b);
+        }
+        self.seqs.insert(child_id, child);
+        self.running.insert(pos + 1, child_id);
+        Ok(())
+    }
+
+    /// End a sequence (finished or aborted) at any point and free its blocks.
+    pub fn finish(&mut self, seq_id: u64) -> Result<(), SchedulerError> {
+        let seq = self
+            .seqs
+            .remove(&seq_id)
+            .ok_or(SchedulerError::UnknownSequence(seq_id))?;
+        self.waiting.retain(|&s| s != seq_id);
+        self.running.retain(|&s| s != seq_id);
+        self.release(&seq.block_table);
+        Ok(())
+    }
+
+    /// Free in reverse so that a chain's deepest blocks are reused first.
+    fn release(&mut self, blocks: &[BlockId]) {
+        for &b in blocks.iter().rev() {
+            let freed = self.pool.free(b);
+            debug_assert!(freed, "block {b} freed twice");
+        }
+    }
+
+    /// Plan the next step.
+    pub fn schedule(&mut self) -> StepPlan {
+        let mut plan = StepPlan::default();
+        let mut budget = self.cfg.max_num_batched_tokens;
+        let mut i = 0;
+        while i < self.running.len() && budget > 0 {
+            let id = self.running[i];
+            let want = self.seqs[&id].token_ids.len() - self.seqs[&id].num_computed;
+            if want == 0 {
+                i += 1; // waiting for its sampled token to be appended
+                continue;
+            }
+            let n = want.min(budget);
+            if self.make_room(id, n, &mut plan) {
+                self.emit(id, n, &mut plan);
+                budget -= n;
+                i += 1;
+            }
+            // else: `id` itself was preempted; running[i] is now the next one, if any.
+        }
+        self.admit_waiting(&mut budget, &mut plan);
+        self.fill_block_tables(&mut plan);
+        plan
+    }
+
+    /// Reserve blocks for `n` more tokens of running `id`, preempting the
+    /// newest running sequences as needed. False if `id` itself was preempted.
+    fn make_room(&mut self, id: u64, n: usize, plan: &mut StepPlan) -> bool {
+        loop {
+            if self.try_reserve(id, n, plan) {
+                return true;
+            }
+            let Some(&victim) = self.running.last() else {
+                return false;
+            };
+            self.preempt(victim, plan);
+            if victim == id {
+                return false;
+            }
+        }
+    }
+
+    fn preempt(&mut self, id: u64, plan: &mut StepPlan) {
+        self.running.retain(|&s| s != id);
+        let seq = self.seqs.get_mut(&id).expect("running sequences are known");
+        let blocks = std::mem::take(&mut seq.block_table);
+        seq.block_hashes.clear();
+        seq.num_computed = 0;
+        self.release(&blocks);
+        self.waiting.push_front(id);
+        self.stats.num_preemptions += 1;
+        plan.preempted.push(id);
+    }
+
+    /// Running sequences plus the seats they keep for forks.
+    fn seats_taken(&self) -> usize {
+        self.running.len()
+            + self
+                .running
+                .iter()
+                .map(|id| self.seqs[id].reserved_forks)
+                .sum::<usize>()
+    }
+
+    fn admit_waiting(&mut self, budget: &mut usize, plan: &mut StepPlan) {
+        while *budget > 0 {
+            let Some(&id) = self.waiting.front() else {
+                return;
+            };
+            if self.seats_taken() + 1 + self.seqs[&id].reserved_forks > self.cfg.max_num_seqs {
+                return;
+            }
+            if self.seqs[&id].block_table.is_empty() {
+                self.take_cached_prefix(id);
+            }
+            let seq = &self.seqs[&id];
+            let n = (seq.token_ids.len() - seq.num_computed).min(*budget);
+            if !self.try_reserve(id, n, plan) {
+                // Leave it waiting; give back what the prefix cache lent it.
+                let seq = self.seqs.get_mut(&id).expect("waiting sequences are known");
+                let blocks = std::mem::take(&mut seq.block_table);
+                seq.block_hashes.clear();
+                seq.num_computed = 0;
+                self.release(&blocks);
+                return;
+            }
+            self.waiting.pop_front();
+            self.running.push(id);
+            self.emit(id, n, plan);
+            *budget -= n;
+        }
+    }
+
+    /// Reuse cached full blocks of the prompt; the last token is always computed.
+    fn take_cached_prefix(&mut self, id: u64) {
+        if !self.cfg.enable_prefix_caching {
+            return;
+        }
+        let bs = self.cfg.block_size;
+        let seq = self.seqs.get_mut(&id).expect("waiting sequences are known");
+        let max_full = (seq.token_ids.len() - 1) / bs;
+        let mut parent = None;
+        for i in 0..max_full {
+            let tokens = &seq.token_ids[i * bs..(i + 1) * bs];
+            let h = block_hash(parent, self.cfg.cache_salt, tokens);
+            let Some(b) = self.cache.lookup(h, tokens) else {
+                break;
+            };
+            self.pool.share(b);
+            seq.block_table.push(b);
+            seq.block_hashes.push(h);
+            parent = Some(h);
+        }
+        seq.num_computed = seq.block_table.len() * bs;
+        self.stats.prefix_cache_queries += (max_full * bs) as u64;
+        self.stats.prefix_cache_hits += seq.num_computed as u64;
+    }
+
+    /// Allocate the blocks `n` more tokens need (and a private copy of a
+    /// shared partial last block). All or nothing.
+    fn try_reserve(&mut self, id: u64, n: usize, plan: &mut StepPlan) -> bool {
+        let bs = self.cfg.block_size;
+        let seq = &self.seqs[&id];
+        let new_blocks = self
+            .blocks_for(seq.num_computed + n)
+            .saturating_sub(seq.block_table.len());
+        let last = seq.block_table.last().copied();
+        let copy_last =
+            seq.num_computed % bs != 0 && last.is_some_and(|b| self.pool.ref_count(b) > 1);
+        if self.pool.num_free() < new_blocks + usize::from(copy_last) {
+            return false;
+        }
+        if let (true, Some(old)) = (copy_last, last) {
+            let new = self.allocate_block();
+            plan.copy_ops.push((old, new));
+            self.pool.free(old);
+            let seq = self.seqs.get_mut(&id).expect("known");
+            *seq.block_table.last_mut().expect("has a last block") = new;
+        }
+        for _ in 0..new_blocks {
+            let b = self.allocate_block();
+            self.seqs.get_mut(&id).expect("known").block_table.push(b);
+        }
+        true
+    }
+
+    fn allocate_block(&mut self) -> BlockId {
+        let (b, old_hash) = self
+            .pool
+            .allocate()
+            .expect("free blocks were counted first");
+        if let Some(h) = old_hash {
+            self.cache.evict(h, b);
+        }
+        b
+    }
+
+    /// Add `n` tokens of `id` to the plan and mark them computed.
+    fn emit(&mut self, id: u64, n: usize, plan: &mut StepPlan) {
+        let bs = self.cfg.block_size;
+        let seq = self.seqs.get_mut(&id).expect("known");
+        let start = seq.num_computed;
+        for pos in start..start + n {
+            plan.input_ids.push(seq.token_ids[pos]);
+            plan.positions.push(pos as u32);
+            plan.slot_mapping
+                .push((seq.block_table[pos / bs] as usize * bs + pos % bs) as i64);
+        }
+        seq.num_computed += n;
+        plan.seq_ids.push(id);
+        plan.query_lens.push(n as u32);
+        plan.context_lens.push(seq.num_computed as u32);
+        plan.sample.push(seq.num_computed == seq.token_ids.len());
+        self.register_full_blocks(id);
+    }
+
+    fn register_full_blocks(&mut self, id: u64) {
+        if !self.cfg.enable_prefix_caching {
+            return;
+        }
+        let bs = self.cfg.block_size;
+        let seq = self.seqs.get_mut(&id).expect("known");
+        while seq.block_hashes.len() < seq.num_computed / bs {
+            let i = seq.block_hashes.len();
+            let tokens = &seq.token_ids[i * bs..(i + 1) * bs];
+            let h = block_hash(
+                seq.block_hashes.last().copied(),
+                self.cfg.cache_salt,
+                tokens,
+            );
+            let b = seq.block_table[i];
+            self.pool.set_hash(b, h);
+            self.cache.insert(h, b, tokens);
+            seq.block_hashes.push(h);
+        }
+    }
+
+    fn fill_block_tables(&self, plan: &mut StepPlan) {
+        let tables: Vec<&Vec<BlockId>> = plan
+            .seq_ids
+            .iter()
+            .map(|id| &self.seqs[id].block_table)
+            .collect();
+        plan.max_blocks = tables.iter().map(|t| t.len()).max().unwrap_or(0);
+        plan.block_tables = vec![-1; tables.len() * plan.max_blocks];
+        for (row, table) in tables.iter().enumerate() {
+            for (j, &b) in table.iter().enumerate() {
+                plan.block_tables[row * plan.max_blocks + j] = b as i32;
+            }
+        }
+    }
+
+    /// Every block's owner count recomputed from the sequences (for tests).
+    pub fn owner_counts(&self) -> Vec<u32> {
+        let mut counts = vec![0u32; self.cfg.num_blocks];
+        for seq in self.seqs.values() {
+            for &b in &seq.block_table {
+                counts[b as usize] += 1;
+            }
+        }
+        counts
+    }
+
+    /// Token ids of a sequence (prompt and generated).
+    pub fn token_ids(&self, seq_id: u64) -> Option<&[u32]> {
+        self.seqs.get(&seq_id).map(|s| s.token_ids.as_slice())
+    }
+}
+
+#[cfg(test)]
+#[path = "scheduler_tests.rs"]
+mod tests;

@@ -1,0 +1,317 @@
+use super::*;
+use crate::rng::uniform;
+
+fn config(num_blocks: usize, block_size: usize) -> SchedulerConfig {
+    SchedulerConfig {
+        num_blocks,
+        block_size,
+        max_num_seqs: 8,
+        max_num_batched_tokens: 64,
+        enable_prefix_caching: true,
+        cache_salt: 0,
+    }
+}
+
+#[test]
+fn prefill_then_decode() {
+    let mut s = Scheduler::new(config(8, 4)).unwrap();
+    s.add(1, &[10, 11, 12, 13, 14, 15]).unwrap();
+    let plan = s.schedule();
+    assert_eq!(plan.seq_ids, vec![1]);
+    assert_eq!(plan.query_lens, vec![6]);
+    assert_eq!(plan.context_lens, vec![6]);
+    assert_eq!(plan.sample, vec![true]);
+    assert_eq!(plan.positions, (0..6).collect::<Vec<_>>());
+    assert_eq!(plan.slot_mapping, vec![0, 1, 2, 3, 4, 5]);
+    assert_eq!(
+        (plan.max_blocks, plan.block_tables.clone()),
+        (2, vec![0, 1])
+    );
+    s.append_token(1, 99).unwrap();
+    let plan = s.schedule();
+    assert_eq!(
+        (
+            plan.input_ids.clone(),
+            plan.positions.clone(),
+            plan.slot_mapping.clone()
+        ),
+        (vec![99], vec![6], vec![6])
+    );
+    s.finish(1).unwrap();
+    assert_eq!(s.pool().num_free(), 8);
+}
+
+#[test]
+fn long_prompts_are_chunked_by_the_token_budget() {
+    let mut cfg = config(16, 4);
+    cfg.max_num_batched_tokens = 5;
+    let mut s = Scheduler::new(cfg).unwrap();
+    s.add(1, &(0..12).collect::<Vec<_>>()).unwrap();
+    let lens: Vec<(u32, bool)> = (0..3)
+        .map(|_| {
+            let p = s.schedule();
+            (p.query_lens[0], p.sample[0])
+        })
+        .collect();
+    assert_eq!(lens, vec![(5, false), (5, false), (2, true)]);
+}
+
+#[test]
+fn decodes_and_prefills_share_a_step() {
+    let mut s = Scheduler::new(config(16, 4)).unwrap();
+    s.add(1, &[1, 2, 3]).unwrap();
+    s.schedule();
+    s.append_token(1, 4).unwrap();
+    s.add(2, &[5, 6, 7, 8, 9]).unwrap();
+    let plan = s.schedule();
+    assert_eq!(plan.seq_ids, vec![1, 2]);
+    assert_eq!(plan.query_lens, vec![1, 5]);
+}
+
+#[test]
+fn prefix_cache_reuses_full_blocks_but_not_the_last_token() {
+    let mut s = Scheduler::new(config(16, 4)).unwrap();
+    let prompt: Vec<u32> = (100..110).collect();
+    s.add(1, &prompt).unwrap();
+    s.schedule();
+    s.finish(1).unwrap();
+    s.add(2, &prompt).unwrap();
+    let plan = s.schedule();
+    assert_eq!(plan.query_lens, vec![2], "two full blocks (8 tokens) hit");
+    assert_eq!(s.stats().prefix_cache_hits, 8);
+    // A prompt that is exactly two blocks recomputes its last block's last token.
+    s.add(3, &prompt[..8]).unwrap();
+    let plan = s.schedule();
+    assert_eq!(
+        plan.query_lens.last(),
+        Some(&4),
+        "only the first block hits; the last token is computed"
+    );
+}
+
+#[test]
+fn different_salt_or_prefix_does_not_hit() {
+    let mut s = Scheduler::new(config(16, 4)).unwrap();
+    s.add(1, &[1, 2, 3, 4, 5, 6, 7, 8, 9]).unwrap();
+    s.schedule();
+    s.add(2, &[0, 2, 3, 4, 5, 6, 7, 8, 9]).unwrap();
+    let plan = s.schedule();
+    assert_eq!(plan.query_lens.last(), Some(&9));
+}
+
+#[test]
+fn preemption_frees_the_newest_and_it_resumes() {
+    let mut cfg = config(3, 2);
+    cfg.enable_prefix_caching = false;
+    let mut s = Scheduler::new(cfg).unwrap();
+    s.add(1, &[1, 2, 3]).unwrap(); // 2 blocks
+    s.add(2, &[4]).unwrap(); // 1 block
+    let plan = s.schedule();
+    assert_eq!(plan.seq_ids, vec![1, 2]);
+    s.append_token(1, 9).unwrap(); // fits in block 2 of seq 1 (position 3)
+    s.append_token(2, 9).unwrap(); // position 1: fits too
+    s.schedule();
+    s.append_token(1, 9).unwrap(); // position 4: needs a third block for seq 1
+    s.append_token(2, 9).unwrap();
+    let plan = s.schedule();
+    assert_eq!(plan.preempted, vec![2]);
+    assert_eq!(plan.seq_ids, vec![1]);
+    assert_eq!(s.num_waiting(), 1);
+    s.finish(1).unwrap();
+    let plan = s.schedule();
+    assert_eq!(plan.seq_ids, vec![2]);
+    assert_eq!(
+        plan.query_lens,
+        vec![3],
+        "recomputes its prompt and generated tokens"
+    );
+    assert_eq!(plan.sample, vec![true]);
+}
+
+#[test]
+fn fork_shares_blocks_and_copies_the_partial_block_on_write() {
+    let mut s = Scheduler::new(config(8, 4)).unwrap();
+    s.add_group(1, &[1, 2, 3, 4, 5, 6], 1).unwrap();
+    s.schedule();
+    s.fork(1, 2).unwrap();
+    assert_eq!(s.fork(1, 3), Err(SchedulerError::NoReservedSeat(1)));
+    assert_eq!(s.pool().ref_count(0), 2);
+    s.append_token(1, 7).unwrap();
+    s.append_token(2, 8).unwrap();
+    let plan = s.schedule();
+    assert_eq!(
+        plan.copy_ops.len(),
+        1,
+        "one side copies the shared partial block"
+    );
+    let rows: Vec<&[i32]> = plan.block_tables.chunks(plan.max_blocks).collect();
+    assert_eq!(rows[0][0], rows[1][0], "the full block stays shared");
+    assert_ne!(rows[0][1], rows[1][1]);
+}
+
+#[test]
+fn errors_are_reported() {
+    let mut s = Scheduler::new(config(2, 4)).unwrap();
+    assert_eq!(s.add(1, &[]), Err(SchedulerError::EmptyPrompt(1)));
+    assert!(matches!(
+        s.add(1, &[0; 8]),
+        Err(SchedulerError::TooLong { .. })
+    ));
+    s.add(1, &[1]).unwrap();
+    assert_eq!(s.add(1, &[1]), Err(SchedulerError::DuplicateSequence(1)));
+    assert_eq!(s.finish(7), Err(SchedulerError::UnknownSequence(7)));
+    assert_eq!(s.fork(1, 2), Err(SchedulerError::NotRunning(1)));
+    assert!(Scheduler::new(config(0, 4)).is_err());
+}
+
+/// A tiny deterministic trace generator.
+struct Trace {
+    seed: u64,
+    step: u64,
+}
+
+impl Trace {
+    fn below(&mut self, n: usize) -> usize {
+        self.step += 1;
+        (uniform(self.seed, self.step) * n as f64) as usize
+    }
+}
+
+/// Simulated KV memory: which token's KV each slot holds.
+fn check_kv(kv: &mut [Option<u32>], s: &Scheduler, plan: &StepPlan, bs: usize) {
+    for &(src, dst) in &plan.copy_ops {
+        let (src, dst) = (src as usize * bs, dst as usize * bs);
+        let block: Vec<_> = kv[src..src + bs].to_vec();
+        kv[dst..dst + bs].copy_from_slice(&block);
+    }
+    for (&slot, &tok) in plan.slot_mapping.iter().zip(&plan.input_ids) {
+        kv[slot as usize] = Some(tok);
+    }
+    for (row, &id) in plan.seq_ids.iter().enumerate() {
+        let tokens = s.token_ids(id).unwrap();
+        let table = &plan.block_tables[row * plan.max_blocks..(row + 1) * plan.max_blocks];
+        for pos in 0..plan.context_lens[row] as usize {
+            let slot = table[pos / bs] as usize * bs + pos % bs;
+            assert_eq!(
+                kv[slot],
+                Some(tokens[pos]),
+                "seq {id} position {pos} reads another token's KV"
+            );
+        }
+    }
+}
+
+fn check_invariants(s: &Scheduler, plan: &StepPlan) {
+    let cfg = s.config();
+    assert!(
+        plan.num_tokens() <= cfg.max_num_batched_tokens,
+        "token budget exceeded"
+    );
+    assert!(s.num_running() <= cfg.max_num_seqs);
+    let owners = s.owner_counts();
+    for (b, &count) in owners.iter().enumerate() {
+        assert_eq!(
+            s.pool().ref_count(b as u32),
+            count,
+            "block {b} ref count != owners"
+        );
+    }
+    assert_eq!(
+        s.pool().num_free(),
+        owners.iter().filter(|&&c| c == 0).count()
+    );
+    // A block can be written and shared in the same step (its KV is stored
+    // before any attention reads it); what must never happen is two writes to
+    // one slot. Reads of stale KV are caught by check_kv.
+    let mut slots = plan.slot_mapping.clone();
+    slots.sort_unstable();
+    assert!(
+        slots.windows(2).all(|w| w[0] != w[1]),
+        "two tokens write one slot"
+    );
+}
+
+fn run_trace(seed: u64, num_blocks: usize, block_size: usize, caching: bool) -> SchedulerStats {
+    let cfg = SchedulerConfig {
+        num_blocks,
+        block_size,
+        max_num_seqs: 6,
+        max_num_batched_tokens: 40,
+        enable_prefix_caching: caching,
+        cache_salt: 3,
+    };
+    let mut s = Scheduler::new(cfg).unwrap();
+    let mut t = Trace { seed, step: 0 };
+    let mut kv = vec![None; num_blocks * block_size];
+    let mut targets: HashMap<u64, usize> = HashMap::new();
+    let shared_prefix: Vec<u32> = (0..24).map(|i| 1000 + i).collect();
+    let mut next_id = 0u64;
+    for _ in 0..400 {
+        if t.below(3) == 0 && next_id < 60 {
+            let prefix = t.below(shared_prefix.len());
+            let mut prompt = shared_prefix[..prefix].to_vec();
+            prompt.extend((0..1 + t.below(20)).map(|_| t.below(50) as u32));
+            if s.add_group(next_id, &prompt, t.below(3)).is_ok() {
+                targets.insert(next_id, prompt.len() + 1 + t.below(12));
+            }
+            next_id += 1;
+        }
+        let plan = s.schedule();
+        check_invariants(&s, &plan);
+        check_kv(&mut kv, &s, &plan, block_size);
+        for (row, &id) in plan.seq_ids.iter().enumerate() {
+            if !plan.sample[row] {
+                continue;
+            }
+            let len = s.token_ids(id).unwrap().len();
+            if len >= targets[&id] || t.below(40) == 0 {
+                s.finish(id).unwrap(); // finished, or aborted mid-decode
+            } else {
+                s.append_token(id, t.below(50) as u32).unwrap();
+                while t.below(2) == 0 {
+                    let child = next_id;
+                    next_id += 1;
+                    if s.fork(id, child).is_err() {
+                        break;
+                    }
+                    targets.insert(child, targets[&id]);
+                    s.append_token(child, t.below(50) as u32).unwrap();
+                }
+            }
+        }
+        // Abort a waiting or mid-prefill sequence now and then.
+        if t.below(25) == 0 {
+            if let Some(&id) = targets.keys().find(|id| s.token_ids(**id).is_some()) {
+                s.finish(id).unwrap();
+            }
+        }
+    }
+    let alive: Vec<u64> = targets
+        .keys()
+        .copied()
+        .filter(|id| s.token_ids(*id).is_some())
+        .collect();
+    for id in alive {
+        s.finish(id).unwrap();
+    }
+    assert!(!s.has_work());
+    assert_eq!(
+        s.pool().num_free(),
+        num_blocks,
+        "every ref count returns to zero"
+    );
+    assert!((0..num_blocks as u32).all(|b| s.pool().ref_count(b) == 0));
+    s.stats()
+}
+
+#[test]
+fn random_traces_keep_every_invariant() {
+    for seed in 0..40 {
+        run_trace(
+            seed,
+            12 + (seed as usize % 5) * 6,
+            [1, 2, 4, 16][seed as usize % 4],
+            seed % 3 != 0,
+        );
+    }
+}

@@ -1,0 +1,144 @@
+"""The engine on a background thread, and the clients that talk to it.
+
+One thread owns the LLMEngine (and so the scheduler); callers on any thread
+submit requests and get their outputs through callbacks, which the
+blocking, iterator and asyncio helpers below turn into what each caller
+wants. Validation runs on the caller's thread so bad input raises there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+
+from mistralrs_serve.engine.llm_engine import LLMEngine
+from mistralrs_serve.engine.sequence import CompletionOutput, OutputCallback, StepOutput
+from mistralrs_serve.errors import MistralrsServeError
+from mistralrs_serve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineError(MistralrsServeError):
+    """The engine failed while running a request (the request is ended)."""
+
+
+class EngineLoop:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stopped = False
+        self._ids = itertools.count()
+        self._thread = threading.Thread(target=self._run, name="mistralrs-engine", daemon=True)
+        self._thread.start()
+
+    def submit(
+        self, prompt_ids: list[int], params: SamplingParams, on_output: OutputCallback, param: str = "prompt"
+    ) -> str:
+        """Queue a request; raises InvalidRequestError here if it can never run."""
+        self.engine.check_prompt(prompt_ids, params, param)
+        params.to_native(self.engine.model.config.vocab_size, lambda s: [])  # validates logit_bias ids
+        request_id = f"req-{next(self._ids)}"
+
+        def add() -> None:
+            try:
+                self.engine.add_request(request_id, prompt_ids, params, on_output, param)
+            except Exception as e:  # reported to its caller, never kills the loop
+                for index in range(params.n):
+                    on_output(StepOutput(index, -1, "", finish_reason="abort", error=str(e)))
+
+        self._post(add)
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        def abort() -> None:
+            self.engine.abort_request(request_id)
+
+        self._post(abort)
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    def _post(self, command: Callable[[], None]) -> None:
+        self._inbox.put(command)
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stopped:
+            self._drain_inbox()
+            if not self.engine.has_unfinished_requests():
+                self._wake.wait()
+                self._wake.clear()
+                continue
+            try:
+                self.engine.step()
+            except Exception as e:
+                logger.exception("engine step failed; ending the running requests")
+                self.engine.fail_all(f"internal engine error ({type(e).__name__})")
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                command = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            command()
+
+    # --- caller-side helpers -------------------------------------------
+
+    def generate(
+        self, prompt_ids: list[int], params: SamplingParams, param: str = "prompt"
+    ) -> list[CompletionOutput]:
+        """Block until every choice is finished."""
+        outputs = [CompletionOutput(i) for i in range(params.n)]
+        for step in self.stream(prompt_ids, params, param):
+            outputs[step.index].add(step)
+        return outputs
+
+    def stream(
+        self, prompt_ids: list[int], params: SamplingParams, param: str = "prompt"
+    ) -> Iterator[StepOutput]:
+        """Step outputs of all choices as they come; closing the iterator aborts the request."""
+        inbox: queue.SimpleQueue[StepOutput] = queue.SimpleQueue()
+        request_id = self.submit(prompt_ids, params, inbox.put, param)
+        remaining = params.n
+        try:
+            while remaining:
+                step = inbox.get()
+                if step.error is not None:
+                    raise EngineError(step.error)
+                remaining -= step.finish_reason is not None
+                yield step
+        finally:
+            if remaining:
+                self.abort(request_id)
+
+    async def stream_async(
+        self, prompt_ids: list[int], params: SamplingParams, param: str = "prompt"
+    ) -> AsyncIterator[StepOutput]:
+        """As `stream`, for asyncio; cancelling the consumer aborts the request."""
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue[StepOutput] = asyncio.Queue()
+
+        def deliver(step: StepOutput) -> None:
+            loop.call_soon_threadsafe(inbox.put_nowait, step)
+
+        request_id = self.submit(prompt_ids, params, deliver, param)
+        remaining = params.n
+        try:
+            while remaining:
+                step = await inbox.get()
+                if step.error is not None:
+                    raise EngineError(step.error)
+                remaining -= step.finish_reason is not None
+                yield step
+        finally:
+            if remaining:
+                self.abort(request_id)
