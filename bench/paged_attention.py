@@ -28,7 +28,6 @@ import time
 
 import numpy as np
 import torch
-
 from mistralrs_serve.config import ModelConfig
 from mistralrs_serve.engine.paged_cache import DecodeMode, PagedAttention, PagedKVCache
 
@@ -62,7 +61,9 @@ def plan_for(
     return num_blocks, tables, np.array(slots, dtype=np.int64)
 
 
-def time_layers(attn: PagedAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, passes: int) -> float:
+def time_layers(
+    attn: PagedAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, passes: int
+) -> float:
     """Best mean seconds per layer call over `passes` passes of all layers."""
     for layer in range(CFG.num_layers):  # warm-up
         attn.attend(layer, q, k, v)
@@ -110,11 +111,18 @@ def run_case(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--smoke", action="store_true", help="two small cases, one pass")
     parser.add_argument("--passes", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    parser.add_argument("--batch", type=int, nargs="*", default=[1, 8, 32])
+    parser.add_argument("--context", nargs="*", default=["64", "256", "1024", "mixed"])
     args = parser.parse_args()
-    batches, contexts, passes = ([1, 8, 32], ["64", "256", "1024", "mixed"], args.passes)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    batches, contexts, passes = args.batch, args.context, args.passes
     if args.smoke:
         batches, contexts, passes = [1, 8], ["64", "mixed"], 1
     torch.manual_seed(0)
@@ -126,7 +134,7 @@ def main() -> None:
                 ctxs = np.full(batch, int(context))
             # the loop first: the other rows report their speed-up over it
             run_case(batch, context, ctxs, np.ones(batch, dtype=np.int64), ["loop", "pad", "group"], passes)
-    if not args.smoke:
+    if not args.smoke and args.batch == parser.get_default("batch"):
         run_case(1, "prefill 0..511", np.array([512]), np.array([512]), ["prefill"], passes)
         run_case(1, "prefill 512..1023", np.array([1024]), np.array([512]), ["prefill"], passes)
 

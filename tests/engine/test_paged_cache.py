@@ -50,13 +50,14 @@ def setup_step(
     rng: np.random.Generator,
     num_padding: int = 0,
     extra_columns: int = 1,
+    consecutive: bool = False,
 ) -> tuple[list[Seq], Plan]:
-    """Random shuffled block tables for (context_len, query_len) specs; the
-    cached prefix of each sequence is written into the cache directly."""
+    """Shuffled (or consecutive) block tables for (context_len, query_len)
+    specs; the cached prefix of each sequence is written into the cache directly."""
     cfg, bs = cache.config, cache.block_size
     needed = [-(-c // bs) for c, _ in specs]
     assert sum(needed) <= cache.num_blocks
-    pool = rng.permutation(cache.num_blocks)
+    pool = np.arange(cache.num_blocks) if consecutive else rng.permutation(cache.num_blocks)
     seqs, offset = [], 0
     for (ctx, q_len), nb in zip(specs, needed, strict=True):
         blocks = [int(b) for b in pool[offset : offset + nb]]
@@ -124,12 +125,13 @@ def run_and_check(
     decode_mode: str = "group",
     q_dtype: torch.dtype = torch.float32,
     atol: float = 1e-5,
+    consecutive: bool = False,
 ) -> None:
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
     num_blocks = sum(-(-c // block_size) for c, _ in specs) + 5
     cache = PagedKVCache(cfg, num_blocks, block_size, torch.float32)
-    seqs, plan = setup_step(cache, specs, rng, num_padding)
+    seqs, plan = setup_step(cache, specs, rng, num_padding, consecutive=consecutive)
     attn = PagedAttention(
         cache,
         plan.query_lens,
@@ -186,6 +188,12 @@ def test_mixed_batch_matches_reference(block_size: int, decode_mode: str) -> Non
     run_and_check(
         make_config(), block_size, mixed_specs(block_size), seed=block_size, decode_mode=decode_mode
     )
+
+
+@pytest.mark.parametrize("block_size", [1, 16, 7])
+def test_consecutive_block_tables(block_size: int) -> None:
+    specs = [*mixed_specs(block_size), (300, 1), (200, 1), (130, 40)]
+    run_and_check(make_config(), block_size, specs, seed=4, consecutive=True)
 
 
 @pytest.mark.parametrize("heads", [(6, 2), (4, 4), (9, 3)])

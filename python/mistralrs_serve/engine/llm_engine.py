@@ -76,6 +76,7 @@ class LLMEngine:
                 f"the prompt has {len(prompt_ids)} tokens; this model's context holds {self.max_model_len}",
                 param,
             )
+        # A sequence must fit the KV cache on its own, or it would preempt itself forever.
         kv_tokens = self.scheduler.num_blocks * self.scheduler.block_size
         if len(prompt_ids) + 1 > kv_tokens:
             raise InvalidRequestError(
@@ -83,6 +84,13 @@ class LLMEngine:
                 "(raise --kv-cache-mb)",
                 param,
             )
+        if params.max_tokens is not None and len(prompt_ids) + params.max_tokens > kv_tokens:
+            raise InvalidRequestError(
+                f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
+                f"KV cache of {kv_tokens} tokens (raise --kv-cache-mb)",
+                "max_tokens",
+            )
+        room = min(room, kv_tokens - len(prompt_ids))
         return room if params.max_tokens is None else min(room, params.max_tokens)
 
     def add_request(

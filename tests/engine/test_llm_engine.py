@@ -1,0 +1,178 @@
+"""The batching engine on the default model: batching, prefix cache,
+preemption and aborts change nothing about greedy outputs, and every KV
+block comes back."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from mistralrs_serve.config import EngineConfig
+from mistralrs_serve.engine.engine_loop import EngineLoop
+from mistralrs_serve.engine.llm_engine import LLMEngine
+from mistralrs_serve.engine.sequence import CompletionOutput, StepOutput
+from mistralrs_serve.models.loader import ModelSource, load_model
+from mistralrs_serve.sampling_params import SamplingParams
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def loaded():  # type: ignore[no-untyped-def]
+    return load_model(ModelSource("default"))
+
+
+def prompts(engine: LLMEngine, n: int) -> list[list[int]]:
+    topics = ["France", "the sea", "Rust", "tea", "a cat", "rain", "music", "chess", "bread", "winter"]
+    messages = [[{"role": "user", "content": f"Write one sentence about {t}."}] for t in topics]
+    return [engine.tokenizer.encode_chat(m) for m in messages[:n]]
+
+
+def run_batch(engine: LLMEngine, batch: list[list[int]], params: SamplingParams) -> list[list[int]]:
+    """Submit every prompt at once and step until all finish."""
+    outputs = [CompletionOutput(0) for _ in batch]
+    for i, ids in enumerate(batch):
+        engine.add_request(f"r{i}", ids, params, outputs[i].add)
+    while engine.has_unfinished_requests():
+        engine.step()
+    return [o.token_ids for o in outputs]
+
+
+def assert_all_blocks_free(engine: LLMEngine) -> None:
+    assert engine.scheduler.num_used_blocks == 0
+    assert engine.scheduler.num_free_blocks == engine.scheduler.num_blocks
+    assert not engine.sequences and not engine.requests
+
+
+def test_batched_greedy_equals_one_at_a_time(loaded) -> None:  # type: ignore[no-untyped-def]
+    engine = LLMEngine(loaded, EngineConfig(kv_cache_mb=64, enable_prefix_caching=False))
+    batch = prompts(engine, 6)
+    alone = [engine.generate(ids, GREEDY)[0].token_ids for ids in batch]
+    together = run_batch(engine, batch, GREEDY)
+    assert together == alone
+    assert_all_blocks_free(engine)
+
+
+def test_prefix_cache_hit_gives_the_cold_tokens(loaded) -> None:  # type: ignore[no-untyped-def]
+    engine = LLMEngine(loaded, EngineConfig(kv_cache_mb=64, block_size=4))
+    ids = prompts(engine, 1)[0]
+    cold = engine.generate(ids, GREEDY)[0].token_ids
+    hits_before = engine.scheduler.prefix_cache_hits
+    warm = engine.generate(ids, GREEDY)[0].token_ids
+    assert engine.scheduler.prefix_cache_hits - hits_before >= (len(ids) - 1) // 4 * 4
+    assert warm == cold
+    assert_all_blocks_free(engine)
+
+
+def test_preemption_resumes_with_identical_greedy_output(loaded) -> None:  # type: ignore[no-untyped-def]
+    # A cache of a few blocks cannot hold every sequence: the newest are preempted and recomputed.
+    roomy = LLMEngine(loaded, EngineConfig(kv_cache_mb=64, enable_prefix_caching=False))
+    batch = prompts(roomy, 5)
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    expected = run_batch(roomy, batch, params)
+    tight = LLMEngine(loaded, EngineConfig(kv_cache_mb=4, block_size=4, enable_prefix_caching=False))
+    capacity = tight.scheduler.num_blocks * 4
+    assert max(len(p) + 24 for p in batch) <= capacity < sum(len(p) + 24 for p in batch)
+    assert run_batch(tight, batch, params) == expected
+    assert tight.scheduler.num_preemptions > 0
+    assert_all_blocks_free(tight)
+
+
+def test_n_choices_share_the_prompt_and_are_seeded(loaded) -> None:  # type: ignore[no-untyped-def]
+    # Without the prefix cache: a cache hit computes the last prompt token in a
+    # smaller batch, where the 4-bit kernel replaces the dense one and logits
+    # move by ~1e-3, enough to flip a sampled (not a greedy) token now and then.
+    engine = LLMEngine(loaded, EngineConfig(kv_cache_mb=64, enable_prefix_caching=False))
+    ids = prompts(engine, 1)[0]
+    params = SamplingParams(max_tokens=10, temperature=1.0, seed=5, n=3, ignore_eos=True)
+    first = engine.generate(ids, params)
+    second = engine.generate(ids, params)
+    assert [o.token_ids for o in first] == [o.token_ids for o in second]
+    assert len({tuple(o.token_ids) for o in first}) > 1, "choices sample independently"
+    assert_all_blocks_free(engine)
+
+
+def test_abort_mid_prefill_and_mid_decode_frees_blocks(loaded) -> None:  # type: ignore[no-untyped-def]
+    engine = LLMEngine(loaded, EngineConfig(kv_cache_mb=64, max_num_batched_tokens=8))
+    ids = prompts(engine, 2)
+    outputs: list[StepOutput] = []
+    engine.add_request("a", ids[0], GREEDY, outputs.append)
+    engine.step()  # an 8-token chunk of a longer prompt
+    assert engine.scheduler.num_used_blocks > 0
+    assert engine.abort_request("a")
+    engine.add_request("b", ids[1], GREEDY, outputs.append)
+    while not outputs:
+        engine.step()
+    assert engine.abort_request("b")
+    assert not engine.abort_request("b")
+    assert_all_blocks_free(engine)
+
+
+def test_full_cache_makes_new_requests_wait(loaded) -> None:  # type: ignore[no-untyped-def]
+    engine = LLMEngine(loaded, EngineConfig(kv_cache_mb=4, block_size=4, max_num_seqs=64))
+    batch = prompts(engine, 10)
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    results = run_batch(engine, batch, params)
+    assert all(len(r) == 8 for r in results)
+    assert_all_blocks_free(engine)
+
+
+def test_stream_concatenates_to_the_full_text(loaded) -> None:  # type: ignore[no-untyped-def]
+    client = EngineLoop(LLMEngine(loaded, EngineConfig(kv_cache_mb=64)))
+    try:
+        ids = prompts(client.engine, 1)[0]
+        params = SamplingParams(max_tokens=30, temperature=0.0)
+        streamed = "".join(step.text for step in client.stream(ids, params))
+        assert streamed == client.generate(ids, params)[0].text
+        assert streamed == client.engine.tokenizer.decode(client.generate(ids, params)[0].token_ids)
+    finally:
+        client.shutdown()
+
+
+def test_many_threads_at_once_get_their_own_answers(loaded) -> None:  # type: ignore[no-untyped-def]
+    client = EngineLoop(LLMEngine(loaded, EngineConfig(kv_cache_mb=64)))
+    try:
+        batch = prompts(client.engine, 8)
+        alone = [client.generate(ids, GREEDY)[0].token_ids for ids in batch]
+        got: dict[int, list[int]] = {}
+
+        def worker(i: int) -> None:
+            got[i] = client.generate(batch[i], GREEDY)[0].token_ids
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(batch))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert [got[i] for i in range(len(batch))] == alone
+    finally:
+        client.shutdown()
+
+
+def test_closing_a_stream_aborts_the_request(loaded) -> None:  # type: ignore[no-untyped-def]
+    client = EngineLoop(LLMEngine(loaded, EngineConfig(kv_cache_mb=64)))
+    try:
+        ids = prompts(client.engine, 1)[0]
+        stream = client.stream(ids, SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True))
+        next(stream)
+        stream.close()
+        client.generate(ids, SamplingParams(max_tokens=1))  # the loop has processed the abort
+        assert_all_blocks_free(client.engine)
+    finally:
+        client.shutdown()
+
+
+def test_a_request_larger_than_the_cache_is_rejected(loaded) -> None:  # type: ignore[no-untyped-def]
+    from mistralrs_serve.errors import InvalidRequestError
+
+    engine = LLMEngine(loaded, EngineConfig(kv_cache_mb=4, block_size=4))
+    ids = prompts(engine, 1)[0]
+    capacity = engine.scheduler.num_blocks * 4
+    with pytest.raises(InvalidRequestError) as info:
+        engine.add_request("big", ids, SamplingParams(max_tokens=capacity), lambda _: None)
+    assert info.value.param == "max_tokens"
+    # without max_tokens the budget is what the cache can hold, and the request completes
+    out = engine.generate(ids, SamplingParams(temperature=0.0, ignore_eos=True))[0]
+    assert len(out.token_ids) == capacity - len(ids) and out.finish_reason == "length"
+    assert_all_blocks_free(engine)
