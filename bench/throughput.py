@@ -21,7 +21,6 @@ from collections import deque
 from dataclasses import dataclass
 
 import torch
-
 from mistralrs_serve.config import EngineConfig
 from mistralrs_serve.engine.llm_engine import LLMEngine
 from mistralrs_serve.models.loader import ModelSource, load_model
@@ -34,11 +33,17 @@ class Job:
     max_tokens: int
 
 
-def workload(n: int, prompt_range: tuple[int, int], output_range: tuple[int, int], vocab: int,
-             seed: int) -> list[Job]:
+def workload(
+    n: int, prompt_range: tuple[int, int], output_range: tuple[int, int], vocab: int, seed: int
+) -> list[Job]:
     rng = random.Random(seed)
-    return [Job([rng.randrange(100, vocab - 100) for _ in range(rng.randint(*prompt_range))],
-                rng.randint(*output_range)) for _ in range(n)]
+    return [
+        Job(
+            [rng.randrange(100, vocab - 100) for _ in range(rng.randint(*prompt_range))],
+            rng.randint(*output_range),
+        )
+        for _ in range(n)
+    ]
 
 
 def run(engine: LLMEngine, jobs: list[Job], concurrency: int) -> dict[str, float]:
@@ -66,12 +71,19 @@ def run(engine: LLMEngine, jobs: list[Job], concurrency: int) -> dict[str, float
     elapsed = time.perf_counter() - start
     prompt_tokens = sum(len(j.prompt_ids) for j in jobs)
     out_tokens = sum(generated)
-    return {"output_tok_s": out_tokens / elapsed, "total_tok_s": (out_tokens + prompt_tokens) / elapsed,
-            "elapsed_s": elapsed, "output_tokens": out_tokens, "prompt_tokens": prompt_tokens}
+    return {
+        "output_tok_s": out_tokens / elapsed,
+        "total_tok_s": (out_tokens + prompt_tokens) / elapsed,
+        "elapsed_s": elapsed,
+        "output_tokens": out_tokens,
+        "prompt_tokens": prompt_tokens,
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default=None, help="model reference (default: the embedded default)")
     parser.add_argument("--num-requests", type=int, default=64)
     parser.add_argument("--concurrency", type=int, nargs="*", default=[1, 8, 32])
@@ -82,8 +94,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     loaded = load_model(ModelSource.parse(args.model))
-    config = EngineConfig(kv_cache_mb=args.kv_cache_mb, max_num_seqs=args.max_num_seqs,
-                          max_num_batched_tokens=args.max_num_batched_tokens)
+    config = EngineConfig(
+        kv_cache_mb=args.kv_cache_mb,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+    )
     engine = LLMEngine(loaded, config)
     vocab = loaded.config.vocab_size
     if args.smoke:
@@ -96,12 +111,31 @@ def main() -> None:
     for name, jobs, concurrency in cases:
         r = run(engine, jobs, concurrency)
         for metric in ("output_tok_s", "total_tok_s"):
-            print(json.dumps({"engine": "mistralrs-serve", "workload": name, "metric": metric,
-                              "value": round(r[metric], 1), "requests": len(jobs), "concurrency": concurrency,
-                              "threads": torch.get_num_threads()}), flush=True)
-    print(json.dumps({"engine": "mistralrs-serve", "metric": "prefix_cache_hit_tokens",
-                      "value": engine.scheduler.prefix_cache_hits,
-                      "preemptions": engine.scheduler.num_preemptions}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "engine": "mistralrs-serve",
+                        "workload": name,
+                        "metric": metric,
+                        "value": round(r[metric], 1),
+                        "requests": len(jobs),
+                        "concurrency": concurrency,
+                        "threads": torch.get_num_threads(),
+                    }
+                ),
+                flush=True,
+            )
+    print(
+        json.dumps(
+            {
+                "engine": "mistralrs-serve",
+                "metric": "prefix_cache_hit_tokens",
+                "value": engine.scheduler.prefix_cache_hits,
+                "preemptions": engine.scheduler.num_preemptions,
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -8,3 +8,4 @@ bash ci/lint.sh
 cargo test --release
 $BIN/python -m pytest -q -ra
 $BIN/python bench/decode.py --smoke
+$BIN/python bench/throughput.py --smoke

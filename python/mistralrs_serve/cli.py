@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+from mistralrs_serve.config import EngineConfig
 from mistralrs_serve.errors import MistralrsServeError
 
 logger = logging.getLogger("mistralrs_serve")
@@ -45,6 +46,35 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    d = EngineConfig()
+    g.add_argument("--kv-cache-mb", type=int, default=d.kv_cache_mb, help="KV cache memory budget in MiB")
+    g.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV cache block")
+    g.add_argument("--max-seqs", type=int, default=d.max_num_seqs, help="most sequences running at once")
+    g.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=d.max_num_batched_tokens,
+        help="most tokens per step (bounds a prefill chunk)",
+    )
+    g.add_argument("--no-prefix-cache", action="store_true", help="turn off prefix caching")
+    g.add_argument(
+        "--max-seq-len", type=int, default=None, help="cap the context length (default: the model's)"
+    )
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        block_size=args.block_size,
+        kv_cache_mb=args.kv_cache_mb,
+        max_num_seqs=args.max_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        enable_prefix_caching=not args.no_prefix_cache,
+        max_model_len=args.max_seq_len,
+    )
+
+
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate (default 256)")
@@ -67,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Load a model and answer a prompt with its chat template.",
     )
     add_model_args(run)
+    add_engine_args(run)
     add_sampling_args(run)
     run.add_argument(
         "--prompt", "-p", default=None, help="the user message; without it, read lines from stdin"
@@ -85,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return run_command(args)
-    except MistralrsServeError as e:
+    except (MistralrsServeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -103,7 +134,11 @@ def run_command(args: argparse.Namespace) -> int:
     from mistralrs_serve import ChatCompletionRequest, ChatCompletionResponse, Runner
 
     runner = Runner.from_model(
-        args.model, chat_template=args.chat_template, dtype=args.dtype, num_threads=args.threads
+        args.model,
+        chat_template=args.chat_template,
+        dtype=args.dtype,
+        num_threads=args.threads,
+        engine_config=engine_config(args),
     )
     prompts = [args.prompt] if args.prompt is not None else _stdin_lines()
     for prompt in prompts:

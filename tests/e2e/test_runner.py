@@ -147,3 +147,33 @@ def test_prompt_longer_than_context_is_rejected_or_truncated(default_runner, mon
         truncate_sequence=True,
     )
     assert res.usage.prompt_tokens == default_runner.engine.max_model_len - 2
+
+
+def test_stream_iterator_matches_the_full_response(default_runner) -> None:  # type: ignore[no-untyped-def]
+    full = chat(default_runner, max_tokens=20)
+    chunks = list(chat(default_runner, max_tokens=20, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [full.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage == full.usage
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_concurrent_callers_from_many_threads(default_runner) -> None:  # type: ignore[no-untyped-def]
+    from concurrent.futures import ThreadPoolExecutor
+
+    questions = [f"Name a colour, number {i}." for i in range(6)]
+
+    def ask(q: str) -> str:
+        return (
+            chat(default_runner, messages=[{"role": "user", "content": q}], max_tokens=8)
+            .choices[0]
+            .message.content
+        )
+
+    alone = [ask(q) for q in questions]
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        together = list(pool.map(ask, questions))
+    assert together == alone

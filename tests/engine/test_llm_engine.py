@@ -7,7 +7,6 @@ from __future__ import annotations
 import threading
 
 import pytest
-
 from mistralrs_serve.config import EngineConfig
 from mistralrs_serve.engine.engine_loop import EngineLoop
 from mistralrs_serve.engine.llm_engine import LLMEngine

@@ -262,7 +262,8 @@ def test_multi_step_prefill_then_decode() -> None:
             q = torch.randn(sum(q_lens), cfg.num_heads, cfg.head_dim, generator=gen)
             k = torch.cat([keys[layer, i, done[i] : ctxs[i]] for i in range(3)])
             v = torch.cat([values[layer, i, done[i] : ctxs[i]] for i in range(3)])
-            out = attn.attend(layer, q, k, v)
+            with torch.inference_mode():  # as the model calls it
+                out = attn.attend(layer, q, k, v)
             row = 0
             for i in range(3):
                 q_s = q[row : row + q_lens[i]].transpose(0, 1)
@@ -324,3 +325,92 @@ def test_rejects_inconsistent_plans() -> None:
         PagedAttention(cache, np.array([1]), np.array([9]), np.array([5]), tables)  # needs 3 blocks
     with pytest.raises(ValueError):
         PagedAttention(cache, np.array([3]), np.array([2]), np.array([0, 1, 2]), tables)
+
+
+def test_model_batched_matches_single_sequence() -> None:
+    """A random tiny Llama: a batched paged schedule (chunked prefills mixed
+    with decodes) gives each sequence the logits it gets alone."""
+    from mistralrs_serve.engine.kv_cache import ContiguousKVCache
+    from mistralrs_serve.models.llama import LlamaForCausalLM, required_weight_names
+
+    cfg = ModelConfig(
+        architecture="llama",
+        vocab_size=50,
+        hidden_size=48,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=6,
+        num_kv_heads=2,
+        head_dim=8,
+        max_position_embeddings=128,
+    )
+    gen = torch.Generator().manual_seed(0)
+    shapes = {
+        "q_proj": (48, 48),
+        "k_proj": (16, 48),
+        "v_proj": (16, 48),
+        "o_proj": (48, 48),
+        "gate_proj": (64, 48),
+        "up_proj": (64, 48),
+        "down_proj": (48, 64),
+    }
+    weights = {}
+    for name in required_weight_names(cfg):
+        if name.endswith("norm.weight"):
+            weights[name] = 1 + 0.1 * torch.randn(48, generator=gen)
+        elif name.endswith(("embed_tokens.weight", "lm_head.weight")):
+            weights[name] = torch.randn(50, 48, generator=gen)
+        else:
+            weights[name] = 0.3 * torch.randn(shapes[name.split(".")[-2]], generator=gen)
+    model = LlamaForCausalLM(cfg, weights, torch.float32)
+    prompts = [[int(t) for t in torch.randint(0, 50, (n,), generator=gen)] for n in (21, 7, 40)]
+    num_decode = 6
+    decode_tokens = [[int(t) for t in torch.randint(0, 50, (num_decode,), generator=gen)] for _ in prompts]
+
+    # alone: whole prompt, then one token a step; logits of every step's last token
+    alone = []
+    for prompt, extra in zip(prompts, decode_tokens, strict=True):
+        cache = ContiguousKVCache(cfg, 64, torch.float32)
+        rows: list[torch.Tensor] = []
+        start = 0
+        for chunk in [prompt, *[[t] for t in extra]]:
+            cache.begin_step(len(chunk))
+            positions = torch.arange(start, start + len(chunk))
+            rows.append(
+                model.forward(torch.tensor(chunk), positions, cache, torch.tensor([len(chunk) - 1]))[0]
+            )
+            cache.end_step()
+            start += len(chunk)
+        alone.append(rows)
+
+    # batched: prompts in chunks of at most 16 tokens, mixed with other sequences' decodes
+    bs = 4
+    paged = PagedKVCache(cfg, 64, bs, torch.float32)
+    tables = np.full((3, 12), -1, dtype=np.int32)
+    tables[:] = np.random.default_rng(0).permutation(64)[:36].reshape(3, 12)
+    streams = [
+        [prompt[i : i + 16] for i in range(0, len(prompt), 16)] + [[t] for t in extra]
+        for prompt, extra in zip(prompts, decode_tokens, strict=True)
+    ]
+    done = [0, 0, 0]
+    got: list[list[torch.Tensor]] = [[], [], []]
+    while any(streams):
+        active = [i for i in range(3) if streams[i]]
+        chunks = [streams[i].pop(0) for i in active]
+        q_lens = [len(c) for c in chunks]
+        ctxs = [done[i] + n for i, n in zip(active, q_lens, strict=True)]
+        pos = [p for i, c in zip(active, ctxs, strict=True) for p in range(done[i], c)]
+        seq_rows = [i for i, n in zip(active, q_lens, strict=True) for _ in range(n)]
+        slots = [int(tables[s, p // bs]) * bs + p % bs for s, p in zip(seq_rows, pos, strict=True)]
+        attn = PagedAttention(paged, np.array(q_lens), np.array(ctxs), np.array(slots), tables[active])
+        last = torch.tensor(np.cumsum(q_lens) - 1)
+        logits = model.forward(torch.tensor([t for c in chunks for t in c]), torch.tensor(pos), attn, last)
+        for j, i in enumerate(active):
+            # a sequence's logits count once its prompt is complete
+            if ctxs[j] >= len(prompts[i]):
+                got[i].append(logits[j])
+            done[i] = ctxs[j]
+    for i in range(3):
+        assert len(got[i]) == num_decode + 1
+        for a, b in zip(alone[i], got[i], strict=True):
+            torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)

@@ -214,7 +214,8 @@ class RefScheduler:
                 self.emit(sid, n, plan)
                 budget -= n
                 i += 1
-        self.admit_waiting(budget, plan)
+        if not plan["preempted"]:  # no admissions in a step that had to preempt
+            self.admit_waiting(budget, plan)
         return self.to_arrays(plan)
 
     # scheduling steps
@@ -235,19 +236,21 @@ class RefScheduler:
             seats = len(self.running) + sum(self.seqs[r].reserved_forks for r in self.running)
             if seats + 1 + seq.reserved_forks > self.max_num_seqs:
                 return
-            self.take_cached_prefix(seq)
+            queried, hit = self.take_cached_prefix(seq)
             n = min(len(seq.tokens) - seq.num_computed, budget)
             if not self.try_reserve(sid, n, plan):
                 self.release(seq.table)  # give back what the prefix cache lent
                 seq.table, seq.hashes, seq.num_computed = [], [], 0
                 return
+            self.prefix_cache_queries += queried  # counted on admission only
+            self.prefix_cache_hits += hit
             self.running.append(self.waiting.popleft())
             self.emit(sid, n, plan)
             budget -= n
 
-    def take_cached_prefix(self, seq: RefSeq) -> None:
+    def take_cached_prefix(self, seq: RefSeq) -> tuple[int, int]:
         if not self.caching:
-            return
+            return 0, 0
         bs = self.block_size
         max_full = (len(seq.tokens) - 1) // bs  # the last token is always computed
         parent = None
@@ -262,8 +265,7 @@ class RefScheduler:
             seq.hashes.append(h)
             parent = h
         seq.num_computed = len(seq.table) * bs
-        self.prefix_cache_queries += max_full * bs
-        self.prefix_cache_hits += seq.num_computed
+        return max_full * bs, seq.num_computed
 
     def try_reserve(self, sid: int, n: int, plan: dict[str, list[Any]]) -> bool:
         """Blocks for `n` more tokens (and a private copy of a shared partial last block),
@@ -371,7 +373,8 @@ def first_difference(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) ->
     for f in PLAN_FIELDS:
         g, w = got[f], want[f]
         if g.dtype != w.dtype or g.shape != w.shape or not np.array_equal(g, w):
-            return f"{f}:\n  rust      {g.dtype} {g.shape} {g.tolist()}\n  reference {w.dtype} {w.shape} {w.tolist()}"
+            rust = f"rust      {g.dtype} {g.shape} {g.tolist()}"
+            return f"{f}:\n  {rust}\n  reference {w.dtype} {w.shape} {w.tolist()}"
     return None
 
 
@@ -385,11 +388,17 @@ class Trace:
         self.block_size = cfg["block_size"]
         self.log: list[str] = []
         self.kv: dict[int, int] = {}  # slot -> token whose KV it holds
+        # "readmitted": preempted and admitted again in the same step; the policy
+        # admits nothing in a step that preempted, so this must stay 0.
         self.counts = {"preempted": 0, "copies": 0, "readmitted": 0}
 
     def fail(self, what: str) -> None:
         recent = "\n  ".join(self.log[-25:])
-        pytest.fail(f"{self.context}\nstep {len(self.log)}: {what}\nlast calls:\n  {recent}", pytrace=False)
+        steps = self.log.count("schedule()")
+        pytest.fail(
+            f"{self.context}\ncall {len(self.log)} (schedule() #{steps}): {what}\nlast calls:\n  {recent}",
+            pytrace=False,
+        )
 
     def call(self, name: str, *args: Any) -> bool:
         """Both sides must succeed, or both raise the same exception type."""
@@ -422,6 +431,10 @@ class Trace:
         if diff is not None:
             self.fail(f"schedule() plans differ in {diff}")
         self.check_stats("after schedule()")
+        if len(want["input_ids"]) > self.ref.max_num_batched_tokens:
+            self.fail("the token budget is exceeded")
+        if self.ref.num_running > self.ref.max_num_seqs:
+            self.fail("more sequences run than max_num_seqs")
         self.check_kv(want)
         self.counts["preempted"] += len(want["preempted"])
         self.counts["copies"] += len(want["copy_ops"])
@@ -463,6 +476,10 @@ def run_trace(seed: int, block_size: int, caching: bool) -> dict[str, int]:
     vocab = rng.choice([2, 5, 50])
     prefixes = [[rng.randrange(vocab) for _ in range(max_prompt)] for _ in range(3)]
     prompts: list[list[int]] = []
+    # Finish a sequence at this length: within the KV cache, as the engine's max_tokens
+    # check makes it, or now and then beyond it, where it preempts itself until aborted.
+    capacity = cfg["num_blocks"] * block_size
+    targets: dict[int, int] = {}
     next_id = 0
     deferred: list[int] = []  # sampled sequences whose token comes a step late
     for _ in range(rng.randint(30, 90)):
@@ -473,8 +490,10 @@ def run_trace(seed: int, block_size: int, caching: bool) -> dict[str, int]:
                 prompt = rng.choice(prefixes)[: rng.randint(0, max_prompt)]
                 prompt += [rng.randrange(vocab) for _ in range(rng.randint(0, 6))]
             seq_id = next_id if rng.random() < 0.95 else rng.randrange(next_id + 1)  # maybe a duplicate
-            if t.call("add", seq_id, prompt[: max_prompt + 2], rng.choice([0, 0, 0, 1, 2, 3])):
+            prompt = prompt[: max_prompt + 2]
+            if t.call("add", seq_id, prompt, rng.choice([0, 0, 0, 1, 2, 3])):
                 prompts.append(prompt)
+                targets[seq_id] = rng.randint(len(prompt) + 1, capacity + 3 * (rng.random() < 0.05))
             next_id = max(next_id, seq_id + 1)
 
         plan = t.schedule()
@@ -486,7 +505,7 @@ def run_trace(seed: int, block_size: int, caching: bool) -> dict[str, int]:
             if sid not in t.ref.seqs:
                 continue
             r = rng.random()
-            if r < 0.1:
+            if r < 0.05 or len(t.ref.seqs[sid].tokens) >= targets[sid]:
                 t.call("finish", sid)
                 continue
             if r < 0.2:
@@ -497,6 +516,7 @@ def run_trace(seed: int, block_size: int, caching: bool) -> dict[str, int]:
                 t.call("append_token", sid, rng.randrange(vocab))
             while rng.random() < 0.6 and t.call("fork", sid, next_id):
                 t.call("append_token", next_id, rng.randrange(vocab))
+                targets[next_id] = targets[sid]
                 next_id += 1
             if fork_first:
                 t.call("append_token", sid, rng.randrange(vocab))
@@ -506,7 +526,9 @@ def run_trace(seed: int, block_size: int, caching: bool) -> dict[str, int]:
         if r < 0.1 and live:
             t.call("finish", rng.choice(live))  # abort, waiting or running
         elif r < 0.15 and live:
-            t.call("fork", rng.choice(live), next_id)  # mid-prefill, or waiting (KeyError)
+            parent = rng.choice(live)
+            if t.call("fork", parent, next_id):  # mid-prefill, or waiting (KeyError)
+                targets[next_id] = targets[parent]
             next_id += 1
         elif r < 0.17:
             t.call("finish", next_id + 1000)  # unknown: KeyError
@@ -517,16 +539,19 @@ def run_trace(seed: int, block_size: int, caching: bool) -> dict[str, int]:
         t.call("finish", sid)
     assert t.rust.num_free_blocks == cfg["num_blocks"], t.context
     assert not t.rust.has_work
-    return t.counts
+    return {**t.counts, "hits": t.ref.prefix_cache_hits}
 
 
 @pytest.mark.parametrize("caching", [True, False], ids=["caching", "no-caching"])
 @pytest.mark.parametrize("block_size", [1, 2, 4, 16])
 def test_rust_scheduler_matches_reference(block_size: int, caching: bool) -> None:
-    totals = {"preempted": 0, "copies": 0, "readmitted": 0}
-    for seed in range(40):
+    totals = {"preempted": 0, "copies": 0, "readmitted": 0, "hits": 0}
+    for seed in range(60):
         for k, v in run_trace(seed, block_size, caching).items():
             totals[k] += v
-    # The traces must reach preemption, and copy-on-write where a block can be partial.
+    # The traces must reach preemption, prefix cache hits, and copy-on-write where a
+    # block can be partial.
     assert totals["preempted"] > 0, totals
+    assert totals["hits"] > 0 or not caching, totals
     assert totals["copies"] > 0 or block_size == 1, totals
+    assert totals["readmitted"] == 0, totals

@@ -272,7 +272,11 @@ impl Scheduler {
             }
             // else: `id` itself was preempted; running[i] is now the next one, if any.
         }
-        self.admit_waiting(&mut budget, &mut plan);
+        // After a preemption, admitting waiting sequences would only hand the
+        // freed blocks to work that the next step preempts again.
+        if plan.preempted.is_empty() {
+            self.admit_waiting(&mut budget, &mut plan);
+        }
         self.fill_block_tables(&mut plan);
         plan
     }
@@ -324,9 +328,7 @@ impl Scheduler {
             if self.seats_taken() + 1 + self.seqs[&id].reserved_forks > self.cfg.max_num_seqs {
                 return;
             }
-            if self.seqs[&id].block_table.is_empty() {
-                self.take_cached_prefix(id);
-            }
+            let (queried, hit) = self.take_cached_prefix(id);
             let seq = &self.seqs[&id];
             let n = (seq.token_ids.len() - seq.num_computed).min(*budget);
             if !self.try_reserve(id, n, plan) {
@@ -340,15 +342,19 @@ impl Scheduler {
             }
             self.waiting.pop_front();
             self.running.push(id);
+            // Counted on admission only, so a retried admission is not counted twice.
+            self.stats.prefix_cache_queries += queried as u64;
+            self.stats.prefix_cache_hits += hit as u64;
             self.emit(id, n, plan);
             *budget -= n;
         }
     }
 
     /// Reuse cached full blocks of the prompt; the last token is always computed.
-    fn take_cached_prefix(&mut self, id: u64) {
+    /// Returns (tokens looked up, tokens found).
+    fn take_cached_prefix(&mut self, id: u64) -> (usize, usize) {
         if !self.cfg.enable_prefix_caching {
-            return;
+            return (0, 0);
         }
         let bs = self.cfg.block_size;
         let seq = self.seqs.get_mut(&id).expect("waiting sequences are known");
@@ -366,8 +372,7 @@ impl Scheduler {
             parent = Some(h);
         }
         seq.num_computed = seq.block_table.len() * bs;
-        self.stats.prefix_cache_queries += (max_full * bs) as u64;
-        self.stats.prefix_cache_hits += seq.num_computed as u64;
+        (max_full * bs, seq.num_computed)
     }
 
     /// Allocate the blocks `n` more tokens need (and a private copy of a

@@ -210,17 +210,16 @@ class PagedAttention:
             query_pos = torch.arange(ctx - q_len, ctx).unsqueeze(1)
             mask = torch.arange(ctx).unsqueeze(0) <= query_pos
             self.prefills.append(_Prefill(rows, ctx, blocks, mask))
-        # decode-only step whose single group covers every row in order: no
-        # gather of q rows / scatter of output rows needed
         # gather buffers reused by every group and layer of the step: fresh
         # multi-MB tensors per call come from mmap and page-fault each time
-        # (measured: erratic, up to 2x slower decode at batch 32)
         gathered = [len(g.blocks) for g in self.decode_groups] + [
             len(p.blocks) for p in self.prefills if p.blocks is not None
         ]
         buf_shape = (max(gathered, default=0), bs, kv, d)
         self._k_buf = torch.empty(buf_shape, dtype=cache.dtype)
         self._v_buf = torch.empty(buf_shape, dtype=cache.dtype)
+        # decode-only step whose single group covers every row in order: no
+        # gather of q rows / scatter of output rows needed
         self._direct = (
             not self.prefills
             and len(self.decode_groups) == 1
