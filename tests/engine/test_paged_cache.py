@@ -126,7 +126,8 @@ def run_and_check(
     q_dtype: torch.dtype = torch.float32,
     atol: float = 1e-5,
     consecutive: bool = False,
-) -> None:
+    **attn_kwargs: int,
+) -> PagedAttention:
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
     num_blocks = sum(-(-c // block_size) for c, _ in specs) + 5
@@ -139,6 +140,7 @@ def run_and_check(
         plan.slot_mapping,
         plan.block_tables,
         decode_mode=decode_mode,  # type: ignore[arg-type]
+        **attn_kwargs,
     )
     for layer in range(cfg.num_layers):
         q, k, v = step_tensors(cfg, seqs, layer, num_padding, gen)
@@ -162,6 +164,7 @@ def run_and_check(
             )
             torch.testing.assert_close(cache.k[layer].view(-1, kv, d)[slots], s.keys[layer], atol=0, rtol=0)
             torch.testing.assert_close(cache.v[layer].view(-1, kv, d)[slots], s.values[layer], atol=0, rtol=0)
+    return attn
 
 
 def mixed_specs(bs: int) -> list[tuple[int, int]]:
@@ -194,6 +197,26 @@ def test_mixed_batch_matches_reference(block_size: int, decode_mode: str) -> Non
 def test_consecutive_block_tables(block_size: int) -> None:
     specs = [*mixed_specs(block_size), (300, 1), (200, 1), (130, 40)]
     run_and_check(make_config(), block_size, specs, seed=4, consecutive=True)
+
+
+def test_decode_grouping_limits() -> None:
+    """Groups split where padding would cost more than a call, and where the
+    gathered k/v would exceed max_call_bytes; rows come back in order."""
+    cfg = make_config()
+    contexts = [100, 40, 97, 45, 300, 99, 41, 98]
+    specs = [(c, 1) for c in contexts]
+    attn = run_and_check(cfg, 16, specs, seed=7, call_cost_tokens=8)
+    assert sorted(sorted(g.length for _ in range(g.num_seqs)) for g in attn.decode_groups) == [
+        [45, 45, 45],
+        [100, 100, 100, 100],
+        [300],
+    ]
+    # one position of k+v is 2 * 2 heads * 16 dims * 4 bytes = 256 B: at most 200 positions a call
+    attn = run_and_check(cfg, 16, specs, seed=7, call_cost_tokens=8, max_call_bytes=256 * 200)
+    assert sorted(g.num_seqs for g in attn.decode_groups) == [1, 2, 2, 3]
+    # mixed with prefills and padding, so the groups' rows are scattered
+    specs = [(c, 1) if i % 2 else (c, 5) for i, c in enumerate(contexts)] + [(77, 1), (78, 1)]
+    run_and_check(cfg, 16, specs, seed=8, num_padding=2, call_cost_tokens=8, max_call_bytes=256 * 200)
 
 
 @pytest.mark.parametrize("heads", [(6, 2), (4, 4), (9, 3)])

@@ -16,28 +16,59 @@ not depend on the layer (validation, grouping, gather indices, masks) is
 done in `__init__`, so a layer call is only the cache write, the gathers and
 the SDPA calls.
 
-Measured on the 2-core dev box (AMD EPYC, 32 MiB L3, torch 2.15 CPU), SmolLM2
-shapes (9 heads, 3 kv heads, head_dim 64), fp32 cache, block_size 16, each
-layer call reading its own cache (30 layers cycled, so KV comes from DRAM as
-in a real model), time per layer call (bench/paged_attention.py):
+Measured on the 2-core dev box (AMD EPYC, 1 MiB L2 per core, 32 MiB L3,
+torch 2.15 CPU, 2 threads), SmolLM2 shapes (9 heads, 3 kv heads, head_dim 64,
+30 layers), fp32 cache, block_size 16, shuffled block tables, every layer
+reading its own cache so KV comes from DRAM as in a real step
+(bench/paged_attention.py; us per layer call, decode):
 
-- Attention over paged KV costs a gather (index_select of the sequence's
-  blocks) plus SDPA over the gathered copy; the gather is ~40% of a decode
-  layer call. Block-granular index_select (one row per block) beats a
-  per-token index (one row per position) and `t[idx]` indexing.
-- Decode is bandwidth-bound: SDPA at batch n costs ~n times batch 1, so
-  batching only saves per-call overhead (~15-20 us per sequence per layer),
-  and padding a short sequence up to a long one costs the padded bytes in
-  full (masked keys are read and multiplied like any other). Hence decodes
-  are grouped by context length (sorted, greedy) and a group pads only
-  while the padding is cheaper than another call: see DEFAULT_CALL_COST_TOKENS
-  and the numbers there.
-- GQA for decode: the G = H / K query heads of one kv head are the "query
-  rows" of that kv head, q.view(n, K, G, D) against k (n, K, L, D), so SDPA
-  never expands k/v (enable_gqa repeats them on CPU).
+    batch x context   per-seq loop   grouped (default)   one padded call
+    1 x 64                   53            53                 53
+    1 x 1024                224           225                227
+    8 x 64                  376           109 (3.5x)         113
+    8 x 256                 661           325 (2.0x)         330
+    8 x 1024               1803          1338 (1.35x)       1347
+    8 x 64..1024           1228           895 (1.37x)       1339 (0.92x)
+    32 x 64                1462           359 (4.1x)         361
+    32 x 256               2594          1284 (2.0x)        1313
+    32 x 1024              7454          5492 (1.36x)       8557 (0.87x)
+    32 x 64..1024          5298          3635 (1.46x)       8062 (0.66x)
+
+What each piece bought:
+
+- Decode is bandwidth-bound: SDPA over n sequences costs ~n times one, so
+  batching saves the per-call cost (~38 us: 2 gathers, SDPA dispatch,
+  output copy) and nothing else; a padded (masked) key costs as much as a
+  real one (~0.18 us per position). Grouping sorts decodes by context and
+  pads a shorter one into the open group while that costs less than a call
+  (DEFAULT_CALL_COST_TOKENS): 3.5-4x at short contexts, 1.3-1.5x at long
+  or mixed ones. Padding everything into one call loses at batch 32 long or
+  mixed contexts (0.66-0.87x of the loop): 2x the bytes for mixed contexts
+  and a gather too big for the caches (next point).
+- A group's gathered k+v stay under DEFAULT_MAX_CALL_BYTES (4 MiB), so the
+  copy is still in cache when SDPA reads it: 32 x 1024 in 2-sequence calls
+  5.5 ms vs one call 8.6 ms. 2 MiB was slower (more calls), 8 MiB erratic.
+- The gather buffers are allocated once per step and reused by every group
+  and layer (index_select(out=)): fresh multi-MB tensors come from mmap and
+  page-fault on every call, 1.2-3x slower in some runs (8 x 256: 1115 vs
+  338 us), the same in others.
+- Gathering is worth it even when a sequence's blocks are consecutive: SDPA
+  on a view of the cache (strided, from DRAM) was 1.4x slower at 1024
+  positions than index_select into a buffer + SDPA on the copy.
+  Block-granular index_select (a row per block) beats a token index and
+  `t[idx]`; one index_select over k and v together (dim 1 of kv[:, layer])
+  was 1.5x slower at 8 x 512 than two (dim-0 kernel).
+- GQA for decode: the G = H / K query heads of one kv head act as its
+  "query rows", q.view(n, K, G, D) against k (n, K, L, D), instead of
+  enable_gqa (which expands k/v on CPU): 2-10% (8 x 1024: 1333 vs 1466 us).
 - A prefill chunk that starts at position 0 attends over the step's own k/v
-  directly (no gather) with is_causal=True; a mid-sequence chunk gathers its
-  blocks and uses a bottom-right causal mask built once per step.
+  (no gather) with is_causal=True: 4.05 vs 4.43 ms per layer for 512 tokens
+  against gather + explicit mask. A mid-sequence chunk gathers its blocks
+  and uses a bottom-right causal mask built once per step (bool, float and
+  torch's causal_lower_right measured within 5%): 8.7 ms for 512 queries
+  over 1024 keys.
+- Per-step planning (validation, grouping, masks, in __init__): ~0.1 ms at
+  batch 1, 0.2-0.9 ms at batch 32, against 30 layer calls per step.
 """
 
 from __future__ import annotations
@@ -53,13 +84,14 @@ from mistralrs_serve.config import ModelConfig
 
 DecodeMode = Literal["group", "pad", "loop"]
 
-# Padding tokens (per sequence, per layer) that are worth one extra SDPA call
-# in decode grouping: below this, a shorter context joins the longer
-# group (padded and masked); above it, it starts its own group. One extra
-# call (index_select x2, SDPA, output scatter) costs ~15-20 us; one padded
-# key+value position costs ~0.15-0.2 ns/B x 768 B (fp32, 3 kv heads x 64) x 2
-# ~= 0.15 us read + gather. So break-even is ~100 positions.
-DEFAULT_CALL_COST_TOKENS = 96
+# Padding positions worth one extra SDPA call in decode grouping: a shorter
+# context joins the open (longer) group, padded and masked, while it is at
+# most this much shorter. One call costs ~38 us (batch 8 x 64: loop 376 us,
+# one call 109 us), one key position ~0.18 us (batch 1: 53 us at 64, 224 us
+# at 1024), so break-even is ~200. Measured at 8/32/64 x 64..1024: 192 best
+# or tied (8: 840 us vs 981 at 96 and 1169 ungrouped).
+DEFAULT_CALL_COST_TOKENS = 192
+# Most gathered k+v bytes per decode SDPA call (see the module docstring).
 DEFAULT_MAX_CALL_BYTES = 4 << 20
 
 
