@@ -175,3 +175,30 @@ def test_a_request_larger_than_the_cache_is_rejected(loaded) -> None:  # type: i
     out = engine.generate(ids, SamplingParams(temperature=0.0, ignore_eos=True))[0]
     assert len(out.token_ids) == capacity - len(ids) and out.finish_reason == "length"
     assert_all_blocks_free(engine)
+
+
+def test_counters_can_be_read_from_other_threads_while_it_runs(loaded) -> None:  # type: ignore[no-untyped-def]
+    # Regression: the scheduler used to release the GIL while mutably borrowed,
+    # so a metrics read on another thread raised "Already mutably borrowed".
+    client = EngineLoop(LLMEngine(loaded, EngineConfig(kv_cache_mb=64)))
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def read_counters() -> None:
+        while not stop.is_set():
+            try:
+                _ = (client.engine.scheduler.num_used_blocks, client.engine.scheduler.num_running)
+            except BaseException as e:
+                errors.append(e)
+                return
+
+    reader = threading.Thread(target=read_counters)
+    reader.start()
+    try:
+        for ids in prompts(client.engine, 3):
+            client.generate(ids, GREEDY)
+    finally:
+        stop.set()
+        reader.join()
+        client.shutdown()
+    assert errors == []

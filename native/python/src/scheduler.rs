@@ -85,10 +85,12 @@ impl PyScheduler {
     }
 
     /// The next step's plan as a dict of numpy arrays (see StepPlan).
+    ///
+    /// Runs with the GIL held: a plan takes microseconds, and releasing the GIL
+    /// while `self` is mutably borrowed would let another thread's read of a
+    /// counter fail with "Already mutably borrowed".
     fn schedule<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let inner = &mut self.inner;
-        let plan = py.detach(|| inner.schedule());
-        plan_to_dict(py, plan)
+        plan_to_dict(py, self.inner.schedule())
     }
 
     #[getter]

@@ -60,6 +60,7 @@ class LLMEngine:
             num_blocks * block_size,
             num_blocks * PagedKVCache.bytes_per_block(cfg, block_size, KV_CACHE_DTYPE) >> 20,
         )
+        self.num_kv_tokens = num_blocks * block_size
         self.requests: dict[str, Request] = {}
         self.sequences: dict[int, Sequence] = {}
         self._seq_ids = itertools.count()
@@ -77,7 +78,7 @@ class LLMEngine:
                 param,
             )
         # A sequence must fit the KV cache on its own, or it would preempt itself forever.
-        kv_tokens = self.scheduler.num_blocks * self.scheduler.block_size
+        kv_tokens = self.num_kv_tokens
         if len(prompt_ids) + 1 > kv_tokens:
             raise InvalidRequestError(
                 f"the prompt has {len(prompt_ids)} tokens; the KV cache holds {kv_tokens} "
