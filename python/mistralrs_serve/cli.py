@@ -11,6 +11,7 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from mistralrs_serve.config import EngineConfig
 from mistralrs_serve.errors import MistralrsServeError
@@ -131,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from mistralrs_serve import ChatCompletionRequest, ChatCompletionResponse, Runner
+    from mistralrs_serve import Runner
 
     runner = Runner.from_model(
         args.model,
@@ -140,6 +141,15 @@ def run_command(args: argparse.Namespace) -> int:
         num_threads=args.threads,
         engine_config=engine_config(args),
     )
+    try:
+        return _answer(runner, args)
+    finally:
+        runner.close()
+
+
+def _answer(runner: Any, args: argparse.Namespace) -> int:
+    from mistralrs_serve import ChatCompletionRequest, ChatCompletionResponse
+
     prompts = [args.prompt] if args.prompt is not None else _stdin_lines()
     for prompt in prompts:
         messages = [{"role": "system", "content": args.system}] if args.system else []

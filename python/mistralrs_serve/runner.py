@@ -104,10 +104,16 @@ class Runner:
     ) -> None:
         if num_threads:
             torch.set_num_threads(num_threads)
-        self.loaded = load_model(source, dtype=resolve_dtype(dtype))
-        self.engine = LLMEngine(self.loaded, engine_config)
-        # One engine thread serves every caller: requests from many threads batch together.
-        self.client = EngineLoop(self.engine)
+        torch_dtype = resolve_dtype(dtype)
+
+        def build() -> LLMEngine:
+            return LLMEngine(load_model(source, dtype=torch_dtype), engine_config)
+
+        # One engine thread serves every caller (requests from many threads batch
+        # together); it also loads the model, see EngineLoop for why.
+        self.client = EngineLoop(build)
+        self.engine = self.client.engine
+        self.loaded = self.engine.loaded
         self._chat = ChatServing(self.client, self.loaded.name)
         self._completion = CompletionServing(self.client, self.loaded.name)
 
