@@ -89,10 +89,14 @@ class SamplingParams:
         chosen = {k: v for k, v in defaults.items() if k not in explicit and hasattr(self, k)}
         return replace(self, **chosen) if chosen else self
 
-    def to_native(self, vocab_size: int, encode: Any, choice_index: int = 0) -> _native.SamplingParams:
-        """The Rust-side params; `encode(text)` tokenizes DRY breakers."""
+    def check_vocab(self, vocab_size: int) -> None:
+        """The checks that need the model: logit_bias ids must be in the vocabulary."""
         bad = [i for i in self.logit_bias if not 0 <= i < vocab_size]
         _check(not bad, "logit_bias", f"has token ids outside the vocabulary (size {vocab_size}): {bad[:5]}")
+
+    def to_native(self, vocab_size: int, encode: Any, choice_index: int = 0) -> _native.SamplingParams:
+        """The Rust-side params; `encode(text)` tokenizes DRY breakers."""
+        self.check_vocab(vocab_size)
         breakers = sorted({t for s in self.dry_sequence_breakers for t in encode(s)})
         seed = secrets.randbits(64) if self.seed is None else (self.seed + choice_index) % 2**64
         return _native.SamplingParams(

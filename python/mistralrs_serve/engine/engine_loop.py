@@ -59,7 +59,7 @@ class EngineLoop:
     ) -> str:
         """Queue a request; raises InvalidRequestError here if it can never run."""
         self.engine.check_prompt(prompt_ids, params, param)
-        params.to_native(self.engine.model.config.vocab_size, lambda s: [])  # validates logit_bias ids
+        params.check_vocab(self.engine.model.config.vocab_size)
         request_id = f"req-{next(self._ids)}"
 
         def add() -> None:
