@@ -18,10 +18,12 @@ Context "mixed" draws each sequence's context from 64..1024.
 us_per_layer is one `attend` call (cache write + gathers + SDPA); gb_s is the
 KV bytes the step attends over (sum of contexts x kv heads x head_dim x 4 B
 x 2 for k and v) per us_per_layer, counted once (the gather copy is not
-counted); plan_us is building the PagedAttention (once per step, all
-layers). Methods: group (default: sort by context, pad up to 192
-positions, at most 4 MiB gathered per call), pad (one call padded to the
-longest context), loop (one call per sequence). Prefill rows: one 512-token
+counted; bf16 rows read half those bytes); plan_us is building the
+PagedAttention (once per step, all layers). Methods: native (default: the
+Rust kernel reading the cache through the block tables), native_bf16 (the
+same over a bf16 cache, the engine's), group (sort by context, pad up to
+192 positions, at most 4 MiB gathered per call, SDPA), pad (one SDPA call
+padded to the longest context), loop (one SDPA call per sequence). Prefill rows: one 512-token
 chunk from 0, and one at 512..1023.
 """
 
@@ -82,6 +84,8 @@ def run_case(
     num_blocks, tables, slots = plan_for(ctxs, qlens, rng)
     cache = PagedKVCache(CFG, num_blocks, BLOCK_SIZE, torch.float32)
     cache.kv.uniform_(-1, 1)
+    cache_bf16 = PagedKVCache(CFG, num_blocks, BLOCK_SIZE, torch.bfloat16)
+    cache_bf16.kv.copy_(cache.kv)
     gen = torch.Generator().manual_seed(0)
     num_tokens = int(qlens.sum())
     q = torch.randn(num_tokens, CFG.num_heads, CFG.head_dim, generator=gen)
@@ -90,10 +94,11 @@ def run_case(
     kv_bytes = int(ctxs.sum()) * CFG.num_kv_heads * CFG.head_dim * 4 * 2
     attns, plan_s = {}, {}
     for method in methods:
-        mode: DecodeMode = method if method in ("group", "pad", "loop") else "group"  # type: ignore[assignment]
+        mode: DecodeMode = method.removesuffix("_bf16") if method != "prefill" else "native"  # type: ignore[assignment]
+        on = cache_bf16 if method.endswith("_bf16") else cache
         start = time.perf_counter()
         for _ in range(10):
-            attns[method] = PagedAttention(cache, qlens, ctxs, slots, tables, decode_mode=mode)
+            attns[method] = PagedAttention(on, qlens, ctxs, slots, tables, decode_mode=mode)
         plan_s[method] = (time.perf_counter() - start) / 10
         time_pass(attns[method], q, k, v)  # warm-up
     # methods take turns, best pass of each: a burst of load from elsewhere
@@ -140,7 +145,8 @@ def main() -> None:
             else:
                 ctxs = np.full(batch, int(context))
             # the loop first: the other rows report their speed-up over it
-            run_case(batch, context, ctxs, np.ones(batch, dtype=np.int64), ["loop", "pad", "group"], passes)
+            methods = ["loop", "pad", "group", "native", "native_bf16"]
+            run_case(batch, context, ctxs, np.ones(batch, dtype=np.int64), methods, passes)
     if not args.smoke and args.batch == parser.get_default("batch"):
         run_case(1, "prefill 0..511", np.array([512]), np.array([512]), ["prefill"], passes)
         run_case(1, "prefill 512..1023", np.array([1024]), np.array([512]), ["prefill"], passes)

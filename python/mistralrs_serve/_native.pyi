@@ -10,7 +10,7 @@ from typing import Any, final
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["SamplingParams", "Scheduler", "StopMatcher", "__version__", "sample"]
+__all__ = ["SamplingParams", "Scheduler", "StopMatcher", "__version__", "paged_decode_attention", "sample"]
 
 __version__: str
 
@@ -66,6 +66,24 @@ def sample(
 
     Raises ValueError for a bad shape, dtype, layout or token id, RuntimeError when a row has
     no token left to sample (every logit -inf or NaN).
+    """
+
+def paged_decode_attention(
+    q: NDArray[np.float32],
+    k_cache: NDArray[np.float32] | NDArray[np.int16],
+    v_cache: NDArray[np.float32] | NDArray[np.int16],
+    block_tables: NDArray[np.int64],
+    context_lens: NDArray[np.int64],
+    scale: float,
+    out: NDArray[np.float32],
+) -> None:
+    """Decode attention of one query row per sequence over one layer of the paged KV cache.
+
+    q and out are C-contiguous (num_seqs, num_heads, head_dim) float32; the caches are
+    C-contiguous (num_blocks, block_size, num_kv_heads, head_dim), float32 or int16 holding bf16
+    bits; block_tables (num_seqs, max_blocks) and context_lens (num_seqs,) are int64. Writes
+    softmax(q k^T * scale) v into out. The GIL is released. Raises TypeError for a non-array,
+    ValueError for a bad shape, dtype, layout, context length or block id.
     """
 
 @final

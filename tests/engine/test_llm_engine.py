@@ -65,16 +65,36 @@ def test_prefix_cache_hit_gives_the_cold_tokens(loaded) -> None:  # type: ignore
     assert_all_blocks_free(engine)
 
 
+def untied_prefix(engine: LLMEngine, prompt: list[int], params: SamplingParams) -> list[int]:
+    """Greedy tokens of prompt before the first exact tie of the top two logits.
+
+    Logits come out of bf16 matmuls (8 significant bits), so exact ties
+    happen (e.g. -0.7156 for two tokens); which one wins then depends on the
+    last bit of the attention sums, and recomputing a preempted sequence
+    through the prefill path may pick the other."""
+    params = SamplingParams(
+        max_tokens=params.max_tokens, temperature=0.0, ignore_eos=True, logprobs=True, top_logprobs=2
+    )
+    out = engine.generate(prompt, params)[0]
+    for i, lp in enumerate(out.logprobs):
+        if len(lp.top) == 2 and lp.top[0][1] - lp.top[1][1] < 1e-3:
+            return out.token_ids[:i]  # the tied step may pick either
+    return out.token_ids
+
+
 def test_preemption_resumes_with_identical_greedy_output(loaded) -> None:  # type: ignore[no-untyped-def]
     # A cache of a few blocks cannot hold every sequence: the newest are preempted and recomputed.
     roomy = LLMEngine(loaded, EngineConfig(kv_cache_mb=64, enable_prefix_caching=False))
     batch = prompts(roomy, 5)
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
-    expected = run_batch(roomy, batch, params)
+    expected = [untied_prefix(roomy, p, params) for p in batch]
+    assert sum(map(len, expected)) >= 24 * len(batch) // 2  # most tokens are compared
     tight = LLMEngine(loaded, EngineConfig(kv_cache_mb=4, block_size=4, enable_prefix_caching=False))
     capacity = tight.scheduler.num_blocks * 4
     assert max(len(p) + 24 for p in batch) <= capacity < sum(len(p) + 24 for p in batch)
-    assert run_batch(tight, batch, params) == expected
+    got = run_batch(tight, batch, params)
+    for tokens, want in zip(got, expected, strict=True):
+        assert tokens[: len(want)] == want and len(tokens) == 24
     assert tight.scheduler.num_preemptions > 0
     assert_all_blocks_free(tight)
 

@@ -186,7 +186,7 @@ def mixed_specs(bs: int) -> list[tuple[int, int]]:
 
 
 @pytest.mark.parametrize("block_size", [1, 16, 7])
-@pytest.mark.parametrize("decode_mode", ["group", "pad", "loop"])
+@pytest.mark.parametrize("decode_mode", ["native", "group", "pad", "loop"])
 def test_mixed_batch_matches_reference(block_size: int, decode_mode: str) -> None:
     run_and_check(
         make_config(), block_size, mixed_specs(block_size), seed=block_size, decode_mode=decode_mode
@@ -252,7 +252,7 @@ def test_decode_only_batches() -> None:
     cfg = make_config()
     rng = np.random.default_rng(1)
     contexts = [int(c) for c in rng.integers(1, 200, size=20)]
-    for mode in ("group", "pad", "loop"):
+    for mode in ("native", "group", "pad", "loop"):
         run_and_check(cfg, 16, [(c, 1) for c in contexts], seed=5, decode_mode=mode)
         run_and_check(cfg, 16, [(64, 1)] * 5, seed=6, decode_mode=mode)  # one unmasked group, direct path
 

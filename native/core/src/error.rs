@@ -41,3 +41,17 @@ pub enum SchedulerError {
         available: usize,
     },
 }
+
+#[derive(Debug, Error, Clone, PartialEq)]
+pub enum AttentionError {
+    #[error("shape mismatch: {0}")]
+    Shape(String),
+    #[error("sequence {seq} has context length {ctx}; it must be >= 1")]
+    Context { seq: usize, ctx: i64 },
+    #[error("sequence {seq} uses block {block}, outside the cache's {num_blocks} blocks")]
+    Block {
+        seq: usize,
+        block: i64,
+        num_blocks: usize,
+    },
+}

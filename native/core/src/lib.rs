@@ -1,7 +1,9 @@
 //! mistralrs-serve-core: the per-request, per-step bookkeeping of the server
 //! in pure Rust (no Python): sampling, the block pool, the prefix cache,
-//! continuous-batching scheduling, stop strings; grammar masks to come.
+//! continuous-batching scheduling, stop strings, CPU decode attention over
+//! the paged cache; grammar masks to come.
 
+pub mod attention;
 pub mod block_pool;
 pub mod dry;
 pub mod error;
@@ -12,7 +14,7 @@ pub mod scheduler;
 pub mod stop;
 
 pub use dry::DryParams;
-pub use error::{SamplerError, SchedulerError};
+pub use error::{AttentionError, SamplerError, SchedulerError};
 pub use sampler::{sample_batch, sample_row, SampleOutput, SamplingParams, TokenHistory};
 pub use scheduler::{Scheduler, SchedulerConfig, SchedulerStats, StepPlan};
 pub use stop::{StopError, StopMatcher, StopPush};

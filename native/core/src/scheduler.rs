@@ -384,8 +384,8 @@ impl Scheduler {
             .blocks_for(seq.num_computed + n)
             .saturating_sub(seq.block_table.len());
         let last = seq.block_table.last().copied();
-        let copy_last =
-            seq.num_computed % bs != 0 && last.is_some_and(|b| self.pool.ref_count(b) > 1);
+        let copy_last = !seq.num_computed.is_multiple_of(bs)
+            && last.is_some_and(|b| self.pool.ref_count(b) > 1);
         if self.pool.num_free() < new_blocks + usize::from(copy_last) {
             return false;
         }

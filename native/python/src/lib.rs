@@ -12,6 +12,7 @@ use numpy::{
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
+mod attention;
 mod scheduler;
 
 /// The one mapping from core errors to Python exceptions.
@@ -172,7 +173,7 @@ fn describe(obj: &Bound<'_, PyAny>) -> String {
 }
 
 /// Not an ndarray: TypeError; an ndarray of the wrong dtype, rank or layout: ValueError.
-fn bad_array(name: &str, want: &str, obj: &Bound<'_, PyAny>) -> PyErr {
+pub(crate) fn bad_array(name: &str, want: &str, obj: &Bound<'_, PyAny>) -> PyErr {
     let msg = format!("{name} must be {want}, got {}", describe(obj));
     if obj.cast::<PyUntypedArray>().is_ok() {
         PyValueError::new_err(msg)
@@ -303,6 +304,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(sample, m)?)?;
     m.add_class::<PyStopMatcher>()?;
     m.add_class::<scheduler::PyScheduler>()?;
+    m.add_function(wrap_pyfunction!(attention::paged_decode_attention, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -1,0 +1,735 @@
+//! Decode attention straight over the paged KV cache, on the CPU.
+//!
+//! One query token per sequence attends over its `context_len` cached
+//! positions, read block by block through its block table: no gather into
+//! a contiguous copy, no padding to the longest context of the batch. The
+//! cache layout is the engine's: `[num_blocks, block_size, num_kv_heads,
+//! head_dim]` per layer, in f32 or bf16 (stored as `u16` bit patterns).
+//!
+//! A work item is a run of up to 16 blocks of one sequence, every head at
+//! once, so each cache row (all kv heads of a position) is read from memory
+//! once; the items of a sequence are merged by their softmax statistics.
+//! Scores are f32 dot products; softmax uses `fast_exp` (relative error
+//! ~3e-7 where weights matter).
+//!
+//! Measured in the engine on the default model (batch 1, ~560 cached
+//! positions, bf16 cache): 2.7 ms per step for 30 layers against 4 ms for
+//! gather + SDPA (fp32); 32 concurrent requests 191 vs 138 output tok/s.
+
+use crate::error::AttentionError;
+
+/// An element type the cache may hold.
+pub trait KvElem: Copy + Send + Sync {
+    /// bf16 bits rather than f32 (picks the vector load in the AVX-512 kernel).
+    const IS_BF16: bool;
+    fn to_f32(self) -> f32;
+}
+
+impl KvElem for f32 {
+    const IS_BF16: bool = false;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+/// bf16 as its bit pattern (numpy has no bf16; torch tensors are viewed as u16).
+impl KvElem for u16 {
+    const IS_BF16: bool = true;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f32::from_bits((self as u32) << 16)
+    }
+}
+
+/// Shape of the model's attention and of the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionShape {
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub block_size: usize,
+}
+
+/// One step's decode batch: a query row and a context per sequence.
+pub struct DecodeBatch<'a> {
+    /// (num_seqs, num_heads, head_dim) row-major.
+    pub q: &'a [f32],
+    /// (num_seqs, max_blocks) row-major block ids; entries past a sequence's
+    /// last needed block are ignored.
+    pub block_tables: &'a [i64],
+    pub max_blocks: usize,
+    /// Positions each sequence attends over (its cached tokens, the new one included).
+    pub context_lens: &'a [i64],
+    /// Softmax scale, usually 1 / sqrt(head_dim).
+    pub scale: f32,
+}
+
+/// A work item covers at most this many blocks of one sequence; longer
+/// contexts are split and the parts merged by their softmax statistics
+/// (flash-decoding), which bounds each item's scratch and is the unit a
+/// parallel schedule would hand out. Items run on the calling thread: rayon
+/// workers competing with torch's still-spinning OpenMP team made a step
+/// slower (32 concurrent requests: 175 vs 191 output tok/s; batch 1 decode
+/// 41 vs 58 tok/s).
+const MAX_ITEM_BLOCKS: usize = 16;
+
+/// Attention output (num_seqs, num_heads, head_dim) into `out`.
+pub fn paged_decode_attention<T: KvElem>(
+    shape: AttentionShape,
+    batch: &DecodeBatch<'_>,
+    k_cache: &[T],
+    v_cache: &[T],
+    out: &mut [f32],
+) -> Result<(), AttentionError> {
+    let num_seqs = validate(shape, batch, k_cache.len(), v_cache.len(), out.len())?;
+    let AttentionShape {
+        num_heads,
+        head_dim,
+        block_size,
+        ..
+    } = shape;
+    let row = num_heads * head_dim;
+    // items: (seq, first block, end block), in sequence order
+    let mut items = Vec::with_capacity(num_seqs);
+    for (seq, &ctx) in batch.context_lens.iter().enumerate() {
+        let blocks = (ctx as usize).div_ceil(block_size);
+        items.extend(
+            (0..blocks)
+                .step_by(MAX_ITEM_BLOCKS)
+                .map(|b| (seq, b, blocks.min(b + MAX_ITEM_BLOCKS))),
+        );
+    }
+    // per item: max and sum per head, then the unnormalised output row
+    let part_len = 2 * num_heads + row;
+    let mut parts = vec![0.0f32; items.len() * part_len];
+    let run = |(&(seq, first, end), part): (&(usize, usize, usize), &mut [f32])| {
+        let table = &batch.block_tables[seq * batch.max_blocks..][..batch.max_blocks];
+        let ctx = batch.context_lens[seq] as usize;
+        let span = Span {
+            shape,
+            table,
+            first: first * block_size,
+            end: ctx.min(end * block_size),
+            scale: batch.scale,
+        };
+        dispatch_span(&span, &batch.q[seq * row..][..row], k_cache, v_cache, part);
+    };
+    items.iter().zip(parts.chunks_mut(part_len)).for_each(run);
+    merge_parts(&items, &parts, num_heads, head_dim, out);
+    Ok(())
+}
+
+/// Combines the items of each sequence: rescale each part's sum and output
+/// by exp(its max - the overall max), then normalise.
+fn merge_parts(
+    items: &[(usize, usize, usize)],
+    parts: &[f32],
+    num_heads: usize,
+    head_dim: usize,
+    out: &mut [f32],
+) {
+    let row = num_heads * head_dim;
+    let part_len = 2 * num_heads + row;
+    let mut i = 0;
+    while i < items.len() {
+        let seq = items[i].0;
+        let mut j = i;
+        while j < items.len() && items[j].0 == seq {
+            j += 1;
+        }
+        let out_row = &mut out[seq * row..][..row];
+        for h in 0..num_heads {
+            let max = (i..j)
+                .map(|p| parts[p * part_len + h])
+                .fold(f32::NEG_INFINITY, f32::max);
+            let o = &mut out_row[h * head_dim..][..head_dim];
+            o.fill(0.0);
+            let mut sum = 0.0f32;
+            for p in i..j {
+                let part = &parts[p * part_len..][..part_len];
+                let w = (part[h] - max).exp();
+                sum += w * part[num_heads + h];
+                let acc = &part[2 * num_heads + h * head_dim..][..head_dim];
+                o.iter_mut().zip(acc).for_each(|(o, a)| *o += w * a);
+            }
+            let inv = 1.0 / sum;
+            o.iter_mut().for_each(|o| *o *= inv);
+        }
+        i = j;
+    }
+}
+
+fn validate(
+    shape: AttentionShape,
+    batch: &DecodeBatch<'_>,
+    k_len: usize,
+    v_len: usize,
+    out_len: usize,
+) -> Result<usize, AttentionError> {
+    let AttentionShape {
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        block_size,
+    } = shape;
+    if num_heads == 0 || num_kv_heads == 0 || head_dim == 0 || block_size == 0 {
+        return Err(AttentionError::Shape(format!(
+            "every dimension must be > 0: {shape:?}"
+        )));
+    }
+    if !num_heads.is_multiple_of(num_kv_heads) {
+        return Err(AttentionError::Shape(format!(
+            "num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})"
+        )));
+    }
+    let row = num_heads * head_dim;
+    if !batch.q.len().is_multiple_of(row) {
+        return Err(AttentionError::Shape(format!(
+            "q has {} values, not a multiple of num_heads * head_dim = {row}",
+            batch.q.len()
+        )));
+    }
+    let num_seqs = batch.q.len() / row;
+    if out_len != batch.q.len() {
+        return Err(AttentionError::Shape(format!(
+            "out has {out_len} values, q has {}",
+            batch.q.len()
+        )));
+    }
+    if batch.context_lens.len() != num_seqs
+        || batch.block_tables.len() != num_seqs * batch.max_blocks
+    {
+        return Err(AttentionError::Shape(format!(
+            "{num_seqs} query rows but {} context lengths and {} block-table entries for {} columns",
+            batch.context_lens.len(),
+            batch.block_tables.len(),
+            batch.max_blocks
+        )));
+    }
+    let block_elems = block_size * num_kv_heads * head_dim;
+    if k_len != v_len || !k_len.is_multiple_of(block_elems) {
+        return Err(AttentionError::Shape(format!(
+            "k/v caches have {k_len}/{v_len} values; both must be whole blocks of {block_elems}"
+        )));
+    }
+    let num_blocks = k_len / block_elems;
+    for (seq, &ctx) in batch.context_lens.iter().enumerate() {
+        if ctx < 1 {
+            return Err(AttentionError::Context { seq, ctx });
+        }
+        let needed = (ctx as usize).div_ceil(block_size);
+        if needed > batch.max_blocks {
+            return Err(AttentionError::Shape(format!(
+                "sequence {seq} attends over {ctx} positions: {needed} blocks, the table has {}",
+                batch.max_blocks
+            )));
+        }
+        let table = &batch.block_tables[seq * batch.max_blocks..][..needed];
+        if let Some(&block) = table.iter().find(|&&b| b < 0 || b as usize >= num_blocks) {
+            return Err(AttentionError::Block {
+                seq,
+                block,
+                num_blocks,
+            });
+        }
+    }
+    Ok(num_seqs)
+}
+
+/// Positions [first, end) of one sequence.
+struct Span<'a> {
+    shape: AttentionShape,
+    table: &'a [i64],
+    first: usize,
+    end: usize,
+    scale: f32,
+}
+
+/// Runs the span with the widest vector unit the CPU has; the loops are
+/// written for the compiler to vectorise, `target_feature` lets it use AVX-512.
+fn dispatch_span<T: KvElem>(span: &Span<'_>, q: &[f32], k: &[T], v: &[T], part: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            let tiles = span.shape.head_dim / 16;
+            // SAFETY (all three): the CPU supports AVX-512F (checked just above).
+            match (span.shape.head_dim % 16, tiles) {
+                (0, 4) => return unsafe { avx512::span::<T, 4>(span, q, k, v, part) },
+                (0, 8) => return unsafe { avx512::span::<T, 8>(span, q, k, v, part) },
+                _ => return unsafe { span_avx512(span, q, k, v, part) },
+            }
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+            return unsafe { span_avx2(span, q, k, v, part) };
+        }
+    }
+    attend_span(span, q, k, v, part)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+unsafe fn span_avx512<T: KvElem>(span: &Span<'_>, q: &[f32], k: &[T], v: &[T], part: &mut [f32]) {
+    attend_span(span, q, k, v, part)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn span_avx2<T: KvElem>(span: &Span<'_>, q: &[f32], k: &[T], v: &[T], part: &mut [f32]) {
+    attend_span(span, q, k, v, part)
+}
+
+/// Hand-written AVX-512 spans for head_dim 64 and 128 (the autovectorised
+/// loops reduce each dot product with a chain of scalar adds and keep the
+/// output accumulators in memory; here they stay in registers): 2.5x the
+/// portable loop at 560 positions, the cache in L2.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{fast_exp, AttentionShape, KvElem, Span};
+
+    /// 16 values from `p` as f32 lanes.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load16<T: KvElem>(p: *const T) -> __m512 {
+        if T::IS_BF16 {
+            let bits = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast::<__m256i>()));
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(bits))
+        } else {
+            _mm512_loadu_ps(p.cast::<f32>())
+        }
+    }
+
+    /// `attend_span` for head_dim = 16 * TILES, in one pass over the cache:
+    /// block by block, keys then values of the block (contiguous rows, still
+    /// in L1 for the values), with the softmax kept online (running max and
+    /// sum per head; the output rescaled when the max grows).
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn span<T: KvElem, const TILES: usize>(
+        span: &Span<'_>,
+        q: &[f32],
+        k: &[T],
+        v: &[T],
+        part: &mut [f32],
+    ) {
+        let AttentionShape {
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            block_size,
+        } = span.shape;
+        debug_assert_eq!(head_dim, 16 * TILES);
+        let groups = num_heads / num_kv_heads;
+        let row_len = num_kv_heads * head_dim;
+        assert!(q.len() >= num_heads * head_dim && part.len() >= num_heads * (head_dim + 2));
+        let (stats, out) = part.split_at_mut(2 * num_heads);
+        let (maxes, sums) = stats.split_at_mut(num_heads);
+        maxes.fill(f32::NEG_INFINITY);
+        sums.fill(0.0);
+        out.fill(0.0);
+        // probabilities of the block's positions, [h * block_size + j]
+        let mut probs = vec![0.0f32; num_heads * block_size];
+        let mut pos = span.first;
+        while pos < span.end {
+            let block_idx = pos / block_size;
+            let stop = span.end.min((block_idx + 1) * block_size);
+            let n = stop - pos;
+            let first_row =
+                (span.table[block_idx] as usize * block_size + pos % block_size) * row_len;
+            // the block's rows lie inside the cache (validated block ids)
+            assert!(first_row + n * row_len <= k.len() && first_row + n * row_len <= v.len());
+            let keys = k.as_ptr().add(first_row);
+            for j in 0..n {
+                for kv_head in 0..num_kv_heads {
+                    let key = keys.add(j * row_len + kv_head * head_dim);
+                    let kt: [__m512; TILES] = std::array::from_fn(|t| load16(key.add(t * 16)));
+                    for h in kv_head * groups..(kv_head + 1) * groups {
+                        let qh = q.as_ptr().add(h * head_dim);
+                        let mut acc = _mm512_mul_ps(_mm512_loadu_ps(qh), kt[0]);
+                        for (t, kv) in kt.iter().enumerate().skip(1) {
+                            acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh.add(t * 16)), *kv, acc);
+                        }
+                        probs[h * block_size + j] = _mm512_reduce_add_ps(acc) * span.scale;
+                    }
+                }
+            }
+            let values = v.as_ptr().add(first_row);
+            for h in 0..num_heads {
+                let p = &mut probs[h * block_size..][..n];
+                let block_max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let new_max = maxes[h].max(block_max);
+                let correction = fast_exp(maxes[h] - new_max); // 0 on the first block
+                maxes[h] = new_max;
+                for x in p.iter_mut() {
+                    *x = fast_exp(*x - new_max);
+                }
+                sums[h] = sums[h] * correction + p.iter().sum::<f32>();
+                let o = out.as_mut_ptr().add(h * head_dim);
+                let scale = _mm512_set1_ps(correction);
+                let mut acc: [__m512; TILES] =
+                    std::array::from_fn(|t| _mm512_mul_ps(scale, _mm512_loadu_ps(o.add(t * 16))));
+                let col = (h / groups) * head_dim;
+                for (j, &w) in p.iter().enumerate() {
+                    let value = values.add(j * row_len + col);
+                    let weight = _mm512_set1_ps(w);
+                    for (t, a) in acc.iter_mut().enumerate() {
+                        *a = _mm512_fmadd_ps(weight, load16(value.add(t * 16)), *a);
+                    }
+                }
+                for (t, a) in acc.iter().enumerate() {
+                    _mm512_storeu_ps(o.add(t * 16), *a);
+                }
+            }
+            pos = stop;
+        }
+    }
+}
+
+/// Lanes of the partial sums in `dot`: one AVX-512 register of f32.
+const LANES: usize = 16;
+
+#[inline(always)]
+fn dot<T: KvElem>(a: &[f32], b: &[T]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let mut chunks_a = a.chunks_exact(LANES);
+    let mut chunks_b = b.chunks_exact(LANES);
+    for (ca, cb) in (&mut chunks_a).zip(&mut chunks_b) {
+        for i in 0..LANES {
+            acc[i] = ca[i].mul_add(cb[i].to_f32(), acc[i]);
+        }
+    }
+    let mut tail = 0.0f32;
+    for (x, y) in chunks_a.remainder().iter().zip(chunks_b.remainder()) {
+        tail = x.mul_add(y.to_f32(), tail);
+    }
+    // pairwise, not a left fold: a sequential sum of the lanes is a chain of
+    // 16 dependent adds, which cost more than the multiplies
+    let mut width = LANES / 2;
+    while width > 0 {
+        for i in 0..width {
+            acc[i] += acc[i + width];
+        }
+        width /= 2;
+    }
+    acc[0] + tail
+}
+
+#[inline(always)]
+fn axpy<T: KvElem>(y: &mut [f32], alpha: f32, x: &[T]) {
+    for (yi, xi) in y.iter_mut().zip(x) {
+        *yi = alpha.mul_add(xi.to_f32(), *yi);
+    }
+}
+
+/// One span for every head: part = [max per head, sum per head, output
+/// rows unnormalised]. Whole cache rows (all kv heads of a position) are
+/// read in order, so a block is one sequential stream of memory.
+#[inline(always)]
+fn attend_span<T: KvElem>(span: &Span<'_>, q: &[f32], k: &[T], v: &[T], part: &mut [f32]) {
+    let AttentionShape {
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        ..
+    } = span.shape;
+    let groups = num_heads / num_kv_heads;
+    let len = span.end - span.first;
+    let row_len = num_kv_heads * head_dim;
+    // scores[h * len + i] for position first + i
+    let mut scores = vec![0.0f32; num_heads * len];
+    let offsets = row_offsets(span);
+    for (i, &offset) in offsets.iter().enumerate() {
+        let key_row = &k[offset..][..row_len];
+        for (kv_head, key) in key_row.chunks_exact(head_dim).enumerate() {
+            for h in kv_head * groups..(kv_head + 1) * groups {
+                scores[h * len + i] = dot(&q[h * head_dim..][..head_dim], key) * span.scale;
+            }
+        }
+    }
+    let (stats, acc) = part.split_at_mut(2 * num_heads);
+    for h in 0..num_heads {
+        let row = &mut scores[h * len..][..len];
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        for s in row.iter_mut() {
+            *s = fast_exp(*s - max);
+        }
+        stats[h] = max;
+        stats[num_heads + h] = row.iter().sum();
+    }
+    acc.fill(0.0);
+    for (i, &offset) in offsets.iter().enumerate() {
+        let value_row = &v[offset..][..row_len];
+        for (kv_head, value) in value_row.chunks_exact(head_dim).enumerate() {
+            for h in kv_head * groups..(kv_head + 1) * groups {
+                axpy(
+                    &mut acc[h * head_dim..][..head_dim],
+                    scores[h * len + i],
+                    value,
+                );
+            }
+        }
+    }
+}
+
+/// Offset of the cache row of each position of the span, walking the block
+/// table a block at a time (no division per position). A list, not a
+/// closure: closures do not inherit the caller's `target_feature`s.
+fn row_offsets(span: &Span<'_>) -> Vec<usize> {
+    let AttentionShape {
+        num_kv_heads,
+        head_dim,
+        block_size,
+        ..
+    } = span.shape;
+    let row_len = num_kv_heads * head_dim;
+    let mut offsets = Vec::with_capacity(span.end - span.first);
+    let mut pos = span.first;
+    while pos < span.end {
+        let block_idx = pos / block_size;
+        let stop = span.end.min((block_idx + 1) * block_size);
+        let base = span.table[block_idx] as usize * block_size;
+        offsets.extend(
+            (pos % block_size..pos % block_size + (stop - pos)).map(|j| (base + j) * row_len),
+        );
+        pos = stop;
+    }
+    offsets
+}
+
+/// e^x for x <= 0 (softmax after subtracting the max), branch-free so the
+/// loop over a score row vectorises: 2^(x log2 e) split into an integer
+/// power, built in the exponent bits, times a degree-6 polynomial of the
+/// fraction in [-0.5, 0.5]. Relative error ~2e-7 + 6e-8 |x| (the
+/// rounding of x * log2 e); 0 below -87.
+#[inline(always)]
+pub fn fast_exp(x: f32) -> f32 {
+    let t = (x * std::f32::consts::LOG2_E).max(-126.0);
+    let n = t.round_ties_even();
+    let f = t - n; // [-0.5, 0.5]
+                   // 2^f = e^(f ln2), Taylor to the 6th power: |y| <= 0.35, remainder ~1.2e-7
+    let ln2 = std::f32::consts::LN_2;
+    let y = f * ln2;
+    let p = 1.0
+        + y * (1.0
+            + y * (0.5
+                + y * (1.0 / 6.0 + y * (1.0 / 24.0 + y * (1.0 / 120.0 + y * (1.0 / 720.0))))));
+    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    let r = p * scale;
+    if x < -87.0 {
+        0.0
+    } else {
+        r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Plain softmax attention over positions laid out by the table.
+    fn reference(shape: AttentionShape, batch: &DecodeBatch<'_>, k: &[f32], v: &[f32]) -> Vec<f32> {
+        let AttentionShape {
+            num_heads,
+            num_kv_heads,
+            head_dim: d,
+            block_size,
+        } = shape;
+        let groups = num_heads / num_kv_heads;
+        let n = batch.context_lens.len();
+        let mut out = vec![0.0f32; n * num_heads * d];
+        for s in 0..n {
+            let ctx = batch.context_lens[s] as usize;
+            for h in 0..num_heads {
+                let kvh = h / groups;
+                let q = &batch.q[(s * num_heads + h) * d..][..d];
+                let row = |p: usize| {
+                    let b = batch.block_tables[s * batch.max_blocks + p / block_size] as usize;
+                    ((b * block_size + p % block_size) * num_kv_heads + kvh) * d
+                };
+                let scores: Vec<f64> = (0..ctx)
+                    .map(|p| {
+                        let kr = &k[row(p)..][..d];
+                        q.iter()
+                            .zip(kr)
+                            .map(|(a, b)| (*a as f64) * (*b as f64))
+                            .sum::<f64>()
+                            * batch.scale as f64
+                    })
+                    .collect();
+                let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let w: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                let z: f64 = w.iter().sum();
+                for j in 0..d {
+                    let acc: f64 = (0..ctx).map(|p| w[p] * v[row(p) + j] as f64).sum();
+                    out[(s * num_heads + h) * d + j] = (acc / z) as f32;
+                }
+            }
+        }
+        out
+    }
+
+    fn lcg(state: &mut u64) -> f32 {
+        *state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((*state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+
+    fn case(shape: AttentionShape, ctxs: &[i64], num_blocks: usize, seed: u64) {
+        let mut st = seed;
+        let AttentionShape {
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            block_size,
+        } = shape;
+        let n = ctxs.len();
+        let elems = num_blocks * block_size * num_kv_heads * head_dim;
+        let k: Vec<f32> = (0..elems).map(|_| lcg(&mut st) * 2.0).collect();
+        let v: Vec<f32> = (0..elems).map(|_| lcg(&mut st)).collect();
+        let q: Vec<f32> = (0..n * num_heads * head_dim)
+            .map(|_| lcg(&mut st) * 2.0)
+            .collect();
+        let max_blocks = ctxs
+            .iter()
+            .map(|&c| (c as usize).div_ceil(block_size))
+            .max()
+            .unwrap();
+        // a shuffled table per sequence, unused entries -1
+        let mut tables = vec![-1i64; n * max_blocks];
+        for s in 0..n {
+            for j in 0..(ctxs[s] as usize).div_ceil(block_size) {
+                tables[s * max_blocks + j] = ((s * 7 + j * 13 + 3) % num_blocks) as i64;
+            }
+        }
+        let batch = DecodeBatch {
+            q: &q,
+            block_tables: &tables,
+            max_blocks,
+            context_lens: ctxs,
+            scale: 1.0 / (head_dim as f32).sqrt(),
+        };
+        let want = reference(shape, &batch, &k, &v);
+        let mut got = vec![f32::NAN; q.len()];
+        paged_decode_attention(shape, &batch, &k, &v, &mut got).unwrap();
+        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (a - b).abs() <= 2e-5 + 2e-5 * b.abs(),
+                "f32 {i}: {a} vs {b}"
+            );
+        }
+        // bf16 cache: the reference over the rounded values
+        let to_bf16 = |x: &f32| (x.to_bits() >> 16) as u16;
+        let (kb, vb): (Vec<u16>, Vec<u16>) = (
+            k.iter().map(to_bf16).collect(),
+            v.iter().map(to_bf16).collect(),
+        );
+        let (kr, vr): (Vec<f32>, Vec<f32>) = (
+            kb.iter().map(|x| x.to_f32()).collect(),
+            vb.iter().map(|x| x.to_f32()).collect(),
+        );
+        let want = reference(shape, &batch, &kr, &vr);
+        paged_decode_attention(shape, &batch, &kb, &vb, &mut got).unwrap();
+        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (a - b).abs() <= 2e-5 + 2e-5 * b.abs(),
+                "bf16 {i}: {a} vs {b}"
+            );
+        }
+    }
+
+    #[test]
+    fn matches_reference_over_shapes() {
+        let smol = AttentionShape {
+            num_heads: 9,
+            num_kv_heads: 3,
+            head_dim: 64,
+            block_size: 16,
+        };
+        case(smol, &[1], 4, 1);
+        case(smol, &[15, 16, 17, 33], 16, 2);
+        case(smol, &[600, 3, 250], 64, 3); // parallel path (>= 4096 positions)
+        let odd = AttentionShape {
+            num_heads: 7,
+            num_kv_heads: 7,
+            head_dim: 37,
+            block_size: 5,
+        };
+        case(odd, &[1, 11, 24], 12, 4);
+        let mqa = AttentionShape {
+            num_heads: 4,
+            num_kv_heads: 1,
+            head_dim: 8,
+            block_size: 1,
+        };
+        case(mqa, &[9, 2], 12, 5);
+    }
+
+    #[test]
+    fn rejects_bad_plans() {
+        let shape = AttentionShape {
+            num_heads: 2,
+            num_kv_heads: 1,
+            head_dim: 4,
+            block_size: 2,
+        };
+        let cache = vec![0.0f32; 3 * 2 * 4];
+        let q = vec![0.0f32; 8];
+        let mut out = vec![0.0f32; 8];
+        let run = |tables: &[i64], ctx: &[i64], out: &mut [f32]| {
+            let batch = DecodeBatch {
+                q: &q,
+                block_tables: tables,
+                max_blocks: 2,
+                context_lens: ctx,
+                scale: 1.0,
+            };
+            paged_decode_attention(shape, &batch, &cache, &cache, out)
+        };
+        assert!(run(&[0, 1], &[4], &mut out).is_ok());
+        assert!(matches!(
+            run(&[0, 3], &[4], &mut out),
+            Err(AttentionError::Block { block: 3, .. })
+        ));
+        assert!(matches!(
+            run(&[0, -1], &[4], &mut out),
+            Err(AttentionError::Block { .. })
+        ));
+        assert!(run(&[0, -1], &[2], &mut out).is_ok()); // unused entry ignored
+        assert!(matches!(
+            run(&[0, 1], &[0], &mut out),
+            Err(AttentionError::Context { .. })
+        ));
+        assert!(matches!(
+            run(&[0, 1], &[5], &mut out),
+            Err(AttentionError::Shape(_))
+        ));
+        assert!(matches!(
+            run(&[0, 1], &[4], &mut out[..4]),
+            Err(AttentionError::Shape(_))
+        ));
+    }
+
+    #[test]
+    fn fast_exp_is_accurate() {
+        let mut x = -100.0f32;
+        while x <= 0.0 {
+            let (got, want) = (fast_exp(x) as f64, (x as f64).exp());
+            if x >= -87.0 {
+                // the f32 rounding of x * log2(e) grows with |x|
+                let rel = 2e-7 + 8e-8 * (x.abs() as f64);
+                assert!(
+                    (got - want).abs() <= rel * want,
+                    "exp({x}) = {got}, want {want}"
+                );
+            } else {
+                assert!(got <= 1e-37);
+            }
+            x += 0.0137;
+        }
+        assert_eq!(fast_exp(0.0), 1.0);
+    }
+}
