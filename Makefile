@@ -1,4 +1,4 @@
-# The two commands of the README: `make run` and `make test`.
+# The two commands of the README: `make serve` and `make test`.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -7,7 +7,10 @@ export CARGO_TARGET_DIR ?= $(HOME)/.cache/mistralrs-serve/cargo-target
 STAMP := $(VENV)/.deps-installed
 PROMPT ?= What is the capital of France?
 
-.PHONY: setup build run test lint bench clean
+HOST ?= 127.0.0.1
+PORT ?= 1234
+
+.PHONY: setup build serve run test lint bench clean
 
 setup: $(STAMP) build
 
@@ -22,6 +25,9 @@ $(STAMP): pyproject.toml kernels/pyproject.toml
 # Incremental: cargo rebuilds only what changed (release profile, see pyproject).
 build: $(STAMP)
 	VIRTUAL_ENV=$(abspath $(VENV)) $(BIN)/maturin develop --release -q
+
+serve: setup
+	$(BIN)/mistralrs-serve serve --host $(HOST) --port $(PORT)
 
 run: setup
 	$(BIN)/mistralrs-serve run --prompt "$(PROMPT)"

@@ -1,5 +1,7 @@
 """The `mistralrs-serve` command.
 
+mistralrs-serve                                     # serve the default model on 127.0.0.1:1234
+mistralrs-serve serve -m path/to/model.gguf -p 8000 --api-key KEY
 mistralrs-serve run --prompt "What is the capital of France?"
 mistralrs-serve run -m path/to/model.gguf          # interactive chat
 """
@@ -7,13 +9,15 @@ mistralrs-serve run -m path/to/model.gguf          # interactive chat
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
-from mistralrs_serve.config import EngineConfig
+from mistralrs_serve.config import EngineConfig, ServerConfig
 from mistralrs_serve.errors import MistralrsServeError
 
 logger = logging.getLogger("mistralrs_serve")
@@ -45,6 +49,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    g.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="log lines as text or as one JSON object per line",
+    )
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -61,6 +71,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--no-prefix-cache", action="store_true", help="turn off prefix caching")
     g.add_argument(
+        "--prefix-cache-n",
+        type=int,
+        default=None,
+        metavar="N",
+        help="mistral.rs's flag: 0 turns prefix caching off, any other value leaves it on "
+        "(blocks are cached as long as the KV cache has room)",
+    )
+    g.add_argument(
         "--max-seq-len", type=int, default=None, help="cap the context length (default: the model's)"
     )
 
@@ -71,7 +89,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         kv_cache_mb=args.kv_cache_mb,
         max_num_seqs=args.max_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
-        enable_prefix_caching=not args.no_prefix_cache,
+        enable_prefix_caching=not args.no_prefix_cache and args.prefix_cache_n != 0,
         max_model_len=args.max_seq_len,
     )
 
@@ -85,13 +103,28 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
 
 
+COMMANDS = ("serve", "run")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mistralrs-serve",
-        description="An OpenAI-compatible LLM inference server and SDK. "
-        "Start with: mistralrs-serve run --prompt 'Hello'",
+        description="An OpenAI-compatible LLM inference server and SDK. Without a command it "
+        "serves: `mistralrs-serve -m MODEL` is `mistralrs-serve serve -m MODEL`. Try "
+        "`mistralrs-serve run --prompt 'Hello'` for one answer on the terminal.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = sub.add_parser(
+        "serve",
+        help="serve the OpenAI API over HTTP (the default command)",
+        description="Load a model and serve the OpenAI API (/v1/chat/completions, /v1/completions, "
+        "/v1/models) plus /health, /metrics, /tokenize and /detokenize. The socket opens at once; "
+        "/health answers 200 when the model is loaded. Use the official openai client with "
+        "base_url='http://HOST:PORT/v1'.",
+    )
+    add_model_args(serve)
+    add_engine_args(serve)
+    add_server_args(serve)
     run = sub.add_parser(
         "run",
         help="answer one prompt (--prompt) or chat interactively",
@@ -108,14 +141,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+def add_server_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    g.add_argument("-p", "--port", type=int, default=1234, help="port (default 1234)")
+    g.add_argument(
+        "--api-key",
+        default=os.environ.get("MISTRALRS_SERVE_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize and /detokenize "
+        "(default: $MISTRALRS_SERVE_API_KEY; unset = no key needed)",
     )
+    g.add_argument(
+        "--cors-allowed-origins",
+        nargs="*",
+        default=[],
+        metavar="ORIGIN",
+        help="origins allowed by CORS, e.g. http://localhost:3000 or '*' (default: none)",
+    )
+    g.add_argument("--disable-metrics", action="store_true", help="do not serve /metrics")
+    g.add_argument("--served-model-name", default=None, help="the model id in responses and /v1/models")
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed the server: requests without a seed get seeds drawn from it, so the same "
+        "sequence of requests gets the same answers",
+    )
+    g.add_argument(
+        "--max-pending-requests",
+        type=int,
+        default=ServerConfig.max_pending_requests,
+        help="requests in progress at once; more are answered 503 with Retry-After",
+    )
+    g.add_argument(
+        "--max-body-mb", type=int, default=ServerConfig.max_body_bytes >> 20, help="largest request body"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
+        argv.insert(0, "serve")
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level, args.log_format)
     try:
+        if args.command == "serve":
+            return serve_command(args)
         return run_command(args)
     except (MistralrsServeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -129,6 +200,63 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line = {
+            "time": self.formatTime(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line)
+
+
+def configure_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from mistralrs_serve.entrypoints.openai.api_server import build_app
+    from mistralrs_serve.models.loader import ModelSource
+    from mistralrs_serve.runner import start_engine
+
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    source = ModelSource.parse(args.model, args.chat_template)
+    config = ServerConfig(
+        api_key=args.api_key or None,
+        cors_allowed_origins=args.cors_allowed_origins,
+        enable_metrics=not args.disable_metrics,
+        max_body_bytes=args.max_body_mb << 20,
+        max_pending_requests=args.max_pending_requests,
+        served_model_name=args.served_model_name,
+        seed=args.seed,
+    )
+
+    def load() -> Any:
+        logger.info("loading %s", args.model or "the default model")
+        start = time.perf_counter()
+        client = start_engine(source, args.dtype, args.threads, engine_config(args))
+        logger.info("model loaded in %.1f s", time.perf_counter() - start)
+        return client
+
+    app = build_app(config, load)
+    logger.info("serving the OpenAI API on http://%s:%d/v1", args.host, args.port)
+    uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=False, timeout_keep_alive=30)
+    return 0
 
 
 def run_command(args: argparse.Namespace) -> int:

@@ -88,3 +88,20 @@ class EngineConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.max_model_len is not None and self.max_model_len <= 0:
             raise ValueError(f"max_model_len must be > 0, got {self.max_model_len}")
+
+
+@dataclass
+class ServerConfig:
+    """The HTTP server's settings (the engine's are EngineConfig)."""
+
+    api_key: str | None = None
+    cors_allowed_origins: list[str] = field(default_factory=list)
+    enable_metrics: bool = True
+    max_body_bytes: int = 16 << 20
+    # requests being served at once (queued in the engine included); more get 503
+    max_pending_requests: int = 512
+    # SSE comment sent when a stream has had no output for this long
+    keepalive_s: float = 15.0
+    served_model_name: str | None = None
+    # requests without a seed draw one from a generator seeded with this
+    seed: int | None = None

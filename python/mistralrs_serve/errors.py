@@ -25,3 +25,27 @@ class UnsupportedModelError(ModelLoadError):
 
 class ChatTemplateError(InvalidRequestError):
     """A chat template failed to compile or raised while rendering."""
+
+
+class ModelNotFoundError(MistralrsServeError):
+    """A request names a model this server does not serve."""
+
+    def __init__(self, model: str, available: list[str]) -> None:
+        super().__init__(f"The model '{model}' does not exist; this server serves {', '.join(available)}")
+        self.param = "model"
+
+
+class AuthenticationError(MistralrsServeError):
+    """Missing or wrong API key."""
+
+
+class ServerBusyError(MistralrsServeError):
+    """Too many requests queued, or the model is still loading: retry later."""
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class RequestTooLargeError(InvalidRequestError):
+    """The request body is over the server's size limit."""

@@ -102,16 +102,7 @@ class Runner:
     def _setup(
         self, source: ModelSource, dtype: str, num_threads: int | None, engine_config: EngineConfig | None
     ) -> None:
-        if num_threads:
-            torch.set_num_threads(num_threads)
-        torch_dtype = resolve_dtype(dtype)
-
-        def build() -> LLMEngine:
-            return LLMEngine(load_model(source, dtype=torch_dtype), engine_config)
-
-        # One engine thread serves every caller (requests from many threads batch
-        # together); it also loads the model, see EngineLoop for why.
-        self.client = EngineLoop(build)
+        self.client = start_engine(source, dtype, num_threads, engine_config)
         self.engine = self.client.engine
         self.loaded = self.engine.loaded
         self._chat = ChatServing(self.client, self.loaded.name)
@@ -139,6 +130,22 @@ class Runner:
 
     def detokenize_text(self, tokens: list[int], skip_special_tokens: bool = True) -> str:
         return self.engine.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
+
+
+def start_engine(
+    source: ModelSource, dtype: str, num_threads: int | None, engine_config: EngineConfig | None
+) -> EngineLoop:
+    """Load the model and run its engine on a background thread. One engine
+    thread serves every caller (requests from many threads batch together);
+    it also loads the model, see EngineLoop for why."""
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    torch_dtype = resolve_dtype(dtype)
+
+    def build() -> LLMEngine:
+        return LLMEngine(load_model(source, dtype=torch_dtype), engine_config)
+
+    return EngineLoop(build)
 
 
 DTYPES = {

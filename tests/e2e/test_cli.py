@@ -67,3 +67,60 @@ def test_bad_chat_template_is_a_clean_error(tmp_path: Path, template: str) -> No
     out = cli("run", "-c", str(path), "--prompt", "hi", "--max-tokens", "2")
     assert out.returncode == 1, out.stderr
     assert "Traceback" not in out.stderr and "error:" in out.stderr
+
+
+def test_serve_help_and_default_command() -> None:
+    out = cli("serve", "--help")
+    assert out.returncode == 0
+    for flag in ("--port", "--host", "--api-key", "--cors-allowed-origins", "--max-seqs", "--log-format"):
+        assert flag in out.stdout, flag
+    top = cli("--help")
+    assert top.returncode == 0 and "serve" in top.stdout
+
+
+def test_serve_bad_port_is_a_clean_error() -> None:
+    out = cli("-p", "70000")
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "--port" in out.stderr
+
+
+def test_serve_runs_and_stops_on_sigint() -> None:
+    """The real command: `mistralrs-serve -p PORT --log-format json` answers over
+    HTTP with the official client, then exits 0 on Ctrl-C."""
+    import json
+    import signal
+    import socket
+    import time
+
+    import httpx
+    import openai
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "mistralrs_serve.cli", "-p", str(port), "--log-format", "json"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            time.sleep(0.1)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+        res = client.chat.completions.create(
+            model="default",
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            max_tokens=12,
+            temperature=0,
+        )
+        assert "Paris" in (res.choices[0].message.content or "")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    logged = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    assert any("serving the OpenAI API" in line["message"] for line in logged)

@@ -14,7 +14,7 @@ import itertools
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 
 from mistralrs_serve.engine.llm_engine import LLMEngine
 from mistralrs_serve.engine.sequence import CompletionOutput, OutputCallback, StepOutput
@@ -77,6 +77,21 @@ class EngineLoop:
             self.engine.abort_request(request_id)
 
         self._post(abort)
+
+    def stats(self) -> dict[str, int]:
+        """Scheduler counters for metrics. Safe from any thread: the scheduler's
+        methods never release the GIL, so a read cannot interleave with a step's update."""
+        sched = self.engine.scheduler
+        return {
+            "num_running": sched.num_running,
+            "num_waiting": sched.num_waiting,
+            "num_blocks": sched.num_blocks,
+            "num_used_blocks": sched.num_used_blocks,
+            "prefix_cache_queries": sched.prefix_cache_queries,
+            "prefix_cache_hits": sched.prefix_cache_hits,
+            "num_preemptions": sched.num_preemptions,
+            "num_requests": len(self.engine.requests),
+        }
 
     def shutdown(self) -> None:
         """Stop the engine thread after its current step (idempotent)."""
@@ -147,9 +162,14 @@ class EngineLoop:
                 self.abort(request_id)
 
     async def stream_async(
-        self, prompt_ids: list[int], params: SamplingParams, param: str = "prompt"
-    ) -> AsyncIterator[StepOutput]:
-        """As `stream`, for asyncio; cancelling the consumer aborts the request."""
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        param: str = "prompt",
+        idle_s: float | None = None,
+    ) -> AsyncGenerator[StepOutput | None, None]:
+        """As `stream`, for asyncio; cancelling or closing the consumer aborts the request.
+        With idle_s, None is yielded whenever no output came for that long (SSE keep-alives)."""
         loop = asyncio.get_running_loop()
         inbox: asyncio.Queue[StepOutput] = asyncio.Queue()
 
@@ -160,7 +180,11 @@ class EngineLoop:
         remaining = params.n
         try:
             while remaining:
-                step = await inbox.get()
+                try:
+                    step = await asyncio.wait_for(inbox.get(), idle_s)
+                except asyncio.TimeoutError:  # Queue.get loses nothing when cancelled
+                    yield None
+                    continue
                 if step.error is not None:
                     raise EngineError(step.error)
                 remaining -= step.finish_reason is not None

@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -61,6 +62,8 @@ class LLMEngine:
             num_blocks * PagedKVCache.bytes_per_block(cfg, block_size, KV_CACHE_DTYPE) >> 20,
         )
         self.num_kv_tokens = num_blocks * block_size
+        # Called on the engine thread with each request that finished (not aborted): metrics.
+        self.finished_hooks: list[Callable[[Request], None]] = []
         self.requests: dict[str, Request] = {}
         self.sequences: dict[int, Sequence] = {}
         self._seq_ids = itertools.count()
@@ -213,6 +216,8 @@ class LLMEngine:
             if req.num_unfinished == 0:
                 times.finished = now
                 self.requests.pop(req.request_id, None)
+                for hook in self.finished_hooks:
+                    hook(req)
         else:
             self.scheduler.append_token(seq.seq_id, out.token_id)
         req.on_output(out)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import random
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from mistralrs_serve.engine.engine_loop import EngineLoop
-from mistralrs_serve.engine.sequence import StepOutput
+from mistralrs_serve.engine.sequence import CompletionOutput, StepOutput
 from mistralrs_serve.entrypoints.openai import serving_common as common
 from mistralrs_serve.entrypoints.openai.protocol import (
     ChatChoice,
@@ -33,20 +34,34 @@ class ChatServing:
         self.client = client
         self.engine = client.engine
         self.model_name = model_name
+        self.seeds: random.Random | None = None  # the server's --seed, if any
 
     def prepare(self, req: ChatCompletionRequest) -> tuple[list[int], SamplingParams]:
-        """Validated prompt ids and sampling params; raises InvalidRequestError."""
+        """Validated prompt ids and sampling params; raises InvalidRequestError.
+        Everything the engine would reject is checked here, before a stream starts."""
         common.log_unknown_fields(req)
         common.reject_unsupported(req, (*common.NOT_YET_SUPPORTED, "tools", "response_format"))
         params = self.sampling_params(req)
         prompt_ids = common.fit_prompt(
             self.engine, self.prompt_ids(req), params, truncate=req.truncate_sequence, param="messages"
         )
+        common.check_fits(self.engine, prompt_ids, params, "messages")
         return prompt_ids, params
 
     def create(self, req: ChatCompletionRequest) -> ChatCompletionResponse:
         prompt_ids, params = self.prepare(req)
         outputs = self.client.generate(prompt_ids, params, "messages")
+        return self.response(req, prompt_ids, outputs)
+
+    async def create_async(self, req: ChatCompletionRequest) -> ChatCompletionResponse:
+        """As `create`, on the event loop; cancelling it aborts the request."""
+        prompt_ids, params = self.prepare(req)
+        outputs = await common.collect_async(self.client, prompt_ids, params, "messages")
+        return self.response(req, prompt_ids, outputs)
+
+    def response(
+        self, req: ChatCompletionRequest, prompt_ids: list[int], outputs: list[CompletionOutput]
+    ) -> ChatCompletionResponse:
         choices = [self._choice(o, req.logprobs) for o in outputs]
         return ChatCompletionResponse(
             model=self.model_name, choices=choices, usage=common.usage(prompt_ids, outputs)
@@ -58,6 +73,15 @@ class ChatServing:
         chunks = ChunkBuilder(self, req, len(prompt_ids))
         return self._stream(chunks, prompt_ids, params)
 
+    def create_stream_async(
+        self, req: ChatCompletionRequest, idle_s: float | None = None
+    ) -> AsyncIterator[ChatCompletionChunk | None]:
+        """As `create_stream` for asyncio: validates now (raises before any chunk),
+        then yields chunks, and None after idle_s without output (keep-alives)."""
+        prompt_ids, params = self.prepare(req)
+        chunks = ChunkBuilder(self, req, len(prompt_ids))
+        return self._stream_async(chunks, prompt_ids, params, idle_s)
+
     def _stream(
         self, chunks: ChunkBuilder, prompt_ids: list[int], params: SamplingParams
     ) -> Iterator[ChatCompletionChunk]:
@@ -65,6 +89,24 @@ class ChatServing:
         for step in self.client.stream(prompt_ids, params, "messages"):
             yield from chunks.step(step)
         yield from chunks.end()
+
+    async def _stream_async(
+        self, chunks: ChunkBuilder, prompt_ids: list[int], params: SamplingParams, idle_s: float | None
+    ) -> AsyncIterator[ChatCompletionChunk | None]:
+        for chunk in chunks.start(params.n):
+            yield chunk
+        steps = self.client.stream_async(prompt_ids, params, "messages", idle_s)
+        try:
+            async for step in steps:
+                if step is None:
+                    yield None
+                    continue
+                for chunk in chunks.step(step):
+                    yield chunk
+        finally:
+            await steps.aclose()  # aborts the request if it is still running
+        for chunk in chunks.end():
+            yield chunk
 
     def sampling_params(self, req: ChatCompletionRequest) -> SamplingParams:
         if req.top_logprobs is not None and not req.logprobs:
@@ -76,6 +118,7 @@ class ChatServing:
             logprobs=req.logprobs,
             top_logprobs=req.top_logprobs or 0,
             defaults=self.engine.loaded.generation_defaults,
+            seeds=self.seeds,
         )
 
     def prompt_ids(self, req: ChatCompletionRequest) -> list[int]:
@@ -89,7 +132,7 @@ class ChatServing:
         extra = {"reasoning_effort": req.reasoning_effort} if req.reasoning_effort else {}
         return tokenizer.encode_chat(messages, enable_thinking=req.enable_thinking, **extra)
 
-    def _choice(self, out: Any, want_logprobs: bool) -> ChatChoice:
+    def _choice(self, out: CompletionOutput, want_logprobs: bool) -> ChatChoice:
         logprobs = None
         if want_logprobs:
             logprobs = ChoiceLogprobs(content=[common.chat_logprob(self.engine, lp) for lp in out.logprobs])

@@ -4,8 +4,10 @@ prompt limits, logprob shapes and usage."""
 from __future__ import annotations
 
 import logging
+import random
 from typing import Any
 
+from mistralrs_serve.engine.engine_loop import EngineLoop
 from mistralrs_serve.engine.llm_engine import LLMEngine
 from mistralrs_serve.engine.sequence import CompletionOutput
 from mistralrs_serve.engine.sequence import TokenLogprob as EngineLogprob
@@ -43,8 +45,11 @@ def sampling_params(
     logprobs: bool,
     top_logprobs: int,
     defaults: dict[str, Any],
+    seeds: random.Random | None = None,
 ) -> SamplingParams:
-    """Validated SamplingParams; unset fields fall back to the model's generation_config."""
+    """Validated SamplingParams; unset fields fall back to the model's generation_config.
+    Without a request seed, `seeds` (the server's --seed) draws one: a server
+    started with a seed answers the same sequence of requests the same way."""
 
     def pick(name: str, fallback: Any) -> Any:
         value = getattr(req, name)
@@ -65,7 +70,7 @@ def sampling_params(
         dry_base=req.dry_base if req.dry_base is not None else 1.75,
         dry_allowed_length=req.dry_allowed_length if req.dry_allowed_length is not None else 2,
         dry_sequence_breakers=tuple(req.dry_sequence_breakers or DEFAULT_DRY_BREAKERS),
-        seed=req.seed,
+        seed=req.seed if req.seed is not None or seeds is None else seeds.getrandbits(63),
         stop=tuple(stop),
         ignore_eos=req.ignore_eos,
         logprobs=logprobs,
@@ -89,6 +94,27 @@ def fit_prompt(
             )
         return prompt_ids[-limit:]
     return prompt_ids
+
+
+def check_fits(engine: LLMEngine, prompt_ids: list[int], params: SamplingParams, param: str) -> None:
+    """What the engine checks on submit, checked before a response (or stream) starts."""
+    engine.check_prompt(prompt_ids, params, param)
+    params.check_vocab(engine.model.config.vocab_size)
+
+
+async def collect_async(
+    client: EngineLoop, prompt_ids: list[int], params: SamplingParams, param: str
+) -> list[CompletionOutput]:
+    """Every choice of one request, finished; cancelling the caller aborts the request."""
+    outputs = [CompletionOutput(i) for i in range(params.n)]
+    steps = client.stream_async(prompt_ids, params, param)
+    try:
+        async for step in steps:
+            if step is not None:
+                outputs[step.index].add(step)
+    finally:
+        await steps.aclose()
+    return outputs
 
 
 def usage(prompt_ids: list[int], outputs: list[CompletionOutput]) -> Usage:

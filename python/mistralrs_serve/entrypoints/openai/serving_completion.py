@@ -2,18 +2,36 @@
 
 from __future__ import annotations
 
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
 from mistralrs_serve.engine.engine_loop import EngineLoop
-from mistralrs_serve.engine.sequence import CompletionOutput
+from mistralrs_serve.engine.sequence import CompletionOutput, StepOutput
+from mistralrs_serve.engine.sequence import TokenLogprob as EngineLogprob
 from mistralrs_serve.entrypoints.openai import serving_common as common
 from mistralrs_serve.entrypoints.openai.protocol import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    CompletionStreamChoice,
+    CompletionStreamResponse,
     Usage,
+    random_id,
 )
 from mistralrs_serve.errors import InvalidRequestError
-from mistralrs_serve.sampling_params import MAX_TOP_LOGPROBS
+from mistralrs_serve.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
+
+
+@dataclass(frozen=True)
+class Prepared:
+    prompts: list[list[int]]  # token ids per prompt, fitted to the context
+    params: SamplingParams
+    echo: bool
+    want_logprobs: bool
 
 
 class CompletionServing:
@@ -21,8 +39,10 @@ class CompletionServing:
         self.client = client
         self.engine = client.engine
         self.model_name = model_name
+        self.seeds: random.Random | None = None  # the server's --seed, if any
 
-    def create(self, req: CompletionRequest) -> CompletionResponse:
+    def prepare(self, req: CompletionRequest) -> Prepared:
+        """Validate everything before any generation (or stream) starts."""
         common.log_unknown_fields(req)
         common.reject_unsupported(req, common.NOT_YET_SUPPORTED)
         if req.suffix:
@@ -33,33 +53,122 @@ class CompletionServing:
             raise InvalidRequestError("best_of must equal n (ranking candidates is not supported)", "best_of")
         if req.logprobs is not None and not 0 <= req.logprobs <= MAX_TOP_LOGPROBS:
             raise InvalidRequestError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}]", "logprobs")
+        if req.echo and req.logprobs is not None:
+            raise InvalidRequestError(
+                "echo with logprobs is not supported (prompt logprobs are not computed)", "echo"
+            )
         params = common.sampling_params(
             req,
             max_tokens=req.max_tokens,
             logprobs=req.logprobs is not None,
             top_logprobs=req.logprobs or 0,
             defaults=self.engine.loaded.generation_defaults,
+            seeds=self.seeds,
         )
+        prompts = []
+        for ids in self.prompts(req):
+            ids = common.fit_prompt(self.engine, ids, params, truncate=req.truncate_sequence, param="prompt")
+            common.check_fits(self.engine, ids, params, "prompt")
+            prompts.append(ids)
+        return Prepared(prompts, params, req.echo, req.logprobs is not None)
+
+    def create(self, req: CompletionRequest) -> CompletionResponse:
+        prep = self.prepare(req)
+        outputs = [self.client.generate(ids, prep.params, "prompt") for ids in prep.prompts]
+        return self.response(prep, outputs)
+
+    async def create_async(self, req: CompletionRequest) -> CompletionResponse:
+        """As `create`; the prompts run concurrently, cancelling aborts them all."""
+        prep = self.prepare(req)
+        outputs = await asyncio.gather(
+            *(common.collect_async(self.client, ids, prep.params, "prompt") for ids in prep.prompts)
+        )
+        return self.response(prep, list(outputs))
+
+    def response(self, prep: Prepared, outputs: list[list[CompletionOutput]]) -> CompletionResponse:
         choices: list[CompletionChoice] = []
-        prompt_tokens = completion_tokens = 0
-        for prompt_index, prompt_ids in enumerate(self.prompts(req)):
-            prompt_ids = common.fit_prompt(
-                self.engine, prompt_ids, params, truncate=req.truncate_sequence, param="prompt"
-            )
-            outputs = self.client.generate(prompt_ids, params, "prompt")
-            prompt_tokens += len(prompt_ids)
-            completion_tokens += sum(len(o.token_ids) for o in outputs)
-            prefix = self.engine.tokenizer.decode(prompt_ids) if req.echo else ""
-            choices += [
-                self._choice(prompt_index * params.n + o.index, prefix, o, req.logprobs is not None)
-                for o in outputs
-            ]
+        for prompt_index, (ids, outs) in enumerate(zip(prep.prompts, outputs, strict=True)):
+            prefix = self.engine.tokenizer.decode(ids) if prep.echo else ""
+            for o in outs:
+                choices.append(
+                    CompletionChoice(
+                        index=prompt_index * prep.params.n + o.index,
+                        text=prefix + o.text,
+                        logprobs=self._logprobs(o.logprobs, len(prefix)) if prep.want_logprobs else None,
+                        finish_reason="length" if o.finish_reason == "length" else "stop",
+                    )
+                )
+        prompt_tokens = sum(len(ids) for ids in prep.prompts)
+        completion_tokens = sum(len(o.token_ids) for outs in outputs for o in outs)
         usage = Usage(
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,
             total_tokens=prompt_tokens + completion_tokens,
         )
         return CompletionResponse(model=self.model_name, choices=choices, usage=usage)
+
+    def create_stream_async(
+        self, req: CompletionRequest, idle_s: float | None = None
+    ) -> AsyncIterator[CompletionStreamResponse | None]:
+        """Validates now, then yields chunks (None after idle_s without output).
+        Several prompts stream one after another, each choice with its own index."""
+        prep = self.prepare(req)
+        include_usage = bool((req.stream_options or {}).get("include_usage"))
+        return self._stream_async(prep, include_usage, idle_s)
+
+    async def _stream_async(
+        self, prep: Prepared, include_usage: bool, idle_s: float | None
+    ) -> AsyncIterator[CompletionStreamResponse | None]:
+        chunk_id, created = random_id("cmpl"), int(time.time())
+
+        def chunk(
+            choices: list[CompletionStreamChoice], usage: Usage | None = None
+        ) -> CompletionStreamResponse:
+            return CompletionStreamResponse(
+                id=chunk_id, created=created, model=self.model_name, choices=choices, usage=usage
+            )
+
+        n = prep.params.n
+        completion_tokens = 0
+        for prompt_index, ids in enumerate(prep.prompts):
+            offsets = [0] * n
+            if prep.echo:
+                text = self.engine.tokenizer.decode(ids)
+                yield chunk([CompletionStreamChoice(index=prompt_index * n + i, text=text) for i in range(n)])
+            steps = self.client.stream_async(ids, prep.params, "prompt", idle_s)
+            try:
+                async for step in steps:
+                    if step is None:
+                        yield None
+                        continue
+                    completion_tokens += 1
+                    choice = self._stream_choice(prompt_index * n + step.index, step, offsets, prep)
+                    if choice is not None:
+                        yield chunk([choice])
+            finally:
+                await steps.aclose()
+        if include_usage:
+            prompt_tokens = sum(len(ids) for ids in prep.prompts)
+            usage = Usage(
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                total_tokens=prompt_tokens + completion_tokens,
+            )
+            yield chunk([], usage)
+
+    def _stream_choice(
+        self, index: int, step: StepOutput, offsets: list[int], prep: Prepared
+    ) -> CompletionStreamChoice | None:
+        logprobs = None
+        if prep.want_logprobs and step.logprob is not None and not step.is_stop_token:
+            logprobs = self._logprobs([step.logprob], offsets[step.index])
+        offsets[step.index] += len(step.text)
+        if not (step.text or logprobs is not None or step.finish_reason):
+            return None
+        finish = None
+        if step.finish_reason is not None:
+            finish = "length" if step.finish_reason == "length" else "stop"
+        return CompletionStreamChoice(index=index, text=step.text, logprobs=logprobs, finish_reason=finish)
 
     def prompts(self, req: CompletionRequest) -> list[list[int]]:
         """One token list per prompt: a string, strings, token ids, or lists of token ids."""
@@ -80,31 +189,22 @@ class CompletionServing:
             raise InvalidRequestError(f"prompt token ids must be non-empty and in [0, {vocab})", "prompt")
         return ids
 
-    def _choice(
-        self, index: int, prefix: str, out: CompletionOutput, want_logprobs: bool
-    ) -> CompletionChoice:
-        logprobs = self._logprobs(out, len(prefix)) if want_logprobs else None
-        return CompletionChoice(
-            index=index,
-            text=prefix + out.text,
-            logprobs=logprobs,
-            finish_reason="length" if out.finish_reason == "length" else "stop",
-        )
-
-    def _logprobs(self, out: CompletionOutput, offset: int) -> CompletionLogprobs:
+    def _logprobs(self, logprobs: list[EngineLogprob], offset: int) -> CompletionLogprobs:
+        """OpenAI's legacy shape; top_logprobs always holds the chosen token too."""
         tok = self.engine.tokenizer
-        tokens = [tok.token_bytes(lp.token_id).decode("utf-8", errors="replace") for lp in out.logprobs]
+
+        def text(token_id: int) -> str:
+            return tok.token_bytes(token_id).decode("utf-8", errors="replace")
+
+        tokens = [text(lp.token_id) for lp in logprobs]
         offsets = []
         for t in tokens:
             offsets.append(offset)
             offset += len(t)
-        top = [
-            {tok.token_bytes(i).decode("utf-8", errors="replace"): v for i, v in lp.top} or None
-            for lp in out.logprobs
-        ]
+        top = [{text(i): v for i, v in ((lp.token_id, lp.logprob), *lp.top)} for lp in logprobs]
         return CompletionLogprobs(
             tokens=tokens,
-            token_logprobs=[lp.logprob for lp in out.logprobs],
+            token_logprobs=[lp.logprob for lp in logprobs],
             top_logprobs=top,
             text_offset=offsets,
         )

@@ -1,0 +1,435 @@
+"""The OpenAI-compatible HTTP server (FastAPI on uvicorn).
+
+Request bodies are read and validated here, not by FastAPI's parameter
+injection, so that every bad input gets OpenAI's 400 envelope (FastAPI
+would answer 422 in its own shape). The handlers call the same serving
+classes as the in-process Runner: one code path for requests.
+
+The model loads on a background thread after the socket is open: /health
+answers 503 until it is ready, the /v1 routes 503 with Retry-After.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import random
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import anyio
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response, StreamingResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from mistralrs_serve.config import ServerConfig
+from mistralrs_serve.engine.engine_loop import EngineLoop
+from mistralrs_serve.entrypoints.openai.http_errors import error_body
+from mistralrs_serve.entrypoints.openai.metrics import ServerMetrics
+from mistralrs_serve.entrypoints.openai.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    SamplingFields,
+)
+from mistralrs_serve.entrypoints.openai.serving_chat import ChatServing
+from mistralrs_serve.entrypoints.openai.serving_completion import CompletionServing
+from mistralrs_serve.errors import (
+    AuthenticationError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    RequestTooLargeError,
+    ServerBusyError,
+)
+
+logger = logging.getLogger("mistralrs_serve.server")
+
+DEFAULT_MODEL_ID = "default"
+M = TypeVar("M", bound=BaseModel)
+
+
+class ServerState:
+    """What the handlers share; `client` is None until the model has loaded."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.client: EngineLoop | None = None
+        self.chat: ChatServing | None = None
+        self.completion: CompletionServing | None = None
+        self.model_id = ""
+        self.load_error: str | None = None
+        self.pending = 0
+        self.created = int(time.time())
+        self.metrics = ServerMetrics(lambda: self.client.stats() if self.client is not None else None)
+
+    def attach(self, client: EngineLoop) -> None:
+        name = self.config.served_model_name or client.engine.loaded.name
+        client.engine.finished_hooks.append(self.metrics.observe_request)
+        self.chat = ChatServing(client, name)
+        self.completion = CompletionServing(client, name)
+        if self.config.seed is not None:
+            self.chat.seeds = self.completion.seeds = random.Random(self.config.seed)
+        self.model_id = name
+        self.client = client  # last: marks the server ready
+
+    def check_model(self, model: str) -> None:
+        if model not in (DEFAULT_MODEL_ID, self.model_id):
+            raise ModelNotFoundError(model, [DEFAULT_MODEL_ID, self.model_id])
+
+
+class EventStreamResponse(StreamingResponse):
+    """SSE that notices a client disconnect while waiting for the engine, not
+    only on the next write: a listener on `receive` cancels the stream, whose
+    generator then aborts the request and frees its KV blocks."""
+
+    media_type = "text/event-stream"
+    on_close: Callable[[], None] | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            async with anyio.create_task_group() as group:
+
+                async def stream() -> None:
+                    with contextlib.suppress(OSError):  # the socket went away mid-write
+                        await self.stream_response(send)
+                    group.cancel_scope.cancel()
+
+                group.start_soon(stream)
+                await self.listen_for_disconnect(receive)
+                group.cancel_scope.cancel()
+        finally:
+            if self.on_close is not None:
+                self.on_close()
+
+
+class AuthAndMetrics:
+    """ASGI middleware: the API key on /v1, /tokenize and /detokenize; request
+    counts by route and status. Plain ASGI (not BaseHTTPMiddleware), so that
+    streaming and disconnect detection pass through untouched."""
+
+    PROTECTED = ("/v1/", "/tokenize", "/detokenize")
+
+    def __init__(self, app: ASGIApp, state: ServerState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path, method = scope["path"], scope["method"]
+        counter = self.state.metrics.http_requests
+        key = self.state.config.api_key
+        if key is not None and path.startswith(self.PROTECTED) and method != "OPTIONS":
+            given = Headers(scope=scope).get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+                error = AuthenticationError(
+                    "Incorrect or missing API key: send 'Authorization: Bearer <key>'"
+                )
+                await error_response(error)(scope, receive, send)
+                counter.labels(path, method, "401").inc()
+                return
+        status = [500]
+
+        async def send_and_note(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            counter.labels(route, method, str(status[0])).inc()
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(body), status_code=status, headers=headers, media_type="application/json")
+
+
+def error_response(exc: BaseException) -> Response:
+    status, body, headers = error_body(exc)
+    return json_response(body, status, headers)
+
+
+def dump(model: BaseModel) -> dict[str, Any]:
+    """The wire form: None dropped, except the fields OpenAI sends as null."""
+    return _drop_none(model.model_dump(mode="json"))
+
+
+_KEEP_NULL = frozenset({"content", "refusal", "finish_reason", "logprobs"})
+
+
+def _drop_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None or k in _KEEP_NULL}
+    if isinstance(value, list):
+        return [_drop_none(v) for v in value]
+    return value
+
+
+def sse_event(model: BaseModel) -> bytes:
+    return b"data: " + orjson.dumps(dump(model)) + b"\n\n"
+
+
+def parse_body(raw: bytes, model: type[M]) -> M:
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        raise InvalidRequestError(f"the request body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise InvalidRequestError("the request body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = [str(part) for part in first["loc"]]
+        param = loc[0] if loc else None
+        where = ".".join(loc)
+        raise InvalidRequestError(f"{where}: {first['msg']}" if where else first["msg"], param) from None
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise RequestTooLargeError(f"the request body is {declared} bytes; the limit is {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestTooLargeError(f"the request body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+T = TypeVar("T")
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T], poll_s: float = 0.2) -> T | None:
+    """Await work; if the client goes away first, cancel it (which aborts its
+    engine request) and return None."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=poll_s)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                logger.info("client disconnected; aborting its request")
+                task.cancel()
+                return None
+    finally:
+        if not task.done():
+            task.cancel()
+
+
+def build_app(config: ServerConfig, load: Callable[[], EngineLoop]) -> FastAPI:
+    """The app; `load` builds (or returns) the engine, on a background thread."""
+    state = ServerState(config)
+
+    def load_in_background() -> None:
+        try:
+            state.attach(load())
+            logger.info("model %s loaded; serving", state.model_id)
+        except Exception as e:
+            logger.exception("the model failed to load")
+            state.load_error = f"{type(e).__name__}: {e}"
+
+    app = FastAPI(title="mistralrs-serve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = state
+    threading.Thread(target=load_in_background, name="mistralrs-load", daemon=True).start()
+
+    if config.cors_allowed_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=config.cors_allowed_origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+        )
+
+    app.add_middleware(AuthAndMetrics, state=state)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        # unknown routes and methods, in the OpenAI envelope
+        body = {
+            "error": {
+                "message": str(exc.detail),
+                "type": "invalid_request_error",
+                "param": None,
+                "code": None,
+            }
+        }
+        return json_response(body, exc.status_code)
+
+    def ready() -> EngineLoop:
+        if state.client is None:
+            if state.load_error is not None:
+                raise ServerBusyError(f"the model failed to load: {state.load_error}", retry_after_s=60)
+            raise ServerBusyError("the model is still loading", retry_after_s=5)
+        return state.client
+
+    async def admitted(request: Request, handler: Callable[[], Awaitable[Response]]) -> Response:
+        """Error envelope for whatever the handler raises; the pending-request cap."""
+        try:
+            ready()
+            if state.pending >= config.max_pending_requests:
+                raise ServerBusyError(
+                    f"the server is at capacity ({config.max_pending_requests} requests in progress)"
+                )
+            state.pending += 1
+        except Exception as e:
+            return error_response(e)
+        release = True
+        try:
+            response = await handler()
+            if isinstance(response, EventStreamResponse):
+                response.on_close = _release  # the stream holds its slot until it ends
+                release = False
+            return response
+        except Exception as e:
+            return error_response(e)
+        finally:
+            if release:
+                state.pending -= 1
+
+    def _release() -> None:
+        state.pending -= 1
+
+    @app.get("/health")
+    async def health() -> Response:
+        if state.client is not None:
+            return json_response({"status": "ok", "model": state.model_id})
+        status = "failed" if state.load_error else "loading"
+        return json_response({"status": status, "error": state.load_error}, 503)
+
+    @app.get("/v1/models")
+    async def list_models() -> Response:
+        try:
+            ready()
+        except ServerBusyError as e:
+            return error_response(e)
+        cards = [_model_card(DEFAULT_MODEL_ID, state), _model_card(state.model_id, state)]
+        return json_response({"object": "list", "data": cards})
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str) -> Response:
+        try:
+            ready()
+            state.check_model(model_id)
+        except Exception as e:
+            return error_response(e)
+        return json_response(_model_card(model_id, state))
+
+    async def generate(request: Request, body_model: type[SamplingFields], serving: Any) -> Response:
+        """Chat and legacy completions alike: parse, check the model, stream or not."""
+
+        async def handle() -> Response:
+            req = parse_body(await read_body(request, config.max_body_bytes), body_model)
+            state.check_model(req.model)
+            if req.stream:
+                return _sse(serving.create_stream_async(req, config.keepalive_s))
+            res = await unless_disconnected(request, serving.create_async(req))
+            return json_response(dump(res)) if res is not None else Response(status_code=499)
+
+        return await admitted(request, handle)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await generate(request, ChatCompletionRequest, state.chat)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await generate(request, CompletionRequest, state.completion)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Response:
+        async def handle() -> Response:
+            req = parse_body(await read_body(request, config.max_body_bytes), TokenizeRequest)
+            state.check_model(req.model)
+            client = ready()
+            tok, chat = client.engine.tokenizer, state.chat
+            assert chat is not None
+            if req.messages is not None:
+                chat_req = ChatCompletionRequest(messages=req.messages)
+                ids = chat.prompt_ids(chat_req)
+            elif req.prompt is not None:
+                ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+            else:
+                raise InvalidRequestError("give 'prompt' or 'messages'", "prompt")
+            body = {"count": len(ids), "max_model_len": client.engine.max_model_len, "tokens": ids}
+            return json_response(body)
+
+        return await admitted(request, handle)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> Response:
+        async def handle() -> Response:
+            req = parse_body(await read_body(request, config.max_body_bytes), DetokenizeRequest)
+            state.check_model(req.model)
+            tok = ready().engine.tokenizer
+            if any(not 0 <= t < tok.vocab_size for t in req.tokens):
+                raise InvalidRequestError(f"token ids must be in [0, {tok.vocab_size})", "tokens")
+            return json_response({"prompt": tok.decode(req.tokens, skip_special_tokens=False)})
+
+        return await admitted(request, handle)
+
+    if config.enable_metrics:
+
+        @app.get("/metrics")
+        async def metrics() -> Response:
+            return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app
+
+
+class TokenizeRequest(BaseModel):
+    model: str = DEFAULT_MODEL_ID
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(BaseModel):
+    model: str = DEFAULT_MODEL_ID
+    tokens: list[int]
+
+
+def _model_card(model_id: str, state: ServerState) -> dict[str, Any]:
+    client = state.client
+    card: dict[str, Any] = {
+        "id": model_id,
+        "object": "model",
+        "created": state.created,
+        "owned_by": "mistralrs-serve",
+    }
+    if client is not None:
+        card["max_model_len"] = client.engine.max_model_len
+        if model_id == DEFAULT_MODEL_ID:
+            card["root"] = state.model_id
+    return card
+
+
+def _sse(chunks: AsyncIterator[BaseModel | None]) -> Response:
+    """chunks were validated already (the first error raises before this): from
+    here on an error is sent as a final event, and the stream always ends."""
+
+    async def events() -> AsyncIterator[bytes]:
+        try:
+            async for chunk in chunks:
+                yield b": keep-alive\n\n" if chunk is None else sse_event(chunk)
+        except Exception as e:
+            _, body, _ = error_body(e)
+            yield b"data: " + orjson.dumps(body) + b"\n\n"
+            return
+        yield b"data: [DONE]\n\n"
+
+    return EventStreamResponse(events(), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

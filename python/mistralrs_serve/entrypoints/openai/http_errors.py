@@ -1,0 +1,68 @@
+"""The one table from exceptions to HTTP statuses and OpenAI's error envelope:
+{"error": {"message", "type", "param", "code"}}."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from mistralrs_serve.engine.engine_loop import EngineError
+from mistralrs_serve.errors import (
+    AuthenticationError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    RequestTooLargeError,
+    ServerBusyError,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ErrorKind:
+    status: int
+    type: str
+    code: str | None
+
+
+# First match wins: subclasses before their bases.
+TABLE: list[tuple[type[BaseException], ErrorKind]] = [
+    (RequestTooLargeError, ErrorKind(400, "invalid_request_error", "request_too_large")),
+    (InvalidRequestError, ErrorKind(400, "invalid_request_error", None)),
+    (AuthenticationError, ErrorKind(401, "invalid_request_error", "invalid_api_key")),
+    (ModelNotFoundError, ErrorKind(404, "invalid_request_error", "model_not_found")),
+    (ServerBusyError, ErrorKind(503, "server_error", "server_busy")),
+    (EngineError, ErrorKind(500, "server_error", "engine_error")),
+]
+INTERNAL = ErrorKind(500, "server_error", "internal_error")
+
+
+def kind_of(exc: BaseException) -> ErrorKind:
+    for cls, kind in TABLE:
+        if isinstance(exc, cls):
+            return kind
+    return INTERNAL
+
+
+def error_body(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """(status, body, headers) for exc. Unknown exceptions are logged with their
+    traceback and answered with a generic message: internals never reach clients."""
+    kind = kind_of(exc)
+    if kind is INTERNAL:
+        logger.error("internal error while serving a request", exc_info=exc)
+        message = "The server had an internal error while processing the request"
+    else:
+        message = str(exc)
+    headers = {}
+    if isinstance(exc, ServerBusyError):
+        headers["Retry-After"] = str(exc.retry_after_s)
+    body = {
+        "error": {
+            "message": message,
+            "type": kind.type,
+            "param": getattr(exc, "param", None),
+            "code": kind.code,
+        }
+    }
+    return kind.status, body, headers
