@@ -10,3 +10,4 @@ $BIN/python -m pytest -q -ra
 $BIN/python bench/decode.py --smoke
 $BIN/python bench/throughput.py --smoke
 $BIN/python bench/compare_peers.py --smoke
+$BIN/python bench/serve.py --smoke

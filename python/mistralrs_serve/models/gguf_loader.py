@@ -12,6 +12,7 @@ from mistralrs_serve.errors import ModelLoadError, UnsupportedModelError
 from mistralrs_serve.layers.linear import AnyWeight, Q4Weight
 from mistralrs_serve.models.gguf_file import GGUFFile
 from mistralrs_serve.models.gguf_quants import Q4_TYPES, dequantize, unpack_q4
+from mistralrs_serve.models.progress import progress
 from mistralrs_serve.models.registry import Architecture, config_from_gguf, find_architecture
 from mistralrs_serve.tokenizer.chat_template import load_chat_template
 from mistralrs_serve.tokenizer.gguf_tokenizer import tokenizer_from_gguf
@@ -78,7 +79,7 @@ def load_gguf_weights(
 ) -> dict[str, AnyWeight]:
     """Weights under Hugging Face names; 4-bit matrices of linear layers stay 4-bit."""
     weights: dict[str, AnyWeight] = {}
-    for name, info in gguf.tensors.items():
+    for name, info in progress(list(gguf.tensors.items()), "loading GGUF tensors", "tensor"):
         target = hf_name(name)
         if target is None:
             continue

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from mistralrs_serve.config import ModelConfig
 from mistralrs_serve.errors import ModelLoadError
+from mistralrs_serve.models.progress import progress
 from mistralrs_serve.models.registry import config_from_hf, find_architecture
 from mistralrs_serve.tokenizer.chat_template import load_chat_template
 from mistralrs_serve.tokenizer.tokenizer import Tokenizer, special_tokens_from_hf
@@ -56,7 +57,7 @@ def load_safetensors(model_dir: Path, dtype: torch.dtype) -> dict[str, torch.Ten
         found = ", ".join(sorted(p.name for p in model_dir.iterdir())) or "nothing"
         raise ModelLoadError(f"{model_dir}: no *.safetensors weights (found: {found})")
     weights: dict[str, torch.Tensor] = {}
-    for f in files:
+    for f in progress(files, "loading safetensors shards", "file"):
         try:
             weights.update({k: v.to(dtype) for k, v in load_file(f).items()})
         except (SafetensorError, OSError) as e:
