@@ -1,7 +1,9 @@
 """mistralrs-serve kernels: Triton kernels for CUDA and their torch references.
 
 `reference` holds the torch implementation of every op; the CPU path of the
-model runs on it, and each Triton kernel is tested against it.
+model runs on it, and each Triton kernel is tested against it. The kernels
+import Triton lazily: `from mistralrs_kernels import triton_ops` needs it
+(on a CPU machine, set TRITON_INTERPRET=1 before the first import).
 """
 
 from mistralrs_kernels import reference

@@ -43,3 +43,70 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int)
     rows = torch.arange(num_queries).unsqueeze(1) + start_pos
     mask = torch.arange(num_keys).unsqueeze(0) <= rows  # (T, S)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+def rms_norm_residual(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """h = x + residual (in fp32, stored in x's dtype); returns (rms_norm(h), h)."""
+    h = (x.float() + residual.float()).to(x.dtype)
+    out = F.rms_norm((x.float() + residual.float()), (x.shape[-1],), weight.float(), eps).to(x.dtype)
+    return out, h
+
+
+def rope(
+    x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, *, neox: bool = True
+) -> torch.Tensor:
+    """x (T, heads, D) rotated at positions; cos_sin_cache (max_pos, D) = [cos | sin].
+    neox rotates halves of each head, GPT-J interleaved pairs (x[2i], x[2i+1])."""
+    half = x.shape[-1] // 2
+    cs = cos_sin_cache[positions.long()].float()
+    cos, sin = cs[:, None, :half], cs[:, None, half:]
+    xf = x.float()
+    if neox:
+        x1, x2 = xf[..., :half], xf[..., half:]
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+    x1, x2 = xf[..., 0::2], xf[..., 1::2]
+    return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2).to(x.dtype)
+
+
+def store_kv(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """k/v (T, K, D) into caches (num_blocks, block_size, K, D) at slots; -1 skips."""
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    kv_heads, d = k.shape[1], k.shape[2]
+    k_cache.view(-1, kv_heads, d)[slots] = k[keep].to(k_cache.dtype)
+    v_cache.view(-1, kv_heads, d)[slots] = v[keep].to(v_cache.dtype)
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One query per sequence over its cached positions (gathered, fp32 SDPA)."""
+    block_size, kv_heads, d = k_cache.shape[1:]
+    out = torch.empty_like(q)
+    for s, ctx in enumerate(context_lens.tolist()):
+        blocks = block_tables[s, : -(-ctx // block_size)].long()
+        k = k_cache[blocks].reshape(-1, kv_heads, d)[:ctx].float().transpose(0, 1)
+        v = v_cache[blocks].reshape(-1, kv_heads, d)[:ctx].float().transpose(0, 1)
+        o = F.scaled_dot_product_attention(
+            q[s].float().unsqueeze(1), k, v, scale=scale, enable_gqa=q.shape[1] != kv_heads
+        )
+        out[s] = o.squeeze(1).to(q.dtype)
+    return out
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """In place: -inf where bit (i % 32) of word i // 32 of the row's mask is 0."""
+    vocab = logits.shape[1]
+    ids = torch.arange(vocab, device=logits.device)
+    words = bitmask[:, ids // 32].long() & 0xFFFFFFFF
+    allowed = ((words >> (ids % 32)) & 1).bool()
+    logits.masked_fill_(~allowed, float("-inf"))

@@ -87,18 +87,18 @@ def test_tokenize_roundtrip(default_runner) -> None:  # type: ignore[no-untyped-
 
 
 def test_legacy_completion(default_runner) -> None:  # type: ignore[no-untyped-def]
-    req = CompletionRequest(
-        model="default",
-        prompt="The capital of France is",
-        max_tokens=4,
-        temperature=0.0,
-        echo=True,
-        logprobs=2,
-    )
+    prompt = "The capital of France is"
+    req = CompletionRequest(model="default", prompt=prompt, max_tokens=4, temperature=0.0, echo=True)
+    text = default_runner.send_completion_request(req).choices[0].text
+    assert text.startswith(prompt) and len(text) > len(prompt)
+    req = CompletionRequest(model="default", prompt=prompt, max_tokens=4, temperature=0.0, logprobs=2)
     res = default_runner.send_completion_request(req)
-    text = res.choices[0].text
-    assert text.startswith("The capital of France is") and len(text) > len("The capital of France is")
     assert len(res.choices[0].logprobs.tokens) == 4
+    assert "".join(res.choices[0].logprobs.tokens) == res.choices[0].text
+    # OpenAI answers echo + logprobs with the prompt's logprobs too, which are not computed here
+    with pytest.raises(InvalidRequestError) as err:
+        default_runner.send_completion_request(req.model_copy(update={"echo": True}))
+    assert err.value.param == "echo"
 
 
 @pytest.mark.parametrize(

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import itertools
 import logging
 import queue
 import threading
+import weakref
 from collections.abc import AsyncGenerator, Callable, Iterator
 
 from mistralrs_serve.engine.llm_engine import LLMEngine
@@ -170,12 +172,8 @@ class EngineLoop:
     ) -> AsyncGenerator[StepOutput | None, None]:
         """As `stream`, for asyncio; cancelling or closing the consumer aborts the request.
         With idle_s, None is yielded whenever no output came for that long (SSE keep-alives)."""
-        loop = asyncio.get_running_loop()
         inbox: asyncio.Queue[StepOutput] = asyncio.Queue()
-
-        def deliver(step: StepOutput) -> None:
-            loop.call_soon_threadsafe(inbox.put_nowait, step)
-
+        deliver = _LoopMailbox.of(asyncio.get_running_loop()).sender(inbox)
         request_id = self.submit(prompt_ids, params, deliver, param)
         remaining = params.n
         try:
@@ -192,3 +190,49 @@ class EngineLoop:
         finally:
             if remaining:
                 self.abort(request_id)
+
+
+class _LoopMailbox:
+    """Hands engine outputs to one asyncio loop with one wake-up per burst.
+
+    A step ends with an output for every running request; waking the loop
+    once per output (call_soon_threadsafe each) costs a context switch per
+    request per step, and on a small machine every switch stalls the
+    engine's OpenMP threads. Outputs queue here and the first of a burst
+    schedules the one flush that delivers them all."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.pending: list[tuple[asyncio.Queue[StepOutput], StepOutput]] = []
+        self.scheduled = False
+        self.lock = threading.Lock()
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> _LoopMailbox:
+        with _MAILBOXES_LOCK:
+            box = _MAILBOXES.get(loop)
+            if box is None:
+                box = _MAILBOXES[loop] = cls(loop)
+            return box
+
+    def sender(self, inbox: asyncio.Queue[StepOutput]) -> OutputCallback:
+        def send(step: StepOutput) -> None:
+            with self.lock:
+                self.pending.append((inbox, step))
+                if self.scheduled:
+                    return
+                self.scheduled = True
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody listens any more
+                self.loop.call_soon_threadsafe(self._flush)
+
+        return send
+
+    def _flush(self) -> None:
+        with self.lock:
+            batch, self.pending, self.scheduled = self.pending, [], False
+        for inbox, step in batch:
+            inbox.put_nowait(step)
+
+
+_MAILBOXES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopMailbox] = weakref.WeakKeyDictionary()
+_MAILBOXES_LOCK = threading.Lock()

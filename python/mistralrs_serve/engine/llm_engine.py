@@ -24,6 +24,7 @@ from mistralrs_serve.engine.sequence import (
     TokenLogprob,
 )
 from mistralrs_serve.errors import InvalidRequestError
+from mistralrs_serve.layers.linear import INT4_MAX_ROWS
 from mistralrs_serve.models.loader import LoadedModel
 from mistralrs_serve.sampling_params import SamplingParams
 
@@ -155,12 +156,15 @@ class LLMEngine:
         attn = PagedAttention(
             self.cache, plan["query_lens"], plan["context_lens"], plan["slot_mapping"], plan["block_tables"]
         )
-        sample_rows = (np.cumsum(plan["query_lens"]) - 1)[plan["sample"]]
+        qlens = plan["query_lens"]
+        last_rows = np.cumsum(qlens) - 1
+        sample_rows = last_rows[plan["sample"]]
         logits = self.model.forward(
             torch.from_numpy(plan["input_ids"]),
             torch.from_numpy(plan["positions"]),
             attn,
             torch.from_numpy(sample_rows),
+            _int4_rows(qlens, last_rows),
         )
         self._sample_and_update(plan["seq_ids"][plan["sample"]], logits)
         return len(plan["input_ids"])
@@ -245,3 +249,18 @@ class LLMEngine:
         while request_id in self.requests:
             self.step()
         return outputs
+
+
+def _int4_rows(query_lens: np.ndarray, last_rows: np.ndarray) -> torch.Tensor | None:
+    """Which rows of a step take the 4-bit kernel (Linear). Prefill rows never
+    do; decode rows do when the step has at most INT4_MAX_ROWS of them. So a
+    decode computes the same whatever else is in its step, and up to that
+    many concurrent requests decode greedily exactly as each would alone.
+    None for a decode-only step: Linear's row-count rule says the same."""
+    is_decode = query_lens == 1
+    num_decodes = int(is_decode.sum())
+    if num_decodes == len(query_lens):
+        return None
+    if num_decodes > INT4_MAX_ROWS:
+        return torch.empty(0, dtype=torch.int64)
+    return torch.from_numpy(np.ascontiguousarray(last_rows[is_decode], dtype=np.int64))

@@ -81,12 +81,26 @@ class Linear:
         parts += [] if self.bias is None else [self.bias]
         return sum(t.numel() * t.element_size() for t in parts)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.int4 is not None and x.shape[0] <= INT4_MAX_ROWS:
-            packed, scales_zeros = self.int4
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, GROUP_SIZE, scales_zeros)
-            return y if self.bias is None else y + self.bias
-        return F.linear(x, self.weight, self.bias)
+    def __call__(self, x: torch.Tensor, int4_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """int4_rows: in a step that prefills, the rows (decodes, at most
+        INT4_MAX_ROWS, maybe none) that take the 4-bit kernel; the rest go dense. A
+        row's result is the same in any batch for either kernel, but the two
+        kernels round differently: this keeps a decode's numerics (and so its
+        greedy tokens) independent of what else runs in its step."""
+        if self.int4 is None:
+            return F.linear(x, self.weight, self.bias)
+        if int4_rows is None:
+            return self._int4(x) if x.shape[0] <= INT4_MAX_ROWS else F.linear(x, self.weight, self.bias)
+        y = F.linear(x, self.weight, self.bias)
+        if len(int4_rows):
+            y.index_copy_(0, int4_rows, self._int4(x.index_select(0, int4_rows)))
+        return y
+
+    def _int4(self, x: torch.Tensor) -> torch.Tensor:
+        assert self.int4 is not None
+        packed, scales_zeros = self.int4
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, GROUP_SIZE, scales_zeros)
+        return y if self.bias is None else y + self.bias
 
 
 def concat_weights(parts: list[AnyWeight]) -> AnyWeight:

@@ -62,24 +62,34 @@ class DecoderLayer:
         self.down = Linear(w[mlp + "down_proj.weight"], None, dtype)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attn: AttentionBackend,
+        int4_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self._attention(ops.rms_norm(x, self.input_norm, self.eps), cos, sin, attn)
+        x = x + self._attention(ops.rms_norm(x, self.input_norm, self.eps), cos, sin, attn, int4_rows)
         h = ops.rms_norm(x, self.post_norm, self.eps)
-        return x + self.down(ops.silu_mul(self.gate_up(h)))
+        return x + self.down(ops.silu_mul(self.gate_up(h, int4_rows)), int4_rows)
 
     def _attention(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attn: AttentionBackend,
+        int4_rows: torch.Tensor | None,
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
         h, kv = self.num_heads, self.num_kv_heads
-        qkv = self.qkv(x).view(num_tokens, h + 2 * kv, self.head_dim)
+        qkv = self.qkv(x, int4_rows).view(num_tokens, h + 2 * kv, self.head_dim)
         q, k, v = qkv.split([h, kv, kv], dim=1)  # (T, heads, D) each
         if self.q_norm is not None and self.k_norm is not None:
             q = ops.rms_norm(q, self.q_norm, self.eps)
             k = ops.rms_norm(k, self.k_norm, self.eps)
         q, k = ops.rope_neox(q, cos, sin), ops.rope_neox(k, cos, sin)
-        return self.o(attn.attend(self.idx, q, k, v))
+        return self.o(attn.attend(self.idx, q, k, v), int4_rows)
 
 
 class LlamaForCausalLM:
@@ -112,12 +122,14 @@ class LlamaForCausalLM:
         positions: torch.Tensor,
         attn: AttentionBackend,
         logits_indices: torch.Tensor,
+        int4_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """input_ids/positions (T,); returns fp32 logits (len(logits_indices), vocab)."""
+        """input_ids/positions (T,); returns fp32 logits (len(logits_indices), vocab).
+        int4_rows: the rows of a mixed step that take the 4-bit kernel (see Linear)."""
         x = F.embedding(input_ids, self.embed)
         cos, sin = self.rotary.lookup(positions)
         for layer in self.layers:
-            x = layer.forward(x, cos, sin, attn)
+            x = layer.forward(x, cos, sin, attn, int4_rows)
         x = ops.rms_norm(x[logits_indices], self.norm, self.config.rms_norm_eps)
         return self.lm_head(x).float()
 

@@ -1,0 +1,226 @@
+"""Each Triton kernel against its torch reference (reference.py).
+
+Here (no GPU) they run under Triton's interpreter in fp32 and fp16 on CPU
+tensors (tests/conftest.py sets TRITON_INTERPRET=1 before Triton loads);
+the interpreter's bf16 arithmetic is wrong, so bf16 runs only on a GPU
+(marker `gpu`, `pytest -m gpu`), where the same tests run on CUDA tensors.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from mistralrs_kernels import reference as ref
+from mistralrs_kernels import triton_ops as ops
+
+ON_GPU = os.environ.get("TRITON_INTERPRET") != "1" and torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
+# (atol, rtol) per dtype: the kernels compute in fp32 and round once at the end
+TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 2e-2)}
+
+
+def close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> None:
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(got.float().cpu(), want.float().cpu(), atol=atol * scale, rtol=rtol * scale)
+
+
+def randn(*shape: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=gen).to(dtype).to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("rows", "n"), [(1, 576), (7, 37), (3, 1024), (2, 1)])
+def test_rms_norm(dtype: torch.dtype, rows: int, n: int) -> None:
+    x, w = randn(rows, n, dtype=dtype, seed=1), randn(n, dtype=dtype, seed=2)
+    close(ops.rms_norm(x, w, 1e-5), ref.rms_norm(x.cpu(), w.cpu(), 1e-5), dtype)
+    res = randn(rows, n, dtype=dtype, seed=3)
+    out, h = ops.rms_norm(x, w, 1e-6, residual=res)
+    want_out, want_h = ref.rms_norm_residual(x.cpu(), res.cpu(), w.cpu(), 1e-6)
+    close(out, want_out, dtype)
+    close(h, want_h, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("neox", [True, False])
+@pytest.mark.parametrize(("tokens", "heads", "d"), [(1, 1, 64), (5, 9, 64), (3, 7, 10), (2, 3, 128)])
+def test_rope(dtype: torch.dtype, neox: bool, tokens: int, heads: int, d: int) -> None:
+    x = randn(tokens, heads, d, dtype=dtype, seed=4)
+    max_pos = 50
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    angles = torch.arange(max_pos).float()[:, None] * inv[None, :]
+    cache = torch.cat((angles.cos(), angles.sin()), dim=-1).to(dtype).to(DEVICE)
+    positions = torch.tensor([(7 * i + 3) % max_pos for i in range(tokens)], device=DEVICE)
+    got = ops.rope(x, positions, cache, neox=neox)
+    close(got, ref.rope(x.cpu(), positions.cpu(), cache.cpu(), neox=neox), dtype)
+
+
+def test_rope_neox_matches_the_models_rope() -> None:
+    """The kernel's neox layout is the one the CPU model uses (reference.rope_neox)."""
+    x = randn(4, 3, 8, seed=5)
+    angles = torch.arange(4).float()[:, None] * torch.tensor([1.0, 0.5, 0.25, 0.125])[None, :]
+    cache = torch.cat((angles.cos(), angles.sin()), dim=-1).to(DEVICE)
+    want = ref.rope_neox(x.cpu(), angles.cos()[:, None, :], angles.sin()[:, None, :])
+    close(ops.rope(x, torch.arange(4, device=DEVICE), cache), want, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 3072), (5, 2 * 1537), (2, 3, 8)])
+def test_silu_mul(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    x = randn(*shape, dtype=dtype, seed=6)
+    close(ops.silu_mul(x), ref.silu_mul(x.cpu().float()).to(dtype), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_store_kv(dtype: torch.dtype) -> None:
+    blocks, bs, kv, d = 6, 4, 3, 16
+    k, v = randn(7, kv, d, dtype=dtype, seed=7), randn(7, kv, d, dtype=dtype, seed=8)
+    slots = torch.tensor([0, 3, 4, -1, 23, 9, -1], device=DEVICE)  # block edges, padding, the last slot
+    caches = [torch.full((blocks, bs, kv, d), 7.0, dtype=dtype, device=DEVICE) for _ in range(4)]
+    ops.store_kv(k, v, caches[0], caches[1], slots)
+    want_k, want_v = caches[2].cpu(), caches[3].cpu()
+    ref.store_kv(k.cpu(), v.cpu(), want_k, want_v, slots.cpu())
+    assert torch.equal(caches[0].cpu(), want_k) and torch.equal(caches[1].cpu(), want_v)
+
+
+def paged_case(
+    dtype: torch.dtype, heads: int, kv_heads: int, d: int, block_size: int, contexts: list[int], seed: int
+) -> tuple[torch.Tensor, ...]:
+    max_blocks = max(-(-c // block_size) for c in contexts) + 1
+    num_blocks = max_blocks * len(contexts) + 2
+    k_cache = randn(num_blocks, block_size, kv_heads, d, dtype=dtype, seed=seed)
+    v_cache = randn(num_blocks, block_size, kv_heads, d, dtype=dtype, seed=seed + 1)
+    q = randn(len(contexts), heads, d, dtype=dtype, seed=seed + 2)
+    perm = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed))
+    tables = torch.zeros(len(contexts), max_blocks, dtype=torch.int32)
+    used = 0
+    for s, c in enumerate(contexts):
+        n = -(-c // block_size)
+        tables[s, :n] = perm[used : used + n]
+        used += n
+    return q, k_cache, v_cache, tables.to(DEVICE), torch.tensor(contexts, dtype=torch.int32, device=DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "d", "block_size", "contexts", "partition"),
+    [
+        (9, 3, 64, 16, [1], 512),  # batch 1, one position
+        (9, 3, 64, 16, [15, 16, 17, 32, 33], 512),  # block boundary +-1, full and partial blocks
+        (7, 7, 48, 8, [100, 3], 32),  # prime heads, head_dim not a power of 2, split into partitions
+        (4, 1, 64, 16, [97, 64, 1], 64),  # MQA, partitions exactly full and nearly empty
+    ],
+)
+def test_paged_decode_attention(
+    dtype: torch.dtype,
+    heads: int,
+    kv_heads: int,
+    d: int,
+    block_size: int,
+    contexts: list[int],
+    partition: int,
+) -> None:
+    q, k_cache, v_cache, tables, ctxs = paged_case(
+        dtype, heads, kv_heads, d, block_size, contexts, seed=len(contexts)
+    )
+    scale = d**-0.5
+    got = ops.paged_decode_attention(q, k_cache, v_cache, tables, ctxs, scale, partition_size=partition)
+    want = ref.paged_decode_attention(q.cpu(), k_cache.cpu(), v_cache.cpu(), tables.cpu(), ctxs.cpu(), scale)
+    close(got, want, dtype, scale=5.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("vocab", [31, 32, 33, 1000])
+def test_apply_token_bitmask(dtype: torch.dtype, vocab: int) -> None:
+    rows = 3
+    gen = torch.Generator().manual_seed(vocab)
+    allowed = torch.rand(rows, vocab, generator=gen) < 0.4
+    allowed[0] = True  # all allowed
+    words = (vocab + 31) // 32
+    bits = torch.zeros(rows, words * 32, dtype=torch.int64)
+    bits[:, :vocab] = allowed.long()
+    packed = (bits.view(rows, words, 32) << torch.arange(32)).sum(-1)
+    bitmask = packed.where(packed < 2**31, packed - 2**32).to(torch.int32)  # u32 bits in i32
+    logits = randn(rows, vocab, dtype=dtype, seed=9)
+    want = logits.cpu().clone()
+    ref.apply_token_bitmask(want, bitmask)
+    ops.apply_token_bitmask(logits, bitmask.to(DEVICE))
+    assert torch.equal(logits.cpu(), want)
+    assert torch.isinf(want[~allowed]).all() and not torch.isinf(want[allowed]).any()
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda: ops.rms_norm(randn(2, 4), randn(5), 1e-5), "differ in N"),
+        (lambda: ops.rms_norm(randn(2, 4).t(), randn(2), 1e-5), "contiguous"),
+        (lambda: ops.rms_norm(randn(2, 4), randn(4), 0.0), "eps"),
+        (lambda: ops.silu_mul(randn(2, 5)), "even"),
+        (lambda: ops.rope(randn(2, 3, 8), torch.tensor([0, 99], device=DEVICE), randn(10, 8)), "positions"),
+        (
+            lambda: ops.rope(randn(2, 3, 8), torch.tensor([0], device=DEVICE), randn(10, 8)),
+            "one entry per token",
+        ),
+        (
+            lambda: ops.store_kv(
+                randn(2, 1, 4),
+                randn(2, 1, 4),
+                randn(2, 2, 1, 4),
+                randn(2, 2, 1, 4),
+                torch.tensor([0, 4], device=DEVICE),
+            ),
+            "slot_mapping",
+        ),
+        (
+            lambda: ops.paged_decode_attention(
+                randn(1, 3, 8),
+                randn(2, 4, 2, 8),
+                randn(2, 4, 2, 8),
+                torch.zeros(1, 2, dtype=torch.int32, device=DEVICE),
+                torch.tensor([3], device=DEVICE),
+                1.0,
+            ),
+            "multiple",
+        ),
+        (
+            lambda: ops.paged_decode_attention(
+                randn(1, 2, 8),
+                randn(2, 4, 2, 8),
+                randn(2, 4, 2, 8),
+                torch.zeros(1, 2, dtype=torch.int32, device=DEVICE),
+                torch.tensor([9], device=DEVICE),
+                1.0,
+            ),
+            "blocks",
+        ),
+        (
+            lambda: ops.paged_decode_attention(
+                randn(1, 2, 8),
+                randn(2, 3, 2, 8),
+                randn(2, 3, 2, 8),
+                torch.zeros(1, 2, dtype=torch.int32, device=DEVICE),
+                torch.tensor([3], device=DEVICE),
+                1.0,
+            ),
+            "power of 2",
+        ),
+        (
+            lambda: ops.apply_token_bitmask(
+                randn(2, 40), torch.zeros(2, 1, dtype=torch.int32, device=DEVICE)
+            ),
+            "bitmask",
+        ),
+    ],
+)
+def test_launchers_reject_bad_arguments(call, match: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+@pytest.mark.gpu
+def test_gpu_is_used() -> None:
+    """Under -m gpu: the kernels above ran compiled on CUDA, bf16 included."""
+    assert ON_GPU and torch.bfloat16 in DTYPES
