@@ -3,9 +3,10 @@
 Layout: q (S, H, D); k_cache/v_cache (num_blocks, block_size, K, D) with
 H a multiple of K (GQA); block_tables (S, max_blocks); context_lens (S,).
 Split-K (flash-decoding): each sequence's context is cut into partitions of
-`partition_size` positions, one program per (sequence, head, partition)
-writes its softmax max, sum and unnormalised output, and a second kernel
-merges the partitions, so a long context still fills the GPU at batch 1.
+`partition_size` positions, one program per (sequence, kv head, partition)
+writes the softmax max, sum and unnormalised output of the query heads that
+share the kv head, and a second kernel merges the partitions, so a long
+context still fills the GPU at batch 1.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import triton.language as tl
 from mistralrs_kernels._checks import FLOAT_DTYPES, check_tensor, need, next_power_of_2, same_device
 
 DEFAULT_PARTITION_SIZE = 512
+# positions per iteration of a program (several cache blocks)
+TILE_POSITIONS = 64
 
 
 @triton.jit
@@ -36,45 +39,60 @@ def _paged_decode_partial_kernel(
     max_blocks,
     num_partitions,
     BLOCK_SIZE: tl.constexpr,
+    BLOCK_G: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    BLOCKS_PER_PARTITION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    TILES_PER_PARTITION: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
+    """One program per (sequence, kv head, partition): the G query heads that
+    share the kv head are the rows of one tl.dot (padded to BLOCK_G >= 16),
+    so each key and value is read once for all of them; BLOCK_N positions
+    (several cache blocks) per iteration."""
     seq = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
+    kv_head = tl.program_id(1)
     part = tl.program_id(2)
-    kv_head = head // (num_heads // num_kv_heads)
+    groups = num_heads // num_kv_heads
     ctx = tl.load(ctx_ptr + seq)
+    g = tl.arange(0, BLOCK_G)
+    g_mask = g < groups
     d = tl.arange(0, BLOCK_D)
     d_mask = d < head_dim
-    q = tl.load(q_ptr + (seq * num_heads + head) * head_dim + d, mask=d_mask, other=0.0).to(tl.float32)
-    n = tl.arange(0, BLOCK_SIZE)
-    m_i = float("-inf")
-    l_i = 0.0
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    first_block = part * BLOCKS_PER_PARTITION
-    for j in range(BLOCKS_PER_PARTITION):
-        logical = first_block + j
-        pos = logical * BLOCK_SIZE + n
-        valid = pos < ctx
-        if logical * BLOCK_SIZE < ctx:
-            physical = tl.load(tables_ptr + seq * max_blocks + logical).to(tl.int64)
-            rows = (physical * BLOCK_SIZE + n) * num_kv_heads + kv_head
+    heads = kv_head * groups + g
+    q = tl.load(
+        q_ptr + (seq * num_heads + heads)[:, None] * head_dim + d[None, :],
+        mask=g_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )
+    n = tl.arange(0, BLOCK_N)
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for t in range(TILES_PER_PARTITION):
+        start = (part * TILES_PER_PARTITION + t) * BLOCK_N
+        if start < ctx:
+            pos = start + n
+            valid = pos < ctx
+            physical = tl.load(tables_ptr + seq * max_blocks + pos // BLOCK_SIZE, mask=valid, other=0).to(
+                tl.int64
+            )
+            rows = (physical * BLOCK_SIZE + pos % BLOCK_SIZE) * num_kv_heads + kv_head
             offs = rows[:, None] * head_dim + d[None, :]
             kv_mask = valid[:, None] & d_mask[None, :]
-            k = tl.load(k_cache_ptr + offs, mask=kv_mask, other=0.0).to(tl.float32)
-            s = tl.sum(k * q[None, :], axis=1) * scale
-            s = tl.where(valid, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=0))
-            p = tl.exp(s - m_new)
+            k = tl.load(k_cache_ptr + offs, mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (BLOCK_G, BLOCK_N)
+            s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            p = tl.exp(s - m_new[:, None])
             alpha = tl.exp(m_i - m_new)
-            v = tl.load(v_cache_ptr + offs, mask=kv_mask, other=0.0).to(tl.float32)
-            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
-            l_i = l_i * alpha + tl.sum(p, axis=0)
+            v = tl.load(v_cache_ptr + offs, mask=kv_mask, other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
             m_i = m_new
-    stat = (seq * num_heads + head) * num_partitions + part
-    tl.store(max_ptr + stat, m_i)
-    tl.store(sum_ptr + stat, l_i)
-    tl.store(acc_ptr + stat * head_dim + d, acc, mask=d_mask)
+    stat = (seq * num_heads + heads) * num_partitions + part
+    tl.store(max_ptr + stat, m_i, mask=g_mask)
+    tl.store(sum_ptr + stat, l_i, mask=g_mask)
+    tl.store(acc_ptr + stat[:, None] * head_dim + d[None, :], acc, mask=g_mask[:, None] & d_mask[None, :])
 
 
 @triton.jit
@@ -145,8 +163,11 @@ def paged_decode_attention(
         f"need {seqs} rows",
     )
     need(
-        partition_size % block_size == 0 and partition_size > 0,
-        f"partition_size ({partition_size}) must be a positive multiple of block_size ({block_size})",
+        partition_size >= 16
+        and partition_size & (partition_size - 1) == 0
+        and partition_size % block_size == 0,
+        f"partition_size ({partition_size}) must be a power of 2, >= 16 and a multiple of "
+        f"block_size ({block_size})",
     )
     if max_context_len is None:
         max_context_len = int(context_lens.max()) if seqs else 0
@@ -163,8 +184,9 @@ def paged_decode_attention(
     stats = torch.empty((seqs, heads, partitions), dtype=torch.float32, device=q.device)
     sums = torch.empty_like(stats)
     acc = torch.empty((seqs, heads, partitions, d), dtype=torch.float32, device=q.device)
-    block_d = next_power_of_2(d)
-    _paged_decode_partial_kernel[(seqs, heads, partitions)](
+    block_d = max(16, next_power_of_2(d))
+    block_n = min(TILE_POSITIONS, partition_size)
+    _paged_decode_partial_kernel[(seqs, kv_heads, partitions)](
         q,
         k_cache,
         v_cache,
@@ -180,8 +202,11 @@ def paged_decode_attention(
         block_tables.shape[1],
         partitions,
         BLOCK_SIZE=block_size,
+        BLOCK_G=max(16, next_power_of_2(heads // kv_heads)),
         BLOCK_D=block_d,
-        BLOCKS_PER_PARTITION=partition_size // block_size,
+        BLOCK_N=block_n,
+        TILES_PER_PARTITION=partition_size // block_n,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
     _paged_decode_merge_kernel[(seqs * heads,)](
         stats, sums, acc, out, d, partitions, BLOCK_P=next_power_of_2(partitions), BLOCK_D=block_d

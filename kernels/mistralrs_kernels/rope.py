@@ -43,11 +43,17 @@ def _rope_kernel(
 
 
 def rope(
-    x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, *, neox: bool = True
+    x: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    *,
+    neox: bool = True,
+    check_positions: bool = True,
 ) -> torch.Tensor:
     """x (T, heads, D) rotated at positions (T,); cos_sin_cache (max_pos, D) holds
     cos in its first D/2 columns and sin in the rest. neox rotates the halves
-    of each head, GPT-J interleaved pairs."""
+    of each head, GPT-J interleaved pairs. check_positions reads the positions'
+    range back to the host (a device sync); the kernel clamps them either way."""
     check_tensor("x", x, ndim=3, dtypes=FLOAT_DTYPES)
     check_tensor("positions", positions, ndim=1, dtypes=(torch.int32, torch.int64))
     check_tensor("cos_sin_cache", cos_sin_cache, ndim=2, dtypes=FLOAT_DTYPES)
@@ -62,7 +68,7 @@ def rope(
         cos_sin_cache.shape[1] == d,
         f"cos_sin_cache {tuple(cos_sin_cache.shape)} must have head_dim {d} columns",
     )
-    if tokens and positions.numel():
+    if check_positions and tokens:
         lo, hi = int(positions.min()), int(positions.max())
         need(
             lo >= 0 and hi < cos_sin_cache.shape[0],
