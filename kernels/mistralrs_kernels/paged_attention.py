@@ -134,11 +134,13 @@ def paged_decode_attention(
     scale: float,
     *,
     max_context_len: int | None = None,
-    partition_size: int = DEFAULT_PARTITION_SIZE,
+    partition_size: int | None = None,
 ) -> torch.Tensor:
     """softmax(q k^T * scale) v for each sequence over its cached positions -> (S, H, D) in q's dtype.
 
-    max_context_len bounds the partitions launched (pass it to avoid a device sync)."""
+    max_context_len bounds the partitions launched (pass it to avoid a device sync).
+    partition_size: positions per program; by default the largest power of 2
+    up to 512 that still gives the GPU two programs per multiprocessor."""
     check_tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES)
     check_tensor("k_cache", k_cache, ndim=4, dtypes=FLOAT_DTYPES)
     check_tensor("v_cache", v_cache, ndim=4, dtypes=FLOAT_DTYPES)
@@ -162,6 +164,11 @@ def paged_decode_attention(
         f"block_tables {tuple(block_tables.shape)} and context_lens {tuple(context_lens.shape)} "
         f"need {seqs} rows",
     )
+    if max_context_len is None:
+        max_context_len = int(context_lens.max()) if seqs else 0
+        need(seqs == 0 or int(context_lens.min()) >= 1, "every context length must be >= 1")
+    if partition_size is None:
+        partition_size = _auto_partition_size(q, seqs * kv_heads, max_context_len, block_size)
     need(
         partition_size >= 16
         and partition_size & (partition_size - 1) == 0
@@ -169,9 +176,6 @@ def paged_decode_attention(
         f"partition_size ({partition_size}) must be a power of 2, >= 16 and a multiple of "
         f"block_size ({block_size})",
     )
-    if max_context_len is None:
-        max_context_len = int(context_lens.max()) if seqs else 0
-        need(seqs == 0 or int(context_lens.min()) >= 1, "every context length must be >= 1")
     need(
         max_context_len <= block_tables.shape[1] * block_size,
         f"a context of {max_context_len} needs more blocks than "
@@ -212,3 +216,15 @@ def paged_decode_attention(
         stats, sums, acc, out, d, partitions, BLOCK_P=next_power_of_2(partitions), BLOCK_D=block_d
     )
     return out
+
+
+def _auto_partition_size(q: torch.Tensor, rows: int, max_context_len: int, block_size: int) -> int:
+    """Halve the partition (from 512, down to 64 or one block) while (sequence,
+    kv head, partition) programs would not give each multiprocessor two: at
+    batch 1 a long context is what fills the GPU."""
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
+    size = DEFAULT_PARTITION_SIZE
+    floor = max(TILE_POSITIONS, block_size)
+    while size // 2 >= floor and rows * triton.cdiv(max(max_context_len, 1), size) < 2 * sms:
+        size //= 2
+    return size

@@ -108,7 +108,7 @@ def paged_case(
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "d", "block_size", "contexts", "partition"),
     [
-        (9, 3, 64, 16, [1], 512),  # batch 1, one position
+        (9, 3, 64, 16, [1], None),  # batch 1, one position, partition size picked for the device
         (9, 3, 64, 16, [15, 16, 17, 32, 33], 512),  # block boundary +-1, full and partial blocks
         (7, 7, 48, 8, [100, 3], 32),  # prime heads, head_dim not a power of 2, split into partitions
         (4, 1, 64, 16, [97, 64, 1], 64),  # MQA, partitions exactly full and nearly empty
@@ -121,7 +121,7 @@ def test_paged_decode_attention(
     d: int,
     block_size: int,
     contexts: list[int],
-    partition: int,
+    partition: int | None,
 ) -> None:
     q, k_cache, v_cache, tables, ctxs = paged_case(
         dtype, heads, kv_heads, d, block_size, contexts, seed=len(contexts)
