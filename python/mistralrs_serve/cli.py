@@ -48,6 +48,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         help="compute dtype; auto = bf16 (4-bit GGUF weights stay 4-bit)",
     )
     g.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
+    g.add_argument(
+        "--device",
+        default="auto",
+        help="cpu, cuda or cuda:N; auto (the default) is cuda when torch sees a GPU. On CUDA the "
+        "model runs in --dtype with Triton kernels for paged attention and norms",
+    )
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     g.add_argument(
         "--log-format",
@@ -91,6 +97,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_num_batched_tokens=args.max_num_batched_tokens,
         enable_prefix_caching=not args.no_prefix_cache and args.prefix_cache_n != 0,
         max_model_len=args.max_seq_len,
+        device=args.device,
     )
 
 

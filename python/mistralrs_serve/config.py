@@ -81,8 +81,15 @@ class EngineConfig:
     max_num_batched_tokens: int = 1024
     enable_prefix_caching: bool = True
     max_model_len: int | None = None  # None: the model's own context length
+    # "auto": cuda when a GPU is visible, else cpu
+    device: str = "auto"
+    # Triton kernels for attention and norms; None: on CUDA only (on a CPU
+    # they run under TRITON_INTERPRET=1, for tests)
+    triton: bool | None = None
 
     def __post_init__(self) -> None:
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         for name in ("block_size", "kv_cache_mb", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")

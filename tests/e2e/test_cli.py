@@ -124,3 +124,9 @@ def test_serve_runs_and_stops_on_sigint() -> None:
     assert proc.returncode == 0, err
     logged = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
     assert any("serving the OpenAI API" in line["message"] for line in logged)
+
+
+def test_bad_device_is_a_clean_error() -> None:
+    out = cli("run", "--device", "tpu", "--prompt", "hi")
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "device must be auto, cpu or cuda" in out.stderr

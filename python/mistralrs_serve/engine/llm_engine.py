@@ -30,10 +30,19 @@ from mistralrs_serve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-# The KV cache is bf16: keys and values come out of bf16 matmuls, so an fp32
-# cache would hold the same values in twice the bytes, and decode attention
-# (the Rust kernel) is bound by reading them.
-KV_CACHE_DTYPE = torch.bfloat16
+# The KV cache has the model's compute dtype (bf16 by default): keys and
+# values come out of its matmuls, so a wider cache would hold the same values
+# in more bytes, and decode attention is bound by reading them.
+
+
+def resolve_device(name: str) -> torch.device:
+    """EngineConfig.device: "auto" is the first GPU when torch sees one."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but torch sees no CUDA GPU (use --device cpu)")
+    return device
 
 
 class LLMEngine:
@@ -42,12 +51,19 @@ class LLMEngine:
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
+        self.device = resolve_device(self.config.device)
+        if self.model.device != self.device:
+            self.model.to(self.device)
+        self.use_triton = self.config.triton if self.config.triton is not None else self.device.type == "cuda"
+        if self.use_triton:
+            self.model.use_triton()
+        cache_dtype = self.model.dtype
         model_len = loaded.config.max_position_embeddings
         self.max_model_len = min(model_len, self.config.max_model_len or model_len)
         cfg, block_size = loaded.config, self.config.block_size
         budget = self.config.kv_cache_mb << 20
-        num_blocks = PagedKVCache.num_blocks_for_budget(cfg, block_size, KV_CACHE_DTYPE, budget)
-        self.cache = PagedKVCache(cfg, num_blocks, block_size, KV_CACHE_DTYPE)
+        num_blocks = PagedKVCache.num_blocks_for_budget(cfg, block_size, cache_dtype, budget)
+        self.cache = PagedKVCache(cfg, num_blocks, block_size, cache_dtype, self.device)
         self.scheduler = _native.Scheduler(
             num_blocks=num_blocks,
             block_size=block_size,
@@ -56,11 +72,14 @@ class LLMEngine:
             enable_prefix_caching=self.config.enable_prefix_caching,
         )
         logger.info(
-            "KV cache: %d blocks of %d tokens (%d tokens, %d MiB)",
+            "KV cache on %s: %d blocks of %d tokens (%d tokens, %d MiB, %s)%s",
+            self.device,
             num_blocks,
             block_size,
             num_blocks * block_size,
-            num_blocks * PagedKVCache.bytes_per_block(cfg, block_size, KV_CACHE_DTYPE) >> 20,
+            num_blocks * PagedKVCache.bytes_per_block(cfg, block_size, cache_dtype) >> 20,
+            str(cache_dtype).removeprefix("torch."),
+            "; Triton kernels" if self.use_triton else "",
         )
         self.num_kv_tokens = num_blocks * block_size
         # Called on the engine thread with each request that finished (not aborted): metrics.
@@ -154,18 +173,27 @@ class LLMEngine:
             return 0
         self.cache.copy_blocks(plan["copy_ops"])
         attn = PagedAttention(
-            self.cache, plan["query_lens"], plan["context_lens"], plan["slot_mapping"], plan["block_tables"]
+            self.cache,
+            plan["query_lens"],
+            plan["context_lens"],
+            plan["slot_mapping"],
+            plan["block_tables"],
+            decode_mode="triton" if self.use_triton else "native",
         )
         qlens = plan["query_lens"]
         last_rows = np.cumsum(qlens) - 1
         sample_rows = last_rows[plan["sample"]]
+        dev = self.device
+        on_cpu = dev.type == "cpu"
         logits = self.model.forward(
-            torch.from_numpy(plan["input_ids"]),
-            torch.from_numpy(plan["positions"]),
+            torch.from_numpy(plan["input_ids"]).to(dev),
+            torch.from_numpy(plan["positions"]).to(dev),
             attn,
-            torch.from_numpy(sample_rows),
-            _int4_rows(qlens, last_rows),
+            torch.from_numpy(sample_rows).to(dev),
+            _int4_rows(qlens, last_rows) if on_cpu else None,  # the 4-bit kernel is CPU-only
         )
+        if not on_cpu:
+            logits = logits.cpu()  # the Rust sampler reads host memory
         self._sample_and_update(plan["seq_ids"][plan["sample"]], logits)
         return len(plan["input_ids"])
 

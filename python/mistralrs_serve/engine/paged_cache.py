@@ -83,7 +83,7 @@ import torch.nn.functional as F
 from mistralrs_serve import _native
 from mistralrs_serve.config import ModelConfig
 
-DecodeMode = Literal["native", "group", "pad", "loop"]
+DecodeMode = Literal["native", "triton", "group", "pad", "loop"]
 
 # Padding positions worth one extra SDPA call in decode grouping: a shorter
 # context joins the open (longer) group, padded and masked, while it is at
@@ -98,6 +98,7 @@ DEFAULT_MAX_CALL_BYTES = 4 << 20
 
 # torch's CPU attention kernels run fp32 5-9x faster than bf16 (decode over
 # 512 cached positions: 68 vs 380 us per layer): SDPA inputs are converted
+# on the CPU
 ATTN_DTYPE = torch.float32
 # cache dtypes the Rust decode kernel reads
 _NATIVE_DTYPES = (torch.float32, torch.bfloat16)
@@ -110,7 +111,14 @@ class PagedKVCache:
     num_kv_heads, head_dim] tensors (views into one allocation `kv`).
     """
 
-    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ) -> None:
         if num_blocks <= 0 or block_size <= 0:
             raise ValueError(f"num_blocks ({num_blocks}) and block_size ({block_size}) must be > 0")
         self.config = cfg
@@ -120,14 +128,17 @@ class PagedKVCache:
         # no sequence wrote; masked keys get weight 0, but 0 * NaN garbage in v
         # would still poison the output.
         self.kv = torch.zeros(
-            (2, cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim), dtype=dtype
+            (2, cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim),
+            dtype=dtype,
+            device=device,
         )
         self.k = self.kv[0]  # (num_layers, num_blocks, block_size, K, D); k[layer] is contiguous
         self.v = self.kv[1]
         # numpy views of each layer for the Rust decode kernel (bf16 as its int16 bits)
+        native = dtype in _NATIVE_DTYPES and self.kv.device.type == "cpu"
         bits = self.kv.view(torch.int16) if dtype == torch.bfloat16 else self.kv
-        self.k_np = [bits[0, i].numpy() for i in range(cfg.num_layers)] if dtype in _NATIVE_DTYPES else []
-        self.v_np = [bits[1, i].numpy() for i in range(cfg.num_layers)] if dtype in _NATIVE_DTYPES else []
+        self.k_np = [bits[0, i].numpy() for i in range(cfg.num_layers)] if native else []
+        self.v_np = [bits[1, i].numpy() for i in range(cfg.num_layers)] if native else []
 
     @staticmethod
     def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -160,7 +171,7 @@ class PagedKVCache:
             raise ValueError(f"copy_blocks: block ids must be in [0, {self.num_blocks})")
         if len(np.unique(pairs[:, 1])) != len(pairs):
             raise ValueError("copy_blocks: destination blocks must be distinct")
-        idx = torch.from_numpy(pairs.astype(np.int64))
+        idx = torch.from_numpy(pairs.astype(np.int64)).to(self.kv.device)
         self.kv[:, :, idx[:, 1]] = self.kv[:, :, idx[:, 0]]
 
 
@@ -184,16 +195,36 @@ class _NativeDecode:
     row_index: torch.Tensor  # (n,) their rows in q / the output
     block_tables: np.ndarray  # (n, max_blocks) int64, C-contiguous
     context_lens: np.ndarray  # (n,) int64
+    # the Triton kernel's (block_tables, context_lens) int32 on the cache's device, max context
+    triton: tuple[torch.Tensor, torch.Tensor, int] | None = None
 
     @staticmethod
-    def build(starts: np.ndarray, ctxs: np.ndarray, tables: np.ndarray, block_size: int) -> _NativeDecode:
+    def build(
+        starts: np.ndarray,
+        ctxs: np.ndarray,
+        tables: np.ndarray,
+        block_size: int,
+        device: torch.device,
+        *,
+        triton: bool = False,
+    ) -> _NativeDecode:
         max_blocks = max(1, -(-int(ctxs.max()) // block_size))
         contiguous = bool(starts[0] == 0 and (np.diff(starts) == 1).all())
+        block_tables = np.ascontiguousarray(tables[:, :max_blocks], dtype=np.int64)
+        context_lens = np.ascontiguousarray(ctxs, dtype=np.int64)
+        on_device = None
+        if triton:
+            on_device = (
+                torch.from_numpy(block_tables.astype(np.int32)).to(device),
+                torch.from_numpy(context_lens.astype(np.int32)).to(device),
+                int(ctxs.max()),
+            )
         return _NativeDecode(
             slice(0, len(starts)) if contiguous else None,
-            torch.from_numpy(np.ascontiguousarray(starts, dtype=np.int64)),
-            np.ascontiguousarray(tables[:, :max_blocks], dtype=np.int64),
-            np.ascontiguousarray(ctxs, dtype=np.int64),
+            torch.from_numpy(np.ascontiguousarray(starts, dtype=np.int64)).to(device),
+            block_tables,
+            context_lens,
+            on_device,
         )
 
 
@@ -248,21 +279,26 @@ class PagedAttention:
 
         # cache write: rows of k/v with a slot, and the slots
         written = slots >= 0
-        self._write_slots = torch.from_numpy(slots[written])
-        self._write_rows = None if written.all() else torch.from_numpy(np.flatnonzero(written))
+        dev = cache.kv.device
+        self._write_slots = torch.from_numpy(slots[written]).to(dev)
+        self._write_rows = None if written.all() else torch.from_numpy(np.flatnonzero(written)).to(dev)
 
         starts = np.concatenate(([0], np.cumsum(qlens)[:-1])).astype(np.int64)
         bs = cache.block_size
         is_decode = qlens == 1
-        if decode_mode == "native" and cache.dtype not in _NATIVE_DTYPES:
+        dev = cache.kv.device
+        self._device = dev
+        # fp32 SDPA on the CPU (see ATTN_DTYPE); the cache's dtype on a GPU
+        self._attn_dtype = ATTN_DTYPE if dev.type == "cpu" else cache.dtype
+        if decode_mode == "native" and (cache.dtype not in _NATIVE_DTYPES or dev.type != "cpu"):
             decode_mode = "group"
         self.decode_mode = decode_mode
         self._native_decode: _NativeDecode | None = None
-        if decode_mode == "native" and is_decode.any():
+        if decode_mode in ("native", "triton") and is_decode.any():
             self._native_decode = _NativeDecode.build(
-                starts[is_decode], ctxs[is_decode], tables[is_decode], bs
+                starts[is_decode], ctxs[is_decode], tables[is_decode], bs, dev, triton=decode_mode == "triton"
             )
-        self.decode_groups = [] if decode_mode == "native" else _decode_groups(
+        self.decode_groups = [] if decode_mode in ("native", "triton") else _decode_groups(
             starts[is_decode],
             ctxs[is_decode],
             tables[is_decode],
@@ -270,7 +306,8 @@ class PagedAttention:
             decode_mode,
             call_cost_tokens,
             max(1, max_call_bytes // (2 * kv * d * cache.kv.element_size())),
-            ATTN_DTYPE,
+            self._attn_dtype,
+            dev,
         )
         self.prefills: list[_Prefill] = []
         for s in np.flatnonzero(~is_decode):
@@ -280,9 +317,9 @@ class PagedAttention:
                 self.prefills.append(_Prefill(rows, ctx, None, None))
                 continue
             nb = -(-ctx // bs)
-            blocks = torch.from_numpy(np.ascontiguousarray(tables[s, :nb]))
-            query_pos = torch.arange(ctx - q_len, ctx).unsqueeze(1)
-            mask = torch.arange(ctx).unsqueeze(0) <= query_pos
+            blocks = torch.from_numpy(np.ascontiguousarray(tables[s, :nb])).to(dev)
+            query_pos = torch.arange(ctx - q_len, ctx, device=dev).unsqueeze(1)
+            mask = torch.arange(ctx, device=dev).unsqueeze(0) <= query_pos
             self.prefills.append(_Prefill(rows, ctx, blocks, mask))
         # gather buffers reused by every group and layer of the step: fresh
         # multi-MB tensors per call come from mmap and page-fault each time
@@ -290,8 +327,8 @@ class PagedAttention:
             len(p.blocks) for p in self.prefills if p.blocks is not None
         ]
         buf_shape = (max(gathered, default=0), bs, kv, d)
-        self._k_buf = torch.empty(buf_shape, dtype=cache.dtype)
-        self._v_buf = torch.empty(buf_shape, dtype=cache.dtype)
+        self._k_buf = torch.empty(buf_shape, dtype=cache.dtype, device=dev)
+        self._v_buf = torch.empty(buf_shape, dtype=cache.dtype, device=dev)
         # decode-only step whose single group covers every row in order: no
         # gather of q rows / scatter of output rows needed
         self._direct = (
@@ -321,15 +358,16 @@ class PagedAttention:
         all_decode = not self.prefills and self.num_query_tokens == num_tokens
         if nat is not None and nat.rows is not None and all_decode:
             return self._decode_native(layer_idx, nat, q).to(q.dtype)  # decode-only step
-        qc = q.to(ATTN_DTYPE)
+        qc = q.to(self._attn_dtype)
         if self._direct:
             return self._decode(self.decode_groups[0], qc, k_cache, v_cache, groups).to(q.dtype)
 
         padded = self.num_query_tokens != num_tokens
-        out = (torch.zeros if padded else torch.empty)((num_tokens, num_heads * d), dtype=ATTN_DTYPE)
+        out = (torch.zeros if padded else torch.empty)((num_tokens, num_heads * d), dtype=self._attn_dtype)
         if nat is not None:
             rows_t = nat.row_index
-            out.index_copy_(0, rows_t, self._decode_native(layer_idx, nat, q.index_select(0, rows_t)))
+            decoded = self._decode_native(layer_idx, nat, q.index_select(0, rows_t))
+            out.index_copy_(0, rows_t, decoded.to(self._attn_dtype))
         for g in self.decode_groups:
             rows = g.rows
             if isinstance(rows, slice):
@@ -339,19 +377,35 @@ class PagedAttention:
         for p in self.prefills:
             q_s = qc[p.rows].transpose(0, 1)  # (H, q_len, D)
             if p.blocks is None:
-                k_s = k[p.rows].to(ATTN_DTYPE).transpose(0, 1)
-                v_s = v[p.rows].to(ATTN_DTYPE).transpose(0, 1)
+                k_s = k[p.rows].to(self._attn_dtype).transpose(0, 1)
+                v_s = v[p.rows].to(self._attn_dtype).transpose(0, 1)
                 o = F.scaled_dot_product_attention(q_s, k_s, v_s, is_causal=True, enable_gqa=groups > 1)
             else:
                 k_s = self._gather(k_cache, p.blocks, self._k_buf).view(-1, kv, d)[: p.context_len]
                 v_s = self._gather(v_cache, p.blocks, self._v_buf).view(-1, kv, d)[: p.context_len]
-                k_s, v_s = k_s.to(ATTN_DTYPE).transpose(0, 1), v_s.to(ATTN_DTYPE).transpose(0, 1)
+                k_s, v_s = k_s.to(self._attn_dtype).transpose(0, 1), v_s.to(self._attn_dtype).transpose(0, 1)
                 o = F.scaled_dot_product_attention(q_s, k_s, v_s, attn_mask=p.mask, enable_gqa=groups > 1)
             out[p.rows] = o.transpose(0, 1).reshape(-1, num_heads * d)
         return out.to(q.dtype)
 
     def _decode_native(self, layer_idx: int, nat: _NativeDecode, q: torch.Tensor) -> torch.Tensor:
-        """q (n, H, D) of the decode rows -> (n, H * D) fp32, by the Rust kernel over the cache."""
+        """q (n, H, D) of the decode rows -> (n, H * D), by the Rust kernel (fp32 out)
+        or the Triton kernel (the cache's dtype out) over the cache."""
+        if nat.triton is not None:
+            from mistralrs_kernels import triton_ops
+
+            tables, ctxs, max_ctx = nat.triton
+            cache_ = self.cache
+            o = triton_ops.paged_decode_attention(
+                q.to(cache_.dtype).contiguous(),
+                cache_.k[layer_idx],
+                cache_.v[layer_idx],
+                tables,
+                ctxs,
+                self._scale,
+                max_context_len=max_ctx,
+            )
+            return o.view(len(q), -1)
         qf = q.float().contiguous()
         out = torch.empty_like(qf)
         cache = self.cache
@@ -378,7 +432,7 @@ class PagedAttention:
         v_g = self._gather(v_cache, g.blocks, self._v_buf).view(n, span, kv, d)
         if g.length != span:
             k_g, v_g = k_g[:, : g.length], v_g[:, : g.length]
-        k_g, v_g = k_g.to(ATTN_DTYPE).transpose(1, 2), v_g.to(ATTN_DTYPE).transpose(1, 2)
+        k_g, v_g = k_g.to(self._attn_dtype).transpose(1, 2), v_g.to(self._attn_dtype).transpose(1, 2)
         # the `groups` query heads sharing a kv head act as its query rows
         o = F.scaled_dot_product_attention(q.reshape(n, kv, groups, d), k_g, v_g, attn_mask=g.mask)
         return o.reshape(n, -1)
@@ -398,6 +452,7 @@ def _decode_groups(
     call_cost_tokens: int,
     max_call_positions: int,
     dtype: torch.dtype,
+    device: torch.device,
 ) -> list[_DecodeGroup]:
     """Partition single-query sequences into SDPA calls (see module docstring)."""
     n = len(ctxs)
@@ -433,17 +488,19 @@ def _decode_groups(
         blocks[blocks < 0] = 0  # beyond a shorter sequence's table: masked, any block will do
         mask = None
         if (c != length).any():
-            keep = torch.from_numpy(np.arange(length)[None, :] < c[:, None])
-            mask = torch.zeros(keep.shape, dtype=dtype).masked_fill_(~keep, float("-inf"))
+            keep = torch.from_numpy(np.arange(length)[None, :] < c[:, None]).to(device)
+            mask = torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill_(~keep, float("-inf"))
             mask = mask.view(len(idx), 1, 1, length)
         row_ids = starts[idx]
         rows: slice | torch.Tensor
         if (np.diff(row_ids) == 1).all():
             rows = slice(int(row_ids[0]), int(row_ids[-1]) + 1)
         else:
-            rows = torch.from_numpy(row_ids)
+            rows = torch.from_numpy(row_ids).to(device)
         out.append(
-            _DecodeGroup(rows, torch.from_numpy(blocks.reshape(-1)), len(idx), max_blocks, length, mask)
+            _DecodeGroup(
+                rows, torch.from_numpy(blocks.reshape(-1)).to(device), len(idx), max_blocks, length, mask
+            )
         )
     return out
 

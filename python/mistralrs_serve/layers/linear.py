@@ -71,6 +71,13 @@ class Linear:
             weight = weight.dequantize(dtype)
         self.weight = weight.to(dtype)
 
+    def to(self, device: torch.device) -> None:
+        """Move in place; the packed 4-bit copy is a CPU kernel's and stays behind."""
+        self.weight = self.weight.to(device)
+        self.bias = None if self.bias is None else self.bias.to(device)
+        if device.type != "cpu":
+            self.int4 = None
+
     @property
     def out_features(self) -> int:
         return int(self.weight.shape[0])

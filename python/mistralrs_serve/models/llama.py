@@ -12,11 +12,11 @@ layer, about 10% of a decode step on the default model).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
-from mistralrs_kernels import reference as ops
+from mistralrs_kernels import reference
 
 from mistralrs_serve.config import ModelConfig
 from mistralrs_serve.errors import ModelLoadError
@@ -38,6 +38,7 @@ class DecoderLayer:
         p = f"model.layers.{idx}."
         att = p + "self_attn."
         self.idx = idx
+        self.ops: Any = reference  # rms_norm, silu_mul, rope_neox: torch, or Triton (use_triton)
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.eps = cfg.rms_norm_eps
         mlp = p + "mlp."
@@ -69,6 +70,7 @@ class DecoderLayer:
         attn: AttentionBackend,
         int4_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        ops = self.ops
         x = x + self._attention(ops.rms_norm(x, self.input_norm, self.eps), cos, sin, attn, int4_rows)
         h = ops.rms_norm(x, self.post_norm, self.eps)
         return x + self.down(ops.silu_mul(self.gate_up(h, int4_rows)), int4_rows)
@@ -86,9 +88,9 @@ class DecoderLayer:
         qkv = self.qkv(x, int4_rows).view(num_tokens, h + 2 * kv, self.head_dim)
         q, k, v = qkv.split([h, kv, kv], dim=1)  # (T, heads, D) each
         if self.q_norm is not None and self.k_norm is not None:
-            q = ops.rms_norm(q, self.q_norm, self.eps)
-            k = ops.rms_norm(k, self.k_norm, self.eps)
-        q, k = ops.rope_neox(q, cos, sin), ops.rope_neox(k, cos, sin)
+            q = self.ops.rms_norm(q, self.q_norm, self.eps)
+            k = self.ops.rms_norm(k, self.k_norm, self.eps)
+        q, k = self.ops.rope_neox(q, cos, sin), self.ops.rope_neox(k, cos, sin)
         return self.o(attn.attend(self.idx, q, k, v), int4_rows)
 
 
@@ -100,6 +102,8 @@ class LlamaForCausalLM:
         if missing:
             raise ModelLoadError(f"weights are missing {len(missing)} tensors, e.g. {missing[:3]}")
         self.config, self.dtype = cfg, dtype
+        self.device = torch.device("cpu")
+        self.ops: Any = reference
         self.embed = _dense(weights["model.embed_tokens.weight"], dtype)
         self.layers = [DecoderLayer(cfg, i, weights, dtype) for i in range(cfg.num_layers)]
         self.norm = _dense(weights["model.norm.weight"], dtype)
@@ -130,8 +134,31 @@ class LlamaForCausalLM:
         cos, sin = self.rotary.lookup(positions)
         for layer in self.layers:
             x = layer.forward(x, cos, sin, attn, int4_rows)
-        x = ops.rms_norm(x[logits_indices], self.norm, self.config.rms_norm_eps)
+        x = self.ops.rms_norm(x[logits_indices], self.norm, self.config.rms_norm_eps)
         return self.lm_head(x).float()
+
+    def to(self, device: torch.device | str) -> LlamaForCausalLM:
+        """Move every weight (in place); off the CPU the 4-bit CPU kernel's copies are dropped."""
+        device = torch.device(device)
+        self.device = device
+        self.embed, self.norm = self.embed.to(device), self.norm.to(device)
+        self.lm_head.to(device)
+        self.rotary.cos, self.rotary.sin = self.rotary.cos.to(device), self.rotary.sin.to(device)
+        for layer in self.layers:
+            for name in ("input_norm", "post_norm", "q_norm", "k_norm"):
+                t = getattr(layer, name)
+                if t is not None:
+                    setattr(layer, name, t.to(device))
+            for lin in (layer.qkv, layer.o, layer.gate_up, layer.down):
+                lin.to(device)
+        return self
+
+    def use_triton(self) -> None:
+        """RMSNorm and SwiGLU by the Triton kernels (rotary stays torch: its
+        cos/sin are looked up once per step and broadcast over heads)."""
+        self.ops = TRITON_OPS
+        for layer in self.layers:
+            layer.ops = TRITON_OPS
 
     def decode_weight_bytes(self) -> int:
         """Weight bytes one decode step reads (the embedding row is negligible)."""
@@ -139,6 +166,29 @@ class LlamaForCausalLM:
             lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)
         ]
         return sum(lin.decode_bytes() for lin in linears)
+
+
+class _TritonOps:
+    """The model's elementwise ops on Triton kernels (imported on first use)."""
+
+    @staticmethod
+    def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        from mistralrs_kernels import triton_ops
+
+        out = triton_ops.rms_norm(x.contiguous(), weight, eps)
+        assert isinstance(out, torch.Tensor)
+        return out
+
+    @staticmethod
+    def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+        from mistralrs_kernels import triton_ops
+
+        return triton_ops.silu_mul(gate_up.contiguous())
+
+    rope_neox = staticmethod(reference.rope_neox)
+
+
+TRITON_OPS = _TritonOps()
 
 
 def _dense(w: AnyWeight, dtype: torch.dtype) -> torch.Tensor:
