@@ -1,18 +1,22 @@
 #!/usr/bin/env bash
 # The checks that need a CUDA GPU, for a lent machine (device tool): it has
 # torch, triton and transformers; nothing is fetched from the network.
-# Wheels it lacks (pytest) travel in .gpu_wheels/ (see bench/README.md).
+# Wheels it lacks (pytest, pydantic, gguf) travel in .gpu_wheels/, and the
+# Rust extension built here (python/mistralrs_serve/_native.abi3.so, abi3,
+# libc only) travels with the tree: device run with
+#   carry: [".gpu_wheels", "python/mistralrs_serve/_native.abi3.so"]
 #   bash ci/gpu_check.sh            # prints test results, then JSON lines
 set -uo pipefail
 cd "$(dirname "$0")/.."
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
-if ! python -c "import pytest" 2>/dev/null; then
-    pip install -q --no-index --find-links .gpu_wheels pytest
-fi
-export PYTHONPATH="$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}"
+for pkg in pytest pydantic gguf; do
+    python -c "import $pkg" 2>/dev/null || python -m pip install -q --no-index --find-links .gpu_wheels "$pkg"
+done
+export PYTHONPATH="$PWD/kernels:$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
 unset TRITON_INTERPRET
-# every kernel test compiled on CUDA, bf16 included (the gpu marker is not deselected here)
+# every kernel test compiled on CUDA, bf16 included (the gpu marker is not deselected
+# here), and the engine's Triton path against its torch path on a tiny model
 python -m pytest -q -p no:cacheprovider -o addopts="" --rootdir=. -c /dev/null tests/kernels
 status=$?
 python bench/kernels.py

@@ -363,7 +363,8 @@ class PagedAttention:
             return self._decode(self.decode_groups[0], qc, k_cache, v_cache, groups).to(q.dtype)
 
         padded = self.num_query_tokens != num_tokens
-        out = (torch.zeros if padded else torch.empty)((num_tokens, num_heads * d), dtype=self._attn_dtype)
+        shape = (num_tokens, num_heads * d)
+        out = (torch.zeros if padded else torch.empty)(shape, dtype=self._attn_dtype, device=self._device)
         if nat is not None:
             rows_t = nat.row_index
             decoded = self._decode_native(layer_idx, nat, q.index_select(0, rows_t))
