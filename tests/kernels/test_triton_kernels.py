@@ -44,6 +44,14 @@ def test_rms_norm(dtype: torch.dtype, rows: int, n: int) -> None:
     close(h, want_h, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reference_rms_norm_same_dtype_fast_path_is_exact(dtype: torch.dtype) -> None:
+    """reference.rms_norm skips the upcast when x and weight share a dtype: same bits."""
+    x, w = randn(33, 576, dtype=dtype, seed=11).cpu(), (1 + 0.1 * randn(576, seed=12)).to(dtype).cpu()
+    upcast = torch.nn.functional.rms_norm(x.float(), (576,), w.float(), 1e-5).to(dtype)
+    assert torch.equal(ref.rms_norm(x, w, 1e-5), upcast)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("neox", [True, False])
 @pytest.mark.parametrize(("tokens", "heads", "d"), [(1, 1, 64), (5, 9, 64), (3, 7, 10), (2, 3, 128)])
