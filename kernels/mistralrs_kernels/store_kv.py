@@ -23,10 +23,18 @@ def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, row_len, 
 
 
 def store_kv(
-    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    *,
+    check_slots: bool = True,
 ) -> None:
     """k/v (T, K, D) into k_cache/v_cache (num_blocks, block_size, K, D) at
-    slot_mapping (T,) (slot = block * block_size + offset; -1 skips the token)."""
+    slot_mapping (T,) (slot = block * block_size + offset; -1 skips the token).
+    check_slots reads the slots' range back to the host (a device sync); pass
+    False only for slots validated already (the engine checks its plans)."""
     check_tensor("k", k, ndim=3, dtypes=FLOAT_DTYPES)
     check_tensor("v", v, ndim=3, dtypes=FLOAT_DTYPES)
     check_tensor("k_cache", k_cache, ndim=4, dtypes=FLOAT_DTYPES)
@@ -49,9 +57,10 @@ def store_kv(
     tokens = k.shape[0]
     if tokens == 0:
         return
-    num_slots = k_cache.shape[0] * k_cache.shape[1]
-    lo, hi = int(slot_mapping.min()), int(slot_mapping.max())
-    need(lo >= -1 and hi < num_slots, f"slot_mapping must be -1 or in [0, {num_slots}), got [{lo}, {hi}]")
+    if check_slots:
+        num_slots = k_cache.shape[0] * k_cache.shape[1]
+        lo, hi = int(slot_mapping.min()), int(slot_mapping.max())
+        need(lo >= -1 and hi < num_slots, f"slot_mapping must be -1 or in [0, {num_slots}), got [{lo}, {hi}]")
     row_len = k.shape[1] * k.shape[2]
     block = min(1024, next_power_of_2(row_len))
     _store_kv_kernel[(tokens, triton.cdiv(row_len, block))](

@@ -281,6 +281,8 @@ class PagedAttention:
         written = slots >= 0
         dev = cache.kv.device
         self._write_slots = torch.from_numpy(slots[written]).to(dev)
+        # the Triton store reads every token's slot (-1: padding) on the device
+        self._slots_dev = torch.from_numpy(slots).to(dev) if decode_mode == "triton" else None
         self._write_rows = None if written.all() else torch.from_numpy(np.flatnonzero(written)).to(dev)
 
         starts = np.concatenate(([0], np.cumsum(qlens)[:-1])).astype(np.int64)
@@ -345,7 +347,13 @@ class PagedAttention:
         dtype, kv, d = cache.dtype, self._kv_heads, self._head_dim
         k_cache, v_cache = cache.k[layer_idx], cache.v[layer_idx]
         k_new, v_new = k.to(dtype), v.to(dtype)
-        if self._write_rows is None:
+        if self._slots_dev is not None:  # Triton: one kernel for k and v, padding slots skipped
+            from mistralrs_kernels import triton_ops
+
+            triton_ops.store_kv(
+                k_new.contiguous(), v_new.contiguous(), k_cache, v_cache, self._slots_dev, check_slots=False
+            )
+        elif self._write_rows is None:
             k_cache.view(-1, kv, d).index_copy_(0, self._write_slots, k_new)
             v_cache.view(-1, kv, d).index_copy_(0, self._write_slots, v_new)
         else:
