@@ -367,6 +367,9 @@ BAD_FIELDS = [
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ({"response_format": {"type": "json_object"}}, "response_format"),
     ({"grammar": {"type": "regex", "value": "a+"}}, "grammar"),
+    ({"tool_choice": "required"}, "tool_choice"),  # without tools
+    ({"parallel_tool_calls": False}, "parallel_tool_calls"),
+    ({"max_tool_calls": 3}, "max_tool_calls"),
     ({"dry_multiplier": -1}, "dry_multiplier"),
     ({"top_k": -5}, "top_k"),
     ({"min_p": 2}, "min_p"),

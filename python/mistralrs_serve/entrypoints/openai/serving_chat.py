@@ -41,6 +41,7 @@ class ChatServing:
         Everything the engine would reject is checked here, before a stream starts."""
         common.log_unknown_fields(req)
         common.reject_unsupported(req, (*common.NOT_YET_SUPPORTED, "tools", "response_format"))
+        _check_tool_fields(req)
         params = self.sampling_params(req)
         prompt_ids = common.fit_prompt(
             self.engine, self.prompt_ids(req), params, truncate=req.truncate_sequence, param="messages"
@@ -213,3 +214,15 @@ def _check_part(where: str, part: Any) -> None:
     if kind in PENDING_PART_TYPES:
         raise InvalidRequestError(f"{where}: content parts of type {kind!r} are not supported yet", where)
     raise InvalidRequestError(f"{where} must be a text part {{'type': 'text', 'text': ...}}", where)
+
+
+def _check_tool_fields(req: ChatCompletionRequest) -> None:
+    """The spec's rejected values; tool_choice without tools is OpenAI's 400 too."""
+    if req.tool_choice is not None and req.tool_choice != "none" and not req.tools:
+        raise InvalidRequestError("tool_choice is only allowed when tools are given", "tool_choice")
+    if req.parallel_tool_calls is False:
+        raise InvalidRequestError("parallel_tool_calls must be true or omitted", "parallel_tool_calls")
+    if (req.model_extra or {}).get("max_tool_calls") is not None:
+        raise InvalidRequestError(
+            "max_tool_calls is not supported; the server caps tool rounds itself", "max_tool_calls"
+        )
