@@ -117,3 +117,28 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
     words = bitmask[:, ids // 32].long() & 0xFFFFFFFF
     allowed = ((words >> (ids % 32)) & 1).bool()
     logits.masked_fill_(~allowed, float("-inf"))
+
+
+def sample_probs(
+    logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0
+) -> torch.Tensor:
+    """The distribution one row is sampled from (V,): softmax(x / T), then
+    top-k, top-p over what top-k kept (renormalised), min-p; temperature 0
+    is greedy (all mass on the argmax)."""
+    x = logits.float()
+    if temperature <= 0:
+        return F.one_hot(x.argmax(), x.shape[0]).float()
+    x = x / temperature
+    keep = torch.ones_like(x, dtype=torch.bool)
+    if top_k > 0:
+        keep &= x >= x.topk(min(top_k, x.shape[0])).values[-1]
+    if top_p < 1.0:
+        p = torch.softmax(x.masked_fill(~keep, float("-inf")), dim=0)
+        order = p.argsort(descending=True)
+        before = p[order].cumsum(0) - p[order]  # mass strictly above each token
+        nucleus = torch.zeros_like(keep)
+        nucleus[order] = before < top_p
+        keep &= nucleus
+    if min_p > 0.0:
+        keep &= x >= x.max() + torch.log(torch.tensor(min_p))
+    return torch.softmax(x.masked_fill(~keep, float("-inf")), dim=0)

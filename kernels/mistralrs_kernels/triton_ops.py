@@ -3,8 +3,17 @@
 from mistralrs_kernels.paged_attention import paged_decode_attention
 from mistralrs_kernels.rmsnorm import rms_norm
 from mistralrs_kernels.rope import rope
+from mistralrs_kernels.sample import sample
 from mistralrs_kernels.silu_mul import silu_mul
 from mistralrs_kernels.store_kv import store_kv
 from mistralrs_kernels.token_bitmask import apply_token_bitmask
 
-__all__ = ["apply_token_bitmask", "paged_decode_attention", "rms_norm", "rope", "silu_mul", "store_kv"]
+__all__ = [
+    "apply_token_bitmask",
+    "paged_decode_attention",
+    "rms_norm",
+    "rope",
+    "sample",
+    "silu_mul",
+    "store_kv",
+]

@@ -232,3 +232,81 @@ def test_launchers_reject_bad_arguments(call, match: str) -> None:  # type: igno
 def test_gpu_is_used() -> None:
     """Under -m gpu: the kernels above ran compiled on CUDA, bf16 included."""
     assert ON_GPU and torch.bfloat16 in DTYPES
+
+
+def sample_args(rows: int, temperature: float, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0):  # type: ignore[no-untyped-def]
+    def full(value: float | int, dtype: torch.dtype) -> torch.Tensor:
+        return torch.full((rows,), value, dtype=dtype, device=DEVICE)
+
+    return (
+        full(temperature, torch.float32),
+        full(top_k, torch.int32),
+        full(top_p, torch.float32),
+        full(min_p, torch.float32),
+        torch.arange(rows, dtype=torch.int64, device=DEVICE) * 7919 + 1,  # a seed per row
+        torch.zeros(rows, dtype=torch.int64, device=DEVICE),
+    )
+
+
+@pytest.mark.parametrize("vocab", [7, 50, 300])
+def test_sample_greedy_is_argmax_with_its_logprob(vocab: int) -> None:
+    logits = randn(5, vocab, seed=vocab) * 3
+    tokens, logprobs = ops.sample(logits, *sample_args(5, 0.0, top_k=3, top_p=0.5))
+    want = logits.cpu().argmax(-1)
+    assert torch.equal(tokens.cpu(), want)
+    lsm = torch.log_softmax(logits.cpu().float(), -1)
+    close(logprobs, lsm.gather(1, want[:, None])[:, 0], torch.float32, scale=10)
+
+
+@pytest.mark.parametrize(
+    ("temperature", "top_k", "top_p", "min_p"),
+    [(1.0, 3, 1.0, 0.0), (1.5, 0, 0.8, 0.0), (1.3, 0, 1.0, 0.3), (1.0, 5, 0.7, 0.05)],
+)
+def test_sample_never_draws_a_truncated_token(
+    temperature: float, top_k: int, top_p: float, min_p: float
+) -> None:
+    rows, vocab = 64, 24
+    row = randn(vocab, seed=5) * 2
+    logits = row.expand(rows, vocab).contiguous()
+    tokens, logprobs = ops.sample(logits, *sample_args(rows, temperature, top_k, top_p, min_p))
+    probs = ref.sample_probs(row.cpu(), temperature, top_k, top_p, min_p)
+    assert (probs[tokens.cpu()] > 0).all()
+    if probs.sort(descending=True).values[1] > 0.1:
+        assert len(set(tokens.tolist())) > 1  # it does sample
+    lsm = torch.log_softmax(row.cpu().float() / temperature, -1)
+    close(logprobs, lsm[tokens.cpu()], torch.float32, scale=10)
+
+
+def test_sample_frequencies_match_the_distribution() -> None:
+    """256 seeds of one row (temperature 0.7, top-p 0.9): frequencies within 5 sigma of the probabilities."""
+    rows, vocab = 256, 6
+    row = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -3.0], device=DEVICE)
+    probs = ref.sample_probs(row.cpu(), 0.7, top_p=0.9)
+    tokens, _ = ops.sample(row.expand(rows, vocab).contiguous(), *sample_args(rows, 0.7, top_p=0.9))
+    freq = torch.bincount(tokens.cpu(), minlength=vocab).float() / rows
+    sigma = (probs * (1 - probs) / rows).sqrt()
+    assert ((freq - probs).abs() <= 5 * sigma + 1e-6).all(), (freq, probs)
+    assert freq[probs == 0].sum() == 0
+
+
+def test_sample_is_reproducible_and_batch_independent() -> None:
+    logits = randn(6, 40, seed=8)
+    args = sample_args(6, 1.0)
+    a, _ = ops.sample(logits, *args)
+    b, _ = ops.sample(logits, *args)
+    assert torch.equal(a, b)
+    c, _ = ops.sample(logits[2:3].contiguous(), *(t[2:3].contiguous() for t in args))
+    assert c.item() == a[2].item()  # a row's draw depends on its seed and step only
+    later = list(args)
+    later[5] = later[5] + 1
+    d, _ = ops.sample(logits, *later)
+    assert not torch.equal(a, d)  # the next step draws anew
+
+
+def test_sample_rejects_bad_arguments() -> None:
+    logits = randn(2, 10)
+    args = list(sample_args(2, 1.0))
+    with pytest.raises(ValueError, match="top_k"):
+        ops.sample(logits, args[0], args[1].long(), *args[2:])
+    with pytest.raises(ValueError, match="one entry per row"):
+        ops.sample(logits, args[0][:1], *args[1:])
