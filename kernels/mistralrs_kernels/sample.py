@@ -124,7 +124,7 @@ def _sample_kernel(
         best_idx = tl.where(take, start + block_idx, best_idx)
         best_x = tl.where(take, tl.max(tl.where(offs == block_idx, x, float("-inf")), axis=0), best_x)
         best = tl.maximum(best, block_best)
-    tl.store(token_ptr + row, best_idx.to(tl.int64))
+    tl.store(token_ptr + row, best_idx)  # stored as int64 (the pointer's type)
     tl.store(logprob_ptr + row, best_x - log_z)
 
 
