@@ -51,3 +51,32 @@ def test_triton_path_generates_what_the_torch_path_does(tiny_dir: Path) -> None:
     triton_tokens = generate(tiny_dir, triton=True, device=device)
     assert triton_tokens == torch_tokens
     assert all(len(t) == 12 for t in torch_tokens)
+
+
+def test_triton_sampler_is_seeded_and_reports_logprobs(tiny_dir: Path) -> None:
+    """Sampled rows go through the Triton sampler: a seed reproduces the
+    tokens, the n choices differ, and logprobs come with their top entries."""
+    device = "cuda" if ON_GPU else "cpu"
+    loaded = load_model(ModelSource.parse(str(tiny_dir)), dtype=torch.float32)
+    engine = LLMEngine(loaded, EngineConfig(kv_cache_mb=4, device=device, triton=True))
+    prompt = tm.prompt_ids(9, loaded.config.vocab_size, seed=9)
+    params = SamplingParams(
+        max_tokens=10,
+        temperature=1.5,
+        top_p=0.95,
+        seed=5,
+        n=3,
+        ignore_eos=True,
+        logprobs=True,
+        top_logprobs=3,
+    )
+    first = engine.generate(prompt, params)
+    again = engine.generate(prompt, params)
+    assert [o.token_ids for o in first] == [o.token_ids for o in again]
+    assert len({tuple(o.token_ids) for o in first}) > 1
+    for out in first:
+        assert len(out.logprobs) == 10
+        for lp in out.logprobs:
+            assert len(lp.top) == 3 and lp.logprob <= 0
+            assert lp.top[0][1] >= lp.logprob - 1e-4  # the best logprob bounds the chosen one
+    assert engine.scheduler.num_used_blocks == 0

@@ -192,7 +192,7 @@ class LLMEngine:
             torch.from_numpy(sample_rows).to(dev),
             _int4_rows(qlens, last_rows) if on_cpu else None,  # the 4-bit kernel is CPU-only
         )
-        if not on_cpu:
+        if not on_cpu and not self.use_triton:
             logits = logits.cpu()  # the Rust sampler reads host memory
         self._sample_and_update(plan["seq_ids"][plan["sample"]], logits)
         return len(plan["input_ids"])
@@ -202,14 +202,17 @@ class LLMEngine:
         rows, seqs = self._rows_to_sample(seq_ids)
         if not seqs:
             return
-        logits_np = logits.numpy()[rows]  # fancy indexing copies: the sampler writes in place
-        ids, lps, top_ids, top_lps = _native.sample(
-            logits_np,
-            [s.native for s in seqs],
-            [s.request.prompt_ids for s in seqs],
-            [s.history() for s in seqs],
-            [len(s.output_ids) for s in seqs],
-        )
+        if self.use_triton and all(_gpu_samplable(s.request.params) for s in seqs):
+            ids, lps, top_ids, top_lps = _sample_on_device(logits, rows, seqs)
+        else:
+            logits_np = logits.cpu().numpy()[rows]  # fancy indexing copies: the sampler writes in place
+            ids, lps, top_ids, top_lps = _native.sample(
+                logits_np,
+                [s.native for s in seqs],
+                [s.request.prompt_ids for s in seqs],
+                [s.history() for s in seqs],
+                [len(s.output_ids) for s in seqs],
+            )
         for i, seq in enumerate(seqs):
             logprob = None
             if not np.isnan(lps[i]):
@@ -292,3 +295,56 @@ def _int4_rows(query_lens: np.ndarray, last_rows: np.ndarray) -> torch.Tensor | 
     if num_decodes > INT4_MAX_ROWS:
         return torch.empty(0, dtype=torch.int64)
     return torch.from_numpy(np.ascontiguousarray(last_rows[is_decode], dtype=np.int64))
+
+
+def _gpu_samplable(params: SamplingParams) -> bool:
+    """What the Triton sampler does: temperature, top-k, top-p, min-p. Rows
+    with penalties, logit bias or DRY go to the Rust sampler on the host."""
+    return (
+        params.repetition_penalty == 1.0
+        and params.presence_penalty == 0.0
+        and params.frequency_penalty == 0.0
+        and not params.logit_bias
+        and params.dry_multiplier == 0.0
+    )
+
+
+def _sample_on_device(
+    logits: torch.Tensor, rows: list[int], seqs: list[Sequence]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The Rust sampler's outputs, from the Triton kernel (and torch.topk for
+    top logprobs) where the logits are: only ids and a few floats cross to
+    the host. Seeded draws are reproducible, on a different random stream
+    than the CPU sampler's."""
+    from mistralrs_kernels import triton_ops
+
+    dev = logits.device
+    x = logits.index_select(0, torch.tensor(rows, device=dev)).float().contiguous()
+    params = [s.request.params for s in seqs]
+
+    def column(values: list[float] | list[int], dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, device=dev)
+
+    temps = [p.temperature for p in params]
+    ids_t, lps_t = triton_ops.sample(
+        x,
+        column(temps, torch.float32),
+        column([max(p.top_k, 0) for p in params], torch.int32),
+        column([p.top_p for p in params], torch.float32),
+        column([p.min_p for p in params], torch.float32),
+        column([s.native.seed & (2**63 - 1) for s in seqs], torch.int64),
+        column([len(s.output_ids) for s in seqs], torch.int64),
+    )
+    width = max((p.top_logprobs for p in params if p.logprobs), default=0)
+    top_ids = np.full((len(seqs), width), -1, dtype=np.int64)
+    top_lps = np.full((len(seqs), width), np.nan, dtype=np.float32)
+    if width:
+        scale = column([1.0 / t if t > 0 else 1.0 for t in temps], torch.float32)
+        values, indices = torch.log_softmax(x * scale[:, None], dim=-1).topk(width, dim=-1)
+        top_ids[:], top_lps[:] = indices.cpu().numpy(), values.cpu().numpy()
+        for i, p in enumerate(params):
+            keep = p.top_logprobs if p.logprobs else 0
+            top_ids[i, keep:], top_lps[i, keep:] = -1, np.nan
+    lps = lps_t.cpu().numpy()
+    lps[[i for i, p in enumerate(params) if not p.logprobs]] = np.nan
+    return ids_t.cpu().numpy(), lps, top_ids, top_lps
