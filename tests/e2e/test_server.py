@@ -218,6 +218,58 @@ def test_tokenize_detokenize(live_server: LiveServer) -> None:
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
 
 
+def metric(text: str, name: str) -> float:
+    """The value of an unlabelled sample in Prometheus text."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_metrics_count_requests_and_tokens(live_server: LiveServer, client: openai.OpenAI) -> None:
+    with live_server.http() as http:
+        before = http.get("/metrics").text
+        res = chat(client, max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
+        live_server.wait_idle()
+        after = http.get("/metrics").text
+    p = "mistralrs_serve_"
+    assert (
+        metric(after, p + "time_to_first_token_seconds_count")
+        == metric(before, p + "time_to_first_token_seconds_count") + 1
+    )
+    assert (
+        metric(after, p + "inter_token_latency_seconds_count")
+        - metric(before, p + "inter_token_latency_seconds_count")
+        == 3
+    )  # 4 tokens, 3 gaps
+    assert metric(after, p + "generation_tokens_total") - metric(before, p + "generation_tokens_total") == 4
+    assert metric(after, p + "prompt_tokens_total") - metric(before, p + "prompt_tokens_total") == (
+        res.usage.prompt_tokens
+    )
+    assert metric(after, p + "kv_cache_blocks_used") == 0 and metric(after, p + "kv_cache_blocks_total") > 0
+
+
+def test_internal_error_is_a_sanitised_500(live_server: LiveServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    chat_serving = live_server.app.state.server.chat
+
+    async def broken(req: Any) -> Any:
+        raise RuntimeError("secret internal detail")
+
+    monkeypatch.setattr(chat_serving, "create_async", broken)
+    with live_server.http() as http:
+        res = http.post("/v1/chat/completions", json={"model": "default", "messages": QUESTION})
+        assert res.status_code == 500
+        error = res.json()["error"]
+        assert error["type"] == "server_error" and "secret" not in error["message"]
+        monkeypatch.undo()
+        assert (
+            http.post(
+                "/v1/chat/completions", json={"model": "default", "messages": QUESTION, "max_tokens": 2}
+            ).status_code
+            == 200
+        )
+
+
 def test_health_and_metrics(live_server: LiveServer, client: openai.OpenAI) -> None:
     chat(client, max_tokens=3)
     with live_server.http() as http:
