@@ -5,6 +5,12 @@
 # Rust extension built here (python/mistralrs_serve/_native.abi3.so, abi3,
 # libc only) travels with the tree: device run with
 #   carry: [".gpu_wheels", "python/mistralrs_serve/_native.abi3.so"]
+# Fill .gpu_wheels once (it is git-ignored via .git/info/exclude):
+#   .venv/bin/pip download --no-deps -d .gpu_wheels pytest pluggy iniconfig packaging pygments \
+#       gguf "pydantic==$(.venv/bin/python -c 'import pydantic; print(pydantic.VERSION)')" \
+#       annotated-types typing-inspection typing_extensions
+#   plus pydantic-core of the same version for cp310..cp313 (--only-binary=:all: --python-version
+#   3.1x --platform manylinux2014_x86_64): the machine's Python version is not known in advance
 #   bash ci/gpu_check.sh            # prints test results, then JSON lines
 set -uo pipefail
 cd "$(dirname "$0")/.."
