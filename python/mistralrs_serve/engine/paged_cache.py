@@ -277,23 +277,28 @@ class PagedAttention:
         self._kv_heads, self._head_dim = kv, d
         self._scale = 1.0 / float(d) ** 0.5
 
-        # cache write: rows of k/v with a slot, and the slots
-        written = slots >= 0
-        dev = cache.kv.device
-        self._write_slots = torch.from_numpy(slots[written]).to(dev)
-        # the Triton store reads every token's slot (-1: padding) on the device
-        self._slots_dev = torch.from_numpy(slots).to(dev) if decode_mode == "triton" else None
-        self._write_rows = None if written.all() else torch.from_numpy(np.flatnonzero(written)).to(dev)
-
-        starts = np.concatenate(([0], np.cumsum(qlens)[:-1])).astype(np.int64)
-        bs = cache.block_size
-        is_decode = qlens == 1
         dev = cache.kv.device
         self._device = dev
         # fp32 SDPA on the CPU (see ATTN_DTYPE); the cache's dtype on a GPU
         self._attn_dtype = ATTN_DTYPE if dev.type == "cpu" else cache.dtype
-        if decode_mode == "native" and (cache.dtype not in _NATIVE_DTYPES or dev.type != "cpu"):
-            decode_mode = "group"
+        if decode_mode == "native" and not cache.k_np:
+            decode_mode = "group"  # no numpy views of this cache for the Rust kernel
+
+        # cache write: the Triton store reads every token's slot (-1: padding) on the
+        # device; index_copy_ takes the rows of k/v with a slot, and those slots
+        self._slots_dev: torch.Tensor | None = None
+        self._write_slots = self._write_rows = None
+        if decode_mode == "triton":
+            self._slots_dev = torch.from_numpy(slots).to(dev)
+        else:
+            written = slots >= 0
+            self._write_slots = torch.from_numpy(slots[written]).to(dev)
+            if not written.all():
+                self._write_rows = torch.from_numpy(np.flatnonzero(written)).to(dev)
+
+        starts = np.concatenate(([0], np.cumsum(qlens)[:-1])).astype(np.int64)
+        bs = cache.block_size
+        is_decode = qlens == 1
         self.decode_mode = decode_mode
         self._native_decode: _NativeDecode | None = None
         if decode_mode in ("native", "triton") and is_decode.any():
@@ -353,12 +358,13 @@ class PagedAttention:
             triton_ops.store_kv(
                 k_new.contiguous(), v_new.contiguous(), k_cache, v_cache, self._slots_dev, check_slots=False
             )
-        elif self._write_rows is None:
+        else:
+            assert self._write_slots is not None
+            written = self._write_rows
+            if written is not None:  # padding rows have no slot
+                k_new, v_new = k_new.index_select(0, written), v_new.index_select(0, written)
             k_cache.view(-1, kv, d).index_copy_(0, self._write_slots, k_new)
             v_cache.view(-1, kv, d).index_copy_(0, self._write_slots, v_new)
-        else:
-            k_cache.view(-1, kv, d).index_copy_(0, self._write_slots, k_new.index_select(0, self._write_rows))
-            v_cache.view(-1, kv, d).index_copy_(0, self._write_slots, v_new.index_select(0, self._write_rows))
 
         num_tokens, num_heads = q.shape[0], q.shape[1]
         groups = num_heads // kv
