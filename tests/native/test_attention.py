@@ -5,23 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
+from mistralrs_kernels import reference as ref
 from mistralrs_serve import _native
-
-
-def reference(q, k_cache, v_cache, tables, ctxs, scale):  # type: ignore[no-untyped-def]
-    num_heads, kv = q.shape[1], k_cache.shape[2]
-    bs = k_cache.shape[1]
-    out = []
-    for s, ctx in enumerate(ctxs.tolist()):
-        blocks = torch.from_numpy(tables[s, : -(-ctx // bs)])
-        k = k_cache[blocks].reshape(-1, kv, k_cache.shape[3])[:ctx].float().transpose(0, 1)
-        v = v_cache[blocks].reshape(-1, kv, k_cache.shape[3])[:ctx].float().transpose(0, 1)
-        o = F.scaled_dot_product_attention(
-            q[s].unsqueeze(1), k, v, scale=scale, enable_gqa=num_heads != kv
-        )  # (H, 1, D)
-        out.append(o.squeeze(1))
-    return torch.stack(out)
 
 
 def run(q, k_cache, v_cache, tables, ctxs, scale):  # type: ignore[no-untyped-def]
@@ -60,7 +45,14 @@ def test_matches_sdpa(dtype, heads, kv_heads, head_dim, block_size, contexts) ->
     ctxs = np.array(contexts, dtype=np.int64)
     scale = head_dim**-0.5
     got = run(q, k_cache, v_cache, tables, ctxs, scale)
-    torch.testing.assert_close(got, reference(q, k_cache, v_cache, tables, ctxs, scale), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        got,
+        ref.paged_decode_attention(
+            q, k_cache, v_cache, torch.from_numpy(tables), torch.from_numpy(ctxs), scale
+        ),
+        atol=2e-5,
+        rtol=1e-4,
+    )
 
 
 def _args(**overrides):  # type: ignore[no-untyped-def]

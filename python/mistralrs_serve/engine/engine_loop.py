@@ -92,7 +92,6 @@ class EngineLoop:
             "prefix_cache_queries": sched.prefix_cache_queries,
             "prefix_cache_hits": sched.prefix_cache_hits,
             "num_preemptions": sched.num_preemptions,
-            "num_requests": len(self.engine.requests),
         }
 
     def shutdown(self) -> None:
