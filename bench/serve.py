@@ -206,21 +206,22 @@ def main() -> None:
     prompt_range, output_range = ((16, 64), (8, 16)) if args.smoke else ((32, 512), (32, 256))
     levels = [1, 4] if args.smoke else args.concurrency
     bar_level = 4 if args.smoke else args.bar_concurrency
-    vocab = 49152 if args.model is None else None
 
-    from mistralrs_serve.models.loader import ModelSource, load_model
+    # the baseline takes turns with the server on fresh jobs, best of each: a
+    # burst of load from elsewhere on this shared box then spoils one pass,
+    # not one side (the load generator itself shares the cores with both)
+    offline = Offline(args.model, engine_args) if bar_level in levels else None
+    if offline is not None:
+        vocab = offline.engine.model.config.vocab_size
+    else:
+        from mistralrs_serve.models.loader import ModelSource, load_model
 
-    if vocab is None:
         vocab = load_model(ModelSource.parse(args.model)).config.vocab_size
 
     def jobs_for(c: int, salt: int = 0) -> list[Job]:
         n = args.requests_per_level or max(2 * c, 8)
         return workload(n, prompt_range, output_range, vocab, args.seed + 1 + c + salt)
 
-    # the baseline takes turns with the server on fresh jobs, best of each: a
-    # burst of load from elsewhere on this shared box then spoils one pass,
-    # not one side (the load generator itself shares the cores with both)
-    offline = Offline(args.model, engine_args) if bar_level in levels else None
     proc = None
     url = args.url
     if url is None:
