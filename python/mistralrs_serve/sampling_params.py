@@ -14,6 +14,25 @@ MAX_TOP_LOGPROBS = 20
 DEFAULT_DRY_BREAKERS = ("\n", ":", '"', "*")
 
 
+GRAMMAR_KINDS = ("regex", "json_schema", "json_object", "lark", "llguidance")
+
+
+@dataclass(frozen=True)
+class Grammar:
+    """A constraint on the whole output: `source` in the language `kind`."""
+
+    kind: str
+    source: str = ""
+    param: str = "grammar"  # the request field it came from, for errors
+
+    def __post_init__(self) -> None:
+        if self.kind not in GRAMMAR_KINDS:
+            raise InvalidRequestError(
+                f"{self.param}.type must be one of {', '.join(GRAMMAR_KINDS)}; got {self.kind!r}",
+                f"{self.param}.type",
+            )
+
+
 def _check(ok: bool, param: str, message: str) -> None:
     if not ok:
         raise InvalidRequestError(f"{param} {message}", param)
@@ -43,6 +62,7 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     n: int = 1
+    grammar: Grammar | None = None  # constrain the output (llguidance)
 
     def __post_init__(self) -> None:
         self.validate()

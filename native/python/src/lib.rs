@@ -13,6 +13,7 @@ use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
 mod attention;
+mod grammar;
 mod scheduler;
 
 /// The one mapping from core errors to Python exceptions.
@@ -184,7 +185,7 @@ pub(crate) fn bad_array(name: &str, want: &str, obj: &Bound<'_, PyAny>) -> PyErr
 
 /// The logits as a writeable, row-major array: a Fortran-ordered array is
 /// contiguous too, but its flat data is not rows.
-fn logits_array<'py>(obj: &Bound<'py, PyAny>) -> PyResult<PyReadwriteArray2<'py, f32>> {
+pub(crate) fn logits_array<'py>(obj: &Bound<'py, PyAny>) -> PyResult<PyReadwriteArray2<'py, f32>> {
     const WANT: &str = "a writeable, C-contiguous 2-D float32 array";
     let array = obj
         .cast::<PyArray2<f32>>()
@@ -305,6 +306,10 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyStopMatcher>()?;
     m.add_class::<scheduler::PyScheduler>()?;
     m.add_function(wrap_pyfunction!(attention::paged_decode_attention, m)?)?;
+    m.add_class::<grammar::PyGrammarVocabulary>()?;
+    m.add_class::<grammar::PyGrammarMatcher>()?;
+    m.add_function(wrap_pyfunction!(grammar::fill_token_bitmasks, m)?)?;
+    m.add_function(wrap_pyfunction!(grammar::apply_token_bitmask, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

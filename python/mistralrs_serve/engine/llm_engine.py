@@ -8,12 +8,14 @@ import itertools
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
 
 from mistralrs_serve import _native
 from mistralrs_serve.config import EngineConfig
+from mistralrs_serve.engine.grammar import GrammarCompiler
 from mistralrs_serve.engine.paged_cache import PagedAttention, PagedKVCache
 from mistralrs_serve.engine.sequence import (
     CompletionOutput,
@@ -82,6 +84,9 @@ class LLMEngine:
             "; Triton kernels" if self.use_triton else "",
         )
         self.num_kv_tokens = num_blocks * block_size
+        self.grammars = GrammarCompiler(self.tokenizer, self.model.config.vocab_size)
+        # Grammar masks of a step are filled on this thread while the model runs.
+        self._mask_worker = ThreadPoolExecutor(1, thread_name_prefix="grammar-mask")
         # Called on the engine thread with each request that finished (not aborted): metrics.
         self.finished_hooks: list[Callable[[Request], None]] = []
         self.requests: dict[str, Request] = {}
@@ -131,6 +136,8 @@ class LLMEngine:
             raise InvalidRequestError(f"n must be <= {self.config.max_num_seqs} (--max-seqs)", "n")
         budget = self.check_prompt(prompt_ids, params, param)
         req = Request(request_id, np.asarray(prompt_ids, dtype=np.uint32), params, budget, on_output)
+        if params.grammar is not None:
+            req.matcher = self.grammars.compile(params.grammar)
         leader = self._new_sequence(req)
         self.scheduler.add(leader.seq_id, req.prompt_ids, params.n - 1)
         self.requests[request_id] = req
@@ -145,6 +152,7 @@ class LLMEngine:
             frozenset() if req.params.ignore_eos else self.tokenizer.eos_token_ids
         )
         seq = Sequence(next(self._seq_ids), index, req, self.tokenizer, native, stop_ids)
+        seq.matcher = req.matcher.fork() if req.matcher is not None else None
         req.seq_ids.append(seq.seq_id)
         req.num_unfinished += 1
         self.sequences[seq.seq_id] = seq
@@ -183,6 +191,9 @@ class LLMEngine:
         qlens = plan["query_lens"]
         last_rows = np.cumsum(qlens) - 1
         sample_rows = last_rows[plan["sample"]]
+        # Forks for n > 1 start now, so their grammar masks fill while the model runs.
+        rows, seqs = self._rows_to_sample(plan["seq_ids"][plan["sample"]])
+        masks = self._start_masks(seqs)
         dev = self.device
         on_cpu = dev.type == "cpu"
         logits = self.model.forward(
@@ -194,18 +205,37 @@ class LLMEngine:
         )
         if not on_cpu and not self.use_triton:
             logits = logits.cpu()  # the Rust sampler reads host memory
-        self._sample_and_update(plan["seq_ids"][plan["sample"]], logits)
+        if seqs:
+            self._sample_and_update(logits, rows, seqs, masks)
         return len(plan["input_ids"])
 
-    def _sample_and_update(self, seq_ids: np.ndarray, logits: torch.Tensor) -> None:
+    def _start_masks(self, seqs: list[Sequence]) -> Future[tuple[np.ndarray, list[str | None]]] | None:
+        """Grammar bitmasks of the constrained rows, filled on the mask worker
+        (the Rust call releases the GIL). None when no row is constrained."""
+        matchers = [s.matcher for s in seqs if s.matcher is not None]
+        if not matchers:
+            return None
+        return self._mask_worker.submit(self.grammars.bitmask, matchers)
+
+    def _sample_and_update(
+        self,
+        logits: torch.Tensor,
+        rows: list[int],
+        seqs: list[Sequence],
+        masks: Future[tuple[np.ndarray, list[str | None]]] | None,
+    ) -> None:
         now = time.monotonic()
-        rows, seqs = self._rows_to_sample(seq_ids)
-        if not seqs:
-            return
+        bitmask = None
+        if masks is not None:
+            bitmask, rows, seqs = self._grammar_rows(masks, rows, seqs, now)
+            if not seqs:
+                return
         if self.use_triton and all(_gpu_samplable(s.request.params) for s in seqs):
-            ids, lps, top_ids, top_lps = _sample_on_device(logits, rows, seqs)
+            ids, lps, top_ids, top_lps = _sample_on_device(logits, rows, seqs, bitmask)
         else:
             logits_np = logits.cpu().numpy()[rows]  # fancy indexing copies: the sampler writes in place
+            if bitmask is not None:
+                _native.apply_token_bitmask(logits_np, bitmask)
             ids, lps, top_ids, top_lps = _native.sample(
                 logits_np,
                 [s.native for s in seqs],
@@ -218,7 +248,44 @@ class LLMEngine:
             if not np.isnan(lps[i]):
                 top = tuple((int(t), float(v)) for t, v in zip(top_ids[i], top_lps[i], strict=True) if t >= 0)
                 logprob = TokenLogprob(int(ids[i]), float(lps[i]), top)
-            self._emit(seq, seq.append(int(ids[i]), logprob), now)
+            token_id = int(ids[i])
+            if seq.matcher is not None:
+                try:
+                    seq.matcher.consume(token_id)
+                except RuntimeError as e:
+                    self._fail_sequence(seq, str(e), now)
+                    continue
+            self._emit(seq, seq.append(token_id, logprob), now)
+
+    def _grammar_rows(
+        self,
+        masks: Future[tuple[np.ndarray, list[str | None]]],
+        rows: list[int],
+        seqs: list[Sequence],
+        now: float,
+    ) -> tuple[np.ndarray, list[int], list[Sequence]]:
+        """The bitmask for every row to sample (all ones where unconstrained);
+        a row whose matcher failed ends its sequence with the error and is dropped."""
+        constrained, errors = masks.result()
+        full = np.full((len(seqs), constrained.shape[1]), 0xFFFFFFFF, dtype=np.uint32)
+        keep: list[int] = []
+        j = 0
+        for i, seq in enumerate(seqs):
+            if seq.matcher is not None:
+                full[i] = constrained[j]
+                error = errors[j]
+                j += 1
+                if error is not None:
+                    self._fail_sequence(seq, f"the grammar failed: {error}", now)
+                    continue
+            keep.append(i)
+        return full[keep], [rows[i] for i in keep], [seqs[i] for i in keep]
+
+    def _fail_sequence(self, seq: Sequence, message: str, now: float) -> None:
+        """End one choice with an error; the rest of the batch goes on."""
+        logger.warning("request %s choice %d failed: %s", seq.request.request_id, seq.index, message)
+        seq.finished = True
+        self._emit(seq, StepOutput(seq.index, -1, "", finish_reason="abort", error=message), now)
 
     def _rows_to_sample(self, seq_ids: np.ndarray) -> tuple[list[int], list[Sequence]]:
         """Logits row per sequence; a request's first token also starts its other choices,
@@ -310,7 +377,7 @@ def _gpu_samplable(params: SamplingParams) -> bool:
 
 
 def _sample_on_device(
-    logits: torch.Tensor, rows: list[int], seqs: list[Sequence]
+    logits: torch.Tensor, rows: list[int], seqs: list[Sequence], bitmask: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The Rust sampler's outputs, from the Triton kernel (and torch.topk for
     top logprobs) where the logits are: only ids and a few floats cross to
@@ -320,6 +387,8 @@ def _sample_on_device(
 
     dev = logits.device
     x = logits.index_select(0, torch.tensor(rows, device=dev)).float().contiguous()
+    if bitmask is not None:
+        triton_ops.apply_token_bitmask(x, torch.from_numpy(bitmask.view(np.int32)).to(dev))
     params = [s.request.params for s in seqs]
 
     def column(values: list[float] | list[int], dtype: torch.dtype) -> torch.Tensor:

@@ -82,6 +82,7 @@ class Request:
     seq_ids: list[int] = field(default_factory=list)  # choice i -> sequence id (leader first)
     times: Timestamps = field(default_factory=Timestamps)
     num_unfinished: int = 0
+    matcher: _native.GrammarMatcher | None = None  # the compiled grammar each choice forks
 
     @property
     def num_pending_forks(self) -> int:
@@ -109,6 +110,7 @@ class Sequence:
         self.detokenizer = IncrementalDetokenizer(tokenizer)
         self.stops = StopStringMatcher(request.params.stop)
         self.finished = False
+        self.matcher: _native.GrammarMatcher | None = None
 
     def history(self) -> np.ndarray:
         return np.asarray(self.output_ids, dtype=np.uint32)

@@ -125,5 +125,28 @@ def token_bytes(backend: tokenizers.Tokenizer, token_id: int) -> bytes:
     return piece.replace("\u2581", " ").encode("utf-8")
 
 
+def vocabulary_bytes(backend: tokenizers.Tokenizer, size: int) -> list[bytes]:
+    """The bytes of token ids 0..size-1 for a grammar's token trie: added
+    tokens as their text, special ones behind a 0xFF byte (so no grammar text
+    ever matches them), and b"" for ids the tokenizer does not have."""
+    added = backend.get_added_tokens_decoder()
+    byte_level = _is_byte_level(backend)
+    out: list[bytes] = []
+    for token_id in range(size):
+        token = added.get(token_id)
+        if token is not None:
+            text = token.content.encode("utf-8")
+            out.append(b"\xff" + text if token.special else text)
+            continue
+        piece = backend.id_to_token(token_id)
+        if piece is None:
+            out.append(b"")
+        elif byte_level and all(c in BYTE_LEVEL_ALPHABET for c in piece):
+            out.append(bytes(BYTE_LEVEL_ALPHABET[c] for c in piece))
+        else:
+            out.append(token_bytes(backend, token_id))
+    return out
+
+
 def _is_byte_level(backend: tokenizers.Tokenizer) -> bool:
     return type(backend.decoder).__name__ == "ByteLevel" or "ByteLevel" in repr(backend.decoder)
