@@ -11,3 +11,4 @@ $BIN/python bench/decode.py --smoke
 $BIN/python bench/throughput.py --smoke
 $BIN/python bench/compare_peers.py --smoke
 $BIN/python bench/serve.py --smoke
+$BIN/python bench/structured.py --smoke

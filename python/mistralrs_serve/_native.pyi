@@ -10,7 +10,18 @@ from typing import Any, final
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["SamplingParams", "Scheduler", "StopMatcher", "__version__", "paged_decode_attention", "sample"]
+__all__ = [
+    "GrammarMatcher",
+    "GrammarVocabulary",
+    "SamplingParams",
+    "Scheduler",
+    "StopMatcher",
+    "__version__",
+    "apply_token_bitmask",
+    "fill_token_bitmasks",
+    "paged_decode_attention",
+    "sample",
+]
 
 __version__: str
 
@@ -153,3 +164,33 @@ class Scheduler:
     def prefix_cache_hits(self) -> int: ...
     @property
     def num_preemptions(self) -> int: ...
+
+@final
+class GrammarVocabulary:
+    """The tokenizer's side of grammars: token i's bytes (special tokens behind 0xFF, b"" for none)."""
+
+    def __new__(cls, tokens: Sequence[bytes], eos_ids: Sequence[int]) -> GrammarVocabulary: ...
+    @property
+    def vocab_size(self) -> int: ...
+    @property
+    def words_per_row(self) -> int: ...
+    def compile(self, kind: str, source: str) -> GrammarMatcher:
+        """kind: regex, json_schema, json_object, lark or llguidance; ValueError when it does not compile."""
+
+@final
+class GrammarMatcher:
+    def consume(self, token: int) -> None:
+        """RuntimeError when the grammar rejects the token (the matcher stays in error)."""
+    def rollback(self, num_tokens: int) -> None: ...
+    def fork(self) -> GrammarMatcher: ...
+    def is_accepting(self) -> bool: ...
+    @property
+    def is_stopped(self) -> bool: ...
+    @property
+    def error(self) -> str | None: ...
+
+def fill_token_bitmasks(matchers: Sequence[GrammarMatcher], bitmask: NDArray[np.uint32]) -> list[str | None]:
+    """Row i of bitmask (rows x words_per_row) from matcher i, in parallel; each row's error or None."""
+
+def apply_token_bitmask(logits: NDArray[np.float32], bitmask: NDArray[np.uint32]) -> None:
+    """logits[r, t] = -inf where bit t of bitmask row r is 0."""

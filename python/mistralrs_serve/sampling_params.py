@@ -63,6 +63,7 @@ class SamplingParams:
     top_logprobs: int = 0
     n: int = 1
     grammar: Grammar | None = None  # constrain the output (llguidance)
+    skip_special_tokens: bool = True  # False keeps special tokens (tool-call markers) in the text
 
     def __post_init__(self) -> None:
         self.validate()

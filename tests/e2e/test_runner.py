@@ -121,9 +121,9 @@ def test_legacy_completion(default_runner) -> None:  # type: ignore[no-untyped-d
         ({"logit_bias": {10**9: 1.0}}, "logit_bias"),
         ({"logit_bias": {1: 500.0}}, "logit_bias"),
         ({"stop": [""]}, "stop"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
-        ({"grammar": {"type": "regex", "value": "a+"}}, "grammar"),
+        ({"tools": [{"type": "code_interpreter"}]}, "tools[0].type"),
+        ({"response_format": {"type": "yaml"}}, "response_format.type"),
+        ({"grammar": {"type": "regex", "value": "a["}}, "grammar.value"),
     ],
 )
 def test_bad_input_names_the_field(default_runner, fields, param) -> None:  # type: ignore[no-untyped-def]

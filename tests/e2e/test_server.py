@@ -416,11 +416,47 @@ BAD_FIELDS = [
         {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
         "messages[0].content[0]",
     ),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"grammar": {"type": "regex", "value": "a+"}}, "grammar"),
+    ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools[0].function.name"),
+    (
+        {"tools": [{"type": "function", "function": {"name": "f", "parameters": 3}}]},
+        "tools[0].function.parameters",
+    ),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "sometimes"}, "tool_choice"),
+    (
+        {
+            "tools": [{"type": "function", "function": {"name": "f"}}],
+            "tool_choice": {"type": "function", "name": "g"},
+        },
+        "tool_choice",
+    ),
+    (
+        {
+            "tools": [{"type": "function", "function": {"name": "f"}}],
+            "tool_choice": {
+                "type": "allowed_tools",
+                "mode": "always",
+                "tools": [{"type": "function", "name": "f"}],
+            },
+        },
+        "tool_choice.mode",
+    ),
+    ({"response_format": {"type": "xml"}}, "response_format.type"),
+    (
+        {"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "nope"}}}},
+        "response_format.json_schema.schema",
+    ),
+    (
+        {"response_format": {"type": "json_schema", "json_schema": {"schema": [1]}}},
+        "response_format.json_schema.schema",
+    ),
+    ({"grammar": {"type": "regex", "value": "(a"}}, "grammar.value"),
+    ({"grammar": {"type": "lark", "value": "start: missing_rule"}}, "grammar.value"),
+    ({"grammar": {"type": "cfg", "value": "x"}}, "grammar.type"),
+    ({"grammar": {"type": "regex"}}, "grammar.value"),
+    ({"grammar": {"type": "regex", "value": "a+"}, "response_format": {"type": "json_object"}}, "grammar"),
     ({"tool_choice": "required"}, "tool_choice"),  # without tools
-    ({"parallel_tool_calls": False}, "parallel_tool_calls"),
+    ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),  # without tools
     ({"max_tool_calls": 3}, "max_tool_calls"),
     ({"dry_multiplier": -1}, "dry_multiplier"),
     ({"top_k": -5}, "top_k"),

@@ -107,7 +107,7 @@ class Sequence:
         self.native = native
         self.stop_ids = stop_ids
         self.output_ids: list[int] = []
-        self.detokenizer = IncrementalDetokenizer(tokenizer)
+        self.detokenizer = IncrementalDetokenizer(tokenizer, request.params.skip_special_tokens)
         self.stops = StopStringMatcher(request.params.stop)
         self.finished = False
         self.matcher: _native.GrammarMatcher | None = None

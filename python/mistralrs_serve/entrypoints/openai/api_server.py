@@ -359,7 +359,13 @@ def build_app(config: ServerConfig, load: Callable[[], EngineLoop]) -> FastAPI:
             tok, chat = client.engine.tokenizer, state.chat
             assert chat is not None
             if req.messages is not None:
-                chat_req = ChatCompletionRequest(messages=req.messages)
+                chat_req = ChatCompletionRequest(
+                    messages=req.messages,
+                    tools=req.tools,
+                    tool_choice=req.tool_choice,
+                    enable_thinking=req.enable_thinking,
+                    reasoning_effort=req.reasoning_effort,
+                )
                 ids = chat.prompt_ids(chat_req)
             elif req.prompt is not None:
                 ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
@@ -396,6 +402,11 @@ class TokenizeRequest(BaseModel):
     prompt: str | None = None
     messages: list[dict[str, Any]] | None = None
     add_special_tokens: bool = True
+    # Chat fields that change the rendered prompt.
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    enable_thinking: bool | None = None
+    reasoning_effort: str | None = None
 
 
 class DetokenizeRequest(BaseModel):

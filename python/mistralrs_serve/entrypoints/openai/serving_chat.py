@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import random
+import re
 import time
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, replace
 from typing import Any
 
 from mistralrs_serve.engine.engine_loop import EngineLoop
 from mistralrs_serve.engine.sequence import CompletionOutput, StepOutput
 from mistralrs_serve.entrypoints.openai import serving_common as common
+from mistralrs_serve.entrypoints.openai import structured
+from mistralrs_serve.entrypoints.openai.chat_output import (
+    ChoiceParser,
+    openai_call_delta,
+    parse_text,
+)
 from mistralrs_serve.entrypoints.openai.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -21,8 +30,11 @@ from mistralrs_serve.entrypoints.openai.protocol import (
     DeltaMessage,
     random_id,
 )
+from mistralrs_serve.entrypoints.openai.reasoning import reasoning_parser_for
+from mistralrs_serve.entrypoints.openai.tool_parsers import ToolCallFormat, detect_format
+from mistralrs_serve.entrypoints.openai.tools import ToolPlan, plan_tools, with_tool_prompt
 from mistralrs_serve.errors import InvalidRequestError
-from mistralrs_serve.sampling_params import SamplingParams
+from mistralrs_serve.sampling_params import Grammar, SamplingParams
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 # Content part types a later part of the server implements.
@@ -36,52 +48,69 @@ class ChatServing:
         self.model_name = model_name
         self.seeds: random.Random | None = None  # the server's --seed, if any
 
-    def prepare(self, req: ChatCompletionRequest) -> tuple[list[int], SamplingParams]:
-        """Validated prompt ids and sampling params; raises InvalidRequestError.
+    def prepare(self, req: ChatCompletionRequest) -> Prepared:
+        """Validated prompt ids, sampling params and output parsing; raises InvalidRequestError.
         Everything the engine would reject is checked here, before a stream starts."""
         common.log_unknown_fields(req)
-        common.reject_unsupported(req, (*common.NOT_YET_SUPPORTED, "tools", "response_format"))
         _check_tool_fields(req)
+        plan = plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls)
+        template = self.engine.tokenizer.chat_template
+        fmt = None
+        if plan.active:
+            fmt = detect_format(template.source if template is not None and template.supports_tools else None)
+        grammar = structured.request_grammar(req.response_format, req.grammar)
+        tool_grammar = _tool_grammar(plan, fmt, self.engine.tokenizer) if fmt is not None else None
+        if tool_grammar is not None and grammar is not None:
+            raise InvalidRequestError(
+                "response_format and grammar cannot be combined with tool_choice that forces or constrains "
+                "tool calls",
+                "tool_choice",
+            )
         params = self.sampling_params(req)
+        params = replace(params, grammar=grammar or tool_grammar, skip_special_tokens=fmt is None)
+        prompt_ids, prompt_text = self.render(req, plan)
         prompt_ids = common.fit_prompt(
-            self.engine, self.prompt_ids(req), params, truncate=req.truncate_sequence, param="messages"
+            self.engine, prompt_ids, params, truncate=req.truncate_sequence, param="messages"
         )
         common.check_fits(self.engine, prompt_ids, params, "messages")
-        return prompt_ids, params
+        thinks = template is not None and template.supports_thinking and not isinstance(req.messages, str)
+        return Prepared(
+            prompt_ids, params, plan, fmt, template.source if thinks and template else None, prompt_text
+        )
 
     def create(self, req: ChatCompletionRequest) -> ChatCompletionResponse:
-        prompt_ids, params = self.prepare(req)
-        outputs = self.client.generate(prompt_ids, params, "messages")
-        return self.response(req, prompt_ids, outputs)
+        prep = self.prepare(req)
+        outputs = self.client.generate(prep.prompt_ids, prep.params, "messages")
+        return self.response(req, prep, outputs)
 
     async def create_async(self, req: ChatCompletionRequest) -> ChatCompletionResponse:
         """As `create`, on the event loop; cancelling it aborts the request."""
-        prompt_ids, params = self.prepare(req)
-        outputs = await common.collect_async(self.client, prompt_ids, params, "messages")
-        return self.response(req, prompt_ids, outputs)
+        prep = self.prepare(req)
+        outputs = await common.collect_async(self.client, prep.prompt_ids, prep.params, "messages")
+        return self.response(req, prep, outputs)
 
     def response(
-        self, req: ChatCompletionRequest, prompt_ids: list[int], outputs: list[CompletionOutput]
+        self, req: ChatCompletionRequest, prep: Prepared, outputs: list[CompletionOutput]
     ) -> ChatCompletionResponse:
-        choices = [self._choice(o, req.logprobs) for o in outputs]
+        choices = [self._choice(o, req.logprobs, prep) for o in outputs]
         return ChatCompletionResponse(
-            model=self.model_name, choices=choices, usage=common.usage(prompt_ids, outputs)
+            model=self.model_name, choices=choices, usage=common.usage(prep.prompt_ids, outputs)
         )
 
     def create_stream(self, req: ChatCompletionRequest) -> Iterator[ChatCompletionChunk]:
         """OpenAI's chunk sequence: a role chunk per choice, content deltas, finish, optional usage."""
-        prompt_ids, params = self.prepare(req)
-        chunks = ChunkBuilder(self, req, len(prompt_ids))
-        return self._stream(chunks, prompt_ids, params)
+        prep = self.prepare(req)
+        chunks = ChunkBuilder(self, req, prep)
+        return self._stream(chunks, prep.prompt_ids, prep.params)
 
     def create_stream_async(
         self, req: ChatCompletionRequest, idle_s: float | None = None
     ) -> AsyncIterator[ChatCompletionChunk | None]:
         """As `create_stream` for asyncio: validates now (raises before any chunk),
         then yields chunks, and None after idle_s without output (keep-alives)."""
-        prompt_ids, params = self.prepare(req)
-        chunks = ChunkBuilder(self, req, len(prompt_ids))
-        return self._stream_async(chunks, prompt_ids, params, idle_s)
+        prep = self.prepare(req)
+        chunks = ChunkBuilder(self, req, prep)
+        return self._stream_async(chunks, prep.prompt_ids, prep.params, idle_s)
 
     def _stream(
         self, chunks: ChunkBuilder, prompt_ids: list[int], params: SamplingParams
@@ -123,38 +152,72 @@ class ChatServing:
         )
 
     def prompt_ids(self, req: ChatCompletionRequest) -> list[int]:
+        """The prompt of a request (the /tokenize route's view of it)."""
+        plan = plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls)
+        return self.render(req, plan)[0]
+
+    def render(self, req: ChatCompletionRequest, plan: ToolPlan) -> tuple[list[int], str]:
+        """Prompt ids and text. Tools go to the template when it takes them;
+        otherwise into the system message, in the plain-JSON call format."""
         tokenizer = self.engine.tokenizer
         if isinstance(req.messages, str):
             # mistral.rs SDK: a string is an already templated prompt.
-            return tokenizer.encode(req.messages, add_special_tokens=False)
+            return tokenizer.encode(req.messages, add_special_tokens=False), req.messages
         messages = [_check_message(i, m) for i, m in enumerate(req.messages)]
         if not messages:
             raise InvalidRequestError("messages must not be empty", "messages")
+        template = tokenizer.chat_template
+        tools = plan.tools if plan.active else None
+        if tools and template is not None and not template.supports_tools:
+            messages, tools = with_tool_prompt(messages, tools), None
         extra = {"reasoning_effort": req.reasoning_effort} if req.reasoning_effort else {}
-        return tokenizer.encode_chat(messages, enable_thinking=req.enable_thinking, **extra)
+        text = tokenizer.render_chat(messages, tools=tools, enable_thinking=req.enable_thinking, **extra)
+        return tokenizer.encode(text, add_special_tokens=False), text
 
-    def _choice(self, out: CompletionOutput, want_logprobs: bool) -> ChatChoice:
+    def _choice(self, out: CompletionOutput, want_logprobs: bool, prep: Prepared) -> ChatChoice:
         logprobs = None
         if want_logprobs:
             logprobs = ChoiceLogprobs(content=[common.chat_logprob(self.engine, lp) for lp in out.logprobs])
-        return ChatChoice(
-            index=out.index,
-            message=ChatMessage(content=out.text),
-            logprobs=logprobs,
-            finish_reason=out.finish_reason or "stop",
+        parsed = parse_text(prep.parser(), out.text)
+        finish = out.finish_reason or "stop"
+        if parsed.tool_calls and finish == "stop":
+            finish = "tool_calls"
+        message = ChatMessage(
+            content=parsed.content, reasoning_content=parsed.reasoning, tool_calls=parsed.tool_calls
         )
+        return ChatChoice(index=out.index, message=message, logprobs=logprobs, finish_reason=finish)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A validated chat request: what the engine runs and how its text is read back."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    tools: ToolPlan
+    tool_format: ToolCallFormat | None  # None: no tools offered, the text is all content
+    thinking_template: str | None  # the template source when it has thinking markers
+    prompt_text: str
+
+    def parser(self) -> ChoiceParser:
+        reasoning = None
+        if self.thinking_template is not None:
+            reasoning = reasoning_parser_for(self.thinking_template, self.prompt_text)
+        tools = self.tool_format.streamer(tools=self.tools.tools) if self.tool_format is not None else None
+        return ChoiceParser(reasoning, tools)
 
 
 class ChunkBuilder:
     """Turns StepOutputs into ChatCompletionChunks (shared by sync and async streams)."""
 
-    def __init__(self, serving: ChatServing, req: ChatCompletionRequest, num_prompt_tokens: int) -> None:
+    def __init__(self, serving: ChatServing, req: ChatCompletionRequest, prep: Prepared) -> None:
         self.serving = serving
         self.want_logprobs = req.logprobs
         self.include_usage = bool((req.stream_options or {}).get("include_usage"))
         self.id, self.created = random_id("chatcmpl"), int(time.time())
-        self.num_prompt_tokens = num_prompt_tokens
+        self.num_prompt_tokens = len(prep.prompt_ids)
         self.num_completion_tokens = 0
+        self.parsers = [prep.parser() for _ in range(prep.params.n)]
 
     def _chunk(self, choices: list[ChatChunkChoice], usage: Any = None) -> ChatCompletionChunk:
         return ChatCompletionChunk(
@@ -170,9 +233,25 @@ class ChunkBuilder:
         logprobs = None
         if self.want_logprobs and step.logprob is not None and not step.is_stop_token:
             logprobs = ChoiceLogprobs(content=[common.chat_logprob(self.serving.engine, step.logprob)])
-        if step.text or logprobs is not None or step.finish_reason:
-            finish = step.finish_reason if step.finish_reason in ("stop", "length") else None
-            delta = DeltaMessage(content=step.text) if step.text else DeltaMessage()
+        parser = self.parsers[step.index]
+        out = parser.feed(step.text) if step.text else None
+        finish = step.finish_reason if step.finish_reason in ("stop", "length") else None
+        if finish is not None:
+            tail = parser.finish()
+            if out is None:
+                out = tail
+            else:
+                out.extend(tail)
+            if parser.calls and finish == "stop":
+                finish = "tool_calls"
+        if out or logprobs is not None or finish:
+            delta = DeltaMessage()
+            if out:
+                delta = DeltaMessage(
+                    content=out.content or None,
+                    reasoning_content=out.reasoning or None,
+                    tool_calls=[openai_call_delta(d) for d in out.tool_calls] or None,
+                )
             yield self._chunk(
                 [ChatChunkChoice(index=step.index, delta=delta, logprobs=logprobs, finish_reason=finish)]
             )
@@ -217,12 +296,47 @@ def _check_part(where: str, part: Any) -> None:
 
 
 def _check_tool_fields(req: ChatCompletionRequest) -> None:
-    """The spec's rejected values; tool_choice without tools is OpenAI's 400 too."""
-    if req.tool_choice is not None and req.tool_choice != "none" and not req.tools:
-        raise InvalidRequestError("tool_choice is only allowed when tools are given", "tool_choice")
-    if req.parallel_tool_calls is False:
-        raise InvalidRequestError("parallel_tool_calls must be true or omitted", "parallel_tool_calls")
+    """The spec's rejected value (max_tool_calls: the server caps tool rounds itself)."""
     if (req.model_extra or {}).get("max_tool_calls") is not None:
         raise InvalidRequestError(
             "max_tool_calls is not supported; the server caps tool rounds itself", "max_tool_calls"
         )
+
+
+def _tool_grammar(plan: ToolPlan, fmt: ToolCallFormat, tokenizer: Any) -> Grammar | None:
+    """The constraint a tool plan needs: a call in the family's format when one
+    is required; in auto mode, when parallel calls are off or a function is
+    strict, either text without call markup or the calls. None: free text."""
+    if plan.mode == "required":
+        return Grammar(
+            "lark",
+            _special_markers(fmt.call_grammar(plan.tools, parallel=plan.parallel), tokenizer),
+            "tool_choice",
+        )
+    if plan.parallel and not plan.any_strict:
+        return None
+    calls = fmt.call_grammar(plan.tools, parallel=plan.parallel).replace("start:", "tool_calls:", 1)
+    starts = getattr(fmt, "starts", None)
+    if starts:
+        markers = "|".join(_regex_literal(m) for m in starts)
+        text = f"TEXT: /(?s:.*)/ & ~/(?s:.*)({markers})(?s:.*)/"
+    else:  # the whole output is the call: text must not open like JSON
+        text = r"TEXT: /(?s:.*)/ & ~/[ \t\n]*[\[{](?s:.*)/"
+    source = f"start: TEXT | tool_calls\n{text}\n{calls}"
+    return Grammar("lark", _special_markers(source, tokenizer), "tools")
+
+
+def _regex_literal(text: str) -> str:
+    return re.escape(text).replace("/", "\\/")
+
+
+def _special_markers(source: str, tokenizer: Any) -> str:
+    """A marker the vocabulary holds as one special token is written `<[id]>`:
+    llguidance never matches special tokens from plain text."""
+    added = tokenizer.backend.get_added_tokens_decoder()
+    for token_id, token in added.items():
+        if token.special:
+            quoted = json.dumps(token.content, ensure_ascii=False)
+            if quoted in source:
+                source = source.replace(quoted, f"<[{token_id}]>")
+    return source

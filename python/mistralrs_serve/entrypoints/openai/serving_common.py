@@ -18,24 +18,15 @@ from mistralrs_serve.entrypoints.openai.protocol import (
     Usage,
 )
 from mistralrs_serve.errors import InvalidRequestError
-from mistralrs_serve.sampling_params import DEFAULT_DRY_BREAKERS, SamplingParams
+from mistralrs_serve.sampling_params import DEFAULT_DRY_BREAKERS, Grammar, SamplingParams
 
 logger = logging.getLogger(__name__)
-
-# Fields a later part of the server implements; until then a clear 400, never a silent drop.
-NOT_YET_SUPPORTED = ("grammar",)
 
 
 def log_unknown_fields(req: SamplingFields) -> None:
     extra = sorted((req.model_extra or {}).keys())
     if extra:
         logger.debug("ignoring unknown request fields: %s", ", ".join(extra))
-
-
-def reject_unsupported(req: SamplingFields, fields: tuple[str, ...]) -> None:
-    for name in fields:
-        if getattr(req, name, None) is not None:
-            raise InvalidRequestError(f"'{name}' is not supported by this server yet", name)
 
 
 def sampling_params(
@@ -46,6 +37,7 @@ def sampling_params(
     top_logprobs: int,
     defaults: dict[str, Any],
     seeds: random.Random | None = None,
+    grammar: Grammar | None = None,
 ) -> SamplingParams:
     """Validated SamplingParams; unset fields fall back to the model's generation_config.
     Without a request seed, `seeds` (the server's --seed) draws one: a server
@@ -76,6 +68,7 @@ def sampling_params(
         logprobs=logprobs,
         top_logprobs=top_logprobs,
         n=req.n,
+        grammar=grammar,
     )
 
 
@@ -100,6 +93,8 @@ def check_fits(engine: LLMEngine, prompt_ids: list[int], params: SamplingParams,
     """What the engine checks on submit, checked before a response (or stream) starts."""
     engine.check_prompt(prompt_ids, params, param)
     params.check_vocab(engine.model.config.vocab_size)
+    if params.grammar is not None:
+        engine.grammars.compile(params.grammar)  # a 400 now; the engine reuses the compiled grammar
 
 
 async def collect_async(

@@ -12,6 +12,7 @@ from mistralrs_serve.engine.engine_loop import EngineLoop
 from mistralrs_serve.engine.sequence import CompletionOutput, StepOutput
 from mistralrs_serve.engine.sequence import TokenLogprob as EngineLogprob
 from mistralrs_serve.entrypoints.openai import serving_common as common
+from mistralrs_serve.entrypoints.openai import structured
 from mistralrs_serve.entrypoints.openai.protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -44,7 +45,6 @@ class CompletionServing:
     def prepare(self, req: CompletionRequest) -> Prepared:
         """Validate everything before any generation (or stream) starts."""
         common.log_unknown_fields(req)
-        common.reject_unsupported(req, common.NOT_YET_SUPPORTED)
         if req.suffix:
             raise InvalidRequestError(
                 "suffix is not supported: this model has no fill-in-the-middle mode", "suffix"
@@ -64,6 +64,7 @@ class CompletionServing:
             top_logprobs=req.logprobs or 0,
             defaults=self.engine.loaded.generation_defaults,
             seeds=self.seeds,
+            grammar=structured.request_grammar(None, req.grammar),
         )
         prompts = []
         for ids in self.prompts(req):

@@ -1,0 +1,83 @@
+"""Request fields that constrain the output: `response_format` (OpenAI) and
+the `grammar` extension, turned into one engine `Grammar`."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from mistralrs_serve.errors import InvalidRequestError
+from mistralrs_serve.sampling_params import GRAMMAR_KINDS, Grammar
+
+RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema")
+
+
+def _object(value: Any, param: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise InvalidRequestError(f"{param} must be an object", param)
+    return value
+
+
+def _schema_text(schema: Any, param: str) -> str:
+    if not isinstance(schema, dict | bool):
+        raise InvalidRequestError(f"{param} must be a JSON schema object", param)
+    return json.dumps(schema)
+
+
+def from_response_format(response_format: Any) -> Grammar | None:
+    """`text` is no constraint; `json_object` any JSON object; `json_schema`
+    the schema under `json_schema.schema` (a missing schema: any JSON object)."""
+    fmt = _object(response_format, "response_format")
+    kind = fmt.get("type")
+    if kind not in RESPONSE_FORMAT_TYPES:
+        raise InvalidRequestError(
+            f"response_format.type must be one of {', '.join(RESPONSE_FORMAT_TYPES)}; got {kind!r}",
+            "response_format.type",
+        )
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return Grammar("json_object", "", "response_format")
+    spec = _object(fmt.get("json_schema"), "response_format.json_schema")
+    name = spec.get("name")
+    if name is not None and not isinstance(name, str):
+        raise InvalidRequestError(
+            "response_format.json_schema.name must be a string", "response_format.json_schema.name"
+        )
+    if spec.get("schema") is None:
+        return Grammar("json_object", "", "response_format")
+    source = _schema_text(spec["schema"], "response_format.json_schema.schema")
+    return Grammar("json_schema", source, "response_format.json_schema.schema")
+
+
+def from_grammar_field(grammar: Any) -> Grammar:
+    """The extension `{"type": "regex" | "json_schema" | "lark" | "llguidance", "value": ...}`;
+    a JSON schema may be given as an object or as its text."""
+    spec = _object(grammar, "grammar")
+    kind = spec.get("type")
+    kinds = tuple(k for k in GRAMMAR_KINDS if k != "json_object")
+    if kind not in kinds:
+        raise InvalidRequestError(
+            f"grammar.type must be one of {', '.join(kinds)}; got {kind!r}", "grammar.type"
+        )
+    value = spec.get("value")
+    if kind == "json_schema" and isinstance(value, dict | bool):
+        return Grammar(kind, json.dumps(value), "grammar.value")
+    if kind == "llguidance" and isinstance(value, dict):
+        return Grammar(kind, json.dumps(value), "grammar.value")
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidRequestError(f"grammar.value must be a non-empty {kind} string", "grammar.value")
+    return Grammar(kind, value, "grammar.value")
+
+
+def request_grammar(response_format: Any, grammar: Any) -> Grammar | None:
+    """The one constraint of a request; both fields set is a 400."""
+    if grammar is not None and response_format is not None:
+        raise InvalidRequestError(
+            "grammar and response_format are mutually exclusive; set only one", "grammar"
+        )
+    if grammar is not None:
+        return from_grammar_field(grammar)
+    if response_format is not None:
+        return from_response_format(response_format)
+    return None

@@ -1,0 +1,947 @@
+"""Tool calls in model output: parse them, stream them, and constrain them with a grammar.
+
+Each model family writes tool calls in its own format, which its chat template shows (the markers it
+renders for an assistant message with `tool_calls`). A `ToolCallFormat` knows one family's format:
+
+- `parse(text)` splits a complete output into content text and calls;
+- `streamer()` does the same incrementally, giving OpenAI-style deltas, and never lets tool markup
+  (or text that may still become markup) reach a content delta;
+- `call_grammar(tools, parallel=...)` gives an llguidance Lark grammar whose language is exactly one
+  call (or, with `parallel`, one or more) in that format, with arguments constrained by the schema.
+
+`detect_format(template_source)` picks the format from the markers a chat template uses.
+
+Markup that does not parse as a call is content, verbatim. Whitespace that only separates content
+from calls (or calls from each other) is dropped; content that is only whitespace is no content.
+`parse` is the streamer run over the whole text, so both always agree.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import string
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "FORMATS",
+    "ParsedDelta",
+    "ToolCall",
+    "ToolCallDelta",
+    "ToolCallFormat",
+    "ToolCallStreamer",
+    "detect_format",
+    "get_format",
+]
+
+# A parsed call before it gets an id: (function name, arguments object).
+_RawCall = tuple[str, dict[str, Any]]
+
+_ID_ALPHABET = string.ascii_letters + string.digits
+
+
+def _random_alphanumerics(length: int) -> str:
+    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(length))
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """One complete tool call."""
+
+    id: str
+    name: str
+    arguments: str  # JSON text of the arguments object
+
+
+@dataclass
+class ToolCallDelta:
+    """A piece of one call in OpenAI's streaming shape; `id` and `name` only on a call's first delta."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
+@dataclass
+class ParsedDelta:
+    """What one piece of model output adds: content text and pieces of tool calls."""
+
+    content: str = ""
+    tool_calls: list[ToolCallDelta] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# Text helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _partial_suffix(text: str, markers: Iterable[str]) -> int:
+    """Length of the longest end of `text` that is a proper prefix of one of `markers`."""
+    best = 0
+    for marker in markers:
+        for size in range(min(len(marker) - 1, len(text)), best, -1):
+            if text.endswith(marker[:size]):
+                best = size
+                break
+    return best
+
+
+def _find_first(text: str, markers: Sequence[str]) -> tuple[int, str]:
+    """The earliest occurrence of any marker: (index, marker), or (-1, "")."""
+    found = (-1, "")
+    for marker in markers:
+        index = text.find(marker)
+        if index >= 0 and (found[0] < 0 or index < found[0]):
+            found = (index, marker)
+    return found
+
+
+def _skip_ws(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos].isspace():
+        pos += 1
+    return pos
+
+
+def _match_literal(text: str, pos: int, literal: str) -> int | None:
+    """Position after `literal` at `pos`; None while `text` ends in a prefix of it; -1 on mismatch."""
+    rest = text[pos : pos + len(literal)]
+    if rest == literal:
+        return pos + len(literal)
+    return None if literal.startswith(rest) else -1
+
+
+_JSON_STRUCTURE = re.compile(r'[{}\[\]"]')
+_JSON_STRING_STOP = re.compile(r'["\\]')
+
+
+class _JsonExtent:
+    """Finds where a JSON object or array that starts at `start` ends, scanning incrementally."""
+
+    def __init__(self, start: int) -> None:
+        self.start = start
+        self._pos = start
+        self._closers: list[str] = []
+        self._in_string = False
+        self._end: int | None = None
+
+    def scan(self, text: str) -> int | None:
+        """End index (exclusive) of the value; None while incomplete; -1 if brackets do not match."""
+        if self._end is None:
+            self._end = self._advance(text)
+        return self._end
+
+    def _advance(self, text: str) -> int | None:
+        while True:
+            if self._in_string:
+                match = _JSON_STRING_STOP.search(text, self._pos)
+                if match is None:
+                    self._pos = len(text)
+                    return None
+                if match.group() == "\\":
+                    if match.end() >= len(text):
+                        self._pos = match.start()
+                        return None
+                    self._pos = match.end() + 1
+                    continue
+                self._in_string = False
+                self._pos = match.end()
+                continue
+            match = _JSON_STRUCTURE.search(text, self._pos)
+            if match is None:
+                self._pos = len(text)
+                return None
+            char, self._pos = match.group(), match.end()
+            if char == '"':
+                self._in_string = True
+            elif char in "{[":
+                self._closers.append("}" if char == "{" else "]")
+            elif not self._closers or self._closers.pop() != char:
+                return -1
+            elif not self._closers:
+                return self._pos
+
+
+def _loads(text: str) -> Any:
+    """The JSON value in `text`, or None when it is not JSON (JSON null is never a call either)."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+
+
+def _json_values(text: str) -> list[Any] | None:
+    """The JSON values in `text`, separated by whitespace; None unless all of it is JSON."""
+    decoder = json.JSONDecoder()
+    values, pos = [], _skip_ws(text, 0)
+    while pos < len(text):
+        try:
+            value, pos = decoder.raw_decode(text, pos)
+        except (ValueError, RecursionError):
+            return None
+        values.append(value)
+        pos = _skip_ws(text, pos)
+    return values or None
+
+
+_CALL_KEYS = frozenset({"name", "arguments", "parameters", "id", "type"})
+
+
+def _arguments_object(value: Any) -> dict[str, Any] | None:
+    if isinstance(value, str):  # some models write the arguments as a JSON string
+        value = _loads(value)
+    return value if isinstance(value, dict) else None
+
+
+def _call_from_object(value: Any, *, require_arguments: bool) -> _RawCall | None:
+    """A call from `{"name": ..., "arguments"|"parameters": {...}}`; None for any other value."""
+    if not isinstance(value, dict) or not set(value) <= _CALL_KEYS:
+        return None
+    name = value.get("name")
+    if not isinstance(name, str) or not name.strip():
+        return None
+    keys = [key for key in ("arguments", "parameters") if key in value]
+    if len(keys) > 1 or (require_arguments and not keys):
+        return None
+    arguments = _arguments_object(value[keys[0]]) if keys else {}
+    return None if arguments is None else (name.strip(), arguments)
+
+
+def _calls_from_values(values: Sequence[Any] | None, *, require_arguments: bool) -> list[_RawCall] | None:
+    """Calls from JSON values (objects, or lists of objects); None unless every one is a call."""
+    if not values:
+        return None
+    items: list[Any] = []
+    for value in values:
+        items.extend(value if isinstance(value, list) else [value])
+    calls = [_call_from_object(item, require_arguments=require_arguments) for item in items]
+    if not calls or any(call is None for call in calls):
+        return None
+    return [call for call in calls if call is not None]
+
+
+# ---------------------------------------------------------------------------------------------
+# Tool schemas
+# ---------------------------------------------------------------------------------------------
+
+
+def _function_specs(tools: Sequence[Mapping[str, Any]] | None) -> list[tuple[str, dict[str, Any]]]:
+    """(name, parameters schema) of each OpenAI-shaped tool; a missing schema is {"type": "object"}."""
+    specs = []
+    for tool in tools or ():
+        function = tool.get("function", tool)
+        if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
+            raise ValueError(f"not a function tool: {tool!r}")
+        parameters = function.get("parameters")
+        specs.append((function["name"], dict(parameters) if isinstance(parameters, Mapping) else {}))
+    return [(name, schema or {"type": "object"}) for name, schema in specs]
+
+
+def _schema_types(schema: Any) -> set[str] | None:
+    """The JSON types a schema names in `type`, or None when it names none."""
+    if not isinstance(schema, Mapping):
+        return None
+    kind = schema.get("type")
+    if isinstance(kind, str):
+        return {kind}
+    if isinstance(kind, list) and all(isinstance(item, str) for item in kind):
+        return set(kind)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Step:
+    """A decision about the start of the buffer: its first `size` characters are content (`calls` is
+    None), markup to drop (`calls` is empty), or tool calls."""
+
+    size: int
+    calls: list[_RawCall] | None = None
+
+
+class _Scanner:
+    """Decides, for one output, what the start of the buffer is; formats subclass it."""
+
+    def __init__(self) -> None:
+        self._extent: _JsonExtent | None = None
+
+    def step(self, buffer: str, final: bool) -> _Step | None:
+        """A decision, or None to wait for more text (never None when `final`)."""
+        decided = self.scan(buffer, final)
+        if decided is None and final:
+            decided = _Step(len(buffer))
+        if decided is not None:
+            self._extent = None  # the buffer shifts: offsets in it are stale
+        return decided
+
+    def scan(self, buffer: str, final: bool) -> _Step | None:
+        raise NotImplementedError
+
+    def json_end(self, buffer: str, start: int) -> int | None:
+        """Where the JSON value starting at `start` ends (see `_JsonExtent.scan`), remembering progress."""
+        if self._extent is None or self._extent.start != start:
+            self._extent = _JsonExtent(start)
+        return self._extent.scan(buffer)
+
+
+class _ContentFilter:
+    """Content text on its way out: drops whitespace that only separates content from calls.
+
+    Whitespace right before a call, at the end of an output that has calls, at the start of content
+    that follows a call, and in an output that is only whitespace is dropped. Trailing whitespace is
+    therefore held back until it is known which case applies.
+    """
+
+    def __init__(self) -> None:
+        self._pending = ""
+        self._emitted = False
+        self._calls_seen = False
+
+    def text(self, text: str) -> str:
+        text = self._pending + text
+        body = text.rstrip()
+        self._pending = text[len(body) :]
+        if not body:
+            return ""
+        if not self._emitted and self._calls_seen:
+            body = body.lstrip()
+        self._emitted = True
+        return body
+
+    def call(self) -> None:
+        self._pending = ""
+        self._calls_seen = True
+
+    def finish(self) -> str:
+        pending, self._pending = self._pending, ""
+        return pending if self._emitted and not self._calls_seen else ""
+
+
+class ToolCallStreamer:
+    """Splits model output into content and tool-call deltas as it arrives."""
+
+    def __init__(self, fmt: ToolCallFormat, scanner: _Scanner) -> None:
+        self._format = fmt
+        self._scanner = scanner
+        self._buffer = ""
+        self._filter = _ContentFilter()
+        self._calls: list[ToolCall] = []
+        self._finished = False
+
+    @property
+    def calls(self) -> list[ToolCall]:
+        """The complete calls so far, with the ids their deltas carried."""
+        return list(self._calls)
+
+    def feed(self, delta: str) -> ParsedDelta:
+        """Takes the next piece of model output; returns what can be told of it already."""
+        if self._finished:
+            raise RuntimeError("feed() after finish()")
+        self._buffer += delta
+        return self._drain(final=False)
+
+    def finish(self) -> ParsedDelta:
+        """The end of the output: decides whatever was held back."""
+        if self._finished:
+            return ParsedDelta()
+        self._finished = True
+        out = self._drain(final=True)
+        out.content += self._filter.finish()
+        return out
+
+    def _drain(self, *, final: bool) -> ParsedDelta:
+        out = ParsedDelta()
+        pieces = []
+        while self._buffer:
+            step = self._scanner.step(self._buffer, final)
+            if step is None:
+                break
+            size = max(step.size, 1)  # a scanner bug must not loop forever
+            text, self._buffer = self._buffer[:size], self._buffer[size:]
+            if step.calls is None:
+                pieces.append(self._filter.text(text))
+            elif step.calls:
+                self._filter.call()
+                out.tool_calls.extend(self._add_call(name, arguments) for name, arguments in step.calls)
+        out.content = "".join(pieces)
+        return out
+
+    def _add_call(self, name: str, arguments: dict[str, Any]) -> ToolCallDelta:
+        call = ToolCall(self._format.new_call_id(), name, json.dumps(arguments, ensure_ascii=False))
+        self._calls.append(call)
+        return ToolCallDelta(len(self._calls) - 1, call.id, call.name, call.arguments)
+
+
+# ---------------------------------------------------------------------------------------------
+# Formats
+# ---------------------------------------------------------------------------------------------
+
+# Whitespace in constrained arguments: the separators json.dumps (and templates' tojson) write.
+_JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+def _lark_string(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _json_rule(schema: Mapping[str, Any]) -> str:
+    return "%json " + json.dumps({**schema, "x-guidance": _JSON_LAYOUT}, ensure_ascii=False)
+
+
+class ToolCallFormat:
+    """One family's tool-call format; stateless, so one instance serves every request.
+
+    The base class is the plain-JSON fallback ("json"): the whole output is a call object
+    `{"name": ..., "arguments": {...}}` or a list of them, possibly in a ```json fence.
+    """
+
+    name = "json"
+    #: keyword that holds the arguments in the JSON this format's grammar writes
+    arguments_key = "arguments"
+
+    def parse(
+        self, text: str, *, tools: Sequence[Mapping[str, Any]] | None = None
+    ) -> tuple[str | None, list[ToolCall]]:
+        """(content, calls) of a complete output; content is None when empty or only whitespace."""
+        streamer = self.streamer(tools=tools)
+        content = streamer.feed(text).content + streamer.finish().content
+        return (content if content.strip() else None), streamer.calls
+
+    def streamer(self, *, tools: Sequence[Mapping[str, Any]] | None = None) -> ToolCallStreamer:
+        """A streamer for one output. `tools` (the request's) lets formats that write arguments
+        as text (Qwen3-Coder) type them by schema; the others ignore it."""
+        return ToolCallStreamer(self, self._scanner(tools))
+
+    def new_call_id(self) -> str:
+        return "call_" + _random_alphanumerics(24)
+
+    def call_grammar(self, tools: Sequence[Mapping[str, Any]], *, parallel: bool) -> str:
+        """An llguidance Lark grammar for exactly one call (or one or more, with `parallel`) to one of
+        `tools`, arguments constrained by the tool's `parameters` schema. Markers are plain strings."""
+        specs = _function_specs(tools)
+        if not specs:
+            raise ValueError("call_grammar needs at least one tool")
+        prefix, separator, suffix = (
+            _lark_string(part) if part else "" for part in self._grammar_frame(parallel)
+        )
+        calls = "call"
+        if parallel:
+            calls = f"call ({separator} call)*" if separator else "call+"
+        lines = ["start: " + " ".join(part for part in (prefix, calls, suffix) if part)]
+        lines.append("call: " + " | ".join(f"call_{index}" for index in range(len(specs))))
+        for index, (name, schema) in enumerate(specs):
+            lines.extend(self._call_rules(index, name, schema))
+        return "\n".join(lines) + "\n"
+
+    # --- for subclasses ---
+
+    def _scanner(self, tools: Sequence[Mapping[str, Any]] | None) -> _Scanner:
+        return _JsonOutputScanner(tag=None, fences=True)
+
+    def _grammar_frame(self, parallel: bool) -> tuple[str, str, str]:
+        """The text before the calls, between two calls, and after them, in the grammar."""
+        return ("[", ", ", "]") if parallel else ("", "", "")
+
+    def _call_text(self, name: str) -> tuple[str, str]:
+        """The text before and after the arguments JSON of a call to `name`, in the grammar."""
+        return '{"name": ' + json.dumps(name, ensure_ascii=False) + f', "{self.arguments_key}": ', "}"
+
+    def _call_rules(self, index: int, name: str, schema: Mapping[str, Any]) -> list[str]:
+        before, after = self._call_text(name)
+        tail = f" {_lark_string(after)}" if after else ""
+        return [
+            f"call_{index}: {_lark_string(before)} args_{index}{tail}",
+            f"args_{index}: {_json_rule(schema)}",
+        ]
+
+    def __repr__(self) -> str:
+        return f"<ToolCallFormat {self.name}>"
+
+
+# --- The JSON-output formats: plain JSON and Llama 3 ---
+
+
+class _JsonOutputScanner(_Scanner):
+    """Calls that are the output itself: JSON objects (or lists), optionally after a tag or in a
+    ```json fence, separated by `;` or whitespace. Output that does not start so is all content."""
+
+    def __init__(self, *, tag: str | None, fences: bool) -> None:
+        super().__init__()
+        self._tag = tag
+        self._fences = fences
+        self._phase = "start"  # "start", "after" (a call), or "text" (all the rest is content)
+
+    def scan(self, buffer: str, final: bool) -> _Step | None:
+        if self._phase == "text":
+            return _Step(len(buffer))
+        start = _skip_ws(buffer, 0)
+        if start > 0:
+            return _Step(start)  # the content filter drops it if a call follows
+        if self._phase == "after" and buffer.startswith(";"):
+            return self._separator(buffer, final)
+        step = self._call(buffer, final)
+        if step is None and final:
+            step = self._text(buffer)
+        return step
+
+    def _text(self, buffer: str) -> _Step:
+        self._phase = "text"
+        return _Step(len(buffer))
+
+    def _separator(self, buffer: str, final: bool) -> _Step | None:
+        after = _skip_ws(buffer, 1)
+        if after == len(buffer):
+            return _Step(len(buffer), []) if final else None  # a dangling ";" after the calls
+        tag_follows = self._tag is not None and _match_literal(buffer, after, self._tag) != -1
+        if buffer[after] in "{[" or tag_follows:
+            return _Step(after, [])
+        return self._text(buffer)
+
+    def _call(self, buffer: str, final: bool) -> _Step | None:
+        """A call (or calls) at the start of `buffer`; None while undecided."""
+        pos, fenced = 0, False
+        if self._tag is not None:
+            after_tag = _match_literal(buffer, 0, self._tag)
+            if after_tag is None:
+                return None
+            if after_tag > 0:
+                pos = _skip_ws(buffer, after_tag)
+        if self._fences and self._phase == "start" and pos == 0:
+            opened = self._open_fence(buffer)
+            if opened is None:
+                return None
+            if opened < 0:
+                return self._text(buffer)
+            pos, fenced = opened, opened > 0
+        if pos == len(buffer):
+            return None
+        if buffer[pos] not in "{[":
+            return self._text(buffer)
+        end = self.json_end(buffer, pos)
+        if end is None:
+            return None
+        calls = _calls_from_values([_loads(buffer[pos:end])] if end > 0 else None, require_arguments=True)
+        if calls is None:
+            return self._text(buffer)
+        if fenced:
+            closed = self._close_fence(buffer, end, final)
+            if closed is None:
+                return None
+            if closed < 0:
+                return self._text(buffer)
+            end = closed
+        self._phase = "after"
+        return _Step(end, calls)
+
+    @staticmethod
+    def _open_fence(buffer: str) -> int | None:
+        """Position after an opening ```json line: 0 without a fence, None while undecided, -1 for a
+        fence of another language."""
+        after = _match_literal(buffer, 0, "```")
+        if after is None or after < 0:
+            return None if after is None else 0
+        newline = buffer.find("\n", after)
+        language = buffer[after : newline if newline >= 0 else len(buffer)].strip().lower()
+        if newline < 0:
+            return None if "json".startswith(language) else -1
+        return _skip_ws(buffer, newline + 1) if language in ("", "json") else -1
+
+    @staticmethod
+    def _close_fence(buffer: str, pos: int, final: bool) -> int | None:
+        """Position after the closing fence (or the end of a final output without one); None while
+        undecided; -1 if something else follows."""
+        pos = _skip_ws(buffer, pos)
+        if pos == len(buffer):
+            return pos if final else None
+        return _match_literal(buffer, pos, "```")
+
+
+class _Llama3JsonFormat(ToolCallFormat):
+    """Llama 3.1 / 3.2: the output is `{"name": ..., "parameters": {...}}` (calls joined by `;`),
+    optionally after `<|python_tag|>`."""
+
+    name = "llama3_json"
+    arguments_key = "parameters"
+
+    def _scanner(self, tools: Sequence[Mapping[str, Any]] | None) -> _Scanner:
+        return _JsonOutputScanner(tag="<|python_tag|>", fences=False)
+
+    def _grammar_frame(self, parallel: bool) -> tuple[str, str, str]:
+        return "", "; ", ""
+
+
+# --- Formats with markers around the calls ---
+
+
+class _MarkedScanner(_Scanner):
+    """Content with call blocks that begin with one of `starts`; `fmt.block` reads a block."""
+
+    def __init__(self, fmt: _MarkedFormat, tools: Sequence[Mapping[str, Any]] | None) -> None:
+        super().__init__()
+        self._format = fmt
+        self.tools = tools
+
+    def scan(self, buffer: str, final: bool) -> _Step | None:
+        index, marker = _find_first(buffer, self._format.starts)
+        if index > 0:
+            return _Step(index)
+        if index < 0:
+            keep = 0 if final else _partial_suffix(buffer, self._format.starts)
+            return _Step(len(buffer) - keep) if keep < len(buffer) else None
+        decided = self._format.block(self, buffer, marker, final)
+        if decided is None and final:
+            decided = _Step(len(marker))  # never closed and unreadable: the marker is text
+        return decided
+
+
+class _MarkedFormat(ToolCallFormat):
+    starts: tuple[str, ...] = ()
+
+    def _scanner(self, tools: Sequence[Mapping[str, Any]] | None) -> _Scanner:
+        return _MarkedScanner(self, tools)
+
+    def block(self, scanner: _MarkedScanner, buffer: str, marker: str, final: bool) -> _Step | None:
+        """The call block at the start of `buffer` (which starts with `marker`); None while undecided.
+
+        An unreadable block gives `_Step(len(marker))`: the marker becomes text, and the rest is
+        scanned again.
+        """
+        raise NotImplementedError
+
+    @staticmethod
+    def closed_block(buffer: str, marker: str, close: str, final: bool) -> tuple[str, int] | None:
+        """(inner text, end) of a block ending in `close`, or running to the end of a final output."""
+        end = buffer.find(close, len(marker))
+        if end >= 0:
+            return buffer[len(marker) : end], end + len(close)
+        return (buffer[len(marker) :], len(buffer)) if final else None
+
+
+# Qwen3-Coder / Qwen3.5: <function=name><parameter=key>value</parameter>...</function>
+_XML_FUNCTION = re.compile(r"\s*<function=([^>\n]+)>(.*)</function>\s*", re.S)
+_XML_PARAMETER = re.compile(r"<parameter=([^>\n]+)>(.*?)</parameter>", re.S)
+
+
+def _xml_value(raw: str, schema: Any) -> Any:
+    """A parameter's value from its text: strings as written, other types as JSON where they parse."""
+    if raw.startswith("\n"):
+        raw = raw[1:]
+    if raw.endswith("\n"):
+        raw = raw[:-1]
+    types = _schema_types(schema)
+    if types is not None and "string" in types:
+        return raw
+    value = _loads(raw)
+    if value is None and raw.strip() != "null":
+        return raw
+    if types is None and isinstance(value, str):
+        return raw  # without a schema, text stays as the model wrote it
+    return value
+
+
+def _xml_call(inner: str, schemas: Mapping[str, Mapping[str, Any]]) -> _RawCall | None:
+    match = _XML_FUNCTION.fullmatch(inner)
+    if match is None:
+        return None
+    name, body = match.group(1).strip(), match.group(2)
+    properties = schemas.get(name, {}).get("properties")
+    properties = properties if isinstance(properties, Mapping) else {}
+    arguments: dict[str, Any] = {}
+    pos = 0
+    for parameter in _XML_PARAMETER.finditer(body):
+        if body[pos : parameter.start()].strip():
+            return None
+        key = parameter.group(1).strip()
+        arguments[key] = _xml_value(parameter.group(2), properties.get(key))
+        pos = parameter.end()
+    if body[pos:].strip() or not name:
+        return None
+    return name, arguments
+
+
+class _HermesFormat(_MarkedFormat):
+    """Hermes / Qwen2.5 / Qwen3 / QwQ: `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`.
+
+    Blocks in Qwen3-Coder's XML form are read too (and JSON blocks by the Qwen3-Coder format).
+    """
+
+    name = "hermes"
+    starts = ("<tool_call>",)
+
+    def block(self, scanner: _MarkedScanner, buffer: str, marker: str, final: bool) -> _Step | None:
+        start = _skip_ws(buffer, len(marker))
+        if start < len(buffer) and buffer[start] in "{[":
+            # Read the JSON first, so that "</tool_call>" inside one of its strings is no end.
+            end = scanner.json_end(buffer, start)
+            if end is None and not final:
+                return None
+            calls = _calls_from_values([_loads(buffer[start:end])], require_arguments=False) if end else None
+            if calls and end is not None:
+                close = _match_literal(buffer, _skip_ws(buffer, end), "</tool_call>")
+                if close is None:
+                    return _Step(len(buffer), calls) if final else None
+                if close > 0:
+                    return _Step(close, calls)
+        found = self.closed_block(buffer, marker, "</tool_call>", final)
+        if found is None:
+            return None
+        inner, end = found
+        if inner.lstrip().startswith("<function="):
+            call = _xml_call(inner, _schemas_by_name(scanner.tools))
+            calls = None if call is None else [call]
+        else:
+            calls = _calls_from_values(_json_values(inner), require_arguments=False)
+        return _Step(end, calls) if calls else _Step(len(marker))
+
+    def _grammar_frame(self, parallel: bool) -> tuple[str, str, str]:
+        return "", "\n", ""
+
+    def _call_text(self, name: str) -> tuple[str, str]:
+        before, after = super()._call_text(name)
+        return "<tool_call>\n" + before, after + "\n</tool_call>"
+
+
+def _schemas_by_name(tools: Sequence[Mapping[str, Any]] | None) -> dict[str, dict[str, Any]]:
+    try:
+        return dict(_function_specs(tools))
+    except ValueError:
+        return {}
+
+
+# A string parameter's text and its closing tag: the text runs to the first "\n</parameter>\n" (the
+# rule is lazy) and holds no "</parameter>" or "</tool_call>", which would end it early when parsed.
+_XML_TEXT_RULES = (
+    "xml_text[lazy]: XML_TEXT\n"
+    "XML_TEXT: /(?s:.*)\\n<\\/parameter>\\n/"
+    " & ~/(?s:.*)(<\\/tool_call>|<\\/parameter>(?s:.*)<\\/parameter>)(?s:.*)/\n"
+)
+
+
+class _Qwen3CoderFormat(_HermesFormat):
+    """Qwen3-Coder / Qwen3.5: `<tool_call>\\n<function=name>\\n<parameter=key>\\nvalue\\n</parameter>\\n
+    </function>\\n</tool_call>`; a string value is its text, other values are JSON."""
+
+    name = "qwen3_coder"
+
+    def call_grammar(self, tools: Sequence[Mapping[str, Any]], *, parallel: bool) -> str:
+        grammar = super().call_grammar(tools, parallel=parallel)
+        return grammar + _XML_TEXT_RULES if " xml_text" in grammar else grammar
+
+    def _call_rules(self, index: int, name: str, schema: Mapping[str, Any]) -> list[str]:
+        head = _lark_string(f"<tool_call>\n<function={name}>\n")
+        tail = _lark_string("</function>\n</tool_call>")
+        properties = schema.get("properties")
+        if not isinstance(properties, Mapping) or not properties:
+            free = '"<parameter=" /[A-Za-z_][A-Za-z0-9_.-]*/ ">\\n" xml_text'
+            return [f"call_{index}: {head} ({free})* {tail}"]
+        required = set(schema.get("required") or ())
+        rules, parts = [], []
+        for position, (key, prop) in enumerate(properties.items()):
+            rule = f"param_{index}_{position}"
+            parts.append(rule if key in required else f"{rule}?")
+            rules.extend(self._parameter_rules(rule, key, prop, schema))
+        return [f"call_{index}: {head} {' '.join(parts)} {tail}", *rules]
+
+    @staticmethod
+    def _parameter_rules(rule: str, key: str, prop: Any, schema: Mapping[str, Any]) -> list[str]:
+        opening = _lark_string(f"<parameter={key}>\n")
+        closing = _lark_string("\n</parameter>\n")
+        types = _schema_types(prop)
+        enum = prop.get("enum") if isinstance(prop, Mapping) else None
+        if types == {"string"} and isinstance(enum, list) and enum and all(isinstance(e, str) for e in enum):
+            choices = " | ".join(_lark_string(item) for item in enum)
+            return [f"{rule}: {opening} ({choices}) {closing}"]
+        if types is not None and "string" in types:
+            return [f"{rule}: {opening} xml_text"]
+        value_schema = dict(prop) if isinstance(prop, Mapping) else {}
+        for definitions in ("$defs", "definitions"):  # keep $ref targets reachable
+            if definitions in schema:
+                value_schema.setdefault(definitions, schema[definitions])
+        return [f"{rule}: {opening} {rule}_value {closing}", f"{rule}_value: {_json_rule(value_schema)}"]
+
+
+class _MarkerJsonFormat(_MarkedFormat):
+    """A marker followed by a JSON list of call objects (Mistral Nemo `[TOOL_CALLS][...]`, Granite
+    `<|tool_call|>[...]`); also reads Mistral's newer `[TOOL_CALLS]name[ARGS]{...}`."""
+
+    def __init__(self, name: str, marker: str) -> None:
+        self.name = name
+        self.starts = (marker,)
+
+    def _grammar_frame(self, parallel: bool) -> tuple[str, str, str]:
+        return self.starts[0] + "[", ", ", "]"
+
+    def block(self, scanner: _MarkedScanner, buffer: str, marker: str, final: bool) -> _Step | None:
+        pos = _skip_ws(buffer, len(marker))
+        if pos == len(buffer):
+            return None
+        if buffer[pos] not in "{[":
+            return _named_call(scanner, buffer, marker, pos)
+        end = scanner.json_end(buffer, pos)
+        if end is None:
+            return None
+        values = [_loads(buffer[pos:end])] if end > 0 else None
+        calls = _calls_from_values(values, require_arguments=False)
+        return _Step(end, calls) if calls else _Step(len(marker))
+
+
+_MISTRAL_NAME = re.compile(r"[A-Za-z0-9_.:-]+")
+_MISTRAL_CALL_ID = re.compile(r"[A-Za-z0-9]*")
+
+
+def _named_call(scanner: _Scanner, buffer: str, marker: str, pos: int) -> _Step | None:
+    """`name[ARGS]{...}` (or `name[CALL_ID]id[ARGS]{...}`) after the marker."""
+    name = _MISTRAL_NAME.match(buffer, pos)
+    if name is None:
+        return _Step(len(marker))
+    pos = name.end()
+    if pos == len(buffer):
+        return None
+    after_id = _match_literal(buffer, pos, "[CALL_ID]")
+    if after_id is not None and after_id > 0:
+        pos = _MISTRAL_CALL_ID.match(buffer, after_id).end()  # type: ignore[union-attr]
+        if pos == len(buffer):
+            return None
+    after_args = _match_literal(buffer, pos, "[ARGS]")
+    if after_args is None or (after_id is None and after_args < 0):
+        return None
+    if after_args < 0:
+        return _Step(len(marker))
+    start = _skip_ws(buffer, after_args)
+    if start == len(buffer):
+        return None
+    if buffer[start] != "{":
+        return _Step(len(marker))
+    end = scanner.json_end(buffer, start)
+    if end is None:
+        return None
+    arguments = _arguments_object(buffer[start:end]) if end > 0 else None
+    return _Step(len(marker)) if arguments is None else _Step(end, [(name.group(), arguments)])
+
+
+class _MistralFormat(_MarkerJsonFormat):
+    """Mistral Small 3.2 and later: `[TOOL_CALLS]name[ARGS]{...}` for each call; tool-call ids
+    are 9 alphanumerics, as Mistral's templates demand of the ids a client sends back."""
+
+    def __init__(self, name: str, *, named: bool) -> None:
+        super().__init__(name, "[TOOL_CALLS]")
+        self._named = named
+
+    def new_call_id(self) -> str:
+        return _random_alphanumerics(9)
+
+    def _grammar_frame(self, parallel: bool) -> tuple[str, str, str]:
+        return ("", "", "") if self._named else super()._grammar_frame(parallel)
+
+    def _call_text(self, name: str) -> tuple[str, str]:
+        return (f"[TOOL_CALLS]{name}[ARGS]", "") if self._named else super()._call_text(name)
+
+
+_DS_CALLS_BEGIN = "<｜tool▁calls▁begin｜>"
+_DS_CALLS_END = "<｜tool▁calls▁end｜>"
+_DS_CALL_BEGIN = "<｜tool▁call▁begin｜>"
+_DS_CALL_END = "<｜tool▁call▁end｜>"
+_DS_SEP = "<｜tool▁sep｜>"
+_DS_CALL = re.compile(
+    re.escape(_DS_CALL_BEGIN) + "(.*?)" + re.escape(_DS_SEP) + "(.*?)" + re.escape(_DS_CALL_END), re.S
+)
+# R1 / V3: "function<｜tool▁sep｜>name\n```json\n{...}\n```"
+_DS_FENCED = re.compile(r"\s*([^\n`]+?)\s*\n```(?:json)?\s*\n(.*?)\n?```\s*", re.S)
+
+
+def _deepseek_call(head: str, body: str) -> _RawCall | None:
+    fenced = _DS_FENCED.fullmatch(body)
+    name, arguments_text = (fenced.group(1), fenced.group(2)) if fenced else (head.strip(), body)
+    arguments = _arguments_object(arguments_text.strip())
+    return None if arguments is None or not name else (name, arguments)
+
+
+def _deepseek_calls(inner: str) -> list[_RawCall] | None:
+    calls: list[_RawCall] = []
+    pos = 0
+    for match in _DS_CALL.finditer(inner):
+        call = _deepseek_call(match.group(1), match.group(2))
+        if call is None or inner[pos : match.start()].strip():
+            return None
+        calls.append(call)
+        pos = match.end()
+    return calls if calls and not inner[pos:].strip() else None
+
+
+class _DeepSeekFormat(_MarkedFormat):
+    """DeepSeek: `<｜tool▁calls▁begin｜>` calls `<｜tool▁calls▁end｜>`, each call
+    `<｜tool▁call▁begin｜>name<｜tool▁sep｜>{...}<｜tool▁call▁end｜>` (V3.1) or, in the R1 / V3 style,
+    `<｜tool▁call▁begin｜>function<｜tool▁sep｜>name\\n```json\\n{...}\\n```<｜tool▁call▁end｜>`.
+    Both are read; `fenced` picks the one the grammar writes."""
+
+    starts = (_DS_CALLS_BEGIN,)
+
+    def __init__(self, name: str, *, fenced: bool) -> None:
+        self.name = name
+        self._fenced = fenced
+
+    def _grammar_frame(self, parallel: bool) -> tuple[str, str, str]:
+        return _DS_CALLS_BEGIN, "\n" if self._fenced else "", _DS_CALLS_END
+
+    def _call_text(self, name: str) -> tuple[str, str]:
+        if self._fenced:
+            return f"{_DS_CALL_BEGIN}function{_DS_SEP}{name}\n```json\n", f"\n```{_DS_CALL_END}"
+        return f"{_DS_CALL_BEGIN}{name}{_DS_SEP}", _DS_CALL_END
+
+    def block(self, scanner: _MarkedScanner, buffer: str, marker: str, final: bool) -> _Step | None:
+        found = self.closed_block(buffer, marker, _DS_CALLS_END, final)
+        if found is None:
+            return None
+        calls = _deepseek_calls(found[0])
+        return _Step(found[1], calls) if calls else _Step(len(marker))
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing a format
+# ---------------------------------------------------------------------------------------------
+
+JSON = ToolCallFormat()
+HERMES = _HermesFormat()
+QWEN3_CODER = _Qwen3CoderFormat()
+LLAMA3_JSON = _Llama3JsonFormat()
+MISTRAL = _MistralFormat("mistral", named=False)
+MISTRAL_V11 = _MistralFormat("mistral_v11", named=True)
+GRANITE = _MarkerJsonFormat("granite", "<|tool_call|>")
+DEEPSEEK = _DeepSeekFormat("deepseek", fenced=False)
+DEEPSEEK_R1 = _DeepSeekFormat("deepseek_r1", fenced=True)
+
+FORMATS: dict[str, ToolCallFormat] = {
+    fmt.name: fmt
+    for fmt in (JSON, HERMES, QWEN3_CODER, LLAMA3_JSON, MISTRAL, MISTRAL_V11, GRANITE, DEEPSEEK, DEEPSEEK_R1)
+}
+
+
+def get_format(name: str) -> ToolCallFormat:
+    """The format with this name (see FORMATS)."""
+    try:
+        return FORMATS[name]
+    except KeyError:
+        raise ValueError(f"unknown tool-call format {name!r}; known: {sorted(FORMATS)}") from None
+
+
+def detect_format(template_source: str | None) -> ToolCallFormat:
+    """The tool-call format a chat template teaches, judged by the markers in its source."""
+    source = template_source or ""
+    if "<tool_call>" in source:
+        return QWEN3_CODER if "<function=" in source else HERMES
+    if _DS_CALLS_BEGIN in source:
+        return DEEPSEEK_R1 if "```json" in source else DEEPSEEK
+    if "[TOOL_CALLS]" in source:
+        return MISTRAL_V11 if "[ARGS]" in source else MISTRAL
+    if "<|tool_call|>" in source:
+        return GRANITE
+    if "<|python_tag|>" in source or '"parameters"' in source:
+        return LLAMA3_JSON
+    return JSON

@@ -1,0 +1,865 @@
+"""Tool-call parsing: every family's format, whole and streamed at every split, grammars, detection."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mistralrs_serve.entrypoints.openai.reasoning import reasoning_markers, split_reasoning
+from mistralrs_serve.entrypoints.openai.tool_parsers import (
+    FORMATS,
+    ToolCall,
+    ToolCallDelta,
+    ToolCallFormat,
+    detect_format,
+    get_format,
+)
+from mistralrs_serve.errors import ChatTemplateError
+from mistralrs_serve.tokenizer.chat_template import ChatTemplate
+
+TEMPLATE_DIR = Path(__file__).resolve().parents[2].parent / "shared/testdata/chat_templates"
+needs_templates = pytest.mark.skipif(
+    not TEMPLATE_DIR.is_dir(),
+    reason=f"chat template test data not found at {TEMPLATE_DIR} (the shared testdata folder is absent)",
+)
+
+# Tool markup that must never reach a content delta when it belongs to a valid call.
+MARKUP = (
+    "<tool_call>",
+    "</tool_call>",
+    "<function=",
+    "[TOOL_CALLS]",
+    "[ARGS]",
+    "<|python_tag|>",
+    "<|tool_call|>",
+    "<｜tool▁calls▁begin｜>",
+    "<｜tool▁call▁begin｜>",
+    "<｜tool▁sep｜>",
+)
+
+# --- Recorded-style outputs: (format, output, expected content, expected [(name, arguments)]) ---
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    format: str
+    text: str
+    content: str | None
+    calls: list[tuple[str, dict[str, Any]]]
+
+    @property
+    def valid(self) -> bool:
+        """Whether all markup in the output forms calls (else it is content, verbatim)."""
+        return not any(marker in (self.content or "") for marker in MARKUP)
+
+
+WEATHER_PARIS = ("get_weather", {"city": "Paris", "unit": "celsius"})
+NESTED_BOOKING = (
+    "book_table",
+    {
+        "restaurant": "Café de Flore — 東京",
+        "party": {"adults": 2, "children": [{"age": 7}]},
+        "notes": 'window seat, "quiet" please',
+    },
+)
+
+CASES = [
+    # Hermes / Qwen2.5 / Qwen3 / QwQ
+    Case(
+        "hermes-plain",
+        "hermes",
+        "The capital of France is Paris. It has about 2.1 million inhabitants.",
+        "The capital of France is Paris. It has about 2.1 million inhabitants.",
+        [],
+    ),
+    Case(
+        "hermes-one-call",
+        "hermes",
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n'
+        "</tool_call>",
+        None,
+        [WEATHER_PARIS],
+    ),
+    Case(
+        "hermes-text-two-calls-unicode-nested",
+        "hermes",
+        "I'll check the weather and book a table for you.\n\n<tool_call>\n"
+        '{"name": "get_weather", "arguments": {"city": "Zürich", "unit": "celsius"}}\n</tool_call>\n'
+        '<tool_call>\n{"name": "book_table", "arguments": {"restaurant": "Café de Flore — 東京", '
+        '"party": {"adults": 2, "children": [{"age": 7}]}, "notes": "window seat, \\"quiet\\" please"}}\n'
+        "</tool_call>",
+        "I'll check the weather and book a table for you.",
+        [("get_weather", {"city": "Zürich", "unit": "celsius"}), NESTED_BOOKING],
+    ),
+    Case(
+        "hermes-text-after-call",
+        "hermes",
+        '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>\nI asked for the current time.',
+        "I asked for the current time.",
+        [("get_time", {})],
+    ),
+    Case(
+        "hermes-arguments-as-json-string",
+        "hermes",
+        '<tool_call>\n{"name": "get_weather", "arguments": "{\\"city\\": \\"Paris\\"}"}\n</tool_call>',
+        None,
+        [("get_weather", {"city": "Paris"})],
+    ),
+    Case(
+        "hermes-close-tag-inside-string",
+        "hermes",
+        '<tool_call>\n{"name": "echo", "arguments": {"text": "the tag is </tool_call>"}}\n</tool_call>',
+        None,
+        [("echo", {"text": "the tag is </tool_call>"})],
+    ),
+    Case(
+        "hermes-unterminated-valid",
+        "hermes",
+        'Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}',
+        "Checking.",
+        [WEATHER_PARIS],
+    ),
+    Case(
+        "hermes-bad-json",
+        "hermes",
+        'Calling now.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}\n</tool_call>',
+        'Calling now.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}\n</tool_call>',
+        [],
+    ),
+    Case(
+        "hermes-wrong-structure",
+        "hermes",
+        '<tool_call>\n{"function": "get_weather", "city": "Paris"}\n</tool_call>',
+        '<tool_call>\n{"function": "get_weather", "city": "Paris"}\n</tool_call>',
+        [],
+    ),
+    Case(
+        "hermes-prose-mention",
+        "hermes",
+        "Wrap each call in <tool_call> tags, like <tool_call>this</tool_call>; a <tool> is not one.",
+        "Wrap each call in <tool_call> tags, like <tool_call>this</tool_call>; a <tool> is not one.",
+        [],
+    ),
+    Case(
+        "hermes-reads-xml-block",
+        "hermes",
+        "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n"
+        "<parameter=unit>\ncelsius\n</parameter>\n</function>\n</tool_call>",
+        None,
+        [WEATHER_PARIS],
+    ),
+    # Qwen3-Coder / Qwen3.5
+    Case(
+        "qwen3-coder-text-and-call",
+        "qwen3_coder",
+        "I will look at the file first.\n\n<tool_call>\n<function=read_file>\n<parameter=path>\n"
+        "src/main.py\n</parameter>\n<parameter=start_line>\n10\n</parameter>\n</function>\n</tool_call>",
+        "I will look at the file first.",
+        [("read_file", {"path": "src/main.py", "start_line": 10})],
+    ),
+    Case(
+        "qwen3-coder-two-calls-multiline-nested",
+        "qwen3_coder",
+        "<tool_call>\n<function=write_file>\n<parameter=path>\nhello.py\n</parameter>\n<parameter=content>\n"
+        'def greet(name):\n    print(f"Grüß dich, {name}!")\n</parameter>\n</function>\n</tool_call>\n'
+        '<tool_call>\n<function=run>\n<parameter=argv>\n["python", "hello.py"]\n</parameter>\n'
+        '<parameter=env>\n{"LANG": "de_DE.UTF-8", "DEBUG": false}\n</parameter>\n</function>\n</tool_call>',
+        None,
+        [
+            (
+                "write_file",
+                {"path": "hello.py", "content": 'def greet(name):\n    print(f"Grüß dich, {name}!")'},
+            ),
+            ("run", {"argv": ["python", "hello.py"], "env": {"LANG": "de_DE.UTF-8", "DEBUG": False}}),
+        ],
+    ),
+    Case(
+        "qwen3-coder-reads-json-block",
+        "qwen3_coder",
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}\n'
+        "</tool_call>",
+        None,
+        [WEATHER_PARIS],
+    ),
+    Case(
+        "qwen3-coder-unclosed-parameter",
+        "qwen3_coder",
+        "<tool_call>\n<function=read_file>\n<parameter=path>\nsrc/main.py\n</function>\n</tool_call>",
+        "<tool_call>\n<function=read_file>\n<parameter=path>\nsrc/main.py\n</function>\n</tool_call>",
+        [],
+    ),
+    # Llama 3.1 / 3.2 JSON
+    Case(
+        "llama3-one-call",
+        "llama3_json",
+        '{"name": "get_weather", "parameters": {"city": "San Francisco, CA", "unit": "fahrenheit"}}',
+        None,
+        [("get_weather", {"city": "San Francisco, CA", "unit": "fahrenheit"})],
+    ),
+    Case(
+        "llama3-python-tag-nested-unicode",
+        "llama3_json",
+        '<|python_tag|>{"name": "search", "parameters": {"query": "Tōkyō population", '
+        '"filters": {"year": 2024, "sources": ["wiki", "census"]}}}',
+        None,
+        [("search", {"query": "Tōkyō population", "filters": {"year": 2024, "sources": ["wiki", "census"]}})],
+    ),
+    Case(
+        "llama3-two-calls",
+        "llama3_json",
+        '{"name": "get_weather", "parameters": {"city": "Paris", "unit": "celsius"}}; '
+        '{"name": "get_time", "parameters": {"timezone": "Europe/Paris"}}',
+        None,
+        [WEATHER_PARIS, ("get_time", {"timezone": "Europe/Paris"})],
+    ),
+    Case(
+        "llama3-arguments-key-leading-space",
+        "llama3_json",
+        '\n\n{"name": "get_time", "arguments": {}}',
+        None,
+        [("get_time", {})],
+    ),
+    Case(
+        "llama3-call-then-text",
+        "llama3_json",
+        '{"name": "get_time", "parameters": {}}\nLet me know if you need anything else.',
+        "Let me know if you need anything else.",
+        [("get_time", {})],
+    ),
+    Case(
+        "llama3-text-first",
+        "llama3_json",
+        'It is sunny in Paris, 24 °C. {"name": "get_weather", "parameters": {"city": "Paris"}}',
+        'It is sunny in Paris, 24 °C. {"name": "get_weather", "parameters": {"city": "Paris"}}',
+        [],
+    ),
+    Case(
+        "llama3-json-answer",
+        "llama3_json",
+        '{"answer": 42, "unit": "meters"}',
+        '{"answer": 42, "unit": "meters"}',
+        [],
+    ),
+    Case(
+        "llama3-truncated",
+        "llama3_json",
+        '{"name": "get_weather", "parameters": {"city": "Par',
+        '{"name": "get_weather", "parameters": {"city": "Par',
+        [],
+    ),
+    Case(
+        "llama3-builtin-tool-call",
+        "llama3_json",
+        '<|python_tag|>brave_search.call(query="weather Paris")',
+        '<|python_tag|>brave_search.call(query="weather Paris")',
+        [],
+    ),
+    # Mistral Nemo and Mistral Small 3.2
+    Case(
+        "mistral-list-two-calls",
+        "mistral",
+        '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}, '
+        '{"name": "get_weather", "arguments": {"city": "Zürich", "unit": "celsius"}, "id": "a1B2c3D4e"}]',
+        None,
+        [WEATHER_PARIS, ("get_weather", {"city": "Zürich", "unit": "celsius"})],
+    ),
+    Case(
+        "mistral-text-before",
+        "mistral",
+        'Sure, let me check. [TOOL_CALLS][{"name": "get_time", "arguments": {"tz": "Europe/Paris"}}]',
+        "Sure, let me check.",
+        [("get_time", {"tz": "Europe/Paris"})],
+    ),
+    Case(
+        "mistral-mismatched-brackets",
+        "mistral",
+        '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}]',
+        '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}]',
+        [],
+    ),
+    Case(
+        "mistral-v11-two-calls",
+        "mistral_v11",
+        '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris", "unit": "celsius"}'
+        '[TOOL_CALLS]get_time[ARGS]{"tz": "Europe/Paris"}',
+        None,
+        [WEATHER_PARIS, ("get_time", {"tz": "Europe/Paris"})],
+    ),
+    Case(
+        "mistral-v11-call-id-nested",
+        "mistral_v11",
+        "Je vérifie.[TOOL_CALLS]get_weather[CALL_ID]a1B2c3D4e[ARGS]"
+        '{"city": "Zürich", "details": {"hourly": true}}',
+        "Je vérifie.",
+        [("get_weather", {"city": "Zürich", "details": {"hourly": True}})],
+    ),
+    Case(
+        "mistral-v11-reads-list-style",
+        "mistral_v11",
+        '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}]',
+        None,
+        [WEATHER_PARIS],
+    ),
+    Case(
+        "mistral-v11-bad-name",
+        "mistral_v11",
+        '[TOOL_CALLS]get weather[ARGS]{"city": "Paris"}',
+        '[TOOL_CALLS]get weather[ARGS]{"city": "Paris"}',
+        [],
+    ),
+    # Granite 3.3
+    Case(
+        "granite-list",
+        "granite",
+        '<|tool_call|>[{"name": "get_stock_price", "arguments": {"ticker": "IBM"}}, '
+        '{"name": "get_stock_price", "arguments": {"ticker": "RHT"}}]',
+        None,
+        [("get_stock_price", {"ticker": "IBM"}), ("get_stock_price", {"ticker": "RHT"})],
+    ),
+    # DeepSeek V3.1 and R1 / V3
+    Case(
+        "deepseek-v31-two-calls",
+        "deepseek",
+        "Let me check both.<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>"
+        '{"city": "Zürich"}<｜tool▁call▁end｜><｜tool▁call▁begin｜>get_time<｜tool▁sep｜>'
+        '{"tz": "Europe/Zurich", "format": {"hour12": false}}<｜tool▁call▁end｜><｜tool▁calls▁end｜>',
+        "Let me check both.",
+        [
+            ("get_weather", {"city": "Zürich"}),
+            ("get_time", {"tz": "Europe/Zurich", "format": {"hour12": False}}),
+        ],
+    ),
+    Case(
+        "deepseek-r1-fenced-two-calls",
+        "deepseek_r1",
+        "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n"
+        '{"city": "Paris", "unit": "celsius"}\n```<｜tool▁call▁end｜>\n<｜tool▁call▁begin｜>function'
+        '<｜tool▁sep｜>book_table\n```json\n{"restaurant": "Café de Flore — 東京", "party": {"adults": 2, '
+        '"children": [{"age": 7}]}, "notes": "window seat, \\"quiet\\" please"}\n```<｜tool▁call▁end｜>'
+        "<｜tool▁calls▁end｜>",
+        None,
+        [WEATHER_PARIS, NESTED_BOOKING],
+    ),
+    Case(
+        "deepseek-broken-json",
+        "deepseek",
+        '<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{"city": <｜tool▁call▁end｜>'
+        "<｜tool▁calls▁end｜>",
+        '<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{"city": <｜tool▁call▁end｜>'
+        "<｜tool▁calls▁end｜>",
+        [],
+    ),
+    # Plain JSON fallback
+    Case(
+        "json-object",
+        "json",
+        '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}',
+        None,
+        [WEATHER_PARIS],
+    ),
+    Case(
+        "json-fenced-list",
+        "json",
+        '```json\n[{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}, '
+        '{"name": "get_time", "arguments": {"tz": "Europe/Paris"}}]\n```',
+        None,
+        [WEATHER_PARIS, ("get_time", {"tz": "Europe/Paris"})],
+    ),
+    Case(
+        "json-fence-after-text",
+        "json",
+        'Here you go:\n```json\n{"name": "get_time", "arguments": {}}\n```',
+        'Here you go:\n```json\n{"name": "get_time", "arguments": {}}\n```',
+        [],
+    ),
+    Case(
+        "json-other-fence",
+        "json",
+        '```python\nprint("hello")\n```',
+        '```python\nprint("hello")\n```',
+        [],
+    ),
+    Case(
+        "json-not-a-call",
+        "json",
+        '{"name": "Alice", "age": 30}',
+        '{"name": "Alice", "age": 30}',
+        [],
+    ),
+]
+
+
+# --- Helpers ---
+
+
+def stream(
+    fmt: ToolCallFormat, pieces: list[str], tools: list[dict[str, Any]] | None = None
+) -> tuple[list[str], list[ToolCallDelta], list[ToolCall]]:
+    """Feeds `pieces`, then finishes: (content deltas, tool-call deltas, the streamer's calls)."""
+    streamer = fmt.streamer(tools=tools)
+    contents: list[str] = []
+    deltas: list[ToolCallDelta] = []
+    for out in [*(streamer.feed(piece) for piece in pieces), streamer.finish()]:
+        contents.append(out.content)
+        deltas.extend(out.tool_calls)
+    return contents, deltas, streamer.calls
+
+
+def assemble(deltas: list[ToolCallDelta]) -> list[ToolCall]:
+    """The calls the deltas describe, checking their shape as an OpenAI client would rely on it."""
+    calls: list[dict[str, str]] = []
+    for delta in deltas:
+        if delta.index == len(calls):
+            assert delta.id and delta.name, f"the first delta of call {delta.index} lacks id or name"
+            calls.append({"id": delta.id, "name": delta.name, "arguments": delta.arguments})
+        else:
+            assert delta.index == len(calls) - 1, "deltas must come call after call, indices from 0"
+            assert delta.id is None and delta.name is None, "only a call's first delta names it"
+            calls[-1]["arguments"] += delta.arguments
+    return [ToolCall(call["id"], call["name"], call["arguments"]) for call in calls]
+
+
+def decoded(calls: list[ToolCall]) -> list[tuple[str, Any]]:
+    return [(call.name, json.loads(call.arguments)) for call in calls]
+
+
+def splits(text: str) -> list[list[str]]:
+    """Every two-piece split of `text`, and one character at a time."""
+    return [[text[:cut], text[cut:]] for cut in range(len(text) + 1)] + [list(text)]
+
+
+def check_streaming(
+    fmt: ToolCallFormat, text: str, *, valid: bool, tools: list[dict[str, Any]] | None = None
+) -> None:
+    content, calls = fmt.parse(text, tools=tools)
+    for pieces in splits(text):
+        contents, deltas, streamed_calls = stream(fmt, pieces, tools)
+        assembled = assemble(deltas)
+        where = f"split {[len(piece) for piece in pieces][:3]}"
+        assert "".join(contents) == (content or ""), where
+        assert decoded(assembled) == decoded(calls), where
+        assert assembled == streamed_calls, f"{where}: the streamer's calls differ from its deltas"
+        if valid:
+            for piece in contents:
+                assert not any(marker in piece for marker in MARKUP), f"{where}: markup in {piece!r}"
+
+
+# --- Parsing and streaming recorded outputs ---
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+def test_parse(case: Case) -> None:
+    content, calls = get_format(case.format).parse(case.text)
+    assert content == case.content
+    assert decoded(calls) == case.calls
+    for call in calls:
+        assert isinstance(json.loads(call.arguments), dict)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+def test_streaming_matches_parse_at_every_split(case: Case) -> None:
+    check_streaming(get_format(case.format), case.text, valid=case.valid)
+
+
+def test_cases_cover_every_format() -> None:
+    assert {case.format for case in CASES} == set(FORMATS)
+
+
+def test_call_ids() -> None:
+    _, calls = get_format("hermes").parse(CASES[2].text)
+    assert all(re.fullmatch(r"call_[A-Za-z0-9]{24}", call.id) for call in calls)
+    assert len({call.id for call in calls}) == len(calls)
+    # Mistral's templates reject tool-call ids other than 9 alphanumerics when a client sends them back.
+    _, calls = get_format("mistral_v11").parse('[TOOL_CALLS]a[ARGS]{}[TOOL_CALLS]b[ARGS]{"x": 1}')
+    assert [call.name for call in calls] == ["a", "b"]
+    assert all(re.fullmatch(r"[A-Za-z0-9]{9}", call.id) for call in calls)
+
+
+def test_partial_marker_is_held_back() -> None:
+    streamer = get_format("hermes").streamer()
+    assert streamer.feed("Let me check. <tool_").content == "Let me check."
+    assert streamer.feed('call>\n{"name": "get_time", ').content == ""
+    out = streamer.feed('"arguments": {}}\n</tool_call>')
+    assert (out.content, [(d.index, d.name, d.arguments) for d in out.tool_calls]) == (
+        "",
+        [(0, "get_time", "{}")],
+    )
+    assert streamer.finish().content == ""
+
+    streamer = get_format("hermes").streamer()
+    assert streamer.feed("a <tool").content == "a"
+    assert streamer.feed("box> b").content == " <toolbox> b"
+
+
+def test_partial_marker_at_the_end_is_content() -> None:
+    for name, text in [
+        ("hermes", "See the <tool_ca"),
+        ("mistral", "Done [TOOL_"),
+        ("deepseek", "x <｜tool▁"),
+    ]:
+        streamer = get_format(name).streamer()
+        held = streamer.feed(text).content
+        assert held + streamer.finish().content == text
+
+
+def test_llama3_output_starting_with_brace_is_held_until_decided() -> None:
+    streamer = get_format("llama3_json").streamer()
+    assert streamer.feed('{"name": "get_weather", ').content == ""
+    out = streamer.feed('"parameters": {"city": "Paris"}}')
+    assert [(d.name, json.loads(d.arguments)) for d in out.tool_calls] == [("get_weather", {"city": "Paris"})]
+
+    streamer = get_format("llama3_json").streamer()
+    assert streamer.feed('{"answer"').content == ""
+    assert streamer.feed(": 42}").content == '{"answer": 42}'
+    assert streamer.feed(" and more").content == " and more"
+
+    streamer = get_format("llama3_json").streamer()
+    assert streamer.feed("Sure").content == "Sure"  # not a call: streams at once
+
+
+def test_whitespace_only_output_is_no_content() -> None:
+    for fmt in FORMATS.values():
+        assert fmt.parse("  \n\n ") == (None, [])
+        check_streaming(fmt, " \n ", valid=True)
+
+
+def test_finish_is_idempotent_and_feed_after_finish_fails() -> None:
+    streamer = get_format("hermes").streamer()
+    assert streamer.feed("Hello <tool_call>").content == "Hello"
+    assert streamer.finish().content == " <tool_call>"
+    assert streamer.finish().content == ""
+    with pytest.raises(RuntimeError):
+        streamer.feed("more")
+
+
+def test_long_arguments_stream_in_reasonable_time() -> None:
+    body = json.dumps({"path": "big.txt", "content": "x" * 20_000 + ' "quoted" {braces} ' * 500})
+    text = '[TOOL_CALLS][{"name": "write", "arguments": ' + body + "}]"
+    streamer = get_format("mistral").streamer()
+    for start in range(0, len(text), 3):  # ~10k small deltas
+        streamer.feed(text[start : start + 3])
+    streamer.finish()
+    assert decoded(streamer.calls) == [("write", json.loads(body))]
+
+
+# --- Qwen3-Coder values typed by the tools' schemas ---
+
+CODER_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "set_zip",
+            "parameters": {
+                "type": "object",
+                "properties": {"zip": {"type": "string"}, "count": {"type": "integer"}, "note": {}},
+                "required": ["zip"],
+            },
+        },
+    }
+]
+CODER_OUTPUT = (
+    "<tool_call>\n<function=set_zip>\n<parameter=zip>\n12345\n</parameter>\n<parameter=count>\n3\n"
+    "</parameter>\n<parameter=note>\nnull\n</parameter>\n</function>\n</tool_call>"
+)
+
+
+def test_qwen3_coder_types_values_by_schema() -> None:
+    fmt = get_format("qwen3_coder")
+    _, calls = fmt.parse(CODER_OUTPUT, tools=CODER_TOOLS)
+    assert decoded(calls) == [("set_zip", {"zip": "12345", "count": 3, "note": None})]
+    check_streaming(fmt, CODER_OUTPUT, valid=True, tools=CODER_TOOLS)
+    # Without the schema, text that is JSON (other than a JSON string) is taken as JSON.
+    _, calls = fmt.parse(CODER_OUTPUT)
+    assert decoded(calls) == [("set_zip", {"zip": 12345, "count": 3, "note": None})]
+    _, calls = fmt.parse(CODER_OUTPUT.replace("12345", '"02139"').replace("\n3\n", "\n02139\n"))
+    assert decoded(calls) == [("set_zip", {"zip": '"02139"', "count": "02139", "note": None})]
+
+
+# --- Grammars ---
+
+TOOLS: list[dict[str, Any]] = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Current weather",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "city": {"type": "string"},
+                    "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+                },
+                "required": ["city"],
+            },
+            "strict": True,
+        },
+    },
+    {"type": "function", "function": {"name": "get_time", "description": "Current time"}},
+]
+SCHEMAS = {"get_weather": TOOLS[0]["function"]["parameters"], "get_time": {"type": "object"}}
+
+# What each format's grammar writes for the calls get_weather(city="Zürich") and get_time():
+# the text of one call, of two, and the pieces that must appear in the grammar as literals.
+ONE = {
+    "json": '{"name": "get_weather", "arguments": {"city": "Zürich"}}',
+    "hermes": '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Zürich"}}\n</tool_call>',
+    "llama3_json": '{"name": "get_weather", "parameters": {"city": "Zürich"}}',
+    "mistral": '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Zürich"}}]',
+    "mistral_v11": '[TOOL_CALLS]get_weather[ARGS]{"city": "Zürich"}',
+    "granite": '<|tool_call|>[{"name": "get_weather", "arguments": {"city": "Zürich"}}]',
+    "deepseek": "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>"
+    '{"city": "Zürich"}<｜tool▁call▁end｜><｜tool▁calls▁end｜>',
+    "deepseek_r1": "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n"
+    '{"city": "Zürich"}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>',
+    "qwen3_coder": "<tool_call>\n<function=get_weather>\n<parameter=city>\nZürich\n</parameter>\n"
+    "</function>\n</tool_call>",
+}
+TWO = {
+    "json": '[{"name": "get_weather", "arguments": {"city": "Zürich"}}, '
+    '{"name": "get_time", "arguments": {}}]',
+    "hermes": ONE["hermes"] + '\n<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>',
+    "llama3_json": ONE["llama3_json"] + '; {"name": "get_time", "parameters": {}}',
+    "mistral": '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Zürich"}}, '
+    '{"name": "get_time", "arguments": {}}]',
+    "mistral_v11": ONE["mistral_v11"] + "[TOOL_CALLS]get_time[ARGS]{}",
+    "granite": '<|tool_call|>[{"name": "get_weather", "arguments": {"city": "Zürich"}}, '
+    '{"name": "get_time", "arguments": {}}]',
+    "deepseek": "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>"
+    '{"city": "Zürich"}<｜tool▁call▁end｜><｜tool▁call▁begin｜>get_time<｜tool▁sep｜>{}<｜tool▁call▁end｜>'
+    "<｜tool▁calls▁end｜>",
+    "deepseek_r1": "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n"
+    '{"city": "Zürich"}\n```<｜tool▁call▁end｜>\n<｜tool▁call▁begin｜>function<｜tool▁sep｜>get_time\n'
+    "```json\n{}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>",
+    "qwen3_coder": ONE["qwen3_coder"] + "\n<tool_call>\n<function=get_time>\n</function>\n</tool_call>",
+}
+LITERALS = {
+    "json": [
+        '{"name": "get_weather", "arguments": ',
+        '{"name": "get_time", "arguments": ',
+        "}",
+        "[",
+        ", ",
+        "]",
+    ],
+    "hermes": ['<tool_call>\n{"name": "get_weather", "arguments": ', "}\n</tool_call>", "\n"],
+    "llama3_json": ['{"name": "get_weather", "parameters": ', "}", "; "],
+    "mistral": ["[TOOL_CALLS][", '{"name": "get_weather", "arguments": ', ", ", "]"],
+    "mistral_v11": ["[TOOL_CALLS]get_weather[ARGS]", "[TOOL_CALLS]get_time[ARGS]"],
+    "granite": ["<|tool_call|>[", '{"name": "get_time", "arguments": ', ", ", "]"],
+    "deepseek": [
+        "<｜tool▁calls▁begin｜>",
+        "<｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>",
+        "<｜tool▁call▁end｜>",
+        "<｜tool▁calls▁end｜>",
+    ],
+    "deepseek_r1": [
+        "<｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n",
+        "\n```<｜tool▁call▁end｜>",
+        "\n",
+    ],
+    "qwen3_coder": [
+        "<tool_call>\n<function=get_weather>\n",
+        "<parameter=city>\n",
+        "<parameter=unit>\n",
+        "celsius",
+        "fahrenheit",
+        "\n</parameter>\n",
+        "</function>\n</tool_call>",
+    ],
+}
+
+
+def json_rules(grammar: str) -> list[dict[str, Any]]:
+    """The schemas of the grammar's `%json` rules, without llguidance's layout options."""
+    schemas = []
+    for line in grammar.splitlines():
+        if "%json " in line:
+            schema = json.loads(line.split("%json ", 1)[1])
+            assert schema.pop("x-guidance")["whitespace_flexible"] is False
+            schemas.append(schema)
+    return schemas
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_call_grammar_shape(name: str) -> None:
+    fmt = get_format(name)
+    for parallel in (False, True):
+        grammar = fmt.call_grammar(TOOLS, parallel=parallel)
+        start = grammar.splitlines()[0]
+        assert start.startswith("start: ")
+        assert ("*" in start or "+" in start) == parallel
+        for literal in LITERALS[name] if parallel else ():  # separators appear only when parallel
+            assert json.dumps(literal, ensure_ascii=False) in grammar, literal
+        if name != "qwen3_coder":  # Qwen3-Coder writes each parameter on its own
+            assert json_rules(grammar) == [SCHEMAS["get_weather"], SCHEMAS["get_time"]]
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_grammar_output_parses_back(name: str) -> None:
+    """The text each grammar writes (see ONE and TWO) parses back into the calls."""
+    fmt = get_format(name)
+    for text, expected in [
+        (ONE[name], [("get_weather", {"city": "Zürich"})]),
+        (TWO[name], [("get_weather", {"city": "Zürich"}), ("get_time", {})]),
+    ]:
+        content, calls = fmt.parse(text, tools=TOOLS)
+        assert content is None
+        assert decoded(calls) == expected
+        check_streaming(fmt, text, valid=True, tools=TOOLS)
+
+
+def test_qwen3_coder_grammar_types() -> None:
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "f",
+                "parameters": {
+                    "type": "object",
+                    "properties": {
+                        "s": {"type": "string"},
+                        "n": {"type": "integer"},
+                        "o": {"type": "object"},
+                    },
+                    "required": ["n"],
+                },
+            },
+        },
+        {"type": "function", "function": {"name": "free"}},
+    ]
+    grammar = get_format("qwen3_coder").call_grammar(tools, parallel=False)
+    assert "param_0_0? param_0_1 param_0_2?" in grammar  # schema order; optional unless required
+    assert json_rules(grammar) == [{"type": "integer"}, {"type": "object"}]  # strings are free text
+    assert "xml_text[lazy]" in grammar and "XML_TEXT:" in grammar
+
+
+def test_call_grammar_needs_tools() -> None:
+    with pytest.raises(ValueError):
+        get_format("hermes").call_grammar([], parallel=False)
+    with pytest.raises(ValueError):
+        get_format("hermes").call_grammar([{"type": "function", "function": {}}], parallel=False)
+
+
+# --- Detection from the real chat templates ---
+
+EXPECTED_FORMATS = {
+    "HuggingFaceTB-SmolLM3-3B.jinja": "json",  # this template renders no tool calls
+    "Mistral-Small-3.2-24B-Instruct-2506.jinja": "mistral_v11",
+    "NousResearch-Hermes-2-Pro-Llama-3-8B-tool_use.jinja": "hermes",
+    "NousResearch-Hermes-3-Llama-3.1-8B-tool_use.jinja": "hermes",
+    "Qwen-QwQ-32B.jinja": "hermes",
+    "Qwen-Qwen2.5-7B-Instruct.jinja": "hermes",
+    "Qwen-Qwen3-0.6B.jinja": "hermes",
+    "Qwen3-Coder.jinja": "qwen3_coder",
+    "Qwen3.5-4B.jinja": "qwen3_coder",
+    "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja": "deepseek_r1",
+    "deepseek-ai-DeepSeek-V3.1.jinja": "deepseek",
+    "google-gemma-2-2b-it.jinja": "json",
+    "google-gemma-4-31B-it.jinja": "json",  # Gemma 4's own call syntax is not supported
+    "ibm-granite-granite-3.3-2B-Instruct.jinja": "granite",
+    "meta-llama-Llama-3.1-8B-Instruct.jinja": "llama3_json",
+    "meta-llama-Llama-3.2-3B-Instruct.jinja": "llama3_json",
+    "microsoft-Phi-3.5-mini-instruct.jinja": "json",
+    "mistralai-Mistral-Nemo-Instruct-2407.jinja": "mistral",
+    "openai-gpt-oss-120b.jinja": "json",  # Harmony is not supported
+}
+
+
+def read_template(filename: str) -> str:
+    path = TEMPLATE_DIR / filename
+    if not path.is_file():
+        pytest.skip(f"{path} is absent")
+    return path.read_text(encoding="utf-8")
+
+
+@needs_templates
+@pytest.mark.parametrize("filename", sorted(EXPECTED_FORMATS))
+def test_detect_format(filename: str) -> None:
+    assert detect_format(read_template(filename)).name == EXPECTED_FORMATS[filename]
+
+
+def test_detect_format_without_template() -> None:
+    assert detect_format(None).name == "json"
+    assert detect_format("{{ messages }}").name == "json"
+
+
+# --- Round trip: the calls a template renders into history parse back ---
+
+ROUND_TRIP_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Get the weather",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+                "required": ["city"],
+            },
+        },
+    }
+]
+HISTORY_CALLS: list[dict[str, Any]] = [
+    {
+        "id": "Abc123XyZ",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": json.dumps({"city": "Zürich", "days": 3})},
+    },
+    {
+        "id": "Bcd234YzA",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": json.dumps({"city": "São Paulo"})},
+    },
+]
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "</s>", "<｜end▁of▁sentence｜>")
+ROUND_TRIP = sorted(name for name, fmt in EXPECTED_FORMATS.items() if fmt not in ("json", "granite"))
+
+
+def common_prefix(a: str, b: str) -> str:
+    size = 0
+    while size < min(len(a), len(b)) and a[size] == b[size]:
+        size += 1
+    return a[:size]
+
+
+def assistant_output(template: ChatTemplate, calls: list[dict[str, Any]]) -> tuple[str, str]:
+    """(prompt, what the model would have written): the rendered assistant turn after the prompt."""
+    user = [{"role": "user", "content": "What's the weather in Zürich and São Paulo?"}]
+    turn = {"role": "assistant", "content": "Let me check.", "tool_calls": calls}
+    prompt = template.render(user, tools=ROUND_TRIP_TOOLS)
+    full = template.render([*user, turn], tools=ROUND_TRIP_TOOLS, add_generation_prompt=False)
+    if full.startswith(prompt):
+        output = full[len(prompt) :]
+    else:  # the generation prompt differs from the rendered turn's header (e.g. an empty think block)
+        bare = template.render(user, tools=ROUND_TRIP_TOOLS, add_generation_prompt=False)
+        header = common_prefix(prompt[len(bare) :], full[len(bare) :])
+        header = header[: max(header.rfind(">"), header.rfind("\n")) + 1]
+        prompt, output = bare + header, full[len(bare) + len(header) :]
+    ends = [output.find(marker) for marker in END_OF_TURN if marker in output]
+    return prompt, output[: min(ends)] if ends else output
+
+
+@needs_templates
+@pytest.mark.parametrize("filename", ROUND_TRIP)
+def test_rendered_tool_calls_parse_back(filename: str) -> None:
+    source = read_template(filename)
+    template = ChatTemplate(source, origin=filename, bos_token="<s>", eos_token="</s>")
+    try:
+        calls = HISTORY_CALLS
+        prompt, output = assistant_output(template, calls)
+    except ChatTemplateError:  # Llama 3.x renders a single call only
+        calls = HISTORY_CALLS[:1]
+        prompt, output = assistant_output(template, calls)
+    markers = reasoning_markers(source)
+    if markers is not None:
+        _, output = split_reasoning(output, *markers, inside=prompt.rstrip().endswith(markers[0]))
+    fmt = detect_format(source)
+    content, parsed = fmt.parse(output, tools=ROUND_TRIP_TOOLS)
+    assert content in (None, "Let me check.")
+    assert decoded(parsed) == [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls]
+    check_streaming(fmt, output, valid=True, tools=ROUND_TRIP_TOOLS)
