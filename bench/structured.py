@@ -99,7 +99,9 @@ def run(engine: LLMEngine, prompt: list[int], batch: int, tokens: int, grammar: 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="default")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--batches", default="1,16")

@@ -19,7 +19,7 @@ from mistralrs_serve.runner import Runner
 from openai_schema import check
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
-import tiny_models as tm  # noqa: E402
+import tiny_models as tm
 
 TEMPLATES = Path(__file__).resolve().parents[2].parent / "shared" / "testdata" / "chat_templates"
 QWEN3_TEMPLATE = TEMPLATES / "Qwen-Qwen3-0.6B.jinja"

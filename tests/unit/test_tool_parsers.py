@@ -725,6 +725,8 @@ def test_qwen3_coder_grammar_types() -> None:
                         "s": {"type": "string"},
                         "n": {"type": "integer"},
                         "o": {"type": "object"},
+                        "e": {"enum": ["on", "off"]},
+                        "any": {"description": "untyped: free text, read back as JSON where it is"},
                     },
                     "required": ["n"],
                 },
@@ -733,8 +735,11 @@ def test_qwen3_coder_grammar_types() -> None:
         {"type": "function", "function": {"name": "free"}},
     ]
     grammar = get_format("qwen3_coder").call_grammar(tools, parallel=False)
-    assert "param_0_0? param_0_1 param_0_2?" in grammar  # schema order; optional unless required
-    assert json_rules(grammar) == [{"type": "integer"}, {"type": "object"}]  # strings are free text
+    # Schema order; optional unless required. Strings and untyped values are free text.
+    assert "param_0_0? param_0_1 param_0_2? param_0_3? param_0_4?" in grammar
+    assert json_rules(grammar) == [{"type": "integer"}, {"type": "object"}]
+    assert 'param_0_3: "<parameter=e>\\n" ("on" | "off") "\\n</parameter>\\n"' in grammar
+    assert 'param_0_4: "<parameter=any>\\n" xml_text' in grammar
     assert "xml_text[lazy]" in grammar and "XML_TEXT:" in grammar
 
 

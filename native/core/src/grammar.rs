@@ -263,6 +263,16 @@ pub fn fill_bitmasks(
             matchers.len()
         )));
     }
+    if let Some(m) = matchers
+        .iter()
+        .find(|m| bitmask_words(m.vocab_size) != words)
+    {
+        return Err(GrammarError::Shape(format!(
+            "bitmask rows of {words} words for a vocabulary of {} tokens (needs {})",
+            m.vocab_size,
+            bitmask_words(m.vocab_size)
+        )));
+    }
     let fill = |(matcher, row): (&mut &mut GrammarMatcher, &mut [u32])| {
         let result = matcher.fill_bitmask(row);
         if result.is_err() {
@@ -270,8 +280,8 @@ pub fn fill_bitmasks(
         }
         result.err()
     };
-    if words == 0 {
-        return Ok(matchers.iter_mut().map(|_| None).collect());
+    if matchers.is_empty() {
+        return Ok(Vec::new());
     }
     // One row is cheap enough that a thread hand-off would cost more than it saves.
     Ok(if matchers.len() == 1 {

@@ -305,16 +305,20 @@ class PagedAttention:
             self._native_decode = _NativeDecode.build(
                 starts[is_decode], ctxs[is_decode], tables[is_decode], bs, dev, triton=decode_mode == "triton"
             )
-        self.decode_groups = [] if decode_mode in ("native", "triton") else _decode_groups(
-            starts[is_decode],
-            ctxs[is_decode],
-            tables[is_decode],
-            bs,
-            decode_mode,
-            call_cost_tokens,
-            max(1, max_call_bytes // (2 * kv * d * cache.kv.element_size())),
-            self._attn_dtype,
-            dev,
+        self.decode_groups = (
+            []
+            if decode_mode in ("native", "triton")
+            else _decode_groups(
+                starts[is_decode],
+                ctxs[is_decode],
+                tables[is_decode],
+                bs,
+                decode_mode,
+                call_cost_tokens,
+                max(1, max_call_bytes // (2 * kv * d * cache.kv.element_size())),
+                self._attn_dtype,
+                dev,
+            )
         )
         self.prefills: list[_Prefill] = []
         for s in np.flatnonzero(~is_decode):

@@ -329,6 +329,11 @@ class ChatTemplate:
         return _MENTIONS_TOOLS.search(self.source) is not None
 
     @property
+    def tools_source(self) -> str:
+        """The source that renders requests with tools (a separate tool_use template, where there is one)."""
+        return self._tool_use.source if self._tool_use is not None else self.source
+
+    @property
     def supports_thinking(self) -> bool:
         if self._tool_use is not None and self._tool_use.supports_thinking:
             return True

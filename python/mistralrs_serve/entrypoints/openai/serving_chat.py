@@ -57,7 +57,9 @@ class ChatServing:
         template = self.engine.tokenizer.chat_template
         fmt = None
         if plan.active:
-            fmt = detect_format(template.source if template is not None and template.supports_tools else None)
+            fmt = detect_format(
+                template.tools_source if template is not None and template.supports_tools else None
+            )
         grammar = structured.request_grammar(req.response_format, req.grammar)
         tool_grammar = _tool_grammar(plan, fmt, self.engine.tokenizer) if fmt is not None else None
         if tool_grammar is not None and grammar is not None:

@@ -682,7 +682,8 @@ class _HermesFormat(_MarkedFormat):
             end = scanner.json_end(buffer, start)
             if end is None and not final:
                 return None
-            calls = _calls_from_values([_loads(buffer[start:end])], require_arguments=False) if end else None
+            value = [_loads(buffer[start:end])] if end is not None and end > 0 else None
+            calls = _calls_from_values(value, require_arguments=False)
             if calls and end is not None:
                 close = _match_literal(buffer, _skip_ws(buffer, end), "</tool_call>")
                 if close is None:
@@ -755,10 +756,11 @@ class _Qwen3CoderFormat(_HermesFormat):
         closing = _lark_string("\n</parameter>\n")
         types = _schema_types(prop)
         enum = prop.get("enum") if isinstance(prop, Mapping) else None
-        if types == {"string"} and isinstance(enum, list) and enum and all(isinstance(e, str) for e in enum):
+        textual = types is None or "string" in types  # parsed back as the text, unless it is JSON
+        if textual and isinstance(enum, list) and enum and all(isinstance(item, str) for item in enum):
             choices = " | ".join(_lark_string(item) for item in enum)
             return [f"{rule}: {opening} ({choices}) {closing}"]
-        if types is not None and "string" in types:
+        if textual:
             return [f"{rule}: {opening} xml_text"]
         value_schema = dict(prop) if isinstance(prop, Mapping) else {}
         for definitions in ("$defs", "definitions"):  # keep $ref targets reachable
