@@ -142,3 +142,61 @@ def sample_probs(
     if min_p > 0.0:
         keep &= x >= x.max() + torch.log(torch.tensor(min_p))
     return torch.softmax(x.masked_fill(~keep, float("-inf")), dim=0)
+
+
+def apply_penalties(
+    logits: torch.Tensor,
+    prompt_ids: list[list[int]],
+    output_ids: list[list[int]],
+    logit_bias: list[dict[int, float]],
+    repetition: list[float],
+    presence: list[float],
+    frequency: list[float],
+) -> None:
+    """In place, row by row, as the Rust sampler does: repetition once per
+    distinct token of prompt + output, then frequency * count + presence per
+    output token, then the bias."""
+    for i, row in enumerate(logits):
+        for token in dict.fromkeys(prompt_ids[i] + output_ids[i]):
+            x = row[token]
+            row[token] = x / repetition[i] if x > 0 else x * repetition[i]
+        for token in set(output_ids[i]):
+            row[token] -= frequency[i] * output_ids[i].count(token) + presence[i]
+        for token, value in logit_bias[i].items():
+            row[token] += value
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_query_lens: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Each sequence's query rows, causally over its cached positions
+    (gathered, fp32 SDPA); padding rows stay 0."""
+    block_size, kv_heads, d = k_cache.shape[1:]
+    out = torch.zeros_like(q)
+    cu = cu_query_lens.tolist()
+    for s, ctx in enumerate(context_lens.tolist()):
+        rows = slice(cu[s], cu[s + 1])
+        q_len = cu[s + 1] - cu[s]
+        if q_len == 0:
+            continue
+        blocks = block_tables[s, : -(-ctx // block_size)].long()
+        k = k_cache[blocks].reshape(-1, kv_heads, d)[:ctx].float().transpose(0, 1)
+        v = v_cache[blocks].reshape(-1, kv_heads, d)[:ctx].float().transpose(0, 1)
+        positions = torch.arange(ctx - q_len, ctx).unsqueeze(1)
+        mask = torch.arange(ctx).unsqueeze(0) <= positions
+        o = F.scaled_dot_product_attention(
+            q[rows].float().transpose(0, 1),
+            k,
+            v,
+            attn_mask=mask,
+            scale=scale,
+            enable_gqa=q.shape[1] != kv_heads,
+        )
+        out[rows] = o.transpose(0, 1).to(q.dtype)
+    return out

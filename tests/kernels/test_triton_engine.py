@@ -17,7 +17,7 @@ import tiny_models as tm
 from mistralrs_serve.config import EngineConfig
 from mistralrs_serve.engine.llm_engine import LLMEngine
 from mistralrs_serve.models.loader import ModelSource, load_model
-from mistralrs_serve.sampling_params import SamplingParams
+from mistralrs_serve.sampling_params import Grammar, SamplingParams
 
 ON_GPU = torch.cuda.is_available()
 
@@ -28,12 +28,14 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tm.save_tiny_model(spec, tmp_path_factory.mktemp("tiny") / spec.name, seed=3)
 
 
-def generate(model_dir: Path, *, triton: bool, device: str) -> list[list[int]]:
+def generate(
+    model_dir: Path, *, triton: bool, device: str, params: SamplingParams | None = None
+) -> list[list[int]]:
     loaded = load_model(ModelSource.parse(str(model_dir)), dtype=torch.float32)
     engine = LLMEngine(loaded, EngineConfig(kv_cache_mb=4, block_size=16, device=device, triton=triton))
     vocab = loaded.config.vocab_size
     prompts = [tm.prompt_ids(n, vocab, seed=n) for n in (5, 17, 33)]  # under, over and across blocks
-    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    params = params or SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     outputs = [engine.generate(p, params)[0].token_ids for p in prompts[:1]]  # alone
     # the rest together: mixed prefill/decode steps over the paged cache
     outs: dict[int, list[int]] = {1: [], 2: []}
@@ -51,6 +53,27 @@ def test_triton_path_generates_what_the_torch_path_does(tiny_dir: Path) -> None:
     triton_tokens = generate(tiny_dir, triton=True, device=device)
     assert triton_tokens == torch_tokens
     assert all(len(t) == 12 for t in torch_tokens)
+
+
+def test_triton_path_applies_penalties_bias_and_grammars_as_the_host_does(tiny_dir: Path) -> None:
+    """Greedy with repetition/presence/frequency penalties, a logit bias and a
+    regex: the Triton path (penalty and bitmask kernels) picks what the Rust
+    sampler picks."""
+    device = "cuda" if ON_GPU else "cpu"
+    params = SamplingParams(
+        max_tokens=12,
+        temperature=0.0,
+        ignore_eos=True,
+        repetition_penalty=1.5,
+        presence_penalty=0.5,
+        frequency_penalty=0.3,
+        logit_bias={5: 3.0, 6: -50.0},
+        grammar=Grammar("regex", "[a-z ]{1,40}"),
+    )
+    torch_tokens = generate(tiny_dir, triton=False, device="cpu", params=params)
+    triton_tokens = generate(tiny_dir, triton=True, device=device, params=params)
+    assert triton_tokens == torch_tokens
+    assert all(t for t in torch_tokens)
 
 
 def test_triton_sampler_is_seeded_and_reports_logprobs(tiny_dir: Path) -> None:

@@ -8,6 +8,7 @@ the interpreter's bf16 arithmetic is wrong, so bf16 runs only on a GPU
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import pytest
@@ -141,6 +142,55 @@ def test_paged_decode_attention(
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "d", "block_size", "seqs"),
+    [
+        (4, 2, 64, 16, [(17, 17)]),  # one fresh prefill, block boundary + 1
+        (9, 3, 64, 16, [(16, 40), (1, 33), (5, 5), (1, 1)]),  # cached prefix, decodes and a prefill mixed
+        (7, 7, 48, 8, [(13, 13), (31, 97)]),  # prime heads and lengths, head_dim not a power of 2
+        (4, 1, 32, 16, [(33, 33), (2, 64)]),  # MQA; query rows past one BLOCK_M
+    ],
+)
+def test_paged_prefill_attention(
+    dtype: torch.dtype, heads: int, kv_heads: int, d: int, block_size: int, seqs: list[tuple[int, int]]
+) -> None:
+    """seqs: (query rows, context length) per sequence; two padding rows at the end."""
+    contexts = [c for _, c in seqs]
+    _, k_cache, v_cache, tables, ctxs = paged_case(
+        dtype, heads, kv_heads, d, block_size, contexts, seed=len(seqs)
+    )
+    q_lens = [n for n, _ in seqs]
+    cu = torch.tensor([0, *itertools.accumulate(q_lens)], dtype=torch.int32, device=DEVICE)
+    q = randn(sum(q_lens) + 2, heads, d, dtype=dtype, seed=5)
+    scale = d**-0.5
+    got = ops.paged_prefill_attention(q, k_cache, v_cache, tables, cu, ctxs, scale, max_query_len=max(q_lens))
+    want = ref.paged_prefill_attention(
+        q.cpu(), k_cache.cpu(), v_cache.cpu(), tables.cpu(), cu.cpu(), ctxs.cpu(), scale
+    )
+    close(got, want, dtype, scale=5.0)
+    assert not got[-2:].any()  # padding rows untouched
+    decodes = [i for i, (n, _) in enumerate(seqs) if n == 1]
+    if decodes:  # a decode row equals the decode kernel's answer
+        rows = torch.tensor([cu[i].item() for i in decodes], device=DEVICE)
+        dec = ops.paged_decode_attention(
+            q.index_select(0, rows).contiguous(), k_cache, v_cache, tables[decodes], ctxs[decodes], scale
+        )
+        close(got.index_select(0, rows), dec.cpu(), dtype, scale=5.0)
+
+
+def test_paged_prefill_attention_rejects_bad_arguments() -> None:
+    _, k_cache, v_cache, tables, ctxs = paged_case(torch.float32, 4, 2, 16, 16, [5], seed=1)
+    q = randn(5, 4, 16)
+    cu = torch.tensor([0, 5], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="cu_query_lens"):
+        ops.paged_prefill_attention(q, k_cache, v_cache, tables, cu[:1], ctxs, 1.0, max_query_len=5)
+    with pytest.raises(ValueError, match="multiple"):
+        ops.paged_prefill_attention(randn(5, 3, 16), k_cache, v_cache, tables, cu, ctxs, 1.0, max_query_len=5)
+    with pytest.raises(ValueError, match="dtype"):
+        ops.paged_prefill_attention(q.half(), k_cache, v_cache, tables, cu, ctxs, 1.0, max_query_len=5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("vocab", [31, 32, 33, 1000])
 def test_apply_token_bitmask(dtype: torch.dtype, vocab: int) -> None:
     rows = 3
@@ -226,6 +276,40 @@ def test_apply_token_bitmask(dtype: torch.dtype, vocab: int) -> None:
 def test_launchers_reject_bad_arguments(call, match: str) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ValueError, match=match):
         call()
+
+
+@pytest.mark.parametrize("vocab", [7, 1024, 1025])
+def test_apply_penalties_matches_the_sampler_order(vocab: int) -> None:
+    gen = torch.Generator().manual_seed(vocab)
+
+    def ids(n: int) -> list[int]:
+        return torch.randint(0, vocab, (n,), generator=gen).tolist()
+
+    prompts, outputs = [ids(5), [], ids(40), ids(1)], [ids(9), ids(3), [], []]
+    biases = [{0: 2.5, vocab - 1: -100.0}, {}, {3 % vocab: 1.0}, {}]
+    rep, pres, freq = [1.3, 1.0, 0.7, 2.0], [0.5, -0.4, 0.0, 1.0], [0.25, 1.5, 0.0, -0.5]
+    logits = randn(4, vocab, seed=3).float()
+    want = logits.cpu().clone()
+    ref.apply_penalties(want, prompts, outputs, biases, rep, pres, freq)
+    counts, seen, bias = ops.penalty_tensors(prompts, outputs, biases, vocab, torch.device(DEVICE))
+
+    def col(values: list[float]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float32, device=DEVICE)
+
+    ops.apply_penalties(logits, counts, seen, bias, col(rep), col(pres), col(freq))
+    close(logits.cpu(), want, torch.float32)
+
+
+def test_apply_penalties_rejects_bad_arguments() -> None:
+    logits = randn(2, 8).float()
+    ok = ops.penalty_tensors([[1], [2]], [[3], []], [{}, {}], 8, torch.device(DEVICE))
+    col = torch.ones(2, device=DEVICE)
+    with pytest.raises(ValueError, match="output_counts"):
+        ops.apply_penalties(logits, ok[0][:, :4], ok[1], ok[2], col, col, col)
+    with pytest.raises(ValueError, match="repetition"):
+        ops.apply_penalties(logits, *ok, torch.ones(3, device=DEVICE), col, col)
+    with pytest.raises(ValueError, match="logits"):
+        ops.apply_penalties(logits.half(), *ok, col, col, col)
 
 
 @pytest.mark.gpu

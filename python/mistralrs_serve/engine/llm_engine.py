@@ -365,14 +365,17 @@ def _int4_rows(query_lens: np.ndarray, last_rows: np.ndarray) -> torch.Tensor | 
 
 
 def _gpu_samplable(params: SamplingParams) -> bool:
-    """What the Triton sampler does: temperature, top-k, top-p, min-p. Rows
-    with penalties, logit bias or DRY go to the Rust sampler on the host."""
-    return (
-        params.repetition_penalty == 1.0
-        and params.presence_penalty == 0.0
-        and params.frequency_penalty == 0.0
-        and not params.logit_bias
-        and params.dry_multiplier == 0.0
+    """What the Triton path does: penalties, logit bias, temperature, top-k,
+    top-p, min-p. Rows with DRY go to the Rust sampler on the host."""
+    return params.dry_multiplier == 0.0
+
+
+def _has_penalties(params: SamplingParams) -> bool:
+    return bool(
+        params.repetition_penalty != 1.0
+        or params.presence_penalty != 0.0
+        or params.frequency_penalty != 0.0
+        or params.logit_bias
     )
 
 
@@ -387,9 +390,29 @@ def _sample_on_device(
 
     dev = logits.device
     x = logits.index_select(0, torch.tensor(rows, device=dev)).float().contiguous()
+    params = [s.request.params for s in seqs]
+    if any(_has_penalties(p) for p in params):
+        counts, seen, bias = triton_ops.penalty_tensors(
+            [
+                s.request.prompt_ids.tolist() if p.repetition_penalty != 1.0 else []
+                for s, p in zip(seqs, params, strict=True)
+            ],
+            [s.output_ids for s in seqs],
+            [p.logit_bias for p in params],
+            x.shape[1],
+            dev,
+        )
+        triton_ops.apply_penalties(
+            x,
+            counts,
+            seen,
+            bias,
+            torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32, device=dev),
+            torch.tensor([p.presence_penalty for p in params], dtype=torch.float32, device=dev),
+            torch.tensor([p.frequency_penalty for p in params], dtype=torch.float32, device=dev),
+        )
     if bitmask is not None:
         triton_ops.apply_token_bitmask(x, torch.from_numpy(bitmask.view(np.int32)).to(dev))
-    params = [s.request.params for s in seqs]
 
     def column(values: list[float] | list[int], dtype: torch.dtype) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype, device=dev)

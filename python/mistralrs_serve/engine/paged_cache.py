@@ -299,6 +299,20 @@ class PagedAttention:
         starts = np.concatenate(([0], np.cumsum(qlens)[:-1])).astype(np.int64)
         bs = cache.block_size
         is_decode = qlens == 1
+        # Triton with any prefill: one mixed kernel for every sequence of the step
+        self._mixed: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None
+        if decode_mode == "triton" and not is_decode.all():
+            cu = np.concatenate(([0], np.cumsum(qlens))).astype(np.int32)
+            self._mixed = (
+                torch.from_numpy(np.ascontiguousarray(tables, dtype=np.int32)).to(dev),
+                torch.from_numpy(cu).to(dev),
+                torch.from_numpy(ctxs.astype(np.int32)).to(dev),
+                int(qlens.max()),
+            )
+            is_decode = np.zeros_like(is_decode)  # nothing left for the paths below
+            qlens_left = np.zeros_like(qlens)
+        else:
+            qlens_left = qlens
         self.decode_mode = decode_mode
         self._native_decode: _NativeDecode | None = None
         if decode_mode in ("native", "triton") and is_decode.any():
@@ -321,7 +335,7 @@ class PagedAttention:
             )
         )
         self.prefills: list[_Prefill] = []
-        for s in np.flatnonzero(~is_decode):
+        for s in np.flatnonzero(~is_decode & (qlens_left > 0)):
             q_len, ctx, start = int(qlens[s]), int(ctxs[s]), int(starts[s])
             rows = slice(start, start + q_len)
             if q_len == ctx:
@@ -371,6 +385,14 @@ class PagedAttention:
             v_cache.view(-1, kv, d).index_copy_(0, self._write_slots, v_new)
 
         num_tokens, num_heads = q.shape[0], q.shape[1]
+        if self._mixed is not None:
+            from mistralrs_kernels import triton_ops
+
+            tables, cu, ctxs, max_q = self._mixed
+            o = triton_ops.paged_prefill_attention(
+                q.to(dtype).contiguous(), k_cache, v_cache, tables, cu, ctxs, self._scale, max_query_len=max_q
+            )
+            return o.view(num_tokens, num_heads * d).to(q.dtype)
         groups = num_heads // kv
         nat = self._native_decode
         all_decode = not self.prefills and self.num_query_tokens == num_tokens

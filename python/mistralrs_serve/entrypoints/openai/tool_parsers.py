@@ -434,7 +434,10 @@ class ToolCallFormat:
         calls = "call"
         if parallel:
             calls = f"call ({separator} call)*" if separator else "call+"
-        lines = ["start: " + " ".join(part for part in (prefix, calls, suffix) if part)]
+        body = " ".join(part for part in (prefix, calls, suffix) if part)
+        if parallel and self.name == "json":
+            body = f"call | {body}"  # one call may stay a bare object, as the fallback prompt asks
+        lines = ["start: " + body]
         lines.append("call: " + " | ".join(f"call_{index}" for index in range(len(specs))))
         for index, (name, schema) in enumerate(specs):
             lines.extend(self._call_rules(index, name, schema))
