@@ -9,6 +9,7 @@ cargo test --release
 $BIN/python -m pytest -q -ra
 $BIN/python bench/decode.py --smoke
 $BIN/python bench/throughput.py --smoke
+$BIN/python bench/throughput.py --smoke --model random:tiny
 $BIN/python bench/compare_peers.py --smoke
 $BIN/python bench/serve.py --smoke
 $BIN/python bench/structured.py --smoke

@@ -77,6 +77,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--no-prefix-cache", action="store_true", help="turn off prefix caching")
     g.add_argument(
+        "--enforce-eager", action="store_true", help="no CUDA graphs: run every decode step eagerly"
+    )
+    g.add_argument(
         "--prefix-cache-n",
         type=int,
         default=None,
@@ -98,6 +101,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         enable_prefix_caching=not args.no_prefix_cache and args.prefix_cache_n != 0,
         max_model_len=args.max_seq_len,
         device=args.device,
+        cuda_graphs=False if args.enforce_eager else None,
     )
 
 

@@ -86,6 +86,11 @@ class EngineConfig:
     # Triton kernels for attention and norms; None: on CUDA only (on a CPU
     # they run under TRITON_INTERPRET=1, for tests)
     triton: bool | None = None
+    # CUDA graphs for decode-only steps; None: with Triton on CUDA. True on a
+    # CPU runs the same static-buffer decode path without capturing (tests).
+    cuda_graphs: bool | None = None
+    # Longest context a captured decode step covers; longer steps run eagerly.
+    cuda_graph_max_context: int = 4096
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

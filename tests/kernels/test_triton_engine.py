@@ -29,10 +29,16 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def generate(
-    model_dir: Path, *, triton: bool, device: str, params: SamplingParams | None = None
+    model_dir: Path,
+    *,
+    triton: bool,
+    device: str,
+    params: SamplingParams | None = None,
+    cuda_graphs: bool | None = False,
 ) -> list[list[int]]:
     loaded = load_model(ModelSource.parse(str(model_dir)), dtype=torch.float32)
-    engine = LLMEngine(loaded, EngineConfig(kv_cache_mb=4, block_size=16, device=device, triton=triton))
+    config = EngineConfig(kv_cache_mb=4, block_size=16, device=device, triton=triton, cuda_graphs=cuda_graphs)
+    engine = LLMEngine(loaded, config)
     vocab = loaded.config.vocab_size
     prompts = [tm.prompt_ids(n, vocab, seed=n) for n in (5, 17, 33)]  # under, over and across blocks
     params = params or SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
@@ -53,6 +59,41 @@ def test_triton_path_generates_what_the_torch_path_does(tiny_dir: Path) -> None:
     triton_tokens = generate(tiny_dir, triton=True, device=device)
     assert triton_tokens == torch_tokens
     assert all(len(t) == 12 for t in torch_tokens)
+
+
+def test_decode_graph_path_generates_what_the_eager_path_does(tiny_dir: Path) -> None:
+    """Decode steps through the static buffers of the CUDA-graph path (captured
+    and replayed on a GPU, run eagerly here) give the eager path's tokens, at
+    batch 1 and 2 (a padded bucket: 3 sequences would use 4)."""
+    device = "cuda" if ON_GPU else "cpu"
+    eager = generate(tiny_dir, triton=True, device=device, cuda_graphs=False)
+    graphs = generate(tiny_dir, triton=True, device=device, cuda_graphs=True)
+    assert graphs == eager
+
+
+def test_graph_buckets_pad_and_fall_back(tiny_dir: Path) -> None:
+    loaded = load_model(ModelSource.parse(str(tiny_dir)), dtype=torch.float32)
+    config = EngineConfig(
+        kv_cache_mb=4, max_num_seqs=5, triton=True, cuda_graphs=True, cuda_graph_max_context=64
+    )
+    engine = LLMEngine(loaded, config)
+    graphs = engine.graphs
+    assert graphs is not None and graphs.buckets == [1, 2, 4, 5] and graphs.max_context == 64
+    assert graphs.bucket(3, 10, 1) == 4 and graphs.bucket(5, 64, 4) == 5
+    assert graphs.bucket(6, 10, 1) is None and graphs.bucket(1, 65, 5) is None  # too many, too long
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    prompt = tm.prompt_ids(40, loaded.config.vocab_size, seed=4)  # decodes cross the 64-position limit
+    assert len(engine.generate(prompt, params)[0].token_ids) == 40
+    assert LLMEngine(loaded, EngineConfig(kv_cache_mb=4, triton=False, cuda_graphs=True)).graphs is None
+
+
+@pytest.mark.gpu
+def test_decode_graphs_are_captured_on_cuda(tiny_dir: Path) -> None:
+    loaded = load_model(ModelSource.parse(str(tiny_dir)), dtype=torch.bfloat16)
+    engine = LLMEngine(loaded, EngineConfig(kv_cache_mb=64, device="cuda"))
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    engine.generate(tm.prompt_ids(9, loaded.config.vocab_size), params)
+    assert engine.graphs is not None and 1 in engine.graphs.graphs
 
 
 def test_triton_path_applies_penalties_bias_and_grammars_as_the_host_does(tiny_dir: Path) -> None:

@@ -15,6 +15,7 @@ import torch
 
 from mistralrs_serve import _native
 from mistralrs_serve.config import EngineConfig
+from mistralrs_serve.engine.cuda_graphs import DecodeGraphs
 from mistralrs_serve.engine.grammar import GrammarCompiler
 from mistralrs_serve.engine.paged_cache import PagedAttention, PagedKVCache
 from mistralrs_serve.engine.sequence import (
@@ -84,6 +85,7 @@ class LLMEngine:
             "; Triton kernels" if self.use_triton else "",
         )
         self.num_kv_tokens = num_blocks * block_size
+        self.graphs = self._decode_graphs()
         self.grammars = GrammarCompiler(self.tokenizer, self.model.config.vocab_size)
         # Grammar masks of a step are filled on this thread while the model runs.
         self._mask_worker = ThreadPoolExecutor(1, thread_name_prefix="grammar-mask")
@@ -180,6 +182,9 @@ class LLMEngine:
         if len(plan["seq_ids"]) == 0:
             return 0
         self.cache.copy_blocks(plan["copy_ops"])
+        graph_bucket = self._graph_bucket(plan)
+        if graph_bucket is not None:
+            return self._graph_step(plan, graph_bucket)
         attn = PagedAttention(
             self.cache,
             plan["query_lens"],
@@ -205,6 +210,33 @@ class LLMEngine:
         )
         if not on_cpu and not self.use_triton:
             logits = logits.cpu()  # the Rust sampler reads host memory
+        if seqs:
+            self._sample_and_update(logits, rows, seqs, masks)
+        return len(plan["input_ids"])
+
+    def _decode_graphs(self) -> DecodeGraphs | None:
+        """CUDA graphs of decode steps: by default with Triton on CUDA (see EngineConfig.cuda_graphs)."""
+        on_cuda = self.device.type == "cuda"
+        wanted = self.config.cuda_graphs if self.config.cuda_graphs is not None else on_cuda
+        if not wanted or not self.use_triton:
+            return None
+        max_context = min(self.max_model_len, self.config.cuda_graph_max_context)
+        return DecodeGraphs(self.model, self.cache, self.config.max_num_seqs, max_context, capture=on_cuda)
+
+    def _graph_bucket(self, plan: dict[str, np.ndarray]) -> int | None:
+        """The graph bucket of a decode-only step (one token per sequence, all sampled), else None."""
+        if self.graphs is None:
+            return None
+        qlens = plan["query_lens"]
+        if len(plan["input_ids"]) != len(qlens) or not (qlens == 1).all() or not plan["sample"].all():
+            return None
+        return self.graphs.bucket(len(qlens), int(plan["context_lens"].max()), plan["block_tables"].shape[1])
+
+    def _graph_step(self, plan: dict[str, np.ndarray], bucket: int) -> int:
+        assert self.graphs is not None
+        rows, seqs = self._rows_to_sample(plan["seq_ids"])
+        masks = self._start_masks(seqs)
+        logits = self.graphs.run(bucket, plan)
         if seqs:
             self._sample_and_update(logits, rows, seqs, masks)
         return len(plan["input_ids"])
