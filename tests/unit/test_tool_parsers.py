@@ -42,6 +42,7 @@ MARKUP = (
 )
 
 # --- Recorded-style outputs: (format, output, expected content, expected [(name, arguments)]) ---
+# Expected arguments are the decoded object, or the exact text where the model wrote invalid JSON.
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ class Case:
     format: str
     text: str
     content: str | None
-    calls: list[tuple[str, dict[str, Any]]]
+    calls: list[tuple[str, Any]]
 
     @property
     def valid(self) -> bool:
@@ -124,11 +125,26 @@ CASES = [
         "Checking.",
         [WEATHER_PARIS],
     ),
-    Case(
+    Case(  # the arguments began (and streamed): a call, though the object around them is unclosed
+        "hermes-call-object-unclosed",
+        "hermes",
+        'Calling now.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}\n'
+        "</tool_call>\nDone.",
+        "Calling now.\nDone.",
+        [("get_weather", {"city": "Paris"})],
+    ),
+    Case(  # the brackets of the arguments never match: they run to the closing marker
+        "hermes-arguments-unclosed",
+        "hermes",
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"\n</tool_call>\nDone.',
+        "Done.",
+        [("get_weather", '{"city": "Paris"\n')],
+    ),
+    Case(  # not JSON before any arguments began: text, verbatim
         "hermes-bad-json",
         "hermes",
-        'Calling now.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}\n</tool_call>',
-        'Calling now.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}\n</tool_call>',
+        'Calling now.\n<tool_call>\n{"name": "get_weather", "arguments" {"city": "Paris"}}\n</tool_call>',
+        'Calling now.\n<tool_call>\n{"name": "get_weather", "arguments" {"city": "Paris"}}\n</tool_call>',
         [],
     ),
     Case(
@@ -245,11 +261,18 @@ CASES = [
         '{"answer": 42, "unit": "meters"}',
         [],
     ),
-    Case(
+    Case(  # cut off (max_tokens) after the arguments began: a call with the text it has
         "llama3-truncated",
         "llama3_json",
         '{"name": "get_weather", "parameters": {"city": "Par',
-        '{"name": "get_weather", "parameters": {"city": "Par',
+        None,
+        [("get_weather", '{"city": "Par')],
+    ),
+    Case(  # cut off before the arguments began: text
+        "llama3-truncated-before-arguments",
+        "llama3_json",
+        '{"name": "get_weather", "parame',
+        '{"name": "get_weather", "parame',
         [],
     ),
     Case(
@@ -275,12 +298,33 @@ CASES = [
         "Sure, let me check.",
         [("get_time", {"tz": "Europe/Paris"})],
     ),
-    Case(
+    Case(  # the arguments began: a call; the mismatched rest is dropped
         "mistral-mismatched-brackets",
         "mistral",
         '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}]',
-        '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}]',
+        None,
+        [("get_weather", {"city": "Paris"})],
+    ),
+    Case(
+        "mistral-mismatched-brackets-before-arguments",
+        "mistral",
+        '[TOOL_CALLS][{"name": "get_weather"]',
+        '[TOOL_CALLS][{"name": "get_weather"]',
         [],
+    ),
+    Case(  # arguments that are not JSON, and the next call after them
+        "mistral-v11-bad-arguments",
+        "mistral_v11",
+        '[TOOL_CALLS]get_weather[ARGS]{city: Paris}[TOOL_CALLS]get_time[ARGS]{"tz": "UTC"}',
+        None,
+        [("get_weather", "{city: Paris}"), ("get_time", {"tz": "UTC"})],
+    ),
+    Case(
+        "mistral-v11-unclosed-arguments",
+        "mistral_v11",
+        '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"[TOOL_CALLS]get_time[ARGS]{"tz": "UTC"}',
+        None,
+        [("get_weather", '{"city": "Paris"'), ("get_time", {"tz": "UTC"})],
     ),
     Case(
         "mistral-v11-two-calls",
@@ -311,6 +355,57 @@ CASES = [
         '[TOOL_CALLS]get weather[ARGS]{"city": "Paris"}',
         '[TOOL_CALLS]get weather[ARGS]{"city": "Paris"}',
         [],
+    ),
+    Case(  # a new block before the first one closed: the first call stands, then the next block
+        "hermes-next-block-before-close",
+        "hermes",
+        '<tool_call>\n{"name": "a", "arguments": {"x": 1}}\n'
+        '<tool_call>\n{"name": "b", "arguments": {}}\n</tool_call>',
+        None,
+        [("a", {"x": 1}), ("b", {})],
+    ),
+    Case(  # the first value is no JSON, a second one follows in the block: both calls stand
+        "hermes-bad-value-then-another",
+        "hermes",
+        '<tool_call>\n{"name": "a", "arguments": {{"x": 1}}\n<tool_call>}\n{"name": "b", "arguments": {}}\n'
+        "</tool_call>",
+        None,
+        [("a", '{{"x": 1}}'), ("b", {})],
+    ),
+    Case(  # cut off in the closing fence: still the fence
+        "json-fence-cut-off",
+        "json",
+        '```json\n[{"name": "get_weather", "arguments": {"city": "Paris"}}]\n``',
+        None,
+        [("get_weather", {"city": "Paris"})],
+    ),
+    Case(  # after ";", a marker that only starts like the tag: text
+        "llama3-separator-then-other-marker",
+        "llama3_json",
+        '{"name": "get_time", "parameters": {}};<|tool_call|> x',
+        ";<|tool_call|> x",
+        [("get_time", {})],
+    ),
+    Case(
+        "json-fenced-extra-key",
+        "json",
+        '```json\n{"name": "a", "arguments": {"x": 1}, "why": "?"}\n```\nThat is all.',
+        "That is all.",
+        [("a", {"x": 1})],
+    ),
+    Case(
+        "llama3-unclosed-then-tag",
+        "llama3_json",
+        '{"name": "a", "parameters": {"x": [1}<|python_tag|>{"name": "b", "parameters": {}}',
+        None,
+        [("a", '{"x": [1}'), ("b", {})],
+    ),
+    Case(
+        "granite-extra-key",
+        "granite",
+        '<|tool_call|>[{"name": "a", "arguments": {"x": 1}, "why": "?"}] Thanks.',
+        "Thanks.",
+        [("a", {"x": 1})],
     ),
     # Granite 3.3
     Case(
@@ -345,14 +440,30 @@ CASES = [
         None,
         [WEATHER_PARIS, NESTED_BOOKING],
     ),
-    Case(
+    Case(  # the arguments began: a call, with the (invalid) text up to the call's end marker
         "deepseek-broken-json",
         "deepseek",
         '<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{"city": <｜tool▁call▁end｜>'
         "<｜tool▁calls▁end｜>",
-        '<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{"city": <｜tool▁call▁end｜>'
+        None,
+        [("get_weather", '{"city": ')],
+    ),
+    Case(  # no arguments object: text
+        "deepseek-no-arguments-object",
+        "deepseek",
+        "Sure.<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>city=Paris<｜tool▁call▁end｜>"
+        "<｜tool▁calls▁end｜>",
+        "Sure.<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>city=Paris<｜tool▁call▁end｜>"
         "<｜tool▁calls▁end｜>",
         [],
+    ),
+    Case(  # a call, then one that is unreadable: the first stands, the rest of the block is dropped
+        "deepseek-second-call-unreadable",
+        "deepseek",
+        "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_time<｜tool▁sep｜>{}<｜tool▁call▁end｜>"
+        "<｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>city=Paris<｜tool▁call▁end｜><｜tool▁calls▁end｜>Done.",
+        "Done.",
+        [("get_time", {})],
     ),
     # Plain JSON fallback
     Case(
@@ -425,7 +536,19 @@ def assemble(deltas: list[ToolCallDelta]) -> list[ToolCall]:
 
 
 def decoded(calls: list[ToolCall]) -> list[tuple[str, Any]]:
-    return [(call.name, json.loads(call.arguments)) for call in calls]
+    """(name, decoded arguments) of each call; arguments that are not JSON stay text."""
+    out: list[tuple[str, Any]] = []
+    for call in calls:
+        try:
+            out.append((call.name, json.loads(call.arguments)))
+        except ValueError:
+            out.append((call.name, call.arguments))
+    return out
+
+
+def told(calls: list[ToolCall]) -> list[tuple[str, str]]:
+    """(name, arguments text) of each call: what a client sees, ids aside."""
+    return [(call.name, call.arguments) for call in calls]
 
 
 def splits(text: str) -> list[list[str]]:
@@ -442,7 +565,7 @@ def check_streaming(
         assembled = assemble(deltas)
         where = f"split {[len(piece) for piece in pieces][:3]}"
         assert "".join(contents) == (content or ""), where
-        assert decoded(assembled) == decoded(calls), where
+        assert told(assembled) == told(calls), where  # the very text parse() gives
         assert assembled == streamed_calls, f"{where}: the streamer's calls differ from its deltas"
         if valid:
             for piece in contents:
@@ -457,8 +580,9 @@ def test_parse(case: Case) -> None:
     content, calls = get_format(case.format).parse(case.text)
     assert content == case.content
     assert decoded(calls) == case.calls
-    for call in calls:
-        assert isinstance(json.loads(call.arguments), dict)
+    for call, (_, expected) in zip(calls, case.calls, strict=True):
+        if isinstance(expected, dict):
+            assert isinstance(json.loads(call.arguments), dict)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
@@ -537,14 +661,199 @@ def test_finish_is_idempotent_and_feed_after_finish_fails() -> None:
         streamer.feed("more")
 
 
-def test_long_arguments_stream_in_reasonable_time() -> None:
+@pytest.mark.parametrize("name", ["mistral", "hermes", "deepseek_r1"])
+def test_long_arguments_stream_in_reasonable_time(name: str) -> None:
     body = json.dumps({"path": "big.txt", "content": "x" * 20_000 + ' "quoted" {braces} ' * 500})
-    text = '[TOOL_CALLS][{"name": "write", "arguments": ' + body + "}]"
-    streamer = get_format("mistral").streamer()
+    before, after, _ = next((b, a, c) for fmt, b, a, c in INCREMENTAL if fmt == name)
+    text = before + body + after
+    streamer = get_format(name).streamer()
+    deltas: list[ToolCallDelta] = []
     for start in range(0, len(text), 3):  # ~10k small deltas
-        streamer.feed(text[start : start + 3])
-    streamer.finish()
-    assert decoded(streamer.calls) == [("write", json.loads(body))]
+        deltas.extend(streamer.feed(text[start : start + 3]).tool_calls)
+    deltas.extend(streamer.finish().tool_calls)
+    assert told(streamer.calls) == [("write", body)]
+    assert len(deltas) > len(body) // 4  # nearly one delta per piece of output
+    assert told(assemble(deltas)) == [("write", body)]
+
+
+# --- Arguments stream as they arrive ---
+
+# Arguments long enough to arrive in many pieces, written the way no json.dumps would write them.
+LONG_ARGUMENTS = (
+    '{"path":"notes/today.md" , "content": "Line one.\\nLine two, with \\"quotes\\", {braces}, '
+    '[brackets] and a }.", "overwrite": true,\n "tags": ["a", "b"], "limits": {"lines": 200}}'
+)
+# (format, text before the arguments, text after them, the closing markup at the end of that): each
+# writes one call to `write` with LONG_ARGUMENTS.
+INCREMENTAL = [
+    (
+        "hermes",
+        'Let me write it.\n<tool_call>\n{"name": "write", "arguments": ',
+        "}\n</tool_call>",
+        "</tool_call>",
+    ),
+    ("qwen3_coder", '<tool_call>\n{"name": "write", "arguments": ', "}\n</tool_call>", "</tool_call>"),
+    ("llama3_json", '<|python_tag|>{"name": "write", "parameters": ', "}", "}"),
+    ("llama3_json", '{"name": "write", "parameters": ', "}", "}"),
+    ("json", '{"name": "write", "arguments": ', "}", "}"),
+    ("json", '```json\n[{"name": "write", "arguments": ', "}]\n```", "]\n```"),
+    ("mistral", 'Writing.[TOOL_CALLS][{"name": "write", "arguments": ', "}]", "}]"),
+    ("mistral", "[TOOL_CALLS]write[ARGS]", "", ""),
+    ("mistral_v11", "[TOOL_CALLS]write[CALL_ID]a1B2c3D4e[ARGS]", "", ""),
+    ("granite", '<|tool_call|>[{"name": "write", "arguments": ', "}]", "}]"),
+    (
+        "deepseek",
+        "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>write<｜tool▁sep｜>",
+        "<｜tool▁call▁end｜><｜tool▁calls▁end｜>",
+        "<｜tool▁calls▁end｜>",
+    ),
+    (
+        "deepseek_r1",
+        "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>write\n```json\n",
+        "\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>",
+        "```<｜tool▁call▁end｜><｜tool▁calls▁end｜>",
+    ),
+]
+INCREMENTAL_IDS = [f"{name}-{number}" for number, (name, *_) in enumerate(INCREMENTAL)]
+
+
+def feed_all(streamer: Any, pieces: list[str]) -> tuple[str, list[ToolCallDelta]]:
+    content, deltas = "", []
+    for piece in pieces:
+        out = streamer.feed(piece)
+        content += out.content
+        deltas.extend(out.tool_calls)
+    return content, deltas
+
+
+def test_incremental_cases_cover_every_json_format() -> None:
+    assert {name for name, *_ in INCREMENTAL} == set(FORMATS)
+
+
+@pytest.mark.parametrize(("name", "before", "after", "closing"), INCREMENTAL, ids=INCREMENTAL_IDS)
+def test_arguments_stream_as_they_arrive(name: str, before: str, after: str, closing: str) -> None:
+    fmt = get_format(name)
+    text = before + LONG_ARGUMENTS + after
+    _, calls = fmt.parse(text)
+    assert told(calls) == [("write", LONG_ARGUMENTS)]  # the arguments as the model wrote them
+
+    streamer = fmt.streamer()
+    _, deltas = feed_all(streamer, list(text))
+    deltas.extend(streamer.finish().tool_calls)
+    assert deltas[0].id and deltas[0].name == "write"
+    pieces = [delta.arguments for delta in deltas if delta.arguments]
+    assert len(pieces) > 10, "one character at a time, the arguments come in many deltas"
+    assert "".join(pieces) == LONG_ARGUMENTS
+    assert assemble(deltas) == streamer.calls
+    check_streaming(fmt, text, valid=True)
+
+
+@pytest.mark.parametrize(("name", "before", "after", "closing"), INCREMENTAL, ids=INCREMENTAL_IDS)
+def test_call_is_told_before_its_closing_markup(name: str, before: str, after: str, closing: str) -> None:
+    fmt = get_format(name)
+    half = len(LONG_ARGUMENTS) // 2
+    streamer = fmt.streamer()
+    # Halfway through the arguments: the call is named, and all its argument text so far is out.
+    _, deltas = feed_all(streamer, list(before + LONG_ARGUMENTS[:half]))
+    assert [(d.index, d.name) for d in deltas if d.id] == [(0, "write")]
+    assert "".join(d.arguments for d in deltas) == LONG_ARGUMENTS[:half]
+    # Up to the closing markup: all the arguments are out, but the call is not closed yet.
+    text = before + LONG_ARGUMENTS + after
+    rest = text[len(before) + half : len(text) - len(closing)]
+    _, more = feed_all(streamer, list(rest))
+    assert all(d.id is None and d.name is None for d in more)
+    if closing:
+        assert "".join(d.arguments for d in deltas + more) == LONG_ARGUMENTS
+        assert streamer.calls == []
+    out = streamer.feed(closing)
+    tail = streamer.finish()
+    assert out.content + tail.content == ""
+    calls = assemble(deltas + more + out.tool_calls + tail.tool_calls)
+    assert told(calls) == told(streamer.calls) == [("write", LONG_ARGUMENTS)]
+
+
+def test_content_before_a_call_is_not_held_back() -> None:
+    streamer = get_format("hermes").streamer()
+    content, deltas = feed_all(
+        streamer, ["I will write it.", "\n<tool_call>\n", '{"name": "write", "arguments": {"p']
+    )
+    assert content == "I will write it."
+    assert [(d.index, d.id is not None, d.name, d.arguments) for d in deltas] == [(0, True, "write", '{"p')]
+
+
+def test_several_calls_stream_one_after_another() -> None:
+    text = (
+        '[TOOL_CALLS][{"name": "a", "arguments": {"x": [1, 2, 3]}}, {"name": "b", "arguments": {"y": "z"}, '
+        '"id": "a1B2c3D4e"}]'
+    )
+    streamer = get_format("mistral").streamer()
+    _, deltas = feed_all(streamer, list(text))
+    deltas.extend(streamer.finish().tool_calls)
+    assert [d.index for d in deltas if d.id] == [0, 1]
+    assert sum(1 for d in deltas if d.index == 1 and d.arguments) > 1  # the second call streams too
+    assert told(assemble(deltas)) == [("a", '{"x": [1, 2, 3]}'), ("b", '{"y": "z"}')]
+    check_streaming(get_format("mistral"), text, valid=True)
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "expected"),
+    [
+        # The arguments before the name: the name is not known until the object closes.
+        (
+            "hermes",
+            '<tool_call>\n{"arguments": {"city":"Paris"}, "name": "get_weather"}\n</tool_call>',
+            [("get_weather", '{"city": "Paris"}')],
+        ),
+        (
+            "json",
+            '{"arguments": {"city":"Paris"}, "name": "get_weather"}',
+            [("get_weather", '{"city": "Paris"}')],
+        ),
+        # The arguments as a JSON string.
+        (
+            "mistral",
+            '[TOOL_CALLS][{"name": "get_weather", "arguments": "{\\"city\\":\\"Paris\\"}"}]',
+            [("get_weather", '{"city": "Paris"}')],
+        ),
+        # Qwen3-Coder's XML: the parameters become JSON at the end.
+        (
+            "qwen3_coder",
+            "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n</function>\n</tool_call>",
+            [("get_weather", '{"city": "Paris"}')],
+        ),
+    ],
+)
+def test_calls_without_raw_arguments_come_whole_at_their_close(name: str, text: str, expected: Any) -> None:
+    fmt = get_format(name)
+    assert told(fmt.parse(text)[1]) == expected  # json.dumps of the arguments
+    streamer = fmt.streamer()
+    _, deltas = feed_all(streamer, list(text))
+    deltas.extend(streamer.finish().tool_calls)
+    assert len(deltas) == 1 and deltas[0].id and told(assemble(deltas)) == expected
+    check_streaming(fmt, text, valid=True)
+
+
+def test_list_with_a_call_that_has_no_head() -> None:
+    """Calls stream up to the first one whose name comes after its arguments; later ones come whole."""
+    text = (
+        '<|tool_call|>[{"name": "a", "arguments": {"n":1}}, {"arguments": {"n":2}, "name": "b"}, '
+        '{"name": "c", "arguments": {"n":3}}]'
+    )
+    fmt = get_format("granite")
+    assert told(fmt.parse(text)[1]) == [("a", '{"n":1}'), ("b", '{"n": 2}'), ("c", '{"n":3}')]
+    streamer = fmt.streamer()
+    _, deltas = feed_all(streamer, list(text[:-1]))
+    assert [d.name for d in deltas if d.name] == ["a"]
+    check_streaming(fmt, text, valid=True)
+
+
+def test_end_marker_inside_a_string_is_held_back_until_the_brackets_tell() -> None:
+    streamer = get_format("hermes").streamer()
+    _, deltas = feed_all(streamer, ['<tool_call>\n{"name": "echo", "arguments": {"text": "a </tool_call> b'])
+    assert "".join(d.arguments for d in deltas) == '{"text": "a '
+    _, more = feed_all(streamer, ['"}}\n</tool_call>'])
+    assert "".join(d.arguments for d in deltas + more) == '{"text": "a </tool_call> b"}'
+    assert told(streamer.calls) == [("echo", '{"text": "a </tool_call> b"}')]
 
 
 # --- Qwen3-Coder values typed by the tools' schemas ---

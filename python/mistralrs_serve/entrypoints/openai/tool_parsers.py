@@ -14,6 +14,29 @@ renders for an assistant message with `tool_calls`). A `ToolCallFormat` knows on
 Markup that does not parse as a call is content, verbatim. Whitespace that only separates content
 from calls (or calls from each other) is dropped; content that is only whitespace is no content.
 `parse` is the streamer run over the whole text, so both always agree.
+
+A call's `arguments` is the JSON text of its arguments object exactly as the model wrote it, in the
+formats that write that object as JSON: a Hermes JSON block, Llama 3 and plain JSON, Mistral (both
+styles), Granite and DeepSeek (both styles): whenever a call object starts `{"name": ..., "arguments"
+(or "parameters"): {`, and in the styles that write the name before the object (Mistral's
+`name[ARGS]{...}`, DeepSeek's) whenever a `{` opens the arguments. Other calls
+(arguments before the name, arguments written as a JSON string, Qwen3-Coder's XML parameters) get
+`json.dumps` of the arguments and stream as one delta when the call closes.
+
+Streaming. A call whose arguments are raw text streams as OpenAI does: a first delta with its index,
+id and name (and `arguments: ""`) as soon as its block's opening markup, its name and the `{` that opens
+its arguments have been read; then pieces of argument text as they arrive, whose concatenation is the
+call's final `arguments`. Only what may still turn out not to belong to the arguments is held back: a
+partial end marker, or an end marker met while the brackets are still open (it may be inside a string).
+
+Once a call's first delta has gone out it is a call, whatever follows (the rule that keeps streamed and
+final calls equal without buffering whole calls): its arguments run from that `{` to the matching `}`
+— or, when the brackets never match, to the first of the format's markers (or the end of the output) —
+and are kept even when they are not valid JSON, as OpenAI's own arguments may not be. If the rest of its
+block does not read as calls, the block still ends as calls: the calls that began streaming, and the
+block's remaining text dropped up to where the block ends (its closing marker, the end of its JSON value,
+the next opening marker, or the end of the output). Until that `{`, nothing is committed: a block that
+does not read as calls is content, verbatim.
 """
 
 from __future__ import annotations
@@ -37,8 +60,10 @@ __all__ = [
     "get_format",
 ]
 
-# A parsed call before it gets an id: (function name, arguments object).
-_RawCall = tuple[str, dict[str, Any]]
+# A call read from a JSON value or XML, before it gets an id: (function name, arguments object).
+_ObjCall = tuple[str, dict[str, Any]]
+# A call as it will be told, before it gets an id: (function name, JSON text of the arguments).
+_RawCall = tuple[str, str]
 
 _ID_ALPHABET = string.ascii_letters + string.digits
 
@@ -53,7 +78,7 @@ class ToolCall:
 
     id: str
     name: str
-    arguments: str  # JSON text of the arguments object
+    arguments: str  # JSON text of the arguments object (as the model wrote it, where it wrote JSON)
 
 
 @dataclass
@@ -196,7 +221,7 @@ def _arguments_object(value: Any) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def _call_from_object(value: Any, *, require_arguments: bool) -> _RawCall | None:
+def _call_from_object(value: Any, *, require_arguments: bool) -> _ObjCall | None:
     """A call from `{"name": ..., "arguments"|"parameters": {...}}`; None for any other value."""
     if not isinstance(value, dict) or not set(value) <= _CALL_KEYS:
         return None
@@ -210,7 +235,7 @@ def _call_from_object(value: Any, *, require_arguments: bool) -> _RawCall | None
     return None if arguments is None else (name.strip(), arguments)
 
 
-def _calls_from_values(values: Sequence[Any] | None, *, require_arguments: bool) -> list[_RawCall] | None:
+def _calls_from_values(values: Sequence[Any] | None, *, require_arguments: bool) -> list[_ObjCall] | None:
     """Calls from JSON values (objects, or lists of objects); None unless every one is a call."""
     if not values:
         return None
@@ -221,6 +246,73 @@ def _calls_from_values(values: Sequence[Any] | None, *, require_arguments: bool)
     if not calls or any(call is None for call in calls):
         return None
     return [call for call in calls if call is not None]
+
+
+def _dumped(calls: Iterable[_ObjCall]) -> list[_RawCall]:
+    return [(name, json.dumps(arguments, ensure_ascii=False)) for name, arguments in calls]
+
+
+# The head of a call object, up to the `{` that opens its arguments (JSON whitespace only).
+_CALL_HEAD = re.compile(
+    r'\{[ \t\n\r]*"name"[ \t\n\r]*:[ \t\n\r]*("(?:[^"\\]|\\.)*")[ \t\n\r]*,'
+    r'[ \t\n\r]*"(?:arguments|parameters)"[ \t\n\r]*:[ \t\n\r]*\{'
+)
+
+
+@dataclass(frozen=True)
+class _Head:
+    """A call whose name is known and whose arguments object opens at `start` (its `{`)."""
+
+    name: str
+    start: int
+
+
+@dataclass(frozen=True)
+class _OpenCall:
+    """A call still being read: its name and its arguments so far, `buffer[start:end]`."""
+
+    name: str
+    start: int
+    end: int
+
+
+def _leading(heads: Iterable[_Head | None]) -> list[_Head]:
+    """The calls that stream: those before the first call object without a head."""
+    leading = []
+    for head in heads:
+        if head is None:
+            break
+        leading.append(head)
+    return leading
+
+
+def _block_end(
+    buffer: str, pos: int, closers: Sequence[str], starts: Sequence[str], final: bool
+) -> int | None:
+    """Where a block that began streaming calls but does not read as calls ends, looking from `pos`:
+    after its first closing marker, before the next opening marker, or at the end of a final output;
+    None while undecided."""
+    index, marker = _find_first(buffer[pos:], [*closers, *starts])
+    if index >= 0:
+        return pos + index + (len(marker) if marker in closers else 0)
+    return len(buffer) if final else None
+
+
+class _MarkerSearch:
+    """Finds the first of some markers at or after `start`, scanning incrementally."""
+
+    def __init__(self, start: int) -> None:
+        self._searched = start
+        self._start = start
+        self.found: int | None = None
+
+    def find(self, text: str, markers: Sequence[str]) -> int | None:
+        if self.found is None and markers:
+            begin = max(self._start, self._searched - max(map(len, markers)) + 1)
+            hits = [index for marker in markers if (index := text.find(marker, begin)) >= 0]
+            self.found = min(hits) if hits else None
+            self._searched = len(text)
+        return self.found
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,18 +359,34 @@ class _Step:
 
 
 class _Scanner:
-    """Decides, for one output, what the start of the buffer is; formats subclass it."""
+    """Decides, for one output, what the start of the buffer is; formats subclass it.
+
+    While a call block at the start of the buffer is undecided, `open` tells the calls in it whose
+    arguments have begun (see the module docstring); the block's decision then has these calls first.
+    """
+
+    #: markers that end arguments whose brackets never match (the format's call markers)
+    terminators: tuple[str, ...] = ()
 
     def __init__(self) -> None:
-        self._extent: _JsonExtent | None = None
+        self._extents: dict[int, _JsonExtent] = {}
+        self._searches: dict[int, _MarkerSearch] = {}
+        self._heads: dict[int, _Head] = {}
+        self.open: list[_OpenCall] = []
 
     def step(self, buffer: str, final: bool) -> _Step | None:
         """A decision, or None to wait for more text (never None when `final`)."""
         decided = self.scan(buffer, final)
+        if decided is None and final and self.open:  # a format's oversight: calls that streamed stand
+            heads = [_Head(call.name, call.start) for call in self.open]
+            decided = self.forced(buffer, heads, final, end=len(buffer))
         if decided is None and final:
             decided = _Step(len(buffer))
-        if decided is not None:
-            self._extent = None  # the buffer shifts: offsets in it are stale
+        if decided is not None:  # the buffer shifts: offsets in it are stale
+            self._extents.clear()
+            self._searches.clear()
+            self._heads.clear()
+            self.open = []
         return decided
 
     def scan(self, buffer: str, final: bool) -> _Step | None:
@@ -286,9 +394,104 @@ class _Scanner:
 
     def json_end(self, buffer: str, start: int) -> int | None:
         """Where the JSON value starting at `start` ends (see `_JsonExtent.scan`), remembering progress."""
-        if self._extent is None or self._extent.start != start:
-            self._extent = _JsonExtent(start)
-        return self._extent.scan(buffer)
+        extent = self._extents.get(start)
+        if extent is None:
+            extent = self._extents[start] = _JsonExtent(start)
+        return extent.scan(buffer)
+
+    def head(self, buffer: str, pos: int) -> _Head | None:
+        """The head of the call object at `pos` (`{"name": "...", "arguments": {`), if it has one yet."""
+        head = self._heads.get(pos)
+        if head is None:
+            match = _CALL_HEAD.match(buffer, pos)
+            name = _loads(match.group(1)) if match else None
+            if match and isinstance(name, str) and name.strip():
+                head = self._heads[pos] = _Head(name.strip(), match.end() - 1)
+        return head
+
+    def heads(self, buffer: str, pos: int, *, many: bool = False) -> list[_Head | None]:
+        """The heads of the call objects in the JSON value at `pos` (an object or a list of them) and,
+        with `many`, in the values that follow it after whitespace, as far as they can be read."""
+        heads: list[_Head | None] = []
+        while pos < len(buffer) and buffer[pos] in "{[":
+            end = self.json_end(buffer, pos)
+            if buffer[pos] == "{":
+                heads.append(self.head(buffer, pos))
+            else:
+                item = _skip_ws(buffer, pos + 1)
+                while item < len(buffer) and buffer[item] == "{":
+                    heads.append(self.head(buffer, item))
+                    item_end = self.json_end(buffer, item)
+                    if item_end is None or item_end < 0:
+                        break
+                    item = _skip_ws(buffer, item_end)
+                    if not buffer.startswith(",", item):
+                        break
+                    item = _skip_ws(buffer, item + 1)
+            if not many or end is None or end < 0:
+                break
+            pos = _skip_ws(buffer, end)
+        return heads
+
+    def arguments(self, buffer: str, start: int, final: bool) -> tuple[int, bool]:
+        """(end, settled) of the arguments object opening at `start`: its matching `}`; when its
+        brackets never match, the first of `terminators` or the end of the output. Unsettled, `end`
+        is how far the arguments surely reach (what may be streamed)."""
+        close = self.json_end(buffer, start)
+        if close is not None and close > 0:
+            return close, True
+        search = self._searches.get(start)
+        if search is None:
+            search = self._searches[start] = _MarkerSearch(start)
+        found = search.find(buffer, self.terminators)
+        if found is not None and (close is not None or final):  # close is -1: brackets never match
+            return found, True
+        if final:
+            return len(buffer), True
+        if found is not None:  # maybe inside a string: held back until the brackets tell
+            return found, False
+        return max(start, len(buffer) - _partial_suffix(buffer, self.terminators)), False
+
+    def raw_calls(self, buffer: str, calls: list[_ObjCall], heads: Sequence[_Head | None]) -> list[_RawCall]:
+        """The calls read from complete JSON values, with the raw arguments of those with a head."""
+        raw = []
+        for number, (name, arguments) in enumerate(calls):
+            head = heads[number] if number < len(heads) else None
+            if head is None:
+                raw.extend(_dumped([(name, arguments)]))
+            else:
+                raw.append((head.name, buffer[head.start : self.arguments(buffer, head.start, True)[0]]))
+        return raw
+
+    def pending(self, buffer: str, heads: Sequence[_Head]) -> _Step | None:
+        """Waits for more text (always None), telling the calls of `heads` as far as they are read."""
+        self.open = [
+            _OpenCall(head.name, head.start, self.arguments(buffer, head.start, False)[0]) for head in heads
+        ]
+        return None
+
+    def forced(
+        self,
+        buffer: str,
+        heads: Sequence[_Head],
+        final: bool,
+        *,
+        closers: Sequence[str] = (),
+        starts: Sequence[str] = (),
+        end: int | None = None,
+    ) -> _Step | None:
+        """The decision for a block whose calls `heads` began streaming but that does not read as
+        calls: those calls, with their raw arguments, and the block dropped up to `end` or else to
+        `_block_end`. None while a call's arguments or the block's end are undecided."""
+        settled, arguments_end = [], 0
+        for head in heads:
+            arguments_end, done = self.arguments(buffer, head.start, final)
+            if not done:
+                return self.pending(buffer, heads)
+            settled.append((head.name, buffer[head.start : arguments_end]))
+        if end is None:
+            end = _block_end(buffer, arguments_end, closers, starts, final)
+        return self.pending(buffer, heads) if end is None else _Step(end, settled)
 
 
 class _ContentFilter:
@@ -325,7 +528,8 @@ class _ContentFilter:
 
 
 class ToolCallStreamer:
-    """Splits model output into content and tool-call deltas as it arrives."""
+    """Splits model output into content and tool-call deltas as it arrives (see the module docstring
+    for when a call's first delta and its argument pieces go out)."""
 
     def __init__(self, fmt: ToolCallFormat, scanner: _Scanner) -> None:
         self._format = fmt
@@ -333,6 +537,8 @@ class ToolCallStreamer:
         self._buffer = ""
         self._filter = _ContentFilter()
         self._calls: list[ToolCall] = []
+        # (id, argument characters streamed) of each call of the undecided block that began streaming
+        self._streaming: list[tuple[str, int]] = []
         self._finished = False
 
     @property
@@ -362,6 +568,7 @@ class ToolCallStreamer:
         while self._buffer:
             step = self._scanner.step(self._buffer, final)
             if step is None:
+                self._stream_open(out.tool_calls)
                 break
             size = max(step.size, 1)  # a scanner bug must not loop forever
             text, self._buffer = self._buffer[:size], self._buffer[size:]
@@ -369,14 +576,43 @@ class ToolCallStreamer:
                 pieces.append(self._filter.text(text))
             elif step.calls:
                 self._filter.call()
-                out.tool_calls.extend(self._add_call(name, arguments) for name, arguments in step.calls)
+                for number, (name, arguments) in enumerate(step.calls):
+                    self._close_call(out.tool_calls, number, name, arguments)
+            self._streaming = []
         out.content = "".join(pieces)
         return out
 
-    def _add_call(self, name: str, arguments: dict[str, Any]) -> ToolCallDelta:
-        call = ToolCall(self._format.new_call_id(), name, json.dumps(arguments, ensure_ascii=False))
-        self._calls.append(call)
-        return ToolCallDelta(len(self._calls) - 1, call.id, call.name, call.arguments)
+    def _stream_open(self, deltas: list[ToolCallDelta]) -> None:
+        """Deltas for the calls of the undecided block: first deltas, then new argument text."""
+        for number, call in enumerate(self._scanner.open):
+            index = len(self._calls) + number
+            if number == len(self._streaming):
+                self._filter.call()
+                self._streaming.append((self._format.new_call_id(), 0))
+                deltas.append(ToolCallDelta(index, self._streaming[number][0], call.name))
+            call_id, streamed = self._streaming[number]
+            if call.end > call.start + streamed:
+                _add_arguments(deltas, index, self._buffer[call.start + streamed : call.end])
+                self._streaming[number] = (call_id, call.end - call.start)
+
+    def _close_call(self, deltas: list[ToolCallDelta], number: int, name: str, arguments: str) -> None:
+        index = len(self._calls)
+        if number < len(self._streaming):  # began streaming: the rest of its arguments
+            call_id, streamed = self._streaming[number]
+            if arguments[streamed:]:
+                _add_arguments(deltas, index, arguments[streamed:])
+        else:
+            call_id = self._format.new_call_id()
+            deltas.append(ToolCallDelta(index, call_id, name, arguments))
+        self._calls.append(ToolCall(call_id, name, arguments))
+
+
+def _add_arguments(deltas: list[ToolCallDelta], index: int, text: str) -> None:
+    """Argument text for call `index`, joined to the last delta when that is the same call's."""
+    if deltas and deltas[-1].index == index:
+        deltas[-1].arguments += text
+    else:
+        deltas.append(ToolCallDelta(index, arguments=text))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -480,6 +716,8 @@ class _JsonOutputScanner(_Scanner):
         self._tag = tag
         self._fences = fences
         self._phase = "start"  # "start", "after" (a call), or "text" (all the rest is content)
+        # Arguments that never close end at a tag (the next call) or at a closing fence.
+        self.terminators = (tag,) if tag is not None else ("```",) if fences else ()
 
     def scan(self, buffer: str, final: bool) -> _Step | None:
         if self._phase == "text":
@@ -490,7 +728,7 @@ class _JsonOutputScanner(_Scanner):
         if self._phase == "after" and buffer.startswith(";"):
             return self._separator(buffer, final)
         step = self._call(buffer, final)
-        if step is None and final:
+        if step is None and final and not self.open:
             step = self._text(buffer)
         return step
 
@@ -502,9 +740,14 @@ class _JsonOutputScanner(_Scanner):
         after = _skip_ws(buffer, 1)
         if after == len(buffer):
             return _Step(len(buffer), []) if final else None  # a dangling ";" after the calls
-        tag_follows = self._tag is not None and _match_literal(buffer, after, self._tag) != -1
-        if buffer[after] in "{[" or tag_follows:
+        if buffer[after] in "{[":
             return _Step(after, [])
+        if self._tag is not None:
+            after_tag = _match_literal(buffer, after, self._tag)
+            if after_tag is None and not final:
+                return None
+            if after_tag is not None and after_tag > 0:
+                return _Step(after, [])
         return self._text(buffer)
 
     def _call(self, buffer: str, final: bool) -> _Step | None:
@@ -528,20 +771,36 @@ class _JsonOutputScanner(_Scanner):
         if buffer[pos] not in "{[":
             return self._text(buffer)
         end = self.json_end(buffer, pos)
-        if end is None:
-            return None
-        calls = _calls_from_values([_loads(buffer[pos:end])] if end > 0 else None, require_arguments=True)
-        if calls is None:
+        heads = self.heads(buffer, pos)
+        leading = _leading(heads)
+        if end is None and not final:
+            return self.pending(buffer, leading)
+        value_end = end if end is not None and end > 0 else None  # None: unclosed or mismatched
+        calls = None
+        if value_end is not None:
+            calls = _calls_from_values([_loads(buffer[pos:value_end])], require_arguments=True)
+        if calls is None and not leading:
             return self._text(buffer)
-        if fenced:
-            closed = self._close_fence(buffer, end, final)
+        block_end = value_end
+        if fenced and value_end is not None:
+            closed = self._close_fence(buffer, value_end, final)
             if closed is None:
-                return None
-            if closed < 0:
-                return self._text(buffer)
-            end = closed
-        self._phase = "after"
-        return _Step(end, calls)
+                return self.pending(buffer, leading)
+            if closed > 0:
+                block_end = closed
+            elif not leading:
+                return self._text(buffer)  # something else follows in the fence
+            else:
+                calls = None
+        if calls is not None and block_end is not None:
+            self._phase = "after"
+            return _Step(block_end, self.raw_calls(buffer, calls, heads))
+        # Calls began streaming: markup up to the end of the value (and its fence), or else see forced.
+        starts = (self._tag,) if self._tag is not None else ()
+        step = self.forced(buffer, leading, final, starts=starts, end=block_end)
+        if step is not None:
+            self._phase = "after"
+        return step
 
     @staticmethod
     def _open_fence(buffer: str) -> int | None:
@@ -558,12 +817,13 @@ class _JsonOutputScanner(_Scanner):
 
     @staticmethod
     def _close_fence(buffer: str, pos: int, final: bool) -> int | None:
-        """Position after the closing fence (or the end of a final output without one); None while
-        undecided; -1 if something else follows."""
+        """Position after the closing fence (or the end of a final output without one, or cut off in
+        it); None while undecided; -1 if something else follows."""
         pos = _skip_ws(buffer, pos)
         if pos == len(buffer):
             return pos if final else None
-        return _match_literal(buffer, pos, "```")
+        after = _match_literal(buffer, pos, "```")
+        return len(buffer) if after is None and final else after
 
 
 class _Llama3JsonFormat(ToolCallFormat):
@@ -590,6 +850,7 @@ class _MarkedScanner(_Scanner):
         super().__init__()
         self._format = fmt
         self.tools = tools
+        self.terminators = fmt.terminators
 
     def scan(self, buffer: str, final: bool) -> _Step | None:
         index, marker = _find_first(buffer, self._format.starts)
@@ -599,13 +860,15 @@ class _MarkedScanner(_Scanner):
             keep = 0 if final else _partial_suffix(buffer, self._format.starts)
             return _Step(len(buffer) - keep) if keep < len(buffer) else None
         decided = self._format.block(self, buffer, marker, final)
-        if decided is None and final:
+        if decided is None and final and not self.open:
             decided = _Step(len(marker))  # never closed and unreadable: the marker is text
         return decided
 
 
 class _MarkedFormat(ToolCallFormat):
     starts: tuple[str, ...] = ()
+    #: markers that end arguments whose brackets never match (see `_Scanner.arguments`)
+    terminators: tuple[str, ...] = ()
 
     def _scanner(self, tools: Sequence[Mapping[str, Any]] | None) -> _Scanner:
         return _MarkedScanner(self, tools)
@@ -649,7 +912,7 @@ def _xml_value(raw: str, schema: Any) -> Any:
     return value
 
 
-def _xml_call(inner: str, schemas: Mapping[str, Mapping[str, Any]]) -> _RawCall | None:
+def _xml_call(inner: str, schemas: Mapping[str, Mapping[str, Any]]) -> _ObjCall | None:
     match = _XML_FUNCTION.fullmatch(inner)
     if match is None:
         return None
@@ -669,6 +932,9 @@ def _xml_call(inner: str, schemas: Mapping[str, Mapping[str, Any]]) -> _RawCall 
     return name, arguments
 
 
+_UNREAD = _Step(-1)  # a reading that leaves the block to another one
+
+
 class _HermesFormat(_MarkedFormat):
     """Hermes / Qwen2.5 / Qwen3 / QwQ: `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`.
 
@@ -677,22 +943,14 @@ class _HermesFormat(_MarkedFormat):
 
     name = "hermes"
     starts = ("<tool_call>",)
+    terminators = ("</tool_call>", "<tool_call>")
 
     def block(self, scanner: _MarkedScanner, buffer: str, marker: str, final: bool) -> _Step | None:
         start = _skip_ws(buffer, len(marker))
         if start < len(buffer) and buffer[start] in "{[":
-            # Read the JSON first, so that "</tool_call>" inside one of its strings is no end.
-            end = scanner.json_end(buffer, start)
-            if end is None and not final:
-                return None
-            value = [_loads(buffer[start:end])] if end is not None and end > 0 else None
-            calls = _calls_from_values(value, require_arguments=False)
-            if calls and end is not None:
-                close = _match_literal(buffer, _skip_ws(buffer, end), "</tool_call>")
-                if close is None:
-                    return _Step(len(buffer), calls) if final else None
-                if close > 0:
-                    return _Step(close, calls)
+            decided = self._json_block(scanner, buffer, start, final)
+            if decided is not _UNREAD:
+                return decided
         found = self.closed_block(buffer, marker, "</tool_call>", final)
         if found is None:
             return None
@@ -702,7 +960,36 @@ class _HermesFormat(_MarkedFormat):
             calls = None if call is None else [call]
         else:
             calls = _calls_from_values(_json_values(inner), require_arguments=False)
-        return _Step(end, calls) if calls else _Step(len(marker))
+        return _Step(end, _dumped(calls)) if calls else _Step(len(marker))
+
+    @staticmethod
+    def _json_block(scanner: _MarkedScanner, buffer: str, start: int, final: bool) -> _Step | None:
+        """JSON values (separated by whitespace) and `</tool_call>`; `_UNREAD` when they are no calls
+        and none began streaming (then the block is read as text up to `</tool_call>`)."""
+        # Read the JSON first, so that "</tool_call>" inside one of its strings is no end.
+        heads = scanner.heads(buffer, start, many=True)
+        spans, pos = [], start
+        while True:
+            end = scanner.json_end(buffer, pos)
+            if end is None or end < 0:
+                break
+            spans.append((pos, end))
+            pos = _skip_ws(buffer, end)
+            if pos == len(buffer) or buffer[pos] not in "{[":
+                break
+        if (end is None or pos == len(buffer)) and not final:  # more JSON may follow
+            return scanner.pending(buffer, _leading(heads))
+        if end is not None and end > 0:
+            calls = _calls_from_values([_loads(buffer[a:b]) for a, b in spans], require_arguments=False)
+            close = _match_literal(buffer, pos, "</tool_call>")
+            if calls and close is None and not final:
+                return scanner.pending(buffer, _leading(heads))
+            if calls and (close is None or close > 0):  # unterminated at the end of the output: a call
+                return _Step(close or len(buffer), scanner.raw_calls(buffer, calls, heads))
+        leading = _leading(heads)
+        if not leading:
+            return _UNREAD
+        return scanner.forced(buffer, leading, final, closers=("</tool_call>",), starts=("<tool_call>",))
 
     def _grammar_frame(self, parallel: bool) -> tuple[str, str, str]:
         return "", "\n", ""
@@ -779,6 +1066,7 @@ class _MarkerJsonFormat(_MarkedFormat):
     def __init__(self, name: str, marker: str) -> None:
         self.name = name
         self.starts = (marker,)
+        self.terminators = (marker,)
 
     def _grammar_frame(self, parallel: bool) -> tuple[str, str, str]:
         return self.starts[0] + "[", ", ", "]"
@@ -788,20 +1076,27 @@ class _MarkerJsonFormat(_MarkedFormat):
         if pos == len(buffer):
             return None
         if buffer[pos] not in "{[":
-            return _named_call(scanner, buffer, marker, pos)
+            return _named_call(scanner, buffer, marker, pos, final)
         end = scanner.json_end(buffer, pos)
-        if end is None:
-            return None
-        values = [_loads(buffer[pos:end])] if end > 0 else None
-        calls = _calls_from_values(values, require_arguments=False)
-        return _Step(end, calls) if calls else _Step(len(marker))
+        heads = scanner.heads(buffer, pos)
+        if end is None and not final:
+            return scanner.pending(buffer, _leading(heads))
+        if end is not None and end > 0:
+            calls = _calls_from_values([_loads(buffer[pos:end])], require_arguments=False)
+            if calls:
+                return _Step(end, scanner.raw_calls(buffer, calls, heads))
+        leading = _leading(heads)
+        if not leading:
+            return _Step(len(marker))
+        value_end = end if end is not None and end > 0 else None
+        return scanner.forced(buffer, leading, final, starts=self.starts, end=value_end)
 
 
 _MISTRAL_NAME = re.compile(r"[A-Za-z0-9_.:-]+")
 _MISTRAL_CALL_ID = re.compile(r"[A-Za-z0-9]*")
 
 
-def _named_call(scanner: _Scanner, buffer: str, marker: str, pos: int) -> _Step | None:
+def _named_call(scanner: _Scanner, buffer: str, marker: str, pos: int, final: bool) -> _Step | None:
     """`name[ARGS]{...}` (or `name[CALL_ID]id[ARGS]{...}`) after the marker."""
     name = _MISTRAL_NAME.match(buffer, pos)
     if name is None:
@@ -824,11 +1119,11 @@ def _named_call(scanner: _Scanner, buffer: str, marker: str, pos: int) -> _Step 
         return None
     if buffer[start] != "{":
         return _Step(len(marker))
-    end = scanner.json_end(buffer, start)
-    if end is None:
-        return None
-    arguments = _arguments_object(buffer[start:end]) if end > 0 else None
-    return _Step(len(marker)) if arguments is None else _Step(end, [(name.group(), arguments)])
+    # The name and the arguments' "{" are read: a call, whatever its arguments turn out to be.
+    end, settled = scanner.arguments(buffer, start, final)
+    if not settled:
+        return scanner.pending(buffer, [_Head(name.group(), start)])
+    return _Step(end, [(name.group(), buffer[start:end])])
 
 
 class _MistralFormat(_MarkerJsonFormat):
@@ -854,30 +1149,9 @@ _DS_CALLS_END = "<｜tool▁calls▁end｜>"
 _DS_CALL_BEGIN = "<｜tool▁call▁begin｜>"
 _DS_CALL_END = "<｜tool▁call▁end｜>"
 _DS_SEP = "<｜tool▁sep｜>"
-_DS_CALL = re.compile(
-    re.escape(_DS_CALL_BEGIN) + "(.*?)" + re.escape(_DS_SEP) + "(.*?)" + re.escape(_DS_CALL_END), re.S
-)
-# R1 / V3: "function<｜tool▁sep｜>name\n```json\n{...}\n```"
-_DS_FENCED = re.compile(r"\s*([^\n`]+?)\s*\n```(?:json)?\s*\n(.*?)\n?```\s*", re.S)
-
-
-def _deepseek_call(head: str, body: str) -> _RawCall | None:
-    fenced = _DS_FENCED.fullmatch(body)
-    name, arguments_text = (fenced.group(1), fenced.group(2)) if fenced else (head.strip(), body)
-    arguments = _arguments_object(arguments_text.strip())
-    return None if arguments is None or not name else (name, arguments)
-
-
-def _deepseek_calls(inner: str) -> list[_RawCall] | None:
-    calls: list[_RawCall] = []
-    pos = 0
-    for match in _DS_CALL.finditer(inner):
-        call = _deepseek_call(match.group(1), match.group(2))
-        if call is None or inner[pos : match.start()].strip():
-            return None
-        calls.append(call)
-        pos = match.end()
-    return calls if calls and not inner[pos:].strip() else None
+# R1 / V3 after the separator: "name\n```json\n" up to the arguments' "{" (a name holds no "｜", so
+# no marker).
+_DS_FENCE_HEAD = re.compile(r"([^\n`｜]+?)\s*\n```(?:json)?\s*\n\s*\{")
 
 
 class _DeepSeekFormat(_MarkedFormat):
@@ -887,6 +1161,7 @@ class _DeepSeekFormat(_MarkedFormat):
     Both are read; `fenced` picks the one the grammar writes."""
 
     starts = (_DS_CALLS_BEGIN,)
+    terminators = (_DS_CALL_END, _DS_CALLS_END, _DS_CALL_BEGIN, "```")
 
     def __init__(self, name: str, *, fenced: bool) -> None:
         self.name = name
@@ -901,11 +1176,72 @@ class _DeepSeekFormat(_MarkedFormat):
         return f"{_DS_CALL_BEGIN}{name}{_DS_SEP}", _DS_CALL_END
 
     def block(self, scanner: _MarkedScanner, buffer: str, marker: str, final: bool) -> _Step | None:
-        found = self.closed_block(buffer, marker, _DS_CALLS_END, final)
-        if found is None:
-            return None
-        calls = _deepseek_calls(found[0])
-        return _Step(found[1], calls) if calls else _Step(len(marker))
+        heads: list[_Head] = []
+        pos, broken = len(marker), False
+        while True:
+            pos = _skip_ws(buffer, pos)
+            closed = _match_literal(buffer, pos, _DS_CALLS_END)
+            if closed is not None and closed > 0:
+                if heads:
+                    return scanner.forced(buffer, heads, final, end=closed)  # every call is settled
+                broken = True
+                break
+            opened = _match_literal(buffer, pos, _DS_CALL_BEGIN)
+            if closed is None or opened is None:
+                break  # undecided
+            if opened < 0:
+                broken = True
+                break
+            read = self._call_head(buffer, opened, final)
+            if not isinstance(read, tuple):
+                broken = read is False
+                break
+            head, fenced = read
+            heads.append(head)
+            end, settled = scanner.arguments(buffer, head.start, final)
+            after = self._call_end(buffer, end, fenced=fenced) if settled else None
+            if after is None or after < 0:
+                broken = after is not None
+                break
+            pos = after
+        if not broken and not final:
+            return scanner.pending(buffer, heads)
+        if not heads:
+            return _Step(len(marker))  # unreadable: the marker is text
+        return scanner.forced(buffer, heads, final, closers=(_DS_CALLS_END,), starts=self.starts)
+
+    @staticmethod
+    def _call_head(buffer: str, pos: int, final: bool) -> tuple[_Head, bool] | bool | None:
+        """The call after `<｜tool▁call▁begin｜>` up to its arguments' `{`, and whether it is fenced:
+        `name<｜tool▁sep｜>{` or `function<｜tool▁sep｜>name\\n```json\\n{`; None while undecided, False
+        if it is neither."""
+        sep = buffer.find(_DS_SEP, pos)
+        if sep < 0:
+            return False if final else None
+        start = _skip_ws(buffer, sep + len(_DS_SEP))
+        if start == len(buffer):
+            return False if final else None
+        fenced = buffer[start] != "{"
+        if not fenced:
+            name = buffer[pos:sep].strip()
+        else:
+            fence = _DS_FENCE_HEAD.match(buffer, start)
+            if fence is None:
+                return False if final or buffer.find(_DS_CALL_END, start) >= 0 else None
+            name, start = fence.group(1), fence.end() - 1
+        return (_Head(name, start), fenced) if name else False
+
+    @staticmethod
+    def _call_end(buffer: str, pos: int, *, fenced: bool) -> int | None:
+        """Position after the call's end (the fence's, then `<｜tool▁call▁end｜>`) from the end of its
+        arguments; None while undecided; -1 if something else follows."""
+        pos = _skip_ws(buffer, pos)
+        if fenced:
+            after = _match_literal(buffer, pos, "```")
+            if after is None or after < 0:
+                return after
+            pos = _skip_ws(buffer, after)
+        return _match_literal(buffer, pos, _DS_CALL_END)
 
 
 # ---------------------------------------------------------------------------------------------
