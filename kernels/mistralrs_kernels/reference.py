@@ -96,18 +96,9 @@ def paged_decode_attention(
     context_lens: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """One query per sequence over its cached positions (gathered, fp32 SDPA)."""
-    block_size, kv_heads, d = k_cache.shape[1:]
-    out = torch.empty_like(q)
-    for s, ctx in enumerate(context_lens.tolist()):
-        blocks = block_tables[s, : -(-ctx // block_size)].long()
-        k = k_cache[blocks].reshape(-1, kv_heads, d)[:ctx].float().transpose(0, 1)
-        v = v_cache[blocks].reshape(-1, kv_heads, d)[:ctx].float().transpose(0, 1)
-        o = F.scaled_dot_product_attention(
-            q[s].float().unsqueeze(1), k, v, scale=scale, enable_gqa=q.shape[1] != kv_heads
-        )
-        out[s] = o.squeeze(1).to(q.dtype)
-    return out
+    """One query per sequence over its cached positions: prefill attention with one row each."""
+    cu = torch.arange(len(context_lens) + 1)
+    return paged_prefill_attention(q, k_cache, v_cache, block_tables, cu, context_lens, scale)
 
 
 def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:

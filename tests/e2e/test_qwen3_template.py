@@ -17,6 +17,7 @@ from live_server import LiveServer, start_server, stop_server
 from mistralrs_serve.config import EngineConfig, ServerConfig
 from mistralrs_serve.runner import Runner
 from openai_schema import check
+from tool_specs import ADD
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
 import tiny_models as tm
@@ -24,22 +25,6 @@ import tiny_models as tm
 TEMPLATES = Path(__file__).resolve().parents[2].parent / "shared" / "testdata" / "chat_templates"
 QWEN3_TEMPLATE = TEMPLATES / "Qwen-Qwen3-0.6B.jinja"
 ADDED = ["<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
-ADD = {
-    "type": "function",
-    "function": {
-        "name": "add",
-        "description": "Add two integers",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "a": {"type": "integer", "minimum": -999, "maximum": 999},
-                "b": {"type": "integer", "minimum": -999, "maximum": 999},
-            },
-            "required": ["a", "b"],
-            "additionalProperties": False,
-        },
-    },
-}
 HELLO = [{"role": "user", "content": "hello"}]
 
 

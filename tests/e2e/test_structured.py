@@ -14,6 +14,7 @@ import openai
 import pytest
 from live_server import LiveServer
 from openai_schema import check
+from tool_specs import ADD, WEATHER
 
 PERSON = {
     "type": "object",
@@ -58,35 +59,6 @@ SCHEMAS = {
         "additionalProperties": False,
     },
     "optional_pattern": PERSON,
-}
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The current weather in a city",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string", "maxLength": 24}, "unit": {"enum": ["c", "f"]}},
-            "required": ["city", "unit"],
-            "additionalProperties": False,
-        },
-        "strict": True,
-    },
-}
-ADD = {
-    "type": "function",
-    "function": {
-        "name": "add",
-        "description": "Add two integers",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "a": {"type": "integer", "minimum": -999, "maximum": 999},
-                "b": {"type": "integer", "minimum": -999, "maximum": 999},
-            },
-            "required": ["a", "b"],
-        },
-    },
 }
 ASK = [{"role": "user", "content": "Describe it as JSON."}]
 WEATHER_Q = [{"role": "user", "content": "What is the weather in Paris?"}]
