@@ -135,3 +135,34 @@ def test_hermes_tool_calls_end_to_end(qwen3: LiveServer) -> None:
     ]
     rendered = prompt_text(qwen3, messages=history, tools=[ADD])
     assert "<tool_call>" in rendered and "<tool_response>\n3\n</tool_response>" in rendered
+
+
+def test_constrained_auto_mode_allows_text_or_one_valid_call(qwen3: LiveServer) -> None:
+    """parallel_tool_calls false in auto mode: the grammar lets the model answer in text or
+    make one call (after text or not). A bias on <tool_call> makes the random model call."""
+    client = qwen3.client()
+    with qwen3.http() as http:
+        marker = http.post("/tokenize", json={"prompt": "<tool_call>", "add_special_tokens": False}).json()[
+            "tokens"
+        ]
+    assert len(marker) == 1
+    for bias, seed in ((None, 0), (None, 1), ({str(marker[0]): 30}, 0), ({str(marker[0]): 30}, 1)):
+        res = create(
+            client,
+            tools=[ADD],
+            parallel_tool_calls=False,
+            max_tokens=200,
+            seed=seed,
+            temperature=1.0,
+            logit_bias=bias,
+        )
+        choice = res.choices[0]
+        content = choice.message.content or ""
+        assert "<tool_call>" not in content and "</tool_call>" not in content
+        if bias is None:
+            continue
+        assert choice.finish_reason == "tool_calls", choice.message
+        assert len(choice.message.tool_calls) == 1
+        call = choice.message.tool_calls[0]
+        assert call.function.name == "add"
+        jsonschema.validate(json.loads(call.function.arguments), ADD["function"]["parameters"])

@@ -89,6 +89,8 @@ class LLMEngine:
         self.grammars = GrammarCompiler(self.tokenizer, self.model.config.vocab_size)
         # Grammar masks of a step are filled on this thread while the model runs.
         self._mask_worker = ThreadPoolExecutor(1, thread_name_prefix="grammar-mask")
+        # The token trie, built off the engine thread before the first constrained request needs it.
+        self._mask_worker.submit(lambda: self.grammars.vocabulary)
         # Called on the engine thread with each request that finished (not aborted): metrics.
         self.finished_hooks: list[Callable[[Request], None]] = []
         self.requests: dict[str, Request] = {}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
@@ -308,7 +307,9 @@ def _check_tool_fields(req: ChatCompletionRequest) -> None:
 def _tool_grammar(plan: ToolPlan, fmt: ToolCallFormat, tokenizer: Any) -> Grammar | None:
     """The constraint a tool plan needs: a call in the family's format when one
     is required; in auto mode, when parallel calls are off or a function is
-    strict, either text without call markup or the calls. None: free text."""
+    strict, text without call markup, or text and then the calls where the
+    family writes calls after text (see `ToolCallFormat.auto_grammar`). None:
+    free text."""
     if plan.mode == "required":
         return Grammar(
             "lark",
@@ -317,19 +318,8 @@ def _tool_grammar(plan: ToolPlan, fmt: ToolCallFormat, tokenizer: Any) -> Gramma
         )
     if plan.parallel and not plan.any_strict:
         return None
-    calls = fmt.call_grammar(plan.tools, parallel=plan.parallel).replace("start:", "tool_calls:", 1)
-    starts = getattr(fmt, "starts", None)
-    if starts:
-        markers = "|".join(_regex_literal(m) for m in starts)
-        text = f"TEXT: /(?s:.*)/ & ~/(?s:.*)({markers})(?s:.*)/"
-    else:  # the whole output is the call: text must not open like JSON
-        text = r"TEXT: /(?s:.*)/ & ~/[ \t\n]*[\[{](?s:.*)/"
-    source = f"start: TEXT | tool_calls\n{text}\n{calls}"
+    source = fmt.auto_grammar(plan.tools, parallel=plan.parallel)
     return Grammar("lark", _special_markers(source, tokenizer), "tools")
-
-
-def _regex_literal(text: str) -> str:
-    return re.escape(text).replace("/", "\\/")
 
 
 def _special_markers(source: str, tokenizer: Any) -> str:

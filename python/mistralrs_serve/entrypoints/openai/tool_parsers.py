@@ -7,7 +7,10 @@ renders for an assistant message with `tool_calls`). A `ToolCallFormat` knows on
 - `streamer()` does the same incrementally, giving OpenAI-style deltas, and never lets tool markup
   (or text that may still become markup) reach a content delta;
 - `call_grammar(tools, parallel=...)` gives an llguidance Lark grammar whose language is exactly one
-  call (or, with `parallel`, one or more) in that format, with arguments constrained by the schema.
+  call (or, with `parallel`, one or more) in that format, with arguments constrained by the schema;
+- `auto_grammar(tools, parallel=...)` gives one for a model that may call tools or answer: text that
+  does not open call markup, or (where the family writes calls after text) text up to the marker and
+  then exactly those calls, or (where the calls are the whole output) exactly those calls.
 
 `detect_format(template_source)` picks the format from the markers a chat template uses.
 
@@ -623,8 +626,70 @@ def _add_arguments(deltas: list[ToolCallDelta], index: int, text: str) -> None:
 _JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
+_DS_CALLS_BEGIN = "<｜tool▁calls▁begin｜>"
+_DS_CALLS_END = "<｜tool▁calls▁end｜>"
+_DS_CALL_BEGIN = "<｜tool▁call▁begin｜>"
+_DS_CALL_END = "<｜tool▁call▁end｜>"
+_DS_SEP = "<｜tool▁sep｜>"
+
+# Markers that vocabularies hold as one token. A grammar writes each as a literal of its own, so that
+# the server can put the token in its place where it is special (a special token never matches text).
+_TOKEN_MARKERS = (
+    "<tool_call>",
+    "</tool_call>",
+    "[TOOL_CALLS]",
+    "[ARGS]",
+    "[CALL_ID]",
+    "<|python_tag|>",
+    "<|tool_call|>",
+    _DS_CALLS_BEGIN,
+    _DS_CALLS_END,
+    _DS_CALL_BEGIN,
+    _DS_CALL_END,
+    _DS_SEP,
+)
+_TOKEN_MARKER_SPLIT = re.compile("(" + "|".join(map(re.escape, _TOKEN_MARKERS)) + ")")
+
+
 def _lark_string(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
+
+
+def _lark_text(text: str) -> str:
+    """`text` as Lark literals, one after another, each of `_TOKEN_MARKERS` in it a literal of its own."""
+    return " ".join(_lark_string(piece) for piece in _TOKEN_MARKER_SPLIT.split(text) if piece)
+
+
+_REGEX_META = frozenset("\\.+*?()|[]{}^$#&-~/")
+
+
+def _regex_literal(text: str) -> str:
+    """`text` as a literal inside a Lark `/regex/`."""
+    return "".join(
+        "\\" + char if char in _REGEX_META else char if char.isprintable() else f"\\x{{{ord(char):x}}}"
+        for char in text
+    )
+
+
+def _regex_class(chars: Iterable[str]) -> str:
+    """A regex class of `chars`, written in ranges of `\\x{...}` escapes."""
+    codes = sorted(set(map(ord, chars)))
+    ranges: list[list[int]] = []
+    for code in codes:
+        if ranges and ranges[-1][1] == code - 1:
+            ranges[-1][1] = code
+        else:
+            ranges.append([code, code])
+    parts = (f"\\x{{{a:x}}}" + (f"-\\x{{{b:x}}}" if b > a else "") for a, b in ranges)
+    return "[" + "".join(parts) + "]"
+
+
+# What `str.isspace` calls whitespace (the parsers skip it before a call), with and without "\n".
+_SPACES = [char for char in map(chr, range(0x3001)) if char.isspace()]
+_SPACE_CLASS = _regex_class(_SPACES)
+_LINE_SPACE_CLASS = _regex_class(char for char in _SPACES if char != "\n")
+# Any text, in a regex.
+_ANY = "(?s:.*)"
 
 
 def _json_rule(schema: Mapping[str, Any]) -> str:
@@ -660,24 +725,24 @@ class ToolCallFormat:
 
     def call_grammar(self, tools: Sequence[Mapping[str, Any]], *, parallel: bool) -> str:
         """An llguidance Lark grammar for exactly one call (or one or more, with `parallel`) to one of
-        `tools`, arguments constrained by the tool's `parameters` schema. Markers are plain strings."""
-        specs = _function_specs(tools)
-        if not specs:
-            raise ValueError("call_grammar needs at least one tool")
-        prefix, separator, suffix = (
-            _lark_string(part) if part else "" for part in self._grammar_frame(parallel)
+        `tools`, arguments constrained by the tool's `parameters` schema. Markers are plain strings,
+        each a literal of its own (see `_TOKEN_MARKERS`)."""
+        calls, rules = self._calls_grammar(tools, parallel=parallel)
+        return self._complete_grammar(["start: " + calls, *rules])
+
+    def auto_grammar(self, tools: Sequence[Mapping[str, Any]], *, parallel: bool) -> str:
+        """An llguidance Lark grammar for what the model may write when it may call `tools`: text
+        that does not open like a call (here, after whitespace, `{`, `[` or a ```json fence that
+        opens JSON), or the calls exactly as `call_grammar` has them."""
+        calls, rules = self._calls_grammar(tools, parallel=parallel)
+        return self._complete_grammar(
+            [
+                "start: TEXT | calls",
+                f"TEXT: /{_ANY}/ & ~/{self._call_opening()}{_ANY}/",
+                "calls: " + calls,
+                *rules,
+            ]
         )
-        calls = "call"
-        if parallel:
-            calls = f"call ({separator} call)*" if separator else "call+"
-        body = " ".join(part for part in (prefix, calls, suffix) if part)
-        if parallel and self.name == "json":
-            body = f"call | {body}"  # one call may stay a bare object, as the fallback prompt asks
-        lines = ["start: " + body]
-        lines.append("call: " + " | ".join(f"call_{index}" for index in range(len(specs))))
-        for index, (name, schema) in enumerate(specs):
-            lines.extend(self._call_rules(index, name, schema))
-        return "\n".join(lines) + "\n"
 
     # --- for subclasses ---
 
@@ -692,13 +757,56 @@ class ToolCallFormat:
         """The text before and after the arguments JSON of a call to `name`, in the grammar."""
         return '{"name": ' + json.dumps(name, ensure_ascii=False) + f', "{self.arguments_key}": ', "}"
 
-    def _call_rules(self, index: int, name: str, schema: Mapping[str, Any]) -> list[str]:
+    def _call_parts(self, index: int, name: str, schema: Mapping[str, Any]) -> tuple[str, str, list[str]]:
+        """A call to `name`, the `index`th tool, in the grammar: the text that opens it, the rest
+        of its expansion, and the rules that expansion needs (their names end in `_{index}...`)."""
         before, after = self._call_text(name)
-        tail = f" {_lark_string(after)}" if after else ""
-        return [
-            f"call_{index}: {_lark_string(before)} args_{index}{tail}",
-            f"args_{index}: {_json_rule(schema)}",
-        ]
+        rest = f"args_{index} {_lark_text(after)}" if after else f"args_{index}"
+        return before, rest, [f"args_{index}: {_json_rule(schema)}"]
+
+    def _call_opening(self) -> str:
+        """A regex for the start of an output that is calls (text must not start so)."""
+        space, line_space = _SPACE_CLASS + "*", _LINE_SPACE_CLASS + "*"
+        fence = f"```{line_space}([jJ][sS][oO][nN])?{line_space}\\n{space}"
+        return f"{space}({fence})?[\\[{{]"
+
+    def _complete_grammar(self, lines: list[str]) -> str:
+        """The grammar of `lines`, with any rules they need besides those of `_calls_grammar`."""
+        return "\n".join(lines) + "\n"
+
+    # --- grammar helpers ---
+
+    def _calls_grammar(
+        self, tools: Sequence[Mapping[str, Any]], *, parallel: bool, opened: str = ""
+    ) -> tuple[str, list[str]]:
+        """(expansion, rules) for exactly the calls of `call_grammar`; with `opened`, the calls less
+        that text at their start (a marker the output already has)."""
+        specs = _function_specs(tools)
+        if not specs:
+            raise ValueError("a tool-call grammar needs at least one tool")
+        prefix, separator, suffix = self._grammar_frame(parallel)
+        rules = ["call: " + " | ".join(f"call_{index}" for index in range(len(specs)))]
+        parts = [self._call_parts(index, name, schema) for index, (name, schema) in enumerate(specs)]
+        for index, (head, rest, needed) in enumerate(parts):
+            rules.append(f"call_{index}: {_lark_text(head)} {rest}")
+            rules.extend(needed)
+        first = "call"
+        if opened and prefix.startswith(opened):  # the marker opens the calls
+            prefix = prefix[len(opened) :]
+        elif opened:  # the marker opens each call: the first one without it
+            if not all(head.startswith(opened) for head, _, _ in parts):
+                raise ValueError(f"{self.name}: the calls do not open with {opened!r}")
+            first = "first_call"
+            rules.append("first_call: " + " | ".join(f"first_call_{index}" for index in range(len(specs))))
+            for index, (head, rest, _) in enumerate(parts):
+                rules.append(f"first_call_{index}: {_lark_text(head[len(opened) :])} {rest}".rstrip())
+        calls = first
+        if parallel:
+            calls = f"{first} ({_lark_text(separator)} call)*" if separator else f"{first} call*"
+        body = " ".join(part for part in (_lark_text(prefix), calls, _lark_text(suffix)) if part)
+        if parallel and self.name == "json":
+            body = f"call | {body}"  # one call may stay a bare object, as the fallback prompt asks
+        return body, rules
 
     def __repr__(self) -> str:
         return f"<ToolCallFormat {self.name}>"
@@ -839,6 +947,9 @@ class _Llama3JsonFormat(ToolCallFormat):
     def _grammar_frame(self, parallel: bool) -> tuple[str, str, str]:
         return "", "; ", ""
 
+    def _call_opening(self) -> str:
+        return f"{_SPACE_CLASS}*(<\\|python_tag\\|>|[\\[{{])"
+
 
 # --- Formats with markers around the calls ---
 
@@ -872,6 +983,29 @@ class _MarkedFormat(ToolCallFormat):
 
     def _scanner(self, tools: Sequence[Mapping[str, Any]] | None) -> _Scanner:
         return _MarkedScanner(self, tools)
+
+    def auto_grammar(self, tools: Sequence[Mapping[str, Any]], *, parallel: bool) -> str:
+        """An llguidance Lark grammar for what the model may write when it may call `tools`: text
+        without the marker that opens calls, or text up to that marker and then the calls exactly
+        as `call_grammar` has them.
+
+        Lexemes do not backtrack, so text before the calls cannot be a lexeme that excludes the
+        marker: it would swallow a marker's first characters before the marker shows. It is a lazy
+        lexeme that ends with the marker (`suffix`), the calls less that marker after it. When the
+        server puts a special token in the marker's place, text never holds it: the last branch,
+        text and then the marker as a literal of its own, takes it."""
+        (marker,) = self.starts
+        calls, rules = self._calls_grammar(tools, parallel=parallel, opened=marker)
+        literal = _regex_literal(marker)
+        return self._complete_grammar(
+            [
+                f"start: TEXT | text_to_marker opened_calls | TEXT? {_lark_string(marker)} opened_calls",
+                f"TEXT: /{_ANY}/ & ~/{_ANY}{literal}{_ANY}/",
+                f"text_to_marker[suffix=/{literal}/]: /{_ANY}/",
+                "opened_calls: " + calls,
+                *rules,
+            ]
+        )
 
     def block(self, scanner: _MarkedScanner, buffer: str, marker: str, final: bool) -> _Step | None:
         """The call block at the start of `buffer` (which starts with `marker`); None while undecided.
@@ -1021,24 +1155,24 @@ class _Qwen3CoderFormat(_HermesFormat):
 
     name = "qwen3_coder"
 
-    def call_grammar(self, tools: Sequence[Mapping[str, Any]], *, parallel: bool) -> str:
-        grammar = super().call_grammar(tools, parallel=parallel)
+    def _complete_grammar(self, lines: list[str]) -> str:
+        grammar = super()._complete_grammar(lines)
         return grammar + _XML_TEXT_RULES if " xml_text" in grammar else grammar
 
-    def _call_rules(self, index: int, name: str, schema: Mapping[str, Any]) -> list[str]:
-        head = _lark_string(f"<tool_call>\n<function={name}>\n")
-        tail = _lark_string("</function>\n</tool_call>")
+    def _call_parts(self, index: int, name: str, schema: Mapping[str, Any]) -> tuple[str, str, list[str]]:
+        head = f"<tool_call>\n<function={name}>\n"
+        tail = _lark_text("</function>\n</tool_call>")
         properties = schema.get("properties")
         if not isinstance(properties, Mapping) or not properties:
             free = '"<parameter=" /[A-Za-z_][A-Za-z0-9_.-]*/ ">\\n" xml_text'
-            return [f"call_{index}: {head} ({free})* {tail}"]
+            return head, f"({free})* {tail}", []
         required = set(schema.get("required") or ())
         rules, parts = [], []
         for position, (key, prop) in enumerate(properties.items()):
             rule = f"param_{index}_{position}"
             parts.append(rule if key in required else f"{rule}?")
             rules.extend(self._parameter_rules(rule, key, prop, schema))
-        return [f"call_{index}: {head} {' '.join(parts)} {tail}", *rules]
+        return head, f"{' '.join(parts)} {tail}", rules
 
     @staticmethod
     def _parameter_rules(rule: str, key: str, prop: Any, schema: Mapping[str, Any]) -> list[str]:
@@ -1144,11 +1278,6 @@ class _MistralFormat(_MarkerJsonFormat):
         return (f"[TOOL_CALLS]{name}[ARGS]", "") if self._named else super()._call_text(name)
 
 
-_DS_CALLS_BEGIN = "<｜tool▁calls▁begin｜>"
-_DS_CALLS_END = "<｜tool▁calls▁end｜>"
-_DS_CALL_BEGIN = "<｜tool▁call▁begin｜>"
-_DS_CALL_END = "<｜tool▁call▁end｜>"
-_DS_SEP = "<｜tool▁sep｜>"
 # R1 / V3 after the separator: "name\n```json\n" up to the arguments' "{" (a name holds no "｜", so
 # no marker).
 _DS_FENCE_HEAD = re.compile(r"([^\n`｜]+?)\s*\n```(?:json)?\s*\n\s*\{")
