@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import re
 
 import pytest
 from mistralrs_serve import ChatCompletionRequest, CompletionRequest, InvalidRequestError
@@ -75,6 +77,22 @@ def test_mistralrs_names_are_accepted(default_runner) -> None:  # type: ignore[n
         model="default", messages=QUESTION, max_tokens=4, temperature=0.0, n_choices=2, stop_seqs=["zzz"]
     )
     assert req.n == 2 and req.stop == ["zzz"]
+
+
+def test_mistralrs_grammar_fields(default_runner) -> None:  # type: ignore[no-untyped-def]
+    """The mistral.rs SDK's `grammar` + `grammar_type`, on chat and legacy completions."""
+    res = chat(default_runner, grammar="(yes|no)[.!]", grammar_type="regex", temperature=1.0, seed=3)
+    assert res.choices[0].message.content in ("yes.", "yes!", "no.", "no!")
+    schema = '{"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}'
+    res = chat(default_runner, grammar=schema, grammar_type="json_schema", max_tokens=40)
+    assert isinstance(json.loads(res.choices[0].message.content)["ok"], bool)
+    req = CompletionRequest(
+        model="default", prompt="Yes or no?", grammar=" [0-9]{3}", grammar_type="regex", max_tokens=8
+    )
+    assert re.fullmatch(" [0-9]{3}", default_runner.send_completion_request(req).choices[0].text)
+    with pytest.raises(InvalidRequestError) as info:
+        chat(default_runner, grammar="a+")
+    assert info.value.param == "grammar_type"
 
 
 def test_tokenize_roundtrip(default_runner) -> None:  # type: ignore[no-untyped-def]

@@ -49,7 +49,9 @@ class SamplingFields(OpenAIModel):
     dry_base: float | None = None
     dry_allowed_length: int | None = None
     dry_sequence_breakers: list[str] | None = None
-    grammar: dict[str, Any] | None = None
+    # {"type", "value"}; or, as the mistral.rs SDK writes it, the source text with grammar_type
+    grammar: dict[str, Any] | str | None = None
+    grammar_type: str | None = None
     truncate_sequence: bool = False
     ignore_eos: bool = False
 

@@ -59,7 +59,7 @@ class ChatServing:
             fmt = detect_format(
                 template.tools_source if template is not None and template.supports_tools else None
             )
-        grammar = structured.request_grammar(req.response_format, req.grammar)
+        grammar = structured.request_grammar(req.response_format, req.grammar, req.grammar_type)
         tool_grammar = _tool_grammar(plan, fmt, self.engine.tokenizer) if fmt is not None else None
         if tool_grammar is not None and grammar is not None:
             raise InvalidRequestError(

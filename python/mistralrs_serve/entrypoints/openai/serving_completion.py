@@ -64,7 +64,7 @@ class CompletionServing:
             top_logprobs=req.logprobs or 0,
             defaults=self.engine.loaded.generation_defaults,
             seeds=self.seeds,
-            grammar=structured.request_grammar(None, req.grammar),
+            grammar=structured.request_grammar(None, req.grammar, req.grammar_type),
         )
         prompts = []
         for ids in self.prompts(req):

@@ -70,8 +70,16 @@ def from_grammar_field(grammar: Any) -> Grammar:
     return Grammar(kind, value, "grammar.value")
 
 
-def request_grammar(response_format: Any, grammar: Any) -> Grammar | None:
-    """The one constraint of a request; both fields set is a 400."""
+def request_grammar(response_format: Any, grammar: Any, grammar_type: str | None = None) -> Grammar | None:
+    """The one constraint of a request; both fields set is a 400. `grammar` may
+    also be the source text with its kind in `grammar_type` (the mistral.rs SDK's form)."""
+    if isinstance(grammar, str):
+        if grammar_type is None:
+            raise InvalidRequestError(
+                "grammar_type (regex, json_schema, lark or llguidance) is required when grammar is a string",
+                "grammar_type",
+            )
+        grammar = {"type": grammar_type, "value": grammar}
     if grammar is not None and response_format is not None:
         raise InvalidRequestError(
             "grammar and response_format are mutually exclusive; set only one", "grammar"
