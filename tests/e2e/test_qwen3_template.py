@@ -24,12 +24,13 @@ import tiny_models as tm
 
 TEMPLATES = Path(__file__).resolve().parents[2].parent / "shared" / "testdata" / "chat_templates"
 QWEN3_TEMPLATE = TEMPLATES / "Qwen-Qwen3-0.6B.jinja"
+R1_TEMPLATE = TEMPLATES / "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja"
 ADDED = ["<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
 HELLO = [{"role": "user", "content": "hello"}]
 
 
-def save_qwen3(directory: Path) -> Path:
-    """The tiny Qwen3 with Qwen3's markers as added (non-special) tokens and its real template."""
+def save_qwen3(directory: Path, template: Path = QWEN3_TEMPLATE) -> Path:
+    """The tiny Qwen3 with Qwen3's markers as added (non-special) tokens and a real template."""
     tok = tm.build_tokenizer()
     tok.add_tokens(ADDED)
     spec = tm.SPECS["qwen3"]
@@ -43,22 +44,33 @@ def save_qwen3(directory: Path) -> Path:
         "eos_token": tm.EOS_TOKEN,
         "pad_token": "<|endoftext|>",
         "add_bos_token": False,
-        "chat_template": QWEN3_TEMPLATE.read_text(),
+        "chat_template": template.read_text(),
     }
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
     return directory
+
+
+def serve_tiny(directory: Path) -> Iterator[LiveServer]:
+    runner = Runner.from_model(str(directory), dtype="float32", engine_config=EngineConfig(kv_cache_mb=16))
+    live = start_server(ServerConfig(), lambda: runner.client)
+    yield live
+    stop_server(live)
+    runner.close()
 
 
 @pytest.fixture(scope="module")
 def qwen3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     if not QWEN3_TEMPLATE.exists():
         pytest.skip(f"{QWEN3_TEMPLATE} is absent (the shared test data folder)")
-    directory = save_qwen3(tmp_path_factory.mktemp("qwen3"))
-    runner = Runner.from_model(str(directory), dtype="float32", engine_config=EngineConfig(kv_cache_mb=16))
-    live = start_server(ServerConfig(), lambda: runner.client)
-    yield live
-    stop_server(live)
-    runner.close()
+    yield from serve_tiny(save_qwen3(tmp_path_factory.mktemp("qwen3")))
+
+
+@pytest.fixture(scope="module")
+def r1(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """The same tiny model with DeepSeek-R1-Distill's template, whose prompt opens the thinking block."""
+    if not R1_TEMPLATE.exists():
+        pytest.skip(f"{R1_TEMPLATE} is absent (the shared test data folder)")
+    yield from serve_tiny(save_qwen3(tmp_path_factory.mktemp("r1"), R1_TEMPLATE))
 
 
 def create(client: openai.OpenAI, **kwargs: Any) -> Any:
@@ -166,3 +178,20 @@ def test_constrained_auto_mode_allows_text_or_one_valid_call(qwen3: LiveServer) 
         call = choice.message.tool_calls[0]
         assert call.function.name == "add"
         jsonschema.validate(json.loads(call.function.arguments), ADD["function"]["parameters"])
+
+
+def test_generation_that_starts_inside_the_thinking_block(r1: LiveServer) -> None:
+    """R1's prompt ends with "<think>\n" when thinking is on, so the output is reasoning up to
+    </think>; with thinking off the template closes the block and the output is content."""
+    client = r1.client()
+    assert prompt_text(r1, enable_thinking=True).endswith("<think>\n")
+    thought = {"type": "lark", "value": 'start: /[a-z]{3,8}/ "\\n</think>\\n\\n" /[a-z]{3,8}/'}
+    res = create(client, extra_body={"grammar": thought, "enable_thinking": True}, max_tokens=40, seed=0)
+    message = res.choices[0].message
+    reasoning = (message.model_extra or {}).get("reasoning_content")
+    assert reasoning and reasoning.isalpha() and message.content.isalpha(), message
+    assert prompt_text(r1, enable_thinking=False).endswith("<think>\n</think>")
+    plain = {"type": "regex", "value": "[a-z]{3,8}"}
+    res = create(client, extra_body={"grammar": plain, "enable_thinking": False}, max_tokens=20, seed=0)
+    message = res.choices[0].message
+    assert message.content.isalpha() and not (message.model_extra or {}).get("reasoning_content")
