@@ -30,7 +30,7 @@ from mistralrs_serve.entrypoints.openai.protocol import (
     random_id,
 )
 from mistralrs_serve.entrypoints.openai.reasoning import reasoning_parser_for
-from mistralrs_serve.entrypoints.openai.tool_parsers import ToolCallFormat, detect_format
+from mistralrs_serve.entrypoints.openai.tool_parsers import TOKEN_MARKERS, ToolCallFormat, detect_format
 from mistralrs_serve.entrypoints.openai.tools import ToolPlan, plan_tools, with_tool_prompt
 from mistralrs_serve.errors import InvalidRequestError
 from mistralrs_serve.sampling_params import Grammar, SamplingParams
@@ -323,11 +323,11 @@ def _tool_grammar(plan: ToolPlan, fmt: ToolCallFormat, tokenizer: Any) -> Gramma
 
 
 def _special_markers(source: str, tokenizer: Any) -> str:
-    """A marker the vocabulary holds as one special token is written `<[id]>`:
-    llguidance never matches special tokens from plain text."""
+    """A tool-call marker the vocabulary holds as one special token is written
+    `<[id]>`: llguidance never matches special tokens from plain text."""
     added = tokenizer.backend.get_added_tokens_decoder()
     for token_id, token in added.items():
-        if token.special:
+        if token.special and token.content in TOKEN_MARKERS:
             quoted = json.dumps(token.content, ensure_ascii=False)
             if quoted in source:
                 source = source.replace(quoted, f"<[{token_id}]>")

@@ -634,7 +634,7 @@ _DS_SEP = "<｜tool▁sep｜>"
 
 # Markers that vocabularies hold as one token. A grammar writes each as a literal of its own, so that
 # the server can put the token in its place where it is special (a special token never matches text).
-_TOKEN_MARKERS = (
+TOKEN_MARKERS = (
     "<tool_call>",
     "</tool_call>",
     "[TOOL_CALLS]",
@@ -648,7 +648,7 @@ _TOKEN_MARKERS = (
     _DS_CALL_END,
     _DS_SEP,
 )
-_TOKEN_MARKER_SPLIT = re.compile("(" + "|".join(map(re.escape, _TOKEN_MARKERS)) + ")")
+_TOKEN_MARKER_SPLIT = re.compile("(" + "|".join(map(re.escape, TOKEN_MARKERS)) + ")")
 
 
 def _lark_string(text: str) -> str:
@@ -656,7 +656,7 @@ def _lark_string(text: str) -> str:
 
 
 def _lark_text(text: str) -> str:
-    """`text` as Lark literals, one after another, each of `_TOKEN_MARKERS` in it a literal of its own."""
+    """`text` as Lark literals, one after another, each of `TOKEN_MARKERS` in it a literal of its own."""
     return " ".join(_lark_string(piece) for piece in _TOKEN_MARKER_SPLIT.split(text) if piece)
 
 
@@ -726,7 +726,7 @@ class ToolCallFormat:
     def call_grammar(self, tools: Sequence[Mapping[str, Any]], *, parallel: bool) -> str:
         """An llguidance Lark grammar for exactly one call (or one or more, with `parallel`) to one of
         `tools`, arguments constrained by the tool's `parameters` schema. Markers are plain strings,
-        each a literal of its own (see `_TOKEN_MARKERS`)."""
+        each a literal of its own (see `TOKEN_MARKERS`)."""
         calls, rules = self._calls_grammar(tools, parallel=parallel)
         return self._complete_grammar(["start: " + calls, *rules])
 
