@@ -13,13 +13,9 @@ import pytest
 from mistralrs_serve.errors import ChatTemplateError, ModelLoadError
 from mistralrs_serve.tokenizer import chat_template as chat_template_module
 from mistralrs_serve.tokenizer.chat_template import ChatTemplate, flatten_text_content, load_chat_template
+from template_data import MISSING_TESTDATA, TEMPLATE_DIR
 
-TESTDATA = Path(__file__).resolve().parents[2].parent / "shared" / "testdata"
-TEMPLATE_DIR = TESTDATA / "chat_templates"
 TEMPLATE_FILES = sorted(TEMPLATE_DIR.glob("*.jinja"))
-MISSING_TESTDATA = (
-    f"chat template test data not found at {TEMPLATE_DIR} (the shared testdata folder is absent)"
-)
 
 BOS, EOS = "<s>", "</s>"
 FIXED_NOW = dt.datetime(2025, 3, 14, 9, 26, 53)

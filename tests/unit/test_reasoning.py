@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 from mistralrs_serve.entrypoints.openai.reasoning import (
@@ -13,12 +12,7 @@ from mistralrs_serve.entrypoints.openai.reasoning import (
     split_reasoning,
 )
 from mistralrs_serve.tokenizer.chat_template import ChatTemplate
-
-TEMPLATE_DIR = Path(__file__).resolve().parents[2].parent / "shared/testdata/chat_templates"
-needs_templates = pytest.mark.skipif(
-    not TEMPLATE_DIR.is_dir(),
-    reason=f"chat template test data not found at {TEMPLATE_DIR} (the shared testdata folder is absent)",
-)
+from template_data import TEMPLATE_DIR, needs_templates
 
 THINK = ("<think>", "</think>")
 GEMMA4 = ("<|channel>thought", "<channel|>")

@@ -7,7 +7,6 @@ import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -24,6 +23,7 @@ from mistralrs_serve.entrypoints.openai.tool_parsers import (
 )
 from mistralrs_serve.errors import ChatTemplateError
 from mistralrs_serve.tokenizer.chat_template import ChatTemplate
+from template_data import TEMPLATE_DIR, needs_templates
 
 try:
     from mistralrs_serve import _native
@@ -35,11 +35,6 @@ needs_native = pytest.mark.skipif(
     not HAVE_NATIVE, reason="the Rust extension mistralrs_serve._native is not built"
 )
 
-TEMPLATE_DIR = Path(__file__).resolve().parents[2].parent / "shared/testdata/chat_templates"
-needs_templates = pytest.mark.skipif(
-    not TEMPLATE_DIR.is_dir(),
-    reason=f"chat template test data not found at {TEMPLATE_DIR} (the shared testdata folder is absent)",
-)
 
 # Tool markup that must never reach a content delta when it belongs to a valid call.
 MARKUP = (

@@ -1,0 +1,15 @@
+"""Where the real chat templates of ../shared/testdata live, and the marker
+that skips a test, with the reason, when that folder is absent."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+TESTDATA = Path(__file__).resolve().parents[2].parent / "shared" / "testdata"
+TEMPLATE_DIR = TESTDATA / "chat_templates"
+MISSING_TESTDATA = (
+    f"chat template test data not found at {TEMPLATE_DIR} (the shared testdata folder is absent)"
+)
+needs_templates = pytest.mark.skipif(not TEMPLATE_DIR.is_dir(), reason=MISSING_TESTDATA)
