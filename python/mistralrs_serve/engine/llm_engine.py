@@ -184,9 +184,20 @@ class LLMEngine:
         if len(plan["seq_ids"]) == 0:
             return 0
         self.cache.copy_blocks(plan["copy_ops"])
-        graph_bucket = self._graph_bucket(plan)
-        if graph_bucket is not None:
-            return self._graph_step(plan, graph_bucket)
+        # Forks for n > 1 start now, so their grammar masks fill while the model runs.
+        rows, seqs = self._rows_to_sample(plan["seq_ids"][plan["sample"]])
+        masks = self._start_masks(seqs)
+        bucket = self._graph_bucket(plan)
+        if bucket is not None and self.graphs is not None:
+            logits = self.graphs.run(bucket, plan)
+        else:
+            logits = self._forward(plan)
+        if seqs:
+            self._sample_and_update(logits, rows, seqs, masks)
+        return len(plan["input_ids"])
+
+    def _forward(self, plan: dict[str, np.ndarray]) -> torch.Tensor:
+        """fp32 logits of the step's sampled rows, over the paged cache."""
         attn = PagedAttention(
             self.cache,
             plan["query_lens"],
@@ -198,9 +209,6 @@ class LLMEngine:
         qlens = plan["query_lens"]
         last_rows = np.cumsum(qlens) - 1
         sample_rows = last_rows[plan["sample"]]
-        # Forks for n > 1 start now, so their grammar masks fill while the model runs.
-        rows, seqs = self._rows_to_sample(plan["seq_ids"][plan["sample"]])
-        masks = self._start_masks(seqs)
         dev = self.device
         on_cpu = dev.type == "cpu"
         logits = self.model.forward(
@@ -212,9 +220,7 @@ class LLMEngine:
         )
         if not on_cpu and not self.use_triton:
             logits = logits.cpu()  # the Rust sampler reads host memory
-        if seqs:
-            self._sample_and_update(logits, rows, seqs, masks)
-        return len(plan["input_ids"])
+        return logits
 
     def _decode_graphs(self) -> DecodeGraphs | None:
         """CUDA graphs of decode steps: by default with Triton on CUDA (see EngineConfig.cuda_graphs)."""
@@ -233,15 +239,6 @@ class LLMEngine:
         if len(plan["input_ids"]) != len(qlens) or not (qlens == 1).all() or not plan["sample"].all():
             return None
         return self.graphs.bucket(len(qlens), int(plan["context_lens"].max()), plan["block_tables"].shape[1])
-
-    def _graph_step(self, plan: dict[str, np.ndarray], bucket: int) -> int:
-        assert self.graphs is not None
-        rows, seqs = self._rows_to_sample(plan["seq_ids"])
-        masks = self._start_masks(seqs)
-        logits = self.graphs.run(bucket, plan)
-        if seqs:
-            self._sample_and_update(logits, rows, seqs, masks)
-        return len(plan["input_ids"])
 
     def _start_masks(self, seqs: list[Sequence]) -> Future[tuple[np.ndarray, list[str | None]]] | None:
         """Grammar bitmasks of the constrained rows, filled on the mask worker
@@ -425,6 +422,10 @@ def _sample_on_device(
     dev = logits.device
     x = logits.index_select(0, torch.tensor(rows, device=dev)).float().contiguous()
     params = [s.request.params for s in seqs]
+
+    def column(values: list[float] | list[int], dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, device=dev)
+
     if any(_has_penalties(p) for p in params):
         counts, seen, bias = triton_ops.penalty_tensors(
             [
@@ -441,15 +442,12 @@ def _sample_on_device(
             counts,
             seen,
             bias,
-            torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32, device=dev),
-            torch.tensor([p.presence_penalty for p in params], dtype=torch.float32, device=dev),
-            torch.tensor([p.frequency_penalty for p in params], dtype=torch.float32, device=dev),
+            column([p.repetition_penalty for p in params], torch.float32),
+            column([p.presence_penalty for p in params], torch.float32),
+            column([p.frequency_penalty for p in params], torch.float32),
         )
     if bitmask is not None:
         triton_ops.apply_token_bitmask(x, torch.from_numpy(bitmask.view(np.int32)).to(dev))
-
-    def column(values: list[float] | list[int], dtype: torch.dtype) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype, device=dev)
 
     temps = [p.temperature for p in params]
     ids_t, lps_t = triton_ops.sample(
