@@ -4,12 +4,16 @@ both, so a streamed answer concatenates to the non-streamed one)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from mistralrs_serve.entrypoints.openai.reasoning import ReasoningParser
-from mistralrs_serve.entrypoints.openai.tool_parsers import ToolCall, ToolCallDelta, ToolCallStreamer
+from mistralrs_serve.entrypoints.openai.tool_parsers import (
+    ParsedDelta,
+    ToolCall,
+    ToolCallDelta,
+    ToolCallStreamer,
+)
 
 
 @dataclass
@@ -23,8 +27,12 @@ class OutputDelta:
 
     def extend(self, other: OutputDelta) -> None:
         self.reasoning += other.reasoning
-        self.content += other.content
-        self.tool_calls.extend(other.tool_calls)
+        self.add_parsed(other)
+
+    def add_parsed(self, parsed: OutputDelta | ParsedDelta) -> None:
+        """Content and tool-call pieces (a tool streamer's output, or another delta's)."""
+        self.content += parsed.content
+        self.tool_calls.extend(parsed.tool_calls)
 
 
 class ChoiceParser:
@@ -46,12 +54,11 @@ class ChoiceParser:
     def _content(self, reasoning: str, content: str, final: bool) -> OutputDelta:
         if self.tools is None:
             return OutputDelta(reasoning, content)
-        parsed = self.tools.feed(content) if content else None
-        out = OutputDelta(reasoning, parsed.content if parsed else "", parsed.tool_calls if parsed else [])
+        out = OutputDelta(reasoning)
+        if content:
+            out.add_parsed(self.tools.feed(content))
         if final:
-            tail = self.tools.finish()
-            out.content += tail.content
-            out.tool_calls.extend(tail.tool_calls)
+            out.add_parsed(self.tools.finish())
         return out
 
     @property
@@ -75,6 +82,12 @@ def parse_text(parser: ChoiceParser, text: str) -> ParsedMessage:
     return ParsedMessage(content, out.reasoning or None, calls)
 
 
+def finish_reason(reason: str | None, parser: ChoiceParser) -> str:
+    """OpenAI's finish_reason: a choice that stopped after calling tools ends with "tool_calls"."""
+    reason = reason or "stop"
+    return "tool_calls" if reason == "stop" and parser.calls else reason
+
+
 def openai_call(call: ToolCall) -> dict[str, Any]:
     return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
 
@@ -90,6 +103,3 @@ def openai_call_delta(delta: ToolCallDelta) -> dict[str, Any]:
         function["name"] = delta.name
     out["function"] = function
     return out
-
-
-ParserFactory = Callable[[], ChoiceParser]

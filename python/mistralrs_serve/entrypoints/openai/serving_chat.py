@@ -15,6 +15,8 @@ from mistralrs_serve.entrypoints.openai import serving_common as common
 from mistralrs_serve.entrypoints.openai import structured
 from mistralrs_serve.entrypoints.openai.chat_output import (
     ChoiceParser,
+    OutputDelta,
+    finish_reason,
     openai_call_delta,
     parse_text,
 )
@@ -179,13 +181,12 @@ class ChatServing:
         logprobs = None
         if want_logprobs:
             logprobs = ChoiceLogprobs(content=[common.chat_logprob(self.engine, lp) for lp in out.logprobs])
-        parsed = parse_text(prep.parser(), out.text)
-        finish = out.finish_reason or "stop"
-        if parsed.tool_calls and finish == "stop":
-            finish = "tool_calls"
+        parser = prep.parser()
+        parsed = parse_text(parser, out.text)
         message = ChatMessage(
             content=parsed.content, reasoning_content=parsed.reasoning, tool_calls=parsed.tool_calls
         )
+        finish = finish_reason(out.finish_reason, parser)
         return ChatChoice(index=out.index, message=message, logprobs=logprobs, finish_reason=finish)
 
 
@@ -235,24 +236,17 @@ class ChunkBuilder:
         if self.want_logprobs and step.logprob is not None and not step.is_stop_token:
             logprobs = ChoiceLogprobs(content=[common.chat_logprob(self.serving.engine, step.logprob)])
         parser = self.parsers[step.index]
-        out = parser.feed(step.text) if step.text else None
-        finish = step.finish_reason if step.finish_reason in ("stop", "length") else None
-        if finish is not None:
-            tail = parser.finish()
-            if out is None:
-                out = tail
-            else:
-                out.extend(tail)
-            if parser.calls and finish == "stop":
-                finish = "tool_calls"
+        out = parser.feed(step.text) if step.text else OutputDelta()
+        finish = None
+        if step.finish_reason in ("stop", "length"):
+            out.extend(parser.finish())
+            finish = finish_reason(step.finish_reason, parser)
         if out or logprobs is not None or finish:
-            delta = DeltaMessage()
-            if out:
-                delta = DeltaMessage(
-                    content=out.content or None,
-                    reasoning_content=out.reasoning or None,
-                    tool_calls=[openai_call_delta(d) for d in out.tool_calls] or None,
-                )
+            delta = DeltaMessage(
+                content=out.content or None,
+                reasoning_content=out.reasoning or None,
+                tool_calls=[openai_call_delta(d) for d in out.tool_calls] or None,
+            )
             yield self._chunk(
                 [ChatChunkChoice(index=step.index, delta=delta, logprobs=logprobs, finish_reason=finish)]
             )
