@@ -65,3 +65,18 @@ def check_completion_chunk(instance: Any) -> None:
         patched.pop("choices")
         patched["choices"] = []
     check("CreateCompletionResponse", patched)
+
+
+def checked_chat(client: Any, **kwargs: Any) -> Any:
+    """A chat completion through the openai client (model "default" unless given), schema-checked."""
+    res = client.chat.completions.create(**{"model": "default", **kwargs})
+    check("CreateChatCompletionResponse", res.model_dump(mode="json", exclude_unset=True))
+    return res
+
+
+def checked_chat_stream(client: Any, **kwargs: Any) -> list[Any]:
+    """Every chunk of a streamed chat completion, each schema-checked."""
+    chunks = list(client.chat.completions.create(**{"model": "default", **kwargs, "stream": True}))
+    for c in chunks:
+        check("CreateChatCompletionStreamResponse", c.model_dump(mode="json", exclude_unset=True))
+    return chunks

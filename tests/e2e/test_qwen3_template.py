@@ -16,7 +16,7 @@ import pytest
 from live_server import LiveServer, start_server, stop_server
 from mistralrs_serve.config import EngineConfig, ServerConfig
 from mistralrs_serve.runner import Runner
-from openai_schema import check
+from openai_schema import checked_chat, checked_chat_stream
 from tool_specs import ADD
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
@@ -74,11 +74,7 @@ def r1(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
 
 
 def create(client: openai.OpenAI, **kwargs: Any) -> Any:
-    kwargs.setdefault("model", "default")
-    kwargs.setdefault("messages", HELLO)
-    res = client.chat.completions.create(**kwargs)
-    check("CreateChatCompletionResponse", res.model_dump(mode="json", exclude_unset=True))
-    return res
+    return checked_chat(client, **{"messages": HELLO, **kwargs})
 
 
 def prompt_text(live: LiveServer, **body: Any) -> str:
@@ -107,23 +103,14 @@ def test_thinking_goes_to_reasoning_content(qwen3: LiveServer) -> None:
     message = res.choices[0].message
     reasoning = message.model_extra["reasoning_content"] if message.model_extra else None
     assert reasoning and reasoning.isalpha() and message.content.isalpha(), message
-    chunks = list(
-        client.chat.completions.create(
-            model="default",
-            messages=HELLO,
-            stream=True,
-            extra_body={"grammar": THOUGHT},
-            max_tokens=40,
-            seed=0,
-        )
+    chunks = checked_chat_stream(
+        client, messages=HELLO, extra_body={"grammar": THOUGHT}, max_tokens=40, seed=0
     )
     streamed_reasoning = "".join(
         (c.choices[0].delta.model_extra or {}).get("reasoning_content") or "" for c in chunks if c.choices
     )
     streamed_content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert (streamed_reasoning, streamed_content) == (reasoning, message.content)
-    for c in chunks:
-        check("CreateChatCompletionStreamResponse", c.model_dump(mode="json", exclude_unset=True))
 
 
 def test_hermes_tool_calls_end_to_end(qwen3: LiveServer) -> None:

@@ -14,26 +14,17 @@ import openai
 import pytest
 from live_server import LiveServer, start_server, stop_server
 from mistralrs_serve.config import ServerConfig
-from openai_schema import check, check_completion_chunk
+from openai_schema import check, check_completion_chunk, checked_chat, checked_chat_stream
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 def chat(client: openai.OpenAI, **kwargs: Any) -> Any:
-    kwargs.setdefault("model", "default")
-    kwargs.setdefault("messages", QUESTION)
-    res = client.chat.completions.create(**kwargs)
-    check("CreateChatCompletionResponse", res.model_dump(mode="json", exclude_unset=True))
-    return res
+    return checked_chat(client, **{"messages": QUESTION, **kwargs})
 
 
 def stream_chat(client: openai.OpenAI, **kwargs: Any) -> list[Any]:
-    kwargs.setdefault("model", "default")
-    kwargs.setdefault("messages", QUESTION)
-    chunks = list(client.chat.completions.create(stream=True, **kwargs))
-    for c in chunks:
-        check("CreateChatCompletionStreamResponse", c.model_dump(mode="json", exclude_unset=True))
-    return chunks
+    return checked_chat_stream(client, **{"messages": QUESTION, **kwargs})
 
 
 def streamed_texts(chunks: list[Any], n: int = 1) -> list[str]:

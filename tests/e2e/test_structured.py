@@ -13,7 +13,7 @@ import jsonschema
 import openai
 import pytest
 from live_server import LiveServer
-from openai_schema import check
+from openai_schema import checked_chat, checked_chat_stream
 from tool_specs import ADD, WEATHER
 
 PERSON = {
@@ -65,20 +65,11 @@ WEATHER_Q = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
 def create(client: openai.OpenAI, **kwargs: Any) -> Any:
-    kwargs.setdefault("model", "default")
-    kwargs.setdefault("messages", ASK)
-    res = client.chat.completions.create(**kwargs)
-    check("CreateChatCompletionResponse", res.model_dump(mode="json", exclude_unset=True))
-    return res
+    return checked_chat(client, **{"messages": ASK, **kwargs})
 
 
 def stream(client: openai.OpenAI, **kwargs: Any) -> list[Any]:
-    kwargs.setdefault("model", "default")
-    kwargs.setdefault("messages", ASK)
-    chunks = list(client.chat.completions.create(stream=True, **kwargs))
-    for c in chunks:
-        check("CreateChatCompletionStreamResponse", c.model_dump(mode="json", exclude_unset=True))
-    return chunks
+    return checked_chat_stream(client, **{"messages": ASK, **kwargs})
 
 
 def streamed(chunks: list[Any]) -> tuple[str, list[dict[str, Any]], str | None]:

@@ -13,3 +13,11 @@ MISSING_TESTDATA = (
     f"chat template test data not found at {TEMPLATE_DIR} (the shared testdata folder is absent)"
 )
 needs_templates = pytest.mark.skipif(not TEMPLATE_DIR.is_dir(), reason=MISSING_TESTDATA)
+
+
+def read_template(filename: str) -> str:
+    """A template's source; skips the test when the file is absent."""
+    path = TEMPLATE_DIR / filename
+    if not path.is_file():
+        pytest.skip(f"{path} is absent")
+    return path.read_text(encoding="utf-8")

@@ -12,7 +12,7 @@ from mistralrs_serve.entrypoints.openai.reasoning import (
     split_reasoning,
 )
 from mistralrs_serve.tokenizer.chat_template import ChatTemplate
-from template_data import TEMPLATE_DIR, needs_templates
+from template_data import needs_templates, read_template
 
 THINK = ("<think>", "</think>")
 GEMMA4 = ("<|channel>thought", "<channel|>")
@@ -214,13 +214,6 @@ WITHOUT_MARKERS = [
     "mistralai-Mistral-Nemo-Instruct-2407.jinja",
     "openai-gpt-oss-120b.jinja",
 ]
-
-
-def read_template(filename: str) -> str:
-    path = TEMPLATE_DIR / filename
-    if not path.is_file():
-        pytest.skip(f"{path} is absent")
-    return path.read_text(encoding="utf-8")
 
 
 @needs_templates

@@ -23,7 +23,7 @@ from mistralrs_serve.entrypoints.openai.tool_parsers import (
 )
 from mistralrs_serve.errors import ChatTemplateError
 from mistralrs_serve.tokenizer.chat_template import ChatTemplate
-from template_data import TEMPLATE_DIR, needs_templates
+from template_data import needs_templates, read_template
 
 try:
     from mistralrs_serve import _native
@@ -1099,13 +1099,6 @@ EXPECTED_FORMATS = {
     "mistralai-Mistral-Nemo-Instruct-2407.jinja": "mistral",
     "openai-gpt-oss-120b.jinja": "json",  # Harmony is not supported
 }
-
-
-def read_template(filename: str) -> str:
-    path = TEMPLATE_DIR / filename
-    if not path.is_file():
-        pytest.skip(f"{path} is absent")
-    return path.read_text(encoding="utf-8")
 
 
 @needs_templates
