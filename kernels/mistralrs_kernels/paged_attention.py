@@ -23,6 +23,49 @@ TILE_POSITIONS = 64
 
 
 @triton.jit
+def attend_tile(
+    q,
+    k_cache_ptr,
+    v_cache_ptr,
+    table_ptr,
+    pos,
+    valid,
+    seen,
+    kv_head,
+    num_kv_heads,
+    head_dim,
+    block_size,
+    scale,
+    m_i,
+    l_i,
+    acc,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """One online-softmax step of paged attention: the rows of q (R, BLOCK_D)
+    over the cache positions `pos` (N,) of the sequence whose block table
+    starts at table_ptr; `valid` (N,) are the positions to read, `seen`
+    (R, N) those each row attends to. Returns the updated running max, sum
+    and unnormalised output."""
+    d = tl.arange(0, BLOCK_D)
+    physical = tl.load(table_ptr + pos // block_size, mask=valid, other=0).to(tl.int64)
+    rows = (physical * block_size + pos % block_size) * num_kv_heads + kv_head
+    offs = rows[:, None] * head_dim + d[None, :]
+    kv_mask = valid[:, None] & (d < head_dim)[None, :]
+    k = tl.load(k_cache_ptr + offs, mask=kv_mask, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (R, N)
+    s = tl.where(seen, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    # a row that has seen nothing yet keeps a -inf max: exp(-inf - -inf) would be NaN
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp(s - m_safe[:, None])
+    alpha = tl.exp(m_i - m_safe)
+    v = tl.load(v_cache_ptr + offs, mask=kv_mask, other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i * alpha + tl.sum(p, axis=1), acc
+
+
+@triton.jit
 def _paged_decode_partial_kernel(
     q_ptr,
     k_cache_ptr,
@@ -73,22 +116,25 @@ def _paged_decode_partial_kernel(
         if start < ctx:
             pos = start + n
             valid = pos < ctx
-            physical = tl.load(tables_ptr + seq * max_blocks + pos // BLOCK_SIZE, mask=valid, other=0).to(
-                tl.int64
+            m_i, l_i, acc = attend_tile(
+                q,
+                k_cache_ptr,
+                v_cache_ptr,
+                tables_ptr + seq * max_blocks,
+                pos,
+                valid,
+                tl.broadcast_to(valid[None, :], (BLOCK_G, BLOCK_N)),  # every head row sees them all
+                kv_head,
+                num_kv_heads,
+                head_dim,
+                BLOCK_SIZE,
+                scale,
+                m_i,
+                l_i,
+                acc,
+                BLOCK_D,
+                PRECISION,
             )
-            rows = (physical * BLOCK_SIZE + pos % BLOCK_SIZE) * num_kv_heads + kv_head
-            offs = rows[:, None] * head_dim + d[None, :]
-            kv_mask = valid[:, None] & d_mask[None, :]
-            k = tl.load(k_cache_ptr + offs, mask=kv_mask, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (BLOCK_G, BLOCK_N)
-            s = tl.where(valid[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            p = tl.exp(s - m_new[:, None])
-            alpha = tl.exp(m_i - m_new)
-            v = tl.load(v_cache_ptr + offs, mask=kv_mask, other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            m_i = m_new
     stat = (seq * num_heads + heads) * num_partitions + part
     tl.store(max_ptr + stat, m_i, mask=g_mask)
     tl.store(sum_ptr + stat, l_i, mask=g_mask)

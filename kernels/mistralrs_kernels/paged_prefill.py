@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from mistralrs_kernels._checks import FLOAT_DTYPES, check_tensor, need, next_power_of_2, same_device
+from mistralrs_kernels.paged_attention import attend_tile
 
 BLOCK_M = 16
 BLOCK_N = 32
@@ -70,25 +71,25 @@ def _paged_prefill_kernel(
         for start in range(0, limit, BLOCK_N):
             pos = start + n
             valid = pos < limit
-            physical = tl.load(tables_ptr + seq * max_blocks + pos // block_size, mask=valid, other=0).to(
-                tl.int64
+            m_i, l_i, acc = attend_tile(
+                q,
+                k_cache_ptr,
+                v_cache_ptr,
+                tables_ptr + seq * max_blocks,
+                pos,
+                valid,
+                valid[None, :] & (pos[None, :] <= q_pos[:, None]),  # causal
+                kv_head,
+                num_kv_heads,
+                head_dim,
+                block_size,
+                scale,
+                m_i,
+                l_i,
+                acc,
+                BLOCK_D,
+                PRECISION,
             )
-            rows = (physical * block_size + pos % block_size) * num_kv_heads + kv_head
-            offs = rows[:, None] * head_dim + d[None, :]
-            kv_mask = valid[:, None] & d_mask[None, :]
-            k = tl.load(k_cache_ptr + offs, mask=kv_mask, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (BLOCK_M, BLOCK_N)
-            seen = valid[None, :] & (pos[None, :] <= q_pos[:, None])
-            s = tl.where(seen, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            # rows with nothing seen yet keep a -inf max: exp(-inf - -inf) would be NaN
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp(s - m_safe[:, None])
-            alpha = tl.exp(m_i - m_safe)
-            v = tl.load(v_cache_ptr + offs, mask=kv_mask, other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            m_i = m_new
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(
             out_ptr + q_rows[:, None] * head_dim + d[None, :],
