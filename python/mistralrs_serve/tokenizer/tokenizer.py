@@ -115,12 +115,17 @@ _BYTE_FALLBACK_LEN = len("<0x00>")
 def token_bytes(backend: tokenizers.Tokenizer, token_id: int) -> bytes:
     """The raw bytes a token stands for, also for tokens that are a partial
     UTF-8 sequence (which decode to U+FFFD on their own)."""
-    piece = backend.id_to_token(token_id)
+    return _piece_bytes(backend.id_to_token(token_id), _is_byte_level(backend))
+
+
+def _piece_bytes(piece: str | None, byte_level: bool) -> bytes:
+    """The bytes of a vocabulary piece: a <0xNN> byte fallback, a byte-level
+    spelling, or text with SentencePiece's space marker."""
     if piece is None:
         return b""
     if len(piece) == _BYTE_FALLBACK_LEN and piece.startswith("<0x") and piece.endswith(">"):
         return bytes([int(piece[3:5], 16)])
-    if _is_byte_level(backend) and all(c in BYTE_LEVEL_ALPHABET for c in piece):
+    if byte_level and all(c in BYTE_LEVEL_ALPHABET for c in piece):
         return bytes(BYTE_LEVEL_ALPHABET[c] for c in piece)
     return piece.replace("\u2581", " ").encode("utf-8")
 
@@ -134,17 +139,11 @@ def vocabulary_bytes(backend: tokenizers.Tokenizer, size: int) -> list[bytes]:
     out: list[bytes] = []
     for token_id in range(size):
         token = added.get(token_id)
-        if token is not None:
+        if token is None:
+            out.append(_piece_bytes(backend.id_to_token(token_id), byte_level))
+        else:
             text = token.content.encode("utf-8")
             out.append(b"\xff" + text if token.special else text)
-            continue
-        piece = backend.id_to_token(token_id)
-        if piece is None:
-            out.append(b"")
-        elif byte_level and all(c in BYTE_LEVEL_ALPHABET for c in piece):
-            out.append(bytes(BYTE_LEVEL_ALPHABET[c] for c in piece))
-        else:
-            out.append(token_bytes(backend, token_id))
     return out
 
 
