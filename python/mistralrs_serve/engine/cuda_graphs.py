@@ -45,28 +45,11 @@ class StaticDecodeAttention:
         self.scale = 1.0 / float(graphs.cache.head_dim) ** 0.5
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        from mistralrs_kernels import triton_ops
-
-        cache = self.cache
-        k_cache, v_cache = cache.k[layer_idx], cache.v[layer_idx]
-        triton_ops.store_kv(
-            k.to(cache.dtype).contiguous(),
-            v.to(cache.dtype).contiguous(),
-            k_cache,
-            v_cache,
-            self.slots,
-            check_slots=False,
+        self.cache.store_triton(layer_idx, k, v, self.slots)
+        out = self.cache.decode_triton(
+            layer_idx, q, self.tables, self.context_lens, self.scale, self.max_context
         )
-        out = triton_ops.paged_decode_attention(
-            q.to(cache.dtype).contiguous(),
-            k_cache,
-            v_cache,
-            self.tables,
-            self.context_lens,
-            self.scale,
-            max_context_len=self.max_context,
-        )
-        return out.view(q.shape[0], -1).to(q.dtype)
+        return out.to(q.dtype)
 
 
 class DecodeGraphs:

@@ -174,6 +174,42 @@ class PagedKVCache:
         idx = torch.from_numpy(pairs.astype(np.int64)).to(self.kv.device)
         self.kv[:, :, idx[:, 1]] = self.kv[:, :, idx[:, 0]]
 
+    def store_triton(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+        """Write rows of k/v (T, K, D) to their slots of one layer (Triton; slot -1: skipped)."""
+        from mistralrs_kernels import triton_ops
+
+        triton_ops.store_kv(
+            k.to(self.dtype).contiguous(),
+            v.to(self.dtype).contiguous(),
+            self.k[layer_idx],
+            self.v[layer_idx],
+            slots,
+            check_slots=False,
+        )
+
+    def decode_triton(
+        self,
+        layer_idx: int,
+        q: torch.Tensor,
+        block_tables: torch.Tensor,
+        context_lens: torch.Tensor,
+        scale: float,
+        max_context_len: int,
+    ) -> torch.Tensor:
+        """One query row per sequence (n, H, D) over one layer -> (n, H * D) in the cache's dtype."""
+        from mistralrs_kernels import triton_ops
+
+        o = triton_ops.paged_decode_attention(
+            q.to(self.dtype).contiguous(),
+            self.k[layer_idx],
+            self.v[layer_idx],
+            block_tables,
+            context_lens,
+            scale,
+            max_context_len=max_context_len,
+        )
+        return o.view(len(q), -1)
+
 
 @dataclass(frozen=True)
 class _DecodeGroup:
@@ -371,11 +407,7 @@ class PagedAttention:
         k_cache, v_cache = cache.k[layer_idx], cache.v[layer_idx]
         k_new, v_new = k.to(dtype), v.to(dtype)
         if self._slots_dev is not None:  # Triton: one kernel for k and v, padding slots skipped
-            from mistralrs_kernels import triton_ops
-
-            triton_ops.store_kv(
-                k_new.contiguous(), v_new.contiguous(), k_cache, v_cache, self._slots_dev, check_slots=False
-            )
+            cache.store_triton(layer_idx, k_new, v_new, self._slots_dev)
         else:
             assert self._write_slots is not None
             written = self._write_rows
@@ -433,20 +465,8 @@ class PagedAttention:
         """q (n, H, D) of the decode rows -> (n, H * D), by the Rust kernel (fp32 out)
         or the Triton kernel (the cache's dtype out) over the cache."""
         if nat.triton is not None:
-            from mistralrs_kernels import triton_ops
-
             tables, ctxs, max_ctx = nat.triton
-            cache_ = self.cache
-            o = triton_ops.paged_decode_attention(
-                q.to(cache_.dtype).contiguous(),
-                cache_.k[layer_idx],
-                cache_.v[layer_idx],
-                tables,
-                ctxs,
-                self._scale,
-                max_context_len=max_ctx,
-            )
-            return o.view(len(q), -1)
+            return self.cache.decode_triton(layer_idx, q, tables, ctxs, self._scale, max_ctx)
         qf = q.float().contiguous()
         out = torch.empty_like(qf)
         cache = self.cache
