@@ -5,10 +5,12 @@
 
 pub mod attention;
 pub mod block_pool;
+pub mod decoder;
 pub mod dry;
 pub mod error;
 pub mod grammar;
 pub mod prefix_cache;
+pub mod quant;
 pub mod rng;
 pub mod sampler;
 pub mod scheduler;

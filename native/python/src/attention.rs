@@ -14,7 +14,7 @@ use pyo3::prelude::*;
 use crate::bad_array;
 
 /// A read-only view of a C-contiguous array of `T` with rank `D`.
-fn readonly<'py, T: Element, D: Dimension>(
+pub(crate) fn readonly<'py, T: Element, D: Dimension>(
     name: &str,
     want: &str,
     obj: &Bound<'py, PyAny>,

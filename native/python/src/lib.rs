@@ -13,6 +13,7 @@ use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
 mod attention;
+mod decoder;
 mod grammar;
 mod scheduler;
 
@@ -306,6 +307,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyStopMatcher>()?;
     m.add_class::<scheduler::PyScheduler>()?;
     m.add_function(wrap_pyfunction!(attention::paged_decode_attention, m)?)?;
+    m.add_class::<decoder::PyQuantMatrix>()?;
+    m.add_class::<decoder::PyNativeDecoder>()?;
     m.add_class::<grammar::PyGrammarVocabulary>()?;
     m.add_class::<grammar::PyGrammarMatcher>()?;
     m.add_function(wrap_pyfunction!(grammar::fill_token_bitmasks, m)?)?;

@@ -17,6 +17,7 @@ from mistralrs_serve import _native
 from mistralrs_serve.config import EngineConfig
 from mistralrs_serve.engine.cuda_graphs import DecodeGraphs
 from mistralrs_serve.engine.grammar import GrammarCompiler
+from mistralrs_serve.engine.native_decode import NativeDecode
 from mistralrs_serve.engine.paged_cache import PagedAttention, PagedKVCache
 from mistralrs_serve.engine.sequence import (
     CompletionOutput,
@@ -86,6 +87,8 @@ class LLMEngine:
         )
         self.num_kv_tokens = num_blocks * block_size
         self.graphs = self._decode_graphs()
+        on_cpu = self.device.type == "cpu" and not self.use_triton
+        self.native = NativeDecode.build(self.model, self.cache) if on_cpu and self.config.native_decode else None
         self.grammars = GrammarCompiler(self.tokenizer, self.model.config.vocab_size)
         # Grammar masks of a step are filled on this thread while the model runs.
         self._mask_worker = ThreadPoolExecutor(1, thread_name_prefix="grammar-mask")
@@ -190,6 +193,8 @@ class LLMEngine:
         bucket = self._graph_bucket(plan)
         if bucket is not None and self.graphs is not None:
             logits = self.graphs.run(bucket, plan)
+        elif self.native is not None:
+            logits = self._forward_split(plan)
         else:
             logits = self._forward(plan)
         if seqs:
@@ -220,6 +225,52 @@ class LLMEngine:
         )
         if not on_cpu and not self.use_triton:
             logits = logits.cpu()  # the Rust sampler reads host memory
+        return logits
+
+    def _forward_split(self, plan: dict[str, np.ndarray]) -> torch.Tensor:
+        """The step's decode rows (one token each) on the fused Rust step, its
+        prefill chunks on torch; logits in the plan's order of sampled rows."""
+        assert self.native is not None
+        qlens, sample = plan["query_lens"], plan["sample"]
+        is_decode = qlens == 1
+        if is_decode.all():
+            return self.native.forward(
+                plan["input_ids"],
+                plan["positions"],
+                plan["slot_mapping"],
+                plan["block_tables"],
+                plan["context_lens"],
+                np.flatnonzero(sample),
+            )
+        out_row = np.cumsum(sample) - 1  # logits row of each sampled sequence
+        logits = torch.empty(int(sample.sum()), self.native.vocab)
+        decodes = np.flatnonzero(is_decode)
+        if len(decodes):
+            tokens = (np.cumsum(qlens) - 1)[decodes]
+            part = self.native.forward(
+                plan["input_ids"][tokens],
+                plan["positions"][tokens],
+                plan["slot_mapping"][tokens],
+                plan["block_tables"][decodes],
+                plan["context_lens"][decodes],
+                np.flatnonzero(sample[decodes]),
+            )
+            logits[torch.from_numpy(out_row[decodes[sample[decodes]]])] = part
+        prefills = np.flatnonzero(~is_decode)
+        token_mask = np.repeat(~is_decode, qlens)
+        sub = {
+            "input_ids": plan["input_ids"][token_mask],
+            "positions": plan["positions"][token_mask],
+            "slot_mapping": plan["slot_mapping"][token_mask],
+            "query_lens": qlens[prefills],
+            "context_lens": plan["context_lens"][prefills],
+            "block_tables": plan["block_tables"][prefills],
+            "sample": sample[prefills],
+        }
+        if sample[prefills].any():
+            logits[torch.from_numpy(out_row[prefills[sample[prefills]]])] = self._forward(sub)
+        else:
+            self._forward(sub)
         return logits
 
     def _decode_graphs(self) -> DecodeGraphs | None:

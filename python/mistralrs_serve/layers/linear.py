@@ -64,6 +64,8 @@ class Linear:
     def __init__(self, weight: AnyWeight, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
         self.bias = None if bias is None else bias.to(dtype)
         self.int4: tuple[torch.Tensor, torch.Tensor] | None = None
+        # the 4-bit source, until the fused CPU decode step (engine/native_decode.py) takes it
+        self.q4 = weight if isinstance(weight, Q4Weight) else None
         if isinstance(weight, Q4Weight):
             # torch's packing needs whole tiles of 16 output rows (e.g. a 32001-row head has none).
             if dtype == torch.bfloat16 and has_int4_kernel() and weight.shape[0] % INT4_ROW_TILE == 0:
@@ -76,7 +78,7 @@ class Linear:
         self.weight = self.weight.to(device)
         self.bias = None if self.bias is None else self.bias.to(device)
         if device.type != "cpu":
-            self.int4 = None
+            self.int4 = self.q4 = None
 
     @property
     def out_features(self) -> int:

@@ -1,0 +1,616 @@
+//! A Llama-family decode step on the CPU in one call: every layer of the
+//! model for a batch of single-token rows, over the engine's paged KV cache,
+//! with block-quantized weights (see `quant`).
+//!
+//! The torch path spends most of a batch-1 decode step of the default model
+//! in dispatch of ~20 small ops per layer; here a step is one call: 8-bit
+//! activations against 4/8-bit weights with AVX-512 VNNI, f32 everywhere
+//! else, the cache written and read in place. Every activation row goes
+//! through the same arithmetic whatever else is in the batch, so a
+//! sequence's greedy tokens do not depend on its neighbours.
+//!
+//! Supported: RMSNorm, fused q/k/v with optional bias, optional per-head
+//! q/k RMSNorm (Qwen3), rotary embedding on halves (cos/sin supplied per row,
+//! so any rope scaling works), grouped-query attention, SwiGLU MLP.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::attention::{
+    check_decode_batch, merge_parts, part_len, run_items, work_items, AttentionShape, DecodeBatch, KvElem, WorkItem,
+};
+use crate::error::AttentionError;
+use crate::quant::{gemm_into, QMatrix, QuantActs};
+
+/// A cache element the step can also write.
+pub trait KvStore: KvElem {
+    fn from_f32(v: f32) -> Self;
+}
+
+impl KvStore for f32 {
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+}
+
+/// bf16 bits, rounded to nearest even (as torch converts).
+impl KvStore for u16 {
+    fn from_f32(v: f32) -> Self {
+        let bits = v.to_bits();
+        if v.is_nan() {
+            return 0x7FC0;
+        }
+        ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) as u16
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DecoderShape {
+    pub hidden: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub intermediate: usize,
+    pub vocab: usize,
+    pub eps: f32,
+}
+
+/// One decoder layer's weights (norm weights as f32).
+pub struct LayerWeights {
+    pub attn_norm: Vec<f32>,
+    /// (q + k + v) rows over `hidden` columns.
+    pub qkv: QMatrix,
+    pub qkv_bias: Option<Vec<f32>>,
+    pub q_norm: Option<Vec<f32>>,
+    pub k_norm: Option<Vec<f32>>,
+    pub o: QMatrix,
+    pub o_bias: Option<Vec<f32>>,
+    pub ffn_norm: Vec<f32>,
+    /// gate rows then up rows.
+    pub gate_up: QMatrix,
+    pub down: QMatrix,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DecoderError {
+    #[error("{0}")]
+    Shape(String),
+    #[error("row {row}: slot {slot} is outside the cache's {slots} slots")]
+    Slot { row: usize, slot: i64, slots: usize },
+    #[error(transparent)]
+    Attention(#[from] AttentionError),
+}
+
+pub struct Decoder {
+    pub shape: DecoderShape,
+    layers: Vec<LayerWeights>,
+    final_norm: Vec<f32>,
+    lm_head: QMatrix,
+}
+
+/// One step's rows: a token each, already embedded.
+pub struct DecodeRows<'a> {
+    /// (rows, hidden) embeddings; overwritten with the final hidden states.
+    pub x: &'a mut [f32],
+    /// (rows, head_dim / 2) rotary cos and sin at each row's position.
+    pub cos: &'a [f32],
+    pub sin: &'a [f32],
+    /// Cache slot each row's key and value go to.
+    pub slots: &'a [i64],
+    /// (rows, max_blocks) block tables.
+    pub block_tables: &'a [i64],
+    pub max_blocks: usize,
+    /// Positions each row attends over, its own included.
+    pub context_lens: &'a [i64],
+    /// Rows whose logits are wanted, in output order.
+    pub logit_rows: &'a [usize],
+}
+
+/// Where the cache is: `kv` is (2, num_layers, num_blocks, block_size,
+/// num_kv_heads, head_dim), keys first.
+pub struct KvCache<'a, T> {
+    pub kv: &'a mut [T],
+    pub block_size: usize,
+}
+
+impl Decoder {
+    pub fn new(
+        shape: DecoderShape,
+        layers: Vec<LayerWeights>,
+        final_norm: Vec<f32>,
+        lm_head: QMatrix,
+    ) -> Result<Self, DecoderError> {
+        let DecoderShape {
+            hidden,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            intermediate,
+            vocab,
+            ..
+        } = shape;
+        let bad = |what: String| Err(DecoderError::Shape(what));
+        if num_kv_heads == 0 || !num_heads.is_multiple_of(num_kv_heads) || head_dim % 2 != 0 {
+            return bad(format!("{num_heads} heads over {num_kv_heads} kv heads of dim {head_dim}"));
+        }
+        let qkv_rows = (num_heads + 2 * num_kv_heads) * head_dim;
+        let want = |name: &str, m: &QMatrix, rows: usize, cols: usize| -> Result<(), DecoderError> {
+            if m.rows != rows || m.cols != cols {
+                return Err(DecoderError::Shape(format!(
+                    "{name} is ({}, {}), want ({rows}, {cols})",
+                    m.rows, m.cols
+                )));
+            }
+            Ok(())
+        };
+        let vec_len = |name: &str, v: &[f32], n: usize| -> Result<(), DecoderError> {
+            if v.len() != n {
+                return Err(DecoderError::Shape(format!("{name} has {} values, want {n}", v.len())));
+            }
+            Ok(())
+        };
+        for (i, l) in layers.iter().enumerate() {
+            want(&format!("layer {i} qkv"), &l.qkv, qkv_rows, hidden)?;
+            want(&format!("layer {i} o"), &l.o, hidden, num_heads * head_dim)?;
+            want(&format!("layer {i} gate_up"), &l.gate_up, 2 * intermediate, hidden)?;
+            want(&format!("layer {i} down"), &l.down, hidden, intermediate)?;
+            vec_len("attn_norm", &l.attn_norm, hidden)?;
+            vec_len("ffn_norm", &l.ffn_norm, hidden)?;
+            for (name, v, n) in [
+                ("qkv_bias", &l.qkv_bias, qkv_rows),
+                ("o_bias", &l.o_bias, hidden),
+                ("q_norm", &l.q_norm, head_dim),
+                ("k_norm", &l.k_norm, head_dim),
+            ] {
+                if let Some(v) = v {
+                    vec_len(name, v, n)?;
+                }
+            }
+            if l.q_norm.is_some() != l.k_norm.is_some() {
+                return bad(format!("layer {i} has only one of q_norm and k_norm"));
+            }
+        }
+        want("lm_head", &lm_head, vocab, hidden)?;
+        vec_len("final_norm", &final_norm, hidden)?;
+        Ok(Self {
+            shape,
+            layers,
+            final_norm,
+            lm_head,
+        })
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Weight bytes one step reads.
+    pub fn weight_bytes(&self) -> usize {
+        let layer = |l: &LayerWeights| l.qkv.nbytes() + l.o.nbytes() + l.gate_up.nbytes() + l.down.nbytes();
+        self.layers.iter().map(layer).sum::<usize>() + self.lm_head.nbytes()
+    }
+
+    /// Runs every layer for `rows`, writing their keys and values into the
+    /// cache, and the logits of `rows.logit_rows` into `logits` (n, vocab).
+    /// `threads` threads (this one included) split each matrix's rows and
+    /// the attention's work items; the small per-row steps run on this one.
+    pub fn forward<T: KvStore>(
+        &self,
+        rows: DecodeRows<'_>,
+        cache: KvCache<'_, T>,
+        logits: &mut [f32],
+        threads: usize,
+    ) -> Result<(), DecoderError> {
+        let s = self.shape;
+        let n = self.check(&rows, &cache, logits.len())?;
+        let layer_elems = cache.kv.len() / (2 * self.layers.len());
+        let attn_shape = AttentionShape {
+            num_heads: s.num_heads,
+            num_kv_heads: s.num_kv_heads,
+            head_dim: s.head_dim,
+            block_size: cache.block_size,
+        };
+        let q_len = s.num_heads * s.head_dim;
+        let mut q = vec![0f32; n * q_len];
+        let batch = DecodeBatch {
+            q: &q,
+            block_tables: rows.block_tables,
+            max_blocks: rows.max_blocks,
+            context_lens: rows.context_lens,
+            scale: 1.0 / (s.head_dim as f32).sqrt(),
+        };
+        check_decode_batch(attn_shape, &batch, layer_elems, layer_elems, n * q_len)?;
+        let items = work_items(attn_shape, &batch, ITEM_BLOCKS);
+        let mut parts = vec![0f32; items.len() * part_len(attn_shape)];
+        let threads = threads.clamp(1, MAX_THREADS);
+        let step = Step {
+            n,
+            threads,
+            attn_shape,
+            items,
+            parts: Shared(parts.as_mut_ptr()),
+            block_tables: rows.block_tables,
+            max_blocks: rows.max_blocks,
+            context_lens: rows.context_lens,
+            layer_elems,
+            barrier: SpinBarrier::new(threads),
+            x: Shared(rows.x.as_mut_ptr()),
+            cos: rows.cos,
+            sin: rows.sin,
+            slots: rows.slots,
+            logit_rows: rows.logit_rows,
+            kv: Shared(cache.kv.as_mut_ptr()),
+            logits: Shared(logits.as_mut_ptr()),
+            q: Shared(q.as_mut_ptr()),
+            bufs: Buffers::new(&s, n, q_len),
+        };
+        let step = &step;
+        if threads == 1 {
+            self.worker(step, 0);
+        } else {
+            std::thread::scope(|scope| {
+                for tid in 1..threads {
+                    scope.spawn(move || self.worker(step, tid));
+                }
+                self.worker(step, 0);
+            });
+        }
+        Ok(())
+    }
+
+    /// Thread `tid`'s share of the step; every thread runs every phase and
+    /// meets the others at the barrier between phases.
+    fn worker<T: KvStore>(&self, st: &Step<'_, T>, tid: usize) {
+        let s = self.shape;
+        let n = st.n;
+        let (h, kv_heads, d) = (s.num_heads, s.num_kv_heads, s.head_dim);
+        let (q_len, kv_len) = (h * d, kv_heads * d);
+        let qkv_rows = q_len + 2 * kv_len;
+        let gu_rows = 2 * s.intermediate;
+        let half = d / 2;
+        let main = tid == 0;
+        let bufs = &st.bufs;
+        // SAFETY (every `get` below): phases are separated by the barrier; in a
+        // phase, only thread 0 touches what `main` guards, and the threads'
+        // matrix rows and attention items are disjoint.
+        let split = |total: usize| {
+            let per = total.div_ceil(st.threads);
+            (tid * per).min(total)..((tid + 1) * per).min(total)
+        };
+        for (li, l) in self.layers.iter().enumerate() {
+            if main {
+                let (x, acts, normed) = unsafe { (st.x.slice(n * s.hidden), bufs.acts.get(), bufs.normed.get()) };
+                for (a, xr) in acts.iter_mut().zip(x.chunks_exact(s.hidden)) {
+                    rms_norm(xr, &l.attn_norm, s.eps, normed);
+                    a.quantize(normed, l.qkv.padded_cols);
+                }
+            }
+            st.barrier.wait();
+            let acts = unsafe { &*bufs.acts.0 };
+            let r = split(qkv_rows);
+            unsafe { gemm_into(&l.qkv, acts, r.clone(), bufs.qkv.0.add(r.start), qkv_rows) };
+            st.barrier.wait();
+            let k_off = li * st.layer_elems;
+            let v_off = (self.layers.len() + li) * st.layer_elems;
+            if main {
+                let (qkv, normed, q) = unsafe { (bufs.qkv.slice(n * qkv_rows), bufs.normed.get(), st.q.slice(n * q_len)) };
+                let (k_layer, v_layer) = unsafe {
+                    (
+                        std::slice::from_raw_parts_mut(st.kv.0.add(k_off), st.layer_elems),
+                        std::slice::from_raw_parts_mut(st.kv.0.add(v_off), st.layer_elems),
+                    )
+                };
+                for r in 0..n {
+                    let row = &mut qkv[r * qkv_rows..][..qkv_rows];
+                    if let Some(bias) = &l.qkv_bias {
+                        row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
+                    }
+                    let (cos, sin) = (&st.cos[r * half..][..half], &st.sin[r * half..][..half]);
+                    let (qk, v) = row.split_at_mut(q_len + kv_len);
+                    for (i, head) in qk.chunks_exact_mut(d).enumerate() {
+                        if let Some(w) = if i < h { &l.q_norm } else { &l.k_norm } {
+                            normed[..d].copy_from_slice(head);
+                            rms_norm(&normed[..d], w, s.eps, head);
+                        }
+                        rope(head, cos, sin);
+                    }
+                    let slot = st.slots[r] as usize * kv_len;
+                    for (dst, &src) in k_layer[slot..][..kv_len].iter_mut().zip(&qk[q_len..]) {
+                        *dst = T::from_f32(src);
+                    }
+                    for (dst, &src) in v_layer[slot..][..kv_len].iter_mut().zip(v.iter()) {
+                        *dst = T::from_f32(src);
+                    }
+                    q[r * q_len..][..q_len].copy_from_slice(&qk[..q_len]);
+                }
+            }
+            st.barrier.wait();
+            {
+                let (k_layer, v_layer) = unsafe {
+                    (
+                        std::slice::from_raw_parts(st.kv.0.add(k_off).cast_const(), st.layer_elems),
+                        std::slice::from_raw_parts(st.kv.0.add(v_off).cast_const(), st.layer_elems),
+                    )
+                };
+                let batch = st.batch();
+                let plen = part_len(st.attn_shape);
+                for i in (tid..st.items.len()).step_by(st.threads) {
+                    let part = unsafe { std::slice::from_raw_parts_mut(st.parts_ptr().add(i * plen), plen) };
+                    run_items(st.attn_shape, &batch, k_layer, v_layer, &st.items[i..=i], part);
+                }
+            }
+            st.barrier.wait();
+            if main {
+                let (attn, acts) = unsafe { (bufs.attn.get(), bufs.acts.get()) };
+                let parts = unsafe { st.parts.slice(st.items.len() * part_len(st.attn_shape)) };
+                merge_parts(&st.items, parts, h, d, attn);
+                for (a, o) in acts.iter_mut().zip(attn.chunks_exact(q_len)) {
+                    a.quantize(o, l.o.padded_cols);
+                }
+            }
+            st.barrier.wait();
+            let r = split(s.hidden);
+            unsafe { gemm_into(&l.o, acts, r.clone(), bufs.proj.0.add(r.start), s.hidden) };
+            st.barrier.wait();
+            if main {
+                let (x, proj, acts, normed) =
+                    unsafe { (st.x.slice(n * s.hidden), bufs.proj.slice(n * s.hidden), bufs.acts.get(), bufs.normed.get()) };
+                add_rows(x, proj, l.o_bias.as_deref());
+                for (a, xr) in acts.iter_mut().zip(x.chunks_exact(s.hidden)) {
+                    rms_norm(xr, &l.ffn_norm, s.eps, normed);
+                    a.quantize(normed, l.gate_up.padded_cols);
+                }
+            }
+            st.barrier.wait();
+            let r = split(gu_rows);
+            unsafe { gemm_into(&l.gate_up, acts, r.clone(), bufs.gate_up.0.add(r.start), gu_rows) };
+            st.barrier.wait();
+            if main {
+                let (gate_up, acts, act) = unsafe { (bufs.gate_up.slice(n * gu_rows), bufs.acts.get(), bufs.act.get()) };
+                for (a, gu) in acts.iter_mut().zip(gate_up.chunks_exact(gu_rows)) {
+                    let (g, u) = gu.split_at(s.intermediate);
+                    for ((o, &g), &u) in act.iter_mut().zip(g).zip(u) {
+                        *o = g / (1.0 + (-g).exp()) * u;
+                    }
+                    a.quantize(act, l.down.padded_cols);
+                }
+            }
+            st.barrier.wait();
+            let r = split(s.hidden);
+            unsafe { gemm_into(&l.down, acts, r.clone(), bufs.proj.0.add(r.start), s.hidden) };
+            st.barrier.wait();
+            if main {
+                let (x, proj) = unsafe { (st.x.slice(n * s.hidden), bufs.proj.slice(n * s.hidden)) };
+                add_rows(x, proj, None);
+            }
+        }
+        let wanted = st.logit_rows.len();
+        if main {
+            let (x, acts, normed) = unsafe { (st.x.slice(n * s.hidden), bufs.acts.get(), bufs.normed.get()) };
+            for (a, &r) in acts.iter_mut().zip(st.logit_rows) {
+                let xr = &mut x[r * s.hidden..][..s.hidden];
+                rms_norm(xr, &self.final_norm, s.eps, normed);
+                xr.copy_from_slice(normed);
+                a.quantize(normed, self.lm_head.padded_cols);
+            }
+        }
+        st.barrier.wait();
+        let acts = unsafe { &(&*bufs.acts.0)[..wanted] };
+        let r = split(s.vocab);
+        unsafe { gemm_into(&self.lm_head, acts, r.clone(), st.logits.0.add(r.start), s.vocab) };
+    }
+
+    /// Number of rows, after checking every array against it.
+    fn check<T>(&self, rows: &DecodeRows<'_>, cache: &KvCache<'_, T>, logits_len: usize) -> Result<usize, DecoderError> {
+        let s = self.shape;
+        let n = rows.slots.len();
+        let bad = |what: String| Err(DecoderError::Shape(what));
+        if rows.x.len() != n * s.hidden {
+            return bad(format!("x has {} values for {n} rows of {}", rows.x.len(), s.hidden));
+        }
+        let half = s.head_dim / 2;
+        if rows.cos.len() != n * half || rows.sin.len() != n * half {
+            return bad(format!("cos/sin need {n} rows of {half}"));
+        }
+        if rows.context_lens.len() != n || rows.block_tables.len() != n * rows.max_blocks {
+            return bad(format!("{n} rows need {n} context lengths and ({n}, max_blocks) block tables"));
+        }
+        if let Some(&r) = rows.logit_rows.iter().find(|&&r| r >= n) {
+            return bad(format!("logit row {r} of {n} rows"));
+        }
+        if logits_len != rows.logit_rows.len() * s.vocab {
+            return bad(format!("logits have {logits_len} values for {} rows of {}", rows.logit_rows.len(), s.vocab));
+        }
+        let row_elems = s.num_kv_heads * s.head_dim;
+        let per_layer_block = cache.block_size * row_elems;
+        let layers = self.layers.len();
+        if per_layer_block == 0 || !cache.kv.len().is_multiple_of(2 * layers * per_layer_block) {
+            return bad(format!(
+                "the cache has {} values, not whole blocks of 2 x {layers} layers x {} x {} x {}",
+                cache.kv.len(),
+                cache.block_size,
+                s.num_kv_heads,
+                s.head_dim
+            ));
+        }
+        let slots = cache.kv.len() / (2 * layers * row_elems);
+        for (row, &slot) in rows.slots.iter().enumerate() {
+            if slot < 0 || slot as usize >= slots {
+                return Err(DecoderError::Slot { row, slot, slots });
+            }
+        }
+        Ok(n)
+    }
+}
+
+/// Blocks per attention work item: small enough that a batch-1 step of a
+/// few hundred positions splits over the threads.
+const ITEM_BLOCKS: usize = 4;
+const MAX_THREADS: usize = 64;
+
+/// A pointer the step's threads share; see `worker` for who touches what when.
+struct Shared<T>(*mut T);
+
+// SAFETY: access is phased by the barrier (see Decoder::worker).
+unsafe impl<T> Send for Shared<T> {}
+unsafe impl<T> Sync for Shared<T> {}
+
+impl<T> Shared<T> {
+    /// # Safety
+    /// No other reference to the pointee may be live (phase discipline).
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn get(&self) -> &mut T {
+        unsafe { &mut *self.0 }
+    }
+
+    /// # Safety
+    /// As `get`, for `len` elements from the pointer.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn slice(&self, len: usize) -> &mut [T] {
+        unsafe { std::slice::from_raw_parts_mut(self.0, len) }
+    }
+}
+
+/// Scratch of one step.
+struct Buffers {
+    acts: Shared<Vec<QuantActs>>,
+    normed: Shared<Vec<f32>>,
+    qkv: Shared<f32>,
+    attn: Shared<Vec<f32>>,
+    proj: Shared<f32>,
+    gate_up: Shared<f32>,
+    act: Shared<Vec<f32>>,
+    _owned: (Box<Vec<QuantActs>>, Box<Vec<f32>>, Vec<f32>, Box<Vec<f32>>, Vec<f32>, Vec<f32>, Box<Vec<f32>>),
+}
+
+impl Buffers {
+    fn new(s: &DecoderShape, n: usize, q_len: usize) -> Self {
+        let qkv_rows = q_len + 2 * s.num_kv_heads * s.head_dim;
+        let mut acts = Box::new(vec![QuantActs::default(); n]);
+        let mut normed = Box::new(vec![0f32; s.hidden.max(s.head_dim)]);
+        let mut qkv = vec![0f32; n * qkv_rows];
+        let mut attn = Box::new(vec![0f32; n * q_len]);
+        let mut proj = vec![0f32; n * s.hidden];
+        let mut gate_up = vec![0f32; n * 2 * s.intermediate];
+        let mut act = Box::new(vec![0f32; s.intermediate]);
+        Self {
+            acts: Shared(&mut *acts),
+            normed: Shared(&mut *normed),
+            qkv: Shared(qkv.as_mut_ptr()),
+            attn: Shared(&mut *attn),
+            proj: Shared(proj.as_mut_ptr()),
+            gate_up: Shared(gate_up.as_mut_ptr()),
+            act: Shared(&mut *act),
+            _owned: (acts, normed, qkv, attn, proj, gate_up, act),
+        }
+    }
+}
+
+/// Everything the threads of one step share.
+struct Step<'a, T> {
+    n: usize,
+    threads: usize,
+    attn_shape: AttentionShape,
+    items: Vec<WorkItem>,
+    /// part_len floats per item
+    parts: Shared<f32>,
+    block_tables: &'a [i64],
+    max_blocks: usize,
+    context_lens: &'a [i64],
+    layer_elems: usize,
+    barrier: SpinBarrier,
+    x: Shared<f32>,
+    cos: &'a [f32],
+    sin: &'a [f32],
+    slots: &'a [i64],
+    logit_rows: &'a [usize],
+    kv: Shared<T>,
+    logits: Shared<f32>,
+    q: Shared<f32>,
+    bufs: Buffers,
+}
+
+impl<T> Step<'_, T> {
+    fn batch(&self) -> DecodeBatch<'_> {
+        DecodeBatch {
+            // SAFETY: read in the attention phase only, after thread 0 wrote it.
+            q: unsafe { std::slice::from_raw_parts(self.q.0.cast_const(), self.n * self.attn_shape.num_heads * self.attn_shape.head_dim) },
+            block_tables: self.block_tables,
+            max_blocks: self.max_blocks,
+            context_lens: self.context_lens,
+            scale: 1.0 / (self.attn_shape.head_dim as f32).sqrt(),
+        }
+    }
+
+    fn parts_ptr(&self) -> *mut f32 {
+        self.parts.0
+    }
+}
+
+/// Threads meet here between the phases of a step: spinning, as a phase is
+/// microseconds, yielding after a while in case the machine is oversubscribed.
+struct SpinBarrier {
+    threads: usize,
+    arrived: AtomicUsize,
+    generation: AtomicUsize,
+}
+
+impl SpinBarrier {
+    fn new(threads: usize) -> Self {
+        Self { threads, arrived: AtomicUsize::new(0), generation: AtomicUsize::new(0) }
+    }
+
+    fn wait(&self) {
+        if self.threads == 1 {
+            return;
+        }
+        let generation = self.generation.load(Ordering::Acquire);
+        if self.arrived.fetch_add(1, Ordering::AcqRel) + 1 == self.threads {
+            self.arrived.store(0, Ordering::Relaxed);
+            self.generation.fetch_add(1, Ordering::Release);
+            return;
+        }
+        let mut spins = 0u32;
+        while self.generation.load(Ordering::Acquire) == generation {
+            std::hint::spin_loop();
+            spins += 1;
+            if spins > 1 << 16 {
+                std::thread::yield_now();
+            }
+        }
+    }
+}
+
+fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let mean_sq = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let inv = 1.0 / (mean_sq + eps).sqrt();
+    for ((o, &v), &w) in out.iter_mut().zip(x).zip(weight) {
+        *o = v * inv * w;
+    }
+}
+
+/// Rotates the two halves of `head` (neox style).
+fn rope(head: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let (a, b) = head.split_at_mut(cos.len());
+    for (((x1, x2), &c), &s) in a.iter_mut().zip(b.iter_mut()).zip(cos).zip(sin) {
+        let (v1, v2) = (*x1, *x2);
+        *x1 = v1 * c - v2 * s;
+        *x2 = v2 * c + v1 * s;
+    }
+}
+
+fn add_rows(x: &mut [f32], delta: &[f32], bias: Option<&[f32]>) {
+    let hidden = match bias {
+        Some(b) => b.len(),
+        None => x.len(),
+    };
+    for (xr, dr) in x.chunks_exact_mut(hidden).zip(delta.chunks_exact(hidden)) {
+        match bias {
+            Some(b) => xr.iter_mut().zip(dr).zip(b).for_each(|((v, d), b)| *v += d + b),
+            None => xr.iter_mut().zip(dr).for_each(|(v, d)| *v += d),
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "decoder_tests.rs"]
+mod tests;

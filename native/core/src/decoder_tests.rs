@@ -1,0 +1,252 @@
+//! The fused decode step against a plain f32 reference of the same network.
+
+use super::*;
+use crate::quant::BLOCK;
+use crate::rng::uniform;
+
+const SHAPE: DecoderShape = DecoderShape {
+    hidden: 64,
+    num_heads: 4,
+    num_kv_heads: 2,
+    head_dim: 16,
+    intermediate: 96,
+    vocab: 80,
+    eps: 1e-5,
+};
+const BLOCK_SIZE: usize = 4;
+const NUM_BLOCKS: usize = 12;
+
+struct Rand(u64, u64);
+
+impl Rand {
+    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                self.1 += 1;
+                (uniform(self.0, self.1) as f32 * 2.0 - 1.0) * scale
+            })
+            .collect()
+    }
+}
+
+fn q4(rand: &mut Rand, rows: usize, cols: usize) -> QMatrix {
+    let q: Vec<u8> = rand.vec(rows * cols, 1.0).iter().map(|v| ((v + 1.0) * 7.99) as u8).collect();
+    let scale: Vec<f32> = rand.vec(rows * cols / BLOCK, 0.02).iter().map(|v| v.abs() + 0.01).collect();
+    let offset: Vec<f32> = scale.iter().map(|d| -7.5 * d).collect();
+    QMatrix::from_q4(&q, &scale, &offset, rows, cols).unwrap()
+}
+
+fn model(qk_norm: bool, bias: bool) -> Decoder {
+    let mut rand = Rand(7, 0);
+    let s = SHAPE;
+    let qkv_rows = (s.num_heads + 2 * s.num_kv_heads) * s.head_dim;
+    let layers = (0..2)
+        .map(|_| LayerWeights {
+            attn_norm: rand.vec(s.hidden, 0.5).iter().map(|v| v + 1.0).collect(),
+            qkv: q4(&mut rand, qkv_rows, s.hidden),
+            qkv_bias: bias.then(|| rand.vec(qkv_rows, 0.1)),
+            q_norm: qk_norm.then(|| rand.vec(s.head_dim, 0.3).iter().map(|v| v + 1.0).collect()),
+            k_norm: qk_norm.then(|| rand.vec(s.head_dim, 0.3).iter().map(|v| v + 1.0).collect()),
+            o: q4(&mut rand, s.hidden, s.num_heads * s.head_dim),
+            o_bias: None,
+            ffn_norm: rand.vec(s.hidden, 0.5).iter().map(|v| v + 1.0).collect(),
+            gate_up: q4(&mut rand, 2 * s.intermediate, s.hidden),
+            down: q4(&mut rand, s.hidden, s.intermediate),
+        })
+        .collect();
+    let head = QMatrix::quantize_q8(&rand.vec(s.vocab * s.hidden, 0.3), s.vocab, s.hidden).unwrap();
+    Decoder::new(s, layers, rand.vec(s.hidden, 0.2).iter().map(|v| v + 1.0).collect(), head).unwrap()
+}
+
+fn dense(m: &QMatrix) -> Vec<Vec<f32>> {
+    (0..m.rows).map(|r| m.dequantize_row(r)).collect()
+}
+
+fn matvec(w: &[Vec<f32>], x: &[f32]) -> Vec<f32> {
+    w.iter().map(|row| row.iter().zip(x).map(|(a, b)| a * b).sum()).collect()
+}
+
+fn rotary(pos: usize) -> (Vec<f32>, Vec<f32>) {
+    let half = SHAPE.head_dim / 2;
+    let angles: Vec<f32> = (0..half)
+        .map(|i| pos as f32 / 10000f32.powf(2.0 * i as f32 / SHAPE.head_dim as f32))
+        .collect();
+    (angles.iter().map(|a| a.cos()).collect(), angles.iter().map(|a| a.sin()).collect())
+}
+
+/// Plain f32 decoding of one sequence, token by token; returns each step's logits.
+fn reference(m: &Decoder, embeds: &[Vec<f32>]) -> Vec<Vec<f32>> {
+    let s = m.shape;
+    let (h, kvh, d) = (s.num_heads, s.num_kv_heads, s.head_dim);
+    let mut keys: Vec<Vec<Vec<f32>>> = vec![vec![]; m.layers.len()];
+    let mut values: Vec<Vec<Vec<f32>>> = vec![vec![]; m.layers.len()];
+    let mut out = vec![];
+    let mut normed = vec![0f32; s.hidden];
+    for (pos, e) in embeds.iter().enumerate() {
+        let mut x = e.clone();
+        let (cos, sin) = rotary(pos);
+        for (li, l) in m.layers.iter().enumerate() {
+            rms_norm(&x, &l.attn_norm, s.eps, &mut normed);
+            let mut qkv = matvec(&dense(&l.qkv), &normed);
+            if let Some(b) = &l.qkv_bias {
+                qkv.iter_mut().zip(b).for_each(|(v, b)| *v += b);
+            }
+            for (i, head) in qkv[..(h + kvh) * d].chunks_exact_mut(d).enumerate() {
+                let norm = if i < h { &l.q_norm } else { &l.k_norm };
+                if let Some(w) = norm {
+                    let copy = head.to_vec();
+                    rms_norm(&copy, w, s.eps, head);
+                }
+                rope(head, &cos, &sin);
+            }
+            // the cache holds bf16
+            let bf = |v: &f32| f32::from_bits((u16::from_f32(*v) as u32) << 16);
+            keys[li].push(qkv[h * d..(h + kvh) * d].iter().map(bf).collect());
+            values[li].push(qkv[(h + kvh) * d..].iter().map(bf).collect());
+            let mut attn = vec![0f32; h * d];
+            for head in 0..h {
+                let kv = head / (h / kvh);
+                let q = &qkv[head * d..][..d];
+                let scores: Vec<f32> = keys[li]
+                    .iter()
+                    .map(|k| q.iter().zip(&k[kv * d..][..d]).map(|(a, b)| a * b).sum::<f32>() / (d as f32).sqrt())
+                    .collect();
+                let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                let w: Vec<f32> = scores.iter().map(|v| (v - max).exp()).collect();
+                let total: f32 = w.iter().sum();
+                for (p, wp) in w.iter().enumerate() {
+                    for j in 0..d {
+                        attn[head * d + j] += wp / total * values[li][p][kv * d + j];
+                    }
+                }
+            }
+            let o = matvec(&dense(&l.o), &attn);
+            x.iter_mut().zip(&o).for_each(|(v, o)| *v += o);
+            rms_norm(&x, &l.ffn_norm, s.eps, &mut normed);
+            let gu = matvec(&dense(&l.gate_up), &normed);
+            let act: Vec<f32> = (0..s.intermediate)
+                .map(|i| gu[i] / (1.0 + (-gu[i]).exp()) * gu[s.intermediate + i])
+                .collect();
+            let down = matvec(&dense(&l.down), &act);
+            x.iter_mut().zip(&down).for_each(|(v, o)| *v += o);
+        }
+        rms_norm(&x, &m.final_norm, s.eps, &mut normed);
+        out.push(matvec(&dense(&m.lm_head), &normed));
+    }
+    out
+}
+
+/// Decodes several sequences together, one token each per step, each in its own blocks.
+fn fused(m: &Decoder, seqs: &[Vec<Vec<f32>>], kv: &mut [u16], threads: usize) -> Vec<Vec<Vec<f32>>> {
+    let s = m.shape;
+    let max_blocks = 3;
+    let tables: Vec<i64> = (0..seqs.len() * max_blocks).map(|i| (NUM_BLOCKS - 1 - i) as i64).collect();
+    let steps = seqs[0].len();
+    let mut out = vec![vec![]; seqs.len()];
+    for pos in 0..steps {
+        let n = seqs.len();
+        let mut x: Vec<f32> = seqs.iter().flat_map(|e| e[pos].clone()).collect();
+        let (cos, sin) = rotary(pos);
+        let cos: Vec<f32> = (0..n).flat_map(|_| cos.clone()).collect();
+        let sin: Vec<f32> = (0..n).flat_map(|_| sin.clone()).collect();
+        let slots: Vec<i64> = (0..n)
+            .map(|r| tables[r * max_blocks + pos / BLOCK_SIZE] * BLOCK_SIZE as i64 + (pos % BLOCK_SIZE) as i64)
+            .collect();
+        let ctx = vec![pos as i64 + 1; n];
+        let logit_rows: Vec<usize> = (0..n).collect();
+        let mut logits = vec![0f32; n * s.vocab];
+        let rows = DecodeRows {
+            x: &mut x,
+            cos: &cos,
+            sin: &sin,
+            slots: &slots,
+            block_tables: &tables,
+            max_blocks,
+            context_lens: &ctx,
+            logit_rows: &logit_rows,
+        };
+        m.forward(rows, KvCache { kv: &mut *kv, block_size: BLOCK_SIZE }, &mut logits, threads).unwrap();
+        for (r, l) in logits.chunks_exact(s.vocab).enumerate() {
+            out[r].push(l.to_vec());
+        }
+    }
+    out
+}
+
+fn cache() -> Vec<u16> {
+    vec![0u16; 2 * 2 * NUM_BLOCKS * BLOCK_SIZE * SHAPE.num_kv_heads * SHAPE.head_dim]
+}
+
+fn embeds(seed: u64, steps: usize) -> Vec<Vec<f32>> {
+    let mut rand = Rand(seed, 0);
+    (0..steps).map(|_| rand.vec(SHAPE.hidden, 1.0)).collect()
+}
+
+#[test]
+fn matches_the_f32_reference() {
+    for (qk_norm, bias) in [(false, false), (true, false), (false, true)] {
+        let m = model(qk_norm, bias);
+        let seqs = [embeds(1, 9), embeds(2, 9)];
+        let got = fused(&m, &seqs, &mut cache(), 1);
+        for (seq, e) in seqs.iter().enumerate() {
+            let want = reference(&m, e);
+            for (step, (g, w)) in got[seq].iter().zip(&want).enumerate() {
+                let scale = w.iter().fold(0f32, |a, v| a.max(v.abs()));
+                let err = g.iter().zip(w).fold(0f32, |a, (g, w)| a.max((g - w).abs()));
+                // 8-bit activations: a few percent of the largest logit
+                assert!(err <= 0.05 * scale, "qk_norm {qk_norm} bias {bias} seq {seq} step {step}: {err} vs {scale}");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_row_does_not_depend_on_its_batch() {
+    let m = model(false, false);
+    let a = embeds(3, 6);
+    let alone = fused(&m, std::slice::from_ref(&a), &mut cache(), 1);
+    for threads in [1, 2, 3] {
+        let together = fused(&m, &[embeds(4, 6), a.clone(), embeds(5, 6)], &mut cache(), threads);
+        // the middle sequence's blocks differ from the lone one's: only values must match
+        assert_eq!(alone[0], together[1], "{threads} threads");
+    }
+}
+
+#[test]
+fn bad_inputs_are_errors() {
+    let m = model(false, false);
+    let mut kv = cache();
+    let mut x = vec![0f32; SHAPE.hidden];
+    let half = vec![0f32; SHAPE.head_dim / 2];
+    let mut logits = vec![0f32; SHAPE.vocab];
+    let mut run = |slot: i64, ctx: i64, logit_row: usize, kv: &mut [u16]| {
+        let rows = DecodeRows {
+            x: &mut x,
+            cos: &half,
+            sin: &half,
+            slots: &[slot],
+            block_tables: &[0, 1],
+            max_blocks: 2,
+            context_lens: &[ctx],
+            logit_rows: &[logit_row],
+        };
+        m.forward(rows, KvCache { kv, block_size: BLOCK_SIZE }, &mut logits, 2)
+    };
+    assert!(run(0, 1, 0, &mut kv).is_ok());
+    assert!(matches!(run(-1, 1, 0, &mut kv), Err(DecoderError::Slot { .. })));
+    assert!(matches!(run((NUM_BLOCKS * BLOCK_SIZE) as i64, 1, 0, &mut kv), Err(DecoderError::Slot { .. })));
+    assert!(matches!(run(0, 1, 1, &mut kv), Err(DecoderError::Shape(_))));
+    assert!(matches!(run(0, 9, 0, &mut kv), Err(DecoderError::Attention(_))));
+    assert!(matches!(run(0, 1, 0, &mut kv[1..]), Err(DecoderError::Shape(_))));
+}
+
+#[test]
+fn mismatched_weights_are_rejected() {
+    let m = model(false, false);
+    let s = SHAPE;
+    let wrong = DecoderShape { hidden: 32, ..s };
+    let head = QMatrix::quantize_q8(&vec![0.0; s.vocab * s.hidden], s.vocab, s.hidden).unwrap();
+    assert!(Decoder::new(wrong, vec![], vec![0.0; 32], head.clone()).is_err());
+    assert!(Decoder::new(s, vec![], vec![0.0; s.hidden], head).is_ok());
+    assert_eq!(m.num_layers(), 2);
+}

@@ -1,0 +1,616 @@
+//! Block-quantized weight matrices and the integer dot products of a decode
+//! step on the CPU.
+//!
+//! Weights come in blocks of 32 along the input dimension, each with a
+//! scale `d` and an offset `m`: `w = d * q + m`, `q` unsigned (4-bit for
+//! GGUF Q4_0/Q4_1, 8-bit for Q8_0 stored as `q + 128` with `m = -128 d`).
+//! Activations are quantized per block of 32 to signed 8-bit (`x = dx * qx`),
+//! so a block's dot product is
+//!
+//! `d dx Σ q qx + m dx Σ qx`
+//!
+//! and the integer sum is one AVX-512 VNNI `vpdpbusd` (unsigned x signed
+//! bytes) per 64 weights. The offset term needs only the per-block
+//! activation sums, so it is one short float dot product per row.
+//!
+//! Layout, repacked at load: rows padded to a multiple of 64 columns; 4-bit
+//! rows hold 32 bytes per 64 weights, byte `i` of a 64-weight chunk holding
+//! weight `i` in its low nibble and weight `32 + i` in its high nibble, so
+//! one broadcast, one variable shift and one mask give the 64 weights in
+//! order. Scales and offsets are f16, in arrays of their own.
+
+use std::ops::Range;
+
+/// Weights per quantization block.
+pub const BLOCK: usize = 32;
+/// Columns are padded to a whole number of these (two blocks: one zmm of bytes).
+pub const CHUNK: usize = 64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuantKind {
+    /// 4-bit unsigned codes, two per byte.
+    Q4,
+    /// 8-bit codes stored unsigned (signed code + 128).
+    Q8,
+}
+
+/// A (rows, cols) weight matrix in blocks of 32.
+#[derive(Debug, Clone)]
+pub struct QMatrix {
+    pub kind: QuantKind,
+    pub rows: usize,
+    pub cols: usize,
+    /// `cols` rounded up to a multiple of [`CHUNK`].
+    pub padded_cols: usize,
+    q: Vec<u8>,
+    /// f16 bits, (rows, padded_cols / 32).
+    d: Vec<u16>,
+    /// f16 bits, (rows, padded_cols / 32).
+    m: Vec<u16>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum QuantError {
+    #[error("{0}")]
+    Shape(String),
+}
+
+impl QMatrix {
+    fn blocks_per_row(&self) -> usize {
+        self.padded_cols / BLOCK
+    }
+
+    fn row_bytes(&self) -> usize {
+        match self.kind {
+            QuantKind::Q4 => self.padded_cols / 2,
+            QuantKind::Q8 => self.padded_cols,
+        }
+    }
+
+    /// Bytes read by one pass over the matrix (codes, scales, offsets).
+    pub fn nbytes(&self) -> usize {
+        self.q.len() + 2 * (self.d.len() + self.m.len())
+    }
+
+    /// From 4-bit codes `q` (rows, cols) in 0..16 and per-block scale and
+    /// offset (rows, cols / 32): `w = scale * q + offset`.
+    pub fn from_q4(
+        q: &[u8],
+        scale: &[f32],
+        offset: &[f32],
+        rows: usize,
+        cols: usize,
+    ) -> Result<Self, QuantError> {
+        check_dims(q.len(), scale.len(), offset.len(), rows, cols)?;
+        if let Some(bad) = q.iter().find(|&&c| c > 15) {
+            return Err(QuantError::Shape(format!("4-bit code {bad} is over 15")));
+        }
+        let padded_cols = cols.next_multiple_of(CHUNK);
+        let mut packed = vec![0u8; rows * padded_cols / 2];
+        for (r, out) in packed.chunks_exact_mut(padded_cols / 2).enumerate() {
+            let src = &q[r * cols..][..cols];
+            for (c, chunk) in out.chunks_exact_mut(CHUNK / 2).enumerate() {
+                let base = c * CHUNK;
+                for (i, byte) in chunk.iter_mut().enumerate() {
+                    let lo = src.get(base + i).copied().unwrap_or(0);
+                    let hi = src.get(base + 32 + i).copied().unwrap_or(0);
+                    *byte = lo | (hi << 4);
+                }
+            }
+        }
+        let (d, m) = pad_scales(scale, offset, rows, cols, padded_cols);
+        Ok(Self { kind: QuantKind::Q4, rows, cols, padded_cols, q: packed, d, m })
+    }
+
+    /// From signed 8-bit codes (rows, cols) and per-block scales: `w = scale * q`.
+    pub fn from_q8(q: &[i8], scale: &[f32], rows: usize, cols: usize) -> Result<Self, QuantError> {
+        let offset: Vec<f32> = scale.iter().map(|&d| -128.0 * f16_round(d)).collect();
+        check_dims(q.len(), scale.len(), offset.len(), rows, cols)?;
+        let padded_cols = cols.next_multiple_of(CHUNK);
+        let mut codes = vec![128u8; rows * padded_cols];
+        for (out, src) in codes.chunks_exact_mut(padded_cols).zip(q.chunks_exact(cols)) {
+            for (o, &s) in out.iter_mut().zip(src) {
+                *o = (s as u8) ^ 0x80;
+            }
+        }
+        let (d, m) = pad_scales(scale, &offset, rows, cols, padded_cols);
+        Ok(Self { kind: QuantKind::Q8, rows, cols, padded_cols, q: codes, d, m })
+    }
+
+    /// Float weights (rows, cols) quantized to 8 bits per block of 32
+    /// (scale = max |w| / 127, as GGUF's Q8_0).
+    pub fn quantize_q8(w: &[f32], rows: usize, cols: usize) -> Result<Self, QuantError> {
+        if w.len() != rows * cols || !cols.is_multiple_of(BLOCK) {
+            return Err(QuantError::Shape(format!(
+                "{} values for ({rows}, {cols}); cols must be a multiple of {BLOCK}",
+                w.len()
+            )));
+        }
+        let mut q = vec![0i8; w.len()];
+        let mut scale = vec![0f32; w.len() / BLOCK];
+        for ((block, codes), d) in w.chunks_exact(BLOCK).zip(q.chunks_exact_mut(BLOCK)).zip(&mut scale) {
+            let amax = block.iter().fold(0f32, |a, &v| a.max(v.abs()));
+            *d = f16_round(amax / 127.0);
+            let inv = if *d > 0.0 { 1.0 / *d } else { 0.0 };
+            for (c, &v) in codes.iter_mut().zip(block) {
+                *c = (v * inv).round().clamp(-127.0, 127.0) as i8;
+            }
+        }
+        Self::from_q8(&q, &scale, rows, cols)
+    }
+
+    /// Row `r` as floats (tests and references).
+    pub fn dequantize_row(&self, r: usize) -> Vec<f32> {
+        let nb = self.blocks_per_row();
+        (0..self.cols)
+            .map(|c| {
+                let b = r * nb + c / BLOCK;
+                f16_to_f32(self.d[b]) * self.code(r, c) as f32 + f16_to_f32(self.m[b])
+            })
+            .collect()
+    }
+
+    fn code(&self, r: usize, c: usize) -> u8 {
+        let row = &self.q[r * self.row_bytes()..][..self.row_bytes()];
+        match self.kind {
+            QuantKind::Q8 => row[c],
+            QuantKind::Q4 => {
+                let (chunk, i) = (c / CHUNK, c % CHUNK);
+                let byte = row[chunk * CHUNK / 2 + i % 32];
+                if i < 32 {
+                    byte & 0x0F
+                } else {
+                    byte >> 4
+                }
+            }
+        }
+    }
+}
+
+fn check_dims(q: usize, scale: usize, offset: usize, rows: usize, cols: usize) -> Result<(), QuantError> {
+    if !cols.is_multiple_of(BLOCK) || q != rows * cols || scale != rows * cols / BLOCK || offset != scale {
+        return Err(QuantError::Shape(format!(
+            "({rows}, {cols}) weights need cols a multiple of {BLOCK}, {} codes and {} scales and offsets; got {q}, {scale}, {offset}",
+            rows * cols,
+            rows * cols / BLOCK
+        )));
+    }
+    Ok(())
+}
+
+fn pad_scales(scale: &[f32], offset: &[f32], rows: usize, cols: usize, padded: usize) -> (Vec<u16>, Vec<u16>) {
+    let (nb, pb) = (cols / BLOCK, padded / BLOCK);
+    let mut d = vec![0u16; rows * pb];
+    let mut m = vec![0u16; rows * pb];
+    for r in 0..rows {
+        for b in 0..nb {
+            d[r * pb + b] = f32_to_f16(scale[r * nb + b]);
+            m[r * pb + b] = f32_to_f16(offset[r * nb + b]);
+        }
+    }
+    (d, m)
+}
+
+/// One activation row quantized per block of 32: `x = d * q`.
+#[derive(Debug, Clone, Default)]
+pub struct QuantActs {
+    q: Vec<i8>,
+    d: Vec<f32>,
+    /// d * Σ q per block: multiplies the weight offsets.
+    dsum: Vec<f32>,
+    /// d per byte lane group: 16 values per 64-column chunk, the first 8 its
+    /// first block's d, the last 8 its second's (the layout of `vpdpbusd`'s sums).
+    lanes: Vec<f32>,
+}
+
+impl QuantActs {
+    /// Quantize `x`, zero-padded to `padded_cols` (a multiple of [`CHUNK`]).
+    pub fn quantize(&mut self, x: &[f32], padded_cols: usize) {
+        debug_assert!(padded_cols >= x.len() && padded_cols.is_multiple_of(CHUNK));
+        let nb = padded_cols / BLOCK;
+        self.q.clear();
+        self.q.resize(padded_cols, 0);
+        self.d.clear();
+        self.d.resize(nb, 0.0);
+        self.dsum.clear();
+        self.dsum.resize(nb, 0.0);
+        for (b, codes) in self.q.chunks_exact_mut(BLOCK).enumerate() {
+            let start = b * BLOCK;
+            if start >= x.len() {
+                break;
+            }
+            let block = &x[start..x.len().min(start + BLOCK)];
+            let amax = block.iter().fold(0f32, |a, &v| a.max(v.abs()));
+            if amax == 0.0 {
+                continue;
+            }
+            let d = amax / 127.0;
+            let inv = 127.0 / amax;
+            let mut sum = 0i32;
+            for (c, &v) in codes.iter_mut().zip(block) {
+                let q = (v * inv).round() as i32;
+                *c = q as i8;
+                sum += q;
+            }
+            self.d[b] = d;
+            self.dsum[b] = d * sum as f32;
+        }
+        self.lanes.clear();
+        self.lanes.extend(self.d.iter().flat_map(|&d| [d; 8]));
+    }
+}
+
+/// `out[b * out_stride + i]` = row `rows.start + i` of `w` · activation row
+/// `xs[b]`, for every row in `rows` and every activation row: each weight
+/// row is read from memory once for the whole batch.
+pub fn gemm(w: &QMatrix, xs: &[QuantActs], rows: Range<usize>, out: &mut [f32], out_stride: usize) {
+    assert!(rows.end <= w.rows && out_stride >= rows.len());
+    assert!(xs.is_empty() || out.len() >= (xs.len() - 1) * out_stride + rows.len());
+    // SAFETY: `out` holds every index written (asserted just above).
+    unsafe { gemm_into(w, xs, rows, out.as_mut_ptr(), out_stride) }
+}
+
+/// [`gemm`] into raw memory, so threads can fill disjoint rows of one output.
+///
+/// # Safety
+/// `out` must be valid for writes at `b * out_stride + i` for every
+/// activation row `b` and `i < rows.len()`, and nothing else may access
+/// those elements meanwhile.
+pub unsafe fn gemm_into(w: &QMatrix, xs: &[QuantActs], rows: Range<usize>, out: *mut f32, out_stride: usize) {
+    assert!(rows.end <= w.rows);
+    for x in xs {
+        assert_eq!(x.q.len(), w.padded_cols, "activations quantized to another width");
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_vnni() {
+            // SAFETY: the CPU has AVX-512 F/BW/VNNI and F16C (checked by has_vnni); `out` per the contract.
+            unsafe { avx512::gemm(w, xs, rows, out, out_stride) };
+            return;
+        }
+    }
+    for (b, x) in xs.iter().enumerate() {
+        for (i, r) in rows.clone().enumerate() {
+            // SAFETY: per the contract.
+            unsafe { *out.add(b * out_stride + i) = dot_portable(w, x, r) };
+        }
+    }
+}
+
+/// Whether the AVX-512 VNNI kernel runs on this CPU.
+pub fn has_vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vnni")
+            && std::arch::is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// The same sums as the vector kernel, in plain Rust.
+pub fn gemm_portable(w: &QMatrix, xs: &[QuantActs], rows: Range<usize>, out: &mut [f32], out_stride: usize) {
+    for (b, x) in xs.iter().enumerate() {
+        for (i, r) in rows.clone().enumerate() {
+            out[b * out_stride + i] = dot_portable(w, x, r);
+        }
+    }
+}
+
+fn dot_portable(w: &QMatrix, x: &QuantActs, r: usize) -> f32 {
+    let nb = w.blocks_per_row();
+    let mut acc = 0f32;
+    for blk in 0..nb {
+        let isum: i32 = (0..BLOCK)
+            .map(|j| w.code(r, blk * BLOCK + j) as i32 * x.q[blk * BLOCK + j] as i32)
+            .sum();
+        let (d, m) = (f16_to_f32(w.d[r * nb + blk]), f16_to_f32(w.m[r * nb + blk]));
+        acc += d * x.d[blk] * isum as f32 + m * x.dsum[blk];
+    }
+    acc
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+    use std::ops::Range;
+
+    use super::{QMatrix, QuantActs, QuantKind, BLOCK, CHUNK};
+
+    /// 64 4-bit codes of one chunk, in order, as bytes.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn unpack_q4(p: *const u8) -> __m512i {
+        let both = _mm512_broadcast_i64x4(_mm256_loadu_si256(p.cast()));
+        // low half of the register keeps the low nibbles, high half shifts in the high ones
+        let shifts = _mm512_set_epi64(4, 4, 4, 4, 0, 0, 0, 0);
+        _mm512_and_si512(_mm512_srlv_epi64(both, shifts), _mm512_set1_epi8(0x0F))
+    }
+
+    /// Activation rows handled together per pass over a weight row (their
+    /// accumulators stay in registers).
+    const GROUP: usize = 4;
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
+    pub(super) unsafe fn gemm(w: &QMatrix, xs: &[QuantActs], rows: Range<usize>, out: *mut f32, stride: usize) {
+        for (g, group) in xs.chunks(GROUP).enumerate() {
+            let out = out.add(g * GROUP * stride);
+            match group.len() {
+                4 => rows_times::<4>(w, group, rows.clone(), out, stride),
+                3 => rows_times::<3>(w, group, rows.clone(), out, stride),
+                2 => rows_times::<2>(w, group, rows.clone(), out, stride),
+                _ => rows_times::<1>(w, group, rows.clone(), out, stride),
+            }
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
+    unsafe fn rows_times<const N: usize>(
+        w: &QMatrix,
+        xs: &[QuantActs],
+        rows: Range<usize>,
+        out: *mut f32,
+        stride: usize,
+    ) {
+        let nb = w.blocks_per_row();
+        let chunks = w.padded_cols / CHUNK;
+        let row_bytes = w.row_bytes();
+        // lanes 0..8 take block 2c's scale, lanes 8..16 block 2c + 1's
+        let pick = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+        for (i, r) in rows.enumerate() {
+            let d = w.d.as_ptr().add(r * nb);
+            let m = w.m.as_ptr().add(r * nb);
+            let codes = w.q.as_ptr().add(r * row_bytes);
+            let mut acc = [_mm512_setzero_ps(); N];
+            for c in 0..chunks {
+                let wq = match w.kind {
+                    QuantKind::Q4 => unpack_q4(codes.add(c * CHUNK / 2)),
+                    QuantKind::Q8 => _mm512_loadu_si512(codes.add(c * CHUNK).cast()),
+                };
+                let dw2 = _mm_cvtph_ps(_mm_cvtsi32_si128(d.add(2 * c).cast::<i32>().read_unaligned()));
+                let dw = _mm512_permutexvar_ps(pick, _mm512_castps128_ps512(dw2));
+                for (a, x) in acc.iter_mut().zip(xs) {
+                    let xq = _mm512_loadu_si512(x.q.as_ptr().add(c * CHUNK).cast());
+                    let isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq, xq);
+                    let dx = _mm512_loadu_ps(x.lanes.as_ptr().add(c * 16));
+                    *a = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(isum), dx), dw, *a);
+                }
+            }
+            // offsets times the activation sums, 16 blocks at a time
+            let mut blk = 0;
+            while blk < nb {
+                let n = (nb - blk).min(16);
+                let mask: __mmask16 = if n == 16 { 0xFFFF } else { (1u16 << n) - 1 };
+                let mw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, m.add(blk).cast()));
+                for (a, x) in acc.iter_mut().zip(xs) {
+                    let sx = _mm512_maskz_loadu_ps(mask, x.dsum.as_ptr().add(blk));
+                    *a = _mm512_fmadd_ps(mw, sx, *a);
+                }
+                blk += 16;
+            }
+            for (b, a) in acc.iter().enumerate() {
+                *out.add(b * stride + i) = _mm512_reduce_add_ps(*a);
+            }
+        }
+        debug_assert_eq!(BLOCK * 2, CHUNK);
+    }
+}
+
+/// f32 to IEEE half bits, round to nearest even (scales only: no NaN payloads).
+pub fn f32_to_f16(v: f32) -> u16 {
+    let bits = v.to_bits();
+    let sign = ((bits >> 16) & 0x8000) as u16;
+    let exp = ((bits >> 23) & 0xFF) as i32;
+    let mant = bits & 0x7F_FFFF;
+    if exp == 0xFF {
+        return sign | 0x7C00 | if mant != 0 { 0x200 } else { 0 };
+    }
+    let e = exp - 127 + 15;
+    if e >= 0x1F {
+        return sign | 0x7C00;
+    }
+    if e <= 0 {
+        if e < -10 {
+            return sign;
+        }
+        let m = mant | 0x80_0000;
+        let shift = (14 - e) as u32;
+        let half = 1u32 << (shift - 1);
+        let rest = m & ((1 << shift) - 1);
+        let mut h = m >> shift;
+        if rest > half || (rest == half && h & 1 == 1) {
+            h += 1;
+        }
+        return sign | h as u16;
+    }
+    let mut h = ((e as u32) << 10) | (mant >> 13);
+    let rest = mant & 0x1FFF;
+    if rest > 0x1000 || (rest == 0x1000 && h & 1 == 1) {
+        h += 1; // may carry into the exponent: still the right rounding
+    }
+    sign | h as u16
+}
+
+pub fn f16_to_f32(h: u16) -> f32 {
+    let sign = ((h as u32) & 0x8000) << 16;
+    let exp = ((h >> 10) & 0x1F) as u32;
+    let mant = (h & 0x3FF) as u32;
+    let bits = match exp {
+        0 if mant == 0 => sign,
+        0 => {
+            // subnormal: normalise
+            let shift = mant.leading_zeros() - 21;
+            sign | ((113 - shift) << 23) | (((mant << shift) & 0x3FF) << 13)
+        }
+        0x1F => sign | 0x7F80_0000 | (mant << 13),
+        _ => sign | ((exp + 112) << 23) | (mant << 13),
+    };
+    f32::from_bits(bits)
+}
+
+fn f16_round(v: f32) -> f32 {
+    f16_to_f32(f32_to_f16(v))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::uniform;
+
+    struct Rng(u64, u64);
+
+    impl Rng {
+        fn new(seed: u64) -> Self {
+            Rng(seed, 0)
+        }
+        fn next_f32(&mut self) -> f32 {
+            self.1 += 1;
+            uniform(self.0, self.1) as f32
+        }
+        fn next_u64(&mut self) -> u64 {
+            (self.next_f32() * 65536.0) as u64
+        }
+    }
+
+    fn random(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| (rng.next_f32() * 2.0 - 1.0) * scale).collect()
+    }
+
+    #[test]
+    fn f16_round_trips() {
+        for v in [0.0f32, 1.0, -2.5, 65504.0, 6.1e-5, 5.96e-8, 3.0e-6, 0.1] {
+            let back = f16_to_f32(f32_to_f16(v));
+            assert!((back - v).abs() <= v.abs() * 1e-3 + 6e-8, "{v} -> {back}");
+        }
+        for h in 0u16..0x7C00 {
+            assert_eq!(f32_to_f16(f16_to_f32(h)), h);
+        }
+    }
+
+    fn exact_dot(w: &QMatrix, r: usize, x: &[f32]) -> f32 {
+        w.dequantize_row(r).iter().zip(x).map(|(a, b)| a * b).sum()
+    }
+
+    fn check(w: &QMatrix, rng: &mut Rng) {
+        let x = random(rng, w.cols, 3.0);
+        let mut acts = QuantActs::default();
+        acts.quantize(&x, w.padded_cols);
+        let mut fast = vec![0f32; w.rows];
+        let mut slow = vec![0f32; w.rows];
+        gemm(w, std::slice::from_ref(&acts), 0..w.rows, &mut fast, w.rows);
+        gemm_portable(w, std::slice::from_ref(&acts), 0..w.rows, &mut slow, w.rows);
+        for r in 0..w.rows {
+            let scale: f32 = w.dequantize_row(r).iter().zip(&x).map(|(a, b)| (a * b).abs()).sum();
+            assert!((fast[r] - slow[r]).abs() <= 1e-4 * scale + 1e-5, "row {r}: {} vs {}", fast[r], slow[r]);
+            // 8-bit activations: within 1% of the sum of |terms| of the exact product
+            let exact = exact_dot(w, r, &x);
+            assert!((fast[r] - exact).abs() <= 0.01 * scale, "row {r}: {} vs exact {exact}", fast[r]);
+        }
+        // a sub-range writes the same values
+        let mut part = vec![0f32; w.rows / 2];
+        let n = part.len();
+        gemm(w, std::slice::from_ref(&acts), w.rows / 4..w.rows / 4 + n, &mut part, n);
+        assert_eq!(part, fast[w.rows / 4..][..n]);
+    }
+
+    #[test]
+    fn q4_matches_dequantized_weights() {
+        let mut rng = Rng::new(1);
+        for (rows, cols) in [(8, 64), (5, 96), (16, 576), (3, 1536), (7, 32)] {
+            let q: Vec<u8> = (0..rows * cols).map(|_| (rng.next_u64() % 16) as u8).collect();
+            let scale = random(&mut rng, rows * cols / BLOCK, 0.05);
+            let offset = random(&mut rng, rows * cols / BLOCK, 0.4);
+            let w = QMatrix::from_q4(&q, &scale, &offset, rows, cols).unwrap();
+            for r in 0..rows {
+                let row = w.dequantize_row(r);
+                for c in 0..cols {
+                    let b = (r * cols + c) / BLOCK;
+                    let want = f16_round(scale[b]) * q[r * cols + c] as f32 + f16_round(offset[b]);
+                    assert!((row[c] - want).abs() < 1e-6);
+                }
+            }
+            check(&w, &mut rng);
+        }
+    }
+
+    #[test]
+    fn q8_matches_dequantized_weights() {
+        let mut rng = Rng::new(2);
+        for (rows, cols) in [(4, 64), (9, 160), (2, 576)] {
+            let w_f = random(&mut rng, rows * cols, 0.7);
+            let w = QMatrix::quantize_q8(&w_f, rows, cols).unwrap();
+            for r in 0..rows {
+                for (a, b) in w.dequantize_row(r).iter().zip(&w_f[r * cols..][..cols]) {
+                    assert!((a - b).abs() <= 0.7 / 127.0, "{a} vs {b}");
+                }
+            }
+            check(&w, &mut rng);
+        }
+    }
+
+    #[test]
+    fn q8_codes_are_exact() {
+        let q: Vec<i8> = (0..64).map(|i| (i * 4 - 128) as i8).collect();
+        let w = QMatrix::from_q8(&q, &[0.5, 0.25], 1, 64).unwrap();
+        let row = w.dequantize_row(0);
+        for c in 0..64 {
+            let d = if c < 32 { 0.5 } else { 0.25 };
+            assert_eq!(row[c], d * q[c] as f32);
+        }
+    }
+
+    #[test]
+    fn batched_rows_match_one_at_a_time() {
+        let mut rng = Rng::new(3);
+        let (rows, cols) = (11, 192);
+        let q: Vec<u8> = (0..rows * cols).map(|_| (rng.next_u64() % 16) as u8).collect();
+        let scale = random(&mut rng, rows * cols / BLOCK, 0.05);
+        let offset = random(&mut rng, rows * cols / BLOCK, 0.4);
+        let w = QMatrix::from_q4(&q, &scale, &offset, rows, cols).unwrap();
+        for batch in [1, 2, 3, 4, 5, 9] {
+            let xs: Vec<QuantActs> = (0..batch)
+                .map(|_| {
+                    let mut a = QuantActs::default();
+                    a.quantize(&random(&mut rng, cols, 2.0), w.padded_cols);
+                    a
+                })
+                .collect();
+            let stride = rows + 3;
+            let mut all = vec![0f32; batch * stride];
+            gemm(&w, &xs, 0..rows, &mut all, stride);
+            let mut slow = vec![0f32; batch * stride];
+            gemm_portable(&w, &xs, 0..rows, &mut slow, stride);
+            for (b, x) in xs.iter().enumerate() {
+                let mut one = vec![0f32; rows];
+                gemm(&w, std::slice::from_ref(x), 0..rows, &mut one, rows);
+                assert_eq!(one, all[b * stride..][..rows], "batch {batch} row {b}");
+                for (f, s) in one.iter().zip(&slow[b * stride..][..rows]) {
+                    assert!((f - s).abs() <= 1e-4 * s.abs().max(1.0));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bad_shapes_are_errors() {
+        assert!(QMatrix::from_q4(&[0; 10], &[1.0], &[0.0], 1, 10).is_err());
+        assert!(QMatrix::from_q4(&[0; 64], &[1.0], &[0.0], 1, 64).is_err());
+        assert!(QMatrix::from_q4(&[16; 32], &[1.0], &[0.0], 1, 32).is_err());
+        assert!(QMatrix::quantize_q8(&[0.0; 40], 1, 40).is_err());
+    }
+
+    #[test]
+    fn zero_activations_give_offsets_only() {
+        let w = QMatrix::from_q4(&[3; 64], &[1.0, 1.0], &[0.5, 0.5], 1, 64).unwrap();
+        let mut acts = QuantActs::default();
+        acts.quantize(&[0.0; 64], 64);
+        let mut out = [1.0f32];
+        gemm(&w, &[acts], 0..1, &mut out, 1);
+        assert_eq!(out[0], 0.0);
+    }
+}

@@ -1,0 +1,249 @@
+//! Binding of the core's fused CPU decode step: quantized matrices built from
+//! numpy arrays, and one `forward` per step with the GIL released.
+
+use mistralrs_serve_core::decoder::{
+    DecodeRows, Decoder, DecoderError, DecoderShape, KvCache, KvStore, LayerWeights,
+};
+use mistralrs_serve_core::quant::{QMatrix, QuantError};
+use numpy::ndarray::Dimension;
+use numpy::{Element, PyArray, PyArrayMethods, PyReadwriteArray, PyUntypedArrayMethods};
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+
+use crate::attention::readonly;
+use crate::bad_array;
+
+fn quant_err(err: QuantError) -> PyErr {
+    PyValueError::new_err(err.to_string())
+}
+
+fn decoder_err(err: DecoderError) -> PyErr {
+    PyValueError::new_err(err.to_string())
+}
+
+/// A writeable view of a C-contiguous array of `T` with rank `D`.
+fn readwrite<'py, T: Element, D: Dimension>(
+    name: &str,
+    want: &str,
+    obj: &Bound<'py, PyAny>,
+) -> PyResult<PyReadwriteArray<'py, T, D>> {
+    let array = obj
+        .cast::<PyArray<T, D>>()
+        .map_err(|_| bad_array(name, want, obj))?;
+    if !array.is_c_contiguous() {
+        return Err(bad_array(name, want, obj));
+    }
+    array
+        .try_readwrite()
+        .map_err(|err| PyValueError::new_err(format!("{name} is not writeable: {err}")))
+}
+
+/// A weight matrix in blocks of 32 columns, repacked for the decode step.
+#[pyclass(name = "QuantMatrix", module = "mistralrs_serve._native")]
+pub struct PyQuantMatrix {
+    inner: Option<QMatrix>,
+}
+
+impl PyQuantMatrix {
+    fn take(&mut self) -> PyResult<QMatrix> {
+        self.inner
+            .take()
+            .ok_or_else(|| PyRuntimeError::new_err("this QuantMatrix was already given to a decoder"))
+    }
+}
+
+#[pymethods]
+impl PyQuantMatrix {
+    /// 4-bit codes q (rows, cols) uint8 in 0..16, scale and offset (rows, cols / 32) float32.
+    #[staticmethod]
+    fn from_q4(q: Bound<'_, PyAny>, scale: Bound<'_, PyAny>, offset: Bound<'_, PyAny>) -> PyResult<Self> {
+        let q = readonly::<u8, numpy::Ix2>("q", "a C-contiguous 2-D uint8 array", &q)?;
+        let scale = readonly::<f32, numpy::Ix2>("scale", "a C-contiguous 2-D float32 array", &scale)?;
+        let offset = readonly::<f32, numpy::Ix2>("offset", "a C-contiguous 2-D float32 array", &offset)?;
+        let (rows, cols) = (q.shape()[0], q.shape()[1]);
+        let m = QMatrix::from_q4(q.as_slice()?, scale.as_slice()?, offset.as_slice()?, rows, cols)
+            .map_err(quant_err)?;
+        Ok(Self { inner: Some(m) })
+    }
+
+    /// Float weights (rows, cols) float32, quantized to 8 bits per block of 32.
+    #[staticmethod]
+    fn quantize_q8(w: Bound<'_, PyAny>) -> PyResult<Self> {
+        let w = readonly::<f32, numpy::Ix2>("w", "a C-contiguous 2-D float32 array", &w)?;
+        let (rows, cols) = (w.shape()[0], w.shape()[1]);
+        let m = QMatrix::quantize_q8(w.as_slice()?, rows, cols).map_err(quant_err)?;
+        Ok(Self { inner: Some(m) })
+    }
+
+    /// Whether this CPU runs the vector kernel (AVX-512 VNNI); without it the
+    /// portable loops are correct but far slower than torch.
+    #[staticmethod]
+    fn has_fast_kernel() -> bool {
+        mistralrs_serve_core::quant::has_vnni()
+    }
+
+    #[getter]
+    fn shape(&self) -> PyResult<(usize, usize)> {
+        let m = self.inner.as_ref().ok_or_else(|| PyRuntimeError::new_err("given to a decoder"))?;
+        Ok((m.rows, m.cols))
+    }
+}
+
+type LayerArgs<'py> = (
+    Vec<f32>,
+    Bound<'py, PyQuantMatrix>,
+    Option<Vec<f32>>,
+    Option<Vec<f32>>,
+    Option<Vec<f32>>,
+    Bound<'py, PyQuantMatrix>,
+    Option<Vec<f32>>,
+    Vec<f32>,
+    Bound<'py, PyQuantMatrix>,
+    Bound<'py, PyQuantMatrix>,
+);
+
+/// A Llama-family model's decode step, fused (see the core's `decoder`).
+#[pyclass(frozen, name = "NativeDecoder", module = "mistralrs_serve._native")]
+pub struct PyNativeDecoder {
+    inner: Decoder,
+}
+
+#[pymethods]
+impl PyNativeDecoder {
+    /// layers: per layer (attn_norm, qkv, qkv_bias, q_norm, k_norm, o, o_bias,
+    /// ffn_norm, gate_up, down); the matrices are moved into the decoder.
+    #[new]
+    #[pyo3(signature = (*, hidden, num_heads, num_kv_heads, head_dim, intermediate, vocab, eps, layers, final_norm, lm_head))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        hidden: usize,
+        num_heads: usize,
+        num_kv_heads: usize,
+        head_dim: usize,
+        intermediate: usize,
+        vocab: usize,
+        eps: f32,
+        layers: Vec<LayerArgs<'_>>,
+        final_norm: Vec<f32>,
+        lm_head: Bound<'_, PyQuantMatrix>,
+    ) -> PyResult<Self> {
+        let shape = DecoderShape {
+            hidden,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            intermediate,
+            vocab,
+            eps,
+        };
+        let mut built = Vec::with_capacity(layers.len());
+        for (attn_norm, qkv, qkv_bias, q_norm, k_norm, o, o_bias, ffn_norm, gate_up, down) in layers {
+            built.push(LayerWeights {
+                attn_norm,
+                qkv: qkv.borrow_mut().take()?,
+                qkv_bias,
+                q_norm,
+                k_norm,
+                o: o.borrow_mut().take()?,
+                o_bias,
+                ffn_norm,
+                gate_up: gate_up.borrow_mut().take()?,
+                down: down.borrow_mut().take()?,
+            });
+        }
+        let head = lm_head.borrow_mut().take()?;
+        let inner = Decoder::new(shape, built, final_norm, head).map_err(decoder_err)?;
+        Ok(Self { inner })
+    }
+
+    /// Weight bytes one step reads.
+    #[getter]
+    fn weight_bytes(&self) -> usize {
+        self.inner.weight_bytes()
+    }
+
+    /// One decode step. x (rows, hidden) float32, overwritten; cos/sin (rows,
+    /// head_dim / 2) float32; slots, context_lens (rows,) int64; block_tables
+    /// (rows, max_blocks) int64; logit_rows (n,) int64; kv the whole cache
+    /// (2, layers, blocks, block_size, kv_heads, head_dim), float32 or int16
+    /// holding bf16 bits, written; logits (n, vocab) float32, written.
+    #[pyo3(signature = (x, cos, sin, slots, block_tables, context_lens, logit_rows, kv, logits, threads = 1))]
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &self,
+        py: Python<'_>,
+        x: Bound<'_, PyAny>,
+        cos: Bound<'_, PyAny>,
+        sin: Bound<'_, PyAny>,
+        slots: Bound<'_, PyAny>,
+        block_tables: Bound<'_, PyAny>,
+        context_lens: Bound<'_, PyAny>,
+        logit_rows: Bound<'_, PyAny>,
+        kv: Bound<'_, PyAny>,
+        logits: Bound<'_, PyAny>,
+        threads: usize,
+    ) -> PyResult<()> {
+        const F2: &str = "a writeable, C-contiguous 2-D float32 array";
+        const I1: &str = "a C-contiguous 1-D int64 array";
+        let mut x = readwrite::<f32, numpy::Ix2>("x", F2, &x)?;
+        let cos = readonly::<f32, numpy::Ix2>("cos", "a C-contiguous 2-D float32 array", &cos)?;
+        let sin = readonly::<f32, numpy::Ix2>("sin", "a C-contiguous 2-D float32 array", &sin)?;
+        let slots = readonly::<i64, numpy::Ix1>("slots", I1, &slots)?;
+        let tables = readonly::<i64, numpy::Ix2>("block_tables", "a C-contiguous 2-D int64 array", &block_tables)?;
+        let ctxs = readonly::<i64, numpy::Ix1>("context_lens", I1, &context_lens)?;
+        let wanted = readonly::<i64, numpy::Ix1>("logit_rows", I1, &logit_rows)?;
+        let mut logits = readwrite::<f32, numpy::Ix2>("logits", F2, &logits)?;
+        let wanted: Vec<usize> = wanted
+            .as_slice()?
+            .iter()
+            .map(|&r| usize::try_from(r).map_err(|_| PyValueError::new_err(format!("logit row {r} is negative"))))
+            .collect::<PyResult<_>>()?;
+        const KV: &str = "a writeable, C-contiguous 6-D float32 or int16 (bf16 bits) array";
+        let kv_shape = kv
+            .cast::<numpy::PyUntypedArray>()
+            .map_err(|_| bad_array("kv", KV, &kv))?
+            .shape()
+            .to_vec();
+        if kv_shape.len() != 6 || kv_shape[0] != 2 || kv_shape[1] != self.inner.num_layers() {
+            return Err(bad_array("kv", KV, &kv));
+        }
+        let block_size = kv_shape[3];
+        let max_blocks = tables.shape()[1];
+        let (x, logits) = (x.as_slice_mut()?, logits.as_slice_mut()?);
+        let rows = DecodeRows {
+            x,
+            cos: cos.as_slice()?,
+            sin: sin.as_slice()?,
+            slots: slots.as_slice()?,
+            block_tables: tables.as_slice()?,
+            max_blocks,
+            context_lens: ctxs.as_slice()?,
+            logit_rows: &wanted,
+        };
+        if let Ok(mut cache) = readwrite::<f32, numpy::IxDyn>("kv", KV, &kv) {
+            run(py, &self.inner, rows, cache.as_slice_mut()?, block_size, logits, threads)
+        } else {
+            let mut cache = readwrite::<i16, numpy::IxDyn>("kv", KV, &kv)?;
+            let bits = as_bits_mut(cache.as_slice_mut()?);
+            run(py, &self.inner, rows, bits, block_size, logits, threads)
+        }
+    }
+}
+
+fn as_bits_mut(values: &mut [i16]) -> &mut [u16] {
+    // SAFETY: i16 and u16 have the same size and alignment, every bit pattern is valid.
+    unsafe { std::slice::from_raw_parts_mut(values.as_mut_ptr().cast::<u16>(), values.len()) }
+}
+
+fn run<T: KvStore>(
+    py: Python<'_>,
+    decoder: &Decoder,
+    rows: DecodeRows<'_>,
+    kv: &mut [T],
+    block_size: usize,
+    logits: &mut [f32],
+    threads: usize,
+) -> PyResult<()> {
+    py.detach(|| decoder.forward(rows, KvCache { kv, block_size }, logits, threads))
+        .map_err(decoder_err)
+}
