@@ -54,7 +54,6 @@ def prompt_ids(vocab_size: int, n: int) -> list[int]:
 
 def ours(path: Path, prompt: list[int], new_tokens: int) -> dict[str, float]:
     client = EngineLoop(lambda: LLMEngine(load_model(ModelSource("gguf", str(path)))))
-    loaded = client.engine.loaded
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     client.generate(prompt[:32], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))  # warm-up
     start = time.perf_counter()
@@ -65,7 +64,7 @@ def ours(path: Path, prompt: list[int], new_tokens: int) -> dict[str, float]:
     return {
         "prefill_tok_s": len(prompt) / prefill_s,
         "decode_tok_s": (len(stamps) - 1) / decode_s,
-        "weight_bytes": float(loaded.model.decode_weight_bytes()),
+        "weight_bytes": float(client.engine.decode_weight_bytes()),
     }
 
 

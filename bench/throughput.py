@@ -103,7 +103,7 @@ def decode_batch_1(engine: LLMEngine, vocab: int, new_tokens: int) -> dict[str, 
     while engine.has_unfinished_requests():
         engine.step()
     tok_s = (len(stamps) - 1) / (stamps[-1] - stamps[0])
-    weight_bytes = float(engine.model.decode_weight_bytes())
+    weight_bytes = float(engine.decode_weight_bytes())
     if engine.device.type == "cuda":
         name = torch.cuda.get_device_name(engine.device)
         peak = next((bw for key, bw in GPU_PEAK_BANDWIDTH.items() if key in name), None)

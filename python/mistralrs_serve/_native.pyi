@@ -13,6 +13,8 @@ from numpy.typing import NDArray
 __all__ = [
     "GrammarMatcher",
     "GrammarVocabulary",
+    "NativeDecoder",
+    "QuantMatrix",
     "SamplingParams",
     "Scheduler",
     "StopMatcher",
@@ -176,6 +178,80 @@ class GrammarVocabulary:
     def words_per_row(self) -> int: ...
     def compile(self, kind: str, source: str) -> GrammarMatcher:
         """kind: regex, json_schema, json_object, lark or llguidance; ValueError when it does not compile."""
+
+@final
+class QuantMatrix:
+    """A weight matrix in blocks of 32 columns (w = scale * q + offset), repacked for
+    NativeDecoder; giving it to a decoder moves it (later use raises RuntimeError)."""
+
+    @staticmethod
+    def from_q4(q: NDArray[np.uint8], scale: NDArray[np.float32], offset: NDArray[np.float32]) -> QuantMatrix:
+        """4-bit codes (rows, cols) in 0..16, scale and offset (rows, cols // 32)."""
+
+    @staticmethod
+    def quantize_q8(w: NDArray[np.float32]) -> QuantMatrix:
+        """Float weights (rows, cols) quantized to 8 bits per block of 32."""
+
+    @staticmethod
+    def has_fast_kernel() -> bool:
+        """Whether this CPU has AVX-512 VNNI, which the decode step needs to be fast."""
+
+    @property
+    def shape(self) -> tuple[int, int]: ...
+
+_LayerWeights = tuple[
+    list[float],
+    QuantMatrix,
+    list[float] | None,
+    list[float] | None,
+    list[float] | None,
+    QuantMatrix,
+    list[float] | None,
+    list[float],
+    QuantMatrix,
+    QuantMatrix,
+]
+
+@final
+class NativeDecoder:
+    """A Llama-family model's decode step in one call: every layer, 8-bit
+    activations against block-quantized weights, over the paged KV cache."""
+
+    def __new__(
+        cls,
+        *,
+        hidden: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        intermediate: int,
+        vocab: int,
+        eps: float,
+        layers: list[_LayerWeights],
+        final_norm: list[float],
+        lm_head: QuantMatrix,
+    ) -> NativeDecoder:
+        """layers: per layer (attn_norm, qkv, qkv_bias, q_norm, k_norm, o, o_bias,
+        ffn_norm, gate_up, down)."""
+
+    @property
+    def weight_bytes(self) -> int: ...
+    def forward(
+        self,
+        x: NDArray[np.float32],
+        cos: NDArray[np.float32],
+        sin: NDArray[np.float32],
+        slots: NDArray[np.int64],
+        block_tables: NDArray[np.int64],
+        context_lens: NDArray[np.int64],
+        logit_rows: NDArray[np.int64],
+        kv: NDArray[np.float32] | NDArray[np.int16],
+        logits: NDArray[np.float32],
+        threads: int = 1,
+    ) -> None:
+        """One decode step of one token per row; x is overwritten, the keys and values
+        go into kv (2, layers, blocks, block_size, kv_heads, head_dim), the logits of
+        logit_rows into logits."""
 
 @final
 class GrammarMatcher:

@@ -360,15 +360,20 @@ def test_engine_error_mid_stream_ends_the_stream(
 ) -> None:
     engine = live_server.engine
     calls = {"n": 0}
-    real_forward = engine.model.forward
 
-    def failing_forward(*args: Any, **kwargs: Any) -> Any:
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("secret internal detail")
-        return real_forward(*args, **kwargs)
+    def failing(real: Any) -> Any:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise RuntimeError("secret internal detail")
+            return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine.model, "forward", failing_forward)
+        return forward
+
+    # decode steps run on the fused Rust step where the model allows it, prefill on torch
+    monkeypatch.setattr(engine.model, "forward", failing(engine.model.forward))
+    if engine.native is not None:
+        monkeypatch.setattr(engine.native, "forward", failing(engine.native.forward))
     body = {"model": "default", "messages": QUESTION, "max_tokens": 50, "stream": True, "ignore_eos": True}
     with live_server.http() as http, http.stream("POST", "/v1/chat/completions", json=body) as res:
         lines = [line for line in res.iter_lines() if line]

@@ -101,7 +101,11 @@ pub fn part_len(shape: AttentionShape) -> usize {
 
 /// The batch cut into items of at most `item_blocks` blocks, in sequence
 /// order (a validated batch: see [`check_decode_batch`]).
-pub fn work_items(shape: AttentionShape, batch: &DecodeBatch<'_>, item_blocks: usize) -> Vec<WorkItem> {
+pub fn work_items(
+    shape: AttentionShape,
+    batch: &DecodeBatch<'_>,
+    item_blocks: usize,
+) -> Vec<WorkItem> {
     let mut items = Vec::with_capacity(batch.context_lens.len());
     for (seq, &ctx) in batch.context_lens.iter().enumerate() {
         let blocks = (ctx as usize).div_ceil(shape.block_size);
@@ -136,7 +140,10 @@ pub fn run_items<T: KvElem>(
         };
         dispatch_span(&span, &batch.q[seq * row..][..row], k_cache, v_cache, part);
     };
-    items.iter().zip(parts.chunks_mut(part_len(shape))).for_each(run);
+    items
+        .iter()
+        .zip(parts.chunks_mut(part_len(shape)))
+        .for_each(run);
 }
 
 /// Checks a batch against the cache sizes and the output length.

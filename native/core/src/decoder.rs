@@ -16,7 +16,8 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::attention::{
-    check_decode_batch, merge_parts, part_len, run_items, work_items, AttentionShape, DecodeBatch, KvElem, WorkItem,
+    check_decode_batch, merge_parts, part_len, run_items, work_items, AttentionShape, DecodeBatch,
+    KvElem, WorkItem,
 };
 use crate::error::AttentionError;
 use crate::quant::{gemm_into, QMatrix, QuantActs};
@@ -130,28 +131,39 @@ impl Decoder {
         } = shape;
         let bad = |what: String| Err(DecoderError::Shape(what));
         if num_kv_heads == 0 || !num_heads.is_multiple_of(num_kv_heads) || head_dim % 2 != 0 {
-            return bad(format!("{num_heads} heads over {num_kv_heads} kv heads of dim {head_dim}"));
+            return bad(format!(
+                "{num_heads} heads over {num_kv_heads} kv heads of dim {head_dim}"
+            ));
         }
         let qkv_rows = (num_heads + 2 * num_kv_heads) * head_dim;
-        let want = |name: &str, m: &QMatrix, rows: usize, cols: usize| -> Result<(), DecoderError> {
-            if m.rows != rows || m.cols != cols {
-                return Err(DecoderError::Shape(format!(
-                    "{name} is ({}, {}), want ({rows}, {cols})",
-                    m.rows, m.cols
-                )));
-            }
-            Ok(())
-        };
+        let want =
+            |name: &str, m: &QMatrix, rows: usize, cols: usize| -> Result<(), DecoderError> {
+                if m.rows != rows || m.cols != cols {
+                    return Err(DecoderError::Shape(format!(
+                        "{name} is ({}, {}), want ({rows}, {cols})",
+                        m.rows, m.cols
+                    )));
+                }
+                Ok(())
+            };
         let vec_len = |name: &str, v: &[f32], n: usize| -> Result<(), DecoderError> {
             if v.len() != n {
-                return Err(DecoderError::Shape(format!("{name} has {} values, want {n}", v.len())));
+                return Err(DecoderError::Shape(format!(
+                    "{name} has {} values, want {n}",
+                    v.len()
+                )));
             }
             Ok(())
         };
         for (i, l) in layers.iter().enumerate() {
             want(&format!("layer {i} qkv"), &l.qkv, qkv_rows, hidden)?;
             want(&format!("layer {i} o"), &l.o, hidden, num_heads * head_dim)?;
-            want(&format!("layer {i} gate_up"), &l.gate_up, 2 * intermediate, hidden)?;
+            want(
+                &format!("layer {i} gate_up"),
+                &l.gate_up,
+                2 * intermediate,
+                hidden,
+            )?;
             want(&format!("layer {i} down"), &l.down, hidden, intermediate)?;
             vec_len("attn_norm", &l.attn_norm, hidden)?;
             vec_len("ffn_norm", &l.ffn_norm, hidden)?;
@@ -185,7 +197,8 @@ impl Decoder {
 
     /// Weight bytes one step reads.
     pub fn weight_bytes(&self) -> usize {
-        let layer = |l: &LayerWeights| l.qkv.nbytes() + l.o.nbytes() + l.gate_up.nbytes() + l.down.nbytes();
+        let layer =
+            |l: &LayerWeights| l.qkv.nbytes() + l.o.nbytes() + l.gate_up.nbytes() + l.down.nbytes();
         self.layers.iter().map(layer).sum::<usize>() + self.lm_head.nbytes()
     }
 
@@ -278,21 +291,33 @@ impl Decoder {
         };
         for (li, l) in self.layers.iter().enumerate() {
             if main {
-                let (x, acts, normed) = unsafe { (st.x.slice(n * s.hidden), bufs.acts.get(), bufs.normed.get()) };
+                let (x, acts, normed) = unsafe {
+                    (
+                        st.x.slice(n * s.hidden),
+                        bufs.acts.slice(bufs.n),
+                        bufs.normed.slice(bufs.normed_len),
+                    )
+                };
                 for (a, xr) in acts.iter_mut().zip(x.chunks_exact(s.hidden)) {
                     rms_norm(xr, &l.attn_norm, s.eps, normed);
                     a.quantize(normed, l.qkv.padded_cols);
                 }
             }
             st.barrier.wait();
-            let acts = unsafe { &*bufs.acts.0 };
+            let acts: &[QuantActs] = unsafe { bufs.acts.slice(bufs.n) };
             let r = split(qkv_rows);
             unsafe { gemm_into(&l.qkv, acts, r.clone(), bufs.qkv.0.add(r.start), qkv_rows) };
             st.barrier.wait();
             let k_off = li * st.layer_elems;
             let v_off = (self.layers.len() + li) * st.layer_elems;
             if main {
-                let (qkv, normed, q) = unsafe { (bufs.qkv.slice(n * qkv_rows), bufs.normed.get(), st.q.slice(n * q_len)) };
+                let (qkv, normed, q) = unsafe {
+                    (
+                        bufs.qkv.slice(n * qkv_rows),
+                        bufs.normed.slice(bufs.normed_len),
+                        st.q.slice(n * q_len),
+                    )
+                };
                 let (k_layer, v_layer) = unsafe {
                     (
                         std::slice::from_raw_parts_mut(st.kv.0.add(k_off), st.layer_elems),
@@ -334,13 +359,23 @@ impl Decoder {
                 let batch = st.batch();
                 let plen = part_len(st.attn_shape);
                 for i in (tid..st.items.len()).step_by(st.threads) {
-                    let part = unsafe { std::slice::from_raw_parts_mut(st.parts_ptr().add(i * plen), plen) };
-                    run_items(st.attn_shape, &batch, k_layer, v_layer, &st.items[i..=i], part);
+                    let part = unsafe {
+                        std::slice::from_raw_parts_mut(st.parts_ptr().add(i * plen), plen)
+                    };
+                    run_items(
+                        st.attn_shape,
+                        &batch,
+                        k_layer,
+                        v_layer,
+                        &st.items[i..=i],
+                        part,
+                    );
                 }
             }
             st.barrier.wait();
             if main {
-                let (attn, acts) = unsafe { (bufs.attn.get(), bufs.acts.get()) };
+                let (attn, acts) =
+                    unsafe { (bufs.attn.slice(bufs.attn_len), bufs.acts.slice(bufs.n)) };
                 let parts = unsafe { st.parts.slice(st.items.len() * part_len(st.attn_shape)) };
                 merge_parts(&st.items, parts, h, d, attn);
                 for (a, o) in acts.iter_mut().zip(attn.chunks_exact(q_len)) {
@@ -352,8 +387,14 @@ impl Decoder {
             unsafe { gemm_into(&l.o, acts, r.clone(), bufs.proj.0.add(r.start), s.hidden) };
             st.barrier.wait();
             if main {
-                let (x, proj, acts, normed) =
-                    unsafe { (st.x.slice(n * s.hidden), bufs.proj.slice(n * s.hidden), bufs.acts.get(), bufs.normed.get()) };
+                let (x, proj, acts, normed) = unsafe {
+                    (
+                        st.x.slice(n * s.hidden),
+                        bufs.proj.slice(n * s.hidden),
+                        bufs.acts.slice(bufs.n),
+                        bufs.normed.slice(bufs.normed_len),
+                    )
+                };
                 add_rows(x, proj, l.o_bias.as_deref());
                 for (a, xr) in acts.iter_mut().zip(x.chunks_exact(s.hidden)) {
                     rms_norm(xr, &l.ffn_norm, s.eps, normed);
@@ -362,10 +403,24 @@ impl Decoder {
             }
             st.barrier.wait();
             let r = split(gu_rows);
-            unsafe { gemm_into(&l.gate_up, acts, r.clone(), bufs.gate_up.0.add(r.start), gu_rows) };
+            unsafe {
+                gemm_into(
+                    &l.gate_up,
+                    acts,
+                    r.clone(),
+                    bufs.gate_up.0.add(r.start),
+                    gu_rows,
+                )
+            };
             st.barrier.wait();
             if main {
-                let (gate_up, acts, act) = unsafe { (bufs.gate_up.slice(n * gu_rows), bufs.acts.get(), bufs.act.get()) };
+                let (gate_up, acts, act) = unsafe {
+                    (
+                        bufs.gate_up.slice(n * gu_rows),
+                        bufs.acts.slice(bufs.n),
+                        bufs.act.slice(bufs.act_len),
+                    )
+                };
                 for (a, gu) in acts.iter_mut().zip(gate_up.chunks_exact(gu_rows)) {
                     let (g, u) = gu.split_at(s.intermediate);
                     for ((o, &g), &u) in act.iter_mut().zip(g).zip(u) {
@@ -379,13 +434,20 @@ impl Decoder {
             unsafe { gemm_into(&l.down, acts, r.clone(), bufs.proj.0.add(r.start), s.hidden) };
             st.barrier.wait();
             if main {
-                let (x, proj) = unsafe { (st.x.slice(n * s.hidden), bufs.proj.slice(n * s.hidden)) };
+                let (x, proj) =
+                    unsafe { (st.x.slice(n * s.hidden), bufs.proj.slice(n * s.hidden)) };
                 add_rows(x, proj, None);
             }
         }
         let wanted = st.logit_rows.len();
         if main {
-            let (x, acts, normed) = unsafe { (st.x.slice(n * s.hidden), bufs.acts.get(), bufs.normed.get()) };
+            let (x, acts, normed) = unsafe {
+                (
+                    st.x.slice(n * s.hidden),
+                    bufs.acts.slice(bufs.n),
+                    bufs.normed.slice(bufs.normed_len),
+                )
+            };
             for (a, &r) in acts.iter_mut().zip(st.logit_rows) {
                 let xr = &mut x[r * s.hidden..][..s.hidden];
                 rms_norm(xr, &self.final_norm, s.eps, normed);
@@ -394,31 +456,54 @@ impl Decoder {
             }
         }
         st.barrier.wait();
-        let acts = unsafe { &(&*bufs.acts.0)[..wanted] };
+        let acts: &[QuantActs] = unsafe { &bufs.acts.slice(bufs.n)[..wanted] };
         let r = split(s.vocab);
-        unsafe { gemm_into(&self.lm_head, acts, r.clone(), st.logits.0.add(r.start), s.vocab) };
+        unsafe {
+            gemm_into(
+                &self.lm_head,
+                acts,
+                r.clone(),
+                st.logits.0.add(r.start),
+                s.vocab,
+            )
+        };
     }
 
     /// Number of rows, after checking every array against it.
-    fn check<T>(&self, rows: &DecodeRows<'_>, cache: &KvCache<'_, T>, logits_len: usize) -> Result<usize, DecoderError> {
+    fn check<T>(
+        &self,
+        rows: &DecodeRows<'_>,
+        cache: &KvCache<'_, T>,
+        logits_len: usize,
+    ) -> Result<usize, DecoderError> {
         let s = self.shape;
         let n = rows.slots.len();
         let bad = |what: String| Err(DecoderError::Shape(what));
         if rows.x.len() != n * s.hidden {
-            return bad(format!("x has {} values for {n} rows of {}", rows.x.len(), s.hidden));
+            return bad(format!(
+                "x has {} values for {n} rows of {}",
+                rows.x.len(),
+                s.hidden
+            ));
         }
         let half = s.head_dim / 2;
         if rows.cos.len() != n * half || rows.sin.len() != n * half {
             return bad(format!("cos/sin need {n} rows of {half}"));
         }
         if rows.context_lens.len() != n || rows.block_tables.len() != n * rows.max_blocks {
-            return bad(format!("{n} rows need {n} context lengths and ({n}, max_blocks) block tables"));
+            return bad(format!(
+                "{n} rows need {n} context lengths and ({n}, max_blocks) block tables"
+            ));
         }
         if let Some(&r) = rows.logit_rows.iter().find(|&&r| r >= n) {
             return bad(format!("logit row {r} of {n} rows"));
         }
         if logits_len != rows.logit_rows.len() * s.vocab {
-            return bad(format!("logits have {logits_len} values for {} rows of {}", rows.logit_rows.len(), s.vocab));
+            return bad(format!(
+                "logits have {logits_len} values for {} rows of {}",
+                rows.logit_rows.len(),
+                s.vocab
+            ));
         }
         let row_elems = s.num_kv_heads * s.head_dim;
         let per_layer_block = cache.block_size * row_elems;
@@ -456,51 +541,59 @@ unsafe impl<T> Sync for Shared<T> {}
 
 impl<T> Shared<T> {
     /// # Safety
-    /// No other reference to the pointee may be live (phase discipline).
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn get(&self) -> &mut T {
-        unsafe { &mut *self.0 }
-    }
-
-    /// # Safety
-    /// As `get`, for `len` elements from the pointer.
+    /// No other reference to these `len` elements may be live (phase discipline).
     #[allow(clippy::mut_from_ref)]
     unsafe fn slice(&self, len: usize) -> &mut [T] {
         unsafe { std::slice::from_raw_parts_mut(self.0, len) }
     }
 }
 
-/// Scratch of one step.
+/// Scratch of one step: owned here, reached through the shared pointers.
 struct Buffers {
-    acts: Shared<Vec<QuantActs>>,
-    normed: Shared<Vec<f32>>,
+    n: usize,
+    acts: Shared<QuantActs>,
+    normed: Shared<f32>,
+    normed_len: usize,
     qkv: Shared<f32>,
-    attn: Shared<Vec<f32>>,
+    attn: Shared<f32>,
+    attn_len: usize,
     proj: Shared<f32>,
     gate_up: Shared<f32>,
-    act: Shared<Vec<f32>>,
-    _owned: (Box<Vec<QuantActs>>, Box<Vec<f32>>, Vec<f32>, Box<Vec<f32>>, Vec<f32>, Vec<f32>, Box<Vec<f32>>),
+    act: Shared<f32>,
+    act_len: usize,
+    _acts: Vec<QuantActs>,
+    _floats: [Vec<f32>; 6],
 }
 
 impl Buffers {
     fn new(s: &DecoderShape, n: usize, q_len: usize) -> Self {
         let qkv_rows = q_len + 2 * s.num_kv_heads * s.head_dim;
-        let mut acts = Box::new(vec![QuantActs::default(); n]);
-        let mut normed = Box::new(vec![0f32; s.hidden.max(s.head_dim)]);
-        let mut qkv = vec![0f32; n * qkv_rows];
-        let mut attn = Box::new(vec![0f32; n * q_len]);
-        let mut proj = vec![0f32; n * s.hidden];
-        let mut gate_up = vec![0f32; n * 2 * s.intermediate];
-        let mut act = Box::new(vec![0f32; s.intermediate]);
+        let mut acts = vec![QuantActs::default(); n];
+        let (normed_len, attn_len, act_len) = (s.hidden.max(s.head_dim), n * q_len, s.intermediate);
+        let mut floats = [
+            vec![0f32; normed_len],
+            vec![0f32; n * qkv_rows],
+            vec![0f32; attn_len],
+            vec![0f32; n * s.hidden],
+            vec![0f32; n * 2 * s.intermediate],
+            vec![0f32; act_len],
+        ];
+        let [normed, qkv, attn, proj, gate_up, act] =
+            floats.each_mut().map(|v| Shared(v.as_mut_ptr()));
         Self {
-            acts: Shared(&mut *acts),
-            normed: Shared(&mut *normed),
-            qkv: Shared(qkv.as_mut_ptr()),
-            attn: Shared(&mut *attn),
-            proj: Shared(proj.as_mut_ptr()),
-            gate_up: Shared(gate_up.as_mut_ptr()),
-            act: Shared(&mut *act),
-            _owned: (acts, normed, qkv, attn, proj, gate_up, act),
+            n,
+            acts: Shared(acts.as_mut_ptr()),
+            normed,
+            normed_len,
+            qkv,
+            attn,
+            attn_len,
+            proj,
+            gate_up,
+            act,
+            act_len,
+            _acts: acts,
+            _floats: floats,
         }
     }
 }
@@ -533,7 +626,12 @@ impl<T> Step<'_, T> {
     fn batch(&self) -> DecodeBatch<'_> {
         DecodeBatch {
             // SAFETY: read in the attention phase only, after thread 0 wrote it.
-            q: unsafe { std::slice::from_raw_parts(self.q.0.cast_const(), self.n * self.attn_shape.num_heads * self.attn_shape.head_dim) },
+            q: unsafe {
+                std::slice::from_raw_parts(
+                    self.q.0.cast_const(),
+                    self.n * self.attn_shape.num_heads * self.attn_shape.head_dim,
+                )
+            },
             block_tables: self.block_tables,
             max_blocks: self.max_blocks,
             context_lens: self.context_lens,
@@ -556,7 +654,11 @@ struct SpinBarrier {
 
 impl SpinBarrier {
     fn new(threads: usize) -> Self {
-        Self { threads, arrived: AtomicUsize::new(0), generation: AtomicUsize::new(0) }
+        Self {
+            threads,
+            arrived: AtomicUsize::new(0),
+            generation: AtomicUsize::new(0),
+        }
     }
 
     fn wait(&self) {
@@ -605,7 +707,11 @@ fn add_rows(x: &mut [f32], delta: &[f32], bias: Option<&[f32]>) {
     };
     for (xr, dr) in x.chunks_exact_mut(hidden).zip(delta.chunks_exact(hidden)) {
         match bias {
-            Some(b) => xr.iter_mut().zip(dr).zip(b).for_each(|((v, d), b)| *v += d + b),
+            Some(b) => xr
+                .iter_mut()
+                .zip(dr)
+                .zip(b)
+                .for_each(|((v, d), b)| *v += d + b),
             None => xr.iter_mut().zip(dr).for_each(|(v, d)| *v += d),
         }
     }

@@ -30,8 +30,16 @@ impl Rand {
 }
 
 fn q4(rand: &mut Rand, rows: usize, cols: usize) -> QMatrix {
-    let q: Vec<u8> = rand.vec(rows * cols, 1.0).iter().map(|v| ((v + 1.0) * 7.99) as u8).collect();
-    let scale: Vec<f32> = rand.vec(rows * cols / BLOCK, 0.02).iter().map(|v| v.abs() + 0.01).collect();
+    let q: Vec<u8> = rand
+        .vec(rows * cols, 1.0)
+        .iter()
+        .map(|v| ((v + 1.0) * 7.99) as u8)
+        .collect();
+    let scale: Vec<f32> = rand
+        .vec(rows * cols / BLOCK, 0.02)
+        .iter()
+        .map(|v| v.abs() + 0.01)
+        .collect();
     let offset: Vec<f32> = scale.iter().map(|d| -7.5 * d).collect();
     QMatrix::from_q4(&q, &scale, &offset, rows, cols).unwrap()
 }
@@ -55,7 +63,13 @@ fn model(qk_norm: bool, bias: bool) -> Decoder {
         })
         .collect();
     let head = QMatrix::quantize_q8(&rand.vec(s.vocab * s.hidden, 0.3), s.vocab, s.hidden).unwrap();
-    Decoder::new(s, layers, rand.vec(s.hidden, 0.2).iter().map(|v| v + 1.0).collect(), head).unwrap()
+    Decoder::new(
+        s,
+        layers,
+        rand.vec(s.hidden, 0.2).iter().map(|v| v + 1.0).collect(),
+        head,
+    )
+    .unwrap()
 }
 
 fn dense(m: &QMatrix) -> Vec<Vec<f32>> {
@@ -63,7 +77,9 @@ fn dense(m: &QMatrix) -> Vec<Vec<f32>> {
 }
 
 fn matvec(w: &[Vec<f32>], x: &[f32]) -> Vec<f32> {
-    w.iter().map(|row| row.iter().zip(x).map(|(a, b)| a * b).sum()).collect()
+    w.iter()
+        .map(|row| row.iter().zip(x).map(|(a, b)| a * b).sum())
+        .collect()
 }
 
 fn rotary(pos: usize) -> (Vec<f32>, Vec<f32>) {
@@ -71,7 +87,10 @@ fn rotary(pos: usize) -> (Vec<f32>, Vec<f32>) {
     let angles: Vec<f32> = (0..half)
         .map(|i| pos as f32 / 10000f32.powf(2.0 * i as f32 / SHAPE.head_dim as f32))
         .collect();
-    (angles.iter().map(|a| a.cos()).collect(), angles.iter().map(|a| a.sin()).collect())
+    (
+        angles.iter().map(|a| a.cos()).collect(),
+        angles.iter().map(|a| a.sin()).collect(),
+    )
 }
 
 /// Plain f32 decoding of one sequence, token by token; returns each step's logits.
@@ -109,7 +128,13 @@ fn reference(m: &Decoder, embeds: &[Vec<f32>]) -> Vec<Vec<f32>> {
                 let q = &qkv[head * d..][..d];
                 let scores: Vec<f32> = keys[li]
                     .iter()
-                    .map(|k| q.iter().zip(&k[kv * d..][..d]).map(|(a, b)| a * b).sum::<f32>() / (d as f32).sqrt())
+                    .map(|k| {
+                        q.iter()
+                            .zip(&k[kv * d..][..d])
+                            .map(|(a, b)| a * b)
+                            .sum::<f32>()
+                            / (d as f32).sqrt()
+                    })
                     .collect();
                 let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
                 let w: Vec<f32> = scores.iter().map(|v| (v - max).exp()).collect();
@@ -137,10 +162,17 @@ fn reference(m: &Decoder, embeds: &[Vec<f32>]) -> Vec<Vec<f32>> {
 }
 
 /// Decodes several sequences together, one token each per step, each in its own blocks.
-fn fused(m: &Decoder, seqs: &[Vec<Vec<f32>>], kv: &mut [u16], threads: usize) -> Vec<Vec<Vec<f32>>> {
+fn fused(
+    m: &Decoder,
+    seqs: &[Vec<Vec<f32>>],
+    kv: &mut [u16],
+    threads: usize,
+) -> Vec<Vec<Vec<f32>>> {
     let s = m.shape;
     let max_blocks = 3;
-    let tables: Vec<i64> = (0..seqs.len() * max_blocks).map(|i| (NUM_BLOCKS - 1 - i) as i64).collect();
+    let tables: Vec<i64> = (0..seqs.len() * max_blocks)
+        .map(|i| (NUM_BLOCKS - 1 - i) as i64)
+        .collect();
     let steps = seqs[0].len();
     let mut out = vec![vec![]; seqs.len()];
     for pos in 0..steps {
@@ -150,7 +182,10 @@ fn fused(m: &Decoder, seqs: &[Vec<Vec<f32>>], kv: &mut [u16], threads: usize) ->
         let cos: Vec<f32> = (0..n).flat_map(|_| cos.clone()).collect();
         let sin: Vec<f32> = (0..n).flat_map(|_| sin.clone()).collect();
         let slots: Vec<i64> = (0..n)
-            .map(|r| tables[r * max_blocks + pos / BLOCK_SIZE] * BLOCK_SIZE as i64 + (pos % BLOCK_SIZE) as i64)
+            .map(|r| {
+                tables[r * max_blocks + pos / BLOCK_SIZE] * BLOCK_SIZE as i64
+                    + (pos % BLOCK_SIZE) as i64
+            })
             .collect();
         let ctx = vec![pos as i64 + 1; n];
         let logit_rows: Vec<usize> = (0..n).collect();
@@ -165,7 +200,16 @@ fn fused(m: &Decoder, seqs: &[Vec<Vec<f32>>], kv: &mut [u16], threads: usize) ->
             context_lens: &ctx,
             logit_rows: &logit_rows,
         };
-        m.forward(rows, KvCache { kv: &mut *kv, block_size: BLOCK_SIZE }, &mut logits, threads).unwrap();
+        m.forward(
+            rows,
+            KvCache {
+                kv: &mut *kv,
+                block_size: BLOCK_SIZE,
+            },
+            &mut logits,
+            threads,
+        )
+        .unwrap();
         for (r, l) in logits.chunks_exact(s.vocab).enumerate() {
             out[r].push(l.to_vec());
         }
@@ -194,7 +238,10 @@ fn matches_the_f32_reference() {
                 let scale = w.iter().fold(0f32, |a, v| a.max(v.abs()));
                 let err = g.iter().zip(w).fold(0f32, |a, (g, w)| a.max((g - w).abs()));
                 // 8-bit activations: a few percent of the largest logit
-                assert!(err <= 0.05 * scale, "qk_norm {qk_norm} bias {bias} seq {seq} step {step}: {err} vs {scale}");
+                assert!(
+                    err <= 0.05 * scale,
+                    "qk_norm {qk_norm} bias {bias} seq {seq} step {step}: {err} vs {scale}"
+                );
             }
         }
     }
@@ -206,7 +253,12 @@ fn a_row_does_not_depend_on_its_batch() {
     let a = embeds(3, 6);
     let alone = fused(&m, std::slice::from_ref(&a), &mut cache(), 1);
     for threads in [1, 2, 3] {
-        let together = fused(&m, &[embeds(4, 6), a.clone(), embeds(5, 6)], &mut cache(), threads);
+        let together = fused(
+            &m,
+            &[embeds(4, 6), a.clone(), embeds(5, 6)],
+            &mut cache(),
+            threads,
+        );
         // the middle sequence's blocks differ from the lone one's: only values must match
         assert_eq!(alone[0], together[1], "{threads} threads");
     }
@@ -230,14 +282,34 @@ fn bad_inputs_are_errors() {
             context_lens: &[ctx],
             logit_rows: &[logit_row],
         };
-        m.forward(rows, KvCache { kv, block_size: BLOCK_SIZE }, &mut logits, 2)
+        m.forward(
+            rows,
+            KvCache {
+                kv,
+                block_size: BLOCK_SIZE,
+            },
+            &mut logits,
+            2,
+        )
     };
     assert!(run(0, 1, 0, &mut kv).is_ok());
-    assert!(matches!(run(-1, 1, 0, &mut kv), Err(DecoderError::Slot { .. })));
-    assert!(matches!(run((NUM_BLOCKS * BLOCK_SIZE) as i64, 1, 0, &mut kv), Err(DecoderError::Slot { .. })));
+    assert!(matches!(
+        run(-1, 1, 0, &mut kv),
+        Err(DecoderError::Slot { .. })
+    ));
+    assert!(matches!(
+        run((NUM_BLOCKS * BLOCK_SIZE) as i64, 1, 0, &mut kv),
+        Err(DecoderError::Slot { .. })
+    ));
     assert!(matches!(run(0, 1, 1, &mut kv), Err(DecoderError::Shape(_))));
-    assert!(matches!(run(0, 9, 0, &mut kv), Err(DecoderError::Attention(_))));
-    assert!(matches!(run(0, 1, 0, &mut kv[1..]), Err(DecoderError::Shape(_))));
+    assert!(matches!(
+        run(0, 9, 0, &mut kv),
+        Err(DecoderError::Attention(_))
+    ));
+    assert!(matches!(
+        run(0, 1, 0, &mut kv[1..]),
+        Err(DecoderError::Shape(_))
+    ));
 }
 
 #[test]

@@ -99,7 +99,15 @@ impl QMatrix {
             }
         }
         let (d, m) = pad_scales(scale, offset, rows, cols, padded_cols);
-        Ok(Self { kind: QuantKind::Q4, rows, cols, padded_cols, q: packed, d, m })
+        Ok(Self {
+            kind: QuantKind::Q4,
+            rows,
+            cols,
+            padded_cols,
+            q: packed,
+            d,
+            m,
+        })
     }
 
     /// From signed 8-bit codes (rows, cols) and per-block scales: `w = scale * q`.
@@ -108,13 +116,24 @@ impl QMatrix {
         check_dims(q.len(), scale.len(), offset.len(), rows, cols)?;
         let padded_cols = cols.next_multiple_of(CHUNK);
         let mut codes = vec![128u8; rows * padded_cols];
-        for (out, src) in codes.chunks_exact_mut(padded_cols).zip(q.chunks_exact(cols)) {
+        for (out, src) in codes
+            .chunks_exact_mut(padded_cols)
+            .zip(q.chunks_exact(cols))
+        {
             for (o, &s) in out.iter_mut().zip(src) {
                 *o = (s as u8) ^ 0x80;
             }
         }
         let (d, m) = pad_scales(scale, &offset, rows, cols, padded_cols);
-        Ok(Self { kind: QuantKind::Q8, rows, cols, padded_cols, q: codes, d, m })
+        Ok(Self {
+            kind: QuantKind::Q8,
+            rows,
+            cols,
+            padded_cols,
+            q: codes,
+            d,
+            m,
+        })
     }
 
     /// Float weights (rows, cols) quantized to 8 bits per block of 32
@@ -128,7 +147,11 @@ impl QMatrix {
         }
         let mut q = vec![0i8; w.len()];
         let mut scale = vec![0f32; w.len() / BLOCK];
-        for ((block, codes), d) in w.chunks_exact(BLOCK).zip(q.chunks_exact_mut(BLOCK)).zip(&mut scale) {
+        for ((block, codes), d) in w
+            .chunks_exact(BLOCK)
+            .zip(q.chunks_exact_mut(BLOCK))
+            .zip(&mut scale)
+        {
             let amax = block.iter().fold(0f32, |a, &v| a.max(v.abs()));
             *d = f16_round(amax / 127.0);
             let inv = if *d > 0.0 { 1.0 / *d } else { 0.0 };
@@ -167,8 +190,18 @@ impl QMatrix {
     }
 }
 
-fn check_dims(q: usize, scale: usize, offset: usize, rows: usize, cols: usize) -> Result<(), QuantError> {
-    if !cols.is_multiple_of(BLOCK) || q != rows * cols || scale != rows * cols / BLOCK || offset != scale {
+fn check_dims(
+    q: usize,
+    scale: usize,
+    offset: usize,
+    rows: usize,
+    cols: usize,
+) -> Result<(), QuantError> {
+    if !cols.is_multiple_of(BLOCK)
+        || q != rows * cols
+        || scale != rows * cols / BLOCK
+        || offset != scale
+    {
         return Err(QuantError::Shape(format!(
             "({rows}, {cols}) weights need cols a multiple of {BLOCK}, {} codes and {} scales and offsets; got {q}, {scale}, {offset}",
             rows * cols,
@@ -178,7 +211,13 @@ fn check_dims(q: usize, scale: usize, offset: usize, rows: usize, cols: usize) -
     Ok(())
 }
 
-fn pad_scales(scale: &[f32], offset: &[f32], rows: usize, cols: usize, padded: usize) -> (Vec<u16>, Vec<u16>) {
+fn pad_scales(
+    scale: &[f32],
+    offset: &[f32],
+    rows: usize,
+    cols: usize,
+    padded: usize,
+) -> (Vec<u16>, Vec<u16>) {
     let (nb, pb) = (cols / BLOCK, padded / BLOCK);
     let mut d = vec![0u16; rows * pb];
     let mut m = vec![0u16; rows * pb];
@@ -256,10 +295,20 @@ pub fn gemm(w: &QMatrix, xs: &[QuantActs], rows: Range<usize>, out: &mut [f32], 
 /// `out` must be valid for writes at `b * out_stride + i` for every
 /// activation row `b` and `i < rows.len()`, and nothing else may access
 /// those elements meanwhile.
-pub unsafe fn gemm_into(w: &QMatrix, xs: &[QuantActs], rows: Range<usize>, out: *mut f32, out_stride: usize) {
+pub unsafe fn gemm_into(
+    w: &QMatrix,
+    xs: &[QuantActs],
+    rows: Range<usize>,
+    out: *mut f32,
+    out_stride: usize,
+) {
     assert!(rows.end <= w.rows);
     for x in xs {
-        assert_eq!(x.q.len(), w.padded_cols, "activations quantized to another width");
+        assert_eq!(
+            x.q.len(),
+            w.padded_cols,
+            "activations quantized to another width"
+        );
     }
     #[cfg(target_arch = "x86_64")]
     {
@@ -293,7 +342,13 @@ pub fn has_vnni() -> bool {
 }
 
 /// The same sums as the vector kernel, in plain Rust.
-pub fn gemm_portable(w: &QMatrix, xs: &[QuantActs], rows: Range<usize>, out: &mut [f32], out_stride: usize) {
+pub fn gemm_portable(
+    w: &QMatrix,
+    xs: &[QuantActs],
+    rows: Range<usize>,
+    out: &mut [f32],
+    out_stride: usize,
+) {
     for (b, x) in xs.iter().enumerate() {
         for (i, r) in rows.clone().enumerate() {
             out[b * out_stride + i] = dot_portable(w, x, r);
@@ -336,7 +391,13 @@ mod avx512 {
     const GROUP: usize = 4;
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
-    pub(super) unsafe fn gemm(w: &QMatrix, xs: &[QuantActs], rows: Range<usize>, out: *mut f32, stride: usize) {
+    pub(super) unsafe fn gemm(
+        w: &QMatrix,
+        xs: &[QuantActs],
+        rows: Range<usize>,
+        out: *mut f32,
+        stride: usize,
+    ) {
         for (g, group) in xs.chunks(GROUP).enumerate() {
             let out = out.add(g * GROUP * stride);
             match group.len() {
@@ -372,7 +433,9 @@ mod avx512 {
                     QuantKind::Q4 => unpack_q4(codes.add(c * CHUNK / 2)),
                     QuantKind::Q8 => _mm512_loadu_si512(codes.add(c * CHUNK).cast()),
                 };
-                let dw2 = _mm_cvtph_ps(_mm_cvtsi32_si128(d.add(2 * c).cast::<i32>().read_unaligned()));
+                let dw2 = _mm_cvtph_ps(_mm_cvtsi32_si128(
+                    d.add(2 * c).cast::<i32>().read_unaligned(),
+                ));
                 let dw = _mm512_permutexvar_ps(pick, _mm512_castps128_ps512(dw2));
                 for (a, x) in acc.iter_mut().zip(xs) {
                     let xq = _mm512_loadu_si512(x.q.as_ptr().add(c * CHUNK).cast());
@@ -478,7 +541,9 @@ mod tests {
     }
 
     fn random(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| (rng.next_f32() * 2.0 - 1.0) * scale).collect()
+        (0..n)
+            .map(|_| (rng.next_f32() * 2.0 - 1.0) * scale)
+            .collect()
     }
 
     #[test]
@@ -505,16 +570,36 @@ mod tests {
         gemm(w, std::slice::from_ref(&acts), 0..w.rows, &mut fast, w.rows);
         gemm_portable(w, std::slice::from_ref(&acts), 0..w.rows, &mut slow, w.rows);
         for r in 0..w.rows {
-            let scale: f32 = w.dequantize_row(r).iter().zip(&x).map(|(a, b)| (a * b).abs()).sum();
-            assert!((fast[r] - slow[r]).abs() <= 1e-4 * scale + 1e-5, "row {r}: {} vs {}", fast[r], slow[r]);
+            let scale: f32 = w
+                .dequantize_row(r)
+                .iter()
+                .zip(&x)
+                .map(|(a, b)| (a * b).abs())
+                .sum();
+            assert!(
+                (fast[r] - slow[r]).abs() <= 1e-4 * scale + 1e-5,
+                "row {r}: {} vs {}",
+                fast[r],
+                slow[r]
+            );
             // 8-bit activations: within 1% of the sum of |terms| of the exact product
             let exact = exact_dot(w, r, &x);
-            assert!((fast[r] - exact).abs() <= 0.01 * scale, "row {r}: {} vs exact {exact}", fast[r]);
+            assert!(
+                (fast[r] - exact).abs() <= 0.01 * scale,
+                "row {r}: {} vs exact {exact}",
+                fast[r]
+            );
         }
         // a sub-range writes the same values
         let mut part = vec![0f32; w.rows / 2];
         let n = part.len();
-        gemm(w, std::slice::from_ref(&acts), w.rows / 4..w.rows / 4 + n, &mut part, n);
+        gemm(
+            w,
+            std::slice::from_ref(&acts),
+            w.rows / 4..w.rows / 4 + n,
+            &mut part,
+            n,
+        );
         assert_eq!(part, fast[w.rows / 4..][..n]);
     }
 
@@ -522,7 +607,9 @@ mod tests {
     fn q4_matches_dequantized_weights() {
         let mut rng = Rng::new(1);
         for (rows, cols) in [(8, 64), (5, 96), (16, 576), (3, 1536), (7, 32)] {
-            let q: Vec<u8> = (0..rows * cols).map(|_| (rng.next_u64() % 16) as u8).collect();
+            let q: Vec<u8> = (0..rows * cols)
+                .map(|_| (rng.next_u64() % 16) as u8)
+                .collect();
             let scale = random(&mut rng, rows * cols / BLOCK, 0.05);
             let offset = random(&mut rng, rows * cols / BLOCK, 0.4);
             let w = QMatrix::from_q4(&q, &scale, &offset, rows, cols).unwrap();
@@ -568,7 +655,9 @@ mod tests {
     fn batched_rows_match_one_at_a_time() {
         let mut rng = Rng::new(3);
         let (rows, cols) = (11, 192);
-        let q: Vec<u8> = (0..rows * cols).map(|_| (rng.next_u64() % 16) as u8).collect();
+        let q: Vec<u8> = (0..rows * cols)
+            .map(|_| (rng.next_u64() % 16) as u8)
+            .collect();
         let scale = random(&mut rng, rows * cols / BLOCK, 0.05);
         let offset = random(&mut rng, rows * cols / BLOCK, 0.4);
         let w = QMatrix::from_q4(&q, &scale, &offset, rows, cols).unwrap();

@@ -46,9 +46,9 @@ pub struct PyQuantMatrix {
 
 impl PyQuantMatrix {
     fn take(&mut self) -> PyResult<QMatrix> {
-        self.inner
-            .take()
-            .ok_or_else(|| PyRuntimeError::new_err("this QuantMatrix was already given to a decoder"))
+        self.inner.take().ok_or_else(|| {
+            PyRuntimeError::new_err("this QuantMatrix was already given to a decoder")
+        })
     }
 }
 
@@ -56,13 +56,25 @@ impl PyQuantMatrix {
 impl PyQuantMatrix {
     /// 4-bit codes q (rows, cols) uint8 in 0..16, scale and offset (rows, cols / 32) float32.
     #[staticmethod]
-    fn from_q4(q: Bound<'_, PyAny>, scale: Bound<'_, PyAny>, offset: Bound<'_, PyAny>) -> PyResult<Self> {
+    fn from_q4(
+        q: Bound<'_, PyAny>,
+        scale: Bound<'_, PyAny>,
+        offset: Bound<'_, PyAny>,
+    ) -> PyResult<Self> {
         let q = readonly::<u8, numpy::Ix2>("q", "a C-contiguous 2-D uint8 array", &q)?;
-        let scale = readonly::<f32, numpy::Ix2>("scale", "a C-contiguous 2-D float32 array", &scale)?;
-        let offset = readonly::<f32, numpy::Ix2>("offset", "a C-contiguous 2-D float32 array", &offset)?;
+        let scale =
+            readonly::<f32, numpy::Ix2>("scale", "a C-contiguous 2-D float32 array", &scale)?;
+        let offset =
+            readonly::<f32, numpy::Ix2>("offset", "a C-contiguous 2-D float32 array", &offset)?;
         let (rows, cols) = (q.shape()[0], q.shape()[1]);
-        let m = QMatrix::from_q4(q.as_slice()?, scale.as_slice()?, offset.as_slice()?, rows, cols)
-            .map_err(quant_err)?;
+        let m = QMatrix::from_q4(
+            q.as_slice()?,
+            scale.as_slice()?,
+            offset.as_slice()?,
+            rows,
+            cols,
+        )
+        .map_err(quant_err)?;
         Ok(Self { inner: Some(m) })
     }
 
@@ -84,7 +96,9 @@ impl PyQuantMatrix {
 
     #[getter]
     fn shape(&self) -> PyResult<(usize, usize)> {
-        let m = self.inner.as_ref().ok_or_else(|| PyRuntimeError::new_err("given to a decoder"))?;
+        let m = self.inner.as_ref().ok_or_else(|| {
+            PyRuntimeError::new_err("this QuantMatrix was already given to a decoder")
+        })?;
         Ok((m.rows, m.cols))
     }
 }
@@ -137,7 +151,8 @@ impl PyNativeDecoder {
             eps,
         };
         let mut built = Vec::with_capacity(layers.len());
-        for (attn_norm, qkv, qkv_bias, q_norm, k_norm, o, o_bias, ffn_norm, gate_up, down) in layers {
+        for (attn_norm, qkv, qkv_bias, q_norm, k_norm, o, o_bias, ffn_norm, gate_up, down) in layers
+        {
             built.push(LayerWeights {
                 attn_norm,
                 qkv: qkv.borrow_mut().take()?,
@@ -189,14 +204,21 @@ impl PyNativeDecoder {
         let cos = readonly::<f32, numpy::Ix2>("cos", "a C-contiguous 2-D float32 array", &cos)?;
         let sin = readonly::<f32, numpy::Ix2>("sin", "a C-contiguous 2-D float32 array", &sin)?;
         let slots = readonly::<i64, numpy::Ix1>("slots", I1, &slots)?;
-        let tables = readonly::<i64, numpy::Ix2>("block_tables", "a C-contiguous 2-D int64 array", &block_tables)?;
+        let tables = readonly::<i64, numpy::Ix2>(
+            "block_tables",
+            "a C-contiguous 2-D int64 array",
+            &block_tables,
+        )?;
         let ctxs = readonly::<i64, numpy::Ix1>("context_lens", I1, &context_lens)?;
         let wanted = readonly::<i64, numpy::Ix1>("logit_rows", I1, &logit_rows)?;
         let mut logits = readwrite::<f32, numpy::Ix2>("logits", F2, &logits)?;
         let wanted: Vec<usize> = wanted
             .as_slice()?
             .iter()
-            .map(|&r| usize::try_from(r).map_err(|_| PyValueError::new_err(format!("logit row {r} is negative"))))
+            .map(|&r| {
+                usize::try_from(r)
+                    .map_err(|_| PyValueError::new_err(format!("logit row {r} is negative")))
+            })
             .collect::<PyResult<_>>()?;
         const KV: &str = "a writeable, C-contiguous 6-D float32 or int16 (bf16 bits) array";
         let kv_shape = kv
@@ -221,7 +243,15 @@ impl PyNativeDecoder {
             logit_rows: &wanted,
         };
         if let Ok(mut cache) = readwrite::<f32, numpy::IxDyn>("kv", KV, &kv) {
-            run(py, &self.inner, rows, cache.as_slice_mut()?, block_size, logits, threads)
+            run(
+                py,
+                &self.inner,
+                rows,
+                cache.as_slice_mut()?,
+                block_size,
+                logits,
+                threads,
+            )
         } else {
             let mut cache = readwrite::<i16, numpy::IxDyn>("kv", KV, &kv)?;
             let bits = as_bits_mut(cache.as_slice_mut()?);

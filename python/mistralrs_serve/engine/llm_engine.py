@@ -88,7 +88,9 @@ class LLMEngine:
         self.num_kv_tokens = num_blocks * block_size
         self.graphs = self._decode_graphs()
         on_cpu = self.device.type == "cpu" and not self.use_triton
-        self.native = NativeDecode.build(self.model, self.cache) if on_cpu and self.config.native_decode else None
+        self.native = (
+            NativeDecode.build(self.model, self.cache) if on_cpu and self.config.native_decode else None
+        )
         self.grammars = GrammarCompiler(self.tokenizer, self.model.config.vocab_size)
         # Grammar masks of a step are filled on this thread while the model runs.
         self._mask_worker = ThreadPoolExecutor(1, thread_name_prefix="grammar-mask")
@@ -99,6 +101,12 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.sequences: dict[int, Sequence] = {}
         self._seq_ids = itertools.count()
+
+    def decode_weight_bytes(self) -> int:
+        """Weight bytes one decode step reads, by whichever path runs it."""
+        if self.native is not None:
+            return int(self.native.decoder.weight_bytes)
+        return self.model.decode_weight_bytes()
 
     # --- requests -------------------------------------------------------
 

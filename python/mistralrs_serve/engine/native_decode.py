@@ -65,7 +65,9 @@ class NativeDecode:
                 )
             )
         head = model.lm_head
-        head_q = _q4(head) if head.q4 is not None else _native.QuantMatrix.quantize_q8(head.weight.float().numpy())
+        head_q = (
+            _q4(head) if head.q4 is not None else _native.QuantMatrix.quantize_q8(head.weight.float().numpy())
+        )
         self.decoder = _native.NativeDecoder(
             hidden=cfg.hidden_size,
             num_heads=cfg.num_heads,
@@ -131,4 +133,6 @@ class NativeDecode:
 
 def _linears(model: LlamaForCausalLM) -> list[Linear]:
     """The head first, then every layer's."""
-    return [model.lm_head] + [lin for layer in model.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+    return [model.lm_head] + [
+        lin for layer in model.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)
+    ]
