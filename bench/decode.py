@@ -7,14 +7,17 @@ One run, one process, the same GGUF (the default model unless --model):
 
 Prints one JSON line per engine and metric, e.g.
 {"engine": "mistralrs-serve", "metric": "decode_tok_s", "value": 65.2, ...}
-and the decode ratio against transformers bf16. Achieved GB/s is the
-weight bytes one decode step reads times tok/s; the roofline is those bytes
-over the measured copy bandwidth of this machine.
+and the ratios against transformers bf16 and, when llama-cpp-python is
+installed (not with --smoke), llama.cpp on the same GGUF and threads.
+Achieved GB/s is the weight bytes one decode step reads times tok/s (for
+llama.cpp: the GGUF's size); the roofline is those bytes over the measured
+copy bandwidth of this machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import tempfile
@@ -94,6 +97,45 @@ def transformers_engine(
     }
 
 
+def llama_cpp_engine(path: Path, prompt: list[int], new_tokens: int, threads: int) -> dict[str, float]:
+    """llama.cpp through llama-cpp-python (when installed): the prompt in one
+    eval, then greedy tokens one eval each, on the same threads as ours."""
+    import llama_cpp
+    import numpy as np
+
+    llm = llama_cpp.Llama(
+        str(path),
+        n_ctx=len(prompt) + new_tokens + 8,
+        n_batch=len(prompt),
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
+    )
+    weight_bytes = float(path.stat().st_size)
+    llm.eval(prompt[:32])  # warm-up
+    llm.reset()
+    start = time.perf_counter()
+    llm.eval(prompt)
+    prefill_s = time.perf_counter() - start
+    vocab = llm.n_vocab()
+
+    def greedy() -> int:  # the last evaluated row's logits
+        return int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits(llm.ctx), shape=(vocab,))))
+
+    token = greedy()
+    start = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        llm.eval([token])
+        token = greedy()
+    decode_s = time.perf_counter() - start
+    llm.close()
+    return {
+        "prefill_tok_s": len(prompt) / prefill_s,
+        "decode_tok_s": (new_tokens - 1) / decode_s,
+        "weight_bytes": weight_bytes,
+    }
+
+
 def load_transformers_gguf(model_dir: Path, filename: str, dtype: torch.dtype) -> Any:
     """transformers' model for a GGUF, dequantized at load into plain `dtype` weights."""
     from transformers import AutoModelForCausalLM, GgufConfig
@@ -141,15 +183,15 @@ def main() -> None:
     )
     for name, dtype in dtypes.items():
         results[name] = transformers_engine(path, dtype, prompt, new_tokens)
+    if not args.smoke and importlib.util.find_spec("llama_cpp") is not None:
+        results["llama.cpp"] = llama_cpp_engine(path, prompt, new_tokens, torch.get_num_threads())
     for name, r in results.items():
         report(name, r, bandwidth)
-    base = results["transformers-bf16"]
-    for metric in ("decode_tok_s", "prefill_tok_s"):
-        emit(
-            "mistralrs-serve",
-            f"{metric}_ratio_vs_transformers_bf16",
-            results["mistralrs-serve"][metric] / base[metric],
-        )
+    for peer in ("transformers-bf16", "llama.cpp"):
+        for metric in ("decode_tok_s", "prefill_tok_s"):
+            if peer in results:
+                ratio = results["mistralrs-serve"][metric] / results[peer][metric]
+                emit("mistralrs-serve", f"{metric}_ratio_vs_{peer}", ratio)
 
 
 if __name__ == "__main__":
