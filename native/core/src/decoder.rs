@@ -13,14 +13,15 @@
 //! q/k RMSNorm (Qwen3), rotary embedding on halves (cos/sin supplied per row,
 //! so any rope scaling works), grouped-query attention, SwiGLU MLP.
 
+use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::attention::{
-    check_decode_batch, merge_parts, part_len, run_items, work_items, AttentionShape, DecodeBatch,
-    KvElem, WorkItem,
+    check_decode_batch, fast_exp, merge_parts, part_len, run_items, work_items, AttentionShape,
+    DecodeBatch, KvElem, WorkItem,
 };
 use crate::error::AttentionError;
-use crate::quant::{gemm_into, QMatrix, QuantActs};
+use crate::quant::{gemm_into, QMatrix, QuantActs, GROUP_ROWS};
 
 /// A cache element the step can also write.
 pub trait KvStore: KvElem {
@@ -270,98 +271,100 @@ impl Decoder {
         Ok(())
     }
 
-    /// Thread `tid`'s share of the step; every thread runs every phase and
-    /// meets the others at the barrier between phases.
+    /// Thread `tid`'s share of the step. Every thread runs every phase and
+    /// meets the others at the barrier between phases: per-row work (norms,
+    /// quantization, rotary, cache writes, attention merges, SwiGLU) on the
+    /// thread's own rows, matrix products on its own groups of output rows,
+    /// attention on its own work items.
     fn worker<T: KvStore>(&self, st: &Step<'_, T>, tid: usize) {
         let s = self.shape;
-        let n = st.n;
         let (h, kv_heads, d) = (s.num_heads, s.num_kv_heads, s.head_dim);
         let (q_len, kv_len) = (h * d, kv_heads * d);
         let qkv_rows = q_len + 2 * kv_len;
         let gu_rows = 2 * s.intermediate;
         let half = d / 2;
-        let main = tid == 0;
         let bufs = &st.bufs;
-        // SAFETY (every `get` below): phases are separated by the barrier; in a
-        // phase, only thread 0 touches what `main` guards, and the threads'
-        // matrix rows and attention items are disjoint.
+        let plen = part_len(st.attn_shape);
+        // whole groups of 16 output rows per thread (the matrix layout's unit)
         let split = |total: usize| {
-            let per = total.div_ceil(st.threads);
+            let per = total.div_ceil(st.threads).next_multiple_of(GROUP_ROWS);
             (tid * per).min(total)..((tid + 1) * per).min(total)
         };
+        let share = |total: usize| (tid * total / st.threads)..((tid + 1) * total / st.threads);
+        let mine = share(st.n);
+        // this thread's rows' attention items, renumbered from its first row
+        let first_item = st.items.partition_point(|it| it.0 < mine.start);
+        let end_item = st.items.partition_point(|it| it.0 < mine.end);
+        let my_items: Vec<WorkItem> = st.items[first_item..end_item]
+            .iter()
+            .map(|&(seq, a, b)| (seq - mine.start, a, b))
+            .collect();
+        let mut normed = vec![0f32; s.hidden.max(s.head_dim)];
+        let mut act = vec![0f32; s.intermediate];
+        // SAFETY (every `unsafe` block below): phases are separated by the
+        // barrier; within a phase a thread writes only its own rows (`mine`),
+        // output rows (`split`) or work items, and reads what the previous
+        // phases finished.
+        let x_rows =
+            |r: Range<usize>| unsafe { st.x.range(r.start * s.hidden, r.len() * s.hidden) };
+        let acts_rows = |r: Range<usize>| unsafe { bufs.acts.range(r.start, r.len()) };
+        let all_acts = || -> &[QuantActs] { unsafe { bufs.acts.range(0, st.n) } };
         for (li, l) in self.layers.iter().enumerate() {
-            if main {
-                let (x, acts, normed) = unsafe {
-                    (
-                        st.x.slice(n * s.hidden),
-                        bufs.acts.slice(bufs.n),
-                        bufs.normed.slice(bufs.normed_len),
-                    )
-                };
-                for (a, xr) in acts.iter_mut().zip(x.chunks_exact(s.hidden)) {
-                    rms_norm(xr, &l.attn_norm, s.eps, normed);
-                    a.quantize(normed, l.qkv.padded_cols);
-                }
+            for (a, xr) in acts_rows(mine.clone())
+                .iter_mut()
+                .zip(x_rows(mine.clone()).chunks_exact(s.hidden))
+            {
+                rms_norm(xr, &l.attn_norm, s.eps, &mut normed);
+                a.quantize(&normed[..s.hidden], l.qkv.padded_cols);
             }
             st.barrier.wait();
-            let acts: &[QuantActs] = unsafe { bufs.acts.slice(bufs.n) };
             let r = split(qkv_rows);
-            unsafe { gemm_into(&l.qkv, acts, r.clone(), bufs.qkv.0.add(r.start), qkv_rows) };
+            unsafe {
+                gemm_into(
+                    &l.qkv,
+                    all_acts(),
+                    r.clone(),
+                    bufs.qkv.0.add(r.start),
+                    qkv_rows,
+                )
+            };
             st.barrier.wait();
             let k_off = li * st.layer_elems;
             let v_off = (self.layers.len() + li) * st.layer_elems;
-            if main {
-                let (qkv, normed, q) = unsafe {
-                    (
-                        bufs.qkv.slice(n * qkv_rows),
-                        bufs.normed.slice(bufs.normed_len),
-                        st.q.slice(n * q_len),
-                    )
-                };
-                let (k_layer, v_layer) = unsafe {
-                    (
-                        std::slice::from_raw_parts_mut(st.kv.0.add(k_off), st.layer_elems),
-                        std::slice::from_raw_parts_mut(st.kv.0.add(v_off), st.layer_elems),
-                    )
-                };
-                for r in 0..n {
-                    let row = &mut qkv[r * qkv_rows..][..qkv_rows];
-                    if let Some(bias) = &l.qkv_bias {
-                        row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
-                    }
-                    let (cos, sin) = (&st.cos[r * half..][..half], &st.sin[r * half..][..half]);
-                    let (qk, v) = row.split_at_mut(q_len + kv_len);
-                    for (i, head) in qk.chunks_exact_mut(d).enumerate() {
-                        if let Some(w) = if i < h { &l.q_norm } else { &l.k_norm } {
-                            normed[..d].copy_from_slice(head);
-                            rms_norm(&normed[..d], w, s.eps, head);
-                        }
-                        rope(head, cos, sin);
-                    }
-                    let slot = st.slots[r] as usize * kv_len;
-                    for (dst, &src) in k_layer[slot..][..kv_len].iter_mut().zip(&qk[q_len..]) {
-                        *dst = T::from_f32(src);
-                    }
-                    for (dst, &src) in v_layer[slot..][..kv_len].iter_mut().zip(v.iter()) {
-                        *dst = T::from_f32(src);
-                    }
-                    q[r * q_len..][..q_len].copy_from_slice(&qk[..q_len]);
+            for r in mine.clone() {
+                let row = unsafe { bufs.qkv.range(r * qkv_rows, qkv_rows) };
+                if let Some(bias) = &l.qkv_bias {
+                    row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
                 }
+                let (cos, sin) = (&st.cos[r * half..][..half], &st.sin[r * half..][..half]);
+                let (qk, v) = row.split_at_mut(q_len + kv_len);
+                for (i, head) in qk.chunks_exact_mut(d).enumerate() {
+                    if let Some(w) = if i < h { &l.q_norm } else { &l.k_norm } {
+                        normed[..d].copy_from_slice(head);
+                        rms_norm(&normed[..d], w, s.eps, head);
+                    }
+                    rope(head, cos, sin);
+                }
+                let slot = st.slots[r] as usize * kv_len;
+                let k_dst = unsafe { st.kv.range(k_off + slot, kv_len) };
+                let v_dst = unsafe { st.kv.range(v_off + slot, kv_len) };
+                k_dst
+                    .iter_mut()
+                    .zip(&qk[q_len..])
+                    .for_each(|(dst, &src)| *dst = T::from_f32(src));
+                v_dst
+                    .iter_mut()
+                    .zip(v.iter())
+                    .for_each(|(dst, &src)| *dst = T::from_f32(src));
+                unsafe { st.q.range(r * q_len, q_len) }.copy_from_slice(&qk[..q_len]);
             }
             st.barrier.wait();
             {
-                let (k_layer, v_layer) = unsafe {
-                    (
-                        std::slice::from_raw_parts(st.kv.0.add(k_off).cast_const(), st.layer_elems),
-                        std::slice::from_raw_parts(st.kv.0.add(v_off).cast_const(), st.layer_elems),
-                    )
-                };
+                let k_layer = unsafe { &*st.kv.range(k_off, st.layer_elems) };
+                let v_layer = unsafe { &*st.kv.range(v_off, st.layer_elems) };
                 let batch = st.batch();
-                let plen = part_len(st.attn_shape);
                 for i in (tid..st.items.len()).step_by(st.threads) {
-                    let part = unsafe {
-                        std::slice::from_raw_parts_mut(st.parts_ptr().add(i * plen), plen)
-                    };
+                    let part = unsafe { st.parts.range(i * plen, plen) };
                     run_items(
                         st.attn_shape,
                         &batch,
@@ -373,32 +376,43 @@ impl Decoder {
                 }
             }
             st.barrier.wait();
-            if main {
-                let (attn, acts) =
-                    unsafe { (bufs.attn.slice(bufs.attn_len), bufs.acts.slice(bufs.n)) };
-                let parts = unsafe { st.parts.slice(st.items.len() * part_len(st.attn_shape)) };
-                merge_parts(&st.items, parts, h, d, attn);
-                for (a, o) in acts.iter_mut().zip(attn.chunks_exact(q_len)) {
+            {
+                let parts = unsafe { st.parts.range(first_item * plen, my_items.len() * plen) };
+                let attn = unsafe { bufs.attn.range(mine.start * q_len, mine.len() * q_len) };
+                merge_parts(&my_items, parts, h, d, attn);
+                for (a, o) in acts_rows(mine.clone())
+                    .iter_mut()
+                    .zip(attn.chunks_exact(q_len))
+                {
                     a.quantize(o, l.o.padded_cols);
                 }
             }
             st.barrier.wait();
             let r = split(s.hidden);
-            unsafe { gemm_into(&l.o, acts, r.clone(), bufs.proj.0.add(r.start), s.hidden) };
+            unsafe {
+                gemm_into(
+                    &l.o,
+                    all_acts(),
+                    r.clone(),
+                    bufs.proj.0.add(r.start),
+                    s.hidden,
+                )
+            };
             st.barrier.wait();
-            if main {
-                let (x, proj, acts, normed) = unsafe {
-                    (
-                        st.x.slice(n * s.hidden),
-                        bufs.proj.slice(n * s.hidden),
-                        bufs.acts.slice(bufs.n),
-                        bufs.normed.slice(bufs.normed_len),
-                    )
-                };
-                add_rows(x, proj, l.o_bias.as_deref());
-                for (a, xr) in acts.iter_mut().zip(x.chunks_exact(s.hidden)) {
-                    rms_norm(xr, &l.ffn_norm, s.eps, normed);
-                    a.quantize(normed, l.gate_up.padded_cols);
+            {
+                let x = x_rows(mine.clone());
+                add_rows(
+                    x,
+                    unsafe { bufs.proj.range(mine.start * s.hidden, x.len()) },
+                    l.o_bias.as_deref(),
+                    s.hidden,
+                );
+                for (a, xr) in acts_rows(mine.clone())
+                    .iter_mut()
+                    .zip(x.chunks_exact(s.hidden))
+                {
+                    rms_norm(xr, &l.ffn_norm, s.eps, &mut normed);
+                    a.quantize(&normed[..s.hidden], l.gate_up.padded_cols);
                 }
             }
             st.barrier.wait();
@@ -406,62 +420,66 @@ impl Decoder {
             unsafe {
                 gemm_into(
                     &l.gate_up,
-                    acts,
+                    all_acts(),
                     r.clone(),
                     bufs.gate_up.0.add(r.start),
                     gu_rows,
                 )
             };
             st.barrier.wait();
-            if main {
-                let (gate_up, acts, act) = unsafe {
-                    (
-                        bufs.gate_up.slice(n * gu_rows),
-                        bufs.acts.slice(bufs.n),
-                        bufs.act.slice(bufs.act_len),
-                    )
+            {
+                let gate_up = unsafe {
+                    bufs.gate_up
+                        .range(mine.start * gu_rows, mine.len() * gu_rows)
                 };
-                for (a, gu) in acts.iter_mut().zip(gate_up.chunks_exact(gu_rows)) {
+                for (a, gu) in acts_rows(mine.clone())
+                    .iter_mut()
+                    .zip(gate_up.chunks_exact(gu_rows))
+                {
                     let (g, u) = gu.split_at(s.intermediate);
-                    for ((o, &g), &u) in act.iter_mut().zip(g).zip(u) {
-                        *o = g / (1.0 + (-g).exp()) * u;
-                    }
-                    a.quantize(act, l.down.padded_cols);
+                    swiglu(g, u, &mut act);
+                    a.quantize(&act, l.down.padded_cols);
                 }
             }
             st.barrier.wait();
             let r = split(s.hidden);
-            unsafe { gemm_into(&l.down, acts, r.clone(), bufs.proj.0.add(r.start), s.hidden) };
-            st.barrier.wait();
-            if main {
-                let (x, proj) =
-                    unsafe { (st.x.slice(n * s.hidden), bufs.proj.slice(n * s.hidden)) };
-                add_rows(x, proj, None);
-            }
-        }
-        let wanted = st.logit_rows.len();
-        if main {
-            let (x, acts, normed) = unsafe {
-                (
-                    st.x.slice(n * s.hidden),
-                    bufs.acts.slice(bufs.n),
-                    bufs.normed.slice(bufs.normed_len),
+            unsafe {
+                gemm_into(
+                    &l.down,
+                    all_acts(),
+                    r.clone(),
+                    bufs.proj.0.add(r.start),
+                    s.hidden,
                 )
             };
-            for (a, &r) in acts.iter_mut().zip(st.logit_rows) {
-                let xr = &mut x[r * s.hidden..][..s.hidden];
-                rms_norm(xr, &self.final_norm, s.eps, normed);
-                xr.copy_from_slice(normed);
-                a.quantize(normed, self.lm_head.padded_cols);
-            }
+            st.barrier.wait();
+            let x = x_rows(mine.clone());
+            add_rows(
+                x,
+                unsafe { bufs.proj.range(mine.start * s.hidden, x.len()) },
+                None,
+                s.hidden,
+            );
+        }
+        // every thread's rows are final only after the last residual add
+        st.barrier.wait();
+        let wanted = st.logit_rows.len();
+        let my_logit_rows = share(wanted);
+        for (i, a) in my_logit_rows
+            .clone()
+            .zip(acts_rows(my_logit_rows.clone()).iter_mut())
+        {
+            let r = st.logit_rows[i];
+            let xr = unsafe { st.x.range(r * s.hidden, s.hidden) };
+            rms_norm(xr, &self.final_norm, s.eps, &mut normed);
+            a.quantize(&normed[..s.hidden], self.lm_head.padded_cols);
         }
         st.barrier.wait();
-        let acts: &[QuantActs] = unsafe { &bufs.acts.slice(bufs.n)[..wanted] };
         let r = split(s.vocab);
         unsafe {
             gemm_into(
                 &self.lm_head,
-                acts,
+                &all_acts()[..wanted],
                 r.clone(),
                 st.logits.0.add(r.start),
                 s.vocab,
@@ -541,57 +559,42 @@ unsafe impl<T> Sync for Shared<T> {}
 
 impl<T> Shared<T> {
     /// # Safety
-    /// No other reference to these `len` elements may be live (phase discipline).
+    /// Elements `start..start + len` must be in bounds, and no other
+    /// reference to them may be live (phase discipline).
     #[allow(clippy::mut_from_ref)]
-    unsafe fn slice(&self, len: usize) -> &mut [T] {
-        unsafe { std::slice::from_raw_parts_mut(self.0, len) }
+    unsafe fn range<'a>(&self, start: usize, len: usize) -> &'a mut [T] {
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(start), len) }
     }
 }
 
 /// Scratch of one step: owned here, reached through the shared pointers.
 struct Buffers {
-    n: usize,
     acts: Shared<QuantActs>,
-    normed: Shared<f32>,
-    normed_len: usize,
     qkv: Shared<f32>,
     attn: Shared<f32>,
-    attn_len: usize,
     proj: Shared<f32>,
     gate_up: Shared<f32>,
-    act: Shared<f32>,
-    act_len: usize,
     _acts: Vec<QuantActs>,
-    _floats: [Vec<f32>; 6],
+    _floats: [Vec<f32>; 4],
 }
 
 impl Buffers {
     fn new(s: &DecoderShape, n: usize, q_len: usize) -> Self {
         let qkv_rows = q_len + 2 * s.num_kv_heads * s.head_dim;
         let mut acts = vec![QuantActs::default(); n];
-        let (normed_len, attn_len, act_len) = (s.hidden.max(s.head_dim), n * q_len, s.intermediate);
         let mut floats = [
-            vec![0f32; normed_len],
             vec![0f32; n * qkv_rows],
-            vec![0f32; attn_len],
+            vec![0f32; n * q_len],
             vec![0f32; n * s.hidden],
             vec![0f32; n * 2 * s.intermediate],
-            vec![0f32; act_len],
         ];
-        let [normed, qkv, attn, proj, gate_up, act] =
-            floats.each_mut().map(|v| Shared(v.as_mut_ptr()));
+        let [qkv, attn, proj, gate_up] = floats.each_mut().map(|v| Shared(v.as_mut_ptr()));
         Self {
-            n,
             acts: Shared(acts.as_mut_ptr()),
-            normed,
-            normed_len,
             qkv,
             attn,
-            attn_len,
             proj,
             gate_up,
-            act,
-            act_len,
             _acts: acts,
             _floats: floats,
         }
@@ -638,10 +641,6 @@ impl<T> Step<'_, T> {
             scale: 1.0 / (self.attn_shape.head_dim as f32).sqrt(),
         }
     }
-
-    fn parts_ptr(&self) -> *mut f32 {
-        self.parts.0
-    }
 }
 
 /// Threads meet here between the phases of a step: spinning, as a phase is
@@ -682,13 +681,39 @@ impl SpinBarrier {
     }
 }
 
-fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+/// Runs `$body` compiled with AVX-512 when the CPU has it (the loops are
+/// written for the vectoriser), else as plain code.
+macro_rules! with_avx512 {
+    ($name:ident ($($arg:ident: $ty:ty),*) $body:block) => {
+        fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma")]
+                unsafe fn wide($($arg: $ty),*) $body
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has AVX-512 (checked just above).
+                    return unsafe { wide($($arg),*) };
+                }
+            }
+            $body
+        }
+    };
+}
+
+// out = silu(g) * u
+with_avx512!(swiglu(g: &[f32], u: &[f32], out: &mut [f32]) {
+    for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
+        *o = g / (1.0 + fast_exp(-g)) * u;
+    }
+});
+
+with_avx512!(rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     let mean_sq = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
     let inv = 1.0 / (mean_sq + eps).sqrt();
     for ((o, &v), &w) in out.iter_mut().zip(x).zip(weight) {
         *o = v * inv * w;
     }
-}
+});
 
 /// Rotates the two halves of `head` (neox style).
 fn rope(head: &mut [f32], cos: &[f32], sin: &[f32]) {
@@ -700,11 +725,7 @@ fn rope(head: &mut [f32], cos: &[f32], sin: &[f32]) {
     }
 }
 
-fn add_rows(x: &mut [f32], delta: &[f32], bias: Option<&[f32]>) {
-    let hidden = match bias {
-        Some(b) => b.len(),
-        None => x.len(),
-    };
+fn add_rows(x: &mut [f32], delta: &[f32], bias: Option<&[f32]>, hidden: usize) {
     for (xr, dr) in x.chunks_exact_mut(hidden).zip(delta.chunks_exact(hidden)) {
         match bias {
             Some(b) => xr

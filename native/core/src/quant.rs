@@ -1,5 +1,5 @@
-//! Block-quantized weight matrices and the integer dot products of a decode
-//! step on the CPU.
+//! Block-quantized weight matrices and the integer matrix products of a
+//! decode step on the CPU.
 //!
 //! Weights come in blocks of 32 along the input dimension, each with a
 //! scale `d` and an offset `m`: `w = d * q + m`, `q` unsigned (4-bit for
@@ -9,22 +9,27 @@
 //!
 //! `d dx Σ q qx + m dx Σ qx`
 //!
-//! and the integer sum is one AVX-512 VNNI `vpdpbusd` (unsigned x signed
-//! bytes) per 64 weights. The offset term needs only the per-block
-//! activation sums, so it is one short float dot product per row.
+//! The integer sum is AVX-512 VNNI `vpdpbusd` (unsigned x signed bytes).
 //!
-//! Layout, repacked at load: rows padded to a multiple of 64 columns; 4-bit
-//! rows hold 32 bytes per 64 weights, byte `i` of a 64-weight chunk holding
-//! weight `i` in its low nibble and weight `32 + i` in its high nibble, so
-//! one broadcast, one variable shift and one mask give the 64 weights in
-//! order. Scales and offsets are f16, in arrays of their own.
+//! Layout, repacked at load: rows in groups of 16 (the 16 f32 lanes of a
+//! register), and per group and block, 8 registers of bytes where register
+//! `k` holds, for each of the 16 rows, its 4 weights `4k..4k + 4` of the
+//! block. One `vpdpbusd` against 4 activation bytes broadcast to every lane
+//! then adds 4 products to each of 16 rows, so a block is 8 of them into
+//! one integer accumulator per group, and the block's scales (16 rows' `d`
+//! and `m`, f16) are one vector each: no horizontal sums, no per-block
+//! shuffles. The 8 registers of a 4-bit block are stored as 4, register `k`
+//! in the low nibbles and `k + 4` in the high ones. A batch of activation
+//! rows reuses each unpacked block from registers.
 
 use std::ops::Range;
 
 /// Weights per quantization block.
 pub const BLOCK: usize = 32;
-/// Columns are padded to a whole number of these (two blocks: one zmm of bytes).
-pub const CHUNK: usize = 64;
+/// Rows per group: one f32 register of lanes.
+pub const GROUP_ROWS: usize = 16;
+/// Bytes of 8-bit codes per group and block.
+const BLOCK_BYTES_Q8: usize = GROUP_ROWS * BLOCK;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QuantKind {
@@ -34,18 +39,27 @@ pub enum QuantKind {
     Q8,
 }
 
+impl QuantKind {
+    fn block_bytes(self) -> usize {
+        match self {
+            QuantKind::Q4 => BLOCK_BYTES_Q8 / 2,
+            QuantKind::Q8 => BLOCK_BYTES_Q8,
+        }
+    }
+}
+
 /// A (rows, cols) weight matrix in blocks of 32.
 #[derive(Debug, Clone)]
 pub struct QMatrix {
     pub kind: QuantKind,
     pub rows: usize,
     pub cols: usize,
-    /// `cols` rounded up to a multiple of [`CHUNK`].
+    /// Width activations are quantized to (`cols`: whole blocks).
     pub padded_cols: usize,
     q: Vec<u8>,
-    /// f16 bits, (rows, padded_cols / 32).
+    /// f16 bits, (groups, blocks, 16).
     d: Vec<u16>,
-    /// f16 bits, (rows, padded_cols / 32).
+    /// f16 bits, (groups, blocks, 16).
     m: Vec<u16>,
 }
 
@@ -57,14 +71,7 @@ pub enum QuantError {
 
 impl QMatrix {
     fn blocks_per_row(&self) -> usize {
-        self.padded_cols / BLOCK
-    }
-
-    fn row_bytes(&self) -> usize {
-        match self.kind {
-            QuantKind::Q4 => self.padded_cols / 2,
-            QuantKind::Q8 => self.padded_cols,
-        }
+        self.cols / BLOCK
     }
 
     /// Bytes read by one pass over the matrix (codes, scales, offsets).
@@ -85,55 +92,22 @@ impl QMatrix {
         if let Some(bad) = q.iter().find(|&&c| c > 15) {
             return Err(QuantError::Shape(format!("4-bit code {bad} is over 15")));
         }
-        let padded_cols = cols.next_multiple_of(CHUNK);
-        let mut packed = vec![0u8; rows * padded_cols / 2];
-        for (r, out) in packed.chunks_exact_mut(padded_cols / 2).enumerate() {
-            let src = &q[r * cols..][..cols];
-            for (c, chunk) in out.chunks_exact_mut(CHUNK / 2).enumerate() {
-                let base = c * CHUNK;
-                for (i, byte) in chunk.iter_mut().enumerate() {
-                    let lo = src.get(base + i).copied().unwrap_or(0);
-                    let hi = src.get(base + 32 + i).copied().unwrap_or(0);
-                    *byte = lo | (hi << 4);
-                }
-            }
-        }
-        let (d, m) = pad_scales(scale, offset, rows, cols, padded_cols);
-        Ok(Self {
-            kind: QuantKind::Q4,
-            rows,
-            cols,
-            padded_cols,
-            q: packed,
-            d,
-            m,
-        })
+        Ok(Self::pack(QuantKind::Q4, q, scale, offset, rows, cols))
     }
 
     /// From signed 8-bit codes (rows, cols) and per-block scales: `w = scale * q`.
     pub fn from_q8(q: &[i8], scale: &[f32], rows: usize, cols: usize) -> Result<Self, QuantError> {
         let offset: Vec<f32> = scale.iter().map(|&d| -128.0 * f16_round(d)).collect();
         check_dims(q.len(), scale.len(), offset.len(), rows, cols)?;
-        let padded_cols = cols.next_multiple_of(CHUNK);
-        let mut codes = vec![128u8; rows * padded_cols];
-        for (out, src) in codes
-            .chunks_exact_mut(padded_cols)
-            .zip(q.chunks_exact(cols))
-        {
-            for (o, &s) in out.iter_mut().zip(src) {
-                *o = (s as u8) ^ 0x80;
-            }
-        }
-        let (d, m) = pad_scales(scale, &offset, rows, cols, padded_cols);
-        Ok(Self {
-            kind: QuantKind::Q8,
+        let codes: Vec<u8> = q.iter().map(|&c| (c as u8) ^ 0x80).collect();
+        Ok(Self::pack(
+            QuantKind::Q8,
+            &codes,
+            scale,
+            &offset,
             rows,
             cols,
-            padded_cols,
-            q: codes,
-            d,
-            m,
-        })
+        ))
     }
 
     /// Float weights (rows, cols) quantized to 8 bits per block of 32
@@ -162,31 +136,75 @@ impl QMatrix {
         Self::from_q8(&q, &scale, rows, cols)
     }
 
-    /// Row `r` as floats (tests and references).
-    pub fn dequantize_row(&self, r: usize) -> Vec<f32> {
-        let nb = self.blocks_per_row();
-        (0..self.cols)
-            .map(|c| {
-                let b = r * nb + c / BLOCK;
-                f16_to_f32(self.d[b]) * self.code(r, c) as f32 + f16_to_f32(self.m[b])
-            })
-            .collect()
-    }
-
-    fn code(&self, r: usize, c: usize) -> u8 {
-        let row = &self.q[r * self.row_bytes()..][..self.row_bytes()];
-        match self.kind {
-            QuantKind::Q8 => row[c],
-            QuantKind::Q4 => {
-                let (chunk, i) = (c / CHUNK, c % CHUNK);
-                let byte = row[chunk * CHUNK / 2 + i % 32];
-                if i < 32 {
-                    byte & 0x0F
-                } else {
-                    byte >> 4
+    /// Unsigned codes (rows, cols) into the grouped layout; rows past the
+    /// last are zero with zero scales (their outputs are never stored).
+    fn pack(
+        kind: QuantKind,
+        codes: &[u8],
+        scale: &[f32],
+        offset: &[f32],
+        rows: usize,
+        cols: usize,
+    ) -> Self {
+        let nb = cols / BLOCK;
+        let groups = rows.div_ceil(GROUP_ROWS);
+        let mut m = Self {
+            kind,
+            rows,
+            cols,
+            padded_cols: cols,
+            q: vec![0u8; groups * nb * kind.block_bytes()],
+            d: vec![0u16; groups * nb * GROUP_ROWS],
+            m: vec![0u16; groups * nb * GROUP_ROWS],
+        };
+        for r in 0..rows {
+            for blk in 0..nb {
+                let s = m.scale_index(r, blk);
+                m.d[s] = f32_to_f16(scale[r * nb + blk]);
+                m.m[s] = f32_to_f16(offset[r * nb + blk]);
+                for k in 0..BLOCK {
+                    let c = blk * BLOCK + k;
+                    let (byte, high) = m.code_index(r, c);
+                    let code = codes[r * cols + c];
+                    m.q[byte] |= if high { code << 4 } else { code };
                 }
             }
         }
+        m
+    }
+
+    fn scale_index(&self, r: usize, blk: usize) -> usize {
+        ((r / GROUP_ROWS) * self.blocks_per_row() + blk) * GROUP_ROWS + r % GROUP_ROWS
+    }
+
+    /// Byte holding weight (r, c), and whether it is the high nibble.
+    fn code_index(&self, r: usize, c: usize) -> (usize, bool) {
+        let (blk, k) = (c / BLOCK, c % BLOCK);
+        let base = ((r / GROUP_ROWS) * self.blocks_per_row() + blk) * self.kind.block_bytes();
+        let (reg, lane, byte) = (k / 4, r % GROUP_ROWS, k % 4);
+        match self.kind {
+            QuantKind::Q8 => (base + reg * 64 + lane * 4 + byte, false),
+            QuantKind::Q4 => (base + (reg % 4) * 64 + lane * 4 + byte, reg >= 4),
+        }
+    }
+
+    fn code(&self, r: usize, c: usize) -> u8 {
+        let (byte, high) = self.code_index(r, c);
+        match (self.kind, high) {
+            (QuantKind::Q8, _) => self.q[byte],
+            (QuantKind::Q4, false) => self.q[byte] & 0x0F,
+            (QuantKind::Q4, true) => self.q[byte] >> 4,
+        }
+    }
+
+    /// Row `r` as floats (tests and references).
+    pub fn dequantize_row(&self, r: usize) -> Vec<f32> {
+        (0..self.cols)
+            .map(|c| {
+                let s = self.scale_index(r, c / BLOCK);
+                f16_to_f32(self.d[s]) * self.code(r, c) as f32 + f16_to_f32(self.m[s])
+            })
+            .collect()
     }
 }
 
@@ -197,37 +215,19 @@ fn check_dims(
     rows: usize,
     cols: usize,
 ) -> Result<(), QuantError> {
-    if !cols.is_multiple_of(BLOCK)
+    if cols == 0
+        || !cols.is_multiple_of(BLOCK)
         || q != rows * cols
         || scale != rows * cols / BLOCK
         || offset != scale
     {
         return Err(QuantError::Shape(format!(
-            "({rows}, {cols}) weights need cols a multiple of {BLOCK}, {} codes and {} scales and offsets; got {q}, {scale}, {offset}",
+            "({rows}, {cols}) weights need cols a positive multiple of {BLOCK}, {} codes and {} scales and offsets; got {q}, {scale}, {offset}",
             rows * cols,
             rows * cols / BLOCK
         )));
     }
     Ok(())
-}
-
-fn pad_scales(
-    scale: &[f32],
-    offset: &[f32],
-    rows: usize,
-    cols: usize,
-    padded: usize,
-) -> (Vec<u16>, Vec<u16>) {
-    let (nb, pb) = (cols / BLOCK, padded / BLOCK);
-    let mut d = vec![0u16; rows * pb];
-    let mut m = vec![0u16; rows * pb];
-    for r in 0..rows {
-        for b in 0..nb {
-            d[r * pb + b] = f32_to_f16(scale[r * nb + b]);
-            m[r * pb + b] = f32_to_f16(offset[r * nb + b]);
-        }
-    }
-    (d, m)
 }
 
 /// One activation row quantized per block of 32: `x = d * q`.
@@ -237,15 +237,12 @@ pub struct QuantActs {
     d: Vec<f32>,
     /// d * Σ q per block: multiplies the weight offsets.
     dsum: Vec<f32>,
-    /// d per byte lane group: 16 values per 64-column chunk, the first 8 its
-    /// first block's d, the last 8 its second's (the layout of `vpdpbusd`'s sums).
-    lanes: Vec<f32>,
 }
 
 impl QuantActs {
-    /// Quantize `x`, zero-padded to `padded_cols` (a multiple of [`CHUNK`]).
+    /// Quantize `x`, zero-padded to `padded_cols` (a multiple of [`BLOCK`]).
     pub fn quantize(&mut self, x: &[f32], padded_cols: usize) {
-        debug_assert!(padded_cols >= x.len() && padded_cols.is_multiple_of(CHUNK));
+        debug_assert!(padded_cols >= x.len() && padded_cols.is_multiple_of(BLOCK));
         let nb = padded_cols / BLOCK;
         self.q.clear();
         self.q.resize(padded_cols, 0);
@@ -253,35 +250,55 @@ impl QuantActs {
         self.d.resize(nb, 0.0);
         self.dsum.clear();
         self.dsum.resize(nb, 0.0);
-        for (b, codes) in self.q.chunks_exact_mut(BLOCK).enumerate() {
-            let start = b * BLOCK;
-            if start >= x.len() {
-                break;
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU has AVX-512F (checked just above).
+                unsafe { quantize_avx512(self, x) };
+                return;
             }
-            let block = &x[start..x.len().min(start + BLOCK)];
-            let amax = block.iter().fold(0f32, |a, &v| a.max(v.abs()));
-            if amax == 0.0 {
-                continue;
-            }
-            let d = amax / 127.0;
-            let inv = 127.0 / amax;
-            let mut sum = 0i32;
-            for (c, &v) in codes.iter_mut().zip(block) {
-                let q = (v * inv).round() as i32;
-                *c = q as i8;
-                sum += q;
-            }
-            self.d[b] = d;
-            self.dsum[b] = d * sum as f32;
         }
-        self.lanes.clear();
-        self.lanes.extend(self.d.iter().flat_map(|&d| [d; 8]));
+        quantize_blocks(self, x)
+    }
+}
+
+/// The loops of `quantize`, compiled with AVX-512 (the vectoriser does the rest).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
+unsafe fn quantize_avx512(acts: &mut QuantActs, x: &[f32]) {
+    quantize_blocks(acts, x)
+}
+
+#[inline(always)]
+fn quantize_blocks(acts: &mut QuantActs, x: &[f32]) {
+    // x + 1.5 * 2^23 - 1.5 * 2^23 rounds |x| < 2^22 to the nearest integer (ties to even)
+    const ROUND: f32 = 12_582_912.0;
+    for (b, codes) in acts.q.chunks_exact_mut(BLOCK).enumerate() {
+        let start = b * BLOCK;
+        if start >= x.len() {
+            break;
+        }
+        let block = &x[start..x.len().min(start + BLOCK)];
+        let amax = block.iter().fold(0f32, |a, &v| a.max(v.abs()));
+        if amax == 0.0 {
+            continue;
+        }
+        let d = amax / 127.0;
+        let inv = 127.0 / amax;
+        let mut sum = 0i32;
+        for (c, &v) in codes.iter_mut().zip(block) {
+            let q = ((v * inv + ROUND) - ROUND) as i32;
+            *c = q as i8;
+            sum += q;
+        }
+        acts.d[b] = d;
+        acts.dsum[b] = d * sum as f32;
     }
 }
 
 /// `out[b * out_stride + i]` = row `rows.start + i` of `w` · activation row
 /// `xs[b]`, for every row in `rows` and every activation row: each weight
-/// row is read from memory once for the whole batch.
+/// block is read from memory once for the whole batch.
 pub fn gemm(w: &QMatrix, xs: &[QuantActs], rows: Range<usize>, out: &mut [f32], out_stride: usize) {
     assert!(rows.end <= w.rows && out_stride >= rows.len());
     assert!(xs.is_empty() || out.len() >= (xs.len() - 1) * out_stride + rows.len());
@@ -290,6 +307,7 @@ pub fn gemm(w: &QMatrix, xs: &[QuantActs], rows: Range<usize>, out: &mut [f32], 
 }
 
 /// [`gemm`] into raw memory, so threads can fill disjoint rows of one output.
+/// Fastest when `rows` starts on a group of 16.
 ///
 /// # Safety
 /// `out` must be valid for writes at `b * out_stride + i` for every
@@ -357,13 +375,13 @@ pub fn gemm_portable(
 }
 
 fn dot_portable(w: &QMatrix, x: &QuantActs, r: usize) -> f32 {
-    let nb = w.blocks_per_row();
     let mut acc = 0f32;
-    for blk in 0..nb {
+    for blk in 0..w.blocks_per_row() {
         let isum: i32 = (0..BLOCK)
             .map(|j| w.code(r, blk * BLOCK + j) as i32 * x.q[blk * BLOCK + j] as i32)
             .sum();
-        let (d, m) = (f16_to_f32(w.d[r * nb + blk]), f16_to_f32(w.m[r * nb + blk]));
+        let s = w.scale_index(r, blk);
+        let (d, m) = (f16_to_f32(w.d[s]), f16_to_f32(w.m[s]));
         acc += d * x.d[blk] * isum as f32 + m * x.dsum[blk];
     }
     acc
@@ -374,21 +392,11 @@ mod avx512 {
     use std::arch::x86_64::*;
     use std::ops::Range;
 
-    use super::{QMatrix, QuantActs, QuantKind, BLOCK, CHUNK};
+    use super::{QMatrix, QuantActs, QuantKind, BLOCK, GROUP_ROWS};
 
-    /// 64 4-bit codes of one chunk, in order, as bytes.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw")]
-    unsafe fn unpack_q4(p: *const u8) -> __m512i {
-        let both = _mm512_broadcast_i64x4(_mm256_loadu_si256(p.cast()));
-        // low half of the register keeps the low nibbles, high half shifts in the high ones
-        let shifts = _mm512_set_epi64(4, 4, 4, 4, 0, 0, 0, 0);
-        _mm512_and_si512(_mm512_srlv_epi64(both, shifts), _mm512_set1_epi8(0x0F))
-    }
-
-    /// Activation rows handled together per pass over a weight row (their
-    /// accumulators stay in registers).
-    const GROUP: usize = 4;
+    /// Activation rows per pass over a group's blocks: their accumulators
+    /// and the 8 unpacked weight registers stay in the 32 zmm registers.
+    const BATCH: usize = 8;
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
     pub(super) unsafe fn gemm(
@@ -398,69 +406,88 @@ mod avx512 {
         out: *mut f32,
         stride: usize,
     ) {
-        for (g, group) in xs.chunks(GROUP).enumerate() {
-            let out = out.add(g * GROUP * stride);
-            match group.len() {
-                4 => rows_times::<4>(w, group, rows.clone(), out, stride),
-                3 => rows_times::<3>(w, group, rows.clone(), out, stride),
-                2 => rows_times::<2>(w, group, rows.clone(), out, stride),
-                _ => rows_times::<1>(w, group, rows.clone(), out, stride),
+        if rows.is_empty() {
+            return;
+        }
+        for g in rows.start / GROUP_ROWS..rows.end.div_ceil(GROUP_ROWS) {
+            // rows of this group inside `rows`, as lanes [lo, hi)
+            let first = g * GROUP_ROWS;
+            let lo = rows.start.max(first) - first;
+            let hi = rows.end.min(first + GROUP_ROWS) - first;
+            let mask: __mmask16 = (((1u32 << hi) - 1) & !((1u32 << lo) - 1)) as u16;
+            // output column of lane 0 (may be "negative" for a first partial group: only masked lanes are stored)
+            let col0 = (first as isize) - (rows.start as isize);
+            for (c, chunk) in xs.chunks(BATCH).enumerate() {
+                let out = out.wrapping_offset((c * BATCH * stride) as isize + col0);
+                match chunk.len() {
+                    8 => group::<8>(w, g, chunk, out, stride, mask),
+                    7 => group::<7>(w, g, chunk, out, stride, mask),
+                    6 => group::<6>(w, g, chunk, out, stride, mask),
+                    5 => group::<5>(w, g, chunk, out, stride, mask),
+                    4 => group::<4>(w, g, chunk, out, stride, mask),
+                    3 => group::<3>(w, g, chunk, out, stride, mask),
+                    2 => group::<2>(w, g, chunk, out, stride, mask),
+                    _ => group::<1>(w, g, chunk, out, stride, mask),
+                }
             }
         }
     }
 
+    /// One group of 16 weight rows against N activation rows.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
-    unsafe fn rows_times<const N: usize>(
+    unsafe fn group<const N: usize>(
         w: &QMatrix,
+        g: usize,
         xs: &[QuantActs],
-        rows: Range<usize>,
         out: *mut f32,
         stride: usize,
+        mask: __mmask16,
     ) {
         let nb = w.blocks_per_row();
-        let chunks = w.padded_cols / CHUNK;
-        let row_bytes = w.row_bytes();
-        // lanes 0..8 take block 2c's scale, lanes 8..16 block 2c + 1's
-        let pick = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-        for (i, r) in rows.enumerate() {
-            let d = w.d.as_ptr().add(r * nb);
-            let m = w.m.as_ptr().add(r * nb);
-            let codes = w.q.as_ptr().add(r * row_bytes);
-            let mut acc = [_mm512_setzero_ps(); N];
-            for c in 0..chunks {
-                let wq = match w.kind {
-                    QuantKind::Q4 => unpack_q4(codes.add(c * CHUNK / 2)),
-                    QuantKind::Q8 => _mm512_loadu_si512(codes.add(c * CHUNK).cast()),
-                };
-                let dw2 = _mm_cvtph_ps(_mm_cvtsi32_si128(
-                    d.add(2 * c).cast::<i32>().read_unaligned(),
-                ));
-                let dw = _mm512_permutexvar_ps(pick, _mm512_castps128_ps512(dw2));
-                for (a, x) in acc.iter_mut().zip(xs) {
-                    let xq = _mm512_loadu_si512(x.q.as_ptr().add(c * CHUNK).cast());
-                    let isum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wq, xq);
-                    let dx = _mm512_loadu_ps(x.lanes.as_ptr().add(c * 16));
-                    *a = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(isum), dx), dw, *a);
+        let bytes = w.kind.block_bytes();
+        let codes = w.q.as_ptr().add(g * nb * bytes);
+        let scales = w.d.as_ptr().add(g * nb * GROUP_ROWS);
+        let offsets = w.m.as_ptr().add(g * nb * GROUP_ROWS);
+        let low = _mm512_set1_epi8(0x0F);
+        let mut acc = [_mm512_setzero_ps(); N];
+        let mut regs = [_mm512_setzero_si512(); 8];
+        for blk in 0..nb {
+            let p = codes.add(blk * bytes);
+            match w.kind {
+                QuantKind::Q4 => {
+                    for k in 0..4 {
+                        let v = _mm512_loadu_si512(p.add(k * 64).cast());
+                        regs[k] = _mm512_and_si512(v, low);
+                        regs[k + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low);
+                    }
+                }
+                QuantKind::Q8 => {
+                    for (k, r) in regs.iter_mut().enumerate() {
+                        *r = _mm512_loadu_si512(p.add(k * 64).cast());
+                    }
                 }
             }
-            // offsets times the activation sums, 16 blocks at a time
-            let mut blk = 0;
-            while blk < nb {
-                let n = (nb - blk).min(16);
-                let mask: __mmask16 = if n == 16 { 0xFFFF } else { (1u16 << n) - 1 };
-                let mw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, m.add(blk).cast()));
-                for (a, x) in acc.iter_mut().zip(xs) {
-                    let sx = _mm512_maskz_loadu_ps(mask, x.dsum.as_ptr().add(blk));
-                    *a = _mm512_fmadd_ps(mw, sx, *a);
+            let dw = _mm512_cvtph_ps(_mm256_loadu_si256(scales.add(blk * GROUP_ROWS).cast()));
+            let mw = _mm512_cvtph_ps(_mm256_loadu_si256(offsets.add(blk * GROUP_ROWS).cast()));
+            for (a, x) in acc.iter_mut().zip(xs) {
+                let xq = x.q.as_ptr().add(blk * BLOCK).cast::<i32>();
+                let mut isum = _mm512_setzero_si512();
+                for (k, r) in regs.iter().enumerate() {
+                    isum = _mm512_dpbusd_epi32(
+                        isum,
+                        *r,
+                        _mm512_set1_epi32(xq.add(k).read_unaligned()),
+                    );
                 }
-                blk += 16;
-            }
-            for (b, a) in acc.iter().enumerate() {
-                *out.add(b * stride + i) = _mm512_reduce_add_ps(*a);
+                let s = _mm512_mul_ps(dw, _mm512_set1_ps(*x.d.get_unchecked(blk)));
+                *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), s, *a);
+                *a = _mm512_fmadd_ps(mw, _mm512_set1_ps(*x.dsum.get_unchecked(blk)), *a);
             }
         }
-        debug_assert_eq!(BLOCK * 2, CHUNK);
+        for (b, a) in acc.iter().enumerate() {
+            _mm512_mask_storeu_ps(out.add(b * stride), mask, *a);
+        }
     }
 }
 
@@ -689,6 +716,7 @@ mod tests {
     fn bad_shapes_are_errors() {
         assert!(QMatrix::from_q4(&[0; 10], &[1.0], &[0.0], 1, 10).is_err());
         assert!(QMatrix::from_q4(&[0; 64], &[1.0], &[0.0], 1, 64).is_err());
+        assert!(QMatrix::from_q4(&[], &[], &[], 1, 0).is_err());
         assert!(QMatrix::from_q4(&[16; 32], &[1.0], &[0.0], 1, 32).is_err());
         assert!(QMatrix::quantize_q8(&[0.0; 40], 1, 40).is_err());
     }
