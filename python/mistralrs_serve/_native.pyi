@@ -182,7 +182,7 @@ class GrammarVocabulary:
 @final
 class QuantMatrix:
     """A weight matrix in blocks of 32 columns (w = scale * q + offset), repacked for
-    NativeDecoder; giving it to a decoder moves it (later use raises RuntimeError)."""
+    the integer kernels; a NativeDecoder built from it shares it."""
 
     @staticmethod
     def from_q4(q: NDArray[np.uint8], scale: NDArray[np.float32], offset: NDArray[np.float32]) -> QuantMatrix:
@@ -198,6 +198,8 @@ class QuantMatrix:
 
     @property
     def shape(self) -> tuple[int, int]: ...
+    def matmul(self, x: NDArray[np.float32], out: NDArray[np.float32], threads: int = 1) -> None:
+        """out = x W^T: x (n, cols), out (n, rows) float32; x quantized to 8 bits per block."""
 
 _LayerWeights = tuple[
     list[float],

@@ -210,8 +210,8 @@ def test_bad_matrices_are_errors() -> None:
         _native.QuantMatrix.from_q4(q[:, :48], s, o)  # not whole blocks
     with pytest.raises(ValueError):
         _native.QuantMatrix.quantize_q8(np.zeros((2, 40), np.float32))
-    m = [_native.QuantMatrix.from_q4(q, s, o) for _ in range(5)]
-    assert m[0].shape == (4, 64)
+    m = _native.QuantMatrix.from_q4(q, s, o)
+    assert m.shape == (4, 64)
     norms = [1.0] * 64
     with pytest.raises(ValueError, match="qkv"):  # 4 rows is not (H + 2 KV) * D
         _native.NativeDecoder(
@@ -222,22 +222,28 @@ def test_bad_matrices_are_errors() -> None:
             intermediate=INTER,
             vocab=4,
             eps=1e-6,
-            layers=[(norms, m[0], None, None, None, m[1], None, norms, m[2], m[3])],
+            layers=[(norms, m, None, None, None, m, None, norms, m, m)],
             final_norm=norms,
-            lm_head=m[4],
+            lm_head=m,
         )
-    with pytest.raises(RuntimeError, match="already given"):
-        _ = m[0].shape  # moved into the decoder that was being built
-    with pytest.raises(RuntimeError, match="already given"):
-        _native.NativeDecoder(
-            hidden=64,
-            num_heads=H,
-            num_kv_heads=KV,
-            head_dim=D,
-            intermediate=INTER,
-            vocab=4,
-            eps=1e-6,
-            layers=[(norms, m[0], None, None, None, m[1], None, norms, m[2], m[3])],
-            final_norm=norms,
-            lm_head=m[4],
-        )
+    out = np.zeros((3, 4), np.float32)
+    for x, o in [
+        (np.zeros((3, 65), np.float32), out),
+        (np.zeros((3, 64), np.float32), np.zeros((2, 4), np.float32)),
+        (np.zeros((3, 64), np.float64), out),
+    ]:
+        with pytest.raises(ValueError):
+            m.matmul(x, o)
+
+
+def test_matmul_matches_dequantized_weights() -> None:
+    rng = np.random.default_rng(4)
+    parts = q4_parts(rng, 40, 96)
+    m = _native.QuantMatrix.from_q4(*parts)
+    x = rng.standard_normal((7, 96)).astype(np.float32)
+    want = torch.from_numpy(x) @ dequant(*parts).T
+    for threads in (1, 2, 3):
+        out = np.zeros((7, 40), np.float32)
+        m.matmul(x, out, threads)
+        scale = (torch.from_numpy(x).abs() @ dequant(*parts).abs().T).max().item()
+        assert (torch.from_numpy(out) - want).abs().max().item() <= 0.01 * scale

@@ -15,6 +15,7 @@
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use crate::attention::{
     check_decode_batch, fast_exp, merge_parts, part_len, run_items, work_items, AttentionShape,
@@ -60,16 +61,16 @@ pub struct DecoderShape {
 pub struct LayerWeights {
     pub attn_norm: Vec<f32>,
     /// (q + k + v) rows over `hidden` columns.
-    pub qkv: QMatrix,
+    pub qkv: Arc<QMatrix>,
     pub qkv_bias: Option<Vec<f32>>,
     pub q_norm: Option<Vec<f32>>,
     pub k_norm: Option<Vec<f32>>,
-    pub o: QMatrix,
+    pub o: Arc<QMatrix>,
     pub o_bias: Option<Vec<f32>>,
     pub ffn_norm: Vec<f32>,
     /// gate rows then up rows.
-    pub gate_up: QMatrix,
-    pub down: QMatrix,
+    pub gate_up: Arc<QMatrix>,
+    pub down: Arc<QMatrix>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -86,7 +87,7 @@ pub struct Decoder {
     pub shape: DecoderShape,
     layers: Vec<LayerWeights>,
     final_norm: Vec<f32>,
-    lm_head: QMatrix,
+    lm_head: Arc<QMatrix>,
 }
 
 /// One step's rows: a token each, already embedded.
@@ -119,7 +120,7 @@ impl Decoder {
         shape: DecoderShape,
         layers: Vec<LayerWeights>,
         final_norm: Vec<f32>,
-        lm_head: QMatrix,
+        lm_head: Arc<QMatrix>,
     ) -> Result<Self, DecoderError> {
         let DecoderShape {
             hidden,

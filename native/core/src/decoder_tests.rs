@@ -1,5 +1,7 @@
 //! The fused decode step against a plain f32 reference of the same network.
 
+use std::sync::Arc;
+
 use super::*;
 use crate::quant::BLOCK;
 use crate::rng::uniform;
@@ -29,7 +31,7 @@ impl Rand {
     }
 }
 
-fn q4(rand: &mut Rand, rows: usize, cols: usize) -> QMatrix {
+fn q4(rand: &mut Rand, rows: usize, cols: usize) -> Arc<QMatrix> {
     let q: Vec<u8> = rand
         .vec(rows * cols, 1.0)
         .iter()
@@ -41,7 +43,7 @@ fn q4(rand: &mut Rand, rows: usize, cols: usize) -> QMatrix {
         .map(|v| v.abs() + 0.01)
         .collect();
     let offset: Vec<f32> = scale.iter().map(|d| -7.5 * d).collect();
-    QMatrix::from_q4(&q, &scale, &offset, rows, cols).unwrap()
+    Arc::new(QMatrix::from_q4(&q, &scale, &offset, rows, cols).unwrap())
 }
 
 fn model(qk_norm: bool, bias: bool) -> Decoder {
@@ -62,7 +64,9 @@ fn model(qk_norm: bool, bias: bool) -> Decoder {
             down: q4(&mut rand, s.hidden, s.intermediate),
         })
         .collect();
-    let head = QMatrix::quantize_q8(&rand.vec(s.vocab * s.hidden, 0.3), s.vocab, s.hidden).unwrap();
+    let head = Arc::new(
+        QMatrix::quantize_q8(&rand.vec(s.vocab * s.hidden, 0.3), s.vocab, s.hidden).unwrap(),
+    );
     Decoder::new(
         s,
         layers,
@@ -317,7 +321,8 @@ fn mismatched_weights_are_rejected() {
     let m = model(false, false);
     let s = SHAPE;
     let wrong = DecoderShape { hidden: 32, ..s };
-    let head = QMatrix::quantize_q8(&vec![0.0; s.vocab * s.hidden], s.vocab, s.hidden).unwrap();
+    let head =
+        Arc::new(QMatrix::quantize_q8(&vec![0.0; s.vocab * s.hidden], s.vocab, s.hidden).unwrap());
     assert!(Decoder::new(wrong, vec![], vec![0.0; 32], head.clone()).is_err());
     assert!(Decoder::new(s, vec![], vec![0.0; s.hidden], head).is_ok());
     assert_eq!(m.num_layers(), 2);

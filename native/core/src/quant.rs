@@ -344,6 +344,55 @@ pub unsafe fn gemm_into(
     }
 }
 
+/// y = x W^T for `x` (n, w.cols) row-major into `out` (n, w.rows): the
+/// rows of `x` quantized to 8 bits per block, then [`gemm`], both split
+/// over `threads` threads (the output by groups of 16 columns).
+pub fn matmul(w: &QMatrix, x: &[f32], out: &mut [f32], threads: usize) -> Result<(), QuantError> {
+    if !x.len().is_multiple_of(w.cols) || out.len() != x.len() / w.cols * w.rows {
+        return Err(QuantError::Shape(format!(
+            "x has {} values and out {}: need (n, {}) and (n, {})",
+            x.len(),
+            out.len(),
+            w.cols,
+            w.rows
+        )));
+    }
+    let n = x.len() / w.cols;
+    let threads = threads.clamp(1, 64).min(n.max(w.rows.div_ceil(GROUP_ROWS)));
+    let mut acts = vec![QuantActs::default(); n];
+    let per = n.div_ceil(threads).max(1);
+    std::thread::scope(|scope| {
+        for (acts, xs) in acts.chunks_mut(per).zip(x.chunks(per * w.cols)) {
+            scope.spawn(move || {
+                for (a, row) in acts.iter_mut().zip(xs.chunks_exact(w.cols)) {
+                    a.quantize(row, w.padded_cols);
+                }
+            });
+        }
+    });
+    let per = w.rows.div_ceil(threads).next_multiple_of(GROUP_ROWS);
+    let base = SendPtr(out.as_mut_ptr());
+    let (acts, base) = (&acts, &base);
+    std::thread::scope(|scope| {
+        for t in 0..threads {
+            let rows = (t * per).min(w.rows)..((t + 1) * per).min(w.rows);
+            if rows.is_empty() {
+                continue;
+            }
+            // SAFETY: `out` is (n, w.rows) (checked above); threads write disjoint columns.
+            scope.spawn(move || unsafe {
+                gemm_into(w, acts, rows.clone(), base.0.add(rows.start), w.rows)
+            });
+        }
+    });
+    Ok(())
+}
+
+struct SendPtr(*mut f32);
+// SAFETY: used only for disjoint writes from scoped threads (matmul).
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
 /// Whether the AVX-512 VNNI kernel runs on this CPU.
 pub fn has_vnni() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -713,6 +762,35 @@ mod tests {
     }
 
     #[test]
+    fn matmul_matches_gemm() {
+        let mut rng = Rng::new(4);
+        let (rows, cols, n) = (40, 96, 7);
+        let q: Vec<u8> = (0..rows * cols)
+            .map(|_| (rng.next_u64() % 16) as u8)
+            .collect();
+        let scale = random(&mut rng, rows * cols / BLOCK, 0.05);
+        let w = QMatrix::from_q4(&q, &scale, &scale, rows, cols).unwrap();
+        let x = random(&mut rng, n * cols, 1.0);
+        let xs: Vec<QuantActs> = x
+            .chunks_exact(cols)
+            .map(|r| {
+                let mut a = QuantActs::default();
+                a.quantize(r, cols);
+                a
+            })
+            .collect();
+        let mut want = vec![0f32; n * rows];
+        gemm(&w, &xs, 0..rows, &mut want, rows);
+        for threads in [1, 2, 3] {
+            let mut got = vec![0f32; n * rows];
+            matmul(&w, &x, &mut got, threads).unwrap();
+            assert_eq!(got, want, "{threads} threads");
+        }
+        assert!(matmul(&w, &x[1..], &mut vec![0f32; n * rows], 2).is_err());
+        assert!(matmul(&w, &x, &mut vec![0f32; n * rows + 1], 2).is_err());
+    }
+
+    #[test]
     fn bad_shapes_are_errors() {
         assert!(QMatrix::from_q4(&[0; 10], &[1.0], &[0.0], 1, 10).is_err());
         assert!(QMatrix::from_q4(&[0; 64], &[1.0], &[0.0], 1, 64).is_err());
@@ -729,5 +807,52 @@ mod tests {
         let mut out = [1.0f32];
         gemm(&w, &[acts], 0..1, &mut out, 1);
         assert_eq!(out[0], 0.0);
+    }
+}
+
+#[cfg(test)]
+mod speed {
+    use super::*;
+
+    /// `cargo test --release -- --ignored --nocapture gemm_speed`: one thread's GMAC/s.
+    #[test]
+    #[ignore]
+    fn gemm_speed() {
+        let (rows, cols) = (1536, 576);
+        let q = vec![3u8; rows * cols];
+        let s = vec![0.01f32; rows * cols / BLOCK];
+        let w = QMatrix::from_q4(&q, &s, &s, rows, cols).unwrap();
+        for n in [1, 4, 8, 32, 128] {
+            let xs: Vec<QuantActs> = (0..n)
+                .map(|i| {
+                    let mut a = QuantActs::default();
+                    a.quantize(&vec![0.1 * i as f32 + 0.05; cols], cols);
+                    a
+                })
+                .collect();
+            let mut out = vec![0f32; n * rows];
+            let reps = 2000 / n + 1;
+            let t = std::time::Instant::now();
+            for _ in 0..reps {
+                gemm(&w, &xs, 0..rows, &mut out, rows);
+            }
+            let secs = t.elapsed().as_secs_f64() / reps as f64;
+            println!(
+                "n {n}: {:.1} us, {:.1} GMAC/s",
+                secs * 1e6,
+                (rows * cols * n) as f64 / secs / 1e9
+            );
+        }
+        let x = vec![0.3f32; 512 * cols];
+        let mut out = vec![0f32; 512 * rows];
+        for threads in [1, 2] {
+            let t = std::time::Instant::now();
+            for _ in 0..10 {
+                matmul(&w, &x, &mut out, threads).unwrap();
+            }
+            let secs = t.elapsed().as_secs_f64() / 10.0;
+            let rate = (rows * cols * 512) as f64 / secs / 1e9;
+            println!("matmul 512 rows, {threads} threads: {rate:.1} GMAC/s");
+        }
     }
 }

@@ -4,10 +4,12 @@
 use mistralrs_serve_core::decoder::{
     DecodeRows, Decoder, DecoderError, DecoderShape, KvCache, KvStore, LayerWeights,
 };
-use mistralrs_serve_core::quant::{QMatrix, QuantError};
+use std::sync::Arc;
+
+use mistralrs_serve_core::quant::{matmul, QMatrix, QuantError};
 use numpy::ndarray::Dimension;
 use numpy::{Element, PyArray, PyArrayMethods, PyReadwriteArray, PyUntypedArrayMethods};
-use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
 use crate::attention::readonly;
@@ -38,18 +40,11 @@ fn readwrite<'py, T: Element, D: Dimension>(
         .map_err(|err| PyValueError::new_err(format!("{name} is not writeable: {err}")))
 }
 
-/// A weight matrix in blocks of 32 columns, repacked for the decode step.
-#[pyclass(name = "QuantMatrix", module = "mistralrs_serve._native")]
+/// A weight matrix in blocks of 32 columns, repacked for the integer kernels
+/// (shared with any decoder built from it).
+#[pyclass(frozen, name = "QuantMatrix", module = "mistralrs_serve._native")]
 pub struct PyQuantMatrix {
-    inner: Option<QMatrix>,
-}
-
-impl PyQuantMatrix {
-    fn take(&mut self) -> PyResult<QMatrix> {
-        self.inner.take().ok_or_else(|| {
-            PyRuntimeError::new_err("this QuantMatrix was already given to a decoder")
-        })
-    }
+    inner: Arc<QMatrix>,
 }
 
 #[pymethods]
@@ -75,7 +70,7 @@ impl PyQuantMatrix {
             cols,
         )
         .map_err(quant_err)?;
-        Ok(Self { inner: Some(m) })
+        Ok(Self { inner: Arc::new(m) })
     }
 
     /// Float weights (rows, cols) float32, quantized to 8 bits per block of 32.
@@ -84,7 +79,7 @@ impl PyQuantMatrix {
         let w = readonly::<f32, numpy::Ix2>("w", "a C-contiguous 2-D float32 array", &w)?;
         let (rows, cols) = (w.shape()[0], w.shape()[1]);
         let m = QMatrix::quantize_q8(w.as_slice()?, rows, cols).map_err(quant_err)?;
-        Ok(Self { inner: Some(m) })
+        Ok(Self { inner: Arc::new(m) })
     }
 
     /// Whether this CPU runs the vector kernel (AVX-512 VNNI); without it the
@@ -95,25 +90,53 @@ impl PyQuantMatrix {
     }
 
     #[getter]
-    fn shape(&self) -> PyResult<(usize, usize)> {
-        let m = self.inner.as_ref().ok_or_else(|| {
-            PyRuntimeError::new_err("this QuantMatrix was already given to a decoder")
-        })?;
-        Ok((m.rows, m.cols))
+    fn shape(&self) -> (usize, usize) {
+        (self.inner.rows, self.inner.cols)
+    }
+
+    /// out = x W^T: x (n, cols) float32, out (n, rows) float32 written; the
+    /// rows of x quantized to 8 bits per block of 32, on `threads` threads.
+    #[pyo3(signature = (x, out, threads = 1))]
+    fn matmul(
+        &self,
+        py: Python<'_>,
+        x: Bound<'_, PyAny>,
+        out: Bound<'_, PyAny>,
+        threads: usize,
+    ) -> PyResult<()> {
+        let x = readonly::<f32, numpy::Ix2>("x", "a C-contiguous 2-D float32 array", &x)?;
+        let mut out = readwrite::<f32, numpy::Ix2>(
+            "out",
+            "a writeable, C-contiguous 2-D float32 array",
+            &out,
+        )?;
+        let m = &self.inner;
+        if x.shape()[1] != m.cols || out.shape()[1] != m.rows || out.shape()[0] != x.shape()[0] {
+            return Err(PyValueError::new_err(format!(
+                "x is {:?} and out {:?}; this matrix needs (n, {}) and (n, {})",
+                x.shape(),
+                out.shape(),
+                m.cols,
+                m.rows
+            )));
+        }
+        let (xs, outs) = (x.as_slice()?, out.as_slice_mut()?);
+        py.detach(|| matmul(m, xs, outs, threads))
+            .map_err(quant_err)
     }
 }
 
 type LayerArgs<'py> = (
     Vec<f32>,
-    Bound<'py, PyQuantMatrix>,
+    PyRef<'py, PyQuantMatrix>,
     Option<Vec<f32>>,
     Option<Vec<f32>>,
     Option<Vec<f32>>,
-    Bound<'py, PyQuantMatrix>,
+    PyRef<'py, PyQuantMatrix>,
     Option<Vec<f32>>,
     Vec<f32>,
-    Bound<'py, PyQuantMatrix>,
-    Bound<'py, PyQuantMatrix>,
+    PyRef<'py, PyQuantMatrix>,
+    PyRef<'py, PyQuantMatrix>,
 );
 
 /// A Llama-family model's decode step, fused (see the core's `decoder`).
@@ -139,7 +162,7 @@ impl PyNativeDecoder {
         eps: f32,
         layers: Vec<LayerArgs<'_>>,
         final_norm: Vec<f32>,
-        lm_head: Bound<'_, PyQuantMatrix>,
+        lm_head: PyRef<'_, PyQuantMatrix>,
     ) -> PyResult<Self> {
         let shape = DecoderShape {
             hidden,
@@ -155,18 +178,18 @@ impl PyNativeDecoder {
         {
             built.push(LayerWeights {
                 attn_norm,
-                qkv: qkv.borrow_mut().take()?,
+                qkv: Arc::clone(&qkv.inner),
                 qkv_bias,
                 q_norm,
                 k_norm,
-                o: o.borrow_mut().take()?,
+                o: Arc::clone(&o.inner),
                 o_bias,
                 ffn_norm,
-                gate_up: gate_up.borrow_mut().take()?,
-                down: down.borrow_mut().take()?,
+                gate_up: Arc::clone(&gate_up.inner),
+                down: Arc::clone(&down.inner),
             });
         }
-        let head = lm_head.borrow_mut().take()?;
+        let head = Arc::clone(&lm_head.inner);
         let inner = Decoder::new(shape, built, final_norm, head).map_err(decoder_err)?;
         Ok(Self { inner })
     }
