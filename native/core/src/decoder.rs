@@ -18,8 +18,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crate::attention::{
-    check_decode_batch, fast_exp, merge_parts, part_len, run_items, work_items, AttentionShape,
-    DecodeBatch, KvElem, WorkItem,
+    check_decode_batch, fast_exp, merge_parts, part_len, prefill_tile, run_items, work_items,
+    AttentionShape, DecodeBatch, KvElem, PrefillTile, WorkItem,
 };
 use crate::error::AttentionError;
 use crate::quant::{gemm_into, QMatrix, QuantActs, GROUP_ROWS};
@@ -234,7 +234,16 @@ impl Decoder {
             scale: 1.0 / (s.head_dim as f32).sqrt(),
         };
         check_decode_batch(attn_shape, &batch, layer_elems, layer_elems, n * q_len)?;
-        let items = work_items(attn_shape, &batch, ITEM_BLOCKS);
+        let tiles = prefill_tiles(&rows);
+        let mut in_tile = vec![false; n];
+        for &(first, len) in &tiles {
+            in_tile[first..first + len].fill(true);
+        }
+        // rows on their own (decodes) attend in work items merged afterwards
+        let items: Vec<WorkItem> = work_items(attn_shape, &batch, ITEM_BLOCKS)
+            .into_iter()
+            .filter(|it| !in_tile[it.0])
+            .collect();
         let mut parts = vec![0f32; items.len() * part_len(attn_shape)];
         let threads = threads.clamp(1, MAX_THREADS);
         let step = Step {
@@ -242,6 +251,7 @@ impl Decoder {
             threads,
             attn_shape,
             items,
+            tiles,
             parts: Shared(parts.as_mut_ptr()),
             block_tables: rows.block_tables,
             max_blocks: rows.max_blocks,
@@ -364,16 +374,42 @@ impl Decoder {
                 let k_layer = unsafe { &*st.kv.range(k_off, st.layer_elems) };
                 let v_layer = unsafe { &*st.kv.range(v_off, st.layer_elems) };
                 let batch = st.batch();
-                for i in (tid..st.items.len()).step_by(st.threads) {
-                    let part = unsafe { st.parts.range(i * plen, plen) };
-                    run_items(
-                        st.attn_shape,
-                        &batch,
-                        k_layer,
-                        v_layer,
-                        &st.items[i..=i],
-                        part,
+                let units = st.items.len() + st.tiles.len() * kv_heads;
+                for u in (tid..units).step_by(st.threads) {
+                    if u < st.items.len() {
+                        let part = unsafe { st.parts.range(u * plen, plen) };
+                        run_items(
+                            st.attn_shape,
+                            &batch,
+                            k_layer,
+                            v_layer,
+                            &st.items[u..=u],
+                            part,
+                        );
+                        continue;
+                    }
+                    let (t, kv_head) = (
+                        (u - st.items.len()) / kv_heads,
+                        (u - st.items.len()) % kv_heads,
                     );
+                    let (first, len) = st.tiles[t];
+                    let tile = PrefillTile {
+                        table: &st.block_tables[first * st.max_blocks..][..st.max_blocks],
+                        first_pos: st.context_lens[first] as usize - 1,
+                        q: &batch.q[first * q_len..][..len * q_len],
+                        scale: batch.scale,
+                    };
+                    // SAFETY: this unit alone writes these rows' heads of this kv head.
+                    unsafe {
+                        prefill_tile(
+                            st.attn_shape,
+                            &tile,
+                            kv_head,
+                            k_layer,
+                            v_layer,
+                            bufs.attn.0.add(first * q_len),
+                        )
+                    };
                 }
             }
             st.barrier.wait();
@@ -546,6 +582,38 @@ impl Decoder {
     }
 }
 
+/// Rows of a prefill chunk that attend together (their keys and values read
+/// once per block for all of them; the scratch stays in L1).
+const TILE_ROWS: usize = 16;
+
+/// Runs of rows of one sequence at consecutive positions (same block table,
+/// context growing by one), cut into tiles of at most `TILE_ROWS`; a row on
+/// its own (a decode) is in no tile.
+fn prefill_tiles(rows: &DecodeRows<'_>) -> Vec<(usize, usize)> {
+    let (n, mb) = (rows.slots.len(), rows.max_blocks);
+    let same_run = |r: usize| {
+        rows.context_lens[r] == rows.context_lens[r - 1] + 1
+            && rows.block_tables[r * mb..][..mb] == rows.block_tables[(r - 1) * mb..][..mb]
+    };
+    let mut tiles = vec![];
+    let mut start = 0;
+    while start < n {
+        let mut end = start + 1;
+        while end < n && same_run(end) {
+            end += 1;
+        }
+        if end - start > 1 {
+            tiles.extend(
+                (start..end)
+                    .step_by(TILE_ROWS)
+                    .map(|f| (f, TILE_ROWS.min(end - f))),
+            );
+        }
+        start = end;
+    }
+    tiles
+}
+
 /// Blocks per attention work item: small enough that a batch-1 step of a
 /// few hundred positions splits over the threads.
 const ITEM_BLOCKS: usize = 4;
@@ -608,6 +676,8 @@ struct Step<'a, T> {
     threads: usize,
     attn_shape: AttentionShape,
     items: Vec<WorkItem>,
+    /// (first row, rows) of each prefill tile
+    tiles: Vec<(usize, usize)>,
     /// part_len floats per item
     parts: Shared<f32>,
     block_tables: &'a [i64],

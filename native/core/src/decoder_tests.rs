@@ -327,3 +327,120 @@ fn mismatched_weights_are_rejected() {
     assert!(Decoder::new(s, vec![], vec![0.0; s.hidden], head).is_ok());
     assert_eq!(m.num_layers(), 2);
 }
+
+/// Rows given as (sequence table, position, embedding); logits of every row.
+fn forward_rows(
+    m: &Decoder,
+    kv: &mut [u16],
+    rows: &[(&[i64], usize, Vec<f32>)],
+    threads: usize,
+) -> Vec<Vec<f32>> {
+    let s = m.shape;
+    let n = rows.len();
+    let max_blocks = rows[0].0.len();
+    let mut x: Vec<f32> = rows.iter().flat_map(|r| r.2.clone()).collect();
+    let (mut cos, mut sin) = (vec![], vec![]);
+    for r in rows {
+        let (c, si) = rotary(r.1);
+        cos.extend(c);
+        sin.extend(si);
+    }
+    let tables: Vec<i64> = rows.iter().flat_map(|r| r.0.to_vec()).collect();
+    let slots: Vec<i64> = rows
+        .iter()
+        .map(|r| r.0[r.1 / BLOCK_SIZE] * BLOCK_SIZE as i64 + (r.1 % BLOCK_SIZE) as i64)
+        .collect();
+    let ctx: Vec<i64> = rows.iter().map(|r| r.1 as i64 + 1).collect();
+    let logit_rows: Vec<usize> = (0..n).collect();
+    let mut logits = vec![0f32; n * s.vocab];
+    let input = DecodeRows {
+        x: &mut x,
+        cos: &cos,
+        sin: &sin,
+        slots: &slots,
+        block_tables: &tables,
+        max_blocks,
+        context_lens: &ctx,
+        logit_rows: &logit_rows,
+    };
+    m.forward(
+        input,
+        KvCache {
+            kv,
+            block_size: BLOCK_SIZE,
+        },
+        &mut logits,
+        threads,
+    )
+    .unwrap();
+    logits.chunks_exact(s.vocab).map(|l| l.to_vec()).collect()
+}
+
+#[test]
+fn prefill_chunks_match_the_reference() {
+    for (qk_norm, threads) in [(false, 1), (true, 2), (false, 3)] {
+        let m = model(qk_norm, false);
+        let (a, b) = (embeds(8, 21), embeds(9, 5));
+        let (ta, tb): (&[i64], &[i64]) = (&[3, 7, 1, 9, 0, 5], &[2, 4, 6, 8, 10, 11]);
+        let mut kv = cache();
+        // a: 18 rows in one step (two tiles), b: 5 rows; then a's last 3 rows with one decode of b
+        let mut rows: Vec<(&[i64], usize, Vec<f32>)> =
+            (0..18).map(|p| (ta, p, a[p].clone())).collect();
+        rows.extend((0..4).map(|p| (tb, p, b[p].clone())));
+        let first = forward_rows(&m, &mut kv, &rows, threads);
+        let mut rows: Vec<(&[i64], usize, Vec<f32>)> =
+            (18..21).map(|p| (ta, p, a[p].clone())).collect();
+        rows.push((tb, 4, b[4].clone()));
+        let second = forward_rows(&m, &mut kv, &rows, threads);
+        let got_a: Vec<&Vec<f32>> = first[..18].iter().chain(&second[..3]).collect();
+        let got_b: Vec<&Vec<f32>> = first[18..].iter().chain(&second[3..]).collect();
+        for (got, want) in [(got_a, reference(&m, &a)), (got_b, reference(&m, &b))] {
+            for (p, (g, w)) in got.iter().zip(&want).enumerate() {
+                let scale = w.iter().fold(0f32, |acc, v| acc.max(v.abs()));
+                let err = g
+                    .iter()
+                    .zip(w)
+                    .fold(0f32, |acc, (g, w)| acc.max((g - w).abs()));
+                assert!(
+                    err <= 0.05 * scale,
+                    "qk_norm {qk_norm} threads {threads} position {p}: {err} vs {scale}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn tiles_are_runs_of_one_sequence() {
+    let t1: Vec<i64> = vec![1, 2];
+    let t2: Vec<i64> = vec![3, 4];
+    let rows = |spec: &[(usize, i64)]| -> (Vec<i64>, Vec<i64>) {
+        let tables = spec
+            .iter()
+            .flat_map(|&(t, _)| if t == 1 { t1.clone() } else { t2.clone() })
+            .collect();
+        (tables, spec.iter().map(|&(_, c)| c).collect())
+    };
+    let check = |spec: &[(usize, i64)], want: Vec<(usize, usize)>| {
+        let (tables, ctx) = rows(spec);
+        let n = spec.len();
+        let mut x = vec![0f32; n];
+        let slots = vec![0i64; n];
+        let input = DecodeRows {
+            x: &mut x,
+            cos: &[],
+            sin: &[],
+            slots: &slots,
+            block_tables: &tables,
+            max_blocks: 2,
+            context_lens: &ctx,
+            logit_rows: &[],
+        };
+        assert_eq!(prefill_tiles(&input), want, "{spec:?}");
+    };
+    check(&[(1, 5), (2, 9)], vec![]);
+    check(&[(1, 1), (1, 2), (1, 3), (2, 4)], vec![(0, 3)]);
+    check(&[(1, 4), (1, 4)], vec![]); // same position twice: not a run
+    let long: Vec<(usize, i64)> = (1..=20).map(|c| (2, c)).collect();
+    check(&long, vec![(0, 16), (16, 4)]);
+}

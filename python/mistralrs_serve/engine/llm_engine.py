@@ -202,7 +202,7 @@ class LLMEngine:
         if bucket is not None and self.graphs is not None:
             logits = self.graphs.run(bucket, plan)
         elif self.native is not None:
-            logits = self._forward_split(plan)
+            logits = self._forward_native(plan)
         else:
             logits = self._forward(plan)
         if seqs:
@@ -235,51 +235,20 @@ class LLMEngine:
             logits = logits.cpu()  # the Rust sampler reads host memory
         return logits
 
-    def _forward_split(self, plan: dict[str, np.ndarray]) -> torch.Tensor:
-        """The step's decode rows (one token each) on the fused Rust step, its
-        prefill chunks on torch; logits in the plan's order of sampled rows."""
+    def _forward_native(self, plan: dict[str, np.ndarray]) -> torch.Tensor:
+        """The whole step on the fused Rust forward: every token is a row with
+        its own position, slot and (its sequence's) block table; a prefill
+        chunk's rows attend causally together. Logits of the sampled rows."""
         assert self.native is not None
-        qlens, sample = plan["query_lens"], plan["sample"]
-        is_decode = qlens == 1
-        if is_decode.all():
-            return self.native.forward(
-                plan["input_ids"],
-                plan["positions"],
-                plan["slot_mapping"],
-                plan["block_tables"],
-                plan["context_lens"],
-                np.flatnonzero(sample),
-            )
-        out_row = np.cumsum(sample) - 1  # logits row of each sampled sequence
-        logits = torch.empty(int(sample.sum()), self.native.vocab)
-        decodes = np.flatnonzero(is_decode)
-        if len(decodes):
-            tokens = (np.cumsum(qlens) - 1)[decodes]
-            part = self.native.forward(
-                plan["input_ids"][tokens],
-                plan["positions"][tokens],
-                plan["slot_mapping"][tokens],
-                plan["block_tables"][decodes],
-                plan["context_lens"][decodes],
-                np.flatnonzero(sample[decodes]),
-            )
-            logits[torch.from_numpy(out_row[decodes[sample[decodes]]])] = part
-        prefills = np.flatnonzero(~is_decode)
-        token_mask = np.repeat(~is_decode, qlens)
-        sub = {
-            "input_ids": plan["input_ids"][token_mask],
-            "positions": plan["positions"][token_mask],
-            "slot_mapping": plan["slot_mapping"][token_mask],
-            "query_lens": qlens[prefills],
-            "context_lens": plan["context_lens"][prefills],
-            "block_tables": plan["block_tables"][prefills],
-            "sample": sample[prefills],
-        }
-        if sample[prefills].any():
-            logits[torch.from_numpy(out_row[prefills[sample[prefills]]])] = self._forward(sub)
-        else:
-            self._forward(sub)
-        return logits
+        qlens = plan["query_lens"]
+        return self.native.forward(
+            plan["input_ids"],
+            plan["positions"],
+            plan["slot_mapping"],
+            np.repeat(plan["block_tables"], qlens, axis=0),
+            plan["positions"].astype(np.int64) + 1,
+            (np.cumsum(qlens) - 1)[plan["sample"]],
+        )
 
     def _decode_graphs(self) -> DecodeGraphs | None:
         """CUDA graphs of decode steps: by default with Triton on CUDA (see EngineConfig.cuda_graphs)."""
