@@ -15,7 +15,7 @@
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use crate::attention::{
     check_decode_batch, fast_exp, merge_parts, part_len, prefill_tile, run_items, work_items,
@@ -85,6 +85,9 @@ pub enum DecoderError {
 
 pub struct Decoder {
     pub shape: DecoderShape,
+    /// Buffers of the last step, reused: fresh multi-MB allocations come
+    /// from mmap and page-fault on first touch, every step.
+    scratch: Mutex<Scratch>,
     layers: Vec<LayerWeights>,
     final_norm: Vec<f32>,
     lm_head: Arc<QMatrix>,
@@ -187,6 +190,7 @@ impl Decoder {
         vec_len("final_norm", &final_norm, hidden)?;
         Ok(Self {
             shape,
+            scratch: Mutex::new(Scratch::default()),
             layers,
             final_norm,
             lm_head,
@@ -225,7 +229,9 @@ impl Decoder {
             block_size: cache.block_size,
         };
         let q_len = s.num_heads * s.head_dim;
-        let mut q = vec![0f32; n * q_len];
+        let mut scratch =
+            std::mem::take(&mut *self.scratch.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut q = scratch.take(SLOT_Q, n * q_len);
         let batch = DecodeBatch {
             q: &q,
             block_tables: rows.block_tables,
@@ -244,7 +250,7 @@ impl Decoder {
             .into_iter()
             .filter(|it| !in_tile[it.0])
             .collect();
-        let mut parts = vec![0f32; items.len() * part_len(attn_shape)];
+        let mut parts = scratch.take(SLOT_PARTS, items.len() * part_len(attn_shape));
         let threads = threads.clamp(1, MAX_THREADS);
         let step = Step {
             n,
@@ -266,19 +272,22 @@ impl Decoder {
             kv: Shared(cache.kv.as_mut_ptr()),
             logits: Shared(logits.as_mut_ptr()),
             q: Shared(q.as_mut_ptr()),
-            bufs: Buffers::new(&s, n, q_len),
+            bufs: Buffers::new(&s, n, q_len, &mut scratch),
         };
-        let step = &step;
+        let step_ref = &step;
         if threads == 1 {
-            self.worker(step, 0);
+            self.worker(step_ref, 0);
         } else {
             std::thread::scope(|scope| {
                 for tid in 1..threads {
-                    scope.spawn(move || self.worker(step, tid));
+                    scope.spawn(move || self.worker(step_ref, tid));
                 }
-                self.worker(step, 0);
+                self.worker(step_ref, 0);
             });
         }
+        let Step { bufs, .. } = step;
+        scratch.give(bufs, q, parts);
+        *self.scratch.lock().unwrap_or_else(|e| e.into_inner()) = scratch;
         Ok(())
     }
 
@@ -648,14 +657,15 @@ struct Buffers {
 }
 
 impl Buffers {
-    fn new(s: &DecoderShape, n: usize, q_len: usize) -> Self {
+    fn new(s: &DecoderShape, n: usize, q_len: usize, scratch: &mut Scratch) -> Self {
         let qkv_rows = q_len + 2 * s.num_kv_heads * s.head_dim;
-        let mut acts = vec![QuantActs::default(); n];
+        let mut acts = std::mem::take(&mut scratch.acts);
+        acts.resize_with(n, QuantActs::default);
         let mut floats = [
-            vec![0f32; n * qkv_rows],
-            vec![0f32; n * q_len],
-            vec![0f32; n * s.hidden],
-            vec![0f32; n * 2 * s.intermediate],
+            scratch.take(0, n * qkv_rows),
+            scratch.take(1, n * q_len),
+            scratch.take(2, n * s.hidden),
+            scratch.take(3, n * 2 * s.intermediate),
         ];
         let [qkv, attn, proj, gate_up] = floats.each_mut().map(|v| Shared(v.as_mut_ptr()));
         Self {
@@ -667,6 +677,31 @@ impl Buffers {
             _acts: acts,
             _floats: floats,
         }
+    }
+}
+
+const SLOT_Q: usize = 4;
+const SLOT_PARTS: usize = 5;
+
+/// Step buffers kept between steps (contents are stale: every element a
+/// step reads, it wrote first).
+#[derive(Default)]
+struct Scratch {
+    floats: [Vec<f32>; 6],
+    acts: Vec<QuantActs>,
+}
+
+impl Scratch {
+    fn take(&mut self, slot: usize, len: usize) -> Vec<f32> {
+        let mut v = std::mem::take(&mut self.floats[slot]);
+        v.resize(len, 0.0);
+        v
+    }
+
+    fn give(&mut self, bufs: Buffers, q: Vec<f32>, parts: Vec<f32>) {
+        let [a, b, c, d] = bufs._floats;
+        self.floats = [a, b, c, d, q, parts];
+        self.acts = bufs._acts;
     }
 }
 

@@ -262,11 +262,47 @@ impl QuantActs {
     }
 }
 
-/// The loops of `quantize`, compiled with AVX-512 (the vectoriser does the rest).
+/// `quantize_blocks` two registers per block: the same rounding (ties to
+/// even), so the same codes.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
 unsafe fn quantize_avx512(acts: &mut QuantActs, x: &[f32]) {
-    quantize_blocks(acts, x)
+    use std::arch::x86_64::*;
+    let whole = x.len() / BLOCK;
+    let abs_mask = _mm512_set1_epi32(0x7FFF_FFFF);
+    for b in 0..whole {
+        let p = x.as_ptr().add(b * BLOCK);
+        let (lo, hi) = (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)));
+        let abs =
+            |v: __m512| _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v), abs_mask));
+        let amax = _mm512_reduce_max_ps(_mm512_max_ps(abs(lo), abs(hi)));
+        if amax == 0.0 {
+            continue;
+        }
+        let inv = _mm512_set1_ps(127.0 / amax);
+        const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+        let qlo = _mm512_cvtps_epi32(_mm512_roundscale_ps::<NEAREST>(_mm512_mul_ps(lo, inv)));
+        let qhi = _mm512_cvtps_epi32(_mm512_roundscale_ps::<NEAREST>(_mm512_mul_ps(hi, inv)));
+        let dst = acts.q.as_mut_ptr().add(b * BLOCK);
+        _mm_storeu_si128(dst.cast(), _mm512_cvtsepi32_epi8(qlo));
+        _mm_storeu_si128(dst.add(16).cast(), _mm512_cvtsepi32_epi8(qhi));
+        let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi));
+        let d = amax / 127.0;
+        acts.d[b] = d;
+        acts.dsum[b] = d * sum as f32;
+    }
+    if whole * BLOCK < x.len() {
+        // the last, partial block (x shorter than the padded width)
+        let mut tail = QuantActs {
+            q: vec![0; BLOCK],
+            d: vec![0.0],
+            dsum: vec![0.0],
+        };
+        quantize_blocks(&mut tail, &x[whole * BLOCK..]);
+        acts.q[whole * BLOCK..][..BLOCK].copy_from_slice(&tail.q);
+        acts.d[whole] = tail.d[0];
+        acts.dsum[whole] = tail.dsum[0];
+    }
 }
 
 #[inline(always)]
@@ -788,6 +824,27 @@ mod tests {
         }
         assert!(matmul(&w, &x[1..], &mut vec![0f32; n * rows], 2).is_err());
         assert!(matmul(&w, &x, &mut vec![0f32; n * rows + 1], 2).is_err());
+    }
+
+    #[test]
+    fn vector_quantization_matches_the_loops() {
+        let mut rng = Rng::new(5);
+        for len in [32, 64, 96, 100, 576] {
+            let mut x = random(&mut rng, len, 4.0);
+            x[0] = 0.5 * 127.0 / 127.0; // a tie after scaling is possible; rounding is to even in both
+            let padded = len.next_multiple_of(BLOCK);
+            let mut fast = QuantActs::default();
+            fast.quantize(&x, padded);
+            let mut slow = QuantActs {
+                q: vec![0; padded],
+                d: vec![0.0; padded / BLOCK],
+                dsum: vec![0.0; padded / BLOCK],
+            };
+            quantize_blocks(&mut slow, &x);
+            assert_eq!(fast.q, slow.q, "len {len}");
+            assert_eq!(fast.d, slow.d);
+            assert_eq!(fast.dsum, slow.dsum);
+        }
     }
 
     #[test]
