@@ -194,7 +194,7 @@ class QuantMatrix:
 
     @staticmethod
     def has_fast_kernel() -> bool:
-        """Whether this CPU has AVX-512 VNNI, which the decode step needs to be fast."""
+        """Whether this CPU has AVX-512 VNNI, which the kernels need to be fast."""
 
     @property
     def shape(self) -> tuple[int, int]: ...
@@ -216,8 +216,9 @@ _LayerWeights = tuple[
 
 @final
 class NativeDecoder:
-    """A Llama-family model's decode step in one call: every layer, 8-bit
-    activations against block-quantized weights, over the paged KV cache."""
+    """A Llama-family model's step in one call: every layer for every row (decodes
+    and prefill chunks), 8-bit activations against block-quantized weights, over
+    the paged KV cache."""
 
     def __new__(
         cls,
@@ -251,7 +252,8 @@ class NativeDecoder:
         logits: NDArray[np.float32],
         threads: int = 1,
     ) -> None:
-        """One decode step of one token per row; x is overwritten, the keys and values
+        """One step of one token per row (a row attends causally over positions
+        0..context_len of its sequence); x is overwritten, the keys and values
         go into kv (2, layers, blocks, block_size, kv_heads, head_dim), the logits of
         logit_rows into logits."""
 

@@ -80,7 +80,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "--enforce-eager", action="store_true", help="no CUDA graphs: run every decode step eagerly"
     )
     g.add_argument(
-        "--no-native-decode",
+        "--no-native-forward",
         action="store_true",
         help="decode 4-bit models on the CPU with torch rather than the fused Rust step",
     )
@@ -107,7 +107,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_model_len=args.max_seq_len,
         device=args.device,
         cuda_graphs=False if args.enforce_eager else None,
-        native_decode=not args.no_native_decode,
+        native_forward=not args.no_native_forward,
     )
 
 

@@ -16,7 +16,14 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_run_answers_a_prompt() -> None:
-    out = cli("run", "--prompt", "What is the capital of France?", "--max-tokens", "12", "--stats")
+    out = cli(
+        "run",
+        "--prompt",
+        "What is the capital of France? Answer in one sentence.",
+        "--max-tokens",
+        "12",
+        "--stats",
+    )
     assert out.returncode == 0, out.stderr
     assert "Paris" in out.stdout
     assert "tok/s" in out.stderr
@@ -113,7 +120,7 @@ def test_serve_runs_and_stops_on_sigint() -> None:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
         res = client.chat.completions.create(
             model="default",
-            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            messages=[{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
             max_tokens=12,
             temperature=0,
         )

@@ -9,7 +9,7 @@ import re
 import pytest
 from mistralrs_serve import ChatCompletionRequest, CompletionRequest, InvalidRequestError
 
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
 
 
 def chat(runner, **kwargs):  # type: ignore[no-untyped-def]

@@ -16,7 +16,8 @@ from live_server import LiveServer, start_server, stop_server
 from mistralrs_serve.config import ServerConfig
 from openai_schema import check, check_completion_chunk, checked_chat, checked_chat_stream
 
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+# greedy on the default model: "The capital of France is Paris." (8 tokens)
+QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
 
 
 def chat(client: openai.OpenAI, **kwargs: Any) -> Any:

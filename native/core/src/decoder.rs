@@ -1,13 +1,18 @@
-//! A Llama-family decode step on the CPU in one call: every layer of the
-//! model for a batch of single-token rows, over the engine's paged KV cache,
-//! with block-quantized weights (see `quant`).
+//! A Llama-family model step on the CPU in one call: every layer for a
+//! batch of token rows (decodes and prefill chunks alike), over the engine's
+//! paged KV cache, with block-quantized weights (see `quant`).
 //!
-//! The torch path spends most of a batch-1 decode step of the default model
-//! in dispatch of ~20 small ops per layer; here a step is one call: 8-bit
-//! activations against 4/8-bit weights with AVX-512 VNNI, f32 everywhere
-//! else, the cache written and read in place. Every activation row goes
-//! through the same arithmetic whatever else is in the batch, so a
-//! sequence's greedy tokens do not depend on its neighbours.
+//! On torch, a batch-1 decode step of the default model is mostly dispatch
+//! of ~20 small ops per layer; here a step is one call: 8-bit activations
+//! against 4/8-bit weights with AVX-512 VNNI, f32 everywhere else, the
+//! cache written and read in place. Threads split each matrix's output
+//! rows, the attention's (row, kv head) units and the per-row work, and
+//! meet at a spin barrier between phases.
+//!
+//! Every row goes through the same arithmetic whatever else is in the step
+//! (the matrix kernel treats activation rows independently, attention is
+//! per row over its own context): a token's logits do not depend on its
+//! neighbours, on how its prompt was chunked or on the thread count.
 //!
 //! Supported: RMSNorm, fused q/k/v with optional bias, optional per-head
 //! q/k RMSNorm (Qwen3), rotary embedding on halves (cos/sin supplied per row,
@@ -18,8 +23,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::attention::{
-    check_decode_batch, fast_exp, merge_parts, part_len, prefill_tile, run_items, work_items,
-    AttentionShape, DecodeBatch, KvElem, PrefillTile, WorkItem,
+    attend_row, check_decode_batch, fast_exp, AttentionShape, DecodeBatch, KvElem,
 };
 use crate::error::AttentionError;
 use crate::quant::{gemm_into, QMatrix, QuantActs, GROUP_ROWS};
@@ -94,7 +98,7 @@ pub struct Decoder {
 }
 
 /// One step's rows: a token each, already embedded.
-pub struct DecodeRows<'a> {
+pub struct StepRows<'a> {
     /// (rows, hidden) embeddings; overwritten with the final hidden states.
     pub x: &'a mut [f32],
     /// (rows, head_dim / 2) rotary cos and sin at each row's position.
@@ -214,7 +218,7 @@ impl Decoder {
     /// the attention's work items; the small per-row steps run on this one.
     pub fn forward<T: KvStore>(
         &self,
-        rows: DecodeRows<'_>,
+        rows: StepRows<'_>,
         cache: KvCache<'_, T>,
         logits: &mut [f32],
         threads: usize,
@@ -240,25 +244,11 @@ impl Decoder {
             scale: 1.0 / (s.head_dim as f32).sqrt(),
         };
         check_decode_batch(attn_shape, &batch, layer_elems, layer_elems, n * q_len)?;
-        let tiles = prefill_tiles(&rows);
-        let mut in_tile = vec![false; n];
-        for &(first, len) in &tiles {
-            in_tile[first..first + len].fill(true);
-        }
-        // rows on their own (decodes) attend in work items merged afterwards
-        let items: Vec<WorkItem> = work_items(attn_shape, &batch, ITEM_BLOCKS)
-            .into_iter()
-            .filter(|it| !in_tile[it.0])
-            .collect();
-        let mut parts = scratch.take(SLOT_PARTS, items.len() * part_len(attn_shape));
         let threads = threads.clamp(1, MAX_THREADS);
         let step = Step {
             n,
             threads,
             attn_shape,
-            items,
-            tiles,
-            parts: Shared(parts.as_mut_ptr()),
             block_tables: rows.block_tables,
             max_blocks: rows.max_blocks,
             context_lens: rows.context_lens,
@@ -286,7 +276,7 @@ impl Decoder {
             });
         }
         let Step { bufs, .. } = step;
-        scratch.give(bufs, q, parts);
+        scratch.give(bufs, q);
         *self.scratch.lock().unwrap_or_else(|e| e.into_inner()) = scratch;
         Ok(())
     }
@@ -304,7 +294,6 @@ impl Decoder {
         let gu_rows = 2 * s.intermediate;
         let half = d / 2;
         let bufs = &st.bufs;
-        let plen = part_len(st.attn_shape);
         // whole groups of 16 output rows per thread (the matrix layout's unit)
         let split = |total: usize| {
             let per = total.div_ceil(st.threads).next_multiple_of(GROUP_ROWS);
@@ -312,13 +301,6 @@ impl Decoder {
         };
         let share = |total: usize| (tid * total / st.threads)..((tid + 1) * total / st.threads);
         let mine = share(st.n);
-        // this thread's rows' attention items, renumbered from its first row
-        let first_item = st.items.partition_point(|it| it.0 < mine.start);
-        let end_item = st.items.partition_point(|it| it.0 < mine.end);
-        let my_items: Vec<WorkItem> = st.items[first_item..end_item]
-            .iter()
-            .map(|&(seq, a, b)| (seq - mine.start, a, b))
-            .collect();
         let mut normed = vec![0f32; s.hidden.max(s.head_dim)];
         let mut act = vec![0f32; s.intermediate];
         // SAFETY (every `unsafe` block below): phases are separated by the
@@ -382,50 +364,30 @@ impl Decoder {
             {
                 let k_layer = unsafe { &*st.kv.range(k_off, st.layer_elems) };
                 let v_layer = unsafe { &*st.kv.range(v_off, st.layer_elems) };
-                let batch = st.batch();
-                let units = st.items.len() + st.tiles.len() * kv_heads;
-                for u in (tid..units).step_by(st.threads) {
-                    if u < st.items.len() {
-                        let part = unsafe { st.parts.range(u * plen, plen) };
-                        run_items(
-                            st.attn_shape,
-                            &batch,
-                            k_layer,
-                            v_layer,
-                            &st.items[u..=u],
-                            part,
-                        );
-                        continue;
-                    }
-                    let (t, kv_head) = (
-                        (u - st.items.len()) / kv_heads,
-                        (u - st.items.len()) % kv_heads,
-                    );
-                    let (first, len) = st.tiles[t];
-                    let tile = PrefillTile {
-                        table: &st.block_tables[first * st.max_blocks..][..st.max_blocks],
-                        first_pos: st.context_lens[first] as usize - 1,
-                        q: &batch.q[first * q_len..][..len * q_len],
-                        scale: batch.scale,
-                    };
-                    // SAFETY: this unit alone writes these rows' heads of this kv head.
+                // a (row, kv head) per unit: every row's arithmetic is its own
+                for u in (tid..st.n * kv_heads).step_by(st.threads) {
+                    let (r, kv_head) = (u / kv_heads, u % kv_heads);
+                    let table = &st.block_tables[r * st.max_blocks..][..st.max_blocks];
+                    let q_row = unsafe { &*st.q.range(r * q_len, q_len) };
+                    // SAFETY: this unit alone writes row r's heads of this kv head.
                     unsafe {
-                        prefill_tile(
+                        attend_row(
                             st.attn_shape,
-                            &tile,
+                            table,
+                            st.context_lens[r] as usize,
+                            q_row,
+                            st.scale(),
                             kv_head,
                             k_layer,
                             v_layer,
-                            bufs.attn.0.add(first * q_len),
+                            bufs.attn.0.add(r * q_len),
                         )
                     };
                 }
             }
             st.barrier.wait();
             {
-                let parts = unsafe { st.parts.range(first_item * plen, my_items.len() * plen) };
                 let attn = unsafe { bufs.attn.range(mine.start * q_len, mine.len() * q_len) };
-                merge_parts(&my_items, parts, h, d, attn);
                 for (a, o) in acts_rows(mine.clone())
                     .iter_mut()
                     .zip(attn.chunks_exact(q_len))
@@ -536,7 +498,7 @@ impl Decoder {
     /// Number of rows, after checking every array against it.
     fn check<T>(
         &self,
-        rows: &DecodeRows<'_>,
+        rows: &StepRows<'_>,
         cache: &KvCache<'_, T>,
         logits_len: usize,
     ) -> Result<usize, DecoderError> {
@@ -591,41 +553,6 @@ impl Decoder {
     }
 }
 
-/// Rows of a prefill chunk that attend together (their keys and values read
-/// once per block for all of them; the scratch stays in L1).
-const TILE_ROWS: usize = 16;
-
-/// Runs of rows of one sequence at consecutive positions (same block table,
-/// context growing by one), cut into tiles of at most `TILE_ROWS`; a row on
-/// its own (a decode) is in no tile.
-fn prefill_tiles(rows: &DecodeRows<'_>) -> Vec<(usize, usize)> {
-    let (n, mb) = (rows.slots.len(), rows.max_blocks);
-    let same_run = |r: usize| {
-        rows.context_lens[r] == rows.context_lens[r - 1] + 1
-            && rows.block_tables[r * mb..][..mb] == rows.block_tables[(r - 1) * mb..][..mb]
-    };
-    let mut tiles = vec![];
-    let mut start = 0;
-    while start < n {
-        let mut end = start + 1;
-        while end < n && same_run(end) {
-            end += 1;
-        }
-        if end - start > 1 {
-            tiles.extend(
-                (start..end)
-                    .step_by(TILE_ROWS)
-                    .map(|f| (f, TILE_ROWS.min(end - f))),
-            );
-        }
-        start = end;
-    }
-    tiles
-}
-
-/// Blocks per attention work item: small enough that a batch-1 step of a
-/// few hundred positions splits over the threads.
-const ITEM_BLOCKS: usize = 4;
 const MAX_THREADS: usize = 64;
 
 /// A pointer the step's threads share; see `worker` for who touches what when.
@@ -681,13 +608,12 @@ impl Buffers {
 }
 
 const SLOT_Q: usize = 4;
-const SLOT_PARTS: usize = 5;
 
 /// Step buffers kept between steps (contents are stale: every element a
 /// step reads, it wrote first).
 #[derive(Default)]
 struct Scratch {
-    floats: [Vec<f32>; 6],
+    floats: [Vec<f32>; 5],
     acts: Vec<QuantActs>,
 }
 
@@ -698,9 +624,9 @@ impl Scratch {
         v
     }
 
-    fn give(&mut self, bufs: Buffers, q: Vec<f32>, parts: Vec<f32>) {
+    fn give(&mut self, bufs: Buffers, q: Vec<f32>) {
         let [a, b, c, d] = bufs._floats;
-        self.floats = [a, b, c, d, q, parts];
+        self.floats = [a, b, c, d, q];
         self.acts = bufs._acts;
     }
 }
@@ -710,11 +636,6 @@ struct Step<'a, T> {
     n: usize,
     threads: usize,
     attn_shape: AttentionShape,
-    items: Vec<WorkItem>,
-    /// (first row, rows) of each prefill tile
-    tiles: Vec<(usize, usize)>,
-    /// part_len floats per item
-    parts: Shared<f32>,
     block_tables: &'a [i64],
     max_blocks: usize,
     context_lens: &'a [i64],
@@ -732,20 +653,9 @@ struct Step<'a, T> {
 }
 
 impl<T> Step<'_, T> {
-    fn batch(&self) -> DecodeBatch<'_> {
-        DecodeBatch {
-            // SAFETY: read in the attention phase only, after thread 0 wrote it.
-            q: unsafe {
-                std::slice::from_raw_parts(
-                    self.q.0.cast_const(),
-                    self.n * self.attn_shape.num_heads * self.attn_shape.head_dim,
-                )
-            },
-            block_tables: self.block_tables,
-            max_blocks: self.max_blocks,
-            context_lens: self.context_lens,
-            scale: 1.0 / (self.attn_shape.head_dim as f32).sqrt(),
-        }
+    /// The softmax scale, 1 / sqrt(head_dim).
+    fn scale(&self) -> f32 {
+        1.0 / (self.attn_shape.head_dim as f32).sqrt()
     }
 }
 

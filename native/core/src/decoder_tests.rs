@@ -194,7 +194,7 @@ fn fused(
         let ctx = vec![pos as i64 + 1; n];
         let logit_rows: Vec<usize> = (0..n).collect();
         let mut logits = vec![0f32; n * s.vocab];
-        let rows = DecodeRows {
+        let rows = StepRows {
             x: &mut x,
             cos: &cos,
             sin: &sin,
@@ -276,7 +276,7 @@ fn bad_inputs_are_errors() {
     let half = vec![0f32; SHAPE.head_dim / 2];
     let mut logits = vec![0f32; SHAPE.vocab];
     let mut run = |slot: i64, ctx: i64, logit_row: usize, kv: &mut [u16]| {
-        let rows = DecodeRows {
+        let rows = StepRows {
             x: &mut x,
             cos: &half,
             sin: &half,
@@ -353,7 +353,7 @@ fn forward_rows(
     let ctx: Vec<i64> = rows.iter().map(|r| r.1 as i64 + 1).collect();
     let logit_rows: Vec<usize> = (0..n).collect();
     let mut logits = vec![0f32; n * s.vocab];
-    let input = DecodeRows {
+    let input = StepRows {
         x: &mut x,
         cos: &cos,
         sin: &sin,
@@ -411,36 +411,38 @@ fn prefill_chunks_match_the_reference() {
 }
 
 #[test]
-fn tiles_are_runs_of_one_sequence() {
-    let t1: Vec<i64> = vec![1, 2];
-    let t2: Vec<i64> = vec![3, 4];
-    let rows = |spec: &[(usize, i64)]| -> (Vec<i64>, Vec<i64>) {
-        let tables = spec
-            .iter()
-            .flat_map(|&(t, _)| if t == 1 { t1.clone() } else { t2.clone() })
-            .collect();
-        (tables, spec.iter().map(|&(_, c)| c).collect())
-    };
-    let check = |spec: &[(usize, i64)], want: Vec<(usize, usize)>| {
-        let (tables, ctx) = rows(spec);
-        let n = spec.len();
-        let mut x = vec![0f32; n];
-        let slots = vec![0i64; n];
-        let input = DecodeRows {
-            x: &mut x,
-            cos: &[],
-            sin: &[],
-            slots: &slots,
-            block_tables: &tables,
-            max_blocks: 2,
-            context_lens: &ctx,
-            logit_rows: &[],
-        };
-        assert_eq!(prefill_tiles(&input), want, "{spec:?}");
-    };
-    check(&[(1, 5), (2, 9)], vec![]);
-    check(&[(1, 1), (1, 2), (1, 3), (2, 4)], vec![(0, 3)]);
-    check(&[(1, 4), (1, 4)], vec![]); // same position twice: not a run
-    let long: Vec<(usize, i64)> = (1..=20).map(|c| (2, c)).collect();
-    check(&long, vec![(0, 16), (16, 4)]);
+fn chunking_never_changes_a_row() {
+    // one prompt in one chunk, in uneven chunks beside another sequence, and
+    // one token at a time: bit-identical logits for every position
+    let m = model(true, false);
+    let a = embeds(10, 20);
+    let table: &[i64] = &[4, 0, 8, 2, 6];
+    let other: &[i64] = &[1, 3, 5, 7, 9];
+    let b = embeds(11, 20);
+    let whole = forward_rows(
+        &m,
+        &mut cache(),
+        &(0..20)
+            .map(|p| (table, p, a[p].clone()))
+            .collect::<Vec<_>>(),
+        2,
+    );
+    let mut kv = cache();
+    let mut pieces = vec![];
+    for (range, threads) in [(0..7, 3), (7..8, 1), (8..20, 2)] {
+        let mut rows: Vec<(&[i64], usize, Vec<f32>)> =
+            vec![(other, range.start, b[range.start].clone())];
+        rows.extend(range.map(|p| (table, p, a[p].clone())));
+        pieces.extend(
+            forward_rows(&m, &mut kv, &rows, threads)
+                .into_iter()
+                .skip(1),
+        );
+    }
+    let mut kv = cache();
+    let single: Vec<Vec<f32>> = (0..20)
+        .flat_map(|p| forward_rows(&m, &mut kv, &[(table, p, a[p].clone())], 1))
+        .collect();
+    assert_eq!(whole, pieces);
+    assert_eq!(whole, single);
 }

@@ -1,8 +1,8 @@
-//! Binding of the core's fused CPU decode step: quantized matrices built from
+//! Binding of the core's fused CPU model step: quantized matrices built from
 //! numpy arrays, and one `forward` per step with the GIL released.
 
 use mistralrs_serve_core::decoder::{
-    DecodeRows, Decoder, DecoderError, DecoderShape, KvCache, KvStore, LayerWeights,
+    Decoder, DecoderError, DecoderShape, KvCache, KvStore, LayerWeights, StepRows,
 };
 use std::sync::Arc;
 
@@ -139,7 +139,7 @@ type LayerArgs<'py> = (
     PyRef<'py, PyQuantMatrix>,
 );
 
-/// A Llama-family model's decode step, fused (see the core's `decoder`).
+/// A Llama-family model's step (decode and prefill rows), fused (see the core's `decoder`).
 #[pyclass(frozen, name = "NativeDecoder", module = "mistralrs_serve._native")]
 pub struct PyNativeDecoder {
     inner: Decoder,
@@ -200,7 +200,7 @@ impl PyNativeDecoder {
         self.inner.weight_bytes()
     }
 
-    /// One decode step. x (rows, hidden) float32, overwritten; cos/sin (rows,
+    /// One step, one token per row. x (rows, hidden) float32, overwritten; cos/sin (rows,
     /// head_dim / 2) float32; slots, context_lens (rows,) int64; block_tables
     /// (rows, max_blocks) int64; logit_rows (n,) int64; kv the whole cache
     /// (2, layers, blocks, block_size, kv_heads, head_dim), float32 or int16
@@ -255,7 +255,7 @@ impl PyNativeDecoder {
         let block_size = kv_shape[3];
         let max_blocks = tables.shape()[1];
         let (x, logits) = (x.as_slice_mut()?, logits.as_slice_mut()?);
-        let rows = DecodeRows {
+        let rows = StepRows {
             x,
             cos: cos.as_slice()?,
             sin: sin.as_slice()?,
@@ -291,7 +291,7 @@ fn as_bits_mut(values: &mut [i16]) -> &mut [u16] {
 fn run<T: KvStore>(
     py: Python<'_>,
     decoder: &Decoder,
-    rows: DecodeRows<'_>,
+    rows: StepRows<'_>,
     kv: &mut [T],
     block_size: usize,
     logits: &mut [f32],

@@ -17,7 +17,7 @@ from mistralrs_serve import _native
 from mistralrs_serve.config import EngineConfig
 from mistralrs_serve.engine.cuda_graphs import DecodeGraphs
 from mistralrs_serve.engine.grammar import GrammarCompiler
-from mistralrs_serve.engine.native_decode import NativeDecode
+from mistralrs_serve.engine.native_forward import NativeForward
 from mistralrs_serve.engine.paged_cache import PagedAttention, PagedKVCache
 from mistralrs_serve.engine.sequence import (
     CompletionOutput,
@@ -89,7 +89,7 @@ class LLMEngine:
         self.graphs = self._decode_graphs()
         on_cpu = self.device.type == "cpu" and not self.use_triton
         self.native = (
-            NativeDecode.build(self.model, self.cache) if on_cpu and self.config.native_decode else None
+            NativeForward.build(self.model, self.cache) if on_cpu and self.config.native_forward else None
         )
         self.grammars = GrammarCompiler(self.tokenizer, self.model.config.vocab_size)
         # Grammar masks of a step are filled on this thread while the model runs.

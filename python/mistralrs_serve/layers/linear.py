@@ -64,7 +64,7 @@ class Linear:
     def __init__(self, weight: AnyWeight, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
         self.bias = None if bias is None else bias.to(dtype)
         self.int4: tuple[torch.Tensor, torch.Tensor] | None = None
-        # the 4-bit source, until the fused CPU decode step (engine/native_decode.py) takes it
+        # the 4-bit source, until the fused CPU decode step (engine/native_forward.py) takes it
         self.q4 = weight if isinstance(weight, Q4Weight) else None
         if isinstance(weight, Q4Weight):
             # torch's packing needs whole tiles of 16 output rows (e.g. a 32001-row head has none).

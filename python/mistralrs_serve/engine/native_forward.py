@@ -1,18 +1,23 @@
-"""Decode rows through the fused Rust step (`_native.NativeDecoder`).
+"""Steps of 4-bit models on the fused Rust forward (`_native.NativeDecoder`).
 
-A decode step of the default model on torch is ~20 small ops per layer, and
-at batch 1 their dispatch costs more than the arithmetic (profile: 14.9 ms a
-step, of which 4-bit matmuls 4.2 ms and the bf16 lm_head 2.9 ms). The Rust
-step runs every layer in one call: activations quantized to 8 bits per
-block of 32 against the GGUF's 4-bit weights with AVX-512 VNNI, the tied
-head re-quantized to 8 bits (GGUF ships it as Q8_0), attention straight
-over the paged cache. Prefill rows stay on torch (dense bf16 matmuls win
-there); a step that mixes them runs the two parts separately over the same
-cache, so a decode row's arithmetic never depends on its neighbours.
+On torch, a decode step of the default model is ~20 small ops per layer and
+their dispatch costs more than the arithmetic at batch 1 (profile: 14.9 ms
+a step, of which the 4-bit matmuls 4.2 ms and the bf16 head 2.9 ms). The
+Rust forward runs every layer of a step in one call, decode and prefill
+rows alike: activations quantized to 8 bits per block of 32 against the
+GGUF's 4-bit weights with AVX-512 VNNI (the tied head re-quantized to 8
+bits: GGUF ships it as Q8_0), attention straight over the paged cache.
+These are llama.cpp's numerics for the format: on the default model,
+perplexity over 512 tokens of text 35.68 against llama.cpp's 35.70 and
+35.32 for torch's bf16 activations; top-1 agreement with llama.cpp 96.7%.
+
+Each row's arithmetic depends on that row alone, so a token comes out the
+same in a prefill chunk or a decode, alone or batched, after a prefix-cache
+hit or a recompute.
 
 Used when every linear layer of the model is 4-bit (GGUF Q4_0/Q4_1), the
-model is on the CPU and the CPU has AVX-512 VNNI; `--no-native-decode`
-turns it off.
+model is on the CPU and the CPU has AVX-512 VNNI; `--no-native-forward`
+turns it off (torch then runs every step).
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ def _q4(lin: Linear) -> _native.QuantMatrix:
     )
 
 
-class NativeDecode:
+class NativeForward:
     """The model's decode step in Rust, over the engine's paged cache."""
 
     def __init__(self, model: LlamaForCausalLM, cache: PagedKVCache) -> None:
@@ -88,7 +93,7 @@ class NativeDecode:
         logger.info("fused CPU decode step: %.1f MB of weights per step", self.decoder.weight_bytes / 1e6)
 
     @staticmethod
-    def build(model: object, cache: PagedKVCache) -> NativeDecode | None:
+    def build(model: object, cache: PagedKVCache) -> NativeForward | None:
         """The fused step for this model and cache, or None where it does not apply."""
         if not isinstance(model, LlamaForCausalLM) or model.device.type != "cpu":
             return None
@@ -96,7 +101,7 @@ class NativeDecode:
             return None
         if any(lin.q4 is None for lin in _linears(model)[1:]):
             return None
-        return NativeDecode(model, cache)
+        return NativeForward(model, cache)
 
     def forward(
         self,
