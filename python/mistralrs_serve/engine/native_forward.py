@@ -49,7 +49,7 @@ def _q4(lin: Linear) -> _native.QuantMatrix:
 
 
 class NativeForward:
-    """The model's decode step in Rust, over the engine's paged cache."""
+    """The model's steps in Rust, over the engine's paged cache."""
 
     def __init__(self, model: LlamaForCausalLM, cache: PagedKVCache) -> None:
         cfg = model.config
@@ -90,11 +90,11 @@ class NativeForward:
         self.model = model
         self.vocab = head.out_features
         self.kv = cache.kv.view(torch.int16).numpy() if cache.kv.dtype == torch.bfloat16 else cache.kv.numpy()
-        logger.info("fused CPU decode step: %.1f MB of weights per step", self.decoder.weight_bytes / 1e6)
+        logger.info("fused CPU forward: %.1f MB of weights per decode step", self.decoder.weight_bytes / 1e6)
 
     @staticmethod
     def build(model: object, cache: PagedKVCache) -> NativeForward | None:
-        """The fused step for this model and cache, or None where it does not apply."""
+        """The fused forward for this model and cache, or None where it does not apply."""
         if not isinstance(model, LlamaForCausalLM) or model.device.type != "cpu":
             return None
         if cache.kv.dtype not in (torch.bfloat16, torch.float32) or not _native.QuantMatrix.has_fast_kernel():
