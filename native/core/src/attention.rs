@@ -146,6 +146,19 @@ pub fn run_items<T: KvElem>(
         .for_each(run);
 }
 
+/// One query row of [`attend_row`] and which kv head's query heads to run.
+#[derive(Clone, Copy)]
+pub struct RowQuery<'a> {
+    /// Block ids of the row's sequence.
+    pub table: &'a [i64],
+    /// Positions attended over: 0..ctx (the row's own included).
+    pub ctx: usize,
+    /// (num_heads, head_dim) query.
+    pub q: &'a [f32],
+    pub scale: f32,
+    pub kv_head: usize,
+}
+
 /// One query row's causal attention for the query heads of one kv head:
 /// positions `0..ctx` of its sequence, read through `table`. The arithmetic
 /// depends on this row alone (not on the other rows of the step, their
@@ -158,18 +171,20 @@ pub fn run_items<T: KvElem>(
 /// # Safety
 /// `out` must be valid for those writes with nothing else accessing them;
 /// the table's blocks must be in the cache (see [`check_decode_batch`]).
-#[allow(clippy::too_many_arguments)]
 pub unsafe fn attend_row<T: KvElem>(
     shape: AttentionShape,
-    table: &[i64],
-    ctx: usize,
-    q: &[f32],
-    scale: f32,
-    kv_head: usize,
+    row: &RowQuery<'_>,
     k_cache: &[T],
     v_cache: &[T],
     out: *mut f32,
 ) {
+    let RowQuery {
+        table,
+        ctx,
+        q,
+        scale,
+        kv_head,
+    } = *row;
     #[cfg(target_arch = "x86_64")]
     {
         let g = shape.num_heads / shape.num_kv_heads;
@@ -179,9 +194,7 @@ pub unsafe fn attend_row<T: KvElem>(
             && g <= 8
         {
             // SAFETY: the CPU has AVX-512F (checked just above); `out` per the contract.
-            return unsafe {
-                row16::attend_row(shape, table, ctx, q, scale, kv_head, k_cache, v_cache, out)
-            };
+            return unsafe { row16::attend_row(shape, row, k_cache, v_cache, out) };
         }
     }
     let AttentionShape {
@@ -225,19 +238,8 @@ pub unsafe fn attend_row<T: KvElem>(
 mod row16 {
     use std::arch::x86_64::*;
 
-    use super::{AttentionShape, KvElem};
-
-    /// 16 cache values from `p` as f32 lanes.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn load16<T: KvElem>(p: *const T) -> __m512 {
-        if T::IS_BF16 {
-            let bits = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast::<__m256i>()));
-            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(bits))
-        } else {
-            _mm512_loadu_ps(p.cast::<f32>())
-        }
-    }
+    use super::avx512::load16;
+    use super::{AttentionShape, KvElem, RowQuery};
 
     /// e^x per lane: 2^(x log2 e) as 2^n times a degree-6 polynomial of the fraction.
     #[inline]
@@ -256,19 +258,21 @@ mod row16 {
         _mm512_scalef_ps(p, n)
     }
 
-    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512bw")]
     pub(super) unsafe fn attend_row<T: KvElem>(
         shape: AttentionShape,
-        table: &[i64],
-        ctx: usize,
-        q: &[f32],
-        scale: f32,
-        kv_head: usize,
+        row: &RowQuery<'_>,
         k_cache: &[T],
         v_cache: &[T],
         out: *mut f32,
     ) {
+        let RowQuery {
+            table,
+            ctx,
+            q,
+            scale,
+            kv_head,
+        } = *row;
         const MAX_TILES: usize = 16;
         let AttentionShape {
             num_heads,
@@ -538,7 +542,7 @@ mod avx512 {
     /// 16 values from `p` as f32 lanes.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn load16<T: KvElem>(p: *const T) -> __m512 {
+    pub(super) unsafe fn load16<T: KvElem>(p: *const T) -> __m512 {
         if T::IS_BF16 {
             let bits = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast::<__m256i>()));
             _mm512_castsi512_ps(_mm512_slli_epi32::<16>(bits))
@@ -796,11 +800,13 @@ mod tests {
                 unsafe {
                     attend_row(
                         shape,
-                        &table,
-                        ctx,
-                        &q,
-                        0.125,
-                        kv_head,
+                        &RowQuery {
+                            table: &table,
+                            ctx,
+                            q: &q,
+                            scale: 0.125,
+                            kv_head,
+                        },
                         &k,
                         &k,
                         out.as_mut_ptr(),
@@ -864,11 +870,13 @@ mod tests {
                 unsafe {
                     attend_row(
                         shape,
-                        &table,
-                        ctx,
-                        &q,
-                        0.3,
-                        kv_head,
+                        &RowQuery {
+                            table: &table,
+                            ctx,
+                            q: &q,
+                            scale: 0.3,
+                            kv_head,
+                        },
                         &k,
                         &v,
                         out.as_mut_ptr(),

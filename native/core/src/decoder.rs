@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::attention::{
-    attend_row, check_decode_batch, fast_exp, AttentionShape, DecodeBatch, KvElem,
+    attend_row, check_decode_batch, fast_exp, AttentionShape, DecodeBatch, KvElem, RowQuery,
 };
 use crate::error::AttentionError;
 use crate::quant::{gemm_into, QMatrix, QuantActs, GROUP_ROWS};
@@ -294,11 +294,6 @@ impl Decoder {
         let gu_rows = 2 * s.intermediate;
         let half = d / 2;
         let bufs = &st.bufs;
-        // whole groups of 16 output rows per thread (the matrix layout's unit)
-        let split = |total: usize| {
-            let per = total.div_ceil(st.threads).next_multiple_of(GROUP_ROWS);
-            (tid * per).min(total)..((tid + 1) * per).min(total)
-        };
         let share = |total: usize| (tid * total / st.threads)..((tid + 1) * total / st.threads);
         let mine = share(st.n);
         let mut normed = vec![0f32; s.hidden.max(s.head_dim)];
@@ -310,27 +305,35 @@ impl Decoder {
         let x_rows =
             |r: Range<usize>| unsafe { st.x.range(r.start * s.hidden, r.len() * s.hidden) };
         let acts_rows = |r: Range<usize>| unsafe { bufs.acts.range(r.start, r.len()) };
-        let all_acts = || -> &[QuantActs] { unsafe { bufs.acts.range(0, st.n) } };
-        for (li, l) in self.layers.iter().enumerate() {
-            for (a, xr) in acts_rows(mine.clone())
-                .iter_mut()
-                .zip(x_rows(mine.clone()).chunks_exact(s.hidden))
-            {
-                rms_norm(xr, &l.attn_norm, s.eps, &mut normed);
-                a.quantize(&normed[..s.hidden], l.qkv.padded_cols);
-            }
-            st.barrier.wait();
-            let r = split(qkv_rows);
-            unsafe {
-                gemm_into(
-                    &l.qkv,
-                    all_acts(),
-                    r.clone(),
-                    bufs.qkv.0.add(r.start),
-                    qkv_rows,
-                )
+        // RMSNorm of rows of x, quantized as the input of matrix w
+        let norm_rows =
+            |x: &[f32], norm: &[f32], w: &QMatrix, acts: &mut [QuantActs], normed: &mut [f32]| {
+                for (a, xr) in acts.iter_mut().zip(x.chunks_exact(s.hidden)) {
+                    rms_norm(xr, norm, s.eps, normed);
+                    a.quantize(&normed[..s.hidden], w.padded_cols);
+                }
             };
+        // out = acts W^T for this thread's whole groups of 16 output rows (the
+        // matrix layout's unit), then wait for the others
+        let product_of = |w: &QMatrix, acts: &[QuantActs], out: &Shared<f32>| {
+            let per = w.rows.div_ceil(st.threads).next_multiple_of(GROUP_ROWS);
+            let r = (tid * per).min(w.rows)..((tid + 1) * per).min(w.rows);
+            unsafe { gemm_into(w, acts, r.clone(), out.0.add(r.start), w.rows) };
             st.barrier.wait();
+        };
+        let product = |w: &QMatrix, out: &Shared<f32>| {
+            product_of(w, unsafe { bufs.acts.range(0, st.n) }, out)
+        };
+        for (li, l) in self.layers.iter().enumerate() {
+            norm_rows(
+                x_rows(mine.clone()),
+                &l.attn_norm,
+                &l.qkv,
+                acts_rows(mine.clone()),
+                &mut normed,
+            );
+            st.barrier.wait();
+            product(&l.qkv, &bufs.qkv);
             let k_off = li * st.layer_elems;
             let v_off = (self.layers.len() + li) * st.layer_elems;
             for r in mine.clone() {
@@ -373,11 +376,13 @@ impl Decoder {
                     unsafe {
                         attend_row(
                             st.attn_shape,
-                            table,
-                            st.context_lens[r] as usize,
-                            q_row,
-                            st.scale(),
-                            kv_head,
+                            &RowQuery {
+                                table,
+                                ctx: st.context_lens[r] as usize,
+                                q: q_row,
+                                scale: st.scale(),
+                                kv_head,
+                            },
                             k_layer,
                             v_layer,
                             bufs.attn.0.add(r * q_len),
@@ -396,17 +401,7 @@ impl Decoder {
                 }
             }
             st.barrier.wait();
-            let r = split(s.hidden);
-            unsafe {
-                gemm_into(
-                    &l.o,
-                    all_acts(),
-                    r.clone(),
-                    bufs.proj.0.add(r.start),
-                    s.hidden,
-                )
-            };
-            st.barrier.wait();
+            product(&l.o, &bufs.proj);
             {
                 let x = x_rows(mine.clone());
                 add_rows(
@@ -415,26 +410,16 @@ impl Decoder {
                     l.o_bias.as_deref(),
                     s.hidden,
                 );
-                for (a, xr) in acts_rows(mine.clone())
-                    .iter_mut()
-                    .zip(x.chunks_exact(s.hidden))
-                {
-                    rms_norm(xr, &l.ffn_norm, s.eps, &mut normed);
-                    a.quantize(&normed[..s.hidden], l.gate_up.padded_cols);
-                }
+                norm_rows(
+                    x,
+                    &l.ffn_norm,
+                    &l.gate_up,
+                    acts_rows(mine.clone()),
+                    &mut normed,
+                );
             }
             st.barrier.wait();
-            let r = split(gu_rows);
-            unsafe {
-                gemm_into(
-                    &l.gate_up,
-                    all_acts(),
-                    r.clone(),
-                    bufs.gate_up.0.add(r.start),
-                    gu_rows,
-                )
-            };
-            st.barrier.wait();
+            product(&l.gate_up, &bufs.gate_up);
             {
                 let gate_up = unsafe {
                     bufs.gate_up
@@ -450,17 +435,7 @@ impl Decoder {
                 }
             }
             st.barrier.wait();
-            let r = split(s.hidden);
-            unsafe {
-                gemm_into(
-                    &l.down,
-                    all_acts(),
-                    r.clone(),
-                    bufs.proj.0.add(r.start),
-                    s.hidden,
-                )
-            };
-            st.barrier.wait();
+            product(&l.down, &bufs.proj);
             let x = x_rows(mine.clone());
             add_rows(
                 x,
@@ -483,16 +458,11 @@ impl Decoder {
             a.quantize(&normed[..s.hidden], self.lm_head.padded_cols);
         }
         st.barrier.wait();
-        let r = split(s.vocab);
-        unsafe {
-            gemm_into(
-                &self.lm_head,
-                &all_acts()[..wanted],
-                r.clone(),
-                st.logits.0.add(r.start),
-                s.vocab,
-            )
-        };
+        product_of(
+            &self.lm_head,
+            unsafe { &bufs.acts.range(0, st.n)[..wanted] },
+            &st.logits,
+        );
     }
 
     /// Number of rows, after checking every array against it.

@@ -172,50 +172,23 @@ fn fused(
     kv: &mut [u16],
     threads: usize,
 ) -> Vec<Vec<Vec<f32>>> {
-    let s = m.shape;
     let max_blocks = 3;
-    let tables: Vec<i64> = (0..seqs.len() * max_blocks)
-        .map(|i| (NUM_BLOCKS - 1 - i) as i64)
+    let tables: Vec<Vec<i64>> = (0..seqs.len())
+        .map(|r| {
+            (0..max_blocks)
+                .map(|b| (NUM_BLOCKS - 1 - r * max_blocks - b) as i64)
+                .collect()
+        })
         .collect();
-    let steps = seqs[0].len();
     let mut out = vec![vec![]; seqs.len()];
-    for pos in 0..steps {
-        let n = seqs.len();
-        let mut x: Vec<f32> = seqs.iter().flat_map(|e| e[pos].clone()).collect();
-        let (cos, sin) = rotary(pos);
-        let cos: Vec<f32> = (0..n).flat_map(|_| cos.clone()).collect();
-        let sin: Vec<f32> = (0..n).flat_map(|_| sin.clone()).collect();
-        let slots: Vec<i64> = (0..n)
-            .map(|r| {
-                tables[r * max_blocks + pos / BLOCK_SIZE] * BLOCK_SIZE as i64
-                    + (pos % BLOCK_SIZE) as i64
-            })
+    for pos in 0..seqs[0].len() {
+        let rows: Vec<(&[i64], usize, Vec<f32>)> = seqs
+            .iter()
+            .zip(&tables)
+            .map(|(e, t)| (t.as_slice(), pos, e[pos].clone()))
             .collect();
-        let ctx = vec![pos as i64 + 1; n];
-        let logit_rows: Vec<usize> = (0..n).collect();
-        let mut logits = vec![0f32; n * s.vocab];
-        let rows = StepRows {
-            x: &mut x,
-            cos: &cos,
-            sin: &sin,
-            slots: &slots,
-            block_tables: &tables,
-            max_blocks,
-            context_lens: &ctx,
-            logit_rows: &logit_rows,
-        };
-        m.forward(
-            rows,
-            KvCache {
-                kv: &mut *kv,
-                block_size: BLOCK_SIZE,
-            },
-            &mut logits,
-            threads,
-        )
-        .unwrap();
-        for (r, l) in logits.chunks_exact(s.vocab).enumerate() {
-            out[r].push(l.to_vec());
+        for (r, logits) in forward_rows(m, kv, &rows, threads).into_iter().enumerate() {
+            out[r].push(logits);
         }
     }
     out

@@ -669,6 +669,16 @@ mod tests {
         }
     }
 
+    /// Random 4-bit codes (rows, cols) with per-block scales and offsets.
+    fn q4_parts(rng: &mut Rng, rows: usize, cols: usize) -> (Vec<u8>, Vec<f32>, Vec<f32>) {
+        let q = (0..rows * cols)
+            .map(|_| (rng.next_u64() % 16) as u8)
+            .collect();
+        let scale = random(rng, rows * cols / BLOCK, 0.05);
+        let offset = random(rng, rows * cols / BLOCK, 0.4);
+        (q, scale, offset)
+    }
+
     fn exact_dot(w: &QMatrix, r: usize, x: &[f32]) -> f32 {
         w.dequantize_row(r).iter().zip(x).map(|(a, b)| a * b).sum()
     }
@@ -719,11 +729,7 @@ mod tests {
     fn q4_matches_dequantized_weights() {
         let mut rng = Rng::new(1);
         for (rows, cols) in [(8, 64), (5, 96), (16, 576), (3, 1536), (7, 32)] {
-            let q: Vec<u8> = (0..rows * cols)
-                .map(|_| (rng.next_u64() % 16) as u8)
-                .collect();
-            let scale = random(&mut rng, rows * cols / BLOCK, 0.05);
-            let offset = random(&mut rng, rows * cols / BLOCK, 0.4);
+            let (q, scale, offset) = q4_parts(&mut rng, rows, cols);
             let w = QMatrix::from_q4(&q, &scale, &offset, rows, cols).unwrap();
             for r in 0..rows {
                 let row = w.dequantize_row(r);
@@ -767,11 +773,7 @@ mod tests {
     fn batched_rows_match_one_at_a_time() {
         let mut rng = Rng::new(3);
         let (rows, cols) = (11, 192);
-        let q: Vec<u8> = (0..rows * cols)
-            .map(|_| (rng.next_u64() % 16) as u8)
-            .collect();
-        let scale = random(&mut rng, rows * cols / BLOCK, 0.05);
-        let offset = random(&mut rng, rows * cols / BLOCK, 0.4);
+        let (q, scale, offset) = q4_parts(&mut rng, rows, cols);
         let w = QMatrix::from_q4(&q, &scale, &offset, rows, cols).unwrap();
         for batch in [1, 2, 3, 4, 5, 9] {
             let xs: Vec<QuantActs> = (0..batch)
@@ -801,11 +803,8 @@ mod tests {
     fn matmul_matches_gemm() {
         let mut rng = Rng::new(4);
         let (rows, cols, n) = (40, 96, 7);
-        let q: Vec<u8> = (0..rows * cols)
-            .map(|_| (rng.next_u64() % 16) as u8)
-            .collect();
-        let scale = random(&mut rng, rows * cols / BLOCK, 0.05);
-        let w = QMatrix::from_q4(&q, &scale, &scale, rows, cols).unwrap();
+        let (q, scale, offset) = q4_parts(&mut rng, rows, cols);
+        let w = QMatrix::from_q4(&q, &scale, &offset, rows, cols).unwrap();
         let x = random(&mut rng, n * cols, 1.0);
         let xs: Vec<QuantActs> = x
             .chunks_exact(cols)

@@ -13,21 +13,41 @@ use pyo3::prelude::*;
 
 use crate::bad_array;
 
-/// A read-only view of a C-contiguous array of `T` with rank `D`.
-pub(crate) fn readonly<'py, T: Element, D: Dimension>(
+/// `obj` as a C-contiguous array of `T` with rank `D`, or the error naming it.
+fn c_array<'a, 'py, T: Element, D: Dimension>(
     name: &str,
     want: &str,
-    obj: &Bound<'py, PyAny>,
-) -> PyResult<PyReadonlyArray<'py, T, D>> {
+    obj: &'a Bound<'py, PyAny>,
+) -> PyResult<&'a Bound<'py, PyArray<T, D>>> {
     let array = obj
         .cast::<PyArray<T, D>>()
         .map_err(|_| bad_array(name, want, obj))?;
     if !array.is_c_contiguous() {
         return Err(bad_array(name, want, obj));
     }
-    array
+    Ok(array)
+}
+
+/// A read-only view of a C-contiguous array of `T` with rank `D`.
+pub(crate) fn readonly<'py, T: Element, D: Dimension>(
+    name: &str,
+    want: &str,
+    obj: &Bound<'py, PyAny>,
+) -> PyResult<PyReadonlyArray<'py, T, D>> {
+    c_array(name, want, obj)?
         .try_readonly()
         .map_err(|err| PyValueError::new_err(format!("{name} is not readable: {err}")))
+}
+
+/// A writeable view of a C-contiguous array of `T` with rank `D`.
+pub(crate) fn readwrite<'py, T: Element, D: Dimension>(
+    name: &str,
+    want: &str,
+    obj: &Bound<'py, PyAny>,
+) -> PyResult<PyReadwriteArray<'py, T, D>> {
+    c_array(name, want, obj)?
+        .try_readwrite()
+        .map_err(|err| PyValueError::new_err(format!("{name} is not writeable: {err}")))
 }
 
 /// Decode attention of one query row per sequence over the paged cache.
@@ -60,15 +80,7 @@ pub fn paged_decode_attention<'py>(
         "a contiguous 1-D int64 array",
         &context_lens,
     )?;
-    let out_array = out
-        .cast::<PyArray<f32, numpy::Ix3>>()
-        .map_err(|_| bad_array("out", F3, &out))?;
-    if !out_array.is_c_contiguous() {
-        return Err(bad_array("out", F3, &out));
-    }
-    let mut out_rw: PyReadwriteArray<f32, numpy::Ix3> = out_array
-        .try_readwrite()
-        .map_err(|err| PyValueError::new_err(format!("out is not writeable: {err}")))?;
+    let mut out_rw = readwrite::<f32, numpy::Ix3>("out", F3, &out)?;
     let (q_shape, cache_shape) = (q.shape().to_vec(), cache_shape(&k_cache)?);
     if cache_shape[3] != q_shape[2] {
         return Err(PyValueError::new_err(format!(

@@ -7,12 +7,11 @@ use mistralrs_serve_core::decoder::{
 use std::sync::Arc;
 
 use mistralrs_serve_core::quant::{matmul, QMatrix, QuantError};
-use numpy::ndarray::Dimension;
-use numpy::{Element, PyArray, PyArrayMethods, PyReadwriteArray, PyUntypedArrayMethods};
+use numpy::PyUntypedArrayMethods;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
-use crate::attention::readonly;
+use crate::attention::{readonly, readwrite};
 use crate::bad_array;
 
 fn quant_err(err: QuantError) -> PyErr {
@@ -21,23 +20,6 @@ fn quant_err(err: QuantError) -> PyErr {
 
 fn decoder_err(err: DecoderError) -> PyErr {
     PyValueError::new_err(err.to_string())
-}
-
-/// A writeable view of a C-contiguous array of `T` with rank `D`.
-fn readwrite<'py, T: Element, D: Dimension>(
-    name: &str,
-    want: &str,
-    obj: &Bound<'py, PyAny>,
-) -> PyResult<PyReadwriteArray<'py, T, D>> {
-    let array = obj
-        .cast::<PyArray<T, D>>()
-        .map_err(|_| bad_array(name, want, obj))?;
-    if !array.is_c_contiguous() {
-        return Err(bad_array(name, want, obj));
-    }
-    array
-        .try_readwrite()
-        .map_err(|err| PyValueError::new_err(format!("{name} is not writeable: {err}")))
 }
 
 /// A weight matrix in blocks of 32 columns, repacked for the integer kernels
