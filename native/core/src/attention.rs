@@ -146,32 +146,44 @@ pub fn run_items<T: KvElem>(
         .for_each(run);
 }
 
-/// One query row of [`attend_row`] and which kv head's query heads to run.
+/// One query row of [`attend_segment`] and the segment of its context.
 #[derive(Clone, Copy)]
 pub struct RowQuery<'a> {
     /// Block ids of the row's sequence.
     pub table: &'a [i64],
-    /// Positions attended over: 0..ctx (the row's own included).
-    pub ctx: usize,
+    /// Positions attended over: first..end of the row's context (a
+    /// segment of it: see [`attend_segment`]).
+    pub first: usize,
+    pub end: usize,
     /// (num_heads, head_dim) query.
     pub q: &'a [f32],
     pub scale: f32,
-    pub kv_head: usize,
 }
 
-/// One query row's causal attention for the query heads of one kv head:
-/// positions `0..ctx` of its sequence, read through `table`. The arithmetic
-/// depends on this row alone (not on the other rows of the step, their
-/// number or how they are split over threads), so a token's result is the
-/// same whether it is computed in a prefill chunk, as a decode, after a
-/// prefix-cache hit or after a recompute.
+/// Positions per attention segment: a row's context is cut at multiples of
+/// this, whatever else runs, so the cut (and so the arithmetic) depends on
+/// the row alone, and a long context still splits over threads.
+pub const SEGMENT: usize = 128;
+
+/// Floats of one segment's partial result: per query head, its max score,
+/// its sum of weights and the unnormalised output row.
+pub fn segment_len(shape: AttentionShape) -> usize {
+    shape.num_heads * (shape.head_dim + 2)
+}
+
+/// One query row's attention over a segment of its context, every head, as
+/// a partial softmax (see [`merge_segments`]).
+/// The arithmetic depends on the row and segment alone (not on the other
+/// rows of the step, their number or how they are split over threads), so a
+/// token's result is the same whether it is computed in a prefill chunk, as
+/// a decode, after a prefix-cache hit or after a recompute.
 ///
-/// Writes `out(h, :)` at `out + h * head_dim` for the group's heads `h`.
+/// Writes head `h`'s `[max, sum, acc(head_dim)]` at `out + h * (head_dim + 2)`.
 ///
 /// # Safety
 /// `out` must be valid for those writes with nothing else accessing them;
 /// the table's blocks must be in the cache (see [`check_decode_batch`]).
-pub unsafe fn attend_row<T: KvElem>(
+pub unsafe fn attend_segment<T: KvElem>(
     shape: AttentionShape,
     row: &RowQuery<'_>,
     k_cache: &[T],
@@ -180,10 +192,10 @@ pub unsafe fn attend_row<T: KvElem>(
 ) {
     let RowQuery {
         table,
-        ctx,
+        first,
+        end,
         q,
         scale,
-        kv_head,
     } = *row;
     #[cfg(target_arch = "x86_64")]
     {
@@ -194,7 +206,7 @@ pub unsafe fn attend_row<T: KvElem>(
             && g <= 8
         {
             // SAFETY: the CPU has AVX-512F (checked just above); `out` per the contract.
-            return unsafe { row16::attend_row(shape, row, k_cache, v_cache, out) };
+            return unsafe { row16::attend_segment(shape, row, k_cache, v_cache, out) };
         }
     }
     let AttentionShape {
@@ -204,11 +216,11 @@ pub unsafe fn attend_row<T: KvElem>(
         block_size: bs,
     } = shape;
     let g = num_heads / num_kv_heads;
-    for hh in 0..g {
-        let h = kv_head * g + hh;
-        let qh = &q[h * d..][..d];
+    for h in 0..num_heads {
+        let kv_head = h / g;
         let at = |p: usize| ((table[p / bs] as usize * bs + p % bs) * num_kv_heads + kv_head) * d;
-        let scores: Vec<f32> = (0..ctx)
+        let qh = &q[h * d..][..d];
+        let scores: Vec<f32> = (first..end)
             .map(|p| {
                 qh.iter()
                     .zip(&k_cache[at(p)..][..d])
@@ -218,19 +230,46 @@ pub unsafe fn attend_row<T: KvElem>(
             })
             .collect();
         let max = scores.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
-        let weights: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
-        let total: f32 = weights.iter().sum();
+        let weights: Vec<f32> = scores.iter().map(|s| fast_exp(s - max)).collect();
+        // SAFETY: per the contract.
+        let part = unsafe { std::slice::from_raw_parts_mut(out.add(h * (d + 2)), d + 2) };
+        part[0] = max;
+        part[1] = weights.iter().sum();
         for c in 0..d {
-            let v: f32 = (0..ctx)
-                .map(|p| weights[p] * v_cache[at(p) + c].to_f32())
+            part[2 + c] = (first..end)
+                .zip(&weights)
+                .map(|(p, w)| w * v_cache[at(p) + c].to_f32())
                 .sum();
-            // SAFETY: per the contract.
-            unsafe { *out.add((kv_head * g + hh) * d + c) = v / total };
         }
     }
 }
 
-/// `attend_row` with AVX-512: 16 positions at a time, each key read once
+/// Output row (num_heads, head_dim) of a row from its segments' partial
+/// results, `segments` of them in order: rescaled to the largest max and
+/// normalised, always in the same order.
+pub fn merge_segments(parts: &[f32], segments: usize, shape: AttentionShape, out: &mut [f32]) {
+    let (heads, d) = (shape.num_heads, shape.head_dim);
+    let len = segment_len(shape);
+    for h in 0..heads {
+        let part = |s: usize| &parts[s * len + h * (d + 2)..][..d + 2];
+        let max = (0..segments)
+            .map(|s| part(s)[0])
+            .fold(f32::NEG_INFINITY, f32::max);
+        let o = &mut out[h * d..][..d];
+        o.fill(0.0);
+        let mut sum = 0f32;
+        for s in 0..segments {
+            let p = part(s);
+            let w = fast_exp(p[0] - max);
+            sum += w * p[1];
+            o.iter_mut().zip(&p[2..]).for_each(|(o, a)| *o += w * a);
+        }
+        let inv = 1.0 / sum;
+        o.iter_mut().for_each(|o| *o *= inv);
+    }
+}
+
+/// `attend_segment` with AVX-512: 16 positions at a time, each key read once
 /// for the group's heads, the softmax online over those chunks.
 #[cfg(target_arch = "x86_64")]
 // registers in arrays indexed by head and by 16-lane tile of head_dim
@@ -259,7 +298,7 @@ mod row16 {
     }
 
     #[target_feature(enable = "avx512f,avx512bw")]
-    pub(super) unsafe fn attend_row<T: KvElem>(
+    pub(super) unsafe fn attend_segment<T: KvElem>(
         shape: AttentionShape,
         row: &RowQuery<'_>,
         k_cache: &[T],
@@ -268,12 +307,11 @@ mod row16 {
     ) {
         let RowQuery {
             table,
-            ctx,
+            first,
+            end,
             q,
             scale,
-            kv_head,
         } = *row;
-        const MAX_TILES: usize = 16;
         let AttentionShape {
             num_heads,
             num_kv_heads,
@@ -282,77 +320,84 @@ mod row16 {
         } = shape;
         let g = num_heads / num_kv_heads;
         let tiles = d / 16;
-        let mut qs = [[_mm512_setzero_ps(); MAX_TILES]; 8];
-        for hh in 0..g {
-            for t in 0..tiles {
-                let p = q.as_ptr().add((kv_head * g + hh) * d + t * 16);
-                qs[hh][t] = _mm512_mul_ps(_mm512_loadu_ps(p), _mm512_set1_ps(scale));
-            }
+        // every head's state, in memory (L1): the kv heads take turns on each
+        // 16-position chunk, so the chunk's cache rows are read once
+        let mut qs = vec![0f32; num_heads * d];
+        for (o, &v) in qs.iter_mut().zip(q) {
+            *o = v * scale;
         }
-        let mut acc = [[_mm512_setzero_ps(); MAX_TILES]; 8];
-        let mut maxes = [f32::NEG_INFINITY; 8];
-        let mut sums = [0f32; 8];
+        let mut acc = vec![0f32; num_heads * d];
+        let mut maxes = vec![f32::NEG_INFINITY; num_heads];
+        let mut sums = vec![0f32; num_heads];
         let mut scores = [[0f32; 16]; 8];
-        let at = |p: usize| {
-            ((*table.get_unchecked(p / bs) as usize * bs + p % bs) * num_kv_heads + kv_head) * d
-        };
-        let mut start = 0;
-        while start < ctx {
-            let n = 16.min(ctx - start);
-            for j in 0..n {
-                let k = k_cache.as_ptr().add(at(start + j));
-                let mut dots = [_mm512_setzero_ps(); 8];
-                for t in 0..tiles {
-                    let kt = load16(k.add(t * 16));
+        let mut probs = [[0f32; 16]; 8];
+        let row_at =
+            |p: usize| (*table.get_unchecked(p / bs) as usize * bs + p % bs) * num_kv_heads * d;
+        let mut start = first;
+        while start < end {
+            let n = 16.min(end - start);
+            let mask: __mmask16 = ((1u32 << n) - 1) as u16;
+            for kv_head in 0..num_kv_heads {
+                let h0 = kv_head * g;
+                for j in 0..n {
+                    let k = k_cache.as_ptr().add(row_at(start + j) + kv_head * d);
+                    let mut dots = [_mm512_setzero_ps(); 8];
+                    for t in 0..tiles {
+                        let kt = load16(k.add(t * 16));
+                        for hh in 0..g {
+                            let qv = _mm512_loadu_ps(qs.as_ptr().add((h0 + hh) * d + t * 16));
+                            dots[hh] = _mm512_fmadd_ps(qv, kt, dots[hh]);
+                        }
+                    }
                     for hh in 0..g {
-                        dots[hh] = _mm512_fmadd_ps(qs[hh][t], kt, dots[hh]);
+                        scores[hh][j] = _mm512_reduce_add_ps(dots[hh]);
                     }
                 }
+                let mut corr = [0f32; 8];
                 for hh in 0..g {
-                    scores[hh][j] = _mm512_reduce_add_ps(dots[hh]);
+                    let h = h0 + hh;
+                    let sc = _mm512_mask_loadu_ps(
+                        _mm512_set1_ps(f32::NEG_INFINITY),
+                        mask,
+                        scores[hh].as_ptr(),
+                    );
+                    let new_max = maxes[h].max(_mm512_reduce_max_ps(sc));
+                    let p = _mm512_maskz_mov_ps(
+                        mask,
+                        exp16(_mm512_sub_ps(sc, _mm512_set1_ps(new_max))),
+                    );
+                    corr[hh] = super::fast_exp(maxes[h] - new_max);
+                    sums[h] = sums[h] * corr[hh] + _mm512_reduce_add_ps(p);
+                    maxes[h] = new_max;
+                    _mm512_storeu_ps(probs[hh].as_mut_ptr(), p);
                 }
-            }
-            let mask: __mmask16 = ((1u32 << n) - 1) as u16;
-            let mut probs = [[0f32; 16]; 8];
-            let mut corr = [0f32; 8];
-            for hh in 0..g {
-                let sc = _mm512_mask_loadu_ps(
-                    _mm512_set1_ps(f32::NEG_INFINITY),
-                    mask,
-                    scores[hh].as_ptr(),
-                );
-                let new_max = maxes[hh].max(_mm512_reduce_max_ps(sc));
-                let p =
-                    _mm512_maskz_mov_ps(mask, exp16(_mm512_sub_ps(sc, _mm512_set1_ps(new_max))));
-                corr[hh] = super::fast_exp(maxes[hh] - new_max);
-                sums[hh] = sums[hh] * corr[hh] + _mm512_reduce_add_ps(p);
-                maxes[hh] = new_max;
-                _mm512_storeu_ps(probs[hh].as_mut_ptr(), p);
-            }
-            for hh in 0..g {
                 for t in 0..tiles {
-                    acc[hh][t] = _mm512_mul_ps(acc[hh][t], _mm512_set1_ps(corr[hh]));
-                }
-            }
-            for j in 0..n {
-                let v = v_cache.as_ptr().add(at(start + j));
-                for t in 0..tiles {
-                    let vt = load16(v.add(t * 16));
+                    let mut o = [_mm512_setzero_ps(); 8];
                     for hh in 0..g {
-                        acc[hh][t] = _mm512_fmadd_ps(_mm512_set1_ps(probs[hh][j]), vt, acc[hh][t]);
+                        let a = _mm512_loadu_ps(acc.as_ptr().add((h0 + hh) * d + t * 16));
+                        o[hh] = _mm512_mul_ps(a, _mm512_set1_ps(corr[hh]));
+                    }
+                    for j in 0..n {
+                        let v = v_cache
+                            .as_ptr()
+                            .add(row_at(start + j) + kv_head * d + t * 16);
+                        let vt = load16(v);
+                        for hh in 0..g {
+                            o[hh] = _mm512_fmadd_ps(_mm512_set1_ps(probs[hh][j]), vt, o[hh]);
+                        }
+                    }
+                    for hh in 0..g {
+                        _mm512_storeu_ps(acc.as_mut_ptr().add((h0 + hh) * d + t * 16), o[hh]);
                     }
                 }
             }
             start += n;
         }
-        for hh in 0..g {
-            let inv = _mm512_set1_ps(1.0 / sums[hh]);
-            for t in 0..tiles {
-                _mm512_storeu_ps(
-                    out.add((kv_head * g + hh) * d + t * 16),
-                    _mm512_mul_ps(acc[hh][t], inv),
-                );
-            }
+        for h in 0..num_heads {
+            let part = out.add(h * (d + 2));
+            *part = maxes[h];
+            *part.add(1) = sums[h];
+            std::ptr::copy_nonoverlapping(acc.as_ptr().add(h * d), part.add(2), d);
         }
     }
 }
@@ -777,6 +822,36 @@ pub fn fast_exp(x: f32) -> f32 {
 mod tests {
     use super::*;
 
+    /// A whole row's attention through segments and their merge.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_full<T: KvElem>(
+        shape: AttentionShape,
+        table: &[i64],
+        ctx: usize,
+        q: &[f32],
+        scale: f32,
+        k: &[T],
+        v: &[T],
+        out: &mut [f32],
+    ) {
+        let segments = ctx.div_ceil(SEGMENT);
+        let len = segment_len(shape);
+        let mut parts = vec![0f32; segments * len];
+        for s in 0..segments {
+            let (first, end) = (s * SEGMENT, ctx.min((s + 1) * SEGMENT));
+            let row = RowQuery {
+                table,
+                first,
+                end,
+                q,
+                scale,
+            };
+            // SAFETY: parts holds every segment's heads.
+            unsafe { attend_segment(shape, &row, k, v, parts.as_mut_ptr().add(s * len)) };
+        }
+        merge_segments(&parts, segments, shape, out);
+    }
+
     /// `cargo test --release -- --ignored --nocapture row_speed`
     #[test]
     #[ignore]
@@ -796,27 +871,11 @@ mod tests {
         let reps = 2000;
         let t = std::time::Instant::now();
         for _ in 0..reps {
-            for kv_head in 0..3 {
-                unsafe {
-                    attend_row(
-                        shape,
-                        &RowQuery {
-                            table: &table,
-                            ctx,
-                            q: &q,
-                            scale: 0.125,
-                            kv_head,
-                        },
-                        &k,
-                        &k,
-                        out.as_mut_ptr(),
-                    )
-                };
-            }
+            attend_full(shape, &table, ctx, &q, 0.125, &k, &k, &mut out);
         }
         let per = t.elapsed().as_secs_f64() / reps as f64;
         println!(
-            "attend_row ctx {ctx}: {:.1} us per row (all heads), {:.1} ns per position",
+            "attend segments, ctx {ctx}: {:.1} us per row (all heads), {:.1} ns per position",
             per * 1e6,
             per * 1e9 / ctx as f64
         );
@@ -844,12 +903,13 @@ mod tests {
                 .wrapping_add(1442695040888963407);
             ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
         };
-        let cases: [(usize, usize, usize, usize, usize); 5] = [
+        let cases: [(usize, usize, usize, usize, usize); 6] = [
             (16, 9, 3, 64, 37),
             (16, 4, 2, 32, 16),
             (4, 6, 2, 16, 9),
             (16, 2, 1, 128, 1),
             (8, 8, 1, 64, 100),
+            (16, 9, 3, 64, 300),
         ];
         for (block_size, heads, kv_heads, d, ctx) in cases {
             let shape = AttentionShape {
@@ -865,24 +925,7 @@ mod tests {
             let table: Vec<i64> = (0..num_blocks as i64).rev().collect();
             let q: Vec<f32> = (0..heads * d).map(|_| next() * 2.0).collect();
             let mut out = vec![0f32; q.len()];
-            for kv_head in 0..kv_heads {
-                // SAFETY: out holds heads x d.
-                unsafe {
-                    attend_row(
-                        shape,
-                        &RowQuery {
-                            table: &table,
-                            ctx,
-                            q: &q,
-                            scale: 0.3,
-                            kv_head,
-                        },
-                        &k,
-                        &v,
-                        out.as_mut_ptr(),
-                    )
-                };
-            }
+            attend_full(shape, &table, ctx, &q, 0.3, &k, &v, &mut out);
             let ctxs = [ctx as i64];
             let batch = DecodeBatch {
                 q: &q,

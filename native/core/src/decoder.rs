@@ -23,7 +23,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::attention::{
-    attend_row, check_decode_batch, fast_exp, AttentionShape, DecodeBatch, KvElem, RowQuery,
+    attend_segment, check_decode_batch, fast_exp, merge_segments, segment_len, AttentionShape,
+    DecodeBatch, KvElem, RowQuery, SEGMENT,
 };
 use crate::error::AttentionError;
 use crate::quant::{gemm_into, QMatrix, QuantActs, GROUP_ROWS};
@@ -244,11 +245,23 @@ impl Decoder {
             scale: 1.0 / (s.head_dim as f32).sqrt(),
         };
         check_decode_batch(attn_shape, &batch, layer_elems, layer_elems, n * q_len)?;
+        // attention units: every (row, segment of its context); a row's first unit
+        let mut first_unit = Vec::with_capacity(n + 1);
+        let mut units = vec![];
+        for (r, &ctx) in rows.context_lens.iter().enumerate() {
+            first_unit.push(units.len());
+            units.extend((0..(ctx as usize).div_ceil(SEGMENT)).map(|seg| (r, seg)));
+        }
+        first_unit.push(units.len());
+        let mut parts = scratch.take(SLOT_PARTS, units.len() * segment_len(attn_shape));
         let threads = threads.clamp(1, MAX_THREADS);
         let step = Step {
             n,
             threads,
             attn_shape,
+            units,
+            first_unit,
+            parts: Shared(parts.as_mut_ptr()),
             block_tables: rows.block_tables,
             max_blocks: rows.max_blocks,
             context_lens: rows.context_lens,
@@ -276,7 +289,7 @@ impl Decoder {
             });
         }
         let Step { bufs, .. } = step;
-        scratch.give(bufs, q);
+        scratch.give(bufs, q, parts);
         *self.scratch.lock().unwrap_or_else(|e| e.into_inner()) = scratch;
         Ok(())
     }
@@ -367,25 +380,28 @@ impl Decoder {
             {
                 let k_layer = unsafe { &*st.kv.range(k_off, st.layer_elems) };
                 let v_layer = unsafe { &*st.kv.range(v_off, st.layer_elems) };
-                // a (row, kv head) per unit: every row's arithmetic is its own
-                for u in (tid..st.n * kv_heads).step_by(st.threads) {
-                    let (r, kv_head) = (u / kv_heads, u % kv_heads);
+                // a (row, segment) per unit: every row's arithmetic is its own
+                let plen = segment_len(st.attn_shape);
+                for u in (tid..st.units.len()).step_by(st.threads) {
+                    let (r, seg) = st.units[u];
+                    let ctx = st.context_lens[r] as usize;
                     let table = &st.block_tables[r * st.max_blocks..][..st.max_blocks];
                     let q_row = unsafe { &*st.q.range(r * q_len, q_len) };
-                    // SAFETY: this unit alone writes row r's heads of this kv head.
+                    let query = RowQuery {
+                        table,
+                        first: seg * SEGMENT,
+                        end: ctx.min((seg + 1) * SEGMENT),
+                        q: q_row,
+                        scale: st.scale(),
+                    };
+                    // SAFETY: this unit alone writes its part.
                     unsafe {
-                        attend_row(
+                        attend_segment(
                             st.attn_shape,
-                            &RowQuery {
-                                table,
-                                ctx: st.context_lens[r] as usize,
-                                q: q_row,
-                                scale: st.scale(),
-                                kv_head,
-                            },
+                            &query,
                             k_layer,
                             v_layer,
-                            bufs.attn.0.add(r * q_len),
+                            st.parts.0.add(u * plen),
                         )
                     };
                 }
@@ -393,6 +409,12 @@ impl Decoder {
             st.barrier.wait();
             {
                 let attn = unsafe { bufs.attn.range(mine.start * q_len, mine.len() * q_len) };
+                let plen = segment_len(st.attn_shape);
+                for (r, o) in mine.clone().zip(attn.chunks_exact_mut(q_len)) {
+                    let (a, b) = (st.first_unit[r], st.first_unit[r + 1]);
+                    let parts = unsafe { &*st.parts.range(a * plen, (b - a) * plen) };
+                    merge_segments(parts, b - a, st.attn_shape, o);
+                }
                 for (a, o) in acts_rows(mine.clone())
                     .iter_mut()
                     .zip(attn.chunks_exact(q_len))
@@ -578,12 +600,13 @@ impl Buffers {
 }
 
 const SLOT_Q: usize = 4;
+const SLOT_PARTS: usize = 5;
 
 /// Step buffers kept between steps (contents are stale: every element a
 /// step reads, it wrote first).
 #[derive(Default)]
 struct Scratch {
-    floats: [Vec<f32>; 5],
+    floats: [Vec<f32>; 6],
     acts: Vec<QuantActs>,
 }
 
@@ -594,9 +617,9 @@ impl Scratch {
         v
     }
 
-    fn give(&mut self, bufs: Buffers, q: Vec<f32>) {
+    fn give(&mut self, bufs: Buffers, q: Vec<f32>, parts: Vec<f32>) {
         let [a, b, c, d] = bufs._floats;
-        self.floats = [a, b, c, d, q];
+        self.floats = [a, b, c, d, q, parts];
         self.acts = bufs._acts;
     }
 }
@@ -606,6 +629,11 @@ struct Step<'a, T> {
     n: usize,
     threads: usize,
     attn_shape: AttentionShape,
+    /// (row, segment) attention units, and each row's first (one past the end last)
+    units: Vec<(usize, usize)>,
+    first_unit: Vec<usize>,
+    /// segment_len floats per unit
+    parts: Shared<f32>,
     block_tables: &'a [i64],
     max_blocks: usize,
     context_lens: &'a [i64],
