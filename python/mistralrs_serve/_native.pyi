@@ -198,8 +198,6 @@ class QuantMatrix:
 
     @property
     def shape(self) -> tuple[int, int]: ...
-    def matmul(self, x: NDArray[np.float32], out: NDArray[np.float32], threads: int = 1) -> None:
-        """out = x W^T: x (n, cols), out (n, rows) float32; x quantized to 8 bits per block."""
 
 _LayerWeights = tuple[
     list[float],

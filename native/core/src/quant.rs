@@ -380,55 +380,6 @@ pub unsafe fn gemm_into(
     }
 }
 
-/// y = x W^T for `x` (n, w.cols) row-major into `out` (n, w.rows): the
-/// rows of `x` quantized to 8 bits per block, then [`gemm`], both split
-/// over `threads` threads (the output by groups of 16 columns).
-pub fn matmul(w: &QMatrix, x: &[f32], out: &mut [f32], threads: usize) -> Result<(), QuantError> {
-    if !x.len().is_multiple_of(w.cols) || out.len() != x.len() / w.cols * w.rows {
-        return Err(QuantError::Shape(format!(
-            "x has {} values and out {}: need (n, {}) and (n, {})",
-            x.len(),
-            out.len(),
-            w.cols,
-            w.rows
-        )));
-    }
-    let n = x.len() / w.cols;
-    let threads = threads.clamp(1, 64).min(n.max(w.rows.div_ceil(GROUP_ROWS)));
-    let mut acts = vec![QuantActs::default(); n];
-    let per = n.div_ceil(threads).max(1);
-    std::thread::scope(|scope| {
-        for (acts, xs) in acts.chunks_mut(per).zip(x.chunks(per * w.cols)) {
-            scope.spawn(move || {
-                for (a, row) in acts.iter_mut().zip(xs.chunks_exact(w.cols)) {
-                    a.quantize(row, w.padded_cols);
-                }
-            });
-        }
-    });
-    let per = w.rows.div_ceil(threads).next_multiple_of(GROUP_ROWS);
-    let base = SendPtr(out.as_mut_ptr());
-    let (acts, base) = (&acts, &base);
-    std::thread::scope(|scope| {
-        for t in 0..threads {
-            let rows = (t * per).min(w.rows)..((t + 1) * per).min(w.rows);
-            if rows.is_empty() {
-                continue;
-            }
-            // SAFETY: `out` is (n, w.rows) (checked above); threads write disjoint columns.
-            scope.spawn(move || unsafe {
-                gemm_into(w, acts, rows.clone(), base.0.add(rows.start), w.rows)
-            });
-        }
-    });
-    Ok(())
-}
-
-struct SendPtr(*mut f32);
-// SAFETY: used only for disjoint writes from scoped threads (matmul).
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
 /// Whether the AVX-512 VNNI kernel runs on this CPU.
 pub fn has_vnni() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -800,32 +751,6 @@ mod tests {
     }
 
     #[test]
-    fn matmul_matches_gemm() {
-        let mut rng = Rng::new(4);
-        let (rows, cols, n) = (40, 96, 7);
-        let (q, scale, offset) = q4_parts(&mut rng, rows, cols);
-        let w = QMatrix::from_q4(&q, &scale, &offset, rows, cols).unwrap();
-        let x = random(&mut rng, n * cols, 1.0);
-        let xs: Vec<QuantActs> = x
-            .chunks_exact(cols)
-            .map(|r| {
-                let mut a = QuantActs::default();
-                a.quantize(r, cols);
-                a
-            })
-            .collect();
-        let mut want = vec![0f32; n * rows];
-        gemm(&w, &xs, 0..rows, &mut want, rows);
-        for threads in [1, 2, 3] {
-            let mut got = vec![0f32; n * rows];
-            matmul(&w, &x, &mut got, threads).unwrap();
-            assert_eq!(got, want, "{threads} threads");
-        }
-        assert!(matmul(&w, &x[1..], &mut vec![0f32; n * rows], 2).is_err());
-        assert!(matmul(&w, &x, &mut vec![0f32; n * rows + 1], 2).is_err());
-    }
-
-    #[test]
     fn vector_quantization_matches_the_loops() {
         let mut rng = Rng::new(5);
         for len in [32, 64, 96, 100, 576] {
@@ -898,17 +823,6 @@ mod speed {
                 secs * 1e6,
                 (rows * cols * n) as f64 / secs / 1e9
             );
-        }
-        let x = vec![0.3f32; 512 * cols];
-        let mut out = vec![0f32; 512 * rows];
-        for threads in [1, 2] {
-            let t = std::time::Instant::now();
-            for _ in 0..10 {
-                matmul(&w, &x, &mut out, threads).unwrap();
-            }
-            let secs = t.elapsed().as_secs_f64() / 10.0;
-            let rate = (rows * cols * 512) as f64 / secs / 1e9;
-            println!("matmul 512 rows, {threads} threads: {rate:.1} GMAC/s");
         }
     }
 }

@@ -6,7 +6,7 @@ use mistralrs_serve_core::decoder::{
 };
 use std::sync::Arc;
 
-use mistralrs_serve_core::quant::{matmul, QMatrix, QuantError};
+use mistralrs_serve_core::quant::{QMatrix, QuantError};
 use numpy::PyUntypedArrayMethods;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -74,37 +74,6 @@ impl PyQuantMatrix {
     #[getter]
     fn shape(&self) -> (usize, usize) {
         (self.inner.rows, self.inner.cols)
-    }
-
-    /// out = x W^T: x (n, cols) float32, out (n, rows) float32 written; the
-    /// rows of x quantized to 8 bits per block of 32, on `threads` threads.
-    #[pyo3(signature = (x, out, threads = 1))]
-    fn matmul(
-        &self,
-        py: Python<'_>,
-        x: Bound<'_, PyAny>,
-        out: Bound<'_, PyAny>,
-        threads: usize,
-    ) -> PyResult<()> {
-        let x = readonly::<f32, numpy::Ix2>("x", "a C-contiguous 2-D float32 array", &x)?;
-        let mut out = readwrite::<f32, numpy::Ix2>(
-            "out",
-            "a writeable, C-contiguous 2-D float32 array",
-            &out,
-        )?;
-        let m = &self.inner;
-        if x.shape()[1] != m.cols || out.shape()[1] != m.rows || out.shape()[0] != x.shape()[0] {
-            return Err(PyValueError::new_err(format!(
-                "x is {:?} and out {:?}; this matrix needs (n, {}) and (n, {})",
-                x.shape(),
-                out.shape(),
-                m.cols,
-                m.rows
-            )));
-        }
-        let (xs, outs) = (x.as_slice()?, out.as_slice_mut()?);
-        py.detach(|| matmul(m, xs, outs, threads))
-            .map_err(quant_err)
     }
 }
 
