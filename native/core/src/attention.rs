@@ -82,68 +82,42 @@ pub fn paged_decode_attention<T: KvElem>(
     v_cache: &[T],
     out: &mut [f32],
 ) -> Result<(), AttentionError> {
-    validate(shape, batch, k_cache.len(), v_cache.len(), out.len())?;
-    let items = work_items(shape, batch, MAX_ITEM_BLOCKS);
-    let mut parts = vec![0.0f32; items.len() * part_len(shape)];
-    run_items(shape, batch, k_cache, v_cache, &items, &mut parts);
-    merge_parts(&items, &parts, shape.num_heads, shape.head_dim, out);
-    Ok(())
-}
-
-/// A run of blocks of one sequence: (sequence, first block, end block).
-pub type WorkItem = (usize, usize, usize);
-
-/// Floats of scratch one work item needs: max and sum per head, then the
-/// unnormalised output row.
-pub fn part_len(shape: AttentionShape) -> usize {
-    2 * shape.num_heads + shape.num_heads * shape.head_dim
-}
-
-/// The batch cut into items of at most `item_blocks` blocks, in sequence
-/// order (a validated batch: see [`check_decode_batch`]).
-pub fn work_items(
-    shape: AttentionShape,
-    batch: &DecodeBatch<'_>,
-    item_blocks: usize,
-) -> Vec<WorkItem> {
-    let mut items = Vec::with_capacity(batch.context_lens.len());
+    let num_seqs = validate(shape, batch, k_cache.len(), v_cache.len(), out.len())?;
+    let AttentionShape {
+        num_heads,
+        head_dim,
+        block_size,
+        ..
+    } = shape;
+    let row = num_heads * head_dim;
+    // items: (seq, first block, end block), in sequence order
+    let mut items = Vec::with_capacity(num_seqs);
     for (seq, &ctx) in batch.context_lens.iter().enumerate() {
-        let blocks = (ctx as usize).div_ceil(shape.block_size);
+        let blocks = (ctx as usize).div_ceil(block_size);
         items.extend(
             (0..blocks)
-                .step_by(item_blocks.max(1))
-                .map(|b| (seq, b, blocks.min(b + item_blocks.max(1)))),
+                .step_by(MAX_ITEM_BLOCKS)
+                .map(|b| (seq, b, blocks.min(b + MAX_ITEM_BLOCKS))),
         );
     }
-    items
-}
-
-/// Attends each item into its part (`part_len` floats each), on this thread.
-pub fn run_items<T: KvElem>(
-    shape: AttentionShape,
-    batch: &DecodeBatch<'_>,
-    k_cache: &[T],
-    v_cache: &[T],
-    items: &[WorkItem],
-    parts: &mut [f32],
-) {
-    let row = shape.num_heads * shape.head_dim;
-    let run = |(&(seq, first, end), part): (&WorkItem, &mut [f32])| {
+    // per item: max and sum per head, then the unnormalised output row
+    let part_len = 2 * num_heads + row;
+    let mut parts = vec![0.0f32; items.len() * part_len];
+    let run = |(&(seq, first, end), part): (&(usize, usize, usize), &mut [f32])| {
         let table = &batch.block_tables[seq * batch.max_blocks..][..batch.max_blocks];
         let ctx = batch.context_lens[seq] as usize;
         let span = Span {
             shape,
             table,
-            first: first * shape.block_size,
-            end: ctx.min(end * shape.block_size),
+            first: first * block_size,
+            end: ctx.min(end * block_size),
             scale: batch.scale,
         };
         dispatch_span(&span, &batch.q[seq * row..][..row], k_cache, v_cache, part);
     };
-    items
-        .iter()
-        .zip(parts.chunks_mut(part_len(shape)))
-        .for_each(run);
+    items.iter().zip(parts.chunks_mut(part_len)).for_each(run);
+    merge_parts(&items, &parts, num_heads, head_dim, out);
+    Ok(())
 }
 
 /// One query row of [`attend_segment`] and the segment of its context.
@@ -415,8 +389,8 @@ pub fn check_decode_batch(
 
 /// Combines the items of each sequence: rescale each part's sum and output
 /// by exp(its max - the overall max), then normalise.
-pub fn merge_parts(
-    items: &[WorkItem],
+fn merge_parts(
+    items: &[(usize, usize, usize)],
     parts: &[f32],
     num_heads: usize,
     head_dim: usize,

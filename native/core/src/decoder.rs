@@ -6,8 +6,8 @@
 //! of ~20 small ops per layer; here a step is one call: 8-bit activations
 //! against 4/8-bit weights with AVX-512 VNNI, f32 everywhere else, the
 //! cache written and read in place. Threads split each matrix's output
-//! rows, the attention's (row, kv head) units and the per-row work, and
-//! meet at a spin barrier between phases.
+//! rows, the attention's (row, context segment) units and the per-row work,
+//! and meet at a spin barrier between phases.
 //!
 //! Every row goes through the same arithmetic whatever else is in the step
 //! (the matrix kernel treats activation rows independently, attention is
@@ -215,8 +215,8 @@ impl Decoder {
 
     /// Runs every layer for `rows`, writing their keys and values into the
     /// cache, and the logits of `rows.logit_rows` into `logits` (n, vocab).
-    /// `threads` threads (this one included) split each matrix's rows and
-    /// the attention's work items; the small per-row steps run on this one.
+    /// `threads` threads (this one included) split each matrix's rows, the
+    /// attention's units and the rows' own work (see `worker`).
     pub fn forward<T: KvStore>(
         &self,
         rows: StepRows<'_>,
@@ -234,17 +234,19 @@ impl Decoder {
             block_size: cache.block_size,
         };
         let q_len = s.num_heads * s.head_dim;
+        // a failed check drops the kept buffers: they only regrow
         let mut scratch =
             std::mem::take(&mut *self.scratch.lock().unwrap_or_else(|e| e.into_inner()));
-        let mut q = scratch.take(SLOT_Q, n * q_len);
+        scratch.floats[SLOT_Q].resize(n * q_len, 0.0);
         let batch = DecodeBatch {
-            q: &q,
+            q: &scratch.floats[SLOT_Q],
             block_tables: rows.block_tables,
             max_blocks: rows.max_blocks,
             context_lens: rows.context_lens,
             scale: 1.0 / (s.head_dim as f32).sqrt(),
         };
         check_decode_batch(attn_shape, &batch, layer_elems, layer_elems, n * q_len)?;
+        let scale = batch.scale;
         // attention units: every (row, segment of its context); a row's first unit
         let mut first_unit = Vec::with_capacity(n + 1);
         let mut units = vec![];
@@ -253,15 +255,15 @@ impl Decoder {
             units.extend((0..(ctx as usize).div_ceil(SEGMENT)).map(|seg| (r, seg)));
         }
         first_unit.push(units.len());
-        let mut parts = scratch.take(SLOT_PARTS, units.len() * segment_len(attn_shape));
+        let bufs = Buffers::new(&s, n, units.len() * segment_len(attn_shape), scratch);
         let threads = threads.clamp(1, MAX_THREADS);
         let step = Step {
             n,
             threads,
             attn_shape,
+            scale,
             units,
             first_unit,
-            parts: Shared(parts.as_mut_ptr()),
             block_tables: rows.block_tables,
             max_blocks: rows.max_blocks,
             context_lens: rows.context_lens,
@@ -274,8 +276,7 @@ impl Decoder {
             logit_rows: rows.logit_rows,
             kv: Shared(cache.kv.as_mut_ptr()),
             logits: Shared(logits.as_mut_ptr()),
-            q: Shared(q.as_mut_ptr()),
-            bufs: Buffers::new(&s, n, q_len, &mut scratch),
+            bufs,
         };
         let step_ref = &step;
         if threads == 1 {
@@ -288,9 +289,7 @@ impl Decoder {
                 self.worker(step_ref, 0);
             });
         }
-        let Step { bufs, .. } = step;
-        scratch.give(bufs, q, parts);
-        *self.scratch.lock().unwrap_or_else(|e| e.into_inner()) = scratch;
+        *self.scratch.lock().unwrap_or_else(|e| e.into_inner()) = step.bufs.owned;
         Ok(())
     }
 
@@ -298,7 +297,7 @@ impl Decoder {
     /// meets the others at the barrier between phases: per-row work (norms,
     /// quantization, rotary, cache writes, attention merges, SwiGLU) on the
     /// thread's own rows, matrix products on its own groups of output rows,
-    /// attention on its own work items.
+    /// attention on its own units.
     fn worker<T: KvStore>(&self, st: &Step<'_, T>, tid: usize) {
         let s = self.shape;
         let (h, kv_heads, d) = (s.num_heads, s.num_kv_heads, s.head_dim);
@@ -313,8 +312,8 @@ impl Decoder {
         let mut act = vec![0f32; s.intermediate];
         // SAFETY (every `unsafe` block below): phases are separated by the
         // barrier; within a phase a thread writes only its own rows (`mine`),
-        // output rows (`split`) or work items, and reads what the previous
-        // phases finished.
+        // output row groups (`product_of`) or attention units, and reads what
+        // the previous phases finished.
         let x_rows =
             |r: Range<usize>| unsafe { st.x.range(r.start * s.hidden, r.len() * s.hidden) };
         let acts_rows = |r: Range<usize>| unsafe { bufs.acts.range(r.start, r.len()) };
@@ -323,7 +322,7 @@ impl Decoder {
             |x: &[f32], norm: &[f32], w: &QMatrix, acts: &mut [QuantActs], normed: &mut [f32]| {
                 for (a, xr) in acts.iter_mut().zip(x.chunks_exact(s.hidden)) {
                     rms_norm(xr, norm, s.eps, normed);
-                    a.quantize(&normed[..s.hidden], w.padded_cols);
+                    a.quantize(&normed[..s.hidden], w.cols);
                 }
             };
         // out = acts W^T for this thread's whole groups of 16 output rows (the
@@ -374,7 +373,7 @@ impl Decoder {
                     .iter_mut()
                     .zip(v.iter())
                     .for_each(|(dst, &src)| *dst = T::from_f32(src));
-                unsafe { st.q.range(r * q_len, q_len) }.copy_from_slice(&qk[..q_len]);
+                unsafe { bufs.q.range(r * q_len, q_len) }.copy_from_slice(&qk[..q_len]);
             }
             st.barrier.wait();
             {
@@ -386,13 +385,13 @@ impl Decoder {
                     let (r, seg) = st.units[u];
                     let ctx = st.context_lens[r] as usize;
                     let table = &st.block_tables[r * st.max_blocks..][..st.max_blocks];
-                    let q_row = unsafe { &*st.q.range(r * q_len, q_len) };
+                    let q_row = unsafe { &*bufs.q.range(r * q_len, q_len) };
                     let query = RowQuery {
                         table,
                         first: seg * SEGMENT,
                         end: ctx.min((seg + 1) * SEGMENT),
                         q: q_row,
-                        scale: st.scale(),
+                        scale: st.scale,
                     };
                     // SAFETY: this unit alone writes its part.
                     unsafe {
@@ -401,7 +400,7 @@ impl Decoder {
                             &query,
                             k_layer,
                             v_layer,
-                            st.parts.0.add(u * plen),
+                            bufs.parts.0.add(u * plen),
                         )
                     };
                 }
@@ -412,14 +411,14 @@ impl Decoder {
                 let plen = segment_len(st.attn_shape);
                 for (r, o) in mine.clone().zip(attn.chunks_exact_mut(q_len)) {
                     let (a, b) = (st.first_unit[r], st.first_unit[r + 1]);
-                    let parts = unsafe { &*st.parts.range(a * plen, (b - a) * plen) };
+                    let parts = unsafe { &*bufs.parts.range(a * plen, (b - a) * plen) };
                     merge_segments(parts, b - a, st.attn_shape, o);
                 }
                 for (a, o) in acts_rows(mine.clone())
                     .iter_mut()
                     .zip(attn.chunks_exact(q_len))
                 {
-                    a.quantize(o, l.o.padded_cols);
+                    a.quantize(o, l.o.cols);
                 }
             }
             st.barrier.wait();
@@ -453,7 +452,7 @@ impl Decoder {
                 {
                     let (g, u) = gu.split_at(s.intermediate);
                     swiglu(g, u, &mut act);
-                    a.quantize(&act, l.down.padded_cols);
+                    a.quantize(&act, l.down.cols);
                 }
             }
             st.barrier.wait();
@@ -477,7 +476,7 @@ impl Decoder {
             let r = st.logit_rows[i];
             let xr = unsafe { st.x.range(r * s.hidden, s.hidden) };
             rms_norm(xr, &self.final_norm, s.eps, &mut normed);
-            a.quantize(&normed[..s.hidden], self.lm_head.padded_cols);
+            a.quantize(&normed[..s.hidden], self.lm_head.cols);
         }
         st.barrier.wait();
         product_of(
@@ -564,63 +563,59 @@ impl<T> Shared<T> {
     }
 }
 
-/// Scratch of one step: owned here, reached through the shared pointers.
+/// Step buffers kept in the decoder between steps (contents are stale:
+/// every element a step reads, it wrote first).
+#[derive(Default)]
+struct Scratch {
+    /// qkv, attn, proj, gate_up, q, parts
+    floats: [Vec<f32>; 6],
+    acts: Vec<QuantActs>,
+}
+
+const SLOT_Q: usize = 4;
+
+/// One step's buffers, sized for it, reached by the threads through the
+/// shared pointers.
 struct Buffers {
     acts: Shared<QuantActs>,
     qkv: Shared<f32>,
     attn: Shared<f32>,
     proj: Shared<f32>,
     gate_up: Shared<f32>,
-    _acts: Vec<QuantActs>,
-    _floats: [Vec<f32>; 4],
+    q: Shared<f32>,
+    /// segment_len floats per attention unit
+    parts: Shared<f32>,
+    owned: Scratch,
 }
 
 impl Buffers {
-    fn new(s: &DecoderShape, n: usize, q_len: usize, scratch: &mut Scratch) -> Self {
+    fn new(s: &DecoderShape, n: usize, parts_len: usize, mut owned: Scratch) -> Self {
+        let q_len = s.num_heads * s.head_dim;
         let qkv_rows = q_len + 2 * s.num_kv_heads * s.head_dim;
-        let mut acts = std::mem::take(&mut scratch.acts);
-        acts.resize_with(n, QuantActs::default);
-        let mut floats = [
-            scratch.take(0, n * qkv_rows),
-            scratch.take(1, n * q_len),
-            scratch.take(2, n * s.hidden),
-            scratch.take(3, n * 2 * s.intermediate),
+        let lens = [
+            n * qkv_rows,
+            n * q_len,
+            n * s.hidden,
+            n * 2 * s.intermediate,
+            n * q_len,
+            parts_len,
         ];
-        let [qkv, attn, proj, gate_up] = floats.each_mut().map(|v| Shared(v.as_mut_ptr()));
+        for (v, len) in owned.floats.iter_mut().zip(lens) {
+            v.resize(len, 0.0);
+        }
+        owned.acts.resize_with(n, QuantActs::default);
+        let [qkv, attn, proj, gate_up, q, parts] =
+            owned.floats.each_mut().map(|v| Shared(v.as_mut_ptr()));
         Self {
-            acts: Shared(acts.as_mut_ptr()),
+            acts: Shared(owned.acts.as_mut_ptr()),
             qkv,
             attn,
             proj,
             gate_up,
-            _acts: acts,
-            _floats: floats,
+            q,
+            parts,
+            owned,
         }
-    }
-}
-
-const SLOT_Q: usize = 4;
-const SLOT_PARTS: usize = 5;
-
-/// Step buffers kept between steps (contents are stale: every element a
-/// step reads, it wrote first).
-#[derive(Default)]
-struct Scratch {
-    floats: [Vec<f32>; 6],
-    acts: Vec<QuantActs>,
-}
-
-impl Scratch {
-    fn take(&mut self, slot: usize, len: usize) -> Vec<f32> {
-        let mut v = std::mem::take(&mut self.floats[slot]);
-        v.resize(len, 0.0);
-        v
-    }
-
-    fn give(&mut self, bufs: Buffers, q: Vec<f32>, parts: Vec<f32>) {
-        let [a, b, c, d] = bufs._floats;
-        self.floats = [a, b, c, d, q, parts];
-        self.acts = bufs._acts;
     }
 }
 
@@ -629,11 +624,11 @@ struct Step<'a, T> {
     n: usize,
     threads: usize,
     attn_shape: AttentionShape,
+    /// The softmax scale, 1 / sqrt(head_dim).
+    scale: f32,
     /// (row, segment) attention units, and each row's first (one past the end last)
     units: Vec<(usize, usize)>,
     first_unit: Vec<usize>,
-    /// segment_len floats per unit
-    parts: Shared<f32>,
     block_tables: &'a [i64],
     max_blocks: usize,
     context_lens: &'a [i64],
@@ -646,15 +641,7 @@ struct Step<'a, T> {
     logit_rows: &'a [usize],
     kv: Shared<T>,
     logits: Shared<f32>,
-    q: Shared<f32>,
     bufs: Buffers,
-}
-
-impl<T> Step<'_, T> {
-    /// The softmax scale, 1 / sqrt(head_dim).
-    fn scale(&self) -> f32 {
-        1.0 / (self.attn_shape.head_dim as f32).sqrt()
-    }
 }
 
 /// Threads meet here between the phases of a step: spinning, as a phase is

@@ -54,8 +54,6 @@ pub struct QMatrix {
     pub kind: QuantKind,
     pub rows: usize,
     pub cols: usize,
-    /// Width activations are quantized to (`cols`: whole blocks).
-    pub padded_cols: usize,
     q: Vec<u8>,
     /// f16 bits, (groups, blocks, 16).
     d: Vec<u16>,
@@ -152,7 +150,6 @@ impl QMatrix {
             kind,
             rows,
             cols,
-            padded_cols: cols,
             q: vec![0u8; groups * nb * kind.block_bytes()],
             d: vec![0u16; groups * nb * GROUP_ROWS],
             m: vec![0u16; groups * nb * GROUP_ROWS],
@@ -358,11 +355,7 @@ pub unsafe fn gemm_into(
 ) {
     assert!(rows.end <= w.rows);
     for x in xs {
-        assert_eq!(
-            x.q.len(),
-            w.padded_cols,
-            "activations quantized to another width"
-        );
+        assert_eq!(x.q.len(), w.cols, "activations quantized to another width");
     }
     #[cfg(target_arch = "x86_64")]
     {
@@ -637,7 +630,7 @@ mod tests {
     fn check(w: &QMatrix, rng: &mut Rng) {
         let x = random(rng, w.cols, 3.0);
         let mut acts = QuantActs::default();
-        acts.quantize(&x, w.padded_cols);
+        acts.quantize(&x, w.cols);
         let mut fast = vec![0f32; w.rows];
         let mut slow = vec![0f32; w.rows];
         gemm(w, std::slice::from_ref(&acts), 0..w.rows, &mut fast, w.rows);
@@ -730,7 +723,7 @@ mod tests {
             let xs: Vec<QuantActs> = (0..batch)
                 .map(|_| {
                     let mut a = QuantActs::default();
-                    a.quantize(&random(&mut rng, cols, 2.0), w.padded_cols);
+                    a.quantize(&random(&mut rng, cols, 2.0), w.cols);
                     a
                 })
                 .collect();

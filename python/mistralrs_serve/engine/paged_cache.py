@@ -134,9 +134,11 @@ class PagedKVCache:
         )
         self.k = self.kv[0]  # (num_layers, num_blocks, block_size, K, D); k[layer] is contiguous
         self.v = self.kv[1]
-        # numpy views of each layer for the Rust decode kernel (bf16 as its int16 bits)
+        # numpy views for the Rust kernels (bf16 as its int16 bits): the whole
+        # cache (the fused forward) and each layer (decode attention)
         native = dtype in _NATIVE_DTYPES and self.kv.device.type == "cpu"
         bits = self.kv.view(torch.int16) if dtype == torch.bfloat16 else self.kv
+        self.kv_np = bits.numpy() if native else None
         self.k_np = [bits[0, i].numpy() for i in range(cfg.num_layers)] if native else []
         self.v_np = [bits[1, i].numpy() for i in range(cfg.num_layers)] if native else []
 
