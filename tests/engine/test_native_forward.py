@@ -85,3 +85,13 @@ def test_chunking_and_neighbours_never_change_a_token(engine: LLMEngine) -> None
     whole = native_logits(engine, ids, [70])
     assert torch.equal(whole, native_logits(engine, ids, [33, 1, 36], first_block=8))
     assert torch.equal(whole[:5], native_logits(engine, ids[:5], [1] * 5, first_block=16))
+
+
+def test_every_engine_on_one_model_gets_the_fused_forward(loaded: LoadedModel, engine: LLMEngine) -> None:
+    # the first engine (fixture) repacked the weights; later ones share them
+    second = LLMEngine(loaded, EngineConfig(kv_cache_mb=64))
+    assert second.native is not None
+    off = LLMEngine(loaded, EngineConfig(kv_cache_mb=64, native_forward=False))
+    assert off.native is None
+    ids = text_ids(engine, 40)
+    assert torch.equal(native_logits(engine, ids, [40]), native_logits(second, ids, [40]))

@@ -40,12 +40,10 @@ def _f32(t: torch.Tensor | None) -> list[float] | None:
     return None if t is None else t.float().tolist()
 
 
-def _q4(lin: Linear) -> _native.QuantMatrix:
-    assert lin.q4 is not None
-    w = lin.q4
-    return _native.QuantMatrix.from_q4(
-        w.q.contiguous().numpy(), w.scale.float().contiguous().numpy(), w.minimum.float().contiguous().numpy()
-    )
+def _matrix(lin: Linear) -> _native.QuantMatrix:
+    m = lin.quant_matrix()
+    assert m is not None
+    return m
 
 
 class NativeForward:
@@ -58,21 +56,20 @@ class NativeForward:
             layers.append(
                 (
                     layer.input_norm.float().tolist(),
-                    _q4(layer.qkv),
+                    _matrix(layer.qkv),
                     _f32(layer.qkv.bias),
                     _f32(layer.q_norm),
                     _f32(layer.k_norm),
-                    _q4(layer.o),
+                    _matrix(layer.o),
                     _f32(layer.o.bias),
                     layer.post_norm.float().tolist(),
-                    _q4(layer.gate_up),
-                    _q4(layer.down),
+                    _matrix(layer.gate_up),
+                    _matrix(layer.down),
                 )
             )
         head = model.lm_head
-        head_q = (
-            _q4(head) if head.q4 is not None else _native.QuantMatrix.quantize_q8(head.weight.float().numpy())
-        )
+        head_q = head.quant_matrix(requantize=True)
+        assert head_q is not None
         self.decoder = _native.NativeDecoder(
             hidden=cfg.hidden_size,
             num_heads=cfg.num_heads,
@@ -85,11 +82,10 @@ class NativeForward:
             final_norm=model.norm.float().tolist(),
             lm_head=head_q,
         )
-        for lin in _linears(model):
-            lin.q4 = None  # the decoder holds its own repacked copy
         self.model = model
         self.vocab = head.out_features
-        self.kv = cache.kv.view(torch.int16).numpy() if cache.kv.dtype == torch.bfloat16 else cache.kv.numpy()
+        assert cache.kv_np is not None
+        self.kv = cache.kv_np
         logger.info("fused CPU forward: %.1f MB of weights per decode step", self.decoder.weight_bytes / 1e6)
 
     @staticmethod
@@ -97,9 +93,9 @@ class NativeForward:
         """The fused forward for this model and cache, or None where it does not apply."""
         if not isinstance(model, LlamaForCausalLM) or model.device.type != "cpu":
             return None
-        if cache.kv.dtype not in (torch.bfloat16, torch.float32) or not _native.QuantMatrix.has_fast_kernel():
+        if cache.kv_np is None or not _native.QuantMatrix.has_fast_kernel():
             return None
-        if any(lin.q4 is None for lin in _linears(model)[1:]):
+        if any(lin.quant_matrix() is None for lin in _linears(model)[1:]):
             return None
         return NativeForward(model, cache)
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from mistralrs_serve import _native
+
 # Rows above which the dense bf16 matmul wins (measured crossover: 8-16).
 INT4_MAX_ROWS = 8
 GROUP_SIZE = 32
@@ -64,8 +66,9 @@ class Linear:
     def __init__(self, weight: AnyWeight, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
         self.bias = None if bias is None else bias.to(dtype)
         self.int4: tuple[torch.Tensor, torch.Tensor] | None = None
-        # the 4-bit source, until the fused CPU decode step (engine/native_forward.py) takes it
+        # the 4-bit source, until quant_matrix() repacks it for the fused CPU forward
         self.q4 = weight if isinstance(weight, Q4Weight) else None
+        self._quant: _native.QuantMatrix | None = None
         if isinstance(weight, Q4Weight):
             # torch's packing needs whole tiles of 16 output rows (e.g. a 32001-row head has none).
             if dtype == torch.bfloat16 and has_int4_kernel() and weight.shape[0] % INT4_ROW_TILE == 0:
@@ -78,7 +81,24 @@ class Linear:
         self.weight = self.weight.to(device)
         self.bias = None if self.bias is None else self.bias.to(device)
         if device.type != "cpu":
-            self.int4 = self.q4 = None
+            self.int4 = self.q4 = self._quant = None
+
+    def quant_matrix(self, requantize: bool = False) -> _native.QuantMatrix | None:
+        """The weights repacked for the fused CPU forward (engine/native_forward.py),
+        built once and shared by every engine on this model: from the 4-bit source
+        (then let go), or with `requantize`, the dense weights quantized to 8 bits
+        per block of 32. None for dense weights without `requantize`."""
+        if self._quant is None and self.q4 is not None:
+            w = self.q4
+            self._quant = _native.QuantMatrix.from_q4(
+                w.q.contiguous().numpy(),
+                w.scale.float().contiguous().numpy(),
+                w.minimum.float().contiguous().numpy(),
+            )
+            self.q4 = None
+        elif self._quant is None and requantize:
+            self._quant = _native.QuantMatrix.quantize_q8(self.weight.float().contiguous().numpy())
+        return self._quant
 
     @property
     def out_features(self) -> int:
