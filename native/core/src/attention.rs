@@ -120,16 +120,17 @@ pub fn paged_decode_attention<T: KvElem>(
     Ok(())
 }
 
-/// One query row of [`attend_segment`] and the segment of its context.
+/// Query rows of one sequence attending over one segment of its context
+/// together: a prefill chunk's rows (up to [`TILE_ROWS`]), or a decode's one.
 #[derive(Clone, Copy)]
-pub struct RowQuery<'a> {
-    /// Block ids of the row's sequence.
+pub struct TileQuery<'a> {
+    /// Block ids of the sequence.
     pub table: &'a [i64],
-    /// Positions attended over: first..end of the row's context (a
-    /// segment of it: see [`attend_segment`]).
+    /// Start of the segment (a multiple of [`SEGMENT`]).
     pub first: usize,
-    pub end: usize,
-    /// (num_heads, head_dim) query.
+    /// Per row: the end of its context within the segment (`> first`).
+    pub ends: &'a [usize],
+    /// The rows' queries, (rows, num_heads, head_dim) row-major.
     pub q: &'a [f32],
     pub scale: f32,
 }
@@ -139,38 +140,47 @@ pub struct RowQuery<'a> {
 /// the row alone, and a long context still splits over threads.
 pub const SEGMENT: usize = 128;
 
+/// Rows of a [`TileQuery`] at most: they share each key chunk's transpose
+/// and each value chunk's conversion.
+pub const TILE_ROWS: usize = 8;
+
 /// Floats of one segment's partial result: per query head, its max score,
 /// its sum of weights and the unnormalised output row.
 pub fn segment_len(shape: AttentionShape) -> usize {
     shape.num_heads * (shape.head_dim + 2)
 }
 
-/// One query row's attention over a segment of its context, every head, as
-/// a partial softmax (see [`merge_segments`]).
-/// The arithmetic depends on the row and segment alone (not on the other
-/// rows of the step, their number or how they are split over threads), so a
+/// Reusable buffers of [`attend_tile`] (one per thread).
+#[derive(Default)]
+pub struct TileScratch {
+    floats: Vec<f32>,
+}
+
+/// The query heads of kv head `kv_head`, for every row of a tile, over one
+/// segment of their context, as partial softmaxes (see [`merge_segments`]).
+///
+/// A row's arithmetic depends on the row and segment alone: not on the
+/// other rows of its tile, the rest of the step, or the threads. So a
 /// token's result is the same whether it is computed in a prefill chunk, as
 /// a decode, after a prefix-cache hit or after a recompute.
 ///
-/// Writes head `h`'s `[max, sum, acc(head_dim)]` at `out + h * (head_dim + 2)`.
+/// Row `i` writes head `h`'s `[max, sum, acc(head_dim)]` at
+/// `outs[i] + h * (head_dim + 2)`, for the heads of `kv_head`.
 ///
 /// # Safety
-/// `out` must be valid for those writes with nothing else accessing them;
-/// the table's blocks must be in the cache (see [`check_decode_batch`]).
-pub unsafe fn attend_segment<T: KvElem>(
+/// Each `outs[i]` must be valid for those writes with nothing else
+/// accessing them; the table's blocks must be in the cache (see
+/// [`check_decode_batch`]); `tile.q` holds `ends.len()` rows.
+pub unsafe fn attend_tile<T: KvElem>(
     shape: AttentionShape,
-    row: &RowQuery<'_>,
+    tile: &TileQuery<'_>,
+    kv_head: usize,
     k_cache: &[T],
     v_cache: &[T],
-    out: *mut f32,
+    outs: &[*mut f32],
+    scratch: &mut TileScratch,
 ) {
-    let RowQuery {
-        table,
-        first,
-        end,
-        q,
-        scale,
-    } = *row;
+    debug_assert!(tile.ends.len() <= TILE_ROWS && tile.ends.len() == outs.len());
     #[cfg(target_arch = "x86_64")]
     {
         let g = shape.num_heads / shape.num_kv_heads;
@@ -179,8 +189,10 @@ pub unsafe fn attend_segment<T: KvElem>(
             && shape.head_dim <= 256
             && g <= 8
         {
-            // SAFETY: the CPU has AVX-512F (checked just above); `out` per the contract.
-            return unsafe { row16::attend_segment(shape, row, k_cache, v_cache, out) };
+            // SAFETY: the CPU has AVX-512F (checked just above); the rest per the contract.
+            return unsafe {
+                tile16::attend(shape, tile, kv_head, k_cache, v_cache, outs, scratch)
+            };
         }
     }
     let AttentionShape {
@@ -190,30 +202,31 @@ pub unsafe fn attend_segment<T: KvElem>(
         block_size: bs,
     } = shape;
     let g = num_heads / num_kv_heads;
-    for h in 0..num_heads {
-        let kv_head = h / g;
-        let at = |p: usize| ((table[p / bs] as usize * bs + p % bs) * num_kv_heads + kv_head) * d;
-        let qh = &q[h * d..][..d];
-        let scores: Vec<f32> = (first..end)
-            .map(|p| {
-                qh.iter()
-                    .zip(&k_cache[at(p)..][..d])
-                    .map(|(a, b)| a * b.to_f32())
-                    .sum::<f32>()
-                    * scale
-            })
-            .collect();
-        let max = scores.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
-        let weights: Vec<f32> = scores.iter().map(|s| fast_exp(s - max)).collect();
-        // SAFETY: per the contract.
-        let part = unsafe { std::slice::from_raw_parts_mut(out.add(h * (d + 2)), d + 2) };
-        part[0] = max;
-        part[1] = weights.iter().sum();
-        for c in 0..d {
-            part[2 + c] = (first..end)
-                .zip(&weights)
-                .map(|(p, w)| w * v_cache[at(p) + c].to_f32())
-                .sum();
+    let at = |p: usize| ((tile.table[p / bs] as usize * bs + p % bs) * num_kv_heads + kv_head) * d;
+    for (i, (&end, &out)) in tile.ends.iter().zip(outs).enumerate() {
+        for h in kv_head * g..(kv_head + 1) * g {
+            let qh = &tile.q[(i * num_heads + h) * d..][..d];
+            let scores: Vec<f32> = (tile.first..end)
+                .map(|p| {
+                    qh.iter()
+                        .zip(&k_cache[at(p)..][..d])
+                        .map(|(a, b)| a * b.to_f32())
+                        .sum::<f32>()
+                        * tile.scale
+                })
+                .collect();
+            let max = scores.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+            let weights: Vec<f32> = scores.iter().map(|s| fast_exp(s - max)).collect();
+            // SAFETY: per the contract.
+            let part = unsafe { std::slice::from_raw_parts_mut(out.add(h * (d + 2)), d + 2) };
+            part[0] = max;
+            part[1] = weights.iter().sum();
+            for c in 0..d {
+                part[2 + c] = (tile.first..end)
+                    .zip(&weights)
+                    .map(|(p, w)| w * v_cache[at(p) + c].to_f32())
+                    .sum();
+            }
         }
     }
 }
@@ -243,16 +256,16 @@ pub fn merge_segments(parts: &[f32], segments: usize, shape: AttentionShape, out
     }
 }
 
-/// `attend_segment` with AVX-512: 16 positions at a time, each key read once
-/// for the group's heads, the softmax online over those chunks.
+/// [`attend_tile`] with AVX-512, 16 positions (lanes) at a time: each chunk
+/// of keys is transposed once for the whole tile, so a row's 16 scores are
+/// plain FMAs over head_dim with no horizontal sums, and each chunk of
+/// values is converted once; the softmax is online over the chunks.
 #[cfg(target_arch = "x86_64")]
-// registers in arrays indexed by head and by 16-lane tile of head_dim
-#[allow(clippy::needless_range_loop)]
-mod row16 {
+mod tile16 {
     use std::arch::x86_64::*;
 
     use super::avx512::load16;
-    use super::{AttentionShape, KvElem, RowQuery};
+    use super::{fast_exp, AttentionShape, KvElem, TileQuery, TileScratch, TILE_ROWS};
 
     /// e^x per lane: 2^(x log2 e) as 2^n times a degree-6 polynomial of the fraction.
     #[inline]
@@ -271,21 +284,156 @@ mod row16 {
         _mm512_scalef_ps(p, n)
     }
 
+    /// Transposes the 16x16 block `rows[j][c]` (row stride `stride` floats)
+    /// into `out[c * 16 + j]`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn transpose16(rows: *const f32, stride: usize, out: *mut f32) {
+        let mut r = [_mm512_setzero_ps(); 16];
+        for (j, v) in r.iter_mut().enumerate() {
+            *v = _mm512_loadu_ps(rows.add(j * stride));
+        }
+        // 32-bit, then 64-bit interleaves within 128-bit lanes
+        let mut t = [_mm512_setzero_ps(); 16];
+        for i in 0..8 {
+            t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+            t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+        }
+        for i in 0..4 {
+            for h in 0..2 {
+                let (a, b) = (t[4 * i + h], t[4 * i + h + 2]);
+                r[4 * i + h] =
+                    _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)));
+                r[4 * i + h + 2] =
+                    _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)));
+            }
+        }
+        // 128-bit lanes: first pairs of 4-row groups, then pairs of 8-row groups
+        for i in 0..2 {
+            for h in 0..4 {
+                let (a, b) = (r[8 * i + h], r[8 * i + h + 4]);
+                t[8 * i + h] = _mm512_shuffle_f32x4::<0x88>(a, b);
+                t[8 * i + h + 4] = _mm512_shuffle_f32x4::<0xDD>(a, b);
+            }
+        }
+        for h in 0..8 {
+            let (a, b) = (t[h], t[h + 8]);
+            r[h] = _mm512_shuffle_f32x4::<0x88>(a, b);
+            r[h + 8] = _mm512_shuffle_f32x4::<0xDD>(a, b);
+        }
+        for (c, v) in r.iter().enumerate() {
+            let j = [0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 14, 13, 15][c];
+            _mm512_storeu_ps(out.add(j * 16), *v);
+        }
+    }
+
+    /// Scores of M heads of one row against a chunk of 16 transposed keys
+    /// (`kt[c * 16 + j]`): head `m`'s query at `q + m * d`. Per head, four
+    /// chains over head_dim (`c mod 4`) summed in a fixed order, whatever M.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn scores<const M: usize>(q: *const f32, kt: *const f32, d: usize, out: &mut [__m512]) {
+        let mut acc = [[_mm512_setzero_ps(); 4]; M];
+        for c in (0..d).step_by(4) {
+            for u in 0..4 {
+                let k = _mm512_loadu_ps(kt.add((c + u) * 16));
+                for (m, a) in acc.iter_mut().enumerate() {
+                    a[u] = _mm512_fmadd_ps(_mm512_set1_ps(*q.add(m * d + c + u)), k, a[u]);
+                }
+            }
+        }
+        for (o, a) in out.iter_mut().zip(&acc) {
+            *o = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
+        }
+    }
+
+    /// For M heads of one row: `acc = acc * corr + Σ_j probs[j] * v[j]` over
+    /// `16 * TILES` floats; head `m`'s accumulator at `acc + m * d`, its
+    /// weights at `probs + m * 16`; value row `j` at `v + j * d`. Per lane,
+    /// the products in `j` order whatever M and TILES are.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn weigh<const M: usize, const TILES: usize>(
+        acc: *mut f32,
+        corr: &[f32],
+        probs: *const f32,
+        n: usize,
+        v: *const f32,
+        d: usize,
+    ) {
+        let mut o = [[_mm512_setzero_ps(); TILES]; M];
+        for (m, o) in o.iter_mut().enumerate() {
+            for (t, o) in o.iter_mut().enumerate() {
+                *o = _mm512_mul_ps(
+                    _mm512_loadu_ps(acc.add(m * d + t * 16)),
+                    _mm512_set1_ps(corr[m]),
+                );
+            }
+        }
+        for j in 0..n {
+            for t in 0..TILES {
+                let vt = _mm512_loadu_ps(v.add(j * d + t * 16));
+                for (m, o) in o.iter_mut().enumerate() {
+                    o[t] = _mm512_fmadd_ps(_mm512_set1_ps(*probs.add(m * 16 + j)), vt, o[t]);
+                }
+            }
+        }
+        for (m, o) in o.iter().enumerate() {
+            for (t, o) in o.iter().enumerate() {
+                _mm512_storeu_ps(acc.add(m * d + t * 16), *o);
+            }
+        }
+    }
+
+    /// [`weigh`] for `heads` heads (up to 4) of any head_dim: TILES is a
+    /// constant for the common sizes, else one 16-float tile at a time.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn weigh_heads(
+        heads: usize,
+        acc: *mut f32,
+        corr: &[f32],
+        probs: *const f32,
+        n: usize,
+        v: *const f32,
+        d: usize,
+    ) {
+        macro_rules! by_heads {
+            ($tiles:literal, $acc:expr, $v:expr) => {
+                match heads {
+                    1 => weigh::<1, $tiles>($acc, corr, probs, n, $v, d),
+                    2 => weigh::<2, $tiles>($acc, corr, probs, n, $v, d),
+                    3 => weigh::<3, $tiles>($acc, corr, probs, n, $v, d),
+                    _ => weigh::<4, $tiles>($acc, corr, probs, n, $v, d),
+                }
+            };
+        }
+        match d / 16 {
+            4 => by_heads!(4, acc, v),
+            2 => by_heads!(2, acc, v),
+            1 => by_heads!(1, acc, v),
+            8 if heads <= 2 => match heads {
+                1 => weigh::<1, 8>(acc, corr, probs, n, v, d),
+                _ => weigh::<2, 8>(acc, corr, probs, n, v, d),
+            },
+            tiles => {
+                for t in 0..tiles {
+                    by_heads!(1, acc.add(t * 16), v.add(t * 16))
+                }
+            }
+        }
+    }
+
     #[target_feature(enable = "avx512f,avx512bw")]
-    pub(super) unsafe fn attend_segment<T: KvElem>(
+    pub(super) unsafe fn attend<T: KvElem>(
         shape: AttentionShape,
-        row: &RowQuery<'_>,
+        tile: &TileQuery<'_>,
+        kv_head: usize,
         k_cache: &[T],
         v_cache: &[T],
-        out: *mut f32,
+        outs: &[*mut f32],
+        scratch: &mut TileScratch,
     ) {
-        let RowQuery {
-            table,
-            first,
-            end,
-            q,
-            scale,
-        } = *row;
         let AttentionShape {
             num_heads,
             num_kv_heads,
@@ -293,85 +441,131 @@ mod row16 {
             block_size: bs,
         } = shape;
         let g = num_heads / num_kv_heads;
+        let rows = tile.ends.len();
         let tiles = d / 16;
-        // every head's state, in memory (L1): the kv heads take turns on each
-        // 16-position chunk, so the chunk's cache rows are read once
-        let mut qs = vec![0f32; num_heads * d];
-        for (o, &v) in qs.iter_mut().zip(q) {
-            *o = v * scale;
+        let end = tile.ends.iter().copied().max().unwrap_or(tile.first);
+        // scratch: the chunk's keys as rows then transposed, its values,
+        // the rows' scaled queries and their output accumulators
+        let (k_rows, k_t, v_rows) = (0, 16 * d, 32 * d);
+        let qs = 48 * d;
+        let accs = qs + rows * g * d;
+        scratch.floats.clear();
+        scratch.floats.resize(accs + rows * g * d, 0.0);
+        let buf = scratch.floats.as_mut_ptr();
+        for i in 0..rows {
+            for hh in 0..g {
+                let src = tile.q.as_ptr().add((i * num_heads + kv_head * g + hh) * d);
+                let dst = buf.add(qs + (i * g + hh) * d);
+                for c in 0..d {
+                    *dst.add(c) = *src.add(c) * tile.scale;
+                }
+            }
         }
-        let mut acc = vec![0f32; num_heads * d];
-        let mut maxes = vec![f32::NEG_INFINITY; num_heads];
-        let mut sums = vec![0f32; num_heads];
-        let mut scores = [[0f32; 16]; 8];
-        let mut probs = [[0f32; 16]; 8];
-        let row_at =
-            |p: usize| (*table.get_unchecked(p / bs) as usize * bs + p % bs) * num_kv_heads * d;
-        let mut start = first;
+        let mut maxes = [[f32::NEG_INFINITY; 8]; TILE_ROWS];
+        // per lane: the sum of that lane's weights, rescaled as the max grows
+        let mut sums = [_mm512_setzero_ps(); TILE_ROWS * 8];
+        let mut scores = [_mm512_setzero_ps(); TILE_ROWS * 8];
+        let mut probs = [0f32; TILE_ROWS * 8 * 16];
+        let mut corrs = [0f32; TILE_ROWS * 8];
+        let row_at = |p: usize| {
+            ((*tile.table.get_unchecked(p / bs) as usize * bs + p % bs) * num_kv_heads + kv_head)
+                * d
+        };
+        let mut start = tile.first;
         while start < end {
-            let n = 16.min(end - start);
-            let mask: __mmask16 = ((1u32 << n) - 1) as u16;
-            for kv_head in 0..num_kv_heads {
-                let h0 = kv_head * g;
-                for j in 0..n {
-                    let k = k_cache.as_ptr().add(row_at(start + j) + kv_head * d);
-                    let mut dots = [_mm512_setzero_ps(); 8];
+            let n_all = 16.min(end - start);
+            for j in 0..16 {
+                let (kd, vd) = (buf.add(k_rows + j * d), buf.add(v_rows + j * d));
+                if j < n_all {
+                    let at = row_at(start + j);
                     for t in 0..tiles {
-                        let kt = load16(k.add(t * 16));
-                        for hh in 0..g {
-                            let qv = _mm512_loadu_ps(qs.as_ptr().add((h0 + hh) * d + t * 16));
-                            dots[hh] = _mm512_fmadd_ps(qv, kt, dots[hh]);
-                        }
+                        _mm512_storeu_ps(kd.add(t * 16), load16(k_cache.as_ptr().add(at + t * 16)));
+                        _mm512_storeu_ps(vd.add(t * 16), load16(v_cache.as_ptr().add(at + t * 16)));
                     }
-                    for hh in 0..g {
-                        scores[hh][j] = _mm512_reduce_add_ps(dots[hh]);
+                } else {
+                    std::ptr::write_bytes(kd, 0, d);
+                }
+            }
+            for t in 0..tiles {
+                transpose16(buf.add(k_rows + t * 16), d, buf.add(k_t + t * 256));
+            }
+            // three passes over the tile's (row, head) pairs, each pass's
+            // items independent (so their latencies overlap): scores, softmax,
+            // values
+            for i in 0..rows {
+                if tile.ends[i] <= start {
+                    continue;
+                }
+                // 16 scores per head, up to 4 heads at a time
+                for h0 in (0..g).step_by(4) {
+                    let q = buf.add(qs + (i * g + h0) * d);
+                    let out = &mut scores[i * g + h0..];
+                    match 4.min(g - h0) {
+                        1 => self::scores::<1>(q, buf.add(k_t), d, out),
+                        2 => self::scores::<2>(q, buf.add(k_t), d, out),
+                        3 => self::scores::<3>(q, buf.add(k_t), d, out),
+                        _ => self::scores::<4>(q, buf.add(k_t), d, out),
                     }
                 }
-                let mut corr = [0f32; 8];
+            }
+            for i in 0..rows {
+                if tile.ends[i] <= start {
+                    continue;
+                }
+                let n = 16.min(tile.ends[i] - start);
+                let mask: __mmask16 = ((1u32 << n) - 1) as u16;
                 for hh in 0..g {
-                    let h = h0 + hh;
-                    let sc = _mm512_mask_loadu_ps(
+                    let sc = _mm512_mask_mov_ps(
                         _mm512_set1_ps(f32::NEG_INFINITY),
                         mask,
-                        scores[hh].as_ptr(),
+                        scores[i * g + hh],
                     );
-                    let new_max = maxes[h].max(_mm512_reduce_max_ps(sc));
+                    let old = maxes[i][hh];
+                    let new_max = old.max(_mm512_reduce_max_ps(sc));
                     let p = _mm512_maskz_mov_ps(
                         mask,
                         exp16(_mm512_sub_ps(sc, _mm512_set1_ps(new_max))),
                     );
-                    corr[hh] = super::fast_exp(maxes[h] - new_max);
-                    sums[h] = sums[h] * corr[hh] + _mm512_reduce_add_ps(p);
-                    maxes[h] = new_max;
-                    _mm512_storeu_ps(probs[hh].as_mut_ptr(), p);
-                }
-                for t in 0..tiles {
-                    let mut o = [_mm512_setzero_ps(); 8];
-                    for hh in 0..g {
-                        let a = _mm512_loadu_ps(acc.as_ptr().add((h0 + hh) * d + t * 16));
-                        o[hh] = _mm512_mul_ps(a, _mm512_set1_ps(corr[hh]));
-                    }
-                    for j in 0..n {
-                        let v = v_cache
-                            .as_ptr()
-                            .add(row_at(start + j) + kv_head * d + t * 16);
-                        let vt = load16(v);
-                        for hh in 0..g {
-                            o[hh] = _mm512_fmadd_ps(_mm512_set1_ps(probs[hh][j]), vt, o[hh]);
-                        }
-                    }
-                    for hh in 0..g {
-                        _mm512_storeu_ps(acc.as_mut_ptr().add((h0 + hh) * d + t * 16), o[hh]);
-                    }
+                    // fast_exp(0) is exactly 1: skip it while the max holds
+                    let corr = if new_max == old {
+                        1.0
+                    } else {
+                        fast_exp(old - new_max)
+                    };
+                    let item = i * g + hh;
+                    sums[item] = _mm512_fmadd_ps(sums[item], _mm512_set1_ps(corr), p);
+                    maxes[i][hh] = new_max;
+                    corrs[i * g + hh] = corr;
+                    _mm512_storeu_ps(probs.as_mut_ptr().add((i * g + hh) * 16), p);
                 }
             }
-            start += n;
+            for i in 0..rows {
+                if tile.ends[i] <= start {
+                    continue;
+                }
+                let n = 16.min(tile.ends[i] - start);
+                for h0 in (0..g).step_by(4) {
+                    let item = i * g + h0;
+                    weigh_heads(
+                        4.min(g - h0),
+                        buf.add(accs + item * d),
+                        &corrs[item..],
+                        probs.as_ptr().add(item * 16),
+                        n,
+                        buf.add(v_rows),
+                        d,
+                    );
+                }
+            }
+            start += n_all;
         }
-        for h in 0..num_heads {
-            let part = out.add(h * (d + 2));
-            *part = maxes[h];
-            *part.add(1) = sums[h];
-            std::ptr::copy_nonoverlapping(acc.as_ptr().add(h * d), part.add(2), d);
+        for (i, &out) in outs.iter().enumerate() {
+            for hh in 0..g {
+                let part = out.add((kv_head * g + hh) * (d + 2));
+                *part = maxes[i][hh];
+                *part.add(1) = _mm512_reduce_add_ps(sums[i * g + hh]);
+                std::ptr::copy_nonoverlapping(buf.add(accs + (i * g + hh) * d), part.add(2), d);
+            }
         }
     }
 }
@@ -811,31 +1005,166 @@ mod tests {
         let segments = ctx.div_ceil(SEGMENT);
         let len = segment_len(shape);
         let mut parts = vec![0f32; segments * len];
+        let mut scratch = TileScratch::default();
         for s in 0..segments {
-            let (first, end) = (s * SEGMENT, ctx.min((s + 1) * SEGMENT));
-            let row = RowQuery {
+            let ends = [ctx.min((s + 1) * SEGMENT)];
+            let tile = TileQuery {
                 table,
-                first,
-                end,
+                first: s * SEGMENT,
+                ends: &ends,
                 q,
                 scale,
             };
-            // SAFETY: parts holds every segment's heads.
-            unsafe { attend_segment(shape, &row, k, v, parts.as_mut_ptr().add(s * len)) };
+            for kv_head in 0..shape.num_kv_heads {
+                let out = [parts.as_mut_ptr().wrapping_add(s * len)];
+                // SAFETY: parts holds every segment's heads.
+                unsafe { attend_tile(shape, &tile, kv_head, k, v, &out, &mut scratch) };
+            }
         }
         merge_segments(&parts, segments, shape, out);
+    }
+
+    /// The default model's attention, for the speed tests.
+    const DEFAULT_MODEL: AttentionShape = AttentionShape {
+        num_heads: 9,
+        num_kv_heads: 3,
+        head_dim: 64,
+        block_size: 16,
+    };
+
+    /// `cargo test --release -- --ignored --nocapture tile_speed`: a 512-token
+    /// prefill's attention on one thread (the default model's shape).
+    #[test]
+    #[ignore]
+    fn tile_speed() {
+        let shape = DEFAULT_MODEL;
+        let n = 512;
+        let mut seed = 3u64;
+        let elems = n * 3 * 64;
+        let k: Vec<u16> = (0..elems)
+            .map(|_| (lcg(&mut seed).to_bits() >> 16) as u16)
+            .collect();
+        let table: Vec<i64> = (0..(n / 16) as i64).collect();
+        let q: Vec<f32> = (0..n * 9 * 64).map(|_| lcg(&mut seed)).collect();
+        let len = segment_len(shape);
+        let mut parts = vec![0f32; n * 4 * len];
+        let mut scratch = TileScratch::default();
+        let reps = 10;
+        let t = std::time::Instant::now();
+        let mut items = 0usize;
+        for r0 in (0..n * reps).step_by(TILE_ROWS).map(|r| r % n) {
+            let ctxs: Vec<usize> = (r0 + 1..r0 + TILE_ROWS + 1).collect();
+            for seg in 0..ctxs[TILE_ROWS - 1].div_ceil(SEGMENT) {
+                let first = seg * SEGMENT;
+                let reach = ctxs.partition_point(|&c| c <= first);
+                let ends: Vec<usize> = ctxs[reach..]
+                    .iter()
+                    .map(|&c| c.min(first + SEGMENT))
+                    .collect();
+                items += ends
+                    .iter()
+                    .map(|e| (e - first).div_ceil(16) * 9)
+                    .sum::<usize>();
+                let tile = TileQuery {
+                    table: &table,
+                    first,
+                    ends: &ends,
+                    q: &q[(r0 + reach) * 9 * 64..][..ends.len() * 9 * 64],
+                    scale: 0.125,
+                };
+                let outs: Vec<*mut f32> = (0..ends.len())
+                    .map(|i| {
+                        parts
+                            .as_mut_ptr()
+                            .wrapping_add(((r0 + reach + i) * 4 + seg) * len)
+                    })
+                    .collect();
+                for kv_head in 0..3 {
+                    // SAFETY: one part per row and segment.
+                    unsafe { attend_tile(shape, &tile, kv_head, &k, &k, &outs, &mut scratch) };
+                }
+            }
+        }
+        let secs = t.elapsed().as_secs_f64();
+        println!(
+            "512-row prefill, one layer: {:.2} ms, {:.1} ns per (row, head, 16 positions)",
+            secs * 1e3 / reps as f64,
+            secs * 1e9 / items as f64
+        );
+    }
+
+    #[test]
+    fn a_row_is_the_same_in_any_tile() {
+        // rows of one sequence at consecutive positions, tiled as a prefill
+        // chunk would be, against each row alone: bit-identical partials
+        let shape = AttentionShape {
+            num_heads: 6,
+            num_kv_heads: 2,
+            head_dim: 32,
+            block_size: 16,
+        };
+        let mut seed = 11u64;
+        let num_blocks = 24;
+        let elems = num_blocks * 16 * 2 * 32;
+        let k: Vec<u16> = (0..elems)
+            .map(|_| (lcg(&mut seed).to_bits() >> 16) as u16)
+            .collect();
+        let v: Vec<u16> = (0..elems)
+            .map(|_| (lcg(&mut seed).to_bits() >> 16) as u16)
+            .collect();
+        let table: Vec<i64> = (0..num_blocks as i64)
+            .map(|b| (b * 5) % num_blocks as i64)
+            .collect();
+        let len = segment_len(shape);
+        let mut scratch = TileScratch::default();
+        for (first, ends) in [
+            (0, vec![1, 2, 3, 4, 5, 6, 7, 8]),
+            (128, vec![130, 131, 150]),
+            (256, vec![300, 301, 302, 303, 304, 305, 306, 307]),
+            (0, vec![128, 128, 17, 16]),
+        ] {
+            let q: Vec<f32> = (0..ends.len() * 6 * 32).map(|_| lcg(&mut seed)).collect();
+            let tile = TileQuery {
+                table: &table,
+                first,
+                ends: &ends,
+                q: &q,
+                scale: 0.2,
+            };
+            let mut together = vec![0f32; ends.len() * len];
+            let mut alone = vec![0f32; ends.len() * len];
+            for kv_head in 0..2 {
+                let outs: Vec<*mut f32> = (0..ends.len())
+                    .map(|i| together.as_mut_ptr().wrapping_add(i * len))
+                    .collect();
+                // SAFETY: one part per row.
+                unsafe { attend_tile(shape, &tile, kv_head, &k, &v, &outs, &mut scratch) };
+                for i in 0..ends.len() {
+                    let one = TileQuery {
+                        ends: &ends[i..i + 1],
+                        q: &q[i * 6 * 32..][..6 * 32],
+                        ..tile
+                    };
+                    let out = [alone.as_mut_ptr().wrapping_add(i * len)];
+                    // SAFETY: as above.
+                    unsafe { attend_tile(shape, &one, kv_head, &k, &v, &out, &mut scratch) };
+                }
+            }
+            assert!(
+                together
+                    .iter()
+                    .zip(&alone)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "tile {first} {ends:?}"
+            );
+        }
     }
 
     /// `cargo test --release -- --ignored --nocapture row_speed`
     #[test]
     #[ignore]
     fn row_speed() {
-        let shape = AttentionShape {
-            num_heads: 9,
-            num_kv_heads: 3,
-            head_dim: 64,
-            block_size: 16,
-        };
+        let shape = DEFAULT_MODEL;
         let ctx = 640;
         let blocks = ctx / 16;
         let k = vec![0x3f80u16; blocks * 16 * 3 * 64];

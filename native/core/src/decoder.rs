@@ -6,8 +6,9 @@
 //! of ~20 small ops per layer; here a step is one call: 8-bit activations
 //! against 4/8-bit weights with AVX-512 VNNI, f32 everywhere else, the
 //! cache written and read in place. Threads split each matrix's output
-//! rows, the attention's (row, context segment) units and the per-row work,
-//! and meet at a spin barrier between phases.
+//! rows, the attention's units (a tile of one sequence's rows, a segment of
+//! its context, a kv head) and the per-row work, and meet at a spin barrier
+//! between phases.
 //!
 //! Every row goes through the same arithmetic whatever else is in the step
 //! (the matrix kernel treats activation rows independently, attention is
@@ -23,8 +24,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::attention::{
-    attend_segment, check_decode_batch, fast_exp, merge_segments, segment_len, AttentionShape,
-    DecodeBatch, KvElem, RowQuery, SEGMENT,
+    attend_tile, check_decode_batch, fast_exp, merge_segments, segment_len, AttentionShape,
+    DecodeBatch, KvElem, TileQuery, TileScratch, SEGMENT, TILE_ROWS,
 };
 use crate::error::AttentionError;
 use crate::quant::{gemm_into, QMatrix, QuantActs, GROUP_ROWS};
@@ -247,15 +248,16 @@ impl Decoder {
         };
         check_decode_batch(attn_shape, &batch, layer_elems, layer_elems, n * q_len)?;
         let scale = batch.scale;
-        // attention units: every (row, segment of its context); a row's first unit
-        let mut first_unit = Vec::with_capacity(n + 1);
-        let mut units = vec![];
-        for (r, &ctx) in rows.context_lens.iter().enumerate() {
-            first_unit.push(units.len());
-            units.extend((0..(ctx as usize).div_ceil(SEGMENT)).map(|seg| (r, seg)));
+        // a partial result per (row, segment of its context); a row's first
+        let mut first_part = Vec::with_capacity(n + 1);
+        let mut parts = 0;
+        for &ctx in rows.context_lens {
+            first_part.push(parts);
+            parts += (ctx as usize).div_ceil(SEGMENT);
         }
-        first_unit.push(units.len());
-        let bufs = Buffers::new(&s, n, units.len() * segment_len(attn_shape), scratch);
+        first_part.push(parts);
+        let units = attention_units(&rows, s.num_kv_heads);
+        let bufs = Buffers::new(&s, n, parts * segment_len(attn_shape), scratch);
         let threads = threads.clamp(1, MAX_THREADS);
         let step = Step {
             n,
@@ -263,7 +265,10 @@ impl Decoder {
             attn_shape,
             scale,
             units,
-            first_unit,
+            next_unit: (0..self.layers.len())
+                .map(|_| AtomicUsize::new(0))
+                .collect(),
+            first_part,
             block_tables: rows.block_tables,
             max_blocks: rows.max_blocks,
             context_lens: rows.context_lens,
@@ -310,6 +315,7 @@ impl Decoder {
         let mine = share(st.n);
         let mut normed = vec![0f32; s.hidden.max(s.head_dim)];
         let mut act = vec![0f32; s.intermediate];
+        let mut tile_scratch = TileScratch::default();
         // SAFETY (every `unsafe` block below): phases are separated by the
         // barrier; within a phase a thread writes only its own rows (`mine`),
         // output row groups (`product_of`) or attention units, and reads what
@@ -379,28 +385,43 @@ impl Decoder {
             {
                 let k_layer = unsafe { &*st.kv.range(k_off, st.layer_elems) };
                 let v_layer = unsafe { &*st.kv.range(v_off, st.layer_elems) };
-                // a (row, segment) per unit: every row's arithmetic is its own
+                // units in any order, to whichever thread is free: a row's
+                // arithmetic is its own (see attend_tile)
                 let plen = segment_len(st.attn_shape);
-                for u in (tid..st.units.len()).step_by(st.threads) {
-                    let (r, seg) = st.units[u];
-                    let ctx = st.context_lens[r] as usize;
-                    let table = &st.block_tables[r * st.max_blocks..][..st.max_blocks];
-                    let q_row = unsafe { &*bufs.q.range(r * q_len, q_len) };
-                    let query = RowQuery {
-                        table,
-                        first: seg * SEGMENT,
-                        end: ctx.min((seg + 1) * SEGMENT),
-                        q: q_row,
+                loop {
+                    let u = st.next_unit[li].fetch_add(1, Ordering::Relaxed);
+                    let Some(unit) = st.units.get(u) else { break };
+                    let rows = unit.first_row..unit.first_row + unit.rows;
+                    let first = unit.segment * SEGMENT;
+                    let mut ends = [0usize; TILE_ROWS];
+                    let mut outs = [std::ptr::null_mut(); TILE_ROWS];
+                    // a tile's contexts grow by one a row, so the rows that
+                    // reach this segment are its last ones
+                    let reach = rows.start
+                        + st.context_lens[rows.clone()].partition_point(|&c| c as usize <= first);
+                    let count = rows.end - reach;
+                    for (i, r) in (reach..rows.end).enumerate() {
+                        ends[i] = (st.context_lens[r] as usize).min(first + SEGMENT);
+                        outs[i] =
+                            unsafe { bufs.parts.0.add((st.first_part[r] + unit.segment) * plen) };
+                    }
+                    let tile = TileQuery {
+                        table: &st.block_tables[reach * st.max_blocks..][..st.max_blocks],
+                        first,
+                        ends: &ends[..count],
+                        q: unsafe { &*bufs.q.range(reach * q_len, count * q_len) },
                         scale: st.scale,
                     };
-                    // SAFETY: this unit alone writes its part.
+                    // SAFETY: this unit alone writes its rows' parts for its kv head.
                     unsafe {
-                        attend_segment(
+                        attend_tile(
                             st.attn_shape,
-                            &query,
+                            &tile,
+                            unit.kv_head,
                             k_layer,
                             v_layer,
-                            bufs.parts.0.add(u * plen),
+                            &outs[..count],
+                            &mut tile_scratch,
                         )
                     };
                 }
@@ -410,7 +431,7 @@ impl Decoder {
                 let attn = unsafe { bufs.attn.range(mine.start * q_len, mine.len() * q_len) };
                 let plen = segment_len(st.attn_shape);
                 for (r, o) in mine.clone().zip(attn.chunks_exact_mut(q_len)) {
-                    let (a, b) = (st.first_unit[r], st.first_unit[r + 1]);
+                    let (a, b) = (st.first_part[r], st.first_part[r + 1]);
                     let parts = unsafe { &*bufs.parts.range(a * plen, (b - a) * plen) };
                     merge_segments(parts, b - a, st.attn_shape, o);
                 }
@@ -619,6 +640,47 @@ impl Buffers {
     }
 }
 
+/// Attention work: the rows `first_row..first_row + rows` (one sequence's,
+/// at consecutive positions) over one segment of their context, for one kv
+/// head's query heads.
+struct Unit {
+    first_row: usize,
+    rows: usize,
+    segment: usize,
+    kv_head: usize,
+}
+
+/// The step's attention units: runs of up to [`TILE_ROWS`] rows with the
+/// same block table and consecutive contexts (a prefill chunk's) share a
+/// unit per segment and kv head; any other row is a tile of its own.
+fn attention_units(rows: &StepRows<'_>, kv_heads: usize) -> Vec<Unit> {
+    let n = rows.context_lens.len();
+    let table = |r: usize| &rows.block_tables[r * rows.max_blocks..][..rows.max_blocks];
+    let mut units = vec![];
+    let mut r = 0;
+    while r < n {
+        let mut end = r + 1;
+        while end < n
+            && end - r < TILE_ROWS
+            && rows.context_lens[end] == rows.context_lens[end - 1] + 1
+            && table(end) == table(r)
+        {
+            end += 1;
+        }
+        let segments = (rows.context_lens[end - 1] as usize).div_ceil(SEGMENT);
+        for segment in 0..segments {
+            units.extend((0..kv_heads).map(|kv_head| Unit {
+                first_row: r,
+                rows: end - r,
+                segment,
+                kv_head,
+            }));
+        }
+        r = end;
+    }
+    units
+}
+
 /// Everything the threads of one step share.
 struct Step<'a, T> {
     n: usize,
@@ -626,9 +688,11 @@ struct Step<'a, T> {
     attn_shape: AttentionShape,
     /// The softmax scale, 1 / sqrt(head_dim).
     scale: f32,
-    /// (row, segment) attention units, and each row's first (one past the end last)
-    units: Vec<(usize, usize)>,
-    first_unit: Vec<usize>,
+    units: Vec<Unit>,
+    /// per layer: the next unit a thread takes
+    next_unit: Vec<AtomicUsize>,
+    /// each row's first partial attention result (one past the end last)
+    first_part: Vec<usize>,
     block_tables: &'a [i64],
     max_blocks: usize,
     context_lens: &'a [i64],

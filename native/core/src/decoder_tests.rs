@@ -16,7 +16,7 @@ const SHAPE: DecoderShape = DecoderShape {
     eps: 1e-5,
 };
 const BLOCK_SIZE: usize = 4;
-const NUM_BLOCKS: usize = 12;
+const NUM_BLOCKS: usize = 80;
 
 struct Rand(u64, u64);
 
@@ -386,26 +386,34 @@ fn prefill_chunks_match_the_reference() {
 #[test]
 fn chunking_never_changes_a_row() {
     // one prompt in one chunk, in uneven chunks beside another sequence, and
-    // one token at a time: bit-identical logits for every position
+    // one token at a time: bit-identical logits for every position (150
+    // positions: two attention segments, tiles cut anywhere)
     let m = model(true, false);
-    let a = embeds(10, 20);
-    let table: &[i64] = &[4, 0, 8, 2, 6];
-    let other: &[i64] = &[1, 3, 5, 7, 9];
-    let b = embeds(11, 20);
+    let len = 150;
+    let a = embeds(10, len);
+    let table: Vec<i64> = (0..38).map(|b| (b * 7) % 38).collect();
+    let other: Vec<i64> = (40..78).collect();
+    let b = embeds(11, len);
     let whole = forward_rows(
         &m,
         &mut cache(),
-        &(0..20)
-            .map(|p| (table, p, a[p].clone()))
+        &(0..len)
+            .map(|p| (&table[..], p, a[p].clone()))
             .collect::<Vec<_>>(),
         2,
     );
     let mut kv = cache();
     let mut pieces = vec![];
-    for (range, threads) in [(0..7, 3), (7..8, 1), (8..20, 2)] {
+    for (range, threads) in [
+        (0..7, 3),
+        (7..8, 1),
+        (8..70, 2),
+        (70..133, 2),
+        (133..150, 1),
+    ] {
         let mut rows: Vec<(&[i64], usize, Vec<f32>)> =
-            vec![(other, range.start, b[range.start].clone())];
-        rows.extend(range.map(|p| (table, p, a[p].clone())));
+            vec![(&other[..], range.start, b[range.start].clone())];
+        rows.extend(range.map(|p| (&table[..], p, a[p].clone())));
         pieces.extend(
             forward_rows(&m, &mut kv, &rows, threads)
                 .into_iter()
@@ -413,8 +421,8 @@ fn chunking_never_changes_a_row() {
         );
     }
     let mut kv = cache();
-    let single: Vec<Vec<f32>> = (0..20)
-        .flat_map(|p| forward_rows(&m, &mut kv, &[(table, p, a[p].clone())], 1))
+    let single: Vec<Vec<f32>> = (0..len)
+        .flat_map(|p| forward_rows(&m, &mut kv, &[(&table[..], p, a[p].clone())], 1))
         .collect();
     assert_eq!(whole, pieces);
     assert_eq!(whole, single);
