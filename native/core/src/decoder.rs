@@ -256,9 +256,9 @@ impl Decoder {
             parts += (ctx as usize).div_ceil(SEGMENT);
         }
         first_part.push(parts);
-        let units = attention_units(&rows, s.num_kv_heads);
-        let bufs = Buffers::new(&s, n, parts * segment_len(attn_shape), scratch);
         let threads = threads.clamp(1, MAX_THREADS);
+        let units = attention_units(&rows, s.num_kv_heads, threads);
+        let bufs = Buffers::new(&s, n, parts * segment_len(attn_shape), scratch);
         let step = Step {
             n,
             threads,
@@ -417,7 +417,7 @@ impl Decoder {
                         attend_tile(
                             st.attn_shape,
                             &tile,
-                            unit.kv_head,
+                            unit.kv_heads.clone(),
                             k_layer,
                             v_layer,
                             &outs[..count],
@@ -641,22 +641,24 @@ impl Buffers {
 }
 
 /// Attention work: the rows `first_row..first_row + rows` (one sequence's,
-/// at consecutive positions) over one segment of their context, for one kv
-/// head's query heads.
+/// at consecutive positions) over one segment of their context, for the
+/// query heads of some kv heads.
 struct Unit {
     first_row: usize,
     rows: usize,
     segment: usize,
-    kv_head: usize,
+    kv_heads: Range<usize>,
 }
 
 /// The step's attention units: runs of up to [`TILE_ROWS`] rows with the
 /// same block table and consecutive contexts (a prefill chunk's) share a
-/// unit per segment and kv head; any other row is a tile of its own.
-fn attention_units(rows: &StepRows<'_>, kv_heads: usize) -> Vec<Unit> {
+/// unit per segment; any other row is a tile of its own. A unit takes every
+/// kv head (each cache row read in one go), unless that leaves too few
+/// units to keep the threads busy: then one kv head each.
+fn attention_units(rows: &StepRows<'_>, kv_heads: usize, threads: usize) -> Vec<Unit> {
     let n = rows.context_lens.len();
     let table = |r: usize| &rows.block_tables[r * rows.max_blocks..][..rows.max_blocks];
-    let mut units = vec![];
+    let mut tiles = vec![]; // (first row, rows, segments)
     let mut r = 0;
     while r < n {
         let mut end = r + 1;
@@ -668,15 +670,23 @@ fn attention_units(rows: &StepRows<'_>, kv_heads: usize) -> Vec<Unit> {
             end += 1;
         }
         let segments = (rows.context_lens[end - 1] as usize).div_ceil(SEGMENT);
-        for segment in 0..segments {
-            units.extend((0..kv_heads).map(|kv_head| Unit {
-                first_row: r,
-                rows: end - r,
-                segment,
-                kv_head,
-            }));
-        }
+        tiles.push((r, end - r, segments));
         r = end;
+    }
+    let whole = tiles.iter().map(|t| t.2).sum::<usize>();
+    let split = if whole >= 4 * threads { 1 } else { kv_heads };
+    let mut units = Vec::with_capacity(whole * split);
+    for (first_row, count, segments) in tiles {
+        for segment in 0..segments {
+            for part in 0..split {
+                units.push(Unit {
+                    first_row,
+                    rows: count,
+                    segment,
+                    kv_heads: part * kv_heads / split..(part + 1) * kv_heads / split,
+                });
+            }
+        }
     }
     units
 }
