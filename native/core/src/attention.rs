@@ -271,7 +271,7 @@ pub fn merge_segments(parts: &[f32], segments: usize, shape: AttentionShape, out
 /// plain FMAs over head_dim with no horizontal sums, and each chunk of
 /// values is converted once; the softmax is online over the chunks.
 #[cfg(target_arch = "x86_64")]
-mod tile16 {
+pub(crate) mod tile16 {
     use std::arch::x86_64::*;
 
     use super::avx512::load16;
@@ -279,10 +279,11 @@ mod tile16 {
 
     use super::{fast_exp, AttentionShape, KvElem, TileQuery, TileScratch};
 
-    /// e^x per lane: 2^(x log2 e) as 2^n times a degree-6 polynomial of the fraction.
+    /// e^x per lane: 2^(x log2 e) as 2^n times a degree-6 polynomial of the
+    /// fraction (`fast_exp`'s, fused); 0 far below, infinity far above.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    unsafe fn exp16(x: __m512) -> __m512 {
+    pub(crate) unsafe fn exp16(x: __m512) -> __m512 {
         let t = _mm512_max_ps(
             _mm512_mul_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E)),
             _mm512_set1_ps(-126.0),
@@ -1023,7 +1024,9 @@ fn row_offsets(span: &Span<'_>) -> Vec<usize> {
 /// rounding of x * log2 e); 0 below -87.
 #[inline(always)]
 pub fn fast_exp(x: f32) -> f32 {
-    let t = (x * std::f32::consts::LOG2_E).max(-126.0);
+    // clamped at 2^127 too: e^x for x > 88 stays finite (huge), where the
+    // exponent bits would otherwise overflow
+    let t = (x * std::f32::consts::LOG2_E).clamp(-126.0, 127.0);
     let n = t.round_ties_even();
     let f = t - n; // [-0.5, 0.5]
                    // 2^f = e^(f ln2), Taylor to the 6th power: |y| <= 0.35, remainder ~1.2e-7

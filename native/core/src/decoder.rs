@@ -23,6 +23,8 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+#[cfg(target_arch = "x86_64")]
+use crate::attention::tile16::exp16;
 use crate::attention::{
     attend_tile, check_decode_batch, fast_exp, merge_segments, segment_len, AttentionShape,
     DecodeBatch, KvElem, TileQuery, TileScratch, SEGMENT, TILE_ROWS,
@@ -776,11 +778,34 @@ macro_rules! with_avx512 {
 }
 
 // out = silu(g) * u
-with_avx512!(swiglu(g: &[f32], u: &[f32], out: &mut [f32]) {
+/// `out = silu(g) * u`, silu(g) = g / (1 + e^-g).
+fn swiglu(g: &[f32], u: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F (checked just above).
+            return unsafe { swiglu_avx512(g, u, out) };
+        }
+    }
     for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
         *o = g / (1.0 + fast_exp(-g)) * u;
     }
-});
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn swiglu_avx512(g: &[f32], u: &[f32], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n = out.len().min(g.len()).min(u.len());
+    for i in (0..n).step_by(16) {
+        let mask: __mmask16 = (((1u32 << 16.min(n - i)) - 1) & 0xFFFF) as u16;
+        let gv = _mm512_maskz_loadu_ps(mask, g.as_ptr().add(i));
+        let uv = _mm512_maskz_loadu_ps(mask, u.as_ptr().add(i));
+        let e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+        let silu = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0), e));
+        _mm512_mask_storeu_ps(out.as_mut_ptr().add(i), mask, _mm512_mul_ps(silu, uv));
+    }
+}
 
 with_avx512!(rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     let mean_sq = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;

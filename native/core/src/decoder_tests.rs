@@ -427,3 +427,22 @@ fn chunking_never_changes_a_row() {
     assert_eq!(whole, pieces);
     assert_eq!(whole, single);
 }
+
+#[test]
+fn swiglu_holds_at_extreme_gates() {
+    // e^-g overflows f32 for g < -88: silu(g) must still go to 0, not blow up
+    let g: Vec<f32> = vec![
+        -300.0, -120.0, -89.5, -88.0, -20.0, -1.0, 0.0, 0.5, 3.0, 40.0, 100.0, 1e4, -7.0, 2.0,
+        -0.25, 9.0, -50.0,
+    ];
+    let u: Vec<f32> = (0..g.len()).map(|i| 0.5 + i as f32 * 0.25).collect();
+    let mut out = vec![f32::NAN; g.len()];
+    swiglu(&g, &u, &mut out);
+    for ((&o, &g), &u) in out.iter().zip(&g).zip(&u) {
+        let want = (g as f64 / (1.0 + (-g as f64).exp()) * u as f64) as f32;
+        assert!(
+            (o - want).abs() <= 1e-5 * want.abs().max(1e-30) + 1e-30,
+            "silu({g}) * {u}: {o} vs {want}"
+        );
+    }
+}
