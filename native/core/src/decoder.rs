@@ -808,7 +808,17 @@ unsafe fn swiglu_avx512(g: &[f32], u: &[f32], out: &mut [f32]) {
 }
 
 with_avx512!(rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
-    let mean_sq = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    // 16 running sums (lane-parallel: vector adds, no serial chain), then
+    // those in a fixed order
+    let mut lanes = [0f32; 16];
+    let whole = x.len() / 16 * 16;
+    for chunk in x[..whole].chunks_exact(16) {
+        for (l, v) in lanes.iter_mut().zip(chunk) {
+            *l += v * v;
+        }
+    }
+    let tail = x[whole..].iter().map(|v| v * v).sum::<f32>();
+    let mean_sq = (lanes.iter().sum::<f32>() + tail) / x.len() as f32;
     let inv = 1.0 / (mean_sq + eps).sqrt();
     for ((o, &v), &w) in out.iter_mut().zip(x).zip(weight) {
         *o = v * inv * w;
