@@ -355,9 +355,50 @@ pub(crate) mod tile16 {
                 }
             }
         }
+        store_scores(&acc, out);
+    }
+
+    /// Each head's four chains, summed in a fixed order, to `out + m * 16`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn store_scores<const M: usize>(acc: &[[__m512; 4]; M], out: *mut f32) {
         for (m, a) in acc.iter().enumerate() {
             let s = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
             _mm512_storeu_ps(out.add(m * 16), s);
+        }
+    }
+
+    /// M heads' accumulators (`acc + m * d`, 16 * TILES floats) times `corr[m]`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn rescaled<const M: usize, const TILES: usize>(
+        acc: *const f32,
+        d: usize,
+        corr: &[f32],
+    ) -> [[__m512; TILES]; M] {
+        let mut o = [[_mm512_setzero_ps(); TILES]; M];
+        for (m, o) in o.iter_mut().enumerate() {
+            for (t, o) in o.iter_mut().enumerate() {
+                *o = _mm512_mul_ps(
+                    _mm512_loadu_ps(acc.add(m * d + t * 16)),
+                    _mm512_set1_ps(corr[m]),
+                );
+            }
+        }
+        o
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn store<const M: usize, const TILES: usize>(
+        acc: *mut f32,
+        d: usize,
+        o: &[[__m512; TILES]; M],
+    ) {
+        for (m, o) in o.iter().enumerate() {
+            for (t, o) in o.iter().enumerate() {
+                _mm512_storeu_ps(acc.add(m * d + t * 16), *o);
+            }
         }
     }
 
@@ -382,15 +423,7 @@ pub(crate) mod tile16 {
         corr: &[f32],
         c: Chunk,
     ) {
-        let mut o = [[_mm512_setzero_ps(); TILES]; M];
-        for (m, o) in o.iter_mut().enumerate() {
-            for (t, o) in o.iter_mut().enumerate() {
-                *o = _mm512_mul_ps(
-                    _mm512_loadu_ps(acc.add(m * d + t * 16)),
-                    _mm512_set1_ps(corr[m]),
-                );
-            }
-        }
+        let mut o = rescaled::<M, TILES>(acc, d, corr);
         for j in 0..c.n {
             for t in 0..TILES {
                 let vt = _mm512_loadu_ps(c.v.add(j * c.stride + t * 16));
@@ -399,11 +432,7 @@ pub(crate) mod tile16 {
                 }
             }
         }
-        for (m, o) in o.iter().enumerate() {
-            for (t, o) in o.iter().enumerate() {
-                _mm512_storeu_ps(acc.add(m * d + t * 16), *o);
-            }
-        }
+        store::<M, TILES>(acc, d, &o);
     }
 
     /// [`weigh`] for `heads` heads (up to 4) of any head_dim: TILES is a
@@ -441,6 +470,136 @@ pub(crate) mod tile16 {
         }
     }
 
+    /// [`scores`] in bf16 pairs (AVX512-BF16 `vdpbf16ps`, two products a
+    /// lane per instruction): head `m`'s query pairs at `q + m * half`
+    /// (dwords), `kt[c * 16 + j]` = key `j`'s pair `c`, `half` = head_dim / 2.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn scores_bf16<const M: usize>(
+        q: *const u32,
+        kt: *const f32,
+        half: usize,
+        out: *mut f32,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); 4]; M];
+        for c in (0..half).step_by(4) {
+            for u in 0..4 {
+                let k: __m512bh = std::mem::transmute(_mm512_loadu_ps(kt.add((c + u) * 16)));
+                for (m, a) in acc.iter_mut().enumerate() {
+                    let qp: __m512bh =
+                        std::mem::transmute(_mm512_set1_epi32(*q.add(m * half + c + u) as i32));
+                    a[u] = _mm512_dpbf16_ps(a[u], qp, k);
+                }
+            }
+        }
+        store_scores(&acc, out);
+    }
+
+    /// [`Chunk`] in bf16 pairs: see [`weigh_bf16`].
+    #[derive(Clone, Copy)]
+    struct PairChunk {
+        probs: *const u32,
+        pairs: usize,
+        vv: *const f32,
+    }
+
+    /// [`weigh`] in bf16 pairs: head `m`'s weight pairs at `probs + m * 16`
+    /// (dwords: positions 2i, 2i + 1), `pairs` of them; `vv[(i * TILES + t)
+    /// * 16 + l]` = values 2i and 2i + 1 of dimension `16 t + l`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn weigh_bf16<const M: usize, const TILES: usize>(
+        acc: *mut f32,
+        d: usize,
+        corr: &[f32],
+        c: PairChunk,
+    ) {
+        let PairChunk { probs, pairs, vv } = c;
+        let mut o = rescaled::<M, TILES>(acc, d, corr);
+        for i in 0..pairs {
+            for t in 0..TILES {
+                let v: __m512bh =
+                    std::mem::transmute(_mm512_loadu_ps(vv.add((i * TILES + t) * 16)));
+                for (m, o) in o.iter_mut().enumerate() {
+                    let p: __m512bh =
+                        std::mem::transmute(_mm512_set1_epi32(*probs.add(m * 16 + i) as i32));
+                    o[t] = _mm512_dpbf16_ps(o[t], p, v);
+                }
+            }
+        }
+        store::<M, TILES>(acc, d, &o);
+    }
+
+    /// [`weigh_bf16`] for `heads` heads (up to 4); head_dim a multiple of 32.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn weigh_heads_bf16(heads: usize, acc: *mut f32, d: usize, corr: &[f32], c: PairChunk) {
+        macro_rules! by_heads {
+            ($tiles:literal) => {
+                match heads {
+                    1 => weigh_bf16::<1, $tiles>(acc, d, corr, c),
+                    2 => weigh_bf16::<2, $tiles>(acc, d, corr, c),
+                    3 => weigh_bf16::<3, $tiles>(acc, d, corr, c),
+                    _ => weigh_bf16::<4, $tiles>(acc, d, corr, c),
+                }
+            };
+        }
+        match d / 16 {
+            2 => by_heads!(2),
+            4 => by_heads!(4),
+            6 => by_heads!(6),
+            8 => by_heads!(8),
+            _ => {
+                // wider heads: one head at a time, 16 tiles at most
+                for m in 0..heads {
+                    let (a, p) = (
+                        acc.add(m * d),
+                        PairChunk {
+                            probs: c.probs.add(m * 16),
+                            ..c
+                        },
+                    );
+                    match d / 16 {
+                        10 => weigh_bf16::<1, 10>(a, d, &corr[m..], p),
+                        12 => weigh_bf16::<1, 12>(a, d, &corr[m..], p),
+                        14 => weigh_bf16::<1, 14>(a, d, &corr[m..], p),
+                        _ => weigh_bf16::<1, 16>(a, d, &corr[m..], p),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether bf16 caches take the `vdpbf16ps` kernels: AVX512-BF16 and
+    /// head_dim a multiple of 32 (whole 16-pair tiles of keys).
+    pub(super) fn bf16_dots(head_dim: usize) -> bool {
+        head_dim.is_multiple_of(32)
+            && head_dim <= 256
+            && std::arch::is_x86_feature_detected!("avx512bf16")
+    }
+
+    /// `n` floats as bf16 (round to nearest even), in order: `n / 2` pairs.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn to_bf16_pairs(src: *const f32, dst: *mut u32, n: usize) {
+        for c in (0..n).step_by(32) {
+            let (lo, hi) = (
+                _mm512_loadu_ps(src.add(c)),
+                _mm512_loadu_ps(src.add(c + 16)),
+            );
+            let packed: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+            _mm512_storeu_si512(dst.add(c / 2).cast(), packed);
+        }
+    }
+
+    /// A chunk's 16 weights as 8 bf16 pairs.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn weights_bf16(p: __m512, dst: *mut u32) {
+        let packed: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(p));
+        _mm256_storeu_si256(dst.cast(), packed);
+    }
+
     #[target_feature(enable = "avx512f,avx512bw")]
     pub(super) unsafe fn attend<T: KvElem>(
         shape: AttentionShape,
@@ -464,6 +623,11 @@ pub(crate) mod tile16 {
         let first_head = kv_heads.start * g;
         let tiles = d / 16;
         let end = tile.ends.iter().copied().max().unwrap_or(tile.first);
+        // bf16 cache and CPU: keys, values, queries and weights in bf16
+        // pairs, two products a lane per instruction (as torch's bf16
+        // attention rounds them); else f32 FMAs
+        let dot = T::IS_BF16 && bf16_dots(d);
+        let half = d / 2;
         // scratch: the chunk's keys as rows then transposed, its values; per
         // (row, unit head) item: the scaled query, the output accumulator,
         // the per-lane weight sums; per item of one kv head: scores, weights
@@ -475,8 +639,10 @@ pub(crate) mod tile16 {
         let sums = accs + rows * hs * d;
         let scores = sums + rows * hs * 16;
         let probs = scores + rows * g * 16;
+        // bf16 query pairs (dot only)
+        let q2 = probs + rows * g * 16;
         scratch.floats.clear();
-        scratch.floats.resize(probs + rows * g * 16, 0.0);
+        scratch.floats.resize(q2 + rows * hs * half, 0.0);
         scratch.maxes.clear();
         scratch.maxes.resize(rows * hs, f32::NEG_INFINITY);
         scratch.corrs.clear();
@@ -488,6 +654,9 @@ pub(crate) mod tile16 {
             let dst = buf.add(qs + i * hs * d);
             for c in 0..hs * d {
                 *dst.add(c) = *src.add(c) * tile.scale;
+            }
+            if dot {
+                to_bf16_pairs(dst, buf.add(q2 + i * hs * half).cast(), hs * d);
             }
         }
         // a position's cache row (all kv heads) starts here
@@ -516,10 +685,34 @@ pub(crate) mod tile16 {
                     _mm_prefetch::<_MM_HINT_T1>(v_cache.as_ptr().add(at).cast::<i8>().add(off));
                 }
             }
-            // the chunk's rows of the unit's kv heads, converted, in memory order
+            // the chunk's rows of the unit's kv heads, in memory order: as
+            // they are (bf16) for dot, else converted to f32
             for j in 0..16 {
                 let (kd, vd) = (buf.add(k_rows + j * kv_row), buf.add(v_rows + j * kv_row));
-                if j < n_all {
+                if dot {
+                    // raw rows back to back: kv_row bf16 = kv_row / 2 dwords each
+                    let (kd, vd) = (
+                        buf.add(k_rows + j * kv_row / 2),
+                        buf.add(v_rows + j * kv_row / 2),
+                    );
+                    let bytes = kv_row * 2;
+                    if j < n_all {
+                        let at = row_at(start + j) + unit_off;
+                        std::ptr::copy_nonoverlapping(
+                            k_cache.as_ptr().add(at).cast::<u8>(),
+                            kd.cast(),
+                            bytes,
+                        );
+                        std::ptr::copy_nonoverlapping(
+                            v_cache.as_ptr().add(at).cast::<u8>(),
+                            vd.cast(),
+                            bytes,
+                        );
+                    } else {
+                        std::ptr::write_bytes(kd.cast::<u8>(), 0, bytes);
+                        std::ptr::write_bytes(vd.cast::<u8>(), 0, bytes);
+                    }
+                } else if j < n_all {
                     let at = row_at(start + j) + unit_off;
                     for t in 0..kv_row / 16 {
                         _mm512_storeu_ps(kd.add(t * 16), load16(k_cache.as_ptr().add(at + t * 16)));
@@ -533,12 +726,39 @@ pub(crate) mod tile16 {
             }
             for kv_head in kv_heads.clone() {
                 let col = (kv_head - kv_heads.start) * d;
-                for t in 0..tiles {
-                    transpose16(
-                        buf.add(k_rows + col + t * 16),
-                        kv_row,
-                        buf.add(k_t + t * 256),
+                // dot: key pairs transposed (half x 16 dwords) at k_t, value
+                // pairs of positions (2i, 2i + 1) interleaved at k_t + 8 d
+                let vv = k_t + 8 * d;
+                if dot {
+                    for t in 0..half / 16 {
+                        let src = buf.add(k_rows + (col + 32 * t) / 2);
+                        transpose16(src, kv_row / 2, buf.add(k_t + t * 256));
+                    }
+                    let idx = _mm512_set_epi16(
+                        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
+                        21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0,
                     );
+                    let raw = buf.add(v_rows).cast::<u16>();
+                    for i in 0..8 {
+                        for t in 0..tiles {
+                            let a =
+                                _mm256_loadu_si256(raw.add(2 * i * kv_row + col + t * 16).cast());
+                            let b = _mm256_loadu_si256(
+                                raw.add((2 * i + 1) * kv_row + col + t * 16).cast(),
+                            );
+                            let both = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(a), b);
+                            let pairs = _mm512_permutexvar_epi16(idx, both);
+                            _mm512_storeu_si512(buf.add(vv + (i * tiles + t) * 16).cast(), pairs);
+                        }
+                    }
+                } else {
+                    for t in 0..tiles {
+                        transpose16(
+                            buf.add(k_rows + col + t * 16),
+                            kv_row,
+                            buf.add(k_t + t * 256),
+                        );
+                    }
                 }
                 // item (i, h) of this kv head: h in 0..g, unit head u = local + h
                 let local = (kv_head - kv_heads.start) * g;
@@ -552,6 +772,17 @@ pub(crate) mod tile16 {
                     for h0 in (0..g).step_by(4) {
                         let q = buf.add(qs + (i * hs + local + h0) * d);
                         let out = buf.add(scores + (i * g + h0) * 16);
+                        if dot {
+                            let q = buf.add(q2 + (i * hs + local + h0) * half).cast::<u32>();
+                            let kt = buf.add(k_t);
+                            match 4.min(g - h0) {
+                                1 => scores_bf16::<1>(q, kt, half, out),
+                                2 => scores_bf16::<2>(q, kt, half, out),
+                                3 => scores_bf16::<3>(q, kt, half, out),
+                                _ => scores_bf16::<4>(q, kt, half, out),
+                            }
+                            continue;
+                        }
                         match 4.min(g - h0) {
                             1 => self::scores::<1>(q, buf.add(k_t), d, out),
                             2 => self::scores::<2>(q, buf.add(k_t), d, out),
@@ -592,7 +823,11 @@ pub(crate) mod tile16 {
                         );
                         maxes[u] = new_max;
                         corrs[item] = corr;
-                        _mm512_storeu_ps(buf.add(probs + item * 16), p);
+                        if dot {
+                            weights_bf16(p, buf.add(probs + item * 16).cast());
+                        } else {
+                            _mm512_storeu_ps(buf.add(probs + item * 16), p);
+                        }
                     }
                 }
                 for i in 0..rows {
@@ -602,6 +837,16 @@ pub(crate) mod tile16 {
                     let n = 16.min(tile.ends[i] - start);
                     for h0 in (0..g).step_by(4) {
                         let item = i * g + h0;
+                        if dot {
+                            let chunk = PairChunk {
+                                probs: buf.add(probs + item * 16).cast(),
+                                pairs: n.div_ceil(2),
+                                vv: buf.add(vv),
+                            };
+                            let acc = buf.add(accs + (i * hs + local + h0) * d);
+                            weigh_heads_bf16(4.min(g - h0), acc, d, &corrs[item..], chunk);
+                            continue;
+                        }
                         let chunk = Chunk {
                             probs: buf.add(probs + item * 16),
                             n,
@@ -1314,6 +1559,55 @@ mod tests {
     }
 
     #[test]
+    fn bf16_cache_rows_match_the_reference() {
+        // a bf16 cache takes the bf16-pair kernels where the CPU has them
+        // (queries and weights rounded to bf16 too): against the reference
+        // on the same cached values, within bf16 rounding
+        let mut seed = 21u64;
+        for (heads, kv_heads, d, ctx) in [
+            (9, 3, 64, 300usize),
+            (4, 2, 32, 17),
+            (2, 1, 128, 129),
+            (8, 8, 64, 40),
+        ] {
+            let shape = AttentionShape {
+                num_heads: heads,
+                num_kv_heads: kv_heads,
+                head_dim: d,
+                block_size: 16,
+            };
+            let num_blocks = ctx.div_ceil(16) + 1;
+            let len = num_blocks * 16 * kv_heads * d;
+            let bf16 = |v: f32| (v.to_bits() >> 16) as u16;
+            let k: Vec<u16> = (0..len).map(|_| bf16(lcg(&mut seed) * 2.0)).collect();
+            let v: Vec<u16> = (0..len).map(|_| bf16(lcg(&mut seed))).collect();
+            let widen = |x: &[u16]| {
+                x.iter()
+                    .map(|&b| f32::from_bits((b as u32) << 16))
+                    .collect::<Vec<f32>>()
+            };
+            let table: Vec<i64> = (0..num_blocks as i64).rev().collect();
+            let q: Vec<f32> = (0..heads * d).map(|_| lcg(&mut seed)).collect();
+            let scale = 1.0 / (d as f32).sqrt();
+            let (out, want) = with_reference(
+                shape,
+                &table,
+                ctx,
+                &q,
+                scale,
+                (&k, &v),
+                (&widen(&k), &widen(&v)),
+            );
+            let worst = out
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(worst < 3e-3, "{shape:?} ctx {ctx}: worst error {worst}");
+        }
+    }
+
+    #[test]
     fn rows_match_the_reference() {
         let mut seed = 7u64;
         let mut next = || {
@@ -1343,21 +1637,35 @@ mod tests {
             let v: Vec<f32> = (0..cache_len).map(|_| next()).collect();
             let table: Vec<i64> = (0..num_blocks as i64).rev().collect();
             let q: Vec<f32> = (0..heads * d).map(|_| next() * 2.0).collect();
-            let mut out = vec![0f32; q.len()];
-            attend_full(shape, &table, ctx, &q, 0.3, &k, &v, &mut out);
-            let ctxs = [ctx as i64];
-            let batch = DecodeBatch {
-                q: &q,
-                block_tables: &table,
-                max_blocks: num_blocks,
-                context_lens: &ctxs,
-                scale: 0.3,
-            };
-            let want = reference(shape, &batch, &k, &v);
+            let (out, want) = with_reference(shape, &table, ctx, &q, 0.3, (&k, &v), (&k, &v));
             for (a, b) in out.iter().zip(&want) {
                 assert!((a - b).abs() < 1e-4, "{shape:?}: {a} vs {b}");
             }
         }
+    }
+
+    /// One row through segments and their merge, and the reference on the
+    /// same cache (`wide`: its values as f32).
+    fn with_reference<T: KvElem>(
+        shape: AttentionShape,
+        table: &[i64],
+        ctx: usize,
+        q: &[f32],
+        scale: f32,
+        (k, v): (&[T], &[T]),
+        wide: (&[f32], &[f32]),
+    ) -> (Vec<f32>, Vec<f32>) {
+        let mut out = vec![0f32; q.len()];
+        attend_full(shape, table, ctx, q, scale, k, v, &mut out);
+        let ctxs = [ctx as i64];
+        let batch = DecodeBatch {
+            q,
+            block_tables: table,
+            max_blocks: table.len(),
+            context_lens: &ctxs,
+            scale,
+        };
+        (out, reference(shape, &batch, wide.0, wide.1))
     }
 
     /// Plain softmax attention over positions laid out by the table.
