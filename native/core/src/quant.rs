@@ -719,7 +719,7 @@ mod tests {
         let (rows, cols) = (11, 192);
         let (q, scale, offset) = q4_parts(&mut rng, rows, cols);
         let w = QMatrix::from_q4(&q, &scale, &offset, rows, cols).unwrap();
-        for batch in [1, 2, 3, 4, 5, 9] {
+        for batch in [1, 2, 3, 4, 5, 9, 33] {
             let xs: Vec<QuantActs> = (0..batch)
                 .map(|_| {
                     let mut a = QuantActs::default();
