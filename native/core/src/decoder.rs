@@ -267,6 +267,9 @@ impl Decoder {
             attn_shape,
             scale,
             units,
+            next_rows: (0..4 * self.layers.len() + 1)
+                .map(|_| AtomicUsize::new(0))
+                .collect(),
             next_unit: (0..self.layers.len())
                 .map(|_| AtomicUsize::new(0))
                 .collect(),
@@ -335,10 +338,26 @@ impl Decoder {
             };
         // out = acts W^T for this thread's whole groups of 16 output rows (the
         // matrix layout's unit), then wait for the others
+        // the how-manyth product of the step this is (every thread runs them in order)
+        let products = std::cell::Cell::new(0);
         let product_of = |w: &QMatrix, acts: &[QuantActs], out: &Shared<f32>| {
-            let per = w.rows.div_ceil(st.threads).next_multiple_of(GROUP_ROWS);
-            let r = (tid * per).min(w.rows)..((tid + 1) * per).min(w.rows);
-            unsafe { gemm_into(w, acts, r.clone(), out.0.add(r.start), w.rows) };
+            // runs of output rows to whichever thread is free: a busy or slow
+            // core does not hold the other at the barrier
+            let next = &st.next_rows[products.get()];
+            products.set(products.get() + 1);
+            // pieces of about an eighth of a thread's share, whole groups:
+            // long runs of memory for the prefetcher, few atomics
+            let piece = (w.rows / (8 * st.threads))
+                .next_multiple_of(GROUP_ROWS)
+                .max(GROUP_ROWS);
+            loop {
+                let start = next.fetch_add(piece, Ordering::Relaxed);
+                if start >= w.rows {
+                    break;
+                }
+                let r = start..(start + piece).min(w.rows);
+                unsafe { gemm_into(w, acts, r.clone(), out.0.add(r.start), w.rows) };
+            }
             st.barrier.wait();
         };
         let product = |w: &QMatrix, out: &Shared<f32>| {
@@ -703,6 +722,8 @@ struct Step<'a, T> {
     units: Vec<Unit>,
     /// per layer: the next unit a thread takes
     next_unit: Vec<AtomicUsize>,
+    /// per matrix product of the step: the first output row not yet taken
+    next_rows: Vec<AtomicUsize>,
     /// each row's first partial attention result (one past the end last)
     first_part: Vec<usize>,
     block_tables: &'a [i64],
