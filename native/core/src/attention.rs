@@ -628,10 +628,11 @@ pub(crate) mod tile16 {
         // attention rounds them); else f32 FMAs
         let dot = T::IS_BF16 && bf16_dots(d);
         let half = d / 2;
-        // scratch: the chunk's keys as rows then transposed, its values; per
-        // (row, unit head) item: the scaled query, the output accumulator,
-        // the per-lane weight sums; per item of one kv head: scores, weights
-        // a chunk position's row of the unit's kv heads, keys then values
+        // scratch: the chunk's key and value rows (a position's row: the
+        // unit's kv heads), the keys transposed (dot: and the value pairs);
+        // per (row, unit head) item: the scaled query, the output
+        // accumulator, the per-lane weight sums; per item of one kv head:
+        // scores, weights; dot: the query pairs
         let kv_row = kv_heads.len() * d;
         let (k_rows, v_rows, k_t) = (0, 16 * kv_row, 32 * kv_row);
         let qs = k_t + 16 * d;
@@ -668,6 +669,11 @@ pub(crate) mod tile16 {
             kv_heads.start * d,
             kv_heads.len() * d * std::mem::size_of::<T>(),
         );
+        // words 0..16 and 16..32 of a register interleaved (value pairs)
+        let interleave = _mm512_set_epi16(
+            31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20,
+            4, 19, 3, 18, 2, 17, 1, 16, 0,
+        );
         let mut start = tile.first;
         while start < end {
             let n_all = 16.min(end - start);
@@ -688,7 +694,6 @@ pub(crate) mod tile16 {
             // the chunk's rows of the unit's kv heads, in memory order: as
             // they are (bf16) for dot, else converted to f32
             for j in 0..16 {
-                let (kd, vd) = (buf.add(k_rows + j * kv_row), buf.add(v_rows + j * kv_row));
                 if dot {
                     // raw rows back to back: kv_row bf16 = kv_row / 2 dwords each
                     let (kd, vd) = (
@@ -712,7 +717,10 @@ pub(crate) mod tile16 {
                         std::ptr::write_bytes(kd.cast::<u8>(), 0, bytes);
                         std::ptr::write_bytes(vd.cast::<u8>(), 0, bytes);
                     }
-                } else if j < n_all {
+                    continue;
+                }
+                let (kd, vd) = (buf.add(k_rows + j * kv_row), buf.add(v_rows + j * kv_row));
+                if j < n_all {
                     let at = row_at(start + j) + unit_off;
                     for t in 0..kv_row / 16 {
                         _mm512_storeu_ps(kd.add(t * 16), load16(k_cache.as_ptr().add(at + t * 16)));
@@ -734,10 +742,6 @@ pub(crate) mod tile16 {
                         let src = buf.add(k_rows + (col + 32 * t) / 2);
                         transpose16(src, kv_row / 2, buf.add(k_t + t * 256));
                     }
-                    let idx = _mm512_set_epi16(
-                        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
-                        21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0,
-                    );
                     let raw = buf.add(v_rows).cast::<u16>();
                     for i in 0..8 {
                         for t in 0..tiles {
@@ -747,7 +751,7 @@ pub(crate) mod tile16 {
                                 raw.add((2 * i + 1) * kv_row + col + t * 16).cast(),
                             );
                             let both = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(a), b);
-                            let pairs = _mm512_permutexvar_epi16(idx, both);
+                            let pairs = _mm512_permutexvar_epi16(interleave, both);
                             _mm512_storeu_si512(buf.add(vv + (i * tiles + t) * 16).cast(), pairs);
                         }
                     }

@@ -267,10 +267,8 @@ impl Decoder {
             attn_shape,
             scale,
             units,
-            next_rows: (0..4 * self.layers.len() + 1)
-                .map(|_| AtomicUsize::new(0))
-                .collect(),
-            next_unit: (0..self.layers.len())
+            // per layer 4 products and the attention, then the head
+            claims: (0..5 * self.layers.len() + 1)
                 .map(|_| AtomicUsize::new(0))
                 .collect(),
             first_part,
@@ -306,8 +304,8 @@ impl Decoder {
     /// Thread `tid`'s share of the step. Every thread runs every phase and
     /// meets the others at the barrier between phases: per-row work (norms,
     /// quantization, rotary, cache writes, attention merges, SwiGLU) on the
-    /// thread's own rows, matrix products on its own groups of output rows,
-    /// attention on its own units.
+    /// thread's own rows; pieces of matrix products and attention units to
+    /// whichever thread is free (see `claim`).
     fn worker<T: KvStore>(&self, st: &Step<'_, T>, tid: usize) {
         let s = self.shape;
         let (h, kv_heads, d) = (s.num_heads, s.num_kv_heads, s.head_dim);
@@ -336,15 +334,20 @@ impl Decoder {
                     a.quantize(&normed[..s.hidden], w.cols);
                 }
             };
-        // out = acts W^T for this thread's whole groups of 16 output rows (the
+        // The shared counter of the next shared phase (every thread runs the
+        // phases in the same order): its work goes out piece by piece to
+        // whichever thread is free, so a busy or slow core does not hold the
+        // other at the barrier.
+        let phase = std::cell::Cell::new(0);
+        let claim = || {
+            let counter = &st.claims[phase.get()];
+            phase.set(phase.get() + 1);
+            counter
+        };
+        // out = acts W^T, in pieces of whole groups of 16 output rows (the
         // matrix layout's unit), then wait for the others
-        // the how-manyth product of the step this is (every thread runs them in order)
-        let products = std::cell::Cell::new(0);
         let product_of = |w: &QMatrix, acts: &[QuantActs], out: &Shared<f32>| {
-            // runs of output rows to whichever thread is free: a busy or slow
-            // core does not hold the other at the barrier
-            let next = &st.next_rows[products.get()];
-            products.set(products.get() + 1);
+            let next = claim();
             // pieces of about an eighth of a thread's share, whole groups:
             // long runs of memory for the prefetcher, few atomics
             let piece = (w.rows / (8 * st.threads))
@@ -409,8 +412,9 @@ impl Decoder {
                 // units in any order, to whichever thread is free: a row's
                 // arithmetic is its own (see attend_tile)
                 let plen = segment_len(st.attn_shape);
+                let next = claim();
                 loop {
-                    let u = st.next_unit[li].fetch_add(1, Ordering::Relaxed);
+                    let u = next.fetch_add(1, Ordering::Relaxed);
                     let Some(unit) = st.units.get(u) else { break };
                     let rows = unit.first_row..unit.first_row + unit.rows;
                     let first = unit.segment * SEGMENT;
@@ -720,10 +724,9 @@ struct Step<'a, T> {
     /// The softmax scale, 1 / sqrt(head_dim).
     scale: f32,
     units: Vec<Unit>,
-    /// per layer: the next unit a thread takes
-    next_unit: Vec<AtomicUsize>,
-    /// per matrix product of the step: the first output row not yet taken
-    next_rows: Vec<AtomicUsize>,
+    /// per shared phase of the step, in order: the first piece of its work
+    /// not yet taken (an output row of a product, an attention unit)
+    claims: Vec<AtomicUsize>,
     /// each row's first partial attention result (one past the end last)
     first_part: Vec<usize>,
     block_tables: &'a [i64],
