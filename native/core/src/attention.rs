@@ -495,78 +495,92 @@ pub(crate) mod tile16 {
         store_scores(&acc, out);
     }
 
-    /// [`Chunk`] in bf16 pairs: see [`weigh_bf16`].
-    #[derive(Clone, Copy)]
-    struct PairChunk {
+    /// The weighted values of M heads of one row over a segment, in
+    /// registers, bf16 pairs: head `m`'s weight pairs of chunk `c` (dwords:
+    /// positions 2i, 2i + 1) at `probs + (c * stride + m) * 8`; chunk `c`'s
+    /// value pairs at `vv + c * vv_stride`, `(i * TILES + t) * 16 + l` =
+    /// values 2i and 2i + 1 of dimension `16 t + l`; all 8 pairs of a chunk
+    /// but the last's `last_pairs`. Head `m`'s `16 * TILES` sums to
+    /// `out[m]`. Per lane, the products in position order whatever M is.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn weigh_pairs<const M: usize, const TILES: usize>(
         probs: *const u32,
-        pairs: usize,
-        vv: *const f32,
-    }
-
-    /// [`weigh`] in bf16 pairs: head `m`'s weight pairs at `probs + m * 16`
-    /// (dwords: positions 2i, 2i + 1), `pairs` of them; `vv[(i * TILES + t)
-    /// * 16 + l]` = values 2i and 2i + 1 of dimension `16 t + l`.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bf16")]
-    unsafe fn weigh_bf16<const M: usize, const TILES: usize>(
-        acc: *mut f32,
-        d: usize,
-        corr: &[f32],
-        c: PairChunk,
+        stride: usize,
+        values: (*const f32, usize),
+        chunks: usize,
+        last_pairs: usize,
+        out: [*mut f32; 4],
     ) {
-        let PairChunk { probs, pairs, vv } = c;
-        let mut o = rescaled::<M, TILES>(acc, d, corr);
-        for i in 0..pairs {
-            for t in 0..TILES {
-                let v: __m512bh =
-                    std::mem::transmute(_mm512_loadu_ps(vv.add((i * TILES + t) * 16)));
-                for (m, o) in o.iter_mut().enumerate() {
-                    let p: __m512bh =
-                        std::mem::transmute(_mm512_set1_epi32(*probs.add(m * 16 + i) as i32));
-                    o[t] = _mm512_dpbf16_ps(o[t], p, v);
-                }
-            }
-        }
-        store::<M, TILES>(acc, d, &o);
-    }
-
-    /// [`weigh_bf16`] for `heads` heads (up to 4); head_dim a multiple of 32.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bf16")]
-    unsafe fn weigh_heads_bf16(heads: usize, acc: *mut f32, d: usize, corr: &[f32], c: PairChunk) {
-        macro_rules! by_heads {
-            ($tiles:literal) => {
-                match heads {
-                    1 => weigh_bf16::<1, $tiles>(acc, d, corr, c),
-                    2 => weigh_bf16::<2, $tiles>(acc, d, corr, c),
-                    3 => weigh_bf16::<3, $tiles>(acc, d, corr, c),
-                    _ => weigh_bf16::<4, $tiles>(acc, d, corr, c),
-                }
-            };
-        }
-        match d / 16 {
-            2 => by_heads!(2),
-            4 => by_heads!(4),
-            6 => by_heads!(6),
-            8 => by_heads!(8),
-            _ => {
-                // wider heads: one head at a time, 16 tiles at most
-                for m in 0..heads {
-                    let (a, p) = (
-                        acc.add(m * d),
-                        PairChunk {
-                            probs: c.probs.add(m * 16),
-                            ..c
-                        },
-                    );
-                    match d / 16 {
-                        10 => weigh_bf16::<1, 10>(a, d, &corr[m..], p),
-                        12 => weigh_bf16::<1, 12>(a, d, &corr[m..], p),
-                        14 => weigh_bf16::<1, 14>(a, d, &corr[m..], p),
-                        _ => weigh_bf16::<1, 16>(a, d, &corr[m..], p),
+        let (vv, vv_stride) = values;
+        let mut o = [[_mm512_setzero_ps(); TILES]; M];
+        for c in 0..chunks {
+            let pairs = if c + 1 == chunks { last_pairs } else { 8 };
+            let (v, p) = (vv.add(c * vv_stride), probs.add(c * stride * 8));
+            for i in 0..pairs {
+                for t in 0..TILES {
+                    let vt: __m512bh =
+                        std::mem::transmute(_mm512_loadu_ps(v.add((i * TILES + t) * 16)));
+                    for (m, o) in o.iter_mut().enumerate() {
+                        let w: __m512bh =
+                            std::mem::transmute(_mm512_set1_epi32(*p.add(m * 8 + i) as i32));
+                        o[t] = _mm512_dpbf16_ps(o[t], w, vt);
                     }
                 }
             }
+        }
+        for (m, o) in o.iter().enumerate() {
+            for (t, o) in o.iter().enumerate() {
+                _mm512_storeu_ps(out[m].add(t * 16), *o);
+            }
+        }
+    }
+
+    /// [`weigh_pairs`] for `heads` heads: up to 4 of 2 or 4 tiles, 2 of 6
+    /// or 8, 1 of more (see [`heads_per_pass`]).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn weigh_pairs_heads(
+        heads: usize,
+        tiles: usize,
+        probs: (*const u32, usize),
+        values: (*const f32, usize),
+        chunks: (usize, usize),
+        out: [*mut f32; 4],
+    ) {
+        let ((p, stride), (n, last)) = (probs, chunks);
+        macro_rules! go {
+            ($m:literal, $t:literal) => {
+                weigh_pairs::<$m, $t>(p, stride, values, n, last, out)
+            };
+        }
+        match (tiles, heads) {
+            (2, 1) => go!(1, 2),
+            (2, 2) => go!(2, 2),
+            (2, 3) => go!(3, 2),
+            (2, _) => go!(4, 2),
+            (4, 1) => go!(1, 4),
+            (4, 2) => go!(2, 4),
+            (4, 3) => go!(3, 4),
+            (4, _) => go!(4, 4),
+            (6, 1) => go!(1, 6),
+            (6, _) => go!(2, 6),
+            (8, 1) => go!(1, 8),
+            (8, _) => go!(2, 8),
+            (10, _) => go!(1, 10),
+            (12, _) => go!(1, 12),
+            (14, _) => go!(1, 14),
+            _ => go!(1, 16),
+        }
+    }
+
+    /// Heads per pass of [`attend_pairs`]: their accumulators (heads x
+    /// tiles registers) fit the 32 registers with room to spare.
+    fn heads_per_pass(tiles: usize) -> usize {
+        match tiles {
+            0..=4 => 4,
+            5..=8 => 2,
+            _ => 1,
         }
     }
 
@@ -576,20 +590,6 @@ pub(crate) mod tile16 {
         head_dim.is_multiple_of(32)
             && head_dim <= 256
             && std::arch::is_x86_feature_detected!("avx512bf16")
-    }
-
-    /// `n` floats as bf16 (round to nearest even), in order: `n / 2` pairs.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bf16")]
-    unsafe fn to_bf16_pairs(src: *const f32, dst: *mut u32, n: usize) {
-        for c in (0..n).step_by(32) {
-            let (lo, hi) = (
-                _mm512_loadu_ps(src.add(c)),
-                _mm512_loadu_ps(src.add(c + 16)),
-            );
-            let packed: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
-            _mm512_storeu_si512(dst.add(c / 2).cast(), packed);
-        }
     }
 
     /// A chunk's 16 weights as 8 bf16 pairs.
@@ -610,40 +610,36 @@ pub(crate) mod tile16 {
         outs: &[*mut f32],
         scratch: &mut TileScratch,
     ) {
-        let AttentionShape {
-            num_heads,
-            num_kv_heads,
-            head_dim: d,
-            block_size: bs,
-        } = shape;
-        let g = num_heads / num_kv_heads;
-        let rows = tile.ends.len();
-        // query heads of the unit, per row: those of kv_heads, in order
-        let hs = kv_heads.len() * g;
-        let first_head = kv_heads.start * g;
-        let tiles = d / 16;
-        let end = tile.ends.iter().copied().max().unwrap_or(tile.first);
         // bf16 cache and CPU: keys, values, queries and weights in bf16
         // pairs, two products a lane per instruction (as torch's bf16
-        // attention rounds them); else f32 FMAs
-        let dot = T::IS_BF16 && bf16_dots(d);
-        let half = d / 2;
+        // attention rounds them); else f32 FMAs, online over the chunks
+        if T::IS_BF16 && bf16_dots(shape.head_dim) {
+            return attend_pairs(shape, tile, kv_heads, k_cache, v_cache, outs, scratch);
+        }
+        let unit = Unit::new(shape, tile, &kv_heads);
+        let Unit {
+            d,
+            g,
+            rows,
+            hs,
+            first_head,
+            end,
+            kv_row,
+            ..
+        } = unit;
+        let tiles = d / 16;
         // scratch: the chunk's key and value rows (a position's row: the
-        // unit's kv heads), the keys transposed (dot: and the value pairs);
-        // per (row, unit head) item: the scaled query, the output
-        // accumulator, the per-lane weight sums; per item of one kv head:
-        // scores, weights; dot: the query pairs
-        let kv_row = kv_heads.len() * d;
+        // unit's kv heads) in f32, the keys transposed; per (row, unit head)
+        // item: the scaled query, the output accumulator, the per-lane
+        // weight sums; per item of one kv head: scores, weights
         let (k_rows, v_rows, k_t) = (0, 16 * kv_row, 32 * kv_row);
         let qs = k_t + 16 * d;
         let accs = qs + rows * hs * d;
         let sums = accs + rows * hs * d;
         let scores = sums + rows * hs * 16;
         let probs = scores + rows * g * 16;
-        // bf16 query pairs (dot only)
-        let q2 = probs + rows * g * 16;
         scratch.floats.clear();
-        scratch.floats.resize(q2 + rows * hs * half, 0.0);
+        scratch.floats.resize(probs + rows * g * 16, 0.0);
         scratch.maxes.clear();
         scratch.maxes.resize(rows * hs, f32::NEG_INFINITY);
         scratch.corrs.clear();
@@ -651,77 +647,21 @@ pub(crate) mod tile16 {
         let buf = scratch.floats.as_mut_ptr();
         let (maxes, corrs) = (&mut scratch.maxes, &mut scratch.corrs);
         for i in 0..rows {
-            let src = tile.q.as_ptr().add((i * num_heads + first_head) * d);
+            let src = unit.query(tile, i);
             let dst = buf.add(qs + i * hs * d);
             for c in 0..hs * d {
                 *dst.add(c) = *src.add(c) * tile.scale;
             }
-            if dot {
-                to_bf16_pairs(dst, buf.add(q2 + i * hs * half).cast(), hs * d);
-            }
         }
-        // a position's cache row (all kv heads) starts here
-        let row_at = |p: usize| {
-            (*tile.table.get_unchecked(p / bs) as usize * bs + p % bs) * num_kv_heads * d
-        };
-        // the unit's kv heads of a position are contiguous
-        let (unit_off, unit_bytes) = (
-            kv_heads.start * d,
-            kv_heads.len() * d * std::mem::size_of::<T>(),
-        );
-        // words 0..16 and 16..32 of a register interleaved (value pairs)
-        let interleave = _mm512_set_epi16(
-            31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20,
-            4, 19, 3, 18, 2, 17, 1, 16, 0,
-        );
         let mut start = tile.first;
         while start < end {
             let n_all = 16.min(end - start);
-            // the next chunk's keys and values from memory while this one
-            // computes (a decode batch's cache is far larger than the caches)
-            let lo = if start == tile.first {
-                start
-            } else {
-                start + 32
-            };
-            for p in lo..end.min(start + 48) {
-                let at = row_at(p) + unit_off;
-                for off in (0..unit_bytes).step_by(64) {
-                    _mm_prefetch::<_MM_HINT_T1>(k_cache.as_ptr().add(at).cast::<i8>().add(off));
-                    _mm_prefetch::<_MM_HINT_T1>(v_cache.as_ptr().add(at).cast::<i8>().add(off));
-                }
-            }
-            // the chunk's rows of the unit's kv heads, in memory order: as
-            // they are (bf16) for dot, else converted to f32
+            unit.prefetch_ahead(tile, start, k_cache, v_cache);
+            // the chunk's rows of the unit's kv heads, in memory order, in f32
             for j in 0..16 {
-                if dot {
-                    // raw rows back to back: kv_row bf16 = kv_row / 2 dwords each
-                    let (kd, vd) = (
-                        buf.add(k_rows + j * kv_row / 2),
-                        buf.add(v_rows + j * kv_row / 2),
-                    );
-                    let bytes = kv_row * 2;
-                    if j < n_all {
-                        let at = row_at(start + j) + unit_off;
-                        std::ptr::copy_nonoverlapping(
-                            k_cache.as_ptr().add(at).cast::<u8>(),
-                            kd.cast(),
-                            bytes,
-                        );
-                        std::ptr::copy_nonoverlapping(
-                            v_cache.as_ptr().add(at).cast::<u8>(),
-                            vd.cast(),
-                            bytes,
-                        );
-                    } else {
-                        std::ptr::write_bytes(kd.cast::<u8>(), 0, bytes);
-                        std::ptr::write_bytes(vd.cast::<u8>(), 0, bytes);
-                    }
-                    continue;
-                }
                 let (kd, vd) = (buf.add(k_rows + j * kv_row), buf.add(v_rows + j * kv_row));
                 if j < n_all {
-                    let at = row_at(start + j) + unit_off;
+                    let at = unit.row(tile, start + j);
                     for t in 0..kv_row / 16 {
                         _mm512_storeu_ps(kd.add(t * 16), load16(k_cache.as_ptr().add(at + t * 16)));
                     }
@@ -734,35 +674,12 @@ pub(crate) mod tile16 {
             }
             for kv_head in kv_heads.clone() {
                 let col = (kv_head - kv_heads.start) * d;
-                // dot: key pairs transposed (half x 16 dwords) at k_t, value
-                // pairs of positions (2i, 2i + 1) interleaved at k_t + 8 d
-                let vv = k_t + 8 * d;
-                if dot {
-                    for t in 0..half / 16 {
-                        let src = buf.add(k_rows + (col + 32 * t) / 2);
-                        transpose16(src, kv_row / 2, buf.add(k_t + t * 256));
-                    }
-                    let raw = buf.add(v_rows).cast::<u16>();
-                    for i in 0..8 {
-                        for t in 0..tiles {
-                            let a =
-                                _mm256_loadu_si256(raw.add(2 * i * kv_row + col + t * 16).cast());
-                            let b = _mm256_loadu_si256(
-                                raw.add((2 * i + 1) * kv_row + col + t * 16).cast(),
-                            );
-                            let both = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(a), b);
-                            let pairs = _mm512_permutexvar_epi16(interleave, both);
-                            _mm512_storeu_si512(buf.add(vv + (i * tiles + t) * 16).cast(), pairs);
-                        }
-                    }
-                } else {
-                    for t in 0..tiles {
-                        transpose16(
-                            buf.add(k_rows + col + t * 16),
-                            kv_row,
-                            buf.add(k_t + t * 256),
-                        );
-                    }
+                for t in 0..tiles {
+                    transpose16(
+                        buf.add(k_rows + col + t * 16),
+                        kv_row,
+                        buf.add(k_t + t * 256),
+                    );
                 }
                 // item (i, h) of this kv head: h in 0..g, unit head u = local + h
                 let local = (kv_head - kv_heads.start) * g;
@@ -776,17 +693,6 @@ pub(crate) mod tile16 {
                     for h0 in (0..g).step_by(4) {
                         let q = buf.add(qs + (i * hs + local + h0) * d);
                         let out = buf.add(scores + (i * g + h0) * 16);
-                        if dot {
-                            let q = buf.add(q2 + (i * hs + local + h0) * half).cast::<u32>();
-                            let kt = buf.add(k_t);
-                            match 4.min(g - h0) {
-                                1 => scores_bf16::<1>(q, kt, half, out),
-                                2 => scores_bf16::<2>(q, kt, half, out),
-                                3 => scores_bf16::<3>(q, kt, half, out),
-                                _ => scores_bf16::<4>(q, kt, half, out),
-                            }
-                            continue;
-                        }
                         match 4.min(g - h0) {
                             1 => self::scores::<1>(q, buf.add(k_t), d, out),
                             2 => self::scores::<2>(q, buf.add(k_t), d, out),
@@ -827,11 +733,7 @@ pub(crate) mod tile16 {
                         );
                         maxes[u] = new_max;
                         corrs[item] = corr;
-                        if dot {
-                            weights_bf16(p, buf.add(probs + item * 16).cast());
-                        } else {
-                            _mm512_storeu_ps(buf.add(probs + item * 16), p);
-                        }
+                        _mm512_storeu_ps(buf.add(probs + item * 16), p);
                     }
                 }
                 for i in 0..rows {
@@ -841,16 +743,6 @@ pub(crate) mod tile16 {
                     let n = 16.min(tile.ends[i] - start);
                     for h0 in (0..g).step_by(4) {
                         let item = i * g + h0;
-                        if dot {
-                            let chunk = PairChunk {
-                                probs: buf.add(probs + item * 16).cast(),
-                                pairs: n.div_ceil(2),
-                                vv: buf.add(vv),
-                            };
-                            let acc = buf.add(accs + (i * hs + local + h0) * d);
-                            weigh_heads_bf16(4.min(g - h0), acc, d, &corrs[item..], chunk);
-                            continue;
-                        }
                         let chunk = Chunk {
                             probs: buf.add(probs + item * 16),
                             n,
@@ -871,6 +763,261 @@ pub(crate) mod tile16 {
                 *part = maxes[u];
                 *part.add(1) = _mm512_reduce_add_ps(_mm512_loadu_ps(buf.add(sums + u * 16)));
                 std::ptr::copy_nonoverlapping(buf.add(accs + u * d), part.add(2), d);
+            }
+        }
+    }
+
+    /// What both tile paths take from the shape, the tile and the unit's
+    /// kv heads.
+    #[derive(Clone, Copy)]
+    struct Unit {
+        shape: AttentionShape,
+        d: usize,
+        /// query heads per kv head
+        g: usize,
+        rows: usize,
+        /// query heads of the unit, per row: those of its kv heads, in order
+        hs: usize,
+        first_head: usize,
+        /// the end of the longest row's context in the segment
+        end: usize,
+        /// elements of a position's row of the unit's kv heads
+        kv_row: usize,
+        /// where that row starts in the position's cache row
+        unit_off: usize,
+    }
+
+    impl Unit {
+        fn new(shape: AttentionShape, tile: &TileQuery<'_>, kv_heads: &Range<usize>) -> Self {
+            let (d, g) = (shape.head_dim, shape.num_heads / shape.num_kv_heads);
+            Unit {
+                shape,
+                d,
+                g,
+                rows: tile.ends.len(),
+                hs: kv_heads.len() * g,
+                first_head: kv_heads.start * g,
+                end: tile.ends.iter().copied().max().unwrap_or(tile.first),
+                kv_row: kv_heads.len() * d,
+                unit_off: kv_heads.start * d,
+            }
+        }
+
+        /// Where position `p`'s row of the unit's kv heads starts in the cache.
+        #[inline]
+        unsafe fn row(&self, tile: &TileQuery<'_>, p: usize) -> usize {
+            let bs = self.shape.block_size;
+            let slot = *tile.table.get_unchecked(p / bs) as usize * bs + p % bs;
+            slot * self.shape.num_kv_heads * self.d + self.unit_off
+        }
+
+        /// Row `i`'s query heads of the unit.
+        #[inline]
+        unsafe fn query(&self, tile: &TileQuery<'_>, i: usize) -> *const f32 {
+            let heads = self.shape.num_heads;
+            tile.q.as_ptr().add((i * heads + self.first_head) * self.d)
+        }
+
+        /// The chunks after the one at `start`, rows of the unit's kv heads,
+        /// from memory into L2 while this one computes: a decode batch's
+        /// cache is far larger than the caches.
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn prefetch_ahead<T>(
+            &self,
+            tile: &TileQuery<'_>,
+            start: usize,
+            k_cache: &[T],
+            v_cache: &[T],
+        ) {
+            let lo = if start == tile.first {
+                start
+            } else {
+                start + 32
+            };
+            let bytes = self.kv_row * std::mem::size_of::<T>();
+            for p in lo..self.end.min(start + 48) {
+                let at = self.row(tile, p);
+                for off in (0..bytes).step_by(64) {
+                    _mm_prefetch::<_MM_HINT_T1>(k_cache.as_ptr().add(at).cast::<i8>().add(off));
+                    _mm_prefetch::<_MM_HINT_T1>(v_cache.as_ptr().add(at).cast::<i8>().add(off));
+                }
+            }
+        }
+    }
+
+    /// The bf16-pair path of [`attend`]. First the segment's keys and values
+    /// are laid out for `vdpbf16ps`, chunk by chunk of 16 positions in
+    /// memory order, every kv head of the unit: keys transposed in pairs,
+    /// values interleaved in position pairs (a whole chunk inside one block
+    /// is read where it lies, else its rows are copied, zeros past the
+    /// context). Then per row and pass of heads: the scores of the whole
+    /// segment, one max, the weights, and the weighted values summed in
+    /// registers. The segment is the softmax's unit, so there is no running
+    /// max to correct; [`merge_segments`](super::merge_segments) joins them.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn attend_pairs<T: KvElem>(
+        shape: AttentionShape,
+        tile: &TileQuery<'_>,
+        kv_heads: Range<usize>,
+        k_cache: &[T],
+        v_cache: &[T],
+        outs: &[*mut f32],
+        scratch: &mut TileScratch,
+    ) {
+        let unit = Unit::new(shape, tile, &kv_heads);
+        let Unit {
+            d,
+            g,
+            rows,
+            hs,
+            first_head,
+            end,
+            kv_row,
+            ..
+        } = unit;
+        let unit_kv = kv_heads.len();
+        let (half, tiles) = (d / 2, d / 16);
+        let chunks = (end - tile.first).div_ceil(16);
+        let step = heads_per_pass(tiles).min(g);
+        // scratch, in dwords: per (chunk, kv head of the unit) the key pairs
+        // transposed (half x 16) then the value pairs (half x 16); a copy of
+        // a chunk's rows (16 x kv_row bf16 each of keys and values); per row
+        // and unit head the query pairs; per head of a pass, per chunk, the
+        // scores (16 f32) and the weight pairs (8)
+        let per_chunk = 16 * d;
+        let copy = chunks * unit_kv * per_chunk;
+        let qp = copy + 16 * kv_row;
+        let sc = qp + rows * hs * half;
+        let pr = sc + chunks * step * 16;
+        let need = pr + chunks * step * 8;
+        // every word is written before it is read: grow, never clear
+        if scratch.floats.len() < need {
+            scratch.floats.resize(need, 0.0);
+        }
+        let buf = scratch.floats.as_mut_ptr();
+        for i in 0..rows {
+            let src = unit.query(tile, i);
+            let dst = buf.add(qp + i * hs * half).cast::<u32>();
+            let scale = _mm512_set1_ps(tile.scale);
+            for c in (0..hs * d).step_by(32) {
+                let lo = _mm512_mul_ps(_mm512_loadu_ps(src.add(c)), scale);
+                let hi = _mm512_mul_ps(_mm512_loadu_ps(src.add(c + 16)), scale);
+                let packed: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+                _mm512_storeu_si512(dst.add(c / 2).cast(), packed);
+            }
+        }
+        // words 0..16 and 16..32 of a register interleaved (value pairs)
+        let interleave = _mm512_set_epi16(
+            31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20,
+            4, 19, 3, 18, 2, 17, 1, 16, 0,
+        );
+        let packed_at = |c: usize, k: usize| buf.add((c * unit_kv + k) * per_chunk);
+        for c in 0..chunks {
+            let start = tile.first + 16 * c;
+            let n = 16.min(end - start);
+            unit.prefetch_ahead(tile, start, k_cache, v_cache);
+            let (k_src, v_src, src_row) =
+                if n == 16 && shape.block_size.is_multiple_of(16) && start.is_multiple_of(16) {
+                    let at = unit.row(tile, start);
+                    (
+                        k_cache.as_ptr().add(at).cast::<u16>(),
+                        v_cache.as_ptr().add(at).cast::<u16>(),
+                        shape.num_kv_heads * d,
+                    )
+                } else {
+                    let (kd, vd) = (
+                        buf.add(copy).cast::<u16>(),
+                        buf.add(copy + 8 * kv_row).cast::<u16>(),
+                    );
+                    for j in 0..16 {
+                        if j < n {
+                            let at = unit.row(tile, start + j);
+                            let (k, v) = (k_cache.as_ptr().add(at), v_cache.as_ptr().add(at));
+                            std::ptr::copy_nonoverlapping(k.cast(), kd.add(j * kv_row), kv_row);
+                            std::ptr::copy_nonoverlapping(v.cast(), vd.add(j * kv_row), kv_row);
+                        } else {
+                            std::ptr::write_bytes(kd.add(j * kv_row), 0, kv_row);
+                            std::ptr::write_bytes(vd.add(j * kv_row), 0, kv_row);
+                        }
+                    }
+                    (kd.cast_const(), vd.cast_const(), kv_row)
+                };
+            for k in 0..unit_kv {
+                let col = k * d;
+                let (kt, vv) = (packed_at(c, k), packed_at(c, k).add(8 * d));
+                for t in 0..half / 16 {
+                    let src = k_src.add(col + 32 * t).cast::<f32>();
+                    transpose16(src, src_row / 2, kt.add(t * 256));
+                }
+                for i in 0..8 {
+                    for t in 0..tiles {
+                        let at = |j: usize| v_src.add(j * src_row + col + t * 16);
+                        let a = _mm256_loadu_si256(at(2 * i).cast());
+                        let b = _mm256_loadu_si256(at(2 * i + 1).cast());
+                        let both = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(a), b);
+                        let pairs = _mm512_permutexvar_epi16(interleave, both);
+                        _mm512_storeu_si512(vv.add((i * tiles + t) * 16).cast(), pairs);
+                    }
+                }
+            }
+        }
+        for k in 0..unit_kv {
+            for (i, (&row_end, &row_out)) in tile.ends.iter().zip(outs).enumerate() {
+                let n = row_end.saturating_sub(tile.first);
+                let (ci, last) = (n.div_ceil(16), (n + 15) % 16 + 1);
+                let mask_last = ((1u32 << last) - 1) as __mmask16;
+                for h0 in (0..g).step_by(step) {
+                    let m = step.min(g - h0);
+                    // unit head of the pass's first head
+                    let u0 = k * g + h0;
+                    let q = buf.add(qp + (i * hs + u0) * half).cast::<u32>();
+                    for c in 0..ci {
+                        let (kt, out) = (packed_at(c, k), buf.add(sc + c * step * 16));
+                        match m {
+                            1 => scores_bf16::<1>(q, kt, half, out),
+                            2 => scores_bf16::<2>(q, kt, half, out),
+                            3 => scores_bf16::<3>(q, kt, half, out),
+                            _ => scores_bf16::<4>(q, kt, half, out),
+                        }
+                    }
+                    let mut outs_m = [std::ptr::null_mut(); 4];
+                    for (mm, o) in outs_m.iter_mut().enumerate().take(m) {
+                        let part = row_out.add((first_head + u0 + mm) * (d + 2));
+                        *o = part.add(2);
+                        let score = |c: usize| _mm512_loadu_ps(buf.add(sc + (c * step + mm) * 16));
+                        let mask = |c: usize| if c + 1 == ci { mask_last } else { 0xFFFF };
+                        let mut top = _mm512_set1_ps(f32::NEG_INFINITY);
+                        for c in 0..ci {
+                            top = _mm512_mask_max_ps(top, mask(c), top, score(c));
+                        }
+                        let max = _mm512_reduce_max_ps(top);
+                        let mut sum = _mm512_setzero_ps();
+                        for c in 0..ci {
+                            let e = exp16(_mm512_sub_ps(score(c), _mm512_set1_ps(max)));
+                            let p = _mm512_maskz_mov_ps(mask(c), e);
+                            sum = _mm512_add_ps(sum, p);
+                            weights_bf16(p, buf.add(pr + (c * step + mm) * 8).cast());
+                        }
+                        *part = max;
+                        *part.add(1) = _mm512_reduce_add_ps(sum);
+                    }
+                    if ci == 0 {
+                        // a row that does not reach the segment: nothing
+                        for o in &outs_m[..m] {
+                            std::ptr::write_bytes(*o, 0, d);
+                        }
+                        continue;
+                    }
+                    weigh_pairs_heads(
+                        m,
+                        tiles,
+                        (buf.add(pr).cast(), step),
+                        (packed_at(0, k).add(8 * d), unit_kv * per_chunk),
+                        (ci, last.div_ceil(2)),
+                        outs_m,
+                    );
+                }
             }
         }
     }
@@ -1567,21 +1714,25 @@ mod tests {
         // a bf16 cache takes the bf16-pair kernels where the CPU has them
         // (queries and weights rounded to bf16 too): against the reference
         // on the same cached values, within bf16 rounding
+        // (whole chunks of 16 are read in place where a block holds them:
+        // blocks of 16 and 32; blocks of 8 are copied)
         let mut seed = 21u64;
-        for (heads, kv_heads, d, ctx) in [
-            (9, 3, 64, 300usize),
-            (4, 2, 32, 17),
-            (2, 1, 128, 129),
-            (8, 8, 64, 40),
+        for (heads, kv_heads, d, ctx, bs) in [
+            (9, 3, 64, 300usize, 16usize),
+            (4, 2, 32, 17, 16),
+            (2, 1, 128, 129, 16),
+            (8, 8, 64, 40, 16),
+            (9, 3, 64, 150, 32),
+            (4, 2, 64, 70, 8),
         ] {
             let shape = AttentionShape {
                 num_heads: heads,
                 num_kv_heads: kv_heads,
                 head_dim: d,
-                block_size: 16,
+                block_size: bs,
             };
-            let num_blocks = ctx.div_ceil(16) + 1;
-            let len = num_blocks * 16 * kv_heads * d;
+            let num_blocks = ctx.div_ceil(bs) + 1;
+            let len = num_blocks * bs * kv_heads * d;
             let bf16 = |v: f32| (v.to_bits() >> 16) as u16;
             let k: Vec<u16> = (0..len).map(|_| bf16(lcg(&mut seed) * 2.0)).collect();
             let v: Vec<u16> = (0..len).map(|_| bf16(lcg(&mut seed))).collect();

@@ -348,17 +348,26 @@ impl Decoder {
         // matrix layout's unit), then wait for the others
         let product_of = |w: &QMatrix, acts: &[QuantActs], out: &Shared<f32>| {
             let next = claim();
-            // pieces of about an eighth of a thread's share, whole groups:
-            // long runs of memory for the prefetcher, few atomics
-            let piece = (w.rows / (8 * st.threads))
-                .next_multiple_of(GROUP_ROWS)
-                .max(GROUP_ROWS);
+            // pieces of at most an eighth of a thread's share, whole groups
+            // (long runs of memory for the prefetcher, few atomics), shrinking
+            // with what is left so that the threads finish together
+            let longest = (w.rows / (8 * st.threads)).next_multiple_of(GROUP_ROWS);
             loop {
-                let start = next.fetch_add(piece, Ordering::Relaxed);
+                let start = next.load(Ordering::Relaxed);
                 if start >= w.rows {
                     break;
                 }
-                let r = start..(start + piece).min(w.rows);
+                let piece = ((w.rows - start) / (2 * st.threads))
+                    .next_multiple_of(GROUP_ROWS)
+                    .clamp(GROUP_ROWS, longest.max(GROUP_ROWS));
+                let end = (start + piece).min(w.rows);
+                if next
+                    .compare_exchange_weak(start, end, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_err()
+                {
+                    continue;
+                }
+                let r = start..end;
                 unsafe { gemm_into(w, acts, r.clone(), out.0.add(r.start), w.rows) };
             }
             st.barrier.wait();

@@ -438,7 +438,15 @@ mod avx512 {
         if rows.is_empty() {
             return;
         }
-        for g in rows.start / GROUP_ROWS..rows.end.div_ceil(GROUP_ROWS) {
+        let groups = rows.start / GROUP_ROWS..rows.end.div_ceil(GROUP_ROWS);
+        let chunks = xs.len().div_ceil(BATCH);
+        for g in groups.clone() {
+            // A group's weights are read from memory in its first pass over
+            // the activations and from L1 after that: with several passes,
+            // the next group's (past `rows` too: a caller's next piece) are
+            // fetched during the first half of them.
+            let ahead = chunks > 1 && g + 1 < w.rows.div_ceil(GROUP_ROWS);
+            let spread = (chunks / 2).max(1);
             // rows of this group inside `rows`, as lanes [lo, hi)
             let first = g * GROUP_ROWS;
             let lo = rows.start.max(first) - first;
@@ -447,6 +455,9 @@ mod avx512 {
             // output column of lane 0 (may be "negative" for a first partial group: only masked lanes are stored)
             let col0 = (first as isize) - (rows.start as isize);
             for (c, chunk) in xs.chunks(BATCH).enumerate() {
+                if ahead && c < spread {
+                    prefetch_group(w, g + 1, c, spread);
+                }
                 let out = out.wrapping_offset((c * BATCH * stride) as isize + col0);
                 match chunk.len() {
                     8 => group::<8>(w, g, chunk, out, stride, mask),
@@ -459,6 +470,30 @@ mod avx512 {
                     _ => group::<1>(w, g, chunk, out, stride, mask),
                 }
             }
+        }
+    }
+
+    /// Part `part` of `parts` of group `g`'s codes and scales, into cache.
+    #[inline]
+    unsafe fn prefetch_group(w: &QMatrix, g: usize, part: usize, parts: usize) {
+        const LINE: usize = 64;
+        let nb = w.blocks_per_row();
+        let code_bytes = nb * w.kind.block_bytes();
+        let scale_bytes = nb * GROUP_ROWS * 2;
+        let codes = w.q.as_ptr().add(g * code_bytes);
+        let scales = w.d.as_ptr().add(g * nb * GROUP_ROWS).cast::<u8>();
+        let offsets = w.m.as_ptr().add(g * nb * GROUP_ROWS).cast::<u8>();
+        let (code_lines, scale_lines) = (code_bytes.div_ceil(LINE), scale_bytes.div_ceil(LINE));
+        let total = code_lines + 2 * scale_lines;
+        for i in part * total / parts..(part + 1) * total / parts {
+            let p = if i < code_lines {
+                codes.add(i * LINE)
+            } else if i < code_lines + scale_lines {
+                scales.add((i - code_lines) * LINE)
+            } else {
+                offsets.add((i - code_lines - scale_lines) * LINE)
+            };
+            _mm_prefetch::<_MM_HINT_T0>(p.cast());
         }
     }
 
@@ -815,6 +850,51 @@ mod speed {
                 "n {n}: {:.1} us, {:.1} GMAC/s",
                 secs * 1e6,
                 (rows * cols * n) as f64 / secs / 1e9
+            );
+        }
+    }
+
+    /// `cargo test --release -- --ignored --nocapture gemm_prefill_speed`:
+    /// one thread's GMAC/s on a prefill's 512 rows, the weights read from
+    /// memory as in a forward pass (80 MiB of copies, each used once) and
+    /// from cache (one matrix again and again).
+    #[test]
+    #[ignore]
+    fn gemm_prefill_speed() {
+        let n = 512;
+        for (rows, cols) in [(960, 576), (3072, 576), (576, 1536)] {
+            let q: Vec<u8> = (0..rows * cols).map(|i| (i * 7919 % 16) as u8).collect();
+            let s: Vec<f32> = (0..rows * cols / BLOCK)
+                .map(|i| 0.01 + (i % 13) as f32 * 1e-3)
+                .collect();
+            let w = QMatrix::from_q4(&q, &s, &s, rows, cols).unwrap();
+            let xs: Vec<QuantActs> = (0..n)
+                .map(|i| {
+                    let x: Vec<f32> = (0..cols)
+                        .map(|j| ((i * 31 + j * 17) % 101) as f32 * 0.01 - 0.5)
+                        .collect();
+                    let mut a = QuantActs::default();
+                    a.quantize(&x, cols);
+                    a
+                })
+                .collect();
+            let mut out = vec![0f32; n * rows];
+            let copies: Vec<QMatrix> = (0..(80 << 20) / w.nbytes()).map(|_| w.clone()).collect();
+            let macs = (rows * cols * n) as f64;
+            let t = std::time::Instant::now();
+            for m in &copies {
+                gemm(m, &xs, 0..rows, &mut out, rows);
+            }
+            let memory = t.elapsed().as_secs_f64() / copies.len() as f64;
+            let t = std::time::Instant::now();
+            for _ in &copies {
+                gemm(&w, &xs, 0..rows, &mut out, rows);
+            }
+            let cached = t.elapsed().as_secs_f64() / copies.len() as f64;
+            println!(
+                "{rows}x{cols}: {:.1} GMAC/s from memory, {:.1} from cache",
+                macs / memory / 1e9,
+                macs / cached / 1e9
             );
         }
     }
