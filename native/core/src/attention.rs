@@ -144,7 +144,7 @@ pub const SEGMENT: usize = 128;
 
 /// Rows of a [`TileQuery`] at most: they share each key chunk's transpose
 /// and each value chunk's conversion.
-pub const TILE_ROWS: usize = 8;
+pub const TILE_ROWS: usize = 16;
 
 /// Floats of one segment's partial result: per query head, its max score,
 /// its sum of weights and the unnormalised output row.
@@ -1622,6 +1622,7 @@ mod tests {
             (128, vec![130, 131, 150]),
             (256, vec![300, 301, 302, 303, 304, 305, 306, 307]),
             (0, vec![128, 128, 17, 16]),
+            (128, (140..140 + TILE_ROWS).collect()),
         ] {
             let q: Vec<f32> = (0..ends.len() * 6 * 32).map(|_| lcg(&mut seed)).collect();
             let tile = TileQuery {

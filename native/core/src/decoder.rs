@@ -655,12 +655,18 @@ impl Buffers {
             n * q_len,
             parts_len,
         ];
+        // each buffer starts on a cache line, so a group's 16 outputs of a
+        // row are one line, not two (a split line costs two writes and, at
+        // the edge of a piece of a matrix product, is written by both threads)
+        const PAD: usize = 64 / std::mem::size_of::<f32>() - 1;
         for (v, len) in owned.floats.iter_mut().zip(lens) {
-            v.resize(len, 0.0);
+            v.resize(len + PAD, 0.0);
         }
         owned.acts.resize_with(n, QuantActs::default);
-        let [qkv, attn, proj, gate_up, q, parts] =
-            owned.floats.each_mut().map(|v| Shared(v.as_mut_ptr()));
+        let [qkv, attn, proj, gate_up, q, parts] = owned.floats.each_mut().map(|v| {
+            let at = v.as_ptr().align_offset(64).min(PAD);
+            Shared(v.as_mut_ptr().wrapping_add(at))
+        });
         Self {
             acts: Shared(owned.acts.as_mut_ptr()),
             qkv,
