@@ -438,15 +438,7 @@ mod avx512 {
         if rows.is_empty() {
             return;
         }
-        let groups = rows.start / GROUP_ROWS..rows.end.div_ceil(GROUP_ROWS);
-        let chunks = xs.len().div_ceil(BATCH);
-        for g in groups.clone() {
-            // A group's weights are read from memory in its first pass over
-            // the activations and from L1 after that: with several passes,
-            // the next group's (past `rows` too: a caller's next piece) are
-            // fetched during the first half of them.
-            let ahead = chunks > 1 && g + 1 < w.rows.div_ceil(GROUP_ROWS);
-            let spread = (chunks / 2).max(1);
+        for g in rows.start / GROUP_ROWS..rows.end.div_ceil(GROUP_ROWS) {
             // rows of this group inside `rows`, as lanes [lo, hi)
             let first = g * GROUP_ROWS;
             let lo = rows.start.max(first) - first;
@@ -455,9 +447,6 @@ mod avx512 {
             // output column of lane 0 (may be "negative" for a first partial group: only masked lanes are stored)
             let col0 = (first as isize) - (rows.start as isize);
             for (c, chunk) in xs.chunks(BATCH).enumerate() {
-                if ahead && c < spread {
-                    prefetch_group(w, g + 1, c, spread);
-                }
                 let out = out.wrapping_offset((c * BATCH * stride) as isize + col0);
                 match chunk.len() {
                     8 => group::<8>(w, g, chunk, out, stride, mask),
@@ -470,30 +459,6 @@ mod avx512 {
                     _ => group::<1>(w, g, chunk, out, stride, mask),
                 }
             }
-        }
-    }
-
-    /// Part `part` of `parts` of group `g`'s codes and scales, into cache.
-    #[inline]
-    unsafe fn prefetch_group(w: &QMatrix, g: usize, part: usize, parts: usize) {
-        const LINE: usize = 64;
-        let nb = w.blocks_per_row();
-        let code_bytes = nb * w.kind.block_bytes();
-        let scale_bytes = nb * GROUP_ROWS * 2;
-        let codes = w.q.as_ptr().add(g * code_bytes);
-        let scales = w.d.as_ptr().add(g * nb * GROUP_ROWS).cast::<u8>();
-        let offsets = w.m.as_ptr().add(g * nb * GROUP_ROWS).cast::<u8>();
-        let (code_lines, scale_lines) = (code_bytes.div_ceil(LINE), scale_bytes.div_ceil(LINE));
-        let total = code_lines + 2 * scale_lines;
-        for i in part * total / parts..(part + 1) * total / parts {
-            let p = if i < code_lines {
-                codes.add(i * LINE)
-            } else if i < code_lines + scale_lines {
-                scales.add((i - code_lines) * LINE)
-            } else {
-                offsets.add((i - code_lines - scale_lines) * LINE)
-            };
-            _mm_prefetch::<_MM_HINT_T0>(p.cast());
         }
     }
 
