@@ -30,7 +30,7 @@ use crate::attention::{
     DecodeBatch, KvElem, TileQuery, TileScratch, SEGMENT, TILE_ROWS,
 };
 use crate::error::AttentionError;
-use crate::quant::{gemm_into, QMatrix, QuantActs, GROUP_ROWS};
+use crate::quant::{gemm_into, QMatrix, QuantBatch, QuantRaw, GROUP_ROWS};
 
 /// A cache element the step can also write.
 pub trait KvStore: KvElem {
@@ -260,7 +260,16 @@ impl Decoder {
         first_part.push(parts);
         let threads = threads.clamp(1, MAX_THREADS);
         let units = attention_units(&rows, s.num_kv_heads, threads);
-        let bufs = Buffers::new(&s, n, parts * segment_len(attn_shape), scratch);
+        // the widest input of any matrix product (the activations' room)
+        let act_cols = self
+            .layers
+            .iter()
+            .flat_map(|l| [&l.qkv, &l.o, &l.gate_up, &l.down])
+            .chain([&self.lm_head])
+            .map(|w| w.cols)
+            .max()
+            .unwrap_or(0);
+        let bufs = Buffers::new(&s, n, parts * segment_len(attn_shape), act_cols, scratch);
         let step = Step {
             n,
             threads,
@@ -325,15 +334,16 @@ impl Decoder {
         // the previous phases finished.
         let x_rows =
             |r: Range<usize>| unsafe { st.x.range(r.start * s.hidden, r.len() * s.hidden) };
-        let acts_rows = |r: Range<usize>| unsafe { bufs.acts.range(r.start, r.len()) };
-        // RMSNorm of rows of x, quantized as the input of matrix w
-        let norm_rows =
-            |x: &[f32], norm: &[f32], w: &QMatrix, acts: &mut [QuantActs], normed: &mut [f32]| {
-                for (a, xr) in acts.iter_mut().zip(x.chunks_exact(s.hidden)) {
-                    rms_norm(xr, norm, s.eps, normed);
-                    a.quantize(&normed[..s.hidden], w.cols);
-                }
-            };
+        // row r of the activations, quantized as the input of matrix w
+        let quantize =
+            |r: usize, x: &[f32], w: &QMatrix| unsafe { bufs.acts.quantize(r, x, w.cols) };
+        // RMSNorm of my rows of x, quantized as the input of matrix w
+        let norm_rows = |x: &[f32], norm: &[f32], w: &QMatrix, normed: &mut [f32]| {
+            for (r, xr) in mine.clone().zip(x.chunks_exact(s.hidden)) {
+                rms_norm(xr, norm, s.eps, normed);
+                quantize(r, &normed[..s.hidden], w);
+            }
+        };
         // The shared counter of the next shared phase (every thread runs the
         // phases in the same order): its work goes out piece by piece to
         // whichever thread is free, so a busy or slow core does not hold the
@@ -346,7 +356,7 @@ impl Decoder {
         };
         // out = acts W^T, in pieces of whole groups of 16 output rows (the
         // matrix layout's unit), then wait for the others
-        let product_of = |w: &QMatrix, acts: &[QuantActs], out: &Shared<f32>| {
+        let product_of = |w: &QMatrix, n: usize, out: &Shared<f32>| {
             let next = claim();
             // pieces of at most an eighth of a thread's share, whole groups
             // (long runs of memory for the prefetcher, few atomics), shrinking
@@ -368,21 +378,13 @@ impl Decoder {
                     continue;
                 }
                 let r = start..end;
-                unsafe { gemm_into(w, acts, r.clone(), out.0.add(r.start), w.rows) };
+                unsafe { gemm_into(w, bufs.acts, n, r.clone(), out.0.add(r.start), w.rows) };
             }
             st.barrier.wait();
         };
-        let product = |w: &QMatrix, out: &Shared<f32>| {
-            product_of(w, unsafe { bufs.acts.range(0, st.n) }, out)
-        };
+        let product = |w: &QMatrix, out: &Shared<f32>| product_of(w, st.n, out);
         for (li, l) in self.layers.iter().enumerate() {
-            norm_rows(
-                x_rows(mine.clone()),
-                &l.attn_norm,
-                &l.qkv,
-                acts_rows(mine.clone()),
-                &mut normed,
-            );
+            norm_rows(x_rows(mine.clone()), &l.attn_norm, &l.qkv, &mut normed);
             st.barrier.wait();
             product(&l.qkv, &bufs.qkv);
             let k_off = li * st.layer_elems;
@@ -469,11 +471,8 @@ impl Decoder {
                     let parts = unsafe { &*bufs.parts.range(a * plen, (b - a) * plen) };
                     merge_segments(parts, b - a, st.attn_shape, o);
                 }
-                for (a, o) in acts_rows(mine.clone())
-                    .iter_mut()
-                    .zip(attn.chunks_exact(q_len))
-                {
-                    a.quantize(o, l.o.cols);
+                for (r, o) in mine.clone().zip(attn.chunks_exact(q_len)) {
+                    quantize(r, o, &l.o);
                 }
             }
             st.barrier.wait();
@@ -486,13 +485,7 @@ impl Decoder {
                     l.o_bias.as_deref(),
                     s.hidden,
                 );
-                norm_rows(
-                    x,
-                    &l.ffn_norm,
-                    &l.gate_up,
-                    acts_rows(mine.clone()),
-                    &mut normed,
-                );
+                norm_rows(x, &l.ffn_norm, &l.gate_up, &mut normed);
             }
             st.barrier.wait();
             product(&l.gate_up, &bufs.gate_up);
@@ -501,13 +494,10 @@ impl Decoder {
                     bufs.gate_up
                         .range(mine.start * gu_rows, mine.len() * gu_rows)
                 };
-                for (a, gu) in acts_rows(mine.clone())
-                    .iter_mut()
-                    .zip(gate_up.chunks_exact(gu_rows))
-                {
+                for (r, gu) in mine.clone().zip(gate_up.chunks_exact(gu_rows)) {
                     let (g, u) = gu.split_at(s.intermediate);
                     swiglu(g, u, &mut act);
-                    a.quantize(&act, l.down.cols);
+                    quantize(r, &act, &l.down);
                 }
             }
             st.barrier.wait();
@@ -524,21 +514,14 @@ impl Decoder {
         st.barrier.wait();
         let wanted = st.logit_rows.len();
         let my_logit_rows = share(wanted);
-        for (i, a) in my_logit_rows
-            .clone()
-            .zip(acts_rows(my_logit_rows.clone()).iter_mut())
-        {
+        for i in my_logit_rows {
             let r = st.logit_rows[i];
             let xr = unsafe { st.x.range(r * s.hidden, s.hidden) };
             rms_norm(xr, &self.final_norm, s.eps, &mut normed);
-            a.quantize(&normed[..s.hidden], self.lm_head.cols);
+            quantize(i, &normed[..s.hidden], &self.lm_head);
         }
         st.barrier.wait();
-        product_of(
-            &self.lm_head,
-            unsafe { &bufs.acts.range(0, st.n)[..wanted] },
-            &st.logits,
-        );
+        product_of(&self.lm_head, wanted, &st.logits);
     }
 
     /// Number of rows, after checking every array against it.
@@ -624,7 +607,7 @@ impl<T> Shared<T> {
 struct Scratch {
     /// qkv, attn, proj, gate_up, q, parts
     floats: [Vec<f32>; 6],
-    acts: Vec<QuantActs>,
+    acts: QuantBatch,
 }
 
 const SLOT_Q: usize = 4;
@@ -632,7 +615,8 @@ const SLOT_Q: usize = 4;
 /// One step's buffers, sized for it, reached by the threads through the
 /// shared pointers.
 struct Buffers {
-    acts: Shared<QuantActs>,
+    /// the activations of the next matrix product, quantized
+    acts: QuantRaw,
     qkv: Shared<f32>,
     attn: Shared<f32>,
     proj: Shared<f32>,
@@ -644,7 +628,13 @@ struct Buffers {
 }
 
 impl Buffers {
-    fn new(s: &DecoderShape, n: usize, parts_len: usize, mut owned: Scratch) -> Self {
+    fn new(
+        s: &DecoderShape,
+        n: usize,
+        parts_len: usize,
+        act_cols: usize,
+        mut owned: Scratch,
+    ) -> Self {
         let q_len = s.num_heads * s.head_dim;
         let qkv_rows = q_len + 2 * s.num_kv_heads * s.head_dim;
         let lens = [
@@ -662,13 +652,13 @@ impl Buffers {
         for (v, len) in owned.floats.iter_mut().zip(lens) {
             v.resize(len + PAD, 0.0);
         }
-        owned.acts.resize_with(n, QuantActs::default);
+        owned.acts.reserve(n, act_cols);
         let [qkv, attn, proj, gate_up, q, parts] = owned.floats.each_mut().map(|v| {
             let at = v.as_ptr().align_offset(64).min(PAD);
             Shared(v.as_mut_ptr().wrapping_add(at))
         });
         Self {
-            acts: Shared(owned.acts.as_mut_ptr()),
+            acts: owned.acts.raw(),
             qkv,
             attn,
             proj,

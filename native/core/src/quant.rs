@@ -21,6 +21,10 @@
 //! shuffles. The 8 registers of a 4-bit block are stored as 4, register `k`
 //! in the low nibbles and `k + 4` in the high ones. A batch of activation
 //! rows reuses each unpacked block from registers.
+//!
+//! Activations are laid out for that loop ([`QuantBatch`]): rows in chunks
+//! of [`BATCH`], and per chunk and block the chunk's rows' 32 codes side by
+//! side, so a chunk is one run of memory read through one pointer.
 
 use std::ops::Range;
 
@@ -227,35 +231,135 @@ fn check_dims(
     Ok(())
 }
 
-/// One activation row quantized per block of 32: `x = d * q`.
+/// Activation rows per chunk of a [`QuantBatch`]: the rows one pass of the
+/// kernel over a group's blocks takes (their accumulators and the 8
+/// unpacked weight registers stay in the 32 zmm registers).
+pub const BATCH: usize = 8;
+
+/// Activation rows quantized per block of 32 (`x = d * q`), laid out for
+/// [`gemm`]: per chunk of [`BATCH`] rows and block, the rows' 32 codes side
+/// by side; per chunk and block the rows' scales `d`, and `d * Σ q` (which
+/// multiplies the weight offsets). The width is the caller's at each use
+/// (up to the reserved one): rows are read at the width they were written.
 #[derive(Debug, Clone, Default)]
-pub struct QuantActs {
+pub struct QuantBatch {
+    rows: usize,
+    /// blocks per row reserved
+    blocks: usize,
     q: Vec<i8>,
     d: Vec<f32>,
-    /// d * Σ q per block: multiplies the weight offsets.
     dsum: Vec<f32>,
 }
 
-impl QuantActs {
-    /// Quantize `x`, zero-padded to `padded_cols` (a multiple of [`BLOCK`]).
-    pub fn quantize(&mut self, x: &[f32], padded_cols: usize) {
-        debug_assert!(padded_cols >= x.len() && padded_cols.is_multiple_of(BLOCK));
-        let nb = padded_cols / BLOCK;
-        self.q.clear();
-        self.q.resize(padded_cols, 0);
-        self.d.clear();
-        self.d.resize(nb, 0.0);
-        self.dsum.clear();
-        self.dsum.resize(nb, 0.0);
+impl QuantBatch {
+    /// Room for `rows` rows of up to `max_cols` columns.
+    pub fn reserve(&mut self, rows: usize, max_cols: usize) {
+        self.rows = rows;
+        self.blocks = max_cols.div_ceil(BLOCK);
+        let chunk_blocks = rows.div_ceil(BATCH) * self.blocks;
+        self.q.resize(chunk_blocks * BATCH * BLOCK, 0);
+        self.d.resize(chunk_blocks * BATCH, 0.0);
+        self.dsum.resize(chunk_blocks * BATCH, 0.0);
+    }
+
+    /// `xs` quantized, each zero-padded to `cols` (a multiple of [`BLOCK`]).
+    pub fn of_rows<X: AsRef<[f32]>>(xs: &[X], cols: usize) -> Self {
+        let mut batch = QuantBatch::default();
+        batch.reserve(xs.len(), cols);
+        let raw = batch.raw();
+        for (r, x) in xs.iter().enumerate() {
+            // SAFETY: `raw` is this batch's, used by this thread alone.
+            unsafe { raw.quantize(r, x.as_ref(), cols) };
+        }
+        batch
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// The batch as raw parts, for threads that quantize disjoint rows (see
+    /// [`QuantRaw::quantize`]) and then read them in [`gemm_into`].
+    pub fn raw(&mut self) -> QuantRaw {
+        QuantRaw {
+            q: self.q.as_mut_ptr(),
+            d: self.d.as_mut_ptr(),
+            dsum: self.dsum.as_mut_ptr(),
+            rows: self.rows,
+            blocks: self.blocks,
+        }
+    }
+}
+
+/// A [`QuantBatch`]'s storage by pointer: valid while the batch lives and
+/// is neither reserved again nor dropped.
+#[derive(Debug, Clone, Copy)]
+pub struct QuantRaw {
+    q: *mut i8,
+    d: *mut f32,
+    dsum: *mut f32,
+    rows: usize,
+    blocks: usize,
+}
+
+// SAFETY: plain pointers into one batch; the unsafe methods state who may
+// touch which rows when.
+unsafe impl Send for QuantRaw {}
+unsafe impl Sync for QuantRaw {}
+
+/// Where one row's blocks are: block `b`'s 32 codes at `q + b * BATCH * 32`,
+/// its scale and `d Σ q` at `d + b * BATCH`, `dsum + b * BATCH`.
+#[derive(Clone, Copy)]
+struct RowAt {
+    q: *mut i8,
+    d: *mut f32,
+    dsum: *mut f32,
+}
+
+const ROW_Q_STEP: usize = BATCH * BLOCK;
+
+impl QuantRaw {
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Row `r` at `cols` columns.
+    fn row(&self, r: usize, cols: usize) -> RowAt {
+        let nb = cols / BLOCK;
+        let (chunk, j) = (r / BATCH, r % BATCH);
+        let first = chunk * nb * BATCH + j;
+        RowAt {
+            q: self.q.wrapping_add(first * BLOCK),
+            d: self.d.wrapping_add(first),
+            dsum: self.dsum.wrapping_add(first),
+        }
+    }
+
+    /// Quantize `x`, zero-padded to `cols` (a multiple of [`BLOCK`], at most
+    /// the reserved width), into row `r`.
+    ///
+    /// # Safety
+    /// The batch is alive and not reserved again; nothing else reads or
+    /// writes row `r` meanwhile (rows share cache lines, not bytes).
+    pub unsafe fn quantize(&self, r: usize, x: &[f32], cols: usize) {
+        assert!(r < self.rows && cols.is_multiple_of(BLOCK) && cols / BLOCK <= self.blocks);
+        assert!(x.len() <= cols);
+        let row = self.row(r, cols);
+        for b in 0..cols / BLOCK {
+            // blocks past x are zero
+            std::ptr::write_bytes(row.q.add(b * ROW_Q_STEP), 0, BLOCK);
+            *row.d.add(b * BATCH) = 0.0;
+            *row.dsum.add(b * BATCH) = 0.0;
+        }
         #[cfg(target_arch = "x86_64")]
         {
             if std::arch::is_x86_feature_detected!("avx512f") {
-                // SAFETY: the CPU has AVX-512F (checked just above).
-                unsafe { quantize_avx512(self, x) };
+                // SAFETY: the CPU has AVX-512F (checked just above); `row` per the contract.
+                unsafe { quantize_avx512(row, x) };
                 return;
             }
         }
-        quantize_blocks(self, x)
+        quantize_blocks(row, x)
     }
 }
 
@@ -263,7 +367,7 @@ impl QuantActs {
 /// even), so the same codes.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
-unsafe fn quantize_avx512(acts: &mut QuantActs, x: &[f32]) {
+unsafe fn quantize_avx512(row: RowAt, x: &[f32]) {
     use std::arch::x86_64::*;
     let whole = x.len() / BLOCK;
     let abs_mask = _mm512_set1_epi32(0x7FFF_FFFF);
@@ -280,38 +384,34 @@ unsafe fn quantize_avx512(acts: &mut QuantActs, x: &[f32]) {
         const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
         let qlo = _mm512_cvtps_epi32(_mm512_roundscale_ps::<NEAREST>(_mm512_mul_ps(lo, inv)));
         let qhi = _mm512_cvtps_epi32(_mm512_roundscale_ps::<NEAREST>(_mm512_mul_ps(hi, inv)));
-        let dst = acts.q.as_mut_ptr().add(b * BLOCK);
+        let dst = row.q.add(b * ROW_Q_STEP);
         _mm_storeu_si128(dst.cast(), _mm512_cvtsepi32_epi8(qlo));
         _mm_storeu_si128(dst.add(16).cast(), _mm512_cvtsepi32_epi8(qhi));
         let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(qlo, qhi));
         let d = amax / 127.0;
-        acts.d[b] = d;
-        acts.dsum[b] = d * sum as f32;
+        *row.d.add(b * BATCH) = d;
+        *row.dsum.add(b * BATCH) = d * sum as f32;
     }
     if whole * BLOCK < x.len() {
         // the last, partial block (x shorter than the padded width)
-        let mut tail = QuantActs {
-            q: vec![0; BLOCK],
-            d: vec![0.0],
-            dsum: vec![0.0],
+        let tail = RowAt {
+            q: row.q.add(whole * ROW_Q_STEP),
+            d: row.d.add(whole * BATCH),
+            dsum: row.dsum.add(whole * BATCH),
         };
-        quantize_blocks(&mut tail, &x[whole * BLOCK..]);
-        acts.q[whole * BLOCK..][..BLOCK].copy_from_slice(&tail.q);
-        acts.d[whole] = tail.d[0];
-        acts.dsum[whole] = tail.dsum[0];
+        quantize_blocks(tail, &x[whole * BLOCK..]);
     }
 }
 
+/// # Safety
+/// `row`'s blocks up to `x`'s length are valid for writes, and the blocks
+/// past it are zero.
 #[inline(always)]
-fn quantize_blocks(acts: &mut QuantActs, x: &[f32]) {
+unsafe fn quantize_blocks(row: RowAt, x: &[f32]) {
     // x + 1.5 * 2^23 - 1.5 * 2^23 rounds |x| < 2^22 to the nearest integer (ties to even)
     const ROUND: f32 = 12_582_912.0;
-    for (b, codes) in acts.q.chunks_exact_mut(BLOCK).enumerate() {
-        let start = b * BLOCK;
-        if start >= x.len() {
-            break;
-        }
-        let block = &x[start..x.len().min(start + BLOCK)];
+    for (b, block) in x.chunks(BLOCK).enumerate() {
+        let codes = std::slice::from_raw_parts_mut(row.q.add(b * ROW_Q_STEP), BLOCK);
         let amax = block.iter().fold(0f32, |a, &v| a.max(v.abs()));
         if amax == 0.0 {
             continue;
@@ -324,51 +424,65 @@ fn quantize_blocks(acts: &mut QuantActs, x: &[f32]) {
             *c = q as i8;
             sum += q;
         }
-        acts.d[b] = d;
-        acts.dsum[b] = d * sum as f32;
+        *row.d.add(b * BATCH) = d;
+        *row.dsum.add(b * BATCH) = d * sum as f32;
     }
 }
 
 /// `out[b * out_stride + i]` = row `rows.start + i` of `w` · activation row
-/// `xs[b]`, for every row in `rows` and every activation row: each weight
-/// block is read from memory once for the whole batch.
-pub fn gemm(w: &QMatrix, xs: &[QuantActs], rows: Range<usize>, out: &mut [f32], out_stride: usize) {
+/// `b` of `xs` (quantized at `w.cols` columns), for every row in `rows` and
+/// every activation row: each weight block is read from memory once for the
+/// whole batch.
+pub fn gemm(
+    w: &QMatrix,
+    xs: &mut QuantBatch,
+    rows: Range<usize>,
+    out: &mut [f32],
+    out_stride: usize,
+) {
     assert!(rows.end <= w.rows && out_stride >= rows.len());
-    assert!(xs.is_empty() || out.len() >= (xs.len() - 1) * out_stride + rows.len());
-    // SAFETY: `out` holds every index written (asserted just above).
-    unsafe { gemm_into(w, xs, rows, out.as_mut_ptr(), out_stride) }
+    let n = xs.rows();
+    assert!(n == 0 || out.len() >= (n - 1) * out_stride + rows.len());
+    // SAFETY: `xs` is borrowed for the call; `out` holds every index written
+    // (asserted just above).
+    unsafe { gemm_into(w, xs.raw(), n, rows, out.as_mut_ptr(), out_stride) }
 }
 
 /// [`gemm`] into raw memory, so threads can fill disjoint rows of one output.
 /// Fastest when `rows` starts on a group of 16.
 ///
+/// The activations are the first `n` rows of `xs`, quantized at `w.cols`.
+///
 /// # Safety
-/// `out` must be valid for writes at `b * out_stride + i` for every
-/// activation row `b` and `i < rows.len()`, and nothing else may access
-/// those elements meanwhile.
+/// `xs`'s batch is alive, its first `n` rows quantized at `w.cols` columns
+/// and not written meanwhile; `out` must be valid for writes at
+/// `b * out_stride + i` for every activation row `b` and `i < rows.len()`,
+/// and nothing else may access those elements meanwhile.
 pub unsafe fn gemm_into(
     w: &QMatrix,
-    xs: &[QuantActs],
+    xs: QuantRaw,
+    n: usize,
     rows: Range<usize>,
     out: *mut f32,
     out_stride: usize,
 ) {
-    assert!(rows.end <= w.rows);
-    for x in xs {
-        assert_eq!(x.q.len(), w.cols, "activations quantized to another width");
-    }
+    assert!(rows.end <= w.rows && n <= xs.rows);
+    assert!(
+        w.blocks_per_row() <= xs.blocks,
+        "activations narrower than the matrix"
+    );
     #[cfg(target_arch = "x86_64")]
     {
         if has_vnni() {
-            // SAFETY: the CPU has AVX-512 F/BW/VNNI and F16C (checked by has_vnni); `out` per the contract.
-            unsafe { avx512::gemm(w, xs, rows, out, out_stride) };
+            // SAFETY: the CPU has AVX-512 F/BW/VNNI and F16C (checked by has_vnni); the rest per the contract.
+            unsafe { avx512::gemm(w, xs, n, rows, out, out_stride) };
             return;
         }
     }
-    for (b, x) in xs.iter().enumerate() {
+    for b in 0..n {
         for (i, r) in rows.clone().enumerate() {
             // SAFETY: per the contract.
-            unsafe { *out.add(b * out_stride + i) = dot_portable(w, x, r) };
+            unsafe { *out.add(b * out_stride + i) = dot_portable(w, xs.row(b, w.cols), r) };
         }
     }
 }
@@ -391,27 +505,33 @@ pub fn has_vnni() -> bool {
 /// The same sums as the vector kernel, in plain Rust.
 pub fn gemm_portable(
     w: &QMatrix,
-    xs: &[QuantActs],
+    xs: &mut QuantBatch,
     rows: Range<usize>,
     out: &mut [f32],
     out_stride: usize,
 ) {
-    for (b, x) in xs.iter().enumerate() {
+    assert!(w.blocks_per_row() <= xs.blocks);
+    let raw = xs.raw();
+    for b in 0..xs.rows() {
         for (i, r) in rows.clone().enumerate() {
-            out[b * out_stride + i] = dot_portable(w, x, r);
+            // SAFETY: `xs` is borrowed for the call and holds row b at w.cols.
+            out[b * out_stride + i] = unsafe { dot_portable(w, raw.row(b, w.cols), r) };
         }
     }
 }
 
-fn dot_portable(w: &QMatrix, x: &QuantActs, r: usize) -> f32 {
+/// # Safety
+/// `x` is a live row quantized at `w.cols` columns.
+unsafe fn dot_portable(w: &QMatrix, x: RowAt, r: usize) -> f32 {
     let mut acc = 0f32;
     for blk in 0..w.blocks_per_row() {
+        let codes = x.q.add(blk * ROW_Q_STEP);
         let isum: i32 = (0..BLOCK)
-            .map(|j| w.code(r, blk * BLOCK + j) as i32 * x.q[blk * BLOCK + j] as i32)
+            .map(|j| w.code(r, blk * BLOCK + j) as i32 * *codes.add(j) as i32)
             .sum();
         let s = w.scale_index(r, blk);
         let (d, m) = (f16_to_f32(w.d[s]), f16_to_f32(w.m[s]));
-        acc += d * x.d[blk] * isum as f32 + m * x.dsum[blk];
+        acc += d * *x.d.add(blk * BATCH) * isum as f32 + m * *x.dsum.add(blk * BATCH);
     }
     acc
 }
@@ -421,16 +541,13 @@ mod avx512 {
     use std::arch::x86_64::*;
     use std::ops::Range;
 
-    use super::{QMatrix, QuantActs, QuantKind, BLOCK, GROUP_ROWS};
-
-    /// Activation rows per pass over a group's blocks: their accumulators
-    /// and the 8 unpacked weight registers stay in the 32 zmm registers.
-    const BATCH: usize = 8;
+    use super::{QMatrix, QuantKind, QuantRaw, BATCH, BLOCK, GROUP_ROWS};
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
     pub(super) unsafe fn gemm(
         w: &QMatrix,
-        xs: &[QuantActs],
+        xs: QuantRaw,
+        n: usize,
         rows: Range<usize>,
         out: *mut f32,
         stride: usize,
@@ -446,9 +563,11 @@ mod avx512 {
             let mask: __mmask16 = (((1u32 << hi) - 1) & !((1u32 << lo) - 1)) as u16;
             // output column of lane 0 (may be "negative" for a first partial group: only masked lanes are stored)
             let col0 = (first as isize) - (rows.start as isize);
-            for (c, chunk) in xs.chunks(BATCH).enumerate() {
+            for c in 0..n.div_ceil(BATCH) {
                 let out = out.wrapping_offset((c * BATCH * stride) as isize + col0);
-                match chunk.len() {
+                // the chunk's first row at the matrix's width
+                let chunk = xs.row(c * BATCH, w.cols);
+                match BATCH.min(n - c * BATCH) {
                     8 => group::<8>(w, g, chunk, out, stride, mask),
                     7 => group::<7>(w, g, chunk, out, stride, mask),
                     6 => group::<6>(w, g, chunk, out, stride, mask),
@@ -468,7 +587,7 @@ mod avx512 {
     unsafe fn group<const N: usize>(
         w: &QMatrix,
         g: usize,
-        xs: &[QuantActs],
+        xs: super::RowAt,
         out: *mut f32,
         stride: usize,
         mask: __mmask16,
@@ -499,19 +618,18 @@ mod avx512 {
             }
             let dw = _mm512_cvtph_ps(_mm256_loadu_si256(scales.add(blk * GROUP_ROWS).cast()));
             let mw = _mm512_cvtph_ps(_mm256_loadu_si256(offsets.add(blk * GROUP_ROWS).cast()));
-            for (a, x) in acc.iter_mut().zip(xs) {
-                let xq = x.q.as_ptr().add(blk * BLOCK).cast::<i32>();
+            // the chunk's rows of this block: codes side by side, then scales
+            let xq = xs.q.add(blk * BATCH * BLOCK).cast::<i32>();
+            let (xd, xdsum) = (xs.d.add(blk * BATCH), xs.dsum.add(blk * BATCH));
+            for (j, a) in acc.iter_mut().enumerate() {
                 let mut isum = _mm512_setzero_si512();
                 for (k, r) in regs.iter().enumerate() {
-                    isum = _mm512_dpbusd_epi32(
-                        isum,
-                        *r,
-                        _mm512_set1_epi32(xq.add(k).read_unaligned()),
-                    );
+                    let codes = xq.add(j * BLOCK / 4 + k).read_unaligned();
+                    isum = _mm512_dpbusd_epi32(isum, *r, _mm512_set1_epi32(codes));
                 }
-                let s = _mm512_mul_ps(dw, _mm512_set1_ps(*x.d.get_unchecked(blk)));
+                let s = _mm512_mul_ps(dw, _mm512_set1_ps(*xd.add(j)));
                 *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), s, *a);
-                *a = _mm512_fmadd_ps(mw, _mm512_set1_ps(*x.dsum.get_unchecked(blk)), *a);
+                *a = _mm512_fmadd_ps(mw, _mm512_set1_ps(*xdsum.add(j)), *a);
             }
         }
         for (b, a) in acc.iter().enumerate() {
@@ -629,12 +747,11 @@ mod tests {
 
     fn check(w: &QMatrix, rng: &mut Rng) {
         let x = random(rng, w.cols, 3.0);
-        let mut acts = QuantActs::default();
-        acts.quantize(&x, w.cols);
+        let mut acts = QuantBatch::of_rows(std::slice::from_ref(&x), w.cols);
         let mut fast = vec![0f32; w.rows];
         let mut slow = vec![0f32; w.rows];
-        gemm(w, std::slice::from_ref(&acts), 0..w.rows, &mut fast, w.rows);
-        gemm_portable(w, std::slice::from_ref(&acts), 0..w.rows, &mut slow, w.rows);
+        gemm(w, &mut acts, 0..w.rows, &mut fast, w.rows);
+        gemm_portable(w, &mut acts, 0..w.rows, &mut slow, w.rows);
         for r in 0..w.rows {
             let scale: f32 = w
                 .dequantize_row(r)
@@ -659,13 +776,7 @@ mod tests {
         // a sub-range writes the same values
         let mut part = vec![0f32; w.rows / 2];
         let n = part.len();
-        gemm(
-            w,
-            std::slice::from_ref(&acts),
-            w.rows / 4..w.rows / 4 + n,
-            &mut part,
-            n,
-        );
+        gemm(w, &mut acts, w.rows / 4..w.rows / 4 + n, &mut part, n);
         assert_eq!(part, fast[w.rows / 4..][..n]);
     }
 
@@ -720,21 +831,29 @@ mod tests {
         let (q, scale, offset) = q4_parts(&mut rng, rows, cols);
         let w = QMatrix::from_q4(&q, &scale, &offset, rows, cols).unwrap();
         for batch in [1, 2, 3, 4, 5, 9, 33] {
-            let xs: Vec<QuantActs> = (0..batch)
-                .map(|_| {
-                    let mut a = QuantActs::default();
-                    a.quantize(&random(&mut rng, cols, 2.0), w.cols);
-                    a
-                })
-                .collect();
+            let xs: Vec<Vec<f32>> = (0..batch).map(|_| random(&mut rng, cols, 2.0)).collect();
+            let mut acts = QuantBatch::of_rows(&xs, w.cols);
             let stride = rows + 3;
             let mut all = vec![0f32; batch * stride];
-            gemm(&w, &xs, 0..rows, &mut all, stride);
+            gemm(&w, &mut acts, 0..rows, &mut all, stride);
             let mut slow = vec![0f32; batch * stride];
-            gemm_portable(&w, &xs, 0..rows, &mut slow, stride);
+            gemm_portable(&w, &mut acts, 0..rows, &mut slow, stride);
+            // a batch reserved wider (as a step's, shared by matrices of
+            // several widths), its rows quantized in reverse order
+            let mut wide = QuantBatch::default();
+            wide.reserve(batch, 3 * w.cols);
+            let raw = wide.raw();
+            for (r, x) in xs.iter().enumerate().rev() {
+                // SAFETY: this thread alone uses `wide`.
+                unsafe { raw.quantize(r, x, w.cols) };
+            }
+            let mut from_wide = vec![0f32; batch * stride];
+            gemm(&w, &mut wide, 0..rows, &mut from_wide, stride);
+            assert_eq!(from_wide, all, "batch {batch}");
             for (b, x) in xs.iter().enumerate() {
                 let mut one = vec![0f32; rows];
-                gemm(&w, std::slice::from_ref(x), 0..rows, &mut one, rows);
+                let mut alone = QuantBatch::of_rows(std::slice::from_ref(x), w.cols);
+                gemm(&w, &mut alone, 0..rows, &mut one, rows);
                 assert_eq!(one, all[b * stride..][..rows], "batch {batch} row {b}");
                 for (f, s) in one.iter().zip(&slow[b * stride..][..rows]) {
                     assert!((f - s).abs() <= 1e-4 * s.abs().max(1.0));
@@ -750,14 +869,11 @@ mod tests {
             let mut x = random(&mut rng, len, 4.0);
             x[0] = 0.5 * 127.0 / 127.0; // a tie after scaling is possible; rounding is to even in both
             let padded = len.next_multiple_of(BLOCK);
-            let mut fast = QuantActs::default();
-            fast.quantize(&x, padded);
-            let mut slow = QuantActs {
-                q: vec![0; padded],
-                d: vec![0.0; padded / BLOCK],
-                dsum: vec![0.0; padded / BLOCK],
-            };
-            quantize_blocks(&mut slow, &x);
+            let fast = QuantBatch::of_rows(std::slice::from_ref(&x), padded);
+            let mut slow = QuantBatch::default();
+            slow.reserve(1, padded);
+            // SAFETY: a fresh batch (zeros) of this width, used here alone.
+            unsafe { quantize_blocks(slow.raw().row(0, padded), &x) };
             assert_eq!(fast.q, slow.q, "len {len}");
             assert_eq!(fast.d, slow.d);
             assert_eq!(fast.dsum, slow.dsum);
@@ -776,10 +892,9 @@ mod tests {
     #[test]
     fn zero_activations_give_offsets_only() {
         let w = QMatrix::from_q4(&[3; 64], &[1.0, 1.0], &[0.5, 0.5], 1, 64).unwrap();
-        let mut acts = QuantActs::default();
-        acts.quantize(&[0.0; 64], 64);
+        let mut acts = QuantBatch::of_rows(&[[0.0; 64]], 64);
         let mut out = [1.0f32];
-        gemm(&w, &[acts], 0..1, &mut out, 1);
+        gemm(&w, &mut acts, 0..1, &mut out, 1);
         assert_eq!(out[0], 0.0);
     }
 }
@@ -797,18 +912,13 @@ mod speed {
         let s = vec![0.01f32; rows * cols / BLOCK];
         let w = QMatrix::from_q4(&q, &s, &s, rows, cols).unwrap();
         for n in [1, 4, 8, 32, 128] {
-            let xs: Vec<QuantActs> = (0..n)
-                .map(|i| {
-                    let mut a = QuantActs::default();
-                    a.quantize(&vec![0.1 * i as f32 + 0.05; cols], cols);
-                    a
-                })
-                .collect();
+            let rows_x: Vec<Vec<f32>> = (0..n).map(|i| vec![0.1 * i as f32 + 0.05; cols]).collect();
+            let mut xs = QuantBatch::of_rows(&rows_x, cols);
             let mut out = vec![0f32; n * rows];
             let reps = 2000 / n + 1;
             let t = std::time::Instant::now();
             for _ in 0..reps {
-                gemm(&w, &xs, 0..rows, &mut out, rows);
+                gemm(&w, &mut xs, 0..rows, &mut out, rows);
             }
             let secs = t.elapsed().as_secs_f64() / reps as f64;
             println!(
@@ -833,27 +943,25 @@ mod speed {
                 .map(|i| 0.01 + (i % 13) as f32 * 1e-3)
                 .collect();
             let w = QMatrix::from_q4(&q, &s, &s, rows, cols).unwrap();
-            let xs: Vec<QuantActs> = (0..n)
+            let rows_x: Vec<Vec<f32>> = (0..n)
                 .map(|i| {
-                    let x: Vec<f32> = (0..cols)
+                    (0..cols)
                         .map(|j| ((i * 31 + j * 17) % 101) as f32 * 0.01 - 0.5)
-                        .collect();
-                    let mut a = QuantActs::default();
-                    a.quantize(&x, cols);
-                    a
+                        .collect()
                 })
                 .collect();
+            let mut xs = QuantBatch::of_rows(&rows_x, cols);
             let mut out = vec![0f32; n * rows];
             let copies: Vec<QMatrix> = (0..(80 << 20) / w.nbytes()).map(|_| w.clone()).collect();
             let macs = (rows * cols * n) as f64;
             let t = std::time::Instant::now();
             for m in &copies {
-                gemm(m, &xs, 0..rows, &mut out, rows);
+                gemm(m, &mut xs, 0..rows, &mut out, rows);
             }
             let memory = t.elapsed().as_secs_f64() / copies.len() as f64;
             let t = std::time::Instant::now();
             for _ in &copies {
-                gemm(&w, &xs, 0..rows, &mut out, rows);
+                gemm(&w, &mut xs, 0..rows, &mut out, rows);
             }
             let cached = t.elapsed().as_secs_f64() / copies.len() as f64;
             println!(
