@@ -307,6 +307,17 @@ pub struct QuantRaw {
 unsafe impl Send for QuantRaw {}
 unsafe impl Sync for QuantRaw {}
 
+/// Block `b` of `row` as all zeros.
+///
+/// # Safety
+/// The block is valid for writes.
+#[inline(always)]
+unsafe fn zero_block(row: RowAt, b: usize) {
+    std::ptr::write_bytes(row.q.add(b * ROW_Q_STEP), 0, BLOCK);
+    *row.d.add(b * BATCH) = 0.0;
+    *row.dsum.add(b * BATCH) = 0.0;
+}
+
 /// Where one row's blocks are: block `b`'s 32 codes at `q + b * BATCH * 32`,
 /// its scale and `d Σ q` at `d + b * BATCH`, `dsum + b * BATCH`.
 #[derive(Clone, Copy)]
@@ -345,11 +356,9 @@ impl QuantRaw {
         assert!(r < self.rows && cols.is_multiple_of(BLOCK) && cols / BLOCK <= self.blocks);
         assert!(x.len() <= cols);
         let row = self.row(r, cols);
-        for b in 0..cols / BLOCK {
-            // blocks past x are zero
-            std::ptr::write_bytes(row.q.add(b * ROW_Q_STEP), 0, BLOCK);
-            *row.d.add(b * BATCH) = 0.0;
-            *row.dsum.add(b * BATCH) = 0.0;
+        // blocks past x are zero
+        for b in x.len().div_ceil(BLOCK)..cols / BLOCK {
+            zero_block(row, b);
         }
         #[cfg(target_arch = "x86_64")]
         {
@@ -378,6 +387,7 @@ unsafe fn quantize_avx512(row: RowAt, x: &[f32]) {
             |v: __m512| _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v), abs_mask));
         let amax = _mm512_reduce_max_ps(_mm512_max_ps(abs(lo), abs(hi)));
         if amax == 0.0 {
+            zero_block(row, b);
             continue;
         }
         let inv = _mm512_set1_ps(127.0 / amax);
@@ -404,16 +414,18 @@ unsafe fn quantize_avx512(row: RowAt, x: &[f32]) {
 }
 
 /// # Safety
-/// `row`'s blocks up to `x`'s length are valid for writes, and the blocks
-/// past it are zero.
+/// `row`'s blocks up to `x`'s length are valid for writes.
 #[inline(always)]
 unsafe fn quantize_blocks(row: RowAt, x: &[f32]) {
     // x + 1.5 * 2^23 - 1.5 * 2^23 rounds |x| < 2^22 to the nearest integer (ties to even)
     const ROUND: f32 = 12_582_912.0;
     for (b, block) in x.chunks(BLOCK).enumerate() {
         let codes = std::slice::from_raw_parts_mut(row.q.add(b * ROW_Q_STEP), BLOCK);
+        // a partial last block: zeros past x
+        codes[block.len()..].fill(0);
         let amax = block.iter().fold(0f32, |a, &v| a.max(v.abs()));
         if amax == 0.0 {
+            zero_block(row, b);
             continue;
         }
         let d = amax / 127.0;
@@ -877,6 +889,18 @@ mod tests {
             assert_eq!(fast.q, slow.q, "len {len}");
             assert_eq!(fast.d, slow.d);
             assert_eq!(fast.dsum, slow.dsum);
+            // a row written again, shorter and with a zero block, over
+            // what was there: as if fresh
+            let mut reused = QuantBatch::of_rows(&[random(&mut rng, padded, 9.0)], padded);
+            let mut short = x[..len - len / 3].to_vec();
+            let zeros = BLOCK.min(short.len());
+            short[..zeros].fill(0.0);
+            // SAFETY: used here alone.
+            unsafe { reused.raw().quantize(0, &short, padded) };
+            let fresh = QuantBatch::of_rows(&[short], padded);
+            assert_eq!(reused.q, fresh.q, "len {len}");
+            assert_eq!(reused.d, fresh.d);
+            assert_eq!(reused.dsum, fresh.dsum);
         }
     }
 
