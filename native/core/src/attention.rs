@@ -269,7 +269,8 @@ pub fn merge_segments(parts: &[f32], segments: usize, shape: AttentionShape, out
 /// [`attend_tile`] with AVX-512, 16 positions (lanes) at a time: each chunk
 /// of keys is transposed once for the whole tile, so a row's 16 scores are
 /// plain FMAs over head_dim with no horizontal sums, and each chunk of
-/// values is converted once; the softmax is online over the chunks.
+/// values is converted once. In f32 the softmax is online over the chunks;
+/// in bf16 pairs (see `attend_pairs`) over the whole segment at once.
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod tile16 {
     use std::arch::x86_64::*;
