@@ -75,7 +75,7 @@ def test_quality_is_within_2_percent_of_bf16(engine: LLMEngine) -> None:
     target = torch.from_numpy(ids[1:])
     nll_ours = F.cross_entropy(ours[:-1], target).item()
     nll_bf16 = F.cross_entropy(bf16[:-1], target).item()
-    # measured: perplexity 32.60 vs 32.63 here (512 tokens: 35.35 vs 35.32; llama.cpp 35.70)
+    # measured: perplexity 32.64 vs 32.63 here (512 tokens: 35.42 vs 35.32; llama.cpp 35.70)
     assert abs(np.exp(nll_ours) / np.exp(nll_bf16) - 1) < 0.02, (nll_ours, nll_bf16)
     assert (ours.argmax(-1) == bf16.argmax(-1)).float().mean().item() > 0.9
 

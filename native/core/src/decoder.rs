@@ -361,7 +361,9 @@ impl Decoder {
             // pieces of at most an eighth of a thread's share, whole groups
             // (long runs of memory for the prefetcher, few atomics), shrinking
             // with what is left so that the threads finish together
-            let longest = (w.rows / (8 * st.threads)).next_multiple_of(GROUP_ROWS);
+            let longest = (w.rows / (8 * st.threads))
+                .next_multiple_of(GROUP_ROWS)
+                .max(GROUP_ROWS);
             loop {
                 let start = next.load(Ordering::Relaxed);
                 if start >= w.rows {
@@ -369,7 +371,7 @@ impl Decoder {
                 }
                 let piece = ((w.rows - start) / (2 * st.threads))
                     .next_multiple_of(GROUP_ROWS)
-                    .clamp(GROUP_ROWS, longest.max(GROUP_ROWS));
+                    .clamp(GROUP_ROWS, longest);
                 let end = (start + piece).min(w.rows);
                 if next
                     .compare_exchange_weak(start, end, Ordering::Relaxed, Ordering::Relaxed)
@@ -806,7 +808,6 @@ macro_rules! with_avx512 {
     };
 }
 
-// out = silu(g) * u
 /// `out = silu(g) * u`, silu(g) = g / (1 + e^-g).
 fn swiglu(g: &[f32], u: &[f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]

@@ -330,10 +330,6 @@ struct RowAt {
 const ROW_Q_STEP: usize = BATCH * BLOCK;
 
 impl QuantRaw {
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-
     /// Row `r` at `cols` columns.
     fn row(&self, r: usize, cols: usize) -> RowAt {
         let nb = cols / BLOCK;
@@ -452,12 +448,25 @@ pub fn gemm(
     out: &mut [f32],
     out_stride: usize,
 ) {
+    let n = check_out(w, xs, &rows, out, out_stride);
+    // SAFETY: `xs` is borrowed for the call; `out` holds every index written
+    // (checked just above).
+    unsafe { gemm_into(w, xs.raw(), n, rows, out.as_mut_ptr(), out_stride) }
+}
+
+/// The activation rows of `xs`, after checking that `out` holds every
+/// product of them with `w`'s rows `rows`.
+fn check_out(
+    w: &QMatrix,
+    xs: &QuantBatch,
+    rows: &Range<usize>,
+    out: &[f32],
+    out_stride: usize,
+) -> usize {
     assert!(rows.end <= w.rows && out_stride >= rows.len());
     let n = xs.rows();
     assert!(n == 0 || out.len() >= (n - 1) * out_stride + rows.len());
-    // SAFETY: `xs` is borrowed for the call; `out` holds every index written
-    // (asserted just above).
-    unsafe { gemm_into(w, xs.raw(), n, rows, out.as_mut_ptr(), out_stride) }
+    n
 }
 
 /// [`gemm`] into raw memory, so threads can fill disjoint rows of one output.
@@ -491,6 +500,22 @@ pub unsafe fn gemm_into(
             return;
         }
     }
+    // SAFETY: per the contract.
+    unsafe { portable_into(w, xs, n, rows, out, out_stride) }
+}
+
+/// [`gemm_into`] in plain Rust.
+///
+/// # Safety
+/// As [`gemm_into`].
+unsafe fn portable_into(
+    w: &QMatrix,
+    xs: QuantRaw,
+    n: usize,
+    rows: Range<usize>,
+    out: *mut f32,
+    out_stride: usize,
+) {
     for b in 0..n {
         for (i, r) in rows.clone().enumerate() {
             // SAFETY: per the contract.
@@ -522,14 +547,11 @@ pub fn gemm_portable(
     out: &mut [f32],
     out_stride: usize,
 ) {
+    let n = check_out(w, xs, &rows, out, out_stride);
     assert!(w.blocks_per_row() <= xs.blocks);
-    let raw = xs.raw();
-    for b in 0..xs.rows() {
-        for (i, r) in rows.clone().enumerate() {
-            // SAFETY: `xs` is borrowed for the call and holds row b at w.cols.
-            out[b * out_stride + i] = unsafe { dot_portable(w, raw.row(b, w.cols), r) };
-        }
-    }
+    // SAFETY: `xs` is borrowed for the call; `out` holds every index written
+    // (checked just above).
+    unsafe { portable_into(w, xs.raw(), n, rows, out.as_mut_ptr(), out_stride) }
 }
 
 /// # Safety
