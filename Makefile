@@ -10,16 +10,17 @@ PROMPT ?= What is the capital of France?
 HOST ?= 127.0.0.1
 PORT ?= 1234
 
-.PHONY: setup build serve run test lint bench clean
+.PHONY: setup build serve run test lint bench lock clean
 
 setup: $(STAMP) build
 
-$(STAMP): pyproject.toml kernels/pyproject.toml
+# Installs take the exact versions CI tested (constraints.txt); `make lock` refreshes them.
+$(STAMP): pyproject.toml kernels/pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q 'maturin>=1.7,<2'
-	$(BIN)/pip install -q -e kernels
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -c constraints.txt 'maturin>=1.7,<2'
+	$(BIN)/pip install -q -c constraints.txt -e kernels
+	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
 # Incremental: cargo rebuilds only what changed (release profile, see pyproject).
@@ -40,6 +41,17 @@ test: setup
 
 bench: setup
 	$(BIN)/python bench/decode.py
+
+# The newest versions the package's ranges allow, resolved in a scratch virtualenv and
+# written to constraints.txt; review the diff and run `make test` before committing it.
+lock:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install -q --upgrade pip
+	.venv-lock/bin/pip install -q 'maturin>=1.7,<2' -e kernels -e '.[test]'
+	{ echo "# Exact versions CI tested: make serve, make test and CI install with -c constraints.txt."; \
+	  echo "# The package keeps its ranges (pyproject.toml). Refresh on purpose with 'make lock', then run 'make test'."; \
+	  .venv-lock/bin/pip freeze --exclude-editable | sort -f; } > constraints.txt
+	rm -rf .venv-lock
 
 clean:
 	rm -rf $(VENV) target build

@@ -25,7 +25,7 @@ unset TRITON_INTERPRET
 # here), and the engine's Triton path against its torch path on a tiny model
 python -m pytest -q -p no:cacheprovider -o addopts="" --rootdir=. -c /dev/null tests/kernels
 status=$?
-python bench/kernels.py
+python bench/triton_kernels.py
 # a random-weight Llama-3.2-1B shape: decode at batch 1 against the HBM roofline, with
 # CUDA graphs and without, then throughput at 1/8/32 concurrent
 python bench/throughput.py --device cuda --model random:1b --num-requests 16 --concurrency 1 8 32

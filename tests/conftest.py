@@ -14,7 +14,8 @@ if not torch.cuda.is_available():
 
 import pytest
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+# Test data lives in the repository (tests/data/README.md says where each file comes from).
+DATA = Path(__file__).resolve().parent / "data"
 
 
 @pytest.fixture(scope="session")

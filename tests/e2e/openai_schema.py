@@ -1,5 +1,5 @@
 """Validate responses and stream chunks against OpenAI's published OpenAPI
-document (shared/spec/openai-openapi.yaml), once, for every e2e test."""
+document (tests/data/openapi/openai-openapi.yaml), once, for every e2e test."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import yaml
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-SPEC = Path(__file__).resolve().parents[3] / "shared" / "spec" / "openai-openapi.yaml"
+SPEC = Path(__file__).resolve().parents[1] / "data" / "openapi" / "openai-openapi.yaml"
 ROOT = "urn:openai-openapi"
 
 

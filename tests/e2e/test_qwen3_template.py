@@ -22,7 +22,7 @@ from tool_specs import ADD
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
 import tiny_models as tm
 
-TEMPLATES = Path(__file__).resolve().parents[2].parent / "shared" / "testdata" / "chat_templates"
+TEMPLATES = Path(__file__).resolve().parents[1] / "data" / "chat_templates"
 QWEN3_TEMPLATE = TEMPLATES / "Qwen-Qwen3-0.6B.jinja"
 R1_TEMPLATE = TEMPLATES / "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja"
 ADDED = ["<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
@@ -61,7 +61,7 @@ def serve_tiny(directory: Path) -> Iterator[LiveServer]:
 @pytest.fixture(scope="module")
 def qwen3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     if not QWEN3_TEMPLATE.exists():
-        pytest.skip(f"{QWEN3_TEMPLATE} is absent (the shared test data folder)")
+        pytest.skip(f"{QWEN3_TEMPLATE} is absent (tests/data is part of the repository)")
     yield from serve_tiny(save_qwen3(tmp_path_factory.mktemp("qwen3")))
 
 
@@ -69,7 +69,7 @@ def qwen3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
 def r1(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     """The same tiny model with DeepSeek-R1-Distill's template, whose prompt opens the thinking block."""
     if not R1_TEMPLATE.exists():
-        pytest.skip(f"{R1_TEMPLATE} is absent (the shared test data folder)")
+        pytest.skip(f"{R1_TEMPLATE} is absent (tests/data is part of the repository)")
     yield from serve_tiny(save_qwen3(tmp_path_factory.mktemp("r1"), R1_TEMPLATE))
 
 

@@ -13,7 +13,7 @@ from mistralrs_serve.config import EngineConfig
 from mistralrs_serve.engine.llm_engine import LLMEngine
 from mistralrs_serve.models.loader import LoadedModel, ModelSource, load_model
 
-from tests.conftest import SHARED
+from tests.conftest import DATA
 
 pytestmark = pytest.mark.skipif(
     not _native.QuantMatrix.has_fast_kernel(), reason="the fused forward needs AVX-512 VNNI"
@@ -33,7 +33,7 @@ def engine(loaded: LoadedModel) -> LLMEngine:
 
 
 def text_ids(engine: LLMEngine, n: int) -> np.ndarray:
-    text = (SHARED / "spec" / "openai-compatibility.md").read_text()[:8000]
+    text = (DATA / "sample_text.md").read_text()
     return np.asarray(engine.tokenizer.encode(text, add_special_tokens=False)[:n], dtype=np.int64)
 
 

@@ -1,4 +1,4 @@
-"""Where the real chat templates of ../shared/testdata live, and the marker
+"""Where the real chat templates of tests/data live, and the marker
 that skips a test, with the reason, when that folder is absent."""
 
 from __future__ import annotations
@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-TESTDATA = Path(__file__).resolve().parents[2].parent / "shared" / "testdata"
+TESTDATA = Path(__file__).resolve().parents[1] / "data"
 TEMPLATE_DIR = TESTDATA / "chat_templates"
 MISSING_TESTDATA = (
-    f"chat template test data not found at {TEMPLATE_DIR} (the shared testdata folder is absent)"
+    f"chat template test data not found at {TEMPLATE_DIR} (tests/data is part of the repository)"
 )
 needs_templates = pytest.mark.skipif(not TEMPLATE_DIR.is_dir(), reason=MISSING_TESTDATA)
 

@@ -21,9 +21,9 @@ from mistralrs_serve.tokenizer.gguf_tokenizer import _PRE_TOKENIZERS, tokenizer_
 from mistralrs_serve.tokenizer.special_tokens import SpecialTokens
 from tokenizers import Tokenizer, decoders
 
-TESTDATA = Path(__file__).resolve().parents[2].parent / "shared" / "testdata"
+TESTDATA = Path(__file__).resolve().parents[1] / "data"
 VOCABS = TESTDATA / "tokenizers"
-MISSING = f"tokenizer golden data not found at {VOCABS} (shared test data is not checked out)"
+MISSING = f"tokenizer golden data not found at {VOCABS} (tests/data is part of the repository)"
 
 BPE_VOCABS = ("llama-bpe", "qwen2", "gpt-2", "deepseek-llm")
 SPM_VOCABS = ("llama-spm", "phi-3")

@@ -2,7 +2,7 @@
 work, with achieved GB/s; paged decode attention also against torch SDPA
 over gathered KV (the bar: at least as fast).
 
-    python bench/kernels.py            # needs CUDA (ci/gpu_check.sh runs it on a lent GPU)
+    python bench/triton_kernels.py            # needs CUDA (ci/gpu_check.sh runs it on a lent GPU)
 
 One JSON line per kernel and shape.
 """
@@ -106,7 +106,7 @@ def paged(batch: int, ctx: int) -> None:
 
 def main() -> None:
     if not torch.cuda.is_available():
-        sys.exit("bench/kernels.py needs a CUDA GPU")
+        sys.exit("bench/triton_kernels.py needs a CUDA GPU")
     torch.manual_seed(0)
     for tokens, hidden in [(1, 2048), (256, 2048), (4096, 4096)]:
         elementwise(tokens, hidden)
