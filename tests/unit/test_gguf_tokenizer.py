@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from mistralrs_serve.errors import ModelLoadError, UnsupportedModelError
 from mistralrs_serve.models.gguf_file import GGUFFile
-from mistralrs_serve.tokenizer.gguf_tokenizer import _PRE_TOKENIZERS, tokenizer_from_gguf
+from mistralrs_serve.tokenizer.gguf_bpe import PRE_TOKENIZERS
+from mistralrs_serve.tokenizer.gguf_tokenizer import tokenizer_from_gguf
 from mistralrs_serve.tokenizer.special_tokens import SpecialTokens
 from tokenizers import Tokenizer, decoders
 
@@ -229,7 +230,7 @@ def test_merges_that_make_no_token_are_dropped(caplog: pytest.LogCaptureFixture)
     assert "dropped 1 of 3 merges" in caplog.text
 
 
-@pytest.mark.parametrize("pre", sorted(_PRE_TOKENIZERS))
+@pytest.mark.parametrize("pre", sorted(PRE_TOKENIZERS))
 def test_every_pre_tokenizer_compiles_and_keeps_all_text(pre: str) -> None:
     meta = tiny_bpe(**{"tokenizer.ggml.pre": pre, "tokenizer.ggml.bos_token_id": 1})
     tokenizer, _ = tokenizer_from_gguf(meta, "tiny.gguf")
