@@ -1,4 +1,4 @@
-//! The one error type of the core; the binding maps each variant once.
+//! The errors of the core; the binding maps each variant once.
 
 use thiserror::Error;
 
@@ -39,19 +39,5 @@ pub enum SchedulerError {
         seq_id: u64,
         needed: usize,
         available: usize,
-    },
-}
-
-#[derive(Debug, Error, Clone, PartialEq)]
-pub enum AttentionError {
-    #[error("shape mismatch: {0}")]
-    Shape(String),
-    #[error("sequence {seq} has context length {ctx}; it must be >= 1")]
-    Context { seq: usize, ctx: i64 },
-    #[error("sequence {seq} uses block {block}, outside the cache's {num_blocks} blocks")]
-    Block {
-        seq: usize,
-        block: i64,
-        num_blocks: usize,
     },
 }

@@ -29,7 +29,7 @@ use crate::attention::{
     attend_tile, check_decode_batch, fast_exp, merge_segments, segment_len, AttentionShape,
     DecodeBatch, KvElem, TileQuery, TileScratch, SEGMENT, TILE_ROWS,
 };
-use crate::error::AttentionError;
+use crate::error::DecoderError;
 use crate::quant::{gemm_into, QMatrix, QuantBatch, QuantRaw, GROUP_ROWS};
 
 /// A cache element the step can also write.
@@ -79,16 +79,6 @@ pub struct LayerWeights {
     /// gate rows then up rows.
     pub gate_up: Arc<QMatrix>,
     pub down: Arc<QMatrix>,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum DecoderError {
-    #[error("{0}")]
-    Shape(String),
-    #[error("row {row}: slot {slot} is outside the cache's {slots} slots")]
-    Slot { row: usize, slot: i64, slots: usize },
-    #[error(transparent)]
-    Attention(#[from] AttentionError),
 }
 
 pub struct Decoder {

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use super::*;
 use crate::quant::BLOCK;
-use crate::rng::uniform;
+use mistralrs_serve_core::rng::uniform;
 
 const SHAPE: DecoderShape = DecoderShape {
     hidden: 64,

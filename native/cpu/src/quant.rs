@@ -28,6 +28,8 @@
 
 use std::ops::Range;
 
+use crate::error::QuantError;
+
 /// Weights per quantization block.
 pub const BLOCK: usize = 32;
 /// Rows per group: one f32 register of lanes.
@@ -63,12 +65,6 @@ pub struct QMatrix {
     d: Vec<u16>,
     /// f16 bits, (groups, blocks, 16).
     m: Vec<u16>,
-}
-
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum QuantError {
-    #[error("{0}")]
-    Shape(String),
 }
 
 impl QMatrix {
@@ -731,7 +727,7 @@ fn f16_round(v: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rng::uniform;
+    use mistralrs_serve_core::rng::uniform;
 
     struct Rng(u64, u64);
 

@@ -1,7 +1,7 @@
-//! Binding of the core's paged decode attention: checks the arrays, borrows
-//! their memory, releases the GIL for the kernel.
+//! Binding of the CPU crate's paged decode attention: checks the arrays,
+//! borrows their memory, releases the GIL for the kernel.
 
-use mistralrs_serve_core::attention::{
+use mistralrs_serve_cpu::attention::{
     paged_decode_attention as decode_kernel, AttentionShape, DecodeBatch, KvElem,
 };
 use numpy::ndarray::Dimension;

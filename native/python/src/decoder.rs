@@ -1,12 +1,13 @@
-//! Binding of the core's fused CPU model step: quantized matrices built from
+//! Binding of the CPU crate's fused model step: quantized matrices built from
 //! numpy arrays, and one `forward` per step with the GIL released.
 
-use mistralrs_serve_core::decoder::{
-    Decoder, DecoderError, DecoderShape, KvCache, KvStore, LayerWeights, StepRows,
+use mistralrs_serve_cpu::decoder::{
+    Decoder, DecoderShape, KvCache, KvStore, LayerWeights, StepRows,
 };
 use std::sync::Arc;
 
-use mistralrs_serve_core::quant::{QMatrix, QuantError};
+use mistralrs_serve_cpu::quant::QMatrix;
+use mistralrs_serve_cpu::{DecoderError, QuantError};
 use numpy::PyUntypedArrayMethods;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -68,7 +69,7 @@ impl PyQuantMatrix {
     /// portable loops are correct but far slower than torch.
     #[staticmethod]
     fn has_fast_kernel() -> bool {
-        mistralrs_serve_core::quant::has_vnni()
+        mistralrs_serve_cpu::quant::has_vnni()
     }
 
     #[getter]
@@ -90,7 +91,7 @@ type LayerArgs<'py> = (
     PyRef<'py, PyQuantMatrix>,
 );
 
-/// A Llama-family model's step (decode and prefill rows), fused (see the core's `decoder`).
+/// A Llama-family model's step (decode and prefill rows), fused (see `mistralrs_serve_cpu::decoder`).
 #[pyclass(frozen, name = "NativeDecoder", module = "mistralrs_serve._native")]
 pub struct PyNativeDecoder {
     inner: Decoder,
