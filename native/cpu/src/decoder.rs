@@ -23,13 +23,14 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-#[cfg(target_arch = "x86_64")]
-use crate::attention::tile16::exp16;
 use crate::attention::{
-    attend_tile, check_decode_batch, fast_exp, merge_segments, segment_len, AttentionShape,
-    DecodeBatch, KvElem, TileQuery, TileScratch, SEGMENT, TILE_ROWS,
+    attend_tile, check_decode_batch, merge_segments, segment_len, AttentionShape, DecodeBatch,
+    KvElem, TileQuery, TileScratch, SEGMENT, TILE_ROWS,
 };
 use crate::error::DecoderError;
+#[cfg(target_arch = "x86_64")]
+use crate::exp::exp16;
+use crate::exp::fast_exp;
 use crate::quant::{gemm_into, QMatrix, QuantBatch, QuantRaw, GROUP_ROWS};
 
 /// A cache element the step can also write.

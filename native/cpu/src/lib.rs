@@ -7,6 +7,7 @@
 pub mod attention;
 pub mod decoder;
 pub mod error;
+pub mod exp;
 pub mod quant;
 
 pub use error::{AttentionError, DecoderError, QuantError};
