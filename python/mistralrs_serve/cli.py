@@ -316,7 +316,7 @@ def _answer(runner: Any, args: argparse.Namespace) -> int:
             elapsed = time.perf_counter() - start
             print(
                 f"[{res.usage.prompt_tokens} prompt tokens, {n} generated in {elapsed:.2f} s, "
-                f"{n / elapsed:.1f} tok/s; model loaded in {runner.loaded.load_time_s:.2f} s]",
+                f"{n / elapsed:.1f} tok/s; model loaded in {runner.info.load_time_s:.2f} s]",
                 file=sys.stderr,
             )
     return 0

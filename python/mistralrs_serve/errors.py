@@ -15,6 +15,10 @@ class InvalidRequestError(MistralrsServeError, ValueError):
         self.param = param
 
 
+class EngineError(MistralrsServeError):
+    """The engine failed while running a request (the request is ended)."""
+
+
 class ModelLoadError(MistralrsServeError):
     """A model could not be found, read or understood; the message names the file and cause."""
 

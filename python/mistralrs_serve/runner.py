@@ -1,4 +1,6 @@
-"""The in-process SDK, shaped like mistral.rs's Python `Runner` and `Which`."""
+"""The in-process SDK, shaped like mistral.rs's Python `Runner` and `Which`:
+load a model onto an engine thread, then answer OpenAI-shaped requests with
+the same serving classes as the HTTP server."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from mistralrs_serve.config import EngineConfig
+from mistralrs_serve.engine.engine_info import EngineInfo
 from mistralrs_serve.engine.engine_loop import EngineLoop
 from mistralrs_serve.engine.llm_engine import LLMEngine
 from mistralrs_serve.entrypoints.openai.protocol import (
@@ -103,10 +106,9 @@ class Runner:
         self, source: ModelSource, dtype: str, num_threads: int | None, engine_config: EngineConfig | None
     ) -> None:
         self.client = start_engine(source, dtype, num_threads, engine_config)
-        self.engine = self.client.engine
-        self.loaded = self.engine.loaded
-        self._chat = ChatServing(self.client, self.loaded.name)
-        self._completion = CompletionServing(self.client, self.loaded.name)
+        self.info: EngineInfo = self.client.info  # the model's tokenizer, template and limits
+        self._chat = ChatServing(self.client, self.info.model_name)
+        self._completion = CompletionServing(self.client, self.info.model_name)
 
     def send_chat_completion_request(
         self, request: ChatCompletionRequest
@@ -126,10 +128,10 @@ class Runner:
         self.client.shutdown()
 
     def tokenize_text(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.engine.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        return self.info.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def detokenize_text(self, tokens: list[int], skip_special_tokens: bool = True) -> str:
-        return self.engine.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
+        return self.info.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
 
 
 def start_engine(

@@ -23,7 +23,13 @@ class LiveServer:
 
     @property
     def engine(self) -> Any:
+        """The engine itself, for tests that inject faults or wait for it to be idle."""
         return self.app.state.server.client.engine
+
+    @property
+    def info(self) -> Any:
+        """What the server knows of the engine (EngineInfo)."""
+        return self.app.state.server.client.info
 
     def client(self, api_key: str = "unused", **kwargs: Any) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.base_url}/v1", api_key=api_key, max_retries=0, **kwargs)

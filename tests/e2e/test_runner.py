@@ -7,7 +7,8 @@ import math
 import re
 
 import pytest
-from mistralrs_serve import ChatCompletionRequest, CompletionRequest, InvalidRequestError
+from mistralrs_serve import ChatCompletionRequest, CompletionRequest, InvalidRequestError, Runner
+from mistralrs_serve.config import EngineConfig
 
 QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
 
@@ -67,9 +68,14 @@ def test_logprobs_shape_and_values(default_runner) -> None:  # type: ignore[no-u
 
 
 def test_n_choices_have_indices(default_runner) -> None:  # type: ignore[no-untyped-def]
-    res = chat(default_runner, n=2, temperature=0.8, seed=3, max_tokens=8)
+    """Each of the n choices is generated in full and counted: with EOS ignored every
+    choice runs to max_tokens, so usage holds n * max_tokens and each choice's logprobs
+    hold max_tokens entries."""
+    res = chat(default_runner, n=2, temperature=0.8, seed=3, max_tokens=8, ignore_eos=True, logprobs=True)
     assert [c.index for c in res.choices] == [0, 1]
-    assert res.usage.completion_tokens == sum(1 for _ in range(2)) * 8 or res.usage.completion_tokens <= 16
+    assert [c.finish_reason for c in res.choices] == ["length", "length"]
+    assert [len(c.logprobs.content) for c in res.choices] == [8, 8]
+    assert res.usage.completion_tokens == 2 * 8
 
 
 def test_mistralrs_names_are_accepted(default_runner) -> None:  # type: ignore[no-untyped-def]
@@ -152,19 +158,23 @@ def test_bad_input_names_the_field(default_runner, fields, param) -> None:  # ty
     assert chat(default_runner, max_tokens=2).usage.completion_tokens == 2
 
 
-def test_prompt_longer_than_context_is_rejected_or_truncated(default_runner, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    monkeypatch.setattr(default_runner.engine, "max_model_len", 300)
-    long_text = "hello " * 400
-    with pytest.raises(InvalidRequestError) as info:
-        chat(default_runner, messages=[{"role": "user", "content": long_text}], max_tokens=2)
-    assert info.value.param == "messages"
-    res = chat(
-        default_runner,
-        messages=[{"role": "user", "content": long_text}],
-        max_tokens=2,
-        truncate_sequence=True,
-    )
-    assert res.usage.prompt_tokens == default_runner.engine.max_model_len - 2
+def test_prompt_longer_than_context_is_rejected_or_truncated() -> None:
+    runner = Runner(engine_config=EngineConfig(max_model_len=300, kv_cache_mb=16))
+    try:
+        assert runner.info.max_model_len == 300
+        long_text = "hello " * 400
+        with pytest.raises(InvalidRequestError) as info:
+            chat(runner, messages=[{"role": "user", "content": long_text}], max_tokens=2)
+        assert info.value.param == "messages"
+        res = chat(
+            runner,
+            messages=[{"role": "user", "content": long_text}],
+            max_tokens=2,
+            truncate_sequence=True,
+        )
+        assert res.usage.prompt_tokens == runner.info.max_model_len - 2
+    finally:
+        runner.close()
 
 
 def test_stream_iterator_matches_the_full_response(default_runner) -> None:  # type: ignore[no-untyped-def]

@@ -187,7 +187,7 @@ def test_models(client: openai.OpenAI, live_server: LiveServer) -> None:
     models = client.models.list()
     check("ListModelsResponse", models.model_dump(mode="json", exclude_unset=True))
     ids = [m.id for m in models.data]
-    assert ids[0] == "default" and ids[1] == live_server.engine.loaded.name
+    assert ids[0] == "default" and ids[1] == live_server.info.model_name
     assert client.models.retrieve("default").id == "default"
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("no-such-model")
@@ -493,7 +493,7 @@ def test_malformed_bodies(live_server: LiveServer) -> None:
 
 
 def test_prompt_longer_than_context(live_server: LiveServer, client: openai.OpenAI) -> None:
-    n = live_server.engine.max_model_len
+    n = live_server.info.max_model_len
     long = [{"role": "user", "content": "hello " * (n + 10)}]
     with pytest.raises(openai.BadRequestError) as err:
         chat(client, messages=long, max_tokens=2)

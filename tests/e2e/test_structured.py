@@ -220,18 +220,25 @@ def test_streamed_tool_call_follows_openai_delta_shape(client: openai.OpenAI) ->
     )
 
 
-def test_parallel_calls_allowed_by_default(client: openai.OpenAI) -> None:
-    res = create(
-        client, messages=WEATHER_Q, tools=[WEATHER, ADD], tool_choice="required", seed=0, max_tokens=200
-    )
-    choice = res.choices[0]
-    if choice.finish_reason == "tool_calls":  # the model may also write calls until max_tokens
-        assert len(choice.message.tool_calls) >= 1
-        for call in choice.message.tool_calls:
-            _check_call(
-                {"id": call.id, "name": call.function.name, "arguments": call.function.arguments},
-                [WEATHER, ADD],
-            )
+def test_parallel_calls_allowed_by_default(live_server: LiveServer, client: openai.OpenAI) -> None:
+    """Without parallel_tool_calls, a required call may be several calls. The small model
+    seldom makes a second call by itself, so a logit bias scripts it: every token that
+    opens a JSON list is favoured and every token with a "]" is banned, so where the
+    grammar allows a list of calls the model writes one and keeps calling until
+    max_tokens. With parallel_tool_calls false the same bias must get exactly one call."""
+    tokenizer = live_server.info.tokenizer
+    texts = [tokenizer.token_text(i) for i in range(tokenizer.vocab_size)]
+    bias = {str(i): 100 for i, t in enumerate(texts) if t.startswith("[")}
+    bias |= {str(i): -100 for i, t in enumerate(texts) if "]" in t}
+    # ADD's arguments are integers, so the bias on "[" cannot leak into them
+    forced = {"messages": WEATHER_Q, "tools": [ADD], "tool_choice": "required", "logit_bias": bias}
+    res = create(client, seed=0, max_tokens=60, **forced)
+    calls = res.choices[0].message.tool_calls
+    assert res.choices[0].finish_reason == "length" and len(calls) >= 2, res.choices[0].message
+    for call in calls[:2]:  # the last call may be cut by max_tokens
+        _check_call({"id": call.id, "name": call.function.name, "arguments": call.function.arguments}, [ADD])
+    single = create(client, seed=0, max_tokens=60, parallel_tool_calls=False, **forced).choices[0]
+    assert single.finish_reason == "tool_calls" and len(single.message.tool_calls) == 1
 
 
 def test_tool_choice_none_and_auto_answer_in_text(client: openai.OpenAI) -> None:
@@ -241,7 +248,7 @@ def test_tool_choice_none_and_auto_answer_in_text(client: openai.OpenAI) -> None
         assert message.content and not message.tool_calls
 
 
-def test_tool_history_renders_back(client: openai.OpenAI) -> None:
+def test_tool_history_renders_back(live_server: LiveServer, client: openai.OpenAI) -> None:
     """An assistant turn with tool_calls and a tool result render through the template."""
     messages = [
         *WEATHER_Q,
@@ -258,8 +265,16 @@ def test_tool_history_renders_back(client: openai.OpenAI) -> None:
         },
         {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 21}'},
     ]
+    body = {"model": "default", "messages": messages, "tools": [WEATHER]}
+    with live_server.http() as http:
+        tokens = http.post("/tokenize", json=body).json()["tokens"]
+        prompt = http.post("/detokenize", json={"tokens": tokens}).json()["prompt"]
+    # the question, then the call (its name and arguments), then the tool's answer
+    question = prompt.index("What is the weather in Paris?")
+    call = prompt.index('"get_weather"', question)
+    assert prompt.index('"city": "Paris"', call) < prompt.index('{"temp": 21}', call)
     res = create(client, messages=messages, tools=[WEATHER], max_tokens=8, seed=0)
-    assert res.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    assert res.usage.prompt_tokens == len(tokens)  # the model was given that prompt
 
 
 def test_matcher_failure_ends_only_that_request(live_server: LiveServer, client: openai.OpenAI) -> None:

@@ -1,9 +1,9 @@
-"""The engine on a background thread, and the clients that talk to it.
+"""The engine on a background thread, and the client that talks to it.
 
 One thread owns the LLMEngine (and so the scheduler); callers on any thread
-submit requests and get their outputs through callbacks, which the
-blocking, iterator and asyncio helpers below turn into what each caller
-wants. Validation runs on the caller's thread so bad input raises there.
+check a prompt with `EngineLoop.info` (so bad input raises on their thread),
+submit it, and get their outputs through callbacks, which the blocking,
+iterator and asyncio helpers below turn into what each caller wants.
 """
 
 from __future__ import annotations
@@ -18,26 +18,35 @@ import threading
 import weakref
 from collections.abc import AsyncGenerator, Callable, Iterator
 
+from mistralrs_serve.engine.engine_info import CheckedPrompt, EngineInfo
 from mistralrs_serve.engine.llm_engine import LLMEngine
-from mistralrs_serve.engine.sequence import CompletionOutput, OutputCallback, StepOutput
-from mistralrs_serve.errors import MistralrsServeError
+from mistralrs_serve.engine.sequence import CompletionOutput, OutputCallback, Request, StepOutput
+from mistralrs_serve.errors import EngineError
 from mistralrs_serve.sampling_params import SamplingParams
+
+__all__ = ["EngineError", "EngineLoop"]
 
 logger = logging.getLogger(__name__)
 
-
-class EngineError(MistralrsServeError):
-    """The engine failed while running a request (the request is ended)."""
+# What the helpers take: a prompt EngineInfo.check_prompt accepted, or raw ids
+# (then with their params; checked on the caller's thread before submitting).
+PromptInput = CheckedPrompt | list[int]
 
 
 class EngineLoop:
-    """Pass an LLMEngine, or a function that builds one: then the model is loaded
+    """The client of one engine thread. Other threads use only `info`, `submit`
+    (or the helpers `generate`, `stream`, `stream_async`), `abort`,
+    `add_finished_hook`, `stats` and `shutdown`; `engine` belongs to the engine
+    thread (tests and benchmarks may look at it).
+
+    Pass an LLMEngine, or a function that builds one: then the model is loaded
     on the engine thread too. Prefer the latter. libgomp gives every thread that
     runs torch ops its own OpenMP team; once the main thread has one, the engine
     thread's team is throttled (more threads than cores) and each op waits on a
     futex wake: decode ran at 29 instead of 57 tok/s here."""
 
     engine: LLMEngine
+    info: EngineInfo  # the tokenizer, template, limits and grammar compiler; read-only
 
     def __init__(self, engine: LLMEngine | Callable[[], LLMEngine]) -> None:
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
@@ -56,23 +65,34 @@ class EngineLoop:
         # aborts the process ("terminate called without an active exception").
         atexit.register(self.shutdown)
 
-    def submit(
-        self, prompt_ids: list[int], params: SamplingParams, on_output: OutputCallback, param: str = "prompt"
-    ) -> str:
-        """Queue a request; raises InvalidRequestError here if it can never run."""
-        self.engine.check_prompt(prompt_ids, params, param)
-        params.check_vocab(self.engine.model.config.vocab_size)
+    def submit(self, prompt: CheckedPrompt, on_output: OutputCallback) -> str:
+        """Queue a checked prompt; its outputs go to `on_output`, on the engine thread."""
         request_id = f"req-{next(self._ids)}"
 
         def add() -> None:
             try:
-                self.engine.add_request(request_id, prompt_ids, params, on_output, param)
+                self.engine.add_checked(request_id, prompt, on_output)
             except Exception as e:  # reported to its caller, never kills the loop
-                for index in range(params.n):
+                for index in range(prompt.params.n):
                     on_output(StepOutput(index, -1, "", finish_reason="abort", error=str(e)))
 
         self._post(add)
         return request_id
+
+    def check(
+        self, prompt: PromptInput, params: SamplingParams | None, param: str = "prompt"
+    ) -> CheckedPrompt:
+        """`prompt` if already checked, else `info.check_prompt(prompt, params, param)`."""
+        if isinstance(prompt, CheckedPrompt):
+            return prompt
+        if params is None:
+            raise TypeError("raw prompt ids need their SamplingParams")
+        return self.info.check_prompt(prompt, params, param)
+
+    def add_finished_hook(self, hook: Callable[[Request], None]) -> None:
+        """Call `hook` with every request that finishes (not aborted) from now on.
+        It runs on the engine thread, between steps: keep it quick."""
+        self._post(lambda: self.engine.finished_hooks.append(hook))
 
     def abort(self, request_id: str) -> None:
         def abort() -> None:
@@ -108,6 +128,7 @@ class EngineLoop:
     def _run(self, build: Callable[[], LLMEngine]) -> None:
         try:
             self.engine = build()
+            self.info = self.engine.info
         except BaseException as e:  # re-raised on the constructing thread
             self._startup_error = e
             return
@@ -136,21 +157,26 @@ class EngineLoop:
     # --- caller-side helpers -------------------------------------------
 
     def generate(
-        self, prompt_ids: list[int], params: SamplingParams, param: str = "prompt"
+        self, prompt: PromptInput, params: SamplingParams | None = None, param: str = "prompt"
     ) -> list[CompletionOutput]:
         """Block until every choice is finished."""
-        outputs = [CompletionOutput(i) for i in range(params.n)]
-        for step in self.stream(prompt_ids, params, param):
+        prompt = self.check(prompt, params, param)
+        outputs = [CompletionOutput(i) for i in range(prompt.params.n)]
+        for step in self.stream(prompt):
             outputs[step.index].add(step)
         return outputs
 
     def stream(
-        self, prompt_ids: list[int], params: SamplingParams, param: str = "prompt"
+        self, prompt: PromptInput, params: SamplingParams | None = None, param: str = "prompt"
     ) -> Iterator[StepOutput]:
-        """Step outputs of all choices as they come; closing the iterator aborts the request."""
+        """Step outputs of all choices as they come; closing the iterator aborts the request.
+        A bad prompt raises here, before the iterator is returned."""
+        return self._stream(self.check(prompt, params, param))
+
+    def _stream(self, prompt: CheckedPrompt) -> Iterator[StepOutput]:
         inbox: queue.SimpleQueue[StepOutput] = queue.SimpleQueue()
-        request_id = self.submit(prompt_ids, params, inbox.put, param)
-        remaining = params.n
+        request_id = self.submit(prompt, inbox.put)
+        remaining = prompt.params.n
         try:
             while remaining:
                 step = inbox.get()
@@ -164,17 +190,18 @@ class EngineLoop:
 
     async def stream_async(
         self,
-        prompt_ids: list[int],
-        params: SamplingParams,
+        prompt: PromptInput,
+        params: SamplingParams | None = None,
         param: str = "prompt",
         idle_s: float | None = None,
     ) -> AsyncGenerator[StepOutput | None, None]:
         """As `stream`, for asyncio; cancelling or closing the consumer aborts the request.
         With idle_s, None is yielded whenever no output came for that long (SSE keep-alives)."""
+        prompt = self.check(prompt, params, param)
         inbox: asyncio.Queue[StepOutput] = asyncio.Queue()
         deliver = _LoopMailbox.of(asyncio.get_running_loop()).sender(inbox)
-        request_id = self.submit(prompt_ids, params, deliver, param)
-        remaining = params.n
+        request_id = self.submit(prompt, deliver)
+        remaining = prompt.params.n
         try:
             while remaining:
                 try:

@@ -4,6 +4,7 @@ paged KV cache; the Rust sampler picks tokens for every row at once."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import time
@@ -16,6 +17,7 @@ import torch
 from mistralrs_serve import _native
 from mistralrs_serve.config import EngineConfig
 from mistralrs_serve.engine.cuda_graphs import DecodeGraphs
+from mistralrs_serve.engine.engine_info import CheckedPrompt, EngineInfo
 from mistralrs_serve.engine.grammar import GrammarCompiler
 from mistralrs_serve.engine.native_forward import NativeForward
 from mistralrs_serve.engine.paged_cache import PagedAttention, PagedKVCache
@@ -27,7 +29,6 @@ from mistralrs_serve.engine.sequence import (
     StepOutput,
     TokenLogprob,
 )
-from mistralrs_serve.errors import InvalidRequestError
 from mistralrs_serve.layers.linear import INT4_MAX_ROWS
 from mistralrs_serve.models.loader import LoadedModel
 from mistralrs_serve.sampling_params import SamplingParams
@@ -110,32 +111,10 @@ class LLMEngine:
 
     # --- requests -------------------------------------------------------
 
-    def check_prompt(self, prompt_ids: list[int], params: SamplingParams, param: str) -> int:
-        """Number of tokens each choice may generate; raises if the prompt cannot fit."""
-        if not prompt_ids:
-            raise InvalidRequestError("the prompt is empty", param)
-        room = self.max_model_len - len(prompt_ids)
-        if room < 1:
-            raise InvalidRequestError(
-                f"the prompt has {len(prompt_ids)} tokens; this model's context holds {self.max_model_len}",
-                param,
-            )
-        # A sequence must fit the KV cache on its own, or it would preempt itself forever.
-        kv_tokens = self.num_kv_tokens
-        if len(prompt_ids) + 1 > kv_tokens:
-            raise InvalidRequestError(
-                f"the prompt has {len(prompt_ids)} tokens; the KV cache holds {kv_tokens} "
-                "(raise --kv-cache-mb)",
-                param,
-            )
-        if params.max_tokens is not None and len(prompt_ids) + params.max_tokens > kv_tokens:
-            raise InvalidRequestError(
-                f"prompt ({len(prompt_ids)} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
-                f"KV cache of {kv_tokens} tokens (raise --kv-cache-mb)",
-                "max_tokens",
-            )
-        room = min(room, kv_tokens - len(prompt_ids))
-        return room if params.max_tokens is None else min(room, params.max_tokens)
+    @functools.cached_property
+    def info(self) -> EngineInfo:
+        """The read-only view serving uses, on any thread (see EngineInfo)."""
+        return EngineInfo.of(self)
 
     def add_request(
         self,
@@ -145,14 +124,17 @@ class LLMEngine:
         on_output: OutputCallback,
         param: str = "prompt",
     ) -> Request:
-        if request_id in self.requests:
-            raise InvalidRequestError(f"request id {request_id!r} is already running", "request_id")
-        if params.n > self.config.max_num_seqs:
-            raise InvalidRequestError(f"n must be <= {self.config.max_num_seqs} (--max-seqs)", "n")
-        budget = self.check_prompt(prompt_ids, params, param)
-        req = Request(request_id, np.asarray(prompt_ids, dtype=np.uint32), params, budget, on_output)
-        if params.grammar is not None:
-            req.matcher = self.grammars.compile(params.grammar)
+        """Check a prompt, then add it: for callers that drive the engine on their own thread."""
+        return self.add_checked(request_id, self.info.check_prompt(prompt_ids, params, param), on_output)
+
+    def add_checked(self, request_id: str, prompt: CheckedPrompt, on_output: OutputCallback) -> Request:
+        """Queue a prompt `EngineInfo.check_prompt` accepted; nothing is checked again."""
+        if request_id in self.requests:  # ids come from EngineLoop or the caller's own counter
+            raise ValueError(f"request id {request_id!r} is already running")
+        params = prompt.params
+        prompt_ids = np.asarray(prompt.prompt_ids, dtype=np.uint32)
+        req = Request(request_id, prompt_ids, params, prompt.max_new_tokens, on_output)
+        req.matcher = prompt.matcher
         leader = self._new_sequence(req)
         self.scheduler.add(leader.seq_id, req.prompt_ids, params.n - 1)
         self.requests[request_id] = req

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import anyio
 import orjson
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import Headers
@@ -32,7 +32,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mistralrs_serve.config import ServerConfig
-from mistralrs_serve.engine.engine_loop import EngineLoop
+from mistralrs_serve.engine.engine_info import EngineClient, EngineInfo
 from mistralrs_serve.entrypoints.openai.http_errors import error_body
 from mistralrs_serve.entrypoints.openai.metrics import ServerMetrics
 from mistralrs_serve.entrypoints.openai.protocol import (
@@ -61,7 +61,7 @@ class ServerState:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self.client: EngineLoop | None = None
+        self.client: EngineClient | None = None
         self.chat: ChatServing | None = None
         self.completion: CompletionServing | None = None
         self.model_id = ""
@@ -70,9 +70,18 @@ class ServerState:
         self.created = int(time.time())
         self.metrics = ServerMetrics(lambda: self.client.stats() if self.client is not None else None)
 
-    def attach(self, client: EngineLoop) -> None:
-        name = self.config.served_model_name or client.engine.loaded.name
-        client.engine.finished_hooks.append(self.metrics.observe_request)
+    def load(self, load: Callable[[], EngineClient]) -> None:
+        """Build the engine (on the loading thread) and attach it; a failure is kept for /health."""
+        try:
+            self.attach(load())
+            logger.info("model %s loaded; serving", self.model_id)
+        except Exception as e:
+            logger.exception("the model failed to load")
+            self.load_error = f"{type(e).__name__}: {e}"
+
+    def attach(self, client: EngineClient) -> None:
+        name = self.config.served_model_name or client.info.model_name
+        client.add_finished_hook(self.metrics.observe_request)
         self.chat = ChatServing(client, name)
         self.completion = CompletionServing(client, name)
         if self.config.seed is not None:
@@ -83,6 +92,40 @@ class ServerState:
     def check_model(self, model: str) -> None:
         if model not in (DEFAULT_MODEL_ID, self.model_id):
             raise ModelNotFoundError(model, [DEFAULT_MODEL_ID, self.model_id])
+
+    def ready(self) -> EngineInfo:
+        """The engine's info; ServerBusyError while the model loads (or after it failed to)."""
+        if self.client is None:
+            if self.load_error is not None:
+                raise ServerBusyError(f"the model failed to load: {self.load_error}", retry_after_s=60)
+            raise ServerBusyError("the model is still loading", retry_after_s=5)
+        return self.client.info
+
+    async def admitted(self, handler: Callable[[], Awaitable[Response]]) -> Response:
+        """Error envelope for whatever the handler raises; the pending-request cap."""
+        limit = self.config.max_pending_requests
+        try:
+            self.ready()
+            if self.pending >= limit:
+                raise ServerBusyError(f"the server is at capacity ({limit} requests in progress)")
+            self.pending += 1
+        except Exception as e:
+            return error_response(e)
+        release = True
+        try:
+            response = await handler()
+            if isinstance(response, EventStreamResponse):
+                response.on_close = self.release  # the stream holds its slot until it ends
+                release = False
+            return response
+        except Exception as e:
+            return error_response(e)
+        finally:
+            if release:
+                self.release()
+
+    def release(self) -> None:
+        self.pending -= 1
 
 
 class EventStreamResponse(StreamingResponse):
@@ -231,22 +274,12 @@ async def unless_disconnected(request: Request, work: Awaitable[T], poll_s: floa
             task.cancel()
 
 
-def build_app(config: ServerConfig, load: Callable[[], EngineLoop]) -> FastAPI:
+def build_app(config: ServerConfig, load: Callable[[], EngineClient]) -> FastAPI:
     """The app; `load` builds (or returns) the engine, on a background thread."""
     state = ServerState(config)
-
-    def load_in_background() -> None:
-        try:
-            state.attach(load())
-            logger.info("model %s loaded; serving", state.model_id)
-        except Exception as e:
-            logger.exception("the model failed to load")
-            state.load_error = f"{type(e).__name__}: {e}"
-
     app = FastAPI(title="mistralrs-serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = state
-    threading.Thread(target=load_in_background, name="mistralrs-load", daemon=True).start()
-
+    threading.Thread(target=state.load, args=(load,), name="mistralrs-load", daemon=True).start()
     if config.cors_allowed_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -254,84 +287,60 @@ def build_app(config: ServerConfig, load: Callable[[], EngineLoop]) -> FastAPI:
             allow_methods=["*"],
             allow_headers=["*"],
         )
-
     app.add_middleware(AuthAndMetrics, state=state)
+    app.exception_handler(StarletteHTTPException)(http_error)
+    app.include_router(model_routes(state))
+    app.include_router(generation_routes(state))
+    app.include_router(token_routes(state))
+    if config.enable_metrics:
+        app.include_router(metrics_routes(state))
+    return app
 
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        # unknown routes and methods, in the OpenAI envelope
-        body = {
-            "error": {
-                "message": str(exc.detail),
-                "type": "invalid_request_error",
-                "param": None,
-                "code": None,
-            }
-        }
-        return json_response(body, exc.status_code)
 
-    def ready() -> EngineLoop:
-        if state.client is None:
-            if state.load_error is not None:
-                raise ServerBusyError(f"the model failed to load: {state.load_error}", retry_after_s=60)
-            raise ServerBusyError("the model is still loading", retry_after_s=5)
-        return state.client
+async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    """Unknown routes and methods, in the OpenAI envelope."""
+    error = {"message": str(exc.detail), "type": "invalid_request_error", "param": None, "code": None}
+    return json_response({"error": error}, exc.status_code)
 
-    async def admitted(request: Request, handler: Callable[[], Awaitable[Response]]) -> Response:
-        """Error envelope for whatever the handler raises; the pending-request cap."""
-        try:
-            ready()
-            if state.pending >= config.max_pending_requests:
-                raise ServerBusyError(
-                    f"the server is at capacity ({config.max_pending_requests} requests in progress)"
-                )
-            state.pending += 1
-        except Exception as e:
-            return error_response(e)
-        release = True
-        try:
-            response = await handler()
-            if isinstance(response, EventStreamResponse):
-                response.on_close = _release  # the stream holds its slot until it ends
-                release = False
-            return response
-        except Exception as e:
-            return error_response(e)
-        finally:
-            if release:
-                state.pending -= 1
 
-    def _release() -> None:
-        state.pending -= 1
+def model_routes(state: ServerState) -> APIRouter:
+    """/health and /v1/models."""
+    router = APIRouter()
 
-    @app.get("/health")
+    @router.get("/health")
     async def health() -> Response:
         if state.client is not None:
             return json_response({"status": "ok", "model": state.model_id})
         status = "failed" if state.load_error else "loading"
         return json_response({"status": status, "error": state.load_error}, 503)
 
-    @app.get("/v1/models")
+    @router.get("/v1/models")
     async def list_models() -> Response:
         try:
-            ready()
+            state.ready()
         except ServerBusyError as e:
             return error_response(e)
         cards = [_model_card(DEFAULT_MODEL_ID, state), _model_card(state.model_id, state)]
         return json_response({"object": "list", "data": cards})
 
-    @app.get("/v1/models/{model_id:path}")
+    @router.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str) -> Response:
         try:
-            ready()
+            state.ready()
             state.check_model(model_id)
         except Exception as e:
             return error_response(e)
         return json_response(_model_card(model_id, state))
 
-    async def generate(request: Request, body_model: type[SamplingFields], serving: Any) -> Response:
-        """Chat and legacy completions alike: parse, check the model, stream or not."""
+    return router
 
+
+def generation_routes(state: ServerState) -> APIRouter:
+    """/v1/chat/completions and /v1/completions: parse, check the model, stream or not."""
+    router = APIRouter()
+    config = state.config
+
+    async def generate(request: Request, body_model: type[SamplingFields], serving: Any) -> Response:
         async def handle() -> Response:
             req = parse_body(await read_body(request, config.max_body_bytes), body_model)
             state.check_model(req.model)
@@ -340,61 +349,59 @@ def build_app(config: ServerConfig, load: Callable[[], EngineLoop]) -> FastAPI:
             res = await unless_disconnected(request, serving.create_async(req))
             return json_response(dump(res)) if res is not None else Response(status_code=499)
 
-        return await admitted(request, handle)
+        return await state.admitted(handle)
 
-    @app.post("/v1/chat/completions")
+    @router.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         return await generate(request, ChatCompletionRequest, state.chat)
 
-    @app.post("/v1/completions")
+    @router.post("/v1/completions")
     async def completions(request: Request) -> Response:
         return await generate(request, CompletionRequest, state.completion)
 
-    @app.post("/tokenize")
+    return router
+
+
+def token_routes(state: ServerState) -> APIRouter:
+    """/tokenize and /detokenize (vLLM's extension routes)."""
+    router = APIRouter()
+    limit = state.config.max_body_bytes
+
+    @router.post("/tokenize")
     async def tokenize(request: Request) -> Response:
         async def handle() -> Response:
-            req = parse_body(await read_body(request, config.max_body_bytes), TokenizeRequest)
+            req = parse_body(await read_body(request, limit), TokenizeRequest)
             state.check_model(req.model)
-            client = ready()
-            tok, chat = client.engine.tokenizer, state.chat
-            assert chat is not None
-            if req.messages is not None:
-                chat_req = ChatCompletionRequest(
-                    messages=req.messages,
-                    tools=req.tools,
-                    tool_choice=req.tool_choice,
-                    enable_thinking=req.enable_thinking,
-                    reasoning_effort=req.reasoning_effort,
-                )
-                ids = chat.prompt_ids(chat_req)
-            elif req.prompt is not None:
-                ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
-            else:
-                raise InvalidRequestError("give 'prompt' or 'messages'", "prompt")
-            body = {"count": len(ids), "max_model_len": client.engine.max_model_len, "tokens": ids}
-            return json_response(body)
+            info = state.ready()
+            assert state.chat is not None  # set before the client, which ready() found
+            ids = _tokenize(req, info, state.chat)
+            return json_response({"count": len(ids), "max_model_len": info.max_model_len, "tokens": ids})
 
-        return await admitted(request, handle)
+        return await state.admitted(handle)
 
-    @app.post("/detokenize")
+    @router.post("/detokenize")
     async def detokenize(request: Request) -> Response:
         async def handle() -> Response:
-            req = parse_body(await read_body(request, config.max_body_bytes), DetokenizeRequest)
+            req = parse_body(await read_body(request, limit), DetokenizeRequest)
             state.check_model(req.model)
-            tok = ready().engine.tokenizer
+            tok = state.ready().tokenizer
             if any(not 0 <= t < tok.vocab_size for t in req.tokens):
                 raise InvalidRequestError(f"token ids must be in [0, {tok.vocab_size})", "tokens")
             return json_response({"prompt": tok.decode(req.tokens, skip_special_tokens=False)})
 
-        return await admitted(request, handle)
+        return await state.admitted(handle)
 
-    if config.enable_metrics:
+    return router
 
-        @app.get("/metrics")
-        async def metrics() -> Response:
-            return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    return app
+def metrics_routes(state: ServerState) -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return router
 
 
 class TokenizeRequest(BaseModel):
@@ -414,6 +421,22 @@ class DetokenizeRequest(BaseModel):
     tokens: list[int]
 
 
+def _tokenize(req: TokenizeRequest, info: EngineInfo, chat: ChatServing) -> list[int]:
+    """The ids of a prompt, or of messages as the chat route renders them."""
+    if req.messages is not None:
+        chat_req = ChatCompletionRequest(
+            messages=req.messages,
+            tools=req.tools,
+            tool_choice=req.tool_choice,
+            enable_thinking=req.enable_thinking,
+            reasoning_effort=req.reasoning_effort,
+        )
+        return chat.prompt_ids(chat_req)
+    if req.prompt is not None:
+        return info.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+    raise InvalidRequestError("give 'prompt' or 'messages'", "prompt")
+
+
 def _model_card(model_id: str, state: ServerState) -> dict[str, Any]:
     client = state.client
     card: dict[str, Any] = {
@@ -423,7 +446,7 @@ def _model_card(model_id: str, state: ServerState) -> dict[str, Any]:
         "owned_by": "mistralrs-serve",
     }
     if client is not None:
-        card["max_model_len"] = client.engine.max_model_len
+        card["max_model_len"] = client.info.max_model_len
         if model_id == DEFAULT_MODEL_ID:
             card["root"] = state.model_id
     return card

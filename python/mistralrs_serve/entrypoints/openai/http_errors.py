@@ -7,9 +7,9 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from mistralrs_serve.engine.engine_loop import EngineError
 from mistralrs_serve.errors import (
     AuthenticationError,
+    EngineError,
     InvalidRequestError,
     ModelNotFoundError,
     RequestTooLargeError,

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
-from mistralrs_serve.engine.engine_loop import EngineLoop
+from mistralrs_serve.engine.engine_info import CheckedPrompt, EngineClient
 from mistralrs_serve.engine.sequence import CompletionOutput, StepOutput
 from mistralrs_serve.entrypoints.openai import serving_common as common
 from mistralrs_serve.entrypoints.openai import structured
@@ -43,26 +43,26 @@ PENDING_PART_TYPES = ("image_url", "input_audio", "file", "image", "audio")
 
 
 class ChatServing:
-    def __init__(self, client: EngineLoop, model_name: str) -> None:
+    def __init__(self, client: EngineClient, model_name: str) -> None:
         self.client = client
-        self.engine = client.engine
+        self.info = client.info
         self.model_name = model_name
         self.seeds: random.Random | None = None  # the server's --seed, if any
 
     def prepare(self, req: ChatCompletionRequest) -> Prepared:
-        """Validated prompt ids, sampling params and output parsing; raises InvalidRequestError.
-        Everything the engine would reject is checked here, before a stream starts."""
+        """The checked prompt and the output parsing; raises InvalidRequestError.
+        This is the request's one check: the engine runs what it returns as it is."""
         common.log_unknown_fields(req)
         _check_tool_fields(req)
         plan = plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls)
-        template = self.engine.tokenizer.chat_template
+        template = self.info.chat_template
         fmt = None
         if plan.active:
             fmt = detect_format(
                 template.tools_source if template is not None and template.supports_tools else None
             )
         grammar = structured.request_grammar(req.response_format, req.grammar, req.grammar_type)
-        tool_grammar = _tool_grammar(plan, fmt, self.engine.tokenizer) if fmt is not None else None
+        tool_grammar = _tool_grammar(plan, fmt, self.info.tokenizer) if fmt is not None else None
         if tool_grammar is not None and grammar is not None:
             raise InvalidRequestError(
                 "response_format and grammar cannot be combined with tool_choice that forces or constrains "
@@ -72,24 +72,21 @@ class ChatServing:
         params = self.sampling_params(req)
         params = replace(params, grammar=grammar or tool_grammar, skip_special_tokens=fmt is None)
         prompt_ids, prompt_text = self.render(req, plan)
-        prompt_ids = common.fit_prompt(
-            self.engine, prompt_ids, params, truncate=req.truncate_sequence, param="messages"
+        prompt = common.checked_prompt(
+            self.info, prompt_ids, params, truncate=req.truncate_sequence, param="messages"
         )
-        common.check_fits(self.engine, prompt_ids, params, "messages")
         thinks = template is not None and template.supports_thinking and not isinstance(req.messages, str)
-        return Prepared(
-            prompt_ids, params, plan, fmt, template.source if thinks and template else None, prompt_text
-        )
+        return Prepared(prompt, plan, fmt, template.source if thinks and template else None, prompt_text)
 
     def create(self, req: ChatCompletionRequest) -> ChatCompletionResponse:
         prep = self.prepare(req)
-        outputs = self.client.generate(prep.prompt_ids, prep.params, "messages")
+        outputs = self.client.generate(prep.prompt)
         return self.response(req, prep, outputs)
 
     async def create_async(self, req: ChatCompletionRequest) -> ChatCompletionResponse:
         """As `create`, on the event loop; cancelling it aborts the request."""
         prep = self.prepare(req)
-        outputs = await common.collect_async(self.client, prep.prompt_ids, prep.params, "messages")
+        outputs = await common.collect_async(self.client, prep.prompt)
         return self.response(req, prep, outputs)
 
     def response(
@@ -97,14 +94,14 @@ class ChatServing:
     ) -> ChatCompletionResponse:
         choices = [self._choice(o, req.logprobs, prep) for o in outputs]
         return ChatCompletionResponse(
-            model=self.model_name, choices=choices, usage=common.usage(prep.prompt_ids, outputs)
+            model=self.model_name, choices=choices, usage=common.usage(prep.prompt.prompt_ids, outputs)
         )
 
     def create_stream(self, req: ChatCompletionRequest) -> Iterator[ChatCompletionChunk]:
         """OpenAI's chunk sequence: a role chunk per choice, content deltas, finish, optional usage."""
         prep = self.prepare(req)
         chunks = ChunkBuilder(self, req, prep)
-        return self._stream(chunks, prep.prompt_ids, prep.params)
+        return self._stream(chunks, prep.prompt)
 
     def create_stream_async(
         self, req: ChatCompletionRequest, idle_s: float | None = None
@@ -113,22 +110,20 @@ class ChatServing:
         then yields chunks, and None after idle_s without output (keep-alives)."""
         prep = self.prepare(req)
         chunks = ChunkBuilder(self, req, prep)
-        return self._stream_async(chunks, prep.prompt_ids, prep.params, idle_s)
+        return self._stream_async(chunks, prep.prompt, idle_s)
 
-    def _stream(
-        self, chunks: ChunkBuilder, prompt_ids: list[int], params: SamplingParams
-    ) -> Iterator[ChatCompletionChunk]:
-        yield from chunks.start(params.n)
-        for step in self.client.stream(prompt_ids, params, "messages"):
+    def _stream(self, chunks: ChunkBuilder, prompt: CheckedPrompt) -> Iterator[ChatCompletionChunk]:
+        yield from chunks.start(prompt.params.n)
+        for step in self.client.stream(prompt):
             yield from chunks.step(step)
         yield from chunks.end()
 
     async def _stream_async(
-        self, chunks: ChunkBuilder, prompt_ids: list[int], params: SamplingParams, idle_s: float | None
+        self, chunks: ChunkBuilder, prompt: CheckedPrompt, idle_s: float | None
     ) -> AsyncIterator[ChatCompletionChunk | None]:
-        for chunk in chunks.start(params.n):
+        for chunk in chunks.start(prompt.params.n):
             yield chunk
-        steps = self.client.stream_async(prompt_ids, params, "messages", idle_s)
+        steps = self.client.stream_async(prompt, idle_s=idle_s)
         try:
             async for step in steps:
                 if step is None:
@@ -150,7 +145,7 @@ class ChatServing:
             max_tokens=max_tokens,
             logprobs=req.logprobs,
             top_logprobs=req.top_logprobs or 0,
-            defaults=self.engine.loaded.generation_defaults,
+            defaults=self.info.generation_defaults,
             seeds=self.seeds,
         )
 
@@ -162,7 +157,7 @@ class ChatServing:
     def render(self, req: ChatCompletionRequest, plan: ToolPlan) -> tuple[list[int], str]:
         """Prompt ids and text. Tools go to the template when it takes them;
         otherwise into the system message, in the plain-JSON call format."""
-        tokenizer = self.engine.tokenizer
+        tokenizer = self.info.tokenizer
         if isinstance(req.messages, str):
             # mistral.rs SDK: a string is an already templated prompt.
             return tokenizer.encode(req.messages, add_special_tokens=False), req.messages
@@ -180,7 +175,8 @@ class ChatServing:
     def _choice(self, out: CompletionOutput, want_logprobs: bool, prep: Prepared) -> ChatChoice:
         logprobs = None
         if want_logprobs:
-            logprobs = ChoiceLogprobs(content=[common.chat_logprob(self.engine, lp) for lp in out.logprobs])
+            tokenizer = self.info.tokenizer
+            logprobs = ChoiceLogprobs(content=[common.chat_logprob(tokenizer, lp) for lp in out.logprobs])
         parser = prep.parser()
         parsed = parse_text(parser, out.text)
         message = ChatMessage(
@@ -194,8 +190,7 @@ class ChatServing:
 class Prepared:
     """A validated chat request: what the engine runs and how its text is read back."""
 
-    prompt_ids: list[int]
-    params: SamplingParams
+    prompt: CheckedPrompt
     tools: ToolPlan
     tool_format: ToolCallFormat | None  # None: no tools offered, the text is all content
     thinking_template: str | None  # the template source when it has thinking markers
@@ -217,9 +212,9 @@ class ChunkBuilder:
         self.want_logprobs = req.logprobs
         self.include_usage = bool((req.stream_options or {}).get("include_usage"))
         self.id, self.created = random_id("chatcmpl"), int(time.time())
-        self.num_prompt_tokens = len(prep.prompt_ids)
+        self.num_prompt_tokens = len(prep.prompt.prompt_ids)
         self.num_completion_tokens = 0
-        self.parsers = [prep.parser() for _ in range(prep.params.n)]
+        self.parsers = [prep.parser() for _ in range(prep.prompt.params.n)]
 
     def _chunk(self, choices: list[ChatChunkChoice], usage: Any = None) -> ChatCompletionChunk:
         return ChatCompletionChunk(
@@ -234,7 +229,8 @@ class ChunkBuilder:
         self.num_completion_tokens += 1
         logprobs = None
         if self.want_logprobs and step.logprob is not None and not step.is_stop_token:
-            logprobs = ChoiceLogprobs(content=[common.chat_logprob(self.serving.engine, step.logprob)])
+            tokenizer = self.serving.info.tokenizer
+            logprobs = ChoiceLogprobs(content=[common.chat_logprob(tokenizer, step.logprob)])
         parser = self.parsers[step.index]
         out = parser.feed(step.text) if step.text else OutputDelta()
         finish = None

@@ -1,14 +1,15 @@
 """What chat and legacy completions share: sampling params from a request,
-prompt limits, logprob shapes and usage."""
+fitting a prompt to the context, logprob shapes and usage. Serving reaches
+the engine only through `EngineClient` and its `EngineInfo`."""
 
 from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Mapping
 from typing import Any
 
-from mistralrs_serve.engine.engine_loop import EngineLoop
-from mistralrs_serve.engine.llm_engine import LLMEngine
+from mistralrs_serve.engine.engine_info import CheckedPrompt, EngineClient, EngineInfo
 from mistralrs_serve.engine.sequence import CompletionOutput
 from mistralrs_serve.engine.sequence import TokenLogprob as EngineLogprob
 from mistralrs_serve.entrypoints.openai.protocol import (
@@ -19,6 +20,7 @@ from mistralrs_serve.entrypoints.openai.protocol import (
 )
 from mistralrs_serve.errors import InvalidRequestError
 from mistralrs_serve.sampling_params import DEFAULT_DRY_BREAKERS, Grammar, SamplingParams
+from mistralrs_serve.tokenizer.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +37,7 @@ def sampling_params(
     max_tokens: int | None,
     logprobs: bool,
     top_logprobs: int,
-    defaults: dict[str, Any],
+    defaults: Mapping[str, Any],
     seeds: random.Random | None = None,
     grammar: Grammar | None = None,
 ) -> SamplingParams:
@@ -72,37 +74,28 @@ def sampling_params(
     )
 
 
-def fit_prompt(
-    engine: LLMEngine, prompt_ids: list[int], params: SamplingParams, *, truncate: bool, param: str
-) -> list[int]:
-    """Keep the prompt's last tokens when asked to truncate; else the engine rejects long prompts."""
+def checked_prompt(
+    info: EngineInfo, prompt_ids: list[int], params: SamplingParams, *, truncate: bool, param: str
+) -> CheckedPrompt:
+    """The request's one check, before a response (or stream) starts. With `truncate`
+    the prompt keeps its last tokens so that max_tokens fits the context."""
     room_for_output = params.max_tokens or 1
-    limit = engine.max_model_len - room_for_output
+    limit = info.max_model_len - room_for_output
     if truncate and len(prompt_ids) > limit:
         if limit < 1:
             raise InvalidRequestError(
                 f"max_tokens ({room_for_output}) leaves no room for the prompt in this model's context "
-                f"of {engine.max_model_len} tokens",
+                f"of {info.max_model_len} tokens",
                 "max_tokens",
             )
-        return prompt_ids[-limit:]
-    return prompt_ids
+        prompt_ids = prompt_ids[-limit:]
+    return info.check_prompt(prompt_ids, params, param)
 
 
-def check_fits(engine: LLMEngine, prompt_ids: list[int], params: SamplingParams, param: str) -> None:
-    """What the engine checks on submit, checked before a response (or stream) starts."""
-    engine.check_prompt(prompt_ids, params, param)
-    params.check_vocab(engine.model.config.vocab_size)
-    if params.grammar is not None:
-        engine.grammars.compile(params.grammar)  # a 400 now; the engine reuses the compiled grammar
-
-
-async def collect_async(
-    client: EngineLoop, prompt_ids: list[int], params: SamplingParams, param: str
-) -> list[CompletionOutput]:
+async def collect_async(client: EngineClient, prompt: CheckedPrompt) -> list[CompletionOutput]:
     """Every choice of one request, finished; cancelling the caller aborts the request."""
-    outputs = [CompletionOutput(i) for i in range(params.n)]
-    steps = client.stream_async(prompt_ids, params, param)
+    outputs = [CompletionOutput(i) for i in range(prompt.params.n)]
+    steps = client.stream_async(prompt)
     try:
         async for step in steps:
             if step is not None:
@@ -119,9 +112,9 @@ def usage(prompt_ids: list[int], outputs: list[CompletionOutput]) -> Usage:
     )
 
 
-def chat_logprob(engine: LLMEngine, lp: EngineLogprob) -> TokenLogprob:
+def chat_logprob(tokenizer: Tokenizer, lp: EngineLogprob) -> TokenLogprob:
     def top(token_id: int, logprob: float) -> TopLogprob:
-        raw = engine.tokenizer.token_bytes(token_id)
+        raw = tokenizer.token_bytes(token_id)
         return TopLogprob(token=raw.decode("utf-8", errors="replace"), logprob=logprob, bytes=list(raw))
 
     chosen = top(lp.token_id, lp.logprob)

@@ -8,7 +8,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from mistralrs_serve.engine.engine_loop import EngineLoop
+from mistralrs_serve.engine.engine_info import CheckedPrompt, EngineClient
 from mistralrs_serve.engine.sequence import CompletionOutput, StepOutput
 from mistralrs_serve.engine.sequence import TokenLogprob as EngineLogprob
 from mistralrs_serve.entrypoints.openai import serving_common as common
@@ -29,16 +29,18 @@ from mistralrs_serve.sampling_params import MAX_TOP_LOGPROBS, SamplingParams
 
 @dataclass(frozen=True)
 class Prepared:
-    prompts: list[list[int]]  # token ids per prompt, fitted to the context
+    """A validated completion request: one checked prompt per prompt given."""
+
+    prompts: list[CheckedPrompt]  # fitted to the context, all with the same params
     params: SamplingParams
     echo: bool
     want_logprobs: bool
 
 
 class CompletionServing:
-    def __init__(self, client: EngineLoop, model_name: str) -> None:
+    def __init__(self, client: EngineClient, model_name: str) -> None:
         self.client = client
-        self.engine = client.engine
+        self.info = client.info
         self.model_name = model_name
         self.seeds: random.Random | None = None  # the server's --seed, if any
 
@@ -62,34 +64,31 @@ class CompletionServing:
             max_tokens=req.max_tokens,
             logprobs=req.logprobs is not None,
             top_logprobs=req.logprobs or 0,
-            defaults=self.engine.loaded.generation_defaults,
+            defaults=self.info.generation_defaults,
             seeds=self.seeds,
             grammar=structured.request_grammar(None, req.grammar, req.grammar_type),
         )
-        prompts = []
-        for ids in self.prompts(req):
-            ids = common.fit_prompt(self.engine, ids, params, truncate=req.truncate_sequence, param="prompt")
-            common.check_fits(self.engine, ids, params, "prompt")
-            prompts.append(ids)
+        prompts = [
+            common.checked_prompt(self.info, ids, params, truncate=req.truncate_sequence, param="prompt")
+            for ids in self.prompts(req)
+        ]
         return Prepared(prompts, params, req.echo, req.logprobs is not None)
 
     def create(self, req: CompletionRequest) -> CompletionResponse:
         prep = self.prepare(req)
-        outputs = [self.client.generate(ids, prep.params, "prompt") for ids in prep.prompts]
+        outputs = [self.client.generate(prompt) for prompt in prep.prompts]
         return self.response(prep, outputs)
 
     async def create_async(self, req: CompletionRequest) -> CompletionResponse:
         """As `create`; the prompts run concurrently, cancelling aborts them all."""
         prep = self.prepare(req)
-        outputs = await asyncio.gather(
-            *(common.collect_async(self.client, ids, prep.params, "prompt") for ids in prep.prompts)
-        )
+        outputs = await asyncio.gather(*(common.collect_async(self.client, p) for p in prep.prompts))
         return self.response(prep, list(outputs))
 
     def response(self, prep: Prepared, outputs: list[list[CompletionOutput]]) -> CompletionResponse:
         choices: list[CompletionChoice] = []
-        for prompt_index, (ids, outs) in enumerate(zip(prep.prompts, outputs, strict=True)):
-            prefix = self.engine.tokenizer.decode(ids) if prep.echo else ""
+        for prompt_index, (prompt, outs) in enumerate(zip(prep.prompts, outputs, strict=True)):
+            prefix = self.info.tokenizer.decode(prompt.prompt_ids) if prep.echo else ""
             for o in outs:
                 choices.append(
                     CompletionChoice(
@@ -99,7 +98,7 @@ class CompletionServing:
                         finish_reason="length" if o.finish_reason == "length" else "stop",
                     )
                 )
-        prompt_tokens = sum(len(ids) for ids in prep.prompts)
+        prompt_tokens = sum(len(p.prompt_ids) for p in prep.prompts)
         completion_tokens = sum(len(o.token_ids) for outs in outputs for o in outs)
         usage = Usage(
             prompt_tokens=prompt_tokens,
@@ -131,12 +130,12 @@ class CompletionServing:
 
         n = prep.params.n
         completion_tokens = 0
-        for prompt_index, ids in enumerate(prep.prompts):
+        for prompt_index, prompt in enumerate(prep.prompts):
             offsets = [0] * n
             if prep.echo:
-                text = self.engine.tokenizer.decode(ids)
+                text = self.info.tokenizer.decode(prompt.prompt_ids)
                 yield chunk([CompletionStreamChoice(index=prompt_index * n + i, text=text) for i in range(n)])
-            steps = self.client.stream_async(ids, prep.params, "prompt", idle_s)
+            steps = self.client.stream_async(prompt, idle_s=idle_s)
             try:
                 async for step in steps:
                     if step is None:
@@ -149,7 +148,7 @@ class CompletionServing:
             finally:
                 await steps.aclose()
         if include_usage:
-            prompt_tokens = sum(len(ids) for ids in prep.prompts)
+            prompt_tokens = sum(len(p.prompt_ids) for p in prep.prompts)
             usage = Usage(
                 prompt_tokens=prompt_tokens,
                 completion_tokens=completion_tokens,
@@ -175,24 +174,24 @@ class CompletionServing:
         """One token list per prompt: a string, strings, token ids, or lists of token ids."""
         p = req.prompt
         if isinstance(p, str):
-            return [self.engine.tokenizer.encode(p)]
+            return [self.info.tokenizer.encode(p)]
         if not p:
             raise InvalidRequestError("prompt must not be empty", "prompt")
         if all(isinstance(x, int) for x in p):
             return [self._checked_ids(p)]  # type: ignore[arg-type]
         if all(isinstance(x, str) for x in p):
-            return [self.engine.tokenizer.encode(x) for x in p]  # type: ignore[arg-type]
+            return [self.info.tokenizer.encode(x) for x in p]  # type: ignore[arg-type]
         return [self._checked_ids(x) for x in p]  # type: ignore[arg-type]
 
     def _checked_ids(self, ids: list[int]) -> list[int]:
-        vocab = self.engine.tokenizer.vocab_size
+        vocab = self.info.tokenizer.vocab_size
         if not ids or any(not 0 <= i < vocab for i in ids):
             raise InvalidRequestError(f"prompt token ids must be non-empty and in [0, {vocab})", "prompt")
         return ids
 
     def _logprobs(self, logprobs: list[EngineLogprob], offset: int) -> CompletionLogprobs:
         """OpenAI's legacy shape; top_logprobs always holds the chosen token too."""
-        tok = self.engine.tokenizer
+        tok = self.info.tokenizer
 
         def text(token_id: int) -> str:
             return tok.token_bytes(token_id).decode("utf-8", errors="replace")
