@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use super::ops::{rms_norm, rope, swiglu};
 use super::*;
 use crate::quant::BLOCK;
 use mistralrs_serve_core::rng::uniform;

@@ -1,0 +1,364 @@
+//! A Llama-family model step on the CPU in one call: every layer for a
+//! batch of token rows (decodes and prefill chunks alike), over the engine's
+//! paged KV cache, with block-quantized weights (see `quant`).
+//!
+//! On torch, a batch-1 decode step of the default model is mostly dispatch
+//! of ~20 small ops per layer; here a step is one call: 8-bit activations
+//! against 4/8-bit weights with AVX-512 VNNI, f32 everywhere else, the
+//! cache written and read in place. Threads split each matrix's output
+//! rows, the attention's units (a tile of one sequence's rows, a segment of
+//! its context, a kv head) and the per-row work, and meet at a spin barrier
+//! between phases.
+//!
+//! Every row goes through the same arithmetic whatever else is in the step
+//! (the matrix kernel treats activation rows independently, attention is
+//! per row over its own context): a token's logits do not depend on its
+//! neighbours, on how its prompt was chunked or on the thread count.
+//!
+//! Supported: RMSNorm, fused q/k/v with optional bias, optional per-head
+//! q/k RMSNorm (Qwen3), rotary embedding on halves (cos/sin supplied per row,
+//! so any rope scaling works), grouped-query attention, SwiGLU MLP.
+
+mod ops;
+mod step;
+mod worker;
+
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, Mutex};
+
+use crate::attention::{check_decode_batch, segment_len, AttentionShape, DecodeBatch, KvElem};
+use crate::error::DecoderError;
+use crate::quant::QMatrix;
+use step::{attention_units, first_parts, Buffers, Scratch, Shared, SpinBarrier, Step};
+use step::{MAX_THREADS, SLOT_Q};
+use worker::Worker;
+
+/// A cache element the step can also write.
+pub trait KvStore: KvElem {
+    fn from_f32(v: f32) -> Self;
+}
+
+impl KvStore for f32 {
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+}
+
+/// bf16 bits, rounded to nearest even (as torch converts).
+impl KvStore for u16 {
+    fn from_f32(v: f32) -> Self {
+        let bits = v.to_bits();
+        if v.is_nan() {
+            return 0x7FC0;
+        }
+        ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) as u16
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DecoderShape {
+    pub hidden: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub intermediate: usize,
+    pub vocab: usize,
+    pub eps: f32,
+}
+
+/// One decoder layer's weights (norm weights as f32).
+pub struct LayerWeights {
+    pub attn_norm: Vec<f32>,
+    /// (q + k + v) rows over `hidden` columns.
+    pub qkv: Arc<QMatrix>,
+    pub qkv_bias: Option<Vec<f32>>,
+    pub q_norm: Option<Vec<f32>>,
+    pub k_norm: Option<Vec<f32>>,
+    pub o: Arc<QMatrix>,
+    pub o_bias: Option<Vec<f32>>,
+    pub ffn_norm: Vec<f32>,
+    /// gate rows then up rows.
+    pub gate_up: Arc<QMatrix>,
+    pub down: Arc<QMatrix>,
+}
+
+pub struct Decoder {
+    pub shape: DecoderShape,
+    /// Buffers of the last step, reused: fresh multi-MB allocations come
+    /// from mmap and page-fault on first touch, every step.
+    scratch: Mutex<Scratch>,
+    layers: Vec<LayerWeights>,
+    final_norm: Vec<f32>,
+    lm_head: Arc<QMatrix>,
+}
+
+/// One step's rows: a token each, already embedded.
+pub struct StepRows<'a> {
+    /// (rows, hidden) embeddings; overwritten with the final hidden states.
+    pub x: &'a mut [f32],
+    /// (rows, head_dim / 2) rotary cos and sin at each row's position.
+    pub cos: &'a [f32],
+    pub sin: &'a [f32],
+    /// Cache slot each row's key and value go to.
+    pub slots: &'a [i64],
+    /// (rows, max_blocks) block tables.
+    pub block_tables: &'a [i64],
+    pub max_blocks: usize,
+    /// Positions each row attends over, its own included.
+    pub context_lens: &'a [i64],
+    /// Rows whose logits are wanted, in output order.
+    pub logit_rows: &'a [usize],
+}
+
+/// Where the cache is: `kv` is (2, num_layers, num_blocks, block_size,
+/// num_kv_heads, head_dim), keys first.
+pub struct KvCache<'a, T> {
+    pub kv: &'a mut [T],
+    pub block_size: usize,
+}
+
+impl Decoder {
+    pub fn new(
+        shape: DecoderShape,
+        layers: Vec<LayerWeights>,
+        final_norm: Vec<f32>,
+        lm_head: Arc<QMatrix>,
+    ) -> Result<Self, DecoderError> {
+        let DecoderShape {
+            hidden,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            intermediate,
+            vocab,
+            ..
+        } = shape;
+        let bad = |what: String| Err(DecoderError::Shape(what));
+        if num_kv_heads == 0 || !num_heads.is_multiple_of(num_kv_heads) || head_dim % 2 != 0 {
+            return bad(format!(
+                "{num_heads} heads over {num_kv_heads} kv heads of dim {head_dim}"
+            ));
+        }
+        let qkv_rows = (num_heads + 2 * num_kv_heads) * head_dim;
+        let want =
+            |name: &str, m: &QMatrix, rows: usize, cols: usize| -> Result<(), DecoderError> {
+                if m.rows != rows || m.cols != cols {
+                    return Err(DecoderError::Shape(format!(
+                        "{name} is ({}, {}), want ({rows}, {cols})",
+                        m.rows, m.cols
+                    )));
+                }
+                Ok(())
+            };
+        let vec_len = |name: &str, v: &[f32], n: usize| -> Result<(), DecoderError> {
+            if v.len() != n {
+                return Err(DecoderError::Shape(format!(
+                    "{name} has {} values, want {n}",
+                    v.len()
+                )));
+            }
+            Ok(())
+        };
+        for (i, l) in layers.iter().enumerate() {
+            want(&format!("layer {i} qkv"), &l.qkv, qkv_rows, hidden)?;
+            want(&format!("layer {i} o"), &l.o, hidden, num_heads * head_dim)?;
+            want(
+                &format!("layer {i} gate_up"),
+                &l.gate_up,
+                2 * intermediate,
+                hidden,
+            )?;
+            want(&format!("layer {i} down"), &l.down, hidden, intermediate)?;
+            vec_len("attn_norm", &l.attn_norm, hidden)?;
+            vec_len("ffn_norm", &l.ffn_norm, hidden)?;
+            for (name, v, n) in [
+                ("qkv_bias", &l.qkv_bias, qkv_rows),
+                ("o_bias", &l.o_bias, hidden),
+                ("q_norm", &l.q_norm, head_dim),
+                ("k_norm", &l.k_norm, head_dim),
+            ] {
+                if let Some(v) = v {
+                    vec_len(name, v, n)?;
+                }
+            }
+            if l.q_norm.is_some() != l.k_norm.is_some() {
+                return bad(format!("layer {i} has only one of q_norm and k_norm"));
+            }
+        }
+        want("lm_head", &lm_head, vocab, hidden)?;
+        vec_len("final_norm", &final_norm, hidden)?;
+        Ok(Self {
+            shape,
+            scratch: Mutex::new(Scratch::default()),
+            layers,
+            final_norm,
+            lm_head,
+        })
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Weight bytes one step reads.
+    pub fn weight_bytes(&self) -> usize {
+        let layer =
+            |l: &LayerWeights| l.qkv.nbytes() + l.o.nbytes() + l.gate_up.nbytes() + l.down.nbytes();
+        self.layers.iter().map(layer).sum::<usize>() + self.lm_head.nbytes()
+    }
+
+    /// Runs every layer for `rows`, writing their keys and values into the
+    /// Runs every layer for `rows`, writing their keys and values into the
+    /// cache, and the logits of `rows.logit_rows` into `logits` (n, vocab).
+    /// `threads` threads (this one included) split each matrix's rows, the
+    /// attention's units and the rows' own work (see `worker`).
+    pub fn forward<T: KvStore>(
+        &self,
+        rows: StepRows<'_>,
+        cache: KvCache<'_, T>,
+        logits: &mut [f32],
+        threads: usize,
+    ) -> Result<(), DecoderError> {
+        let s = self.shape;
+        let n = self.check(&rows, &cache, logits.len())?;
+        let layer_elems = cache.kv.len() / (2 * self.layers.len());
+        let attn_shape = AttentionShape {
+            num_heads: s.num_heads,
+            num_kv_heads: s.num_kv_heads,
+            head_dim: s.head_dim,
+            block_size: cache.block_size,
+        };
+        let q_len = s.num_heads * s.head_dim;
+        // a failed check drops the kept buffers: they only regrow
+        let mut scratch =
+            std::mem::take(&mut *self.scratch.lock().unwrap_or_else(|e| e.into_inner()));
+        scratch.floats[SLOT_Q].resize(n * q_len, 0.0);
+        let batch = DecodeBatch {
+            q: &scratch.floats[SLOT_Q],
+            block_tables: rows.block_tables,
+            max_blocks: rows.max_blocks,
+            context_lens: rows.context_lens,
+            scale: 1.0 / (s.head_dim as f32).sqrt(),
+        };
+        check_decode_batch(attn_shape, &batch, layer_elems, layer_elems, n * q_len)?;
+        let scale = batch.scale;
+        let (first_part, parts) = first_parts(rows.context_lens);
+        let threads = threads.clamp(1, MAX_THREADS);
+        let units = attention_units(&rows, s.num_kv_heads, threads);
+        let parts_len = parts * segment_len(attn_shape);
+        let bufs = Buffers::new(&s, n, parts_len, self.act_cols(), scratch);
+        let step = Step {
+            n,
+            threads,
+            attn_shape,
+            scale,
+            units,
+            // per layer 4 products and the attention, then the head
+            claims: (0..5 * self.layers.len() + 1)
+                .map(|_| AtomicUsize::new(0))
+                .collect(),
+            first_part,
+            block_tables: rows.block_tables,
+            max_blocks: rows.max_blocks,
+            context_lens: rows.context_lens,
+            layer_elems,
+            barrier: SpinBarrier::new(threads),
+            x: Shared(rows.x.as_mut_ptr()),
+            cos: rows.cos,
+            sin: rows.sin,
+            slots: rows.slots,
+            logit_rows: rows.logit_rows,
+            kv: Shared(cache.kv.as_mut_ptr()),
+            logits: Shared(logits.as_mut_ptr()),
+            bufs,
+        };
+        self.run(&step);
+        *self.scratch.lock().unwrap_or_else(|e| e.into_inner()) = step.bufs.owned;
+        Ok(())
+    }
+
+    /// The step on `step.threads` threads, this one thread 0 (see `Worker`).
+    fn run<T: KvStore>(&self, step: &Step<'_, T>) {
+        if step.threads == 1 {
+            Worker::new(self, step, 0).run();
+        } else {
+            std::thread::scope(|scope| {
+                for tid in 1..step.threads {
+                    scope.spawn(move || Worker::new(self, step, tid).run());
+                }
+                Worker::new(self, step, 0).run();
+            });
+        }
+    }
+
+    /// The widest input of any matrix product (the activations' room).
+    fn act_cols(&self) -> usize {
+        self.layers
+            .iter()
+            .flat_map(|l| [&l.qkv, &l.o, &l.gate_up, &l.down])
+            .chain([&self.lm_head])
+            .map(|w| w.cols)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Number of rows, after checking every array against it.
+    fn check<T>(
+        &self,
+        rows: &StepRows<'_>,
+        cache: &KvCache<'_, T>,
+        logits_len: usize,
+    ) -> Result<usize, DecoderError> {
+        let s = self.shape;
+        let n = rows.slots.len();
+        let bad = |what: String| Err(DecoderError::Shape(what));
+        if rows.x.len() != n * s.hidden {
+            return bad(format!(
+                "x has {} values for {n} rows of {}",
+                rows.x.len(),
+                s.hidden
+            ));
+        }
+        let half = s.head_dim / 2;
+        if rows.cos.len() != n * half || rows.sin.len() != n * half {
+            return bad(format!("cos/sin need {n} rows of {half}"));
+        }
+        if rows.context_lens.len() != n || rows.block_tables.len() != n * rows.max_blocks {
+            return bad(format!(
+                "{n} rows need {n} context lengths and ({n}, max_blocks) block tables"
+            ));
+        }
+        if let Some(&r) = rows.logit_rows.iter().find(|&&r| r >= n) {
+            return bad(format!("logit row {r} of {n} rows"));
+        }
+        if logits_len != rows.logit_rows.len() * s.vocab {
+            return bad(format!(
+                "logits have {logits_len} values for {} rows of {}",
+                rows.logit_rows.len(),
+                s.vocab
+            ));
+        }
+        let row_elems = s.num_kv_heads * s.head_dim;
+        let per_layer_block = cache.block_size * row_elems;
+        let layers = self.layers.len();
+        if per_layer_block == 0 || !cache.kv.len().is_multiple_of(2 * layers * per_layer_block) {
+            return bad(format!(
+                "the cache has {} values, not whole blocks of 2 x {layers} layers x {} x {} x {}",
+                cache.kv.len(),
+                cache.block_size,
+                s.num_kv_heads,
+                s.head_dim
+            ));
+        }
+        let slots = cache.kv.len() / (2 * layers * row_elems);
+        for (row, &slot) in rows.slots.iter().enumerate() {
+            if slot < 0 || slot as usize >= slots {
+                return Err(DecoderError::Slot { row, slot, slots });
+            }
+        }
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests;
