@@ -13,7 +13,8 @@ LOWER_LAYERS = ("engine", "models", "layers", "tokenizer")
 def loaded_after(code: str) -> set[str]:
     """The modules a fresh interpreter holds after running `code`."""
     probe = f"{code}\nimport sys\nprint('\\n'.join(sys.modules))"
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
     return set(out.stdout.split())
 
 
