@@ -1,4 +1,5 @@
-"""The `mistralrs-serve` command.
+"""The `mistralrs-serve` command: `serve` runs the HTTP server, `run` answers
+prompts in process through the Runner.
 
 mistralrs-serve                                     # serve the default model on 127.0.0.1:1234
 mistralrs-serve serve -m path/to/model.gguf -p 8000 --api-key KEY

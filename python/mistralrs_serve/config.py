@@ -1,4 +1,6 @@
-"""Frozen, validated configuration of a decoder-only transformer."""
+"""Frozen, validated configuration: the model's (`ModelConfig`, read from its
+files), the engine's (`EngineConfig`: KV cache, batching, device) and the
+HTTP server's (`ServerConfig`). Bad values raise at construction."""
 
 from __future__ import annotations
 

@@ -1,0 +1,1 @@
+"""The ways in: the OpenAI-compatible HTTP server and its serving classes."""

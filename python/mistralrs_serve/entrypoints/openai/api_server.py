@@ -6,7 +6,9 @@ would answer 422 in its own shape). The handlers call the same serving
 classes as the in-process Runner: one code path for requests.
 
 The model loads on a background thread after the socket is open: /health
-answers 503 until it is ready, the /v1 routes 503 with Retry-After.
+answers 503 until it is ready, the /v1 routes 503 with Retry-After. The
+routes come in groups (one APIRouter each); they reach the engine only
+through `EngineClient` and its `EngineInfo`.
 """
 
 from __future__ import annotations

@@ -1,14 +1,7 @@
 """Reasoning ("thinking") in model output: split it from the answer, whole or as it streams.
 
 Thinking models write their reasoning first, between a start and an end marker (`<think>` and
-`</think>` for Qwen3, QwQ, DeepSeek-R1, SmolLM3, Granite; Gemma 4 uses a "thought" channel). Some
-chat templates open the block in the prompt already (DeepSeek-R1 distills end the generation prompt
-with `<think>\\n`), so the output starts inside it and only the end marker appears.
-
-A thinking block is recognised only at the start of the output (after whitespace); markers later in
-the answer are text. The markers themselves are never returned. The whitespace run after the start
-marker, before the end marker and after the end marker is dropped, as templates render the block as
-`<think>\\n...\\n</think>\\n\\n`. An output that ends inside the block is all reasoning.
+`</think>` for Qwen3, QwQ, DeepSeek-R1, SmolLM3, Granite; Gemma 4 uses a "thought" channel).
 """
 
 from __future__ import annotations
@@ -66,7 +59,13 @@ def _partial_suffix(text: str, marker: str) -> int:
 class ReasoningParser:
     """Splits streamed output into reasoning and content deltas, holding back partial markers.
 
-    `inside=True`: the prompt ended with the start marker, so the output begins inside the block.
+    A block is recognised only at the start of the output (after whitespace); markers later in
+    the answer are text, and the markers themselves are never returned. The whitespace after the
+    start marker, before the end marker and after it is dropped, as templates render the block
+    as `<think>\\n...\\n</think>\\n\\n`. An output that ends inside the block is all reasoning.
+
+    `inside=True`: the prompt ended with the start marker (DeepSeek-R1 distills end the generation
+    prompt with `<think>\\n`), so the output begins inside the block and only the end marker appears.
     """
 
     def __init__(self, start: str = "<think>", end: str = "</think>", *, inside: bool = False) -> None:
