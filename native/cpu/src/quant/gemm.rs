@@ -1,0 +1,243 @@
+//! The integer matrix products: AVX-512 VNNI where the CPU has it, else the
+//! same sums in plain Rust.
+
+use std::ops::Range;
+
+use super::activations::{RowAt, ROW_Q_STEP};
+use super::{f16_to_f32, QMatrix, QuantBatch, QuantRaw, BATCH, BLOCK};
+
+/// `out[b * out_stride + i]` = row `rows.start + i` of `w` · activation row
+/// `b` of `xs` (quantized at `w.cols` columns), for every row in `rows` and
+/// every activation row: each weight block is read from memory once for the
+/// whole batch.
+pub fn gemm(
+    w: &QMatrix,
+    xs: &mut QuantBatch,
+    rows: Range<usize>,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    let n = check_out(w, xs, &rows, out, out_stride);
+    // SAFETY: `xs` is borrowed for the call; `out` holds every index written
+    // (checked just above).
+    unsafe { gemm_into(w, xs.raw(), n, rows, out.as_mut_ptr(), out_stride) }
+}
+
+/// The activation rows of `xs`, after checking that `out` holds every
+/// product of them with `w`'s rows `rows`.
+#[inline]
+fn check_out(
+    w: &QMatrix,
+    xs: &QuantBatch,
+    rows: &Range<usize>,
+    out: &[f32],
+    out_stride: usize,
+) -> usize {
+    assert!(rows.end <= w.rows && out_stride >= rows.len());
+    let n = xs.rows();
+    assert!(n == 0 || out.len() >= (n - 1) * out_stride + rows.len());
+    n
+}
+
+/// [`gemm`] into raw memory, so threads can fill disjoint rows of one output.
+/// Fastest when `rows` starts on a group of 16.
+///
+/// The activations are the first `n` rows of `xs`, quantized at `w.cols`.
+///
+/// # Safety
+/// `xs`'s batch is alive, its first `n` rows quantized at `w.cols` columns
+/// and not written meanwhile; `out` must be valid for writes at
+/// `b * out_stride + i` for every activation row `b` and `i < rows.len()`,
+/// and nothing else may access those elements meanwhile.
+pub unsafe fn gemm_into(
+    w: &QMatrix,
+    xs: QuantRaw,
+    n: usize,
+    rows: Range<usize>,
+    out: *mut f32,
+    out_stride: usize,
+) {
+    assert!(rows.end <= w.rows && n <= xs.rows);
+    assert!(
+        w.blocks_per_row() <= xs.blocks,
+        "activations narrower than the matrix"
+    );
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_vnni() {
+            // SAFETY: the CPU has AVX-512 F/BW/VNNI and F16C (checked by has_vnni); the rest per the contract.
+            unsafe { avx512::gemm(w, xs, n, rows, out, out_stride) };
+            return;
+        }
+    }
+    // SAFETY: per the contract.
+    unsafe { portable_into(w, xs, n, rows, out, out_stride) }
+}
+
+/// [`gemm_into`] in plain Rust.
+///
+/// # Safety
+/// As [`gemm_into`].
+unsafe fn portable_into(
+    w: &QMatrix,
+    xs: QuantRaw,
+    n: usize,
+    rows: Range<usize>,
+    out: *mut f32,
+    out_stride: usize,
+) {
+    for b in 0..n {
+        for (i, r) in rows.clone().enumerate() {
+            // SAFETY: per the contract.
+            unsafe { *out.add(b * out_stride + i) = dot_portable(w, xs.row(b, w.cols), r) };
+        }
+    }
+}
+
+/// Whether the AVX-512 VNNI kernel runs on this CPU.
+pub fn has_vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vnni")
+            && std::arch::is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// The same sums as the vector kernel, in plain Rust.
+pub fn gemm_portable(
+    w: &QMatrix,
+    xs: &mut QuantBatch,
+    rows: Range<usize>,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    let n = check_out(w, xs, &rows, out, out_stride);
+    assert!(w.blocks_per_row() <= xs.blocks);
+    // SAFETY: `xs` is borrowed for the call; `out` holds every index written
+    // (checked just above).
+    unsafe { portable_into(w, xs.raw(), n, rows, out.as_mut_ptr(), out_stride) }
+}
+
+/// # Safety
+/// `x` is a live row quantized at `w.cols` columns.
+unsafe fn dot_portable(w: &QMatrix, x: RowAt, r: usize) -> f32 {
+    let mut acc = 0f32;
+    for blk in 0..w.blocks_per_row() {
+        let codes = x.q.add(blk * ROW_Q_STEP);
+        let isum: i32 = (0..BLOCK)
+            .map(|j| w.code(r, blk * BLOCK + j) as i32 * *codes.add(j) as i32)
+            .sum();
+        let s = w.scale_index(r, blk);
+        let (d, m) = (f16_to_f32(w.d[s]), f16_to_f32(w.m[s]));
+        acc += d * *x.d.add(blk * BATCH) * isum as f32 + m * *x.dsum.add(blk * BATCH);
+    }
+    acc
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+    use std::ops::Range;
+
+    use super::super::{QMatrix, QuantKind, QuantRaw, BATCH, BLOCK, GROUP_ROWS};
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
+    pub(super) unsafe fn gemm(
+        w: &QMatrix,
+        xs: QuantRaw,
+        n: usize,
+        rows: Range<usize>,
+        out: *mut f32,
+        stride: usize,
+    ) {
+        if rows.is_empty() {
+            return;
+        }
+        for g in rows.start / GROUP_ROWS..rows.end.div_ceil(GROUP_ROWS) {
+            // rows of this group inside `rows`, as lanes [lo, hi)
+            let first = g * GROUP_ROWS;
+            let lo = rows.start.max(first) - first;
+            let hi = rows.end.min(first + GROUP_ROWS) - first;
+            let mask: __mmask16 = (((1u32 << hi) - 1) & !((1u32 << lo) - 1)) as u16;
+            // output column of lane 0 (may be "negative" for a first partial group: only masked lanes are stored)
+            let col0 = (first as isize) - (rows.start as isize);
+            for c in 0..n.div_ceil(BATCH) {
+                let out = out.wrapping_offset((c * BATCH * stride) as isize + col0);
+                // the chunk's first row at the matrix's width
+                let chunk = xs.row(c * BATCH, w.cols);
+                match BATCH.min(n - c * BATCH) {
+                    8 => group::<8>(w, g, chunk, out, stride, mask),
+                    7 => group::<7>(w, g, chunk, out, stride, mask),
+                    6 => group::<6>(w, g, chunk, out, stride, mask),
+                    5 => group::<5>(w, g, chunk, out, stride, mask),
+                    4 => group::<4>(w, g, chunk, out, stride, mask),
+                    3 => group::<3>(w, g, chunk, out, stride, mask),
+                    2 => group::<2>(w, g, chunk, out, stride, mask),
+                    _ => group::<1>(w, g, chunk, out, stride, mask),
+                }
+            }
+        }
+    }
+
+    /// One group of 16 weight rows against N activation rows.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
+    unsafe fn group<const N: usize>(
+        w: &QMatrix,
+        g: usize,
+        xs: super::RowAt,
+        out: *mut f32,
+        stride: usize,
+        mask: __mmask16,
+    ) {
+        let nb = w.blocks_per_row();
+        let bytes = w.kind.block_bytes();
+        let codes = w.q.as_ptr().add(g * nb * bytes);
+        let scales = w.d.as_ptr().add(g * nb * GROUP_ROWS);
+        let offsets = w.m.as_ptr().add(g * nb * GROUP_ROWS);
+        let low = _mm512_set1_epi8(0x0F);
+        let mut acc = [_mm512_setzero_ps(); N];
+        let mut regs = [_mm512_setzero_si512(); 8];
+        for blk in 0..nb {
+            let p = codes.add(blk * bytes);
+            match w.kind {
+                QuantKind::Q4 => {
+                    for k in 0..4 {
+                        let v = _mm512_loadu_si512(p.add(k * 64).cast());
+                        regs[k] = _mm512_and_si512(v, low);
+                        regs[k + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low);
+                    }
+                }
+                QuantKind::Q8 => {
+                    for (k, r) in regs.iter_mut().enumerate() {
+                        *r = _mm512_loadu_si512(p.add(k * 64).cast());
+                    }
+                }
+            }
+            let dw = _mm512_cvtph_ps(_mm256_loadu_si256(scales.add(blk * GROUP_ROWS).cast()));
+            let mw = _mm512_cvtph_ps(_mm256_loadu_si256(offsets.add(blk * GROUP_ROWS).cast()));
+            // the chunk's rows of this block: codes side by side, then scales
+            let xq = xs.q.add(blk * BATCH * BLOCK).cast::<i32>();
+            let (xd, xdsum) = (xs.d.add(blk * BATCH), xs.dsum.add(blk * BATCH));
+            for (j, a) in acc.iter_mut().enumerate() {
+                let mut isum = _mm512_setzero_si512();
+                for (k, r) in regs.iter().enumerate() {
+                    let codes = xq.add(j * BLOCK / 4 + k).read_unaligned();
+                    isum = _mm512_dpbusd_epi32(isum, *r, _mm512_set1_epi32(codes));
+                }
+                let s = _mm512_mul_ps(dw, _mm512_set1_ps(*xd.add(j)));
+                *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), s, *a);
+                *a = _mm512_fmadd_ps(mw, _mm512_set1_ps(*xdsum.add(j)), *a);
+            }
+        }
+        for (b, a) in acc.iter().enumerate() {
+            _mm512_mask_storeu_ps(out.add(b * stride), mask, *a);
+        }
+    }
+}

@@ -1,0 +1,242 @@
+//! Block-quantized weight matrices and the integer matrix products of a
+//! decode step on the CPU.
+//!
+//! Weights come in blocks of 32 along the input dimension, each with a
+//! scale `d` and an offset `m`: `w = d * q + m`, `q` unsigned (4-bit for
+//! GGUF Q4_0/Q4_1, 8-bit for Q8_0 stored as `q + 128` with `m = -128 d`).
+//! Activations are quantized per block of 32 to signed 8-bit (`x = dx * qx`),
+//! so a block's dot product is
+//!
+//! `d dx Σ q qx + m dx Σ qx`
+//!
+//! The integer sum is AVX-512 VNNI `vpdpbusd` (unsigned x signed bytes).
+//!
+//! Layout, repacked at load: rows in groups of 16 (the 16 f32 lanes of a
+//! register), and per group and block, 8 registers of bytes where register
+//! `k` holds, for each of the 16 rows, its 4 weights `4k..4k + 4` of the
+//! block. One `vpdpbusd` against 4 activation bytes broadcast to every lane
+//! then adds 4 products to each of 16 rows, so a block is 8 of them into
+//! one integer accumulator per group, and the block's scales (16 rows' `d`
+//! and `m`, f16) are one vector each: no horizontal sums, no per-block
+//! shuffles. The 8 registers of a 4-bit block are stored as 4, register `k`
+//! in the low nibbles and `k + 4` in the high ones. A batch of activation
+//! rows reuses each unpacked block from registers.
+//!
+//! Activations are laid out for that loop ([`QuantBatch`]): rows in chunks
+//! of [`BATCH`], and per chunk and block the chunk's rows' 32 codes side by
+//! side, so a chunk is one run of memory read through one pointer.
+
+mod activations;
+mod f16;
+mod gemm;
+
+use crate::error::QuantError;
+pub use activations::{QuantBatch, QuantRaw, BATCH};
+use f16::f16_round;
+pub use f16::{f16_to_f32, f32_to_f16};
+pub use gemm::{gemm, gemm_into, gemm_portable, has_vnni};
+
+/// Weights per quantization block.
+pub const BLOCK: usize = 32;
+/// Rows per group: one f32 register of lanes.
+pub const GROUP_ROWS: usize = 16;
+/// Bytes of 8-bit codes per group and block.
+const BLOCK_BYTES_Q8: usize = GROUP_ROWS * BLOCK;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuantKind {
+    /// 4-bit unsigned codes, two per byte.
+    Q4,
+    /// 8-bit codes stored unsigned (signed code + 128).
+    Q8,
+}
+
+impl QuantKind {
+    #[inline]
+    fn block_bytes(self) -> usize {
+        match self {
+            QuantKind::Q4 => BLOCK_BYTES_Q8 / 2,
+            QuantKind::Q8 => BLOCK_BYTES_Q8,
+        }
+    }
+}
+
+/// A (rows, cols) weight matrix in blocks of 32.
+#[derive(Debug, Clone)]
+pub struct QMatrix {
+    pub kind: QuantKind,
+    pub rows: usize,
+    pub cols: usize,
+    q: Vec<u8>,
+    /// f16 bits, (groups, blocks, 16).
+    d: Vec<u16>,
+    /// f16 bits, (groups, blocks, 16).
+    m: Vec<u16>,
+}
+
+impl QMatrix {
+    #[inline]
+    fn blocks_per_row(&self) -> usize {
+        self.cols / BLOCK
+    }
+
+    /// Bytes read by one pass over the matrix (codes, scales, offsets).
+    pub fn nbytes(&self) -> usize {
+        self.q.len() + 2 * (self.d.len() + self.m.len())
+    }
+
+    /// From 4-bit codes `q` (rows, cols) in 0..16 and per-block scale and
+    /// offset (rows, cols / 32): `w = scale * q + offset`.
+    pub fn from_q4(
+        q: &[u8],
+        scale: &[f32],
+        offset: &[f32],
+        rows: usize,
+        cols: usize,
+    ) -> Result<Self, QuantError> {
+        check_dims(q.len(), scale.len(), offset.len(), rows, cols)?;
+        if let Some(bad) = q.iter().find(|&&c| c > 15) {
+            return Err(QuantError::Shape(format!("4-bit code {bad} is over 15")));
+        }
+        Ok(Self::pack(QuantKind::Q4, q, scale, offset, rows, cols))
+    }
+
+    /// From signed 8-bit codes (rows, cols) and per-block scales: `w = scale * q`.
+    pub fn from_q8(q: &[i8], scale: &[f32], rows: usize, cols: usize) -> Result<Self, QuantError> {
+        let offset: Vec<f32> = scale.iter().map(|&d| -128.0 * f16_round(d)).collect();
+        check_dims(q.len(), scale.len(), offset.len(), rows, cols)?;
+        let codes: Vec<u8> = q.iter().map(|&c| (c as u8) ^ 0x80).collect();
+        Ok(Self::pack(
+            QuantKind::Q8,
+            &codes,
+            scale,
+            &offset,
+            rows,
+            cols,
+        ))
+    }
+
+    /// Float weights (rows, cols) quantized to 8 bits per block of 32
+    /// (scale = max |w| / 127, as GGUF's Q8_0).
+    pub fn quantize_q8(w: &[f32], rows: usize, cols: usize) -> Result<Self, QuantError> {
+        if w.len() != rows * cols || !cols.is_multiple_of(BLOCK) {
+            return Err(QuantError::Shape(format!(
+                "{} values for ({rows}, {cols}); cols must be a multiple of {BLOCK}",
+                w.len()
+            )));
+        }
+        let mut q = vec![0i8; w.len()];
+        let mut scale = vec![0f32; w.len() / BLOCK];
+        for ((block, codes), d) in w
+            .chunks_exact(BLOCK)
+            .zip(q.chunks_exact_mut(BLOCK))
+            .zip(&mut scale)
+        {
+            let amax = block.iter().fold(0f32, |a, &v| a.max(v.abs()));
+            *d = f16_round(amax / 127.0);
+            let inv = if *d > 0.0 { 1.0 / *d } else { 0.0 };
+            for (c, &v) in codes.iter_mut().zip(block) {
+                *c = (v * inv).round().clamp(-127.0, 127.0) as i8;
+            }
+        }
+        Self::from_q8(&q, &scale, rows, cols)
+    }
+
+    /// Unsigned codes (rows, cols) into the grouped layout; rows past the
+    /// last are zero with zero scales (their outputs are never stored).
+    fn pack(
+        kind: QuantKind,
+        codes: &[u8],
+        scale: &[f32],
+        offset: &[f32],
+        rows: usize,
+        cols: usize,
+    ) -> Self {
+        let nb = cols / BLOCK;
+        let groups = rows.div_ceil(GROUP_ROWS);
+        let mut m = Self {
+            kind,
+            rows,
+            cols,
+            q: vec![0u8; groups * nb * kind.block_bytes()],
+            d: vec![0u16; groups * nb * GROUP_ROWS],
+            m: vec![0u16; groups * nb * GROUP_ROWS],
+        };
+        for r in 0..rows {
+            for blk in 0..nb {
+                let s = m.scale_index(r, blk);
+                m.d[s] = f32_to_f16(scale[r * nb + blk]);
+                m.m[s] = f32_to_f16(offset[r * nb + blk]);
+                for k in 0..BLOCK {
+                    let c = blk * BLOCK + k;
+                    let (byte, high) = m.code_index(r, c);
+                    let code = codes[r * cols + c];
+                    m.q[byte] |= if high { code << 4 } else { code };
+                }
+            }
+        }
+        m
+    }
+
+    #[inline]
+    fn scale_index(&self, r: usize, blk: usize) -> usize {
+        ((r / GROUP_ROWS) * self.blocks_per_row() + blk) * GROUP_ROWS + r % GROUP_ROWS
+    }
+
+    /// Byte holding weight (r, c), and whether it is the high nibble.
+    #[inline]
+    fn code_index(&self, r: usize, c: usize) -> (usize, bool) {
+        let (blk, k) = (c / BLOCK, c % BLOCK);
+        let base = ((r / GROUP_ROWS) * self.blocks_per_row() + blk) * self.kind.block_bytes();
+        let (reg, lane, byte) = (k / 4, r % GROUP_ROWS, k % 4);
+        match self.kind {
+            QuantKind::Q8 => (base + reg * 64 + lane * 4 + byte, false),
+            QuantKind::Q4 => (base + (reg % 4) * 64 + lane * 4 + byte, reg >= 4),
+        }
+    }
+
+    #[inline]
+    fn code(&self, r: usize, c: usize) -> u8 {
+        let (byte, high) = self.code_index(r, c);
+        match (self.kind, high) {
+            (QuantKind::Q8, _) => self.q[byte],
+            (QuantKind::Q4, false) => self.q[byte] & 0x0F,
+            (QuantKind::Q4, true) => self.q[byte] >> 4,
+        }
+    }
+
+    /// Row `r` as floats (tests and references).
+    pub fn dequantize_row(&self, r: usize) -> Vec<f32> {
+        (0..self.cols)
+            .map(|c| {
+                let s = self.scale_index(r, c / BLOCK);
+                f16_to_f32(self.d[s]) * self.code(r, c) as f32 + f16_to_f32(self.m[s])
+            })
+            .collect()
+    }
+}
+
+fn check_dims(
+    q: usize,
+    scale: usize,
+    offset: usize,
+    rows: usize,
+    cols: usize,
+) -> Result<(), QuantError> {
+    if cols == 0
+        || !cols.is_multiple_of(BLOCK)
+        || q != rows * cols
+        || scale != rows * cols / BLOCK
+        || offset != scale
+    {
+        return Err(QuantError::Shape(format!(
+            "({rows}, {cols}) weights need cols a positive multiple of {BLOCK}, {} codes and {} scales and offsets; got {q}, {scale}, {offset}",
+            rows * cols,
+            rows * cols / BLOCK
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,290 @@
+//! The matrix kernels against the dequantized weights, the vector paths
+//! against the loops, and (ignored) their speed.
+
+use super::activations::quantize_blocks;
+use super::*;
+use mistralrs_serve_core::rng::uniform;
+
+struct Rng(u64, u64);
+
+impl Rng {
+    fn new(seed: u64) -> Self {
+        Rng(seed, 0)
+    }
+    fn next_f32(&mut self) -> f32 {
+        self.1 += 1;
+        uniform(self.0, self.1) as f32
+    }
+    fn next_u64(&mut self) -> u64 {
+        (self.next_f32() * 65536.0) as u64
+    }
+}
+
+fn random(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n)
+        .map(|_| (rng.next_f32() * 2.0 - 1.0) * scale)
+        .collect()
+}
+
+#[test]
+fn f16_round_trips() {
+    for v in [0.0f32, 1.0, -2.5, 65504.0, 6.1e-5, 5.96e-8, 3.0e-6, 0.1] {
+        let back = f16_to_f32(f32_to_f16(v));
+        assert!((back - v).abs() <= v.abs() * 1e-3 + 6e-8, "{v} -> {back}");
+    }
+    for h in 0u16..0x7C00 {
+        assert_eq!(f32_to_f16(f16_to_f32(h)), h);
+    }
+}
+
+/// Random 4-bit codes (rows, cols) with per-block scales and offsets.
+fn q4_parts(rng: &mut Rng, rows: usize, cols: usize) -> (Vec<u8>, Vec<f32>, Vec<f32>) {
+    let q = (0..rows * cols)
+        .map(|_| (rng.next_u64() % 16) as u8)
+        .collect();
+    let scale = random(rng, rows * cols / BLOCK, 0.05);
+    let offset = random(rng, rows * cols / BLOCK, 0.4);
+    (q, scale, offset)
+}
+
+fn exact_dot(w: &QMatrix, r: usize, x: &[f32]) -> f32 {
+    w.dequantize_row(r).iter().zip(x).map(|(a, b)| a * b).sum()
+}
+
+fn check(w: &QMatrix, rng: &mut Rng) {
+    let x = random(rng, w.cols, 3.0);
+    let mut acts = QuantBatch::of_rows(std::slice::from_ref(&x), w.cols);
+    let mut fast = vec![0f32; w.rows];
+    let mut slow = vec![0f32; w.rows];
+    gemm(w, &mut acts, 0..w.rows, &mut fast, w.rows);
+    gemm_portable(w, &mut acts, 0..w.rows, &mut slow, w.rows);
+    for r in 0..w.rows {
+        let scale: f32 = w
+            .dequantize_row(r)
+            .iter()
+            .zip(&x)
+            .map(|(a, b)| (a * b).abs())
+            .sum();
+        assert!(
+            (fast[r] - slow[r]).abs() <= 1e-4 * scale + 1e-5,
+            "row {r}: {} vs {}",
+            fast[r],
+            slow[r]
+        );
+        // 8-bit activations: within 1% of the sum of |terms| of the exact product
+        let exact = exact_dot(w, r, &x);
+        assert!(
+            (fast[r] - exact).abs() <= 0.01 * scale,
+            "row {r}: {} vs exact {exact}",
+            fast[r]
+        );
+    }
+    // a sub-range writes the same values
+    let mut part = vec![0f32; w.rows / 2];
+    let n = part.len();
+    gemm(w, &mut acts, w.rows / 4..w.rows / 4 + n, &mut part, n);
+    assert_eq!(part, fast[w.rows / 4..][..n]);
+}
+
+#[test]
+fn q4_matches_dequantized_weights() {
+    let mut rng = Rng::new(1);
+    for (rows, cols) in [(8, 64), (5, 96), (16, 576), (3, 1536), (7, 32)] {
+        let (q, scale, offset) = q4_parts(&mut rng, rows, cols);
+        let w = QMatrix::from_q4(&q, &scale, &offset, rows, cols).unwrap();
+        for r in 0..rows {
+            let row = w.dequantize_row(r);
+            for c in 0..cols {
+                let b = (r * cols + c) / BLOCK;
+                let want = f16_round(scale[b]) * q[r * cols + c] as f32 + f16_round(offset[b]);
+                assert!((row[c] - want).abs() < 1e-6);
+            }
+        }
+        check(&w, &mut rng);
+    }
+}
+
+#[test]
+fn q8_matches_dequantized_weights() {
+    let mut rng = Rng::new(2);
+    for (rows, cols) in [(4, 64), (9, 160), (2, 576)] {
+        let w_f = random(&mut rng, rows * cols, 0.7);
+        let w = QMatrix::quantize_q8(&w_f, rows, cols).unwrap();
+        for r in 0..rows {
+            for (a, b) in w.dequantize_row(r).iter().zip(&w_f[r * cols..][..cols]) {
+                assert!((a - b).abs() <= 0.7 / 127.0, "{a} vs {b}");
+            }
+        }
+        check(&w, &mut rng);
+    }
+}
+
+#[test]
+fn q8_codes_are_exact() {
+    let q: Vec<i8> = (0..64).map(|i| (i * 4 - 128) as i8).collect();
+    let w = QMatrix::from_q8(&q, &[0.5, 0.25], 1, 64).unwrap();
+    let row = w.dequantize_row(0);
+    for c in 0..64 {
+        let d = if c < 32 { 0.5 } else { 0.25 };
+        assert_eq!(row[c], d * q[c] as f32);
+    }
+}
+
+#[test]
+fn batched_rows_match_one_at_a_time() {
+    let mut rng = Rng::new(3);
+    let (rows, cols) = (11, 192);
+    let (q, scale, offset) = q4_parts(&mut rng, rows, cols);
+    let w = QMatrix::from_q4(&q, &scale, &offset, rows, cols).unwrap();
+    for batch in [1, 2, 3, 4, 5, 9, 33] {
+        let xs: Vec<Vec<f32>> = (0..batch).map(|_| random(&mut rng, cols, 2.0)).collect();
+        let mut acts = QuantBatch::of_rows(&xs, w.cols);
+        let stride = rows + 3;
+        let mut all = vec![0f32; batch * stride];
+        gemm(&w, &mut acts, 0..rows, &mut all, stride);
+        let mut slow = vec![0f32; batch * stride];
+        gemm_portable(&w, &mut acts, 0..rows, &mut slow, stride);
+        // a batch reserved wider (as a step's, shared by matrices of
+        // several widths), its rows quantized in reverse order
+        let mut wide = QuantBatch::default();
+        wide.reserve(batch, 3 * w.cols);
+        let raw = wide.raw();
+        for (r, x) in xs.iter().enumerate().rev() {
+            // SAFETY: this thread alone uses `wide`.
+            unsafe { raw.quantize(r, x, w.cols) };
+        }
+        let mut from_wide = vec![0f32; batch * stride];
+        gemm(&w, &mut wide, 0..rows, &mut from_wide, stride);
+        assert_eq!(from_wide, all, "batch {batch}");
+        for (b, x) in xs.iter().enumerate() {
+            let mut one = vec![0f32; rows];
+            let mut alone = QuantBatch::of_rows(std::slice::from_ref(x), w.cols);
+            gemm(&w, &mut alone, 0..rows, &mut one, rows);
+            assert_eq!(one, all[b * stride..][..rows], "batch {batch} row {b}");
+            for (f, s) in one.iter().zip(&slow[b * stride..][..rows]) {
+                assert!((f - s).abs() <= 1e-4 * s.abs().max(1.0));
+            }
+        }
+    }
+}
+
+#[test]
+fn vector_quantization_matches_the_loops() {
+    let mut rng = Rng::new(5);
+    for len in [32, 64, 96, 100, 576] {
+        let mut x = random(&mut rng, len, 4.0);
+        x[0] = 0.5 * 127.0 / 127.0; // a tie after scaling is possible; rounding is to even in both
+        let padded = len.next_multiple_of(BLOCK);
+        let fast = QuantBatch::of_rows(std::slice::from_ref(&x), padded);
+        let mut slow = QuantBatch::default();
+        slow.reserve(1, padded);
+        // SAFETY: a fresh batch (zeros) of this width, used here alone.
+        unsafe { quantize_blocks(slow.raw().row(0, padded), &x) };
+        assert_eq!(fast.q, slow.q, "len {len}");
+        assert_eq!(fast.d, slow.d);
+        assert_eq!(fast.dsum, slow.dsum);
+        // a row written again, shorter and with a zero block, over
+        // what was there: as if fresh
+        let mut reused = QuantBatch::of_rows(&[random(&mut rng, padded, 9.0)], padded);
+        let mut short = x[..len - len / 3].to_vec();
+        let zeros = BLOCK.min(short.len());
+        short[..zeros].fill(0.0);
+        // SAFETY: used here alone.
+        unsafe { reused.raw().quantize(0, &short, padded) };
+        let fresh = QuantBatch::of_rows(&[short], padded);
+        assert_eq!(reused.q, fresh.q, "len {len}");
+        assert_eq!(reused.d, fresh.d);
+        assert_eq!(reused.dsum, fresh.dsum);
+    }
+}
+
+#[test]
+fn bad_shapes_are_errors() {
+    assert!(QMatrix::from_q4(&[0; 10], &[1.0], &[0.0], 1, 10).is_err());
+    assert!(QMatrix::from_q4(&[0; 64], &[1.0], &[0.0], 1, 64).is_err());
+    assert!(QMatrix::from_q4(&[], &[], &[], 1, 0).is_err());
+    assert!(QMatrix::from_q4(&[16; 32], &[1.0], &[0.0], 1, 32).is_err());
+    assert!(QMatrix::quantize_q8(&[0.0; 40], 1, 40).is_err());
+}
+
+#[test]
+fn zero_activations_give_offsets_only() {
+    let w = QMatrix::from_q4(&[3; 64], &[1.0, 1.0], &[0.5, 0.5], 1, 64).unwrap();
+    let mut acts = QuantBatch::of_rows(&[[0.0; 64]], 64);
+    let mut out = [1.0f32];
+    gemm(&w, &mut acts, 0..1, &mut out, 1);
+    assert_eq!(out[0], 0.0);
+}
+
+mod speed {
+    use super::*;
+
+    /// `cargo test --release -- --ignored --nocapture gemm_speed`: one thread's GMAC/s.
+    #[test]
+    #[ignore]
+    fn gemm_speed() {
+        let (rows, cols) = (1536, 576);
+        let q = vec![3u8; rows * cols];
+        let s = vec![0.01f32; rows * cols / BLOCK];
+        let w = QMatrix::from_q4(&q, &s, &s, rows, cols).unwrap();
+        for n in [1, 4, 8, 32, 128] {
+            let rows_x: Vec<Vec<f32>> = (0..n).map(|i| vec![0.1 * i as f32 + 0.05; cols]).collect();
+            let mut xs = QuantBatch::of_rows(&rows_x, cols);
+            let mut out = vec![0f32; n * rows];
+            let reps = 2000 / n + 1;
+            let t = std::time::Instant::now();
+            for _ in 0..reps {
+                gemm(&w, &mut xs, 0..rows, &mut out, rows);
+            }
+            let secs = t.elapsed().as_secs_f64() / reps as f64;
+            println!(
+                "n {n}: {:.1} us, {:.1} GMAC/s",
+                secs * 1e6,
+                (rows * cols * n) as f64 / secs / 1e9
+            );
+        }
+    }
+
+    /// `cargo test --release -- --ignored --nocapture gemm_prefill_speed`:
+    /// one thread's GMAC/s on a prefill's 512 rows, the weights read from
+    /// memory as in a forward pass (80 MiB of copies, each used once) and
+    /// from cache (one matrix again and again).
+    #[test]
+    #[ignore]
+    fn gemm_prefill_speed() {
+        let n = 512;
+        for (rows, cols) in [(960, 576), (3072, 576), (576, 1536)] {
+            let q: Vec<u8> = (0..rows * cols).map(|i| (i * 7919 % 16) as u8).collect();
+            let s: Vec<f32> = (0..rows * cols / BLOCK)
+                .map(|i| 0.01 + (i % 13) as f32 * 1e-3)
+                .collect();
+            let w = QMatrix::from_q4(&q, &s, &s, rows, cols).unwrap();
+            let rows_x: Vec<Vec<f32>> = (0..n)
+                .map(|i| {
+                    (0..cols)
+                        .map(|j| ((i * 31 + j * 17) % 101) as f32 * 0.01 - 0.5)
+                        .collect()
+                })
+                .collect();
+            let mut xs = QuantBatch::of_rows(&rows_x, cols);
+            let mut out = vec![0f32; n * rows];
+            let copies: Vec<QMatrix> = (0..(80 << 20) / w.nbytes()).map(|_| w.clone()).collect();
+            let macs = (rows * cols * n) as f64;
+            let t = std::time::Instant::now();
+            for m in &copies {
+                gemm(m, &mut xs, 0..rows, &mut out, rows);
+            }
+            let memory = t.elapsed().as_secs_f64() / copies.len() as f64;
+            let t = std::time::Instant::now();
+            for _ in &copies {
+                gemm(&w, &mut xs, 0..rows, &mut out, rows);
+            }
+            let cached = t.elapsed().as_secs_f64() / copies.len() as f64;
+            println!(
+                "{rows}x{cols}: {:.1} GMAC/s from memory, {:.1} from cache",
+                macs / memory / 1e9,
+                macs / cached / 1e9
+            );
+        }
+    }
+}
