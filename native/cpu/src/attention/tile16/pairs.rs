@@ -158,32 +158,8 @@ pub(super) unsafe fn attend<T: KvElem>(
     let unit = Unit::new(shape, tile, &kv_heads);
     let pairs = Pairs::new(unit, tile, kv_heads.len(), scratch);
     pairs.pack_queries(tile);
-    // words 0..16 and 16..32 of a register interleaved (value pairs)
-    let interleave = _mm512_set_epi16(
-        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4,
-        19, 3, 18, 2, 17, 1, 16, 0,
-    );
-    for c in 0..pairs.chunks {
-        let start = tile.first + 16 * c;
-        let n = 16.min(unit.end - start);
-        unit.prefetch_ahead(tile, start, k_cache, v_cache);
-        let rows = pairs.chunk_rows(tile, (start, n), k_cache, v_cache);
-        pairs.pack_chunk(c, rows, interleave);
-    }
-    for k in 0..pairs.unit_kv {
-        for (i, (&row_end, &row_out)) in tile.ends.iter().zip(outs).enumerate() {
-            pairs.attend_row(tile, k, (i, row_end, row_out));
-        }
-    }
-}
-
-/// A chunk's 16 rows of keys and values of the unit's kv heads (bf16),
-/// `stride` elements apart.
-#[derive(Clone, Copy)]
-struct ChunkRows {
-    k: *const u16,
-    v: *const u16,
-    stride: usize,
+    pairs.pack_segment(tile, k_cache, v_cache);
+    pairs.attend_rows(tile, outs);
 }
 
 /// The bf16-pair path's sizes, and where its buffers start in the tile's
@@ -276,167 +252,149 @@ impl Pairs {
         }
     }
 
-    /// The `n` rows of the chunk at `start`: in place where the whole chunk
-    /// lies in one block, else copied, zeros past them.
+    /// The segment's keys and values, chunk by chunk, every kv head of the
+    /// unit: keys transposed in pairs, values interleaved in position pairs.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    unsafe fn chunk_rows<T: KvElem>(
-        &self,
-        tile: &TileQuery<'_>,
-        (start, n): (usize, usize),
-        k_cache: &[T],
-        v_cache: &[T],
-    ) -> ChunkRows {
+    unsafe fn pack_segment<T: KvElem>(&self, tile: &TileQuery<'_>, k_cache: &[T], v_cache: &[T]) {
         let Unit {
-            shape, d, kv_row, ..
+            shape,
+            d,
+            end,
+            kv_row,
+            ..
         } = self.unit;
-        if n == 16 && shape.block_size.is_multiple_of(16) && start.is_multiple_of(16) {
-            let at = self.unit.row(tile, start);
-            ChunkRows {
-                k: k_cache.as_ptr().add(at).cast::<u16>(),
-                v: v_cache.as_ptr().add(at).cast::<u16>(),
-                stride: shape.num_kv_heads * d,
-            }
-        } else {
-            let (kd, vd) = (
-                self.buf.add(self.copy).cast::<u16>(),
-                self.buf.add(self.copy + 8 * kv_row).cast::<u16>(),
-            );
-            for j in 0..16 {
-                if j < n {
-                    let at = self.unit.row(tile, start + j);
-                    let (k, v) = (k_cache.as_ptr().add(at), v_cache.as_ptr().add(at));
-                    std::ptr::copy_nonoverlapping(k.cast(), kd.add(j * kv_row), kv_row);
-                    std::ptr::copy_nonoverlapping(v.cast(), vd.add(j * kv_row), kv_row);
+        let (buf, half, tiles) = (self.buf, self.half, self.tiles);
+        // words 0..16 and 16..32 of a register interleaved (value pairs)
+        let interleave = _mm512_set_epi16(
+            31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20,
+            4, 19, 3, 18, 2, 17, 1, 16, 0,
+        );
+        for c in 0..self.chunks {
+            let start = tile.first + 16 * c;
+            let n = 16.min(end - start);
+            self.unit.prefetch_ahead(tile, start, k_cache, v_cache);
+            let (k_src, v_src, src_row) =
+                if n == 16 && shape.block_size.is_multiple_of(16) && start.is_multiple_of(16) {
+                    let at = self.unit.row(tile, start);
+                    (
+                        k_cache.as_ptr().add(at).cast::<u16>(),
+                        v_cache.as_ptr().add(at).cast::<u16>(),
+                        shape.num_kv_heads * d,
+                    )
                 } else {
-                    std::ptr::write_bytes(kd.add(j * kv_row), 0, kv_row);
-                    std::ptr::write_bytes(vd.add(j * kv_row), 0, kv_row);
+                    let (kd, vd) = (
+                        buf.add(self.copy).cast::<u16>(),
+                        buf.add(self.copy + 8 * kv_row).cast::<u16>(),
+                    );
+                    for j in 0..16 {
+                        if j < n {
+                            let at = self.unit.row(tile, start + j);
+                            let (k, v) = (k_cache.as_ptr().add(at), v_cache.as_ptr().add(at));
+                            std::ptr::copy_nonoverlapping(k.cast(), kd.add(j * kv_row), kv_row);
+                            std::ptr::copy_nonoverlapping(v.cast(), vd.add(j * kv_row), kv_row);
+                        } else {
+                            std::ptr::write_bytes(kd.add(j * kv_row), 0, kv_row);
+                            std::ptr::write_bytes(vd.add(j * kv_row), 0, kv_row);
+                        }
+                    }
+                    (kd.cast_const(), vd.cast_const(), kv_row)
+                };
+            for k in 0..self.unit_kv {
+                let col = k * d;
+                let (kt, vv) = (self.packed_at(c, k), self.packed_at(c, k).add(8 * d));
+                for t in 0..half / 16 {
+                    let src = k_src.add(col + 32 * t).cast::<f32>();
+                    transpose16(src, src_row / 2, kt.add(t * 256));
                 }
-            }
-            ChunkRows {
-                k: kd.cast_const(),
-                v: vd.cast_const(),
-                stride: kv_row,
+                for i in 0..8 {
+                    for t in 0..tiles {
+                        let at = |j: usize| v_src.add(j * src_row + col + t * 16);
+                        let a = _mm256_loadu_si256(at(2 * i).cast());
+                        let b = _mm256_loadu_si256(at(2 * i + 1).cast());
+                        let both = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(a), b);
+                        let pairs = _mm512_permutexvar_epi16(interleave, both);
+                        _mm512_storeu_si512(vv.add((i * tiles + t) * 16).cast(), pairs);
+                    }
+                }
             }
         }
     }
 
-    /// Chunk `c`'s rows, per kv head: keys transposed in pairs, values
-    /// interleaved in position pairs (`interleave`).
+    /// Per kv head of the unit, row and pass of its query heads: the
+    /// scores of the whole segment, one max, the weights (as bf16 pairs),
+    /// and the weighted values summed in registers, to the row's part.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    unsafe fn pack_chunk(&self, c: usize, rows: ChunkRows, interleave: __m512i) {
-        let (d, half, tiles) = (self.unit.d, self.half, self.tiles);
-        let ChunkRows {
-            k: k_src,
-            v: v_src,
-            stride: src_row,
-        } = rows;
+    unsafe fn attend_rows(&self, tile: &TileQuery<'_>, outs: &[*mut f32]) {
+        let Unit {
+            d,
+            g,
+            hs,
+            first_head,
+            ..
+        } = self.unit;
+        let (buf, half, step, sc, pr) = (self.buf, self.half, self.step, self.sc, self.pr);
         for k in 0..self.unit_kv {
-            let col = k * d;
-            let (kt, vv) = (self.packed_at(c, k), self.packed_at(c, k).add(8 * d));
-            for t in 0..half / 16 {
-                let src = k_src.add(col + 32 * t).cast::<f32>();
-                transpose16(src, src_row / 2, kt.add(t * 256));
-            }
-            for i in 0..8 {
-                for t in 0..tiles {
-                    let at = |j: usize| v_src.add(j * src_row + col + t * 16);
-                    let a = _mm256_loadu_si256(at(2 * i).cast());
-                    let b = _mm256_loadu_si256(at(2 * i + 1).cast());
-                    let both = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(a), b);
-                    let pairs = _mm512_permutexvar_epi16(interleave, both);
-                    _mm512_storeu_si512(vv.add((i * tiles + t) * 16).cast(), pairs);
+            for (i, (&row_end, &row_out)) in tile.ends.iter().zip(outs).enumerate() {
+                let n = row_end.saturating_sub(tile.first);
+                let (ci, last) = (n.div_ceil(16), (n + 15) % 16 + 1);
+                let mask_last = ((1u32 << last) - 1) as __mmask16;
+                for h0 in (0..g).step_by(step) {
+                    let m = step.min(g - h0);
+                    // unit head of the pass's first head
+                    let u0 = k * g + h0;
+                    let q = buf.add(self.qp + (i * hs + u0) * half).cast::<u32>();
+                    for c in 0..ci {
+                        let (kt, out) = (self.packed_at(c, k), buf.add(sc + c * step * 16));
+                        match m {
+                            1 => scores_bf16::<1>(q, kt, half, out),
+                            2 => scores_bf16::<2>(q, kt, half, out),
+                            3 => scores_bf16::<3>(q, kt, half, out),
+                            _ => scores_bf16::<4>(q, kt, half, out),
+                        }
+                    }
+                    let mut outs_m = [std::ptr::null_mut(); 4];
+                    for (mm, o) in outs_m.iter_mut().enumerate().take(m) {
+                        let part = row_out.add((first_head + u0 + mm) * (d + 2));
+                        *o = part.add(2);
+                        let score = |c: usize| _mm512_loadu_ps(buf.add(sc + (c * step + mm) * 16));
+                        let mask = |c: usize| if c + 1 == ci { mask_last } else { 0xFFFF };
+                        let mut top = _mm512_set1_ps(f32::NEG_INFINITY);
+                        for c in 0..ci {
+                            top = _mm512_mask_max_ps(top, mask(c), top, score(c));
+                        }
+                        let max = _mm512_reduce_max_ps(top);
+                        let mut sum = _mm512_setzero_ps();
+                        for c in 0..ci {
+                            let e = exp16(_mm512_sub_ps(score(c), _mm512_set1_ps(max)));
+                            let p = _mm512_maskz_mov_ps(mask(c), e);
+                            sum = _mm512_add_ps(sum, p);
+                            weights_bf16(p, buf.add(pr + (c * step + mm) * 8).cast());
+                        }
+                        *part = max;
+                        *part.add(1) = _mm512_reduce_add_ps(sum);
+                    }
+                    if ci == 0 {
+                        // a row that does not reach the segment: nothing
+                        for o in &outs_m[..m] {
+                            std::ptr::write_bytes(*o, 0, d);
+                        }
+                        continue;
+                    }
+                    weigh_pairs_heads(
+                        m,
+                        self.tiles,
+                        (buf.add(pr).cast(), step),
+                        (
+                            self.packed_at(0, k).add(8 * d),
+                            self.unit_kv * self.per_chunk,
+                        ),
+                        (ci, last.div_ceil(2)),
+                        outs_m,
+                    );
                 }
             }
         }
-    }
-
-    /// Row `i` (its context ends at `row_end`, its part at `row_out`) for
-    /// the query heads of the unit's kv head `k`, a pass of heads at a time.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    unsafe fn attend_row(
-        &self,
-        tile: &TileQuery<'_>,
-        k: usize,
-        (i, row_end, row_out): (usize, usize, *mut f32),
-    ) {
-        let Unit { d, g, hs, .. } = self.unit;
-        let (half, step) = (self.half, self.step);
-        let n = row_end.saturating_sub(tile.first);
-        let (ci, last) = (n.div_ceil(16), (n + 15) % 16 + 1);
-        let mask_last = ((1u32 << last) - 1) as __mmask16;
-        for h0 in (0..g).step_by(step) {
-            let m = step.min(g - h0);
-            // unit head of the pass's first head
-            let u0 = k * g + h0;
-            let q = self.buf.add(self.qp + (i * hs + u0) * half).cast::<u32>();
-            for c in 0..ci {
-                let (kt, out) = (self.packed_at(c, k), self.buf.add(self.sc + c * step * 16));
-                match m {
-                    1 => scores_bf16::<1>(q, kt, half, out),
-                    2 => scores_bf16::<2>(q, kt, half, out),
-                    3 => scores_bf16::<3>(q, kt, half, out),
-                    _ => scores_bf16::<4>(q, kt, half, out),
-                }
-            }
-            let outs_m = self.weights((row_out, u0, m), ci, mask_last);
-            if ci == 0 {
-                // a row that does not reach the segment: nothing
-                for o in &outs_m[..m] {
-                    std::ptr::write_bytes(*o, 0, d);
-                }
-                continue;
-            }
-            weigh_pairs_heads(
-                m,
-                self.tiles,
-                (self.buf.add(self.pr).cast(), step),
-                (
-                    self.packed_at(0, k).add(8 * d),
-                    self.unit_kv * self.per_chunk,
-                ),
-                (ci, last.div_ceil(2)),
-                outs_m,
-            );
-        }
-    }
-
-    /// For the `m` heads of a pass from unit head `u0`: the max and sum of
-    /// the weights over the row's `ci` chunks of scores (the last masked by
-    /// `mask_last`) to the head's part in `row_out`, the weights as bf16
-    /// pairs. Where each head's output row goes.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    unsafe fn weights(
-        &self,
-        (row_out, u0, m): (*mut f32, usize, usize),
-        ci: usize,
-        mask_last: __mmask16,
-    ) -> [*mut f32; 4] {
-        let (d, buf, step) = (self.unit.d, self.buf, self.step);
-        let mut outs_m = [std::ptr::null_mut(); 4];
-        for (mm, o) in outs_m.iter_mut().enumerate().take(m) {
-            let part = row_out.add((self.unit.first_head + u0 + mm) * (d + 2));
-            *o = part.add(2);
-            let score = |c: usize| _mm512_loadu_ps(buf.add(self.sc + (c * step + mm) * 16));
-            let mask = |c: usize| if c + 1 == ci { mask_last } else { 0xFFFF };
-            let mut top = _mm512_set1_ps(f32::NEG_INFINITY);
-            for c in 0..ci {
-                top = _mm512_mask_max_ps(top, mask(c), top, score(c));
-            }
-            let max = _mm512_reduce_max_ps(top);
-            let mut sum = _mm512_setzero_ps();
-            for c in 0..ci {
-                let e = exp16(_mm512_sub_ps(score(c), _mm512_set1_ps(max)));
-                let p = _mm512_maskz_mov_ps(mask(c), e);
-                sum = _mm512_add_ps(sum, p);
-                weights_bf16(p, buf.add(self.pr + (c * step + mm) * 8).cast());
-            }
-            *part = max;
-            *part.add(1) = _mm512_reduce_add_ps(sum);
-        }
-        outs_m
     }
 }
