@@ -64,6 +64,7 @@ pub struct TileScratch {
 /// Each `outs[i]` must be valid for those writes with nothing else
 /// accessing them; the table's blocks must be in the cache (see
 /// [`check_decode_batch`](super::check_decode_batch)); `tile.q` holds `ends.len()` rows.
+#[inline]
 pub unsafe fn attend_tile<T: KvElem>(
     shape: AttentionShape,
     tile: &TileQuery<'_>,
