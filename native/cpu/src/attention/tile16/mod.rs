@@ -32,10 +32,11 @@ pub(super) unsafe fn attend<T: KvElem>(
     // bf16 cache and CPU: keys, values, queries and weights in bf16
     // pairs, two products a lane per instruction (as torch's bf16
     // attention rounds them); else f32 FMAs, online over the chunks
+    let unit = Unit::new(shape, tile, &kv_heads);
     if T::IS_BF16 && pairs::bf16_dots(shape.head_dim) {
-        return pairs::attend(shape, tile, kv_heads, k_cache, v_cache, outs, scratch);
+        return pairs::attend(unit, tile, (k_cache, v_cache), outs, scratch);
     }
-    online::attend(shape, tile, kv_heads, k_cache, v_cache, outs, scratch)
+    online::attend(unit, tile, (k_cache, v_cache), outs, scratch)
 }
 
 /// Each head's four chains, summed in a fixed order, to `out + m * 16`.
@@ -57,6 +58,8 @@ struct Unit {
     /// query heads per kv head
     g: usize,
     rows: usize,
+    /// kv heads of the unit
+    num_kv: usize,
     /// query heads of the unit, per row: those of its kv heads, in order
     hs: usize,
     first_head: usize,
@@ -77,6 +80,7 @@ impl Unit {
             d,
             g,
             rows: tile.ends.len(),
+            num_kv: kv_heads.len(),
             hs: kv_heads.len() * g,
             first_head: kv_heads.start * g,
             end: tile.ends.iter().copied().max().unwrap_or(tile.first),

@@ -3,11 +3,10 @@
 //! rescaled when it grows).
 
 use std::arch::x86_64::*;
-use std::ops::Range;
 
 use super::super::layout::{load16, transpose16};
 use super::{store_scores, Unit};
-use crate::attention::{AttentionShape, KvElem, TileQuery, TileScratch};
+use crate::attention::{KvElem, TileQuery, TileScratch};
 use crate::exp::{exp16, fast_exp};
 
 /// Scores of M heads of one row against a chunk of 16 transposed keys
@@ -195,15 +194,12 @@ struct KvHead {
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw")]
 pub(super) unsafe fn attend<T: KvElem>(
-    shape: AttentionShape,
+    unit: Unit,
     tile: &TileQuery<'_>,
-    kv_heads: Range<usize>,
-    k_cache: &[T],
-    v_cache: &[T],
+    (k_cache, v_cache): (&[T], &[T]),
     outs: &[*mut f32],
     scratch: &mut TileScratch,
 ) {
-    let unit = Unit::new(shape, tile, &kv_heads);
     let at = Offsets::new(&unit);
     scratch.floats.clear();
     scratch.floats.resize(at.len, 0.0);
@@ -227,8 +223,8 @@ pub(super) unsafe fn attend<T: KvElem>(
         let n_all = 16.min(unit.end - start);
         unit.prefetch_ahead(tile, start, k_cache, v_cache);
         online.load_chunk(start, n_all);
-        for kv_head in kv_heads.clone() {
-            online.attend_chunk(start, kv_head - kv_heads.start);
+        for k in 0..unit.num_kv {
+            online.attend_chunk(start, k);
         }
         start += n_all;
     }

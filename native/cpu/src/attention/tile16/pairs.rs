@@ -3,11 +3,10 @@
 //! torch's bf16 attention rounds them; the softmax over the whole segment.
 
 use std::arch::x86_64::*;
-use std::ops::Range;
 
 use super::super::layout::transpose16;
 use super::{store_scores, Unit};
-use crate::attention::{AttentionShape, KvElem, TileQuery, TileScratch};
+use crate::attention::{KvElem, TileQuery, TileScratch};
 use crate::exp::exp16;
 
 /// [`scores`] in bf16 pairs (AVX512-BF16 `vdpbf16ps`, two products a
@@ -147,16 +146,13 @@ unsafe fn weights_bf16(p: __m512, dst: *mut u32) {
 /// joins them.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 pub(super) unsafe fn attend<T: KvElem>(
-    shape: AttentionShape,
+    unit: Unit,
     tile: &TileQuery<'_>,
-    kv_heads: Range<usize>,
-    k_cache: &[T],
-    v_cache: &[T],
+    (k_cache, v_cache): (&[T], &[T]),
     outs: &[*mut f32],
     scratch: &mut TileScratch,
 ) {
-    let unit = Unit::new(shape, tile, &kv_heads);
-    let pairs = Pairs::new(unit, tile, kv_heads.len(), scratch);
+    let pairs = Pairs::new(unit, tile, scratch);
     pairs.pack_queries(tile);
     pairs.pack_segment(tile, k_cache, v_cache);
     pairs.attend_rows(tile, outs);
@@ -189,8 +185,9 @@ struct Pairs {
 impl Pairs {
     /// The layout of `unit`'s tile, the scratch grown to hold it.
     #[inline]
-    fn new(unit: Unit, tile: &TileQuery<'_>, unit_kv: usize, scratch: &mut TileScratch) -> Self {
+    fn new(unit: Unit, tile: &TileQuery<'_>, scratch: &mut TileScratch) -> Self {
         let Unit {
+            num_kv: unit_kv,
             d,
             g,
             rows,
