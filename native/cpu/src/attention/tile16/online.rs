@@ -4,8 +4,8 @@
 
 use std::arch::x86_64::*;
 
-use super::super::layout::{load16, transpose16};
 use super::{store_scores, Unit};
+use crate::attention::layout::{load16, transpose16};
 use crate::attention::{KvElem, TileQuery, TileScratch};
 use crate::exp::{exp16, fast_exp};
 
