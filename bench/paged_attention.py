@@ -33,11 +33,21 @@ import argparse
 import json
 import os
 import time
+from typing import Any
 
 import numpy as np
 import torch
 from mistralrs_serve.config import ModelConfig
-from mistralrs_serve.engine.paged_cache import DecodeMode, PagedAttention, PagedKVCache
+from mistralrs_serve.engine.kv_cache import PagedKVCache
+from mistralrs_serve.layers.attention import PagedAttention
+
+# each method's PagedAttention options: "pad" and "loop" are "group" tuned to its extremes
+METHOD_OPTIONS: dict[str, dict[str, Any]] = {
+    "native": {"decode_mode": "native"},
+    "group": {"decode_mode": "group"},
+    "pad": {"decode_mode": "group", "call_cost_tokens": 1 << 30, "max_call_bytes": 1 << 60},
+    "loop": {"decode_mode": "group", "call_cost_tokens": -1},
+}
 
 CFG = ModelConfig(
     architecture="llama",
@@ -94,11 +104,11 @@ def run_case(
     kv_bytes = int(ctxs.sum()) * CFG.num_kv_heads * CFG.head_dim * 4 * 2
     attns, plan_s = {}, {}
     for method in methods:
-        mode: DecodeMode = method.removesuffix("_bf16") if method != "prefill" else "native"  # type: ignore[assignment]
+        options = METHOD_OPTIONS[method.removesuffix("_bf16") if method != "prefill" else "native"]
         on = cache_bf16 if method.endswith("_bf16") else cache
         start = time.perf_counter()
         for _ in range(10):
-            attns[method] = PagedAttention(on, qlens, ctxs, slots, tables, decode_mode=mode)
+            attns[method] = PagedAttention(on, qlens, ctxs, slots, tables, **options)
         plan_s[method] = (time.perf_counter() - start) / 10
         time_pass(attns[method], q, k, v)  # warm-up
     # methods take turns, best pass of each: a burst of load from elsewhere

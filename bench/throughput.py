@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 from mistralrs_serve.config import EngineConfig
+from mistralrs_serve.engine.forward_paths import GraphPath
 from mistralrs_serve.engine.llm_engine import LLMEngine
 from mistralrs_serve.models.loader import ModelSource, load_model
 from mistralrs_serve.sampling_params import SamplingParams
@@ -104,8 +105,9 @@ def decode_batch_1(engine: LLMEngine, vocab: int, new_tokens: int) -> dict[str, 
         engine.step()
     tok_s = (len(stamps) - 1) / (stamps[-1] - stamps[0])
     weight_bytes = float(engine.decode_weight_bytes())
-    if engine.device.type == "cuda":
-        name = torch.cuda.get_device_name(engine.device)
+    device = engine.runner.device
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
         peak = next((bw for key, bw in GPU_PEAK_BANDWIDTH.items() if key in name), None)
         roof_source = name
     else:
@@ -174,8 +176,8 @@ def main() -> None:
             {
                 "engine": "mistralrs-serve",
                 "workload": "decode_batch_1",
-                "device": str(engine.device),
-                "cuda_graphs": engine.graphs is not None,
+                "device": str(engine.runner.device),
+                "cuda_graphs": isinstance(engine.runner.path, GraphPath),
             }
             | {k: round(v, 3) if isinstance(v, float) else v for k, v in b1.items()}
         ),

@@ -5,7 +5,7 @@ Hand-written: keep it in step with the `#[pyclass]` / `#[pyfunction]` signatures
 """
 
 from collections.abc import Sequence
-from typing import Any, final
+from typing import final
 
 import numpy as np
 from numpy.typing import NDArray
@@ -17,6 +17,7 @@ __all__ = [
     "QuantMatrix",
     "SamplingParams",
     "Scheduler",
+    "StepPlan",
     "StopMatcher",
     "__version__",
     "apply_token_bitmask",
@@ -64,21 +65,27 @@ class SamplingParams:
 def sample(
     logits: NDArray[np.float32],
     params: Sequence[SamplingParams],
-    prompt_ids: Sequence[NDArray[np.uint32]],
-    output_ids: Sequence[NDArray[np.uint32]],
     steps: Sequence[int],
+    scheduler: Scheduler | None = None,
+    seq_ids: Sequence[int] | None = None,
+    *,
+    prompt_ids: Sequence[NDArray[np.uint32]] | None = None,
+    output_ids: Sequence[NDArray[np.uint32]] | None = None,
 ) -> tuple[NDArray[np.int64], NDArray[np.float32], NDArray[np.int64], NDArray[np.float32]]:
     """Sample one token per row of `logits`, a writeable C-contiguous (rows, vocab) float32 array.
 
-    The rows are modified in place (left holding the processed logits). `params`, `prompt_ids`,
-    `output_ids` and `steps` hold one entry per row; `steps[i]` is the number of tokens row i has
-    generated, which with the row's seed fixes its random draw. Returns
+    The rows are modified in place (left holding the processed logits). `params` and `steps` hold
+    one entry per row; `steps[i]` is the number of tokens row i has generated, which with the row's
+    seed fixes its random draw. Row i's history (for penalties and DRY) is the scheduler's prompt
+    and appended tokens of `seq_ids[i]`, read in place; a caller without a scheduler passes
+    `prompt_ids` and `output_ids` (one uint32 array each per row) instead. Returns
     `(token_ids, logprobs, top_ids, top_logprobs)` of shapes (rows,), (rows,), (rows, width),
     (rows, width): logprobs are NaN where not asked for, and the top arrays are padded with
     -1 / NaN to the widest row's `num_top_logprobs`.
 
-    Raises ValueError for a bad shape, dtype, layout or token id, RuntimeError when a row has
-    no token left to sample (every logit -inf or NaN).
+    Raises ValueError for a bad shape, dtype, layout or token id, or both or neither form of
+    history; KeyError for a sequence the scheduler does not know; RuntimeError when a row has
+    no token left to sample (every logit -inf or NaN). The GIL is released while sampling.
     """
 
 def paged_decode_attention(
@@ -126,6 +133,58 @@ class StopMatcher:
         """Whether a stop string has matched."""
 
 @final
+class StepPlan:
+    """One step's work as the scheduler planned it: flat arrays, sequences in plan order.
+
+    S sequences compute T tokens; sequence i's tokens are `query_lens[i]` consecutive rows of
+    the token arrays, after those of the sequences before it. R of them are sampled.
+    """
+
+    @property
+    def seq_ids(self) -> NDArray[np.int64]:
+        """(S,) the sequence of each plan row."""
+    @property
+    def query_lens(self) -> NDArray[np.int64]:
+        """(S,) tokens each sequence computes in this step."""
+    @property
+    def context_lens(self) -> NDArray[np.int64]:
+        """(S,) cached tokens of each sequence once this step has run."""
+    @property
+    def sample(self) -> NDArray[np.bool_]:
+        """(S,) whether the step computes a sequence's last known token, so one is sampled."""
+    @property
+    def input_ids(self) -> NDArray[np.int64]:
+        """(T,) the token ids to compute."""
+    @property
+    def positions(self) -> NDArray[np.int64]:
+        """(T,) the position of each token in its sequence."""
+    @property
+    def slot_mapping(self) -> NDArray[np.int64]:
+        """(T,) the KV-cache slot each token writes: block * block_size + offset."""
+    @property
+    def block_tables(self) -> NDArray[np.int32]:
+        """(S, max_blocks) each sequence's block ids, padded with -1."""
+    @property
+    def copy_ops(self) -> NDArray[np.int64]:
+        """(k, 2) (source, destination) blocks to copy before the model runs (copy-on-write)."""
+    @property
+    def preempted(self) -> NDArray[np.int64]:
+        """Sequences this step preempted (their KV is recomputed when they run again)."""
+    @property
+    def logit_rows(self) -> NDArray[np.int64]:
+        """(R,) the token row of each sampled sequence (its last), in plan order."""
+    @property
+    def sampled_seq_ids(self) -> NDArray[np.int64]:
+        """(R,) the sampled sequences, in plan order: `seq_ids[sample]`."""
+    @property
+    def num_seqs(self) -> int: ...
+    @property
+    def num_tokens(self) -> int: ...
+    @property
+    def is_decode_only(self) -> bool:
+        """Whether every sequence computes one token and samples it."""
+
+@final
 class Scheduler:
     """Waiting/running queues, KV block pool and prefix cache of one model."""
 
@@ -143,9 +202,10 @@ class Scheduler:
     def append_token(self, seq_id: int, token_id: int) -> None: ...
     def fork(self, parent_id: int, child_id: int) -> None: ...
     def finish(self, seq_id: int) -> None: ...
-    def schedule(self) -> dict[str, NDArray[Any]]:
-        """seq_ids, query_lens, context_lens, sample, input_ids, positions, slot_mapping (int64 / bool),
-        block_tables (int32, seqs x max_blocks, -1 padded), copy_ops (k x 2), preempted."""
+    def schedule(self) -> StepPlan:
+        """The next step's plan (an empty one, num_seqs 0, when nothing can run)."""
+    def history(self, seq_id: int) -> tuple[NDArray[np.uint32], NDArray[np.uint32]]:
+        """Copies of a sequence's prompt and of the tokens appended since (KeyError if unknown)."""
     @property
     def num_waiting(self) -> int: ...
     @property

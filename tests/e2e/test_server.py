@@ -371,10 +371,8 @@ def test_engine_error_mid_stream_ends_the_stream(
 
         return forward
 
-    # decode steps run on the fused Rust step where the model allows it, prefill on torch
-    monkeypatch.setattr(engine.model, "forward", failing(engine.model.forward))
-    if engine.native is not None:
-        monkeypatch.setattr(engine.native, "forward", failing(engine.native.forward))
+    # every forward path (torch, the fused Rust step, CUDA graphs) runs under the runner's execute
+    monkeypatch.setattr(engine.runner, "execute", failing(engine.runner.execute))
     body = {"model": "default", "messages": QUESTION, "max_tokens": 50, "stream": True, "ignore_eos": True}
     with live_server.http() as http, http.stream("POST", "/v1/chat/completions", json=body) as res:
         lines = [line for line in res.iter_lines() if line]

@@ -162,7 +162,7 @@ def test_many_threads_at_once_get_their_own_answers(loaded) -> None:  # type: ig
     try:
         batch = prompts(client.engine, 8)
         # up to 8 sequences decode with the same kernel whatever else is in the step
-        # (llm_engine._int4_rows), so each matches its run alone exactly
+        # (layers.linear.int4_rows), so each matches its run alone exactly
         alone = [client.generate(ids, GREEDY)[0].token_ids for ids in batch]
         got: dict[int, list[int]] = {}
 

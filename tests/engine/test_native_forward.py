@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from mistralrs_serve import _native
 from mistralrs_serve.config import EngineConfig
+from mistralrs_serve.engine.forward_paths import FusedPath
 from mistralrs_serve.engine.llm_engine import LLMEngine
 from mistralrs_serve.models.loader import LoadedModel, ModelSource, load_model
 
@@ -28,7 +29,7 @@ def loaded() -> LoadedModel:
 @pytest.fixture(scope="module")
 def engine(loaded: LoadedModel) -> LLMEngine:
     engine = LLMEngine(loaded, EngineConfig(kv_cache_mb=64))
-    assert engine.native is not None
+    assert isinstance(engine.runner.path, FusedPath)
     return engine
 
 
@@ -41,15 +42,16 @@ def native_logits(
     engine: LLMEngine, ids: np.ndarray, chunks: list[int], first_block: int = 0
 ) -> torch.Tensor:
     """Logits of every position, the prompt fed in chunks of these sizes."""
-    assert engine.native is not None
-    bs = engine.cache.block_size
+    path = engine.runner.path
+    assert isinstance(path, FusedPath)
+    bs = engine.runner.cache.block_size
     table = np.arange(first_block, first_block + len(ids) // bs + 1, dtype=np.int64)[None]
     out, start = [], 0
     for size in chunks:
         pos = np.arange(start, start + size)
         slots = table[0, pos // bs] * bs + pos % bs
         rows = np.arange(size)
-        out.append(engine.native.forward(ids[pos], pos, slots, np.repeat(table, size, 0), pos + 1, rows))
+        out.append(path.fused.forward(ids[pos], pos, slots, np.repeat(table, size, 0), pos + 1, rows))
         start += size
     return torch.cat(out)
 
@@ -90,8 +92,8 @@ def test_chunking_and_neighbours_never_change_a_token(engine: LLMEngine) -> None
 def test_every_engine_on_one_model_gets_the_fused_forward(loaded: LoadedModel, engine: LLMEngine) -> None:
     # the first engine (fixture) repacked the weights; later ones share them
     second = LLMEngine(loaded, EngineConfig(kv_cache_mb=64))
-    assert second.native is not None
+    assert isinstance(second.runner.path, FusedPath)
     off = LLMEngine(loaded, EngineConfig(kv_cache_mb=64, native_forward=False))
-    assert off.native is None
+    assert not isinstance(off.runner.path, FusedPath)
     ids = text_ids(engine, 40)
     assert torch.equal(native_logits(engine, ids, [40]), native_logits(second, ids, [40]))

@@ -44,6 +44,8 @@ PLAN_FIELDS = (
     "block_tables",
     "copy_ops",
     "preempted",
+    "logit_rows",
+    "sampled_seq_ids",
 )
 STATS = (
     "num_free_blocks",
@@ -315,6 +317,8 @@ class RefScheduler:
         out["sample"] = np.array(plan["sample"], dtype=bool)
         out["block_tables"] = block_tables
         out["copy_ops"] = np.array(plan["copy_ops"], dtype=np.int64).reshape(-1, 2)
+        out["logit_rows"] = (np.cumsum(out["query_lens"]) - 1)[out["sample"]]
+        out["sampled_seq_ids"] = out["seq_ids"][out["sample"]]
         return out
 
 
@@ -426,11 +430,16 @@ class Trace:
 
     def schedule(self) -> dict[str, np.ndarray]:
         self.log.append("schedule()")
-        got, want = self.rust.schedule(), self.ref.schedule()
+        plan, want = self.rust.schedule(), self.ref.schedule()
+        got = {f: getattr(plan, f) for f in PLAN_FIELDS}
         diff = first_difference(got, want)
         if diff is not None:
             self.fail(f"schedule() plans differ in {diff}")
         self.check_stats("after schedule()")
+        is_decode_only = bool((want["query_lens"] == 1).all() and want["sample"].all())
+        counts = (plan.num_seqs, plan.num_tokens, plan.is_decode_only)
+        if counts != (len(want["seq_ids"]), len(want["input_ids"]), is_decode_only):
+            self.fail(f"num_seqs, num_tokens, is_decode_only: {counts}")
         if len(want["input_ids"]) > self.ref.max_num_batched_tokens:
             self.fail("the token budget is exceeded")
         if self.ref.num_running > self.ref.max_num_seqs:

@@ -15,6 +15,7 @@ pytest.importorskip("mistralrs_serve._native", reason="the Rust extension is not
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
 import tiny_models as tm
 from mistralrs_serve.config import EngineConfig
+from mistralrs_serve.engine.forward_paths import GraphPath
 from mistralrs_serve.engine.llm_engine import LLMEngine
 from mistralrs_serve.models.loader import ModelSource, load_model
 from mistralrs_serve.sampling_params import Grammar, SamplingParams
@@ -77,14 +78,16 @@ def test_graph_buckets_pad_and_fall_back(tiny_dir: Path) -> None:
         kv_cache_mb=4, max_num_seqs=5, triton=True, cuda_graphs=True, cuda_graph_max_context=64
     )
     engine = LLMEngine(loaded, config)
-    graphs = engine.graphs
-    assert graphs is not None and graphs.buckets == [1, 2, 4, 5] and graphs.max_context == 64
+    assert isinstance(engine.runner.path, GraphPath)
+    graphs = engine.runner.path.graphs
+    assert graphs.buckets == [1, 2, 4, 5] and graphs.max_context == 64
     assert graphs.bucket(3, 10, 1) == 4 and graphs.bucket(5, 64, 4) == 5
     assert graphs.bucket(6, 10, 1) is None and graphs.bucket(1, 65, 5) is None  # too many, too long
     params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
     prompt = tm.prompt_ids(40, loaded.config.vocab_size, seed=4)  # decodes cross the 64-position limit
     assert len(engine.generate(prompt, params)[0].token_ids) == 40
-    assert LLMEngine(loaded, EngineConfig(kv_cache_mb=4, triton=False, cuda_graphs=True)).graphs is None
+    no_triton = LLMEngine(loaded, EngineConfig(kv_cache_mb=4, triton=False, cuda_graphs=True))
+    assert not isinstance(no_triton.runner.path, GraphPath)
 
 
 @pytest.mark.gpu
@@ -93,7 +96,8 @@ def test_decode_graphs_are_captured_on_cuda(tiny_dir: Path) -> None:
     engine = LLMEngine(loaded, EngineConfig(kv_cache_mb=64, device="cuda"))
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     engine.generate(tm.prompt_ids(9, loaded.config.vocab_size), params)
-    assert engine.graphs is not None and 1 in engine.graphs.graphs
+    path = engine.runner.path
+    assert isinstance(path, GraphPath) and 1 in path.graphs.graphs
 
 
 def test_triton_path_applies_penalties_bias_and_grammars_as_the_host_does(tiny_dir: Path) -> None:

@@ -88,10 +88,8 @@ def test_fp32_chunked_prefill_matches_transformers(ref: tm.TinyReference) -> Non
 
 
 def test_logits_indices_select_rows(ref: tm.TinyReference) -> None:
-    from mistralrs_serve.engine.kv_cache import ContiguousKVCache
-
     model = ref.ours(torch.float32).model
-    cache = ContiguousKVCache(model.config, PROMPT_LEN, torch.float32)
+    cache = tm.ContiguousKVCache(model.config, PROMPT_LEN, torch.float32)
     cache.begin_step(PROMPT_LEN)
     rows = torch.tensor([PROMPT_LEN - 1, 0, 31])
     got = model.forward(torch.tensor(ref.ids), torch.arange(PROMPT_LEN), cache, rows)

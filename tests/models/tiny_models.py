@@ -365,11 +365,41 @@ def write_gguf_from_hf(
 # --- Running our model ---
 
 
+class ContiguousKVCache:
+    """The attention backend of one sequence in contiguous tensors, (num_kv_heads, max_len,
+    head_dim) per layer: the plain reference the paged cache is tested against."""
+
+    def __init__(self, cfg: Any, max_len: int, dtype: torch.dtype) -> None:
+        shape = (cfg.num_layers, cfg.num_kv_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype)
+        self.v = torch.zeros(shape, dtype=dtype)
+        self.max_len = max_len
+        self.num_cached = 0  # positions filled before the current step
+        self.num_new = 0  # tokens of the current step
+
+    def begin_step(self, num_new: int) -> None:
+        if self.num_cached + num_new > self.max_len:
+            raise ValueError(f"the cache holds {self.max_len} positions; the step needs more")
+        self.num_new = num_new
+
+    def end_step(self) -> None:
+        self.num_cached += self.num_new
+        self.num_new = 0
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        from mistralrs_kernels import reference
+
+        start, end = self.num_cached, self.num_cached + self.num_new
+        self.k[layer_idx, :, start:end] = k.transpose(0, 1)
+        self.v[layer_idx, :, start:end] = v.transpose(0, 1)
+        q_t = q.transpose(0, 1).to(self.k.dtype)  # (H, T, D)
+        out = reference.attention(q_t, self.k[layer_idx, :, :end], self.v[layer_idx, :, :end], start)
+        return out.transpose(0, 1).reshape(q.shape[0], -1).to(q.dtype)  # (T, H * D)
+
+
 def run_ours(model: Any, ids: list[int], chunks: list[int] | None = None, max_len: int = 256) -> torch.Tensor:
     """Logits (T, vocab) of every position from our model, fed through a ContiguousKVCache in steps
     of `chunks` tokens (default: the whole prompt at once)."""
-    from mistralrs_serve.engine.kv_cache import ContiguousKVCache
-
     chunks = chunks or [len(ids)]
     assert sum(chunks) == len(ids)
     cache = ContiguousKVCache(model.config, max_len, model.dtype)

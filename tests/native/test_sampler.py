@@ -189,9 +189,9 @@ def sample(
     return _native.sample(
         logits,
         [natives[id(p)] for p in params],
-        list(prompts) if prompts is not None else [EMPTY] * rows,
-        list(outputs) if outputs is not None else [EMPTY] * rows,
         list(steps) if steps is not None else [0] * rows,
+        prompt_ids=list(prompts) if prompts is not None else [EMPTY] * rows,
+        output_ids=list(outputs) if outputs is not None else [EMPTY] * rows,
     )
 
 
@@ -551,6 +551,32 @@ def test_logits_are_modified_in_place() -> None:
         assert not np.array_equal(base[1 + i], raw[1 + i])
 
 
+def test_histories_are_read_from_the_scheduler() -> None:
+    """The engine's form: each row's prompt and generated ids are the scheduler's, read where
+    they live; the draws, logprobs and processed logits are those of the same ids as arrays."""
+    logits, params, prompts, outputs = random_case(77, 1009, 9, greedy=False)
+    scheduler = _native.Scheduler(num_blocks=64, block_size=4)
+    seq_ids = [i for i, prompt in enumerate(prompts) if len(prompt)]  # a scheduled prompt is never empty
+    for i in seq_ids:
+        scheduler.add(i, prompts[i])
+        for token in outputs[i].tolist():
+            scheduler.append_token(i, token)
+    steps = [len(outputs[i]) for i in seq_ids]
+    rows = logits[seq_ids]
+    by_arrays = rows.copy()
+    chosen = [params[i] for i in seq_ids]
+    want = sample(by_arrays, chosen, [prompts[i] for i in seq_ids], [outputs[i] for i in seq_ids], steps)
+    by_scheduler = rows.copy()
+    got = _native.sample(by_scheduler, [params[i].native() for i in seq_ids], steps, scheduler, seq_ids)
+    for a, b in zip(want, got, strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(by_arrays, by_scheduler)
+    for i in seq_ids:
+        prompt, output = scheduler.history(i)
+        np.testing.assert_array_equal(prompt, prompts[i])
+        np.testing.assert_array_equal(output, outputs[i])
+
+
 # --------------------------------------------------------------------------- bad input
 
 
@@ -567,10 +593,16 @@ def bad_calls(native):
         return lambda: native.sample(
             logits,
             params if params is not None else [ok] * rows,
-            prompts if prompts is not None else [empty] * rows,
-            outputs if outputs is not None else [empty] * rows,
             steps if steps is not None else [0] * rows,
+            prompt_ids=prompts if prompts is not None else [empty] * rows,
+            output_ids=outputs if outputs is not None else [empty] * rows,
         )
+
+    def from_scheduler(seq_ids, *, prompts=None):
+        scheduler = native.Scheduler(num_blocks=4)
+        scheduler.add(7, np.arange(3, dtype=np.uint32))
+        history = {} if prompts is None else {"prompt_ids": prompts, "output_ids": prompts}
+        return lambda: native.sample(good.copy(), [ok] * 2, [0, 0], scheduler, seq_ids, **history)
 
     def new(*args, **kwargs):
         return lambda: native.SamplingParams(*args, **kwargs)
@@ -603,6 +635,9 @@ def bad_calls(native):
         ),
         ("strided history", run(good.copy(), outputs=[ids[::2], empty]), ValueError, r"output_ids\[0\]"),
         ("negative step", run(good.copy(), steps=[0, -1]), OverflowError, "negative"),
+        ("unknown sequence", from_scheduler([7, 8]), KeyError, "sequence 8 is unknown"),
+        ("two histories", from_scheduler([7, 7], prompts=[empty] * 2), ValueError, "or as prompt_ids"),
+        ("no seq_ids", from_scheduler(None), ValueError, "scheduler and seq_ids"),
         ("not params", run(good.copy(), params=[ok, 3]), TypeError, "SamplingParams"),
         (
             "bias id out of range",
@@ -755,5 +790,6 @@ def test_request_params_convert_to_native() -> None:
     assert RequestParams(top_logprobs=4).to_native(100, encode).num_top_logprobs == 0  # logprobs off
     unseeded = {RequestParams().to_native(100, encode).seed for _ in range(4)}
     assert len(unseeded) > 1  # no seed: a fresh random one per request
-    ids, *_ = _native.sample(np.zeros((1, 100), np.float32), [native], [EMPTY], [EMPTY], [0])
+    logits = np.zeros((1, 100), np.float32)
+    ids, *_ = _native.sample(logits, [native], [0], prompt_ids=[EMPTY], output_ids=[EMPTY])
     assert 0 <= ids[0] < 100

@@ -12,6 +12,7 @@ use std::collections::{HashMap, VecDeque};
 use crate::block_pool::{BlockId, BlockPool};
 use crate::error::SchedulerError;
 use crate::prefix_cache::{block_hash, PrefixCache};
+use crate::sampler::TokenHistory;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SchedulerConfig {
@@ -45,7 +46,10 @@ impl SchedulerConfig {
 
 #[derive(Debug, Clone)]
 struct Sequence {
+    /// The prompt, then every token appended since: the one home of a
+    /// sequence's history (the sampler's penalties read it through `history`).
     token_ids: Vec<u32>,
+    num_prompt_tokens: usize,
     /// Tokens whose KV is cached, counting those scheduled in the last plan.
     num_computed: usize,
     block_table: Vec<BlockId>,
@@ -183,6 +187,7 @@ impl Scheduler {
         }
         let seq = Sequence {
             token_ids: prompt_ids.to_vec(),
+            num_prompt_tokens: prompt_ids.len(),
             num_computed: 0,
             block_table: vec![],
             block_hashes: vec![],
@@ -483,6 +488,17 @@ impl Scheduler {
     /// Token ids of a sequence (prompt and generated).
     pub fn token_ids(&self, seq_id: u64) -> Option<&[u32]> {
         self.seqs.get(&seq_id).map(|s| s.token_ids.as_slice())
+    }
+
+    /// A sequence's prompt and the tokens appended since, as the sampler reads them.
+    pub fn history(&self, seq_id: u64) -> Option<TokenHistory<'_>> {
+        self.seqs.get(&seq_id).map(|s| {
+            let (prompt_ids, output_ids) = s.token_ids.split_at(s.num_prompt_tokens);
+            TokenHistory {
+                prompt_ids,
+                output_ids,
+            }
+        })
     }
 }
 

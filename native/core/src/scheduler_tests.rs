@@ -150,6 +150,38 @@ fn fork_shares_blocks_and_copies_the_partial_block_on_write() {
 }
 
 #[test]
+fn history_splits_prompt_from_appended_tokens_through_forks_and_preemption() {
+    let mut cfg = config(3, 2);
+    cfg.enable_prefix_caching = false;
+    let mut s = Scheduler::new(cfg).unwrap();
+    s.add_group(1, &[1, 2, 3], 1).unwrap(); // 2 blocks
+    s.add(3, &[4]).unwrap(); // 1 block
+    s.schedule();
+    s.fork(1, 2).unwrap();
+    s.append_token(1, 7).unwrap();
+    s.append_token(2, 8).unwrap();
+    let h = s.history(2).unwrap();
+    assert_eq!((h.prompt_ids, h.output_ids), (&[1, 2, 3][..], &[8][..]));
+    s.append_token(3, 9).unwrap();
+    let plan = s.schedule(); // seq 1 copies the shared block: the newest are preempted
+    assert!(!plan.preempted.is_empty());
+    for (id, prompt, output) in [
+        (1, &[1, 2, 3][..], &[7][..]),
+        (2, &[1, 2, 3], &[8]),
+        (3, &[4], &[9]),
+    ] {
+        let h = s.history(id).unwrap();
+        assert_eq!(
+            (h.prompt_ids, h.output_ids),
+            (prompt, output),
+            "sequence {id}"
+        );
+    }
+    s.finish(1).unwrap();
+    assert!(s.history(1).is_none());
+}
+
+#[test]
 fn errors_are_reported() {
     let mut s = Scheduler::new(config(2, 4)).unwrap();
     assert_eq!(s.add(1, &[]), Err(SchedulerError::EmptyPrompt(1)));

@@ -115,20 +115,65 @@ type SampleArrays<'py> = (
 /// `(token_ids, logprobs, top_ids, top_logprobs)`; logprobs are NaN where
 /// not asked for, and the top arrays are padded with -1 / NaN to the widest
 /// row's `num_top_logprobs`.
+///
+/// Row i's history (for penalties and DRY) is read where it lives: the
+/// scheduler's tokens of `seq_ids[i]`, borrowed, not copied; or, for a caller
+/// without a scheduler, `prompt_ids[i]` and `output_ids[i]`.
 #[pyfunction]
+#[pyo3(signature = (logits, params, steps, scheduler = None, seq_ids = None, *, prompt_ids = None, output_ids = None))]
+#[allow(clippy::too_many_arguments)]
 fn sample<'py>(
     py: Python<'py>,
     logits: Bound<'py, PyAny>,
     params: Vec<Bound<'py, PySamplingParams>>,
-    prompt_ids: Vec<Bound<'py, PyAny>>,
-    output_ids: Vec<Bound<'py, PyAny>>,
     steps: Vec<u64>,
+    scheduler: Option<Bound<'py, scheduler::PyScheduler>>,
+    seq_ids: Option<Vec<u64>>,
+    prompt_ids: Option<Vec<Bound<'py, PyAny>>>,
+    output_ids: Option<Vec<Bound<'py, PyAny>>>,
 ) -> PyResult<SampleArrays<'py>> {
     let mut logits = logits_array(&logits)?;
     let vocab_size = logits.as_array().ncols();
     let rows = logits
         .as_slice_mut()
         .map_err(|_| PyValueError::new_err("logits must be aligned"))?;
+    // Shared borrow while the GIL is released: only the engine thread, which is
+    // here, mutates the scheduler; other threads only read its counters.
+    let sched = scheduler.as_ref().map(|s| s.borrow());
+    let arrays;
+    let histories = match (&sched, &seq_ids, &prompt_ids, &output_ids) {
+        (Some(sched), Some(ids), None, None) => sched.histories(ids)?,
+        (None, None, Some(prompts), Some(outputs)) => {
+            arrays = explicit_histories(prompts, outputs)?;
+            arrays
+                .0
+                .iter()
+                .zip(&arrays.1)
+                .map(|(p, o)| TokenHistory {
+                    prompt_ids: p.as_slice().expect("checked"),
+                    output_ids: o.as_slice().expect("checked"),
+                })
+                .collect()
+        }
+        _ => {
+            return Err(PyValueError::new_err(
+                "pass the histories as scheduler and seq_ids, or as prompt_ids and output_ids",
+            ))
+        }
+    };
+    let param_refs: Vec<&SamplingParams> = params.iter().map(|p| &p.get().inner).collect();
+    let outputs = py
+        .detach(|| sample_batch(rows, vocab_size, &param_refs, &histories, &steps))
+        .map_err(to_py_err)?;
+    Ok(to_arrays(py, &outputs))
+}
+
+type TokenArrays<'py> = Vec<PyReadonlyArray1<'py, u32>>;
+
+fn explicit_histories<'py>(
+    prompt_ids: &[Bound<'py, PyAny>],
+    output_ids: &[Bound<'py, PyAny>],
+) -> PyResult<(TokenArrays<'py>, TokenArrays<'py>)> {
     if prompt_ids.len() != output_ids.len() {
         return Err(PyValueError::new_err(format!(
             "prompt_ids and output_ids differ in length ({} and {})",
@@ -136,21 +181,10 @@ fn sample<'py>(
             output_ids.len()
         )));
     }
-    let prompt_ids = token_arrays("prompt_ids", &prompt_ids)?;
-    let output_ids = token_arrays("output_ids", &output_ids)?;
-    let histories = prompt_ids
-        .iter()
-        .zip(&output_ids)
-        .map(|(p, o)| TokenHistory {
-            prompt_ids: p.as_slice().expect("checked"),
-            output_ids: o.as_slice().expect("checked"),
-        })
-        .collect::<Vec<_>>();
-    let param_refs: Vec<&SamplingParams> = params.iter().map(|p| &p.get().inner).collect();
-    let outputs = py
-        .detach(|| sample_batch(rows, vocab_size, &param_refs, &histories, &steps))
-        .map_err(to_py_err)?;
-    Ok(to_arrays(py, &outputs))
+    Ok((
+        token_arrays("prompt_ids", prompt_ids)?,
+        token_arrays("output_ids", output_ids)?,
+    ))
 }
 
 /// `dtype` and shape of an ndarray, or the type name of anything else.
@@ -306,6 +340,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(sample, m)?)?;
     m.add_class::<PyStopMatcher>()?;
     m.add_class::<scheduler::PyScheduler>()?;
+    m.add_class::<scheduler::PyStepPlan>()?;
     m.add_function(wrap_pyfunction!(attention::paged_decode_attention, m)?)?;
     m.add_class::<decoder::PyQuantMatrix>()?;
     m.add_class::<decoder::PyNativeDecoder>()?;

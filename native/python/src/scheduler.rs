@@ -1,11 +1,11 @@
-//! Binding of the continuous-batching scheduler: flat numpy arrays in and out.
+//! Binding of the continuous-batching scheduler: flat numpy arrays in, a typed
+//! `StepPlan` of numpy arrays out.
 
-use mistralrs_serve_core::{Scheduler, SchedulerConfig, SchedulerError, StepPlan};
+use mistralrs_serve_core::{Scheduler, SchedulerConfig, SchedulerError, StepPlan, TokenHistory};
 use numpy::ndarray::Array2;
-use numpy::{IntoPyArray, PyReadonlyArray1};
+use numpy::{IntoPyArray, PyArray1, PyArray2, PyReadonlyArray1};
 use pyo3::exceptions::{PyKeyError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
 
 fn to_py_err(err: SchedulerError) -> PyErr {
     match err {
@@ -21,10 +21,27 @@ fn to_py_err(err: SchedulerError) -> PyErr {
     }
 }
 
+/// A sequence's prompt and appended tokens, as numpy arrays.
+type TokenArrays<'py> = (Bound<'py, PyArray1<u32>>, Bound<'py, PyArray1<u32>>);
+
 /// Waiting/running queues, KV block pool and prefix cache of one model.
 #[pyclass(name = "Scheduler", module = "mistralrs_serve._native")]
 pub struct PyScheduler {
     inner: Scheduler,
+}
+
+impl PyScheduler {
+    /// The histories of `seq_ids`, borrowed for the sampler.
+    pub(crate) fn histories(&self, seq_ids: &[u64]) -> PyResult<Vec<TokenHistory<'_>>> {
+        seq_ids
+            .iter()
+            .map(|&id| {
+                self.inner
+                    .history(id)
+                    .ok_or_else(|| to_py_err(SchedulerError::UnknownSequence(id)))
+            })
+            .collect()
+    }
 }
 
 #[pymethods]
@@ -84,13 +101,29 @@ impl PyScheduler {
         self.inner.finish(seq_id).map_err(to_py_err)
     }
 
-    /// The next step's plan as a dict of numpy arrays (see StepPlan).
+    /// The next step's plan.
     ///
     /// Runs with the GIL held: a plan takes microseconds, and releasing the GIL
     /// while `self` is mutably borrowed would let another thread's read of a
     /// counter fail with "Already mutably borrowed".
-    fn schedule<'py>(&mut self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        plan_to_dict(py, self.inner.schedule())
+    fn schedule(&mut self, py: Python<'_>) -> PyStepPlan {
+        to_py_plan(py, self.inner.schedule())
+    }
+
+    /// Copies of a sequence's prompt and of the tokens appended since.
+    fn history<'py>(
+        &self,
+        py: Python<'py>,
+        seq_id: u64,
+    ) -> PyResult<TokenArrays<'py>> {
+        let h = self
+            .inner
+            .history(seq_id)
+            .ok_or_else(|| to_py_err(SchedulerError::UnknownSequence(seq_id)))?;
+        Ok((
+            h.prompt_ids.to_vec().into_pyarray(py),
+            h.output_ids.to_vec().into_pyarray(py),
+        ))
     }
 
     #[getter]
@@ -144,42 +177,111 @@ impl PyScheduler {
     }
 }
 
-fn plan_to_dict(py: Python<'_>, plan: StepPlan) -> PyResult<Bound<'_, PyDict>> {
-    let d = PyDict::new(py);
-    let widen = |v: &[u32]| v.iter().map(|&x| x as i64).collect::<Vec<i64>>();
+/// One step's work as the scheduler planned it: flat arrays, sequences in plan order.
+///
+/// A sequence's tokens are `query_lens[i]` consecutive rows of the token arrays, after the
+/// rows of the sequences before it.
+#[pyclass(frozen, name = "StepPlan", module = "mistralrs_serve._native")]
+pub struct PyStepPlan {
+    /// (S,) int64: the sequence of each plan row.
+    #[pyo3(get)]
+    seq_ids: Py<PyArray1<i64>>,
+    /// (S,) int64: tokens each sequence computes in this step.
+    #[pyo3(get)]
+    query_lens: Py<PyArray1<i64>>,
+    /// (S,) int64: cached tokens of each sequence once this step has run.
+    #[pyo3(get)]
+    context_lens: Py<PyArray1<i64>>,
+    /// (S,) bool: whether the step computes a sequence's last known token, so one is sampled.
+    #[pyo3(get)]
+    sample: Py<PyArray1<bool>>,
+    /// (T,) int64: the token ids to compute, each sequence's rows in order.
+    #[pyo3(get)]
+    input_ids: Py<PyArray1<i64>>,
+    /// (T,) int64: the position of each token in its sequence.
+    #[pyo3(get)]
+    positions: Py<PyArray1<i64>>,
+    /// (T,) int64: the KV-cache slot each token writes (block * block_size + offset).
+    #[pyo3(get)]
+    slot_mapping: Py<PyArray1<i64>>,
+    /// (S, max_blocks) int32: each sequence's block ids, padded with -1.
+    #[pyo3(get)]
+    block_tables: Py<PyArray2<i32>>,
+    /// (k, 2) int64: (source, destination) blocks to copy before the model runs.
+    #[pyo3(get)]
+    copy_ops: Py<PyArray2<i64>>,
+    /// (P,) int64: sequences preempted by this step (their KV is recomputed later).
+    #[pyo3(get)]
+    preempted: Py<PyArray1<i64>>,
+    /// (R,) int64: the token row of each sampled sequence (its last row), in plan order.
+    #[pyo3(get)]
+    logit_rows: Py<PyArray1<i64>>,
+    /// (R,) int64: the sampled sequences, in plan order (`seq_ids[sample]`).
+    #[pyo3(get)]
+    sampled_seq_ids: Py<PyArray1<i64>>,
+    /// Number of sequences (S).
+    #[pyo3(get)]
+    num_seqs: usize,
+    /// Number of tokens (T).
+    #[pyo3(get)]
+    num_tokens: usize,
+    /// Whether every sequence computes one token and samples it (a pure decode step).
+    #[pyo3(get)]
+    is_decode_only: bool,
+}
+
+#[pymethods]
+impl PyStepPlan {
+    fn __repr__(&self) -> String {
+        format!(
+            "StepPlan(num_seqs={}, num_tokens={})",
+            self.num_seqs, self.num_tokens
+        )
+    }
+}
+
+fn widen<T: Copy + Into<i64>>(values: &[T]) -> Vec<i64> {
+    values.iter().map(|&x| x.into()).collect()
+}
+
+fn to_py_plan(py: Python<'_>, plan: StepPlan) -> PyStepPlan {
     let num_seqs = plan.seq_ids.len();
+    let mut logit_rows = Vec::new();
+    let mut sampled = Vec::new();
+    let mut end = 0i64;
+    for ((&id, &len), &sample) in plan.seq_ids.iter().zip(&plan.query_lens).zip(&plan.sample) {
+        end += i64::from(len);
+        if sample {
+            logit_rows.push(end - 1);
+            sampled.push(id as i64);
+        }
+    }
+    let is_decode_only = plan.query_lens.iter().all(|&q| q == 1) && plan.sample.iter().all(|&s| s);
     let tables = Array2::from_shape_vec((num_seqs, plan.max_blocks), plan.block_tables)
         .expect("block_tables holds seqs * max_blocks entries");
     let copies: Vec<i64> = plan
         .copy_ops
         .iter()
-        .flat_map(|&(s, t)| [s as i64, t as i64])
+        .flat_map(|&(s, t)| [i64::from(s), i64::from(t)])
         .collect();
     let copies =
         Array2::from_shape_vec((plan.copy_ops.len(), 2), copies).expect("two ids per copy");
-    d.set_item(
-        "seq_ids",
-        plan.seq_ids
-            .iter()
-            .map(|&x| x as i64)
-            .collect::<Vec<i64>>()
-            .into_pyarray(py),
-    )?;
-    d.set_item("query_lens", widen(&plan.query_lens).into_pyarray(py))?;
-    d.set_item("context_lens", widen(&plan.context_lens).into_pyarray(py))?;
-    d.set_item("sample", plan.sample.into_pyarray(py))?;
-    d.set_item("input_ids", widen(&plan.input_ids).into_pyarray(py))?;
-    d.set_item("positions", widen(&plan.positions).into_pyarray(py))?;
-    d.set_item("slot_mapping", plan.slot_mapping.into_pyarray(py))?;
-    d.set_item("block_tables", tables.into_pyarray(py))?;
-    d.set_item("copy_ops", copies.into_pyarray(py))?;
-    d.set_item(
-        "preempted",
-        plan.preempted
-            .iter()
-            .map(|&x| x as i64)
-            .collect::<Vec<i64>>()
-            .into_pyarray(py),
-    )?;
-    Ok(d)
+    let ids = |v: &[u64]| v.iter().map(|&x| x as i64).collect::<Vec<i64>>();
+    PyStepPlan {
+        seq_ids: ids(&plan.seq_ids).into_pyarray(py).unbind(),
+        query_lens: widen(&plan.query_lens).into_pyarray(py).unbind(),
+        context_lens: widen(&plan.context_lens).into_pyarray(py).unbind(),
+        sample: plan.sample.into_pyarray(py).unbind(),
+        input_ids: widen(&plan.input_ids).into_pyarray(py).unbind(),
+        positions: widen(&plan.positions).into_pyarray(py).unbind(),
+        slot_mapping: plan.slot_mapping.into_pyarray(py).unbind(),
+        block_tables: tables.into_pyarray(py).unbind(),
+        copy_ops: copies.into_pyarray(py).unbind(),
+        preempted: ids(&plan.preempted).into_pyarray(py).unbind(),
+        logit_rows: logit_rows.into_pyarray(py).unbind(),
+        sampled_seq_ids: sampled.into_pyarray(py).unbind(),
+        num_seqs,
+        num_tokens: plan.input_ids.len(),
+        is_decode_only,
+    }
 }

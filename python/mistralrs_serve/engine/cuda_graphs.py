@@ -24,8 +24,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from mistralrs_serve.engine.paged_cache import PagedKVCache
-from mistralrs_serve.models.llama import LlamaForCausalLM
+from mistralrs_serve import _native
+from mistralrs_serve.engine.kv_cache import PagedKVCache
+from mistralrs_serve.layers.attention import decode_triton, store_kv_triton
+from mistralrs_serve.models.interface import CausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -42,13 +44,10 @@ class StaticDecodeAttention:
         self.tables = graphs.tables[:rows]
         self.context_lens = graphs.context_lens[:rows]
         self.max_context = graphs.max_context
-        self.scale = 1.0 / float(graphs.cache.head_dim) ** 0.5
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        self.cache.store_triton(layer_idx, k, v, self.slots)
-        out = self.cache.decode_triton(
-            layer_idx, q, self.tables, self.context_lens, self.scale, self.max_context
-        )
+        store_kv_triton(self.cache, layer_idx, k, v, self.slots)
+        out = decode_triton(self.cache, layer_idx, q, self.tables, self.context_lens, self.max_context)
         return out.to(q.dtype)
 
 
@@ -57,7 +56,7 @@ class DecodeGraphs:
 
     def __init__(
         self,
-        model: LlamaForCausalLM,
+        model: CausalLM,
         cache: PagedKVCache,
         max_num_seqs: int,
         max_context: int,
@@ -89,9 +88,15 @@ class DecodeGraphs:
             return None
         return next((b for b in self.buckets if b >= num_seqs), None)
 
-    def run(self, bucket: int, plan: dict[str, np.ndarray]) -> torch.Tensor:
+    def bucket_for(self, plan: _native.StepPlan) -> int | None:
+        """The bucket of a decode-only step (one token per sequence, all sampled), else None."""
+        if not plan.is_decode_only:
+            return None
+        return self.bucket(plan.num_seqs, int(plan.context_lens.max()), plan.block_tables.shape[1])
+
+    def run(self, bucket: int, plan: _native.StepPlan) -> torch.Tensor:
         """fp32 logits (num_seqs, vocab) of a decode-only step (one row per sequence)."""
-        n = len(plan["seq_ids"])
+        n = plan.num_seqs
         self._fill(n, bucket, plan)
         if not self.capture:
             return self._forward(bucket)[:n]
@@ -105,17 +110,17 @@ class DecodeGraphs:
         self.graphs[bucket].replay()
         return self.outputs[bucket][:n]
 
-    def _fill(self, n: int, bucket: int, plan: dict[str, np.ndarray]) -> None:
+    def _fill(self, n: int, bucket: int, plan: _native.StepPlan) -> None:
         dev = self.input_ids.device
 
         def put(dst: torch.Tensor, values: np.ndarray) -> None:
             dst[:n].copy_(torch.from_numpy(np.ascontiguousarray(values)).to(dev, non_blocking=True))
 
-        put(self.input_ids, plan["input_ids"][:n].astype(np.int64))
-        put(self.positions, plan["positions"][:n].astype(np.int64))
-        put(self.slots, plan["slot_mapping"][:n].astype(np.int64))
-        put(self.context_lens, plan["context_lens"].astype(np.int32))
-        tables = plan["block_tables"]
+        put(self.input_ids, plan.input_ids[:n])
+        put(self.positions, plan.positions[:n])
+        put(self.slots, plan.slot_mapping[:n])
+        put(self.context_lens, plan.context_lens.astype(np.int32))
+        tables = plan.block_tables
         width = tables.shape[1] if tables.ndim == 2 else 0
         self.tables[:n, :width].copy_(torch.from_numpy(np.ascontiguousarray(tables, dtype=np.int32)).to(dev))
         if n < bucket:  # padding rows: no KV write, one position of block 0

@@ -1,8 +1,9 @@
 """Per-request and per-choice state on the Python side of the engine.
 
-The Rust scheduler owns token ids, blocks and positions; a `Sequence` here
-owns what Python needs to turn sampled ids into text: the detokenizer, the
-stop-string matcher, the sampling params and the logprobs.
+The Rust scheduler owns token ids (the history the sampler reads), blocks and
+positions; a `Sequence` here owns what Python needs to turn sampled ids into
+text: the detokenizer, the stop-string matcher, the sampling params and the
+logprobs.
 """
 
 from __future__ import annotations
@@ -106,24 +107,21 @@ class Sequence:
         self.request = request
         self.native = native
         self.stop_ids = stop_ids
-        self.output_ids: list[int] = []
+        self.num_output_tokens = 0  # the ids themselves live in the scheduler
         self.detokenizer = IncrementalDetokenizer(tokenizer, request.params.skip_special_tokens)
         self.stops = StopStringMatcher(request.params.stop)
         self.finished = False
         self.matcher: _native.GrammarMatcher | None = None
 
-    def history(self) -> np.ndarray:
-        return np.asarray(self.output_ids, dtype=np.uint32)
-
     def append(self, token_id: int, logprob: TokenLogprob | None) -> StepOutput:
         """Record a sampled token; decide whether the choice is finished."""
-        self.output_ids.append(token_id)
+        self.num_output_tokens += 1
         is_stop_token = token_id in self.stop_ids
         text = "" if is_stop_token else self.stops.push(self.detokenizer.push(token_id))
         finish = None
         if is_stop_token or self.stops.matched is not None:
             finish = "stop"
-        elif len(self.output_ids) >= self.request.budget:
+        elif self.num_output_tokens >= self.request.budget:
             finish = "length"
         if finish is not None and self.stops.matched is None:
             text += self.stops.push(self.detokenizer.flush()) + self.stops.flush()

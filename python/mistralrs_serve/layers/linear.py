@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -84,7 +85,7 @@ class Linear:
             self.int4 = self.q4 = self._quant = None
 
     def quant_matrix(self, requantize: bool = False) -> _native.QuantMatrix | None:
-        """The weights repacked for the fused CPU forward (engine/native_forward.py),
+        """The weights repacked for the fused CPU forward (models/llama_native.py),
         built once and shared by every engine on this model: from the 4-bit source
         (then let go), or with `requantize`, the dense weights quantized to 8 bits
         per block of 32. None for dense weights without `requantize`."""
@@ -130,6 +131,22 @@ class Linear:
         packed, scales_zeros = self.int4
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, GROUP_SIZE, scales_zeros)
         return y if self.bias is None else y + self.bias
+
+
+def int4_rows(query_lens: np.ndarray) -> torch.Tensor | None:
+    """A step's `int4_rows` for `Linear` (see its __call__), from the plan's query
+    lengths: prefill rows never take the 4-bit kernel; decode rows do when the step
+    has at most INT4_MAX_ROWS of them. So a decode computes the same whatever else
+    is in its step, and up to that many concurrent requests decode greedily exactly
+    as each would alone. None for a decode-only step: the row-count rule says the same."""
+    is_decode = query_lens == 1
+    num_decodes = int(is_decode.sum())
+    if num_decodes == len(query_lens):
+        return None
+    if num_decodes > INT4_MAX_ROWS:
+        return torch.empty(0, dtype=torch.int64)
+    last_rows = np.cumsum(query_lens) - 1
+    return torch.from_numpy(np.ascontiguousarray(last_rows[is_decode], dtype=np.int64))
 
 
 def concat_weights(parts: list[AnyWeight]) -> AnyWeight:

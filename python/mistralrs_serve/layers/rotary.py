@@ -1,4 +1,5 @@
-"""Rotary position embedding tables (neox layout: halves, not interleaved pairs)."""
+"""Rotary position embeddings: cos/sin tables and their application (neox layout:
+halves, not interleaved pairs)."""
 
 from __future__ import annotations
 
@@ -58,3 +59,10 @@ class RotaryTable:
     def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # (T, 1, head_dim // 2): broadcasts over heads
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate halves of the last dimension: x (T, heads, D), cos/sin (T, 1, D/2) from `lookup`.
+    Torch on every device: cos/sin are looked up once per step and broadcast over heads."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)

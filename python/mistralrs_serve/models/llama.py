@@ -12,25 +12,23 @@ layer, about 10% of a decode step on the default model).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from mistralrs_kernels import reference
 
 from mistralrs_serve.config import ModelConfig
 from mistralrs_serve.errors import ModelLoadError
+from mistralrs_serve.layers.activation import SiluAndMul
+from mistralrs_serve.layers.attention import AttentionBackend
 from mistralrs_serve.layers.linear import AnyWeight, Linear, concat_weights
-from mistralrs_serve.layers.rotary import RotaryTable
+from mistralrs_serve.layers.norm import RMSNorm
+from mistralrs_serve.layers.rotary import RotaryTable, apply_rotary
 from mistralrs_serve.models.registry import Architecture
 
-
-class AttentionBackend(Protocol):
-    """Stores a step's keys/values and attends over everything cached."""
-
-    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q (T, H, D), k/v (T, K, D) already rotated -> (T, H * D)."""
-        ...
+if TYPE_CHECKING:
+    from mistralrs_serve.models.llama_native import NativeForward
 
 
 class DecoderLayer:
@@ -38,16 +36,15 @@ class DecoderLayer:
         p = f"model.layers.{idx}."
         att = p + "self_attn."
         self.idx = idx
-        self.ops: Any = reference  # rms_norm, silu_mul, rope_neox: torch, or Triton (use_triton)
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.eps = cfg.rms_norm_eps
+        eps = cfg.rms_norm_eps
         mlp = p + "mlp."
 
         def dense(name: str) -> torch.Tensor:
             return _dense(w[name], dtype)
 
-        self.input_norm = dense(p + "input_layernorm.weight")
-        self.post_norm = dense(p + "post_attention_layernorm.weight")
+        self.input_norm = RMSNorm(dense(p + "input_layernorm.weight"), eps)
+        self.post_norm = RMSNorm(dense(p + "post_attention_layernorm.weight"), eps)
         qkv_bias = torch.cat([dense(att + n + "_proj.bias") for n in "qkv"]) if cfg.attention_bias else None
         self.qkv = Linear(concat_weights([w[att + n + "_proj.weight"] for n in "qkv"]), qkv_bias, dtype)
         # Llama with attention_bias=True has an o_proj bias too (Qwen2 does not).
@@ -55,12 +52,16 @@ class DecoderLayer:
         self.o = Linear(
             w[att + "o_proj.weight"], None if o_bias is None else dense(att + "o_proj.bias"), dtype
         )
-        self.q_norm = dense(att + "q_norm.weight") if cfg.qk_norm else None
-        self.k_norm = dense(att + "k_norm.weight") if cfg.qk_norm else None
+        self.q_norm = RMSNorm(dense(att + "q_norm.weight"), eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(dense(att + "k_norm.weight"), eps) if cfg.qk_norm else None
         self.gate_up = Linear(
             concat_weights([w[mlp + "gate_proj.weight"], w[mlp + "up_proj.weight"]]), None, dtype
         )
+        self.act = SiluAndMul()
         self.down = Linear(w[mlp + "down_proj.weight"], None, dtype)
+
+    def norms(self) -> list[RMSNorm]:
+        return [n for n in (self.input_norm, self.post_norm, self.q_norm, self.k_norm) if n is not None]
 
     def forward(
         self,
@@ -70,10 +71,9 @@ class DecoderLayer:
         attn: AttentionBackend,
         int4_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        ops = self.ops
-        x = x + self._attention(ops.rms_norm(x, self.input_norm, self.eps), cos, sin, attn, int4_rows)
-        h = ops.rms_norm(x, self.post_norm, self.eps)
-        return x + self.down(ops.silu_mul(self.gate_up(h, int4_rows)), int4_rows)
+        x = x + self._attention(self.input_norm(x), cos, sin, attn, int4_rows)
+        h = self.post_norm(x)
+        return x + self.down(self.act(self.gate_up(h, int4_rows)), int4_rows)
 
     def _attention(
         self,
@@ -88,9 +88,8 @@ class DecoderLayer:
         qkv = self.qkv(x, int4_rows).view(num_tokens, h + 2 * kv, self.head_dim)
         q, k, v = qkv.split([h, kv, kv], dim=1)  # (T, heads, D) each
         if self.q_norm is not None and self.k_norm is not None:
-            q = self.ops.rms_norm(q, self.q_norm, self.eps)
-            k = self.ops.rms_norm(k, self.k_norm, self.eps)
-        q, k = self.ops.rope_neox(q, cos, sin), self.ops.rope_neox(k, cos, sin)
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         return self.o(attn.attend(self.idx, q, k, v), int4_rows)
 
 
@@ -103,10 +102,9 @@ class LlamaForCausalLM:
             raise ModelLoadError(f"weights are missing {len(missing)} tensors, e.g. {missing[:3]}")
         self.config, self.dtype = cfg, dtype
         self.device = torch.device("cpu")
-        self.ops: Any = reference
         self.embed = _dense(weights["model.embed_tokens.weight"], dtype)
         self.layers = [DecoderLayer(cfg, i, weights, dtype) for i in range(cfg.num_layers)]
-        self.norm = _dense(weights["model.norm.weight"], dtype)
+        self.norm = RMSNorm(_dense(weights["model.norm.weight"], dtype), cfg.rms_norm_eps)
         head = weights["model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"]
         self.lm_head = Linear(head, None, dtype)
         freq_factors = weights.get("rope_freqs")
@@ -134,61 +132,46 @@ class LlamaForCausalLM:
         cos, sin = self.rotary.lookup(positions)
         for layer in self.layers:
             x = layer.forward(x, cos, sin, attn, int4_rows)
-        x = self.ops.rms_norm(x[logits_indices], self.norm, self.config.rms_norm_eps)
-        return self.lm_head(x).float()
+        return self.lm_head(self.norm(x[logits_indices])).float()
 
     def to(self, device: torch.device | str) -> LlamaForCausalLM:
         """Move every weight (in place); off the CPU the 4-bit CPU kernel's copies are dropped."""
         device = torch.device(device)
         self.device = device
-        self.embed, self.norm = self.embed.to(device), self.norm.to(device)
+        self.embed = self.embed.to(device)
         self.lm_head.to(device)
         self.rotary.cos, self.rotary.sin = self.rotary.cos.to(device), self.rotary.sin.to(device)
-        for layer in self.layers:
-            for name in ("input_norm", "post_norm", "q_norm", "k_norm"):
-                t = getattr(layer, name)
-                if t is not None:
-                    setattr(layer, name, t.to(device))
-            for lin in (layer.qkv, layer.o, layer.gate_up, layer.down):
-                lin.to(device)
+        for norm in self._norms():
+            norm.to(device)
+        for lin in self.linears()[1:]:
+            lin.to(device)
         return self
 
     def use_triton(self) -> None:
-        """RMSNorm and SwiGLU by the Triton kernels (rotary stays torch: its
-        cos/sin are looked up once per step and broadcast over heads)."""
-        self.ops = TRITON_OPS
+        """RMSNorm and SwiGLU by the Triton kernels (rotary stays torch)."""
+        for norm in self._norms():
+            norm.triton = True
         for layer in self.layers:
-            layer.ops = TRITON_OPS
+            layer.act.triton = True
 
     def decode_weight_bytes(self) -> int:
         """Weight bytes one decode step reads (the embedding row is negligible)."""
-        linears = [self.lm_head] + [
+        return sum(lin.decode_bytes() for lin in self.linears())
+
+    def fused_forward(self, kv: np.ndarray | None) -> NativeForward | None:
+        """The fused Rust step (models/llama_native.py) where it applies."""
+        from mistralrs_serve.models.llama_native import NativeForward
+
+        return NativeForward.build(self, kv)
+
+    def linears(self) -> list[Linear]:
+        """The head first, then every layer's."""
+        return [self.lm_head] + [
             lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)
         ]
-        return sum(lin.decode_bytes() for lin in linears)
 
-
-class _TritonOps:
-    """The model's elementwise ops on Triton kernels (imported on first use)."""
-
-    @staticmethod
-    def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        from mistralrs_kernels import triton_ops
-
-        out = triton_ops.rms_norm(x.contiguous(), weight, eps)
-        assert isinstance(out, torch.Tensor)
-        return out
-
-    @staticmethod
-    def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-        from mistralrs_kernels import triton_ops
-
-        return triton_ops.silu_mul(gate_up.contiguous())
-
-    rope_neox = staticmethod(reference.rope_neox)
-
-
-TRITON_OPS = _TritonOps()
+    def _norms(self) -> list[RMSNorm]:
+        return [self.norm] + [n for layer in self.layers for n in layer.norms()]
 
 
 def _dense(w: AnyWeight, dtype: torch.dtype) -> torch.Tensor:
@@ -215,5 +198,6 @@ LLAMA = Architecture(
     name="llama",
     hf_names=("LlamaForCausalLM", "MistralForCausalLM"),
     gguf_names=("llama", "mistral"),
+    model=LlamaForCausalLM,
     gguf_permuted_qk=True,
 )

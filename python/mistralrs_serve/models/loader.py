@@ -14,7 +14,8 @@ from mistralrs_serve.config import ModelConfig
 from mistralrs_serve.errors import ModelLoadError
 from mistralrs_serve.models import gguf_loader, hf_loader, hub
 from mistralrs_serve.models.default_model import DEFAULT_MODEL_ID, default_model_path
-from mistralrs_serve.models.llama import LlamaForCausalLM
+from mistralrs_serve.models.interface import CausalLM
+from mistralrs_serve.models.registry import find_architecture
 from mistralrs_serve.tokenizer.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ class ModelSource:
 @dataclass
 class LoadedModel:
     name: str  # the id /v1/models reports
-    model: LlamaForCausalLM
+    model: CausalLM
     tokenizer: Tokenizer
     config: ModelConfig
     generation_defaults: dict[str, Any] = field(default_factory=dict)
@@ -115,7 +116,7 @@ def _load_gguf(path: Path, source: ModelSource, dtype: torch.dtype, name: str | 
     else:
         tokenizer = gguf_loader.load_gguf_tokenizer(gguf, source.chat_template)
     try:
-        model = LlamaForCausalLM(cfg, gguf_loader.load_gguf_weights(gguf, arch, cfg, dtype), dtype)
+        model = arch.model(cfg, gguf_loader.load_gguf_weights(gguf, arch, cfg, dtype), dtype)
     except ModelLoadError as e:
         _raise_naming(path, e)
     return LoadedModel(name or path.name, model, tokenizer, cfg)
@@ -144,7 +145,8 @@ def _load_hf(source: ModelSource, dtype: torch.dtype) -> LoadedModel:
     cfg = hf_loader.read_hf_config(model_dir)
     tokenizer = hf_loader.load_hf_tokenizer(model_dir, source.chat_template)
     try:
-        model = LlamaForCausalLM(cfg, hf_loader.load_safetensors(model_dir, dtype), dtype)
+        arch = find_architecture(name=cfg.architecture)
+        model = arch.model(cfg, hf_loader.load_safetensors(model_dir, dtype), dtype)
     except ModelLoadError as e:
         _raise_naming(model_dir, e)
     return LoadedModel(source.location, model, tokenizer, cfg, hf_loader.generation_defaults(model_dir))

@@ -1,13 +1,22 @@
-"""Architectures we run, and how to read their configs from HF and GGUF files."""
+"""Architectures we run, and how to read their configs from HF and GGUF files.
+
+Adding a model family: a file in models/ with its `CausalLM` class and an
+`Architecture` naming it, listed in `_architectures` below."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mistralrs_serve.config import ModelConfig, RopeScaling
 from mistralrs_serve.errors import UnsupportedModelError
+
+if TYPE_CHECKING:
+    import torch
+
+    from mistralrs_serve.layers.linear import AnyWeight
+    from mistralrs_serve.models.interface import CausalLM
 
 
 @dataclass(frozen=True)
@@ -15,6 +24,8 @@ class Architecture:
     name: str
     hf_names: tuple[str, ...]  # config.json "architectures"
     gguf_names: tuple[str, ...]  # general.architecture
+    # builds the model from its config, its weights by HF name, and the compute dtype
+    model: Callable[[ModelConfig, Mapping[str, AnyWeight], torch.dtype], CausalLM]
     attention_bias: bool = False
     qk_norm: bool = False
     # llama.cpp's converter reorders q/k rows of "llama" tensors for its
@@ -28,13 +39,16 @@ def _architectures() -> tuple[Architecture, ...]:
     return (llama.LLAMA, qwen2.QWEN2, qwen3.QWEN3)
 
 
-def find_architecture(*, hf_name: str | None = None, gguf_name: str | None = None) -> Architecture:
+def find_architecture(
+    *, hf_name: str | None = None, gguf_name: str | None = None, name: str | None = None
+) -> Architecture:
+    """By config.json name, GGUF name, or our own (ModelConfig.architecture)."""
     for arch in _architectures():
-        if hf_name in arch.hf_names or gguf_name in arch.gguf_names:
+        if hf_name in arch.hf_names or gguf_name in arch.gguf_names or name == arch.name:
             return arch
     known = sorted(n for a in _architectures() for n in (a.hf_names if hf_name else a.gguf_names))
     raise UnsupportedModelError(
-        f"architecture {hf_name or gguf_name!r} is not supported (supported: {', '.join(known)})"
+        f"architecture {hf_name or gguf_name or name!r} is not supported (supported: {', '.join(known)})"
     )
 
 

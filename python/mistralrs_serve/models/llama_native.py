@@ -1,25 +1,18 @@
-"""Steps of 4-bit models on the fused Rust forward (`_native.NativeDecoder`).
+"""The Llama family's whole step in one Rust call (`_native.NativeDecoder`), for
+4-bit models on the CPU.
 
-On torch, a decode step of the default model is ~20 small ops per layer and
-their dispatch costs more than the arithmetic at batch 1 (profile: 14.9 ms
-a step, of which the 4-bit matmuls 4.2 ms and the bf16 head 2.9 ms). The
-Rust forward runs every layer of a step in one call, decode and prefill
-rows alike: activations quantized to 8 bits per block of 32 against the
-GGUF's 4-bit weights with AVX-512 VNNI (the tied head re-quantized to 8
-bits: GGUF ships it as Q8_0), as llama.cpp does for the format; attention
-straight over the paged cache, with bf16 queries and weights against the
-bf16 cache (AVX512-BF16) as torch's bf16 attention. On the default model,
-perplexity over 512 tokens of text 35.42 against 35.32 for torch's bf16
-activations (llama.cpp on the same GGUF: 35.70); top-1 agreement with
-torch 94%.
+On torch a decode step of the default model is ~20 small ops per layer whose
+dispatch costs more than the arithmetic at batch 1 (14.9 ms a step, of which
+the 4-bit matmuls 4.2 ms and the bf16 head 2.9 ms). The Rust forward runs every
+layer of a step at once, decode and prefill rows alike: activations quantized
+to 8 bits per block of 32 against the GGUF's 4-bit weights (AVX-512 VNNI, the
+tied head re-quantized to 8 bits), attention straight over the paged cache in
+bf16. Perplexity over 512 tokens 35.42 against torch's bf16 35.32 (llama.cpp
+35.70). Each row's arithmetic depends on that row alone, so a token comes out
+the same whatever shares its step.
 
-Each row's arithmetic depends on that row alone, so a token comes out the
-same in a prefill chunk or a decode, alone or batched, after a prefix-cache
-hit or a recompute.
-
-Used when every linear layer of the model is 4-bit (GGUF Q4_0/Q4_1), the
-model is on the CPU and the CPU has AVX-512 VNNI; `--no-native-forward`
-turns it off (torch then runs every step).
+Used when every linear layer is 4-bit (GGUF Q4_0/Q4_1), the model is on the CPU
+and the CPU has AVX-512 VNNI; `--no-native-forward` turns it off.
 """
 
 from __future__ import annotations
@@ -31,7 +24,6 @@ import torch
 import torch.nn.functional as F
 
 from mistralrs_serve import _native
-from mistralrs_serve.engine.paged_cache import PagedKVCache
 from mistralrs_serve.layers.linear import Linear
 from mistralrs_serve.models.llama import LlamaForCausalLM
 
@@ -49,22 +41,22 @@ def _matrix(lin: Linear) -> _native.QuantMatrix:
 
 
 class NativeForward:
-    """The model's steps in Rust, over the engine's paged cache."""
+    """The model's steps in Rust, over the paged cache `kv` (PagedKVCache.kv_np)."""
 
-    def __init__(self, model: LlamaForCausalLM, cache: PagedKVCache) -> None:
+    def __init__(self, model: LlamaForCausalLM, kv: np.ndarray) -> None:
         cfg = model.config
         layers = []
         for layer in model.layers:
             layers.append(
                 (
-                    layer.input_norm.float().tolist(),
+                    layer.input_norm.weight.float().tolist(),
                     _matrix(layer.qkv),
                     _f32(layer.qkv.bias),
-                    _f32(layer.q_norm),
-                    _f32(layer.k_norm),
+                    _f32(None if layer.q_norm is None else layer.q_norm.weight),
+                    _f32(None if layer.k_norm is None else layer.k_norm.weight),
                     _matrix(layer.o),
                     _f32(layer.o.bias),
-                    layer.post_norm.float().tolist(),
+                    layer.post_norm.weight.float().tolist(),
                     _matrix(layer.gate_up),
                     _matrix(layer.down),
                 )
@@ -81,25 +73,23 @@ class NativeForward:
             vocab=head.out_features,
             eps=cfg.rms_norm_eps,
             layers=layers,
-            final_norm=model.norm.float().tolist(),
+            final_norm=model.norm.weight.float().tolist(),
             lm_head=head_q,
         )
         self.model = model
         self.vocab = head.out_features
-        assert cache.kv_np is not None
-        self.kv = cache.kv_np
+        self.kv = kv
+        self.weight_bytes = int(self.decoder.weight_bytes)
         logger.info("fused CPU forward: %.1f MB of weights per decode step", self.decoder.weight_bytes / 1e6)
 
     @staticmethod
-    def build(model: object, cache: PagedKVCache) -> NativeForward | None:
+    def build(model: LlamaForCausalLM, kv: np.ndarray | None) -> NativeForward | None:
         """The fused forward for this model and cache, or None where it does not apply."""
-        if not isinstance(model, LlamaForCausalLM) or model.device.type != "cpu":
+        if model.device.type != "cpu" or kv is None or not _native.QuantMatrix.has_fast_kernel():
             return None
-        if cache.kv_np is None or not _native.QuantMatrix.has_fast_kernel():
+        if any(lin.quant_matrix() is None for lin in model.linears()[1:]):
             return None
-        if any(lin.quant_matrix() is None for lin in _linears(model)[1:]):
-            return None
-        return NativeForward(model, cache)
+        return NativeForward(model, kv)
 
     def forward(
         self,
@@ -133,9 +123,3 @@ class NativeForward:
         )
         return torch.from_numpy(logits)
 
-
-def _linears(model: LlamaForCausalLM) -> list[Linear]:
-    """The head first, then every layer's."""
-    return [model.lm_head] + [
-        lin for layer in model.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)
-    ]

@@ -1,0 +1,107 @@
+"""The ways one scheduled step can run the model, behind one interface:
+`forward(plan)` returns the fp32 logits of the plan's sampled rows. The runner
+picks one per engine (model_runner.py)."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from mistralrs_serve import _native
+from mistralrs_serve.engine.cuda_graphs import DecodeGraphs
+from mistralrs_serve.engine.kv_cache import PagedKVCache
+from mistralrs_serve.layers.attention import AttentionKernel, PagedAttention
+from mistralrs_serve.layers.linear import int4_rows
+from mistralrs_serve.models.interface import CausalLM, FusedForward
+
+
+class ForwardPath(Protocol):
+    def forward(self, plan: _native.StepPlan) -> torch.Tensor:
+        """fp32 logits (len(plan.logit_rows), vocab) of one step; the KV goes into the cache."""
+        ...
+
+    def decode_weight_bytes(self) -> int:
+        """Weight bytes one decode step reads on this path."""
+        ...
+
+
+class TorchPath:
+    """The model's torch forward over the paged cache, attention by the Rust
+    decode kernel on the CPU and SDPA elsewhere."""
+
+    kernel: AttentionKernel = "native"
+
+    def __init__(self, model: CausalLM, cache: PagedKVCache) -> None:
+        self.model, self.cache = model, cache
+        self.device = cache.kv.device
+
+    def forward(self, plan: _native.StepPlan) -> torch.Tensor:
+        attn = PagedAttention(
+            self.cache,
+            plan.query_lens,
+            plan.context_lens,
+            plan.slot_mapping,
+            plan.block_tables,
+            decode_mode=self.kernel,
+        )
+        dev = self.device
+        return self.model.forward(
+            torch.from_numpy(plan.input_ids).to(dev),
+            torch.from_numpy(plan.positions).to(dev),
+            attn,
+            torch.from_numpy(plan.logit_rows).to(dev),
+            int4_rows(plan.query_lens) if dev.type == "cpu" else None,  # the 4-bit kernel is CPU-only
+        )
+
+    def decode_weight_bytes(self) -> int:
+        return self.model.decode_weight_bytes()
+
+
+class TritonPath(TorchPath):
+    """The torch forward with Triton kernels: paged attention, KV store, RMSNorm, SwiGLU."""
+
+    kernel: AttentionKernel = "triton"
+
+    def __init__(self, model: CausalLM, cache: PagedKVCache) -> None:
+        super().__init__(model, cache)
+        model.use_triton()
+
+
+class FusedPath:
+    """The whole step in one native call (the model family's FusedForward)."""
+
+    def __init__(self, fused: FusedForward) -> None:
+        self.fused = fused
+
+    def forward(self, plan: _native.StepPlan) -> torch.Tensor:
+        # every token a row with its own block table and context (its position + 1)
+        return self.fused.forward(
+            plan.input_ids,
+            plan.positions,
+            plan.slot_mapping,
+            np.repeat(plan.block_tables, plan.query_lens, axis=0),
+            plan.positions + 1,
+            plan.logit_rows,
+        )
+
+    def decode_weight_bytes(self) -> int:
+        return int(self.fused.weight_bytes)
+
+
+class GraphPath:
+    """Decode-only steps replayed from CUDA graphs (engine/cuda_graphs.py); every
+    other step, and decodes past the captured context, on the eager path."""
+
+    def __init__(self, graphs: DecodeGraphs, eager: ForwardPath) -> None:
+        self.graphs, self.eager = graphs, eager
+
+    def forward(self, plan: _native.StepPlan) -> torch.Tensor:
+        bucket = self.graphs.bucket_for(plan)
+        if bucket is None:
+            return self.eager.forward(plan)
+        return self.graphs.run(bucket, plan)
+
+    def decode_weight_bytes(self) -> int:
+        return self.eager.decode_weight_bytes()

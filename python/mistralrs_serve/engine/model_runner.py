@@ -1,0 +1,130 @@
+"""The seam between the engine and the model. `ModelRunner.execute(plan)` runs one
+scheduled step and returns the logits of its sampled rows; `sample` turns them
+into tokens. The runner owns the device, the paged KV cache, the forward path
+chosen for this model and device (forward_paths.py), and the samplers: the Rust
+one on the host, the Triton one where the logits are on a GPU.
+
+A runner for models that do not generate (models.interface.EmbeddingModel)
+would take the same plans and return pooled vectors instead of sampling; none
+exists yet.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from mistralrs_serve import _native
+from mistralrs_serve.config import EngineConfig
+from mistralrs_serve.engine.cuda_graphs import DecodeGraphs
+from mistralrs_serve.engine.device_sampler import SampledTokens, can_sample_on_device, sample_on_device
+from mistralrs_serve.engine.forward_paths import ForwardPath, FusedPath, GraphPath, TorchPath, TritonPath
+from mistralrs_serve.engine.kv_cache import PagedKVCache
+from mistralrs_serve.models.loader import LoadedModel
+
+if TYPE_CHECKING:
+    from mistralrs_serve.engine.sequence import Sequence
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    """EngineConfig.device: "auto" is the first GPU when torch sees one."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but torch sees no CUDA GPU (use --device cpu)")
+    return device
+
+
+class ModelRunner:
+    """Runs scheduled steps of one model on one device."""
+
+    def __init__(self, loaded: LoadedModel, config: EngineConfig) -> None:
+        self.config = config
+        self.model = loaded.model
+        self.device = resolve_device(config.device)
+        if self.model.device != self.device:
+            self.model.to(self.device)
+        self.use_triton = config.triton if config.triton is not None else self.device.type == "cuda"
+        model_len = loaded.config.max_position_embeddings
+        self.max_model_len = min(model_len, config.max_model_len or model_len)
+        self.cache = self._allocate_cache()
+        self.path = self._choose_path()
+
+    def _allocate_cache(self) -> PagedKVCache:
+        """As many blocks as the budget holds, in the model's compute dtype: keys and
+        values come out of its matmuls, so a wider cache would only read more bytes."""
+        cfg, block_size, dtype = self.model.config, self.config.block_size, self.model.dtype
+        num_blocks = PagedKVCache.num_blocks_for_budget(cfg, block_size, dtype, self.config.kv_cache_mb << 20)
+        cache = PagedKVCache(cfg, num_blocks, block_size, dtype, self.device)
+        logger.info(
+            "KV cache on %s: %d blocks of %d tokens (%d tokens, %d MiB, %s)%s",
+            self.device,
+            num_blocks,
+            block_size,
+            num_blocks * block_size,
+            num_blocks * PagedKVCache.bytes_per_block(cfg, block_size, dtype) >> 20,
+            str(dtype).removeprefix("torch."),
+            "; Triton kernels" if self.use_triton else "",
+        )
+        return cache
+
+    def _choose_path(self) -> ForwardPath:
+        """CUDA graphs (with Triton on CUDA, by default), else Triton, else the
+        model's fused CPU forward where it has one, else torch."""
+        if self.use_triton:
+            eager = TritonPath(self.model, self.cache)
+            on_cuda = self.device.type == "cuda"
+            wanted = self.config.cuda_graphs if self.config.cuda_graphs is not None else on_cuda
+            if not wanted:
+                return eager
+            max_context = min(self.max_model_len, self.config.cuda_graph_max_context)
+            graphs = DecodeGraphs(
+                self.model, self.cache, self.config.max_num_seqs, max_context, capture=on_cuda
+            )
+            return GraphPath(graphs, eager)
+        if self.device.type == "cpu" and self.config.native_forward:
+            fused = self.model.fused_forward(self.cache.kv_np)
+            if fused is not None:
+                return FusedPath(fused)
+        return TorchPath(self.model, self.cache)
+
+    def decode_weight_bytes(self) -> int:
+        """Weight bytes one decode step reads, by whichever path runs it."""
+        return self.path.decode_weight_bytes()
+
+    def execute(self, plan: _native.StepPlan) -> torch.Tensor:
+        """Run one step: its block copies, then the model; fp32 logits of its sampled rows."""
+        self.cache.copy_blocks(plan.copy_ops)
+        return self.path.forward(plan)
+
+    def sample(
+        self,
+        logits: torch.Tensor,
+        rows: list[int],
+        seqs: list[Sequence],
+        bitmask: np.ndarray | None,
+        histories: _native.Scheduler,
+    ) -> SampledTokens:
+        """One token for each seqs[i] from logits row rows[i] (a row may serve several
+        choices), under its grammar's bitmask row. `histories` holds each sequence's
+        prompt and generated ids, which the penalties and DRY read in place."""
+        if self.use_triton and all(can_sample_on_device(s.request.params) for s in seqs):
+            return sample_on_device(logits, rows, seqs, bitmask, histories)
+        logits_np = logits.cpu().numpy()[rows]  # fancy indexing copies: the sampler writes in place
+        if bitmask is not None:
+            _native.apply_token_bitmask(logits_np, bitmask)
+        return SampledTokens(
+            *_native.sample(
+                logits_np,
+                [s.native for s in seqs],
+                [s.num_output_tokens for s in seqs],
+                histories,
+                [s.seq_id for s in seqs],
+            )
+        )

@@ -1,0 +1,512 @@
+"""Attention over the paged KV cache: the interface models call, and the backend
+that implements it for one step, choosing the kernel: the Rust decode kernel on
+the CPU, Triton's on a GPU with Triton, torch's SDPA otherwise and for prefill
+chunks off Triton. The figures behind each choice are in bench/README.md."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mistralrs_serve import _native
+
+if TYPE_CHECKING:
+    from mistralrs_serve.engine.kv_cache import PagedKVCache
+
+# "native": the Rust decode kernel (needs the cache's numpy views; else "group");
+# "triton": the Triton store, decode and prefill kernels; "group": SDPA calls.
+AttentionKernel = Literal["native", "triton", "group"]
+
+# A shorter context joins an open decode group (padded and masked) while it is
+# at most this much shorter: one SDPA call costs about as much as ~200 key
+# positions (38 us vs 0.18 us each); 192 measured best at batch 8-64.
+DEFAULT_CALL_COST_TOKENS = 192
+# Most gathered k+v bytes per decode SDPA call: the copy is still in cache when
+# SDPA reads it (batch 32 x 1024: 5.5 ms in 4 MiB calls vs 8.6 ms in one).
+DEFAULT_MAX_CALL_BYTES = 4 << 20
+# torch's CPU attention runs fp32 5-9x faster than bf16 (68 vs 380 us per layer
+# over 512 positions), so SDPA inputs are converted on the CPU
+ATTN_DTYPE = torch.float32
+
+
+class AttentionBackend(Protocol):
+    """Stores a step's keys/values and attends over everything cached."""
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q (T, H, D), k/v (T, K, D) already rotated -> (T, H * D)."""
+        ...
+
+
+def store_kv_triton(
+    cache: PagedKVCache, layer_idx: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor
+) -> None:
+    """Write rows of k/v (T, K, D) to their slots of one layer (slot -1: skipped)."""
+    from mistralrs_kernels import triton_ops
+
+    triton_ops.store_kv(
+        k.to(cache.dtype).contiguous(),
+        v.to(cache.dtype).contiguous(),
+        cache.k[layer_idx],
+        cache.v[layer_idx],
+        slots,
+        check_slots=False,
+    )
+
+
+def decode_triton(
+    cache: PagedKVCache,
+    layer_idx: int,
+    q: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    max_context_len: int,
+) -> torch.Tensor:
+    """One query row per sequence (n, H, D) over one layer -> (n, H * D) in the cache's dtype."""
+    from mistralrs_kernels import triton_ops
+
+    o = triton_ops.paged_decode_attention(
+        q.to(cache.dtype).contiguous(),
+        cache.k[layer_idx],
+        cache.v[layer_idx],
+        block_tables,
+        context_lens,
+        1.0 / float(cache.head_dim) ** 0.5,
+        max_context_len=max_context_len,
+    )
+    return o.view(len(q), -1)
+
+
+@dataclass(frozen=True)
+class _DecodeGroup:
+    """Single-query sequences attended in one SDPA call, padded to `length`."""
+
+    rows: slice | torch.Tensor  # their rows in q / the output
+    blocks: torch.Tensor  # (n * max_blocks,) block ids, padding -> block 0
+    num_seqs: int
+    max_blocks: int
+    length: int  # keys attended (max context in the group)
+    mask: torch.Tensor | None  # (n, 1, 1, length) additive, None if all contexts equal
+
+
+@dataclass(frozen=True)
+class _KernelDecode:
+    """Single-query sequences for the Rust or Triton kernel: each table is read in place."""
+
+    rows: slice | None  # their rows when they are all rows 0..n in order
+    row_index: torch.Tensor  # (n,) their rows in q / the output
+    block_tables: np.ndarray  # (n, max_blocks) int64, C-contiguous
+    context_lens: np.ndarray  # (n,) int64
+    # the Triton kernel's (block_tables, context_lens) int32 on the cache's device, max context
+    triton: tuple[torch.Tensor, torch.Tensor, int] | None = None
+
+    @staticmethod
+    def build(
+        starts: np.ndarray,
+        ctxs: np.ndarray,
+        tables: np.ndarray,
+        block_size: int,
+        device: torch.device,
+        *,
+        triton: bool,
+    ) -> _KernelDecode:
+        max_blocks = max(1, -(-int(ctxs.max()) // block_size))
+        contiguous = bool(starts[0] == 0 and (np.diff(starts) == 1).all())
+        block_tables = np.ascontiguousarray(tables[:, :max_blocks], dtype=np.int64)
+        context_lens = np.ascontiguousarray(ctxs, dtype=np.int64)
+        on_device = None
+        if triton:
+            on_device = (
+                torch.from_numpy(block_tables.astype(np.int32)).to(device),
+                torch.from_numpy(context_lens.astype(np.int32)).to(device),
+                int(ctxs.max()),
+            )
+        return _KernelDecode(
+            slice(0, len(starts)) if contiguous else None,
+            torch.from_numpy(np.ascontiguousarray(starts, dtype=np.int64)).to(device),
+            block_tables,
+            context_lens,
+            on_device,
+        )
+
+
+@dataclass(frozen=True)
+class _Prefill:
+    """A chunk of query_len > 1 tokens of one sequence."""
+
+    rows: slice
+    context_len: int
+    blocks: torch.Tensor | None  # None: chunk starts at 0, attend over the step's own k/v
+    mask: torch.Tensor | None  # (query_len, context_len) bool, bottom-right causal
+
+
+@dataclass(frozen=True)
+class _MixedTriton:
+    """Every sequence of a step with a prefill, in one Triton kernel call."""
+
+    block_tables: torch.Tensor  # (S, max_blocks) int32
+    cu_query_lens: torch.Tensor  # (S + 1,) int32
+    context_lens: torch.Tensor  # (S,) int32
+    max_query_len: int
+
+
+class PagedAttention:
+    """The attention backend of one step over a PagedKVCache, built from the
+    scheduler's query_lens (S,), context_lens (S,), slot_mapping (T,) and
+    block_tables (S, max_blocks). Sequences' tokens are laid out contiguously in
+    order; tokens [sum(query_lens), T) are padding: slot -1, output rows zero.
+    Everything that does not depend on the layer is planned here, once per step.
+
+    call_cost_tokens and max_call_bytes tune how "group" batches decodes into
+    SDPA calls: -1 gives one call per sequence, a huge value one padded call.
+    """
+
+    def __init__(
+        self,
+        cache: PagedKVCache,
+        query_lens: np.ndarray,
+        context_lens: np.ndarray,
+        slot_mapping: np.ndarray,
+        block_tables: np.ndarray,
+        *,
+        decode_mode: AttentionKernel = "native",
+        call_cost_tokens: int = DEFAULT_CALL_COST_TOKENS,
+        max_call_bytes: int = DEFAULT_MAX_CALL_BYTES,
+    ) -> None:
+        qlens = np.asarray(query_lens, dtype=np.int64)
+        ctxs = np.asarray(context_lens, dtype=np.int64)
+        slots = np.asarray(slot_mapping, dtype=np.int64)
+        tables = np.asarray(block_tables, dtype=np.int64)
+        if tables.ndim == 1 and tables.size == 0:
+            tables = tables.reshape(len(qlens), 0)
+        _validate(cache, qlens, ctxs, slots, tables)
+        if decode_mode == "native" and not cache.k_np:
+            decode_mode = "group"  # no numpy views of this cache for the Rust kernel
+        self.cache, self.decode_mode = cache, decode_mode
+        self.num_tokens, self.num_query_tokens = len(slots), int(qlens.sum())
+        self._scale = 1.0 / float(cache.head_dim) ** 0.5
+        self._device = dev = cache.kv.device
+        # fp32 SDPA on the CPU (see ATTN_DTYPE); the cache's dtype on a GPU
+        self._attn_dtype = ATTN_DTYPE if dev.type == "cpu" else cache.dtype
+        self._plan_writes(slots)
+
+        starts = np.concatenate(([0], np.cumsum(qlens)[:-1])).astype(np.int64)
+        is_decode = qlens == 1
+        self._mixed = None
+        if decode_mode == "triton" and not is_decode.all():
+            self._mixed = _mixed_triton(qlens, ctxs, tables, dev)
+            is_decode = np.zeros_like(is_decode)  # the mixed kernel covers every sequence
+        self._kernel_decode = None
+        if decode_mode != "group" and is_decode.any():
+            sel = (starts[is_decode], ctxs[is_decode], tables[is_decode], cache.block_size, dev)
+            self._kernel_decode = _KernelDecode.build(*sel, triton=decode_mode == "triton")
+        self.decode_groups: list[_DecodeGroup] = []
+        if decode_mode == "group":
+            position_bytes = 2 * cache.num_kv_heads * cache.head_dim * cache.kv.element_size()
+            self.decode_groups = _decode_groups(
+                starts[is_decode],
+                ctxs[is_decode],
+                tables[is_decode],
+                cache.block_size,
+                call_cost_tokens,
+                max(1, max_call_bytes // position_bytes),
+                self._attn_dtype,
+                dev,
+            )
+        self.prefills: list[_Prefill] = []
+        if self._mixed is None:
+            self.prefills = _prefills(qlens, ctxs, tables, starts, cache.block_size, dev)
+        self._allocate_gather_buffers()
+        # decode-only step whose single group covers every row in order: no
+        # gather of q rows / scatter of output rows needed
+        self._direct = (
+            not self.prefills
+            and self._kernel_decode is None
+            and len(self.decode_groups) == 1
+            and isinstance(self.decode_groups[0].rows, slice)
+            and self.num_query_tokens == self.num_tokens
+        )
+
+    def _plan_writes(self, slots: np.ndarray) -> None:
+        """The cache write: the Triton store reads every token's slot (-1: padding) on
+        the device; index_copy_ takes the rows of k/v with a slot, and those slots."""
+        dev = self._device
+        self._slots_dev: torch.Tensor | None = None
+        self._write_slots: torch.Tensor | None = None
+        self._write_rows: torch.Tensor | None = None
+        if self.decode_mode == "triton":
+            self._slots_dev = torch.from_numpy(slots).to(dev)
+            return
+        written = slots >= 0
+        self._write_slots = torch.from_numpy(slots[written]).to(dev)
+        if not written.all():
+            self._write_rows = torch.from_numpy(np.flatnonzero(written)).to(dev)
+
+    def _allocate_gather_buffers(self) -> None:
+        """Reused by every group and layer of the step: fresh multi-MB tensors per
+        call come from mmap and page-fault each time (up to 3x slower)."""
+        cache = self.cache
+        gathered = [len(g.blocks) for g in self.decode_groups] + [
+            len(p.blocks) for p in self.prefills if p.blocks is not None
+        ]
+        shape = (max(gathered, default=0), cache.block_size, cache.num_kv_heads, cache.head_dim)
+        self._k_buf = torch.empty(shape, dtype=cache.dtype, device=self._device)
+        self._v_buf = torch.empty(shape, dtype=cache.dtype, device=self._device)
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q (T, H, D), k/v (T, K, D) already rotated -> (T, H * D) in q.dtype."""
+        self._store(layer_idx, k, v)
+        num_tokens, num_heads, d = q.shape
+        mixed = self._mixed
+        if mixed is not None:
+            from mistralrs_kernels import triton_ops
+
+            cache = self.cache
+            o = triton_ops.paged_prefill_attention(
+                q.to(cache.dtype).contiguous(),
+                cache.k[layer_idx],
+                cache.v[layer_idx],
+                mixed.block_tables,
+                mixed.cu_query_lens,
+                mixed.context_lens,
+                self._scale,
+                max_query_len=mixed.max_query_len,
+            )
+            return o.view(num_tokens, num_heads * d).to(q.dtype)
+        kd = self._kernel_decode
+        all_decode = not self.prefills and self.num_query_tokens == num_tokens
+        if kd is not None and kd.rows is not None and all_decode:
+            return self._decode_kernel(layer_idx, kd, q).to(q.dtype)  # decode-only step
+        return self._attend_torch(layer_idx, q, k, v).to(q.dtype)
+
+    def _store(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        cache = self.cache
+        k_new, v_new = k.to(cache.dtype), v.to(cache.dtype)
+        if self._slots_dev is not None:  # Triton: one kernel for k and v, padding slots skipped
+            store_kv_triton(cache, layer_idx, k_new, v_new, self._slots_dev)
+            return
+        assert self._write_slots is not None
+        written = self._write_rows
+        if written is not None:  # padding rows have no slot
+            k_new, v_new = k_new.index_select(0, written), v_new.index_select(0, written)
+        kv, d = cache.num_kv_heads, cache.head_dim
+        cache.k[layer_idx].view(-1, kv, d).index_copy_(0, self._write_slots, k_new)
+        cache.v[layer_idx].view(-1, kv, d).index_copy_(0, self._write_slots, v_new)
+
+    def _attend_torch(
+        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        """Decode groups and prefill chunks by SDPA, kernel decodes by the kernel."""
+        k_cache, v_cache = self.cache.k[layer_idx], self.cache.v[layer_idx]
+        kv, d = self.cache.num_kv_heads, self.cache.head_dim
+        num_tokens, num_heads = q.shape[0], q.shape[1]
+        groups = num_heads // kv
+        qc = q.to(self._attn_dtype)
+        if self._direct:
+            return self._decode(self.decode_groups[0], qc, k_cache, v_cache, groups)
+        padded = self.num_query_tokens != num_tokens
+        shape = (num_tokens, num_heads * d)
+        out = (torch.zeros if padded else torch.empty)(shape, dtype=self._attn_dtype, device=self._device)
+        kd = self._kernel_decode
+        if kd is not None:
+            decoded = self._decode_kernel(layer_idx, kd, q.index_select(0, kd.row_index))
+            out.index_copy_(0, kd.row_index, decoded.to(self._attn_dtype))
+        for g in self.decode_groups:
+            rows = g.rows
+            if isinstance(rows, slice):
+                out[rows] = self._decode(g, qc[rows], k_cache, v_cache, groups)
+            else:
+                out.index_copy_(0, rows, self._decode(g, qc.index_select(0, rows), k_cache, v_cache, groups))
+        for p in self.prefills:
+            q_s = qc[p.rows].transpose(0, 1)  # (H, q_len, D)
+            if p.blocks is None:
+                k_s = k[p.rows].to(self._attn_dtype).transpose(0, 1)
+                v_s = v[p.rows].to(self._attn_dtype).transpose(0, 1)
+                o = F.scaled_dot_product_attention(q_s, k_s, v_s, is_causal=True, enable_gqa=groups > 1)
+            else:
+                k_s = self._gather(k_cache, p.blocks, self._k_buf).view(-1, kv, d)[: p.context_len]
+                v_s = self._gather(v_cache, p.blocks, self._v_buf).view(-1, kv, d)[: p.context_len]
+                k_s, v_s = k_s.to(self._attn_dtype).transpose(0, 1), v_s.to(self._attn_dtype).transpose(0, 1)
+                o = F.scaled_dot_product_attention(q_s, k_s, v_s, attn_mask=p.mask, enable_gqa=groups > 1)
+            out[p.rows] = o.transpose(0, 1).reshape(-1, num_heads * d)
+        return out
+
+    def _decode_kernel(self, layer_idx: int, kd: _KernelDecode, q: torch.Tensor) -> torch.Tensor:
+        """q (n, H, D) of the decode rows -> (n, H * D), by the Rust kernel (fp32 out)
+        or the Triton kernel (the cache's dtype out) over the cache."""
+        if kd.triton is not None:
+            tables, ctxs, max_ctx = kd.triton
+            return decode_triton(self.cache, layer_idx, q, tables, ctxs, max_ctx)
+        qf = q.float().contiguous()
+        out = torch.empty_like(qf)
+        cache = self.cache
+        _native.paged_decode_attention(
+            qf.numpy(),
+            cache.k_np[layer_idx],
+            cache.v_np[layer_idx],
+            kd.block_tables,
+            kd.context_lens,
+            self._scale,
+            out.numpy(),
+        )
+        return out.view(len(qf), -1)
+
+    def _decode(
+        self, g: _DecodeGroup, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, groups: int
+    ) -> torch.Tensor:
+        """q (n, H, D) single queries of the group -> (n, H * D)."""
+        n, kv, d = g.num_seqs, self.cache.num_kv_heads, self.cache.head_dim
+        span = g.max_blocks * self.cache.block_size
+        # k and v gathered apart: one index_select over both (dim 1 of kv[:, layer])
+        # took 1.5x as long at batch 8 x 512 positions (a slower non-dim-0 kernel)
+        k_g = self._gather(k_cache, g.blocks, self._k_buf).view(n, span, kv, d)
+        v_g = self._gather(v_cache, g.blocks, self._v_buf).view(n, span, kv, d)
+        if g.length != span:
+            k_g, v_g = k_g[:, : g.length], v_g[:, : g.length]
+        k_g, v_g = k_g.to(self._attn_dtype).transpose(1, 2), v_g.to(self._attn_dtype).transpose(1, 2)
+        # the `groups` query heads sharing a kv head act as its query rows: 2-10%
+        # faster than enable_gqa, which expands k/v on the CPU
+        o = F.scaled_dot_product_attention(q.reshape(n, kv, groups, d), k_g, v_g, attn_mask=g.mask)
+        return o.reshape(n, -1)
+
+    @staticmethod
+    def _gather(cache: torch.Tensor, blocks: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+        """cache[blocks] into the front of buf (block-granular index_select: faster
+        than SDPA over a strided view of the cache, 1.4x at 1024 positions)."""
+        return torch.index_select(cache, 0, blocks, out=buf[: len(blocks)])
+
+
+def _mixed_triton(qlens: np.ndarray, ctxs: np.ndarray, tables: np.ndarray, dev: torch.device) -> _MixedTriton:
+    cu = np.concatenate(([0], np.cumsum(qlens))).astype(np.int32)
+    return _MixedTriton(
+        torch.from_numpy(np.ascontiguousarray(tables, dtype=np.int32)).to(dev),
+        torch.from_numpy(cu).to(dev),
+        torch.from_numpy(ctxs.astype(np.int32)).to(dev),
+        int(qlens.max()),
+    )
+
+
+def _prefills(
+    qlens: np.ndarray, ctxs: np.ndarray, tables: np.ndarray, starts: np.ndarray, bs: int, dev: torch.device
+) -> list[_Prefill]:
+    """A chunk from position 0 attends over the step's own k/v with is_causal (4.05 vs
+    4.43 ms a layer for 512 tokens against a gather and a mask); a mid-sequence chunk
+    gathers its blocks under a bottom-right causal mask."""
+    out = []
+    for s in np.flatnonzero(qlens > 1):
+        q_len, ctx, start = int(qlens[s]), int(ctxs[s]), int(starts[s])
+        rows = slice(start, start + q_len)
+        if q_len == ctx:
+            out.append(_Prefill(rows, ctx, None, None))
+            continue
+        blocks = torch.from_numpy(np.ascontiguousarray(tables[s, : -(-ctx // bs)])).to(dev)
+        query_pos = torch.arange(ctx - q_len, ctx, device=dev).unsqueeze(1)
+        mask = torch.arange(ctx, device=dev).unsqueeze(0) <= query_pos
+        out.append(_Prefill(rows, ctx, blocks, mask))
+    return out
+
+
+def _decode_groups(
+    starts: np.ndarray,
+    ctxs: np.ndarray,
+    tables: np.ndarray,
+    block_size: int,
+    call_cost_tokens: int,
+    max_call_positions: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> list[_DecodeGroup]:
+    """Partition single-query sequences into SDPA calls. Longest first, stable so
+    equal contexts keep their order; a sequence joins the open group while padding
+    it to the group's length costs less than a call of its own and the group's
+    gathered k/v stay under max_call_positions (3.5-4x over a call per sequence at
+    short contexts, 1.3-1.5x at long or mixed ones)."""
+    if len(ctxs) == 0:
+        return []
+    order = np.argsort(-ctxs, kind="stable")
+    parts, current = [], [int(order[0])]
+    for i in order[1:]:
+        longest = int(ctxs[current[0]])
+        fits = (len(current) + 1) * longest <= max_call_positions
+        if fits and longest - ctxs[i] <= call_cost_tokens:
+            current.append(i)
+        else:
+            parts.append(np.array(current))
+            current = [i]
+    parts.append(np.array(current))
+    return [_decode_group(np.sort(idx), starts, ctxs, tables, block_size, dtype, device) for idx in parts]
+
+
+def _decode_group(
+    idx: np.ndarray,
+    starts: np.ndarray,
+    ctxs: np.ndarray,
+    tables: np.ndarray,
+    block_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> _DecodeGroup:
+    """One SDPA call over the sequences idx (in row order, so consecutive rows are a slice)."""
+    c = ctxs[idx]
+    length = int(c.max())
+    max_blocks = -(-length // block_size)
+    blocks = tables[idx, :max_blocks].copy()
+    blocks[blocks < 0] = 0  # beyond a shorter sequence's table: masked, any block will do
+    mask = None
+    if (c != length).any():
+        keep = torch.from_numpy(np.arange(length)[None, :] < c[:, None]).to(device)
+        mask = torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill_(~keep, float("-inf"))
+        mask = mask.view(len(idx), 1, 1, length)
+    row_ids = starts[idx]
+    rows: slice | torch.Tensor
+    if (np.diff(row_ids) == 1).all():
+        rows = slice(int(row_ids[0]), int(row_ids[-1]) + 1)
+    else:
+        rows = torch.from_numpy(row_ids).to(device)
+    blocks_t = torch.from_numpy(blocks.reshape(-1)).to(device)
+    return _DecodeGroup(rows, blocks_t, len(idx), max_blocks, length, mask)
+
+
+def _validate(
+    cache: PagedKVCache, qlens: np.ndarray, ctxs: np.ndarray, slots: np.ndarray, tables: np.ndarray
+) -> None:
+    """Cheap (per step, vectorised) consistency checks of a scheduler plan."""
+    num_seqs = len(qlens)
+    if len(ctxs) != num_seqs or tables.ndim != 2 or tables.shape[0] != num_seqs:
+        raise ValueError(
+            f"plan shapes disagree: query_lens {qlens.shape}, context_lens {ctxs.shape}, "
+            f"block_tables {tables.shape}"
+        )
+    if slots.ndim != 1:
+        raise ValueError(f"slot_mapping must be 1-D, got shape {slots.shape}")
+    if num_seqs and (qlens.min() < 1 or (ctxs < qlens).any()):
+        raise ValueError("every sequence needs query_len >= 1 and context_len >= query_len")
+    num_query = int(qlens.sum())
+    if num_query > len(slots):
+        raise ValueError(f"query_lens sum to {num_query} tokens but slot_mapping has {len(slots)}")
+    bs = cache.block_size
+    needed = -(-ctxs // bs)
+    if num_seqs and needed.max() > tables.shape[1]:
+        raise ValueError(f"a context needs {needed.max()} blocks; block_tables has {tables.shape[1]} columns")
+    used = np.arange(tables.shape[1])[None, :] < needed[:, None]
+    if ((tables < 0) | (tables >= cache.num_blocks))[used].any():
+        raise ValueError(f"block_tables: a used entry is outside [0, {cache.num_blocks})")
+    if ((slots < -1) | (slots >= cache.num_blocks * bs)).any():
+        raise ValueError(f"slot_mapping: slots must be -1 or in [0, {cache.num_blocks * bs})")
+    # the slot of each sequence token must be where its position lives
+    seq = np.repeat(np.arange(num_seqs), qlens)
+    first = np.concatenate(([0], np.cumsum(qlens)[:-1]))
+    pos = np.arange(num_query) - first[seq] + (ctxs - qlens)[seq]
+    expected = tables[seq, pos // bs] * bs + pos % bs
+    if (slots[:num_query] != expected).any():
+        bad = int(np.flatnonzero(slots[:num_query] != expected)[0])
+        raise ValueError(
+            f"slot_mapping[{bad}] = {slots[bad]} but its position {pos[bad]} of sequence "
+            f"{seq[bad]} lives at slot {expected[bad]}"
+        )
+    written = slots[slots >= 0]
+    if len(np.unique(written)) != len(written):
+        raise ValueError("slot_mapping writes a slot twice")

@@ -1,0 +1,94 @@
+"""What the engine needs of a model family. A family is a file in models/ whose
+class satisfies `CausalLM`, plus an `Architecture` entry (registry.py) that
+names the class: the engine's runner calls nothing else."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from mistralrs_serve.config import ModelConfig
+from mistralrs_serve.layers.attention import AttentionBackend
+
+
+class FusedForward(Protocol):
+    """A whole step in one native call over the paged cache (the Llama family's
+    is models/llama_native.py): every token a row with its own position, slot and
+    block table; a prefill chunk's rows attend causally together."""
+
+    weight_bytes: int  # what one decode step reads
+
+    def forward(
+        self,
+        input_ids: np.ndarray,
+        positions: np.ndarray,
+        slots: np.ndarray,
+        block_tables: np.ndarray,
+        context_lens: np.ndarray,
+        logit_rows: np.ndarray,
+    ) -> torch.Tensor:
+        """fp32 logits (len(logit_rows), vocab); block_tables and context_lens per row."""
+        ...
+
+
+class CausalLM(Protocol):
+    """Token ids and positions in, logits of the selected rows out.
+
+    Prompts with non-text inputs (image or audio embeddings placed at given
+    positions) would enter here: a family that takes them adds the embeddings
+    and their rows to `forward`, and the runner passes them from the request.
+    No family does yet.
+    """
+
+    config: ModelConfig
+    dtype: torch.dtype
+    device: torch.device
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attn: AttentionBackend,
+        logits_indices: torch.Tensor,
+        int4_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids/positions (T,) -> fp32 logits (len(logits_indices), vocab).
+        int4_rows: the rows of a mixed step that take the 4-bit kernel (layers.linear)."""
+        ...
+
+    def to(self, device: torch.device | str) -> CausalLM:
+        """Move every weight, in place."""
+        ...
+
+    def use_triton(self) -> None:
+        """Run the layers that have Triton kernels on them from now on."""
+        ...
+
+    def decode_weight_bytes(self) -> int:
+        """Weight bytes one decode step reads."""
+        ...
+
+    def fused_forward(self, kv: np.ndarray | None) -> FusedForward | None:
+        """The family's fused native step over the cache `kv` (PagedKVCache.kv_np),
+        or None where it has none or it does not apply (device, weights, CPU)."""
+        ...
+
+
+class EmbeddingModel(Protocol):
+    """Room for families that do not generate (embedding models): a runner for
+    them would run the same plans but pool hidden states instead of sampling.
+    Nothing implements it yet."""
+
+    config: ModelConfig
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attn: AttentionBackend,
+        query_lens: torch.Tensor,
+    ) -> torch.Tensor:
+        """One pooled vector per sequence of the step: (len(query_lens), hidden)."""
+        ...
