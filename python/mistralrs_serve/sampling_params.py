@@ -99,17 +99,6 @@ class SamplingParams:
         )
         _check(1 <= self.n <= 128, "n", "must be in [1, 128]")
 
-    @property
-    def is_greedy(self) -> bool:
-        return self.temperature == 0.0
-
-    def with_defaults(self, defaults: dict[str, Any], explicit: set[str]) -> SamplingParams:
-        """Fill fields the caller left unset from the model's generation_config."""
-        from dataclasses import replace
-
-        chosen = {k: v for k, v in defaults.items() if k not in explicit and hasattr(self, k)}
-        return replace(self, **chosen) if chosen else self
-
     def check_vocab(self, vocab_size: int) -> None:
         """The checks that need the model: logit_bias ids must be in the vocabulary."""
         bad = [i for i in self.logit_bias if not 0 <= i < vocab_size]

@@ -1,0 +1,2 @@
+"""Model families (one file each, listed in registry.py) and the loaders that
+build them from GGUF files, Hugging Face directories or the hub."""
