@@ -5,7 +5,6 @@ chunks off Triton. The figures behind each choice are in bench/README.md."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol
 
 import numpy as np
@@ -13,6 +12,15 @@ import torch
 import torch.nn.functional as F
 
 from mistralrs_serve import _native
+from mistralrs_serve.layers.attention_plan import (
+    DecodeGroup,
+    KernelDecode,
+    Prefill,
+    decode_groups,
+    mixed_triton,
+    prefills,
+    validate_plan,
+)
 
 if TYPE_CHECKING:
     from mistralrs_serve.engine.kv_cache import PagedKVCache
@@ -79,80 +87,6 @@ def decode_triton(
     )
     return o.view(len(q), -1)
 
-
-@dataclass(frozen=True)
-class _DecodeGroup:
-    """Single-query sequences attended in one SDPA call, padded to `length`."""
-
-    rows: slice | torch.Tensor  # their rows in q / the output
-    blocks: torch.Tensor  # (n * max_blocks,) block ids, padding -> block 0
-    num_seqs: int
-    max_blocks: int
-    length: int  # keys attended (max context in the group)
-    mask: torch.Tensor | None  # (n, 1, 1, length) additive, None if all contexts equal
-
-
-@dataclass(frozen=True)
-class _KernelDecode:
-    """Single-query sequences for the Rust or Triton kernel: each table is read in place."""
-
-    rows: slice | None  # their rows when they are all rows 0..n in order
-    row_index: torch.Tensor  # (n,) their rows in q / the output
-    block_tables: np.ndarray  # (n, max_blocks) int64, C-contiguous
-    context_lens: np.ndarray  # (n,) int64
-    # the Triton kernel's (block_tables, context_lens) int32 on the cache's device, max context
-    triton: tuple[torch.Tensor, torch.Tensor, int] | None = None
-
-    @staticmethod
-    def build(
-        starts: np.ndarray,
-        ctxs: np.ndarray,
-        tables: np.ndarray,
-        block_size: int,
-        device: torch.device,
-        *,
-        triton: bool,
-    ) -> _KernelDecode:
-        max_blocks = max(1, -(-int(ctxs.max()) // block_size))
-        contiguous = bool(starts[0] == 0 and (np.diff(starts) == 1).all())
-        block_tables = np.ascontiguousarray(tables[:, :max_blocks], dtype=np.int64)
-        context_lens = np.ascontiguousarray(ctxs, dtype=np.int64)
-        on_device = None
-        if triton:
-            on_device = (
-                torch.from_numpy(block_tables.astype(np.int32)).to(device),
-                torch.from_numpy(context_lens.astype(np.int32)).to(device),
-                int(ctxs.max()),
-            )
-        return _KernelDecode(
-            slice(0, len(starts)) if contiguous else None,
-            torch.from_numpy(np.ascontiguousarray(starts, dtype=np.int64)).to(device),
-            block_tables,
-            context_lens,
-            on_device,
-        )
-
-
-@dataclass(frozen=True)
-class _Prefill:
-    """A chunk of query_len > 1 tokens of one sequence."""
-
-    rows: slice
-    context_len: int
-    blocks: torch.Tensor | None  # None: chunk starts at 0, attend over the step's own k/v
-    mask: torch.Tensor | None  # (query_len, context_len) bool, bottom-right causal
-
-
-@dataclass(frozen=True)
-class _MixedTriton:
-    """Every sequence of a step with a prefill, in one Triton kernel call."""
-
-    block_tables: torch.Tensor  # (S, max_blocks) int32
-    cu_query_lens: torch.Tensor  # (S + 1,) int32
-    context_lens: torch.Tensor  # (S,) int32
-    max_query_len: int
-
-
 class PagedAttention:
     """The attention backend of one step over a PagedKVCache, built from the
     scheduler's query_lens (S,), context_lens (S,), slot_mapping (T,) and
@@ -182,7 +116,7 @@ class PagedAttention:
         tables = np.asarray(block_tables, dtype=np.int64)
         if tables.ndim == 1 and tables.size == 0:
             tables = tables.reshape(len(qlens), 0)
-        _validate(cache, qlens, ctxs, slots, tables)
+        validate_plan(cache, qlens, ctxs, slots, tables)
         if decode_mode == "native" and not cache.k_np:
             decode_mode = "group"  # no numpy views of this cache for the Rust kernel
         self.cache, self.decode_mode = cache, decode_mode
@@ -197,16 +131,16 @@ class PagedAttention:
         is_decode = qlens == 1
         self._mixed = None
         if decode_mode == "triton" and not is_decode.all():
-            self._mixed = _mixed_triton(qlens, ctxs, tables, dev)
+            self._mixed = mixed_triton(qlens, ctxs, tables, dev)
             is_decode = np.zeros_like(is_decode)  # the mixed kernel covers every sequence
         self._kernel_decode = None
         if decode_mode != "group" and is_decode.any():
             sel = (starts[is_decode], ctxs[is_decode], tables[is_decode], cache.block_size, dev)
-            self._kernel_decode = _KernelDecode.build(*sel, triton=decode_mode == "triton")
-        self.decode_groups: list[_DecodeGroup] = []
+            self._kernel_decode = KernelDecode.build(*sel, triton=decode_mode == "triton")
+        self.decode_groups: list[DecodeGroup] = []
         if decode_mode == "group":
             position_bytes = 2 * cache.num_kv_heads * cache.head_dim * cache.kv.element_size()
-            self.decode_groups = _decode_groups(
+            self.decode_groups = decode_groups(
                 starts[is_decode],
                 ctxs[is_decode],
                 tables[is_decode],
@@ -216,9 +150,9 @@ class PagedAttention:
                 self._attn_dtype,
                 dev,
             )
-        self.prefills: list[_Prefill] = []
+        self.prefills: list[Prefill] = []
         if self._mixed is None:
-            self.prefills = _prefills(qlens, ctxs, tables, starts, cache.block_size, dev)
+            self.prefills = prefills(qlens, ctxs, tables, starts, cache.block_size, dev)
         self._allocate_gather_buffers()
         # decode-only step whose single group covers every row in order: no
         # gather of q rows / scatter of output rows needed
@@ -334,7 +268,7 @@ class PagedAttention:
             out[p.rows] = o.transpose(0, 1).reshape(-1, num_heads * d)
         return out
 
-    def _decode_kernel(self, layer_idx: int, kd: _KernelDecode, q: torch.Tensor) -> torch.Tensor:
+    def _decode_kernel(self, layer_idx: int, kd: KernelDecode, q: torch.Tensor) -> torch.Tensor:
         """q (n, H, D) of the decode rows -> (n, H * D), by the Rust kernel (fp32 out)
         or the Triton kernel (the cache's dtype out) over the cache."""
         if kd.triton is not None:
@@ -355,7 +289,7 @@ class PagedAttention:
         return out.view(len(qf), -1)
 
     def _decode(
-        self, g: _DecodeGroup, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, groups: int
+        self, g: DecodeGroup, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, groups: int
     ) -> torch.Tensor:
         """q (n, H, D) single queries of the group -> (n, H * D)."""
         n, kv, d = g.num_seqs, self.cache.num_kv_heads, self.cache.head_dim
@@ -377,136 +311,3 @@ class PagedAttention:
         """cache[blocks] into the front of buf (block-granular index_select: faster
         than SDPA over a strided view of the cache, 1.4x at 1024 positions)."""
         return torch.index_select(cache, 0, blocks, out=buf[: len(blocks)])
-
-
-def _mixed_triton(qlens: np.ndarray, ctxs: np.ndarray, tables: np.ndarray, dev: torch.device) -> _MixedTriton:
-    cu = np.concatenate(([0], np.cumsum(qlens))).astype(np.int32)
-    return _MixedTriton(
-        torch.from_numpy(np.ascontiguousarray(tables, dtype=np.int32)).to(dev),
-        torch.from_numpy(cu).to(dev),
-        torch.from_numpy(ctxs.astype(np.int32)).to(dev),
-        int(qlens.max()),
-    )
-
-
-def _prefills(
-    qlens: np.ndarray, ctxs: np.ndarray, tables: np.ndarray, starts: np.ndarray, bs: int, dev: torch.device
-) -> list[_Prefill]:
-    """A chunk from position 0 attends over the step's own k/v with is_causal (4.05 vs
-    4.43 ms a layer for 512 tokens against a gather and a mask); a mid-sequence chunk
-    gathers its blocks under a bottom-right causal mask."""
-    out = []
-    for s in np.flatnonzero(qlens > 1):
-        q_len, ctx, start = int(qlens[s]), int(ctxs[s]), int(starts[s])
-        rows = slice(start, start + q_len)
-        if q_len == ctx:
-            out.append(_Prefill(rows, ctx, None, None))
-            continue
-        blocks = torch.from_numpy(np.ascontiguousarray(tables[s, : -(-ctx // bs)])).to(dev)
-        query_pos = torch.arange(ctx - q_len, ctx, device=dev).unsqueeze(1)
-        mask = torch.arange(ctx, device=dev).unsqueeze(0) <= query_pos
-        out.append(_Prefill(rows, ctx, blocks, mask))
-    return out
-
-
-def _decode_groups(
-    starts: np.ndarray,
-    ctxs: np.ndarray,
-    tables: np.ndarray,
-    block_size: int,
-    call_cost_tokens: int,
-    max_call_positions: int,
-    dtype: torch.dtype,
-    device: torch.device,
-) -> list[_DecodeGroup]:
-    """Partition single-query sequences into SDPA calls. Longest first, stable so
-    equal contexts keep their order; a sequence joins the open group while padding
-    it to the group's length costs less than a call of its own and the group's
-    gathered k/v stay under max_call_positions (3.5-4x over a call per sequence at
-    short contexts, 1.3-1.5x at long or mixed ones)."""
-    if len(ctxs) == 0:
-        return []
-    order = np.argsort(-ctxs, kind="stable")
-    parts, current = [], [int(order[0])]
-    for i in order[1:]:
-        longest = int(ctxs[current[0]])
-        fits = (len(current) + 1) * longest <= max_call_positions
-        if fits and longest - ctxs[i] <= call_cost_tokens:
-            current.append(i)
-        else:
-            parts.append(np.array(current))
-            current = [i]
-    parts.append(np.array(current))
-    return [_decode_group(np.sort(idx), starts, ctxs, tables, block_size, dtype, device) for idx in parts]
-
-
-def _decode_group(
-    idx: np.ndarray,
-    starts: np.ndarray,
-    ctxs: np.ndarray,
-    tables: np.ndarray,
-    block_size: int,
-    dtype: torch.dtype,
-    device: torch.device,
-) -> _DecodeGroup:
-    """One SDPA call over the sequences idx (in row order, so consecutive rows are a slice)."""
-    c = ctxs[idx]
-    length = int(c.max())
-    max_blocks = -(-length // block_size)
-    blocks = tables[idx, :max_blocks].copy()
-    blocks[blocks < 0] = 0  # beyond a shorter sequence's table: masked, any block will do
-    mask = None
-    if (c != length).any():
-        keep = torch.from_numpy(np.arange(length)[None, :] < c[:, None]).to(device)
-        mask = torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill_(~keep, float("-inf"))
-        mask = mask.view(len(idx), 1, 1, length)
-    row_ids = starts[idx]
-    rows: slice | torch.Tensor
-    if (np.diff(row_ids) == 1).all():
-        rows = slice(int(row_ids[0]), int(row_ids[-1]) + 1)
-    else:
-        rows = torch.from_numpy(row_ids).to(device)
-    blocks_t = torch.from_numpy(blocks.reshape(-1)).to(device)
-    return _DecodeGroup(rows, blocks_t, len(idx), max_blocks, length, mask)
-
-
-def _validate(
-    cache: PagedKVCache, qlens: np.ndarray, ctxs: np.ndarray, slots: np.ndarray, tables: np.ndarray
-) -> None:
-    """Cheap (per step, vectorised) consistency checks of a scheduler plan."""
-    num_seqs = len(qlens)
-    if len(ctxs) != num_seqs or tables.ndim != 2 or tables.shape[0] != num_seqs:
-        raise ValueError(
-            f"plan shapes disagree: query_lens {qlens.shape}, context_lens {ctxs.shape}, "
-            f"block_tables {tables.shape}"
-        )
-    if slots.ndim != 1:
-        raise ValueError(f"slot_mapping must be 1-D, got shape {slots.shape}")
-    if num_seqs and (qlens.min() < 1 or (ctxs < qlens).any()):
-        raise ValueError("every sequence needs query_len >= 1 and context_len >= query_len")
-    num_query = int(qlens.sum())
-    if num_query > len(slots):
-        raise ValueError(f"query_lens sum to {num_query} tokens but slot_mapping has {len(slots)}")
-    bs = cache.block_size
-    needed = -(-ctxs // bs)
-    if num_seqs and needed.max() > tables.shape[1]:
-        raise ValueError(f"a context needs {needed.max()} blocks; block_tables has {tables.shape[1]} columns")
-    used = np.arange(tables.shape[1])[None, :] < needed[:, None]
-    if ((tables < 0) | (tables >= cache.num_blocks))[used].any():
-        raise ValueError(f"block_tables: a used entry is outside [0, {cache.num_blocks})")
-    if ((slots < -1) | (slots >= cache.num_blocks * bs)).any():
-        raise ValueError(f"slot_mapping: slots must be -1 or in [0, {cache.num_blocks * bs})")
-    # the slot of each sequence token must be where its position lives
-    seq = np.repeat(np.arange(num_seqs), qlens)
-    first = np.concatenate(([0], np.cumsum(qlens)[:-1]))
-    pos = np.arange(num_query) - first[seq] + (ctxs - qlens)[seq]
-    expected = tables[seq, pos // bs] * bs + pos % bs
-    if (slots[:num_query] != expected).any():
-        bad = int(np.flatnonzero(slots[:num_query] != expected)[0])
-        raise ValueError(
-            f"slot_mapping[{bad}] = {slots[bad]} but its position {pos[bad]} of sequence "
-            f"{seq[bad]} lives at slot {expected[bad]}"
-        )
-    written = slots[slots >= 0]
-    if len(np.unique(written)) != len(written):
-        raise ValueError("slot_mapping writes a slot twice")
