@@ -94,7 +94,7 @@ class EngineConfig:
     # Longest context a captured decode step covers; longer steps run eagerly.
     cuda_graph_max_context: int = 4096
     # Decode rows of 4-bit models on a CPU with AVX-512 VNNI run through the
-    # fused Rust decode step (engine/native_forward.py) rather than torch.
+    # fused Rust decode step (models/llama_native.py) rather than torch.
     native_forward: bool = True
 
     def __post_init__(self) -> None:
