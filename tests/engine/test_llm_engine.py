@@ -120,6 +120,47 @@ def test_n_choices_share_the_prompt_and_are_seeded(loaded) -> None:  # type: ign
     assert_all_blocks_free(engine)
 
 
+def test_the_sampler_reads_each_choice_history_where_the_scheduler_keeps_it(loaded) -> None:  # type: ignore[no-untyped-def]
+    """Penalties and DRY read a sequence's ids from the scheduler, not from a copy Python keeps:
+    at every sampling, each choice's history there is its prompt and exactly the tokens it has
+    produced so far, through the forks of n > 1 and the preemptions of a tight cache."""
+    engine = LLMEngine(loaded, EngineConfig(kv_cache_mb=4, block_size=4, enable_prefix_caching=False))
+    batch = prompts(engine, 3)
+    params = SamplingParams(
+        max_tokens=24,
+        temperature=0.8,
+        seed=3,
+        n=2,
+        ignore_eos=True,
+        frequency_penalty=0.5,
+        dry_multiplier=0.8,
+    )
+    produced: dict[tuple[str, int], list[int]] = {}
+    checked = []
+    sample = engine.runner.sample
+
+    def spy(logits, rows, seqs, bitmask, histories):  # type: ignore[no-untyped-def]
+        for seq in seqs:
+            prompt, output = histories.history(seq.seq_id)
+            key = (seq.request.request_id, seq.index)
+            assert prompt.tolist() == seq.request.prompt_ids.tolist()
+            assert output.tolist() == produced.get(key, []) and len(output) == seq.num_output_tokens
+            checked.append(key)
+        return sample(logits, rows, seqs, bitmask, histories)
+
+    engine.runner.sample = spy  # type: ignore[method-assign]
+    for i, ids in enumerate(batch):
+
+        def record(out: StepOutput, rid: str = f"r{i}") -> None:
+            produced.setdefault((rid, out.index), []).append(out.token_id)
+
+        engine.add_request(f"r{i}", ids, params, record)
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert len(checked) == 3 * 2 * 24 and engine.scheduler.num_preemptions > 0
+    assert_all_blocks_free(engine)
+
+
 def test_abort_mid_prefill_and_mid_decode_frees_blocks(loaded) -> None:  # type: ignore[no-untyped-def]
     engine = LLMEngine(loaded, EngineConfig(kv_cache_mb=64, max_num_batched_tokens=8))
     ids = prompts(engine, 2)
