@@ -111,11 +111,7 @@ impl PyScheduler {
     }
 
     /// Copies of a sequence's prompt and of the tokens appended since.
-    fn history<'py>(
-        &self,
-        py: Python<'py>,
-        seq_id: u64,
-    ) -> PyResult<TokenArrays<'py>> {
+    fn history<'py>(&self, py: Python<'py>, seq_id: u64) -> PyResult<TokenArrays<'py>> {
         let h = self
             .inner
             .history(seq_id)
