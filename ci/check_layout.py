@@ -82,7 +82,8 @@ def shadowing_problems() -> list[str]:
         for script in sorted((ROOT / folder).glob("*.py")):
             spec = importlib.util.find_spec(script.stem)
             if spec is not None and spec.origin and Path(spec.origin).parent != script.parent:
-                out.append(f"{folder}/{script.name} shadows the installed module {script.stem} ({spec.origin})")
+                where = f"{folder}/{script.name}"
+                out.append(f"{where} shadows the installed module {script.stem} ({spec.origin})")
     return out
 
 
@@ -104,7 +105,7 @@ def main() -> int:
     problems += [p for f in sorted((ROOT / "native").rglob("*.rs")) for p in rust_problems(f)]
     problems += shadowing_problems() + shared_readers()
     for problem in problems:
-        print(problem)
+        print(problem.replace(f"{ROOT}/", ""))
     return 1 if problems else 0
 
 
