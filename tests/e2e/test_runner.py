@@ -205,3 +205,23 @@ def test_concurrent_callers_from_many_threads(default_runner) -> None:  # type: 
     with ThreadPoolExecutor(max_workers=6) as pool:
         together = list(pool.map(ask, questions))
     assert together == alone
+
+
+def test_a_request_is_checked_once_at_the_edge(default_runner, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Serving checks each prompt once, on the caller's thread; the engine loop and the
+    engine run the CheckedPrompt as it is."""
+    from mistralrs_serve.engine.engine_info import EngineInfo
+
+    params: list[str] = []
+    real = EngineInfo.check_prompt
+
+    def counting(self, prompt_ids, sampling, param="prompt"):  # type: ignore[no-untyped-def]
+        params.append(param)
+        return real(self, prompt_ids, sampling, param)
+
+    monkeypatch.setattr(EngineInfo, "check_prompt", counting)
+    chat(default_runner, max_tokens=2)
+    list(chat(default_runner, max_tokens=2, stream=True))
+    req = CompletionRequest(model="default", prompt=["a", "b"], max_tokens=2)
+    default_runner.send_completion_request(req)
+    assert params == ["messages", "messages", "prompt", "prompt"]
