@@ -104,9 +104,9 @@ class SamplingParams:
         bad = [i for i in self.logit_bias if not 0 <= i < vocab_size]
         _check(not bad, "logit_bias", f"has token ids outside the vocabulary (size {vocab_size}): {bad[:5]}")
 
-    def to_native(self, vocab_size: int, encode: Any, choice_index: int = 0) -> _native.SamplingParams:
-        """The Rust-side params; `encode(text)` tokenizes DRY breakers."""
-        self.check_vocab(vocab_size)
+    def to_native(self, encode: Any, choice_index: int = 0) -> _native.SamplingParams:
+        """The Rust-side params of a request checked at the edge (`check_vocab` included);
+        `encode(text)` tokenizes DRY breakers."""
         breakers = sorted({t for s in self.dry_sequence_breakers for t in encode(s)})
         seed = secrets.randbits(64) if self.seed is None else (self.seed + choice_index) % 2**64
         return _native.SamplingParams(

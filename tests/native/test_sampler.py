@@ -766,7 +766,7 @@ def test_request_params_reject_infinite_dry_values(field: str) -> None:
 
 def test_logit_bias_outside_the_vocabulary_is_an_invalid_request() -> None:
     with pytest.raises(InvalidRequestError) as excinfo:
-        RequestParams(logit_bias={10: 1.0}).to_native(10, encode=lambda text: [])
+        RequestParams(logit_bias={10: 1.0}).check_vocab(10)
     assert excinfo.value.param == "logit_bias"
     assert "10" in str(excinfo.value)
 
@@ -783,12 +783,12 @@ def test_request_params_convert_to_native() -> None:
         top_logprobs=4,
         dry_sequence_breakers=("\n", ":"),
     )
-    native = params.to_native(100, encode=encode, choice_index=2)
+    native = params.to_native(encode=encode, choice_index=2)
     assert native.temperature == pytest.approx(0.3)
     assert native.seed == 1  # seed + choice index, wrapped to 64 bits
     assert native.num_top_logprobs == 4
-    assert RequestParams(top_logprobs=4).to_native(100, encode).num_top_logprobs == 0  # logprobs off
-    unseeded = {RequestParams().to_native(100, encode).seed for _ in range(4)}
+    assert RequestParams(top_logprobs=4).to_native(encode).num_top_logprobs == 0  # logprobs off
+    unseeded = {RequestParams().to_native(encode).seed for _ in range(4)}
     assert len(unseeded) > 1  # no seed: a fresh random one per request
     logits = np.zeros((1, 100), np.float32)
     ids, *_ = _native.sample(logits, [native], [0], prompt_ids=[EMPTY], output_ids=[EMPTY])

@@ -99,9 +99,7 @@ class LLMEngine:
 
     def _new_sequence(self, req: Request) -> Sequence:
         index = len(req.seq_ids)
-        native = req.params.to_native(
-            self.model.config.vocab_size, lambda s: self.tokenizer.encode(s, add_special_tokens=False), index
-        )
+        native = req.params.to_native(lambda s: self.tokenizer.encode(s, add_special_tokens=False), index)
         stop_ids = frozenset(req.params.stop_token_ids) | (
             frozenset() if req.params.ignore_eos else self.tokenizer.eos_token_ids
         )
