@@ -4,51 +4,12 @@
 use mistralrs_serve_cpu::attention::{
     paged_decode_attention as decode_kernel, AttentionShape, DecodeBatch, KvElem,
 };
-use numpy::ndarray::Dimension;
-use numpy::{
-    Element, PyArray, PyArrayMethods, PyReadonlyArray, PyReadwriteArray, PyUntypedArrayMethods,
-};
+use numpy::PyUntypedArrayMethods;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
-use crate::bad_array;
-
-/// `obj` as a C-contiguous array of `T` with rank `D`, or the error naming it.
-fn c_array<'a, 'py, T: Element, D: Dimension>(
-    name: &str,
-    want: &str,
-    obj: &'a Bound<'py, PyAny>,
-) -> PyResult<&'a Bound<'py, PyArray<T, D>>> {
-    let array = obj
-        .cast::<PyArray<T, D>>()
-        .map_err(|_| bad_array(name, want, obj))?;
-    if !array.is_c_contiguous() {
-        return Err(bad_array(name, want, obj));
-    }
-    Ok(array)
-}
-
-/// A read-only view of a C-contiguous array of `T` with rank `D`.
-pub(crate) fn readonly<'py, T: Element, D: Dimension>(
-    name: &str,
-    want: &str,
-    obj: &Bound<'py, PyAny>,
-) -> PyResult<PyReadonlyArray<'py, T, D>> {
-    c_array(name, want, obj)?
-        .try_readonly()
-        .map_err(|err| PyValueError::new_err(format!("{name} is not readable: {err}")))
-}
-
-/// A writeable view of a C-contiguous array of `T` with rank `D`.
-pub(crate) fn readwrite<'py, T: Element, D: Dimension>(
-    name: &str,
-    want: &str,
-    obj: &Bound<'py, PyAny>,
-) -> PyResult<PyReadwriteArray<'py, T, D>> {
-    c_array(name, want, obj)?
-        .try_readwrite()
-        .map_err(|err| PyValueError::new_err(format!("{name} is not writeable: {err}")))
-}
+use crate::convert::{as_bits, readonly, readwrite, shape_of, tables_and_lens, F32_3D};
+use crate::errors::to_py_err;
 
 /// Decode attention of one query row per sequence over the paged cache.
 ///
@@ -68,20 +29,11 @@ pub fn paged_decode_attention<'py>(
     scale: f32,
     out: Bound<'py, PyAny>,
 ) -> PyResult<()> {
-    const F3: &str = "a C-contiguous 3-D float32 array";
-    let q = readonly::<f32, numpy::Ix3>("q", F3, &q)?;
-    let tables = readonly::<i64, numpy::Ix2>(
-        "block_tables",
-        "a C-contiguous 2-D int64 array",
-        &block_tables,
-    )?;
-    let ctxs = readonly::<i64, numpy::Ix1>(
-        "context_lens",
-        "a contiguous 1-D int64 array",
-        &context_lens,
-    )?;
-    let mut out_rw = readwrite::<f32, numpy::Ix3>("out", F3, &out)?;
-    let (q_shape, cache_shape) = (q.shape().to_vec(), cache_shape(&k_cache)?);
+    let q = readonly::<f32, numpy::Ix3>("q", F32_3D, &q)?;
+    let (tables, ctxs) = tables_and_lens(&block_tables, &context_lens)?;
+    let mut out_rw = readwrite::<f32, numpy::Ix3>("out", F32_3D, &out)?;
+    let cache_shape = shape_of("k_cache", "a 4-D array", 4, &k_cache)?;
+    let q_shape = q.shape().to_vec();
     if cache_shape[3] != q_shape[2] {
         return Err(PyValueError::new_err(format!(
             "head_dim differs: q has {}, the cache {}",
@@ -120,22 +72,6 @@ pub fn paged_decode_attention<'py>(
     }
 }
 
-fn cache_shape(k_cache: &Bound<'_, PyAny>) -> PyResult<Vec<usize>> {
-    let array = k_cache
-        .cast::<numpy::PyUntypedArray>()
-        .map_err(|_| bad_array("k_cache", "a 4-D array", k_cache))?;
-    if array.ndim() != 4 {
-        return Err(bad_array("k_cache", "a 4-D array", k_cache));
-    }
-    Ok(array.shape().to_vec())
-}
-
-/// bf16 values stored as int16 bits, seen as the u16 the kernel reads.
-fn as_bits(values: &[i16]) -> &[u16] {
-    // SAFETY: i16 and u16 have the same size and alignment, every bit pattern is valid.
-    unsafe { std::slice::from_raw_parts(values.as_ptr().cast::<u16>(), values.len()) }
-}
-
 fn run<T: KvElem>(
     py: Python<'_>,
     shape: AttentionShape,
@@ -145,5 +81,5 @@ fn run<T: KvElem>(
     out: &mut [f32],
 ) -> PyResult<()> {
     py.detach(|| decode_kernel(shape, batch, k, v, out))
-        .map_err(|err| PyValueError::new_err(err.to_string()))
+        .map_err(to_py_err)
 }

@@ -7,21 +7,14 @@ use mistralrs_serve_cpu::decoder::{
 use std::sync::Arc;
 
 use mistralrs_serve_cpu::quant::QMatrix;
-use mistralrs_serve_cpu::{DecoderError, QuantError};
 use numpy::PyUntypedArrayMethods;
-use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
-use crate::attention::{readonly, readwrite};
-use crate::bad_array;
-
-fn quant_err(err: QuantError) -> PyErr {
-    PyValueError::new_err(err.to_string())
-}
-
-fn decoder_err(err: DecoderError) -> PyErr {
-    PyValueError::new_err(err.to_string())
-}
+use crate::convert::{
+    as_bits_mut, bad_array, indices, readonly, readwrite, shape_of, tables_and_lens, F32_2D,
+    I64_1D, WRITEABLE_F32_2D,
+};
+use crate::errors::to_py_err;
 
 /// A weight matrix in blocks of 32 columns, repacked for the integer kernels
 /// (shared with any decoder built from it).
@@ -40,10 +33,8 @@ impl PyQuantMatrix {
         offset: Bound<'_, PyAny>,
     ) -> PyResult<Self> {
         let q = readonly::<u8, numpy::Ix2>("q", "a C-contiguous 2-D uint8 array", &q)?;
-        let scale =
-            readonly::<f32, numpy::Ix2>("scale", "a C-contiguous 2-D float32 array", &scale)?;
-        let offset =
-            readonly::<f32, numpy::Ix2>("offset", "a C-contiguous 2-D float32 array", &offset)?;
+        let scale = readonly::<f32, numpy::Ix2>("scale", F32_2D, &scale)?;
+        let offset = readonly::<f32, numpy::Ix2>("offset", F32_2D, &offset)?;
         let (rows, cols) = (q.shape()[0], q.shape()[1]);
         let m = QMatrix::from_q4(
             q.as_slice()?,
@@ -52,16 +43,16 @@ impl PyQuantMatrix {
             rows,
             cols,
         )
-        .map_err(quant_err)?;
+        .map_err(to_py_err)?;
         Ok(Self { inner: Arc::new(m) })
     }
 
     /// Float weights (rows, cols) float32, quantized to 8 bits per block of 32.
     #[staticmethod]
     fn quantize_q8(w: Bound<'_, PyAny>) -> PyResult<Self> {
-        let w = readonly::<f32, numpy::Ix2>("w", "a C-contiguous 2-D float32 array", &w)?;
+        let w = readonly::<f32, numpy::Ix2>("w", F32_2D, &w)?;
         let (rows, cols) = (w.shape()[0], w.shape()[1]);
-        let m = QMatrix::quantize_q8(w.as_slice()?, rows, cols).map_err(quant_err)?;
+        let m = QMatrix::quantize_q8(w.as_slice()?, rows, cols).map_err(to_py_err)?;
         Ok(Self { inner: Arc::new(m) })
     }
 
@@ -142,7 +133,7 @@ impl PyNativeDecoder {
             });
         }
         let head = Arc::clone(&lm_head.inner);
-        let inner = Decoder::new(shape, built, final_norm, head).map_err(decoder_err)?;
+        let inner = Decoder::new(shape, built, final_norm, head).map_err(to_py_err)?;
         Ok(Self { inner })
     }
 
@@ -173,35 +164,17 @@ impl PyNativeDecoder {
         logits: Bound<'_, PyAny>,
         threads: usize,
     ) -> PyResult<()> {
-        const F2: &str = "a writeable, C-contiguous 2-D float32 array";
-        const I1: &str = "a C-contiguous 1-D int64 array";
-        let mut x = readwrite::<f32, numpy::Ix2>("x", F2, &x)?;
-        let cos = readonly::<f32, numpy::Ix2>("cos", "a C-contiguous 2-D float32 array", &cos)?;
-        let sin = readonly::<f32, numpy::Ix2>("sin", "a C-contiguous 2-D float32 array", &sin)?;
-        let slots = readonly::<i64, numpy::Ix1>("slots", I1, &slots)?;
-        let tables = readonly::<i64, numpy::Ix2>(
-            "block_tables",
-            "a C-contiguous 2-D int64 array",
-            &block_tables,
-        )?;
-        let ctxs = readonly::<i64, numpy::Ix1>("context_lens", I1, &context_lens)?;
-        let wanted = readonly::<i64, numpy::Ix1>("logit_rows", I1, &logit_rows)?;
-        let mut logits = readwrite::<f32, numpy::Ix2>("logits", F2, &logits)?;
-        let wanted: Vec<usize> = wanted
-            .as_slice()?
-            .iter()
-            .map(|&r| {
-                usize::try_from(r)
-                    .map_err(|_| PyValueError::new_err(format!("logit row {r} is negative")))
-            })
-            .collect::<PyResult<_>>()?;
+        let mut x = readwrite::<f32, numpy::Ix2>("x", WRITEABLE_F32_2D, &x)?;
+        let cos = readonly::<f32, numpy::Ix2>("cos", F32_2D, &cos)?;
+        let sin = readonly::<f32, numpy::Ix2>("sin", F32_2D, &sin)?;
+        let slots = readonly::<i64, numpy::Ix1>("slots", I64_1D, &slots)?;
+        let (tables, ctxs) = tables_and_lens(&block_tables, &context_lens)?;
+        let wanted = readonly::<i64, numpy::Ix1>("logit_rows", I64_1D, &logit_rows)?;
+        let wanted = indices("logit row", wanted.as_slice()?)?;
+        let mut logits = readwrite::<f32, numpy::Ix2>("logits", WRITEABLE_F32_2D, &logits)?;
         const KV: &str = "a writeable, C-contiguous 6-D float32 or int16 (bf16 bits) array";
-        let kv_shape = kv
-            .cast::<numpy::PyUntypedArray>()
-            .map_err(|_| bad_array("kv", KV, &kv))?
-            .shape()
-            .to_vec();
-        if kv_shape.len() != 6 || kv_shape[0] != 2 || kv_shape[1] != self.inner.num_layers() {
+        let kv_shape = shape_of("kv", KV, 6, &kv)?;
+        if kv_shape[0] != 2 || kv_shape[1] != self.inner.num_layers() {
             return Err(bad_array("kv", KV, &kv));
         }
         let block_size = kv_shape[3];
@@ -235,11 +208,6 @@ impl PyNativeDecoder {
     }
 }
 
-fn as_bits_mut(values: &mut [i16]) -> &mut [u16] {
-    // SAFETY: i16 and u16 have the same size and alignment, every bit pattern is valid.
-    unsafe { std::slice::from_raw_parts_mut(values.as_mut_ptr().cast::<u16>(), values.len()) }
-}
-
 fn run<T: KvStore>(
     py: Python<'_>,
     decoder: &Decoder,
@@ -250,5 +218,5 @@ fn run<T: KvStore>(
     threads: usize,
 ) -> PyResult<()> {
     py.detach(|| decoder.forward(rows, KvCache { kv, block_size }, logits, threads))
-        .map_err(decoder_err)
+        .map_err(to_py_err)
 }

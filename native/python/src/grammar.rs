@@ -2,25 +2,15 @@
 //! batch bitmask fill with the GIL released.
 
 use mistralrs_serve_core::grammar::{
-    apply_bitmask, bitmask_words, fill_bitmasks, ConstraintKind, GrammarError, GrammarMatcher,
-    Vocabulary,
+    apply_bitmask, bitmask_words, fill_bitmasks, ConstraintKind, GrammarMatcher, Vocabulary,
 };
-use numpy::{PyArray2, PyArrayMethods, PyReadwriteArray2, PyUntypedArrayMethods};
-use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use numpy::PyReadwriteArray2;
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
-use crate::bad_array;
-
-/// The one mapping from grammar errors to Python exceptions.
-fn grammar_err(err: GrammarError) -> PyErr {
-    match err {
-        GrammarError::Vocabulary(_) | GrammarError::Compile(_) | GrammarError::Shape(_) => {
-            PyValueError::new_err(err.to_string())
-        }
-        GrammarError::Matcher(_) => PyRuntimeError::new_err(err.to_string()),
-    }
-}
+use crate::convert::{logits_array, readwrite};
+use crate::errors::to_py_err;
 
 /// The tokenizer's side of grammars, built once per model.
 #[pyclass(frozen, name = "GrammarVocabulary", module = "mistralrs_serve._native")]
@@ -37,7 +27,7 @@ impl PyGrammarVocabulary {
         let tokens: Vec<Vec<u8>> = tokens.iter().map(|t| t.as_bytes().to_vec()).collect();
         let inner = py
             .detach(|| Vocabulary::new(tokens, eos_ids))
-            .map_err(grammar_err)?;
+            .map_err(to_py_err)?;
         Ok(Self { inner })
     }
 
@@ -62,7 +52,7 @@ impl PyGrammarVocabulary {
         })?;
         let inner = py
             .detach(|| self.inner.compile(kind, source))
-            .map_err(grammar_err)?;
+            .map_err(to_py_err)?;
         Ok(PyGrammarMatcher { inner })
     }
 }
@@ -78,11 +68,11 @@ impl PyGrammarMatcher {
     /// Advance over a sampled token. RuntimeError when the grammar rejects it
     /// (the matcher then stays in error).
     fn consume(&mut self, token: u32) -> PyResult<()> {
-        self.inner.consume(token).map_err(grammar_err)
+        self.inner.consume(token).map_err(to_py_err)
     }
 
     fn rollback(&mut self, num_tokens: usize) -> PyResult<()> {
-        self.inner.rollback(num_tokens).map_err(grammar_err)
+        self.inner.rollback(num_tokens).map_err(to_py_err)
     }
 
     fn fork(&self) -> Self {
@@ -107,16 +97,7 @@ impl PyGrammarMatcher {
 }
 
 fn bitmask_array<'py>(obj: &Bound<'py, PyAny>) -> PyResult<PyReadwriteArray2<'py, u32>> {
-    const WANT: &str = "a writeable, C-contiguous 2-D uint32 array";
-    let array = obj
-        .cast::<PyArray2<u32>>()
-        .map_err(|_| bad_array("bitmask", WANT, obj))?;
-    if !array.is_c_contiguous() {
-        return Err(bad_array("bitmask", WANT, obj));
-    }
-    array
-        .try_readwrite()
-        .map_err(|err| PyValueError::new_err(format!("bitmask must be writeable: {err}")))
+    readwrite("bitmask", "a writeable, C-contiguous 2-D uint32 array", obj)
 }
 
 /// Fill row i of `bitmask` (rows x words_per_row, uint32) from matcher i, in
@@ -148,7 +129,7 @@ pub fn fill_token_bitmasks(
     let out = out.as_slice_mut().expect("checked C-contiguous");
     let errors = py
         .detach(|| fill_bitmasks(&mut inner, out, words))
-        .map_err(grammar_err)?;
+        .map_err(to_py_err)?;
     Ok(errors
         .into_iter()
         .map(|e| e.map(|e| e.to_string()))
@@ -163,12 +144,12 @@ pub fn apply_token_bitmask(
     logits: Bound<'_, PyAny>,
     bitmask: Bound<'_, PyAny>,
 ) -> PyResult<()> {
-    let mut logits = crate::logits_array(&logits)?;
+    let mut logits = logits_array(&logits)?;
     let vocab = logits.as_array().ncols();
     let mask = bitmask_array(&bitmask)?;
     let words = mask.as_array().ncols();
     let mask = mask.as_slice().expect("checked C-contiguous");
     let rows = logits.as_slice_mut().expect("checked C-contiguous");
     py.detach(|| apply_bitmask(rows, vocab, mask, words))
-        .map_err(grammar_err)
+        .map_err(to_py_err)
 }

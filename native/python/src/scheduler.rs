@@ -2,24 +2,11 @@
 //! `StepPlan` of numpy arrays out.
 
 use mistralrs_serve_core::{Scheduler, SchedulerConfig, SchedulerError, StepPlan, TokenHistory};
-use numpy::ndarray::Array2;
 use numpy::{IntoPyArray, PyArray1, PyArray2, PyReadonlyArray1};
-use pyo3::exceptions::{PyKeyError, PyValueError};
 use pyo3::prelude::*;
 
-fn to_py_err(err: SchedulerError) -> PyErr {
-    match err {
-        SchedulerError::UnknownSequence(_) | SchedulerError::NotRunning(_) => {
-            PyKeyError::new_err(err.to_string())
-        }
-        SchedulerError::InvalidConfig(_)
-        | SchedulerError::DuplicateSequence(_)
-        | SchedulerError::NoReservedSeat(_)
-        | SchedulerError::TooManyChoices { .. }
-        | SchedulerError::EmptyPrompt(_)
-        | SchedulerError::TooLong { .. } => PyValueError::new_err(err.to_string()),
-    }
-}
+use crate::convert::{contiguous, matrix, seq_id_array, widen};
+use crate::errors::to_py_err;
 
 /// A sequence's prompt and appended tokens, as numpy arrays.
 type TokenArrays<'py> = (Bound<'py, PyArray1<u32>>, Bound<'py, PyArray1<u32>>);
@@ -80,9 +67,7 @@ impl PyScheduler {
         prompt_ids: PyReadonlyArray1<'_, u32>,
         num_forks: usize,
     ) -> PyResult<()> {
-        let ids = prompt_ids
-            .as_slice()
-            .map_err(|_| PyValueError::new_err("prompt_ids must be contiguous"))?;
+        let ids = contiguous("prompt_ids", &prompt_ids)?;
         self.inner
             .add_group(seq_id, ids, num_forks)
             .map_err(to_py_err)
@@ -236,10 +221,6 @@ impl PyStepPlan {
     }
 }
 
-fn widen<T: Copy + Into<i64>>(values: &[T]) -> Vec<i64> {
-    values.iter().map(|&x| x.into()).collect()
-}
-
 fn to_py_plan(py: Python<'_>, plan: StepPlan) -> PyStepPlan {
     let num_seqs = plan.seq_ids.len();
     let mut logit_rows = Vec::new();
@@ -249,33 +230,28 @@ fn to_py_plan(py: Python<'_>, plan: StepPlan) -> PyStepPlan {
         end += i64::from(len);
         if sample {
             logit_rows.push(end - 1);
-            sampled.push(id as i64);
+            sampled.push(id);
         }
     }
     let is_decode_only = plan.query_lens.iter().all(|&q| q == 1) && plan.sample.iter().all(|&s| s);
-    let tables = Array2::from_shape_vec((num_seqs, plan.max_blocks), plan.block_tables)
-        .expect("block_tables holds seqs * max_blocks entries");
     let copies: Vec<i64> = plan
         .copy_ops
         .iter()
         .flat_map(|&(s, t)| [i64::from(s), i64::from(t)])
         .collect();
-    let copies =
-        Array2::from_shape_vec((plan.copy_ops.len(), 2), copies).expect("two ids per copy");
-    let ids = |v: &[u64]| v.iter().map(|&x| x as i64).collect::<Vec<i64>>();
     PyStepPlan {
-        seq_ids: ids(&plan.seq_ids).into_pyarray(py).unbind(),
-        query_lens: widen(&plan.query_lens).into_pyarray(py).unbind(),
-        context_lens: widen(&plan.context_lens).into_pyarray(py).unbind(),
+        seq_ids: seq_id_array(py, &plan.seq_ids),
+        query_lens: widen(py, &plan.query_lens),
+        context_lens: widen(py, &plan.context_lens),
         sample: plan.sample.into_pyarray(py).unbind(),
-        input_ids: widen(&plan.input_ids).into_pyarray(py).unbind(),
-        positions: widen(&plan.positions).into_pyarray(py).unbind(),
+        input_ids: widen(py, &plan.input_ids),
+        positions: widen(py, &plan.positions),
         slot_mapping: plan.slot_mapping.into_pyarray(py).unbind(),
-        block_tables: tables.into_pyarray(py).unbind(),
-        copy_ops: copies.into_pyarray(py).unbind(),
-        preempted: ids(&plan.preempted).into_pyarray(py).unbind(),
+        block_tables: matrix(py, num_seqs, plan.max_blocks, plan.block_tables).unbind(),
+        copy_ops: matrix(py, plan.copy_ops.len(), 2, copies).unbind(),
+        preempted: seq_id_array(py, &plan.preempted),
         logit_rows: logit_rows.into_pyarray(py).unbind(),
-        sampled_seq_ids: sampled.into_pyarray(py).unbind(),
+        sampled_seq_ids: seq_id_array(py, &sampled),
         num_seqs,
         num_tokens: plan.input_ids.len(),
         is_decode_only,
