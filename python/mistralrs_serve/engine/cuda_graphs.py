@@ -1,19 +1,4 @@
 """CUDA graphs for decode-only steps.
-
-A decode step launches a few hundred small kernels whose CPU launch cost,
-at batch 1 on a GPU, exceeds their run time. So each batch-size bucket's
-whole forward is captured once into a CUDA graph over static buffers
-(token ids, positions, slots, block tables, context lengths) and replayed:
-a step copies its plan into the buffers and launches one graph.
-
-Static shapes: a step of n sequences runs the smallest bucket >= n, the
-extra rows padded (slot -1, so the KV store skips them; context 1 over
-block 0, read and discarded). The decode attention kernel is launched for
-`max_context` positions (programs past a row's context exit at once), so one
-graph serves every context length up to it; longer steps run eagerly.
-
-Without CUDA (`capture=False`), `run` executes the same static-buffer
-forward eagerly: the tests check it against the ordinary path on the CPU.
 """
 
 from __future__ import annotations
@@ -52,7 +37,23 @@ class StaticDecodeAttention:
 
 
 class DecodeGraphs:
-    """One captured decode forward per batch-size bucket, captured on first use."""
+    """One captured decode forward per batch-size bucket, captured on first use.
+
+    A decode step launches a few hundred small kernels whose CPU launch cost,
+    at batch 1 on a GPU, exceeds their run time. So each batch-size bucket's
+    whole forward is captured once into a CUDA graph over static buffers
+    (token ids, positions, slots, block tables, context lengths) and replayed:
+    a step copies its plan into the buffers and launches one graph.
+
+    Static shapes: a step of n sequences runs the smallest bucket >= n, the
+    extra rows padded (slot -1, so the KV store skips them; context 1 over
+    block 0, read and discarded). The decode attention kernel is launched for
+    `max_context` positions (programs past a row's context exit at once), so one
+    graph serves every context length up to it; longer steps run eagerly.
+
+    Without CUDA (`capture=False`), `run` executes the same static-buffer
+    forward eagerly: the tests check it against the ordinary path on the CPU.
+    """
 
     def __init__(
         self,

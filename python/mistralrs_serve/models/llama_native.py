@@ -1,18 +1,5 @@
 """The Llama family's whole step in one Rust call (`_native.NativeDecoder`), for
 4-bit models on the CPU.
-
-On torch a decode step of the default model is ~20 small ops per layer whose
-dispatch costs more than the arithmetic at batch 1 (14.9 ms a step, of which
-the 4-bit matmuls 4.2 ms and the bf16 head 2.9 ms). The Rust forward runs every
-layer of a step at once, decode and prefill rows alike: activations quantized
-to 8 bits per block of 32 against the GGUF's 4-bit weights (AVX-512 VNNI, the
-tied head re-quantized to 8 bits), attention straight over the paged cache in
-bf16. Perplexity over 512 tokens 35.42 against torch's bf16 35.32 (llama.cpp
-35.70). Each row's arithmetic depends on that row alone, so a token comes out
-the same whatever shares its step.
-
-Used when every linear layer is 4-bit (GGUF Q4_0/Q4_1), the model is on the CPU
-and the CPU has AVX-512 VNNI; `--no-native-forward` turns it off.
 """
 
 from __future__ import annotations
@@ -41,7 +28,21 @@ def _matrix(lin: Linear) -> _native.QuantMatrix:
 
 
 class NativeForward:
-    """The model's steps in Rust, over the paged cache `kv` (PagedKVCache.kv_np)."""
+    """The model's steps in Rust, over the paged cache `kv` (PagedKVCache.kv_np).
+
+    On torch a decode step of the default model is ~20 small ops per layer whose
+    dispatch costs more than the arithmetic at batch 1 (14.9 ms a step, of which
+    the 4-bit matmuls 4.2 ms and the bf16 head 2.9 ms). The Rust forward runs every
+    layer of a step at once, decode and prefill rows alike: activations quantized
+    to 8 bits per block of 32 against the GGUF's 4-bit weights (AVX-512 VNNI, the
+    tied head re-quantized to 8 bits), attention straight over the paged cache in
+    bf16. Perplexity over 512 tokens 35.42 against torch's bf16 35.32 (llama.cpp
+    35.70). Each row's arithmetic depends on that row alone, so a token comes out
+    the same whatever shares its step.
+
+    Used when every linear layer is 4-bit (GGUF Q4_0/Q4_1), the model is on the CPU
+    and the CPU has AVX-512 VNNI; `--no-native-forward` turns it off.
+    """
 
     def __init__(self, model: LlamaForCausalLM, kv: np.ndarray) -> None:
         cfg = model.config

@@ -1,18 +1,4 @@
 """Chat templates: compile and render Jinja chat templates the way Hugging Face transformers does.
-
-A model's chat template turns an OpenAI-style list of messages into the prompt text. Templates come
-from the model's files (untrusted code), so they run in Jinja's immutable sandbox, in the same
-environment transformers' `apply_chat_template` builds: `trim_blocks`, `lstrip_blocks`, the
-`loopcontrols` extension, a `tojson` filter that neither escapes HTML nor sorts keys, the globals
-`raise_exception` and `strftime_now`, and the context variables `messages`, `tools`, `documents`,
-`add_generation_prompt`, `bos_token`, `eos_token` plus any extra keyword arguments.
-
-Before rendering, messages are prepared as transformers does (keys whose value is None are dropped,
-reasoning fields are aliased) and in three ways it does not, to accept what OpenAI clients send: a
-null or missing `content` becomes "", tool-call arguments given as a JSON string are parsed into an
-object, and content given as a list of parts is flattened to a string for templates that cannot
-iterate over parts (see `_iterates_content_parts`). With those inputs the output is identical to
-`apply_chat_template(..., tokenize=False)` (tests/unit/test_chat_template.py checks it).
 """
 
 from __future__ import annotations
@@ -289,7 +275,22 @@ def _render_error(exc: Exception) -> ChatTemplateError:
 
 
 class ChatTemplate:
-    """A compiled chat template; `render` turns messages (OpenAI format) into prompt text."""
+    """A compiled chat template; `render` turns messages (OpenAI format) into prompt text.
+
+    A model's chat template turns an OpenAI-style list of messages into the prompt text. Templates come
+    from the model's files (untrusted code), so they run in Jinja's immutable sandbox, in the same
+    environment transformers' `apply_chat_template` builds: `trim_blocks`, `lstrip_blocks`, the
+    `loopcontrols` extension, a `tojson` filter that neither escapes HTML nor sorts keys, the globals
+    `raise_exception` and `strftime_now`, and the context variables `messages`, `tools`, `documents`,
+    `add_generation_prompt`, `bos_token`, `eos_token` plus any extra keyword arguments.
+
+    Before rendering, messages are prepared as transformers does (keys whose value is None are dropped,
+    reasoning fields are aliased) and in three ways it does not, to accept what OpenAI clients send: a
+    null or missing `content` becomes "", tool-call arguments given as a JSON string are parsed into an
+    object, and content given as a list of parts is flattened to a string for templates that cannot
+    iterate over parts (see `_iterates_content_parts`). With those inputs the output is identical to
+    `apply_chat_template(..., tokenize=False)` (tests/unit/test_chat_template.py checks it).
+    """
 
     def __init__(
         self,
