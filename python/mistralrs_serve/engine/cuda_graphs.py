@@ -1,5 +1,4 @@
-"""CUDA graphs for decode-only steps.
-"""
+"""CUDA graphs for decode-only steps."""
 
 from __future__ import annotations
 

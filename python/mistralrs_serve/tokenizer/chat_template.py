@@ -1,5 +1,4 @@
-"""Chat templates: compile and render Jinja chat templates the way Hugging Face transformers does.
-"""
+"""Chat templates: compile and render Jinja chat templates the way Hugging Face transformers does."""
 
 from __future__ import annotations
 
