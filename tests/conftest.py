@@ -12,7 +12,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import tempfile
+
 import pytest
+
+# Stored responses and files of servers started by tests go to a scratch
+# directory, never to the user's data directory.
+os.environ.setdefault("MISTRALRS_SERVE_DATA_DIR", tempfile.mkdtemp(prefix="mistralrs-serve-test-data-"))
 
 # Test data lives in the repository (tests/data/README.md says where each file comes from).
 DATA = Path(__file__).resolve().parent / "data"

@@ -194,6 +194,36 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--max-body-mb", type=int, default=ServerConfig.max_body_bytes >> 20, help="largest request body"
     )
+    g = p.add_argument_group("storage (stored responses and files)")
+    g.add_argument(
+        "--data-dir",
+        default=None,
+        help="where stored responses and files live: a SQLite database and a blobs/ folder "
+        "(default: $MISTRALRS_SERVE_DATA_DIR, else ~/.local/share/mistralrs-serve)",
+    )
+    g.add_argument(
+        "--max-file-mb",
+        type=int,
+        default=ServerConfig.max_file_bytes >> 20,
+        help="largest file upload or fetch",
+    )
+    g.add_argument(
+        "--file-preview-chars",
+        type=int,
+        default=ServerConfig.file_preview_chars,
+        help="characters of one text file the model sees (the rest is cut, and the cut marked)",
+    )
+    g.add_argument(
+        "--request-file-chars",
+        type=int,
+        default=ServerConfig.request_file_chars,
+        help="characters of all the files of one request together that the model sees",
+    )
+    g.add_argument(
+        "--allow-private-file-urls",
+        action="store_true",
+        help="let file_url fetch loopback and private-network addresses (refused by default)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -262,6 +292,11 @@ def serve_command(args: argparse.Namespace) -> int:
         max_pending_requests=args.max_pending_requests,
         served_model_name=args.served_model_name,
         seed=args.seed,
+        data_dir=args.data_dir,
+        max_file_bytes=args.max_file_mb << 20,
+        file_preview_chars=args.file_preview_chars,
+        request_file_chars=args.request_file_chars,
+        allow_private_file_urls=args.allow_private_file_urls,
     )
 
     def load() -> Any:

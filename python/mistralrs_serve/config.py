@@ -122,3 +122,11 @@ class ServerConfig:
     served_model_name: str | None = None
     # requests without a seed draw one from a generator seeded with this
     seed: int | None = None
+    # stored responses and files (SQLite + blobs); None: store.db.default_data_dir()
+    data_dir: str | None = None
+    max_file_bytes: int = 512 << 20
+    # what of a text file the model sees: per file, and per request for all files together
+    file_preview_chars: int = 32_000
+    request_file_chars: int = 128_000
+    # file_url may reach loopback and private addresses (tests, trusted networks)
+    allow_private_file_urls: bool = False

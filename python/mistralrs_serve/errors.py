@@ -53,3 +53,19 @@ class ServerBusyError(MistralrsServeError):
 
 class RequestTooLargeError(InvalidRequestError):
     """The request body is over the server's size limit."""
+
+
+class NotFoundError(MistralrsServeError):
+    """A stored object (a response, a file) that does not exist, was deleted or was never stored."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class UnsupportedEndpointError(MistralrsServeError):
+    """An OpenAI endpoint this server does not implement; the message names what to use instead."""
+
+
+class PayloadTooLargeError(InvalidRequestError):
+    """An uploaded or fetched file is over the server's file size limit (HTTP 413)."""

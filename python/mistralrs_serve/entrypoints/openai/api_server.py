@@ -51,6 +51,7 @@ from mistralrs_serve.errors import (
     RequestTooLargeError,
     ServerBusyError,
 )
+from mistralrs_serve.store.db import Database, default_data_dir
 
 logger = logging.getLogger("mistralrs_serve.server")
 
@@ -71,6 +72,8 @@ class ServerState:
         self.pending = 0
         self.created = int(time.time())
         self.metrics = ServerMetrics(lambda: self.client.stats() if self.client is not None else None)
+        # stored responses and files; opened before the socket, so a bad --data-dir fails the start
+        self.db = Database(config.data_dir or default_data_dir())
 
     def load(self, load: Callable[[], EngineClient]) -> None:
         """Build the engine (on the loading thread) and attach it; a failure is kept for /health."""

@@ -12,8 +12,11 @@ from mistralrs_serve.errors import (
     EngineError,
     InvalidRequestError,
     ModelNotFoundError,
+    NotFoundError,
+    PayloadTooLargeError,
     RequestTooLargeError,
     ServerBusyError,
+    UnsupportedEndpointError,
 )
 
 logger = logging.getLogger(__name__)
@@ -28,10 +31,13 @@ class ErrorKind:
 
 # First match wins: subclasses before their bases.
 TABLE: list[tuple[type[BaseException], ErrorKind]] = [
+    (PayloadTooLargeError, ErrorKind(413, "invalid_request_error", "file_too_large")),
     (RequestTooLargeError, ErrorKind(400, "invalid_request_error", "request_too_large")),
     (InvalidRequestError, ErrorKind(400, "invalid_request_error", None)),
     (AuthenticationError, ErrorKind(401, "invalid_request_error", "invalid_api_key")),
     (ModelNotFoundError, ErrorKind(404, "invalid_request_error", "model_not_found")),
+    (NotFoundError, ErrorKind(404, "invalid_request_error", "not_found")),
+    (UnsupportedEndpointError, ErrorKind(404, "invalid_request_error", "unsupported_endpoint")),
     (ServerBusyError, ErrorKind(503, "server_error", "server_busy")),
     (EngineError, ErrorKind(500, "server_error", "engine_error")),
 ]
