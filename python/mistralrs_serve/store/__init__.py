@@ -1,0 +1,1 @@
+"""Persistent state: stored responses, their input items, background jobs, and files."""
