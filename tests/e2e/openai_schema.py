@@ -80,3 +80,29 @@ def checked_chat_stream(client: Any, **kwargs: Any) -> list[Any]:
     for c in chunks:
         check("CreateChatCompletionStreamResponse", c.model_dump(mode="json", exclude_unset=True))
     return chunks
+
+
+def _resolve(node: Any) -> Any:
+    schemas = _registry().contents(ROOT)["components"]["schemas"]
+    while isinstance(node, dict) and "$ref" in node:
+        node = schemas[node["$ref"].rsplit("/", 1)[-1]]
+    return node
+
+
+def _properties(node: Any) -> dict[str, Any]:
+    node = _resolve(node)
+    props = dict(node.get("properties", {}))
+    for part in node.get("allOf", []):
+        props.update(_properties(part))
+    return props
+
+
+def nullable_fields(name: str) -> list[str]:
+    """The request fields OpenAI's schema `name` lets a client send as null."""
+    schemas = _registry().contents(ROOT)["components"]["schemas"]
+
+    def is_nullable(prop: Any) -> bool:
+        prop = _resolve(prop)
+        return any(_resolve(alt).get("type") == "null" for alt in prop.get("anyOf", []))
+
+    return sorted(k for k, v in _properties(schemas[name]).items() if is_nullable(v))

@@ -103,6 +103,7 @@ def test_thinking_goes_to_reasoning_content(qwen3: LiveServer) -> None:
     message = res.choices[0].message
     reasoning = message.model_extra["reasoning_content"] if message.model_extra else None
     assert reasoning and reasoning.isalpha() and message.content.isalpha(), message
+    assert message.model_extra["reasoning"] == reasoning  # the name newer clients read
     chunks = checked_chat_stream(
         client, messages=HELLO, extra_body={"grammar": THOUGHT}, max_tokens=40, seed=0
     )
@@ -111,6 +112,8 @@ def test_thinking_goes_to_reasoning_content(qwen3: LiveServer) -> None:
     )
     streamed_content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert (streamed_reasoning, streamed_content) == (reasoning, message.content)
+    also = "".join((c.choices[0].delta.model_extra or {}).get("reasoning") or "" for c in chunks if c.choices)
+    assert also == reasoning
 
 
 def test_hermes_tool_calls_end_to_end(qwen3: LiveServer) -> None:

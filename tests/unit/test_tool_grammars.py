@@ -167,7 +167,9 @@ def test_call_grammar_shape(name: str) -> None:
         for literal in LITERALS[name] if parallel else ():  # separators appear only when parallel
             assert json.dumps(literal, ensure_ascii=False) in grammar, literal
         if name != "qwen3_coder":  # Qwen3-Coder writes each parameter on its own
-            assert json_rules(grammar) == [SCHEMAS["get_weather"], SCHEMAS["get_time"]]
+            # objects with properties are closed; {"type": "object"} names none and stays open
+            closed = {**SCHEMAS["get_weather"], "additionalProperties": False}
+            assert json_rules(grammar) == [closed, SCHEMAS["get_time"]]
 
 
 @pytest.mark.parametrize("name", sorted(FORMATS))
@@ -419,6 +421,17 @@ def test_auto_grammar_accepts(name: str, parallel: bool) -> None:
 
 
 @needs_native
+def test_schema_that_says_additional_properties_true_stays_open() -> None:
+    """The way out of closed objects: say `additionalProperties: true`."""
+    fmt, model = get_format("hermes"), ByteModel()
+    parameters = {**SCHEMAS["get_weather"], "additionalProperties": True}
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": parameters}}]
+    extra = render("hermes", [("get_weather", {"city": "Paris", "input": 3})])
+    assert model.accepts(fmt.call_grammar(tools, parallel=False), extra)
+    assert not model.accepts(fmt.call_grammar(TOOLS[:1], parallel=False), extra)
+
+
+@needs_native
 @pytest.mark.parametrize("parallel", [False, True], ids=["single", "parallel"])
 @pytest.mark.parametrize("name", sorted(FORMATS))
 def test_auto_grammar_rejects(name: str, parallel: bool) -> None:
@@ -427,6 +440,7 @@ def test_auto_grammar_rejects(name: str, parallel: bool) -> None:
     rejected = [
         render(name, [("get_weather", {"city": "Paris", "unit": "kelvin"})]),  # not in the enum
         render(name, [("get_weather", {"unit": "celsius"})]),  # a required argument missing
+        render(name, [("get_weather", {"city": "Paris", "input": 3})]),  # a key the schema never named
         render(name, [("get_stock", {"symbol": "ACME"})]),  # no such tool
         render(name, [("get_weather", {"city": "Paris"}), ("get_stock", {})]),
         ONE[name] + " Done.",  # text after the calls

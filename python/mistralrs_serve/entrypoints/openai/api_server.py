@@ -50,6 +50,7 @@ from mistralrs_serve.errors import (
     ModelNotFoundError,
     RequestTooLargeError,
     ServerBusyError,
+    UnsupportedEndpointError,
 )
 from mistralrs_serve.store.db import Database, default_data_dir
 
@@ -297,6 +298,7 @@ def build_app(config: ServerConfig, load: Callable[[], EngineClient]) -> FastAPI
     app.include_router(model_routes(state))
     app.include_router(generation_routes(state))
     app.include_router(token_routes(state))
+    app.include_router(unsupported_routes())
     if config.enable_metrics:
         app.include_router(metrics_routes(state))
     return app
@@ -396,6 +398,40 @@ def token_routes(state: ServerState) -> APIRouter:
 
         return await state.admitted(handle)
 
+    return router
+
+
+# OpenAI endpoints outside this server's scope, and what to use instead.
+UNSUPPORTED = {
+    "moderations": "Moderations are not supported: this server has no moderation model. Moderate with a "
+    "chat request to a model of your choice instead.",
+    "fine_tuning": "Fine-tuning is not supported: this is an inference server, not a training platform. "
+    "Fine-tune elsewhere and serve the result with --model.",
+    "batches": "The Batch API is not supported: send the requests directly; the server batches "
+    "concurrent requests itself (continuous batching).",
+    "assistants": "The Assistants API is not supported: use the Responses API (previous_response_id "
+    "continues a conversation) or chat completions with session_id.",
+    "threads": "Threads (Assistants API) are not supported: use the Responses API with "
+    "previous_response_id, or chat completions with session_id.",
+    "vector_stores": "Vector stores are not supported: upload files with POST /v1/files and attach them "
+    "to a request as file parts.",
+    "containers": "Containers are not supported: the code_interpreter and shell tools run in containers "
+    "the server manages itself.",
+    "uploads": "The Uploads API is not supported: upload a file in one request with POST /v1/files.",
+}
+
+
+def unsupported_routes() -> APIRouter:
+    """A clear 404 in OpenAI's envelope for each endpoint family in UNSUPPORTED."""
+    router = APIRouter()
+    methods = ["GET", "POST", "DELETE", "PUT", "PATCH"]
+    for family, message in UNSUPPORTED.items():
+
+        async def unsupported(request: Request, message: str = message) -> Response:
+            return error_response(UnsupportedEndpointError(message))
+
+        for path in (f"/v1/{family}", f"/v1/{family}/{{rest:path}}"):
+            router.add_api_route(path, unsupported, methods=methods, include_in_schema=False)
     return router
 
 

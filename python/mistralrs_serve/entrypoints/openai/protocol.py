@@ -1,7 +1,8 @@
 """OpenAI wire models (pydantic), and nothing else.
 
 Unknown request fields are accepted (OpenAI clients send new ones often);
-the serving layer logs them. mistral.rs SDK names (`n_choices`,
+the serving layer logs them. An explicit `null` for an optional field means
+its default, as in OpenAI's API. mistral.rs SDK names (`n_choices`,
 `stop_seqs`) are accepted as aliases so that porting is an import change.
 """
 
@@ -11,7 +12,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
 # Identifies the backend build in responses (OpenAI: "the backend configuration").
 SYSTEM_FINGERPRINT = "fp_mistralrs_serve_0.1"
@@ -23,6 +24,15 @@ def random_id(prefix: str) -> str:
 
 class OpenAIModel(BaseModel):
     model_config = ConfigDict(extra="allow", validate_by_name=True, validate_by_alias=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        """Drop top-level nulls of fields that are not required (and of unknown fields)."""
+        if not isinstance(data, dict):
+            return data
+        required = {name for name, f in cls.model_fields.items() if f.is_required()}
+        return {k: v for k, v in data.items() if v is not None or k in required}
 
 
 class SamplingFields(OpenAIModel):
@@ -73,7 +83,8 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    # absent or null: OpenAI's default, generation from the start of a document
+    prompt: str | list[str] | list[int] | list[list[int]] = ""
     max_tokens: int | None = 16  # OpenAI's default for legacy completions
     echo: bool = False
     suffix: str | None = None
@@ -101,6 +112,7 @@ class ChatMessage(BaseModel):
     content: str | None
     refusal: str | None = None
     reasoning_content: str | None = None
+    reasoning: str | None = None  # the same text, under the name newer vLLM and OpenRouter clients read
     tool_calls: list[dict[str, Any]] | None = None
 
 
@@ -174,6 +186,7 @@ class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
     reasoning_content: str | None = None
+    reasoning: str | None = None  # = reasoning_content (see ChatMessage)
     tool_calls: list[dict[str, Any]] | None = None
 
 

@@ -174,7 +174,7 @@ class CompletionServing:
         """One token list per prompt: a string, strings, token ids, or lists of token ids."""
         p = req.prompt
         if isinstance(p, str):
-            return [self.info.tokenizer.encode(p)]
+            return [self.info.tokenizer.encode(p) or self._document_start()]
         if not p:
             raise InvalidRequestError("prompt must not be empty", "prompt")
         if all(isinstance(x, int) for x in p):
@@ -182,6 +182,15 @@ class CompletionServing:
         if all(isinstance(x, str) for x in p):
             return [self.info.tokenizer.encode(x) for x in p]  # type: ignore[arg-type]
         return [self._checked_ids(x) for x in p]  # type: ignore[arg-type]
+
+    def _document_start(self) -> list[int]:
+        """An empty prompt is OpenAI's default: the model starts a new document
+        (after its BOS token, or the end-of-text token where it has no BOS)."""
+        special = self.info.tokenizer.special
+        start = special.bos_token_id if special.bos_token_id is not None else special.eos_token_id
+        if start is None:
+            raise InvalidRequestError("prompt must not be empty: the model has no BOS or EOS", "prompt")
+        return [start]
 
     def _checked_ids(self, ids: list[int]) -> list[int]:
         vocab = self.info.tokenizer.vocab_size

@@ -1,8 +1,15 @@
 """Request fields that constrain the output: `response_format` (OpenAI) and
-the `grammar` extension, turned into one engine `Grammar`."""
+the `grammar` extension, turned into one engine `Grammar`.
+
+JSON schemas are generated closed: an object schema that lists `properties`
+and says nothing of `additionalProperties` is taken as if it said `false`, as
+OpenAI's strict mode requires, so a model cannot pad its output with keys the
+schema never named. A schema opts out by saying `"additionalProperties": true`.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Any
 
@@ -21,7 +28,39 @@ def _object(value: Any, param: str) -> dict[str, Any]:
 def _schema_text(schema: Any, param: str) -> str:
     if not isinstance(schema, dict | bool):
         raise InvalidRequestError(f"{param} must be a JSON schema object", param)
-    return json.dumps(schema)
+    return json.dumps(close_objects(schema))
+
+
+# Keywords whose value is a schema, a list of schemas, or a map of names to schemas.
+_ONE_SCHEMA = ("additionalProperties", "items", "contains", "not", "if", "then", "else", "propertyNames")
+_SCHEMA_LISTS = ("prefixItems", "anyOf", "oneOf")
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+# Beside `properties`, these may admit further keys: such a schema is left as it is.
+_OPENERS = (
+    "additionalProperties", "patternProperties", "unevaluatedProperties", "allOf", "anyOf", "oneOf", "$ref"
+)
+
+
+def close_objects(schema: Any) -> Any:
+    """A copy of `schema` where each object schema with `properties` and no say on
+    extra keys forbids them. Branches of `allOf` are left open (closing one would
+    reject the keys its siblings add), and so is a schema that combines its
+    properties with `allOf`, `anyOf`, `oneOf` or `$ref`."""
+    if not isinstance(schema, dict):
+        return schema
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in _ONE_SCHEMA:
+            out[key] = close_objects(value)
+        elif key in _SCHEMA_LISTS and isinstance(value, list):
+            out[key] = [close_objects(v) for v in value]
+        elif key in _SCHEMA_MAPS and isinstance(value, dict):
+            out[key] = {name: close_objects(v) for name, v in value.items()}
+        else:
+            out[key] = value
+    if isinstance(out.get("properties"), dict) and not any(k in out for k in _OPENERS):
+        out["additionalProperties"] = False
+    return out
 
 
 def from_response_format(response_format: Any) -> Grammar | None:
@@ -61,8 +100,11 @@ def from_grammar_field(grammar: Any) -> Grammar:
             f"grammar.type must be one of {', '.join(kinds)}; got {kind!r}", "grammar.type"
         )
     value = spec.get("value")
+    if kind == "json_schema" and isinstance(value, str):
+        with contextlib.suppress(ValueError):  # not JSON: llguidance reports it with the field
+            value = json.loads(value)
     if kind == "json_schema" and isinstance(value, dict | bool):
-        return Grammar(kind, json.dumps(value), "grammar.value")
+        return Grammar(kind, json.dumps(close_objects(value)), "grammar.value")
     if kind == "llguidance" and isinstance(value, dict):
         return Grammar(kind, json.dumps(value), "grammar.value")
     if not isinstance(value, str) or not value.strip():

@@ -9,6 +9,8 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from mistralrs_serve.entrypoints.openai.structured import close_objects
+
 # Whitespace in constrained arguments: the separators json.dumps (and templates' tojson) write.
 _JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
@@ -80,7 +82,9 @@ ANY = "(?s:.*)"
 
 
 def json_rule(schema: Mapping[str, Any]) -> str:
-    return "%json " + json.dumps({**schema, "x-guidance": _JSON_LAYOUT}, ensure_ascii=False)
+    """A lark rule for JSON that `schema` accepts, its objects closed (see `structured.close_objects`)."""
+    closed = close_objects(dict(schema))
+    return "%json " + json.dumps({**closed, "x-guidance": _JSON_LAYOUT}, ensure_ascii=False)
 
 
 def function_specs(tools: Sequence[Mapping[str, Any]] | None) -> list[tuple[str, dict[str, Any]]]:
