@@ -180,7 +180,10 @@ class ChatServing:
         parser = prep.parser()
         parsed = parse_text(parser, out.text)
         message = ChatMessage(
-            content=parsed.content, reasoning_content=parsed.reasoning, tool_calls=parsed.tool_calls
+            content=parsed.content,
+            reasoning_content=parsed.reasoning,
+            reasoning=parsed.reasoning,
+            tool_calls=parsed.tool_calls,
         )
         finish = finish_reason(out.finish_reason, parser)
         return ChatChoice(index=out.index, message=message, logprobs=logprobs, finish_reason=finish)
@@ -241,6 +244,7 @@ class ChunkBuilder:
             delta = DeltaMessage(
                 content=out.content or None,
                 reasoning_content=out.reasoning or None,
+                reasoning=out.reasoning or None,
                 tool_calls=[openai_call_delta(d) for d in out.tool_calls] or None,
             )
             yield self._chunk(
