@@ -173,13 +173,18 @@ def start_server(model: str | None, engine_args: dict[str, int]) -> tuple[subpro
         cmd += ["-m", model]
     proc = subprocess.Popen(cmd)
     url = f"http://127.0.0.1:{port}"
+    wait_healthy(proc, url)
+    return proc, url
+
+
+def wait_healthy(proc: subprocess.Popen[bytes], url: str) -> None:
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"the server exited with {proc.returncode}")
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return proc, url
+                return
         except httpx.TransportError:
             pass
         time.sleep(0.2)

@@ -4,6 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
+# servers started by tests and benchmarks store responses and files in a scratch directory
+MISTRALRS_SERVE_DATA_DIR=$(mktemp -d)
+export MISTRALRS_SERVE_DATA_DIR
+trap 'rm -rf "$MISTRALRS_SERVE_DATA_DIR"' EXIT
 bash ci/lint.sh
 cargo test --release
 $BIN/python -m pytest -q -ra
