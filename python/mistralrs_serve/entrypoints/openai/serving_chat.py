@@ -9,10 +9,13 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
+import anyio
+
 from mistralrs_serve.engine.engine_info import CheckedPrompt, EngineClient
 from mistralrs_serve.engine.sequence import CompletionOutput, StepOutput
 from mistralrs_serve.entrypoints.openai import serving_common as common
 from mistralrs_serve.entrypoints.openai import structured
+from mistralrs_serve.entrypoints.openai.attachments import Attachments, has_file_parts
 from mistralrs_serve.entrypoints.openai.chat_output import (
     ChoiceParser,
     OutputDelta,
@@ -39,20 +42,25 @@ from mistralrs_serve.sampling_params import Grammar, SamplingParams
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 # Content part types a later part of the server implements.
-PENDING_PART_TYPES = ("image_url", "input_audio", "file", "image", "audio")
+PENDING_PART_TYPES = ("image_url", "input_audio", "image", "audio")
 
 
 class ChatServing:
-    def __init__(self, client: EngineClient, model_name: str) -> None:
+    def __init__(self, client: EngineClient, model_name: str, attachments: Attachments | None = None) -> None:
         self.client = client
         self.info = client.info
         self.model_name = model_name
         self.seeds: random.Random | None = None  # the server's --seed, if any
+        # file parts: without a store, file_id parts are refused and inline files are not kept
+        self.attachments = attachments if attachments is not None else Attachments(None)
 
-    def prepare(self, req: ChatCompletionRequest) -> Prepared:
+    def prepare(self, req: ChatCompletionRequest, *, allow_file_urls: bool = False) -> Prepared:
         """The checked prompt and the output parsing; raises InvalidRequestError.
-        This is the request's one check: the engine runs what it returns as it is."""
+        This is the request's one check: the engine runs what it returns as it is.
+        File parts are read here (blocking) unless `attach_files_async` did it
+        already; `allow_file_urls` lets them fetch `file_url` (Responses does)."""
         common.log_unknown_fields(req)
+        req = self.attach_files(req, allow_file_urls=allow_file_urls)
         _check_tool_fields(req)
         plan = plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls)
         template = self.info.chat_template
@@ -85,7 +93,7 @@ class ChatServing:
 
     async def create_async(self, req: ChatCompletionRequest) -> ChatCompletionResponse:
         """As `create`, on the event loop; cancelling it aborts the request."""
-        prep = self.prepare(req)
+        prep = self.prepare(await self.attach_files_async(req))
         outputs = await common.collect_async(self.client, prep.prompt)
         return self.response(req, prep, outputs)
 
@@ -149,8 +157,29 @@ class ChatServing:
             seeds=self.seeds,
         )
 
+    def attach_files(
+        self, req: ChatCompletionRequest, *, allow_file_urls: bool = False, persist: bool = True
+    ) -> ChatCompletionRequest:
+        """req with each file part of its messages replaced by a text part
+        holding what the model sees of the file (see attachments.py); req
+        itself when it has none. Blocking: reads the store, may fetch and store."""
+        if isinstance(req.messages, str) or not has_file_parts(req.messages):
+            return req
+        messages = self.attachments.expand(req.messages, allow_file_urls=allow_file_urls, persist=persist)
+        return req.model_copy(update={"messages": messages})
+
+    async def attach_files_async(
+        self, req: ChatCompletionRequest, *, allow_file_urls: bool = False
+    ) -> ChatCompletionRequest:
+        """As `attach_files`, on a worker thread (the store and fetches block)."""
+        if not has_file_parts(req.messages):
+            return req
+        return await anyio.to_thread.run_sync(lambda: self.attach_files(req, allow_file_urls=allow_file_urls))
+
     def prompt_ids(self, req: ChatCompletionRequest) -> list[int]:
-        """The prompt of a request (the /tokenize route's view of it)."""
+        """The prompt of a request (the /tokenize route's view of it); inline
+        files are read but not stored."""
+        req = self.attach_files(req, persist=False)
         plan = plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls)
         return self.render(req, plan)[0]
 
