@@ -35,6 +35,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mistralrs_serve.config import ServerConfig
 from mistralrs_serve.engine.engine_info import EngineClient, EngineInfo
+from mistralrs_serve.entrypoints.openai.attachments import Attachments, FileLimits
+from mistralrs_serve.entrypoints.openai.file_routes import file_routes
 from mistralrs_serve.entrypoints.openai.http_errors import error_body
 from mistralrs_serve.entrypoints.openai.metrics import ServerMetrics
 from mistralrs_serve.entrypoints.openai.protocol import (
@@ -53,6 +55,7 @@ from mistralrs_serve.errors import (
     UnsupportedEndpointError,
 )
 from mistralrs_serve.store.db import Database, default_data_dir
+from mistralrs_serve.store.files import SqliteFileStore
 
 logger = logging.getLogger("mistralrs_serve.server")
 
@@ -75,6 +78,8 @@ class ServerState:
         self.metrics = ServerMetrics(lambda: self.client.stats() if self.client is not None else None)
         # stored responses and files; opened before the socket, so a bad --data-dir fails the start
         self.db = Database(config.data_dir or default_data_dir())
+        self.files = SqliteFileStore(self.db)
+        self.attachments = Attachments(self.files, FileLimits.from_config(config))
 
     def load(self, load: Callable[[], EngineClient]) -> None:
         """Build the engine (on the loading thread) and attach it; a failure is kept for /health."""
@@ -88,7 +93,7 @@ class ServerState:
     def attach(self, client: EngineClient) -> None:
         name = self.config.served_model_name or client.info.model_name
         client.add_finished_hook(self.metrics.observe_request)
-        self.chat = ChatServing(client, name)
+        self.chat = ChatServing(client, name, self.attachments)
         self.completion = CompletionServing(client, name)
         if self.config.seed is not None:
             self.chat.seeds = self.completion.seeds = random.Random(self.config.seed)
@@ -298,6 +303,7 @@ def build_app(config: ServerConfig, load: Callable[[], EngineClient]) -> FastAPI
     app.include_router(model_routes(state))
     app.include_router(generation_routes(state))
     app.include_router(token_routes(state))
+    app.include_router(file_routes(state.files, config.max_file_bytes))
     app.include_router(unsupported_routes())
     if config.enable_metrics:
         app.include_router(metrics_routes(state))
@@ -351,6 +357,8 @@ def generation_routes(state: ServerState) -> APIRouter:
         async def handle() -> Response:
             req = parse_body(await read_body(request, config.max_body_bytes), body_model)
             state.check_model(req.model)
+            if isinstance(req, ChatCompletionRequest) and state.chat is not None:
+                req = await state.chat.attach_files_async(req)  # the store and fetches, off the loop
             if req.stream:
                 return _sse(serving.create_stream_async(req, config.keepalive_s))
             res = await unless_disconnected(request, serving.create_async(req))
@@ -381,7 +389,7 @@ def token_routes(state: ServerState) -> APIRouter:
             state.check_model(req.model)
             info = state.ready()
             assert state.chat is not None  # set before the client, which ready() found
-            ids = _tokenize(req, info, state.chat)
+            ids = await anyio.to_thread.run_sync(_tokenize, req, info, state.chat)  # file parts block
             return json_response({"count": len(ids), "max_model_len": info.max_model_len, "tokens": ids})
 
         return await state.admitted(handle)

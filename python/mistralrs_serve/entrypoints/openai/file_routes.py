@@ -1,0 +1,220 @@
+"""The Files API: /v1/files upload, list, retrieve, content and delete.
+
+The routes need no model, so they answer while it loads. An upload is read
+as a stream and given up once past the file limit; every store call (SQLite,
+fsync) runs on a worker thread. Errors come in OpenAI's envelope, naming the
+field at fault.
+"""
+
+from __future__ import annotations
+
+import re
+import urllib.parse
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from typing import Any
+
+import anyio
+import orjson
+from fastapi import APIRouter, Request
+from starlette.datastructures import FormData, UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.responses import Response, StreamingResponse
+
+from mistralrs_serve.entrypoints.openai.http_errors import error_body
+from mistralrs_serve.errors import InvalidRequestError, PayloadTooLargeError
+from mistralrs_serve.store.files import UPLOAD_PURPOSES, FileStore, iter_chunks
+
+# Room for the multipart framing and the small fields beside the file itself.
+MULTIPART_OVERHEAD_BYTES = 64 << 10
+# After a refusal, this much more of the body is read and dropped, so that the
+# client (which sends the whole body before it reads) gets the 413 rather than
+# a reset connection; past it the connection is closed.
+DRAIN_BYTES = 8 << 20
+_TAIL_BYTES = 512  # enough to hold the closing boundary (at most 70 characters) and a trailing line
+_BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
+
+
+def file_routes(store: FileStore, max_file_bytes: int) -> APIRouter:
+    router = APIRouter()
+
+    @router.post("/v1/files")
+    async def upload(request: Request) -> Response:
+        return await _answer(lambda: _upload(request, store, max_file_bytes))
+
+    @router.get("/v1/files")
+    async def list_files(request: Request) -> Response:
+        async def handle() -> Response:
+            query = request.query_params
+            limit = _int_param(query.get("limit"), "limit", 10_000)
+            order: Any = query.get("order", "desc")
+            page = await anyio.to_thread.run_sync(
+                lambda: store.list(
+                    purpose=query.get("purpose"), limit=limit, order=order, after=query.get("after")
+                )
+            )
+            return _json(page.to_openai())
+
+        return await _answer(handle)
+
+    @router.get("/v1/files/{file_id}")
+    async def retrieve(file_id: str) -> Response:
+        async def handle() -> Response:
+            file = await anyio.to_thread.run_sync(store.get, file_id)
+            return _json(file.to_openai())
+
+        return await _answer(handle)
+
+    @router.get("/v1/files/{file_id}/content")
+    async def content(file_id: str) -> Response:
+        async def handle() -> Response:
+            file, stream = await anyio.to_thread.run_sync(store.open, file_id)
+            quoted = urllib.parse.quote(file.filename, safe="")
+            headers = {
+                "Content-Length": str(file.bytes),
+                "Content-Disposition": f"attachment; filename*=UTF-8''{quoted}",
+            }
+            return StreamingResponse(iter_chunks(stream), media_type=file.content_type, headers=headers)
+
+        return await _answer(handle)
+
+    @router.delete("/v1/files/{file_id}")
+    async def delete(file_id: str) -> Response:
+        async def handle() -> Response:
+            await anyio.to_thread.run_sync(store.delete, file_id)
+            return _json({"id": file_id, "object": "file", "deleted": True})
+
+        return await _answer(handle)
+
+    return router
+
+
+async def _upload(request: Request, store: FileStore, max_file_bytes: int) -> Response:
+    """POST /v1/files: multipart `file` and `purpose`, optional `expires_after[anchor|seconds]`."""
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise InvalidRequestError(
+            "POST /v1/files takes a multipart/form-data body with the fields 'file' and 'purpose'", "file"
+        )
+    limit = max_file_bytes + MULTIPART_OVERHEAD_BYTES
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit + DRAIN_BYTES:
+        raise _too_large(max_file_bytes)
+    form = await _parse_multipart(request, limit, max_file_bytes)
+    try:
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise InvalidRequestError("'file' is required: the file's bytes as a multipart file part", "file")
+        purpose = _purpose(form.get("purpose"))
+        expires_after_s = _expires_after(form)
+        if upload.size is not None and upload.size > max_file_bytes:
+            raise _too_large(max_file_bytes)
+        data = await upload.read()
+        filename = _safe_filename(upload.filename)
+        content_type = upload.content_type
+    finally:
+        await form.close()
+    stored = await anyio.to_thread.run_sync(
+        lambda: store.create(
+            data,
+            filename=filename,
+            purpose=purpose,
+            content_type=content_type,
+            expires_after_s=expires_after_s,
+        )
+    )
+    return _json(stored.to_openai())
+
+
+async def _parse_multipart(request: Request, limit: int, max_file_bytes: int) -> FormData:
+    received, tail = 0, b""
+
+    async def capped() -> AsyncGenerator[bytes, None]:
+        nonlocal received, tail
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > limit:
+                raise _too_large(max_file_bytes)
+            tail = (tail + chunk)[-_TAIL_BYTES:]
+            yield chunk
+
+    parser = MultiPartParser(request.headers, capped(), max_files=1, max_fields=16)
+    try:
+        form = await parser.parse()
+    except MultiPartException as e:
+        raise InvalidRequestError(f"the multipart body is malformed: {e}", "file") from None
+    except PayloadTooLargeError:
+        await _drain(request, DRAIN_BYTES)
+        raise
+    # The parser takes a body cut short as complete, dropping the unfinished part.
+    boundary = _BOUNDARY.search(request.headers.get("content-type", ""))
+    if boundary is None or b"--" + boundary[1].encode("latin-1") + b"--" not in tail:
+        await form.close()
+        raise InvalidRequestError(
+            "the multipart body is malformed: it ends before its closing boundary", "file"
+        )
+    return form
+
+
+async def _drain(request: Request, max_bytes: int) -> None:
+    """Read and drop the rest of the body, up to max_bytes."""
+    drained = 0
+    while drained <= max_bytes:
+        message = await request.receive()
+        drained += len(message.get("body", b""))
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
+
+
+def _purpose(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise InvalidRequestError(
+            f"'purpose' is required: one of {', '.join(UPLOAD_PURPOSES)} (user_data for request files)",
+            "purpose",
+        )
+    if value not in UPLOAD_PURPOSES:
+        raise InvalidRequestError(
+            f"purpose must be one of {', '.join(UPLOAD_PURPOSES)}; got {value!r}", "purpose"
+        )
+    return value
+
+
+def _expires_after(form: FormData) -> int | None:
+    anchor, seconds = form.get("expires_after[anchor]"), form.get("expires_after[seconds]")
+    if anchor is None and seconds is None:
+        return None
+    if anchor != "created_at":
+        raise InvalidRequestError(
+            f"expires_after.anchor must be 'created_at'; got {anchor!r}", "expires_after.anchor"
+        )
+    if not isinstance(seconds, str):
+        raise InvalidRequestError("expires_after.seconds is required with an anchor", "expires_after.seconds")
+    return _int_param(seconds, "expires_after.seconds", None)
+
+
+def _int_param(value: str | None, name: str, default: int | None) -> Any:
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise InvalidRequestError(f"{name} must be an integer; got {value!r}", name) from None
+
+
+def _safe_filename(name: str | None) -> str:
+    base = (name or "").replace("\\", "/").rsplit("/", 1)[-1]
+    return "".join(c for c in base if c.isprintable()).strip() or "upload"
+
+
+def _too_large(max_file_bytes: int) -> PayloadTooLargeError:
+    return PayloadTooLargeError(f"the file is over the server's limit of {max_file_bytes} bytes", "file")
+
+
+def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(body), status_code=status, headers=headers, media_type="application/json")
+
+
+async def _answer(handle: Callable[[], Awaitable[Response]]) -> Response:
+    try:
+        return await handle()
+    except Exception as e:
+        status, body, headers = error_body(e)
+        return _json(body, status, headers)
