@@ -4,6 +4,7 @@ the same serving classes as the HTTP server."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -13,6 +14,7 @@ from mistralrs_serve.config import EngineConfig
 from mistralrs_serve.engine.engine_info import EngineInfo
 from mistralrs_serve.engine.engine_loop import EngineLoop
 from mistralrs_serve.engine.llm_engine import LLMEngine
+from mistralrs_serve.entrypoints.openai.attachments import Attachments
 from mistralrs_serve.entrypoints.openai.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -24,6 +26,8 @@ from mistralrs_serve.entrypoints.openai.serving_chat import ChatServing
 from mistralrs_serve.entrypoints.openai.serving_completion import CompletionServing
 from mistralrs_serve.errors import InvalidRequestError
 from mistralrs_serve.models.loader import ModelSource, load_model
+from mistralrs_serve.store.db import Database
+from mistralrs_serve.store.files import FileStore, SqliteFileStore
 
 
 class Which:
@@ -73,7 +77,12 @@ AnyWhich = Which.Default | Which.Plain | Which.GGUF
 
 
 class Runner:
-    """Load a model once, then answer OpenAI-shaped requests in process."""
+    """Load a model once, then answer OpenAI-shaped requests in process.
+
+    Chat file parts: `file_data` always works; `file_id` needs `data_dir`, the
+    data directory of a server whose files to read (inline files are then
+    stored there too). Without it there is no store, and a `file_id` part is
+    a 400 that says so."""
 
     def __init__(
         self,
@@ -83,9 +92,10 @@ class Runner:
         dtype: str = "auto",
         num_threads: int | None = None,
         engine_config: EngineConfig | None = None,
+        data_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         which = which if which is not None else Which.Default()
-        self._setup(which.source(chat_template), dtype, num_threads, engine_config)
+        self._setup(which.source(chat_template), dtype, num_threads, engine_config, data_dir)
 
     @classmethod
     def from_model(
@@ -96,18 +106,26 @@ class Runner:
         dtype: str = "auto",
         num_threads: int | None = None,
         engine_config: EngineConfig | None = None,
+        data_dir: str | os.PathLike[str] | None = None,
     ) -> Runner:
         """A Runner for a CLI-style model reference: file, directory, repo id or "default"."""
         runner = cls.__new__(cls)
-        runner._setup(ModelSource.parse(model, chat_template), dtype, num_threads, engine_config)
+        runner._setup(ModelSource.parse(model, chat_template), dtype, num_threads, engine_config, data_dir)
         return runner
 
     def _setup(
-        self, source: ModelSource, dtype: str, num_threads: int | None, engine_config: EngineConfig | None
+        self,
+        source: ModelSource,
+        dtype: str,
+        num_threads: int | None,
+        engine_config: EngineConfig | None,
+        data_dir: str | os.PathLike[str] | None,
     ) -> None:
+        # opened first: a bad data_dir fails before the model loads
+        self.files: FileStore | None = SqliteFileStore(Database(data_dir)) if data_dir is not None else None
         self.client = start_engine(source, dtype, num_threads, engine_config)
         self.info: EngineInfo = self.client.info  # the model's tokenizer, template and limits
-        self._chat = ChatServing(self.client, self.info.model_name)
+        self._chat = ChatServing(self.client, self.info.model_name, Attachments(self.files))
         self._completion = CompletionServing(self.client, self.info.model_name)
 
     def send_chat_completion_request(
