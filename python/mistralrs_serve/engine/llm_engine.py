@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -131,6 +132,8 @@ class LLMEngine:
         plan = self.scheduler.schedule()
         if plan.num_seqs == 0:
             return 0
+        if not plan.is_decode_only:  # a sequence's first step is a prefill
+            self._note_cached_prefixes(plan)
         # Forks for n > 1 start now, so their grammar masks fill while the model runs.
         rows, seqs = self._rows_to_sample(plan.sampled_seq_ids)
         masks = self._start_masks(seqs)
@@ -138,6 +141,16 @@ class LLMEngine:
         if seqs:
             self._postprocess(logits, rows, seqs, masks)
         return plan.num_tokens
+
+    def _note_cached_prefixes(self, plan: _native.StepPlan) -> None:
+        """A request's first chunk starts after the prompt tokens the prefix cache
+        served: usage reports them as cached."""
+        for seq_id, num_context, num_query in zip(
+            plan.seq_ids.tolist(), plan.context_lens.tolist(), plan.query_lens.tolist(), strict=True
+        ):
+            seq = self.sequences.get(seq_id)
+            if seq is not None and seq.request.num_cached_tokens is None:
+                seq.request.num_cached_tokens = num_context - num_query
 
     def _start_masks(self, seqs: list[Sequence]) -> Future[tuple[np.ndarray, list[str | None]]] | None:
         """Grammar bitmasks of the constrained rows, filled on the mask worker
@@ -234,6 +247,7 @@ class LLMEngine:
             self.scheduler.finish(seq.seq_id)
             self.sequences.pop(seq.seq_id, None)
             req.num_unfinished -= 1
+            out = replace(out, num_cached_tokens=req.num_cached_tokens or 0)
             if req.num_unfinished == 0:
                 times.finished = now
                 self.requests.pop(req.request_id, None)

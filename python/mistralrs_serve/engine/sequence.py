@@ -39,6 +39,7 @@ class StepOutput:
     finish_reason: str | None = None  # "stop", "length" or "abort" on the last step
     is_stop_token: bool = False  # an EOS/stop token: counted, but not part of the text
     error: str | None = None  # the engine failed this request
+    num_cached_tokens: int | None = None  # on a choice's last output: prompt tokens the prefix cache served
 
 
 @dataclass
@@ -84,6 +85,7 @@ class Request:
     times: Timestamps = field(default_factory=Timestamps)
     num_unfinished: int = 0
     matcher: _native.GrammarMatcher | None = None  # the compiled grammar each choice forks
+    num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache when first scheduled
 
     @property
     def num_pending_forks(self) -> int:

@@ -44,8 +44,10 @@ from mistralrs_serve.entrypoints.openai.protocol import (
     CompletionRequest,
     SamplingFields,
 )
+from mistralrs_serve.entrypoints.openai.responses_seal import ReasoningSeal
 from mistralrs_serve.entrypoints.openai.serving_chat import ChatServing
 from mistralrs_serve.entrypoints.openai.serving_completion import CompletionServing
+from mistralrs_serve.entrypoints.openai.serving_responses import ResponsesServing, fail_interrupted
 from mistralrs_serve.errors import (
     AuthenticationError,
     InvalidRequestError,
@@ -56,6 +58,7 @@ from mistralrs_serve.errors import (
 )
 from mistralrs_serve.store.db import Database, default_data_dir
 from mistralrs_serve.store.files import SqliteFileStore
+from mistralrs_serve.store.responses import SqliteResponseStore
 
 logger = logging.getLogger("mistralrs_serve.server")
 
@@ -80,6 +83,8 @@ class ServerState:
         self.db = Database(config.data_dir or default_data_dir())
         self.files = SqliteFileStore(self.db)
         self.attachments = Attachments(self.files, FileLimits.from_config(config))
+        self.responses = ResponsesServing(SqliteResponseStore(self.db), ReasoningSeal(self.db.data_dir))
+        fail_interrupted(self.responses.store)  # what a server that died left running
 
     def load(self, load: Callable[[], EngineClient]) -> None:
         """Build the engine (on the loading thread) and attach it; a failure is kept for /health."""
@@ -95,6 +100,7 @@ class ServerState:
         client.add_finished_hook(self.metrics.observe_request)
         self.chat = ChatServing(client, name, self.attachments)
         self.completion = CompletionServing(client, name)
+        self.responses.attach(self.chat)
         if self.config.seed is not None:
             self.chat.seeds = self.completion.seeds = random.Random(self.config.seed)
         self.model_id = name
@@ -304,6 +310,9 @@ def build_app(config: ServerConfig, load: Callable[[], EngineClient]) -> FastAPI
     app.include_router(generation_routes(state))
     app.include_router(token_routes(state))
     app.include_router(file_routes(state.files, config.max_file_bytes))
+    from mistralrs_serve.entrypoints.openai.response_routes import response_routes  # it imports this module
+
+    app.include_router(response_routes(state))
     app.include_router(unsupported_routes())
     if config.enable_metrics:
         app.include_router(metrics_routes(state))

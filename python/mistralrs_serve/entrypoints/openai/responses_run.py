@@ -1,0 +1,266 @@
+"""Running a prepared response: inline (whole or streamed) or as a background
+job on the server's event loop, with the store kept up to date.
+
+A stored response is written before its first event goes out (so a client
+can GET it from the `response.created` on) and again before its terminal
+event (so a GET after `response.completed` finds it completed). A background
+job also writes its progress as it goes, keeps its events for
+`GET ?stream=true&starting_after=N`, and on cancel aborts its engine request
+(freeing its KV blocks) and is stored `cancelled` with its partial output.
+A response left queued or in progress by a server that died is failed by
+`fail_interrupted` when the next one starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from mistralrs_serve.engine.engine_info import EngineClient
+from mistralrs_serve.entrypoints.openai import responses_protocol as wire
+from mistralrs_serve.entrypoints.openai.responses_protocol import ResponsesRequest
+from mistralrs_serve.entrypoints.openai.responses_stream import TERMINAL_EVENTS, Event, ResponseStream
+from mistralrs_serve.entrypoints.openai.serving_chat import Prepared
+from mistralrs_serve.errors import EngineError
+from mistralrs_serve.store.responses import InputItem, ResponseStore, StoredResponse
+
+logger = logging.getLogger(__name__)
+
+PERSIST_EVERY_S = 1.0  # a background job's progress reaches the store at least this often
+KEEPALIVE = b": keep-alive\n\n"
+RESTARTED = "the server restarted before this response finished"
+_TERMINAL = frozenset(TERMINAL_EVENTS.values())
+
+
+@dataclass
+class Run:
+    """A checked response request, ready to run."""
+
+    id: str
+    req: ResponsesRequest
+    prep: Prepared
+    stream: ResponseStream
+    input_items: list[dict[str, Any]]
+    store: bool
+    background: bool
+    client: EngineClient
+
+    def record(self, obj: dict[str, Any], state_json: bytes | None = None) -> StoredResponse:
+        return StoredResponse(
+            self.id,
+            obj["created_at"],
+            obj["status"],
+            self.background,
+            self.req.previous_response_id,
+            orjson.dumps(obj),
+            state_json,
+        )
+
+    def stored_items(self) -> list[InputItem]:
+        return [InputItem(item["id"], orjson.dumps(item)) for item in self.input_items]
+
+
+def sse(event: Event) -> bytes:
+    return _frame(event["type"], orjson.dumps(event))
+
+
+def _frame(kind: str, data: bytes) -> bytes:
+    return b"event: " + kind.encode() + b"\ndata: " + data + b"\n\n"
+
+
+async def execute(run: Run, idle_s: float | None) -> AsyncIterator[Event | None]:
+    """The events from `response.in_progress` to the terminal one; None after idle_s
+    without output. Closing or cancelling it aborts the engine request."""
+    out = run.stream
+    for event in out.in_progress():
+        yield event
+    status, error = "completed", None
+    steps = run.client.stream_async(run.prep.prompt, idle_s=idle_s)
+    try:
+        async for step in steps:
+            if step is None:
+                yield None
+                continue
+            for event in out.step(step):
+                yield event
+    except EngineError as e:
+        logger.warning("response %s failed: %s", run.id, e)
+        status, error = "failed", str(e)
+    finally:
+        await steps.aclose()
+    for event in out.finish(status, error):
+        yield event
+
+
+class BackgroundJob:
+    """A background response running on the event loop, and the events it has sent."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        self.queued = run.stream.snapshot()
+        self.events: list[tuple[str, bytes]] = []  # (type, JSON); event i has sequence_number i
+        self.num_published = 0  # events followers may send (the rest wait for the store)
+        self.wake = asyncio.Event()
+        self.has_ended = False  # its terminal event is out
+        self.is_done = False  # its task is over
+        self.task: asyncio.Task[None] | None = None
+
+    def keep(self, event: Event) -> None:
+        self.events.append((event["type"], orjson.dumps(event)))
+        self.has_ended = self.has_ended or event["type"] in _TERMINAL
+
+    def notify(self) -> None:
+        self.num_published = len(self.events)
+        self.wake.set()
+        self.wake = asyncio.Event()
+
+    def state_json(self) -> bytes:
+        return b'{"events":[' + b",".join(data for _, data in self.events) + b"]}"
+
+
+class Runner:
+    def __init__(self, store: ResponseStore) -> None:
+        self.store = store
+        self.jobs: dict[str, BackgroundJob] = {}
+
+    async def run(self, run: Run) -> bytes:
+        """The finished response, as the JSON it is served (and stored) as."""
+        async for _ in execute(run, None):
+            pass
+        body = orjson.dumps(run.stream.snapshot())
+        if run.store:
+            await asyncio.to_thread(self.store.insert, run.record(orjson.loads(body)), run.stored_items())
+        return body
+
+    async def stream(self, run: Run, idle_s: float | None) -> AsyncIterator[bytes]:
+        """Stored first (as in progress) when `store`; the SSE frames come from the returned iterator."""
+        out = run.stream
+        out.response["status"] = "in_progress"
+        if run.store:
+            await asyncio.to_thread(self.store.insert, run.record(out.snapshot()), run.stored_items())
+        return self._stream(run, idle_s)
+
+    async def _stream(self, run: Run, idle_s: float | None) -> AsyncIterator[bytes]:
+        out = run.stream
+        finished = False
+        try:
+            for created in out.created():
+                yield sse(created)
+            async for event in execute(run, idle_s):
+                if event is None:
+                    yield KEEPALIVE
+                    continue
+                if event["type"] in _TERMINAL and run.store:
+                    await asyncio.to_thread(self._save, run, event["response"], None)
+                    finished = True
+                yield sse(event)
+        finally:
+            if run.store and not finished:
+                # The client went away: the loop may not await any more here, so this write blocks.
+                out.finish("cancelled")
+                self._save(run, out.snapshot(), None)
+
+    def _save(self, run: Run, obj: dict[str, Any], state_json: bytes | None) -> None:
+        self.store.update(run.id, obj["status"], orjson.dumps(obj), state_json)
+
+    # --- background jobs --------------------------------------------------
+
+    async def start_job(self, run: Run) -> BackgroundJob:
+        job = BackgroundJob(run)
+        await asyncio.to_thread(self.store.insert, run.record(job.queued), run.stored_items())
+        for event in run.stream.created():
+            job.keep(event)
+        job.notify()
+        self.jobs[run.id] = job
+        job.task = asyncio.get_running_loop().create_task(self._job(job), name=f"response-{run.id}")
+        return job
+
+    async def _job(self, job: BackgroundJob) -> None:
+        run, out = job.run, job.run.stream
+        last_saved = time.monotonic()
+        try:
+            async for event in execute(run, None):
+                assert event is not None  # no idle_s: no keep-alives
+                job.keep(event)
+                if job.has_ended:  # stored before it is told, so a GET after it agrees
+                    await asyncio.to_thread(self._save, run, event["response"], job.state_json())
+                elif event["type"] in ("response.in_progress", "response.output_item.done") or (
+                    time.monotonic() - last_saved > PERSIST_EVERY_S
+                ):
+                    last_saved = time.monotonic()
+                    await asyncio.to_thread(self._save, run, out.snapshot(), None)
+                job.notify()
+        except asyncio.CancelledError:
+            await self._end_job(job, "cancelled", None)
+        except Exception as e:
+            logger.exception("background response %s failed", run.id)
+            await self._end_job(job, "failed", f"internal error ({type(e).__name__})")
+        finally:
+            job.is_done = True
+            self.jobs.pop(run.id, None)
+            job.notify()
+
+    async def _end_job(self, job: BackgroundJob, status: str, error: str | None) -> None:
+        if job.has_ended:
+            return
+        for event in job.run.stream.finish(status, error):
+            job.keep(event)
+        await asyncio.to_thread(self._save, job.run, job.run.stream.snapshot(), job.state_json())
+
+    async def cancel(self, response_id: str) -> None:
+        """Cancel a running background job and wait until it has stored its end."""
+        job = self.jobs.get(response_id)
+        if job is None or job.task is None:
+            return
+        job.task.cancel()
+        await asyncio.wait({job.task})
+
+    async def follow(
+        self, job: BackgroundJob, starting_after: int, idle_s: float | None
+    ) -> AsyncIterator[bytes]:
+        """A live job's events after `starting_after`, then the rest as they come."""
+        position = max(0, starting_after + 1)
+        while True:
+            while position < job.num_published:
+                yield _frame(*job.events[position])
+                position += 1
+            if job.is_done:
+                return
+            try:
+                await asyncio.wait_for(job.wake.wait(), idle_s)
+            except asyncio.TimeoutError:
+                yield KEEPALIVE
+
+    async def replay(self, record: StoredResponse, starting_after: int) -> AsyncIterator[bytes]:
+        """A finished background response's stored events after `starting_after`; one that
+        kept none (the server died while it ran) sends its terminal event alone."""
+        if record.state_json is not None:
+            for event in orjson.loads(record.state_json).get("events", []):
+                if event["sequence_number"] > starting_after:
+                    yield sse(event)
+            return
+        obj = orjson.loads(record.object_json)
+        kind = TERMINAL_EVENTS.get(obj["status"], "response.failed")
+        yield sse({"type": kind, "sequence_number": starting_after + 1, "response": obj})
+
+
+def fail_interrupted(store: ResponseStore) -> int:
+    """Fail every response a dead server left queued or in progress (at startup, before serving)."""
+    records = store.unfinished()
+    for record in records:
+        obj = orjson.loads(record.object_json)
+        obj["status"] = "failed"
+        obj["error"] = wire.error_object(RESTARTED)
+        for item in obj.get("output", []):
+            if item.get("status") == "in_progress":
+                item["status"] = "incomplete"
+        store.update(record.id, "failed", orjson.dumps(obj))
+    if records:
+        logger.warning("%d responses were running when the server stopped: marked failed", len(records))
+    return len(records)
