@@ -45,6 +45,15 @@ def test_content_type_kept_or_guessed_from_the_name(store: SqliteFileStore) -> N
     assert generic.content_type == "application/pdf"
 
 
+def test_names_are_one_printable_path_component(store: SqliteFileStore) -> None:
+    assert store.create(b"x", filename="../etc/pa\nss\x00wd", purpose="user_data").filename == "passwd"
+    assert (
+        store.create(b"x", filename="C:\\dir\\r\u00e9sum\u00e9.pdf", purpose="user_data").filename
+        == "r\u00e9sum\u00e9.pdf"
+    )
+    assert store.create(b"x", filename="\x07", purpose="user_data").filename == "file"
+
+
 def test_list_order_purpose_limit_after(store: SqliteFileStore) -> None:
     ids = [store.create(b"x", filename=f"{i}.txt", purpose="user_data").id for i in range(5)]
     other = store.create(b"y", filename="b.jsonl", purpose="batch").id

@@ -103,6 +103,12 @@ class FileStore(Protocol):
     def delete(self, file_id: str) -> None: ...
 
 
+def safe_filename(name: str | None, default: str = "file") -> str:
+    """The last path component of name, printable characters only (it goes into headers and prompts)."""
+    base = (name or "").replace("\\", "/").rsplit("/", 1)[-1]
+    return "".join(c for c in base if c.isprintable()).strip() or default
+
+
 def content_type_for(filename: str, given: str | None) -> str:
     """The declared type unless it is missing or generic; then a guess from the name."""
     if given and given.split(";")[0].strip() not in ("", "application/octet-stream"):
@@ -159,7 +165,7 @@ class SqliteFileStore:
             id=f"file-{uuid.uuid4().hex}",
             bytes=len(content),
             created_at=now,
-            filename=filename,
+            filename=safe_filename(filename),
             purpose=purpose,
             content_type=content_type_for(filename, content_type),
             expires_at=now + expires_after_s if expires_after_s is not None else None,

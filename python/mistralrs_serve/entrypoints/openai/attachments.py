@@ -26,7 +26,7 @@ from typing import Any, BinaryIO
 from mistralrs_serve.config import ServerConfig
 from mistralrs_serve.entrypoints.openai.file_fetch import fetch_file
 from mistralrs_serve.errors import InvalidRequestError, NotFoundError, PayloadTooLargeError
-from mistralrs_serve.store.files import FileStore, content_type_for
+from mistralrs_serve.store.files import FileStore, content_type_for, safe_filename
 
 logger = logging.getLogger(__name__)
 
@@ -279,7 +279,7 @@ def _filename(value: Any, where: str) -> str:
         return "file"
     if not isinstance(value, str):
         raise InvalidRequestError(f"{where} must be a string", where)
-    return value.replace("\\", "/").rsplit("/", 1)[-1].strip() or "file"
+    return safe_filename(value)
 
 
 def _attr(value: str) -> str:

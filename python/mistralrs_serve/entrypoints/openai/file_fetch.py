@@ -10,7 +10,6 @@ size limit and no further. Blocking: async callers run it on a worker thread.
 from __future__ import annotations
 
 import ipaddress
-import re
 import socket
 import time
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from urllib.parse import unquote, urljoin
 import httpx
 
 from mistralrs_serve.errors import InvalidRequestError, PayloadTooLargeError
+from mistralrs_serve.store.files import safe_filename
 
 MAX_REDIRECTS = 5
 CONNECT_TIMEOUT_S = 10.0
@@ -153,11 +153,5 @@ def _filename(response: httpx.Response, url: str) -> str:
         message["content-disposition"] = disposition
         name = message.get_filename()
         if name:
-            return _safe_name(name)
-    last = unquote(httpx.URL(url).path.rsplit("/", 1)[-1])
-    return _safe_name(last) or "download"
-
-
-def _safe_name(name: str) -> str:
-    """The last path component, without control characters."""
-    return re.sub(r"[\x00-\x1f\x7f]", "", name.replace("\\", "/").rsplit("/", 1)[-1]).strip()
+            return safe_filename(name, "download")
+    return safe_filename(unquote(httpx.URL(url).path), "download")

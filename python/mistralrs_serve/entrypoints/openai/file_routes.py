@@ -22,7 +22,7 @@ from starlette.responses import Response, StreamingResponse
 
 from mistralrs_serve.entrypoints.openai.http_errors import error_body
 from mistralrs_serve.errors import InvalidRequestError, PayloadTooLargeError
-from mistralrs_serve.store.files import UPLOAD_PURPOSES, FileStore, iter_chunks
+from mistralrs_serve.store.files import UPLOAD_PURPOSES, FileStore, iter_chunks, safe_filename
 
 # Room for the multipart framing and the small fields beside the file itself.
 MULTIPART_OVERHEAD_BYTES = 64 << 10
@@ -68,10 +68,11 @@ def file_routes(store: FileStore, max_file_bytes: int) -> APIRouter:
     async def content(file_id: str) -> Response:
         async def handle() -> Response:
             file, stream = await anyio.to_thread.run_sync(store.open, file_id)
+            plain = "".join(c if c.isascii() and c not in '"\\' else "_" for c in file.filename)
             quoted = urllib.parse.quote(file.filename, safe="")
             headers = {
                 "Content-Length": str(file.bytes),
-                "Content-Disposition": f"attachment; filename*=UTF-8''{quoted}",
+                "Content-Disposition": f"attachment; filename=\"{plain}\"; filename*=UTF-8''{quoted}",
             }
             return StreamingResponse(iter_chunks(stream), media_type=file.content_type, headers=headers)
 
@@ -108,7 +109,7 @@ async def _upload(request: Request, store: FileStore, max_file_bytes: int) -> Re
         if upload.size is not None and upload.size > max_file_bytes:
             raise _too_large(max_file_bytes)
         data = await upload.read()
-        filename = _safe_filename(upload.filename)
+        filename = safe_filename(upload.filename, "upload")
         content_type = upload.content_type
     finally:
         await form.close()
@@ -197,11 +198,6 @@ def _int_param(value: str | None, name: str, default: int | None) -> Any:
         return int(value)
     except ValueError:
         raise InvalidRequestError(f"{name} must be an integer; got {value!r}", name) from None
-
-
-def _safe_filename(name: str | None) -> str:
-    base = (name or "").replace("\\", "/").rsplit("/", 1)[-1]
-    return "".join(c for c in base if c.isprintable()).strip() or "upload"
 
 
 def _too_large(max_file_bytes: int) -> PayloadTooLargeError:
