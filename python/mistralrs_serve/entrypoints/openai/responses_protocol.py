@@ -168,7 +168,8 @@ def response_object(
     temperature: float,
     top_p: float,
 ) -> dict[str, Any]:
-    """A new response, queued; every field of OpenAI's `Response` (the SDK-only `output_text` aside)."""
+    """A new response, queued; every field of OpenAI's `Response` (the SDK-only `output_text`
+    aside; `usage` comes when it ends)."""
     text: dict[str, Any] = {"format": text_format}
     verbosity = (req.text or {}).get("verbosity")
     if verbosity is not None:
@@ -204,7 +205,6 @@ def response_object(
         "top_logprobs": req.top_logprobs or 0,
         "top_p": top_p,
         "truncation": req.truncation or "disabled",
-        "usage": None,
         "metadata": req.metadata or {},
         "moderation": None,
     }

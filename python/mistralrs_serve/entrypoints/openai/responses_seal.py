@@ -73,6 +73,7 @@ def _load_key(path: Path) -> bytes:
             return key
     except FileNotFoundError:
         pass
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
