@@ -18,6 +18,7 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response, StreamingResponse
 
 from mistralrs_serve.entrypoints.openai.http_errors import error_body
@@ -126,28 +127,18 @@ async def _upload(request: Request, store: FileStore, max_file_bytes: int) -> Re
 
 
 async def _parse_multipart(request: Request, limit: int, max_file_bytes: int) -> FormData:
-    received, tail = 0, b""
-
-    async def capped() -> AsyncGenerator[bytes, None]:
-        nonlocal received, tail
-        async for chunk in request.stream():
-            received += len(chunk)
-            if received > limit:
-                raise _too_large(max_file_bytes)
-            tail = (tail + chunk)[-_TAIL_BYTES:]
-            yield chunk
-
-    parser = MultiPartParser(request.headers, capped(), max_files=1, max_fields=16)
+    body = _CappedBody(request, limit, max_file_bytes)
+    parser = MultiPartParser(request.headers, body.chunks(), max_files=1, max_fields=16)
     try:
         form = await parser.parse()
     except MultiPartException as e:
         raise InvalidRequestError(f"the multipart body is malformed: {e}", "file") from None
     except PayloadTooLargeError:
-        await _drain(request, DRAIN_BYTES)
+        await body.drain(DRAIN_BYTES)
         raise
     # The parser takes a body cut short as complete, dropping the unfinished part.
     boundary = _BOUNDARY.search(request.headers.get("content-type", ""))
-    if boundary is None or b"--" + boundary[1].encode("latin-1") + b"--" not in tail:
+    if boundary is None or b"--" + boundary[1].encode("latin-1") + b"--" not in body.tail:
         await form.close()
         raise InvalidRequestError(
             "the multipart body is malformed: it ends before its closing boundary", "file"
@@ -155,14 +146,39 @@ async def _parse_multipart(request: Request, limit: int, max_file_bytes: int) ->
     return form
 
 
-async def _drain(request: Request, max_bytes: int) -> None:
-    """Read and drop the rest of the body, up to max_bytes."""
-    drained = 0
-    while drained <= max_bytes:
-        message = await request.receive()
-        drained += len(message.get("body", b""))
-        if message["type"] != "http.request" or not message.get("more_body", False):
-            return
+class _CappedBody:
+    """The request body as chunks, refused once past `limit` bytes; it keeps the
+    last few bytes (for the closing boundary) and whether more is to come."""
+
+    def __init__(self, request: Request, limit: int, max_file_bytes: int) -> None:
+        self.request = request
+        self.limit = limit
+        self.max_file_bytes = max_file_bytes
+        self.num_bytes = 0
+        self.tail = b""
+        self.has_more = True
+
+    async def chunks(self) -> AsyncGenerator[bytes, None]:
+        while self.has_more:
+            chunk = await self._receive()
+            self.num_bytes += len(chunk)
+            if self.num_bytes > self.limit:
+                raise _too_large(self.max_file_bytes)
+            self.tail = (self.tail + chunk)[-_TAIL_BYTES:]
+            yield chunk
+
+    async def drain(self, max_bytes: int) -> None:
+        """Read and drop the rest of the body, up to max_bytes more."""
+        drained = 0
+        while self.has_more and drained <= max_bytes:
+            drained += len(await self._receive())
+
+    async def _receive(self) -> bytes:
+        message = await self.request.receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        self.has_more = bool(message.get("more_body", False))
+        return bytes(message.get("body", b""))
 
 
 def _purpose(value: Any) -> str:
