@@ -5,6 +5,7 @@ event schemas, whose failure says only that none matched)."""
 from __future__ import annotations
 
 import functools
+import json
 from typing import Any
 
 from openai_schema import _registry, check
@@ -47,3 +48,40 @@ def check_stream(events: list[dict[str, Any]], first: int = 0) -> dict[str, Any]
     if first == 0:
         assert [item["id"] for item in final["output"]] == list(added)
     return final
+
+
+def created(client: Any, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
+    """client.responses.create: (the SDK's object, the wire JSON, schema-checked)."""
+    raw = client.responses.with_raw_response.create(**{"model": "default", **kwargs})
+    body = raw.http_response.json()
+    check("Response", body)
+    return raw.parse(), body
+
+
+def sse_events(
+    http: Any, method: str, path: str, body: Any = None, limit: int | None = None
+) -> list[dict[str, Any]]:
+    """The `data:` events of an SSE response, parsed (at most `limit`: then the stream is closed)."""
+    events: list[dict[str, Any]] = []
+    with http.stream(method, path, json=body) as res:
+        assert res.status_code == 200, res.read()
+        assert res.headers["content-type"].startswith("text/event-stream")
+        kind = None
+        for line in res.iter_lines():
+            if line.startswith("event: "):
+                kind = line[len("event: ") :]
+            elif line.startswith("data: "):
+                event = json.loads(line[len("data: ") :])
+                assert event["type"] == kind  # the `event:` line names the type
+                events.append(event)
+                if limit is not None and len(events) >= limit:
+                    break
+    return events
+
+
+def error_of(res: Any, status: int) -> dict[str, Any]:
+    """The OpenAI error envelope of a failed request, with its status checked."""
+    assert res.status_code == status, (res.status_code, res.text)
+    error: dict[str, Any] = res.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    return error
