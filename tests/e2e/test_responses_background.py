@@ -13,7 +13,11 @@ from responses_checks import check_stream, created, sse_events
 
 QUESTION = "What is the capital of France? Answer in one sentence."
 # Long enough to be cancelled mid-way on any machine: EOS is ignored.
-ENDLESS = {"input": "Count from one to one thousand.", "max_output_tokens": 4000, "ignore_eos": True}
+ENDLESS = {
+    "input": "Count from one to one thousand.",
+    "max_output_tokens": 4000,
+    "extra_body": {"ignore_eos": True},
+}
 
 
 def poll(client: openai.OpenAI, response_id: str, until: Any, timeout_s: float = 120) -> Any:

@@ -14,9 +14,10 @@ A response left queued or in progress by a server that died is failed by
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,15 +52,15 @@ class Run:
     background: bool
     client: EngineClient
 
-    def record(self, obj: dict[str, Any], state_json: bytes | None = None) -> StoredResponse:
+    def record(self, obj: dict[str, Any], body: bytes | None = None) -> StoredResponse:
+        """The stored form of `obj` (`body`: its JSON, when already made)."""
         return StoredResponse(
             self.id,
             obj["created_at"],
             obj["status"],
             self.background,
             self.req.previous_response_id,
-            orjson.dumps(obj),
-            state_json,
+            body if body is not None else orjson.dumps(obj),
         )
 
     def stored_items(self) -> list[InputItem]:
@@ -74,7 +75,7 @@ def _frame(kind: str, data: bytes) -> bytes:
     return b"event: " + kind.encode() + b"\ndata: " + data + b"\n\n"
 
 
-async def execute(run: Run, idle_s: float | None) -> AsyncIterator[Event | None]:
+async def execute(run: Run, idle_s: float | None) -> AsyncGenerator[Event | None, None]:
     """The events from `response.in_progress` to the terminal one; None after idle_s
     without output. Closing or cancelling it aborts the engine request."""
     out = run.stream
@@ -92,6 +93,9 @@ async def execute(run: Run, idle_s: float | None) -> AsyncIterator[Event | None]
     except EngineError as e:
         logger.warning("response %s failed: %s", run.id, e)
         status, error = "failed", str(e)
+    except Exception as e:  # ends as a failed response, never a cut stream
+        logger.exception("response %s failed", run.id)
+        status, error = "failed", f"internal error ({type(e).__name__})"
     finally:
         await steps.aclose()
     for event in out.finish(status, error):
@@ -110,6 +114,7 @@ class BackgroundJob:
         self.has_ended = False  # its terminal event is out
         self.is_done = False  # its task is over
         self.task: asyncio.Task[None] | None = None
+        self.last_saved = time.monotonic()
 
     def keep(self, event: Event) -> None:
         self.events.append((event["type"], orjson.dumps(event)))
@@ -133,9 +138,10 @@ class Runner:
         """The finished response, as the JSON it is served (and stored) as."""
         async for _ in execute(run, None):
             pass
-        body = orjson.dumps(run.stream.snapshot())
+        obj = run.stream.snapshot()
+        body = orjson.dumps(obj)
         if run.store:
-            await asyncio.to_thread(self.store.insert, run.record(orjson.loads(body)), run.stored_items())
+            await asyncio.to_thread(self.store.insert, run.record(obj, body), run.stored_items())
         return body
 
     async def stream(self, run: Run, idle_s: float | None) -> AsyncIterator[bytes]:
@@ -157,8 +163,8 @@ class Runner:
                     yield KEEPALIVE
                     continue
                 if event["type"] in _TERMINAL and run.store:
+                    finished = True  # the save below is the last word, even if the client leaves now
                     await asyncio.to_thread(self._save, run, event["response"], None)
-                    finished = True
                 yield sse(event)
         finally:
             if run.store and not finished:
@@ -182,20 +188,13 @@ class Runner:
         return job
 
     async def _job(self, job: BackgroundJob) -> None:
-        run, out = job.run, job.run.stream
-        last_saved = time.monotonic()
+        run = job.run
         try:
-            async for event in execute(run, None):
-                assert event is not None  # no idle_s: no keep-alives
-                job.keep(event)
-                if job.has_ended:  # stored before it is told, so a GET after it agrees
-                    await asyncio.to_thread(self._save, run, event["response"], job.state_json())
-                elif event["type"] in ("response.in_progress", "response.output_item.done") or (
-                    time.monotonic() - last_saved > PERSIST_EVERY_S
-                ):
-                    last_saved = time.monotonic()
-                    await asyncio.to_thread(self._save, run, out.snapshot(), None)
-                job.notify()
+            # aclosing: a cancel aborts the engine request at once, wherever the job was
+            async with contextlib.aclosing(execute(run, None)) as events:
+                async for event in events:
+                    await self._job_event(job, event)
+                    job.notify()
         except asyncio.CancelledError:
             await self._end_job(job, "cancelled", None)
         except Exception as e:
@@ -205,6 +204,19 @@ class Runner:
             job.is_done = True
             self.jobs.pop(run.id, None)
             job.notify()
+
+    async def _job_event(self, job: BackgroundJob, event: Event | None) -> None:
+        """Keep an event; store the job as it goes (its end before the end is told, so a GET agrees)."""
+        assert event is not None  # no idle_s: no keep-alives
+        job.keep(event)
+        run = job.run
+        if job.has_ended:
+            await asyncio.to_thread(self._save, run, event["response"], job.state_json())
+        elif event["type"] in ("response.in_progress", "response.output_item.done") or (
+            time.monotonic() - job.last_saved > PERSIST_EVERY_S
+        ):
+            job.last_saved = time.monotonic()
+            await asyncio.to_thread(self._save, run, run.stream.snapshot(), None)
 
     async def _end_job(self, job: BackgroundJob, status: str, error: str | None) -> None:
         if job.has_ended:

@@ -119,6 +119,7 @@ class ResponseStream:
         self.num_cached_tokens = 0
         self.num_output_tokens = 0
         self.num_reasoning_tokens = 0
+        self.has_ended = False
 
     def event(self, kind: str, **fields: Any) -> Event:
         event = {"type": kind, "sequence_number": self.sequence_number, **fields}
@@ -146,6 +147,9 @@ class ResponseStream:
 
     def finish(self, status: str, error: str | None = None) -> list[Event]:
         """Close every open item and end the response with `status` (the one terminal event)."""
+        if self.has_ended:
+            return []
+        self.has_ended = True
         events: list[Event] = []
         for choice in self.choices:
             events.extend(choice.close(finished=status in ("completed", "incomplete")))

@@ -128,13 +128,11 @@ def _member(tool: Any, where: str, out: ToolSet, namespace: str | None) -> dict[
         raise InvalidRequestError(f"{fwhere}.strict must be a boolean", f"{fwhere}.strict")
     # OpenAI's Responses functions are strict unless they say otherwise; chat's nested form is not.
     strict = flat if strict is None else strict
-    function = {
-        "name": name,
-        "parameters": parameters or {"type": "object", "properties": {}},
-        "strict": strict,
-    }
+    function: dict[str, Any] = {"name": name}
     if isinstance(spec.get("description"), str):
         function["description"] = spec["description"]
+    function["parameters"] = parameters or {"type": "object", "properties": {}}
+    function["strict"] = strict
     out.add(function, where, namespace)
     return {"type": "function", **function}
 
