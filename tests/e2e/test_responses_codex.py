@@ -15,6 +15,9 @@ from responses_checks import check_stream, error_of, sse_events
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 PLACEHOLDER = re.compile(r"^<(\d+) characters of Codex's own \w+ text>$")
+# The prose that stands in for Codex's texts packs more characters into a token than Codex's own
+# (markdown, code and paths): 1.3 times their length brings the prompt to the real one's ~9,900 tokens.
+DENSITY = 1.3
 
 
 def codex_request() -> tuple[dict[str, str], dict[str, Any]]:
@@ -29,7 +32,7 @@ def codex_request() -> tuple[dict[str, str], dict[str, Any]]:
         match = PLACEHOLDER.match(value) if isinstance(value, str) else None
         if match is None:
             return value
-        size = int(match[1])
+        size = int(int(match[1]) * DENSITY)
         return (prose * (size // len(prose) + 1))[:size]
 
     headers = {k: v for k, v in captured["headers"].items() if k in ("accept", "session-id", "originator")}

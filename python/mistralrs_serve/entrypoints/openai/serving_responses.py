@@ -115,7 +115,7 @@ class ResponsesServing:
         tools = convert_tools(req.tools)
         chat_format, text_format = convert_text_format(req.text, req.response_format)
         fields = _chat_fields(req, tools, chat_format)
-        messages = self._fit(req, fields, items, chat)
+        messages = self._fit(req, fields, items, tools, chat)
         prep = self._chat_prepare(fields, messages, tools, req, chat)
         params = prep.prompt.params
         response = wire.response_object(
@@ -188,14 +188,14 @@ class ResponsesServing:
                 for j, (x, label) in enumerate(zip(all_items, labels, strict=True))
                 if j not in drop
             ]
-            kept_items = without_orphans([x for x, _ in kept])
-            labels = [label for x, label in kept if any(x is k for k in kept_items)]
-            all_items = kept_items
+            all_items = without_orphans([x for x, _ in kept])
+            survivors = {id(x) for x in all_items}
+            labels = [label for x, label in kept if id(x) in survivors]
         builder = MessageBuilder(self.seal, labels.__getitem__)
         return builder.build(all_items)
 
     def _fit(
-        self, req: ResponsesRequest, fields: dict[str, Any], items: _Items, chat: ChatServing
+        self, req: ResponsesRequest, fields: dict[str, Any], items: _Items, tools: ToolSet, chat: ChatServing
     ) -> list[dict[str, Any]]:
         """The messages; with `truncation: auto`, without the oldest items the context cannot hold
         (conversation items first, then system and developer messages; never instructions or the last)."""
@@ -208,7 +208,7 @@ class ResponsesServing:
         limit = min(info.max_model_len, info.num_kv_tokens) - reserve
 
         def fits(msgs: list[dict[str, Any]]) -> bool:
-            with _chat_params(None):
+            with _chat_params(tools):
                 ids = chat.prompt_ids(ChatCompletionRequest.model_validate({**fields, "messages": msgs}))
             return len(ids) <= limit
 
@@ -418,7 +418,7 @@ def _chat_fields(req: ResponsesRequest, tools: ToolSet, response_format: Any) ->
 class _chat_params:
     """Errors of the chat request, renamed to the Responses fields they came from."""
 
-    def __init__(self, tools: ToolSet | None, text_param: str = "text.format") -> None:
+    def __init__(self, tools: ToolSet, text_param: str = "text.format") -> None:
         self.tools = tools
         self.text_param = text_param
 
@@ -431,7 +431,7 @@ class _chat_params:
 
     def _rename(self, param: str) -> str:
         match = _TOOL_PARAM.match(param)
-        if match and self.tools is not None and int(match[1]) < len(self.tools.origins):
+        if match and int(match[1]) < len(self.tools.origins):
             return self.tools.origins[int(match[1])] + match[2]
         head = re.split(r"[.\[]", param, maxsplit=1)[0]
         if head == "response_format":
