@@ -201,9 +201,12 @@ class Runner:
             logger.exception("background response %s failed", run.id)
             await self._end_job(job, "failed", f"internal error ({type(e).__name__})")
         finally:
-            job.is_done = True
-            self.jobs.pop(run.id, None)
-            job.notify()
+            self._close(job)
+
+    def _close(self, job: BackgroundJob) -> None:
+        job.is_done = True
+        self.jobs.pop(job.run.id, None)
+        job.notify()
 
     async def _job_event(self, job: BackgroundJob, event: Event | None) -> None:
         """Keep an event; store the job as it goes (its end before the end is told, so a GET agrees)."""
@@ -232,6 +235,9 @@ class Runner:
             return
         job.task.cancel()
         await asyncio.wait({job.task})
+        if not job.is_done:  # cancelled before its first step: its coroutine never ran
+            await self._end_job(job, "cancelled", None)
+            self._close(job)
 
     async def follow(
         self, job: BackgroundJob, starting_after: int, idle_s: float | None
