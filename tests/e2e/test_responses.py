@@ -3,6 +3,7 @@ openai client, every object and event checked against OpenAI's schema."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 from typing import Any
 
@@ -284,3 +285,27 @@ def test_async_client(live_server: LiveServer) -> None:
         await client.close()
 
     asyncio.run(go())
+
+
+def test_32_clients_create_fetch_and_delete_at_once(live_server: LiveServer) -> None:
+    def client_session(i: int) -> None:
+        with live_server.http() as http:
+            made = http.post(
+                "/v1/responses",
+                json={"input": f"Say {i}.", "max_output_tokens": 2, "metadata": {"i": str(i)}},
+            )
+            assert made.status_code == 200, made.text
+            response_id = made.json()["id"]
+            assert http.get(f"/v1/responses/{response_id}").content == made.content
+            assert (
+                http.get(f"/v1/responses/{response_id}/input_items").json()["data"][0]["content"][0]["text"]
+                == f"Say {i}."
+            )
+            if i % 2:
+                assert http.delete(f"/v1/responses/{response_id}").status_code == 200
+                assert http.get(f"/v1/responses/{response_id}").status_code == 404
+            else:
+                assert http.get(f"/v1/responses/{response_id}").json()["metadata"] == {"i": str(i)}
+
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        list(pool.map(client_session, range(32)))  # re-raises the first failure
