@@ -194,7 +194,9 @@ def response_object(
         "conversation": None,
         "prompt": None,
         "prompt_cache_key": req.prompt_cache_key,
-        "prompt_cache_retention": req.prompt_cache_retention,
+        "prompt_cache_retention": req.prompt_cache_retention
+        if req.prompt_cache_retention in _RETENTIONS
+        else None,
         "safety_identifier": req.safety_identifier,
         "service_tier": req.service_tier if req.service_tier in _SERVICE_TIERS else "default",
         "store": req.store is not False,
@@ -214,6 +216,7 @@ def response_object(
 
 
 _SERVICE_TIERS = ("auto", "default", "flex", "scale", "priority")
+_RETENTIONS = ("in_memory", "24h")  # accepted, no effect: the prefix cache keeps what fits
 
 
 def _reasoning_echo(reasoning: dict[str, Any] | None) -> dict[str, Any]:

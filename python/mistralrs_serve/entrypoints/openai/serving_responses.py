@@ -356,6 +356,8 @@ def _check_request(req: ResponsesRequest) -> None:
         raise InvalidRequestError(
             "conversation is not supported; continue with previous_response_id", "conversation"
         )
+    if req.safety_identifier is not None and len(req.safety_identifier) > 64:
+        raise InvalidRequestError("safety_identifier may hold at most 64 characters", "safety_identifier")
     if req.prompt is not None:
         raise InvalidRequestError("prompt templates are not supported; send input and instructions", "prompt")
 
