@@ -223,12 +223,18 @@ def test_structured_output(client: openai.OpenAI) -> None:
         set(json.loads(res.output_text)) == {"city", "country"} and body["text"]["format"]["name"] == "place"
     )
     alias, body = created(
-        client, input=QUESTION, extra_body={"response_format": {"type": "json_object"}}, max_output_tokens=40
+        client,
+        input=QUESTION,
+        extra_body={"response_format": {"type": "json_object"}},
+        max_output_tokens=80,
+        temperature=0,
     )
     assert isinstance(json.loads(alias.output_text), dict) and body["text"]["format"] == {
         "type": "json_object"
     }
-    parsed = client.responses.parse(model="default", input=QUESTION, text_format=Place, max_output_tokens=60)
+    parsed = client.responses.parse(
+        model="default", input=QUESTION, text_format=Place, max_output_tokens=60, temperature=0
+    )
     assert isinstance(parsed.output_parsed, Place)
 
 
