@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 import openai
+import pytest
 from live_server import LiveServer
 from openai_schema import check
 from responses_checks import check_stream, created, sse_events
@@ -99,3 +100,43 @@ def test_background_stream_through_the_sdk(client: openai.OpenAI) -> None:
     assert events[0].type == "response.created" and events[-1].type == "response.completed"
     response_id = events[0].response.id  # type: ignore[union-attr]
     assert client.responses.retrieve(response_id).output_text == "The capital of France is Paris."
+
+
+def test_engine_error_ends_in_response_failed(
+    live_server: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = live_server.engine
+    calls = {"n": 0}
+    real = engine.runner.execute
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("secret internal detail")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine.runner, "execute", failing)
+    body = {
+        "model": "default",
+        "input": QUESTION,
+        "stream": True,
+        "max_output_tokens": 50,
+        "ignore_eos": True,
+    }
+    with live_server.http() as http:
+        events = sse_events(http, "POST", "/v1/responses", body)
+        monkeypatch.undo()
+        final = check_stream(events)
+        assert final["status"] == "failed" and "secret" not in final["error"]["message"]
+        assert http.get(f"/v1/responses/{final['id']}").json()["status"] == "failed"  # stored as it ended
+        calls["n"] = 0
+        monkeypatch.setattr(engine.runner, "execute", failing)
+        bg = http.post("/v1/responses", json={**body, "stream": False, "background": True}).json()
+        deadline = time.monotonic() + 60
+        while (obj := http.get(f"/v1/responses/{bg['id']}").json())["status"] in ("queued", "in_progress"):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        monkeypatch.undo()
+        check("Response", obj)
+        assert obj["status"] == "failed" and obj["error"]["code"] == "server_error"
+    live_server.wait_idle()
