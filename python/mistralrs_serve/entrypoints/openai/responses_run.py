@@ -129,7 +129,9 @@ class BackgroundJob:
         return b'{"events":[' + b",".join(data for _, data in self.events) + b"]}"
 
 
-class Runner:
+class ResponseRunner:
+    """Runs prepared responses and holds the background jobs of this server."""
+
     def __init__(self, store: ResponseStore) -> None:
         self.store = store
         self.jobs: dict[str, BackgroundJob] = {}

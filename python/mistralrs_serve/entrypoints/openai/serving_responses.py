@@ -29,7 +29,7 @@ from mistralrs_serve.entrypoints.openai.responses_input import (
     without_orphans,
 )
 from mistralrs_serve.entrypoints.openai.responses_protocol import ResponsesRequest
-from mistralrs_serve.entrypoints.openai.responses_run import Run, Runner, fail_interrupted
+from mistralrs_serve.entrypoints.openai.responses_run import ResponseRunner, Run, fail_interrupted
 from mistralrs_serve.entrypoints.openai.responses_seal import ReasoningSeal
 from mistralrs_serve.entrypoints.openai.responses_stream import ResponseStream
 from mistralrs_serve.entrypoints.openai.responses_tools import (
@@ -79,7 +79,7 @@ class ResponsesServing:
         self.store = store
         self.seal = seal
         self.chat: ChatServing | None = None
-        self.runner = Runner(store)
+        self.runner = ResponseRunner(store)
 
     def attach(self, chat: ChatServing) -> None:
         self.chat = chat
