@@ -315,3 +315,14 @@ def test_32_clients_create_fetch_and_delete_at_once(live_server: LiveServer) -> 
 
     with concurrent.futures.ThreadPoolExecutor(32) as pool:
         list(pool.map(client_session, range(32)))  # re-raises the first failure
+
+
+def test_max_output_tokens_aliases(live_server: LiveServer) -> None:
+    with live_server.http() as http:
+        for alias in ("max_output_tokens", "max_tokens", "max_completion_tokens"):
+            obj = http.post("/v1/responses", json={"input": QUESTION, alias: 3, "ignore_eos": True}).json()
+            check("Response", obj)
+            assert obj["max_output_tokens"] == 3 and obj["usage"]["output_tokens"] == 3
+            assert obj["status"] == "incomplete" and obj["incomplete_details"] == {
+                "reason": "max_output_tokens"
+            }
