@@ -125,7 +125,7 @@ def test_tools_flat_nested_namespace_custom_and_hosted() -> None:
     assert tools.chat_tools[0]["function"]["strict"] is True  # Responses functions are strict by default
     assert tools.chat_tools[1]["function"]["strict"] is False  # chat's nested form is not
     assert tools.namespaces == {"c": "ns"} and tools.custom == {"patch"} and tools.hosted == {"web_search"}
-    assert tools.chat_tools[3]["function"]["parameters"]["properties"]["input"]["pattern"] == "x+"
+    assert tools.chat_tools[3]["function"]["parameters"]["properties"]["input"]["pattern"] == "^(?:x+)$"
     assert tools.origins[2] == "tools[2].tools[0]"
     assert convert_tool_choice({"type": "custom", "name": "patch"}, tools) == {
         "type": "function",

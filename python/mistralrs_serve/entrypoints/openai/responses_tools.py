@@ -150,7 +150,8 @@ def _custom(tool: dict[str, Any], where: str, out: ToolSet, namespace: str | Non
                 f"{where}.format",
             )
         if syntax == "regex":
-            text["pattern"] = definition
+            # A JSON Schema pattern matches anywhere in the string; the tool's regex is the whole input.
+            text["pattern"] = f"^(?:{definition})$"
             strict = True
         else:
             logger.info("custom tool %s: its lark grammar is not enforced (free-form input)", name)
