@@ -196,7 +196,7 @@ def test_file_data_part_is_stored_and_seen(live_server: LiveServer, client: open
     messages = [{"role": "user", "content": [part]}]
     before = {f.id for f in client.files.list()}
     count, prompt = rendered_prompt(live_server, messages)
-    assert '<file name="birds.csv" type="text/csv" bytes="19">\nname,legs\nheron,2\n' in prompt
+    assert f'<file name="birds.csv" type="text/csv" bytes="{len(data)}">\nname,legs\nheron,2\n' in prompt
     assert {f.id for f in client.files.list()} == before, "/tokenize only looks"
     res = client.chat.completions.create(model="default", messages=messages, max_tokens=1)
     assert res.usage is not None and res.usage.prompt_tokens == count
@@ -260,7 +260,8 @@ def error_of(res: httpx.Response, status: int, param: str | None) -> str:
 @pytest.mark.parametrize(
     ("kwargs", "param", "match"),
     [
-        ({"data": {"purpose": "user_data"}}, "file", "'file' is required"),
+        ({"data": {"purpose": "user_data"}, "files": {"note": (None, b"x")}}, "file", "'file' is required"),
+        ({"data": {"purpose": "user_data"}}, "file", "multipart/form-data"),
         ({"files": {"file": ("a.txt", b"a")}}, "purpose", "'purpose' is required"),
         ({"files": {"file": ("a.txt", b"a")}, "data": {"purpose": "nope"}}, "purpose", "must be one of"),
         ({"content": b"{}", "headers": {"content-type": "application/json"}}, "file", "multipart/form-data"),
