@@ -250,25 +250,6 @@ def test_logprobs_and_reasoning_fields(client: openai.OpenAI) -> None:
     assert plain.output[0].content[0].logprobs == []  # type: ignore[union-attr]
 
 
-def test_truncation_auto_drops_the_oldest_items(live_server: LiveServer) -> None:
-    long = " ".join(["the quick brown fox jumps over the lazy dog"] * 90)  # ~900 tokens
-    given = [{"role": "user", "content": f"{i}: {long}"} for i in range(12)] + [
-        {"role": "user", "content": QUESTION}
-    ]
-    body = {"model": "default", "input": given, "max_output_tokens": 8}
-    with live_server.http() as http:
-        assert error_of(http.post("/v1/responses", json=body), 400)["param"] == "input"
-        res = http.post("/v1/responses", json={**body, "truncation": "auto"})
-        assert res.status_code == 200, res.text
-        obj = res.json()
-        check("Response", obj)
-        assert (
-            obj["truncation"] == "auto" and obj["usage"]["input_tokens"] <= live_server.info.max_model_len - 8
-        )
-        items = http.get(f"/v1/responses/{obj['id']}/input_items", params={"limit": 100}).json()
-        assert len(items["data"]) == 13  # the stored input is what was sent
-
-
 def test_async_client(live_server: LiveServer) -> None:
     import asyncio
 

@@ -198,7 +198,7 @@ class ResponsesServing:
         self, req: ResponsesRequest, fields: dict[str, Any], items: _Items, tools: ToolSet, chat: ChatServing
     ) -> list[dict[str, Any]]:
         """The messages; with `truncation: auto`, without the oldest items the context cannot hold
-        (conversation items first, then system and developer messages; never instructions or the last)."""
+        (from the beginning of the conversation, as OpenAI's; never the instructions or the last item)."""
         messages = self._messages(items)
         if req.truncation != "auto":
             return messages
@@ -214,7 +214,8 @@ class ResponsesServing:
 
         if fits(messages):
             return messages
-        order = _drop_order(items)
+        start = len(items.instructions)
+        order = list(range(start, start + len(items.history) + len(items.input) - 1))  # oldest first
         low, high = 1, len(order)  # the fewest dropped items that fit lies in [low, high]
         if not order or not fits(self._messages(items, set(order))):
             raise InvalidRequestError(
@@ -318,16 +319,6 @@ def _read_files(chat: ChatServing, items: _Items) -> _Items:
 
 def _not_found(response_id: str) -> NotFoundError:
     return NotFoundError(f"Response with id '{response_id}' not found.", "response_id")
-
-
-def _drop_order(items: _Items) -> list[int]:
-    """Indices (into instructions + history + input) truncation may drop, first to last."""
-    start = len(items.instructions)
-    convo = [*items.history, *items.input][:-1]  # the last item always stays
-    is_system = [x.get("type") == "message" and x.get("role") in ("system", "developer") for x in convo]
-    return [start + j for j, s in enumerate(is_system) if not s] + [
-        start + j for j, s in enumerate(is_system) if s
-    ]
 
 
 def _check_request(req: ResponsesRequest) -> None:
