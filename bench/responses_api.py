@@ -8,8 +8,8 @@ taking turns pass by pass on fresh prompts (so no prefix cache favours
 either), best pass of each. The bar: Responses output tok/s at least 0.95 of
 Chat Completions' (the store and the event stream must not be the bottleneck).
 
-    .venv/bin/python bench/responses.py                  # concurrency 32
-    .venv/bin/python bench/responses.py --smoke          # seconds: CI
+    .venv/bin/python bench/responses_api.py                  # concurrency 32
+    .venv/bin/python bench/responses_api.py --smoke          # seconds: CI
 
 One JSON line per case and pass, then
 {"metric": "responses_vs_chat_output_tok_s", "value": ..., "bar": 0.95, ...}.
