@@ -220,6 +220,13 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
         help="characters of all the files of one request together that the model sees",
     )
     g.add_argument(
+        "--default-truncation",
+        choices=["disabled", "auto"],
+        default=ServerConfig.default_truncation,
+        help="truncation of a Responses request that does not set it: auto drops the oldest items "
+        "that do not fit the context (for clients like Codex that never set it); default disabled, as OpenAI",
+    )
+    g.add_argument(
         "--allow-private-file-urls",
         action="store_true",
         help="let file_url fetch loopback and private-network addresses (refused by default)",
@@ -297,6 +304,7 @@ def serve_command(args: argparse.Namespace) -> int:
         file_preview_chars=args.file_preview_chars,
         request_file_chars=args.request_file_chars,
         allow_private_file_urls=args.allow_private_file_urls,
+        default_truncation=args.default_truncation,
     )
 
     def load() -> Any:

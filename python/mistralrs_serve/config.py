@@ -130,3 +130,5 @@ class ServerConfig:
     request_file_chars: int = 128_000
     # file_url may reach loopback and private addresses (tests, trusted networks)
     allow_private_file_urls: bool = False
+    # `truncation` of a Responses request that does not say ("disabled", as OpenAI, or "auto")
+    default_truncation: str = "disabled"

@@ -111,3 +111,22 @@ def test_codex_first_turn_and_the_next(small: LiveServer) -> None:
         second = {**first, "input": [*body["input"], thought, *final["output"], user]}
         final = check_stream(sse_events(http, "POST", "/v1/responses", second))
         assert final["status"] in ("completed", "incomplete")
+
+
+def test_server_default_truncation_applies_when_a_request_does_not_say(small: LiveServer) -> None:
+    """--default-truncation auto: for clients (Codex) that never send `truncation`."""
+    engine = small.app.state.server.client
+    auto = start_server(ServerConfig(max_body_bytes=1 << 22, default_truncation="auto"), lambda: engine)
+    try:
+        long = " ".join(["the quick brown fox jumps over the lazy dog"] * 9)
+        given = [{"role": "user", "content": f"{i}: {long}"} for i in range(50)]
+        body = {"input": [*given, {"role": "user", "content": QUESTION}], "max_output_tokens": 3000}
+        body |= {"stop": ["."], "temperature": 0}
+        with long_http(auto) as http:
+            res = http.post("/v1/responses", json=body)
+            assert res.status_code == 200, res.text
+            assert res.json()["truncation"] == "auto"
+            refused = http.post("/v1/responses", json={**body, "truncation": "disabled"})
+            assert error_of(refused, 400)["param"] == "input"  # a request that says still decides
+    finally:
+        stop_server(auto)

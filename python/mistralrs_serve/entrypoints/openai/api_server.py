@@ -83,7 +83,9 @@ class ServerState:
         self.db = Database(config.data_dir or default_data_dir())
         self.files = SqliteFileStore(self.db)
         self.attachments = Attachments(self.files, FileLimits.from_config(config))
-        self.responses = ResponsesServing(SqliteResponseStore(self.db), ReasoningSeal(self.db.data_dir))
+        self.responses = ResponsesServing(
+            SqliteResponseStore(self.db), ReasoningSeal(self.db.data_dir), config.default_truncation
+        )
         fail_interrupted(self.responses.store)  # what a server that died left running
 
     def load(self, load: Callable[[], EngineClient]) -> None:

@@ -75,9 +75,14 @@ class ResponsesServing:
     """The Responses endpoints. The store works from the start; creating a
     response needs the chat serving, attached once the model has loaded."""
 
-    def __init__(self, store: ResponseStore, seal: ReasoningSeal) -> None:
+    def __init__(
+        self, store: ResponseStore, seal: ReasoningSeal, default_truncation: str = "disabled"
+    ) -> None:
         self.store = store
         self.seal = seal
+        # what a request without `truncation` gets (--default-truncation: for clients such as
+        # Codex that never send it, on a model whose context their prompt outgrows)
+        self.default_truncation = default_truncation
         self.chat: ChatServing | None = None
         self.runner = ResponseRunner(store)
 
@@ -103,6 +108,8 @@ class ResponsesServing:
         chat = self.chat
         if chat is None:
             raise ServerBusyError("the model is still loading", retry_after_s=5)
+        if req.truncation is None and self.default_truncation != "disabled":
+            req = req.model_copy(update={"truncation": self.default_truncation})
         _check_request(req)
         history = await asyncio.to_thread(self._history, req.previous_response_id)
         earlier = {item["id"]: item for item in history if "id" in item}
