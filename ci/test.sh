@@ -17,3 +17,4 @@ $BIN/python bench/throughput.py --smoke --model random:tiny
 $BIN/python bench/compare_peers.py --smoke
 $BIN/python bench/serve.py --smoke
 $BIN/python bench/structured.py --smoke
+$BIN/python bench/responses_api.py --smoke
