@@ -35,7 +35,23 @@ class OpenAIModel(BaseModel):
         return {k: v for k, v in data.items() if v is not None or k in required}
 
 
-class SamplingFields(OpenAIModel):
+class SamplingExtensions(OpenAIModel):
+    """The sampling extensions (mistral.rs / vLLM names) of every generating endpoint."""
+
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    dry_multiplier: float | None = None
+    dry_base: float | None = None
+    dry_allowed_length: int | None = None
+    dry_sequence_breakers: list[str] | None = None
+    # {"type", "value"}; or, as the mistral.rs SDK writes it, the source text with grammar_type
+    grammar: dict[str, Any] | str | None = None
+    grammar_type: str | None = None
+    ignore_eos: bool = False
+
+
+class SamplingFields(SamplingExtensions):
     """Sampling fields shared by chat and legacy completions."""
 
     model: str = "default"
@@ -51,19 +67,7 @@ class SamplingFields(OpenAIModel):
     logit_bias: dict[int, float] | None = None
     seed: int | None = None
     user: str | None = None
-    # Extensions (mistral.rs / vLLM names)
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    dry_multiplier: float | None = None
-    dry_base: float | None = None
-    dry_allowed_length: int | None = None
-    dry_sequence_breakers: list[str] | None = None
-    # {"type", "value"}; or, as the mistral.rs SDK writes it, the source text with grammar_type
-    grammar: dict[str, Any] | str | None = None
-    grammar_type: str | None = None
     truncate_sequence: bool = False
-    ignore_eos: bool = False
 
 
 class ChatCompletionRequest(SamplingFields):

@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import AliasChoices, Field
 
-from mistralrs_serve.entrypoints.openai.protocol import OpenAIModel
+from mistralrs_serve.entrypoints.openai.protocol import SamplingExtensions
 
 INCLUDE_LOGPROBS = "message.output_text.logprobs"
 INCLUDE_ENCRYPTED_REASONING = "reasoning.encrypted_content"
@@ -32,7 +32,7 @@ REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
 MAX_METADATA_KEYS, MAX_METADATA_KEY_CHARS, MAX_METADATA_VALUE_CHARS = 16, 64, 512
 
 
-class ResponsesRequest(OpenAIModel):
+class ResponsesRequest(SamplingExtensions):
     """POST /v1/responses. Every field may be null, which means its default."""
 
     model: str | None = None
@@ -73,17 +73,6 @@ class ResponsesRequest(OpenAIModel):
     service_tier: str | None = None
     conversation: Any = None
     prompt: Any = None
-    # Extensions (mistral.rs / vLLM sampling names)
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    dry_multiplier: float | None = None
-    dry_base: float | None = None
-    dry_allowed_length: int | None = None
-    dry_sequence_breakers: list[str] | None = None
-    grammar: dict[str, Any] | str | None = None
-    grammar_type: str | None = None
-    ignore_eos: bool | None = None
 
 
 def new_id(prefix: str) -> str:

@@ -147,16 +147,17 @@ class ResponseRunner:
         return body
 
     async def stream(self, run: Run, idle_s: float | None) -> AsyncIterator[bytes]:
-        """Stored first (as in progress) when `store`; the SSE frames come from the returned iterator."""
-        out = run.stream
-        out.response["status"] = "in_progress"
-        if run.store:
-            await asyncio.to_thread(self.store.insert, run.record(out.snapshot()), run.stored_items())
+        """The SSE frames; when `store`, the response is stored (in progress) as the stream starts."""
+        run.stream.response["status"] = "in_progress"
         return self._stream(run, idle_s)
 
     async def _stream(self, run: Run, idle_s: float | None) -> AsyncIterator[bytes]:
         out = run.stream
         finished = False
+        if run.store:
+            # Not awaited: no cancellation point may come between the row and the `finally` that
+            # ends it, or a client gone at this moment would leave it in progress for good.
+            self.store.insert(run.record(out.snapshot()), run.stored_items())
         try:
             for created in out.created():
                 yield sse(created)
