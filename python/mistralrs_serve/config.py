@@ -132,3 +132,55 @@ class ServerConfig:
     allow_private_file_urls: bool = False
     # `truncation` of a Responses request that does not say ("disabled", as OpenAI, or "auto")
     default_truncation: str = "disabled"
+
+
+@dataclass
+class AgentConfig:
+    """The agentic runtime's settings (agent/): which server-side tools are on,
+    their limits, the sandbox, sessions and Skills. `--agent` turns on search,
+    code execution and shell together."""
+
+    enable_search: bool = False
+    # a SearXNG instance's base URL (its /search?format=json); None: DuckDuckGo (the ddgs library)
+    search_url: str | None = None
+    search_max_results: int = 5
+    enable_code_execution: bool = False
+    code_exec_timeout_s: float = 30.0
+    code_exec_python: str | None = None  # None: this server's own interpreter
+    enable_shell: bool = False
+    shell_timeout_s: float = 30.0
+    # "auto": bubblewrap when present (a logged warning when not); "on": refuse to start without it
+    sandbox: str = "auto"
+    sandbox_network: str = "none"  # "none" or "loopback"
+    sandbox_memory_mb: int = 1024
+    sandbox_cpu_s: int = 60
+    sandbox_max_procs: int = 64
+    max_output_bytes: int = 64 << 10  # of one tool call's stdout and stderr each
+    max_tool_rounds: int = 8  # a request's max_tool_rounds overrides it
+    agent_permission: str = "auto"  # "auto", "ask" or "deny": requests may tighten, never loosen
+    approval_timeout_s: float = 300.0  # unanswered `ask` approvals are denied after this
+    tool_dispatch_url: str | None = None  # POST {name, arguments} executes function tools
+    mcp_config: str | None = None  # a JSON file of MCP servers whose tools join the model's
+    skills_dir: str | None = None  # None: <system temp>/mistralrs-serve-skills
+    session_ttl_s: int = 7 * 24 * 3600
+    max_sessions: int = 1000
+    # fetched pages and search may reach loopback and private addresses (tests, trusted networks)
+    allow_private_urls: bool = False
+
+    def __post_init__(self) -> None:
+        if self.sandbox not in ("auto", "on", "off"):
+            raise ValueError(f"sandbox must be auto, on or off, got {self.sandbox!r}")
+        if self.sandbox_network not in ("none", "loopback"):
+            raise ValueError(f"sandbox_network must be none or loopback, got {self.sandbox_network!r}")
+        if self.agent_permission not in ("auto", "ask", "deny"):
+            raise ValueError(f"agent_permission must be auto, ask or deny, got {self.agent_permission!r}")
+        for name in ("code_exec_timeout_s", "shell_timeout_s", "approval_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("max_tool_rounds", "search_max_results", "max_output_bytes", "max_sessions"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+
+    @property
+    def any_tool(self) -> bool:
+        return self.enable_search or self.enable_code_execution or self.enable_shell

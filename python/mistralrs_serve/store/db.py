@@ -52,6 +52,31 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (response_id, position)
     );
     """,
+    # 2: the agentic runtime's sessions (store/sessions.py) and uploaded Skills (store/skills.py)
+    """
+    CREATE TABLE sessions (
+        id TEXT PRIMARY KEY,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        expires_at INTEGER,
+        state_json TEXT NOT NULL        -- messages, remembered approvals, produced files
+    );
+    CREATE INDEX sessions_by_updated ON sessions (updated_at, id);
+    CREATE TABLE skills (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        object_json TEXT NOT NULL       -- the Skill object, as served
+    );
+    CREATE TABLE skill_versions (
+        skill_id TEXT NOT NULL REFERENCES skills (id) ON DELETE CASCADE,
+        version INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        object_json TEXT NOT NULL,      -- the SkillVersion object, as served
+        path TEXT NOT NULL,             -- its directory under --skills-dir
+        PRIMARY KEY (skill_id, version)
+    );
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 BUSY_TIMEOUT_MS = 30_000
