@@ -132,6 +132,8 @@ class ServerConfig:
     allow_private_file_urls: bool = False
     # `truncation` of a Responses request that does not say ("disabled", as OpenAI, or "auto")
     default_truncation: str = "disabled"
+    # the agentic runtime: server-side tools, sandbox, sessions, Skills (all off by default)
+    agent: AgentConfig = field(default_factory=lambda: AgentConfig())
 
 
 @dataclass
