@@ -26,6 +26,7 @@ CONNECT_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 30.0
 TOTAL_TIMEOUT_S = 120.0  # a server that drips bytes never trips the read timeout
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+PRIVATE_HINT = "see --allow-private-file-urls"
 
 
 @dataclass(frozen=True)
@@ -75,21 +76,29 @@ def fetch_file(
     raise InvalidRequestError(f"fetching the file_url took more than {MAX_REDIRECTS} redirects", param)
 
 
-def pinned_request(client: httpx.Client, url: str, allow_private: bool, param: str) -> httpx.Request:
-    """A GET of `url` addressed to one checked IP, with the original Host header and TLS name."""
+def pinned_request(
+    client: httpx.Client | httpx.AsyncClient,
+    url: str,
+    allow_private: bool,
+    param: str,
+    *,
+    what: str = "file_url",
+    private_hint: str = PRIVATE_HINT,
+) -> httpx.Request:
+    """A GET of `url` addressed to one checked IP, with the original Host header and TLS name.
+    `what` names the URL in messages; `private_hint` says how private addresses would be allowed.
+    Resolves the host (blocking): async callers run it on a worker thread."""
     try:
         parsed = httpx.URL(url)
     except (httpx.InvalidURL, TypeError) as e:
-        raise InvalidRequestError(f"file_url is not a valid URL: {e}", param) from None
+        raise InvalidRequestError(f"{what} is not a valid URL: {e}", param) from None
     if parsed.scheme not in ("http", "https"):
-        raise InvalidRequestError(
-            f"file_url must be an http or https URL; got scheme {parsed.scheme!r}", param
-        )
+        raise InvalidRequestError(f"{what} must be an http or https URL; got scheme {parsed.scheme!r}", param)
     host = parsed.host
     if not host:
-        raise InvalidRequestError("file_url has no host", param)
+        raise InvalidRequestError(f"{what} has no host", param)
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    address = checked_address(host, port, allow_private, param)
+    address = checked_address(host, port, allow_private, param, what=what, private_hint=private_hint)
     return client.build_request(
         "GET",
         parsed.copy_with(host=str(address)),
@@ -98,21 +107,29 @@ def pinned_request(client: httpx.Client, url: str, allow_private: bool, param: s
     )
 
 
-def checked_address(host: str, port: int, allow_private: bool, param: str) -> IPAddress:
+def checked_address(
+    host: str,
+    port: int,
+    allow_private: bool,
+    param: str,
+    *,
+    what: str = "file_url",
+    private_hint: str = PRIVATE_HINT,
+) -> IPAddress:
     """The first address of `host`, after checking that every one of them may be fetched."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as e:
-        raise InvalidRequestError(f"file_url: cannot resolve {host!r}: {e}", param) from None
+        raise InvalidRequestError(f"{what}: cannot resolve {host!r}: {e}", param) from None
     addresses = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
     if not addresses:
-        raise InvalidRequestError(f"file_url: {host!r} has no address", param)
+        raise InvalidRequestError(f"{what}: {host!r} has no address", param)
     if not allow_private:
         for address in addresses:
             if is_refused_address(address):
                 raise InvalidRequestError(
-                    f"file_url: {host!r} resolves to {address}, a loopback, private, link-local or "
-                    "multicast address; the server refuses those (see --allow-private-file-urls)",
+                    f"{what}: {host!r} resolves to {address}, a loopback, private, link-local or "
+                    f"multicast address; the server refuses those ({private_hint})",
                     param,
                 )
     return addresses[0]
