@@ -18,6 +18,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from mistralrs_serve.cli_agent import add_agent_args, agent_config
 from mistralrs_serve.config import EngineConfig, ServerConfig
 from mistralrs_serve.errors import MistralrsServeError
 
@@ -143,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(serve)
     add_engine_args(serve)
     add_server_args(serve)
+    add_agent_args(serve)
     run = sub.add_parser(
         "run",
         help="answer one prompt (--prompt) or chat interactively",
@@ -305,6 +307,7 @@ def serve_command(args: argparse.Namespace) -> int:
         request_file_chars=args.request_file_chars,
         allow_private_file_urls=args.allow_private_file_urls,
         default_truncation=args.default_truncation,
+        agent=agent_config(args),
     )
 
     def load() -> Any:

@@ -84,6 +84,13 @@ class ChatCompletionRequest(SamplingFields):
     metadata: dict[str, Any] | None = None
     service_tier: str | None = None
     store: bool | None = None
+    # The agentic runtime's extensions (agent/; checked by agent/hosted_tools.py and agent/runtime.py).
+    web_search_options: Any = None
+    session_id: str | None = None
+    files: Any = None  # names of the output files server-side code must produce
+    agent_permission: str | None = None
+    code_execution_permission: str | None = None
+    max_tool_rounds: Any = None
 
 
 class CompletionRequest(SamplingFields):
@@ -141,6 +148,11 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: Usage
     system_fingerprint: str = SYSTEM_FINGERPRINT
+    # set when the agent loop ran (agent/loop.py): the server-side calls, their files, the session
+    agentic_tool_calls: list[dict[str, Any]] | None = None
+    files: list[dict[str, Any]] | None = None
+    missing_files: list[str] | None = None
+    session_id: str | None = None
 
 
 class CompletionLogprobs(BaseModel):
@@ -209,3 +221,8 @@ class ChatCompletionChunk(BaseModel):
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
     system_fingerprint: str = SYSTEM_FINGERPRINT
+    # the agent loop's progress (a chunk with no choices) and, on its last chunk, the session
+    agentic_event: dict[str, Any] | None = None
+    session_id: str | None = None
+    files: list[dict[str, Any]] | None = None
+    missing_files: list[str] | None = None
