@@ -21,6 +21,7 @@ import random
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
@@ -48,6 +49,7 @@ from mistralrs_serve.entrypoints.openai.responses_seal import ReasoningSeal
 from mistralrs_serve.entrypoints.openai.serving_chat import ChatServing
 from mistralrs_serve.entrypoints.openai.serving_completion import CompletionServing
 from mistralrs_serve.entrypoints.openai.serving_responses import ResponsesServing, fail_interrupted
+from mistralrs_serve.entrypoints.openai.skill_routes import skill_routes
 from mistralrs_serve.errors import (
     AuthenticationError,
     InvalidRequestError,
@@ -59,6 +61,7 @@ from mistralrs_serve.errors import (
 from mistralrs_serve.store.db import Database, default_data_dir
 from mistralrs_serve.store.files import SqliteFileStore
 from mistralrs_serve.store.responses import SqliteResponseStore
+from mistralrs_serve.store.skills import SqliteSkillStore, default_skills_dir
 
 logger = logging.getLogger("mistralrs_serve.server")
 
@@ -82,6 +85,7 @@ class ServerState:
         # stored responses and files; opened before the socket, so a bad --data-dir fails the start
         self.db = Database(config.data_dir or default_data_dir())
         self.files = SqliteFileStore(self.db)
+        self.skills = SqliteSkillStore(self.db, Path(config.agent.skills_dir or default_skills_dir()))
         self.attachments = Attachments(self.files, FileLimits.from_config(config))
         self.responses = ResponsesServing(
             SqliteResponseStore(self.db), ReasoningSeal(self.db.data_dir), config.default_truncation
@@ -312,6 +316,7 @@ def build_app(config: ServerConfig, load: Callable[[], EngineClient]) -> FastAPI
     app.include_router(generation_routes(state))
     app.include_router(token_routes(state))
     app.include_router(file_routes(state.files, config.max_file_bytes))
+    app.include_router(skill_routes(state.skills))
     from mistralrs_serve.entrypoints.openai.response_routes import response_routes  # it imports this module
 
     app.include_router(response_routes(state))

@@ -100,7 +100,7 @@ async def _upload(request: Request, store: FileStore, max_file_bytes: int) -> Re
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit + DRAIN_BYTES:
         raise _too_large(max_file_bytes)
-    form = await _parse_multipart(request, limit, max_file_bytes)
+    form = await parse_multipart(request, limit, lambda: _too_large(max_file_bytes))
     try:
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
@@ -126,13 +126,23 @@ async def _upload(request: Request, store: FileStore, max_file_bytes: int) -> Re
     return _json(stored.to_openai())
 
 
-async def _parse_multipart(request: Request, limit: int, max_file_bytes: int) -> FormData:
-    body = _CappedBody(request, limit, max_file_bytes)
-    parser = MultiPartParser(request.headers, body.chunks(), max_files=1, max_fields=16)
+async def parse_multipart(
+    request: Request,
+    limit: int,
+    too_large: Callable[[], PayloadTooLargeError],
+    *,
+    max_files: int = 1,
+    max_fields: int = 16,
+    param: str = "file",
+) -> FormData:
+    """The multipart body, read as a stream and refused with too_large() once past limit bytes
+    (the rest drained, so the client reads the 413); malformed bodies are a 400 naming param."""
+    body = _CappedBody(request, limit, too_large)
+    parser = MultiPartParser(request.headers, body.chunks(), max_files=max_files, max_fields=max_fields)
     try:
         form = await parser.parse()
     except MultiPartException as e:
-        raise InvalidRequestError(f"the multipart body is malformed: {e}", "file") from None
+        raise InvalidRequestError(f"the multipart body is malformed: {e}", param) from None
     except PayloadTooLargeError:
         await body.drain(DRAIN_BYTES)
         raise
@@ -141,7 +151,7 @@ async def _parse_multipart(request: Request, limit: int, max_file_bytes: int) ->
     if boundary is None or b"--" + boundary[1].encode("latin-1") + b"--" not in body.tail:
         await form.close()
         raise InvalidRequestError(
-            "the multipart body is malformed: it ends before its closing boundary", "file"
+            "the multipart body is malformed: it ends before its closing boundary", param
         )
     return form
 
@@ -150,10 +160,10 @@ class _CappedBody:
     """The request body as chunks, refused once past `limit` bytes; it keeps the
     last few bytes (for the closing boundary) and whether more is to come."""
 
-    def __init__(self, request: Request, limit: int, max_file_bytes: int) -> None:
+    def __init__(self, request: Request, limit: int, too_large: Callable[[], PayloadTooLargeError]) -> None:
         self.request = request
         self.limit = limit
-        self.max_file_bytes = max_file_bytes
+        self.too_large = too_large
         self.num_bytes = 0
         self.tail = b""
         self.has_more = True
@@ -163,7 +173,7 @@ class _CappedBody:
             chunk = await self._receive()
             self.num_bytes += len(chunk)
             if self.num_bytes > self.limit:
-                raise _too_large(self.max_file_bytes)
+                raise self.too_large()
             self.tail = (self.tail + chunk)[-_TAIL_BYTES:]
             yield chunk
 
