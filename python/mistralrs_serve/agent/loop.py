@@ -20,7 +20,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -161,9 +161,12 @@ class AgentLoop:
         plan: AgentPlan,
         *,
         idle_s: float | None = None,
+        prepare: Callable[[ChatCompletionRequest], Prepared] | None = None,
     ) -> None:
         self.serving, self.runtime, self.req, self.plan = serving, runtime, req, plan
         self.idle_s = idle_s
+        # how a round's chat request is checked and rendered (Responses renames its errors' fields)
+        self.prepare = prepare or serving.prepare
         self.cancelled = asyncio.Event()
         self.ctx = ToolContext(plan.session, self.cancelled, runtime.files)
         self.messages: list[dict[str, Any]] = list(plan.messages)
@@ -172,6 +175,8 @@ class AgentLoop:
         self.content: list[str] = []
         self.reasoning: list[str] = []
         self.prompt_tokens = self.completion_tokens = self.cached_tokens = 0
+        # the first round is checked now, so that a bad request fails before any output
+        self.first: Prepared | None = self.prepare(self._round_request(with_server_tools=plan.max_rounds > 0))
 
     async def events(self) -> AsyncIterator[LoopEvent]:
         try:
@@ -184,7 +189,10 @@ class AgentLoop:
         rounds = 0
         while True:
             last = rounds >= self.plan.max_rounds
-            prep = self.serving.prepare(self._round_request(with_server_tools=not last))
+            prep, self.first = (
+                self.first or self.prepare(self._round_request(with_server_tools=not last)),
+                None,
+            )
             yield RoundStarted(rounds, prep)
             parser = prep.parser()
             server: set[int] = set()

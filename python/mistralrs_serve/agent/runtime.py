@@ -124,6 +124,9 @@ class AgentRuntime:
                 return True
         return False
 
+    def engages_responses(self, hosted: HostedTools, chat_tools: list[dict[str, Any]]) -> bool:
+        return hosted.any or any(self._executor_for(t) is not None for t in chat_tools)
+
     async def plan_chat(self, req: ChatCompletionRequest) -> AgentPlan:
         hosted = HostedTools()
         client_tools: list[dict[str, Any]] = []
@@ -162,7 +165,10 @@ class AgentRuntime:
         max_rounds: int | None,
         permission: str,
         required_files: list[str],
+        history: bool = True,
     ) -> AgentPlan:
+        """`history`: whether the session's stored conversation comes before `messages` when they
+        do not already start with it (chat's session_id; Responses chains carry their own)."""
         tools = self._server_tools(hosted)
         kept: list[dict[str, Any]] = []
         for tool in client_tools:
@@ -175,9 +181,9 @@ class AgentRuntime:
         session = await anyio.to_thread.run_sync(self.sessions.resolve, session_id, messages)
         if hosted.skills:
             await anyio.to_thread.run_sync(self._install_skills, hosted.skills, session.workdir)
-        history = list(getattr(session, "messages", None) or [])
-        if history and messages[: len(history)] != history:
-            messages = history + list(messages)  # the client sent only the new turn
+        stored = list(getattr(session, "messages", None) or []) if history else []
+        if stored and messages[: len(stored)] != stored:
+            messages = stored + list(messages)  # the client sent only the new turn
         return AgentPlan(
             tools=tools,
             client_tools=kept,

@@ -23,8 +23,10 @@ from typing import Any
 
 import orjson
 
+from mistralrs_serve.agent.loop import AgentLoop, KeepAlive
 from mistralrs_serve.engine.engine_info import EngineClient
 from mistralrs_serve.entrypoints.openai import responses_protocol as wire
+from mistralrs_serve.entrypoints.openai.responses_agent import AgentEvents
 from mistralrs_serve.entrypoints.openai.responses_protocol import ResponsesRequest
 from mistralrs_serve.entrypoints.openai.responses_stream import TERMINAL_EVENTS, Event, ResponseStream
 from mistralrs_serve.entrypoints.openai.serving_chat import Prepared
@@ -51,6 +53,9 @@ class Run:
     store: bool
     background: bool
     client: EngineClient
+    # set when the request engages the agent loop: its rounds replace the one generation
+    agent: AgentLoop | None = None
+    agent_events: AgentEvents | None = None
 
     def record(self, obj: dict[str, Any], body: bytes | None = None) -> StoredResponse:
         """The stored form of `obj` (`body`: its JSON, when already made)."""
@@ -82,13 +87,13 @@ async def execute(run: Run, idle_s: float | None) -> AsyncGenerator[Event | None
     for event in out.in_progress():
         yield event
     status, error = "completed", None
-    steps = run.client.stream_async(run.prep.prompt, idle_s=idle_s)
+    steps = _steps(run, idle_s)
     try:
-        async for step in steps:
-            if step is None:
+        async for events in steps:
+            if events is None:
                 yield None
                 continue
-            for event in out.step(step):
+            for event in events:
                 yield event
     except EngineError as e:
         logger.warning("response %s failed: %s", run.id, e)
@@ -100,6 +105,24 @@ async def execute(run: Run, idle_s: float | None) -> AsyncGenerator[Event | None
         await steps.aclose()
     for event in out.finish(status, error):
         yield event
+
+
+async def _steps(run: Run, idle_s: float | None) -> AsyncGenerator[list[Event] | None, None]:
+    """Each engine step's events (None: a keep-alive); through the agent loop when it runs."""
+    if run.agent is None or run.agent_events is None:
+        steps = run.client.stream_async(run.prep.prompt, idle_s=idle_s)
+        try:
+            async for step in steps:
+                yield None if step is None else run.stream.step(step)
+        finally:
+            await steps.aclose()
+        return
+    loop_events = run.agent.events()
+    try:
+        async for event in loop_events:
+            yield None if isinstance(event, KeepAlive) else run.agent_events.handle(event)
+    finally:
+        await loop_events.aclose()  # stops the loop: aborts its engine request, kills a running tool
 
 
 class BackgroundJob:

@@ -45,6 +45,10 @@ class _Item:
         self.call = call  # call_id, name, namespace for function and custom tool calls
         self.status = "in_progress"
         self.encrypted: str | None = None
+        # a server-side tool's item (web_search_call, code_interpreter_call, shell_call, mcp_call, ...):
+        # its fields beside id, type and status, filled by responses_agent.py as the tool runs
+        self.body: dict[str, Any] | None = None
+        self.annotations: list[dict[str, Any]] = []
 
     @property
     def text(self) -> str:
@@ -55,10 +59,14 @@ class _Item:
     def part(self) -> dict[str, Any]:
         if self.kind == "reasoning":
             return {"type": "reasoning_text", "text": self.text}
-        return wire.output_text_part(self.text, self.logprobs)
+        part = wire.output_text_part(self.text, self.logprobs)
+        part["annotations"] = list(self.annotations)
+        return part
 
     def to_dict(self, empty: bool = False) -> dict[str, Any]:
         """The item as OpenAI shows it (`empty`: as first announced, before any content)."""
+        if self.body is not None:
+            return {"id": self.id, "type": self.kind, "status": self.status, **self.body}
         if self.kind == "message":
             return wire.message_item(self.id, self.status, [] if empty else [self.part()])
         if self.kind == "reasoning":
@@ -120,6 +128,9 @@ class ResponseStream:
         self.num_output_tokens = 0
         self.num_reasoning_tokens = 0
         self.has_ended = False
+        # the agent loop's server-side tools (name -> its ToolSpec kind): their calls become
+        # hosted items (responses_agent.py) rather than function_call items for the client
+        self.server_tools: dict[str, str] = {}
 
     def event(self, kind: str, **fields: Any) -> Event:
         event = {"type": kind, "sequence_number": self.sequence_number, **fields}
@@ -139,11 +150,11 @@ class ResponseStream:
         self.response["status"] = "in_progress"
         return [self.event("response.in_progress", response=self.snapshot())]
 
-    def step(self, step: StepOutput) -> list[Event]:
+    def step(self, step: StepOutput, parsed: OutputDelta | None = None) -> list[Event]:
         self.num_output_tokens += 1
         if step.num_cached_tokens is not None:
             self.num_cached_tokens = max(self.num_cached_tokens, step.num_cached_tokens)
-        return self.choices[step.index].step(step)
+        return self.choices[step.index].step(step, parsed)
 
     def finish(self, status: str, error: str | None = None) -> list[Event]:
         """Close every open item and end the response with `status` (the one terminal event)."""
@@ -188,12 +199,16 @@ class _Choice:
         self.pending_logprobs: list[dict[str, Any]] = []
         self.finish_reason: str | None = None
 
-    def step(self, step: StepOutput) -> list[Event]:
+    def step(self, step: StepOutput, parsed: OutputDelta | None = None) -> list[Event]:
+        """One engine step; `parsed`: its text already parsed (by the agent loop's parser)."""
         if self.finish_reason is not None:
             return []
-        delta = self.parser.feed(step.text) if step.text else OutputDelta()
-        if step.finish_reason is not None:
-            delta.extend(self.parser.finish())
+        if parsed is not None:
+            delta = parsed
+        else:
+            delta = self.parser.feed(step.text) if step.text else OutputDelta()
+            if step.finish_reason is not None:
+                delta.extend(self.parser.finish())
         events = self._apply(delta, self.out.logprob(step))
         if delta.reasoning or (self.current is not None and self.current.kind == "reasoning"):
             self.out.num_reasoning_tokens += 1
@@ -266,6 +281,13 @@ class _Choice:
 
     def _open_call(self, events: list[Event], call_id: str, name: str) -> _Item:
         events.extend(self._close_current("completed"))
+        if name in self.out.server_tools:
+            from mistralrs_serve.entrypoints.openai.responses_agent import open_hosted_item
+
+            item = open_hosted_item(self, call_id, name, self.out.server_tools[name])
+            self.current = item
+            events.append(self._added(item))
+            return item
         custom = name in self.out.tools.custom
         namespace = self.out.tools.namespaces.get(name)
         kind, prefix = ("custom_tool_call", "ctc") if custom else ("function_call", "fc")
@@ -300,6 +322,8 @@ class _Choice:
         item, self.current = self.current, None
         if item is None:
             return []
+        if item.body is not None:
+            return []  # a server-side call: it ends when its tool has run (responses_agent.py)
         item.status = status
         out = self.out
         events: list[Event] = []

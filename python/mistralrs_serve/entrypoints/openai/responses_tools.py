@@ -6,8 +6,9 @@ Function tools come flat (`{"type": "function", "name", ...}`) or nested as in
 chat; a `namespace` tool's functions join the set (a call to one carries the
 namespace back); a `custom` tool becomes a function of one string argument,
 `input` (constrained by its regex when it gives one). Hosted tools (web
-search, code interpreter, ...) need the agentic runtime: they are left out
-with a warning, and forcing one is a 400.
+search, code interpreter, shell) are read by the agent runtime
+(agent/hosted_tools.py); the others are left out with a warning, and forcing
+any hosted tool is a 400.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from mistralrs_serve.agent.hosted_tools import SERVED_TYPES
 from mistralrs_serve.errors import InvalidRequestError
 
 logger = logging.getLogger(__name__)
@@ -85,9 +87,10 @@ def convert_tools(tools: list[Any] | None) -> ToolSet:
             out.echo.append(tool)
         else:
             raise InvalidRequestError(f"{where}.type {kind!r} is not a known tool type", f"{where}.type")
-    if out.hosted:
+    unserved = out.hosted - SERVED_TYPES  # the rest the agent runtime reads (agent/hosted_tools.py)
+    if unserved:
         logger.warning(
-            "hosted tools (%s) are left out: they need the agentic runtime", ", ".join(sorted(out.hosted))
+            "hosted tools (%s) are left out: this server does not run them", ", ".join(sorted(unserved))
         )
     return out
 

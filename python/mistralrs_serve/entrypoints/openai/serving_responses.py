@@ -18,8 +18,13 @@ from typing import Any
 
 import orjson
 
+from mistralrs_serve.agent.hosted_tools import SERVED_TYPES, HostedTools, read_hosted_tool
+from mistralrs_serve.agent.loop import AgentLoop
+from mistralrs_serve.agent.runtime import AgentRuntime
+from mistralrs_serve.config import AgentConfig
 from mistralrs_serve.entrypoints.openai import responses_protocol as wire
 from mistralrs_serve.entrypoints.openai.protocol import ChatCompletionRequest
+from mistralrs_serve.entrypoints.openai.responses_agent import AgentEvents
 from mistralrs_serve.entrypoints.openai.responses_input import (
     MessageBuilder,
     has_files,
@@ -84,10 +89,12 @@ class ResponsesServing:
         # Codex that never send it, on a model whose context their prompt outgrows)
         self.default_truncation = default_truncation
         self.chat: ChatServing | None = None
+        self.agent: AgentRuntime | None = None
         self.runner = ResponseRunner(store)
 
-    def attach(self, chat: ChatServing) -> None:
+    def attach(self, chat: ChatServing, agent: AgentRuntime | None = None) -> None:
         self.chat = chat
+        self.agent = agent
 
     # --- POST /v1/responses --------------------------------------------
 
@@ -111,7 +118,7 @@ class ResponsesServing:
         if req.truncation is None and self.default_truncation != "disabled":
             req = req.model_copy(update={"truncation": self.default_truncation})
         _check_request(req)
-        history = await asyncio.to_thread(self._history, req.previous_response_id)
+        history, root_id = await asyncio.to_thread(self._history, req.previous_response_id)
         earlier = {item["id"]: item for item in history if "id" in item}
         if req.input is None:
             raise InvalidRequestError("input is required", "input")
@@ -120,14 +127,22 @@ class ResponsesServing:
         if has_files(items.history) or has_files(items.input):
             items = await asyncio.to_thread(_read_files, chat, items)
         tools = convert_tools(req.tools)
+        hosted = read_hosted(req.tools, self.agent)
         chat_format, text_format = convert_text_format(req.text, req.response_format)
         fields = _chat_fields(req, tools, chat_format)
         messages = self._fit(req, fields, items, tools, chat)
-        prep = self._chat_prepare(fields, messages, tools, req, chat)
+        response_id = wire.new_id("resp")
+        loop = None
+        if self.agent is not None and self.agent.engages_responses(hosted, tools.chat_tools):
+            loop = await self._agent_loop(req, fields, messages, tools, hosted, root_id or response_id)
+            prep = loop.first
+            assert prep is not None
+        else:
+            prep = self._chat_prepare(fields, messages, tools, req, chat)
         params = prep.prompt.params
         response = wire.response_object(
             req,
-            response_id=wire.new_id("resp"),
+            response_id=response_id,
             created_at=wire.now_s(),
             model=chat.model_name,
             tools=tools.echo,
@@ -145,7 +160,7 @@ class ResponsesServing:
             want_logprobs=bool(fields.get("logprobs")),
             seal=self.seal if wire.INCLUDE_ENCRYPTED_REASONING in include else None,
         )
-        return Run(
+        run = Run(
             response["id"],
             req,
             prep,
@@ -155,12 +170,60 @@ class ResponsesServing:
             bool(req.background),
             chat.client,
         )
+        if loop is not None:
+            run.agent = loop
+            kinds = {name: tool.spec.kind for name, tool in loop.plan.tools.items()}
+            run.agent_events = AgentEvents(stream, kinds, loop.plan.session.id)
+        return run
 
-    def _history(self, response_id: str | None) -> list[dict[str, Any]]:
+    async def _agent_loop(
+        self,
+        req: ResponsesRequest,
+        fields: dict[str, Any],
+        messages: list[dict[str, Any]],
+        tools: ToolSet,
+        hosted: HostedTools,
+        root_id: str,
+    ) -> AgentLoop:
+        """The agent loop of a request with server-side tools. Its session (the interpreter's
+        state, the shell's directory) is the conversation's: one per previous_response_id chain."""
+        agent, chat = self.agent, self.chat
+        assert agent is not None and chat is not None
+        permission = agent.effective_permission(None, None)
+        if permission == "ask" and not req.stream:
+            raise InvalidRequestError(
+                "this server asks for approval before it runs a tool (--agent-permission ask): "
+                "use stream: true to receive the approval requests",
+                "stream",
+            )
+        if (req.n or 1) != 1:
+            raise InvalidRequestError("n must be 1 when the server runs tools (the agent loop)", "n")
+        plan = await agent.plan(
+            hosted,
+            tools.chat_tools,
+            messages=messages,
+            session_id="sess_" + root_id.removeprefix("resp_"),
+            max_rounds=None,
+            permission=permission,
+            required_files=[],
+            history=False,
+        )
+        chat_req = ChatCompletionRequest.model_validate({**fields, "messages": messages})
+
+        def prepare(r: ChatCompletionRequest) -> Prepared:
+            with _chat_params(
+                tools, "text.format" if (req.text or {}).get("format") is not None else "response_format"
+            ):
+                return chat.prepare(r)
+
+        return await asyncio.to_thread(lambda: AgentLoop(chat, agent, chat_req, plan, prepare=prepare))
+
+    def _history(self, response_id: str | None) -> tuple[list[dict[str, Any]], str | None]:
         """The items of a stored conversation that ends with `response_id`: each
-        response's input, then its output, oldest first (instructions are not carried)."""
+        response's input, then its output, oldest first (instructions are not carried);
+        and the id of the conversation's first response."""
         if response_id is None:
-            return []
+            return [], None
         chain: list[StoredResponse] = []
         current: str | None = response_id
         while current is not None and len(chain) < MAX_CHAIN:
@@ -185,7 +248,7 @@ class ResponsesServing:
         for record in reversed(chain):
             items.extend(orjson.loads(raw) for raw in self.store.input_items(record.id))
             items.extend(orjson.loads(record.object_json)["output"])
-        return items
+        return items, chain[-1].id
 
     def _messages(self, items: _Items, drop: set[int] | None = None) -> list[dict[str, Any]]:
         all_items, labels = items.labelled()
@@ -306,6 +369,16 @@ class ResponsesServing:
             return wire.item_list([orjson.loads(row.item_json) for row in rows], has_more)
 
         return await asyncio.to_thread(page)
+
+
+def read_hosted(tools: list[Any] | None, agent: AgentRuntime | None) -> HostedTools:
+    """The hosted tools of a Responses request that the agent runtime serves (checked by the
+    spec's rules; those the server cannot serve are left out with a warning)."""
+    hosted = HostedTools()
+    for i, tool in enumerate(tools or []):
+        if isinstance(tool, dict) and tool.get("type") in SERVED_TYPES:
+            read_hosted_tool(tool, f"tools[{i}]", agent.cfg if agent is not None else AgentConfig(), hosted)
+    return hosted
 
 
 def _read_files(chat: ChatServing, items: _Items) -> _Items:
