@@ -80,6 +80,13 @@ def _figures() -> list[str]:
     return images
 
 
+def _reap() -> None:
+    """Collect the cell's exited children: zombies would count against the process cap for good."""
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+            pass
+
+
 def _flush(*streams: Any) -> None:
     for stream in streams:
         with contextlib.suppress(Exception):  # the cell may have closed or replaced it
@@ -100,6 +107,7 @@ def main() -> None:
         error = _run_cell(request["code"], number, namespace)
         if os.getpid() != kernel_pid:
             os._exit(0)  # a child the cell forked returned here: it must not answer
+        _reap()
         images = _figures()
         marker = request["nonce"]
         _flush(sys.stdout, sys.stderr)
