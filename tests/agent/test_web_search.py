@@ -264,10 +264,12 @@ def test_no_results_is_an_answer_not_an_error() -> None:
 def test_bad_arguments_are_tool_errors() -> None:
     named = tools()
     for bad in ({}, {"query": ""}, {"query": 3}):
-        assert call(named["web_search"], **bad).is_error
+        out = call(named["web_search"], **bad)
+        assert out.is_error and isinstance(out.details["action"]["query"], str)
     for bad in ({}, {"url": None}, {"url": "file:///etc/passwd"}, {"url": "javascript:alert(1)"}):
         out = call(named["open_page"], **bad)
         assert out.is_error and out.details["action"]["type"] == "open_page"
+        assert out.details["action"]["url"] in (None, bad.get("url"))
 
 
 # --- backend failures become tool errors ---

@@ -207,7 +207,8 @@ class SearchTool:
 
     async def run(self, arguments: dict[str, Any], ctx: ToolContext) -> ToolOutput:
         query = arguments.get("query")
-        details: dict[str, Any] = {"action": {"type": "search", "query": query, "sources": []}}
+        shown = query if isinstance(query, str) else ""  # the action's query must be a string
+        details: dict[str, Any] = {"action": {"type": "search", "query": shown, "sources": []}}
         if not isinstance(query, str) or not query.strip():
             return ToolOutput("web_search needs a non-empty `query` string", is_error=True, details=details)
         query = " ".join(query.split())[:MAX_QUERY_CHARS]
@@ -259,7 +260,8 @@ class OpenPageTool:
 
     async def run(self, arguments: dict[str, Any], ctx: ToolContext) -> ToolOutput:
         url = arguments.get("url")
-        details: dict[str, Any] = {"action": {"type": "open_page", "url": url}}
+        shown = url if isinstance(url, str) else None  # the action's url is a string or null
+        details: dict[str, Any] = {"action": {"type": "open_page", "url": shown}}
         if not isinstance(url, str) or not url.strip():
             return ToolOutput("open_page needs a `url` string", is_error=True, details=details)
         url = url.strip()
