@@ -3,8 +3,8 @@ with the official SDK. Run as a script it serves stdio; `build_server()` gives
 the same tools for the in-process streamable HTTP test.
 
 Tools: echo(text), add(a, b), fail(message) (raises: the result has isError),
-slow(seconds) (for timeouts and cancellation), crash() (the process exits:
-a dead server), picture() (an image and a text part), and `dotted.name`
+slow(seconds) (for timeouts and cancellation), pid(), crash() (the process
+exits: a dead server), picture() (an image and a text part), and `dotted.name`
 (a name that is not a valid function name as it stands)."""
 
 from __future__ import annotations
@@ -44,6 +44,10 @@ def build_server(name: str = "echo") -> MCPServer:
     async def slow(seconds: float) -> str:
         await asyncio.sleep(seconds)
         return f"slept {seconds}"
+
+    @server.tool(description="The server's process id.")
+    def pid() -> str:
+        return str(os.getpid())
 
     @server.tool(description="Exit the server process at once.")
     def crash() -> str:
