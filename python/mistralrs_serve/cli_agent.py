@@ -33,6 +33,11 @@ def add_agent_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--shell-timeout", type=float, default=D.shell_timeout_s, help="seconds one command may take"
     )
+    _add_sandbox_args(g)
+    _add_loop_args(g)
+
+
+def _add_sandbox_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument(
         "--sandbox",
         choices=["auto", "on", "off"],
@@ -57,6 +62,9 @@ def add_agent_args(p: argparse.ArgumentParser) -> None:
         default=D.max_output_bytes >> 10,
         help="stdout and stderr kept of one tool call (each)",
     )
+
+
+def _add_loop_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument(
         "--max-tool-rounds",
         type=int,

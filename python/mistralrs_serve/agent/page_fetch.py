@@ -28,7 +28,7 @@ MAX_REDIRECTS = 5
 USER_AGENT = "Mozilla/5.0 (compatible; mistralrs-serve page fetch)"
 _HTML_TYPES = ("text/html", "application/xhtml+xml")
 _TEXT_TYPES = ("application/json", "application/xml", "application/javascript", "application/x-yaml")
-_PRIVATE_HINT = "private URLs are not allowed on this server"
+_PRIVATE_HINT = "start the server with --allow-private-urls to allow them"
 
 
 class PageFetchError(Exception):

@@ -10,8 +10,8 @@ is refused here, before any token is generated.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -72,6 +72,7 @@ class AgentRuntime:
         self.shell: Any = None
         self.search: Any = None
         self.mcp: Any = None
+        self.loop: asyncio.AbstractEventLoop | None = None  # the server's, set by start()
         if cfg.enable_code_execution or cfg.enable_shell:
             from mistralrs_serve.agent.sandbox import Sandbox
 
@@ -91,6 +92,8 @@ class AgentRuntime:
 
     async def start(self) -> None:
         """Connect to the MCP servers of --mcp-config (a bad config fails the start)."""
+        self.loop = asyncio.get_running_loop()
+        self.sessions.add_close_hook(self.close_session)
         if self.cfg.mcp_config:
             from mistralrs_serve.agent.mcp_tools import McpToolSet
 
@@ -103,9 +106,11 @@ class AgentRuntime:
             await self.mcp.aclose()
 
     def close_session(self, session_id: str) -> None:
-        """A session was deleted or expired: its interpreter goes with it."""
-        if self.code is not None:
-            self.code.close_session(session_id)
+        """A session was deleted or expired (on any thread): its interpreter goes with it."""
+        if self.code is None or self.loop is None or self.loop.is_closed():
+            return
+        future = asyncio.run_coroutine_threadsafe(self.code.close_session(session_id), self.loop)
+        future.add_done_callback(lambda f: f.exception())  # a failure is logged by the interpreter
 
     # planning
 
@@ -181,9 +186,8 @@ class AgentRuntime:
         session = await anyio.to_thread.run_sync(self.sessions.resolve, session_id, messages)
         if hosted.skills:
             await anyio.to_thread.run_sync(self._install_skills, hosted.skills, session.workdir)
-        stored = list(getattr(session, "messages", None) or []) if history else []
-        if stored and messages[: len(stored)] != stored:
-            messages = stored + list(messages)  # the client sent only the new turn
+        if history:
+            messages = session.messages  # the stored conversation spliced with the request's (sessions.py)
         return AgentPlan(
             tools=tools,
             client_tools=kept,
@@ -193,7 +197,7 @@ class AgentRuntime:
             required_files=required_files,
             session=session,
             messages=list(messages),
-            remembered=dict(getattr(session, "approvals", None) or {}),
+            remembered={name: "deny" if v == "deny" else "auto" for name, v in session.approvals.items()},
         )
 
     def _server_tools(self, hosted: HostedTools) -> dict[str, ServerTool]:
@@ -218,7 +222,7 @@ class AgentRuntime:
         if self.mcp is not None:
             for mcp_tool in self.mcp.tools():
                 if mcp_tool.spec.name == name:
-                    return mcp_tool  # type: ignore[no-any-return]
+                    return mcp_tool
         if self.cfg.tool_dispatch_url:
             from mistralrs_serve.agent.dispatch import dispatch_tools
 
@@ -314,6 +318,3 @@ def _check_names(client_tools: list[dict[str, Any]], server: dict[str, ServerToo
                 f"tools[{i}].function.name",
             )
 
-
-def default_skills_dir() -> Path:
-    return Path(tempfile.gettempdir()) / "mistralrs-serve-skills"
