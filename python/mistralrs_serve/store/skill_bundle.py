@@ -55,6 +55,7 @@ _ALLOWED_METHODS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)  # bz2 and lzma de
 _CHUNK_BYTES = 64 << 10
 _EOCD = b"PK\x05\x06"
 _EOCD_BYTES = 22
+_MACOS_METADATA = "__MACOSX"  # resource forks macOS's Finder adds beside the folder it zips: skipped
 
 
 @dataclass(frozen=True)
@@ -171,7 +172,7 @@ def _zip_entries(data: bytes) -> list[_Entry]:
         if info.compress_type not in _ALLOWED_METHODS:
             raise _refuse(f"{info.filename[:200]!r} uses an unsupported compression: use stored or deflate")
         path = _check_path(info.filename.removesuffix("/") if info.is_dir() else info.filename)
-        if not info.is_dir():
+        if not info.is_dir() and path[0] != _MACOS_METADATA:
             entries.append(_Entry(path, bool((info.external_attr >> 16) & 0o111), info, archive))
     return entries
 
