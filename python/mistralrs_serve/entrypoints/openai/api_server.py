@@ -34,6 +34,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from mistralrs_serve.agent.approvals import ApprovalRegistry
+from mistralrs_serve.agent.sessions import SessionManager
 from mistralrs_serve.config import ServerConfig
 from mistralrs_serve.engine.engine_info import EngineClient, EngineInfo
 from mistralrs_serve.entrypoints.openai.attachments import Attachments, FileLimits
@@ -61,6 +63,7 @@ from mistralrs_serve.errors import (
 from mistralrs_serve.store.db import Database, default_data_dir
 from mistralrs_serve.store.files import SqliteFileStore
 from mistralrs_serve.store.responses import SqliteResponseStore
+from mistralrs_serve.store.sessions import SqliteSessionStore
 from mistralrs_serve.store.skills import SqliteSkillStore, default_skills_dir
 
 logger = logging.getLogger("mistralrs_serve.server")
@@ -85,6 +88,14 @@ class ServerState:
         # stored responses and files; opened before the socket, so a bad --data-dir fails the start
         self.db = Database(config.data_dir or default_data_dir())
         self.files = SqliteFileStore(self.db)
+        agent = config.agent
+        self.sessions = SessionManager(
+            SqliteSessionStore(self.db),
+            self.db.data_dir,
+            ttl_s=agent.session_ttl_s,
+            max_sessions=agent.max_sessions,
+        )
+        self.approvals = ApprovalRegistry(agent.approval_timeout_s)
         self.skills = SqliteSkillStore(self.db, Path(config.agent.skills_dir or default_skills_dir()))
         self.attachments = Attachments(self.files, FileLimits.from_config(config))
         self.responses = ResponsesServing(
@@ -320,6 +331,9 @@ def build_app(config: ServerConfig, load: Callable[[], EngineClient]) -> FastAPI
     from mistralrs_serve.entrypoints.openai.response_routes import response_routes  # it imports this module
 
     app.include_router(response_routes(state))
+    from mistralrs_serve.entrypoints.openai.session_routes import session_routes  # it imports this module
+
+    app.include_router(session_routes(state.sessions, state.approvals, config.max_body_bytes))
     app.include_router(unsupported_routes())
     if config.enable_metrics:
         app.include_router(metrics_routes(state))
