@@ -52,7 +52,7 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("content-length", "0"))
         _Handler.received.append({"path": self.path, "body": json.loads(self.rfile.read(length))})
         if self.path == "/slow":
-            time.sleep(1.5)
+            time.sleep(4)
             self._reply(200, "application/json", json.dumps("late").encode())
         elif self.path == "/huge_text":
             self._reply(200, "text/plain", b"x" * (3 << 20))
@@ -147,7 +147,7 @@ def test_timeout(base_url: str) -> None:
     started = time.monotonic()
     out = _call(base_url + "/slow", timeout_s=0.3)
     assert out.is_error and "did not answer within 0.3 s" in out.text
-    assert time.monotonic() - started < 1.2
+    assert time.monotonic() - started < 3
 
 
 def test_unreachable_url() -> None:
@@ -188,7 +188,7 @@ def test_cancel_aborts_the_post(base_url: str) -> None:
 
     out, elapsed_s = asyncio.run(scenario())
     assert out.is_error and "cancelled" in out.text
-    assert elapsed_s < 1.0
+    assert elapsed_s < 3
 
 
 def test_cap_text_keeps_characters_whole() -> None:

@@ -142,7 +142,7 @@ def test_stdio_timeout_then_the_session_still_works(
     started = time.monotonic()
     out = loop.run(type(slow)(**{**vars(slow), "timeout_s": 0.3}).run({"seconds": 5}, _ctx()))
     assert out.is_error and "did not answer within 0.3 s" in out.text
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < 3
     assert _run(loop, stdio_tools["a_b__echo"], {"text": "still here"}).text == "still here"
 
 
@@ -156,19 +156,19 @@ def test_stdio_cancel(loop: LoopThread, stdio_tools: dict[str, ServerTool]) -> N
 
     out, elapsed_s = loop.run(scenario())
     assert out.is_error and "cancelled" in out.text
-    assert elapsed_s < 1.5
+    assert elapsed_s < 3
     assert _run(loop, stdio_tools["a_b__echo_2"], {"text": "after"}).text == "after"
 
 
 def test_concurrent_calls_on_one_server(loop: LoopThread, stdio_tools: dict[str, ServerTool]) -> None:
     async def scenario() -> list[ToolOutput]:
         slow = stdio_tools["a_b__slow"]
-        return await asyncio.gather(*(slow.run({"seconds": 0.5}, _ctx()) for _ in range(4)))
+        return await asyncio.gather(*(slow.run({"seconds": 1.0}, _ctx()) for _ in range(4)))
 
     started = time.monotonic()
     outs = loop.run(scenario())
-    assert [o.text for o in outs] == ["slept 0.5"] * 4
-    assert time.monotonic() - started < 1.8  # run side by side, not one after another
+    assert [o.text for o in outs] == ["slept 1.0"] * 4
+    assert time.monotonic() - started < 3.0  # side by side: one after another takes 4 s
 
 
 def _pid_alive(pid: int) -> bool:
@@ -210,6 +210,27 @@ def _echo_module() -> Any:
     return module
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _serve_http(app: Any, port: int) -> tuple[uvicorn.Server, threading.Thread]:
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return server, thread
+
+
+def _stop_http(server: uvicorn.Server, thread: threading.Thread) -> None:
+    server.should_exit = True
+    thread.join(10)
+
+
 @pytest.fixture(scope="module")
 def http_server() -> Iterator[tuple[str, list[dict[bytes, bytes]]]]:
     app = _echo_module().build_server("web").streamable_http_app()
@@ -220,18 +241,10 @@ def http_server() -> Iterator[tuple[str, list[dict[bytes, bytes]]]]:
             seen_headers.append(dict(scope["headers"]))
         await app(scope, receive, send)
 
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(recording_app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}/mcp", seen_headers
-    server.should_exit = True
-    thread.join(10)
-    sock.close()
+    port = _free_port()
+    server, thread = _serve_http(recording_app, port)
+    yield f"http://127.0.0.1:{port}/mcp", seen_headers
+    _stop_http(server, thread)
 
 
 def test_streamable_http(http_server: tuple[str, list[dict[bytes, bytes]]], tmp_path: Path) -> None:
@@ -258,11 +271,31 @@ def test_streamable_http(http_server: tuple[str, list[dict[bytes, bytes]]], tmp_
     assert seen_headers and all(h.get(b"x-api-key") == b"k1" for h in seen_headers)
 
 
+def test_http_server_gone_is_an_error_then_reconnected(tmp_path: Path) -> None:
+    port = _free_port()
+    config = _write_config(tmp_path, {"web": {"url": f"http://127.0.0.1:{port}/mcp"}})
+    echo_module = _echo_module()
+
+    async def scenario() -> None:
+        server, thread = _serve_http(echo_module.build_server("web").streamable_http_app(), port)
+        toolset = await McpToolSet.start(config, call_timeout_s=10)
+        echo = _by_name(toolset)["web__echo"]
+        try:
+            assert (await echo.run({"text": "1"}, _ctx())).text == "1"
+            await asyncio.to_thread(_stop_http, server, thread)
+            out = await echo.run({"text": "2"}, _ctx())
+            assert out.is_error and f"cannot reach http://127.0.0.1:{port}/mcp" in out.text
+            server, thread = _serve_http(echo_module.build_server("web").streamable_http_app(), port)
+            assert (await echo.run({"text": "3"}, _ctx())).text == "3"
+        finally:
+            await toolset.aclose()
+            await asyncio.to_thread(_stop_http, server, thread)
+
+    asyncio.run(scenario())
+
+
 def test_http_server_not_listening_is_a_startup_error(tmp_path: Path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    config = _write_config(tmp_path, {"gone": {"url": f"http://127.0.0.1:{port}/mcp"}})
+    config = _write_config(tmp_path, {"gone": {"url": f"http://127.0.0.1:{_free_port()}/mcp"}})
     with pytest.raises(
         McpConfigError, match=r"server 'gone' \(streamable HTTP: http://127\.0\.0\.1:\d+/mcp\)"
     ):
