@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import stat
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,8 @@ def directory(
 
 def zip_of(entries: list[tuple[str | zipfile.ZipInfo, bytes]], method: int = zipfile.ZIP_DEFLATED) -> bytes:
     buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", method) as archive:
+    with zipfile.ZipFile(buffer, "w", method) as archive, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the zip-duplicate case repeats a name on purpose
         for name, data in entries:
             archive.writestr(name, data)
     return buffer.getvalue()
