@@ -146,7 +146,7 @@ def test_timeout_kills_the_interpreter_and_the_next_call_starts_afresh(py: Harne
     assert out.is_error and out.text.startswith("started\n")
     assert "3 s limit" in out.text and "state" in out.text
     after = py("print('alive')\nx")
-    assert after.text.startswith("[note] the previous run stopped the interpreter")
+    assert after.text.startswith("[note] the previous interpreter was stopped")
     assert "alive" in after.text and "NameError" in after.text
     assert py("print('fine')").text == "fine\n"
 
@@ -279,3 +279,31 @@ def test_another_session_gets_its_own_interpreter(py: Harness, tmp_path: Path) -
     assert out.text.startswith(str(other.workdir.resolve())) and "NameError" in out.text
     py.loop.run_until_complete(py.interpreter.close_session("sess-2"))
     assert py("print(x)").text == "first\n"
+
+
+def test_the_cpu_time_limit_ends_the_process(tmp_path: Path) -> None:
+    cfg = AgentConfig(sandbox="on", sandbox_memory_mb=MEMORY_MB, sandbox_cpu_s=1, code_exec_timeout_s=20)
+    harness = Harness(tmp_path, cfg)
+    try:
+        started = harness.loop.time()
+        out = harness("while True:\n    pass")
+        assert harness.loop.time() - started < 10  # the CPU limit, not the 20 s wall clock
+        assert out.is_error and "process ended" in out.text
+        assert harness("print('again')").text.endswith("again\n")
+    finally:
+        harness.close()
+
+
+def test_a_cancelled_caller_leaves_no_half_run_interpreter(py: Harness) -> None:
+    py("x = 1")
+
+    async def abandoned() -> None:
+        task = asyncio.ensure_future(py.python.run({"code": "import time\ntime.sleep(30)"}, py.context()))
+        await asyncio.sleep(0.5)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    py.loop.run_until_complete(abandoned())
+    out = py("print('next')")
+    assert out.text.startswith("[note] the previous interpreter was stopped") and "next\n" in out.text

@@ -124,7 +124,8 @@ def test_cancel_kills_the_command_and_skips_the_rest(sh: Shell) -> None:
 
 
 def test_bad_arguments_are_a_tool_error(sh: Shell) -> None:
-    for arguments in ({}, {"commands": []}, {"commands": [1]}, {"commands": ["true"] * 100}):
+    cases: list[dict[str, Any]] = [{}, {"commands": []}, {"commands": [1]}, {"commands": ["true"] * 100}]
+    for arguments in cases:
         ctx = ToolContext(sh.session, asyncio.Event(), None)
         out = sh.loop.run_until_complete(sh.tool.run(arguments, ctx))
         assert out.is_error and "commands" in out.text.lower()

@@ -11,8 +11,10 @@ import asyncio
 import base64
 import contextlib
 import json
+import logging
 import os
 import secrets
+import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,11 +25,16 @@ from mistralrs_serve.agent.sandbox import TRUNCATED_NOTE, Sandbox, kill, wait_or
 from mistralrs_serve.agent.tool import OutputFile, ServerTool, ToolContext, ToolOutput, ToolSpec
 from mistralrs_serve.config import AgentConfig
 
+logger = logging.getLogger(__name__)
+
 OUTPUT_PURPOSE = "assistants_output"
 MAX_OUTPUT_FILES = 20  # files surfaced per run; the rest are only named
 MAX_OUTPUT_FILE_BYTES = 32 << 20
 MAX_SCANNED_FILES = 5000  # of the session directory, before and after a run
 _KERNEL_SOURCE = Path(python_kernel.__file__).read_text()
+_LOST_NOTE = (
+    "the previous interpreter was stopped: this is a fresh one, earlier variables and imports are gone"
+)
 
 PYTHON_SPEC = ToolSpec(
     name="python",
@@ -108,17 +115,19 @@ class CodeInterpreter:
 
     async def run_code(self, code: str, ctx: ToolContext) -> ToolOutput:
         async with self._lock(ctx.session.id):
-            note = self._lost.pop(ctx.session.id, None)
             workdir = Path(ctx.session.workdir)
             before = await asyncio.to_thread(_snapshot, workdir)
             kernel = await self._kernel(ctx.session.id, workdir)
-            outcome = await self._exchange(kernel, code, ctx.cancelled)
+            note = self._lost.pop(ctx.session.id, None)
+            try:
+                outcome = await self._exchange(kernel, code, ctx.cancelled)
+            except BaseException:
+                # the caller's task was cancelled mid-run: a half-run kernel would answer the next call
+                self._kill_now(ctx.session.id)
+                raise
             if outcome.reply is None:
                 await self._stop(ctx.session.id)
-                self._lost[ctx.session.id] = (
-                    "the previous run stopped the interpreter: this is a fresh one, earlier variables "
-                    "and imports are gone"
-                )
+                self._lost[ctx.session.id] = _LOST_NOTE
             changed = await asyncio.to_thread(_changed_files, workdir, before)
             return await self._output(code, outcome, note, changed, ctx)
 
@@ -143,6 +152,8 @@ class CodeInterpreter:
         kernel = self._kernels.get(session_id)
         if kernel is not None and kernel.proc.returncode is None:
             return kernel
+        if kernel is not None:  # it ended between calls (its CPU-time limit, say)
+            self._lost[session_id] = _LOST_NOTE
         read_fd, write_fd = os.pipe()
         try:
             argv = [self.python, "-u", "-c", _KERNEL_SOURCE, str(write_fd)]
@@ -162,6 +173,13 @@ class CodeInterpreter:
         kernel = _Kernel(proc, results)
         self._kernels[session_id] = kernel
         return kernel
+
+    def _kill_now(self, session_id: str) -> None:
+        kernel = self._kernels.pop(session_id, None)
+        if kernel is not None and kernel.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(kernel.proc.pid, signal.SIGKILL)
+            self._lost[session_id] = _LOST_NOTE
 
     async def _stop(self, session_id: str) -> None:
         kernel = self._kernels.pop(session_id, None)
@@ -299,9 +317,13 @@ async def _store(
 ) -> OutputFile | None:
     if ctx.files is None:
         return None
-    stored = await asyncio.to_thread(
-        ctx.files.create, content, filename=filename, purpose=OUTPUT_PURPOSE, content_type=content_type
-    )
+    try:
+        stored = await asyncio.to_thread(
+            ctx.files.create, content, filename=filename, purpose=OUTPUT_PURPOSE, content_type=content_type
+        )
+    except Exception:  # the run's output still goes back; the file is named as not kept
+        logger.exception("code interpreter: storing %s failed", filename)
+        return None
     return OutputFile(stored.id, stored.filename, stored.bytes, stored.content_type)
 
 
