@@ -22,10 +22,10 @@ from typing import Any
 import httpx
 from mistralrs_serve.config import AgentConfig, ServerConfig
 
-from agent.scripted_model import ScriptedLM, Script, scripted_engine
+from agent.scripted_model import Script, ScriptedLM, scripted_engine
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "e2e"))
-from live_server import LiveServer, start_server, stop_server  # noqa: E402
+from live_server import LiveServer, start_server, stop_server
 
 TOOLS_MARKER = "You can call these functions"  # the system prompt's tool list (SmolLM2 has no tool template)
 

@@ -69,7 +69,9 @@ class ScriptedForward:
         logits = torch.zeros((len(logit_rows), self.model.config.vocab_size), dtype=torch.float32)
         for i, row in enumerate(logit_rows):
             pos = np.arange(int(positions[row]) + 1)
-            history = self.slot_tokens[block_tables[row][pos // self.block_size] * self.block_size + pos % self.block_size]
+            history = self.slot_tokens[
+                block_tables[row][pos // self.block_size] * self.block_size + pos % self.block_size
+            ]
             logits[i, self.model.next_token(history.tolist())] = SCRIPTED_LOGIT
         return logits
 
@@ -101,7 +103,7 @@ class ScriptedLM:
         if reply is None:
             text = self.tokenizer.decode(list(prompt), skip_special_tokens=False)
             self.prompts.append(text)
-            reply = self.tokenizer.encode(self.script(text), add_special_tokens=False) + [self.eos]
+            reply = [*self.tokenizer.encode(self.script(text), add_special_tokens=False), self.eos]
             self.replies[prompt] = reply
         return reply[len(generated)] if len(generated) < len(reply) else self.eos
 

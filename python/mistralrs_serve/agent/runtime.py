@@ -97,7 +97,7 @@ class AgentRuntime:
         if self.cfg.mcp_config:
             from mistralrs_serve.agent.mcp_tools import McpToolSet
 
-            self.mcp = await McpToolSet.start(self.cfg.mcp_config)
+            self.mcp = await McpToolSet.start(self.cfg.mcp_config, max_output_bytes=self.cfg.max_output_bytes)
 
     async def aclose(self) -> None:
         if self.code is not None:
@@ -227,7 +227,9 @@ class AgentRuntime:
             from mistralrs_serve.agent.dispatch import dispatch_tools
 
             nested = tool if "function" in tool else {"type": "function", "function": tool}
-            found = dispatch_tools(self.cfg.tool_dispatch_url, [nested])
+            found = dispatch_tools(
+                self.cfg.tool_dispatch_url, [nested], max_output_bytes=self.cfg.max_output_bytes
+            )
             return found[0] if found else None
         return None
 
@@ -317,4 +319,3 @@ def _check_names(client_tools: list[dict[str, Any]], server: dict[str, ServerToo
                 "rename the function",
                 f"tools[{i}].function.name",
             )
-

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import inspect
 import logging
 import random
 import threading
@@ -35,6 +36,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mistralrs_serve.agent.approvals import ApprovalRegistry
+from mistralrs_serve.agent.runtime import AgentRuntime
 from mistralrs_serve.agent.sessions import SessionManager
 from mistralrs_serve.config import ServerConfig
 from mistralrs_serve.engine.engine_info import EngineClient, EngineInfo
@@ -48,6 +50,7 @@ from mistralrs_serve.entrypoints.openai.protocol import (
     SamplingFields,
 )
 from mistralrs_serve.entrypoints.openai.responses_seal import ReasoningSeal
+from mistralrs_serve.entrypoints.openai.serving_agent import AgentChatServing
 from mistralrs_serve.entrypoints.openai.serving_chat import ChatServing
 from mistralrs_serve.entrypoints.openai.serving_completion import CompletionServing
 from mistralrs_serve.entrypoints.openai.serving_responses import ResponsesServing, fail_interrupted
@@ -97,6 +100,11 @@ class ServerState:
         )
         self.approvals = ApprovalRegistry(agent.approval_timeout_s)
         self.skills = SqliteSkillStore(self.db, Path(config.agent.skills_dir or default_skills_dir()))
+        # server-side tools; built before the socket, so --sandbox on without bubblewrap fails the start
+        self.agent = AgentRuntime(
+            agent, files=self.files, sessions=self.sessions, approvals=self.approvals, skills=self.skills
+        )
+        self.agent_chat: AgentChatServing | None = None
         self.attachments = Attachments(self.files, FileLimits.from_config(config))
         self.responses = ResponsesServing(
             SqliteResponseStore(self.db), ReasoningSeal(self.db.data_dir), config.default_truncation
@@ -117,7 +125,8 @@ class ServerState:
         client.add_finished_hook(self.metrics.observe_request)
         self.chat = ChatServing(client, name, self.attachments)
         self.completion = CompletionServing(client, name)
-        self.responses.attach(self.chat)
+        self.agent_chat = AgentChatServing(self.chat, self.agent)
+        self.responses.attach(self.chat, self.agent)
         if self.config.seed is not None:
             self.chat.seeds = self.completion.seeds = random.Random(self.config.seed)
         self.model_id = name
@@ -311,7 +320,16 @@ async def unless_disconnected(request: Request, work: Awaitable[T], poll_s: floa
 def build_app(config: ServerConfig, load: Callable[[], EngineClient]) -> FastAPI:
     """The app; `load` builds (or returns) the engine, on a background thread."""
     state = ServerState(config)
-    app = FastAPI(title="mistralrs-serve", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await state.agent.start()  # MCP servers: a bad --mcp-config fails the start
+        try:
+            yield
+        finally:
+            await state.agent.aclose()
+
+    app = FastAPI(title="mistralrs-serve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.server = state
     threading.Thread(target=state.load, args=(load,), name="mistralrs-load", daemon=True).start()
     if config.cors_allowed_origins:
@@ -389,9 +407,12 @@ def generation_routes(state: ServerState) -> APIRouter:
             state.check_model(req.model)
             if isinstance(req, ChatCompletionRequest) and state.chat is not None:
                 req = await state.chat.attach_files_async(req)  # the store and fetches, off the loop
+            agent, server = state.agent_chat, serving
+            if isinstance(req, ChatCompletionRequest) and agent is not None and agent.engages(req):
+                server = agent  # server-side tools: the agent loop (agent/loop.py)
             if req.stream:
-                return _sse(serving.create_stream_async(req, config.keepalive_s))
-            res = await unless_disconnected(request, serving.create_async(req))
+                return _sse(await _maybe_await(server.create_stream_async(req, config.keepalive_s)))
+            res = await unless_disconnected(request, server.create_async(req))
             return json_response(dump(res)) if res is not None else Response(status_code=499)
 
         return await state.admitted(handle)
@@ -529,6 +550,11 @@ def _model_card(model_id: str, state: ServerState) -> dict[str, Any]:
         if model_id == DEFAULT_MODEL_ID:
             card["root"] = state.model_id
     return card
+
+
+async def _maybe_await(value: Any) -> Any:
+    """A serving's stream: returned, or made by a coroutine (the agent plans before it streams)."""
+    return await value if inspect.isawaitable(value) else value
 
 
 def _sse(chunks: AsyncIterator[BaseModel | None]) -> Response:

@@ -125,7 +125,9 @@ class _ChunkStream:
                 approval = {**_call_event("approval.requested", event.call), "approval_id": event.approval_id}
                 yield self.chunk([], agentic_event=approval)
             elif isinstance(event, CallFinished):
-                yield self.chunk([], agentic_event={"type": "tool_call.completed", **event.call.to_openai()})
+                entry = event.call.to_openai()
+                done = {**entry, "tool_type": entry["type"], "type": "tool_call.completed"}
+                yield self.chunk([], agentic_event=done)
             elif isinstance(event, Finished):
                 for chunk in self._end(event.result):
                     yield chunk
