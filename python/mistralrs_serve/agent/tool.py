@@ -64,8 +64,10 @@ class ToolOutput:
     # Per kind, for the Responses items and the chat `agentic_tool_calls` entry:
     #   web_search: {"action": {"type": "search", "query": ..., "sources": [{"type": "url", "url": ...}]}}
     #               or {"action": {"type": "open_page", "url": ...}}
-    #   code_interpreter: {"code": ..., "outputs": [{"type": "logs", "logs": ...}, {"type": "image", "url": ...}]}
-    #   shell: {"commands": [...], "output": [{"stdout": ..., "stderr": ..., "outcome": {"type": "exit", "exit_code": N}}]}
+    #   code_interpreter: {"code": ..., "outputs": [{"type": "logs", "logs": ...},
+    #                                                {"type": "image", "url": ...}]}
+    #   shell: {"commands": [...], "output": [{"stdout": ..., "stderr": ...,
+    #                                          "outcome": {"type": "exit", "exit_code": N}}]}
     details: dict[str, Any] = field(default_factory=dict)
 
 
