@@ -7,7 +7,9 @@ directory and no partial version left behind."""
 from __future__ import annotations
 
 import os
+import shutil
 import stat
+import tempfile
 import time
 from pathlib import Path
 
@@ -15,8 +17,8 @@ import pytest
 from mistralrs_serve.errors import InvalidRequestError, NotFoundError
 from mistralrs_serve.store import skill_bundle
 from mistralrs_serve.store.db import Database
-from mistralrs_serve.store.skill_bundle import UploadPart, parse_front_matter
-from mistralrs_serve.store.skills import SqliteSkillStore, install_tree
+from mistralrs_serve.store.skill_bundle import UploadPart, install_tree, parse_front_matter
+from mistralrs_serve.store.skills import SqliteSkillStore, default_skills_dir
 from skill_uploads import HOSTILE, Hostile, directory, good_zip, skill_md, tree, zip_of
 
 
@@ -271,3 +273,31 @@ def test_install_removes_planted_links_instead_of_following_them(
     (session / "skills" / "my-skill").rename(session / "gone")
     (session / "skills" / "my-skill").write_text("a file where the directory goes")
     assert install_tree(store.skills_dir / skill.id / "1", session, "my-skill").is_dir()
+
+
+def test_versions_whose_files_are_gone_are_forgotten_on_open(store: SqliteSkillStore, tmp_path: Path) -> None:
+    partly = store.create(parts(directory()))
+    store.create_version(partly.id, parts(directory(md=skill_md("second"))), make_default=True)
+    store.create_version(partly.id, parts(directory(md=skill_md("third"))))
+    wholly = store.create(parts(directory()))
+    kept = store.create(parts(directory()))
+    shutil.rmtree(store.skills_dir / partly.id / "2")  # the default
+    shutil.rmtree(store.skills_dir / wholly.id)
+    again = SqliteSkillStore(Database(tmp_path / "data"), tmp_path / "skills")
+    assert {s.id for s in again.list().data} == {partly.id, kept.id}
+    after = again.get(partly.id)
+    assert (after.default_version, after.latest_version, after.name) == (3, 3, "third")
+    assert [v.version for v in again.list_versions(partly.id).data] == [3, 1]
+
+
+def test_default_dir_is_per_user_where_the_shared_name_is_not_ours(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
+    shared = tmp_path / "mistralrs-serve-skills"
+    assert default_skills_dir() == shared
+    shared.mkdir()
+    assert default_skills_dir() == shared
+    shared.rmdir()
+    shared.symlink_to(tmp_path / "elsewhere")
+    assert default_skills_dir() == tmp_path / f"mistralrs-serve-skills-{os.getuid()}"

@@ -1,6 +1,6 @@
 """An uploaded Skill's files, checked and unpacked: one zip archive, or the
 files of one top-level directory, whose `SKILL.md` starts with YAML front
-matter naming the skill.
+matter naming the skill; and a stored version's copy into a session.
 
 Uploads are hostile until proven otherwise. Every path is checked before
 anything is written (no `..`, absolute, drive or backslash forms, no
@@ -21,8 +21,11 @@ from __future__ import annotations
 import io
 import os
 import re
+import shutil
 import stat
+import tempfile
 import urllib.parse
+import uuid
 import zipfile
 import zlib
 from collections.abc import Iterable, Sequence
@@ -312,6 +315,43 @@ def _check_sizes(entry: _Entry, num_bytes: int, budget: int) -> None:
         raise _refuse(f"{'/'.join(entry.parts)[:200]!r} is over {MAX_FILE_BYTES} bytes, the cap per file")
     if num_bytes > budget:
         raise _refuse(f"the skill's files are over {MAX_TOTAL_BYTES} bytes in all")
+
+
+# installing a stored version into a session directory
+
+
+def install_tree(source: Path, dest_dir: Path, name: str) -> Path:
+    """Copy source to dest_dir/skills/<name>/, replacing what was there.
+
+    dest_dir is a session directory that sandboxed code writes to, so any
+    link it planted where the copy goes is removed, never followed: the copy
+    is made in a fresh directory and renamed over the final name.
+    """
+    skills = dest_dir / "skills"
+    _replace_link(skills)
+    skills.mkdir(parents=True, exist_ok=True)
+    if skills.resolve() != dest_dir.resolve() / "skills":
+        raise OSError(f"{skills} does not stay inside {dest_dir}")
+    staging = Path(tempfile.mkdtemp(prefix=".install-", dir=skills))
+    try:
+        shutil.copytree(source, staging, symlinks=True, dirs_exist_ok=True)
+        target = skills / name
+        _replace_link(target)
+        if target.exists():
+            old = skills / f".old-{uuid.uuid4().hex}"
+            os.rename(target, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.rename(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def _replace_link(path: Path) -> None:
+    """Remove path if it is a link or a plain file (something other than a directory)."""
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        path.unlink()
 
 
 def _refuse(message: str) -> InvalidRequestError:

@@ -8,15 +8,19 @@ unpacked and checked in a staging directory (store/skill_bundle.py), renamed
 into place, and only then recorded, inside one write transaction that also
 numbers it: a failure leaves no row and no version directory, and a crash
 at worst an orphan directory. Versions are numbered from 1 and a number is
-never reused. Every method blocks: async callers use a worker thread.
+never reused. Rows whose directory is gone when the store opens (a cleared
+temp directory) are dropped, so nothing is listed that cannot be installed.
+Every method blocks: async callers use a worker thread.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import sqlite3
+import stat
 import tempfile
 import time
 import uuid
@@ -29,19 +33,29 @@ import orjson
 
 from mistralrs_serve.errors import InvalidRequestError, NotFoundError
 from mistralrs_serve.store.db import Database, StoreError
-from mistralrs_serve.store.skill_bundle import SkillManifest, UploadPart, unpack
+from mistralrs_serve.store.skill_bundle import SkillManifest, UploadPart, install_tree, unpack
 
 MAX_LIST_LIMIT = 100  # as OpenAI's list endpoints
 DEFAULT_LIST_LIMIT = 20
 STAGING_DIR = ".staging"
 STALE_STAGING_S = 3600  # staging directories older than this were left by a crash
+logger = logging.getLogger(__name__)
 ListOrder = Literal["asc", "desc"]
 VersionRef = int | str | None  # a number, "latest", or None for the default version
 T = TypeVar("T", "Skill", "SkillVersion")
 
 
 def default_skills_dir() -> Path:
-    return Path(tempfile.gettempdir()) / "mistralrs-serve-skills"
+    """<temp>/mistralrs-serve-skills, or <temp>/mistralrs-serve-skills-<uid> where the shared name is
+    taken by another user or is not a plain directory (a link planted in a world-writable /tmp)."""
+    shared = Path(tempfile.gettempdir()) / "mistralrs-serve-skills"
+    try:
+        found = os.lstat(shared)
+    except FileNotFoundError:
+        return shared
+    if stat.S_ISDIR(found.st_mode) and found.st_uid == os.getuid():
+        return shared
+    return shared.with_name(f"{shared.name}-{os.getuid()}")
 
 
 @dataclass(frozen=True)
@@ -177,6 +191,7 @@ class SqliteSkillStore:
         self.staging_dir = self.skills_dir / STAGING_DIR
         self.staging_dir.mkdir(mode=0o700, exist_ok=True)
         self._clear_stale_staging()
+        self._forget_missing()
 
     # uploads
 
@@ -394,6 +409,36 @@ class SqliteSkillStore:
             )
         return _version_from(row), path
 
+    def _forget_missing(self) -> None:
+        """Drop the rows of versions whose directory is gone (a cleared temp directory, another
+        --skills-dir), so that nothing is listed that cannot be installed; a skill left with no
+        version goes too, one whose default went falls back to its latest."""
+        rows = self.db.read("SELECT skill_id, version, path FROM skill_versions")
+        missing = [(r["skill_id"], r["version"]) for r in rows if not (self.skills_dir / r["path"]).is_dir()]
+        if not missing:
+            return
+        logger.warning(
+            "%d skill versions have no files in %s (was it cleared?): forgetting them",
+            len(missing),
+            self.skills_dir,
+        )
+        with self.db.write() as conn:
+            conn.executemany("DELETE FROM skill_versions WHERE skill_id = ? AND version = ?", missing)
+            for skill_id in {skill_id for skill_id, _ in missing}:
+                skill = _skill_from(_skill_row(conn, skill_id))
+                left = [
+                    r[0]
+                    for r in conn.execute(
+                        "SELECT version FROM skill_versions WHERE skill_id = ? ORDER BY version", (skill_id,)
+                    )
+                ]
+                if not left:
+                    conn.execute("DELETE FROM skills WHERE id = ?", (skill_id,))
+                    continue
+                number = skill.default_version if skill.default_version in left else left[-1]
+                default = _version_from(_version_row(conn, skill, number, "version"))
+                self._update_skill(conn, skill, None, latest=left[-1], default=default)
+
     def _clear_stale_staging(self) -> None:
         cutoff = time.time() - STALE_STAGING_S
         for entry in self.staging_dir.iterdir():
@@ -402,44 +447,8 @@ class SqliteSkillStore:
                     shutil.rmtree(entry)
 
 
-def install_tree(source: Path, dest_dir: Path, name: str) -> Path:
-    """Copy source to dest_dir/skills/<name>/, replacing what was there.
-
-    dest_dir is a session directory that sandboxed code writes to, so any
-    link it planted where the copy goes is removed, never followed: the copy
-    is made in a fresh directory and renamed over the final name.
-    """
-    skills = dest_dir / "skills"
-    _replace_link(skills)
-    skills.mkdir(parents=True, exist_ok=True)
-    if skills.resolve() != dest_dir.resolve() / "skills":
-        raise StoreError(f"{skills} does not stay inside {dest_dir}")
-    staging = Path(tempfile.mkdtemp(prefix=".install-", dir=skills))
-    try:
-        shutil.copytree(source, staging, symlinks=True, dirs_exist_ok=True)
-        target = skills / name
-        _replace_link(target)
-        if target.exists():
-            old = skills / f".old-{uuid.uuid4().hex}"
-            os.rename(target, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.rename(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return target
-
-
-def _replace_link(path: Path) -> None:
-    """Remove path if it is a link or a plain file (something other than a directory)."""
-    if path.is_symlink() or (path.exists() and not path.is_dir()):
-        path.unlink()
-
-
 def _open_skills_dir(path: Path) -> Path:
     path = Path(path).expanduser()
-    if path == default_skills_dir() and path.is_symlink():
-        raise StoreError(f"the default skills directory {path} is a symbolic link: pass --skills-dir")
     try:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
         owner = path.resolve().stat().st_uid
