@@ -27,6 +27,20 @@ from agent.scripted_model import Script, ScriptedLM, scripted_engine
 sys.path.insert(0, str(Path(__file__).parent.parent / "e2e"))
 from live_server import LiveServer, start_server, stop_server
 
+KETTLE = """<html><head><title>Kettles</title></head><body><nav>Home | Shop</nav>
+<article><h1>How kettles work</h1><p>A kettle boils water with a heating element under its base.
+The element warms the water until it reaches one hundred degrees and a switch turns it off.</p>
+</article><footer>Copyright</footer></body></html>"""
+CODE_TOOL = {"type": "code_interpreter", "container": {"type": "auto"}}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
 TOOLS_MARKER = "You can call these functions"  # the system prompt's tool list (SmolLM2 has no tool template)
 
 

@@ -14,46 +14,18 @@ from typing import Any
 import httpx
 import pytest
 
-from agent.agent_servers import AgentServer, DispatchServer, agent_server, call, dispatch_server, offered
-from agent.fake_web import FakeWeb, fake_web
+from agent.agent_servers import (
+    CODE_TOOL,
+    WEATHER,
+    AgentServer,
+    DispatchServer,
+    agent_server,
+    call,
+    dispatch_server,
+    offered,
+)
+from agent.fake_web import FakeWeb
 from agent.scripted_model import by_round
-
-KETTLE = """<html><head><title>Kettles</title></head><body><nav>Home | Shop</nav>
-<article><h1>How kettles work</h1><p>A kettle boils water with a heating element under its base.
-The element warms the water until it reaches one hundred degrees and a switch turns it off.</p>
-</article><footer>Copyright</footer></body></html>"""
-CODE_TOOL = {"type": "code_interpreter", "container": {"type": "auto"}}
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    },
-}
-
-
-@pytest.fixture(scope="module")
-def web() -> Iterator[FakeWeb]:
-    with fake_web({"/kettle": KETTLE}) as w:
-        w.results = [{"title": "How kettles work", "url": w.url("/kettle"), "content": "Kettles boil water."}]
-        yield w
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, web: FakeWeb) -> Iterator[AgentServer]:
-    s = agent_server(
-        tmp_path_factory.mktemp("agent-data"),
-        by_round("Hello."),
-        enable_search=True,
-        search_url=web.base_url,
-        allow_private_urls=True,
-        enable_code_execution=True,
-        enable_shell=True,
-        code_exec_timeout_s=30,
-        max_tool_rounds=3,
-    )
-    yield s
-    s.stop()
 
 
 def _ok(r: httpx.Response) -> dict[str, Any]:

@@ -236,8 +236,11 @@ class AgentRuntime:
     def _install_skills(self, refs: list[SkillRef], workdir: Path) -> None:
         if self.skills is None:
             raise InvalidRequestError("this server keeps no skills", refs[0].param)
+        from mistralrs_serve.store.skills import parse_version
+
         for ref in refs:
-            self.skills.install(ref.skill_id, ref.version or "latest", workdir)
+            version = parse_version(ref.version, f"{ref.param}.version")
+            self.skills.install(ref.skill_id, version, workdir, param=f"{ref.param}.skill_id")
 
     # permissions
 

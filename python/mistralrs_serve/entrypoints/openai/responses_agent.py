@@ -117,6 +117,7 @@ class AgentEvents:
         if item.kind == "code_interpreter_call":
             code = args.get("code") if isinstance(args.get("code"), str) else ""
             item.body["code"] = code
+            started = self._event("response.code_interpreter_call.in_progress", item)
             done = self.out.event(
                 "response.code_interpreter_call_code.done",
                 item_id=item.id,
@@ -124,7 +125,7 @@ class AgentEvents:
                 code=code,
             )
             return [
-                self._event("response.code_interpreter_call.in_progress", item),
+                started,
                 done,
                 self._event("response.code_interpreter_call.interpreting", item),
             ]
@@ -221,10 +222,10 @@ class AgentEvents:
                 item.status = "incomplete"
         messages = [item for item in out.items if item.kind == "message"]
         if messages:
-            messages[-1].annotations = annotations(messages[-1].text, self.citations, self.files, out)
+            messages[-1].annotations = text_annotations(messages[-1].text, self.citations, self.files, out)
 
 
-def annotations(
+def text_annotations(
     text: str, citations: list[dict[str, str]], files: list[dict[str, Any]], out: ResponseStream
 ) -> list[dict[str, Any]]:
     """Where the text cites a source (its URL, its title, or its number "[n]") and names a

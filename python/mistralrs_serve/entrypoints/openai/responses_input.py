@@ -14,6 +14,12 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from mistralrs_serve.entrypoints.openai.responses_hosted_input import (
+    HOSTED_TYPES,
+    hosted_call,
+    normalize_hosted,
+    shell_output_text,
+)
 from mistralrs_serve.entrypoints.openai.responses_protocol import new_id
 from mistralrs_serve.entrypoints.openai.responses_seal import ReasoningSeal
 from mistralrs_serve.entrypoints.openai.responses_tools import CUSTOM_INPUT
@@ -166,6 +172,7 @@ _NORMALIZERS: dict[str, Callable[[dict[str, Any], str], dict[str, Any]]] = {
     "function_call_output": _call_output,
     "custom_tool_call_output": _call_output,
     "reasoning": _reasoning,
+    **dict.fromkeys(HOSTED_TYPES, normalize_hosted),
 }
 
 
@@ -211,6 +218,14 @@ class MessageBuilder:
         elif kind in CALL_TYPES:
             self._assistant(i, starts_turn=False).setdefault("tool_calls", []).append(_chat_call(item))
             self.call_ids.add(item["call_id"])
+        elif kind == "shell_call_output":
+            if item["call_id"] in self.call_ids:
+                self._flush()
+                self.messages.append(
+                    {"role": "tool", "tool_call_id": item["call_id"], "content": shell_output_text(item)}
+                )
+        elif kind in HOSTED_TYPES:
+            self._hosted(i, item)
         else:  # a call's output
             if item["call_id"] not in self.call_ids:
                 where = self.where(i)
@@ -222,6 +237,18 @@ class MessageBuilder:
             self.messages.append(
                 {"role": "tool", "tool_call_id": item["call_id"], "content": _output_text(item["output"])}
             )
+
+    def _hosted(self, i: int, item: dict[str, Any]) -> None:
+        """A server-side call of an earlier turn: its call, and its result when the item holds it."""
+        replay = hosted_call(item)
+        if replay is None:
+            return
+        call, result = replay
+        self._assistant(i, starts_turn=False).setdefault("tool_calls", []).append(call)
+        self.call_ids.add(call["id"])
+        if result is not None:
+            self._flush()
+            self.messages.append({"role": "tool", "tool_call_id": call["id"], "content": result})
 
     def _assistant(self, i: int, starts_turn: bool) -> dict[str, Any]:
         """The assistant message being assembled; reasoning after text or calls starts a new one."""

@@ -36,6 +36,18 @@ from mistralrs_serve.store.responses import InputItem, ResponseStore, StoredResp
 logger = logging.getLogger(__name__)
 
 PERSIST_EVERY_S = 1.0  # a background job's progress reaches the store at least this often
+# ...and at once on these: an item opened or closed, a server-side tool started (a poll then sees
+# the call while its tool runs, however long that takes, with no event in between)
+SAVED_EVENTS = frozenset(
+    {
+        "response.in_progress",
+        "response.output_item.added",
+        "response.output_item.done",
+        "response.web_search_call.searching",
+        "response.code_interpreter_call.interpreting",
+        "response.mcp_call.in_progress",
+    }
+)
 KEEPALIVE = b": keep-alive\n\n"
 RESTARTED = "the server restarted before this response finished"
 _TERMINAL = frozenset(TERMINAL_EVENTS.values())
@@ -241,9 +253,7 @@ class ResponseRunner:
         run = job.run
         if job.has_ended:
             await asyncio.to_thread(self._save, run, event["response"], job.state_json())
-        elif event["type"] in ("response.in_progress", "response.output_item.done") or (
-            time.monotonic() - job.last_saved > PERSIST_EVERY_S
-        ):
+        elif event["type"] in SAVED_EVENTS or (time.monotonic() - job.last_saved > PERSIST_EVERY_S):
             job.last_saved = time.monotonic()
             await asyncio.to_thread(self._save, run, run.stream.snapshot(), None)
 

@@ -172,7 +172,7 @@ class ResponsesServing:
         )
         if loop is not None:
             run.agent = loop
-            kinds = {name: tool.spec.kind for name, tool in loop.plan.tools.items()}
+            kinds: dict[str, str] = {name: tool.spec.kind for name, tool in loop.plan.tools.items()}
             run.agent_events = AgentEvents(stream, kinds, loop.plan.session.id)
         return run
 
