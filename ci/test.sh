@@ -8,6 +8,10 @@ BIN=.venv/bin
 MISTRALRS_SERVE_DATA_DIR=$(mktemp -d)
 export MISTRALRS_SERVE_DATA_DIR
 trap 'rm -rf "$MISTRALRS_SERVE_DATA_DIR"' EXIT
+# the sandbox of server-side code and shell commands (bubblewrap, Debian's): its tests run, never skip
+if ! command -v bwrap >/dev/null; then
+    apt-get update -qq && apt-get install -y -qq bubblewrap >/dev/null
+fi
 bash ci/lint.sh
 cargo test --release
 $BIN/python -m pytest -q -ra
