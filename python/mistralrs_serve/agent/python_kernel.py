@@ -18,6 +18,8 @@ import io
 import json
 import linecache
 import os
+import resource
+import signal
 import sys
 import traceback
 from typing import Any
@@ -87,6 +89,43 @@ def _reap() -> None:
             pass
 
 
+def _session_pids() -> list[int]:
+    """The other live processes of this interpreter's session (the cell's children and theirs).
+    The session, not the uid: unsandboxed, the uid is the server's."""
+    me, session = os.getpid(), os.getsid(0)
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) in (me, 1):  # 1: bubblewrap's init, when sandboxed
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[3]) == session and fields[0] != "Z":  # fields: state, ppid, pgrp, session
+            found.append(int(name))
+    return found
+
+
+def _free_process_cap(hit_cap: bool) -> str | None:
+    """When a cell ran into the process cap or left it nearly full (a fork bomb's
+    copies still forking), kill the session's other processes so the next cell
+    can start some; say so."""
+    cap = resource.getrlimit(resource.RLIMIT_NPROC)[0]
+    pids = _session_pids()
+    if not pids or (not hit_cap and (cap == resource.RLIM_INFINITY or len(pids) + 2 < cap)):
+        return None
+    for _ in range(200):  # each pass kills what the last one's survivors forked
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        _reap()
+        pids = _session_pids()
+        if not pids:
+            break
+    return "[the process cap was reached: the cell's other processes were killed]\n"
+
+
 def _flush(*streams: Any) -> None:
     for stream in streams:
         with contextlib.suppress(Exception):  # the cell may have closed or replaced it
@@ -104,10 +143,15 @@ def main() -> None:
     namespace: dict[str, Any] = {"__name__": "__main__", "__builtins__": __builtins__}
     for number, line in enumerate(commands, start=1):
         request = json.loads(line)
+        _reap()  # children that ended since the last cell (a fork bomb's stragglers) free their slots
         error = _run_cell(request["code"], number, namespace)
         if os.getpid() != kernel_pid:
             os._exit(0)  # a child the cell forked returned here: it must not answer
         _reap()
+        # a fork that failed for want of a process slot raises BlockingIOError (EAGAIN)
+        freed = _free_process_cap(hit_cap=bool(error) and "BlockingIOError" in error.splitlines()[-1])
+        if freed:
+            sys.stderr.write(freed)
         images = _figures()
         marker = request["nonce"]
         _flush(sys.stdout, sys.stderr)
