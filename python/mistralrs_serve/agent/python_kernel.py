@@ -149,7 +149,7 @@ def main() -> None:
             os._exit(0)  # a child the cell forked returned here: it must not answer
         _reap()
         # a fork that failed for want of a process slot raises BlockingIOError (EAGAIN)
-        freed = _free_process_cap(hit_cap=bool(error) and "BlockingIOError" in error.splitlines()[-1])
+        freed = _free_process_cap(hit_cap=error is not None and "BlockingIOError" in error.splitlines()[-1])
         if freed:
             sys.stderr.write(freed)
         images = _figures()
