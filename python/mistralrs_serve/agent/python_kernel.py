@@ -134,6 +134,8 @@ def _flush(*streams: Any) -> None:
 
 def main() -> None:
     kernel_pid = os.getpid()
+    # past the file-size limit a write fails (EFBIG, an exception in the cell) instead of killing the kernel
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     commands = os.fdopen(os.dup(0), "rb")
     results = os.fdopen(int(sys.argv[1]), "wb")
     os.set_inheritable(results.fileno(), False)  # user subprocesses must not write the protocol
