@@ -230,15 +230,22 @@ def test_function_tool_dispatched_server_side(dispatch_agent: AgentServer, dispa
     assert body["agentic_tool_calls"][0]["result"] == "sunny in Paris"
 
 
-def _approve_when_asked(server: AgentServer, decision: str, remember: bool = False) -> Any:
+def _approve_when_asked(
+    server: AgentServer,
+    decision: str,
+    remember: bool = False,
+    session_id: str | None = None,
+    text: str = "Run it.",
+) -> Any:
     """Stream a request that needs approval; answer it from another client; the chunks."""
     chunks: list[dict[str, Any]] = []
     body = {
         "model": "default",
-        "messages": [{"role": "user", "content": "Run it."}],
+        "messages": [{"role": "user", "content": text}],
         "tools": [CODE_TOOL],
         "agent_permission": "ask",
         "stream": True,
+        **({"session_id": session_id} if session_id else {}),
     }
     with server.http() as h, h.stream("POST", "/v1/chat/completions", json=body) as r:
         for line in r.iter_lines():
@@ -372,3 +379,20 @@ def test_unservable_hosted_tool_is_left_out(tmp_path: Path) -> None:
         assert offered(s.model.prompts[-1]) == []  # neither tool reached the model (search off, code off)
     finally:
         s.stop()
+
+
+def test_approval_remembered_for_the_session(server: AgentServer) -> None:
+    server.use(by_round(call("python", code="print('first')"), "One."))
+    chunks = _approve_when_asked(server, "approve", remember=True, session_id="remember-me")
+    assert any((c.get("agentic_event") or {}).get("type") == "approval.requested" for c in chunks)
+    server.use(by_round(call("python", code="print('second')"), "Two."))
+    # never asked: the answer was remembered (a "deny" here would show if it were)
+    again = _approve_when_asked(server, "deny", session_id="remember-me", text="Run it again.")
+    types = [(c.get("agentic_event") or {}).get("type") for c in again]
+    assert "approval.requested" not in types
+    done = [
+        c["agentic_event"]
+        for c in again
+        if (c.get("agentic_event") or {}).get("type") == "tool_call.completed"
+    ]
+    assert done[0]["status"] == "completed" and "second" in done[0]["result"]
