@@ -20,7 +20,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -178,7 +178,7 @@ class AgentLoop:
         # the first round is checked now, so that a bad request fails before any output
         self.first: Prepared | None = self.prepare(self._round_request(with_server_tools=plan.max_rounds > 0))
 
-    async def events(self) -> AsyncIterator[LoopEvent]:
+    async def events(self) -> AsyncGenerator[LoopEvent, None]:
         try:
             async for event in self._rounds():
                 yield event

@@ -15,7 +15,9 @@ import hashlib
 import hmac
 import os
 from pathlib import Path
+from typing import Any
 
+AESGCM: Any
 try:  # optional: sealing falls back to signing without it
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 except ImportError:  # pragma: no cover - depends on the environment
