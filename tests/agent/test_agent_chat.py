@@ -396,3 +396,28 @@ def test_approval_remembered_for_the_session(server: AgentServer) -> None:
         if (c.get("agentic_event") or {}).get("type") == "tool_call.completed"
     ]
     assert done[0]["status"] == "completed" and "second" in done[0]["result"]
+
+
+@pytest.mark.parametrize(
+    ("tool", "script_call", "expect"),
+    [
+        ({"type": "web_search"}, call("web_search", query="kettles"), "How kettles work"),
+        (
+            {"type": "shell", "environment": {"type": "container_auto"}},
+            call("shell", commands=["echo streamed"]),
+            "streamed",
+        ),
+    ],
+)
+def test_other_tools_streamed(
+    server: AgentServer, tool: dict[str, Any], script_call: str, expect: str
+) -> None:
+    server.use(by_round(script_call, "Done."))
+    chunks = server.chat_stream(messages=[{"role": "user", "content": f"Use {tool['type']}."}], tools=[tool])
+    done = [
+        c["agentic_event"]
+        for c in chunks
+        if (c.get("agentic_event") or {}).get("type") == "tool_call.completed"
+    ]
+    assert done[0]["status"] == "completed" and expect in done[0]["result"]
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]) == "Done."

@@ -285,3 +285,35 @@ def test_server_keeps_serving_after_bad_requests(server: AgentServer) -> None:
 
 def test_health_after_everything(server: AgentServer) -> None:
     assert httpx.get(f"{server.live.base_url}/health").status_code == 200
+
+
+def test_web_search_stream_events(server: AgentServer) -> None:
+    server.use(by_round(call("web_search", query="kettles"), "Found it [1]."))
+    body = {"model": "default", "input": "Search.", "tools": [{"type": "web_search"}], "stream": True}
+    with server.http() as h:
+        events = sse_events(h, "POST", "/v1/responses", body)
+    final = check_stream(events)
+    kinds = [e["type"] for e in events]
+    for kind in (
+        "response.web_search_call.in_progress",
+        "response.web_search_call.searching",
+        "response.web_search_call.completed",
+    ):
+        assert kind in kinds
+    assert _types(final) == ["web_search_call", "message"]
+    assert final["output"][1]["content"][0]["annotations"][0]["type"] == "url_citation"
+
+
+def test_shell_stream_items(server: AgentServer) -> None:
+    server.use(by_round(call("shell", commands=["echo from the stream"]), "Echoed."))
+    body = {
+        "model": "default",
+        "input": "Echo.",
+        "tools": [{"type": "shell", "environment": {"type": "container_auto"}}],
+        "stream": True,
+    }
+    with server.http() as h:
+        events = sse_events(h, "POST", "/v1/responses", body)
+    final = check_stream(events)
+    assert _types(final) == ["shell_call", "shell_call_output", "message"]
+    assert "from the stream" in final["output"][1]["output"][0]["stdout"]

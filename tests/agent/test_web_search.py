@@ -383,7 +383,7 @@ def test_open_page_timeout() -> None:
 def test_open_page_refuses_private_addresses(monkeypatch: pytest.MonkeyPatch) -> None:
     with fake_web({"/kettle": KETTLE_HTML, "/away": redirect("/kettle")}) as web:
         private = call(tools(web, allow_private_urls=False)["open_page"], url=web.url("/kettle"))
-        assert private.is_error and "private URLs are not allowed" in private.text
+        assert private.is_error and "--allow-private-urls" in private.text
         assert web.requests == []
         # 127.0.0.1 stands for a public address here; the redirect's target does not
         monkeypatch.setattr(file_fetch, "is_refused_address", lambda a: str(a) != "127.0.0.1")

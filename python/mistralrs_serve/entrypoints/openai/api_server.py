@@ -42,7 +42,7 @@ from mistralrs_serve.config import ServerConfig
 from mistralrs_serve.engine.engine_info import EngineClient, EngineInfo
 from mistralrs_serve.entrypoints.openai.attachments import Attachments, FileLimits
 from mistralrs_serve.entrypoints.openai.file_routes import file_routes
-from mistralrs_serve.entrypoints.openai.http_errors import error_body
+from mistralrs_serve.entrypoints.openai.http_errors import error_body, error_response, json_response
 from mistralrs_serve.entrypoints.openai.metrics import ServerMetrics
 from mistralrs_serve.entrypoints.openai.protocol import (
     ChatCompletionRequest,
@@ -235,15 +235,6 @@ class AuthAndMetrics:
         finally:
             route = getattr(scope.get("route"), "path", "unmatched")
             counter.labels(route, method, str(status[0])).inc()
-
-
-def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(orjson.dumps(body), status_code=status, headers=headers, media_type="application/json")
-
-
-def error_response(exc: BaseException) -> Response:
-    status, body, headers = error_body(exc)
-    return json_response(body, status, headers)
 
 
 def dump(model: BaseModel) -> dict[str, Any]:

@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import re
 import urllib.parse
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 import anyio
-import orjson
 from fastapi import APIRouter, Request
 from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response, StreamingResponse
 
-from mistralrs_serve.entrypoints.openai.http_errors import error_body
+from mistralrs_serve.entrypoints.openai.http_errors import answered, json_response
 from mistralrs_serve.errors import InvalidRequestError, PayloadTooLargeError
 from mistralrs_serve.store.files import UPLOAD_PURPOSES, FileStore, iter_chunks, safe_filename
 
@@ -40,7 +39,7 @@ def file_routes(store: FileStore, max_file_bytes: int) -> APIRouter:
 
     @router.post("/v1/files")
     async def upload(request: Request) -> Response:
-        return await _answer(lambda: _upload(request, store, max_file_bytes))
+        return await answered(lambda: _upload(request, store, max_file_bytes))
 
     @router.get("/v1/files")
     async def list_files(request: Request) -> Response:
@@ -53,17 +52,17 @@ def file_routes(store: FileStore, max_file_bytes: int) -> APIRouter:
                     purpose=query.get("purpose"), limit=limit, order=order, after=query.get("after")
                 )
             )
-            return _json(page.to_openai())
+            return json_response(page.to_openai())
 
-        return await _answer(handle)
+        return await answered(handle)
 
     @router.get("/v1/files/{file_id}")
     async def retrieve(file_id: str) -> Response:
         async def handle() -> Response:
             file = await anyio.to_thread.run_sync(store.get, file_id)
-            return _json(file.to_openai())
+            return json_response(file.to_openai())
 
-        return await _answer(handle)
+        return await answered(handle)
 
     @router.get("/v1/files/{file_id}/content")
     async def content(file_id: str) -> Response:
@@ -77,15 +76,15 @@ def file_routes(store: FileStore, max_file_bytes: int) -> APIRouter:
             }
             return StreamingResponse(iter_chunks(stream), media_type=file.content_type, headers=headers)
 
-        return await _answer(handle)
+        return await answered(handle)
 
     @router.delete("/v1/files/{file_id}")
     async def delete(file_id: str) -> Response:
         async def handle() -> Response:
             await anyio.to_thread.run_sync(store.delete, file_id)
-            return _json({"id": file_id, "object": "file", "deleted": True})
+            return json_response({"id": file_id, "object": "file", "deleted": True})
 
-        return await _answer(handle)
+        return await answered(handle)
 
     return router
 
@@ -123,7 +122,7 @@ async def _upload(request: Request, store: FileStore, max_file_bytes: int) -> Re
             expires_after_s=expires_after_s,
         )
     )
-    return _json(stored.to_openai())
+    return json_response(stored.to_openai())
 
 
 async def parse_multipart(
@@ -228,15 +227,3 @@ def _int_param(value: str | None, name: str, default: int | None) -> Any:
 
 def _too_large(max_file_bytes: int) -> PayloadTooLargeError:
     return PayloadTooLargeError(f"the file is over the server's limit of {max_file_bytes} bytes", "file")
-
-
-def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(orjson.dumps(body), status_code=status, headers=headers, media_type="application/json")
-
-
-async def _answer(handle: Callable[[], Awaitable[Response]]) -> Response:
-    try:
-        return await handle()
-    except Exception as e:
-        status, body, headers = error_body(e)
-        return _json(body, status, headers)

@@ -4,8 +4,12 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
+from starlette.responses import Response
 
 from mistralrs_serve.errors import (
     AuthenticationError,
@@ -72,3 +76,20 @@ def error_body(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, str]]
         }
     }
     return kind.status, body, headers
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(body), status_code=status, headers=headers, media_type="application/json")
+
+
+def error_response(exc: BaseException) -> Response:
+    status, body, headers = error_body(exc)
+    return json_response(body, status, headers)
+
+
+async def answered(handle: Callable[[], Awaitable[Response]]) -> Response:
+    """handle()'s response, or the error envelope of whatever it raised."""
+    try:
+        return await handle()
+    except Exception as e:
+        return error_response(e)

@@ -8,7 +8,7 @@ ready, the pending-request limit)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 from starlette.responses import Response
@@ -17,12 +17,11 @@ from mistralrs_serve.entrypoints.openai.api_server import (
     DEFAULT_MODEL_ID,
     EventStreamResponse,
     ServerState,
-    error_response,
-    json_response,
     parse_body,
     read_body,
     unless_disconnected,
 )
+from mistralrs_serve.entrypoints.openai.http_errors import answered, json_response
 from mistralrs_serve.entrypoints.openai.responses_protocol import ResponsesRequest
 from mistralrs_serve.errors import InvalidRequestError
 
@@ -36,13 +35,6 @@ def _raw_json(body: bytes) -> Response:
 
 def _events(frames: AsyncIterator[bytes]) -> Response:
     return EventStreamResponse(frames, headers=SSE_HEADERS)
-
-
-async def _answer(handler: Callable[[], Awaitable[Response]]) -> Response:
-    try:
-        return await handler()
-    except Exception as e:
-        return error_response(e)
 
 
 def _int(request: Request, name: str, default: int) -> int:
@@ -87,21 +79,21 @@ def response_routes(state: ServerState) -> APIRouter:
                 return _events(await responses.follow(response_id, after, config.keepalive_s))
             return _raw_json(await responses.retrieve(response_id))
 
-        return await _answer(handle)
+        return await answered(handle)
 
     @router.delete("/v1/responses/{response_id}")
     async def delete(response_id: str) -> Response:
         async def handle() -> Response:
             return json_response(await responses.delete(response_id))
 
-        return await _answer(handle)
+        return await answered(handle)
 
     @router.post("/v1/responses/{response_id}/cancel")
     async def cancel(response_id: str) -> Response:
         async def handle() -> Response:
             return _raw_json(await responses.cancel(response_id))
 
-        return await _answer(handle)
+        return await answered(handle)
 
     @router.get("/v1/responses/{response_id}/input_items")
     async def input_items(request: Request, response_id: str) -> Response:
@@ -114,6 +106,6 @@ def response_routes(state: ServerState) -> APIRouter:
             )
             return json_response(page)
 
-        return await _answer(handle)
+        return await answered(handle)
 
     return router

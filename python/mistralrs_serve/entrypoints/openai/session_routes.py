@@ -12,7 +12,6 @@ shorthand for the decision.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -22,7 +21,8 @@ from starlette.responses import Response
 
 from mistralrs_serve.agent.approvals import ApprovalRegistry
 from mistralrs_serve.agent.sessions import SessionManager
-from mistralrs_serve.entrypoints.openai.api_server import error_response, json_response, read_body
+from mistralrs_serve.entrypoints.openai.api_server import read_body
+from mistralrs_serve.entrypoints.openai.http_errors import answered, json_response
 from mistralrs_serve.errors import InvalidRequestError
 
 
@@ -34,7 +34,7 @@ def session_routes(sessions: SessionManager, approvals: ApprovalRegistry, max_bo
         async def handle() -> Response:
             return json_response(await anyio.to_thread.run_sync(sessions.export, session_id))
 
-        return await _answer(handle)
+        return await answered(handle)
 
     @router.put("/v1/sessions/{session_id}")
     async def import_(session_id: str, request: Request) -> Response:
@@ -42,7 +42,7 @@ def session_routes(sessions: SessionManager, approvals: ApprovalRegistry, max_bo
             body = _json_body(await read_body(request, max_body_bytes))
             return json_response(await anyio.to_thread.run_sync(sessions.import_, session_id, body))
 
-        return await _answer(handle)
+        return await answered(handle)
 
     @router.delete("/v1/sessions/{session_id}")
     async def delete(session_id: str) -> Response:
@@ -50,7 +50,7 @@ def session_routes(sessions: SessionManager, approvals: ApprovalRegistry, max_bo
             await anyio.to_thread.run_sync(sessions.delete, session_id)
             return json_response({"id": session_id, "object": "session.deleted", "deleted": True})
 
-        return await _answer(handle)
+        return await answered(handle)
 
     @router.post("/v1/agent/approvals/{approval_id}")
     async def answer(approval_id: str, request: Request) -> Response:
@@ -67,7 +67,7 @@ def session_routes(sessions: SessionManager, approvals: ApprovalRegistry, max_bo
                 }
             )
 
-        return await _answer(handle)
+        return await answered(handle)
 
     return router
 
@@ -104,10 +104,3 @@ def _json_body(raw: bytes) -> Any:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as e:
         raise InvalidRequestError(f"the request body is not valid JSON: {e}") from None
-
-
-async def _answer(handle: Callable[[], Awaitable[Response]]) -> Response:
-    try:
-        return await handle()
-    except Exception as e:
-        return error_response(e)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import io
 import re
 import zipfile
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.responses import Response
 
 from mistralrs_serve.entrypoints.openai.file_routes import DRAIN_BYTES, parse_multipart
-from mistralrs_serve.entrypoints.openai.http_errors import error_body
+from mistralrs_serve.entrypoints.openai.http_errors import answered, json_response
 from mistralrs_serve.errors import InvalidRequestError, PayloadTooLargeError
 from mistralrs_serve.store.skill_bundle import MAX_FILES, MAX_TOTAL_BYTES, PARAM, UploadPart
 from mistralrs_serve.store.skills import DEFAULT_LIST_LIMIT, SkillStore, VersionRef
@@ -44,46 +43,46 @@ def skill_routes(store: SkillStore) -> APIRouter:
         async def handle() -> Response:
             parts, _ = await _read_upload(request)
             skill = await anyio.to_thread.run_sync(store.create, parts)
-            return _json(skill.to_openai())
+            return json_response(skill.to_openai())
 
-        return await _answer(handle)
+        return await answered(handle)
 
     @router.get("/v1/skills")
     async def list_skills(request: Request) -> Response:
         async def handle() -> Response:
             limit, order, after = _list_args(request)
             page = await anyio.to_thread.run_sync(lambda: store.list(limit=limit, order=order, after=after))
-            return _json(page.to_openai())
+            return json_response(page.to_openai())
 
-        return await _answer(handle)
+        return await answered(handle)
 
     @router.get("/v1/skills/{skill_id}")
     async def retrieve(skill_id: str) -> Response:
         async def handle() -> Response:
-            return _json((await anyio.to_thread.run_sync(store.get, skill_id)).to_openai())
+            return json_response((await anyio.to_thread.run_sync(store.get, skill_id)).to_openai())
 
-        return await _answer(handle)
+        return await answered(handle)
 
     @router.post("/v1/skills/{skill_id}")
     async def update(skill_id: str, request: Request) -> Response:
         async def handle() -> Response:
             version = _default_version(await _read_json(request))
             skill = await anyio.to_thread.run_sync(store.set_default_version, skill_id, version)
-            return _json(skill.to_openai())
+            return json_response(skill.to_openai())
 
-        return await _answer(handle)
+        return await answered(handle)
 
     @router.delete("/v1/skills/{skill_id}")
     async def delete(skill_id: str) -> Response:
         async def handle() -> Response:
             await anyio.to_thread.run_sync(store.delete, skill_id)
-            return _json({"id": skill_id, "object": "skill.deleted", "deleted": True})
+            return json_response({"id": skill_id, "object": "skill.deleted", "deleted": True})
 
-        return await _answer(handle)
+        return await answered(handle)
 
     @router.get("/v1/skills/{skill_id}/content")
     async def content(skill_id: str) -> Response:
-        return await _answer(lambda: _content(store, skill_id, None))
+        return await answered(lambda: _content(store, skill_id, None))
 
     _version_routes(router, store)
     return router
@@ -97,9 +96,9 @@ def _version_routes(router: APIRouter, store: SkillStore) -> None:
             version = await anyio.to_thread.run_sync(
                 lambda: store.create_version(skill_id, parts, make_default=make_default)
             )
-            return _json(version.to_openai())
+            return json_response(version.to_openai())
 
-        return await _answer(handle)
+        return await answered(handle)
 
     @router.get("/v1/skills/{skill_id}/versions")
     async def list_versions(skill_id: str, request: Request) -> Response:
@@ -108,17 +107,17 @@ def _version_routes(router: APIRouter, store: SkillStore) -> None:
             page = await anyio.to_thread.run_sync(
                 lambda: store.list_versions(skill_id, limit=limit, order=order, after=after)
             )
-            return _json(page.to_openai())
+            return json_response(page.to_openai())
 
-        return await _answer(handle)
+        return await answered(handle)
 
     @router.get("/v1/skills/{skill_id}/versions/{version}")
     async def retrieve_version(skill_id: str, version: str) -> Response:
         async def handle() -> Response:
             found = await anyio.to_thread.run_sync(store.get_version, skill_id, version)
-            return _json(found.to_openai())
+            return json_response(found.to_openai())
 
-        return await _answer(handle)
+        return await answered(handle)
 
     @router.delete("/v1/skills/{skill_id}/versions/{version}")
     async def delete_version(skill_id: str, version: str) -> Response:
@@ -130,13 +129,13 @@ def _version_routes(router: APIRouter, store: SkillStore) -> None:
                 "deleted": True,
                 "version": str(gone.version),
             }
-            return _json(body)
+            return json_response(body)
 
-        return await _answer(handle)
+        return await answered(handle)
 
     @router.get("/v1/skills/{skill_id}/versions/{version}/content")
     async def version_content(skill_id: str, version: str) -> Response:
-        return await _answer(lambda: _content(store, skill_id, version))
+        return await answered(lambda: _content(store, skill_id, version))
 
 
 async def _read_upload(request: Request) -> tuple[list[UploadPart], bool]:
@@ -241,15 +240,3 @@ def _zip_tree(root: Path, name: str) -> bytes:
 
 def _too_large() -> PayloadTooLargeError:
     return PayloadTooLargeError(f"the upload is over the server's limit of {MAX_BODY_BYTES} bytes", PARAM)
-
-
-def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(orjson.dumps(body), status_code=status, headers=headers, media_type="application/json")
-
-
-async def _answer(handle: Callable[[], Awaitable[Response]]) -> Response:
-    try:
-        return await handle()
-    except Exception as e:
-        status, body, headers = error_body(e)
-        return _json(body, status, headers)
