@@ -154,6 +154,7 @@ def test_required_files(server: AgentServer) -> None:
             files=["report.txt", "missing.csv"],
         )
     )
+    assert "report.txt, missing.csv" in server.model.prompts[0]  # the model was told what to produce
     names = [f["filename"] for f in body["files"]]
     assert "report.txt" in names
     assert body["missing_files"] == ["missing.csv"]

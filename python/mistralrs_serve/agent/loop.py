@@ -231,7 +231,8 @@ class AgentLoop:
         tools = list(self.plan.client_tools)
         if with_server_tools:
             tools += [t.spec.as_chat_tool() for t in self.plan.tools.values()]
-        update: dict[str, Any] = {"messages": self.messages, "tools": tools or None, "stream": True}
+        messages = _with_file_note(self.messages, self.plan.required_files)
+        update: dict[str, Any] = {"messages": messages, "tools": tools or None, "stream": True}
         if not tools:
             update["tool_choice"] = None
         elif self.calls and self.req.tool_choice not in (None, "auto", "none"):
@@ -334,3 +335,14 @@ def _assistant_message(content: str, calls: list[dict[str, Any]]) -> dict[str, A
     if calls:
         message["tool_calls"] = calls
     return message
+
+
+def _with_file_note(messages: list[dict[str, Any]], files: list[str]) -> list[dict[str, Any]]:
+    """The conversation as the model reads it: when the request names files the run must produce,
+    the system message says so (the session keeps the conversation without the note)."""
+    if not files:
+        return messages
+    note = "Save these files in the working directory before you answer: " + ", ".join(files) + "."
+    if messages and messages[0].get("role") == "system" and isinstance(messages[0].get("content"), str):
+        return [{**messages[0], "content": f"{messages[0]['content']}\n\n{note}"}, *messages[1:]]
+    return [{"role": "system", "content": note}, *messages]
