@@ -90,3 +90,14 @@ def test_plain_requests_do_not_engage_the_loop(mcp_server: AgentServer) -> None:
     body = _ok(mcp_server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi."}]})
     assert "agentic_tool_calls" not in body and "session_id" not in body
     assert offered(mcp_server.model.prompts[-1]) == []
+
+
+def test_a_bad_mcp_config_fails_the_start_before_the_model_loads(tmp_path: Path) -> None:
+    from mistralrs_serve.agent.mcp_tools import McpConfigError
+    from mistralrs_serve.config import AgentConfig, ServerConfig
+    from mistralrs_serve.entrypoints.openai.api_server import ServerState
+
+    bad = tmp_path / "mcp.json"
+    bad.write_text(json.dumps({"mcpServers": {"x": {}}}))
+    with pytest.raises(McpConfigError, match="server 'x'"):
+        ServerState(ServerConfig(data_dir=str(tmp_path / "data"), agent=AgentConfig(mcp_config=str(bad))))

@@ -89,6 +89,10 @@ class AgentRuntime:
             from mistralrs_serve.agent.web_search import WebSearch
 
             self.search = WebSearch(cfg)
+        if cfg.mcp_config:
+            from mistralrs_serve.agent.mcp_tools import load_mcp_config
+
+            load_mcp_config(cfg.mcp_config)  # a bad file fails the start here, before the model loads
 
     async def start(self) -> None:
         """Connect to the MCP servers of --mcp-config (a bad config fails the start)."""
