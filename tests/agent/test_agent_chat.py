@@ -5,6 +5,7 @@ model's choice of tokens)."""
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -26,6 +27,9 @@ from agent.agent_servers import (
 )
 from agent.fake_web import FakeWeb
 from agent.scripted_model import by_round
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "e2e"))
+from openai_schema import check
 
 
 def _ok(r: httpx.Response) -> dict[str, Any]:
@@ -60,6 +64,8 @@ def test_code_interpreter_round_trip(server: AgentServer) -> None:
 def test_code_interpreter_streamed(server: AgentServer) -> None:
     server.use(by_round(call("python", code="x = 5\nprint(x * 2)"), "Ten."))
     chunks = server.chat_stream(messages=[{"role": "user", "content": "Double five."}], tools=[CODE_TOOL])
+    for chunk in chunks:
+        check("CreateChatCompletionStreamResponse", chunk)  # the agent's extra fields included
     events = [c["agentic_event"] for c in chunks if c.get("agentic_event")]
     assert [e["type"] for e in events] == ["tool_call.started", "tool_call.completed"]
     assert events[1]["name"] == "python" and "10" in events[1]["result"]
@@ -96,6 +102,11 @@ def test_web_search_with_citations(server: AgentServer, web: FakeWeb) -> None:
     assert "how do kettles work" in web.queries
     assert entry["citations"][0]["url"] == web.url("/kettle")
     assert web.url("/kettle") in entry["result"]
+    [note] = body["choices"][0]["message"]["annotations"]
+    cite = note["url_citation"]
+    assert note["type"] == "url_citation" and cite["url"] == web.url("/kettle")
+    assert body["choices"][0]["message"]["content"][cite["start_index"] : cite["end_index"]] == "[1]"
+    check("CreateChatCompletionResponse", body)
 
 
 def test_open_page_reads_the_article(server: AgentServer, web: FakeWeb) -> None:

@@ -125,6 +125,7 @@ class ChatMessage(BaseModel):
     reasoning_content: str | None = None
     reasoning: str | None = None  # the same text, under the name newer vLLM and OpenRouter clients read
     tool_calls: list[dict[str, Any]] | None = None
+    annotations: list[dict[str, Any]] | None = None  # url_citation, when server-side search ran
 
 
 class ChatChoice(BaseModel):

@@ -222,11 +222,13 @@ class AgentEvents:
                 item.status = "incomplete"
         messages = [item for item in out.items if item.kind == "message"]
         if messages:
-            messages[-1].annotations = text_annotations(messages[-1].text, self.citations, self.files, out)
+            messages[-1].annotations = text_annotations(
+                messages[-1].text, self.citations, self.files, getattr(out, "container_id", "")
+            )
 
 
 def text_annotations(
-    text: str, citations: list[dict[str, str]], files: list[dict[str, Any]], out: ResponseStream
+    text: str, citations: list[dict[str, str]], files: list[dict[str, Any]], container_id: str
 ) -> list[dict[str, Any]]:
     """Where the text cites a source (its URL, its title, or its number "[n]") and names a
     produced file; a source or file it does not name is cited at the end of the text."""
@@ -251,7 +253,7 @@ def text_annotations(
         found.append(
             {
                 "type": "container_file_citation",
-                "container_id": getattr(out, "container_id", ""),
+                "container_id": container_id,
                 "file_id": f["file_id"],
                 "filename": f["filename"],
                 "start_index": start,

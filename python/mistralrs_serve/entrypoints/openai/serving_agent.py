@@ -41,6 +41,7 @@ from mistralrs_serve.entrypoints.openai.protocol import (
     TokenLogprob,
     random_id,
 )
+from mistralrs_serve.entrypoints.openai.responses_agent import text_annotations
 from mistralrs_serve.entrypoints.openai.serving_chat import ChatServing
 
 
@@ -73,11 +74,13 @@ class AgentChatServing:
 
     def _response(self, result: AgentResult, logprobs: ChoiceLogprobs | None) -> ChatCompletionResponse:
         calls = result.client_calls or None
+        content = result.content if result.content.strip() or calls is None else None
         message = ChatMessage(
-            content=result.content if result.content.strip() or calls is None else None,
+            content=content,
             reasoning_content=result.reasoning or None,
             reasoning=result.reasoning or None,
             tool_calls=calls,
+            annotations=url_citations(content or "", result) or None,
         )
         choice = ChatChoice(index=0, message=message, logprobs=logprobs, finish_reason=result.finish_reason)
         return ChatCompletionResponse(
@@ -181,3 +184,17 @@ def file_object(f: OutputFile) -> dict[str, Any]:
         "purpose": "assistants_output",
         "content_type": f.content_type,
     }
+
+
+def url_citations(text: str, result: AgentResult) -> list[dict[str, Any]]:
+    """Chat's `annotations`: the web sources of the run's searches, where the text cites them."""
+    citations = [
+        {"url": c.url, "title": c.title}
+        for call in result.calls
+        if call.output
+        for c in call.output.citations
+    ]
+    found = text_annotations(text, citations, [], "")
+    return [
+        {"type": "url_citation", "url_citation": {k: v for k, v in a.items() if k != "type"}} for a in found
+    ]
