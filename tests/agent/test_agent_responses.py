@@ -5,6 +5,7 @@ the scripted model (agent_servers.py says what is scripted)."""
 from __future__ import annotations
 
 import io
+import json
 import sys
 import time
 import zipfile
@@ -317,3 +318,45 @@ def test_shell_stream_items(server: AgentServer) -> None:
     final = check_stream(events)
     assert _types(final) == ["shell_call", "shell_call_output", "message"]
     assert "from the stream" in final["output"][1]["output"][0]["stdout"]
+
+
+def test_server_ask_permission_on_responses(tmp_path: Path) -> None:
+    """--agent-permission ask: the stream carries OpenAI's approval request item; answering it
+    through POST /v1/agent/approvals/{id} lets the call run. Without a stream it is a 400."""
+    import threading
+
+    from agent.agent_servers import agent_server
+
+    s = agent_server(
+        tmp_path,
+        by_round(call("python", code="print('with approval')"), "Approved."),
+        enable_code_execution=True,
+        agent_permission="ask",
+    )
+    try:
+        with s.http() as h:
+            plain = h.post("/v1/responses", json={"model": "default", "input": "x", "tools": [CODE_TOOL]})
+            assert error_of(plain, 400)["param"] == "stream"
+            events: list[dict[str, Any]] = []
+            body = {"model": "default", "input": "Run.", "tools": [CODE_TOOL], "stream": True}
+            with h.stream("POST", "/v1/responses", json=body) as r:
+                for line in r.iter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    event = json.loads(line[6:])
+                    events.append(event)
+                    item = event.get("item") or {}
+                    if (
+                        event["type"] == "response.output_item.done"
+                        and item.get("type") == "mcp_approval_request"
+                    ):
+                        url = f"{s.live.base_url}/v1/agent/approvals/{item['id']}"
+                        answer = {"decision": "approve"}
+                        threading.Thread(
+                            target=httpx.post, args=(url,), kwargs={"json": answer}, daemon=True
+                        ).start()
+        final = check_stream(events)
+        assert _types(final) == ["code_interpreter_call", "mcp_approval_request", "message"]
+        assert "with approval" in final["output"][0]["outputs"][0]["logs"]
+    finally:
+        s.stop()
