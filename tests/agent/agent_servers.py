@@ -100,8 +100,10 @@ class AgentServer:
         stop_server(self.live)
 
 
-def agent_server(data_dir: Path, script: Script, **agent: Any) -> AgentServer:
-    engine, model = scripted_engine(script)
+def agent_server(
+    data_dir: Path, script: Script, max_model_len: int | None = None, **agent: Any
+) -> AgentServer:
+    engine, model = scripted_engine(script, max_model_len)
     config = ServerConfig(data_dir=str(data_dir), keepalive_s=0.5, agent=AgentConfig(**agent))
     return AgentServer(start_server(config, lambda: engine), model, data_dir)
 

@@ -134,12 +134,14 @@ def _last_index(seq: list[int], sub: list[int]) -> int:
     return -1
 
 
-def scripted_engine(script: Script) -> tuple[EngineLoop, ScriptedLM]:
+def scripted_engine(script: Script, max_model_len: int | None = None) -> tuple[EngineLoop, ScriptedLM]:
     """An engine over the scripted model (one small cache, the CPU)."""
     gguf, _, cfg = gguf_loader.read_gguf(default_model_path())
     tokenizer = gguf_loader.load_gguf_tokenizer(gguf, None)
     small = dataclasses.replace(cfg, num_layers=1, num_kv_heads=1, num_heads=1, head_dim=8, hidden_size=8)
     model = ScriptedLM(small, tokenizer, script)
     loaded = LoadedModel("scripted", model, tokenizer, small)  # type: ignore[arg-type]
-    config = EngineConfig(device="cpu", kv_cache_mb=8, max_num_seqs=8, native_forward=True)
+    config = EngineConfig(
+        device="cpu", kv_cache_mb=8, max_num_seqs=8, native_forward=True, max_model_len=max_model_len
+    )
     return EngineLoop(lambda: LLMEngine(loaded, config)), model

@@ -433,3 +433,52 @@ def test_other_tools_streamed(
     ]
     assert done[0]["status"] == "completed" and expect in done[0]["result"]
     assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]) == "Done."
+
+
+@pytest.mark.parametrize(
+    ("code", "expect"),
+    [
+        ("x = bytearray(4 * 1024 ** 3)", "MemoryError"),
+        ("import os\nwhile True:\n    os.fork()", ""),
+        ("print('y' * 10_000_000)", "truncated"),
+        ("open('/etc/passwd-copy', 'w')", "Error"),
+        ("import socket\nsocket.create_connection(('1.1.1.1', 80), timeout=3)", "Error"),
+    ],
+    ids=["memory", "fork-bomb", "huge-print", "write-outside", "network"],
+)
+def test_hostile_code_through_the_server(server: AgentServer, code: str, expect: str) -> None:
+    """Stopped or denied inside the sandbox; the server keeps serving and the session's next call works."""
+    server.use(by_round(call("python", code=code), "Contained."))
+    first = _ok(server.chat(messages=[{"role": "user", "content": f"Try {code[:20]}"}], tools=[CODE_TOOL]))
+    entry = first["agentic_tool_calls"][0]
+    assert entry["is_error"] or expect == "truncated", entry
+    assert expect in entry["result"]
+    assert len(entry["result"]) < 200_000  # output capped
+    server.use(by_round(call("python", code="print('next call works')"), "Fine."))
+    second = _ok(
+        server.chat(
+            messages=[{"role": "user", "content": "Again."}],
+            tools=[CODE_TOOL],
+            session_id=first["session_id"],
+        )
+    )
+    assert "next call works" in second["agentic_tool_calls"][0]["result"]
+
+
+def test_results_past_the_context_end_the_loop_cleanly(tmp_path: Path) -> None:
+    """A tool result is cut to what the model can read; when the conversation still outgrows the
+    context, the run ends with finish_reason length and what it has, not an error."""
+    s = agent_server(tmp_path, by_round("x"), max_model_len=1024, enable_code_execution=True)
+    try:
+        s.use(lambda prompt: call("python", code="print('z ' * 5000)"))  # calls again every round
+        body = _ok(s.chat(messages=[{"role": "user", "content": "Print a lot."}], tools=[CODE_TOOL]))
+        assert body["choices"][0]["finish_reason"] == "length"
+        calls = body["agentic_tool_calls"]
+        assert calls and len(calls[0]["result"]) > 9_000  # the client gets the whole result
+        with s.http() as h:
+            kept = h.get(f"/v1/sessions/{body['session_id']}").json()["messages"]
+        tool_message = next(m for m in kept if m["role"] == "tool")
+        assert "more characters cut" in tool_message["content"]  # the model's copy was cut
+        assert len(tool_message["content"]) < len(calls[0]["result"])
+    finally:
+        s.stop()

@@ -28,6 +28,7 @@ from mistralrs_serve.agent.tool import OutputFile, ServerTool, ToolContext, Tool
 from mistralrs_serve.engine.sequence import StepOutput
 from mistralrs_serve.entrypoints.openai.chat_output import OutputDelta, openai_call
 from mistralrs_serve.entrypoints.openai.protocol import ChatCompletionRequest
+from mistralrs_serve.errors import InvalidRequestError
 
 if TYPE_CHECKING:
     from mistralrs_serve.agent.runtime import AgentPlan, AgentRuntime
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+MIN_RESULT_CHARS = 2_000
 PERMISSION_DENIED = "The call was not run: the user denied permission to run {name}."
 
 
@@ -53,8 +55,12 @@ class AgentCall:
     approval_id: str | None = None
     started_at: float = field(default_factory=time.time)
 
-    def tool_message(self) -> dict[str, Any]:
+    def tool_message(self, max_chars: int) -> dict[str, Any]:
+        """The result as the model reads it, cut to `max_chars` (the client gets all of it)."""
         text = self.output.text if self.output is not None else ""
+        if len(text) > max_chars:
+            cut = len(text) - max_chars
+            text = f"{text[:max_chars]}\n[{cut} more characters cut: longer than the model can read]"
         return {"role": "tool", "tool_call_id": self.id, "content": text}
 
     def to_openai(self) -> dict[str, Any]:
@@ -175,6 +181,8 @@ class AgentLoop:
         self.content: list[str] = []
         self.reasoning: list[str] = []
         self.prompt_tokens = self.completion_tokens = self.cached_tokens = 0
+        # what of one tool result the model reads: about half the context at two characters a token
+        self.max_result_chars = max(MIN_RESULT_CHARS, serving.info.max_model_len // 2)
         # the first round is checked now, so that a bad request fails before any output
         self.first: Prepared | None = self.prepare(self._round_request(with_server_tools=plan.max_rounds > 0))
 
@@ -189,10 +197,17 @@ class AgentLoop:
         rounds = 0
         while True:
             last = rounds >= self.plan.max_rounds
-            prep, self.first = (
-                self.first or self.prepare(self._round_request(with_server_tools=not last)),
-                None,
-            )
+            try:
+                prep, self.first = (
+                    self.first or self.prepare(self._round_request(with_server_tools=not last)),
+                    None,
+                )
+            except (
+                InvalidRequestError
+            ) as e:  # the tools' results outgrew the context: answer with what there is
+                logger.warning("agent loop ended after %d rounds: %s", rounds, e)
+                yield Finished(await self._result([], "length"))
+                return
             yield RoundStarted(rounds, prep)
             parser = prep.parser()
             server: set[int] = set()
@@ -219,7 +234,7 @@ class AgentLoop:
             for call in server_calls:
                 async for event in self._run_call(call):
                     yield event
-                self.messages.append(call.tool_message())
+                self.messages.append(call.tool_message(self.max_result_chars))
             if not server_calls or client_calls or finish != "stop":
                 yield Finished(await self._result(client_calls, finish_reason if client_calls else finish))
                 return
