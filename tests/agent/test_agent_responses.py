@@ -360,3 +360,16 @@ def test_server_ask_permission_on_responses(tmp_path: Path) -> None:
         assert "with approval" in final["output"][0]["outputs"][0]["logs"]
     finally:
         s.stop()
+
+
+def test_context_filled_by_tool_results_is_incomplete(tmp_path: Path) -> None:
+    from agent.agent_servers import agent_server
+
+    s = agent_server(tmp_path, by_round("x"), max_model_len=1024, enable_code_execution=True)
+    try:
+        s.use(lambda prompt: call("python", code="print('z ' * 5000)"))
+        out = _create(s, input="Print a lot.", tools=[CODE_TOOL])
+        assert out["status"] == "incomplete"
+        assert out["output"][0]["type"] == "code_interpreter_call"
+    finally:
+        s.stop()

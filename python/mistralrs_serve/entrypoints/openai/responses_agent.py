@@ -217,6 +217,8 @@ class AgentEvents:
         out = self.out
         out.num_prompt_tokens = result.prompt_tokens
         out.num_cached_tokens = result.cached_tokens
+        if result.finish_reason == "length":  # cut short (the context filled): the response is incomplete
+            out.choices[0].finish_reason = "length"
         for item in out.items:
             if item.body is not None and item.status == "in_progress":
                 item.status = "incomplete"
