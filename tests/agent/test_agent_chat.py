@@ -179,7 +179,9 @@ def test_shell_runs_in_the_session_directory(server: AgentServer) -> None:
     session = _ok(server.chat(messages=[{"role": "user", "content": "Note."}], tools=[CODE_TOOL]))[
         "session_id"
     ]
-    server.use(by_round(call("shell", commands=["cat note.txt", "exit 3"]), "Read it."))
+    server.use(
+        by_round(call("shell", commands=["cat note.txt", "echo made > shell.txt", "exit 3"]), "Read it.")
+    )
     body = _ok(
         server.chat(
             messages=[{"role": "user", "content": "Read the note."}],
@@ -189,6 +191,9 @@ def test_shell_runs_in_the_session_directory(server: AgentServer) -> None:
     )
     result = body["agentic_tool_calls"][0]["result"]
     assert "hi" in result and "3" in result
+    [made] = [f for f in body["files"] if f["filename"] == "shell.txt"]  # a file the shell wrote
+    with server.http() as h:
+        assert h.get(f"/v1/files/{made['id']}/content").content == b"made\n"
 
 
 def test_disconnect_mid_tool_stops_the_run(server: AgentServer) -> None:

@@ -23,14 +23,11 @@ from typing import Any
 from mistralrs_serve.agent import python_kernel
 from mistralrs_serve.agent.sandbox import TRUNCATED_NOTE, Sandbox, kill, wait_or_cancel
 from mistralrs_serve.agent.tool import OutputFile, ServerTool, ToolContext, ToolOutput, ToolSpec
+from mistralrs_serve.agent.workdir_files import changed_files, snapshot, store, surface
 from mistralrs_serve.config import AgentConfig
 
 logger = logging.getLogger(__name__)
 
-OUTPUT_PURPOSE = "assistants_output"
-MAX_OUTPUT_FILES = 20  # files surfaced per run; the rest are only named
-MAX_OUTPUT_FILE_BYTES = 32 << 20
-MAX_SCANNED_FILES = 5000  # of the session directory, before and after a run
 _KERNEL_SOURCE = Path(python_kernel.__file__).read_text()
 _LOST_NOTE = (
     "the previous interpreter was stopped: this is a fresh one, earlier variables and imports are gone"
@@ -116,7 +113,7 @@ class CodeInterpreter:
     async def run_code(self, code: str, ctx: ToolContext) -> ToolOutput:
         async with self._lock(ctx.session.id):
             workdir = Path(ctx.session.workdir)
-            before = await asyncio.to_thread(_snapshot, workdir)
+            before = await asyncio.to_thread(snapshot, workdir)
             kernel = await self._kernel(ctx.session.id, workdir)
             note = self._lost.pop(ctx.session.id, None)
             try:
@@ -128,7 +125,7 @@ class CodeInterpreter:
             if outcome.reply is None:
                 await self._stop(ctx.session.id)
                 self._lost[ctx.session.id] = _LOST_NOTE
-            changed = await asyncio.to_thread(_changed_files, workdir, before)
+            changed = await asyncio.to_thread(changed_files, workdir, before)
             return await self._output(code, outcome, note, changed, ctx)
 
     async def reset(self, ctx: ToolContext) -> ToolOutput:
@@ -229,13 +226,13 @@ class CodeInterpreter:
         files: list[OutputFile] = []
         lines: list[str] = []
         for n, image in enumerate(reply.get("images") or [], start=1):
-            stored = await _store(ctx, base64.b64decode(image), f"figure_{n}.png", "image/png")
+            stored = await store(ctx, base64.b64decode(image), f"figure_{n}.png", "image/png")
             if stored is not None:
                 files.append(stored)
                 outputs.append({"type": "image", "url": f"/v1/files/{stored.file_id}/content"})
             lines.append(f"figure {n}: " + ("returned to the user as an image" if stored else "not kept"))
         for path in changed:
-            lines.append(await self._surface(path, ctx, files))
+            lines.append(await surface(path, ctx, files))
         if lines:
             parts.append("[files]\n" + "\n".join(lines))
         text = "\n".join(parts) if parts else "(the code ran and printed nothing)"
@@ -253,23 +250,6 @@ class CodeInterpreter:
         else:
             why = "the Python process ended (a memory, CPU-time or process limit, or os._exit)"
         return f"{why}; the interpreter's state (variables, imports) was lost, the next call starts afresh"
-
-    async def _surface(self, path: Path, ctx: ToolContext, files: list[OutputFile]) -> str:
-        """Store one written file (within the caps) and say so for the model."""
-        name = path.as_posix()
-        full = Path(ctx.session.workdir) / path
-        size = full.stat().st_size if full.exists() else 0
-        if len(files) >= MAX_OUTPUT_FILES or size > MAX_OUTPUT_FILE_BYTES:
-            return f"{name} ({size} bytes): written, not returned (too many or too large)"
-        try:
-            content = await asyncio.to_thread(full.read_bytes)
-        except OSError as e:
-            return f"{name}: written, unreadable ({e.strerror})"
-        stored = await _store(ctx, content, path.name, None)
-        if stored is None:
-            return f"{name} ({size} bytes): written"
-        files.append(stored)
-        return f"{name} ({size} bytes): written, returned to the user as file {stored.file_id}"
 
 
 class _PythonTool:
@@ -310,41 +290,3 @@ async def _read_until(stream: asyncio.StreamReader, marker: bytes, into: _Capped
                 del pending[:safe]
     finally:  # the end of file, a timeout or a cancel: what came is still output
         into.add(bytes(pending))
-
-
-async def _store(
-    ctx: ToolContext, content: bytes, filename: str, content_type: str | None
-) -> OutputFile | None:
-    if ctx.files is None:
-        return None
-    try:
-        stored = await asyncio.to_thread(
-            ctx.files.create, content, filename=filename, purpose=OUTPUT_PURPOSE, content_type=content_type
-        )
-    except Exception:  # the run's output still goes back; the file is named as not kept
-        logger.exception("code interpreter: storing %s failed", filename)
-        return None
-    return OutputFile(stored.id, stored.filename, stored.bytes, stored.content_type)
-
-
-def _snapshot(workdir: Path) -> dict[Path, tuple[int, int]]:
-    """(mtime, size) of the session directory's visible files, by relative path."""
-    found: dict[Path, tuple[int, int]] = {}
-    if not workdir.is_dir():
-        return found
-    for root, dirs, names in os.walk(workdir):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]  # caches and config (HOME is here)
-        for name in names:
-            if name.startswith(".") or len(found) >= MAX_SCANNED_FILES:
-                continue
-            path = Path(root, name)
-            with contextlib.suppress(OSError):
-                st = path.lstat()
-                if path.is_file() and not path.is_symlink():
-                    found[path.relative_to(workdir)] = (st.st_mtime_ns, st.st_size)
-    return found
-
-
-def _changed_files(workdir: Path, before: dict[Path, tuple[int, int]]) -> list[Path]:
-    after = _snapshot(workdir)
-    return sorted(path for path, stamp in after.items() if before.get(path) != stamp)

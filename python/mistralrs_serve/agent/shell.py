@@ -1,14 +1,17 @@
 """The shell tool: each command runs with `/bin/sh -c` in the session directory,
 inside the sandbox, one after the other, each under a time limit and with its
-output capped. Its result has the shape of OpenAI's `shell_call_output` items."""
+output capped. Its result has the shape of OpenAI's `shell_call_output` items;
+files the commands wrote come back through the Files API (workdir_files.py)."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
 from mistralrs_serve.agent.sandbox import Sandbox, SandboxRun
-from mistralrs_serve.agent.tool import ServerTool, ToolContext, ToolOutput, ToolSpec
+from mistralrs_serve.agent.tool import OutputFile, ServerTool, ToolContext, ToolOutput, ToolSpec
+from mistralrs_serve.agent.workdir_files import changed_files, snapshot, surface
 from mistralrs_serve.config import AgentConfig
 
 MAX_COMMANDS = 32  # per call
@@ -60,6 +63,8 @@ class ShellExecutor:
     async def run_commands(self, commands: list[str], timeout_s: float, ctx: ToolContext) -> ToolOutput:
         results: list[dict[str, Any]] = []
         texts: list[str] = []
+        workdir = Path(ctx.session.workdir)
+        before = await asyncio.to_thread(snapshot, workdir)
         for command in commands:
             done = await self.sandbox.run(
                 ["/bin/sh", "-c", command],
@@ -74,7 +79,14 @@ class ShellExecutor:
                 break  # the rest is not run: the request is gone
         is_error = any(r["outcome"] != {"type": "exit", "exit_code": 0} for r in results)
         details = {"commands": list(commands), "output": results}
-        return ToolOutput("\n\n".join(texts), is_error=is_error, details=details)
+        files: list[OutputFile] = []
+        written = [
+            await surface(path, ctx, files)
+            for path in await asyncio.to_thread(changed_files, workdir, before)
+        ]
+        if written:
+            texts.append("[files]\n" + "\n".join(written))
+        return ToolOutput("\n\n".join(texts), is_error=is_error, files=files, details=details)
 
 
 class _ShellTool:
