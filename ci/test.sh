@@ -22,3 +22,4 @@ $BIN/python bench/compare_peers.py --smoke
 $BIN/python bench/serve.py --smoke
 $BIN/python bench/structured.py --smoke
 $BIN/python bench/responses_api.py --smoke
+$BIN/python bench/agent_tools.py --smoke
