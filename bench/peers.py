@@ -59,10 +59,19 @@ def bf16_model_dir(gguf: Path) -> Path:
 
 
 def run_vllm(
-    python: str, model_dir: Path, mode: str, jobs: list[dict[str, Any]], concurrency: int, threads: int
+    python: str,
+    model_dir: Path,
+    mode: str,
+    jobs: list[dict[str, Any]],
+    concurrency: int,
+    threads: int,
+    warm_up_ids: list[int] | None = None,
 ) -> dict[str, float]:
-    """Results of bench/vllm_worker.py on one task (see its docstring)."""
+    """Results of bench/vllm_worker.py on one task (see its docstring); `warm_up_ids`: the
+    prompt every engine of the run warms up on (default: the first job's first 16 tokens)."""
     task = {"model_dir": str(model_dir), "mode": mode, "jobs": jobs, "concurrency": concurrency}
+    if warm_up_ids is not None:
+        task["warm_up_ids"] = warm_up_ids
     env = {
         **os.environ,
         "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}",

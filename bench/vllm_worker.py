@@ -45,7 +45,8 @@ def main() -> None:
         return TokensPrompt(prompt_token_ids=ids)
 
     # warm-up: a short request, so first-call work (compilation, allocation) is not timed
-    llm.generate([prompt(jobs[0]["prompt_ids"][:16])], params(4), use_tqdm=False)
+    warm = task.get("warm_up_ids") or jobs[0]["prompt_ids"][:16]
+    llm.generate([prompt(warm)], params(4), use_tqdm=False)
     if task["mode"] == "single":
         # each prompt's prefill (the best is reported), then a generation after the first
         prefill_s = []
