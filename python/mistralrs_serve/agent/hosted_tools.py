@@ -56,6 +56,18 @@ class HostedTools:
         return self.search is not None or self.code or self.shell
 
 
+def read_hosted_tools(tools: list[Any] | None, cfg: AgentConfig) -> tuple[HostedTools, list[Any]]:
+    """A request's `tools`: the hosted ones this runtime serves, read into HostedTools
+    (each checked by the spec's rules), and the rest as they came."""
+    hosted, rest = HostedTools(), []
+    for i, tool in enumerate(tools or []):
+        if isinstance(tool, dict) and tool.get("type") in SERVED_TYPES:
+            read_hosted_tool(tool, f"tools[{i}]", cfg, hosted)
+        else:
+            rest.append(tool)
+    return hosted, rest
+
+
 def read_hosted_tool(tool: dict[str, Any], where: str, cfg: AgentConfig, out: HostedTools) -> None:
     """One hosted entry of `tools` (its type in SERVED_TYPES) into `out`."""
     kind = tool.get("type")

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from mistralrs_serve.agent.tool import OutputFile, ServerTool, ToolContext, ToolOutput
 from mistralrs_serve.engine.sequence import StepOutput
-from mistralrs_serve.entrypoints.openai.chat_output import OutputDelta, openai_call
+from mistralrs_serve.entrypoints.openai.chat_output import OutputDelta, message_content, openai_call
 from mistralrs_serve.entrypoints.openai.protocol import ChatCompletionRequest
 from mistralrs_serve.errors import InvalidRequestError
 
@@ -345,7 +345,7 @@ class AgentLoop:
 def _assistant_message(content: str, calls: list[dict[str, Any]]) -> dict[str, Any]:
     message: dict[str, Any] = {
         "role": "assistant",
-        "content": content if content.strip() or not calls else None,
+        "content": message_content(content, bool(calls)),
     }
     if calls:
         message["tool_calls"] = calls

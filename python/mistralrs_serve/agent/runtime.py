@@ -18,11 +18,12 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from mistralrs_serve.agent.approvals import effective_permission, request_permission
 from mistralrs_serve.agent.hosted_tools import (
     SERVED_TYPES,
     HostedTools,
     SkillRef,
-    read_hosted_tool,
+    read_hosted_tools,
     read_max_tool_rounds,
     read_required_files,
     read_web_search_options,
@@ -36,8 +37,6 @@ if TYPE_CHECKING:
     from mistralrs_serve.entrypoints.openai.protocol import ChatCompletionRequest
 
 logger = logging.getLogger(__name__)
-
-PERMISSION_ORDER = ("auto", "ask", "deny")
 
 
 @dataclass
@@ -137,13 +136,7 @@ class AgentRuntime:
         return hosted.any or any(self._executor_for(t) is not None for t in chat_tools)
 
     async def plan_chat(self, req: ChatCompletionRequest) -> AgentPlan:
-        hosted = HostedTools()
-        client_tools: list[dict[str, Any]] = []
-        for i, tool in enumerate(req.tools or []):
-            if isinstance(tool, dict) and tool.get("type") in SERVED_TYPES:
-                read_hosted_tool(tool, f"tools[{i}]", self.cfg, hosted)
-            else:
-                client_tools.append(tool)
+        hosted, client_tools = read_hosted_tools(req.tools, self.cfg)
         if req.web_search_options is not None:
             read_web_search_options(req.web_search_options, self.cfg, hosted)
         if req.n != 1:
@@ -176,8 +169,8 @@ class AgentRuntime:
         required_files: list[str],
         history: bool = True,
     ) -> AgentPlan:
-        """`history`: whether the session's stored conversation comes before `messages` when they
-        do not already start with it (chat's session_id; Responses chains carry their own)."""
+        """`history`: whether the conversation is the session's, spliced with `messages`
+        (chat; see agent/sessions.py), or `messages` alone (a Responses chain carries its own)."""
         tools = self._server_tools(hosted)
         kept: list[dict[str, Any]] = []
         for tool in client_tools:
@@ -250,16 +243,7 @@ class AgentRuntime:
 
     def effective_permission(self, requested: str | None, alias: str | None) -> str:
         """The server's --agent-permission, tightened (never loosened) by the request."""
-        for value, param in ((requested, "agent_permission"), (alias, "code_execution_permission")):
-            if value is not None and value not in PERMISSION_ORDER:
-                raise InvalidRequestError(f"{param} must be one of auto, ask, deny; got {value!r}", param)
-        if requested is not None and alias is not None and requested != alias:
-            raise InvalidRequestError(
-                "agent_permission and code_execution_permission (its alias) disagree",
-                "code_execution_permission",
-            )
-        asked = requested or alias or "auto"
-        return max(self.cfg.agent_permission, asked, key=PERMISSION_ORDER.index)
+        return effective_permission(self.cfg.agent_permission, request_permission(requested, alias))
 
     def permission_for(self, plan: AgentPlan, call: AgentCall) -> str:
         remembered = plan.remembered.get(call.name)

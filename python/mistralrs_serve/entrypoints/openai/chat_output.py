@@ -78,8 +78,12 @@ def parse_text(parser: ChoiceParser, text: str) -> ParsedMessage:
     out = parser.feed(text)
     out.extend(parser.finish())
     calls = [openai_call(c) for c in parser.calls] or None
-    content = out.content if out.content.strip() or calls is None else None
-    return ParsedMessage(content, out.reasoning or None, calls)
+    return ParsedMessage(message_content(out.content, calls is not None), out.reasoning or None, calls)
+
+
+def message_content(text: str, has_calls: bool) -> str | None:
+    """A message's content: null when it only calls tools (whitespace around the calls is not an answer)."""
+    return text if text.strip() or not has_calls else None
 
 
 def finish_reason(reason: str | None, parser: ChoiceParser) -> str:

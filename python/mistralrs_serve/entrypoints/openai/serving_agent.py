@@ -28,7 +28,7 @@ from mistralrs_serve.agent.loop import (
 from mistralrs_serve.agent.runtime import AgentRuntime
 from mistralrs_serve.agent.tool import OutputFile
 from mistralrs_serve.entrypoints.openai import serving_common as common
-from mistralrs_serve.entrypoints.openai.chat_output import openai_call_delta
+from mistralrs_serve.entrypoints.openai.chat_output import message_content, openai_call_delta
 from mistralrs_serve.entrypoints.openai.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -74,7 +74,7 @@ class AgentChatServing:
 
     def _response(self, result: AgentResult, logprobs: ChoiceLogprobs | None) -> ChatCompletionResponse:
         calls = result.client_calls or None
-        content = result.content if result.content.strip() or calls is None else None
+        content = message_content(result.content, calls is not None)
         message = ChatMessage(
             content=content,
             reasoning_content=result.reasoning or None,

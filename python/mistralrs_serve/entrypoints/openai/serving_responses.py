@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from mistralrs_serve.agent.hosted_tools import SERVED_TYPES, HostedTools, read_hosted_tool
+from mistralrs_serve.agent.hosted_tools import HostedTools, read_hosted_tools
 from mistralrs_serve.agent.loop import AgentLoop
 from mistralrs_serve.agent.runtime import AgentRuntime
 from mistralrs_serve.config import AgentConfig
@@ -127,7 +127,7 @@ class ResponsesServing:
         if has_files(items.history) or has_files(items.input):
             items = await asyncio.to_thread(_read_files, chat, items)
         tools = convert_tools(req.tools)
-        hosted = read_hosted(req.tools, self.agent)
+        hosted, _ = read_hosted_tools(req.tools, self.agent.cfg if self.agent is not None else AgentConfig())
         chat_format, text_format = convert_text_format(req.text, req.response_format)
         fields = _chat_fields(req, tools, chat_format)
         messages = self._fit(req, fields, items, tools, chat)
@@ -369,16 +369,6 @@ class ResponsesServing:
             return wire.item_list([orjson.loads(row.item_json) for row in rows], has_more)
 
         return await asyncio.to_thread(page)
-
-
-def read_hosted(tools: list[Any] | None, agent: AgentRuntime | None) -> HostedTools:
-    """The hosted tools of a Responses request that the agent runtime serves (checked by the
-    spec's rules; those the server cannot serve are left out with a warning)."""
-    hosted = HostedTools()
-    for i, tool in enumerate(tools or []):
-        if isinstance(tool, dict) and tool.get("type") in SERVED_TYPES:
-            read_hosted_tool(tool, f"tools[{i}]", agent.cfg if agent is not None else AgentConfig(), hosted)
-    return hosted
 
 
 def _read_files(chat: ChatServing, items: _Items) -> _Items:
