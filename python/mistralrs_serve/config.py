@@ -4,6 +4,7 @@ HTTP server's (`ServerConfig`). Bad values raise at construction."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +51,12 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     qk_norm: bool = False
+    # keys a sliding-window layer sees: positions i - sliding_window + 1 .. i;
+    # None where the family has no such layers (which ones are is the family's)
+    sliding_window: int | None = None
+    # family-specific settings (layer kinds, soft-caps, experts...), read from
+    # config.json / GGUF metadata by the family's Architecture hooks
+    extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         positive = (

@@ -10,7 +10,7 @@ import torch
 from mistralrs_kernels import reference as ops
 from mistralrs_serve.config import ModelConfig
 from mistralrs_serve.engine.kv_cache import PagedKVCache
-from mistralrs_serve.layers.attention import PagedAttention
+from mistralrs_serve.layers.attention import LayerAttention, PagedAttention
 
 # "group" tuned to its two extremes, the baselines bench/paged_attention.py compares with:
 # one SDPA call per sequence, and one call padded to the longest context
@@ -447,3 +447,61 @@ def test_model_batched_matches_single_sequence() -> None:
         assert len(got[i]) == num_decode + 1
         for a, b in zip(alone[i], got[i], strict=True):
             torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+
+
+def _loop_reference(q: torch.Tensor, seqs: list[Seq], layer: int, how: LayerAttention) -> torch.Tensor:
+    """Query by query and head by head, in float64: the keys it sees, softmax, values."""
+    heads, d = q.shape[1], q.shape[2]
+    out = torch.zeros(q.shape[0], heads * d, dtype=torch.float64)
+    row = 0
+    for s in seqs:
+        groups = heads // s.keys.shape[2]
+        for i in range(s.query_len):
+            pos = s.context_len - s.query_len + i
+            lo = 0 if how.window is None else max(0, pos - how.window + 1)
+            for h in range(heads):
+                keys = s.keys[layer, lo : pos + 1, h // groups].double()
+                scores = keys @ q[row + i, h].double() * (how.scale or d**-0.5)
+                if how.softcap is not None:
+                    scores = how.softcap * torch.tanh(scores / how.softcap)
+                weights = torch.softmax(scores, dim=0)
+                out[row + i, h * d : (h + 1) * d] = (
+                    weights @ s.values[layer, lo : pos + 1, h // groups].double()
+                )
+        row += s.query_len
+    return out
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        LayerAttention(window=20),
+        LayerAttention(window=16, scale=0.09),
+        LayerAttention(scale=0.4, softcap=2.0),
+        LayerAttention(window=7, softcap=5.0),
+        LayerAttention(scale=0.2),  # scale alone: the batched paths
+        LayerAttention(window=10_000),  # a window wider than every context: the batched paths
+    ],
+)
+@pytest.mark.parametrize("decode_mode", ["native", "group"])
+def test_layer_attention_window_scale_softcap(how: LayerAttention, decode_mode: str) -> None:
+    """Sliding windows (not block-aligned, over chunk boundaries), scales and soft-caps
+    over mixed steps against a query-by-query reference."""
+    cfg = make_config()
+    specs = [(45, 1), (30, 30), (70, 19), (9, 1), (33, 1), (64, 40)]
+    rng, gen = np.random.default_rng(4), torch.Generator().manual_seed(4)
+    cache = PagedKVCache(cfg, sum(-(-c // 16) for c, _ in specs) + 3, 16, torch.float32)
+    seqs, plan = setup_step(cache, specs, rng, num_padding=2)
+    attn = PagedAttention(
+        cache,
+        plan.query_lens,
+        plan.context_lens,
+        plan.slot_mapping,
+        plan.block_tables,
+        decode_mode=decode_mode,
+    )
+    for layer in range(cfg.num_layers):
+        q, k, v = step_tensors(cfg, seqs, layer, 2, gen)
+        out = attn.attend(layer, q, k, v, how)
+        torch.testing.assert_close(out.double(), _loop_reference(q, seqs, layer, how), atol=2e-5, rtol=1e-5)
+        assert out[-2:].abs().max() == 0  # padding rows

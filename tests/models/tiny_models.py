@@ -386,12 +386,21 @@ class ContiguousKVCache:
         self.num_cached += self.num_new
         self.num_new = 0
 
-    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def attend(
+        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, how: Any = None
+    ) -> torch.Tensor:
         from mistralrs_kernels import reference
+        from mistralrs_serve.layers.attention import PLAIN, windowed_softmax_attention
 
         start, end = self.num_cached, self.num_cached + self.num_new
         self.k[layer_idx, :, start:end] = k.transpose(0, 1)
         self.v[layer_idx, :, start:end] = v.transpose(0, 1)
+        if how is not None and how != PLAIN:  # a window, scale or soft-cap: the explicit fp32 softmax
+            k_all, v_all = (
+                self.k[layer_idx, :, :end].transpose(0, 1),
+                self.v[layer_idx, :, :end].transpose(0, 1),
+            )
+            return windowed_softmax_attention(q, k_all, v_all, start, 0, how).to(q.dtype)
         q_t = q.transpose(0, 1).to(self.k.dtype)  # (H, T, D)
         out = reference.attention(q_t, self.k[layer_idx, :, :end], self.v[layer_idx, :, :end], start)
         return out.transpose(0, 1).reshape(q.shape[0], -1).to(q.dtype)  # (T, H * D)

@@ -5,6 +5,7 @@ chunks off Triton. The figures behind each choice are in bench/README.md."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol
 
 import numpy as np
@@ -41,12 +42,63 @@ DEFAULT_MAX_CALL_BYTES = 4 << 20
 ATTN_DTYPE = torch.float32
 
 
+@dataclass(frozen=True)
+class LayerAttention:
+    """How one layer attends, where it differs from plain causal softmax attention
+    scaled by 1/sqrt(head_dim): a sliding window (a query at position i sees keys
+    at positions i - window + 1 .. i, as transformers masks it), another scale
+    (Gemma's query_pre_attn_scalar), and tanh soft-capping of the scores
+    (Gemma 2's `cap * tanh(s / cap)`)."""
+
+    window: int | None = None
+    scale: float | None = None
+    softcap: float | None = None
+
+
+PLAIN = LayerAttention()
+
+
 class AttentionBackend(Protocol):
     """Stores a step's keys/values and attends over everything cached."""
 
-    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def attend(
+        self,
+        layer_idx: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        how: LayerAttention = PLAIN,
+    ) -> torch.Tensor:
         """q (T, H, D), k/v (T, K, D) already rotated -> (T, H * D)."""
         ...
+
+
+def windowed_softmax_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    first_query_pos: int,
+    first_key_pos: int,
+    how: LayerAttention,
+) -> torch.Tensor:
+    """Causal attention of one sequence's queries q (Tq, H, D) over its keys and
+    values k/v (Tk, K, D) in fp32, with `how`'s window, scale and soft-cap;
+    positions count from the sequence's start. -> (Tq, H * D)."""
+    heads, kv_heads, d = q.shape[1], k.shape[1], q.shape[2]
+    groups = heads // kv_heads
+    qf = q.float().reshape(q.shape[0], kv_heads, groups, d)  # (Tq, K, G, D)
+    scores = torch.einsum("qkgd,tkd->kgqt", qf, k.float())  # (K, G, Tq, Tk)
+    scores = scores * (how.scale if how.scale is not None else d**-0.5)
+    if how.softcap is not None:
+        scores = torch.tanh(scores / how.softcap) * how.softcap
+    qpos = torch.arange(first_query_pos, first_query_pos + q.shape[0], device=q.device).unsqueeze(1)
+    kpos = torch.arange(first_key_pos, first_key_pos + k.shape[0], device=q.device).unsqueeze(0)
+    visible = kpos <= qpos
+    if how.window is not None:
+        visible &= qpos - kpos < how.window
+    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+    out = torch.einsum("kgqt,tkd->qkgd", probs, v.float())  # (Tq, K, G, D)
+    return out.reshape(q.shape[0], heads * d)
 
 
 def store_kv_triton(
@@ -72,6 +124,7 @@ def decode_triton(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     max_context_len: int,
+    scale: float,
 ) -> torch.Tensor:
     """One query row per sequence (n, H, D) over one layer -> (n, H * D) in the cache's dtype."""
     from mistralrs_kernels import triton_ops
@@ -82,10 +135,11 @@ def decode_triton(
         cache.v[layer_idx],
         block_tables,
         context_lens,
-        1.0 / float(cache.head_dim) ** 0.5,
+        scale,
         max_context_len=max_context_len,
     )
     return o.view(len(q), -1)
+
 
 class PagedAttention:
     """The attention backend of one step over a PagedKVCache, built from the
@@ -128,6 +182,10 @@ class PagedAttention:
         self._plan_writes(slots)
 
         starts = np.concatenate(([0], np.cumsum(qlens)[:-1])).astype(np.int64)
+        # per sequence (first row, query_len, context_len, block table) for layers
+        # with a window or soft-cap (LayerAttention), which attend sequence by sequence
+        self._sequences = list(zip(starts.tolist(), qlens.tolist(), ctxs.tolist(), tables, strict=True))
+        self._max_context = int(ctxs.max(initial=0))
         is_decode = qlens == 1
         self._mixed = None
         if decode_mode == "triton" and not is_decode.all():
@@ -190,9 +248,21 @@ class PagedAttention:
         self._k_buf = torch.empty(shape, dtype=cache.dtype, device=self._device)
         self._v_buf = torch.empty(shape, dtype=cache.dtype, device=self._device)
 
-    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def attend(
+        self,
+        layer_idx: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        how: LayerAttention = PLAIN,
+    ) -> torch.Tensor:
         """q (T, H, D), k/v (T, K, D) already rotated -> (T, H * D) in q.dtype."""
         self._store(layer_idx, k, v)
+        if how.window is not None and self._max_context <= how.window:
+            how = LayerAttention(None, how.scale, how.softcap)  # every key is inside the window
+        if how.window is not None or how.softcap is not None:
+            return self._attend_each(layer_idx, q, how).to(q.dtype)
+        scale = self._scale if how.scale is None else how.scale
         num_tokens, num_heads, d = q.shape
         mixed = self._mixed
         if mixed is not None:
@@ -206,15 +276,15 @@ class PagedAttention:
                 mixed.block_tables,
                 mixed.cu_query_lens,
                 mixed.context_lens,
-                self._scale,
+                scale,
                 max_query_len=mixed.max_query_len,
             )
             return o.view(num_tokens, num_heads * d).to(q.dtype)
         kd = self._kernel_decode
         all_decode = not self.prefills and self.num_query_tokens == num_tokens
         if kd is not None and kd.rows is not None and all_decode:
-            return self._decode_kernel(layer_idx, kd, q).to(q.dtype)  # decode-only step
-        return self._attend_torch(layer_idx, q, k, v).to(q.dtype)
+            return self._decode_kernel(layer_idx, kd, q, scale).to(q.dtype)  # decode-only step
+        return self._attend_torch(layer_idx, q, k, v, scale).to(q.dtype)
 
     def _store(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> None:
         cache = self.cache
@@ -230,8 +300,26 @@ class PagedAttention:
         cache.k[layer_idx].view(-1, kv, d).index_copy_(0, self._write_slots, k_new)
         cache.v[layer_idx].view(-1, kv, d).index_copy_(0, self._write_slots, v_new)
 
+    def _attend_each(self, layer_idx: int, q: torch.Tensor, how: LayerAttention) -> torch.Tensor:
+        """Sequence by sequence in fp32 over the keys its queries may see: slower than
+        the batched paths, and the only one with windows and soft-capping."""
+        cache, bs = self.cache, self.cache.block_size
+        kv, d = cache.num_kv_heads, cache.head_dim
+        out = torch.zeros((q.shape[0], q.shape[1] * d), dtype=torch.float32, device=self._device)
+        for start, q_len, ctx, table in self._sequences:
+            first_q = ctx - q_len
+            first_k = 0 if how.window is None else max(0, first_q - how.window + 1)
+            b0, b1 = first_k // bs, -(-ctx // bs)
+            blocks = torch.from_numpy(np.ascontiguousarray(table[b0:b1])).to(self._device)
+            lo, hi = first_k - b0 * bs, ctx - b0 * bs
+            k_s = cache.k[layer_idx].index_select(0, blocks).view(-1, kv, d)[lo:hi]
+            v_s = cache.v[layer_idx].index_select(0, blocks).view(-1, kv, d)[lo:hi]
+            rows = slice(start, start + q_len)
+            out[rows] = windowed_softmax_attention(q[rows], k_s, v_s, first_q, first_k, how)
+        return out
+
     def _attend_torch(
-        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     ) -> torch.Tensor:
         """Decode groups and prefill chunks by SDPA, kernel decodes by the kernel."""
         k_cache, v_cache = self.cache.k[layer_idx], self.cache.v[layer_idx]
@@ -240,40 +328,45 @@ class PagedAttention:
         groups = num_heads // kv
         qc = q.to(self._attn_dtype)
         if self._direct:
-            return self._decode(self.decode_groups[0], qc, k_cache, v_cache, groups)
+            return self._decode(self.decode_groups[0], qc, k_cache, v_cache, groups, scale)
         padded = self.num_query_tokens != num_tokens
         shape = (num_tokens, num_heads * d)
         out = (torch.zeros if padded else torch.empty)(shape, dtype=self._attn_dtype, device=self._device)
         kd = self._kernel_decode
         if kd is not None:
-            decoded = self._decode_kernel(layer_idx, kd, q.index_select(0, kd.row_index))
+            decoded = self._decode_kernel(layer_idx, kd, q.index_select(0, kd.row_index), scale)
             out.index_copy_(0, kd.row_index, decoded.to(self._attn_dtype))
         for g in self.decode_groups:
             rows = g.rows
             if isinstance(rows, slice):
-                out[rows] = self._decode(g, qc[rows], k_cache, v_cache, groups)
+                out[rows] = self._decode(g, qc[rows], k_cache, v_cache, groups, scale)
             else:
-                out.index_copy_(0, rows, self._decode(g, qc.index_select(0, rows), k_cache, v_cache, groups))
+                decoded = self._decode(g, qc.index_select(0, rows), k_cache, v_cache, groups, scale)
+                out.index_copy_(0, rows, decoded)
         for p in self.prefills:
             q_s = qc[p.rows].transpose(0, 1)  # (H, q_len, D)
             if p.blocks is None:
                 k_s = k[p.rows].to(self._attn_dtype).transpose(0, 1)
                 v_s = v[p.rows].to(self._attn_dtype).transpose(0, 1)
-                o = F.scaled_dot_product_attention(q_s, k_s, v_s, is_causal=True, enable_gqa=groups > 1)
+                o = F.scaled_dot_product_attention(
+                    q_s, k_s, v_s, is_causal=True, enable_gqa=groups > 1, scale=scale
+                )
             else:
                 k_s = self._gather(k_cache, p.blocks, self._k_buf).view(-1, kv, d)[: p.context_len]
                 v_s = self._gather(v_cache, p.blocks, self._v_buf).view(-1, kv, d)[: p.context_len]
                 k_s, v_s = k_s.to(self._attn_dtype).transpose(0, 1), v_s.to(self._attn_dtype).transpose(0, 1)
-                o = F.scaled_dot_product_attention(q_s, k_s, v_s, attn_mask=p.mask, enable_gqa=groups > 1)
+                o = F.scaled_dot_product_attention(
+                    q_s, k_s, v_s, attn_mask=p.mask, enable_gqa=groups > 1, scale=scale
+                )
             out[p.rows] = o.transpose(0, 1).reshape(-1, num_heads * d)
         return out
 
-    def _decode_kernel(self, layer_idx: int, kd: KernelDecode, q: torch.Tensor) -> torch.Tensor:
+    def _decode_kernel(self, layer_idx: int, kd: KernelDecode, q: torch.Tensor, scale: float) -> torch.Tensor:
         """q (n, H, D) of the decode rows -> (n, H * D), by the Rust kernel (fp32 out)
         or the Triton kernel (the cache's dtype out) over the cache."""
         if kd.triton is not None:
             tables, ctxs, max_ctx = kd.triton
-            return decode_triton(self.cache, layer_idx, q, tables, ctxs, max_ctx)
+            return decode_triton(self.cache, layer_idx, q, tables, ctxs, max_ctx, scale)
         qf = q.float().contiguous()
         out = torch.empty_like(qf)
         cache = self.cache
@@ -283,13 +376,19 @@ class PagedAttention:
             cache.v_np[layer_idx],
             kd.block_tables,
             kd.context_lens,
-            self._scale,
+            scale,
             out.numpy(),
         )
         return out.view(len(qf), -1)
 
     def _decode(
-        self, g: DecodeGroup, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, groups: int
+        self,
+        g: DecodeGroup,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        groups: int,
+        scale: float,
     ) -> torch.Tensor:
         """q (n, H, D) single queries of the group -> (n, H * D)."""
         n, kv, d = g.num_seqs, self.cache.num_kv_heads, self.cache.head_dim
@@ -303,7 +402,9 @@ class PagedAttention:
         k_g, v_g = k_g.to(self._attn_dtype).transpose(1, 2), v_g.to(self._attn_dtype).transpose(1, 2)
         # the `groups` query heads sharing a kv head act as its query rows: 2-10%
         # faster than enable_gqa, which expands k/v on the CPU
-        o = F.scaled_dot_product_attention(q.reshape(n, kv, groups, d), k_g, v_g, attn_mask=g.mask)
+        o = F.scaled_dot_product_attention(
+            q.reshape(n, kv, groups, d), k_g, v_g, attn_mask=g.mask, scale=scale
+        )
         return o.reshape(n, -1)
 
     @staticmethod

@@ -41,13 +41,15 @@ _LAYER_NAMES = {
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
-def hf_name(gguf_name: str) -> str | None:
+def hf_name(gguf_name: str, arch: Architecture | None = None) -> str | None:
+    """The Hugging Face name of a GGUF tensor (the family's own layer names first)."""
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     m = _LAYER_RE.fullmatch(gguf_name)
-    if m and m.group(2) in _LAYER_NAMES:
-        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
-    return None
+    if not m:
+        return None
+    module = (arch.gguf_layer_names if arch else {}).get(m.group(2)) or _LAYER_NAMES.get(m.group(2))
+    return f"model.layers.{m.group(1)}.{module}.{m.group(3)}" if module else None
 
 
 def unpermute_qk(w: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -61,12 +63,7 @@ def read_gguf(path: Path) -> tuple[GGUFFile, Architecture, ModelConfig]:
     arch_name = gguf.architecture
     try:
         arch = find_architecture(gguf_name=arch_name)
-        cfg = config_from_gguf(
-            gguf.metadata,
-            arch,
-            has_output="output.weight" in gguf.tensors,
-            has_qkv_bias="blk.0.attn_q.bias" in gguf.tensors,
-        )
+        cfg = config_from_gguf(gguf.metadata, arch, gguf.tensors.keys())
     except ModelLoadError as e:  # unsupported architecture, invalid config: say which file
         raise type(e)(f"{path}: {e}") from e
     except (KeyError, TypeError, ValueError) as e:
@@ -80,7 +77,7 @@ def load_gguf_weights(
     """Weights under Hugging Face names; 4-bit matrices of linear layers stay 4-bit."""
     weights: dict[str, AnyWeight] = {}
     for name, info in progress(list(gguf.tensors.items()), "loading GGUF tensors", "tensor"):
-        target = hf_name(name)
+        target = hf_name(name, arch)
         if target is None:
             continue
         keep_q4 = info.type_name in Q4_TYPES and len(info.shape) == 2 and "embed_tokens" not in target
@@ -93,7 +90,7 @@ def load_gguf_weights(
         heads = _permuted_heads(arch, cfg, target)
         if heads:
             w = _unpermute(w, heads)
-        weights[target] = w
+        weights[target] = arch.gguf_fixup(target, w, cfg) if arch.gguf_fixup else w
     return weights
 
 

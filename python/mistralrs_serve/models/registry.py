@@ -5,8 +5,8 @@ Adding a model family: a file in models/ with its `CausalLM` class and an
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from mistralrs_serve.config import ModelConfig, RopeScaling
@@ -31,6 +31,20 @@ class Architecture:
     # llama.cpp's converter reorders q/k rows of "llama" tensors for its
     # interleaved RoPE; we rotate halves (HF layout) and undo that order.
     gguf_permuted_qk: bool = False
+    # whether the family runs sliding-window layers; a family that does not is
+    # kept inside the window of a config that has one (max_position_embeddings)
+    sliding_window: bool = False
+    # ModelConfig fields (and `extra`) the family reads beyond the common ones:
+    # from config.json, and from GGUF metadata through `get(key, default)`,
+    # which prefixes the file's architecture name, with the file's tensor names
+    hf_extra: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None
+    gguf_extra: Callable[[Callable[[str, Any], Any], Collection[str]], dict[str, Any]] | None = None
+    # GGUF layer tensor names (blk.N.<name>) beyond gguf_loader's table, and
+    # their Hugging Face module names (model.layers.N.<module>)
+    gguf_layer_names: Mapping[str, str] = field(default_factory=dict)
+    # a GGUF tensor as the family's HF-named weight expects it (llama.cpp's
+    # converter changes some: Gemma's norms are stored as 1 + weight)
+    gguf_fixup: Callable[[str, AnyWeight, ModelConfig], AnyWeight] | None = None
 
 
 def _architectures() -> tuple[Architecture, ...]:
@@ -61,10 +75,10 @@ def config_from_hf(cfg: Mapping[str, Any], arch: Architecture) -> ModelConfig:
     theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
     max_pos = int(cfg.get("max_position_embeddings", 4096))
     window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
-    if window:
-        # No sliding-window attention here: stay inside the window instead.
+    if window and not arch.sliding_window:
+        # No sliding-window attention in this family: stay inside the window instead.
         max_pos = min(max_pos, int(window))
-    return ModelConfig(
+    config = ModelConfig(
         architecture=arch.name,
         vocab_size=int(cfg["vocab_size"]),
         hidden_size=int(cfg["hidden_size"]),
@@ -80,15 +94,16 @@ def config_from_hf(cfg: Mapping[str, Any], arch: Architecture) -> ModelConfig:
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         attention_bias=arch.attention_bias or bool(cfg.get("attention_bias", False)),
         qk_norm=arch.qk_norm,
+        sliding_window=int(window) if window and arch.sliding_window else None,
     )
+    return replace(config, **arch.hf_extra(cfg)) if arch.hf_extra else config
 
 
-def config_from_gguf(
-    meta: Mapping[str, Any], arch: Architecture, has_output: bool, has_qkv_bias: bool = False
-) -> ModelConfig:
-    """ModelConfig from GGUF metadata; `has_output` is whether lm_head is stored,
-    `has_qkv_bias` whether q/k/v biases are (optional in llama.cpp's "llama")."""
+def config_from_gguf(meta: Mapping[str, Any], arch: Architecture, tensors: Collection[str]) -> ModelConfig:
+    """ModelConfig from GGUF metadata and the file's tensor names (whether lm_head
+    is stored, whether q/k/v biases are: optional in llama.cpp's "llama")."""
     a = meta["general.architecture"]
+    has_output, has_qkv_bias = "output.weight" in tensors, "blk.0.attn_q.bias" in tensors
 
     def get(key: str, default: Any = None) -> Any:
         return meta.get(f"{a}.{key}", default)
@@ -102,7 +117,8 @@ def config_from_gguf(
     }
     if scaling["rope_type"] == "none":
         scaling["rope_type"] = "default"
-    return ModelConfig(
+    window = get("attention.sliding_window")
+    config = ModelConfig(
         architecture=arch.name,
         vocab_size=int(vocab),
         hidden_size=hidden,
@@ -118,4 +134,6 @@ def config_from_gguf(
         tie_word_embeddings=not has_output,
         attention_bias=arch.attention_bias or has_qkv_bias,
         qk_norm=arch.qk_norm,
+        sliding_window=int(window) if arch.sliding_window and window else None,
     )
+    return replace(config, **arch.gguf_extra(get, tensors)) if arch.gguf_extra else config
