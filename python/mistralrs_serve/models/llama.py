@@ -1,7 +1,10 @@
-"""Llama-family decoder (Llama 2/3, SmolLM, Mistral without sliding window).
+"""Llama-family decoder (Llama 2/3, SmolLM and SmolLM2; Mistral, Ministral and SmolLM3 subclass it).
 
 Qwen2 (biases on q/k/v) and Qwen3 (RMSNorm on q and k per head) are the
 same network with a flag each; their files only map configs and names.
+A subclass gives layers their own attention (`layer_attention`: a sliding
+window) or skips rotary on some (`layer_uses_rope`); the default is plain
+causal attention with rotary on every layer.
 
 Weights are plain tensors, not nn.Modules: a decode step at batch 1 is
 ~20 ops per layer and module dispatch would be a visible share of it.
@@ -21,7 +24,7 @@ import torch.nn.functional as F
 from mistralrs_serve.config import ModelConfig
 from mistralrs_serve.errors import ModelLoadError
 from mistralrs_serve.layers.activation import SiluAndMul
-from mistralrs_serve.layers.attention import AttentionBackend
+from mistralrs_serve.layers.attention import PLAIN, AttentionBackend, LayerAttention
 from mistralrs_serve.layers.linear import AnyWeight, Linear, concat_weights
 from mistralrs_serve.layers.norm import RMSNorm
 from mistralrs_serve.layers.rotary import RotaryTable, apply_rotary
@@ -32,10 +35,19 @@ if TYPE_CHECKING:
 
 
 class DecoderLayer:
-    def __init__(self, cfg: ModelConfig, idx: int, w: Mapping[str, AnyWeight], dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        idx: int,
+        w: Mapping[str, AnyWeight],
+        dtype: torch.dtype,
+        how: LayerAttention = PLAIN,
+        use_rope: bool = True,
+    ) -> None:
         p = f"model.layers.{idx}."
         att = p + "self_attn."
         self.idx = idx
+        self.how, self.use_rope = (PLAIN if how == PLAIN else how), use_rope
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         eps = cfg.rms_norm_eps
         mlp = p + "mlp."
@@ -89,8 +101,15 @@ class DecoderLayer:
         q, k, v = qkv.split([h, kv, kv], dim=1)  # (T, heads, D) each
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        return self.o(attn.attend(self.idx, q, k, v), int4_rows)
+        if self.use_rope:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        # `how` only where it differs, so a backend without it (cuda_graphs'
+        # static decode) fails loudly on a window rather than ignoring it
+        if self.how is PLAIN:
+            out = attn.attend(self.idx, q, k, v)
+        else:
+            out = attn.attend(self.idx, q, k, v, self.how)
+        return self.o(out, int4_rows)
 
 
 class LlamaForCausalLM:
@@ -103,7 +122,10 @@ class LlamaForCausalLM:
         self.config, self.dtype = cfg, dtype
         self.device = torch.device("cpu")
         self.embed = _dense(weights["model.embed_tokens.weight"], dtype)
-        self.layers = [DecoderLayer(cfg, i, weights, dtype) for i in range(cfg.num_layers)]
+        self.layers = [
+            DecoderLayer(cfg, i, weights, dtype, self.layer_attention(i), self.layer_uses_rope(i))
+            for i in range(cfg.num_layers)
+        ]
         self.norm = RMSNorm(_dense(weights["model.norm.weight"], dtype), cfg.rms_norm_eps)
         head = weights["model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"]
         self.lm_head = Linear(head, None, dtype)
@@ -116,6 +138,18 @@ class LlamaForCausalLM:
             dtype,
             None if freq_factors is None else _dense(freq_factors, torch.float64),
         )
+
+    def layer_attention(self, idx: int) -> LayerAttention:
+        """How layer `idx` attends (a family with sliding windows overrides this)."""
+        return PLAIN
+
+    def layer_uses_rope(self, idx: int) -> bool:
+        """Whether layer `idx` rotates q and k (SmolLM3 skips it on some layers)."""
+        return True
+
+    def is_plain(self) -> bool:
+        """Every layer plain causal attention with rotary: what the fused Rust forward computes."""
+        return all(layer.how is PLAIN and layer.use_rope for layer in self.layers)
 
     @torch.inference_mode()
     def forward(
@@ -159,10 +193,11 @@ class LlamaForCausalLM:
         return sum(lin.decode_bytes() for lin in self.linears())
 
     def fused_forward(self, kv: np.ndarray | None) -> NativeForward | None:
-        """The fused Rust step (models/llama_native.py) where it applies."""
+        """The fused Rust step (models/llama_native.py) where it applies: it knows
+        neither windows nor layers without rotary."""
         from mistralrs_serve.models.llama_native import NativeForward
 
-        return NativeForward.build(self, kv)
+        return NativeForward.build(self, kv) if self.is_plain() else None
 
     def linears(self) -> list[Linear]:
         """The head first, then every layer's."""
@@ -196,7 +231,8 @@ def required_weight_names(cfg: ModelConfig) -> list[str]:
 
 LLAMA = Architecture(
     name="llama",
-    hf_names=("LlamaForCausalLM", "MistralForCausalLM"),
+    hf_names=("LlamaForCausalLM",),
+    # llama.cpp writes Mistral as "llama" (no window in the metadata; it runs full attention)
     gguf_names=("llama", "mistral"),
     model=LlamaForCausalLM,
     gguf_permuted_qk=True,
