@@ -254,7 +254,12 @@ class QuantMatrix:
 
     @staticmethod
     def has_fast_kernel() -> bool:
-        """Whether this CPU has AVX-512 VNNI, which the kernels need to be fast."""
+        """Whether this CPU runs a vector kernel (AVX-512 VNNI or AVX2), which
+        the fused forward needs to be fast; MISTRALRS_SERVE_CPU_PATH caps it."""
+
+    @staticmethod
+    def kernel_path() -> str:
+        """The integer products' instruction set: "avx512", "avx2" or "portable"."""
 
     @property
     def shape(self) -> tuple[int, int]: ...

@@ -20,6 +20,11 @@ class RopeScaling:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    # "longrope" (Phi-3): per-frequency divisors for contexts up to / beyond the
+    # original one, and the cos/sin multiplier (None: derived from `factor`)
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
+    attention_factor: float | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> RopeScaling:
@@ -31,6 +36,9 @@ class RopeScaling:
             low_freq_factor=float(d.get("low_freq_factor", 1.0)),
             high_freq_factor=float(d.get("high_freq_factor", 4.0)),
             original_max_position_embeddings=int(d.get("original_max_position_embeddings", 8192)),
+            short_factor=tuple(float(x) for x in d.get("short_factor") or ()),
+            long_factor=tuple(float(x) for x in d.get("long_factor") or ()),
+            attention_factor=None if d.get("attention_factor") is None else float(d["attention_factor"]),
         )
 
 
@@ -100,7 +108,7 @@ class EngineConfig:
     cuda_graphs: bool | None = None
     # Longest context a captured decode step covers; longer steps run eagerly.
     cuda_graph_max_context: int = 4096
-    # Decode rows of 4-bit models on a CPU with AVX-512 VNNI run through the
+    # Rows of 4-bit models on a CPU with AVX-512 VNNI or AVX2 run through the
     # fused Rust decode step (models/llama_native.py) rather than torch.
     native_forward: bool = True
 

@@ -17,7 +17,7 @@ from mistralrs_serve.models.loader import LoadedModel, ModelSource, load_model
 from tests.conftest import DATA
 
 pytestmark = pytest.mark.skipif(
-    not _native.QuantMatrix.has_fast_kernel(), reason="the fused forward needs AVX-512 VNNI"
+    not _native.QuantMatrix.has_fast_kernel(), reason="the fused forward needs AVX-512 VNNI or AVX2"
 )
 
 

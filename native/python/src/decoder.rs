@@ -56,11 +56,24 @@ impl PyQuantMatrix {
         Ok(Self { inner: Arc::new(m) })
     }
 
-    /// Whether this CPU runs the vector kernel (AVX-512 VNNI); without it the
-    /// portable loops are correct but far slower than torch.
+    /// Whether this CPU runs a vector kernel (AVX-512 VNNI or AVX2, as
+    /// `MISTRALRS_SERVE_CPU_PATH` allows); without one the portable loops are
+    /// correct but far slower than torch.
     #[staticmethod]
     fn has_fast_kernel() -> bool {
-        mistralrs_serve_cpu::quant::has_vnni()
+        mistralrs_serve_cpu::quant::kernel_path()
+            != mistralrs_serve_cpu::quant::KernelPath::Portable
+    }
+
+    /// The instruction set of the integer products: "avx512", "avx2" or "portable".
+    #[staticmethod]
+    fn kernel_path() -> &'static str {
+        use mistralrs_serve_cpu::quant::KernelPath;
+        match mistralrs_serve_cpu::quant::kernel_path() {
+            KernelPath::Avx512 => "avx512",
+            KernelPath::Avx2 => "avx2",
+            KernelPath::Portable => "portable",
+        }
     }
 
     #[getter]

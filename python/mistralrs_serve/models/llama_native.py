@@ -34,14 +34,15 @@ class NativeForward:
     dispatch costs more than the arithmetic at batch 1 (14.9 ms a step, of which
     the 4-bit matmuls 4.2 ms and the bf16 head 2.9 ms). The Rust forward runs every
     layer of a step at once, decode and prefill rows alike: activations quantized
-    to 8 bits per block of 32 against the GGUF's 4-bit weights (AVX-512 VNNI, the
+    to 8 bits per block of 32 against the GGUF's 4-bit weights (AVX-512 VNNI or AVX2, the
     tied head re-quantized to 8 bits), attention straight over the paged cache in
     bf16. Perplexity over 512 tokens 35.42 against torch's bf16 35.32 (llama.cpp
     35.70). Each row's arithmetic depends on that row alone, so a token comes out
     the same whatever shares its step.
 
     Used when every linear layer is 4-bit (GGUF Q4_0/Q4_1), the model is on the CPU
-    and the CPU has AVX-512 VNNI; `--no-native-forward` turns it off.
+    and the CPU has AVX-512 VNNI or AVX2 (`_native.QuantMatrix.kernel_path()`;
+    MISTRALRS_SERVE_CPU_PATH=avx2|portable caps it); `--no-native-forward` turns it off.
     """
 
     def __init__(self, model: LlamaForCausalLM, kv: np.ndarray) -> None:

@@ -1,12 +1,13 @@
 //! The per-row operations of a step: RMSNorm, SwiGLU, rotary embedding and
-//! the residual add, each built for AVX-512 when the CPU has it.
+//! the residual add, each built for AVX-512 when the CPU has it, else AVX2.
 
 #[cfg(target_arch = "x86_64")]
 use crate::exp::exp16;
 use crate::exp::fast_exp;
 
-/// Runs `$body` compiled with AVX-512 when the CPU has it (the loops are
-/// written for the vectoriser), else as plain code.
+/// Runs `$body` compiled with AVX-512 when the CPU has it, else with AVX2
+/// and FMA when it has those (the loops are written for the vectoriser),
+/// else as plain code.
 macro_rules! with_avx512 {
     ($name:ident ($($arg:ident: $ty:ty),*) $body:block) => {
         pub(super) fn $name($($arg: $ty),*) {
@@ -14,9 +15,15 @@ macro_rules! with_avx512 {
             {
                 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,fma")]
                 unsafe fn wide($($arg: $ty),*) $body
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) $body
                 if std::arch::is_x86_feature_detected!("avx512f") {
                     // SAFETY: the CPU has AVX-512 (checked just above).
                     return unsafe { wide($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU has AVX2 and FMA (checked just above).
+                    return unsafe { avx2($($arg),*) };
                 }
             }
             $body
@@ -33,10 +40,14 @@ pub(super) fn swiglu(g: &[f32], u: &[f32], out: &mut [f32]) {
             return unsafe { swiglu_avx512(g, u, out) };
         }
     }
+    swiglu_loop(g, u, out)
+}
+
+with_avx512!(swiglu_loop(g: &[f32], u: &[f32], out: &mut [f32]) {
     for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
         *o = g / (1.0 + fast_exp(-g)) * u;
     }
-}
+});
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]

@@ -137,9 +137,24 @@ impl QuantRaw {
                 unsafe { quantize_avx512(row, x) };
                 return;
             }
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU has AVX2 (checked just above); `row` per the contract.
+                unsafe { quantize_avx2(row, x) };
+                return;
+            }
         }
         quantize_blocks(row, x)
     }
+}
+
+/// [`quantize_blocks`] compiled for AVX2: the same code, so the same codes.
+///
+/// # Safety
+/// The CPU has AVX2; `row` as for [`quantize_blocks`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_avx2(row: RowAt, x: &[f32]) {
+    quantize_blocks(row, x)
 }
 
 /// `quantize_blocks` two registers per block: the same rounding (ties to

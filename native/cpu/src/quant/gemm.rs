@@ -1,7 +1,10 @@
-//! The integer matrix products: AVX-512 VNNI where the CPU has it, else the
-//! same sums in plain Rust.
+//! The integer matrix products: AVX-512 VNNI where the CPU has it, AVX2
+//! where it has that (`gemm_avx2.rs`), else the same sums in plain Rust.
+//! `MISTRALRS_SERVE_CPU_PATH` (avx512, avx2, portable) caps the choice, so
+//! that every path this CPU runs can be tested and measured.
 
 use std::ops::Range;
+use std::sync::OnceLock;
 
 use super::activations::{RowAt, ROW_Q_STEP};
 use super::{f16_to_f32, QMatrix, QuantBatch, QuantRaw, BATCH, BLOCK};
@@ -62,16 +65,110 @@ pub unsafe fn gemm_into(
         w.blocks_per_row() <= xs.blocks,
         "activations narrower than the matrix"
     );
-    #[cfg(target_arch = "x86_64")]
-    {
-        if has_vnni() {
-            // SAFETY: the CPU has AVX-512 F/BW/VNNI and F16C (checked by has_vnni); the rest per the contract.
-            unsafe { avx512::gemm(w, xs, n, rows, out, out_stride) };
-            return;
+    // SAFETY: per the contract.
+    unsafe { gemm_on(kernel_path(), w, xs, n, rows, out, out_stride) }
+}
+
+/// [`gemm_into`] on `path`, which the CPU must run ([`KernelPath::supported`]).
+///
+/// # Safety
+/// As [`gemm_into`].
+unsafe fn gemm_on(
+    path: KernelPath,
+    w: &QMatrix,
+    xs: QuantRaw,
+    n: usize,
+    rows: Range<usize>,
+    out: *mut f32,
+    out_stride: usize,
+) {
+    assert!(path.supported(), "{path:?} kernels on a CPU without them");
+    match path {
+        // SAFETY (both vector paths): the CPU has their features (asserted); the rest per the contract.
+        #[cfg(target_arch = "x86_64")]
+        KernelPath::Avx512 => unsafe { avx512::gemm(w, xs, n, rows, out, out_stride) },
+        #[cfg(target_arch = "x86_64")]
+        KernelPath::Avx2 => unsafe { super::gemm_avx2::gemm(w, xs, n, rows, out, out_stride) },
+        // SAFETY: per the contract.
+        _ => unsafe { portable_into(w, xs, n, rows, out, out_stride) },
+    }
+}
+
+/// The instruction set of the integer products.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum KernelPath {
+    Portable,
+    /// AVX2, FMA and F16C.
+    Avx2,
+    /// AVX-512 F/BW/VNNI and F16C.
+    Avx512,
+}
+
+impl KernelPath {
+    /// Whether this CPU runs the path.
+    pub fn supported(self) -> bool {
+        match self {
+            KernelPath::Portable => true,
+            KernelPath::Avx2 => has_avx2(),
+            KernelPath::Avx512 => has_vnni(),
         }
     }
-    // SAFETY: per the contract.
-    unsafe { portable_into(w, xs, n, rows, out, out_stride) }
+
+    /// From its name in `MISTRALRS_SERVE_CPU_PATH`.
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name.trim().to_ascii_lowercase().as_str() {
+            "portable" => Some(KernelPath::Portable),
+            "avx2" => Some(KernelPath::Avx2),
+            "avx512" => Some(KernelPath::Avx512),
+            _ => None,
+        }
+    }
+}
+
+/// The fastest path this CPU runs, capped by `MISTRALRS_SERVE_CPU_PATH`
+/// (read once; an unknown name caps nothing).
+pub fn kernel_path() -> KernelPath {
+    static PATH: OnceLock<KernelPath> = OnceLock::new();
+    *PATH.get_or_init(|| {
+        let cap = std::env::var("MISTRALRS_SERVE_CPU_PATH")
+            .ok()
+            .and_then(|v| KernelPath::from_name(&v))
+            .unwrap_or(KernelPath::Avx512);
+        [KernelPath::Avx512, KernelPath::Avx2]
+            .into_iter()
+            .find(|p| *p <= cap && p.supported())
+            .unwrap_or(KernelPath::Portable)
+    })
+}
+
+/// Whether the AVX2 kernel runs on this CPU.
+pub fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// [`gemm`] on a given path (tests and benchmarks compare the paths).
+pub fn gemm_path(
+    path: KernelPath,
+    w: &QMatrix,
+    xs: &mut QuantBatch,
+    rows: Range<usize>,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    let n = check_out(w, xs, &rows, out, out_stride);
+    assert!(w.blocks_per_row() <= xs.blocks);
+    // SAFETY: `xs` is borrowed for the call; `out` holds every index written
+    // (checked just above).
+    unsafe { gemm_on(path, w, xs.raw(), n, rows, out.as_mut_ptr(), out_stride) }
 }
 
 /// [`gemm_into`] in plain Rust.
@@ -109,7 +206,7 @@ pub fn has_vnni() -> bool {
     }
 }
 
-/// The same sums as the vector kernel, in plain Rust.
+/// The same sums as the vector kernels, in plain Rust.
 pub fn gemm_portable(
     w: &QMatrix,
     xs: &mut QuantBatch,
@@ -117,11 +214,7 @@ pub fn gemm_portable(
     out: &mut [f32],
     out_stride: usize,
 ) {
-    let n = check_out(w, xs, &rows, out, out_stride);
-    assert!(w.blocks_per_row() <= xs.blocks);
-    // SAFETY: `xs` is borrowed for the call; `out` holds every index written
-    // (checked just above).
-    unsafe { portable_into(w, xs.raw(), n, rows, out.as_mut_ptr(), out_stride) }
+    gemm_path(KernelPath::Portable, w, xs, rows, out, out_stride)
 }
 
 /// # Safety

@@ -29,12 +29,16 @@
 mod activations;
 mod f16;
 mod gemm;
+#[cfg(target_arch = "x86_64")]
+mod gemm_avx2;
 
 use crate::error::QuantError;
 pub use activations::{QuantBatch, QuantRaw, BATCH};
 use f16::f16_round;
 pub use f16::{f16_to_f32, f32_to_f16};
-pub use gemm::{gemm, gemm_into, gemm_portable, has_vnni};
+pub use gemm::{
+    gemm, gemm_into, gemm_path, gemm_portable, has_avx2, has_vnni, kernel_path, KernelPath,
+};
 
 /// Weights per quantization block.
 pub const BLOCK: usize = 32;

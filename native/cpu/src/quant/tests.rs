@@ -198,6 +198,57 @@ fn vector_quantization_matches_the_loops() {
     }
 }
 
+/// Every path this CPU runs gives the portable sums: Q4 and Q8 matrices, batches
+/// of 1 to 11 rows, and row ranges that start and end inside groups and halves.
+#[test]
+fn every_supported_path_matches_the_loops() {
+    let mut rng = Rng::new(7);
+    let paths = [KernelPath::Avx2, KernelPath::Avx512];
+    let (rows, cols) = (45, 160);
+    let (q, scale, offset) = q4_parts(&mut rng, rows, cols);
+    let q4 = QMatrix::from_q4(&q, &scale, &offset, rows, cols).unwrap();
+    // 8-bit codes at both ends of the range: |s| = 128 must not saturate
+    let mut w8 = random(&mut rng, rows * cols, 0.9);
+    w8[0] = -0.9;
+    w8[1] = 0.9;
+    let q8 = QMatrix::quantize_q8(&w8, rows, cols).unwrap();
+    for w in [&q4, &q8] {
+        for batch in [1, 3, 8, 11] {
+            let mut xs: Vec<Vec<f32>> = (0..batch).map(|_| random(&mut rng, cols, 2.0)).collect();
+            xs[0][..32].fill(-127.0); // activation codes of -127 against the extreme weights
+            let mut acts = QuantBatch::of_rows(&xs, cols);
+            for range in [0..rows, 3..rows, 5..13, 17..40, 9..10] {
+                let n = range.len();
+                let mut slow = vec![0f32; batch * n];
+                gemm_portable(w, &mut acts, range.clone(), &mut slow, n);
+                for path in paths.into_iter().filter(|p| p.supported()) {
+                    let mut fast = vec![f32::NAN; batch * n];
+                    gemm_path(path, w, &mut acts, range.clone(), &mut fast, n);
+                    for (i, (f, s)) in fast.iter().zip(&slow).enumerate() {
+                        assert!(
+                            (f - s).abs() <= 1e-4 * s.abs().max(1.0),
+                            "{path:?} {:?} batch {batch} rows {range:?} [{i}]: {f} vs {s}",
+                            w.kind
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn path_names_parse() {
+    assert_eq!(KernelPath::from_name(" AVX2 "), Some(KernelPath::Avx2));
+    assert_eq!(KernelPath::from_name("avx512"), Some(KernelPath::Avx512));
+    assert_eq!(
+        KernelPath::from_name("portable"),
+        Some(KernelPath::Portable)
+    );
+    assert_eq!(KernelPath::from_name("sse"), None);
+    assert!(kernel_path().supported());
+}
+
 #[test]
 fn bad_shapes_are_errors() {
     assert!(QMatrix::from_q4(&[0; 10], &[1.0], &[0.0], 1, 10).is_err());

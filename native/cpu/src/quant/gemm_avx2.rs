@@ -1,0 +1,145 @@
+//! The integer matrix product for CPUs with AVX2 but without AVX-512 VNNI:
+//! the same grouped layout and the same sums as the VNNI kernel, with
+//! `vpmaddubsw` + `vpmaddwd` in place of `vpdpbusd`, over half a group
+//! (8 rows, one f32 register of lanes) at a time.
+//!
+//! `vpmaddubsw` adds two unsigned x signed byte products into a saturating
+//! i16. 4-bit codes (at most 15) against activation codes (at most 127 in
+//! size) stay below 2^15 even summed over a whole block, so a 4-bit block
+//! is 8 of them into one i16 accumulator and one widening `vpmaddwd`. An
+//! 8-bit code `u` could saturate, so it is taken as `s = u - 128` (signed,
+//! |s| <= 128) through the sign trick (`|s|` times `x` with `s`'s sign), and
+//! `Σ u x = Σ s x + 128 Σ x` moves into the offset: the block adds
+//! `d dx Σ s x + (m + 128 d) dx Σ x`.
+
+use std::arch::x86_64::*;
+use std::ops::Range;
+
+use super::activations::RowAt;
+use super::{QMatrix, QuantKind, QuantRaw, BATCH, BLOCK, GROUP_ROWS};
+
+/// Rows of a half group: the 8 f32 lanes of a ymm register.
+const HALF: usize = GROUP_ROWS / 2;
+
+/// See [`super::gemm::gemm_into`]; the CPU has AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn gemm(
+    w: &QMatrix,
+    xs: QuantRaw,
+    n: usize,
+    rows: Range<usize>,
+    out: *mut f32,
+    stride: usize,
+) {
+    if rows.is_empty() {
+        return;
+    }
+    for h in rows.start / HALF..rows.end.div_ceil(HALF) {
+        // rows of this half group inside `rows`, as lanes [lo, hi)
+        let first = h * HALF;
+        let lo = rows.start.max(first) - first;
+        let hi = rows.end.min(first + HALF) - first;
+        // output column of lane 0 (may be "negative" for a first partial half: only lanes lo..hi are stored)
+        let col0 = (first as isize) - (rows.start as isize);
+        for c in 0..n.div_ceil(BATCH) {
+            let out = out.wrapping_offset((c * BATCH * stride) as isize + col0);
+            let chunk = xs.row(c * BATCH, w.cols);
+            let lanes = (lo, hi);
+            match BATCH.min(n - c * BATCH) {
+                8 => half::<8>(w, h, chunk, out, stride, lanes),
+                7 => half::<7>(w, h, chunk, out, stride, lanes),
+                6 => half::<6>(w, h, chunk, out, stride, lanes),
+                5 => half::<5>(w, h, chunk, out, stride, lanes),
+                4 => half::<4>(w, h, chunk, out, stride, lanes),
+                3 => half::<3>(w, h, chunk, out, stride, lanes),
+                2 => half::<2>(w, h, chunk, out, stride, lanes),
+                _ => half::<1>(w, h, chunk, out, stride, lanes),
+            }
+        }
+    }
+}
+
+/// Half group `h` (rows 8h..8h + 8) against N activation rows.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn half<const N: usize>(
+    w: &QMatrix,
+    h: usize,
+    xs: RowAt,
+    out: *mut f32,
+    stride: usize,
+    (lo, hi): (usize, usize),
+) {
+    let (g, part) = (h / 2, h % 2);
+    let nb = w.blocks_per_row();
+    let bytes = w.kind.block_bytes();
+    // this half's 32 bytes of each 64-byte register of the group's layout
+    let codes = w.q.as_ptr().add(g * nb * bytes + part * 32);
+    let scales = w.d.as_ptr().add(g * nb * GROUP_ROWS + part * HALF);
+    let offsets = w.m.as_ptr().add(g * nb * GROUP_ROWS + part * HALF);
+    let low = _mm256_set1_epi8(0x0F);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); N];
+    let mut regs = [_mm256_setzero_si256(); 8];
+    for blk in 0..nb {
+        let p = codes.add(blk * bytes);
+        let dw = _mm256_cvtph_ps(_mm_loadu_si128(scales.add(blk * GROUP_ROWS).cast()));
+        let mut mw = _mm256_cvtph_ps(_mm_loadu_si128(offsets.add(blk * GROUP_ROWS).cast()));
+        match w.kind {
+            QuantKind::Q4 => {
+                for k in 0..4 {
+                    let v = _mm256_loadu_si256(p.add(k * 64).cast());
+                    regs[k] = _mm256_and_si256(v, low);
+                    regs[k + 4] = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
+                }
+            }
+            QuantKind::Q8 => {
+                let bias = _mm256_set1_epi8(-128);
+                for (k, r) in regs.iter_mut().enumerate() {
+                    // s = u - 128 as signed bytes
+                    *r = _mm256_xor_si256(_mm256_loadu_si256(p.add(k * 64).cast()), bias);
+                }
+                mw = _mm256_fmadd_ps(dw, _mm256_set1_ps(128.0), mw);
+            }
+        }
+        let xq = xs.q.add(blk * BATCH * BLOCK).cast::<i32>();
+        let (xd, xdsum) = (xs.d.add(blk * BATCH), xs.dsum.add(blk * BATCH));
+        for (j, a) in acc.iter_mut().enumerate() {
+            let row = xq.add(j * BLOCK / 4);
+            let isum = match w.kind {
+                QuantKind::Q4 => {
+                    let mut s16 = _mm256_setzero_si256();
+                    for (k, r) in regs.iter().enumerate() {
+                        let x = _mm256_set1_epi32(row.add(k).read_unaligned());
+                        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(*r, x));
+                    }
+                    _mm256_madd_epi16(s16, ones)
+                }
+                QuantKind::Q8 => {
+                    let mut s32 = _mm256_setzero_si256();
+                    for (k, r) in regs.iter().enumerate() {
+                        let x = _mm256_set1_epi32(row.add(k).read_unaligned());
+                        let p16 =
+                            _mm256_maddubs_epi16(_mm256_abs_epi8(*r), _mm256_sign_epi8(x, *r));
+                        s32 = _mm256_add_epi32(s32, _mm256_madd_epi16(p16, ones));
+                    }
+                    s32
+                }
+            };
+            let s = _mm256_mul_ps(dw, _mm256_set1_ps(*xd.add(j)));
+            *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), s, *a);
+            *a = _mm256_fmadd_ps(mw, _mm256_set1_ps(*xdsum.add(j)), *a);
+        }
+    }
+    for (b, a) in acc.iter().enumerate() {
+        if lo == 0 && hi == HALF {
+            _mm256_storeu_ps(out.add(b * stride), *a);
+            continue;
+        }
+        let mut lanes = [0f32; HALF];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), *a);
+        for (i, &v) in lanes.iter().enumerate().take(hi).skip(lo) {
+            *out.add(b * stride + i) = v;
+        }
+    }
+}
