@@ -24,7 +24,11 @@ _GLOBAL_NAMES = {
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
     "rope_freqs.weight": "rope_freqs",
+    "rope_factors_long.weight": "rope_factors_long",
+    "rope_factors_short.weight": "rope_factors_short",
 }
+# Phi-3's LongRoPE divisors stay fp32: in bf16 a 128k-token position's angle would move by up to 0.4%
+_FP32_TARGETS = ("rope_factors_long", "rope_factors_short")
 _LAYER_NAMES = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
@@ -83,7 +87,9 @@ def load_gguf_weights(
         keep_q4 = info.type_name in Q4_TYPES and len(info.shape) == 2 and "embed_tokens" not in target
         try:
             w: AnyWeight = (
-                unpack_q4(gguf.raw(name), info) if keep_q4 else dequantize(gguf.raw(name), info, dtype)
+                unpack_q4(gguf.raw(name), info)
+                if keep_q4
+                else dequantize(gguf.raw(name), info, torch.float32 if target in _FP32_TARGETS else dtype)
             )
         except UnsupportedModelError as e:
             raise UnsupportedModelError(f"{gguf.path}: {e}") from e

@@ -48,9 +48,17 @@ class Architecture:
 
 
 def _architectures() -> tuple[Architecture, ...]:
-    from mistralrs_serve.models import llama, mistral, qwen2, qwen3, smollm3
+    from mistralrs_serve.models import llama, mistral, phi3, qwen2, qwen3, smollm3
 
-    return (llama.LLAMA, qwen2.QWEN2, qwen3.QWEN3, mistral.MISTRAL, mistral.MINISTRAL, smollm3.SMOLLM3)
+    return (
+        llama.LLAMA,
+        qwen2.QWEN2,
+        qwen3.QWEN3,
+        mistral.MISTRAL,
+        mistral.MINISTRAL,
+        smollm3.SMOLLM3,
+        phi3.PHI3,
+    )
 
 
 def find_architecture(
