@@ -154,7 +154,7 @@ EXPECTED_LAYERS = {
 
 def test_config_gives_each_layer_its_window_and_rotary(ref: tm.TinyReference) -> None:
     arch, windows, rope = EXPECTED_LAYERS[ref.directory.name]
-    model = ref.ours(torch.float32).model
+    model: Any = ref.ours(torch.float32).model
     assert model.config.architecture == arch
     assert [layer.how.window for layer in model.layers] == windows
     assert [layer.use_rope for layer in model.layers] == rope
@@ -187,7 +187,7 @@ def test_selected_rows_match(refs: dict[str, tm.TinyReference]) -> None:
 def test_the_window_and_the_missing_rotary_matter(refs: dict[str, tm.TinyReference], name: str) -> None:
     """Plain layers (window dropped, rotary everywhere) miss transformers by far: the tests above bite."""
     ref = refs[name]
-    model = load_model(ModelSource.parse(str(ref.directory)), dtype=torch.float32).model
+    model: Any = load_model(ModelSource.parse(str(ref.directory)), dtype=torch.float32).model
     for layer in model.layers:
         layer.how, layer.use_rope = PLAIN, True
     assert max_diff(tm.run_ours(model, ref.ids), ref.logits) > 100 * FP32_ATOL
@@ -267,7 +267,8 @@ def test_gguf_smollm3_skips_rotary_on_every_fourth_layer(
     ref = refs["smollm3-default"]
     loaded = load_model(ModelSource.parse(str(_write_permuted_gguf(ref, tmp_path, "smollm3"))), torch.float32)
     assert loaded.config.architecture == "smollm3"
-    assert [layer.use_rope for layer in loaded.model.layers] == [True, True, True, False]
+    model: Any = loaded.model
+    assert [layer.use_rope for layer in model.layers] == [True, True, True, False]
     assert_close(tm.run_ours(loaded.model, ref.ids), ref.logits, "SmolLM3 GGUF, one step")
     assert_close(
         tm.run_ours(loaded.model, ref.ids, [1, 5, 7, 13, 17, 21]), ref.logits, "SmolLM3 GGUF, chunked"
@@ -299,3 +300,108 @@ def test_engine_greedy_with_a_window_smaller_than_the_prompt(refs: dict[str, tm.
     got = engine.generate(prompt, params)[0].token_ids
     assert got == want
     assert engine.scheduler.num_used_blocks == 0
+
+
+# --- Chat templates and tool-call formats of these families ---
+
+TEMPLATES = Path(__file__).resolve().parents[1] / "data" / "chat_templates"
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather for a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+CALL_ID = "abc123XYZ"  # Mistral's templates demand 9 alphanumerics
+HISTORY: list[dict[str, Any]] = [
+    {"role": "user", "content": "Weather in Paris?"},
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": CALL_ID,
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+            }
+        ],
+    },
+    {"role": "tool", "tool_call_id": CALL_ID, "content": "sunny, 21 C"},
+    {"role": "assistant", "content": "Sunny in Paris."},
+    {"role": "user", "content": "And in Lyon?"},
+]
+# stem: (format detected, what the model writes to call get_weather(city="Lyon") in it)
+MODEL_CALLS = {
+    "mistralai-Mistral-Nemo-Instruct-2407": (
+        "mistral",
+        '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Lyon"}}]',
+    ),
+    "Mistral-Small-3.2-24B-Instruct-2506": ("mistral_v11", '[TOOL_CALLS]get_weather[ARGS]{"city": "Lyon"}'),
+    # This (Unsloth-edited) SmolLM3 template has no tool section: the server adds its own JSON instructions.
+    "HuggingFaceTB-SmolLM3-3B": ("json", '{"name": "get_weather", "arguments": {"city": "Lyon"}}'),
+}
+
+
+def _template(stem: str) -> Any:
+    from mistralrs_serve.tokenizer.chat_template import ChatTemplate
+
+    path = TEMPLATES / f"{stem}.jinja"
+    return ChatTemplate(path.read_text(encoding="utf-8"), origin=str(path), bos_token="<s>", eos_token="</s>")
+
+
+def _format_for(template: Any) -> Any:
+    """As ChatServing.prepare picks it."""
+    from mistralrs_serve.entrypoints.openai.tool_parsers.registry import detect_format
+
+    return detect_format(template.tools_source if template.supports_tools else None)
+
+
+@pytest.mark.parametrize("stem", sorted(MODEL_CALLS))
+def test_template_renders_tools_and_its_format_reads_the_model_call(stem: str) -> None:
+    from mistralrs_serve.entrypoints.openai.tools import with_tool_prompt
+
+    template = _template(stem)
+    fmt_name, model_output = MODEL_CALLS[stem]
+    fmt = _format_for(template)
+    assert fmt.name == fmt_name
+    if template.supports_tools:
+        text = template.render(HISTORY, tools=[WEATHER_TOOL])
+        assert "[AVAILABLE_TOOLS]" in text and '"get_weather"' in text
+        assert "[TOOL_CALLS]" in text and "sunny, 21 C" in text
+    else:
+        text = template.render(with_tool_prompt(HISTORY, [WEATHER_TOOL]))
+        assert '"name": "get_weather"' in text and "Custom Instructions" in text
+    content, calls = fmt.parse(model_output)
+    assert content is None
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"city": "Lyon"})]
+
+
+@pytest.mark.parametrize(
+    "stem", ["mistralai-Mistral-Nemo-Instruct-2407", "Mistral-Small-3.2-24B-Instruct-2506"]
+)
+def test_mistral_calls_rendered_into_history_parse_back(stem: str) -> None:
+    """The call as the template writes it in history (with its id) reads back through the format."""
+    template = _template(stem)
+    text = template.render(HISTORY[:2], tools=[WEATHER_TOOL], add_generation_prompt=False)
+    written = text[text.index("[TOOL_CALLS]") : text.rindex("</s>")]
+    _, calls = _format_for(template).parse(written)
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"city": "Paris"})]
+
+
+def test_smollm3_tool_call_markup_is_read_as_hermes() -> None:
+    """SmolLM3's own template (on the model's Hub page, not the edited one above) asks for
+    `<tool_call>{"name": ..., "arguments": ...}</tool_call>`: a template teaching that is read as Hermes."""
+    from mistralrs_serve.entrypoints.openai.tool_parsers.registry import detect_format
+
+    teaching = (
+        "{%- if xml_tools %}Functions are listed in <tools></tools>; answer each call as "
+        '<tool_call>\\n{"name": <function-name>, "arguments": <args-json-object>}\\n</tool_call>'
+        "{%- endif %}"
+    )
+    fmt = detect_format(teaching)
+    assert fmt.name == "hermes"
+    output = 'Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Lyon"}}\n</tool_call>'
+    content, calls = fmt.parse(output)
+    assert content is not None and content.strip() == "Checking."
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"city": "Lyon"})]
