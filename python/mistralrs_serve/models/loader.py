@@ -15,6 +15,7 @@ from mistralrs_serve.errors import ModelLoadError
 from mistralrs_serve.models import gguf_loader, hf_loader, hub
 from mistralrs_serve.models.default_model import DEFAULT_MODEL_ID, default_model_path
 from mistralrs_serve.models.interface import CausalLM
+from mistralrs_serve.models.packaged import PACKAGED, packaged_model_path
 from mistralrs_serve.models.registry import find_architecture
 from mistralrs_serve.tokenizer.tokenizer import Tokenizer
 
@@ -27,7 +28,8 @@ LOCAL_SUFFIXES = (".gguf", ".safetensors", ".json", ".bin")
 
 @dataclass(frozen=True)
 class ModelSource:
-    """Where a model comes from. `kind`: default, gguf, hf_dir or hub."""
+    """Where a model comes from. `kind`: default, packaged (a name in
+    packaged.PACKAGED), gguf, hf_dir or hub."""
 
     kind: str
     location: str | None = None  # file, directory or repo id
@@ -41,6 +43,8 @@ class ModelSource:
         """Resolve a CLI `-m` value: nothing/"default", a GGUF file, a directory, or a hub id."""
         if model is None or model in ("", "default"):
             return cls("default", chat_template=chat_template)
+        if model in PACKAGED:
+            return cls("packaged", model, chat_template=chat_template)
         path = Path(model).expanduser()
         if path.is_file():
             return cls("gguf", str(path), chat_template=chat_template)
@@ -77,6 +81,9 @@ def load_model(source: ModelSource, dtype: torch.dtype = torch.bfloat16) -> Load
     start = time.perf_counter()
     if source.kind == "default":
         loaded = _load_gguf(default_model_path(), source, dtype, name=DEFAULT_MODEL_ID)
+    elif source.kind == "packaged" and source.location in PACKAGED:
+        path = packaged_model_path(source.location)
+        loaded = _load_gguf(path, source, dtype, name=PACKAGED[source.location].model_id)
     elif source.kind == "gguf":
         loaded = _load_gguf(_gguf_path(source), source, dtype, name=None)
     elif source.kind in ("hf_dir", "hub"):
