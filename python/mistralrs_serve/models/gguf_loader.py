@@ -42,6 +42,8 @@ _LAYER_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+# llama.cpp writes Mixtral as "llama" with expert tensors: our family of that name
+_EXPERT_FAMILIES = {"llama": "mixtral"}
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
@@ -67,6 +69,8 @@ def read_gguf(path: Path) -> tuple[GGUFFile, Architecture, ModelConfig]:
     arch_name = gguf.architecture
     try:
         arch = find_architecture(gguf_name=arch_name)
+        if arch_name in _EXPERT_FAMILIES and gguf.metadata.get(f"{arch_name}.expert_count"):
+            arch = find_architecture(name=_EXPERT_FAMILIES[arch_name])
         cfg = config_from_gguf(gguf.metadata, arch, gguf.tensors.keys())
     except ModelLoadError as e:  # unsupported architecture, invalid config: say which file
         raise type(e)(f"{path}: {e}") from e

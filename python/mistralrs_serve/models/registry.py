@@ -48,7 +48,7 @@ class Architecture:
 
 
 def _architectures() -> tuple[Architecture, ...]:
-    from mistralrs_serve.models import llama, mistral, phi3, qwen2, qwen3, smollm3
+    from mistralrs_serve.models import llama, mistral, mixtral, phi3, qwen2, qwen3, qwen3_moe, smollm3
 
     return (
         llama.LLAMA,
@@ -57,6 +57,8 @@ def _architectures() -> tuple[Architecture, ...]:
         mistral.MISTRAL,
         mistral.MINISTRAL,
         smollm3.SMOLLM3,
+        qwen3_moe.QWEN3_MOE,
+        mixtral.MIXTRAL,
         phi3.PHI3,
     )
 
