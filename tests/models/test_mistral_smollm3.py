@@ -220,6 +220,17 @@ def test_bad_layer_settings_name_the_file_and_setting(
         load_model(ModelSource.parse(str(bad)), dtype=torch.float32)
 
 
+def test_a_window_covering_the_context_leaves_the_layers_plain(
+    refs: dict[str, tm.TinyReference], tmp_path: Path
+) -> None:
+    """Ministral 8B's window equals its context: nothing to mask, and the fused forward may run."""
+    for window, plain in ((tm.MAX_POSITIONS - 1, False), (tm.MAX_POSITIONS, True)):
+        edited = _edit_config(refs["ministral"].directory, tmp_path / str(window), sliding_window=window)
+        model: Any = load_model(ModelSource.parse(str(edited)), dtype=torch.float32).model
+        assert model.config.sliding_window == (None if plain else window)
+        assert model.is_plain() == plain
+
+
 def test_mistral_window_absent_from_config_json_is_transformers_default(
     refs: dict[str, tm.TinyReference], tmp_path: Path
 ) -> None:
@@ -227,7 +238,7 @@ def test_mistral_window_absent_from_config_json_is_transformers_default(
     shutil.copytree(src, tmp_path / "m")
     cfg = json.loads((src / "config.json").read_text())
     del cfg["sliding_window"]
-    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, "max_position_embeddings": 32768}))
     from mistralrs_serve.models.hf_loader import read_hf_config
 
     assert read_hf_config(tmp_path / "m").sliding_window == 4096

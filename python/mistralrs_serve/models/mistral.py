@@ -44,10 +44,17 @@ def check_layer_types(kinds: Any, num_layers: int) -> tuple[str, ...]:
     return tuple(kinds)
 
 
+def binding_window(window: Any, cfg: Mapping[str, Any]) -> int | None:
+    """The window, or None where it covers every position the model takes (Ministral 8B:
+    32768 of 32768), so that those layers stay plain (and the fused CPU forward applies)."""
+    if not window:
+        return None
+    return int(window) if int(window) < int(cfg.get("max_position_embeddings", 4096)) else None
+
+
 def _mistral_hf_extra(cfg: Mapping[str, Any]) -> dict[str, Any]:
     # transformers' Mistral windows every layer and ignores a `layer_types` entry
-    window = cfg.get("sliding_window", DEFAULT_WINDOW)
-    return {"sliding_window": int(window) if window else None}
+    return {"sliding_window": binding_window(cfg.get("sliding_window", DEFAULT_WINDOW), cfg)}
 
 
 def _ministral_hf_extra(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -56,7 +63,7 @@ def _ministral_hf_extra(cfg: Mapping[str, Any]) -> dict[str, Any]:
     if kinds is None:
         kinds = [SLIDING if window is not None else FULL] * int(cfg["num_hidden_layers"])
     return {
-        "sliding_window": int(window) if window else None,
+        "sliding_window": binding_window(window, cfg),
         "extra": {"layer_types": check_layer_types(kinds, int(cfg["num_hidden_layers"]))},
     }
 

@@ -16,7 +16,13 @@ from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from mistralrs_serve.errors import ModelLoadError
-from mistralrs_serve.models.mistral import FULL, SLIDING, MistralForCausalLM, check_layer_types
+from mistralrs_serve.models.mistral import (
+    FULL,
+    SLIDING,
+    MistralForCausalLM,
+    binding_window,
+    check_layer_types,
+)
 from mistralrs_serve.models.registry import Architecture
 
 # llama.cpp's n_no_rope_layer_step for "smollm3", and transformers' default interval
@@ -47,7 +53,7 @@ def _hf_extra(cfg: Mapping[str, Any]) -> dict[str, Any]:
     if kinds is None:
         kinds = [SLIDING if window and not r else FULL for r in rope]
     return {
-        "sliding_window": int(window) if window else None,
+        "sliding_window": binding_window(window, cfg),
         "tie_word_embeddings": bool(cfg.get("tie_word_embeddings", True)),
         "extra": {"no_rope_layers": tuple(rope), "layer_types": check_layer_types(kinds, num_layers)},
     }
