@@ -1,4 +1,4 @@
-"""SwiGLU on a fused gate/up projection, on torch or on the Triton kernel."""
+"""Gated MLP activations on a fused gate/up projection: SwiGLU (torch or the Triton kernel) and GELU."""
 
 from __future__ import annotations
 
@@ -19,3 +19,16 @@ class SiluAndMul:
             return triton_ops.silu_mul(gate_up.contiguous())
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
+
+
+class GeluAndMul:
+    """(..., 2I) -> (..., I): gelu(gate) * up, gate the first half (Gemma's MLP); `approximate`
+    is torch's: "tanh" (gelu_pytorch_tanh) or "none" (exact erf)."""
+
+    def __init__(self, approximate: str = "tanh") -> None:
+        self.approximate = approximate
+        self.triton = False  # no Triton kernel: torch on every device
+
+    def __call__(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.gelu(gate, approximate=self.approximate) * up

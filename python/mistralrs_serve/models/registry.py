@@ -48,7 +48,7 @@ class Architecture:
 
 
 def _architectures() -> tuple[Architecture, ...]:
-    from mistralrs_serve.models import llama, mistral, mixtral, phi3, qwen2, qwen3, qwen3_moe, smollm3
+    from mistralrs_serve.models import gemma, llama, mistral, mixtral, phi3, qwen2, qwen3, qwen3_moe, smollm3
 
     return (
         llama.LLAMA,
@@ -59,6 +59,8 @@ def _architectures() -> tuple[Architecture, ...]:
         smollm3.SMOLLM3,
         qwen3_moe.QWEN3_MOE,
         mixtral.MIXTRAL,
+        gemma.GEMMA2,
+        gemma.GEMMA3,
         phi3.PHI3,
     )
 
