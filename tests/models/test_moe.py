@@ -106,7 +106,9 @@ def make_moe_model(spec: MoeSpec, vocab_size: int, seed: int = 0) -> Any:
     return model
 
 
-def save_moe_model(spec: MoeSpec, directory: Path, fused: bool = False) -> Path:
+def save_moe_model(
+    spec: MoeSpec, directory: Path, fused: bool = False, chat_template: str = tm.CHAT_TEMPLATE
+) -> Path:
     """Model + tokenizer in Hugging Face layout. `fused`: the experts as transformers 5 holds them in
     memory (3-D gate_up_proj/down_proj) instead of the per-expert tensors save_pretrained writes."""
     from safetensors.torch import save_file
@@ -121,7 +123,7 @@ def save_moe_model(spec: MoeSpec, directory: Path, fused: bool = False) -> Path:
         assert any(k.endswith("experts.gate_up_proj") for k in state), "transformers no longer fuses experts"
         save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
     tok.save(str(directory / "tokenizer.json"))
-    tok_cfg = {"eos_token": tm.EOS_TOKEN, "add_bos_token": False, "chat_template": tm.CHAT_TEMPLATE}
+    tok_cfg = {"eos_token": tm.EOS_TOKEN, "add_bos_token": False, "chat_template": chat_template}
     (directory / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
     return directory
 
@@ -355,6 +357,28 @@ def test_paged_cache_with_window_smaller_than_prompt(references: dict[str, MoeRe
     _assert_close(torch.cat(rows), ref.logits, "paged cache, window 24")
 
 
+@pytest.mark.parametrize("name", ["qwen3moe", "mixtral-window"])
+def test_engine_greedy_matches_transformers_generate(references: dict[str, MoeReference], name: str) -> None:
+    """Through the engine (paged cache in blocks of 4, prefill chunks of 16) against generate()."""
+    from mistralrs_serve.config import EngineConfig
+    from mistralrs_serve.engine.llm_engine import LLMEngine
+    from mistralrs_serve.sampling_params import SamplingParams
+
+    ref = references[name]
+    prompt, new = tm.prompt_ids(40, ref.vocab_size, seed=3), 12
+    hf = tm.load_hf_model(ref.directory)
+    hf.generation_config.eos_token_id = None
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=new, do_sample=False, pad_token_id=0)
+    engine = LLMEngine(
+        ref.ours(torch.float32),
+        EngineConfig(kv_cache_mb=4, block_size=4, max_num_batched_tokens=16, device="cpu"),
+    )
+    params = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True)
+    assert engine.generate(prompt, params)[0].token_ids == out[0, len(prompt) :].tolist()
+    assert engine.scheduler.num_used_blocks == 0
+
+
 def test_top_k_above_expert_count_is_refused(references: dict[str, MoeReference], tmp_path: Path) -> None:
     import shutil
 
@@ -415,3 +439,51 @@ def test_routing_rules() -> None:
     torch.testing.assert_close(weights, torch.softmax(logits, -1)[:, [0, 2]])
     with pytest.raises(ModelLoadError, match="top_k = 5"):
         Routing(4, 5, renormalize=True, fp32_weights=True)
+
+
+# --- chat templates and tool-call formats ---
+
+TEMPLATES = Path(__file__).resolve().parents[1] / "data" / "chat_templates"
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather for a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+# family: (template, the format it teaches, the model's call of get_weather(city="Lyon") in it).
+# Qwen3-MoE ships Qwen3's template; Mixtral-8x22B-Instruct teaches Mistral's v3 [AVAILABLE_TOOLS] /
+# [TOOL_CALLS] markup, which Mistral-Nemo's template (the one stored here) teaches too. Mixtral-8x7B's
+# template has no tools: the server adds its own JSON instructions there, as for any such template.
+FAMILY_TEMPLATES = {
+    "qwen3moe": (
+        "Qwen-Qwen3-0.6B",
+        "hermes",
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Lyon"}}\n</tool_call>',
+    ),
+    "mixtral": (
+        "mistralai-Mistral-Nemo-Instruct-2407",
+        "mistral",
+        '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Lyon"}}]',
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY_TEMPLATES))
+def test_chat_template_renders_tools_and_its_format_reads_the_call(tmp_path: Path, name: str) -> None:
+    from mistralrs_serve.entrypoints.openai.tool_parsers.registry import detect_format
+
+    stem, format_name, model_call = FAMILY_TEMPLATES[name]
+    source = (TEMPLATES / f"{stem}.jinja").read_text(encoding="utf-8")
+    directory = save_moe_model(SPECS[name], tmp_path / name, chat_template=source)
+    template = load_model(ModelSource.parse(str(directory)), dtype=torch.float32).tokenizer.chat_template
+    assert template is not None and template.supports_tools
+    fmt = detect_format(template.tools_source)
+    assert fmt.name == format_name
+    messages = [{"role": "user", "content": "Weather in Lyon?"}]
+    rendered = template.render(messages, tools=[WEATHER_TOOL], add_generation_prompt=True)
+    assert '"get_weather"' in rendered and "Weather in Lyon?" in rendered
+    content, calls = fmt.parse(model_call)
+    assert not content
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"city": "Lyon"})]

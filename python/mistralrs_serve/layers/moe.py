@@ -96,6 +96,10 @@ class SparseMoE:
         _check_shapes(self.router, self.gate, self.up, self.down, routing.num_experts)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            # the per-expert loop is sized on the host: say so (the graph path then runs eagerly)
+            # rather than fail inside the capture on the device-to-host copy
+            raise RuntimeError("mixture-of-experts layers read their routing on the host: not capturable")
         weights, ids = route(F.linear(x, self.router), self.routing)
         flat_ids = ids.flatten()  # pair p = (token p // k, its (p % k)-th choice)
         order = torch.argsort(flat_ids, stable=True)
