@@ -346,3 +346,61 @@ def test_gguf_q4_0_keeps_fused_weights_4bit(references: dict[str, tm.TinyReferen
     assert isinstance(layer.qkv.q4, Q4Weight) and isinstance(layer.gate_up.q4, Q4Weight)
     want = tm.hf_logits(tm.load_hf_model_quant_roundtrip(ref.directory, quant), ref.ids)
     _assert_close(tm.run_ours(model, ref.ids), want, "GGUF Q4_0 against the round-tripped weights")
+
+
+# --- Chat template and tool-call format ---
+
+TEMPLATES = Path(__file__).resolve().parents[1] / "data" / "chat_templates"
+
+
+def test_phi35_chat_template_renders() -> None:
+    from mistralrs_serve.tokenizer.chat_template import ChatTemplate
+
+    source = (TEMPLATES / "microsoft-Phi-3.5-mini-instruct.jinja").read_text(encoding="utf-8")
+    template = ChatTemplate(source, origin="Phi-3.5", bos_token="<s>", eos_token="<|endoftext|>")
+    messages = [
+        {"role": "system", "content": "Be terse."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Bye?"},
+    ]
+    turns = (
+        "<|system|>\nBe terse.<|end|>\n<|user|>\nHi<|end|>\n<|assistant|>\nHello.<|end|>\n"
+        "<|user|>\nBye?<|end|>\n"
+    )
+    assert template.render(messages) == turns + "<|assistant|>\n"
+    assert template.render(messages, add_generation_prompt=False) == turns + "<|endoftext|>"
+    # an empty system message is left out
+    assert template.render([{"role": "system", "content": ""}, *messages[1:2]]) == (
+        "<|user|>\nHi<|end|>\n<|assistant|>\n"
+    )
+
+
+# Phi-4-mini's template (written here in its shape): tools in the system message between <|tool|> and
+# <|/tool|>; the model answers `<|tool_call|>[...]<|/tool_call|>`.
+PHI4_STYLE_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
+    "{% if m['role'] == 'system' and m['tools'] is defined %}<|tool|>{{ m['tools'] }}<|/tool|>{% endif %}"
+    "<|end|>{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def test_phi4_mini_tool_calls_detected_and_parsed() -> None:
+    from mistralrs_serve.entrypoints.openai.tool_parsers import detect_format
+
+    fmt = detect_format(PHI4_STYLE_TEMPLATE)
+    assert fmt.name == "phi4_mini"
+    output = (
+        'Let me look.<|tool_call|>[{"name": "get_weather", "arguments": {"city": "Paris"}}, '
+        '{"name": "get_time", "arguments": {"tz": "CET"}}]<|/tool_call|>'
+    )
+    content, calls = fmt.parse(output)
+    assert content == "Let me look."
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [
+        ("get_weather", {"city": "Paris"}),
+        ("get_time", {"tz": "CET"}),
+    ]
+    # streamed a character at a time: the same calls, and no markup in the content
+    streamer = fmt.streamer()
+    streamed = "".join(streamer.feed(ch).content for ch in output) + streamer.finish().content
+    assert streamed == "Let me look." and [c.name for c in streamer.calls] == ["get_weather", "get_time"]

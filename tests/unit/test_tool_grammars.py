@@ -75,6 +75,7 @@ ONE = {
     "mistral": '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Zürich"}}]',
     "mistral_v11": '[TOOL_CALLS]get_weather[ARGS]{"city": "Zürich"}',
     "granite": '<|tool_call|>[{"name": "get_weather", "arguments": {"city": "Zürich"}}]',
+    "phi4_mini": '<|tool_call|>[{"name": "get_weather", "arguments": {"city": "Zürich"}}]<|/tool_call|>',
     "deepseek": "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>"
     '{"city": "Zürich"}<｜tool▁call▁end｜><｜tool▁calls▁end｜>',
     "deepseek_r1": "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n"
@@ -92,6 +93,8 @@ TWO = {
     "mistral_v11": ONE["mistral_v11"] + "[TOOL_CALLS]get_time[ARGS]{}",
     "granite": '<|tool_call|>[{"name": "get_weather", "arguments": {"city": "Zürich"}}, '
     '{"name": "get_time", "arguments": {}}]',
+    "phi4_mini": '<|tool_call|>[{"name": "get_weather", "arguments": {"city": "Zürich"}}, '
+    '{"name": "get_time", "arguments": {}}]<|/tool_call|>',
     "deepseek": "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>"
     '{"city": "Zürich"}<｜tool▁call▁end｜><｜tool▁call▁begin｜>get_time<｜tool▁sep｜>{}<｜tool▁call▁end｜>'
     "<｜tool▁calls▁end｜>",
@@ -114,6 +117,7 @@ LITERALS = {
     "mistral": ["[TOOL_CALLS]", "[", '{"name": "get_weather", "arguments": ', ", ", "]"],
     "mistral_v11": ["[TOOL_CALLS]", "get_weather", "[ARGS]", "get_time"],
     "granite": ["<|tool_call|>", "[", '{"name": "get_time", "arguments": ', ", ", "]"],
+    "phi4_mini": ["<|tool_call|>", "[", '{"name": "get_time", "arguments": ', ", ", "]", "<|/tool_call|>"],
     "deepseek": [
         "<｜tool▁calls▁begin｜>",
         "<｜tool▁call▁begin｜>",
@@ -227,7 +231,16 @@ def test_call_grammar_needs_tools() -> None:
 
 EOS = 256
 # Formats whose calls follow free text after a marker, and those whose calls are the whole output.
-AFTER_TEXT = ("hermes", "qwen3_coder", "mistral", "mistral_v11", "granite", "deepseek", "deepseek_r1")
+AFTER_TEXT = (
+    "hermes",
+    "qwen3_coder",
+    "mistral",
+    "mistral_v11",
+    "granite",
+    "phi4_mini",
+    "deepseek",
+    "deepseek_r1",
+)
 WHOLE_OUTPUT = ("json", "llama3_json")
 # Markers that vocabularies hold as one token: grammars write each as a literal of its own.
 TOKEN_MARKERS = (
@@ -238,6 +251,7 @@ TOKEN_MARKERS = (
     "[CALL_ID]",
     "<|python_tag|>",
     "<|tool_call|>",
+    "<|/tool_call|>",
     "<｜tool▁calls▁begin｜>",
     "<｜tool▁calls▁end｜>",
     "<｜tool▁call▁begin｜>",
@@ -296,6 +310,8 @@ def render(name: str, calls: list[tuple[str, dict[str, Any]]]) -> str:
         return "; ".join(obj.replace('"arguments": ', '"parameters": ', 1) for obj in objects)
     if name in ("mistral", "granite"):
         return ("[TOOL_CALLS]" if name == "mistral" else "<|tool_call|>") + "[" + ", ".join(objects) + "]"
+    if name == "phi4_mini":
+        return "<|tool_call|>[" + ", ".join(objects) + "]<|/tool_call|>"
     if name == "mistral_v11":
         return "".join(f"[TOOL_CALLS]{call}[ARGS]{dump(arguments)}" for call, arguments in calls)
     if name == "deepseek":
@@ -508,6 +524,7 @@ RECORDED_AS_GRAMMAR = {
     "mistral-text-before",
     "mistral-v11-two-calls",
     "granite-list",
+    "phi4-mini-call",
     "deepseek-v31-two-calls",
     "deepseek-r1-fenced-two-calls",
     "json-object",
@@ -569,6 +586,7 @@ WALK_CLOSERS = {
     "json": "]",
     "mistral": "]",
     "granite": "]",
+    "phi4_mini": "]",
     "deepseek": "<｜tool▁calls▁end｜>",
     "deepseek_r1": "<｜tool▁calls▁end｜>",
 }
@@ -696,6 +714,7 @@ SPECIAL_CASES = {
     "mistral": ("[TOOL_CALLS]",),
     "mistral_v11": ("[TOOL_CALLS]", "[ARGS]"),
     "granite": ("<|tool_call|>",),
+    "phi4_mini": ("<|tool_call|>", "<|/tool_call|>"),
     "deepseek": tuple(marker for marker in TOKEN_MARKERS if "｜" in marker),
     "deepseek_r1": tuple(marker for marker in TOKEN_MARKERS if "｜" in marker),
     "llama3_json": ("<|python_tag|>",),

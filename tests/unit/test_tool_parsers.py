@@ -161,6 +161,7 @@ INCREMENTAL = [
     ("mistral", "[TOOL_CALLS]write[ARGS]", "", ""),
     ("mistral_v11", "[TOOL_CALLS]write[CALL_ID]a1B2c3D4e[ARGS]", "", ""),
     ("granite", '<|tool_call|>[{"name": "write", "arguments": ', "}]", "}]"),
+    ("phi4_mini", '<|tool_call|>[{"name": "write", "arguments": ', "}]<|/tool_call|>", "}]<|/tool_call|>"),
     (
         "deepseek",
         "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>write<｜tool▁sep｜>",

@@ -23,6 +23,7 @@ MARKUP = (
     "[ARGS]",
     "<|python_tag|>",
     "<|tool_call|>",
+    "<|/tool_call|>",
     "<｜tool▁calls▁begin｜>",
     "<｜tool▁call▁begin｜>",
     "<｜tool▁sep｜>",
@@ -402,6 +403,29 @@ CASES = [
         '{"name": "get_stock_price", "arguments": {"ticker": "RHT"}}]',
         None,
         [("get_stock_price", {"ticker": "IBM"}), ("get_stock_price", {"ticker": "RHT"})],
+    ),
+    # Phi-4-mini
+    Case(
+        "phi4-mini-call",
+        "phi4_mini",
+        '<|tool_call|>[{"name": "get_weather_updates", "arguments": {"city": "Paris"}}]<|/tool_call|>',
+        None,
+        [("get_weather_updates", {"city": "Paris"})],
+    ),
+    Case(
+        "phi4-mini-text-two-calls-text",
+        "phi4_mini",
+        'Checking both.<|tool_call|>[{"name": "a", "arguments": {"x": [1, 2]}}, '
+        '{"name": "b", "arguments": {}}]\n<|/tool_call|> Done.',
+        "Checking both. Done.",
+        [("a", {"x": [1, 2]}), ("b", {})],
+    ),
+    Case(
+        "phi4-mini-unclosed-list",
+        "phi4_mini",
+        '<|tool_call|>[{"name": "a", "arguments": {"x": 1}}',
+        None,
+        [("a", {"x": 1})],
     ),
     # DeepSeek V3.1 and R1 / V3
     Case(

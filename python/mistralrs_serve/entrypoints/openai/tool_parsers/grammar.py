@@ -31,6 +31,7 @@ TOKEN_MARKERS = (
     "[CALL_ID]",
     "<|python_tag|>",
     "<|tool_call|>",
+    "<|/tool_call|>",
     DS_CALLS_BEGIN,
     DS_CALLS_END,
     DS_CALL_BEGIN,
