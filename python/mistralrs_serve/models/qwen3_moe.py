@@ -127,14 +127,24 @@ class MoeDecoderLayer:
         )
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend, int4_rows: Any
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attn: AttentionBackend,
+        int4_rows: torch.Tensor | None,
     ) -> torch.Tensor:
         x = x + self._attention(self.input_norm(x), cos, sin, attn, int4_rows)
         h = self.post_norm(x)
         return x + (self.ffn(h) if isinstance(self.ffn, SparseMoE) else self.ffn(h, int4_rows))
 
     def _attention(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend, int4_rows: Any
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attn: AttentionBackend,
+        int4_rows: torch.Tensor | None,
     ) -> torch.Tensor:
         h, kv = self.num_heads, self.num_kv_heads
         qkv = self.qkv(x, int4_rows).view(x.shape[0], h + 2 * kv, self.head_dim)
