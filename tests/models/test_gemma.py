@@ -300,17 +300,20 @@ def test_gguf_matches_transformers(
     _assert_close(tm.run_ours(loaded.model, ref.ids, [40] + [1] * 24), ref.logits, f"{name} GGUF decode")
 
 
-def test_gguf_q8_0_matches_quantized_reference(
-    references: dict[str, tm.TinyReference], tmp_path: Path
+@pytest.mark.parametrize("quant", ["Q8_0", "Q4_0"])
+def test_quantized_gguf_matches_quantized_reference(
+    references: dict[str, tm.TinyReference], tmp_path: Path, quant: str
 ) -> None:
+    """Quantized linear weights (Q4_0 loads as 4-bit Linear weights): against transformers with the
+    same weights quantized and dequantized by the gguf package."""
     import gguf
 
+    qtype = gguf.GGMLQuantizationType[quant]
     ref = references["gemma3"]
-    path = write_gemma_gguf(ref.directory, tmp_path / "gemma3-q8.gguf", quant=gguf.GGMLQuantizationType.Q8_0)
-    hf = tm.load_hf_model_quant_roundtrip(ref.directory, gguf.GGMLQuantizationType.Q8_0)
-    want = tm.hf_logits(hf, ref.ids)
+    path = write_gemma_gguf(ref.directory, tmp_path / f"gemma3-{quant}.gguf", quant=qtype)
+    want = tm.hf_logits(tm.load_hf_model_quant_roundtrip(ref.directory, qtype), ref.ids)
     got = tm.run_ours(load_model(ModelSource.parse(str(path)), dtype=torch.float32).model, ref.ids)
-    _assert_close(got, want, "Q8_0 GGUF")
+    _assert_close(got, want, f"{quant} GGUF")
 
 
 def test_gguf_norms_are_stored_plus_one_and_undone(references: dict[str, tm.TinyReference]) -> None:
