@@ -44,6 +44,26 @@ SPECS: dict[str, tuple[str, str, dict[str, Any]]] = {
             "head_dim": tm.HIDDEN // tm.HEADS,
         },
     ),
+    "ministral3": (
+        "Ministral3Config",
+        "Ministral3ForCausalLM",
+        {
+            "head_dim": tm.HIDDEN // tm.HEADS,
+            # a short original context, so that 64-token prompts reach YaRN's scaled frequencies
+            # and Llama 4's query scale (1 up to position 15, then growing)
+            "rope_parameters": {
+                "rope_type": "yarn",
+                "rope_theta": tm.ROPE_THETA,
+                "factor": 4.0,
+                "original_max_position_embeddings": 16,
+                "beta_fast": 8.0,
+                "beta_slow": 1.0,
+                "mscale": 1.0,
+                "mscale_all_dim": 0.5,
+                "llama_4_scaling_beta": 0.1,
+            },
+        },
+    ),
     "smollm3": (
         "SmolLM3Config",
         "SmolLM3ForCausalLM",
@@ -146,6 +166,7 @@ EXPECTED_LAYERS = {
     "mistral-w8": ("mistral", [WINDOW] * 2, [True] * 2),
     "mistral-nowindow": ("mistral", [None] * 2, [True] * 2),
     "ministral": ("ministral", [WINDOW, None, WINDOW], [True] * 3),
+    "ministral3": ("ministral3", [None] * 2, [True] * 2),
     "smollm3": ("smollm3", [None] * 4, [True, False, True, False]),
     "smollm3-default": ("smollm3", [None] * 4, [True, True, True, False]),
     "smollm3-window": ("smollm3", [WINDOW, None, None, WINDOW], [False, True, True, False]),
@@ -190,6 +211,24 @@ def test_the_window_and_the_missing_rotary_matter(refs: dict[str, tm.TinyReferen
     model: Any = load_model(ModelSource.parse(str(ref.directory)), dtype=torch.float32).model
     for layer in model.layers:
         layer.how, layer.use_rope = PLAIN, True
+    assert max_diff(tm.run_ours(model, ref.ids), ref.logits) > 100 * FP32_ATOL
+
+
+def test_ministral3_yarn_and_query_scale_matter(refs: dict[str, tm.TinyReference]) -> None:
+    """Plain rotary, or no query scale, misses transformers by far; the fused forward knows neither."""
+    from mistralrs_serve.config import RopeScaling
+    from mistralrs_serve.layers.rotary import RotaryTable
+
+    ref = refs["ministral3"]
+    model: Any = load_model(ModelSource.parse(str(ref.directory)), dtype=torch.float32).model
+    assert model.fused_forward(np.zeros(1, dtype=np.float32)) is None
+    model.query_beta = 0.0
+    assert max_diff(tm.run_ours(model, ref.ids), ref.logits) > 100 * FP32_ATOL
+    model = load_model(ModelSource.parse(str(ref.directory)), dtype=torch.float32).model
+    cfg = model.config
+    model.rotary = RotaryTable(
+        cfg.head_dim, cfg.rope_theta, RopeScaling(), cfg.max_position_embeddings, torch.float32
+    )
     assert max_diff(tm.run_ours(model, ref.ids), ref.logits) > 100 * FP32_ATOL
 
 

@@ -3,6 +3,8 @@
 Mistral 7B v0.1 attends over a window of 4096 keys on every layer (later
 Mistral releases set no window and run as plain Llama); Ministral names each
 layer's kind in `layer_types`, mixing sliding-window and full layers.
+Ministral 3's text decoder adds YaRN rotary and Llama 4's query scale for
+positions past its original context.
 
 GGUF: llama.cpp writes both as its "llama" architecture, with no window in
 the metadata, and runs them with full attention; so do we (models/llama.py).
@@ -10,13 +12,22 @@ the metadata, and runs them with full attention; so do we (models/llama.py).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mistralrs_serve.errors import ModelLoadError
-from mistralrs_serve.layers.attention import PLAIN, LayerAttention
+import numpy as np
+import torch
+
+from mistralrs_serve.config import ModelConfig, RopeScaling
+from mistralrs_serve.errors import ModelLoadError, UnsupportedModelError
+from mistralrs_serve.layers.attention import PLAIN, AttentionBackend, LayerAttention
+from mistralrs_serve.layers.linear import AnyWeight
 from mistralrs_serve.models.llama import LlamaForCausalLM
 from mistralrs_serve.models.registry import Architecture
+
+if TYPE_CHECKING:
+    from mistralrs_serve.models.llama_native import NativeForward
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 # transformers' MistralConfig/MinistralConfig window when config.json names none
@@ -33,6 +44,90 @@ class MistralForCausalLM(LlamaForCausalLM):
         if window is None or (kinds is not None and kinds[idx] != SLIDING):
             return PLAIN
         return LayerAttention(window=window)
+
+
+class Ministral3ForCausalLM(MistralForCausalLM):
+    """Ministral 3: YaRN rotary (cos/sin times its attention factor) and, where
+    `llama_4_scaling_beta` is set, queries scaled by 1 + beta * log(1 + floor(pos /
+    original context)): 1 inside the original context, growing past it."""
+
+    def __init__(self, cfg: ModelConfig, weights: Mapping[str, AnyWeight], dtype: torch.dtype) -> None:
+        super().__init__(cfg, weights, dtype)
+        yarn: Mapping[str, Any] = cfg.extra["yarn"]
+        inv_freq, attention_factor = yarn_frequencies(cfg.head_dim, cfg.rope_theta, yarn, cfg)
+        angles = torch.outer(torch.arange(cfg.max_position_embeddings, dtype=torch.float64), inv_freq)
+        self.rotary.cos = (angles.cos() * attention_factor).to(dtype)
+        self.rotary.sin = (angles.sin() * attention_factor).to(dtype)
+        self.query_beta = float(yarn.get("llama_4_scaling_beta") or 0.0)
+        self.query_context = int(yarn["original_max_position_embeddings"])
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attn: AttentionBackend,
+        logits_indices: torch.Tensor,
+        int4_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if self.query_beta:
+            scale = 1 + self.query_beta * torch.log1p(torch.floor(positions.float() / self.query_context))
+            attn = _ScaledQueries(attn, scale.to(self.dtype).view(-1, 1, 1))  # (T, 1, 1)
+        return super().forward(input_ids, positions, attn, logits_indices, int4_rows)
+
+    def fused_forward(self, kv: np.ndarray | None) -> NativeForward | None:
+        # the fused forward takes the rotary tables but knows no query scale
+        return None if self.query_beta else super().fused_forward(kv)
+
+
+class _ScaledQueries:
+    """An attention backend whose queries are first multiplied by a per-token scale."""
+
+    def __init__(self, inner: AttentionBackend, scale: torch.Tensor) -> None:
+        self.inner, self.scale = inner, scale
+
+    def attend(
+        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, how: LayerAttention = PLAIN
+    ) -> torch.Tensor:
+        q = q * self.scale
+        if how is PLAIN:
+            return self.inner.attend(layer_idx, q, k, v)
+        return self.inner.attend(layer_idx, q, k, v, how)
+
+
+def yarn_frequencies(
+    head_dim: int, theta: float, yarn: Mapping[str, Any], cfg: ModelConfig
+) -> tuple[torch.Tensor, float]:
+    """YaRN's inverse frequencies and attention factor, as transformers reads `rope_parameters`:
+    frequencies that turn fewer than `beta_slow` times over the original context are divided by
+    `factor`, those turning more than `beta_fast` times kept, a linear ramp between."""
+    original = int(yarn["original_max_position_embeddings"])
+    factor = float(yarn.get("factor") or cfg.max_position_embeddings / original)
+    attention_factor = yarn.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all_dim = yarn.get("mscale"), yarn.get("mscale_all_dim")
+        if mscale and mscale_all_dim:
+            attention_factor = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+        else:
+            attention_factor = _yarn_mscale(factor, 1.0)
+    fast, slow = float(yarn.get("beta_fast") or 32), float(yarn.get("beta_slow") or 1)
+
+    def dim_of(rotations: float) -> float:  # the dimension that turns `rotations` times
+        return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dim_of(fast), dim_of(slow)
+    if yarn.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    return inv_freq / factor * ramp + inv_freq * (1 - ramp), float(attention_factor)
+
+
+def _yarn_mscale(factor: float, mscale: float) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
 def check_layer_types(kinds: Any, num_layers: int) -> tuple[str, ...]:
@@ -68,6 +163,22 @@ def _ministral_hf_extra(cfg: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def _ministral3_hf_extra(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+    if rope.get("rope_type", rope.get("type")) != "yarn":
+        raise UnsupportedModelError(
+            f"Ministral 3 with rope type {rope.get('rope_type')!r}: only yarn is supported"
+        )
+    if "original_max_position_embeddings" not in rope:
+        raise ModelLoadError("rope_parameters: yarn needs original_max_position_embeddings")
+    # the YaRN tables are built by Ministral3ForCausalLM, over plain rotary
+    return {
+        "sliding_window": binding_window(cfg.get("sliding_window"), cfg),
+        "rope_scaling": RopeScaling(),
+        "extra": {"yarn": rope},
+    }
+
+
 MISTRAL = Architecture(
     name="mistral",
     hf_names=("MistralForCausalLM",),
@@ -84,4 +195,13 @@ MINISTRAL = Architecture(
     model=MistralForCausalLM,
     sliding_window=True,
     hf_extra=_ministral_hf_extra,
+)
+
+MINISTRAL3 = Architecture(
+    name="ministral3",
+    hf_names=("Ministral3ForCausalLM",),
+    gguf_names=(),
+    model=Ministral3ForCausalLM,
+    sliding_window=True,
+    hf_extra=_ministral3_hf_extra,
 )

@@ -56,6 +56,7 @@ def _architectures() -> tuple[Architecture, ...]:
         qwen3.QWEN3,
         mistral.MISTRAL,
         mistral.MINISTRAL,
+        mistral.MINISTRAL3,
         smollm3.SMOLLM3,
         qwen3_moe.QWEN3_MOE,
         mixtral.MIXTRAL,
