@@ -302,6 +302,38 @@ def test_paged_cache_with_window_shorter_than_prompt(references: dict[str, tm.Ti
     _assert_close(torch.cat(rows), ref.logits, "paged cache, window 24 < prompt 64")
 
 
+def test_bf16_agrees_loosely(ref: tm.TinyReference) -> None:
+    got = tm.run_ours(ref.ours(torch.bfloat16).model, ref.ids, [48] + [1] * 16)
+    top1 = (got.argmax(-1) == ref.logits.argmax(-1)).float().mean().item()
+    assert top1 >= 0.9, f"bf16 top-1 agreement {top1:.3f}"
+    assert tm.row_correlations(got, ref.logits).min().item() >= 0.99
+
+
+@pytest.mark.parametrize("name", ["phi3-window", "phi4mini-longrope"])
+def test_engine_greedy_matches_transformers_generate(
+    name: str, references: dict[str, tm.TinyReference]
+) -> None:
+    """Through the engine (blocks of 4, prefill chunks of 16) a 40-token prompt and 12 greedy tokens:
+    transformers' generate, token for token (over a window of 24; with the long factor set)."""
+    from mistralrs_serve.config import EngineConfig
+    from mistralrs_serve.engine.llm_engine import LLMEngine
+    from mistralrs_serve.sampling_params import SamplingParams
+
+    ref = references[name]
+    prompt, new = tm.prompt_ids(40, ref.vocab_size, seed=3), 12
+    hf = tm.load_hf_model(ref.directory)
+    hf.generation_config.eos_token_id = None  # as ignore_eos
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=new, do_sample=False, pad_token_id=0)
+    engine = LLMEngine(
+        ref.ours(torch.float32),
+        EngineConfig(kv_cache_mb=4, block_size=4, max_num_batched_tokens=16, device="cpu"),
+    )
+    got = engine.generate(prompt, SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True))
+    assert got[0].token_ids == out[0, len(prompt) :].tolist()
+    assert engine.scheduler.num_used_blocks == 0
+
+
 def test_longrope_config_without_long_factor_names_file(tmp_path: Path) -> None:
     directory = save_phi3(tmp_path / "bad", **VARIANTS["phi4mini-longrope"])
     config_path = directory / "config.json"
