@@ -20,7 +20,7 @@ import tiny_models as tm
 import torch
 from mistralrs_serve.config import EngineConfig
 from mistralrs_serve.engine.llm_engine import LLMEngine
-from mistralrs_serve.errors import ModelLoadError
+from mistralrs_serve.errors import ModelLoadError, UnsupportedModelError
 from mistralrs_serve.layers.attention import PLAIN
 from mistralrs_serve.models.loader import ModelSource, load_model
 from mistralrs_serve.sampling_params import SamplingParams
@@ -257,6 +257,10 @@ def test_bad_layer_settings_name_the_file_and_setting(
     bad = _edit_config(refs["smollm3"].directory, tmp_path / "smollm3", no_rope_layers=[1, 2, 1, 0])
     with pytest.raises(ModelLoadError, match=r"config\.json.*no_rope_layers must list 4 entries of 0 or 1"):
         load_model(ModelSource.parse(str(bad)), dtype=torch.float32)
+    plain_rope = {"rope_type": "default", "rope_theta": tm.ROPE_THETA}
+    bad = _edit_config(refs["ministral3"].directory, tmp_path / "ministral3", rope_parameters=plain_rope)
+    with pytest.raises(UnsupportedModelError, match=r"config\.json.*rope type 'default': only yarn"):
+        load_model(ModelSource.parse(str(bad)), dtype=torch.float32)
 
 
 def test_a_window_covering_the_context_leaves_the_layers_plain(
@@ -323,6 +327,57 @@ def test_gguf_smollm3_skips_rotary_on_every_fourth_layer(
     assert_close(
         tm.run_ours(loaded.model, ref.ids, [1, 5, 7, 13, 17, 21]), ref.logits, "SmolLM3 GGUF, chunked"
     )
+
+
+def _write_mistral3_gguf(ref: tm.TinyReference, path: Path) -> Path:
+    """Ministral 3 as llama.cpp's converter writes it: arch "mistral3", q/k rows permuted, YaRN keys
+    (mscale_all_dim as the log multiplier) and llama_4_scaling_beta as the attention temperature scale."""
+    import gguf
+    from safetensors.numpy import load_file
+
+    cfg = json.loads((ref.directory / "config.json").read_text())
+    rope = cfg["rope_parameters"]
+    w = gguf.GGUFWriter(str(path), "mistral3")
+    w.add_vocab_size(cfg["vocab_size"])
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(tm.HEADS)
+    w.add_head_count_kv(tm.KV_HEADS)
+    w.add_key_length(cfg["head_dim"])
+    w.add_value_length(cfg["head_dim"])
+    w.add_rope_freq_base(rope["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    w.add_rope_scaling_factor(rope["factor"])
+    w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+    w.add_rope_scaling_yarn_beta_fast(rope["beta_fast"])
+    w.add_rope_scaling_yarn_beta_slow(rope["beta_slow"])
+    w.add_rope_scaling_yarn_log_mul(rope["mscale_all_dim"])
+    w.add_attn_temperature_scale(rope["llama_4_scaling_beta"])
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    tm.add_tokenizer_metadata(w, tm.build_tokenizer())
+    for name, t in load_file(str(ref.directory / "model.safetensors")).items():
+        if ".q_proj." in name or ".k_proj." in name:
+            t = tm.permute_qk(t, tm.HEADS if ".q_proj." in name else tm.KV_HEADS)
+        w.add_tensor(tm.gguf_name(name), np.ascontiguousarray(t, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_gguf_ministral3_keeps_yarn_and_the_query_scale(
+    refs: dict[str, tm.TinyReference], tmp_path: Path
+) -> None:
+    ref = refs["ministral3"]
+    loaded = load_model(
+        ModelSource.parse(str(_write_mistral3_gguf(ref, tmp_path / "m3.gguf"))), torch.float32
+    )
+    assert loaded.config.architecture == "ministral3"
+    assert_close(tm.run_ours(loaded.model, ref.ids, [16] + [1] * 48), ref.logits, "Ministral 3 GGUF")
 
 
 # --- Through the engine's paged cache ---

@@ -6,14 +6,15 @@ layer's kind in `layer_types`, mixing sliding-window and full layers.
 Ministral 3's text decoder adds YaRN rotary and Llama 4's query scale for
 positions past its original context.
 
-GGUF: llama.cpp writes both as its "llama" architecture, with no window in
-the metadata, and runs them with full attention; so do we (models/llama.py).
+GGUF: llama.cpp writes Mistral and Ministral as its "llama" architecture,
+with no window in the metadata, and runs them with full attention; so do we
+(models/llama.py). Ministral 3 is its "mistral3", YaRN and query scale kept.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -165,10 +166,9 @@ def _ministral_hf_extra(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 def _ministral3_hf_extra(cfg: Mapping[str, Any]) -> dict[str, Any]:
     rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
-    if rope.get("rope_type", rope.get("type")) != "yarn":
-        raise UnsupportedModelError(
-            f"Ministral 3 with rope type {rope.get('rope_type')!r}: only yarn is supported"
-        )
+    rope_type = rope.get("rope_type", rope.get("type"))
+    if rope_type != "yarn":
+        raise UnsupportedModelError(f"Ministral 3 with rope type {rope_type!r}: only yarn is supported")
     if "original_max_position_embeddings" not in rope:
         raise ModelLoadError("rope_parameters: yarn needs original_max_position_embeddings")
     # the YaRN tables are built by Ministral3ForCausalLM, over plain rotary
@@ -177,6 +177,27 @@ def _ministral3_hf_extra(cfg: Mapping[str, Any]) -> dict[str, Any]:
         "rope_scaling": RopeScaling(),
         "extra": {"yarn": rope},
     }
+
+
+def _ministral3_gguf_extra(get: Callable[[str, Any], Any], tensors: Collection[str]) -> dict[str, Any]:
+    """llama.cpp's "mistral3" keys back into transformers' rope_parameters (its converter writes
+    mscale_all_dim as the YaRN log multiplier and leaves mscale at 1)."""
+    if get("rope.scaling.type", None) != "yarn":
+        raise UnsupportedModelError("mistral3 GGUF without YaRN rope scaling is not supported")
+    yarn = {
+        "rope_type": "yarn",
+        "factor": get("rope.scaling.factor", None),
+        "original_max_position_embeddings": get("rope.scaling.original_context_length", None),
+        "beta_fast": get("rope.scaling.yarn_beta_fast", None),
+        "beta_slow": get("rope.scaling.yarn_beta_slow", None),
+        "attention_factor": get("rope.scaling.yarn_attn_factor", None),
+        "mscale": 1.0,
+        "mscale_all_dim": get("rope.scaling.yarn_log_multiplier", None),
+        "llama_4_scaling_beta": get("attention.temperature_scale", None),
+    }
+    if yarn["original_max_position_embeddings"] is None:
+        raise ModelLoadError("mistral3 GGUF: rope.scaling.original_context_length is missing")
+    return {"rope_scaling": RopeScaling(), "extra": {"yarn": yarn}}
 
 
 MISTRAL = Architecture(
@@ -200,8 +221,12 @@ MINISTRAL = Architecture(
 MINISTRAL3 = Architecture(
     name="ministral3",
     hf_names=("Ministral3ForCausalLM",),
-    gguf_names=(),
+    gguf_names=("mistral3",),
     model=Ministral3ForCausalLM,
+    # llama.cpp's converter reorders q/k rows from HF weights; Mistral's own
+    # format already has that order, so "mistral3" files have it either way
+    gguf_permuted_qk=True,
     sliding_window=True,
     hf_extra=_ministral3_hf_extra,
+    gguf_extra=_ministral3_gguf_extra,
 )
