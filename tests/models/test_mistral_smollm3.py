@@ -383,11 +383,13 @@ def test_gguf_ministral3_keeps_yarn_and_the_query_scale(
 # --- Through the engine's paged cache ---
 
 
-def test_engine_greedy_with_a_window_smaller_than_the_prompt(refs: dict[str, tm.TinyReference]) -> None:
-    """A 40-token prompt over a window of 8, in blocks of 4 and prefill chunks of 16, then decode."""
+@pytest.mark.parametrize("name", ["mistral-w8", "ministral", "smollm3-window", "ministral3"])
+def test_engine_greedy_matches_transformers_generate(refs: dict[str, tm.TinyReference], name: str) -> None:
+    """A 40-token prompt (over windows of 8 where the model has them), in blocks of 4 and prefill
+    chunks of 16, then decode: the real engine's greedy tokens are transformers' generate's."""
     import transformers
 
-    ref = refs["mistral-w8"]
+    ref = refs[name]
     prompt, new = tm.prompt_ids(40, ref.vocab_size, seed=3), 12
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         ref.directory, dtype=torch.float32, attn_implementation="eager"
