@@ -148,3 +148,20 @@ def test_triton_sampler_is_seeded_and_reports_logprobs(tiny_dir: Path) -> None:
             assert len(lp.top) == 3 and lp.logprob <= 0
             assert lp.top[0][1] >= lp.logprob - 1e-4  # the best logprob bounds the chosen one
     assert engine.scheduler.num_used_blocks == 0
+
+
+def test_a_windowed_model_decodes_eagerly_beside_the_graphs(tmp_path: Path) -> None:
+    """Sliding-window layers have no captured decode kernel: the graph path says so
+    once (NotCapturable) and every decode runs on the eager path, with its tokens."""
+    from test_mistral_smollm3 import save_model  # a tiny Mistral with a window of 8
+
+    model_dir = save_model("mistral-w8", tmp_path / "mistral-w8")
+    eager = generate(model_dir, triton=True, device="cpu", cuda_graphs=False)
+    loaded = load_model(ModelSource.parse(str(model_dir)), dtype=torch.float32)
+    engine = LLMEngine(loaded, EngineConfig(kv_cache_mb=4, block_size=16, triton=True, cuda_graphs=True))
+    assert isinstance(engine.runner.path, GraphPath)
+    graphs = generate(model_dir, triton=True, device="cpu", cuda_graphs=True)
+    assert graphs == eager and all(len(t) == 12 for t in graphs)
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    engine.generate(tm.prompt_ids(20, loaded.config.vocab_size), params)
+    assert engine.runner.path.graphs.not_capturable

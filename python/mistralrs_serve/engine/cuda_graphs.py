@@ -10,12 +10,17 @@ import torch
 
 from mistralrs_serve import _native
 from mistralrs_serve.engine.kv_cache import PagedKVCache
-from mistralrs_serve.layers.attention import decode_triton, store_kv_triton
+from mistralrs_serve.layers.attention import PLAIN, LayerAttention, decode_triton, store_kv_triton
 from mistralrs_serve.models.interface import CausalLM
 
 logger = logging.getLogger(__name__)
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+
+class NotCapturable(RuntimeError):
+    """A layer the captured decode step has no kernel for (sliding windows,
+    soft-capped scores): the model's decodes run on the eager path instead."""
 
 
 class StaticDecodeAttention:
@@ -29,9 +34,14 @@ class StaticDecodeAttention:
         self.context_lens = graphs.context_lens[:rows]
         self.max_context = graphs.max_context
 
-    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def attend(
+        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, how: LayerAttention = PLAIN
+    ) -> torch.Tensor:
+        if (how.window is not None and how.window < self.max_context) or how.softcap is not None:
+            raise NotCapturable(f"layer {layer_idx} attends with {how}: no captured decode kernel for it")
         store_kv_triton(self.cache, layer_idx, k, v, self.slots)
-        out = decode_triton(self.cache, layer_idx, q, self.tables, self.context_lens, self.max_context)
+        scale = how.scale if how.scale is not None else 1.0 / float(self.cache.head_dim) ** 0.5
+        out = decode_triton(self.cache, layer_idx, q, self.tables, self.context_lens, self.max_context, scale)
         return out.to(q.dtype)
 
 
@@ -66,6 +76,7 @@ class DecodeGraphs:
         self.model = model
         self.cache = cache
         self.capture = capture
+        self.not_capturable = False  # set for good when a layer has no captured kernel
         self.buckets = sorted({b for b in BUCKETS if b < max_num_seqs} | {max_num_seqs})
         rows = self.buckets[-1]
         bs = cache.block_size
@@ -84,6 +95,8 @@ class DecodeGraphs:
 
     def bucket(self, num_seqs: int, max_context_len: int, max_table_blocks: int) -> int | None:
         """The bucket a decode step of this shape replays, or None to run it eagerly."""
+        if self.not_capturable:
+            return None
         if max_context_len > self.max_context or max_table_blocks > self.max_blocks:
             return None
         return next((b for b in self.buckets if b >= num_seqs), None)
@@ -95,7 +108,18 @@ class DecodeGraphs:
         return self.bucket(plan.num_seqs, int(plan.context_lens.max()), plan.block_tables.shape[1])
 
     def run(self, bucket: int, plan: _native.StepPlan) -> torch.Tensor:
-        """fp32 logits (num_seqs, vocab) of a decode-only step (one row per sequence)."""
+        """fp32 logits (num_seqs, vocab) of a decode-only step (one row per sequence);
+        NotCapturable (then for good) where the model has layers the graphs cannot run."""
+        try:
+            return self._run(bucket, plan)
+        except NotCapturable:
+            logger.info(
+                "the model's decode steps cannot be captured (windowed or soft-capped attention); eager"
+            )
+            self.not_capturable = True
+            raise
+
+    def _run(self, bucket: int, plan: _native.StepPlan) -> torch.Tensor:
         n = plan.num_seqs
         self._fill(n, bucket, plan)
         if not self.capture:
@@ -103,6 +127,8 @@ class DecodeGraphs:
         if bucket not in self.graphs:
             try:
                 self._capture(bucket)
+            except NotCapturable:
+                raise
             except Exception:  # a kernel that cannot be captured must not stop serving
                 logger.exception("capturing the decode graph of batch %d failed; decode runs eagerly", bucket)
                 self.capture = False

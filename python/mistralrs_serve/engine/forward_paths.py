@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from mistralrs_serve import _native
-from mistralrs_serve.engine.cuda_graphs import DecodeGraphs
+from mistralrs_serve.engine.cuda_graphs import DecodeGraphs, NotCapturable
 from mistralrs_serve.engine.kv_cache import PagedKVCache
 from mistralrs_serve.layers.attention import AttentionKernel, PagedAttention
 from mistralrs_serve.layers.linear import int4_rows
@@ -101,7 +101,10 @@ class GraphPath:
         bucket = self.graphs.bucket_for(plan)
         if bucket is None:
             return self.eager.forward(plan)
-        return self.graphs.run(bucket, plan)
+        try:
+            return self.graphs.run(bucket, plan)
+        except NotCapturable:  # the eager step rewrites the same KV slots the partial one wrote
+            return self.eager.forward(plan)
 
     def decode_weight_bytes(self) -> int:
         return self.eager.decode_weight_bytes()
