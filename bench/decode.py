@@ -68,6 +68,13 @@ def prompt_ids(vocab_size: int, n: int, seed: int = 0) -> list[int]:
 
 def ours(path: Path, prompts: list[list[int]], new_tokens: int, warm: list[int]) -> dict[str, float]:
     client = EngineLoop(lambda: LLMEngine(load_model(ModelSource("gguf", str(path)))))
+    return time_ours(client, prompts, new_tokens, warm)
+
+
+def time_ours(
+    client: EngineLoop, prompts: list[list[int]], new_tokens: int, warm: list[int]
+) -> dict[str, float]:
+    """The warm-up, the prefills and the decode on a started engine, which is shut down after."""
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     warm_up = SamplingParams(max_tokens=WARM_UP_NEW, temperature=0.0, ignore_eos=True)
     client.generate(warm, warm_up)

@@ -23,3 +23,4 @@ $BIN/python bench/serve.py --smoke
 $BIN/python bench/structured.py --smoke
 $BIN/python bench/responses_api.py --smoke
 $BIN/python bench/agent_tools.py --smoke
+$BIN/python bench/models.py --smoke
