@@ -6,6 +6,12 @@
 //! preempted by recompute: its blocks are freed (their hashes stay in the
 //! prefix cache) and it waits at the front of the queue. The step goes out
 //! as flat arrays (`StepPlan`).
+//!
+//! With a sliding window on every layer (`SchedulerConfig::sliding_window`),
+//! a sequence's blocks that no later query can see go back to the pool as the
+//! window moves on; their table entries stay, empty (-1 in the plan), so that
+//! position p still lives in entry p / block_size. Attention must then read a
+//! table from the window's first block on, never from its start.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -23,6 +29,10 @@ pub struct SchedulerConfig {
     pub enable_prefix_caching: bool,
     /// Mixed into every block hash: a different model or adapter never hits.
     pub cache_salt: u64,
+    /// Keys a query sees on every layer (itself and the `w - 1` before it), or
+    /// None where some layer sees them all: then nothing is freed before a
+    /// sequence ends.
+    pub sliding_window: Option<usize>,
 }
 
 impl SchedulerConfig {
@@ -40,6 +50,9 @@ impl SchedulerConfig {
         if self.max_num_batched_tokens == 0 {
             return bad("max_num_batched_tokens");
         }
+        if self.sliding_window == Some(0) {
+            return bad("sliding_window");
+        }
         Ok(())
     }
 }
@@ -52,8 +65,11 @@ struct Sequence {
     num_prompt_tokens: usize,
     /// Tokens whose KV is cached, counting those scheduled in the last plan.
     num_computed: usize,
-    block_table: Vec<BlockId>,
-    /// Hashes of the full blocks at the front of `block_table`.
+    /// None: a block freed behind the sliding window (always a leading run).
+    block_table: Vec<Option<BlockId>>,
+    /// Leading entries of `block_table` freed behind the window.
+    num_freed: usize,
+    /// Hashes of the full blocks at the front of `block_table` (freed ones too).
     block_hashes: Vec<u64>,
     /// Seats in the running batch kept for the forks this sequence will make.
     reserved_forks: usize,
@@ -71,7 +87,8 @@ pub struct StepPlan {
     pub input_ids: Vec<u32>,
     pub positions: Vec<u32>,
     pub slot_mapping: Vec<i64>,
-    /// Row-major (seq_ids.len(), max_blocks), padded with -1.
+    /// Row-major (seq_ids.len(), max_blocks), padded with -1; -1 too for the
+    /// blocks freed behind a sliding window.
     pub block_tables: Vec<i32>,
     pub max_blocks: usize,
     /// (source, destination) block copies to run before the model (copy-on-write).
@@ -190,6 +207,7 @@ impl Scheduler {
             num_prompt_tokens: prompt_ids.len(),
             num_computed: 0,
             block_table: vec![],
+            num_freed: 0,
             block_hashes: vec![],
             reserved_forks: num_forks,
         };
@@ -210,6 +228,8 @@ impl Scheduler {
 
     /// A new running sequence sharing every block of `parent` (n > 1 choices).
     /// The shared partial last block is copied when either side writes to it.
+    /// Blocks the parent freed behind its window stay freed in the child: its
+    /// queries start where the parent's do, so they never see them either.
     pub fn fork(&mut self, parent_id: u64, child_id: u64) -> Result<(), SchedulerError> {
         if self.seqs.contains_key(&child_id) {
             return Err(SchedulerError::DuplicateSequence(child_id));
@@ -229,7 +249,7 @@ impl Scheduler {
         parent.reserved_forks -= 1;
         let mut child = parent.clone();
         child.reserved_forks = 0;
-        for &b in &child.block_table {
+        for &b in child.block_table.iter().flatten() {
             self.pool.share(b);
         }
         self.seqs.insert(child_id, child);
@@ -250,17 +270,21 @@ impl Scheduler {
     }
 
     /// Free in reverse so that a chain's deepest blocks are reused first.
-    fn release(&mut self, blocks: &[BlockId]) {
-        for &b in blocks.iter().rev() {
+    fn release(&mut self, blocks: &[Option<BlockId>]) {
+        for &b in blocks.iter().rev().flatten() {
             let freed = self.pool.free(b);
             debug_assert!(freed, "block {b} freed twice");
         }
     }
 
-    /// Plan the next step.
+    /// Plan the next step. The previous plan must have run: its keys are read
+    /// no more, so the blocks behind every window can go back first.
     pub fn schedule(&mut self) -> StepPlan {
         let mut plan = StepPlan::default();
         let mut budget = self.cfg.max_num_batched_tokens;
+        for i in 0..self.running.len() {
+            self.free_behind_window(self.running[i]);
+        }
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
             let id = self.running[i];
@@ -305,14 +329,41 @@ impl Scheduler {
 
     fn preempt(&mut self, id: u64, plan: &mut StepPlan) {
         self.running.retain(|&s| s != id);
-        let seq = self.seqs.get_mut(&id).expect("running sequences are known");
-        let blocks = std::mem::take(&mut seq.block_table);
-        seq.block_hashes.clear();
-        seq.num_computed = 0;
-        self.release(&blocks);
+        self.drop_blocks(id);
         self.waiting.push_front(id);
         self.stats.num_preemptions += 1;
         plan.preempted.push(id);
+    }
+
+    /// Give back every block of `id` and forget what it computed (preemption by
+    /// recompute, or an admission that did not fit); hashes stay in the cache.
+    fn drop_blocks(&mut self, id: u64) {
+        let seq = self.seqs.get_mut(&id).expect("known");
+        let blocks = std::mem::take(&mut seq.block_table);
+        seq.block_hashes.clear();
+        seq.num_computed = 0;
+        seq.num_freed = 0;
+        self.release(&blocks);
+    }
+
+    /// Free the blocks of `id` wholly before the first key its next query sees:
+    /// that query is at position `num_computed` (the next chunk's first token)
+    /// and sees keys from `num_computed + 1 - window` on. Front first, so the
+    /// pool reuses the oldest first; hashes stay, as for any freed block.
+    fn free_behind_window(&mut self, id: u64) {
+        let Some(window) = self.cfg.sliding_window else {
+            return;
+        };
+        let seq = self.seqs.get_mut(&id).expect("known");
+        let first_key = (seq.num_computed + 1).saturating_sub(window);
+        let end = (first_key / self.cfg.block_size).min(seq.block_table.len());
+        while seq.num_freed < end {
+            if let Some(b) = seq.block_table[seq.num_freed].take() {
+                let freed = self.pool.free(b);
+                debug_assert!(freed, "block {b} freed twice");
+            }
+            seq.num_freed += 1;
+        }
     }
 
     /// Running sequences plus the seats they keep for forks.
@@ -334,15 +385,11 @@ impl Scheduler {
                 return;
             }
             let (queried, hit) = self.take_cached_prefix(id);
+            self.free_behind_window(id);
             let seq = &self.seqs[&id];
             let n = (seq.token_ids.len() - seq.num_computed).min(*budget);
             if !self.try_reserve(id, n, plan) {
-                // Leave it waiting; give back what the prefix cache lent it.
-                let seq = self.seqs.get_mut(&id).expect("waiting sequences are known");
-                let blocks = std::mem::take(&mut seq.block_table);
-                seq.block_hashes.clear();
-                seq.num_computed = 0;
-                self.release(&blocks);
+                self.drop_blocks(id); // leave it waiting; give back what the prefix cache lent it
                 return;
             }
             self.waiting.pop_front();
@@ -372,7 +419,7 @@ impl Scheduler {
                 break;
             };
             self.pool.share(b);
-            seq.block_table.push(b);
+            seq.block_table.push(Some(b));
             seq.block_hashes.push(h);
             parent = Some(h);
         }
@@ -388,7 +435,7 @@ impl Scheduler {
         let new_blocks = self
             .blocks_for(seq.num_computed + n)
             .saturating_sub(seq.block_table.len());
-        let last = seq.block_table.last().copied();
+        let last = seq.block_table.last().copied().flatten();
         let copy_last = !seq.num_computed.is_multiple_of(bs)
             && last.is_some_and(|b| self.pool.ref_count(b) > 1);
         if self.pool.num_free() < new_blocks + usize::from(copy_last) {
@@ -399,11 +446,15 @@ impl Scheduler {
             plan.copy_ops.push((old, new));
             self.pool.free(old);
             let seq = self.seqs.get_mut(&id).expect("known");
-            *seq.block_table.last_mut().expect("has a last block") = new;
+            *seq.block_table.last_mut().expect("has a last block") = Some(new);
         }
         for _ in 0..new_blocks {
             let b = self.allocate_block();
-            self.seqs.get_mut(&id).expect("known").block_table.push(b);
+            self.seqs
+                .get_mut(&id)
+                .expect("known")
+                .block_table
+                .push(Some(b));
         }
         true
     }
@@ -425,10 +476,11 @@ impl Scheduler {
         let seq = self.seqs.get_mut(&id).expect("known");
         let start = seq.num_computed;
         for pos in start..start + n {
+            let block = seq.block_table[pos / bs].expect("blocks being written are live");
             plan.input_ids.push(seq.token_ids[pos]);
             plan.positions.push(pos as u32);
             plan.slot_mapping
-                .push((seq.block_table[pos / bs] as usize * bs + pos % bs) as i64);
+                .push((block as usize * bs + pos % bs) as i64);
         }
         seq.num_computed += n;
         plan.seq_ids.push(id);
@@ -452,15 +504,17 @@ impl Scheduler {
                 self.cfg.cache_salt,
                 tokens,
             );
-            let b = seq.block_table[i];
-            self.pool.set_hash(b, h);
-            self.cache.insert(h, b, tokens);
+            // A block is full (and registered) a step before the window can pass it.
+            if let Some(b) = seq.block_table[i] {
+                self.pool.set_hash(b, h);
+                self.cache.insert(h, b, tokens);
+            }
             seq.block_hashes.push(h);
         }
     }
 
     fn fill_block_tables(&self, plan: &mut StepPlan) {
-        let tables: Vec<&Vec<BlockId>> = plan
+        let tables: Vec<&Vec<Option<BlockId>>> = plan
             .seq_ids
             .iter()
             .map(|id| &self.seqs[id].block_table)
@@ -469,7 +523,9 @@ impl Scheduler {
         plan.block_tables = vec![-1; tables.len() * plan.max_blocks];
         for (row, table) in tables.iter().enumerate() {
             for (j, &b) in table.iter().enumerate() {
-                plan.block_tables[row * plan.max_blocks + j] = b as i32;
+                if let Some(b) = b {
+                    plan.block_tables[row * plan.max_blocks + j] = b as i32;
+                }
             }
         }
     }
@@ -478,7 +534,7 @@ impl Scheduler {
     pub fn owner_counts(&self) -> Vec<u32> {
         let mut counts = vec![0u32; self.cfg.num_blocks];
         for seq in self.seqs.values() {
-            for &b in &seq.block_table {
+            for &b in seq.block_table.iter().flatten() {
                 counts[b as usize] += 1;
             }
         }

@@ -9,6 +9,7 @@ fn config(num_blocks: usize, block_size: usize) -> SchedulerConfig {
         max_num_batched_tokens: 64,
         enable_prefix_caching: true,
         cache_salt: 0,
+        sliding_window: None,
     }
 }
 
@@ -209,7 +210,8 @@ impl Trace {
     }
 }
 
-/// Simulated KV memory: which token's KV each slot holds.
+/// Simulated KV memory: which token's KV each slot holds. Every position a
+/// query of the plan may see (all before it, or its window) must hold its token.
 fn check_kv(kv: &mut [Option<u32>], s: &Scheduler, plan: &StepPlan, bs: usize) {
     for &(src, dst) in &plan.copy_ops {
         let (src, dst) = (src as usize * bs, dst as usize * bs);
@@ -222,7 +224,12 @@ fn check_kv(kv: &mut [Option<u32>], s: &Scheduler, plan: &StepPlan, bs: usize) {
     for (row, &id) in plan.seq_ids.iter().enumerate() {
         let tokens = s.token_ids(id).unwrap();
         let table = &plan.block_tables[row * plan.max_blocks..(row + 1) * plan.max_blocks];
-        for pos in 0..plan.context_lens[row] as usize {
+        let first_query = (plan.context_lens[row] - plan.query_lens[row]) as usize;
+        let first_key = s
+            .config()
+            .sliding_window
+            .map_or(0, |w| (first_query + 1).saturating_sub(w));
+        for pos in first_key..plan.context_lens[row] as usize {
             let slot = table[pos / bs] as usize * bs + pos % bs;
             assert_eq!(
                 kv[slot],
@@ -263,7 +270,41 @@ fn check_invariants(s: &Scheduler, plan: &StepPlan) {
     );
 }
 
-fn run_trace(seed: u64, num_blocks: usize, block_size: usize, caching: bool) -> SchedulerStats {
+/// With a sliding window, exactly the blocks before the window of a row's
+/// first query are freed (-1); every block from there to its context is live.
+fn check_freed_entries(s: &Scheduler, plan: &StepPlan) {
+    let bs = s.config().block_size;
+    for row in 0..plan.seq_ids.len() {
+        let table = &plan.block_tables[row * plan.max_blocks..(row + 1) * plan.max_blocks];
+        let (ctx, first_query) = first_query(plan, row);
+        let first_live = s
+            .config()
+            .sliding_window
+            .map_or(0, |w| (first_query + 1).saturating_sub(w) / bs);
+        assert!(
+            table[..first_live].iter().all(|&b| b == -1),
+            "a block behind the window is still held"
+        );
+        assert!(
+            table[first_live..ctx.div_ceil(bs)].iter().all(|&b| b >= 0),
+            "a block the step reads was freed"
+        );
+    }
+}
+
+/// (context length, position of the first query) of a plan row.
+fn first_query(plan: &StepPlan, row: usize) -> (usize, usize) {
+    let ctx = plan.context_lens[row] as usize;
+    (ctx, ctx - plan.query_lens[row] as usize)
+}
+
+fn run_trace(
+    seed: u64,
+    num_blocks: usize,
+    block_size: usize,
+    caching: bool,
+    sliding_window: Option<usize>,
+) -> SchedulerStats {
     let cfg = SchedulerConfig {
         num_blocks,
         block_size,
@@ -271,6 +312,7 @@ fn run_trace(seed: u64, num_blocks: usize, block_size: usize, caching: bool) -> 
         max_num_batched_tokens: 40,
         enable_prefix_caching: caching,
         cache_salt: 3,
+        sliding_window,
     };
     let mut s = Scheduler::new(cfg).unwrap();
     let mut t = Trace { seed, step: 0 };
@@ -291,6 +333,7 @@ fn run_trace(seed: u64, num_blocks: usize, block_size: usize, caching: bool) -> 
         let plan = s.schedule();
         check_invariants(&s, &plan);
         check_kv(&mut kv, &s, &plan, block_size);
+        check_freed_entries(&s, &plan);
         for (row, &id) in plan.seq_ids.iter().enumerate() {
             if !plan.sample[row] {
                 continue;
@@ -344,6 +387,244 @@ fn random_traces_keep_every_invariant() {
             12 + (seed as usize % 5) * 6,
             [1, 2, 4, 16][seed as usize % 4],
             seed % 3 != 0,
+            None,
         );
     }
+}
+
+#[test]
+fn random_traces_with_a_sliding_window_keep_every_invariant() {
+    let mut preemptions = 0;
+    for seed in 0..40 {
+        let stats = run_trace(
+            seed,
+            12 + (seed as usize % 5) * 6,
+            [1, 2, 4, 16][seed as usize % 4],
+            seed % 3 != 0,
+            Some([1, 3, 5, 8, 17][seed as usize % 5]),
+        );
+        preemptions += stats.num_preemptions;
+    }
+    assert!(preemptions > 0, "the traces exercise preemption");
+}
+
+// --- sliding window: blocks behind every layer's window go back to the pool ---
+
+fn windowed(num_blocks: usize, block_size: usize, window: usize) -> SchedulerConfig {
+    SchedulerConfig {
+        sliding_window: Some(window),
+        ..config(num_blocks, block_size)
+    }
+}
+
+fn table(plan: &StepPlan, row: usize) -> &[i32] {
+    &plan.block_tables[row * plan.max_blocks..(row + 1) * plan.max_blocks]
+}
+
+fn checked_schedule(s: &mut Scheduler, kv: &mut [Option<u32>]) -> StepPlan {
+    let plan = s.schedule();
+    check_invariants(s, &plan);
+    check_kv(kv, s, &plan, s.config().block_size);
+    check_freed_entries(s, &plan);
+    plan
+}
+
+#[test]
+fn decode_frees_the_blocks_behind_the_window() {
+    let (bs, w) = (4, 8);
+    let mut s = Scheduler::new(windowed(16, bs, w)).unwrap();
+    let mut kv = vec![None; 16 * bs];
+    s.add(1, &(0..10).collect::<Vec<_>>()).unwrap();
+    let plan = checked_schedule(&mut s, &mut kv);
+    assert_eq!(plan.block_tables, vec![0, 1, 2]);
+    for pos in 10..70u32 {
+        s.append_token(1, 100 + pos).unwrap();
+        let plan = checked_schedule(&mut s, &mut kv);
+        let freed = (pos as usize + 1).saturating_sub(w) / bs;
+        let row = table(&plan, 0);
+        assert_eq!(
+            row.len(),
+            pos as usize / bs + 1,
+            "positions keep their table entries"
+        );
+        assert_eq!(row.iter().filter(|&&b| b == -1).count(), freed);
+        assert_eq!(s.pool().num_used(), row.len() - freed);
+        assert!(s.pool().num_used() <= w / bs + 1);
+    }
+    s.finish(1).unwrap();
+    assert_eq!(s.pool().num_free(), 16);
+}
+
+#[test]
+fn chunked_prefill_frees_behind_each_chunk_s_window() {
+    let (bs, w, chunk) = (4, 8, 5);
+    let mut cfg = windowed(16, bs, w);
+    cfg.max_num_batched_tokens = chunk;
+    let mut s = Scheduler::new(cfg).unwrap();
+    let mut kv = vec![None; 16 * bs];
+    s.add(1, &(0..30).collect::<Vec<_>>()).unwrap();
+    let mut freed_per_chunk = vec![];
+    loop {
+        let plan = checked_schedule(&mut s, &mut kv);
+        let (_, start) = first_query(&plan, 0);
+        freed_per_chunk.push((start, table(&plan, 0).iter().filter(|&&b| b == -1).count()));
+        // the chunk's own blocks plus the window before its first query
+        assert!(s.pool().num_used() <= (w - 1 + chunk).div_ceil(bs) + 1);
+        if plan.sample[0] {
+            break;
+        }
+    }
+    // a chunk starting at p needs keys from p - 7: blocks wholly before that are gone
+    assert_eq!(
+        freed_per_chunk,
+        vec![(0, 0), (5, 0), (10, 0), (15, 2), (20, 3), (25, 4)]
+    );
+}
+
+#[test]
+fn prefix_cache_hits_the_freed_blocks_of_a_whole_chain() {
+    let (bs, w) = (4, 8);
+    let mut s = Scheduler::new(windowed(16, bs, w)).unwrap();
+    let mut kv = vec![None; 16 * bs];
+    let prompt: Vec<u32> = (100..120).collect(); // 5 blocks
+    s.add(1, &prompt).unwrap();
+    let first = checked_schedule(&mut s, &mut kv).block_tables;
+    for t in 0..4 {
+        s.append_token(1, t).unwrap();
+        checked_schedule(&mut s, &mut kv);
+    }
+    assert!(
+        s.pool().ref_count(first[0] as u32) == 0,
+        "freed behind the window while running"
+    );
+    s.finish(1).unwrap();
+    s.add(2, &prompt).unwrap();
+    let plan = checked_schedule(&mut s, &mut kv);
+    assert_eq!(
+        (plan.query_lens.clone(), s.stats().prefix_cache_hits),
+        (vec![4], 16),
+        "four full blocks hit, the last token is computed"
+    );
+    // its first query (position 16) sees keys from 9 on: blocks 0 and 1 go back at once
+    assert_eq!(&table(&plan, 0)[..4], &[-1, -1, first[2], first[3]]);
+    assert_eq!(s.pool().num_used(), 3);
+    s.finish(2).unwrap();
+    assert_eq!(s.pool().num_free(), 16);
+}
+
+#[test]
+fn a_chain_whose_front_block_was_reused_does_not_hit() {
+    let (bs, w) = (4, 8);
+    let mut s = Scheduler::new(windowed(7, bs, w)).unwrap();
+    let mut kv = vec![None; 7 * bs];
+    let prompt: Vec<u32> = (100..112).collect(); // 3 blocks
+    s.add(1, &prompt).unwrap();
+    let first = checked_schedule(&mut s, &mut kv).block_tables;
+    s.append_token(1, 7).unwrap();
+    checked_schedule(&mut s, &mut kv); // position 12 sees keys from 5: block 0 freed
+    assert_eq!(s.pool().ref_count(first[0] as u32), 0);
+    s.add(2, &(200..216).collect::<Vec<_>>()).unwrap(); // takes every free block
+    let plan = checked_schedule(&mut s, &mut kv);
+    assert_eq!(plan.seq_ids, vec![2]);
+    assert!(
+        table(&plan, 0).contains(&first[0]),
+        "block 0 reused by another prompt"
+    );
+    s.finish(1).unwrap();
+    s.finish(2).unwrap();
+    s.add(3, &prompt).unwrap();
+    let plan = checked_schedule(&mut s, &mut kv);
+    assert_eq!(
+        (plan.query_lens.clone(), s.stats().prefix_cache_hits),
+        (vec![12], 0),
+        "blocks 1 and 2 are intact but the chain starts at block 0"
+    );
+}
+
+#[test]
+fn a_preempted_windowed_sequence_recomputes_from_the_start() {
+    let (bs, w) = (2, 4);
+    let mut cfg = windowed(5, bs, w);
+    cfg.enable_prefix_caching = false;
+    let mut s = Scheduler::new(cfg).unwrap();
+    let mut kv = vec![None; 5 * bs];
+    s.add(1, &[1, 2]).unwrap();
+    s.add(2, &[3, 4, 5, 6, 7, 8]).unwrap();
+    let mut held_freed = false;
+    let mut preempted_at = None;
+    for step in 0..20u32 {
+        let plan = checked_schedule(&mut s, &mut kv);
+        if plan.preempted.contains(&2) {
+            preempted_at = Some(s.token_ids(2).unwrap().len());
+            break;
+        }
+        if let Some(row) = plan.seq_ids.iter().position(|&id| id == 2) {
+            held_freed |= table(&plan, row).contains(&-1);
+        }
+        for (row, &id) in plan.seq_ids.iter().enumerate() {
+            if plan.sample[row] {
+                s.append_token(id, 50 + step).unwrap();
+            }
+        }
+    }
+    let len = preempted_at.expect("the newest sequence is preempted");
+    assert!(held_freed, "it had freed blocks behind its window");
+    s.finish(1).unwrap();
+    let plan = checked_schedule(&mut s, &mut kv);
+    assert_eq!(plan.seq_ids, vec![2]);
+    assert_eq!(
+        (first_query(&plan, 0).1, plan.query_lens[0] as usize),
+        (0, len),
+        "every token computed again, from position 0"
+    );
+    s.append_token(2, 9).unwrap();
+    let plan = checked_schedule(&mut s, &mut kv);
+    assert_eq!(
+        table(&plan, 0).iter().filter(|&&b| b == -1).count(),
+        (len + 1 - w) / bs,
+        "and its window moves on again"
+    );
+    s.finish(2).unwrap();
+    assert_eq!(s.pool().num_free(), 5);
+}
+
+#[test]
+fn fork_keeps_the_freed_entries_and_shares_the_live_blocks() {
+    let (bs, w) = (4, 8);
+    let mut cfg = windowed(16, bs, w);
+    cfg.max_num_batched_tokens = 8;
+    let mut s = Scheduler::new(cfg).unwrap();
+    let mut kv = vec![None; 16 * bs];
+    s.add_group(1, &(0..21).collect::<Vec<_>>(), 1).unwrap();
+    while !checked_schedule(&mut s, &mut kv).sample[0] {}
+    // the last chunk started at 16, seeing keys from 9: blocks 0 and 1 were freed
+    s.fork(1, 2).unwrap();
+    let owners = s.owner_counts();
+    assert_eq!(
+        owners.iter().filter(|&&c| c == 2).count(),
+        4,
+        "blocks 2-5 shared"
+    );
+    assert_eq!(s.pool().num_used(), 4);
+    s.append_token(1, 7).unwrap();
+    s.append_token(2, 8).unwrap();
+    let plan = checked_schedule(&mut s, &mut kv);
+    assert_eq!(plan.copy_ops.len(), 1, "the shared partial block is copied");
+    for row in 0..2 {
+        assert_eq!(&table(&plan, row)[..2], &[-1, -1]);
+    }
+    for t in 0..12 {
+        for id in [1, 2] {
+            s.append_token(id, 60 + t).unwrap();
+        }
+        checked_schedule(&mut s, &mut kv);
+    }
+    s.finish(1).unwrap();
+    s.finish(2).unwrap();
+    assert_eq!(s.pool().num_free(), 16);
+}
+
+#[test]
+fn a_zero_window_is_refused() {
+    assert!(Scheduler::new(windowed(4, 4, 0)).is_err());
 }
