@@ -163,7 +163,8 @@ class StepPlan:
         """(T,) the KV-cache slot each token writes: block * block_size + offset."""
     @property
     def block_tables(self) -> NDArray[np.int32]:
-        """(S, max_blocks) each sequence's block ids, padded with -1."""
+        """(S, max_blocks) each sequence's block ids, padded with -1; -1 too for the blocks
+        freed behind a sliding window (attention reads from the window's first block on)."""
     @property
     def copy_ops(self) -> NDArray[np.int64]:
         """(k, 2) (source, destination) blocks to copy before the model runs (copy-on-write)."""
@@ -197,6 +198,7 @@ class Scheduler:
         max_num_batched_tokens: int = 2048,
         enable_prefix_caching: bool = True,
         cache_salt: int = 0,
+        sliding_window: int | None = None,
     ) -> Scheduler: ...
     def add(self, seq_id: int, prompt_ids: NDArray[np.uint32], num_forks: int = 0) -> None: ...
     def append_token(self, seq_id: int, token_id: int) -> None: ...
@@ -220,6 +222,9 @@ class Scheduler:
     def num_used_blocks(self) -> int: ...
     @property
     def block_size(self) -> int: ...
+    @property
+    def sliding_window(self) -> int | None:
+        """The window every layer attends within, behind which blocks are freed; None: none."""
     @property
     def prefix_cache_queries(self) -> int: ...
     @property

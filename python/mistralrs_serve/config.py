@@ -111,6 +111,9 @@ class EngineConfig:
     # Rows of 4-bit models on a CPU with AVX-512 VNNI or AVX2 run through the
     # fused Rust decode step (models/llama_native.py) rather than torch.
     native_forward: bool = True
+    # Free a sequence's KV blocks behind the window when every layer of the model
+    # attends within one (Mistral v0.1); False keeps them to the end (tests compare).
+    free_kv_behind_window: bool = True
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

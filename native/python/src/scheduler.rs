@@ -36,7 +36,7 @@ impl PyScheduler {
     #[new]
     #[pyo3(signature = (
         *, num_blocks, block_size = 16, max_num_seqs = 256, max_num_batched_tokens = 2048,
-        enable_prefix_caching = true, cache_salt = 0
+        enable_prefix_caching = true, cache_salt = 0, sliding_window = None
     ))]
     fn new(
         num_blocks: usize,
@@ -45,6 +45,7 @@ impl PyScheduler {
         max_num_batched_tokens: usize,
         enable_prefix_caching: bool,
         cache_salt: u64,
+        sliding_window: Option<usize>,
     ) -> PyResult<Self> {
         let cfg = SchedulerConfig {
             num_blocks,
@@ -53,6 +54,7 @@ impl PyScheduler {
             max_num_batched_tokens,
             enable_prefix_caching,
             cache_salt,
+            sliding_window,
         };
         Ok(Self {
             inner: Scheduler::new(cfg).map_err(to_py_err)?,
@@ -142,6 +144,12 @@ impl PyScheduler {
         self.inner.config().block_size
     }
 
+    /// The window every layer attends within, behind which blocks are freed; None: none.
+    #[getter]
+    fn sliding_window(&self) -> Option<usize> {
+        self.inner.config().sliding_window
+    }
+
     #[getter]
     fn prefix_cache_queries(&self) -> u64 {
         self.inner.stats().prefix_cache_queries
@@ -185,7 +193,8 @@ pub struct PyStepPlan {
     /// (T,) int64: the KV-cache slot each token writes (block * block_size + offset).
     #[pyo3(get)]
     slot_mapping: Py<PyArray1<i64>>,
-    /// (S, max_blocks) int32: each sequence's block ids, padded with -1.
+    /// (S, max_blocks) int32: each sequence's block ids, padded with -1; -1 too for the
+    /// blocks freed behind a sliding window (attention reads from the window's first block).
     #[pyo3(get)]
     block_tables: Py<PyArray2<i32>>,
     /// (k, 2) int64: (source, destination) blocks to copy before the model runs.

@@ -51,6 +51,7 @@ class LLMEngine:
             max_num_seqs=self.config.max_num_seqs,
             max_num_batched_tokens=self.config.max_num_batched_tokens,
             enable_prefix_caching=self.config.enable_prefix_caching,
+            sliding_window=self.runner.kv_window if self.config.free_kv_behind_window else None,
         )
         self.grammars = GrammarCompiler(self.tokenizer, self.model.config.vocab_size)
         # Grammar masks of a step are filled on this thread while the model runs.

@@ -55,6 +55,10 @@ class ModelRunner:
         self.max_model_len = min(model_len, config.max_model_len or model_len)
         self.cache = self._allocate_cache()
         self.path = self._choose_path()
+        # The torch and Triton paths read a windowed layer's blocks from the window's first
+        # on (captured decodes only run contexts within the window), so the scheduler may
+        # free those behind it; the fused forward reads whole tables.
+        self.kv_window = None if isinstance(self.path, FusedPath) else self.model.kv_window()
 
     def _allocate_cache(self) -> PagedKVCache:
         """As many blocks as the budget holds, in the model's compute dtype: keys and

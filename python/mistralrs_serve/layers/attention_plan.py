@@ -199,8 +199,12 @@ def validate_plan(
     needed = -(-ctxs // bs)
     if num_seqs and needed.max() > tables.shape[1]:
         raise ValueError(f"a context needs {needed.max()} blocks; block_tables has {tables.shape[1]} columns")
-    used = np.arange(tables.shape[1])[None, :] < needed[:, None]
-    if ((tables < 0) | (tables >= cache.num_blocks))[used].any():
+    columns = np.arange(tables.shape[1])[None, :]
+    used = columns < needed[:, None]
+    # a leading run of -1 before a sequence's first query: blocks a sliding window has
+    # passed, freed by the scheduler (windowed layers read from the window's first block)
+    freed = np.cumprod(tables < 0, axis=1).astype(bool) & (columns < ((ctxs - qlens) // bs)[:, None])
+    if (((tables < 0) & ~freed) | (tables >= cache.num_blocks))[used].any():
         raise ValueError(f"block_tables: a used entry is outside [0, {cache.num_blocks})")
     if ((slots < -1) | (slots >= cache.num_blocks * bs)).any():
         raise ValueError(f"slot_mapping: slots must be -1 or in [0, {cache.num_blocks * bs})")

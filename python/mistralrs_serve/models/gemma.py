@@ -33,7 +33,7 @@ from mistralrs_serve.layers.linear import AnyWeight, Linear, concat_weights
 from mistralrs_serve.layers.norm import RMSNorm
 from mistralrs_serve.layers.rotary import RotaryTable, apply_rotary
 from mistralrs_serve.models import gemma_config
-from mistralrs_serve.models.interface import FusedForward
+from mistralrs_serve.models.interface import FusedForward, every_layer_window
 from mistralrs_serve.models.registry import Architecture
 
 _NORMS = (
@@ -206,6 +206,11 @@ class GemmaForCausalLM:
     def fused_forward(self, kv: np.ndarray | None) -> FusedForward | None:
         """None: the fused Rust CPU step is the Llama family's only."""
         return None
+
+    def kv_window(self) -> int | None:
+        """None for Gemma 2 and 3, whose global layers read every block (freeing behind
+        the sliding layers' window would take them a block pool of their own)."""
+        return every_layer_window(layer.how for layer in self.layers)
 
     def linears(self) -> list[Linear]:
         """The head first, then every layer's."""

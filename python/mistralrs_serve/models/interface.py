@@ -4,13 +4,14 @@ names the class: the engine's runner calls nothing else."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Protocol
 
 import numpy as np
 import torch
 
 from mistralrs_serve.config import ModelConfig
-from mistralrs_serve.layers.attention import AttentionBackend
+from mistralrs_serve.layers.attention import AttentionBackend, LayerAttention
 
 
 class FusedForward(Protocol):
@@ -74,6 +75,18 @@ class CausalLM(Protocol):
         """The family's fused native step over the cache `kv` (PagedKVCache.kv_np),
         or None where it has none or it does not apply (device, weights, CPU)."""
         ...
+
+    def kv_window(self) -> int | None:
+        """The window of keys every layer attends within, or None where a layer sees
+        them all: with one, the scheduler frees a sequence's KV blocks behind it."""
+        ...
+
+
+def every_layer_window(hows: Iterable[LayerAttention]) -> int | None:
+    """The widest window when every layer has one (what the cache must keep), else None."""
+    windows = [how.window for how in hows]
+    bounded = [w for w in windows if w is not None]
+    return max(bounded) if bounded and len(bounded) == len(windows) else None
 
 
 class EmbeddingModel(Protocol):

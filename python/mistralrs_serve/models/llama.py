@@ -28,6 +28,7 @@ from mistralrs_serve.layers.attention import PLAIN, AttentionBackend, LayerAtten
 from mistralrs_serve.layers.linear import AnyWeight, Linear, concat_weights
 from mistralrs_serve.layers.norm import RMSNorm
 from mistralrs_serve.layers.rotary import RotaryTable, apply_rotary
+from mistralrs_serve.models.interface import every_layer_window
 from mistralrs_serve.models.registry import Architecture
 
 if TYPE_CHECKING:
@@ -150,6 +151,10 @@ class LlamaForCausalLM:
     def is_plain(self) -> bool:
         """Every layer plain causal attention with rotary: what the fused Rust forward computes."""
         return all(layer.how is PLAIN and layer.use_rope for layer in self.layers)
+
+    def kv_window(self) -> int | None:
+        """The window every layer attends within (Mistral v0.1, a windowed Phi-3), else None."""
+        return every_layer_window(layer.how for layer in self.layers)
 
     @torch.inference_mode()
     def forward(

@@ -27,7 +27,7 @@ from mistralrs_serve.layers.linear import AnyWeight, Linear, concat_weights
 from mistralrs_serve.layers.moe import Routing, SparseMoE, check_expert_counts, dense, stack_experts
 from mistralrs_serve.layers.norm import RMSNorm
 from mistralrs_serve.layers.rotary import RotaryTable, apply_rotary
-from mistralrs_serve.models.interface import FusedForward
+from mistralrs_serve.models.interface import FusedForward, every_layer_window
 from mistralrs_serve.models.registry import Architecture
 
 # GGUF expert tensors (llama.cpp stacks each projection's experts into one) and
@@ -243,6 +243,10 @@ class MoeForCausalLM:
     def fused_forward(self, kv: np.ndarray | None) -> FusedForward | None:
         """No fused native step for MoE families (the Rust forward is Llama's)."""
         return None
+
+    def kv_window(self) -> int | None:
+        """The window every layer attends within (a Mixtral config with one), else None."""
+        return every_layer_window(layer.how for layer in self.layers)
 
     def _linears(self) -> list[Linear]:
         return [self.lm_head] + [lin for layer in self.layers for lin in layer.linears()]
