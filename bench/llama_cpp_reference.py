@@ -87,13 +87,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     text = args.perplexity_text.read_text(encoding="utf-8")
-    llm = llama_cpp.Llama(args.model, n_ctx=4096, n_batch=4096, logits_all=True, n_threads=args.threads, verbose=False)
+    llm = llama_cpp.Llama(
+        args.model, n_ctx=4096, n_batch=4096, logits_all=True, n_threads=args.threads, verbose=False
+    )
     vocab = llm.n_vocab()
     strings = [s for path in args.texts for s in test_strings(path)] + [PARAGRAPH]
     result = {
         "model": Path(args.model).name,
         "llama_cpp_python": llama_cpp.__version__,
-        "tokenize": [{"text": s, "ids": llm.tokenize(s.encode(), add_bos=False, special=False)} for s in strings],
+        "tokenize": [
+            {"text": s, "ids": llm.tokenize(s.encode(), add_bos=False, special=False)} for s in strings
+        ],
         "greedy": greedy(llm, vocab),
         "perplexity": perplexity(llm, text, vocab),
     }

@@ -258,6 +258,22 @@ class QuantMatrix:
         """Float weights (rows, cols) quantized to 8 bits per block of 32."""
 
     @staticmethod
+    def from_gguf(type_name: str, data: NDArray[np.uint8], rows: int, cols: int) -> QuantMatrix:
+        """A (rows, cols) tensor of GGUF type Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K or Q6_K
+        from its bytes as the file stores them (C-contiguous uint8, any shape)."""
+
+    @staticmethod
+    def concat(parts: list[QuantMatrix]) -> QuantMatrix:
+        """Matrices of equal width stacked by rows, each part keeping its kind."""
+
+    def dequantize_rows(self, ids: NDArray[np.int64]) -> NDArray[np.float32]:
+        """Rows `ids` as floats: (len(ids), cols)."""
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes one pass over the matrix reads."""
+
+    @staticmethod
     def has_fast_kernel() -> bool:
         """Whether this CPU runs a vector kernel (AVX-512 VNNI or AVX2), which
         the fused forward needs to be fast; MISTRALRS_SERVE_CPU_PATH caps it."""

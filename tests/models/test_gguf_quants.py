@@ -189,9 +189,9 @@ def _write_k_quant_file(path: Path) -> Path:
     return path
 
 
-def _dense(w: Any) -> torch.Tensor:
-    # the loader may keep a quantized matrix packed for a fused kernel: compare its values
-    return w if isinstance(w, torch.Tensor) else w.dequantize(torch.float32)
+def _dense(w: Any, dtype: torch.dtype) -> torch.Tensor:
+    # the loader keeps quantized matrices as the file's blocks (BlockWeight): decode as the torch path does
+    return w if isinstance(w, torch.Tensor) else w.dequantize(dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -215,7 +215,7 @@ def test_k_quant_file_loads_with_reference_values(tmp_path: Path, dtype: torch.d
         want = _reference(np.asarray(stored[name].data).reshape(-1), qtype, shape)
         if name == "blk.0.attn_q.weight":
             want = unpermute_qk(want, HEADS)
-        got = _dense(weights[target])
+        got = _dense(weights[target], dtype)
         assert got.dtype == dtype, target
         if dtype == torch.float32:
             _assert_bit_exact(got, want, target)

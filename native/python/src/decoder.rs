@@ -6,13 +6,14 @@ use mistralrs_serve_cpu::decoder::{
 };
 use std::sync::Arc;
 
-use mistralrs_serve_cpu::quant::QMatrix;
-use numpy::PyUntypedArrayMethods;
+use mistralrs_serve_cpu::quant::{GgufType, QMatrix};
+use numpy::{PyArray2, PyUntypedArrayMethods};
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
 use crate::convert::{
-    as_bits_mut, bad_array, indices, readonly, readwrite, shape_of, tables_and_lens, F32_2D,
-    I64_1D, WRITEABLE_F32_2D,
+    as_bits_mut, bad_array, indices, matrix, readonly, readwrite, shape_of, tables_and_lens,
+    F32_2D, I64_1D, WRITEABLE_F32_2D,
 };
 use crate::errors::to_py_err;
 
@@ -54,6 +55,63 @@ impl PyQuantMatrix {
         let (rows, cols) = (w.shape()[0], w.shape()[1]);
         let m = QMatrix::quantize_q8(w.as_slice()?, rows, cols).map_err(to_py_err)?;
         Ok(Self { inner: Arc::new(m) })
+    }
+
+    /// A (rows, cols) tensor of GGUF type `type_name` (Q4_0, Q4_1, Q5_0, Q5_1,
+    /// Q8_0, Q4_K, Q5_K, Q6_K) from its bytes as the file stores them (a
+    /// C-contiguous uint8 array of any shape, e.g. a view of the mapped file).
+    #[staticmethod]
+    fn from_gguf(
+        py: Python<'_>,
+        type_name: &str,
+        data: Bound<'_, PyAny>,
+        rows: usize,
+        cols: usize,
+    ) -> PyResult<Self> {
+        let Some(t) = GgufType::from_name(type_name) else {
+            return Err(PyValueError::new_err(format!(
+                "GGML type {type_name} has no fused CPU kernel (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K do)"
+            )));
+        };
+        let data = readonly::<u8, numpy::IxDyn>("data", "a C-contiguous uint8 array", &data)?;
+        let bytes = data.as_slice()?;
+        let m = py
+            .detach(|| QMatrix::from_gguf(t, bytes, rows, cols))
+            .map_err(to_py_err)?;
+        Ok(Self { inner: Arc::new(m) })
+    }
+
+    /// Matrices of equal width stacked by rows, each part keeping its kind.
+    #[staticmethod]
+    fn concat(parts: Vec<PyRef<'_, PyQuantMatrix>>) -> PyResult<Self> {
+        let all = parts.iter().map(|p| (*p.inner).clone()).collect();
+        let m = QMatrix::concat(all).map_err(to_py_err)?;
+        Ok(Self { inner: Arc::new(m) })
+    }
+
+    /// Rows `ids` (int64) dequantized: (len(ids), cols) float32 (embedding lookups).
+    fn dequantize_rows<'py>(
+        &self,
+        py: Python<'py>,
+        ids: Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyArray2<f32>>> {
+        let ids = readonly::<i64, numpy::Ix1>("ids", I64_1D, &ids)?;
+        let m = &self.inner;
+        let rows = indices("ids", ids.as_slice()?)?;
+        if let Some(bad) = rows.iter().find(|&&r| r >= m.rows) {
+            return Err(PyValueError::new_err(format!(
+                "row {bad} of a {}-row matrix",
+                m.rows
+            )));
+        }
+        let values = py.detach(|| rows.iter().flat_map(|&r| m.dequantize_row(r)).collect());
+        Ok(matrix(py, rows.len(), m.cols, values))
+    }
+
+    /// Bytes one pass over the matrix reads (codes, scales, offsets).
+    #[getter]
+    fn nbytes(&self) -> usize {
+        self.inner.nbytes()
     }
 
     /// Whether this CPU runs a vector kernel (AVX-512 VNNI or AVX2, as

@@ -5,6 +5,10 @@ torch's int4 CPU kernel beats a dense bf16 matmul for few rows (decode:
 30 vs 34 us for 576x1536, 0.8 vs 2.4 ms for the 49152x576 head) and loses
 for many (prefill of 512 rows: 5.5 vs 2.1 ms), so 4-bit weights are kept in
 both forms and each call picks by row count.
+
+A quantized source (GGUF blocks, `block_weight.BlockWeight`, or a
+`Q4Weight`) becomes dense only when a torch call first needs it: a model on
+the fused CPU forward reads its repacked blocks alone, and holds no dense copy.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from mistralrs_serve import _native
+from mistralrs_serve.layers.block_weight import BlockWeight
 
 # Rows above which the dense bf16 matmul wins (measured crossover: 8-16).
 INT4_MAX_ROWS = 8
@@ -54,7 +59,7 @@ class Q4Weight:
         return Q4Weight(*(torch.cat([getattr(p, n) for p in parts]) for n in ("q", "scale", "minimum")))
 
 
-AnyWeight = torch.Tensor | Q4Weight
+AnyWeight = torch.Tensor | Q4Weight | BlockWeight
 
 
 def has_int4_kernel() -> bool:
@@ -66,44 +71,75 @@ class Linear:
 
     def __init__(self, weight: AnyWeight, bias: torch.Tensor | None, dtype: torch.dtype) -> None:
         self.bias = None if bias is None else bias.to(dtype)
-        self.int4: tuple[torch.Tensor, torch.Tensor] | None = None
-        # the 4-bit source, until quant_matrix() repacks it for the fused CPU forward
-        self.q4 = weight if isinstance(weight, Q4Weight) else None
+        self.dtype = dtype
+        # the quantized source, until a torch call needs the dense (and int4) forms
+        self.source: Q4Weight | BlockWeight | None = None if isinstance(weight, torch.Tensor) else weight
+        self._weight = weight.to(dtype) if isinstance(weight, torch.Tensor) else None
+        self._packed4: tuple[torch.Tensor, torch.Tensor] | None = None
         self._quant: _native.QuantMatrix | None = None
-        if isinstance(weight, Q4Weight):
-            # torch's packing needs whole tiles of 16 output rows (e.g. a 32001-row head has none).
-            if dtype == torch.bfloat16 and has_int4_kernel() and weight.shape[0] % INT4_ROW_TILE == 0:
-                self.int4 = _pack_int4(weight)
-            weight = weight.dequantize(dtype)
-        self.weight = weight.to(dtype)
+        self.shape = weight.shape
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weights in the layer's dtype (decoded from the source on first use)."""
+        if self._weight is None:
+            self._materialize()
+        assert self._weight is not None
+        return self._weight
+
+    @property
+    def int4(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """torch's packed 4-bit copy, where the source is 4-bit and the kernel applies."""
+        if self._weight is None:
+            self._materialize()
+        return self._packed4
+
+    @int4.setter
+    def int4(self, packed: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        """Replace (or with None, turn off) the packed 4-bit copy."""
+        if self._weight is None:
+            self._materialize()
+        self._packed4 = packed
+
+    def _materialize(self) -> None:
+        src = self.source
+        assert src is not None
+        q4 = src if isinstance(src, Q4Weight) else _as_q4(src)
+        # torch's packing needs whole tiles of 16 output rows (e.g. a 32001-row head has none).
+        tiles = q4 is not None and q4.shape[0] % INT4_ROW_TILE == 0
+        if q4 is not None and tiles and self.dtype == torch.bfloat16 and has_int4_kernel():
+            self._packed4 = _pack_int4(q4)
+        self._weight = (q4 if q4 is not None else src).dequantize(self.dtype)
 
     def to(self, device: torch.device) -> None:
         """Move in place; the packed 4-bit copy is a CPU kernel's and stays behind."""
-        self.weight = self.weight.to(device)
+        self._weight = self.weight.to(device)
         self.bias = None if self.bias is None else self.bias.to(device)
         if device.type != "cpu":
-            self.int4 = self.q4 = self._quant = None
+            self._packed4 = self.source = self._quant = None
 
     def quant_matrix(self, requantize: bool = False) -> _native.QuantMatrix | None:
         """The weights repacked for the fused CPU forward (models/llama_native.py),
-        built once and shared by every engine on this model: from the 4-bit source
-        (then let go), or with `requantize`, the dense weights quantized to 8 bits
-        per block of 32. None for dense weights without `requantize`."""
-        if self._quant is None and self.q4 is not None:
-            w = self.q4
+        built once and shared by every engine on this model: from the GGUF blocks or
+        the 4-bit source, or with `requantize`, the dense weights quantized to 8 bits
+        per block of 32. None for dense weights without `requantize`, and for block
+        types the fused forward has no kernel for."""
+        if self._quant is None and isinstance(self.source, BlockWeight):
+            self._quant = self.source.quant_matrix()
+        elif self._quant is None and isinstance(self.source, Q4Weight):
+            w = self.source
             self._quant = _native.QuantMatrix.from_q4(
                 w.q.contiguous().numpy(),
                 w.scale.float().contiguous().numpy(),
                 w.minimum.float().contiguous().numpy(),
             )
-            self.q4 = None
-        elif self._quant is None and requantize:
+        if self._quant is None and requantize:
             self._quant = _native.QuantMatrix.quantize_q8(self.weight.float().contiguous().numpy())
         return self._quant
 
     @property
     def out_features(self) -> int:
-        return int(self.weight.shape[0])
+        return int(self.shape[0])
 
     def decode_bytes(self) -> int:
         """Bytes one decode step (a single row) reads from this layer's weights."""
@@ -154,7 +190,21 @@ def concat_weights(parts: list[AnyWeight]) -> AnyWeight:
     q4 = [p for p in parts if isinstance(p, Q4Weight)]
     if len(q4) == len(parts):
         return Q4Weight.concat(q4)
-    return torch.cat([p.dequantize(torch.float32) if isinstance(p, Q4Weight) else p.float() for p in parts])
+    blocks = [p for p in parts if isinstance(p, BlockWeight)]
+    if len(blocks) == len(parts):
+        return BlockWeight.concat(blocks)
+    return torch.cat(
+        [p.float() if isinstance(p, torch.Tensor) else p.dequantize(torch.float32) for p in parts]
+    )
+
+
+def _as_q4(w: BlockWeight) -> Q4Weight | None:
+    """Q4_0/Q4_1 blocks as (q, scale, minimum), for torch's int4 kernel; None otherwise."""
+    if any(p.type_name not in ("Q4_0", "Q4_1") for p in w.parts):
+        return None
+    from mistralrs_serve.models.gguf_quants import unpack_q4_blocks
+
+    return Q4Weight.concat([unpack_q4_blocks(p.type_name, p.raw, p.rows, p.cols) for p in w.parts])
 
 
 def _pack_int4(w: Q4Weight) -> tuple[torch.Tensor, torch.Tensor]:

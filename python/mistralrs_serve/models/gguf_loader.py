@@ -9,9 +9,10 @@ import torch
 
 from mistralrs_serve.config import ModelConfig
 from mistralrs_serve.errors import ModelLoadError, UnsupportedModelError
+from mistralrs_serve.layers.block_weight import BlockWeight
 from mistralrs_serve.layers.linear import AnyWeight, Q4Weight
 from mistralrs_serve.models.gguf_file import GGUFFile
-from mistralrs_serve.models.gguf_quants import Q4_TYPES, dequantize, unpack_q4
+from mistralrs_serve.models.gguf_quants import DECODERS, check_length, dequantize
 from mistralrs_serve.models.progress import progress
 from mistralrs_serve.models.registry import Architecture, config_from_gguf, find_architecture
 from mistralrs_serve.tokenizer.chat_template import load_chat_template
@@ -29,6 +30,7 @@ _GLOBAL_NAMES = {
 }
 # Phi-3's LongRoPE divisors stay fp32: in bf16 a 128k-token position's angle would move by up to 0.4%
 _FP32_TARGETS = ("rope_factors_long", "rope_factors_short")
+_DENSE_TYPES = ("F32", "F16", "BF16")
 _LAYER_NAMES = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
@@ -82,19 +84,25 @@ def read_gguf(path: Path) -> tuple[GGUFFile, Architecture, ModelConfig]:
 def load_gguf_weights(
     gguf: GGUFFile, arch: Architecture, cfg: ModelConfig, dtype: torch.dtype
 ) -> dict[str, AnyWeight]:
-    """Weights under Hugging Face names; 4-bit matrices of linear layers stay 4-bit."""
+    """Weights under Hugging Face names. Quantized matrices stay the file's blocks
+    (`BlockWeight`, views of the mapped file: decoded or repacked by whoever uses
+    them); other tensors are decoded now."""
     weights: dict[str, AnyWeight] = {}
     for name, info in progress(list(gguf.tensors.items()), "loading GGUF tensors", "tensor"):
         target = hf_name(name, arch)
         if target is None:
             continue
-        keep_q4 = info.type_name in Q4_TYPES and len(info.shape) == 2 and "embed_tokens" not in target
         try:
-            w: AnyWeight = (
-                unpack_q4(gguf.raw(name), info)
-                if keep_q4
-                else dequantize(gguf.raw(name), info, torch.float32 if target in _FP32_TARGETS else dtype)
-            )
+            w: AnyWeight
+            if len(info.shape) == 2 and info.type_name not in _DENSE_TYPES:
+                check_length(gguf.raw(name), info)
+                if info.type_name not in DECODERS:  # refused now, not at the first forward
+                    raise UnsupportedModelError(
+                        f"tensor {name!r}: GGML type {info.type_name} is not supported"
+                    )
+                w = BlockWeight.of(info.type_name, gguf.raw(name), *info.shape)
+            else:
+                w = dequantize(gguf.raw(name), info, torch.float32 if target in _FP32_TARGETS else dtype)
         except UnsupportedModelError as e:
             raise UnsupportedModelError(f"{gguf.path}: {e}") from e
         heads = _permuted_heads(arch, cfg, target)
@@ -111,7 +119,7 @@ def _permuted_heads(arch: Architecture, cfg: ModelConfig, target: str) -> int:
 
 
 def _unpermute(w: AnyWeight, heads: int) -> AnyWeight:
-    if isinstance(w, Q4Weight):
+    if isinstance(w, Q4Weight | BlockWeight):
         return w.map_rows(lambda t: unpermute_qk(t, heads))
     return unpermute_qk(w, heads)
 

@@ -232,6 +232,14 @@ def _decode(
     return DECODERS[kind.name](torch.from_numpy(chunk.copy()).to(device=device))
 
 
+def check_length(raw: np.ndarray, info: TensorInfo) -> None:
+    """ModelLoadError unless `raw` holds exactly tensor `info`'s bytes (whole blocks)."""
+    kind = GGML_TYPES.get(info.ggml_type)
+    if kind is None:
+        raise UnsupportedModelError(f"tensor {info.name!r}: GGML type {info.type_name} is not supported")
+    _check_length(raw, info, kind)
+
+
 def _check_length(raw: np.ndarray, info: TensorInfo, kind: GGMLType) -> None:
     num_elements = int(np.prod(info.shape)) if info.shape else 1
     if num_elements % kind.block_size:
@@ -251,11 +259,17 @@ def unpack_q4(raw: np.ndarray, info: TensorInfo) -> Q4Weight:
     """A Q4_0/Q4_1 matrix as (q, scale, minimum), without dequantising."""
     kind = GGML_TYPES[info.ggml_type]
     _check_length(raw, info, kind)
-    blocks = torch.from_numpy(raw.reshape(-1, kind.type_size).copy())
-    rows, groups = info.shape[0], info.shape[1] // kind.block_size
+    return unpack_q4_blocks(kind.name, raw, info.shape[0], info.shape[1])
+
+
+def unpack_q4_blocks(type_name: str, raw: np.ndarray, rows: int, cols: int) -> Q4Weight:
+    """(rows, cols) of Q4_0/Q4_1 blocks as (q, scale, minimum)."""
+    type_size = 18 if type_name == "Q4_0" else 20
+    blocks = torch.from_numpy(np.ascontiguousarray(raw).reshape(-1, type_size).copy())
+    groups = cols // 32
     scale = _f16(blocks, 0)
-    if kind.name == "Q4_0":
+    if type_name == "Q4_0":
         q, minimum = _nibbles(blocks[:, 2:]), -8.0 * scale
     else:
         q, minimum = _nibbles(blocks[:, 4:]), _f16(blocks, 2)
-    return Q4Weight(q.view(info.shape), scale.view(rows, groups), minimum.view(rows, groups))
+    return Q4Weight(q.view(rows, cols), scale.view(rows, groups), minimum.view(rows, groups))

@@ -116,13 +116,16 @@ class DecoderLayer:
 class LlamaForCausalLM:
     """Token ids and positions in, logits of the selected rows out."""
 
+    embed_source: AnyWeight  # the embedding table as loaded (see `embed`)
+    _embed_dense: torch.Tensor | None
+
     def __init__(self, cfg: ModelConfig, weights: Mapping[str, AnyWeight], dtype: torch.dtype) -> None:
         missing = [n for n in required_weight_names(cfg) if n not in weights]
         if missing:
             raise ModelLoadError(f"weights are missing {len(missing)} tensors, e.g. {missing[:3]}")
         self.config, self.dtype = cfg, dtype
         self.device = torch.device("cpu")
-        self.embed = _dense(weights["model.embed_tokens.weight"], dtype)
+        self.embed = weights["model.embed_tokens.weight"]
         self.layers = [
             DecoderLayer(cfg, i, weights, dtype, self.layer_attention(i), self.layer_uses_rope(i))
             for i in range(cfg.num_layers)
@@ -139,6 +142,21 @@ class LlamaForCausalLM:
             dtype,
             None if freq_factors is None else _dense(freq_factors, torch.float64),
         )
+
+    @property
+    def embed(self) -> torch.Tensor:
+        """The dense embedding table, decoded on first use (the fused forward looks
+        rows up in the quantized table instead: `embed_source`, kept as loaded)."""
+        if isinstance(self.embed_source, torch.Tensor):
+            return self.embed_source
+        if self._embed_dense is None:
+            self._embed_dense = _dense(self.embed_source, self.dtype)
+        return self._embed_dense
+
+    @embed.setter
+    def embed(self, table: AnyWeight) -> None:
+        self.embed_source = table if not isinstance(table, torch.Tensor) else table.to(self.dtype)
+        self._embed_dense = None
 
     def layer_attention(self, idx: int) -> LayerAttention:
         """How layer `idx` attends (a family with sliding windows overrides this)."""

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from mistralrs_serve import _native
+from mistralrs_serve.layers.block_weight import BlockWeight
 from mistralrs_serve.layers.linear import Linear
 from mistralrs_serve.models.llama import LlamaForCausalLM
 
@@ -40,7 +41,9 @@ class NativeForward:
     35.70). Each row's arithmetic depends on that row alone, so a token comes out
     the same whatever shares its step.
 
-    Used when every linear layer is 4-bit (GGUF Q4_0/Q4_1), the model is on the CPU
+    Used when every linear layer is GGUF blocks of a type the Rust kernels read
+    (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K; a Q4_K_M file mixes them, even
+    within a fused projection), the model is on the CPU
     and the CPU has AVX-512 VNNI or AVX2 (`_native.QuantMatrix.kernel_path()`;
     MISTRALRS_SERVE_CPU_PATH=avx2|portable caps it); `--no-native-forward` turns it off.
     """
@@ -78,6 +81,12 @@ class NativeForward:
             final_norm=model.norm.weight.float().tolist(),
             lm_head=head_q,
         )
+        # token rows straight from the quantized table (the tied head's, or the embedding's
+        # own blocks), as llama.cpp reads them: no dense copy of the table
+        source = model.embed_source
+        self.embed_q: _native.QuantMatrix | None = None
+        if isinstance(source, BlockWeight):
+            self.embed_q = head_q if head.source is source else source.quant_matrix()
         self.model = model
         self.vocab = head.out_features
         self.kv = kv
@@ -106,7 +115,10 @@ class NativeForward:
         model = self.model
         with torch.inference_mode():
             ids = torch.from_numpy(input_ids.astype(np.int64, copy=False))
-            x = F.embedding(ids, model.embed).float().numpy()
+            if self.embed_q is not None:
+                x = self.embed_q.dequantize_rows(np.ascontiguousarray(input_ids, dtype=np.int64))
+            else:
+                x = F.embedding(ids, model.embed).float().numpy()
             pos = torch.from_numpy(positions.astype(np.int64, copy=False))
             cos = model.rotary.cos[pos].float().numpy()
             sin = model.rotary.sin[pos].float().numpy()
@@ -124,4 +136,3 @@ class NativeForward:
             torch.get_num_threads(),
         )
         return torch.from_numpy(logits)
-

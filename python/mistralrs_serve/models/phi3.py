@@ -86,7 +86,7 @@ class Phi3ForCausalLM(LlamaForCausalLM):
             raise ModelLoadError(f"weights are missing {len(missing)} tensors, e.g. {missing[:3]}")
         self.config, self.dtype = cfg, dtype
         self.device = torch.device("cpu")
-        self.embed = _dense(weights["model.embed_tokens.weight"], dtype)
+        self.embed = weights["model.embed_tokens.weight"]
         how = layer_attention(cfg)
         self.layers: list[DecoderLayer] = [
             Phi3DecoderLayer(cfg, i, weights, dtype, how) for i in range(cfg.num_layers)

@@ -7,7 +7,7 @@ use std::ops::Range;
 use std::sync::OnceLock;
 
 use super::activations::{RowAt, ROW_Q_STEP};
-use super::{f16_to_f32, QMatrix, QuantBatch, QuantRaw, BATCH, BLOCK};
+use super::{f16_to_f32, Part, QMatrix, QuantBatch, QuantKind, QuantRaw, BATCH, BLOCK};
 
 /// `out[b * out_stride + i]` = row `rows.start + i` of `w` · activation row
 /// `b` of `xs` (quantized at `w.cols` columns), for every row in `rows` and
@@ -62,14 +62,15 @@ pub unsafe fn gemm_into(
 ) {
     assert!(rows.end <= w.rows && n <= xs.rows);
     assert!(
-        w.blocks_per_row() <= xs.blocks,
+        w.cols / BLOCK <= xs.blocks,
         "activations narrower than the matrix"
     );
     // SAFETY: per the contract.
     unsafe { gemm_on(kernel_path(), w, xs, n, rows, out, out_stride) }
 }
 
-/// [`gemm_into`] on `path`, which the CPU must run ([`KernelPath::supported`]).
+/// [`gemm_into`] on `path`, which the CPU must run ([`KernelPath::supported`]),
+/// part by part.
 ///
 /// # Safety
 /// As [`gemm_into`].
@@ -83,6 +84,41 @@ unsafe fn gemm_on(
     out_stride: usize,
 ) {
     assert!(path.supported(), "{path:?} kernels on a CPU without them");
+    for p in w.parts() {
+        let lo = rows.start.max(p.first_row);
+        let hi = rows.end.min(p.first_row + p.rows);
+        if lo >= hi {
+            continue;
+        }
+        let local = lo - p.first_row..hi - p.first_row;
+        // SAFETY: the part's rows lo..hi are columns lo - rows.start.. of the output, per the contract.
+        unsafe {
+            part_on(
+                path.for_kind(p.kind),
+                p,
+                xs,
+                n,
+                local,
+                out.add(lo - rows.start),
+                out_stride,
+            )
+        }
+    }
+}
+
+/// One part's rows `rows` on `path`.
+///
+/// # Safety
+/// As [`gemm_into`], for the part.
+unsafe fn part_on(
+    path: KernelPath,
+    w: &Part,
+    xs: QuantRaw,
+    n: usize,
+    rows: Range<usize>,
+    out: *mut f32,
+    out_stride: usize,
+) {
     match path {
         // SAFETY (both vector paths): the CPU has their features (asserted); the rest per the contract.
         #[cfg(target_arch = "x86_64")]
@@ -105,6 +141,17 @@ pub enum KernelPath {
 }
 
 impl KernelPath {
+    /// The path a part of `kind` takes on this one: the AVX-512 kernel has
+    /// no [`QuantKind::S8H`] (Q6_K) loop, which then runs on AVX2 (every
+    /// AVX-512 CPU has it).
+    fn for_kind(self, kind: QuantKind) -> Self {
+        match (self, kind) {
+            (KernelPath::Avx512, QuantKind::S8H) if has_avx2() => KernelPath::Avx2,
+            (KernelPath::Avx512, QuantKind::S8H) => KernelPath::Portable,
+            _ => self,
+        }
+    }
+
     /// Whether this CPU runs the path.
     pub fn supported(self) -> bool {
         match self {
@@ -165,7 +212,7 @@ pub fn gemm_path(
     out_stride: usize,
 ) {
     let n = check_out(w, xs, &rows, out, out_stride);
-    assert!(w.blocks_per_row() <= xs.blocks);
+    assert!(w.cols / BLOCK <= xs.blocks);
     // SAFETY: `xs` is borrowed for the call; `out` holds every index written
     // (checked just above).
     unsafe { gemm_on(path, w, xs.raw(), n, rows, out.as_mut_ptr(), out_stride) }
@@ -176,7 +223,7 @@ pub fn gemm_path(
 /// # Safety
 /// As [`gemm_into`].
 unsafe fn portable_into(
-    w: &QMatrix,
+    w: &Part,
     xs: QuantRaw,
     n: usize,
     rows: Range<usize>,
@@ -219,16 +266,27 @@ pub fn gemm_portable(
 
 /// # Safety
 /// `x` is a live row quantized at `w.cols` columns.
-unsafe fn dot_portable(w: &QMatrix, x: RowAt, r: usize) -> f32 {
+unsafe fn dot_portable(w: &Part, x: RowAt, r: usize) -> f32 {
     let mut acc = 0f32;
     for blk in 0..w.blocks_per_row() {
         let codes = x.q.add(blk * ROW_Q_STEP);
+        let dx = *x.d.add(blk * BATCH);
+        if w.kind == QuantKind::S8H {
+            // signed codes, a scale per half block, no offset
+            for half in 0..2 {
+                let isum: i32 = (16 * half..16 * half + 16)
+                    .map(|j| (w.code(r, blk * BLOCK + j) as i8) as i32 * *codes.add(j) as i32)
+                    .sum();
+                acc += f16_to_f32(w.d[w.scale_index(r, blk, half)]) * dx * isum as f32;
+            }
+            continue;
+        }
         let isum: i32 = (0..BLOCK)
             .map(|j| w.code(r, blk * BLOCK + j) as i32 * *codes.add(j) as i32)
             .sum();
-        let s = w.scale_index(r, blk);
+        let s = w.scale_index(r, blk, 0);
         let (d, m) = (f16_to_f32(w.d[s]), f16_to_f32(w.m[s]));
-        acc += d * *x.d.add(blk * BATCH) * isum as f32 + m * *x.dsum.add(blk * BATCH);
+        acc += d * dx * isum as f32 + m * *x.dsum.add(blk * BATCH);
     }
     acc
 }
@@ -238,11 +296,11 @@ mod avx512 {
     use std::arch::x86_64::*;
     use std::ops::Range;
 
-    use super::super::{QMatrix, QuantKind, QuantRaw, BATCH, BLOCK, GROUP_ROWS};
+    use super::super::{Part, QuantKind, QuantRaw, BATCH, BLOCK, GROUP_ROWS};
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
     pub(super) unsafe fn gemm(
-        w: &QMatrix,
+        w: &Part,
         xs: QuantRaw,
         n: usize,
         rows: Range<usize>,
@@ -282,7 +340,7 @@ mod avx512 {
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
     unsafe fn group<const N: usize>(
-        w: &QMatrix,
+        w: &Part,
         g: usize,
         xs: super::RowAt,
         out: *mut f32,
@@ -311,6 +369,9 @@ mod avx512 {
                     for (k, r) in regs.iter_mut().enumerate() {
                         *r = _mm512_loadu_si512(p.add(k * 64).cast());
                     }
+                }
+                QuantKind::S8H => {
+                    unreachable!("S8H parts take the AVX2 kernel (KernelPath::for_kind)")
                 }
             }
             let dw = _mm512_cvtph_ps(_mm256_loadu_si256(scales.add(blk * GROUP_ROWS).cast()));

@@ -10,13 +10,14 @@
 //! 8-bit code `u` could saturate, so it is taken as `s = u - 128` (signed,
 //! |s| <= 128) through the sign trick (`|s|` times `x` with `s`'s sign), and
 //! `Σ u x = Σ s x + 128 Σ x` moves into the offset: the block adds
-//! `d dx Σ s x + (m + 128 d) dx Σ x`.
+//! `d dx Σ s x + (m + 128 d) dx Σ x`. [`QuantKind::S8H`] codes are signed
+//! already and have a scale per half block: two sums, no offset.
 
 use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::activations::RowAt;
-use super::{QMatrix, QuantKind, QuantRaw, BATCH, BLOCK, GROUP_ROWS};
+use super::{Part, QuantKind, QuantRaw, BATCH, BLOCK, GROUP_ROWS};
 
 /// Rows of a half group: the 8 f32 lanes of a ymm register.
 const HALF: usize = GROUP_ROWS / 2;
@@ -24,7 +25,7 @@ const HALF: usize = GROUP_ROWS / 2;
 /// See [`super::gemm::gemm_into`]; the CPU has AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn gemm(
-    w: &QMatrix,
+    w: &Part,
     xs: QuantRaw,
     n: usize,
     rows: Range<usize>,
@@ -63,7 +64,7 @@ pub(super) unsafe fn gemm(
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn half<const N: usize>(
-    w: &QMatrix,
+    w: &Part,
     h: usize,
     xs: RowAt,
     out: *mut f32,
@@ -73,73 +74,129 @@ unsafe fn half<const N: usize>(
     let (g, part) = (h / 2, h % 2);
     let nb = w.blocks_per_row();
     let bytes = w.kind.block_bytes();
+    let spb = w.kind.scales_per_block();
     // this half's 32 bytes of each 64-byte register of the group's layout
     let codes = w.q.as_ptr().add(g * nb * bytes + part * 32);
-    let scales = w.d.as_ptr().add(g * nb * GROUP_ROWS + part * HALF);
-    let offsets = w.m.as_ptr().add(g * nb * GROUP_ROWS + part * HALF);
-    let low = _mm256_set1_epi8(0x0F);
+    let scales = w.d.as_ptr().add(g * nb * GROUP_ROWS * spb + part * HALF);
+    let offsets = w.m.as_ptr().wrapping_add(g * nb * GROUP_ROWS + part * HALF);
     let ones = _mm256_set1_epi16(1);
     let mut acc = [_mm256_setzero_ps(); N];
     let mut regs = [_mm256_setzero_si256(); 8];
     for blk in 0..nb {
         let p = codes.add(blk * bytes);
-        let dw = _mm256_cvtph_ps(_mm_loadu_si128(scales.add(blk * GROUP_ROWS).cast()));
-        let mut mw = _mm256_cvtph_ps(_mm_loadu_si128(offsets.add(blk * GROUP_ROWS).cast()));
-        match w.kind {
-            QuantKind::Q4 => {
-                for k in 0..4 {
-                    let v = _mm256_loadu_si256(p.add(k * 64).cast());
-                    regs[k] = _mm256_and_si256(v, low);
-                    regs[k + 4] = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
-                }
-            }
-            QuantKind::Q8 => {
-                let bias = _mm256_set1_epi8(-128);
-                for (k, r) in regs.iter_mut().enumerate() {
-                    // s = u - 128 as signed bytes
-                    *r = _mm256_xor_si256(_mm256_loadu_si256(p.add(k * 64).cast()), bias);
-                }
-                mw = _mm256_fmadd_ps(dw, _mm256_set1_ps(128.0), mw);
-            }
+        let dw = _mm256_cvtph_ps(_mm_loadu_si128(scales.add(blk * GROUP_ROWS * spb).cast()));
+        // Q4/Q8: the offsets; S8H: the second half block's scales
+        let mut mw = match w.kind {
+            QuantKind::S8H => _mm256_cvtph_ps(_mm_loadu_si128(
+                scales.add(blk * GROUP_ROWS * 2 + GROUP_ROWS).cast(),
+            )),
+            _ => _mm256_cvtph_ps(_mm_loadu_si128(offsets.add(blk * GROUP_ROWS).cast())),
+        };
+        load_regs(w.kind, p, &mut regs);
+        if w.kind == QuantKind::Q8 {
+            mw = _mm256_fmadd_ps(dw, _mm256_set1_ps(128.0), mw);
         }
         let xq = xs.q.add(blk * BATCH * BLOCK).cast::<i32>();
         let (xd, xdsum) = (xs.d.add(blk * BATCH), xs.dsum.add(blk * BATCH));
         for (j, a) in acc.iter_mut().enumerate() {
             let row = xq.add(j * BLOCK / 4);
-            let isum = match w.kind {
+            let dx = _mm256_set1_ps(*xd.add(j));
+            match w.kind {
                 QuantKind::Q4 => {
-                    let mut s16 = _mm256_setzero_si256();
-                    for (k, r) in regs.iter().enumerate() {
-                        let x = _mm256_set1_epi32(row.add(k).read_unaligned());
-                        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(*r, x));
-                    }
-                    _mm256_madd_epi16(s16, ones)
+                    let isum = unsigned_4bit(&regs, row, ones);
+                    *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dw, dx), *a);
+                    *a = _mm256_fmadd_ps(mw, _mm256_set1_ps(*xdsum.add(j)), *a);
                 }
                 QuantKind::Q8 => {
-                    let mut s32 = _mm256_setzero_si256();
-                    for (k, r) in regs.iter().enumerate() {
-                        let x = _mm256_set1_epi32(row.add(k).read_unaligned());
-                        let p16 =
-                            _mm256_maddubs_epi16(_mm256_abs_epi8(*r), _mm256_sign_epi8(x, *r));
-                        s32 = _mm256_add_epi32(s32, _mm256_madd_epi16(p16, ones));
-                    }
-                    s32
+                    let isum = _mm256_add_epi32(
+                        signed_from(&regs[..4], row, ones),
+                        signed_from(&regs[4..], row.add(4), ones),
+                    );
+                    *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dw, dx), *a);
+                    *a = _mm256_fmadd_ps(mw, _mm256_set1_ps(*xdsum.add(j)), *a);
                 }
-            };
-            let s = _mm256_mul_ps(dw, _mm256_set1_ps(*xd.add(j)));
-            *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), s, *a);
-            *a = _mm256_fmadd_ps(mw, _mm256_set1_ps(*xdsum.add(j)), *a);
+                QuantKind::S8H => {
+                    let (first, second) = (
+                        signed_from(&regs[..4], row, ones),
+                        signed_from(&regs[4..], row.add(4), ones),
+                    );
+                    *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(first), _mm256_mul_ps(dw, dx), *a);
+                    *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(second), _mm256_mul_ps(mw, dx), *a);
+                }
+            }
         }
     }
     for (b, a) in acc.iter().enumerate() {
-        if lo == 0 && hi == HALF {
-            _mm256_storeu_ps(out.add(b * stride), *a);
-            continue;
+        store_lanes(*a, out.add(b * stride), lo, hi);
+    }
+}
+
+/// The 8 registers of one block of codes at `p`: 4-bit codes unpacked from
+/// their nibbles, 8-bit ones as signed bytes (Q8: `u - 128`, S8H as stored).
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn load_regs(kind: QuantKind, p: *const u8, regs: &mut [__m256i; 8]) {
+    match kind {
+        QuantKind::Q4 => {
+            let low = _mm256_set1_epi8(0x0F);
+            for k in 0..4 {
+                let v = _mm256_loadu_si256(p.add(k * 64).cast());
+                regs[k] = _mm256_and_si256(v, low);
+                regs[k + 4] = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
+            }
         }
-        let mut lanes = [0f32; HALF];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), *a);
-        for (i, &v) in lanes.iter().enumerate().take(hi).skip(lo) {
-            *out.add(b * stride + i) = v;
+        QuantKind::Q8 => {
+            let bias = _mm256_set1_epi8(-128);
+            for (k, r) in regs.iter_mut().enumerate() {
+                *r = _mm256_xor_si256(_mm256_loadu_si256(p.add(k * 64).cast()), bias);
+            }
+        }
+        QuantKind::S8H => {
+            for (k, r) in regs.iter_mut().enumerate() {
+                *r = _mm256_loadu_si256(p.add(k * 64).cast());
+            }
         }
     }
+}
+
+/// Σ of 4-bit codes times the block's activation bytes at `x`, per lane: the
+/// i16 sums cannot saturate (see the module's notes), so one widening at the end.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn unsigned_4bit(regs: &[__m256i; 8], x: *const i32, ones: __m256i) -> __m256i {
+    let mut s16 = _mm256_setzero_si256();
+    for (k, r) in regs.iter().enumerate() {
+        let xv = _mm256_set1_epi32(x.add(k).read_unaligned());
+        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(*r, xv));
+    }
+    _mm256_madd_epi16(s16, ones)
+}
+
+/// Lanes lo..hi of `a` to `out[lo..hi]`.
+#[inline]
+#[target_feature(enable = "avx")]
+unsafe fn store_lanes(a: __m256, out: *mut f32, lo: usize, hi: usize) {
+    if lo == 0 && hi == HALF {
+        _mm256_storeu_ps(out, a);
+        return;
+    }
+    let mut lanes = [0f32; HALF];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), a);
+    for (i, &v) in lanes.iter().enumerate().take(hi).skip(lo) {
+        *out.add(i) = v;
+    }
+}
+
+/// Σ over `regs` (signed codes) of codes times the activation bytes at `x`
+/// (4 per register), per lane.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn signed_from(regs: &[__m256i], x: *const i32, ones: __m256i) -> __m256i {
+    let mut s32 = _mm256_setzero_si256();
+    for (k, r) in regs.iter().enumerate() {
+        let xv = _mm256_set1_epi32(x.add(k).read_unaligned());
+        let p16 = _mm256_maddubs_epi16(_mm256_abs_epi8(*r), _mm256_sign_epi8(xv, *r));
+        s32 = _mm256_add_epi32(s32, _mm256_madd_epi16(p16, ones));
+    }
+    s32
 }

@@ -31,6 +31,7 @@ mod f16;
 mod gemm;
 #[cfg(target_arch = "x86_64")]
 mod gemm_avx2;
+mod gguf;
 
 use crate::error::QuantError;
 pub use activations::{QuantBatch, QuantRaw, BATCH};
@@ -39,6 +40,7 @@ pub use f16::{f16_to_f32, f32_to_f16};
 pub use gemm::{
     gemm, gemm_into, gemm_path, gemm_portable, has_avx2, has_vnni, kernel_path, KernelPath,
 };
+pub use gguf::GgufType;
 
 /// Weights per quantization block.
 pub const BLOCK: usize = 32;
@@ -53,6 +55,9 @@ pub enum QuantKind {
     Q4,
     /// 8-bit codes stored unsigned (signed code + 128).
     Q8,
+    /// Signed 8-bit codes with a scale per half block (16 weights) and no
+    /// offset: GGUF's Q6_K, whose sub-blocks are 16 wide.
+    S8H,
 }
 
 impl QuantKind {
@@ -60,33 +65,89 @@ impl QuantKind {
     fn block_bytes(self) -> usize {
         match self {
             QuantKind::Q4 => BLOCK_BYTES_Q8 / 2,
-            QuantKind::Q8 => BLOCK_BYTES_Q8,
+            QuantKind::Q8 | QuantKind::S8H => BLOCK_BYTES_Q8,
+        }
+    }
+
+    /// Scales per row and block of 32.
+    #[inline]
+    fn scales_per_block(self) -> usize {
+        match self {
+            QuantKind::S8H => 2,
+            QuantKind::Q4 | QuantKind::Q8 => 1,
         }
     }
 }
 
-/// A (rows, cols) weight matrix in blocks of 32.
+/// A (rows, cols) weight matrix in blocks of 32: one or more parts of
+/// consecutive rows, each of one [`QuantKind`] (a fused q/k/v projection of a
+/// GGUF file mixes them).
 #[derive(Debug, Clone)]
 pub struct QMatrix {
+    pub rows: usize,
+    pub cols: usize,
+    parts: Vec<Part>,
+}
+
+/// Consecutive rows of a [`QMatrix`] in one kind, in the grouped layout.
+#[derive(Debug, Clone)]
+pub struct Part {
     pub kind: QuantKind,
+    /// First row within the matrix.
+    pub first_row: usize,
     pub rows: usize,
     pub cols: usize,
     q: Vec<u8>,
-    /// f16 bits, (groups, blocks, 16).
+    /// f16 bits, (groups, blocks, scales per block, 16).
     d: Vec<u16>,
-    /// f16 bits, (groups, blocks, 16).
+    /// f16 bits, (groups, blocks, 16); empty for [`QuantKind::S8H`].
     m: Vec<u16>,
 }
 
 impl QMatrix {
-    #[inline]
-    fn blocks_per_row(&self) -> usize {
-        self.cols / BLOCK
+    fn single(part: Part) -> Self {
+        Self {
+            rows: part.rows,
+            cols: part.cols,
+            parts: vec![part],
+        }
+    }
+
+    /// The parts, in row order.
+    pub fn parts(&self) -> &[Part] {
+        &self.parts
     }
 
     /// Bytes read by one pass over the matrix (codes, scales, offsets).
     pub fn nbytes(&self) -> usize {
-        self.q.len() + 2 * (self.d.len() + self.m.len())
+        self.parts.iter().map(Part::nbytes).sum()
+    }
+
+    /// Matrices of equal width stacked by rows (their parts kept as they are).
+    pub fn concat(parts: Vec<QMatrix>) -> Result<Self, QuantError> {
+        let Some(cols) = parts.first().map(|m| m.cols) else {
+            return Err(QuantError::Shape("no matrices to stack".into()));
+        };
+        if let Some(bad) = parts.iter().find(|m| m.cols != cols) {
+            return Err(QuantError::Shape(format!(
+                "matrices to stack need equal widths: {cols} and {}",
+                bad.cols
+            )));
+        }
+        let mut rows = 0;
+        let mut all = Vec::new();
+        for m in parts {
+            for mut p in m.parts {
+                p.first_row = rows;
+                rows += p.rows;
+                all.push(p);
+            }
+        }
+        Ok(Self {
+            rows,
+            cols,
+            parts: all,
+        })
     }
 
     /// From 4-bit codes `q` (rows, cols) in 0..16 and per-block scale and
@@ -102,7 +163,14 @@ impl QMatrix {
         if let Some(bad) = q.iter().find(|&&c| c > 15) {
             return Err(QuantError::Shape(format!("4-bit code {bad} is over 15")));
         }
-        Ok(Self::pack(QuantKind::Q4, q, scale, offset, rows, cols))
+        Ok(Self::single(Part::pack(
+            QuantKind::Q4,
+            q,
+            scale,
+            offset,
+            rows,
+            cols,
+        )))
     }
 
     /// From signed 8-bit codes (rows, cols) and per-block scales: `w = scale * q`.
@@ -110,14 +178,14 @@ impl QMatrix {
         let offset: Vec<f32> = scale.iter().map(|&d| -128.0 * f16_round(d)).collect();
         check_dims(q.len(), scale.len(), offset.len(), rows, cols)?;
         let codes: Vec<u8> = q.iter().map(|&c| (c as u8) ^ 0x80).collect();
-        Ok(Self::pack(
+        Ok(Self::single(Part::pack(
             QuantKind::Q8,
             &codes,
             scale,
             &offset,
             rows,
             cols,
-        ))
+        )))
     }
 
     /// Float weights (rows, cols) quantized to 8 bits per block of 32
@@ -146,8 +214,31 @@ impl QMatrix {
         Self::from_q8(&q, &scale, rows, cols)
     }
 
+    /// Row `r` as floats (tests, references and embedding lookups).
+    pub fn dequantize_row(&self, r: usize) -> Vec<f32> {
+        let part = self
+            .parts
+            .iter()
+            .find(|p| r < p.first_row + p.rows)
+            .expect("row in range");
+        part.dequantize_row(r - part.first_row)
+    }
+}
+
+impl Part {
+    #[inline]
+    fn blocks_per_row(&self) -> usize {
+        self.cols / BLOCK
+    }
+
+    fn nbytes(&self) -> usize {
+        self.q.len() + 2 * (self.d.len() + self.m.len())
+    }
+
     /// Unsigned codes (rows, cols) into the grouped layout; rows past the
     /// last are zero with zero scales (their outputs are never stored).
+    /// `scale` holds [`QuantKind::scales_per_block`] values per row and
+    /// block, `offset` one (none for [`QuantKind::S8H`]).
     fn pack(
         kind: QuantKind,
         codes: &[u8],
@@ -158,19 +249,33 @@ impl QMatrix {
     ) -> Self {
         let nb = cols / BLOCK;
         let groups = rows.div_ceil(GROUP_ROWS);
+        let spb = kind.scales_per_block();
         let mut m = Self {
             kind,
+            first_row: 0,
             rows,
             cols,
             q: vec![0u8; groups * nb * kind.block_bytes()],
-            d: vec![0u16; groups * nb * GROUP_ROWS],
-            m: vec![0u16; groups * nb * GROUP_ROWS],
+            d: vec![0u16; groups * nb * GROUP_ROWS * spb],
+            m: vec![
+                0u16;
+                if offset.is_empty() {
+                    0
+                } else {
+                    groups * nb * GROUP_ROWS
+                }
+            ],
         };
         for r in 0..rows {
             for blk in 0..nb {
-                let s = m.scale_index(r, blk);
-                m.d[s] = f32_to_f16(scale[r * nb + blk]);
-                m.m[s] = f32_to_f16(offset[r * nb + blk]);
+                for h in 0..spb {
+                    let at = m.scale_index(r, blk, h);
+                    m.d[at] = f32_to_f16(scale[(r * nb + blk) * spb + h]);
+                }
+                if !offset.is_empty() {
+                    let at = m.scale_index(r, blk, 0);
+                    m.m[at] = f32_to_f16(offset[r * nb + blk]);
+                }
                 for k in 0..BLOCK {
                     let c = blk * BLOCK + k;
                     let (byte, high) = m.code_index(r, c);
@@ -182,9 +287,13 @@ impl QMatrix {
         m
     }
 
+    /// Where row `r`'s scale `half` of block `blk` is (its offset, for kinds
+    /// with one, is at the index of `half` 0 in `m`).
     #[inline]
-    fn scale_index(&self, r: usize, blk: usize) -> usize {
-        ((r / GROUP_ROWS) * self.blocks_per_row() + blk) * GROUP_ROWS + r % GROUP_ROWS
+    fn scale_index(&self, r: usize, blk: usize, half: usize) -> usize {
+        let spb = self.kind.scales_per_block();
+        (((r / GROUP_ROWS) * self.blocks_per_row() + blk) * spb + half) * GROUP_ROWS
+            + r % GROUP_ROWS
     }
 
     /// Byte holding weight (r, c), and whether it is the high nibble.
@@ -194,7 +303,7 @@ impl QMatrix {
         let base = ((r / GROUP_ROWS) * self.blocks_per_row() + blk) * self.kind.block_bytes();
         let (reg, lane, byte) = (k / 4, r % GROUP_ROWS, k % 4);
         match self.kind {
-            QuantKind::Q8 => (base + reg * 64 + lane * 4 + byte, false),
+            QuantKind::Q8 | QuantKind::S8H => (base + reg * 64 + lane * 4 + byte, false),
             QuantKind::Q4 => (base + (reg % 4) * 64 + lane * 4 + byte, reg >= 4),
         }
     }
@@ -203,20 +312,31 @@ impl QMatrix {
     fn code(&self, r: usize, c: usize) -> u8 {
         let (byte, high) = self.code_index(r, c);
         match (self.kind, high) {
-            (QuantKind::Q8, _) => self.q[byte],
+            (QuantKind::Q8 | QuantKind::S8H, _) => self.q[byte],
             (QuantKind::Q4, false) => self.q[byte] & 0x0F,
             (QuantKind::Q4, true) => self.q[byte] >> 4,
         }
     }
 
-    /// Row `r` as floats (tests and references).
-    pub fn dequantize_row(&self, r: usize) -> Vec<f32> {
-        (0..self.cols)
-            .map(|c| {
-                let s = self.scale_index(r, c / BLOCK);
+    /// Weight (r, c) of this part as a float.
+    #[inline]
+    fn weight(&self, r: usize, c: usize) -> f32 {
+        let blk = c / BLOCK;
+        match self.kind {
+            QuantKind::S8H => {
+                let d = f16_to_f32(self.d[self.scale_index(r, blk, (c % BLOCK) / 16)]);
+                d * (self.code(r, c) as i8) as f32
+            }
+            QuantKind::Q4 | QuantKind::Q8 => {
+                let s = self.scale_index(r, blk, 0);
                 f16_to_f32(self.d[s]) * self.code(r, c) as f32 + f16_to_f32(self.m[s])
-            })
-            .collect()
+            }
+        }
+    }
+
+    /// Row `r` of this part as floats.
+    pub fn dequantize_row(&self, r: usize) -> Vec<f32> {
+        (0..self.cols).map(|c| self.weight(r, c)).collect()
     }
 }
 

@@ -228,12 +228,162 @@ fn every_supported_path_matches_the_loops() {
                         assert!(
                             (f - s).abs() <= 1e-4 * s.abs().max(1.0),
                             "{path:?} {:?} batch {batch} rows {range:?} [{i}]: {f} vs {s}",
-                            w.kind
+                            w.parts()[0].kind
                         );
                     }
                 }
             }
         }
+    }
+}
+
+/// Random blocks of GGUF type `t` with sane f16 scale fields (the rest random bytes).
+fn gguf_blocks(rng: &mut Rng, t: GgufType, blocks: usize) -> Vec<u8> {
+    let (_, size) = t.block();
+    let mut data: Vec<u8> = (0..blocks * size)
+        .map(|_| (rng.next_u64() % 256) as u8)
+        .collect();
+    // (byte offset, magnitude) of each f16 field
+    let fields: &[(usize, f32)] = match t {
+        GgufType::Q4_0 | GgufType::Q5_0 | GgufType::Q8_0 => &[(0, 0.02)],
+        GgufType::Q4_1 | GgufType::Q5_1 => &[(0, 0.02), (2, 0.3)],
+        GgufType::Q4K | GgufType::Q5K => &[(0, 0.002), (2, 0.004)],
+        GgufType::Q6K => &[(208, 0.0005)],
+    };
+    for b in data.chunks_exact_mut(size) {
+        for &(at, mag) in fields {
+            let v = f32_to_f16(mag * (0.5 + rng.next_f32()));
+            b[at..at + 2].copy_from_slice(&v.to_le_bytes());
+        }
+    }
+    data
+}
+
+const ALL_GGUF: [GgufType; 8] = [
+    GgufType::Q4_0,
+    GgufType::Q4_1,
+    GgufType::Q5_0,
+    GgufType::Q5_1,
+    GgufType::Q8_0,
+    GgufType::Q4K,
+    GgufType::Q5K,
+    GgufType::Q6K,
+];
+
+/// Every GGUF type, and a fused projection of three kinds whose part
+/// boundaries fall inside groups of 16, on every path against the loops, and
+/// the loops against the dequantized weights.
+#[test]
+fn gguf_types_and_mixed_parts_on_every_path() {
+    let mut rng = Rng::new(11);
+    let cols = 512;
+    let mut matrices: Vec<QMatrix> = ALL_GGUF
+        .iter()
+        .map(|&t| {
+            let rows = 21;
+            let data = gguf_blocks(&mut rng, t, rows * cols / t.block().0);
+            QMatrix::from_gguf(t, &data, rows, cols).unwrap()
+        })
+        .collect();
+    let parts = [
+        (GgufType::Q8_0, 13),
+        (GgufType::Q4K, 20),
+        (GgufType::Q6K, 12),
+    ];
+    let stacked: Vec<QMatrix> = parts
+        .iter()
+        .map(|&(t, rows)| {
+            let data = gguf_blocks(&mut rng, t, rows * cols / t.block().0);
+            QMatrix::from_gguf(t, &data, rows, cols).unwrap()
+        })
+        .collect();
+    let mixed = QMatrix::concat(stacked.clone()).unwrap();
+    assert_eq!((mixed.rows, mixed.parts().len()), (45, 3));
+    assert_eq!(mixed.dequantize_row(20), stacked[1].dequantize_row(7));
+    assert_eq!(
+        mixed.nbytes(),
+        stacked.iter().map(QMatrix::nbytes).sum::<usize>()
+    );
+    matrices.push(mixed);
+    for w in &matrices {
+        for batch in [1, 5, 9] {
+            let xs: Vec<Vec<f32>> = (0..batch).map(|_| random(&mut rng, cols, 2.0)).collect();
+            let mut acts = QuantBatch::of_rows(&xs, cols);
+            for range in [0..w.rows, 5..w.rows - 2, 12..14] {
+                let n = range.len();
+                let mut slow = vec![0f32; batch * n];
+                gemm_portable(w, &mut acts, range.clone(), &mut slow, n);
+                for (b, x) in xs.iter().enumerate() {
+                    for (i, r) in range.clone().enumerate() {
+                        let row = w.dequantize_row(r);
+                        let exact: f32 = row.iter().zip(x).map(|(a, b)| a * b).sum();
+                        let size: f32 = row.iter().zip(x).map(|(a, b)| (a * b).abs()).sum();
+                        let got = slow[b * n + i];
+                        assert!(
+                            (got - exact).abs() <= 0.01 * size + 1e-6,
+                            "row {r}: {got} vs {exact}"
+                        );
+                    }
+                }
+                for path in [KernelPath::Avx2, KernelPath::Avx512]
+                    .into_iter()
+                    .filter(|p| p.supported())
+                {
+                    let mut fast = vec![f32::NAN; batch * n];
+                    gemm_path(path, w, &mut acts, range.clone(), &mut fast, n);
+                    for (i, (f, s)) in fast.iter().zip(&slow).enumerate() {
+                        assert!(
+                            (f - s).abs() <= 1e-4 * s.abs().max(1.0),
+                            "{path:?} {:?} rows {range:?} [{i}]: {f} vs {s}",
+                            w.parts()[0].kind
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn gguf_shapes_are_checked() {
+    let mut rng = Rng::new(12);
+    let data = gguf_blocks(&mut rng, GgufType::Q4K, 4);
+    assert!(QMatrix::from_gguf(GgufType::Q4K, &data, 2, 512).is_ok());
+    assert!(QMatrix::from_gguf(GgufType::Q4K, &data, 2, 500).is_err()); // not whole blocks
+    assert!(QMatrix::from_gguf(GgufType::Q4K, &data[1..], 2, 512).is_err()); // short
+    assert!(QMatrix::from_gguf(GgufType::Q4K, &data, 3, 512).is_err());
+    let narrow = QMatrix::from_gguf(
+        GgufType::Q4_0,
+        &gguf_blocks(&mut rng, GgufType::Q4_0, 2),
+        1,
+        64,
+    )
+    .unwrap();
+    assert!(QMatrix::concat(vec![
+        narrow,
+        QMatrix::from_gguf(GgufType::Q4K, &data, 2, 512).unwrap()
+    ])
+    .is_err());
+    assert!(QMatrix::concat(vec![]).is_err());
+    assert_eq!(GgufType::from_name("Q6_K"), Some(GgufType::Q6K));
+    assert_eq!(GgufType::from_name("IQ4_XS"), None);
+}
+
+/// Q4_0 blocks decode to ggml's values: d * (nibble - 8), element j in the
+/// low nibble of byte j and j + 16 in its high one.
+#[test]
+fn q4_0_blocks_decode_as_ggml_lays_them_out() {
+    let mut block = vec![0u8; 18];
+    block[..2].copy_from_slice(&f32_to_f16(0.5).to_le_bytes());
+    for j in 0..16 {
+        block[2 + j] = (j as u8) | ((15 - j as u8) << 4);
+    }
+    let row = QMatrix::from_gguf(GgufType::Q4_0, &block, 1, 32)
+        .unwrap()
+        .dequantize_row(0);
+    for j in 0..16 {
+        assert_eq!(row[j], 0.5 * (j as f32 - 8.0));
+        assert_eq!(row[j + 16], 0.5 * (7.0 - j as f32));
     }
 }
 

@@ -1,0 +1,106 @@
+"""A GGUF-quantized weight matrix kept as the file's bytes (a view of the
+memory-mapped file), so that loading copies nothing: the fused CPU forward
+repacks the blocks in Rust (`_native.QuantMatrix.from_gguf`, no floats in
+between), and only a path that needs dense weights (torch, a GPU) decodes
+them, with torch, when it first runs. A fused q/k/v or gate/up projection is
+its parts' rows stacked, each part keeping its own type (a Q4_K_M file mixes
+Q4_K and Q6_K in one layer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from mistralrs_serve import _native
+
+# the types the fused CPU forward reads straight from the blocks
+FUSED_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
+
+
+@dataclass(frozen=True)
+class BlockPart:
+    """Consecutive rows of one GGUF type: `raw` is (rows, bytes per row) uint8."""
+
+    type_name: str
+    raw: np.ndarray
+    cols: int
+
+    @property
+    def rows(self) -> int:
+        return int(self.raw.shape[0])
+
+
+@dataclass(frozen=True)
+class BlockWeight:
+    """A (rows, cols) matrix as GGUF blocks, in one or more parts of rows."""
+
+    parts: tuple[BlockPart, ...]
+
+    @staticmethod
+    def of(type_name: str, raw: np.ndarray, rows: int, cols: int) -> BlockWeight:
+        """A tensor's bytes (as the file stores it, row after row of blocks)."""
+        return BlockWeight((BlockPart(type_name, raw.reshape(rows, -1), cols),))
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((sum(p.rows for p in self.parts), self.parts[0].cols))
+
+    @property
+    def type_names(self) -> tuple[str, ...]:
+        return tuple(p.type_name for p in self.parts)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.raw.nbytes for p in self.parts)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        """The dense (rows, cols) matrix in `dtype`, decoded with torch."""
+        from mistralrs_serve.models.gguf_file import GGML_TYPES, TensorInfo
+        from mistralrs_serve.models.gguf_quants import dequantize
+
+        codes = {t.name: code for code, t in GGML_TYPES.items()}
+        dense = [
+            dequantize(
+                p.raw.reshape(-1),
+                TensorInfo("weight", (p.rows, p.cols), codes[p.type_name], 0, p.raw.nbytes),
+                dtype,
+            )
+            for p in self.parts
+        ]
+        return dense[0] if len(dense) == 1 else torch.cat(dense)
+
+    def map_rows(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> BlockWeight:
+        """Reorder rows (undoing llama.cpp's q/k permutation): `fn` applied to the row
+        numbers gives the order; the reordered bytes are a copy (q and k only)."""
+        order = fn(torch.arange(self.shape[0])).numpy()
+        (part,) = self.parts  # a tensor of the file: one part
+        return BlockWeight((BlockPart(part.type_name, np.ascontiguousarray(part.raw[order]), part.cols),))
+
+    def row_slice(self, start: int, stop: int) -> BlockWeight:
+        """Rows start..stop (a view, no copy)."""
+        parts, first = [], 0
+        for p in self.parts:
+            lo, hi = max(start, first), min(stop, first + p.rows)
+            if lo < hi:
+                parts.append(BlockPart(p.type_name, p.raw[lo - first : hi - first], p.cols))
+            first += p.rows
+        return BlockWeight(tuple(parts))
+
+    @staticmethod
+    def concat(weights: list[BlockWeight]) -> BlockWeight:
+        return BlockWeight(tuple(p for w in weights for p in w.parts))
+
+    def quant_matrix(self) -> _native.QuantMatrix | None:
+        """The blocks repacked for the fused CPU forward; None when a part's type
+        has no kernel there (Q2_K, Q3_K)."""
+        if any(p.type_name not in FUSED_TYPES for p in self.parts):
+            return None
+        mats = [
+            _native.QuantMatrix.from_gguf(p.type_name, np.ascontiguousarray(p.raw), p.rows, p.cols)
+            for p in self.parts
+        ]
+        return mats[0] if len(mats) == 1 else _native.QuantMatrix.concat(mats)
