@@ -151,3 +151,33 @@ def test_a_q4_k_m_mix_runs_fused_as_the_torch_path_does(tmp_path: Path) -> None:
     corr = tm.row_correlations(fused, dense)
     assert corr.min().item() >= 0.999, corr.min().item()
     assert (fused.argmax(-1) == dense.argmax(-1)).float().mean().item() >= 0.9
+
+
+def test_the_fused_forward_lets_the_mapped_file_go(tmp_path: Path) -> None:
+    """Once repacked, the blocks' file pages leave the resident set (and come back if read)."""
+    path = _write_mixed_gguf(tmp_path)
+    loaded = load_model(ModelSource.parse(str(path)), dtype=torch.float32)
+    raw = loaded.model.layers[1].gate_up.source
+    assert isinstance(raw, BlockWeight)
+    part = raw.parts[0].raw
+    before = part.sum()  # reads (faults in) every page
+    resident = _mapped_rss_kb(part)
+    assert resident * 1024 >= part.nbytes // 2
+    engine = LLMEngine(loaded, EngineConfig(kv_cache_mb=16))
+    assert isinstance(engine.runner.path, FusedPath)
+    assert _mapped_rss_kb(part) < resident / 4, (resident, _mapped_rss_kb(part))
+    assert part.sum() == before  # the bytes are still there to read
+
+
+def _mapped_rss_kb(a: np.ndarray) -> int:
+    """Resident kB of the mapping holding `a` (the mapped GGUF file), from /proc/self/smaps."""
+    addr = a.__array_interface__["data"][0]
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= addr < hi
+        elif inside and head == "Rss:":
+            return int(line.split()[1])
+    raise AssertionError("no mapping holds the array")

@@ -9,6 +9,9 @@ Q4_K and Q6_K in one layer).
 
 from __future__ import annotations
 
+import ctypes
+import mmap
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -94,6 +97,14 @@ class BlockWeight:
     def concat(weights: list[BlockWeight]) -> BlockWeight:
         return BlockWeight(tuple(p for w in weights for p in w.parts))
 
+    def release_pages(self) -> None:
+        """Drop the file's pages under these bytes from this process's resident set
+        (MADV_DONTNEED on the read-only mapping: they come back from the page cache
+        if read again). Called once the blocks are repacked, so that a model holds
+        its weights once, not twice."""
+        for p in self.parts:
+            _dont_need(p.raw)
+
     def quant_matrix(self) -> _native.QuantMatrix | None:
         """The blocks repacked for the fused CPU forward; None when a part's type
         has no kernel there (Q2_K, Q3_K)."""
@@ -104,3 +115,20 @@ class BlockWeight:
             for p in self.parts
         ]
         return mats[0] if len(mats) == 1 else _native.QuantMatrix.concat(mats)
+
+
+def _dont_need(raw: np.ndarray) -> None:
+    """madvise(MADV_DONTNEED) over the whole pages inside `raw` (Linux; elsewhere nothing)."""
+    if not sys.platform.startswith("linux") or raw.base is None or raw.flags.writeable:
+        return  # a copy (not the mapped file): its pages are the data itself
+    page = mmap.PAGESIZE
+    start = raw.__array_interface__["data"][0]
+    first, last = -(-start // page) * page, (start + raw.nbytes) // page * page
+    if last > first:
+        _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED)
+
+
+def _libc() -> ctypes.CDLL:
+    lib = ctypes.CDLL(None, use_errno=True)
+    lib.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return lib

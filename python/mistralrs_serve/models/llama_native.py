@@ -87,6 +87,10 @@ class NativeForward:
         self.embed_q: _native.QuantMatrix | None = None
         if isinstance(source, BlockWeight):
             self.embed_q = head_q if head.source is source else source.quant_matrix()
+        # the blocks are repacked: the mapped file's pages need not stay resident too
+        for blocks in [lin.source for lin in model.linears()] + [model.embed_source]:
+            if isinstance(blocks, BlockWeight):
+                blocks.release_pages()
         self.model = model
         self.vocab = head.out_features
         self.kv = kv
