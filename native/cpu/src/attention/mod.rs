@@ -22,6 +22,8 @@ mod layout;
 mod tile;
 #[cfg(target_arch = "x86_64")]
 mod tile16;
+#[cfg(target_arch = "x86_64")]
+mod tile_avx2;
 
 pub use check::check_decode_batch;
 pub use decode::paged_decode_attention;

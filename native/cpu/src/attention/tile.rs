@@ -1,7 +1,8 @@
 //! Attention of a tile of query rows (a prefill chunk's, or a decode's one)
 //! over one segment of their context, as partial softmaxes that
 //! [`merge_segments`] joins: the unit of work the fused decoder hands to its
-//! threads. AVX-512 where the CPU has it (`tile16`), else portable loops.
+//! threads. AVX-512 where the CPU has it (`tile16`), AVX2 (`tile_avx2`),
+//! else portable loops.
 
 use std::ops::Range;
 
@@ -86,6 +87,15 @@ pub unsafe fn attend_tile<T: KvElem>(
             // SAFETY: the CPU has AVX-512F (checked just above); the rest per the contract.
             return unsafe {
                 super::tile16::attend(shape, tile, kv_heads, k_cache, v_cache, outs, scratch)
+            };
+        }
+        if std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && super::tile_avx2::fits(shape)
+        {
+            // SAFETY: the CPU has AVX2 and FMA (checked just above); the rest per the contract.
+            return unsafe {
+                super::tile_avx2::attend(shape, tile, kv_heads, k_cache, v_cache, outs, scratch)
             };
         }
     }
