@@ -368,14 +368,15 @@ def test_gguf_q4_0_keeps_fused_weights_4bit(references: dict[str, tm.TinyReferen
     """Q4_0 fused qkv and gate/up stay 4-bit, and the logits are transformers' on the same weights
     quantized and dequantized (per row, so fusing commutes with it)."""
     import gguf
-    from mistralrs_serve.layers.linear import Q4Weight
+    from mistralrs_serve.layers.block_weight import BlockWeight
 
     ref = references["phi4mini-longrope"]
     quant = gguf.GGMLQuantizationType.Q4_0
     path = write_phi3_gguf(ref.directory, tmp_path / "phi4-q4_0.gguf", quant=quant)
     model = load_model(ModelSource.parse(str(path)), dtype=torch.float32).model
     layer = model.layers[0]
-    assert isinstance(layer.qkv.q4, Q4Weight) and isinstance(layer.gate_up.q4, Q4Weight)
+    for fused in (layer.qkv, layer.gate_up):
+        assert isinstance(fused.source, BlockWeight) and set(fused.source.type_names) == {"Q4_0"}
     want = tm.hf_logits(tm.load_hf_model_quant_roundtrip(ref.directory, quant), ref.ids)
     _assert_close(tm.run_ours(model, ref.ids), want, "GGUF Q4_0 against the round-tripped weights")
 

@@ -593,3 +593,39 @@ def test_every_template_loads_from_tokenizer_config(path: Path) -> None:
     """Every real template also loads through a tokenizer_config (the common way models ship them)."""
     template = _loader(tokenizer_config={"chat_template": path.read_text(encoding="utf-8")})
     assert template is not None and template.source == path.read_text(encoding="utf-8")
+
+
+# Templates of our own writing in the two shapes some models read tools in (the shapes, not
+# their text): Phi-4-mini's tools as a JSON string on the system message, SmolLM3's `xml_tools`.
+_SYSTEM_TOOLS = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
+    "{% if m['role'] == 'system' and 'tools' in m and m['tools'] is not none %}"
+    "<|tool|>{{ m['tools'] }}<|/tool|>{% endif %}<|end|>{% endfor %}"
+)
+_XML_TOOLS = (
+    "{% if xml_tools %}<tools>{% for t in xml_tools %}{{ t | tojson }}{% endfor %}</tools>{% endif %}"
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+)
+_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+
+
+def test_tools_reach_templates_that_read_them_from_the_system_message() -> None:
+    template = ChatTemplate(_SYSTEM_TOOLS, origin="test")
+    listed = json.dumps([_TOOL])
+    with_system = template.render(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        tools=[_TOOL],
+        add_generation_prompt=False,
+    )
+    assert with_system == f"<|system|>Be brief.<|tool|>{listed}<|/tool|><|end|><|user|>Hi<|end|>"
+    alone = template.render([{"role": "user", "content": "Hi"}], tools=[_TOOL], add_generation_prompt=False)
+    assert alone == f"<|system|><|tool|>{listed}<|/tool|><|end|><|user|>Hi<|end|>"
+    plain = template.render([{"role": "user", "content": "Hi"}], add_generation_prompt=False)
+    assert plain == "<|user|>Hi<|end|>"  # no tools: no system message made up
+
+
+def test_tools_reach_templates_that_read_xml_tools() -> None:
+    template = ChatTemplate(_XML_TOOLS, origin="test")
+    out = template.render([{"role": "user", "content": "Hi"}], tools=[_TOOL], add_generation_prompt=False)
+    assert out.startswith("<tools>") and '"get_weather"' in out and out.endswith("user: Hi\n")
+    assert "<tools>" not in template.render([{"role": "user", "content": "Hi"}], add_generation_prompt=False)

@@ -390,9 +390,30 @@ class ChatTemplate:
             context["enable_thinking"] = enable_thinking
         # An empty list means "no tools": templates test `tools is not none` and would announce zero tools.
         context["tools"] = _plain(tools) if tools else None
+        if tools and _READS_XML_TOOLS.search(self.source):
+            context["xml_tools"] = context["tools"]  # SmolLM3's own template names them so
+        if tools and _READS_MESSAGE_TOOLS.search(self.source):
+            prepared = _tools_on_system_message(prepared, tools)
         context["messages"] = prepared
         context["add_generation_prompt"] = add_generation_prompt
         return context
+
+
+# Templates that read the tool list from elsewhere than `tools`: SmolLM3's (`xml_tools`), and
+# Phi-4-mini's (a JSON string on the system message, `message['tools']`).
+_READS_XML_TOOLS = re.compile(r"\bxml_tools\b")
+_READS_MESSAGE_TOOLS = re.compile(r"\w\[\s*['\"]tools['\"]\s*\]|\w\.tools\b")
+
+
+def _tools_on_system_message(
+    messages: list[dict[str, Any]], tools: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The tools as JSON on the first message, a system message (one with empty content put first
+    where there is none), as such templates expect them."""
+    listed = json.dumps(_plain(tools), ensure_ascii=False)
+    if messages and messages[0].get("role") == "system":
+        return [{**messages[0], "tools": listed}, *messages[1:]]
+    return [{"role": "system", "content": "", "tools": listed}, *messages]
 
 
 # ---------------------------------------------------------------------------------------------
