@@ -317,9 +317,14 @@ class NativeDecoder:
         layers: list[_LayerWeights],
         final_norm: list[float],
         lm_head: QuantMatrix,
+        activation: str = "silu",
+        attn_scale: float | None = None,
+        layer_extras: list[tuple[list[float] | None, list[float] | None, int | None, int]] | None = None,
     ) -> NativeDecoder:
         """layers: per layer (attn_norm, qkv, qkv_bias, q_norm, k_norm, o, o_bias,
-        ffn_norm, gate_up, down)."""
+        ffn_norm, gate_up, down); activation "silu" or "gelu_tanh"; attn_scale None
+        for 1 / sqrt(head_dim); layer_extras per layer (post_attn_norm, post_ffn_norm,
+        window, rope_table: 0 takes cos/sin, 1 cos_local/sin_local)."""
 
     @property
     def weight_bytes(self) -> int: ...
@@ -335,6 +340,8 @@ class NativeDecoder:
         kv: NDArray[np.float32] | NDArray[np.int16],
         logits: NDArray[np.float32],
         threads: int = 1,
+        cos_local: NDArray[np.float32] | None = None,
+        sin_local: NDArray[np.float32] | None = None,
     ) -> None:
         """One step of one token per row (a row attends causally over positions
         0..context_len of its sequence); x is overwritten, the keys and values

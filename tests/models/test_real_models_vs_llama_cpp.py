@@ -13,10 +13,11 @@ llama-cpp-python (see its docstring); CI holds us to those files:
 - perplexity over tests/data/sample_text.md (llama.cpp's token ids, >= 2,000
   tokens, one sequence) is within 1% of llama.cpp's.
 
-Each model runs on the path the server gives it here: SmolLM2 on the fused
-CPU forward where the CPU has one (8-bit activations, as llama.cpp), Gemma
-on the torch path, in fp32 (bf16 rounds logits to 1/8 at these magnitudes,
-which makes exact ties: measured at step 11 of the greedy run).
+Each model runs on the path the server gives it here: the fused CPU forward
+where the CPU has one (8-bit activations against the file's blocks, as
+llama.cpp computes), else torch. Measured on the fused path (AVX2): perplexity
+-0.30% (SmolLM2) and -0.02% (Gemma) from llama.cpp's; greedy runs part at step
+14 (top-2 gaps 0.020 ours, 0.033 llama.cpp) and step 18 (0.049, 0.0006).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ MODELS = {
     "smollm2-135m-instruct-q4_1": ("default", torch.bfloat16),
     "gemma-3-270m-q4_k_m": ("gemma-3-270m", torch.float32),
 }
-NEAR_TIE = 0.3  # logits: a greedy step this close may go either way between engines
+NEAR_TIE = 0.15  # logits: a greedy step this close may go either way between engines
 CHUNK = 512
 
 

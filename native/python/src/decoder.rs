@@ -2,7 +2,7 @@
 //! numpy arrays, and one `forward` per step with the GIL released.
 
 use mistralrs_serve_cpu::decoder::{
-    Decoder, DecoderShape, KvCache, KvStore, LayerWeights, StepRows,
+    Activation, Decoder, DecoderShape, KvCache, KvStore, LayerWeights, StepRows,
 };
 use std::sync::Arc;
 
@@ -153,6 +153,9 @@ type LayerArgs<'py> = (
     PyRef<'py, PyQuantMatrix>,
 );
 
+/// Per layer, beyond the Llama layer: (post_attn_norm, post_ffn_norm, window, rope_table).
+type LayerExtras = (Option<Vec<f32>>, Option<Vec<f32>>, Option<usize>, usize);
+
 /// A Llama-family model's step (decode and prefill rows), fused (see `mistralrs_serve_cpu::decoder`).
 #[pyclass(frozen, name = "NativeDecoder", module = "mistralrs_serve._native")]
 pub struct PyNativeDecoder {
@@ -163,8 +166,10 @@ pub struct PyNativeDecoder {
 impl PyNativeDecoder {
     /// layers: per layer (attn_norm, qkv, qkv_bias, q_norm, k_norm, o, o_bias,
     /// ffn_norm, gate_up, down); the matrices are moved into the decoder.
+    /// activation "silu" or "gelu_tanh"; attn_scale None for 1 / sqrt(head_dim);
+    /// layer_extras: per layer (post_attn_norm, post_ffn_norm, window, rope_table).
     #[new]
-    #[pyo3(signature = (*, hidden, num_heads, num_kv_heads, head_dim, intermediate, vocab, eps, layers, final_norm, lm_head))]
+    #[pyo3(signature = (*, hidden, num_heads, num_kv_heads, head_dim, intermediate, vocab, eps, layers, final_norm, lm_head, activation = "silu", attn_scale = None, layer_extras = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         hidden: usize,
@@ -177,7 +182,27 @@ impl PyNativeDecoder {
         layers: Vec<LayerArgs<'_>>,
         final_norm: Vec<f32>,
         lm_head: PyRef<'_, PyQuantMatrix>,
+        activation: &str,
+        attn_scale: Option<f32>,
+        layer_extras: Option<Vec<LayerExtras>>,
     ) -> PyResult<Self> {
+        let activation = match activation {
+            "silu" => Activation::Silu,
+            "gelu_tanh" => Activation::GeluTanh,
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "activation {other:?}: silu or gelu_tanh"
+                )))
+            }
+        };
+        let extras = layer_extras.unwrap_or_else(|| vec![(None, None, None, 0); layers.len()]);
+        if extras.len() != layers.len() {
+            return Err(PyValueError::new_err(format!(
+                "{} layer_extras for {} layers",
+                extras.len(),
+                layers.len()
+            )));
+        }
         let shape = DecoderShape {
             hidden,
             num_heads,
@@ -186,9 +211,14 @@ impl PyNativeDecoder {
             intermediate,
             vocab,
             eps,
+            activation,
+            attn_scale,
         };
         let mut built = Vec::with_capacity(layers.len());
-        for (attn_norm, qkv, qkv_bias, q_norm, k_norm, o, o_bias, ffn_norm, gate_up, down) in layers
+        for (
+            (attn_norm, qkv, qkv_bias, q_norm, k_norm, o, o_bias, ffn_norm, gate_up, down),
+            (post_attn_norm, post_ffn_norm, window, rope_table),
+        ) in layers.into_iter().zip(extras)
         {
             built.push(LayerWeights {
                 attn_norm,
@@ -201,6 +231,10 @@ impl PyNativeDecoder {
                 ffn_norm,
                 gate_up: Arc::clone(&gate_up.inner),
                 down: Arc::clone(&down.inner),
+                post_attn_norm,
+                post_ffn_norm,
+                window,
+                rope_table,
             });
         }
         let head = Arc::clone(&lm_head.inner);
@@ -218,8 +252,9 @@ impl PyNativeDecoder {
     /// head_dim / 2) float32; slots, context_lens (rows,) int64; block_tables
     /// (rows, max_blocks) int64; logit_rows (n,) int64; kv the whole cache
     /// (2, layers, blocks, block_size, kv_heads, head_dim), float32 or int16
-    /// holding bf16 bits, written; logits (n, vocab) float32, written.
-    #[pyo3(signature = (x, cos, sin, slots, block_tables, context_lens, logit_rows, kv, logits, threads = 1))]
+    /// holding bf16 bits, written; logits (n, vocab) float32, written; cos_local/sin_local
+    /// the rotary table of the layers with rope_table 1.
+    #[pyo3(signature = (x, cos, sin, slots, block_tables, context_lens, logit_rows, kv, logits, threads = 1, cos_local = None, sin_local = None))]
     #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
@@ -234,10 +269,20 @@ impl PyNativeDecoder {
         kv: Bound<'_, PyAny>,
         logits: Bound<'_, PyAny>,
         threads: usize,
+        cos_local: Option<Bound<'_, PyAny>>,
+        sin_local: Option<Bound<'_, PyAny>>,
     ) -> PyResult<()> {
         let mut x = readwrite::<f32, numpy::Ix2>("x", WRITEABLE_F32_2D, &x)?;
         let cos = readonly::<f32, numpy::Ix2>("cos", F32_2D, &cos)?;
         let sin = readonly::<f32, numpy::Ix2>("sin", F32_2D, &sin)?;
+        let local = match (&cos_local, &sin_local) {
+            (Some(c), Some(s)) => Some((
+                readonly::<f32, numpy::Ix2>("cos_local", F32_2D, c)?,
+                readonly::<f32, numpy::Ix2>("sin_local", F32_2D, s)?,
+            )),
+            (None, None) => None,
+            _ => return Err(PyValueError::new_err("cos_local and sin_local go together")),
+        };
         let slots = readonly::<i64, numpy::Ix1>("slots", I64_1D, &slots)?;
         let (tables, ctxs) = tables_and_lens(&block_tables, &context_lens)?;
         let wanted = readonly::<i64, numpy::Ix1>("logit_rows", I64_1D, &logit_rows)?;
@@ -255,6 +300,10 @@ impl PyNativeDecoder {
             x,
             cos: cos.as_slice()?,
             sin: sin.as_slice()?,
+            local: match &local {
+                Some((c, s)) => Some((c.as_slice()?, s.as_slice()?)),
+                None => None,
+            },
             slots: slots.as_slice()?,
             block_tables: tables.as_slice()?,
             max_blocks,

@@ -20,6 +20,7 @@ matmul each.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -34,6 +35,9 @@ from mistralrs_serve.layers.norm import RMSNorm
 from mistralrs_serve.layers.rotary import RotaryTable, apply_rotary
 from mistralrs_serve.models import gemma_config
 from mistralrs_serve.models.interface import FusedForward, every_layer_window
+
+if TYPE_CHECKING:
+    from mistralrs_serve.models.llama_native import LayerExtras, LayerTuple
 from mistralrs_serve.models.registry import Architecture
 
 _NORMS = (
@@ -46,6 +50,10 @@ _NORMS = (
 
 def _dense(w: AnyWeight, dtype: torch.dtype) -> torch.Tensor:
     return w.to(dtype) if isinstance(w, torch.Tensor) else w.dequantize(dtype)
+
+
+def _f32_list(t: torch.Tensor | None) -> list[float] | None:
+    return None if t is None else t.float().tolist()
 
 
 def gemma_norm(weight: AnyWeight, eps: float) -> RMSNorm:
@@ -87,6 +95,34 @@ class GemmaDecoderLayer:
 
     def linears(self) -> list[Linear]:
         return [self.qkv, self.o, self.gate_up, self.down]
+
+    def fused_weights(self) -> LayerTuple:
+        """The layer as the fused step takes it (norm weights are already 1 + w)."""
+        q_norm, k_norm = (
+            None if n is None else n.weight.float().tolist() for n in (self.q_norm, self.k_norm)
+        )
+        return (
+            self.input_norm.weight.float().tolist(),
+            self.qkv,
+            _f32_list(self.qkv.bias),
+            q_norm,
+            k_norm,
+            self.o,
+            _f32_list(self.o.bias),
+            self.pre_mlp_norm.weight.float().tolist(),
+            self.gate_up,
+            self.down,
+        )
+
+    def fused_extras(self, local_table: bool) -> LayerExtras:
+        """(post-attention norm, post-MLP norm, window, rotary table: 1 for a sliding layer
+        where the local layers have a table of their own)."""
+        return (
+            self.post_attn_norm.weight.float().tolist(),
+            self.post_mlp_norm.weight.float().tolist(),
+            self.how.window,
+            1 if local_table and self.is_sliding else 0,
+        )
 
     def forward(
         self,
@@ -141,7 +177,8 @@ class GemmaForCausalLM:
             )
         self.config, self.dtype = cfg, dtype
         self.device = torch.device("cpu")
-        self.embed = _dense(weights["model.embed_tokens.weight"], dtype)
+        self.embed_source: AnyWeight = weights["model.embed_tokens.weight"]
+        self._embed: torch.Tensor | None = None
         # transformers rounds sqrt(hidden) to the weights' dtype before multiplying (25.25 in bf16, not 25.30)
         self.embed_scale = torch.tensor(cfg.hidden_size**0.5).to(dtype)
         self.layers = [
@@ -155,6 +192,14 @@ class GemmaForCausalLM:
         local_theta, local_scaling = cfg.extra["local_rope_theta"], cfg.extra["local_rope_scaling"]
         same = local_theta is None or (local_theta == cfg.rope_theta and local_scaling == cfg.rope_scaling)
         self.local_rotary = self.global_rotary if same else self._rotary(local_theta, local_scaling)
+
+    @property
+    def embed(self) -> torch.Tensor:
+        """The dense embedding table, decoded on first use (the fused forward reads rows of
+        the quantized table instead)."""
+        if self._embed is None:
+            self._embed = _dense(self.embed_source, self.dtype)
+        return self._embed
 
     def _rotary(self, theta: float, scaling: RopeScaling) -> RotaryTable:
         cfg = self.config
@@ -185,7 +230,7 @@ class GemmaForCausalLM:
         """Move every weight (in place); off the CPU the 4-bit CPU kernel's copies are dropped."""
         device = torch.device(device)
         self.device = device
-        self.embed, self.embed_scale = self.embed.to(device), self.embed_scale.to(device)
+        self._embed, self.embed_scale = self.embed.to(device), self.embed_scale.to(device)
         for rotary in {id(r): r for r in (self.global_rotary, self.local_rotary)}.values():
             rotary.cos, rotary.sin = rotary.cos.to(device), rotary.sin.to(device)
         for norm in self._norms():
@@ -204,8 +249,41 @@ class GemmaForCausalLM:
         return sum(lin.decode_bytes() for lin in self.linears())
 
     def fused_forward(self, kv: np.ndarray | None) -> FusedForward | None:
-        """None: the fused Rust CPU step is the Llama family's only."""
-        return None
+        """The fused Rust step (models/llama_native.py) with Gemma's settings: GELU-tanh,
+        its score scale, post norms, windows and the local layers' rotary table. Not
+        for soft-capped attention scores (Gemma 2), which it does not compute."""
+        from mistralrs_serve.models.llama_native import FusedSpec, NativeForward, applies
+
+        cfg = self.config
+        if cfg.extra["attn_softcap"] is not None or cfg.extra["gelu_approximate"] != "tanh":
+            return None
+        if not applies(self.device, kv, [lin for layer in self.layers for lin in layer.linears()]):
+            return None
+        assert kv is not None
+        local = None if self.local_rotary is self.global_rotary else self.local_rotary
+        spec = FusedSpec(
+            hidden=cfg.hidden_size,
+            num_heads=cfg.num_heads,
+            num_kv_heads=cfg.num_kv_heads,
+            head_dim=cfg.head_dim,
+            intermediate=cfg.intermediate_size,
+            eps=cfg.rms_norm_eps,
+            layers=[layer.fused_weights() for layer in self.layers],
+            final_norm=self.norm.weight.float().tolist(),
+            head=self.lm_head,
+            embed_source=self.embed_source,
+            dense_embed=lambda: self.embed,
+            rotary=self.global_rotary,
+            local_rotary=local,
+            extras=[layer.fused_extras(local is not None) for layer in self.layers],
+            activation="gelu_tanh",
+            attn_scale=cfg.extra["attn_scale"],
+            # llama.cpp's scale, in f32 (transformers rounds it to the weights' dtype first)
+            embed_scale=cfg.hidden_size**0.5,
+            final_softcap=self.final_softcap,
+            linears=self.linears(),
+        )
+        return NativeForward(spec, kv)
 
     def kv_window(self) -> int | None:
         """None for Gemma 2 and 3, whose global layers read every block (freeing behind

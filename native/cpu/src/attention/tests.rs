@@ -27,6 +27,7 @@ fn attend_full<T: KvElem>(
             table,
             first: s * SEGMENT,
             ends: &ends,
+            starts: None,
             q,
             scale,
         };
@@ -84,6 +85,7 @@ fn tile_speed() {
                 table: &table,
                 first,
                 ends: &ends,
+                starts: None,
                 q: &q[(r0 + reach) * 9 * 64..][..ends.len() * 9 * 64],
                 scale: 0.125,
             };
@@ -135,6 +137,7 @@ fn decode_speed() {
                 table,
                 first: seg * SEGMENT,
                 ends: &ends,
+                starts: None,
                 q: &q,
                 scale: 0.125,
             };
@@ -187,6 +190,7 @@ fn a_row_is_the_same_in_any_tile() {
             table: &table,
             first,
             ends: &ends,
+            starts: None,
             q: &q,
             scale: 0.2,
         };
@@ -203,6 +207,7 @@ fn a_row_is_the_same_in_any_tile() {
             for i in 0..ends.len() {
                 let one = TileQuery {
                     ends: &ends[i..i + 1],
+                    starts: None,
                     q: &q[i * 6 * 32..][..6 * 32],
                     ..tile
                 };

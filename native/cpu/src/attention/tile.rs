@@ -19,6 +19,9 @@ pub struct TileQuery<'a> {
     pub first: usize,
     /// Per row: the end of its context within the segment (`> first`).
     pub ends: &'a [usize],
+    /// Per row, where its keys start within the segment (`first..end`; a
+    /// sliding window's), non-decreasing; None: at `first` for every row.
+    pub starts: Option<&'a [usize]>,
     /// The rows' queries, (rows, num_heads, head_dim) row-major.
     pub q: &'a [f32],
     pub scale: f32,
@@ -80,6 +83,7 @@ pub unsafe fn attend_tile<T: KvElem>(
     {
         let g = shape.num_heads / shape.num_kv_heads;
         if std::arch::is_x86_feature_detected!("avx512f")
+            && tile.starts.is_none()
             && shape.head_dim.is_multiple_of(16)
             && shape.head_dim <= 256
             && g <= 8
@@ -107,13 +111,14 @@ pub unsafe fn attend_tile<T: KvElem>(
     } = shape;
     let g = num_heads / num_kv_heads;
     for (i, (&end, &out)) in tile.ends.iter().zip(outs).enumerate() {
+        let start = tile.starts.map_or(tile.first, |s| s[i]);
         for h in kv_heads.start * g..kv_heads.end * g {
             let kv_head = h / g;
             let at = |p: usize| {
                 ((tile.table[p / bs] as usize * bs + p % bs) * num_kv_heads + kv_head) * d
             };
             let qh = &tile.q[(i * num_heads + h) * d..][..d];
-            let scores: Vec<f32> = (tile.first..end)
+            let scores: Vec<f32> = (start..end)
                 .map(|p| {
                     qh.iter()
                         .zip(&k_cache[at(p)..][..d])
@@ -129,7 +134,7 @@ pub unsafe fn attend_tile<T: KvElem>(
             part[0] = max;
             part[1] = weights.iter().sum();
             for c in 0..d {
-                part[2 + c] = (tile.first..end)
+                part[2 + c] = (start..end)
                     .zip(&weights)
                     .map(|(p, w)| w * v_cache[at(p) + c].to_f32())
                     .sum();

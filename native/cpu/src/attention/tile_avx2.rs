@@ -39,6 +39,8 @@ pub(super) unsafe fn attend<T: KvElem>(
     let g = num_heads / num_kv_heads;
     let rows = tile.ends.len();
     let last = tile.ends.iter().copied().max().unwrap_or(tile.first);
+    let start = |i: usize| tile.starts.map_or(tile.first, |s| s[i]);
+    let begin = (0..rows).map(start).min().unwrap_or(tile.first);
     // scores of (row, head of the kv head) over the segment's positions, then a row of k or v
     scratch.floats.resize(rows * g * SEGMENT + d, 0.0);
     let (scores, row_f32) = scratch.floats.split_at_mut(rows * g * SEGMENT);
@@ -46,10 +48,10 @@ pub(super) unsafe fn attend<T: KvElem>(
         ((tile.table[p / bs] as usize * bs + p % bs) * num_kv_heads + kv_head) * d
     };
     for kv_head in kv_heads {
-        for p in tile.first..last {
+        for p in begin..last {
             widen(&k_cache[at(p, kv_head)..][..d], row_f32);
             for (i, &end) in tile.ends.iter().enumerate() {
-                if p >= end {
+                if p >= end || p < start(i) {
                     continue;
                 }
                 for j in 0..g {
@@ -62,7 +64,8 @@ pub(super) unsafe fn attend<T: KvElem>(
         // per row and head: max, weights in place, their sum; the output row zeroed
         for (i, (&end, &out)) in tile.ends.iter().zip(outs).enumerate() {
             for j in 0..g {
-                let s = &mut scores[(i * g + j) * SEGMENT..][..end - tile.first];
+                let s =
+                    &mut scores[(i * g + j) * SEGMENT..][start(i) - tile.first..end - tile.first];
                 let max = s.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
                 let mut sum = 0f32;
                 for w in s.iter_mut() {
@@ -77,10 +80,10 @@ pub(super) unsafe fn attend<T: KvElem>(
                 part[2..].fill(0.0);
             }
         }
-        for p in tile.first..last {
+        for p in begin..last {
             widen(&v_cache[at(p, kv_head)..][..d], row_f32);
             for (i, (&end, &out)) in tile.ends.iter().zip(outs).enumerate() {
-                if p >= end {
+                if p >= end || p < start(i) {
                     continue;
                 }
                 for j in 0..g {

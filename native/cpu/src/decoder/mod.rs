@@ -17,7 +17,11 @@
 //!
 //! Supported: RMSNorm, fused q/k/v with optional bias, optional per-head
 //! q/k RMSNorm (Qwen3), rotary embedding on halves (cos/sin supplied per row,
-//! so any rope scaling works), grouped-query attention, SwiGLU MLP.
+//! so any rope scaling works; a second table for the layers that use it, as
+//! Gemma 3's local layers do), grouped-query attention with a softmax scale
+//! of the model's and an optional sliding window per layer, SwiGLU or
+//! GELU-tanh gated MLP, and optional norms of the attention and MLP outputs
+//! before their residual adds (Gemma's four norms a layer).
 
 mod ops;
 mod step;
@@ -64,6 +68,19 @@ pub struct DecoderShape {
     pub intermediate: usize,
     pub vocab: usize,
     pub eps: f32,
+    /// The MLP's gate activation.
+    pub activation: Activation,
+    /// The attention softmax's scale; None: 1 / sqrt(head_dim).
+    pub attn_scale: Option<f32>,
+}
+
+/// The gated MLP's activation: `act(gate) * up`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// SiLU (Llama, Qwen).
+    Silu,
+    /// GELU, tanh approximation (Gemma).
+    GeluTanh,
 }
 
 /// One decoder layer's weights (norm weights as f32).
@@ -80,6 +97,13 @@ pub struct LayerWeights {
     /// gate rows then up rows.
     pub gate_up: Arc<QMatrix>,
     pub down: Arc<QMatrix>,
+    /// RMSNorm of the attention's and the MLP's outputs before the residual adds.
+    pub post_attn_norm: Option<Vec<f32>>,
+    pub post_ffn_norm: Option<Vec<f32>>,
+    /// A row at position p attends over positions p - window + 1 ..= p only.
+    pub window: Option<usize>,
+    /// Which rotary table the layer takes: 0 `StepRows::cos/sin`, 1 `StepRows::local`.
+    pub rope_table: usize,
 }
 
 pub struct Decoder {
@@ -99,6 +123,8 @@ pub struct StepRows<'a> {
     /// (rows, head_dim / 2) rotary cos and sin at each row's position.
     pub cos: &'a [f32],
     pub sin: &'a [f32],
+    /// The same for the layers of `rope_table` 1, where some have it.
+    pub local: Option<(&'a [f32], &'a [f32])>,
     /// Cache slot each row's key and value go to.
     pub slots: &'a [i64],
     /// (rows, max_blocks) block tables.
@@ -129,61 +155,16 @@ impl Decoder {
             num_heads,
             num_kv_heads,
             head_dim,
-            intermediate,
             vocab,
             ..
         } = shape;
-        let bad = |what: String| Err(DecoderError::Shape(what));
         if num_kv_heads == 0 || !num_heads.is_multiple_of(num_kv_heads) || head_dim % 2 != 0 {
-            return bad(format!(
+            return Err(DecoderError::Shape(format!(
                 "{num_heads} heads over {num_kv_heads} kv heads of dim {head_dim}"
-            ));
+            )));
         }
-        let qkv_rows = (num_heads + 2 * num_kv_heads) * head_dim;
-        let want =
-            |name: &str, m: &QMatrix, rows: usize, cols: usize| -> Result<(), DecoderError> {
-                if m.rows != rows || m.cols != cols {
-                    return Err(DecoderError::Shape(format!(
-                        "{name} is ({}, {}), want ({rows}, {cols})",
-                        m.rows, m.cols
-                    )));
-                }
-                Ok(())
-            };
-        let vec_len = |name: &str, v: &[f32], n: usize| -> Result<(), DecoderError> {
-            if v.len() != n {
-                return Err(DecoderError::Shape(format!(
-                    "{name} has {} values, want {n}",
-                    v.len()
-                )));
-            }
-            Ok(())
-        };
         for (i, l) in layers.iter().enumerate() {
-            want(&format!("layer {i} qkv"), &l.qkv, qkv_rows, hidden)?;
-            want(&format!("layer {i} o"), &l.o, hidden, num_heads * head_dim)?;
-            want(
-                &format!("layer {i} gate_up"),
-                &l.gate_up,
-                2 * intermediate,
-                hidden,
-            )?;
-            want(&format!("layer {i} down"), &l.down, hidden, intermediate)?;
-            vec_len("attn_norm", &l.attn_norm, hidden)?;
-            vec_len("ffn_norm", &l.ffn_norm, hidden)?;
-            for (name, v, n) in [
-                ("qkv_bias", &l.qkv_bias, qkv_rows),
-                ("o_bias", &l.o_bias, hidden),
-                ("q_norm", &l.q_norm, head_dim),
-                ("k_norm", &l.k_norm, head_dim),
-            ] {
-                if let Some(v) = v {
-                    vec_len(name, v, n)?;
-                }
-            }
-            if l.q_norm.is_some() != l.k_norm.is_some() {
-                return bad(format!("layer {i} has only one of q_norm and k_norm"));
-            }
+            check_layer(&shape, i, l)?;
         }
         want("lm_head", &lm_head, vocab, hidden)?;
         vec_len("final_norm", &final_norm, hidden)?;
@@ -238,7 +219,7 @@ impl Decoder {
             block_tables: rows.block_tables,
             max_blocks: rows.max_blocks,
             context_lens: rows.context_lens,
-            scale: 1.0 / (s.head_dim as f32).sqrt(),
+            scale: s.attn_scale.unwrap_or(1.0 / (s.head_dim as f32).sqrt()),
         };
         check_decode_batch(attn_shape, &batch, layer_elems, layer_elems, n * q_len)?;
         let scale = batch.scale;
@@ -266,6 +247,7 @@ impl Decoder {
             x: Shared(rows.x.as_mut_ptr()),
             cos: rows.cos,
             sin: rows.sin,
+            local: rows.local,
             slots: rows.slots,
             logit_rows: rows.logit_rows,
             kv: Shared(cache.kv.as_mut_ptr()),
@@ -323,6 +305,15 @@ impl Decoder {
         if rows.cos.len() != n * half || rows.sin.len() != n * half {
             return bad(format!("cos/sin need {n} rows of {half}"));
         }
+        match rows.local {
+            Some((c, si)) if c.len() != n * half || si.len() != n * half => {
+                return bad(format!("the local cos/sin need {n} rows of {half}"));
+            }
+            None if self.layers.iter().any(|l| l.rope_table == 1) => {
+                return bad("layers take the local rotary table, and the step has none".into());
+            }
+            _ => {}
+        }
         if rows.context_lens.len() != n || rows.block_tables.len() != n * rows.max_blocks {
             return bad(format!(
                 "{n} rows need {n} context lengths and ({n}, max_blocks) block tables"
@@ -358,6 +349,67 @@ impl Decoder {
         }
         Ok(n)
     }
+}
+
+fn want(name: &str, m: &QMatrix, rows: usize, cols: usize) -> Result<(), DecoderError> {
+    if m.rows != rows || m.cols != cols {
+        return Err(DecoderError::Shape(format!(
+            "{name} is ({}, {}), want ({rows}, {cols})",
+            m.rows, m.cols
+        )));
+    }
+    Ok(())
+}
+
+fn vec_len(name: &str, v: &[f32], n: usize) -> Result<(), DecoderError> {
+    if v.len() != n {
+        return Err(DecoderError::Shape(format!(
+            "{name} has {} values, want {n}",
+            v.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Layer `i`'s matrices and vectors against the shape.
+fn check_layer(s: &DecoderShape, i: usize, l: &LayerWeights) -> Result<(), DecoderError> {
+    let (hidden, d) = (s.hidden, s.head_dim);
+    let qkv_rows = (s.num_heads + 2 * s.num_kv_heads) * d;
+    want(&format!("layer {i} qkv"), &l.qkv, qkv_rows, hidden)?;
+    want(&format!("layer {i} o"), &l.o, hidden, s.num_heads * d)?;
+    want(
+        &format!("layer {i} gate_up"),
+        &l.gate_up,
+        2 * s.intermediate,
+        hidden,
+    )?;
+    want(&format!("layer {i} down"), &l.down, hidden, s.intermediate)?;
+    vec_len("attn_norm", &l.attn_norm, hidden)?;
+    vec_len("ffn_norm", &l.ffn_norm, hidden)?;
+    for (name, v, n) in [
+        ("qkv_bias", &l.qkv_bias, qkv_rows),
+        ("o_bias", &l.o_bias, hidden),
+        ("q_norm", &l.q_norm, d),
+        ("k_norm", &l.k_norm, d),
+        ("post_attn_norm", &l.post_attn_norm, hidden),
+        ("post_ffn_norm", &l.post_ffn_norm, hidden),
+    ] {
+        if let Some(v) = v {
+            vec_len(name, v, n)?;
+        }
+    }
+    if l.q_norm.is_some() != l.k_norm.is_some() {
+        return Err(DecoderError::Shape(format!(
+            "layer {i} has only one of q_norm and k_norm"
+        )));
+    }
+    if l.window == Some(0) || l.rope_table > 1 {
+        return Err(DecoderError::Shape(format!(
+            "layer {i}: window 0 or rotary table {} (0 or 1)",
+            l.rope_table
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

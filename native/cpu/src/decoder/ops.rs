@@ -82,6 +82,15 @@ with_avx512!(rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     }
 });
 
+with_avx512!(gelu_tanh_mul(g: &[f32], u: &[f32], out: &mut [f32]) {
+    // gelu(g) = g / 2 (1 + tanh(y)), y = sqrt(2 / pi) (g + 0.044715 g^3); 1 + tanh(y) = 2 / (1 + e^-2y)
+    const C: f32 = 0.797_884_6;
+    for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
+        let y = C * (g + 0.044_715 * g * g * g);
+        *o = g / (1.0 + fast_exp(-2.0 * y)) * u;
+    }
+});
+
 /// Rotates the two halves of `head` (neox style).
 pub(super) fn rope(head: &mut [f32], cos: &[f32], sin: &[f32]) {
     let (a, b) = head.split_at_mut(cos.len());

@@ -169,6 +169,7 @@ pub(super) struct Step<'a, T> {
     pub(super) x: Shared<f32>,
     pub(super) cos: &'a [f32],
     pub(super) sin: &'a [f32],
+    pub(super) local: Option<(&'a [f32], &'a [f32])>,
     pub(super) slots: &'a [i64],
     pub(super) logit_rows: &'a [usize],
     pub(super) kv: Shared<T>,

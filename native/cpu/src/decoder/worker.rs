@@ -12,9 +12,9 @@
 use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use super::ops::{add_rows, rms_norm, rope, swiglu};
+use super::ops::{add_rows, gelu_tanh_mul, rms_norm, rope, swiglu};
 use super::step::{Shared, Step, Unit};
-use super::{Decoder, KvStore, LayerWeights};
+use super::{Activation, Decoder, KvStore, LayerWeights};
 use crate::attention::{attend_tile, merge_segments, segment_len, TileQuery, TileScratch};
 use crate::attention::{SEGMENT, TILE_ROWS};
 use crate::quant::{gemm_into, QMatrix, GROUP_ROWS};
@@ -72,19 +72,19 @@ impl<'a, T: KvStore> Worker<'a, T> {
             self.qkv_row(r, l, (k_off, v_off));
         }
         st.barrier.wait();
-        self.attention(k_off, v_off);
+        self.attention(k_off, v_off, l.window);
         st.barrier.wait();
         self.merge_attention(&l.o);
         st.barrier.wait();
         self.product(&l.o, &bufs.proj);
-        self.add_proj(l.o_bias.as_deref());
+        self.add_proj(l.o_bias.as_deref(), l.post_attn_norm.as_deref());
         self.norm_rows(&l.ffn_norm, &l.gate_up);
         st.barrier.wait();
         self.product(&l.gate_up, &bufs.gate_up);
-        self.swiglu_rows(&l.down);
+        self.gated_rows(&l.down);
         st.barrier.wait();
         self.product(&l.down, &bufs.proj);
-        self.add_proj(None);
+        self.add_proj(None, l.post_ffn_norm.as_deref());
     }
 
     /// Rows `r` of the hidden states.
@@ -171,7 +171,11 @@ impl<'a, T: KvStore> Worker<'a, T> {
         if let Some(bias) = &l.qkv_bias {
             row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
         }
-        let (cos, sin) = (&st.cos[r * half..][..half], &st.sin[r * half..][..half]);
+        let (cos, sin) = match (l.rope_table, st.local) {
+            (1, Some((cos, sin))) => (cos, sin),
+            _ => (st.cos, st.sin),
+        };
+        let (cos, sin) = (&cos[r * half..][..half], &sin[r * half..][..half]);
         let (qk, v) = row.split_at_mut(q_len + kv_len);
         for (i, head) in qk.chunks_exact_mut(d).enumerate() {
             if let Some(w) = if i < h { &l.q_norm } else { &l.k_norm } {
@@ -196,7 +200,7 @@ impl<'a, T: KvStore> Worker<'a, T> {
 
     /// The layer's attention units, in any order, to whichever thread is
     /// free: a row's arithmetic is its own (see `attend_tile`).
-    fn attention(&mut self, k_off: usize, v_off: usize) {
+    fn attention(&mut self, k_off: usize, v_off: usize, window: Option<usize>) {
         let st = self.st;
         let k_layer = unsafe { &*st.kv.range(k_off, st.layer_elems) };
         let v_layer = unsafe { &*st.kv.range(v_off, st.layer_elems) };
@@ -204,13 +208,15 @@ impl<'a, T: KvStore> Worker<'a, T> {
         loop {
             let u = next.fetch_add(1, Ordering::Relaxed);
             let Some(unit) = st.units.get(u) else { break };
-            self.attend_unit(unit, k_layer, v_layer);
+            self.attend_unit(unit, k_layer, v_layer, window);
         }
     }
 
     /// One unit: the rows of its tile that reach its segment, for its kv heads.
+    /// Under a `window`, a row whose keys start past the segment gives it a part
+    /// that weighs nothing (max -inf, sum 0), and the others start where theirs do.
     #[inline]
-    fn attend_unit(&mut self, unit: &Unit, k_layer: &[T], v_layer: &[T]) {
+    fn attend_unit(&mut self, unit: &Unit, k_layer: &[T], v_layer: &[T], window: Option<usize>) {
         let st = self.st;
         let q_len = self.model.shape.num_heads * self.model.shape.head_dim;
         let plen = segment_len(st.attn_shape);
@@ -222,20 +228,34 @@ impl<'a, T: KvStore> Worker<'a, T> {
         // reach this segment are its last ones
         let reach =
             rows.start + st.context_lens[rows.clone()].partition_point(|&c| c as usize <= first);
-        let count = rows.end - reach;
-        for (i, r) in (reach..rows.end).enumerate() {
-            ends[i] = (st.context_lens[r] as usize).min(first + SEGMENT);
-            outs[i] = unsafe {
+        let mut starts = [first; TILE_ROWS];
+        let mut count = 0;
+        for r in reach..rows.end {
+            let ctx = st.context_lens[r] as usize;
+            let part = unsafe {
                 st.bufs
                     .parts
                     .0
                     .add((st.first_part[r] + unit.segment) * plen)
             };
+            let start = window.map_or(first, |w| ctx.saturating_sub(w).max(first));
+            let end = ctx.min(first + SEGMENT);
+            if start >= end {
+                // (the rows after it neither: their windows start later still)
+                self.weightless_parts(part, unit);
+                continue;
+            }
+            (starts[count], ends[count], outs[count]) = (start, end, part);
+            count += 1;
+        }
+        if count == 0 {
+            return;
         }
         let tile = TileQuery {
             table: &st.block_tables[reach * st.max_blocks..][..st.max_blocks],
             first,
             ends: &ends[..count],
+            starts: window.map(|_| &starts[..count]),
             q: unsafe { &*st.bufs.q.range(reach * q_len, count * q_len) },
             scale: st.scale,
         };
@@ -251,6 +271,18 @@ impl<'a, T: KvStore> Worker<'a, T> {
                 &mut self.tile_scratch,
             )
         };
+    }
+
+    /// A part of `unit`'s kv heads that adds nothing when merged.
+    fn weightless_parts(&self, part: *mut f32, unit: &Unit) {
+        let s = self.model.shape;
+        let (d, g) = (s.head_dim, s.num_heads / s.num_kv_heads);
+        for h in unit.kv_heads.start * g..unit.kv_heads.end * g {
+            // SAFETY: this unit alone writes its rows' parts for its kv heads.
+            let p = unsafe { std::slice::from_raw_parts_mut(part.add(h * (d + 2)), d + 2) };
+            p[0] = f32::NEG_INFINITY;
+            p[1..].fill(0.0);
+        }
     }
 
     /// My rows' attention outputs from their segments' parts, quantized as
@@ -270,16 +302,28 @@ impl<'a, T: KvStore> Worker<'a, T> {
         }
     }
 
-    /// The residual: my rows of x += the projection (+ `bias`).
-    fn add_proj(&mut self, bias: Option<&[f32]>) {
-        let hidden = self.model.shape.hidden;
+    /// The residual: my rows of x += the projection (+ `bias`), RMS-normed
+    /// first by `post_norm` where the layer has one.
+    fn add_proj(&mut self, bias: Option<&[f32]>, post_norm: Option<&[f32]>) {
+        let s = self.model.shape;
         let x = self.x_rows(self.mine.clone());
-        let proj = unsafe { self.st.bufs.proj.range(self.mine.start * hidden, x.len()) };
-        add_rows(x, proj, bias, hidden);
+        let proj = unsafe { self.st.bufs.proj.range(self.mine.start * s.hidden, x.len()) };
+        if let Some(w) = post_norm {
+            for row in proj.chunks_exact_mut(s.hidden) {
+                if let Some(b) = bias {
+                    row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
+                }
+                self.normed[..s.hidden].copy_from_slice(row);
+                rms_norm(&self.normed[..s.hidden], w, s.eps, row);
+            }
+            return add_rows(x, proj, None, s.hidden);
+        }
+        add_rows(x, proj, bias, s.hidden);
     }
 
-    /// SwiGLU of my rows' gate and up, quantized as the input of `down`.
-    fn swiglu_rows(&mut self, down: &QMatrix) {
+    /// The gated activation (SwiGLU or GELU-tanh) of my rows' gate and up,
+    /// quantized as the input of `down`.
+    fn gated_rows(&mut self, down: &QMatrix) {
         let (s, mine) = (self.model.shape, self.mine.clone());
         let gu_rows = 2 * s.intermediate;
         let gate_up = unsafe {
@@ -290,7 +334,10 @@ impl<'a, T: KvStore> Worker<'a, T> {
         };
         for (r, gu) in mine.zip(gate_up.chunks_exact(gu_rows)) {
             let (g, u) = gu.split_at(s.intermediate);
-            swiglu(g, u, &mut self.act);
+            match s.activation {
+                Activation::Silu => swiglu(g, u, &mut self.act),
+                Activation::GeluTanh => gelu_tanh_mul(g, u, &mut self.act),
+            }
             self.quantize(r, &self.act, down);
         }
     }
