@@ -15,7 +15,7 @@ layer, about 10% of a decode step on the default model).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -96,21 +96,45 @@ class DecoderLayer:
         attn: AttentionBackend,
         int4_rows: torch.Tensor | None,
     ) -> torch.Tensor:
-        num_tokens = x.shape[0]
-        h, kv = self.num_heads, self.num_kv_heads
-        qkv = self.qkv(x, int4_rows).view(num_tokens, h + 2 * kv, self.head_dim)
-        q, k, v = qkv.split([h, kv, kv], dim=1)  # (T, heads, D) each
-        if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if self.use_rope:
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        # `how` only where it differs, so a backend without it (cuda_graphs'
-        # static decode) fails loudly on a window rather than ignoring it
-        if self.how is PLAIN:
-            out = attn.attend(self.idx, q, k, v)
-        else:
-            out = attn.attend(self.idx, q, k, v, self.how)
-        return self.o(out, int4_rows)
+        return qkv_attention(self, x, cos, sin, attn, int4_rows, self.use_rope)
+
+
+class AttentionParts(Protocol):
+    """What a decoder layer's attention is made of (Llama's, Gemma's, the MoE families')."""
+
+    idx: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    qkv: Linear
+    o: Linear
+    q_norm: RMSNorm | None
+    k_norm: RMSNorm | None
+    how: LayerAttention
+
+
+def qkv_attention(
+    layer: AttentionParts,
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    attn: AttentionBackend,
+    int4_rows: torch.Tensor | None,
+    use_rope: bool = True,
+) -> torch.Tensor:
+    """Fused q/k/v, optional per-head q/k norms, rotary, attention over the cache, output projection."""
+    h, kv = layer.num_heads, layer.num_kv_heads
+    qkv = layer.qkv(x, int4_rows).view(x.shape[0], h + 2 * kv, layer.head_dim)
+    q, k, v = qkv.split([h, kv, kv], dim=1)  # (T, heads, D) each
+    if layer.q_norm is not None and layer.k_norm is not None:
+        q, k = layer.q_norm(q), layer.k_norm(k)
+    if use_rope:
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    # `how` only where it differs, so a plain layer runs on any backend (test doubles included)
+    out = (
+        attn.attend(layer.idx, q, k, v) if layer.how is PLAIN else attn.attend(layer.idx, q, k, v, layer.how)
+    )
+    return layer.o(out, int4_rows)
 
 
 class LlamaForCausalLM:

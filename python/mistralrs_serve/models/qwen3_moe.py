@@ -26,8 +26,9 @@ from mistralrs_serve.layers.attention import AttentionBackend, LayerAttention
 from mistralrs_serve.layers.linear import AnyWeight, Linear, concat_weights
 from mistralrs_serve.layers.moe import Routing, SparseMoE, check_expert_counts, dense, stack_experts
 from mistralrs_serve.layers.norm import RMSNorm
-from mistralrs_serve.layers.rotary import RotaryTable, apply_rotary
+from mistralrs_serve.layers.rotary import RotaryTable
 from mistralrs_serve.models.interface import FusedForward, every_layer_window
+from mistralrs_serve.models.llama import qkv_attention
 from mistralrs_serve.models.registry import Architecture
 
 # GGUF expert tensors (llama.cpp stacks each projection's experts into one) and
@@ -146,13 +147,7 @@ class MoeDecoderLayer:
         attn: AttentionBackend,
         int4_rows: torch.Tensor | None,
     ) -> torch.Tensor:
-        h, kv = self.num_heads, self.num_kv_heads
-        qkv = self.qkv(x, int4_rows).view(x.shape[0], h + 2 * kv, self.head_dim)
-        q, k, v = qkv.split([h, kv, kv], dim=1)  # (T, heads, D) each
-        if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        return self.o(attn.attend(self.idx, q, k, v, self.how), int4_rows)
+        return qkv_attention(self, x, cos, sin, attn, int4_rows)
 
     def linears(self) -> list[Linear]:
         dense_mlp = [self.ffn.gate_up, self.ffn.down] if isinstance(self.ffn, DenseMLP) else []
