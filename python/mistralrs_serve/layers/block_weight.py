@@ -26,15 +26,22 @@ FUSED_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
 
 @dataclass(frozen=True)
 class BlockPart:
-    """Consecutive rows of one GGUF type: `raw` is (rows, bytes per row) uint8."""
+    """Consecutive rows of one GGUF type: `raw` is (rows, bytes per row) uint8 as the
+    file stores them; `order`, where set, the order the rows are read in (llama.cpp's
+    q/k row permutation undone without a resident copy of the bytes)."""
 
     type_name: str
     raw: np.ndarray
     cols: int
+    order: np.ndarray | None = None
 
     @property
     def rows(self) -> int:
         return int(self.raw.shape[0])
+
+    def ordered(self) -> np.ndarray:
+        """The rows' bytes in `order` (a copy, for the caller's moment, where there is one)."""
+        return self.raw if self.order is None else np.ascontiguousarray(self.raw[self.order])
 
 
 @dataclass(frozen=True)
@@ -68,7 +75,7 @@ class BlockWeight:
         codes = {t.name: code for code, t in GGML_TYPES.items()}
         dense = [
             dequantize(
-                p.raw.reshape(-1),
+                p.ordered().reshape(-1),
                 TensorInfo("weight", (p.rows, p.cols), codes[p.type_name], 0, p.raw.nbytes),
                 dtype,
             )
@@ -78,20 +85,10 @@ class BlockWeight:
 
     def map_rows(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> BlockWeight:
         """Reorder rows (undoing llama.cpp's q/k permutation): `fn` applied to the row
-        numbers gives the order; the reordered bytes are a copy (q and k only)."""
-        order = fn(torch.arange(self.shape[0])).numpy()
+        numbers gives the order, kept beside the mapped bytes and applied when they are read."""
         (part,) = self.parts  # a tensor of the file: one part
-        return BlockWeight((BlockPart(part.type_name, np.ascontiguousarray(part.raw[order]), part.cols),))
-
-    def row_slice(self, start: int, stop: int) -> BlockWeight:
-        """Rows start..stop (a view, no copy)."""
-        parts, first = [], 0
-        for p in self.parts:
-            lo, hi = max(start, first), min(stop, first + p.rows)
-            if lo < hi:
-                parts.append(BlockPart(p.type_name, p.raw[lo - first : hi - first], p.cols))
-            first += p.rows
-        return BlockWeight(tuple(parts))
+        rows = torch.arange(part.rows) if part.order is None else torch.from_numpy(part.order)
+        return BlockWeight((BlockPart(part.type_name, part.raw, part.cols, fn(rows).numpy()),))
 
     @staticmethod
     def concat(weights: list[BlockWeight]) -> BlockWeight:
@@ -111,7 +108,7 @@ class BlockWeight:
         if any(p.type_name not in FUSED_TYPES for p in self.parts):
             return None
         mats = [
-            _native.QuantMatrix.from_gguf(p.type_name, np.ascontiguousarray(p.raw), p.rows, p.cols)
+            _native.QuantMatrix.from_gguf(p.type_name, np.ascontiguousarray(p.ordered()), p.rows, p.cols)
             for p in self.parts
         ]
         return mats[0] if len(mats) == 1 else _native.QuantMatrix.concat(mats)

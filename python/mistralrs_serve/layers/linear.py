@@ -204,7 +204,7 @@ def _as_q4(w: BlockWeight) -> Q4Weight | None:
         return None
     from mistralrs_serve.models.gguf_quants import unpack_q4_blocks
 
-    return Q4Weight.concat([unpack_q4_blocks(p.type_name, p.raw, p.rows, p.cols) for p in w.parts])
+    return Q4Weight.concat([unpack_q4_blocks(p.type_name, p.ordered(), p.rows, p.cols) for p in w.parts])
 
 
 def _pack_int4(w: Q4Weight) -> tuple[torch.Tensor, torch.Tensor]:

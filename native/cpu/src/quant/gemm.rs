@@ -142,12 +142,12 @@ pub enum KernelPath {
 
 impl KernelPath {
     /// The path a part of `kind` takes on this one: the AVX-512 kernel has
-    /// no [`QuantKind::S8H`] (Q6_K) loop, which then runs on AVX2 (every
+    /// no [`QuantKind::Q6`] (Q6_K) loop, which then runs on AVX2 (every
     /// AVX-512 CPU has it).
     fn for_kind(self, kind: QuantKind) -> Self {
         match (self, kind) {
-            (KernelPath::Avx512, QuantKind::S8H) if has_avx2() => KernelPath::Avx2,
-            (KernelPath::Avx512, QuantKind::S8H) => KernelPath::Portable,
+            (KernelPath::Avx512, QuantKind::Q6) if has_avx2() => KernelPath::Avx2,
+            (KernelPath::Avx512, QuantKind::Q6) => KernelPath::Portable,
             _ => self,
         }
     }
@@ -271,11 +271,11 @@ unsafe fn dot_portable(w: &Part, x: RowAt, r: usize) -> f32 {
     for blk in 0..w.blocks_per_row() {
         let codes = x.q.add(blk * ROW_Q_STEP);
         let dx = *x.d.add(blk * BATCH);
-        if w.kind == QuantKind::S8H {
-            // signed codes, a scale per half block, no offset
+        if w.kind == QuantKind::Q6 {
+            // codes standing for q - 32, a scale per half block, no offset
             for half in 0..2 {
                 let isum: i32 = (16 * half..16 * half + 16)
-                    .map(|j| (w.code(r, blk * BLOCK + j) as i8) as i32 * *codes.add(j) as i32)
+                    .map(|j| (w.code(r, blk * BLOCK + j) as i32 - 32) * *codes.add(j) as i32)
                     .sum();
                 acc += f16_to_f32(w.d[w.scale_index(r, blk, half)]) * dx * isum as f32;
             }
@@ -370,8 +370,8 @@ mod avx512 {
                         *r = _mm512_loadu_si512(p.add(k * 64).cast());
                     }
                 }
-                QuantKind::S8H => {
-                    unreachable!("S8H parts take the AVX2 kernel (KernelPath::for_kind)")
+                QuantKind::Q6 => {
+                    unreachable!("Q6 parts take the AVX2 kernel (KernelPath::for_kind)")
                 }
             }
             let dw = _mm512_cvtph_ps(_mm256_loadu_si256(scales.add(blk * GROUP_ROWS).cast()));

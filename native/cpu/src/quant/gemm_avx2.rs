@@ -10,8 +10,8 @@
 //! 8-bit code `u` could saturate, so it is taken as `s = u - 128` (signed,
 //! |s| <= 128) through the sign trick (`|s|` times `x` with `s`'s sign), and
 //! `Σ u x = Σ s x + 128 Σ x` moves into the offset: the block adds
-//! `d dx Σ s x + (m + 128 d) dx Σ x`. [`QuantKind::S8H`] codes are signed
-//! already and have a scale per half block: two sums, no offset.
+//! `d dx Σ s x + (m + 128 d) dx Σ x`. [`QuantKind::Q6`] codes, unpacked and
+//! less 32, are signed and have a scale per half block: two sums, no offset.
 
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -85,9 +85,9 @@ unsafe fn half<const N: usize>(
     for blk in 0..nb {
         let p = codes.add(blk * bytes);
         let dw = _mm256_cvtph_ps(_mm_loadu_si128(scales.add(blk * GROUP_ROWS * spb).cast()));
-        // Q4/Q8: the offsets; S8H: the second half block's scales
+        // Q4/Q8: the offsets; Q6: the second half block's scales
         let mut mw = match w.kind {
-            QuantKind::S8H => _mm256_cvtph_ps(_mm_loadu_si128(
+            QuantKind::Q6 => _mm256_cvtph_ps(_mm_loadu_si128(
                 scales.add(blk * GROUP_ROWS * 2 + GROUP_ROWS).cast(),
             )),
             _ => _mm256_cvtph_ps(_mm_loadu_si128(offsets.add(blk * GROUP_ROWS).cast())),
@@ -115,7 +115,7 @@ unsafe fn half<const N: usize>(
                     *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dw, dx), *a);
                     *a = _mm256_fmadd_ps(mw, _mm256_set1_ps(*xdsum.add(j)), *a);
                 }
-                QuantKind::S8H => {
+                QuantKind::Q6 => {
                     let (first, second) = (
                         signed_from(&regs[..4], row, ones),
                         signed_from(&regs[4..], row.add(4), ones),
@@ -132,7 +132,8 @@ unsafe fn half<const N: usize>(
 }
 
 /// The 8 registers of one block of codes at `p`: 4-bit codes unpacked from
-/// their nibbles, 8-bit ones as signed bytes (Q8: `u - 128`, S8H as stored).
+/// their nibbles, 8-bit ones as signed bytes (Q8: `u - 128`), 6-bit ones from
+/// their nibbles and high bits, less 32.
 #[inline]
 #[target_feature(enable = "avx2")]
 unsafe fn load_regs(kind: QuantKind, p: *const u8, regs: &mut [__m256i; 8]) {
@@ -151,9 +152,32 @@ unsafe fn load_regs(kind: QuantKind, p: *const u8, regs: &mut [__m256i; 8]) {
                 *r = _mm256_xor_si256(_mm256_loadu_si256(p.add(k * 64).cast()), bias);
             }
         }
-        QuantKind::S8H => {
-            for (k, r) in regs.iter_mut().enumerate() {
-                *r = _mm256_loadu_si256(p.add(k * 64).cast());
+        QuantKind::Q6 => {
+            let (low, two) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x30));
+            let planes = [
+                _mm256_loadu_si256(p.add(256).cast()),
+                _mm256_loadu_si256(p.add(256 + 64).cast()),
+            ];
+            let bias = _mm256_set1_epi8(32);
+            for k in 0..4 {
+                let v = _mm256_loadu_si256(p.add(k * 64).cast());
+                let nibbles = [
+                    _mm256_and_si256(v, low),
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(v), low),
+                ];
+                for (half, nib) in nibbles.into_iter().enumerate() {
+                    let reg = k + 4 * half;
+                    let h = planes[reg / 4];
+                    // bits 2 (reg % 4) of each byte up to bits 4..6, masked per byte
+                    let hi = match reg % 4 {
+                        0 => _mm256_slli_epi16::<4>(h),
+                        1 => _mm256_slli_epi16::<2>(h),
+                        2 => h,
+                        _ => _mm256_srli_epi16::<2>(h),
+                    };
+                    regs[reg] =
+                        _mm256_sub_epi8(_mm256_or_si256(nib, _mm256_and_si256(hi, two)), bias);
+                }
             }
         }
     }

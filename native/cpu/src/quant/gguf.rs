@@ -7,7 +7,7 @@
 //!   into one f16 scale and offset per 32) become [`QuantKind::Q4`];
 //! - Q5_0, Q5_1, Q5_K (5-bit codes) and Q8_0 become [`QuantKind::Q8`], one
 //!   code per byte;
-//! - Q6_K (16-wide sub-blocks) becomes [`QuantKind::S8H`].
+//! - Q6_K (16-wide sub-blocks) becomes [`QuantKind::Q6`], still 6 bits.
 //!
 //! The one rounding: a k-quant's sub-block scale (an f16 times a 6- or 8-bit
 //! integer) is stored as f16, a relative change under 2^-11 (llama.cpp
@@ -64,13 +64,13 @@ impl GgufType {
         match self {
             GgufType::Q4_0 | GgufType::Q4_1 | GgufType::Q4K => QuantKind::Q4,
             GgufType::Q5_0 | GgufType::Q5_1 | GgufType::Q5K | GgufType::Q8_0 => QuantKind::Q8,
-            GgufType::Q6K => QuantKind::S8H,
+            GgufType::Q6K => QuantKind::Q6,
         }
     }
 }
 
-/// One block's codes (unsigned, or two's complement for S8H), its scales
-/// (one per 32 weights, or per 16 for S8H) and offsets (one per 32).
+/// One block's codes (unsigned), its scales (one per 32 weights, or per 16
+/// for Q6) and offsets (one per 32; Q6 has none: its codes stand for q - 32).
 struct Decoded<'a> {
     codes: &'a mut [u8],
     scales: &'a mut [f32],
@@ -192,7 +192,7 @@ fn decode_q6k(b: &[u8], codes: &mut [u8], scales: &mut [f32]) {
                 (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4),
             ];
             for (i, v) in q.into_iter().enumerate() {
-                out[32 * i + l] = (v as i8 - 32) as u8;
+                out[32 * i + l] = v;
             }
         }
     }
@@ -230,7 +230,7 @@ impl QMatrix {
         let mut scales = vec![0f32; rows * cols / BLOCK * spb];
         let mut offsets = vec![
             0f32;
-            if kind == QuantKind::S8H {
+            if kind == QuantKind::Q6 {
                 0
             } else {
                 rows * cols / BLOCK
@@ -250,7 +250,7 @@ impl QMatrix {
             };
             decode(t, b, out);
         }
-        if kind != QuantKind::S8H {
+        if kind != QuantKind::Q6 {
             check_dims(codes.len(), scales.len(), offsets.len(), rows, cols)?;
         }
         Ok(Self::single(Part::pack(

@@ -55,9 +55,12 @@ pub enum QuantKind {
     Q4,
     /// 8-bit codes stored unsigned (signed code + 128).
     Q8,
-    /// Signed 8-bit codes with a scale per half block (16 weights) and no
-    /// offset: GGUF's Q6_K, whose sub-blocks are 16 wide.
-    S8H,
+    /// 6-bit codes `q` standing for `q - 32`, with a scale per half block
+    /// (16 weights) and no offset: GGUF's Q6_K, whose sub-blocks are 16 wide.
+    /// The low 4 bits are laid out as [`QuantKind::Q4`]'s, the high 2 bits of
+    /// the block's 8 registers in 2 more (register `k`'s at bits `2 (k % 4)` of
+    /// plane `k / 4`).
+    Q6,
 }
 
 impl QuantKind {
@@ -65,7 +68,8 @@ impl QuantKind {
     fn block_bytes(self) -> usize {
         match self {
             QuantKind::Q4 => BLOCK_BYTES_Q8 / 2,
-            QuantKind::Q8 | QuantKind::S8H => BLOCK_BYTES_Q8,
+            QuantKind::Q8 => BLOCK_BYTES_Q8,
+            QuantKind::Q6 => BLOCK_BYTES_Q8 / 2 + BLOCK_BYTES_Q8 / 4,
         }
     }
 
@@ -73,7 +77,7 @@ impl QuantKind {
     #[inline]
     fn scales_per_block(self) -> usize {
         match self {
-            QuantKind::S8H => 2,
+            QuantKind::Q6 => 2,
             QuantKind::Q4 | QuantKind::Q8 => 1,
         }
     }
@@ -100,7 +104,7 @@ pub struct Part {
     q: Vec<u8>,
     /// f16 bits, (groups, blocks, scales per block, 16).
     d: Vec<u16>,
-    /// f16 bits, (groups, blocks, 16); empty for [`QuantKind::S8H`].
+    /// f16 bits, (groups, blocks, 16); empty for [`QuantKind::Q6`].
     m: Vec<u16>,
 }
 
@@ -238,7 +242,7 @@ impl Part {
     /// Unsigned codes (rows, cols) into the grouped layout; rows past the
     /// last are zero with zero scales (their outputs are never stored).
     /// `scale` holds [`QuantKind::scales_per_block`] values per row and
-    /// block, `offset` one (none for [`QuantKind::S8H`]).
+    /// block, `offset` one (none for [`QuantKind::Q6`]).
     fn pack(
         kind: QuantKind,
         codes: &[u8],
@@ -280,7 +284,16 @@ impl Part {
                     let c = blk * BLOCK + k;
                     let (byte, high) = m.code_index(r, c);
                     let code = codes[r * cols + c];
-                    m.q[byte] |= if high { code << 4 } else { code };
+                    let low = if kind == QuantKind::Q6 {
+                        code & 0x0F
+                    } else {
+                        code
+                    };
+                    m.q[byte] |= if high { low << 4 } else { low };
+                    if kind == QuantKind::Q6 {
+                        let (byte, shift) = m.high_bits_index(r, c);
+                        m.q[byte] |= (code >> 4) << shift;
+                    }
                 }
             }
         }
@@ -303,18 +316,39 @@ impl Part {
         let base = ((r / GROUP_ROWS) * self.blocks_per_row() + blk) * self.kind.block_bytes();
         let (reg, lane, byte) = (k / 4, r % GROUP_ROWS, k % 4);
         match self.kind {
-            QuantKind::Q8 | QuantKind::S8H => (base + reg * 64 + lane * 4 + byte, false),
-            QuantKind::Q4 => (base + (reg % 4) * 64 + lane * 4 + byte, reg >= 4),
+            QuantKind::Q8 => (base + reg * 64 + lane * 4 + byte, false),
+            QuantKind::Q4 | QuantKind::Q6 => (base + (reg % 4) * 64 + lane * 4 + byte, reg >= 4),
         }
+    }
+
+    /// A [`QuantKind::Q6`] weight's byte and bit offset of its two high bits.
+    #[inline]
+    fn high_bits_index(&self, r: usize, c: usize) -> (usize, u32) {
+        let (blk, k) = (c / BLOCK, c % BLOCK);
+        let base = ((r / GROUP_ROWS) * self.blocks_per_row() + blk) * self.kind.block_bytes();
+        let (reg, lane, byte) = (k / 4, r % GROUP_ROWS, k % 4);
+        (
+            base + BLOCK_BYTES_Q8 / 2 + (reg / 4) * 64 + lane * 4 + byte,
+            2 * (reg % 4) as u32,
+        )
     }
 
     #[inline]
     fn code(&self, r: usize, c: usize) -> u8 {
         let (byte, high) = self.code_index(r, c);
         match (self.kind, high) {
-            (QuantKind::Q8 | QuantKind::S8H, _) => self.q[byte],
+            (QuantKind::Q8, _) => self.q[byte],
             (QuantKind::Q4, false) => self.q[byte] & 0x0F,
             (QuantKind::Q4, true) => self.q[byte] >> 4,
+            (QuantKind::Q6, high) => {
+                let low = if high {
+                    self.q[byte] >> 4
+                } else {
+                    self.q[byte] & 0x0F
+                };
+                let (hb, shift) = self.high_bits_index(r, c);
+                low | (((self.q[hb] >> shift) & 3) << 4)
+            }
         }
     }
 
@@ -323,9 +357,9 @@ impl Part {
     fn weight(&self, r: usize, c: usize) -> f32 {
         let blk = c / BLOCK;
         match self.kind {
-            QuantKind::S8H => {
+            QuantKind::Q6 => {
                 let d = f16_to_f32(self.d[self.scale_index(r, blk, (c % BLOCK) / 16)]);
-                d * (self.code(r, c) as i8) as f32
+                d * (self.code(r, c) as i32 - 32) as f32
             }
             QuantKind::Q4 | QuantKind::Q8 => {
                 let s = self.scale_index(r, blk, 0);
