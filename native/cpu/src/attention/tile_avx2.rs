@@ -36,56 +36,101 @@ pub(super) unsafe fn attend<T: KvElem>(
         head_dim: d,
         block_size: bs,
     } = shape;
-    let g = num_heads / num_kv_heads;
     let rows = tile.ends.len();
-    let last = tile.ends.iter().copied().max().unwrap_or(tile.first);
     let start = |i: usize| tile.starts.map_or(tile.first, |s| s[i]);
-    let begin = (0..rows).map(start).min().unwrap_or(tile.first);
-    // scores of (row, head of the kv head) over the segment's positions, then 8 rows of k (or one of v)
-    scratch.floats.resize(rows * g * SEGMENT + 8 * d, 0.0);
-    let (scores, row_f32) = scratch.floats.split_at_mut(rows * g * SEGMENT);
-    let at = |p: usize, kv_head: usize| {
-        ((tile.table[p / bs] as usize * bs + p % bs) * num_kv_heads + kv_head) * d
+    let span = Span {
+        tile,
+        g: num_heads / num_kv_heads,
+        d,
+        num_heads,
+        // from a multiple of 8 (the segment starts on one), so that a row's chunks of 8
+        // positions are the same in any tile
+        begin: tile.first + ((0..rows).map(start).min().unwrap_or(tile.first) - tile.first) / 8 * 8,
+        last: tile.ends.iter().copied().max().unwrap_or(tile.first),
     };
+    // scores of (row, head of the kv head) over the segment's positions, then 8 rows of k or v
+    scratch.floats.resize(rows * span.g * SEGMENT + 8 * d, 0.0);
+    let (scores, rows_f32) = scratch.floats.split_at_mut(rows * span.g * SEGMENT);
     for kv_head in kv_heads {
-        // positions 8 at a time from a multiple of 8 (the segment starts on one), so a row's
-        // chunks are the same in any tile; a row takes a whole chunk in one go, else position
-        // by position, with the same sums in the same order either way
-        let mut p0 = tile.first + (begin - tile.first) / 8 * 8;
-        while p0 < last {
-            let n = 8.min(last - p0);
+        let at =
+            |p: usize| ((tile.table[p / bs] as usize * bs + p % bs) * num_kv_heads + kv_head) * d;
+        span.scores(kv_head, |p| &k_cache[at(p)..][..d], scores, rows_f32);
+        span.softmax(kv_head, scores, outs);
+        span.values(kv_head, |p| &v_cache[at(p)..][..d], scores, rows_f32, outs);
+    }
+}
+
+/// One tile's positions and shape, for the three passes over each kv head.
+struct Span<'a, 'q> {
+    tile: &'a TileQuery<'q>,
+    g: usize,
+    d: usize,
+    num_heads: usize,
+    begin: usize,
+    last: usize,
+}
+
+impl Span<'_, '_> {
+    fn start(&self, i: usize) -> usize {
+        self.tile.starts.map_or(self.tile.first, |s| s[i])
+    }
+
+    /// Chunks of up to 8 positions from `begin`: (first position, count).
+    fn chunks(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        (self.begin..self.last)
+            .step_by(8)
+            .map(|p0| (p0, 8.min(self.last - p0)))
+    }
+
+    /// Row i's positions within the chunk at p0 of n, if any.
+    fn within(&self, i: usize, (p0, n): (usize, usize)) -> Option<(usize, usize)> {
+        let (lo, hi) = (self.start(i).max(p0), self.tile.ends[i].min(p0 + n));
+        (lo < hi).then_some((lo, hi))
+    }
+
+    /// Scaled scores of every row and head of `kv_head`: a row takes a whole chunk
+    /// in one go, else position by position, with the same sums in the same order.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn scores<'k, T: KvElem + 'k>(
+        &self,
+        kv_head: usize,
+        key: impl Fn(usize) -> &'k [T],
+        scores: &mut [f32],
+        buf: &mut [f32],
+    ) {
+        let (tile, d) = (self.tile, self.d);
+        for (p0, n) in self.chunks() {
             for t in 0..n {
-                widen(
-                    &k_cache[at(p0 + t, kv_head)..][..d],
-                    &mut row_f32[t * d..][..d],
-                );
+                widen(key(p0 + t), &mut buf[t * d..][..d]);
             }
-            for (i, &end) in tile.ends.iter().enumerate() {
-                let (lo, hi) = (start(i).max(p0), end.min(p0 + n));
-                if lo >= hi {
+            for i in 0..tile.ends.len() {
+                let Some((lo, hi)) = self.within(i, (p0, n)) else {
                     continue;
-                }
-                for j in 0..g {
-                    let h = kv_head * g + j;
-                    let qh = &tile.q[(i * num_heads + h) * d..][..d];
-                    let row = &mut scores[(i * g + j) * SEGMENT..];
+                };
+                for j in 0..self.g {
+                    let qh = &tile.q[(i * self.num_heads + kv_head * self.g + j) * d..][..d];
+                    let row = &mut scores[(i * self.g + j) * SEGMENT..];
                     if (lo, hi) == (p0, p0 + 8) {
-                        let s = _mm256_mul_ps(dot8(qh, row_f32, d), _mm256_set1_ps(tile.scale));
+                        let s = _mm256_mul_ps(dot8(qh, buf, d), _mm256_set1_ps(tile.scale));
                         _mm256_storeu_ps(row.as_mut_ptr().add(p0 - tile.first), s);
                         continue;
                     }
                     for p in lo..hi {
-                        row[p - tile.first] = dot(qh, &row_f32[(p - p0) * d..][..d]) * tile.scale;
+                        row[p - tile.first] = dot(qh, &buf[(p - p0) * d..][..d]) * tile.scale;
                     }
                 }
             }
-            p0 += 8;
         }
-        // per row and head: max, weights in place, their sum; the output row zeroed
+    }
+
+    /// Per row and head: max, weights in place, their sum; the output row zeroed.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn softmax(&self, kv_head: usize, scores: &mut [f32], outs: &[*mut f32]) {
+        let (tile, g, d) = (self.tile, self.g, self.d);
         for (i, (&end, &out)) in tile.ends.iter().zip(outs).enumerate() {
             for j in 0..g {
-                let s =
-                    &mut scores[(i * g + j) * SEGMENT..][start(i) - tile.first..end - tile.first];
+                let s = &mut scores[(i * g + j) * SEGMENT..]
+                    [self.start(i) - tile.first..end - tile.first];
                 let max = s.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
                 // the exponentials apart from their (in-order) sum, so that they vectorise
                 for w in s.iter_mut() {
@@ -100,29 +145,34 @@ pub(super) unsafe fn attend<T: KvElem>(
                 part[2..].fill(0.0);
             }
         }
-        // the values 8 positions at a time too: a row's output takes them in position
-        // order either way, in registers across a whole chunk
-        let mut p0 = tile.first + (begin - tile.first) / 8 * 8;
-        while p0 < last {
-            let n = 8.min(last - p0);
+    }
+
+    /// The weighted values, 8 positions at a time: a row's output takes them in
+    /// position order either way, in registers across a whole chunk.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn values<'v, T: KvElem + 'v>(
+        &self,
+        kv_head: usize,
+        value: impl Fn(usize) -> &'v [T],
+        scores: &[f32],
+        buf: &mut [f32],
+        outs: &[*mut f32],
+    ) {
+        let (tile, g, d) = (self.tile, self.g, self.d);
+        for (p0, n) in self.chunks() {
             for t in 0..n {
-                widen(
-                    &v_cache[at(p0 + t, kv_head)..][..d],
-                    &mut row_f32[t * d..][..d],
-                );
+                widen(value(p0 + t), &mut buf[t * d..][..d]);
             }
-            for (i, (&end, &out)) in tile.ends.iter().zip(outs).enumerate() {
-                let (lo, hi) = (start(i).max(p0), end.min(p0 + n));
-                if lo >= hi {
+            for (i, &out) in outs.iter().enumerate() {
+                let Some((lo, hi)) = self.within(i, (p0, n)) else {
                     continue;
-                }
+                };
                 for j in 0..g {
                     let w = &scores[(i * g + j) * SEGMENT + lo - tile.first..][..hi - lo];
                     let acc = out.add((kv_head * g + j) * (d + 2) + 2);
-                    accumulate(w, &row_f32[(lo - p0) * d..], acc, d);
+                    accumulate(w, &buf[(lo - p0) * d..], acc, d);
                 }
             }
-            p0 += 8;
         }
     }
 }
