@@ -20,7 +20,6 @@ matmul each.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -36,9 +35,14 @@ from mistralrs_serve.layers.rotary import RotaryTable
 from mistralrs_serve.models import gemma_config
 from mistralrs_serve.models.interface import FusedForward, every_layer_window
 from mistralrs_serve.models.llama import qkv_attention
-
-if TYPE_CHECKING:
-    from mistralrs_serve.models.llama_native import LayerExtras, LayerTuple
+from mistralrs_serve.models.llama_native import (
+    FusedSpec,
+    LayerExtras,
+    LayerTuple,
+    NativeForward,
+    applies,
+    f32_list,
+)
 from mistralrs_serve.models.registry import Architecture
 
 _NORMS = (
@@ -51,10 +55,6 @@ _NORMS = (
 
 def _dense(w: AnyWeight, dtype: torch.dtype) -> torch.Tensor:
     return w.to(dtype) if isinstance(w, torch.Tensor) else w.dequantize(dtype)
-
-
-def _f32_list(t: torch.Tensor | None) -> list[float] | None:
-    return None if t is None else t.float().tolist()
 
 
 def gemma_norm(weight: AnyWeight, eps: float) -> RMSNorm:
@@ -105,11 +105,11 @@ class GemmaDecoderLayer:
         return (
             self.input_norm.weight.float().tolist(),
             self.qkv,
-            _f32_list(self.qkv.bias),
+            f32_list(self.qkv.bias),
             q_norm,
             k_norm,
             self.o,
-            _f32_list(self.o.bias),
+            f32_list(self.o.bias),
             self.pre_mlp_norm.weight.float().tolist(),
             self.gate_up,
             self.down,
@@ -247,8 +247,6 @@ class GemmaForCausalLM:
         """The fused Rust step (models/llama_native.py) with Gemma's settings: GELU-tanh,
         its score scale, post norms, windows and the local layers' rotary table. Not
         for soft-capped attention scores (Gemma 2), which it does not compute."""
-        from mistralrs_serve.models.llama_native import FusedSpec, NativeForward, applies
-
         cfg = self.config
         if cfg.extra["attn_softcap"] is not None or cfg.extra["gelu_approximate"] != "tanh":
             return None
@@ -276,7 +274,6 @@ class GemmaForCausalLM:
             # llama.cpp's scale, in f32 (transformers rounds it to the weights' dtype first)
             embed_scale=cfg.hidden_size**0.5,
             final_softcap=self.final_softcap,
-            linears=self.linears(),
         )
         return NativeForward(spec, kv)
 

@@ -18,7 +18,6 @@ from mistralrs_serve.errors import ModelLoadError, UnsupportedModelError
 from mistralrs_serve.layers.linear import Q4Weight
 from mistralrs_serve.models.gguf_file import GGML_TYPES, GGMLType, TensorInfo
 
-Q4_TYPES = ("Q4_0", "Q4_1")
 # Blocks decoded per step: bounds the fp32 temporaries (a few of this many elements each, about
 # 32 MiB apiece) however large the tensor, e.g. a 262k-row embedding.
 _CHUNK_ELEMENTS = 1 << 23

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -66,7 +66,12 @@ class FusedSpec:
     attn_scale: float | None = None
     embed_scale: float | None = None  # the embedding rows are multiplied by it (Gemma's sqrt(hidden))
     final_softcap: float | None = None
-    linears: list[Linear] = field(default_factory=list)
+
+    def linears(self) -> list[Linear]:
+        """The head, then every layer's q/k/v, o, gate/up and down."""
+        return [self.head] + [
+            lin for layer in self.layers for lin in (layer[1], layer[5], layer[8], layer[9])
+        ]
 
 
 def _matrix(lin: Linear) -> _native.QuantMatrix:
@@ -125,7 +130,7 @@ class NativeForward:
         if isinstance(source, BlockWeight):
             self.embed_q = head_q if spec.head.source is source else source.quant_matrix()
         # the blocks are repacked: the mapped file's pages need not stay resident too
-        for blocks in [lin.source for lin in spec.linears] + [source]:
+        for blocks in [lin.source for lin in spec.linears()] + [source]:
             if isinstance(blocks, BlockWeight):
                 blocks.release_pages()
         self.spec = spec
@@ -227,5 +232,4 @@ def llama_spec(model: LlamaForCausalLM) -> FusedSpec:
         embed_source=model.embed_source,
         dense_embed=lambda: model.embed,
         rotary=model.rotary,
-        linears=model.linears(),
     )
