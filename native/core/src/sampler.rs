@@ -240,14 +240,30 @@ fn count_tokens(ids: &[u32]) -> HashMap<u32, u32> {
 }
 
 /// Index of the largest logit; the first one on ties. NaN never wins.
+///
+/// The largest value first, over lanes the compiler keeps in vector
+/// registers (`x > m ? x : m` is a vector max that passes NaN over), then
+/// the first index holding it: two branch-free passes over a large
+/// vocabulary instead of one that branches on every logit.
 pub fn argmax(logits: &[f32]) -> Result<u32, SamplerError> {
-    let mut best: Option<(usize, f32)> = None;
-    for (i, &x) in logits.iter().enumerate() {
-        if x > best.map_or(f32::NEG_INFINITY, |b| b.1) {
-            best = Some((i, x));
+    const LANES: usize = 16;
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let chunks = logits.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for (m, &x) in lanes.iter_mut().zip(chunk) {
+            *m = if x > *m { x } else { *m };
         }
     }
-    best.map(|(i, _)| i as u32).ok_or(SamplerError::NoCandidate)
+    let best = lanes
+        .iter()
+        .chain(tail)
+        .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
+    if best == f32::NEG_INFINITY {
+        return Err(SamplerError::NoCandidate);
+    }
+    let at = logits.iter().position(|&x| x == best);
+    Ok(at.expect("the largest value is in the row") as u32)
 }
 
 /// Candidates left after top-k, top-p and min-p, most likely first, with

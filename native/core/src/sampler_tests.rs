@@ -41,6 +41,48 @@ fn argmax_skips_nan_and_fails_on_all_neg_inf() {
     );
 }
 
+/// The first largest index by one plain scan: what [`argmax`] must agree with.
+fn argmax_by_scan(row: &[f32]) -> Option<u32> {
+    let mut best: Option<(usize, f32)> = None;
+    for (i, &x) in row.iter().enumerate() {
+        if x > best.map_or(f32::NEG_INFINITY, |b| b.1) {
+            best = Some((i, x));
+        }
+    }
+    best.map(|(i, _)| i as u32)
+}
+
+#[test]
+fn argmax_over_long_rows_matches_a_plain_scan() {
+    // rows past one chunk of lanes, with ties across lanes and chunks, NaNs,
+    // infinities and a tail shorter than a chunk
+    let mut state = 7u64;
+    let mut next = || {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (state >> 40) as u32
+    };
+    for len in [17, 31, 64, 100, 1000, 4099] {
+        for _ in 0..20 {
+            let mut row: Vec<f32> = (0..len).map(|_| (next() % 50) as f32 - 25.0).collect();
+            for _ in 0..3 {
+                let at = next() as usize % len;
+                row[at] = match next() % 4 {
+                    0 => f32::NAN,
+                    1 => f32::NEG_INFINITY,
+                    2 => f32::INFINITY,
+                    _ => 24.0,
+                };
+            }
+            assert_eq!(argmax(&row).ok(), argmax_by_scan(&row), "{row:?}");
+        }
+    }
+    let mut ties = vec![0.0f32; 200];
+    (ties[37], ties[150], ties[5]) = (2.0, 2.0, f32::NAN);
+    assert_eq!(argmax(&ties).unwrap(), 37);
+    assert_eq!(argmax(&[f32::NEG_INFINITY; 40]), Err(SamplerError::NoCandidate));
+    assert_eq!(argmax(&[f32::NAN; 40]), Err(SamplerError::NoCandidate));
+}
+
 #[test]
 fn repetition_penalty_divides_positive_and_multiplies_negative() {
     let mut logits = vec![2.0, -2.0, 2.0];

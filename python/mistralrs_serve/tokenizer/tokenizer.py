@@ -19,10 +19,13 @@ class Tokenizer:
         self.backend = backend
         self.special = special
         self.chat_template = chat_template
+        # the backend counts its whole vocabulary on each call (slow at 262k
+        # entries) and is not changed after it is wrapped here
+        self._vocab_size = int(backend.get_vocab_size(with_added_tokens=True))
 
     @property
     def vocab_size(self) -> int:
-        return int(self.backend.get_vocab_size(with_added_tokens=True))
+        return self._vocab_size
 
     @property
     def eos_token_ids(self) -> frozenset[int]:

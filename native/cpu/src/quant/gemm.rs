@@ -142,12 +142,12 @@ pub enum KernelPath {
 
 impl KernelPath {
     /// The path a part of `kind` takes on this one: the AVX-512 kernel has
-    /// no [`QuantKind::Q6`] (Q6_K) loop, which then runs on AVX2 (every
-    /// AVX-512 CPU has it).
+    /// no loop for the kinds with high bit planes ([`QuantKind::Q5`], Q6),
+    /// which then run on AVX2 (every AVX-512 CPU has it).
     fn for_kind(self, kind: QuantKind) -> Self {
         match (self, kind) {
-            (KernelPath::Avx512, QuantKind::Q6) if has_avx2() => KernelPath::Avx2,
-            (KernelPath::Avx512, QuantKind::Q6) => KernelPath::Portable,
+            (KernelPath::Avx512, QuantKind::Q5 | QuantKind::Q6) if has_avx2() => KernelPath::Avx2,
+            (KernelPath::Avx512, QuantKind::Q5 | QuantKind::Q6) => KernelPath::Portable,
             _ => self,
         }
     }
@@ -285,8 +285,8 @@ unsafe fn dot_portable(w: &Part, x: RowAt, r: usize) -> f32 {
             .map(|j| w.code(r, blk * BLOCK + j) as i32 * *codes.add(j) as i32)
             .sum();
         let s = w.scale_index(r, blk, 0);
-        let (d, m) = (f16_to_f32(w.d[s]), f16_to_f32(w.m[s]));
-        acc += d * dx * isum as f32 + m * *x.dsum.add(blk * BATCH);
+        let d = f16_to_f32(w.d[s]);
+        acc += d * dx * isum as f32 + w.offset(s, d) * *x.dsum.add(blk * BATCH);
     }
     acc
 }
@@ -351,7 +351,7 @@ mod avx512 {
         let bytes = w.kind.block_bytes();
         let codes = w.q.as_ptr().add(g * nb * bytes);
         let scales = w.d.as_ptr().add(g * nb * GROUP_ROWS);
-        let offsets = w.m.as_ptr().add(g * nb * GROUP_ROWS);
+        let offsets = w.m.as_ptr().wrapping_add(g * nb * GROUP_ROWS);
         let low = _mm512_set1_epi8(0x0F);
         let mut acc = [_mm512_setzero_ps(); N];
         let mut regs = [_mm512_setzero_si512(); 8];
@@ -370,12 +370,16 @@ mod avx512 {
                         *r = _mm512_loadu_si512(p.add(k * 64).cast());
                     }
                 }
-                QuantKind::Q6 => {
-                    unreachable!("Q6 parts take the AVX2 kernel (KernelPath::for_kind)")
+                QuantKind::Q5 | QuantKind::Q6 => {
+                    unreachable!("Q5 and Q6 parts take the AVX2 kernel (KernelPath::for_kind)")
                 }
             }
             let dw = _mm512_cvtph_ps(_mm256_loadu_si256(scales.add(blk * GROUP_ROWS).cast()));
-            let mw = _mm512_cvtph_ps(_mm256_loadu_si256(offsets.add(blk * GROUP_ROWS).cast()));
+            // Q8 stores no offsets: theirs is -128 d
+            let mw = match w.kind {
+                QuantKind::Q8 => _mm512_mul_ps(dw, _mm512_set1_ps(-128.0)),
+                _ => _mm512_cvtph_ps(_mm256_loadu_si256(offsets.add(blk * GROUP_ROWS).cast())),
+            };
             // the chunk's rows of this block: codes side by side, then scales
             let xq = xs.q.add(blk * BATCH * BLOCK).cast::<i32>();
             let (xd, xdsum) = (xs.d.add(blk * BATCH), xs.dsum.add(blk * BATCH));

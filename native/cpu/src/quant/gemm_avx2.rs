@@ -10,8 +10,14 @@
 //! 8-bit code `u` could saturate, so it is taken as `s = u - 128` (signed,
 //! |s| <= 128) through the sign trick (`|s|` times `x` with `s`'s sign), and
 //! `Σ u x = Σ s x + 128 Σ x` moves into the offset: the block adds
-//! `d dx Σ s x + (m + 128 d) dx Σ x`. [`QuantKind::Q6`] codes, unpacked and
-//! less 32, are signed and have a scale per half block: two sums, no offset.
+//! `d dx Σ s x + (m + 128 d) dx Σ x`, and as `m = -128 d` for Q8 the
+//! offset term drops. [`QuantKind::Q5`] codes (at most 31) are summed as
+//! 4-bit ones, in two i16 accumulators of 4 registers each.
+//! [`QuantKind::Q6`] codes, unpacked and less 32, are signed and have a
+//! scale per half block: two sums, no offset.
+//!
+//! The loops are compiled once per kind ([`Codes`]), so that a block's
+//! unpacking and sums have no branch on the kind.
 
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -21,6 +27,29 @@ use super::{Part, QuantKind, QuantRaw, BATCH, BLOCK, GROUP_ROWS};
 
 /// Rows of a half group: the 8 f32 lanes of a ymm register.
 const HALF: usize = GROUP_ROWS / 2;
+
+/// A [`QuantKind`] as a type, to compile the kernel's loops once per kind.
+trait Codes {
+    const KIND: QuantKind;
+}
+
+struct Q4;
+struct Q5;
+struct Q8;
+struct Q6;
+
+impl Codes for Q4 {
+    const KIND: QuantKind = QuantKind::Q4;
+}
+impl Codes for Q5 {
+    const KIND: QuantKind = QuantKind::Q5;
+}
+impl Codes for Q8 {
+    const KIND: QuantKind = QuantKind::Q8;
+}
+impl Codes for Q6 {
+    const KIND: QuantKind = QuantKind::Q6;
+}
 
 /// See [`super::gemm::gemm_into`]; the CPU has AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -35,6 +64,24 @@ pub(super) unsafe fn gemm(
     if rows.is_empty() {
         return;
     }
+    match w.kind {
+        QuantKind::Q4 => gemm_of::<Q4>(w, xs, n, rows, out, stride),
+        QuantKind::Q5 => gemm_of::<Q5>(w, xs, n, rows, out, stride),
+        QuantKind::Q8 => gemm_of::<Q8>(w, xs, n, rows, out, stride),
+        QuantKind::Q6 => gemm_of::<Q6>(w, xs, n, rows, out, stride),
+    }
+}
+
+/// [`gemm`] for a part of kind `K`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn gemm_of<K: Codes>(
+    w: &Part,
+    xs: QuantRaw,
+    n: usize,
+    rows: Range<usize>,
+    out: *mut f32,
+    stride: usize,
+) {
     for h in rows.start / HALF..rows.end.div_ceil(HALF) {
         // rows of this half group inside `rows`, as lanes [lo, hi)
         let first = h * HALF;
@@ -47,14 +94,14 @@ pub(super) unsafe fn gemm(
             let chunk = xs.row(c * BATCH, w.cols);
             let lanes = (lo, hi);
             match BATCH.min(n - c * BATCH) {
-                8 => half::<8>(w, h, chunk, out, stride, lanes),
-                7 => half::<7>(w, h, chunk, out, stride, lanes),
-                6 => half::<6>(w, h, chunk, out, stride, lanes),
-                5 => half::<5>(w, h, chunk, out, stride, lanes),
-                4 => half::<4>(w, h, chunk, out, stride, lanes),
-                3 => half::<3>(w, h, chunk, out, stride, lanes),
-                2 => half::<2>(w, h, chunk, out, stride, lanes),
-                _ => half::<1>(w, h, chunk, out, stride, lanes),
+                8 => half::<8, K>(w, h, chunk, out, stride, lanes),
+                7 => half::<7, K>(w, h, chunk, out, stride, lanes),
+                6 => half::<6, K>(w, h, chunk, out, stride, lanes),
+                5 => half::<5, K>(w, h, chunk, out, stride, lanes),
+                4 => half::<4, K>(w, h, chunk, out, stride, lanes),
+                3 => half::<3, K>(w, h, chunk, out, stride, lanes),
+                2 => half::<2, K>(w, h, chunk, out, stride, lanes),
+                _ => half::<1, K>(w, h, chunk, out, stride, lanes),
             }
         }
     }
@@ -63,7 +110,7 @@ pub(super) unsafe fn gemm(
 /// Half group `h` (rows 8h..8h + 8) against N activation rows.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn half<const N: usize>(
+unsafe fn half<const N: usize, K: Codes>(
     w: &Part,
     h: usize,
     xs: RowAt,
@@ -73,8 +120,8 @@ unsafe fn half<const N: usize>(
 ) {
     let (g, part) = (h / 2, h % 2);
     let nb = w.blocks_per_row();
-    let bytes = w.kind.block_bytes();
-    let spb = w.kind.scales_per_block();
+    let bytes = K::KIND.block_bytes();
+    let spb = K::KIND.scales_per_block();
     // this half's 32 bytes of each 64-byte register of the group's layout
     let codes = w.q.as_ptr().add(g * nb * bytes + part * 32);
     let scales = w.d.as_ptr().add(g * nb * GROUP_ROWS * spb + part * HALF);
@@ -85,35 +132,40 @@ unsafe fn half<const N: usize>(
     for blk in 0..nb {
         let p = codes.add(blk * bytes);
         let dw = _mm256_cvtph_ps(_mm_loadu_si128(scales.add(blk * GROUP_ROWS * spb).cast()));
-        // Q4/Q8: the offsets; Q6: the second half block's scales
-        let mut mw = match w.kind {
+        // Q4/Q5: the offsets; Q6: the second half block's scales; Q8: none
+        let mw = match K::KIND {
             QuantKind::Q6 => _mm256_cvtph_ps(_mm_loadu_si128(
                 scales.add(blk * GROUP_ROWS * 2 + GROUP_ROWS).cast(),
             )),
+            QuantKind::Q8 => _mm256_setzero_ps(),
             _ => _mm256_cvtph_ps(_mm_loadu_si128(offsets.add(blk * GROUP_ROWS).cast())),
         };
-        load_regs(w.kind, p, &mut regs);
-        if w.kind == QuantKind::Q8 {
-            mw = _mm256_fmadd_ps(dw, _mm256_set1_ps(128.0), mw);
-        }
+        load_regs(K::KIND, p, &mut regs);
         let xq = xs.q.add(blk * BATCH * BLOCK).cast::<i32>();
         let (xd, xdsum) = (xs.d.add(blk * BATCH), xs.dsum.add(blk * BATCH));
         for (j, a) in acc.iter_mut().enumerate() {
             let row = xq.add(j * BLOCK / 4);
             let dx = _mm256_set1_ps(*xd.add(j));
-            match w.kind {
-                QuantKind::Q4 => {
-                    let isum = unsigned_4bit(&regs, row, ones);
+            match K::KIND {
+                QuantKind::Q4 | QuantKind::Q5 => {
+                    let isum = if K::KIND == QuantKind::Q4 {
+                        unsigned_sum(&regs, row, ones)
+                    } else {
+                        _mm256_add_epi32(
+                            unsigned_sum(&regs[..4], row, ones),
+                            unsigned_sum(&regs[4..], row.add(4), ones),
+                        )
+                    };
                     *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dw, dx), *a);
                     *a = _mm256_fmadd_ps(mw, _mm256_set1_ps(*xdsum.add(j)), *a);
                 }
                 QuantKind::Q8 => {
+                    // Σ u x d dx - 128 d dx Σ x = d dx Σ s x: the offset term drops
                     let isum = _mm256_add_epi32(
                         signed_from(&regs[..4], row, ones),
                         signed_from(&regs[4..], row.add(4), ones),
                     );
                     *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dw, dx), *a);
-                    *a = _mm256_fmadd_ps(mw, _mm256_set1_ps(*xdsum.add(j)), *a);
                 }
                 QuantKind::Q6 => {
                     let (first, second) = (
@@ -132,8 +184,9 @@ unsafe fn half<const N: usize>(
 }
 
 /// The 8 registers of one block of codes at `p`: 4-bit codes unpacked from
-/// their nibbles, 8-bit ones as signed bytes (Q8: `u - 128`), 6-bit ones from
-/// their nibbles and high bits, less 32.
+/// their nibbles, 5-bit ones from their nibbles and fifth bits, 8-bit ones as
+/// signed bytes (Q8: `u - 128`), 6-bit ones from their nibbles and high
+/// bits, less 32.
 #[inline]
 #[target_feature(enable = "avx2")]
 unsafe fn load_regs(kind: QuantKind, p: *const u8, regs: &mut [__m256i; 8]) {
@@ -144,6 +197,28 @@ unsafe fn load_regs(kind: QuantKind, p: *const u8, regs: &mut [__m256i; 8]) {
                 let v = _mm256_loadu_si256(p.add(k * 64).cast());
                 regs[k] = _mm256_and_si256(v, low);
                 regs[k + 4] = _mm256_and_si256(_mm256_srli_epi16::<4>(v), low);
+            }
+        }
+        QuantKind::Q5 => {
+            let (low, fifth) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x10));
+            let plane = _mm256_loadu_si256(p.add(256).cast());
+            for k in 0..4 {
+                let v = _mm256_loadu_si256(p.add(k * 64).cast());
+                // bit k (and bit k + 4) of each plane byte up to bit 4, masked per byte
+                let (hi, hi4) = match k {
+                    0 => (_mm256_slli_epi16::<4>(plane), plane),
+                    1 => (_mm256_slli_epi16::<3>(plane), _mm256_srli_epi16::<1>(plane)),
+                    2 => (_mm256_slli_epi16::<2>(plane), _mm256_srli_epi16::<2>(plane)),
+                    _ => (_mm256_slli_epi16::<1>(plane), _mm256_srli_epi16::<3>(plane)),
+                };
+                regs[k] = _mm256_or_si256(
+                    _mm256_and_si256(v, low),
+                    _mm256_and_si256(hi, fifth),
+                );
+                regs[k + 4] = _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(v), low),
+                    _mm256_and_si256(hi4, fifth),
+                );
             }
         }
         QuantKind::Q8 => {
@@ -183,11 +258,12 @@ unsafe fn load_regs(kind: QuantKind, p: *const u8, regs: &mut [__m256i; 8]) {
     }
 }
 
-/// Σ of 4-bit codes times the block's activation bytes at `x`, per lane: the
-/// i16 sums cannot saturate (see the module's notes), so one widening at the end.
+/// Σ of unsigned codes times the activation bytes at `x` (4 per register),
+/// per lane: 8 registers of 4-bit codes or 4 of 5-bit ones, whose i16 sums
+/// cannot saturate (see the module's notes), so one widening at the end.
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn unsigned_4bit(regs: &[__m256i; 8], x: *const i32, ones: __m256i) -> __m256i {
+unsafe fn unsigned_sum(regs: &[__m256i], x: *const i32, ones: __m256i) -> __m256i {
     let mut s16 = _mm256_setzero_si256();
     for (k, r) in regs.iter().enumerate() {
         let xv = _mm256_set1_epi32(x.add(k).read_unaligned());

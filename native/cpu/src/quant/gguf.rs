@@ -5,8 +5,9 @@
 //!
 //! - Q4_0, Q4_1 and Q4_K (its 6-bit sub-block scales and minimums folded
 //!   into one f16 scale and offset per 32) become [`QuantKind::Q4`];
-//! - Q5_0, Q5_1, Q5_K (5-bit codes) and Q8_0 become [`QuantKind::Q8`], one
-//!   code per byte;
+//! - Q5_0, Q5_1 and Q5_K (5-bit codes, Q5_K's scales folded as Q4_K's)
+//!   become [`QuantKind::Q5`];
+//! - Q8_0 becomes [`QuantKind::Q8`];
 //! - Q6_K (16-wide sub-blocks) becomes [`QuantKind::Q6`], still 6 bits.
 //!
 //! The one rounding: a k-quant's sub-block scale (an f16 times a 6- or 8-bit
@@ -63,7 +64,8 @@ impl GgufType {
     fn kind(self) -> QuantKind {
         match self {
             GgufType::Q4_0 | GgufType::Q4_1 | GgufType::Q4K => QuantKind::Q4,
-            GgufType::Q5_0 | GgufType::Q5_1 | GgufType::Q5K | GgufType::Q8_0 => QuantKind::Q8,
+            GgufType::Q5_0 | GgufType::Q5_1 | GgufType::Q5K => QuantKind::Q5,
+            GgufType::Q8_0 => QuantKind::Q8,
             GgufType::Q6K => QuantKind::Q6,
         }
     }

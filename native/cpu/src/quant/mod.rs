@@ -3,7 +3,8 @@
 //!
 //! Weights come in blocks of 32 along the input dimension, each with a
 //! scale `d` and an offset `m`: `w = d * q + m`, `q` unsigned (4-bit for
-//! GGUF Q4_0/Q4_1, 8-bit for Q8_0 stored as `q + 128` with `m = -128 d`).
+//! GGUF Q4_0/Q4_1/Q4_K, 5-bit for Q5_0/Q5_1/Q5_K, 8-bit for Q8_0 stored as
+//! `q + 128` with `m = -128 d`, which is implied rather than stored).
 //! Activations are quantized per block of 32 to signed 8-bit (`x = dx * qx`),
 //! so a block's dot product is
 //!
@@ -53,7 +54,12 @@ const BLOCK_BYTES_Q8: usize = GROUP_ROWS * BLOCK;
 pub enum QuantKind {
     /// 4-bit unsigned codes, two per byte.
     Q4,
-    /// 8-bit codes stored unsigned (signed code + 128).
+    /// 5-bit unsigned codes: the low 4 bits laid out as [`QuantKind::Q4`]'s,
+    /// the fifth bits of the block's 8 registers in one more (register `k`'s
+    /// at bit `k`).
+    Q5,
+    /// 8-bit codes stored unsigned (signed code + 128); the offset is
+    /// always `-128 d`, so none is stored.
     Q8,
     /// 6-bit codes `q` standing for `q - 32`, with a scale per half block
     /// (16 weights) and no offset: GGUF's Q6_K, whose sub-blocks are 16 wide.
@@ -68,6 +74,7 @@ impl QuantKind {
     fn block_bytes(self) -> usize {
         match self {
             QuantKind::Q4 => BLOCK_BYTES_Q8 / 2,
+            QuantKind::Q5 => BLOCK_BYTES_Q8 / 2 + BLOCK_BYTES_Q8 / 8,
             QuantKind::Q8 => BLOCK_BYTES_Q8,
             QuantKind::Q6 => BLOCK_BYTES_Q8 / 2 + BLOCK_BYTES_Q8 / 4,
         }
@@ -78,8 +85,20 @@ impl QuantKind {
     fn scales_per_block(self) -> usize {
         match self {
             QuantKind::Q6 => 2,
-            QuantKind::Q4 | QuantKind::Q8 => 1,
+            QuantKind::Q4 | QuantKind::Q5 | QuantKind::Q8 => 1,
         }
+    }
+
+    /// Whether blocks store an offset `m` (Q8's is `-128 d`; Q6 has none).
+    #[inline]
+    fn stores_offsets(self) -> bool {
+        matches!(self, QuantKind::Q4 | QuantKind::Q5)
+    }
+
+    /// Codes below 16 keep their fifth and sixth bits elsewhere.
+    #[inline]
+    fn has_high_bits(self) -> bool {
+        matches!(self, QuantKind::Q5 | QuantKind::Q6)
     }
 }
 
@@ -104,7 +123,8 @@ pub struct Part {
     q: Vec<u8>,
     /// f16 bits, (groups, blocks, scales per block, 16).
     d: Vec<u16>,
-    /// f16 bits, (groups, blocks, 16); empty for [`QuantKind::Q6`].
+    /// f16 bits, (groups, blocks, 16); empty where the kind stores none
+    /// ([`QuantKind::stores_offsets`]).
     m: Vec<u16>,
 }
 
@@ -242,7 +262,8 @@ impl Part {
     /// Unsigned codes (rows, cols) into the grouped layout; rows past the
     /// last are zero with zero scales (their outputs are never stored).
     /// `scale` holds [`QuantKind::scales_per_block`] values per row and
-    /// block, `offset` one (none for [`QuantKind::Q6`]).
+    /// block, `offset` one (none for [`QuantKind::Q6`]; for
+    /// [`QuantKind::Q8`] it must be `-128 scale` and is not kept).
     fn pack(
         kind: QuantKind,
         codes: &[u8],
@@ -263,10 +284,10 @@ impl Part {
             d: vec![0u16; groups * nb * GROUP_ROWS * spb],
             m: vec![
                 0u16;
-                if offset.is_empty() {
-                    0
-                } else {
+                if kind.stores_offsets() {
                     groups * nb * GROUP_ROWS
+                } else {
+                    0
                 }
             ],
         };
@@ -276,7 +297,7 @@ impl Part {
                     let at = m.scale_index(r, blk, h);
                     m.d[at] = f32_to_f16(scale[(r * nb + blk) * spb + h]);
                 }
-                if !offset.is_empty() {
+                if kind.stores_offsets() {
                     let at = m.scale_index(r, blk, 0);
                     m.m[at] = f32_to_f16(offset[r * nb + blk]);
                 }
@@ -284,13 +305,13 @@ impl Part {
                     let c = blk * BLOCK + k;
                     let (byte, high) = m.code_index(r, c);
                     let code = codes[r * cols + c];
-                    let low = if kind == QuantKind::Q6 {
+                    let low = if kind.has_high_bits() {
                         code & 0x0F
                     } else {
                         code
                     };
                     m.q[byte] |= if high { low << 4 } else { low };
-                    if kind == QuantKind::Q6 {
+                    if kind.has_high_bits() {
                         let (byte, shift) = m.high_bits_index(r, c);
                         m.q[byte] |= (code >> 4) << shift;
                     }
@@ -317,20 +338,24 @@ impl Part {
         let (reg, lane, byte) = (k / 4, r % GROUP_ROWS, k % 4);
         match self.kind {
             QuantKind::Q8 => (base + reg * 64 + lane * 4 + byte, false),
-            QuantKind::Q4 | QuantKind::Q6 => (base + (reg % 4) * 64 + lane * 4 + byte, reg >= 4),
+            QuantKind::Q4 | QuantKind::Q5 | QuantKind::Q6 => {
+                (base + (reg % 4) * 64 + lane * 4 + byte, reg >= 4)
+            }
         }
     }
 
-    /// A [`QuantKind::Q6`] weight's byte and bit offset of its two high bits.
+    /// A [`QuantKind::Q5`] or [`QuantKind::Q6`] weight's byte and bit offset
+    /// of its high bits (one or two).
     #[inline]
     fn high_bits_index(&self, r: usize, c: usize) -> (usize, u32) {
         let (blk, k) = (c / BLOCK, c % BLOCK);
         let base = ((r / GROUP_ROWS) * self.blocks_per_row() + blk) * self.kind.block_bytes();
         let (reg, lane, byte) = (k / 4, r % GROUP_ROWS, k % 4);
-        (
-            base + BLOCK_BYTES_Q8 / 2 + (reg / 4) * 64 + lane * 4 + byte,
-            2 * (reg % 4) as u32,
-        )
+        let planes = base + BLOCK_BYTES_Q8 / 2 + lane * 4 + byte;
+        match self.kind {
+            QuantKind::Q5 => (planes, reg as u32),
+            _ => (planes + (reg / 4) * 64, 2 * (reg % 4) as u32),
+        }
     }
 
     #[inline]
@@ -340,14 +365,15 @@ impl Part {
             (QuantKind::Q8, _) => self.q[byte],
             (QuantKind::Q4, false) => self.q[byte] & 0x0F,
             (QuantKind::Q4, true) => self.q[byte] >> 4,
-            (QuantKind::Q6, high) => {
+            (QuantKind::Q5 | QuantKind::Q6, high) => {
                 let low = if high {
                     self.q[byte] >> 4
                 } else {
                     self.q[byte] & 0x0F
                 };
                 let (hb, shift) = self.high_bits_index(r, c);
-                low | (((self.q[hb] >> shift) & 3) << 4)
+                let mask = if self.kind == QuantKind::Q5 { 1 } else { 3 };
+                low | (((self.q[hb] >> shift) & mask) << 4)
             }
         }
     }
@@ -361,10 +387,21 @@ impl Part {
                 let d = f16_to_f32(self.d[self.scale_index(r, blk, (c % BLOCK) / 16)]);
                 d * (self.code(r, c) as i32 - 32) as f32
             }
-            QuantKind::Q4 | QuantKind::Q8 => {
+            QuantKind::Q4 | QuantKind::Q5 | QuantKind::Q8 => {
                 let s = self.scale_index(r, blk, 0);
-                f16_to_f32(self.d[s]) * self.code(r, c) as f32 + f16_to_f32(self.m[s])
+                let d = f16_to_f32(self.d[s]);
+                d * self.code(r, c) as f32 + self.offset(s, d)
             }
+        }
+    }
+
+    /// The offset `m` at scale index `s` of a block whose scale is `d`.
+    #[inline]
+    fn offset(&self, s: usize, d: f32) -> f32 {
+        match self.kind {
+            QuantKind::Q8 => -128.0 * d,
+            QuantKind::Q6 => 0.0,
+            QuantKind::Q4 | QuantKind::Q5 => f16_to_f32(self.m[s]),
         }
     }
 

@@ -344,6 +344,27 @@ fn gguf_types_and_mixed_parts_on_every_path() {
     }
 }
 
+/// What one pass over a part reads, per weight: the codes' bits, one f16
+/// scale per 32 (Q6: per 16) and an f16 offset per 32 only where the kind
+/// stores one (Q8's is implied).
+#[test]
+fn parts_read_their_bits_per_weight() {
+    let mut rng = Rng::new(13);
+    let (rows, cols) = (32, 256);
+    for (t, bits) in [
+        (GgufType::Q4K, 5.0),
+        (GgufType::Q5_0, 6.0),
+        (GgufType::Q5K, 6.0),
+        (GgufType::Q8_0, 8.5),
+        (GgufType::Q6K, 7.0),
+    ] {
+        let data = gguf_blocks(&mut rng, t, rows * cols / t.block().0);
+        let w = QMatrix::from_gguf(t, &data, rows, cols).unwrap();
+        let got = 8.0 * w.nbytes() as f64 / (rows * cols) as f64;
+        assert_eq!(got, bits, "{t:?}");
+    }
+}
+
 #[test]
 fn gguf_shapes_are_checked() {
     let mut rng = Rng::new(12);
