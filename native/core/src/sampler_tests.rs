@@ -58,7 +58,9 @@ fn argmax_over_long_rows_matches_a_plain_scan() {
     // infinities and a tail shorter than a chunk
     let mut state = 7u64;
     let mut next = || {
-        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (state >> 40) as u32
     };
     for len in [17, 31, 64, 100, 1000, 4099] {
@@ -79,7 +81,10 @@ fn argmax_over_long_rows_matches_a_plain_scan() {
     let mut ties = vec![0.0f32; 200];
     (ties[37], ties[150], ties[5]) = (2.0, 2.0, f32::NAN);
     assert_eq!(argmax(&ties).unwrap(), 37);
-    assert_eq!(argmax(&[f32::NEG_INFINITY; 40]), Err(SamplerError::NoCandidate));
+    assert_eq!(
+        argmax(&[f32::NEG_INFINITY; 40]),
+        Err(SamplerError::NoCandidate)
+    );
     assert_eq!(argmax(&[f32::NAN; 40]), Err(SamplerError::NoCandidate));
 }
 

@@ -211,10 +211,7 @@ unsafe fn load_regs(kind: QuantKind, p: *const u8, regs: &mut [__m256i; 8]) {
                     2 => (_mm256_slli_epi16::<2>(plane), _mm256_srli_epi16::<2>(plane)),
                     _ => (_mm256_slli_epi16::<1>(plane), _mm256_srli_epi16::<3>(plane)),
                 };
-                regs[k] = _mm256_or_si256(
-                    _mm256_and_si256(v, low),
-                    _mm256_and_si256(hi, fifth),
-                );
+                regs[k] = _mm256_or_si256(_mm256_and_si256(v, low), _mm256_and_si256(hi, fifth));
                 regs[k + 4] = _mm256_or_si256(
                     _mm256_and_si256(_mm256_srli_epi16::<4>(v), low),
                     _mm256_and_si256(hi4, fifth),
