@@ -277,7 +277,7 @@ unsafe fn dot_portable(w: &Part, x: RowAt, r: usize) -> f32 {
                 let isum: i32 = (16 * half..16 * half + 16)
                     .map(|j| (w.code(r, blk * BLOCK + j) as i32 - 32) * *codes.add(j) as i32)
                     .sum();
-                acc += f16_to_f32(w.d[w.scale_index(r, blk, half)]) * dx * isum as f32;
+                acc += w.q6_scale(r, blk, half) * dx * isum as f32;
             }
             continue;
         }

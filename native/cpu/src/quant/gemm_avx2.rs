@@ -23,7 +23,7 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::activations::RowAt;
-use super::{Part, QuantKind, QuantRaw, BATCH, BLOCK, GROUP_ROWS};
+use super::{Part, QuantKind, QuantRaw, BATCH, BLOCK, GROUP_ROWS, SUPER_BLOCKS};
 
 /// Rows of a half group: the 8 f32 lanes of a ymm register.
 const HALF: usize = GROUP_ROWS / 2;
@@ -132,11 +132,18 @@ unsafe fn half<const N: usize, K: Codes>(
     let (g, part) = (h / 2, h % 2);
     let nb = w.blocks_per_row();
     let bytes = K::KIND.block_bytes();
-    let spb = K::KIND.scales_per_block();
     // this half's 32 bytes of each 64-byte register of the group's layout
     let codes = w.q.as_ptr().add(g * nb * bytes + part * 32);
-    let scales = w.d.as_ptr().add(g * nb * GROUP_ROWS * spb + part * HALF);
+    // Q6's `d` per super-block and integer half-block scales; the others' `d` and `m` per block
+    let scales = w.d.as_ptr().wrapping_add(g * nb * GROUP_ROWS + part * HALF);
     let offsets = w.m.as_ptr().wrapping_add(g * nb * GROUP_ROWS + part * HALF);
+    let supers =
+        w.d.as_ptr()
+            .wrapping_add(g * (nb / SUPER_BLOCKS) * GROUP_ROWS + part * HALF);
+    let subs = w
+        .sub
+        .as_ptr()
+        .wrapping_add(g * nb * GROUP_ROWS * 2 + part * HALF);
     let ones = _mm256_set1_epi16(1);
     let mut acc = [_mm256_setzero_ps(); N];
     let mut regs = [_mm256_setzero_si256(); 8];
@@ -146,14 +153,17 @@ unsafe fn half<const N: usize, K: Codes>(
         for line in 0..bytes / 64 {
             _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line * 64).cast());
         }
-        let dw = _mm256_cvtph_ps(_mm_loadu_si128(scales.add(blk * GROUP_ROWS * spb).cast()));
-        // Q4/Q5: the offsets; Q6: the second half block's scales; Q8: none
-        let mw = match K::KIND {
-            QuantKind::Q6 => _mm256_cvtph_ps(_mm_loadu_si128(
-                scales.add(blk * GROUP_ROWS * 2 + GROUP_ROWS).cast(),
-            )),
-            QuantKind::Q8 => _mm256_setzero_ps(),
-            _ => _mm256_cvtph_ps(_mm_loadu_si128(offsets.add(blk * GROUP_ROWS).cast())),
+        // dw the scales; mw the offsets (Q4/Q5), none (Q8) or the second half block's scales (Q6)
+        let (dw, mw) = match K::KIND {
+            QuantKind::Q6 => q6_scales(
+                supers.add(blk / SUPER_BLOCKS * GROUP_ROWS),
+                subs.add(blk * 2 * GROUP_ROWS),
+            ),
+            QuantKind::Q8 => (f16s(scales.add(blk * GROUP_ROWS)), _mm256_setzero_ps()),
+            _ => (
+                f16s(scales.add(blk * GROUP_ROWS)),
+                f16s(offsets.add(blk * GROUP_ROWS)),
+            ),
         };
         load_regs(K::KIND, p, &mut regs);
         let xq = xs.q.add(blk * BATCH * BLOCK).cast::<i32>();
@@ -196,6 +206,28 @@ unsafe fn half<const N: usize, K: Codes>(
     for (b, a) in acc.iter().enumerate() {
         store_lanes(*a, out.add(b * stride), lo, hi);
     }
+}
+
+/// 8 f16 values at `p` as f32.
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn f16s(p: *const u16) -> __m256 {
+    _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
+}
+
+/// A Q6 block's two half-block scales for 8 rows: their super-block's `d`
+/// at `supers` times the integer scales at `subs` (first half, then second
+/// half [`GROUP_ROWS`] on).
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn q6_scales(supers: *const u16, subs: *const i8) -> (__m256, __m256) {
+    let d = f16s(supers);
+    let first = _mm256_cvtepi8_epi32(_mm_loadl_epi64(subs.cast()));
+    let second = _mm256_cvtepi8_epi32(_mm_loadl_epi64(subs.add(GROUP_ROWS).cast()));
+    (
+        _mm256_mul_ps(d, _mm256_cvtepi32_ps(first)),
+        _mm256_mul_ps(d, _mm256_cvtepi32_ps(second)),
+    )
 }
 
 /// The 8 registers of one block of codes at `p`: 4-bit codes unpacked from

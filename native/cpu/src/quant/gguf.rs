@@ -8,9 +8,10 @@
 //! - Q5_0, Q5_1 and Q5_K (5-bit codes, Q5_K's scales folded as Q4_K's)
 //!   become [`QuantKind::Q5`];
 //! - Q8_0 becomes [`QuantKind::Q8`];
-//! - Q6_K (16-wide sub-blocks) becomes [`QuantKind::Q6`], still 6 bits.
+//! - Q6_K (16-wide sub-blocks) becomes [`QuantKind::Q6`], still 6 bits and
+//!   its scales as the file's (8-bit integers times an f16 per 256).
 //!
-//! The one rounding: a k-quant's sub-block scale (an f16 times a 6- or 8-bit
+//! The one rounding: a Q4_K or Q5_K sub-block scale (an f16 times a 6-bit
 //! integer) is stored as f16, a relative change under 2^-11 (llama.cpp
 //! multiplies them in f32).
 
@@ -72,11 +73,13 @@ impl GgufType {
 }
 
 /// One block's codes (unsigned), its scales (one per 32 weights, or per 16
-/// for Q6) and offsets (one per 32; Q6 has none: its codes stand for q - 32).
+/// for Q6: then integers, times the block's `d` in `supers`) and offsets
+/// (one per 32; Q6 has none: its codes stand for q - 32).
 struct Decoded<'a> {
     codes: &'a mut [u8],
     scales: &'a mut [f32],
     offsets: &'a mut [f32],
+    supers: &'a mut [f32],
 }
 
 #[inline]
@@ -110,6 +113,7 @@ fn decode(t: GgufType, b: &[u8], out: Decoded) {
         codes,
         scales,
         offsets,
+        supers,
     } = out;
     match t {
         GgufType::Q4_0 => {
@@ -141,7 +145,7 @@ fn decode(t: GgufType, b: &[u8], out: Decoded) {
             (scales[0], offsets[0]) = (d, -128.0 * d);
         }
         GgufType::Q4K | GgufType::Q5K => decode_k4(t, b, codes, scales, offsets),
-        GgufType::Q6K => decode_q6k(b, codes, scales),
+        GgufType::Q6K => supers[0] = decode_q6k(b, codes, scales),
     }
 }
 
@@ -179,8 +183,9 @@ fn decode_k4(t: GgufType, b: &[u8], codes: &mut [u8], scales: &mut [f32], offset
 }
 
 /// Q6_K: 128 bytes of low nibbles, 64 of high bit pairs, 16 signed 8-bit
-/// scales (one per 16 weights), d; `w = d sc (q - 32)`.
-fn decode_q6k(b: &[u8], codes: &mut [u8], scales: &mut [f32]) {
+/// scales (one per 16 weights), d; `w = d sc (q - 32)`. The scales go out
+/// as the integers `sc`; `d` is returned.
+fn decode_q6k(b: &[u8], codes: &mut [u8], scales: &mut [f32]) -> f32 {
     let (ql, qh, sc) = (&b[0..128], &b[128..192], &b[192..208]);
     let d = f16_at(b, 208);
     for half in 0..2 {
@@ -199,8 +204,9 @@ fn decode_q6k(b: &[u8], codes: &mut [u8], scales: &mut [f32]) {
         }
     }
     for (s, &c) in scales.iter_mut().zip(sc) {
-        *s = d * (c as i8) as f32;
+        *s = (c as i8) as f32;
     }
+    d
 }
 
 impl QMatrix {
@@ -240,8 +246,15 @@ impl QMatrix {
         ];
         let subs = per_block / BLOCK; // blocks of 32 per GGUF block
         let mut no_offsets = [0f32; 8];
+        let mut supers = vec![0f32; if kind == QuantKind::Q6 { blocks } else { 0 }];
+        let mut no_super = [0f32; 1];
         for (i, b) in data.chunks_exact(block_bytes).enumerate() {
             let out = Decoded {
+                supers: if supers.is_empty() {
+                    &mut no_super
+                } else {
+                    &mut supers[i..i + 1]
+                },
                 codes: &mut codes[i * per_block..][..per_block],
                 scales: &mut scales[i * subs * spb..][..subs * spb],
                 offsets: if offsets.is_empty() {
@@ -256,7 +269,7 @@ impl QMatrix {
             check_dims(codes.len(), scales.len(), offsets.len(), rows, cols)?;
         }
         Ok(Self::single(Part::pack(
-            kind, &codes, &scales, &offsets, rows, cols,
+            kind, &codes, &scales, &offsets, &supers, rows, cols,
         )))
     }
 }

@@ -49,6 +49,9 @@ pub const BLOCK: usize = 32;
 pub const GROUP_ROWS: usize = 16;
 /// Bytes of 8-bit codes per group and block.
 const BLOCK_BYTES_Q8: usize = GROUP_ROWS * BLOCK;
+/// Blocks of 32 per super-block of [`QuantKind::Q6`], whose scale `d` is
+/// shared by its 16 sub-blocks (GGUF's Q6_K blocks of 256).
+pub const SUPER_BLOCKS: usize = 8;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QuantKind {
@@ -63,6 +66,8 @@ pub enum QuantKind {
     Q8,
     /// 6-bit codes `q` standing for `q - 32`, with a scale per half block
     /// (16 weights) and no offset: GGUF's Q6_K, whose sub-blocks are 16 wide.
+    /// As in Q6_K, a half block's scale is a signed 8-bit integer times an f16
+    /// `d` per [`SUPER_BLOCKS`] blocks, so the columns are whole super-blocks.
     /// The low 4 bits are laid out as [`QuantKind::Q4`]'s, the high 2 bits of
     /// the block's 8 registers in 2 more (register `k`'s at bits `2 (k % 4)` of
     /// plane `k / 4`).
@@ -121,8 +126,12 @@ pub struct Part {
     pub rows: usize,
     pub cols: usize,
     q: Vec<u8>,
-    /// f16 bits, (groups, blocks, scales per block, 16).
+    /// f16 bits, (groups, blocks, scales per block, 16); for
+    /// [`QuantKind::Q6`] (groups, super-blocks, 16).
     d: Vec<u16>,
+    /// [`QuantKind::Q6`]'s integer half-block scales, (groups, blocks, 2,
+    /// 16); empty for the other kinds.
+    sub: Vec<i8>,
     /// f16 bits, (groups, blocks, 16); empty where the kind stores none
     /// ([`QuantKind::stores_offsets`]).
     m: Vec<u16>,
@@ -192,6 +201,7 @@ impl QMatrix {
             q,
             scale,
             offset,
+            &[],
             rows,
             cols,
         )))
@@ -207,6 +217,7 @@ impl QMatrix {
             &codes,
             scale,
             &offset,
+            &[],
             rows,
             cols,
         )))
@@ -256,7 +267,7 @@ impl Part {
     }
 
     fn nbytes(&self) -> usize {
-        self.q.len() + 2 * (self.d.len() + self.m.len())
+        self.q.len() + 2 * (self.d.len() + self.m.len()) + self.sub.len()
     }
 
     /// Unsigned codes (rows, cols) into the grouped layout; rows past the
@@ -264,24 +275,40 @@ impl Part {
     /// `scale` holds [`QuantKind::scales_per_block`] values per row and
     /// block, `offset` one (none for [`QuantKind::Q6`]; for
     /// [`QuantKind::Q8`] it must be `-128 scale` and is not kept).
+    /// [`QuantKind::Q6`]'s `scale` values are its integer half-block scales
+    /// and `supers` its `d`, one per row and super-block; the other kinds
+    /// take no `supers`.
     fn pack(
         kind: QuantKind,
         codes: &[u8],
         scale: &[f32],
         offset: &[f32],
+        supers: &[f32],
         rows: usize,
         cols: usize,
     ) -> Self {
         let nb = cols / BLOCK;
         let groups = rows.div_ceil(GROUP_ROWS);
         let spb = kind.scales_per_block();
+        let q6 = kind == QuantKind::Q6;
+        assert!(
+            !q6 || (nb.is_multiple_of(SUPER_BLOCKS) && supers.len() * SUPER_BLOCKS == rows * nb)
+        );
         let mut m = Self {
             kind,
             first_row: 0,
             rows,
             cols,
             q: vec![0u8; groups * nb * kind.block_bytes()],
-            d: vec![0u16; groups * nb * GROUP_ROWS * spb],
+            d: vec![
+                0u16;
+                if q6 {
+                    groups * (nb / SUPER_BLOCKS) * GROUP_ROWS
+                } else {
+                    groups * nb * GROUP_ROWS * spb
+                }
+            ],
+            sub: vec![0i8; if q6 { groups * nb * GROUP_ROWS * 2 } else { 0 }],
             m: vec![
                 0u16;
                 if kind.stores_offsets() {
@@ -295,7 +322,16 @@ impl Part {
             for blk in 0..nb {
                 for h in 0..spb {
                     let at = m.scale_index(r, blk, h);
-                    m.d[at] = f32_to_f16(scale[(r * nb + blk) * spb + h]);
+                    let v = scale[(r * nb + blk) * spb + h];
+                    if q6 {
+                        m.sub[at] = v as i8;
+                    } else {
+                        m.d[at] = f32_to_f16(v);
+                    }
+                }
+                if q6 && blk.is_multiple_of(SUPER_BLOCKS) {
+                    let at = m.super_index(r, blk);
+                    m.d[at] = f32_to_f16(supers[(r * nb + blk) / SUPER_BLOCKS]);
                 }
                 if kind.stores_offsets() {
                     let at = m.scale_index(r, blk, 0);
@@ -321,8 +357,23 @@ impl Part {
         m
     }
 
-    /// Where row `r`'s scale `half` of block `blk` is (its offset, for kinds
-    /// with one, is at the index of `half` 0 in `m`).
+    /// Where [`QuantKind::Q6`] row `r`'s `d` for block `blk` is in `d`.
+    #[inline]
+    fn super_index(&self, r: usize, blk: usize) -> usize {
+        let supers = self.blocks_per_row() / SUPER_BLOCKS;
+        ((r / GROUP_ROWS) * supers + blk / SUPER_BLOCKS) * GROUP_ROWS + r % GROUP_ROWS
+    }
+
+    /// [`QuantKind::Q6`] row `r`'s scale of half `half` of block `blk`.
+    #[inline]
+    fn q6_scale(&self, r: usize, blk: usize, half: usize) -> f32 {
+        f16_to_f32(self.d[self.super_index(r, blk)])
+            * self.sub[self.scale_index(r, blk, half)] as f32
+    }
+
+    /// Where row `r`'s scale `half` of block `blk` is (in `sub` for
+    /// [`QuantKind::Q6`]; its offset, for kinds with one, is at the index
+    /// of `half` 0 in `m`).
     #[inline]
     fn scale_index(&self, r: usize, blk: usize, half: usize) -> usize {
         let spb = self.kind.scales_per_block();
@@ -384,7 +435,7 @@ impl Part {
         let blk = c / BLOCK;
         match self.kind {
             QuantKind::Q6 => {
-                let d = f16_to_f32(self.d[self.scale_index(r, blk, (c % BLOCK) / 16)]);
+                let d = self.q6_scale(r, blk, (c % BLOCK) / 16);
                 d * (self.code(r, c) as i32 - 32) as f32
             }
             QuantKind::Q4 | QuantKind::Q5 | QuantKind::Q8 => {

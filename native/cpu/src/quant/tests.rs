@@ -345,8 +345,8 @@ fn gguf_types_and_mixed_parts_on_every_path() {
 }
 
 /// What one pass over a part reads, per weight: the codes' bits, one f16
-/// scale per 32 (Q6: per 16) and an f16 offset per 32 only where the kind
-/// stores one (Q8's is implied).
+/// scale per 32 (Q6, as Q6_K: an 8-bit one per 16 and an f16 per 256) and an
+/// f16 offset per 32 only where the kind stores one (Q8's is implied).
 #[test]
 fn parts_read_their_bits_per_weight() {
     let mut rng = Rng::new(13);
@@ -356,7 +356,7 @@ fn parts_read_their_bits_per_weight() {
         (GgufType::Q5_0, 6.0),
         (GgufType::Q5K, 6.0),
         (GgufType::Q8_0, 8.5),
-        (GgufType::Q6K, 7.0),
+        (GgufType::Q6K, 6.5625),
     ] {
         let data = gguf_blocks(&mut rng, t, rows * cols / t.block().0);
         let w = QMatrix::from_gguf(t, &data, rows, cols).unwrap();
