@@ -7,7 +7,7 @@ use std::ops::Range;
 use std::sync::OnceLock;
 
 use super::activations::{RowAt, ROW_Q_STEP};
-use super::{f16_to_f32, Part, QMatrix, QuantBatch, QuantKind, QuantRaw, BATCH, BLOCK};
+use super::{Part, QMatrix, QuantBatch, QuantKind, QuantRaw, BATCH, BLOCK};
 
 /// `out[b * out_stride + i]` = row `rows.start + i` of `w` · activation row
 /// `b` of `xs` (quantized at `w.cols` columns), for every row in `rows` and
@@ -142,12 +142,18 @@ pub enum KernelPath {
 
 impl KernelPath {
     /// The path a part of `kind` takes on this one: the AVX-512 kernel has
-    /// no loop for the kinds with high bit planes ([`QuantKind::Q5`], Q6),
-    /// which then run on AVX2 (every AVX-512 CPU has it).
+    /// no loop for the kinds with high bit planes ([`QuantKind::Q5`], Q6) or
+    /// integer scales ([`QuantKind::Q4K`], which GGUF loading makes only
+    /// where AVX-512 does not run), which then run on AVX2 (every AVX-512 CPU
+    /// has it).
     fn for_kind(self, kind: QuantKind) -> Self {
         match (self, kind) {
-            (KernelPath::Avx512, QuantKind::Q5 | QuantKind::Q6) if has_avx2() => KernelPath::Avx2,
-            (KernelPath::Avx512, QuantKind::Q5 | QuantKind::Q6) => KernelPath::Portable,
+            (KernelPath::Avx512, QuantKind::Q4K | QuantKind::Q5 | QuantKind::Q6) if has_avx2() => {
+                KernelPath::Avx2
+            }
+            (KernelPath::Avx512, QuantKind::Q4K | QuantKind::Q5 | QuantKind::Q6) => {
+                KernelPath::Portable
+            }
             _ => self,
         }
     }
@@ -284,9 +290,8 @@ unsafe fn dot_portable(w: &Part, x: RowAt, r: usize) -> f32 {
         let isum: i32 = (0..BLOCK)
             .map(|j| w.code(r, blk * BLOCK + j) as i32 * *codes.add(j) as i32)
             .sum();
-        let s = w.scale_index(r, blk, 0);
-        let d = f16_to_f32(w.d[s]);
-        acc += d * dx * isum as f32 + w.offset(s, d) * *x.dsum.add(blk * BATCH);
+        let (d, m) = w.block_scales(r, blk);
+        acc += d * dx * isum as f32 + m * *x.dsum.add(blk * BATCH);
     }
     acc
 }
@@ -370,8 +375,8 @@ mod avx512 {
                         *r = _mm512_loadu_si512(p.add(k * 64).cast());
                     }
                 }
-                QuantKind::Q5 | QuantKind::Q6 => {
-                    unreachable!("Q5 and Q6 parts take the AVX2 kernel (KernelPath::for_kind)")
+                QuantKind::Q4K | QuantKind::Q5 | QuantKind::Q6 => {
+                    unreachable!("Q4K, Q5 and Q6 parts take the AVX2 kernel (KernelPath::for_kind)")
                 }
             }
             let dw = _mm512_cvtph_ps(_mm256_loadu_si256(scales.add(blk * GROUP_ROWS).cast()));

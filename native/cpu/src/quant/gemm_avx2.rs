@@ -39,12 +39,16 @@ trait Codes {
 }
 
 struct Q4;
+struct Q4K;
 struct Q5;
 struct Q8;
 struct Q6;
 
 impl Codes for Q4 {
     const KIND: QuantKind = QuantKind::Q4;
+}
+impl Codes for Q4K {
+    const KIND: QuantKind = QuantKind::Q4K;
 }
 impl Codes for Q5 {
     const KIND: QuantKind = QuantKind::Q5;
@@ -71,6 +75,7 @@ pub(super) unsafe fn gemm(
     }
     match w.kind {
         QuantKind::Q4 => gemm_of::<Q4>(w, xs, n, rows, out, stride),
+        QuantKind::Q4K => gemm_of::<Q4K>(w, xs, n, rows, out, stride),
         QuantKind::Q5 => gemm_of::<Q5>(w, xs, n, rows, out, stride),
         QuantKind::Q8 => gemm_of::<Q8>(w, xs, n, rows, out, stride),
         QuantKind::Q6 => gemm_of::<Q6>(w, xs, n, rows, out, stride),
@@ -134,12 +139,15 @@ unsafe fn half<const N: usize, K: Codes>(
     let bytes = K::KIND.block_bytes();
     // this half's 32 bytes of each 64-byte register of the group's layout
     let codes = w.q.as_ptr().add(g * nb * bytes + part * 32);
-    // Q6's `d` per super-block and integer half-block scales; the others' `d` and `m` per block
+    // Q4/Q5/Q8: `d` and `m` per block; Q6/Q4K: `d` (and Q4K's `-dmin`)
+    // per super-block, and integer scales per block
     let scales = w.d.as_ptr().wrapping_add(g * nb * GROUP_ROWS + part * HALF);
     let offsets = w.m.as_ptr().wrapping_add(g * nb * GROUP_ROWS + part * HALF);
-    let supers =
-        w.d.as_ptr()
-            .wrapping_add(g * (nb / SUPER_BLOCKS) * GROUP_ROWS + part * HALF);
+    let super_at = g * (nb / SUPER_BLOCKS) * GROUP_ROWS + part * HALF;
+    let (supers_d, supers_m) = (
+        w.d.as_ptr().wrapping_add(super_at),
+        w.m.as_ptr().wrapping_add(super_at),
+    );
     let subs = w
         .sub
         .as_ptr()
@@ -153,10 +161,17 @@ unsafe fn half<const N: usize, K: Codes>(
         for line in 0..bytes / 64 {
             _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line * 64).cast());
         }
-        // dw the scales; mw the offsets (Q4/Q5), none (Q8) or the second half block's scales (Q6)
+        // dw the scales; mw the offsets (Q4/Q4K/Q5), none (Q8) or the second half block's scales (Q6)
+        let sb = blk / SUPER_BLOCKS * GROUP_ROWS;
         let (dw, mw) = match K::KIND {
-            QuantKind::Q6 => q6_scales(
-                supers.add(blk / SUPER_BLOCKS * GROUP_ROWS),
+            QuantKind::Q6 => super_scales(
+                supers_d.add(sb),
+                supers_d.add(sb),
+                subs.add(blk * 2 * GROUP_ROWS),
+            ),
+            QuantKind::Q4K => super_scales(
+                supers_d.add(sb),
+                supers_m.add(sb),
                 subs.add(blk * 2 * GROUP_ROWS),
             ),
             QuantKind::Q8 => (f16s(scales.add(blk * GROUP_ROWS)), _mm256_setzero_ps()),
@@ -172,8 +187,8 @@ unsafe fn half<const N: usize, K: Codes>(
             let row = xq.add(j * BLOCK / 4);
             let dx = _mm256_set1_ps(*xd.add(j));
             match K::KIND {
-                QuantKind::Q4 | QuantKind::Q5 => {
-                    let isum = if K::KIND == QuantKind::Q4 {
+                QuantKind::Q4 | QuantKind::Q4K | QuantKind::Q5 => {
+                    let isum = if K::KIND != QuantKind::Q5 {
                         unsigned_sum(&regs, row, ones)
                     } else {
                         _mm256_add_epi32(
@@ -215,18 +230,18 @@ unsafe fn f16s(p: *const u16) -> __m256 {
     _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
 }
 
-/// A Q6 block's two half-block scales for 8 rows: their super-block's `d`
-/// at `supers` times the integer scales at `subs` (first half, then second
-/// half [`GROUP_ROWS`] on).
+/// A block's two factors for 8 rows from its integer scales at `subs`
+/// (the first, then the second [`GROUP_ROWS`] on) times their super-block's
+/// f16s at `first` and `second`: Q6's half-block scales (both times `d`),
+/// Q4K's scale and offset (times `d` and `-dmin`).
 #[inline]
 #[target_feature(enable = "avx2,f16c")]
-unsafe fn q6_scales(supers: *const u16, subs: *const i8) -> (__m256, __m256) {
-    let d = f16s(supers);
-    let first = _mm256_cvtepi8_epi32(_mm_loadl_epi64(subs.cast()));
-    let second = _mm256_cvtepi8_epi32(_mm_loadl_epi64(subs.add(GROUP_ROWS).cast()));
+unsafe fn super_scales(first: *const u16, second: *const u16, subs: *const i8) -> (__m256, __m256) {
+    let a = _mm256_cvtepi8_epi32(_mm_loadl_epi64(subs.cast()));
+    let b = _mm256_cvtepi8_epi32(_mm_loadl_epi64(subs.add(GROUP_ROWS).cast()));
     (
-        _mm256_mul_ps(d, _mm256_cvtepi32_ps(first)),
-        _mm256_mul_ps(d, _mm256_cvtepi32_ps(second)),
+        _mm256_mul_ps(f16s(first), _mm256_cvtepi32_ps(a)),
+        _mm256_mul_ps(f16s(second), _mm256_cvtepi32_ps(b)),
     )
 }
 
@@ -238,7 +253,7 @@ unsafe fn q6_scales(supers: *const u16, subs: *const i8) -> (__m256, __m256) {
 #[target_feature(enable = "avx2")]
 unsafe fn load_regs(kind: QuantKind, p: *const u8, regs: &mut [__m256i; 8]) {
     match kind {
-        QuantKind::Q4 => {
+        QuantKind::Q4 | QuantKind::Q4K => {
             let low = _mm256_set1_epi8(0x0F);
             for k in 0..4 {
                 let v = _mm256_loadu_si256(p.add(k * 64).cast());

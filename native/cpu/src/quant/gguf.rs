@@ -3,20 +3,23 @@
 //! (`ggml-common.h`), then repacked into the grouped layout without going
 //! through floats.
 //!
-//! - Q4_0, Q4_1 and Q4_K (its 6-bit sub-block scales and minimums folded
-//!   into one f16 scale and offset per 32) become [`QuantKind::Q4`];
+//! - Q4_0 and Q4_1 become [`QuantKind::Q4`];
+//! - Q4_K becomes [`QuantKind::Q4K`], its scales as the file's, where the
+//!   AVX2 or portable kernel runs; where AVX-512 VNNI does (whose loop has no
+//!   Q4K) it becomes [`QuantKind::Q4`], its 6-bit sub-block scales and
+//!   minimums folded into an f16 scale and offset per 32;
 //! - Q5_0, Q5_1 and Q5_K (5-bit codes, Q5_K's scales folded as Q4_K's)
 //!   become [`QuantKind::Q5`];
 //! - Q8_0 becomes [`QuantKind::Q8`];
 //! - Q6_K (16-wide sub-blocks) becomes [`QuantKind::Q6`], still 6 bits and
 //!   its scales as the file's (8-bit integers times an f16 per 256).
 //!
-//! The one rounding: a Q4_K or Q5_K sub-block scale (an f16 times a 6-bit
-//! integer) is stored as f16, a relative change under 2^-11 (llama.cpp
+//! The one rounding: a folded Q4_K or Q5_K sub-block scale (an f16 times a
+//! 6-bit integer) is stored as f16, a relative change under 2^-11 (llama.cpp
 //! multiplies them in f32).
 
 use super::f16::f16_to_f32;
-use super::{check_dims, Part, QMatrix, QuantKind, BLOCK};
+use super::{check_dims, kernel_path, KernelPath, Part, QMatrix, QuantKind, BLOCK};
 use crate::error::QuantError;
 
 /// The GGUF tensor types a [`QMatrix`] is built from.
@@ -64,7 +67,9 @@ impl GgufType {
 
     fn kind(self) -> QuantKind {
         match self {
-            GgufType::Q4_0 | GgufType::Q4_1 | GgufType::Q4K => QuantKind::Q4,
+            GgufType::Q4_0 | GgufType::Q4_1 => QuantKind::Q4,
+            GgufType::Q4K if kernel_path() == KernelPath::Avx512 => QuantKind::Q4,
+            GgufType::Q4K => QuantKind::Q4K,
             GgufType::Q5_0 | GgufType::Q5_1 | GgufType::Q5K => QuantKind::Q5,
             GgufType::Q8_0 => QuantKind::Q8,
             GgufType::Q6K => QuantKind::Q6,
@@ -73,8 +78,9 @@ impl GgufType {
 }
 
 /// One block's codes (unsigned), its scales (one per 32 weights, or per 16
-/// for Q6: then integers, times the block's `d` in `supers`) and offsets
-/// (one per 32; Q6 has none: its codes stand for q - 32).
+/// for Q6) and offsets (one per 32; Q6 has none: its codes stand for
+/// q - 32). For kinds with super-blocks (Q6, Q4K) the scales and offsets
+/// are the file's integers, and their factors go to `supers`.
 struct Decoded<'a> {
     codes: &'a mut [u8],
     scales: &'a mut [f32],
@@ -108,7 +114,7 @@ fn scale_min_k4(j: usize, s: &[u8]) -> (f32, f32) {
     (sc as f32, m as f32)
 }
 
-fn decode(t: GgufType, b: &[u8], out: Decoded) {
+fn decode(t: GgufType, kind: QuantKind, b: &[u8], out: Decoded) {
     let Decoded {
         codes,
         scales,
@@ -144,15 +150,32 @@ fn decode(t: GgufType, b: &[u8], out: Decoded) {
             }
             (scales[0], offsets[0]) = (d, -128.0 * d);
         }
-        GgufType::Q4K | GgufType::Q5K => decode_k4(t, b, codes, scales, offsets),
+        GgufType::Q4K | GgufType::Q5K => {
+            let (d, dmin) = decode_k4(t, b, codes, scales, offsets);
+            if kind == QuantKind::Q4K {
+                (supers[0], supers[1]) = (d, -dmin);
+            } else {
+                // folded: one f16 scale and offset per 32
+                for (s, o) in scales.iter_mut().zip(offsets.iter_mut()) {
+                    (*s, *o) = (d * *s, -dmin * *o);
+                }
+            }
+        }
         GgufType::Q6K => supers[0] = decode_q6k(b, codes, scales),
     }
 }
 
 /// Q4_K (d, dmin, 12 bytes of scales, 128 of nibbles) and Q5_K (the same
 /// with 32 bytes of fifth bits before the nibbles): 64 weights per 32 bytes
-/// of nibbles, low nibbles first, `w = d sc q - dmin m` per 32.
-fn decode_k4(t: GgufType, b: &[u8], codes: &mut [u8], scales: &mut [f32], offsets: &mut [f32]) {
+/// of nibbles, low nibbles first, `w = d sc q - dmin m` per 32. The integer
+/// `sc` and `m` go out as scales and offsets; `(d, dmin)` is returned.
+fn decode_k4(
+    t: GgufType,
+    b: &[u8],
+    codes: &mut [u8],
+    scales: &mut [f32],
+    offsets: &mut [f32],
+) -> (f32, f32) {
     let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
     let sc = &b[4..16];
     let (qh, qs) = if t == GgufType::Q5K {
@@ -175,11 +198,10 @@ fn decode_k4(t: GgufType, b: &[u8], codes: &mut [u8], scales: &mut [f32], offset
             codes[64 * chunk + 32 + l] = hi | hi5;
         }
         for sub in [2 * chunk, 2 * chunk + 1] {
-            let (s, m) = scale_min_k4(sub, sc);
-            scales[sub] = d * s;
-            offsets[sub] = -dmin * m;
+            (scales[sub], offsets[sub]) = scale_min_k4(sub, sc);
         }
     }
+    (d, dmin)
 }
 
 /// Q6_K: 128 bytes of low nibbles, 64 of high bit pairs, 16 signed 8-bit
@@ -246,14 +268,15 @@ impl QMatrix {
         ];
         let subs = per_block / BLOCK; // blocks of 32 per GGUF block
         let mut no_offsets = [0f32; 8];
-        let mut supers = vec![0f32; if kind == QuantKind::Q6 { blocks } else { 0 }];
-        let mut no_super = [0f32; 1];
+        let per_super = kind.super_scales();
+        let mut supers = vec![0f32; blocks * per_super];
+        let mut no_super = [0f32; 2];
         for (i, b) in data.chunks_exact(block_bytes).enumerate() {
             let out = Decoded {
                 supers: if supers.is_empty() {
                     &mut no_super
                 } else {
-                    &mut supers[i..i + 1]
+                    &mut supers[i * per_super..(i + 1) * per_super]
                 },
                 codes: &mut codes[i * per_block..][..per_block],
                 scales: &mut scales[i * subs * spb..][..subs * spb],
@@ -263,7 +286,7 @@ impl QMatrix {
                     &mut offsets[i * subs..][..subs]
                 },
             };
-            decode(t, b, out);
+            decode(t, kind, b, out);
         }
         if kind != QuantKind::Q6 {
             check_dims(codes.len(), scales.len(), offsets.len(), rows, cols)?;

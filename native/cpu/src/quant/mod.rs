@@ -49,14 +49,20 @@ pub const BLOCK: usize = 32;
 pub const GROUP_ROWS: usize = 16;
 /// Bytes of 8-bit codes per group and block.
 const BLOCK_BYTES_Q8: usize = GROUP_ROWS * BLOCK;
-/// Blocks of 32 per super-block of [`QuantKind::Q6`], whose scale `d` is
-/// shared by its 16 sub-blocks (GGUF's Q6_K blocks of 256).
+/// Blocks of 32 per super-block of [`QuantKind::Q6`] and
+/// [`QuantKind::Q4K`], whose scales are 8-bit integers times an f16 per
+/// super-block (GGUF's k-quant blocks of 256).
 pub const SUPER_BLOCKS: usize = 8;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QuantKind {
     /// 4-bit unsigned codes, two per byte.
     Q4,
+    /// 4-bit codes laid out as [`QuantKind::Q4`]'s, with GGUF Q4_K's scales:
+    /// per block an unsigned 6-bit scale `sc` and minimum `mn` (a byte each),
+    /// times an f16 `d` and `-dmin` per [`SUPER_BLOCKS`] blocks, `w = d sc q
+    /// - dmin mn`: 4.625 bits a weight, where per-block f16s take 5.
+    Q4K,
     /// 5-bit unsigned codes: the low 4 bits laid out as [`QuantKind::Q4`]'s,
     /// the fifth bits of the block's 8 registers in one more (register `k`'s
     /// at bit `k`).
@@ -78,7 +84,7 @@ impl QuantKind {
     #[inline]
     fn block_bytes(self) -> usize {
         match self {
-            QuantKind::Q4 => BLOCK_BYTES_Q8 / 2,
+            QuantKind::Q4 | QuantKind::Q4K => BLOCK_BYTES_Q8 / 2,
             QuantKind::Q5 => BLOCK_BYTES_Q8 / 2 + BLOCK_BYTES_Q8 / 8,
             QuantKind::Q8 => BLOCK_BYTES_Q8,
             QuantKind::Q6 => BLOCK_BYTES_Q8 / 2 + BLOCK_BYTES_Q8 / 4,
@@ -90,14 +96,25 @@ impl QuantKind {
     fn scales_per_block(self) -> usize {
         match self {
             QuantKind::Q6 => 2,
-            QuantKind::Q4 | QuantKind::Q5 | QuantKind::Q8 => 1,
+            QuantKind::Q4 | QuantKind::Q4K | QuantKind::Q5 | QuantKind::Q8 => 1,
         }
     }
 
-    /// Whether blocks store an offset `m` (Q8's is `-128 d`; Q6 has none).
+    /// Whether blocks store an f16 offset `m` each (Q8's is `-128 d`, Q4K's
+    /// an integer times its super-block's `-dmin`; Q6 has none).
     #[inline]
     fn stores_offsets(self) -> bool {
         matches!(self, QuantKind::Q4 | QuantKind::Q5)
+    }
+
+    /// f16 factors per row and super-block (0: the kind has none).
+    #[inline]
+    fn super_scales(self) -> usize {
+        match self {
+            QuantKind::Q6 => 1,
+            QuantKind::Q4K => 2,
+            QuantKind::Q4 | QuantKind::Q5 | QuantKind::Q8 => 0,
+        }
     }
 
     /// Codes below 16 keep their fifth and sixth bits elsewhere.
@@ -126,14 +143,16 @@ pub struct Part {
     pub rows: usize,
     pub cols: usize,
     q: Vec<u8>,
-    /// f16 bits, (groups, blocks, scales per block, 16); for
-    /// [`QuantKind::Q6`] (groups, super-blocks, 16).
+    /// f16 bits, (groups, blocks, 16); for kinds with super-blocks
+    /// (groups, super-blocks, 16).
     d: Vec<u16>,
-    /// [`QuantKind::Q6`]'s integer half-block scales, (groups, blocks, 2,
-    /// 16); empty for the other kinds.
+    /// Integer scales, (groups, blocks, 2, 16): [`QuantKind::Q6`]'s two
+    /// half-block scales, [`QuantKind::Q4K`]'s scale and minimum; empty for
+    /// the other kinds.
     sub: Vec<i8>,
-    /// f16 bits, (groups, blocks, 16); empty where the kind stores none
-    /// ([`QuantKind::stores_offsets`]).
+    /// f16 bits, (groups, blocks, 16) where the kind stores offsets
+    /// ([`QuantKind::stores_offsets`]); [`QuantKind::Q4K`]'s `-dmin`,
+    /// (groups, super-blocks, 16); else empty.
     m: Vec<u16>,
 }
 
@@ -274,10 +293,10 @@ impl Part {
     /// last are zero with zero scales (their outputs are never stored).
     /// `scale` holds [`QuantKind::scales_per_block`] values per row and
     /// block, `offset` one (none for [`QuantKind::Q6`]; for
-    /// [`QuantKind::Q8`] it must be `-128 scale` and is not kept).
-    /// [`QuantKind::Q6`]'s `scale` values are its integer half-block scales
-    /// and `supers` its `d`, one per row and super-block; the other kinds
-    /// take no `supers`.
+    /// [`QuantKind::Q8`] it must be `-128 scale` and is not kept). For kinds
+    /// with super-blocks, `scale` and `offset` are the integers and `supers`
+    /// the [`QuantKind::super_scales`] factors per row and super-block (Q6:
+    /// `d`; Q4K: `d`, `-dmin`); the other kinds take no `supers`.
     fn pack(
         kind: QuantKind,
         codes: &[u8],
@@ -289,72 +308,92 @@ impl Part {
     ) -> Self {
         let nb = cols / BLOCK;
         let groups = rows.div_ceil(GROUP_ROWS);
-        let spb = kind.scales_per_block();
-        let q6 = kind == QuantKind::Q6;
+        let per_super = kind.super_scales();
         assert!(
-            !q6 || (nb.is_multiple_of(SUPER_BLOCKS) && supers.len() * SUPER_BLOCKS == rows * nb)
+            per_super == 0
+                || (nb.is_multiple_of(SUPER_BLOCKS)
+                    && supers.len() * SUPER_BLOCKS == rows * nb * per_super)
         );
+        let super_len = groups * (nb / SUPER_BLOCKS) * GROUP_ROWS;
+        let block_len = groups * nb * GROUP_ROWS;
         let mut m = Self {
             kind,
             first_row: 0,
             rows,
             cols,
             q: vec![0u8; groups * nb * kind.block_bytes()],
-            d: vec![
-                0u16;
-                if q6 {
-                    groups * (nb / SUPER_BLOCKS) * GROUP_ROWS
-                } else {
-                    groups * nb * GROUP_ROWS * spb
-                }
-            ],
-            sub: vec![0i8; if q6 { groups * nb * GROUP_ROWS * 2 } else { 0 }],
+            d: vec![0u16; if per_super > 0 { super_len } else { block_len }],
+            sub: vec![0i8; if per_super > 0 { 2 * block_len } else { 0 }],
             m: vec![
                 0u16;
-                if kind.stores_offsets() {
-                    groups * nb * GROUP_ROWS
-                } else {
-                    0
+                match kind {
+                    QuantKind::Q4 | QuantKind::Q5 => block_len,
+                    QuantKind::Q4K => super_len,
+                    QuantKind::Q8 | QuantKind::Q6 => 0,
                 }
             ],
         };
         for r in 0..rows {
             for blk in 0..nb {
-                for h in 0..spb {
-                    let at = m.scale_index(r, blk, h);
-                    let v = scale[(r * nb + blk) * spb + h];
-                    if q6 {
-                        m.sub[at] = v as i8;
-                    } else {
-                        m.d[at] = f32_to_f16(v);
-                    }
-                }
-                if q6 && blk.is_multiple_of(SUPER_BLOCKS) {
-                    let at = m.super_index(r, blk);
-                    m.d[at] = f32_to_f16(supers[(r * nb + blk) / SUPER_BLOCKS]);
-                }
-                if kind.stores_offsets() {
-                    let at = m.scale_index(r, blk, 0);
-                    m.m[at] = f32_to_f16(offset[r * nb + blk]);
-                }
+                m.store_scales(r, blk, scale, offset, supers);
                 for k in 0..BLOCK {
                     let c = blk * BLOCK + k;
-                    let (byte, high) = m.code_index(r, c);
-                    let code = codes[r * cols + c];
-                    let low = if kind.has_high_bits() {
-                        code & 0x0F
-                    } else {
-                        code
-                    };
-                    m.q[byte] |= if high { low << 4 } else { low };
-                    if kind.has_high_bits() {
-                        let (byte, shift) = m.high_bits_index(r, c);
-                        m.q[byte] |= (code >> 4) << shift;
-                    }
+                    m.store_code(r, c, codes[r * cols + c]);
                 }
             }
         }
         m
+    }
+
+    /// Row `r`'s scales of block `blk`, from [`Part::pack`]'s arguments.
+    fn store_scales(
+        &mut self,
+        r: usize,
+        blk: usize,
+        scale: &[f32],
+        offset: &[f32],
+        supers: &[f32],
+    ) {
+        let at = r * self.blocks_per_row() + blk;
+        let per_super = self.kind.super_scales();
+        if per_super == 0 {
+            let s = self.scale_index(r, blk);
+            self.d[s] = f32_to_f16(scale[at]);
+            if self.kind.stores_offsets() {
+                self.m[s] = f32_to_f16(offset[at]);
+            }
+            return;
+        }
+        let ints = match self.kind {
+            QuantKind::Q6 => [scale[2 * at], scale[2 * at + 1]],
+            _ => [scale[at], offset[at]],
+        };
+        for (which, v) in ints.into_iter().enumerate() {
+            let i = self.sub_index(r, blk, which);
+            self.sub[i] = v as i8;
+        }
+        if blk.is_multiple_of(SUPER_BLOCKS) {
+            let (s, first) = (self.super_index(r, blk), at / SUPER_BLOCKS * per_super);
+            self.d[s] = f32_to_f16(supers[first]);
+            if self.kind == QuantKind::Q4K {
+                self.m[s] = f32_to_f16(supers[first + 1]);
+            }
+        }
+    }
+
+    /// Weight (r, c)'s unsigned code into its nibble (and high bits).
+    fn store_code(&mut self, r: usize, c: usize, code: u8) {
+        let (byte, high) = self.code_index(r, c);
+        let low = if self.kind.has_high_bits() {
+            code & 0x0F
+        } else {
+            code
+        };
+        self.q[byte] |= if high { low << 4 } else { low };
+        if self.kind.has_high_bits() {
+            let (byte, shift) = self.high_bits_index(r, c);
+            self.q[byte] |= (code >> 4) << shift;
+        }
     }
 
     /// Where [`QuantKind::Q6`] row `r`'s `d` for block `blk` is in `d`.
@@ -367,18 +406,44 @@ impl Part {
     /// [`QuantKind::Q6`] row `r`'s scale of half `half` of block `blk`.
     #[inline]
     fn q6_scale(&self, r: usize, blk: usize, half: usize) -> f32 {
-        f16_to_f32(self.d[self.super_index(r, blk)])
-            * self.sub[self.scale_index(r, blk, half)] as f32
+        f16_to_f32(self.d[self.super_index(r, blk)]) * self.sub[self.sub_index(r, blk, half)] as f32
     }
 
-    /// Where row `r`'s scale `half` of block `blk` is (in `sub` for
-    /// [`QuantKind::Q6`]; its offset, for kinds with one, is at the index
-    /// of `half` 0 in `m`).
+    /// Row `r`'s scale `d` and offset `m` of block `blk` (not for
+    /// [`QuantKind::Q6`], whose half blocks have a scale each).
     #[inline]
-    fn scale_index(&self, r: usize, blk: usize, half: usize) -> usize {
-        let spb = self.kind.scales_per_block();
-        (((r / GROUP_ROWS) * self.blocks_per_row() + blk) * spb + half) * GROUP_ROWS
-            + r % GROUP_ROWS
+    fn block_scales(&self, r: usize, blk: usize) -> (f32, f32) {
+        match self.kind {
+            QuantKind::Q4K => {
+                let s = self.super_index(r, blk);
+                let sc = self.sub[self.sub_index(r, blk, 0)] as f32;
+                let mn = self.sub[self.sub_index(r, blk, 1)] as f32;
+                (f16_to_f32(self.d[s]) * sc, f16_to_f32(self.m[s]) * mn)
+            }
+            QuantKind::Q8 => {
+                let d = f16_to_f32(self.d[self.scale_index(r, blk)]);
+                (d, -128.0 * d)
+            }
+            QuantKind::Q4 | QuantKind::Q5 => {
+                let s = self.scale_index(r, blk);
+                (f16_to_f32(self.d[s]), f16_to_f32(self.m[s]))
+            }
+            QuantKind::Q6 => unreachable!("Q6 has a scale per half block"),
+        }
+    }
+
+    /// Where row `r`'s f16 scale (and offset, for kinds with one, in `m`)
+    /// of block `blk` is, for kinds without super-blocks.
+    #[inline]
+    fn scale_index(&self, r: usize, blk: usize) -> usize {
+        ((r / GROUP_ROWS) * self.blocks_per_row() + blk) * GROUP_ROWS + r % GROUP_ROWS
+    }
+
+    /// Where row `r`'s integer scale `which` (0 or 1) of block `blk` is in
+    /// `sub`, for kinds with super-blocks.
+    #[inline]
+    fn sub_index(&self, r: usize, blk: usize, which: usize) -> usize {
+        (((r / GROUP_ROWS) * self.blocks_per_row() + blk) * 2 + which) * GROUP_ROWS + r % GROUP_ROWS
     }
 
     /// Byte holding weight (r, c), and whether it is the high nibble.
@@ -389,7 +454,7 @@ impl Part {
         let (reg, lane, byte) = (k / 4, r % GROUP_ROWS, k % 4);
         match self.kind {
             QuantKind::Q8 => (base + reg * 64 + lane * 4 + byte, false),
-            QuantKind::Q4 | QuantKind::Q5 | QuantKind::Q6 => {
+            QuantKind::Q4 | QuantKind::Q4K | QuantKind::Q5 | QuantKind::Q6 => {
                 (base + (reg % 4) * 64 + lane * 4 + byte, reg >= 4)
             }
         }
@@ -414,8 +479,8 @@ impl Part {
         let (byte, high) = self.code_index(r, c);
         match (self.kind, high) {
             (QuantKind::Q8, _) => self.q[byte],
-            (QuantKind::Q4, false) => self.q[byte] & 0x0F,
-            (QuantKind::Q4, true) => self.q[byte] >> 4,
+            (QuantKind::Q4 | QuantKind::Q4K, false) => self.q[byte] & 0x0F,
+            (QuantKind::Q4 | QuantKind::Q4K, true) => self.q[byte] >> 4,
             (QuantKind::Q5 | QuantKind::Q6, high) => {
                 let low = if high {
                     self.q[byte] >> 4
@@ -438,21 +503,10 @@ impl Part {
                 let d = self.q6_scale(r, blk, (c % BLOCK) / 16);
                 d * (self.code(r, c) as i32 - 32) as f32
             }
-            QuantKind::Q4 | QuantKind::Q5 | QuantKind::Q8 => {
-                let s = self.scale_index(r, blk, 0);
-                let d = f16_to_f32(self.d[s]);
-                d * self.code(r, c) as f32 + self.offset(s, d)
+            _ => {
+                let (d, m) = self.block_scales(r, blk);
+                d * self.code(r, c) as f32 + m
             }
-        }
-    }
-
-    /// The offset `m` at scale index `s` of a block whose scale is `d`.
-    #[inline]
-    fn offset(&self, s: usize, d: f32) -> f32 {
-        match self.kind {
-            QuantKind::Q8 => -128.0 * d,
-            QuantKind::Q6 => 0.0,
-            QuantKind::Q4 | QuantKind::Q5 => f16_to_f32(self.m[s]),
         }
     }
 

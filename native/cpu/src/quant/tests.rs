@@ -345,14 +345,22 @@ fn gguf_types_and_mixed_parts_on_every_path() {
 }
 
 /// What one pass over a part reads, per weight: the codes' bits, one f16
-/// scale per 32 (Q6, as Q6_K: an 8-bit one per 16 and an f16 per 256) and an
+/// scale per 32 (Q6, as Q6_K: an 8-bit one per 16 and an f16 per 256; Q4K,
+/// as Q4_K: an 8-bit scale and minimum per 32 and two f16s per 256) and an
 /// f16 offset per 32 only where the kind stores one (Q8's is implied).
 #[test]
 fn parts_read_their_bits_per_weight() {
     let mut rng = Rng::new(13);
     let (rows, cols) = (32, 256);
+    // Q4_K keeps its integer scales except where the VNNI loop (which has none) runs
+    let q4k = if kernel_path() == KernelPath::Avx512 {
+        5.0
+    } else {
+        4.625
+    };
     for (t, bits) in [
-        (GgufType::Q4K, 5.0),
+        (GgufType::Q4_0, 5.0),
+        (GgufType::Q4K, q4k),
         (GgufType::Q5_0, 6.0),
         (GgufType::Q5K, 6.0),
         (GgufType::Q8_0, 8.5),
