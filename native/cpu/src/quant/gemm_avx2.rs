@@ -134,24 +134,11 @@ unsafe fn half<const N: usize, K: Codes>(
     stride: usize,
     (lo, hi): (usize, usize),
 ) {
-    let (g, part) = (h / 2, h % 2);
     let nb = w.blocks_per_row();
     let bytes = K::KIND.block_bytes();
     // this half's 32 bytes of each 64-byte register of the group's layout
-    let codes = w.q.as_ptr().add(g * nb * bytes + part * 32);
-    // Q4/Q5/Q8: `d` and `m` per block; Q6/Q4K: `d` (and Q4K's `-dmin`)
-    // per super-block, and integer scales per block
-    let scales = w.d.as_ptr().wrapping_add(g * nb * GROUP_ROWS + part * HALF);
-    let offsets = w.m.as_ptr().wrapping_add(g * nb * GROUP_ROWS + part * HALF);
-    let super_at = g * (nb / SUPER_BLOCKS) * GROUP_ROWS + part * HALF;
-    let (supers_d, supers_m) = (
-        w.d.as_ptr().wrapping_add(super_at),
-        w.m.as_ptr().wrapping_add(super_at),
-    );
-    let subs = w
-        .sub
-        .as_ptr()
-        .wrapping_add(g * nb * GROUP_ROWS * 2 + part * HALF);
+    let codes = w.q.as_ptr().add((h / 2) * nb * bytes + (h % 2) * 32);
+    let factors = Factors::of_half(w, h);
     let ones = _mm256_set1_epi16(1);
     let mut acc = [_mm256_setzero_ps(); N];
     let mut regs = [_mm256_setzero_si256(); 8];
@@ -161,65 +148,105 @@ unsafe fn half<const N: usize, K: Codes>(
         for line in 0..bytes / 64 {
             _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line * 64).cast());
         }
-        // dw the scales; mw the offsets (Q4/Q4K/Q5), none (Q8) or the second half block's scales (Q6)
-        let sb = blk / SUPER_BLOCKS * GROUP_ROWS;
-        let (dw, mw) = match K::KIND {
-            QuantKind::Q6 => super_scales(
-                supers_d.add(sb),
-                supers_d.add(sb),
-                subs.add(blk * 2 * GROUP_ROWS),
-            ),
-            QuantKind::Q4K => super_scales(
-                supers_d.add(sb),
-                supers_m.add(sb),
-                subs.add(blk * 2 * GROUP_ROWS),
-            ),
-            QuantKind::Q8 => (f16s(scales.add(blk * GROUP_ROWS)), _mm256_setzero_ps()),
-            _ => (
-                f16s(scales.add(blk * GROUP_ROWS)),
-                f16s(offsets.add(blk * GROUP_ROWS)),
-            ),
-        };
+        let (dw, mw) = factors.at::<K>(blk);
         load_regs(K::KIND, p, &mut regs);
         let xq = xs.q.add(blk * BATCH * BLOCK).cast::<i32>();
         let (xd, xdsum) = (xs.d.add(blk * BATCH), xs.dsum.add(blk * BATCH));
         for (j, a) in acc.iter_mut().enumerate() {
             let row = xq.add(j * BLOCK / 4);
-            let dx = _mm256_set1_ps(*xd.add(j));
-            match K::KIND {
-                QuantKind::Q4 | QuantKind::Q4K | QuantKind::Q5 => {
-                    let isum = if K::KIND != QuantKind::Q5 {
-                        unsigned_sum(&regs, row, ones)
-                    } else {
-                        _mm256_add_epi32(
-                            unsigned_sum(&regs[..4], row, ones),
-                            unsigned_sum(&regs[4..], row.add(4), ones),
-                        )
-                    };
-                    *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dw, dx), *a);
-                    *a = _mm256_fmadd_ps(mw, _mm256_set1_ps(*xdsum.add(j)), *a);
-                }
-                QuantKind::Q8 => {
-                    // Σ u x d dx - 128 d dx Σ x = d dx Σ s x: the offset term drops
-                    let isum = _mm256_add_epi32(
-                        signed_from(&regs[..4], row, ones),
-                        signed_from(&regs[4..], row.add(4), ones),
-                    );
-                    *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dw, dx), *a);
-                }
-                QuantKind::Q6 => {
-                    let (first, second) = (
-                        signed_from(&regs[..4], row, ones),
-                        signed_from(&regs[4..], row.add(4), ones),
-                    );
-                    *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(first), _mm256_mul_ps(dw, dx), *a);
-                    *a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(second), _mm256_mul_ps(mw, dx), *a);
-                }
-            }
+            let x = (_mm256_set1_ps(*xd.add(j)), _mm256_set1_ps(*xdsum.add(j)));
+            *a = block_into::<K>(&regs, row, ones, (dw, mw), x, *a);
         }
     }
     for (b, a) in acc.iter().enumerate() {
         store_lanes(*a, out.add(b * stride), lo, hi);
+    }
+}
+
+/// Where a half group's per-block factors are: Q4/Q5/Q8 `d` and `m` per
+/// block; Q6/Q4K `d` (and Q4K's `-dmin`) per super-block and integer scales
+/// per block. Pointers past a vector the kind leaves empty are never read.
+struct Factors {
+    scales: *const u16,
+    offsets: *const u16,
+    supers_d: *const u16,
+    supers_m: *const u16,
+    subs: *const i8,
+}
+
+impl Factors {
+    fn of_half(w: &Part, h: usize) -> Self {
+        let (g, lane0) = (h / 2, (h % 2) * HALF);
+        let nb = w.blocks_per_row();
+        let super_at = g * (nb / SUPER_BLOCKS) * GROUP_ROWS + lane0;
+        Self {
+            scales: w.d.as_ptr().wrapping_add(g * nb * GROUP_ROWS + lane0),
+            offsets: w.m.as_ptr().wrapping_add(g * nb * GROUP_ROWS + lane0),
+            supers_d: w.d.as_ptr().wrapping_add(super_at),
+            supers_m: w.m.as_ptr().wrapping_add(super_at),
+            subs: w.sub.as_ptr().wrapping_add(g * nb * GROUP_ROWS * 2 + lane0),
+        }
+    }
+
+    /// Block `blk`'s (dw, mw): its scales, and its offsets (Q4/Q4K/Q5), none
+    /// (Q8) or its second half block's scales (Q6).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn at<K: Codes>(&self, blk: usize) -> (__m256, __m256) {
+        let sb = blk / SUPER_BLOCKS * GROUP_ROWS;
+        let subs = self.subs.add(blk * 2 * GROUP_ROWS);
+        match K::KIND {
+            QuantKind::Q6 => super_scales(self.supers_d.add(sb), self.supers_d.add(sb), subs),
+            QuantKind::Q4K => super_scales(self.supers_d.add(sb), self.supers_m.add(sb), subs),
+            QuantKind::Q8 => (f16s(self.scales.add(blk * GROUP_ROWS)), _mm256_setzero_ps()),
+            _ => (
+                f16s(self.scales.add(blk * GROUP_ROWS)),
+                f16s(self.offsets.add(blk * GROUP_ROWS)),
+            ),
+        }
+    }
+}
+
+/// `a` plus one block of 8 rows against one activation row: its codes at
+/// `row`, its `(dx, dx Σ qx)` as `x`, the block's `(dw, mw)` as from
+/// [`Factors::at`].
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn block_into<K: Codes>(
+    regs: &[__m256i; 8],
+    row: *const i32,
+    ones: __m256i,
+    (dw, mw): (__m256, __m256),
+    (dx, xdsum): (__m256, __m256),
+    a: __m256,
+) -> __m256 {
+    match K::KIND {
+        QuantKind::Q4 | QuantKind::Q4K | QuantKind::Q5 => {
+            let isum = if K::KIND != QuantKind::Q5 {
+                unsigned_sum(regs, row, ones)
+            } else {
+                _mm256_add_epi32(
+                    unsigned_sum(&regs[..4], row, ones),
+                    unsigned_sum(&regs[4..], row.add(4), ones),
+                )
+            };
+            let a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dw, dx), a);
+            _mm256_fmadd_ps(mw, xdsum, a)
+        }
+        QuantKind::Q8 => {
+            // Σ u x d dx - 128 d dx Σ x = d dx Σ s x: the offset term drops
+            let isum = _mm256_add_epi32(
+                signed_from(&regs[..4], row, ones),
+                signed_from(&regs[4..], row.add(4), ones),
+            );
+            _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dw, dx), a)
+        }
+        QuantKind::Q6 => {
+            let first = signed_from(&regs[..4], row, ones);
+            let second = signed_from(&regs[4..], row.add(4), ones);
+            let a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(first), _mm256_mul_ps(dw, dx), a);
+            _mm256_fmadd_ps(_mm256_cvtepi32_ps(second), _mm256_mul_ps(mw, dx), a)
+        }
     }
 }
 
