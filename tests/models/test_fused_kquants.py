@@ -83,6 +83,31 @@ def test_mixed_types_stack_and_bad_input_is_refused() -> None:
         m.dequantize_rows(np.array([32], dtype=np.int64))
 
 
+def test_applies_builds_every_matrix_or_none() -> None:
+    """The fused step's check repacks the layers' matrices (side by side, in threads),
+    but only once it knows that every one of them has a kernel: a Q2_K layer leaves
+    the others unbuilt, not repacked for nothing and kept."""
+    from mistralrs_serve.layers.linear import Linear
+    from mistralrs_serve.models.llama_native import applies
+
+    if not _native.QuantMatrix.has_fast_kernel():
+        pytest.skip("no vector kernel on this CPU")
+
+    def linear(t: str, seed: int) -> Linear:
+        data = np.zeros((16, 84), np.uint8) if t == "Q2_K" else blocks(t, 16, 256, seed=seed)
+        return Linear(BlockWeight.of(t, data, 16, 256), None, torch.float32)
+
+    kv = np.zeros(1, np.float32)
+    fused = [linear(t, i) for i, t in enumerate(("Q4_K", "Q6_K", "Q5_0", "Q8_0"))]
+    mixed = [linear("Q4_K", 9), linear("Q2_K", 10)]
+    assert not applies(torch.device("cpu"), kv, mixed)
+    assert mixed[0]._quant is None  # not built: the Q2_K layer rules the step out first
+    assert not applies(torch.device("meta"), kv, fused) and fused[0]._quant is None
+    assert applies(torch.device("cpu"), kv, fused)
+    for lin in fused:
+        assert lin._quant is not None and lin._quant.shape == (16, 256)
+
+
 # a Q4_K_M-like mix of a tiny Llama (hidden 256, so that k-quant blocks fit its rows)
 MIX = {"attn_q": "Q4_K", "attn_k": "Q4_K", "attn_v": "Q6_K", "attn_output": "Q5_0"}
 MIX |= {"ffn_gate": "Q4_K", "ffn_up": "Q5_K", "ffn_down": "Q6_K"}

@@ -102,10 +102,14 @@ class BlockWeight:
         for p in self.parts:
             _dont_need(p.raw)
 
+    def fused(self) -> bool:
+        """Whether every part's type has a kernel in the fused CPU forward."""
+        return all(p.type_name in FUSED_TYPES for p in self.parts)
+
     def quant_matrix(self) -> _native.QuantMatrix | None:
         """The blocks repacked for the fused CPU forward; None when a part's type
         has no kernel there (Q2_K, Q3_K)."""
-        if any(p.type_name not in FUSED_TYPES for p in self.parts):
+        if not self.fused():
             return None
         mats = [
             _native.QuantMatrix.from_gguf(p.type_name, np.ascontiguousarray(p.ordered()), p.rows, p.cols)

@@ -118,6 +118,13 @@ class Linear:
         if device.type != "cpu":
             self._packed4 = self.source = self._quant = None
 
+    def has_quant_matrix(self) -> bool:
+        """Whether quant_matrix() (without requantize) gives a matrix, told
+        without building it."""
+        if self._quant is not None or isinstance(self.source, Q4Weight):
+            return True
+        return isinstance(self.source, BlockWeight) and self.source.fused()
+
     def quant_matrix(self, requantize: bool = False) -> _native.QuantMatrix | None:
         """The weights repacked for the fused CPU forward (models/llama_native.py),
         built once and shared by every engine on this model: from the GGUF blocks or

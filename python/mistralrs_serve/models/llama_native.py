@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -198,7 +199,12 @@ def applies(device: torch.device, kv: np.ndarray | None, linears: list[Linear]) 
     vector kernel, every linear layer GGUF blocks of a type the kernels read."""
     if device.type != "cpu" or kv is None or not _native.QuantMatrix.has_fast_kernel():
         return False
-    return all(lin.quant_matrix() is not None for lin in linears)
+    if not all(lin.has_quant_matrix() for lin in linears):
+        return False
+    # the repacking runs in Rust without the GIL: the matrices side by side, one per
+    # thread (a 1B Q4_K_M model's engine built in 3.4 s rather than 4.5)
+    with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
+        return all(m is not None for m in pool.map(Linear.quant_matrix, linears))
 
 
 def llama_spec(model: LlamaForCausalLM) -> FusedSpec:

@@ -116,12 +116,6 @@ impl QuantKind {
             QuantKind::Q4 | QuantKind::Q5 | QuantKind::Q8 => 0,
         }
     }
-
-    /// Codes below 16 keep their fifth and sixth bits elsewhere.
-    #[inline]
-    fn has_high_bits(self) -> bool {
-        matches!(self, QuantKind::Q5 | QuantKind::Q6)
-    }
 }
 
 /// A (rows, cols) weight matrix in blocks of 32: one or more parts of
@@ -336,10 +330,7 @@ impl Part {
         for r in 0..rows {
             for blk in 0..nb {
                 m.store_scales(r, blk, scale, offset, supers);
-                for k in 0..BLOCK {
-                    let c = blk * BLOCK + k;
-                    m.store_code(r, c, codes[r * cols + c]);
-                }
+                m.store_codes(r, blk, &codes[r * cols + blk * BLOCK..][..BLOCK]);
             }
         }
         m
@@ -381,18 +372,28 @@ impl Part {
         }
     }
 
-    /// Weight (r, c)'s unsigned code into its nibble (and high bits).
-    fn store_code(&mut self, r: usize, c: usize, code: u8) {
-        let (byte, high) = self.code_index(r, c);
-        let low = if self.kind.has_high_bits() {
-            code & 0x0F
-        } else {
-            code
-        };
-        self.q[byte] |= if high { low << 4 } else { low };
-        if self.kind.has_high_bits() {
-            let (byte, shift) = self.high_bits_index(r, c);
-            self.q[byte] |= (code >> 4) << shift;
+    /// Row `r`'s unsigned codes of block `blk` into their bytes, nibbles and
+    /// high bits: [`Part::code_index`] and [`Part::high_bits_index`] for a
+    /// whole block, with the block's and the row's offsets taken once.
+    fn store_codes(&mut self, r: usize, blk: usize, codes: &[u8]) {
+        let kind = self.kind;
+        let block = ((r / GROUP_ROWS) * self.blocks_per_row() + blk) * kind.block_bytes();
+        let q = &mut self.q[block..][..kind.block_bytes()];
+        let lane = (r % GROUP_ROWS) * 4;
+        for (k, &code) in codes.iter().enumerate() {
+            let (reg, byte) = (k / 4, lane + k % 4);
+            if kind == QuantKind::Q8 {
+                q[reg * 64 + byte] = code;
+                continue;
+            }
+            let low = code & 0x0F;
+            q[(reg % 4) * 64 + byte] |= if reg >= 4 { low << 4 } else { low };
+            let planes = BLOCK_BYTES_Q8 / 2 + byte;
+            match kind {
+                QuantKind::Q5 => q[planes] |= (code >> 4) << reg,
+                QuantKind::Q6 => q[planes + (reg / 4) * 64] |= (code >> 4) << (2 * (reg % 4)),
+                _ => {}
+            }
         }
     }
 
