@@ -107,6 +107,24 @@ impl QuantKind {
         matches!(self, QuantKind::Q4 | QuantKind::Q5)
     }
 
+    /// Where code `k` (0..32) of row lane `lane` (0..16) lies within its
+    /// group's block: the one layout that packing and reading share.
+    #[inline]
+    fn slot(self, k: usize, lane: usize) -> Slot {
+        let (reg, byte) = (k / 4, lane * 4 + k % 4);
+        let planes = BLOCK_BYTES_Q8 / 2 + byte;
+        let (byte, high) = match self {
+            QuantKind::Q8 => (reg * 64 + byte, false),
+            _ => ((reg % 4) * 64 + byte, reg >= 4),
+        };
+        let bits = match self {
+            QuantKind::Q5 => Some((planes, reg as u32)),
+            QuantKind::Q6 => Some((planes + (reg / 4) * 64, 2 * (reg % 4) as u32)),
+            QuantKind::Q4 | QuantKind::Q4K | QuantKind::Q8 => None,
+        };
+        Slot { byte, high, bits }
+    }
+
     /// f16 factors per row and super-block (0: the kind has none).
     #[inline]
     fn super_scales(self) -> usize {
@@ -116,6 +134,18 @@ impl QuantKind {
             QuantKind::Q4 | QuantKind::Q5 | QuantKind::Q8 => 0,
         }
     }
+}
+
+/// A code's place within its group's block ([`QuantKind::slot`]).
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    /// Its byte (for 4-bit and wider kinds' low 4 bits, a nibble of it).
+    byte: usize,
+    /// Whether it is that byte's high nibble.
+    high: bool,
+    /// For [`QuantKind::Q5`] and [`QuantKind::Q6`], the byte and bit offset
+    /// of its high bits (one or two).
+    bits: Option<(usize, u32)>,
 }
 
 /// A (rows, cols) weight matrix in blocks of 32: one or more parts of
@@ -373,28 +403,29 @@ impl Part {
     }
 
     /// Row `r`'s unsigned codes of block `blk` into their bytes, nibbles and
-    /// high bits: [`Part::code_index`] and [`Part::high_bits_index`] for a
-    /// whole block, with the block's and the row's offsets taken once.
+    /// high bits ([`QuantKind::slot`]).
     fn store_codes(&mut self, r: usize, blk: usize, codes: &[u8]) {
         let kind = self.kind;
-        let block = ((r / GROUP_ROWS) * self.blocks_per_row() + blk) * kind.block_bytes();
-        let q = &mut self.q[block..][..kind.block_bytes()];
-        let lane = (r % GROUP_ROWS) * 4;
+        let start = self.block_start(r, blk);
+        let q = &mut self.q[start..][..kind.block_bytes()];
         for (k, &code) in codes.iter().enumerate() {
-            let (reg, byte) = (k / 4, lane + k % 4);
+            let at = kind.slot(k, r % GROUP_ROWS);
             if kind == QuantKind::Q8 {
-                q[reg * 64 + byte] = code;
+                q[at.byte] = code;
                 continue;
             }
             let low = code & 0x0F;
-            q[(reg % 4) * 64 + byte] |= if reg >= 4 { low << 4 } else { low };
-            let planes = BLOCK_BYTES_Q8 / 2 + byte;
-            match kind {
-                QuantKind::Q5 => q[planes] |= (code >> 4) << reg,
-                QuantKind::Q6 => q[planes + (reg / 4) * 64] |= (code >> 4) << (2 * (reg % 4)),
-                _ => {}
+            q[at.byte] |= if at.high { low << 4 } else { low };
+            if let Some((byte, shift)) = at.bits {
+                q[byte] |= (code >> 4) << shift;
             }
         }
+    }
+
+    /// Where row `r`'s codes of block `blk` start in `q`.
+    #[inline]
+    fn block_start(&self, r: usize, blk: usize) -> usize {
+        ((r / GROUP_ROWS) * self.blocks_per_row() + blk) * self.kind.block_bytes()
     }
 
     /// Where [`QuantKind::Q6`] row `r`'s `d` for block `blk` is in `d`.
@@ -447,51 +478,24 @@ impl Part {
         (((r / GROUP_ROWS) * self.blocks_per_row() + blk) * 2 + which) * GROUP_ROWS + r % GROUP_ROWS
     }
 
-    /// Byte holding weight (r, c), and whether it is the high nibble.
-    #[inline]
-    fn code_index(&self, r: usize, c: usize) -> (usize, bool) {
-        let (blk, k) = (c / BLOCK, c % BLOCK);
-        let base = ((r / GROUP_ROWS) * self.blocks_per_row() + blk) * self.kind.block_bytes();
-        let (reg, lane, byte) = (k / 4, r % GROUP_ROWS, k % 4);
-        match self.kind {
-            QuantKind::Q8 => (base + reg * 64 + lane * 4 + byte, false),
-            QuantKind::Q4 | QuantKind::Q4K | QuantKind::Q5 | QuantKind::Q6 => {
-                (base + (reg % 4) * 64 + lane * 4 + byte, reg >= 4)
-            }
-        }
-    }
-
-    /// A [`QuantKind::Q5`] or [`QuantKind::Q6`] weight's byte and bit offset
-    /// of its high bits (one or two).
-    #[inline]
-    fn high_bits_index(&self, r: usize, c: usize) -> (usize, u32) {
-        let (blk, k) = (c / BLOCK, c % BLOCK);
-        let base = ((r / GROUP_ROWS) * self.blocks_per_row() + blk) * self.kind.block_bytes();
-        let (reg, lane, byte) = (k / 4, r % GROUP_ROWS, k % 4);
-        let planes = base + BLOCK_BYTES_Q8 / 2 + lane * 4 + byte;
-        match self.kind {
-            QuantKind::Q5 => (planes, reg as u32),
-            _ => (planes + (reg / 4) * 64, 2 * (reg % 4) as u32),
-        }
-    }
-
     #[inline]
     fn code(&self, r: usize, c: usize) -> u8 {
-        let (byte, high) = self.code_index(r, c);
-        match (self.kind, high) {
-            (QuantKind::Q8, _) => self.q[byte],
-            (QuantKind::Q4 | QuantKind::Q4K, false) => self.q[byte] & 0x0F,
-            (QuantKind::Q4 | QuantKind::Q4K, true) => self.q[byte] >> 4,
-            (QuantKind::Q5 | QuantKind::Q6, high) => {
-                let low = if high {
-                    self.q[byte] >> 4
-                } else {
-                    self.q[byte] & 0x0F
-                };
-                let (hb, shift) = self.high_bits_index(r, c);
+        let q = &self.q[self.block_start(r, c / BLOCK)..];
+        let at = self.kind.slot(c % BLOCK, r % GROUP_ROWS);
+        if self.kind == QuantKind::Q8 {
+            return q[at.byte];
+        }
+        let low = if at.high {
+            q[at.byte] >> 4
+        } else {
+            q[at.byte] & 0x0F
+        };
+        match at.bits {
+            Some((byte, shift)) => {
                 let mask = if self.kind == QuantKind::Q5 { 1 } else { 3 };
-                low | (((self.q[hb] >> shift) & mask) << 4)
+                low | (((q[byte] >> shift) & mask) << 4)
             }
+            None => low,
         }
     }
 
