@@ -174,7 +174,8 @@ def test_a_q4_k_m_mix_runs_fused_as_the_torch_path_does(tmp_path: Path) -> None:
     )
     dense = tm.run_ours(loaded.model, ids)  # the torch path decodes the same blocks now
     corr = tm.row_correlations(fused, dense)
-    assert corr.min().item() >= 0.999, corr.min().item()
+    # the k-quant matrices' inputs are quantized to 8 bits per 256 (llama.cpp's Q8_K), coarser than per 32
+    assert corr.min().item() >= 0.995, corr.min().item()
     assert (fused.argmax(-1) == dense.argmax(-1)).float().mean().item() >= 0.9
 
 

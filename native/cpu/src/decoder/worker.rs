@@ -97,7 +97,12 @@ impl<'a, T: KvStore> Worker<'a, T> {
     /// Row `r` of the activations, quantized as the input of matrix `w`.
     #[inline]
     fn quantize(&self, r: usize, x: &[f32], w: &QMatrix) {
-        unsafe { self.st.bufs.acts.quantize(r, x, w.cols) }
+        unsafe {
+            self.st
+                .bufs
+                .acts
+                .quantize_as(r, x, w.cols, w.per_super_rows())
+        }
     }
 
     /// RMSNorm of my rows of x, quantized as the input of matrix `w`.

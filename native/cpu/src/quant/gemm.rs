@@ -119,6 +119,20 @@ unsafe fn part_on(
     out: *mut f32,
     out_stride: usize,
 ) {
+    // The AVX2 loops for signed codes (Q8, and Q6 on rows per block) take
+    // the weights' signs onto the activation codes, which overflows for a
+    // code of -128: only rows quantized per super-block have those, and the
+    // decoder gives them only to Q4K and Q6 parts, all rows at once.
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: per the contract, the rows are quantized and not written meanwhile.
+    let path = match (path, w.kind, unsafe { xs.any_per_super(0..n) }) {
+        (KernelPath::Avx2, QuantKind::Q8, true) => KernelPath::Portable,
+        // SAFETY: as above.
+        (KernelPath::Avx2, QuantKind::Q6, true) if !unsafe { xs.per_super(0..n) } => {
+            KernelPath::Portable
+        }
+        _ => path,
+    };
     match path {
         // SAFETY (both vector paths): the CPU has their features (asserted); the rest per the contract.
         #[cfg(target_arch = "x86_64")]

@@ -11,6 +11,9 @@
 //! `d dx Σ q qx + m dx Σ qx`
 //!
 //! The integer sum is AVX-512 VNNI `vpdpbusd` (unsigned x signed bytes).
+//! The inputs of k-quant matrices are quantized per super-block of 256
+//! instead (llama.cpp's Q8_K, [`QMatrix::per_super_rows`]); each block keeps
+//! its `dx` and `dx Σ qx`, so every loop reads them alike.
 //!
 //! Layout, repacked at load: rows in groups of 16 (the 16 f32 lanes of a
 //! register), and per group and block, 8 registers of bytes where register
@@ -192,6 +195,19 @@ impl QMatrix {
     /// The parts, in row order.
     pub fn parts(&self) -> &[Part] {
         &self.parts
+    }
+
+    /// Whether the input rows are quantized per super-block of 256 (as
+    /// llama.cpp's Q8_K for its k-quants; see [`QuantRaw::quantize_as`]):
+    /// where every part's scales are integers per super-block (Q4K, Q6), so
+    /// that their kernels apply them in integers. (Parts of other kinds read
+    /// such rows too, Q8 on AVX2 only on the portable path.)
+    pub fn per_super_rows(&self) -> bool {
+        self.cols.is_multiple_of(BLOCK * SUPER_BLOCKS)
+            && self
+                .parts
+                .iter()
+                .all(|p| matches!(p.kind, QuantKind::Q4K | QuantKind::Q6))
     }
 
     /// Bytes read by one pass over the matrix (codes, scales, offsets).

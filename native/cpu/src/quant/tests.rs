@@ -1,7 +1,7 @@
 //! The matrix kernels against the dequantized weights, the vector paths
 //! against the loops, and (ignored) their speed.
 
-use super::activations::quantize_blocks;
+use super::activations::{self, quantize_blocks};
 use super::*;
 use mistralrs_serve_core::rng::uniform;
 
@@ -272,7 +272,8 @@ const ALL_GGUF: [GgufType; 8] = [
 
 /// Every GGUF type, and a fused projection of three kinds whose part
 /// boundaries fall inside groups of 16, on every path against the loops, and
-/// the loops against the dequantized weights.
+/// the loops against the dequantized weights, with activation rows quantized
+/// per block, per super-block, and both in one chunk.
 #[test]
 fn gguf_types_and_mixed_parts_on_every_path() {
     let mut rng = Rng::new(11);
@@ -305,10 +306,18 @@ fn gguf_types_and_mixed_parts_on_every_path() {
         stacked.iter().map(QMatrix::nbytes).sum::<usize>()
     );
     matrices.push(mixed);
-    for w in &matrices {
+    // rows per block of 32, per super-block of 256, and a chunk of both
+    let modes = [Some(false), Some(true), None];
+    for (w, mode) in matrices.iter().flat_map(|w| modes.map(|m| (w, m))) {
         for batch in [1, 5, 9] {
             let xs: Vec<Vec<f32>> = (0..batch).map(|_| random(&mut rng, cols, 2.0)).collect();
-            let mut acts = QuantBatch::of_rows(&xs, cols);
+            let mut acts = QuantBatch::default();
+            acts.reserve(batch, cols);
+            for (r, x) in xs.iter().enumerate() {
+                let per_super = mode.unwrap_or(r % 2 == 1);
+                // SAFETY: the batch is this thread's alone.
+                unsafe { acts.raw().quantize_as(r, x, cols, per_super) };
+            }
             for range in [0..w.rows, 5..w.rows - 2, 12..14] {
                 let n = range.len();
                 let mut slow = vec![0f32; batch * n];
@@ -437,6 +446,42 @@ fn bad_shapes_are_errors() {
     assert!(QMatrix::quantize_q8(&[0.0; 40], 1, 40).is_err());
 }
 
+/// Rows per super-block take llama.cpp's Q8_K rule: the value of largest
+/// size maps to -128, its opposite to 127 (not 128), one scale per 256,
+/// sums per 16 codes; a super-block of zeros is all zeros.
+#[test]
+fn super_rows_quantize_as_q8_k() {
+    let cols = 512;
+    let mut x: Vec<f32> = (0..256).map(|i| ((i % 7) as f32 - 3.0) * 0.25).collect();
+    x[5] = 2.0;
+    x[9] = -2.0;
+    let mut batch = QuantBatch::of_rows_as(&[x.clone()], cols, true);
+    let raw = batch.raw();
+    let row = raw.row(0, cols);
+    // SAFETY: the batch is alive and only read here.
+    let (codes, d, sums) = unsafe {
+        let codes: Vec<i8> = (0..cols)
+            .map(|c| *row.q.add(c / BLOCK * activations::ROW_Q_STEP + c % BLOCK))
+            .collect();
+        let d: Vec<f32> = (0..cols / BLOCK).map(|b| *row.d.add(b * BATCH)).collect();
+        let sums: Vec<i16> = (0..activations::SUMS * 2)
+            .map(|i| {
+                *row.sums
+                    .add(i / activations::SUMS * activations::SUPER_STEP + i % activations::SUMS)
+            })
+            .collect();
+        (codes, d, sums)
+    };
+    assert_eq!((codes[5], codes[9]), (-128, 127));
+    assert_eq!(codes[0], 48); // -0.75 * -128 / 2
+    assert!(d[..8].iter().all(|&v| v == 2.0 / -128.0));
+    assert!(codes[256..].iter().all(|&c| c == 0) && d[8..].iter().all(|&v| v == 0.0));
+    for (h, &s) in sums.iter().enumerate() {
+        let own: i32 = codes[h * 16..h * 16 + 16].iter().map(|&c| c as i32).sum();
+        assert_eq!(s as i32, own, "sum {h}");
+    }
+}
+
 #[test]
 fn zero_activations_give_offsets_only() {
     let w = QMatrix::from_q4(&[3; 64], &[1.0, 1.0], &[0.5, 0.5], 1, 64).unwrap();
@@ -515,6 +560,37 @@ mod speed {
                 macs / memory / 1e9,
                 macs / cached / 1e9
             );
+        }
+    }
+
+    /// `cargo test --release -- --ignored --nocapture kquant_prefill_speed`:
+    /// one thread's GMAC/s on a prefill's 512 rows through GGUF k-quant (and
+    /// Q8_0) matrices of a 1B model's width, activations quantized per block
+    /// of 32 and, for the k-quants, per super-block of 256 (whose AVX2 loop
+    /// scales in integers).
+    #[test]
+    #[ignore]
+    fn kquant_prefill_speed() {
+        let (n, rows, cols) = (512, 1024, 2048);
+        let mut rng = Rng::new(5);
+        let rows_x: Vec<Vec<f32>> = (0..n).map(|_| random(&mut rng, cols, 1.0)).collect();
+        let mut out = vec![0f32; n * rows];
+        for t in [GgufType::Q4K, GgufType::Q6K, GgufType::Q8_0] {
+            let data = gguf_blocks(&mut rng, t, rows * cols / t.block().0);
+            let w = QMatrix::from_gguf(t, &data, rows, cols).unwrap();
+            for per_super in [false, w.per_super_rows()] {
+                let mut xs = QuantBatch::of_rows_as(&rows_x, cols, per_super);
+                gemm(&w, &mut xs, 0..rows, &mut out, rows);
+                let t0 = std::time::Instant::now();
+                for _ in 0..4 {
+                    gemm(&w, &mut xs, 0..rows, &mut out, rows);
+                }
+                let secs = t0.elapsed().as_secs_f64() / 4.0;
+                println!(
+                    "{t:?} rows per super-block {per_super}: {:.1} GMAC/s",
+                    (rows * cols * n) as f64 / secs / 1e9
+                );
+            }
         }
     }
 }
