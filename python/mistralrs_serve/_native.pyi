@@ -319,11 +319,13 @@ class NativeDecoder:
         lm_head: QuantMatrix,
         activation: str = "silu",
         attn_scale: float | None = None,
+        attn_softcap: float | None = None,
         layer_extras: list[tuple[list[float] | None, list[float] | None, int | None, int]] | None = None,
     ) -> NativeDecoder:
         """layers: per layer (attn_norm, qkv, qkv_bias, q_norm, k_norm, o, o_bias,
         ffn_norm, gate_up, down); activation "silu" or "gelu_tanh"; attn_scale None
-        for 1 / sqrt(head_dim); layer_extras per layer (post_attn_norm, post_ffn_norm,
+        for 1 / sqrt(head_dim); attn_softcap the scaled scores' cap (`cap tanh(s / cap)`,
+        Gemma 2), None for none; layer_extras per layer (post_attn_norm, post_ffn_norm,
         window, rope_table: 0 takes cos/sin, 1 cos_local/sin_local)."""
 
     @property

@@ -303,16 +303,18 @@ def test_gguf_matches_transformers(
 @pytest.mark.skipif(
     not _native.QuantMatrix.has_fast_kernel(), reason="the fused forward needs AVX-512 VNNI or AVX2"
 )
-def test_gemma3_q8_0_runs_fused_as_the_torch_path_does(
-    references: dict[str, tm.TinyReference], tmp_path: Path
+@pytest.mark.parametrize("name", ["gemma3", "gemma2"])
+def test_q8_0_runs_fused_as_the_torch_path_does(
+    references: dict[str, tm.TinyReference], tmp_path: Path, name: str
 ) -> None:
-    """Gemma 3 on the fused CPU step (GELU-tanh, post norms, windows of 8 under a longer prompt, the
-    local layers' own RoPE, the embedding scale) against the torch path on the same GGUF blocks: the
-    fused step quantizes activations to 8 bits, so close, not equal."""
+    """Gemma 3 and 2 on the fused CPU step (GELU-tanh, post norms, windows of 8 under a longer
+    prompt; Gemma 3's local layers' own RoPE, Gemma 2's scores soft-capped at 2) against the torch
+    path on the same GGUF blocks: the fused step quantizes activations to 8 bits, so close, not
+    equal."""
     import gguf
 
-    ref = references["gemma3"]
-    path = write_gemma_gguf(ref.directory, tmp_path / "gemma3-q8.gguf", quant=gguf.GGMLQuantizationType.Q8_0)
+    ref = references[name]
+    path = write_gemma_gguf(ref.directory, tmp_path / f"{name}-q8.gguf", quant=gguf.GGMLQuantizationType.Q8_0)
     loaded = load_model(ModelSource.parse(str(path)), dtype=torch.float32)
     engine = LLMEngine(loaded, EngineConfig(kv_cache_mb=16, block_size=4))
     fused = engine.runner.path

@@ -167,9 +167,10 @@ impl PyNativeDecoder {
     /// layers: per layer (attn_norm, qkv, qkv_bias, q_norm, k_norm, o, o_bias,
     /// ffn_norm, gate_up, down); the matrices are moved into the decoder.
     /// activation "silu" or "gelu_tanh"; attn_scale None for 1 / sqrt(head_dim);
+    /// attn_softcap: the scaled scores' `cap tanh(s / cap)` (Gemma 2), None for none;
     /// layer_extras: per layer (post_attn_norm, post_ffn_norm, window, rope_table).
     #[new]
-    #[pyo3(signature = (*, hidden, num_heads, num_kv_heads, head_dim, intermediate, vocab, eps, layers, final_norm, lm_head, activation = "silu", attn_scale = None, layer_extras = None))]
+    #[pyo3(signature = (*, hidden, num_heads, num_kv_heads, head_dim, intermediate, vocab, eps, layers, final_norm, lm_head, activation = "silu", attn_scale = None, attn_softcap = None, layer_extras = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         hidden: usize,
@@ -184,8 +185,14 @@ impl PyNativeDecoder {
         lm_head: PyRef<'_, PyQuantMatrix>,
         activation: &str,
         attn_scale: Option<f32>,
+        attn_softcap: Option<f32>,
         layer_extras: Option<Vec<LayerExtras>>,
     ) -> PyResult<Self> {
+        if let Some(cap) = attn_softcap.filter(|c| !(c.is_finite() && *c > 0.0)) {
+            return Err(PyValueError::new_err(format!(
+                "attn_softcap {cap}: a positive number"
+            )));
+        }
         let activation = match activation {
             "silu" => Activation::Silu,
             "gelu_tanh" => Activation::GeluTanh,
@@ -213,6 +220,7 @@ impl PyNativeDecoder {
             eps,
             activation,
             attn_scale,
+            attn_softcap,
         };
         let mut built = Vec::with_capacity(layers.len());
         for (

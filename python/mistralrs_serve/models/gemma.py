@@ -245,10 +245,10 @@ class GemmaForCausalLM:
 
     def fused_forward(self, kv: np.ndarray | None) -> FusedForward | None:
         """The fused Rust step (models/llama_native.py) with Gemma's settings: GELU-tanh,
-        its score scale, post norms, windows and the local layers' rotary table. Not
-        for soft-capped attention scores (Gemma 2), which it does not compute."""
+        its score scale and (Gemma 2) soft-cap, post norms, windows and the local
+        layers' rotary table."""
         cfg = self.config
-        if cfg.extra["attn_softcap"] is not None or cfg.extra["gelu_approximate"] != "tanh":
+        if cfg.extra["gelu_approximate"] != "tanh":
             return None
         if not applies(self.device, kv, [lin for layer in self.layers for lin in layer.linears()]):
             return None
@@ -271,6 +271,7 @@ class GemmaForCausalLM:
             extras=[layer.fused_extras(local is not None) for layer in self.layers],
             activation="gelu_tanh",
             attn_scale=cfg.extra["attn_scale"],
+            attn_softcap=cfg.extra["attn_softcap"],
             # llama.cpp's scale, in f32 (transformers rounds it to the weights' dtype first)
             embed_scale=cfg.hidden_size**0.5,
             final_softcap=self.final_softcap,

@@ -65,6 +65,7 @@ class FusedSpec:
     extras: list[LayerExtras] | None = None
     activation: str = "silu"
     attn_scale: float | None = None
+    attn_softcap: float | None = None  # the scaled scores' cap tanh(s / cap) (Gemma 2)
     embed_scale: float | None = None  # the embedding rows are multiplied by it (Gemma's sqrt(hidden))
     final_softcap: float | None = None
 
@@ -122,6 +123,7 @@ class NativeForward:
             lm_head=head_q,
             activation=spec.activation,
             attn_scale=spec.attn_scale,
+            attn_softcap=spec.attn_softcap,
             layer_extras=spec.extras,
         )
         # token rows straight from the quantized table (the tied head's, or the embedding's

@@ -30,6 +30,7 @@ fn attend_full<T: KvElem>(
             starts: None,
             q,
             scale,
+            softcap: None,
         };
         for kv_head in 0..shape.num_kv_heads {
             let out = [parts.as_mut_ptr().wrapping_add(s * len)];
@@ -88,6 +89,7 @@ fn tile_speed() {
                 starts: None,
                 q: &q[(r0 + reach) * 9 * 64..][..ends.len() * 9 * 64],
                 scale: 0.125,
+                softcap: None,
             };
             let outs: Vec<*mut f32> = (0..ends.len())
                 .map(|i| {
@@ -140,6 +142,7 @@ fn decode_speed() {
                 starts: None,
                 q: &q,
                 scale: 0.125,
+                softcap: None,
             };
             let out = [parts.as_mut_ptr().wrapping_add(seg * len)];
             // SAFETY: one part per segment.
@@ -154,6 +157,96 @@ fn decode_speed() {
     );
 }
 
+/// Softmax weights of `scores`, soft-capped at `cap` first where there is one.
+fn softmax64(scores: &[f64], cap: Option<f64>) -> Vec<f64> {
+    let s: Vec<f64> = scores
+        .iter()
+        .map(|&v| cap.map_or(v, |c| c * (v / c).tanh()))
+        .collect();
+    let max = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let e: Vec<f64> = s.iter().map(|v| (v - max).exp()).collect();
+    let total: f64 = e.iter().sum();
+    e.iter().map(|v| v / total).collect()
+}
+
+/// A tile of windowed rows with soft-capped scores (Gemma 2's `cap tanh(s /
+/// cap)`) against an f64 reference, whose scores without the cap give
+/// weights far from these.
+#[test]
+fn soft_capped_scores_match_the_reference() {
+    let shape = AttentionShape {
+        num_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 16,
+        block_size: 8,
+    };
+    let (d, cap, mut seed) = (16, 1.5f32, 5u64);
+    let elems = 8 * 8 * 2 * d;
+    let k: Vec<f32> = (0..elems).map(|_| 3.0 * lcg(&mut seed)).collect();
+    let v: Vec<f32> = (0..elems).map(|_| lcg(&mut seed)).collect();
+    let table: Vec<i64> = (0..8).rev().collect();
+    let (ends, starts) = ([40, 41, 60], [20, 21, 30]);
+    let q: Vec<f32> = (0..3 * 4 * d).map(|_| 3.0 * lcg(&mut seed)).collect();
+    let len = segment_len(shape);
+    let mut parts = vec![0f32; 3 * len];
+    let outs: Vec<*mut f32> = (0..3)
+        .map(|i| parts.as_mut_ptr().wrapping_add(i * len))
+        .collect();
+    let tile = TileQuery {
+        table: &table,
+        first: 0,
+        ends: &ends,
+        starts: Some(&starts),
+        q: &q,
+        scale: 0.25,
+        softcap: Some(cap),
+    };
+    let mut scratch = TileScratch::default();
+    // SAFETY: one part per row.
+    unsafe { attend_tile(shape, &tile, 0..2, &k, &v, &outs, &mut scratch) };
+    let at = |p: usize, kv: usize| ((table[p / 8] as usize * 8 + p % 8) * 2 + kv) * d;
+    let mut uncapped_gap = 0f64;
+    for i in 0..3 {
+        let mut got = vec![0f32; 4 * d];
+        merge_segments(&parts[i * len..][..len], 1, shape, &mut got);
+        for h in 0..4 {
+            let qh = &q[(i * 4 + h) * d..][..d];
+            let score = |p: usize| {
+                let s: f64 = qh
+                    .iter()
+                    .zip(&k[at(p, h / 2)..][..d])
+                    .map(|(a, b)| (a * b) as f64)
+                    .sum();
+                s * 0.25
+            };
+            let scores: Vec<f64> = (starts[i]..ends[i]).map(score).collect();
+            let (w, plain) = (
+                softmax64(&scores, Some(cap as f64)),
+                softmax64(&scores, None),
+            );
+            uncapped_gap = w
+                .iter()
+                .zip(&plain)
+                .fold(uncapped_gap, |a, (x, y)| a.max((x - y).abs()));
+            for c in 0..d {
+                let want: f64 = (starts[i]..ends[i])
+                    .zip(&w)
+                    .map(|(p, w)| w * v[at(p, h / 2) + c] as f64)
+                    .sum();
+                let g = got[h * d + c] as f64;
+                assert!(
+                    (g - want).abs() <= 1e-4,
+                    "row {i} head {h} [{c}]: {g} vs {want}"
+                );
+            }
+        }
+    }
+    assert!(
+        uncapped_gap > 0.1,
+        "the cap changes the weights: {uncapped_gap}"
+    );
+}
+
 #[test]
 fn a_row_is_the_same_in_any_tile() {
     // rows of one sequence at consecutive positions, tiled as a prefill
@@ -164,15 +257,13 @@ fn a_row_is_the_same_in_any_tile() {
         head_dim: 32,
         block_size: 16,
     };
-    let mut seed = 11u64;
-    let num_blocks = 24;
-    let elems = num_blocks * 16 * 2 * 32;
-    let k: Vec<u16> = (0..elems)
-        .map(|_| (lcg(&mut seed).to_bits() >> 16) as u16)
-        .collect();
-    let v: Vec<u16> = (0..elems)
-        .map(|_| (lcg(&mut seed).to_bits() >> 16) as u16)
-        .collect();
+    let (mut seed, num_blocks) = (11u64, 24);
+    let mut bf16s = || -> Vec<u16> {
+        (0..num_blocks * 16 * 2 * 32)
+            .map(|_| (lcg(&mut seed).to_bits() >> 16) as u16)
+            .collect()
+    };
+    let (k, v) = (bf16s(), bf16s());
     let table: Vec<i64> = (0..num_blocks as i64)
         .map(|b| (b * 5) % num_blocks as i64)
         .collect();
@@ -193,6 +284,7 @@ fn a_row_is_the_same_in_any_tile() {
             starts: None,
             q: &q,
             scale: 0.2,
+            softcap: None,
         };
         let mut together = vec![0f32; ends.len() * len];
         let mut alone = vec![0f32; ends.len() * len];

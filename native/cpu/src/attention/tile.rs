@@ -25,6 +25,18 @@ pub struct TileQuery<'a> {
     /// The rows' queries, (rows, num_heads, head_dim) row-major.
     pub q: &'a [f32],
     pub scale: f32,
+    /// Soft-capping of the scaled scores, `cap tanh(s / cap)` (Gemma 2).
+    pub softcap: Option<f32>,
+}
+
+/// `score` soft-capped at `cap` (`cap tanh(score / cap)`), where there is one.
+#[inline]
+pub(crate) fn capped(score: f32, cap: Option<f32>) -> f32 {
+    match cap {
+        // tanh(x) = 1 - 2 / (e^2x + 1), +-1 at the ends (e^2x overflowing or vanishing)
+        Some(c) => c * (1.0 - 2.0 / (fast_exp(2.0 * score / c) + 1.0)),
+        None => score,
+    }
 }
 
 /// Positions per attention segment: a row's context is cut at multiples of
@@ -84,6 +96,7 @@ pub unsafe fn attend_tile<T: KvElem>(
         let g = shape.num_heads / shape.num_kv_heads;
         if std::arch::is_x86_feature_detected!("avx512f")
             && tile.starts.is_none()
+            && tile.softcap.is_none()
             && shape.head_dim.is_multiple_of(16)
             && shape.head_dim <= 256
             && g <= 8
@@ -126,6 +139,7 @@ pub unsafe fn attend_tile<T: KvElem>(
                         .sum::<f32>()
                         * tile.scale
                 })
+                .map(|s| capped(s, tile.softcap))
                 .collect();
             let max = scores.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
             let weights: Vec<f32> = scores.iter().map(|s| fast_exp(s - max)).collect();

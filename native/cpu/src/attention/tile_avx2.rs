@@ -9,7 +9,7 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::tile::{TileQuery, TileScratch, SEGMENT};
+use super::tile::{capped, TileQuery, TileScratch, SEGMENT};
 use super::{AttentionShape, KvElem};
 use crate::exp::fast_exp;
 
@@ -147,6 +147,9 @@ impl Span<'_, '_> {
             for j in 0..g {
                 let s = &mut scores[(i * g + j) * SEGMENT..]
                     [self.start(i) - tile.first..end - tile.first];
+                if tile.softcap.is_some() {
+                    s.iter_mut().for_each(|v| *v = capped(*v, tile.softcap));
+                }
                 let max = s.iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
                 // the exponentials apart from their (in-order) sum, so that they vectorise
                 for w in s.iter_mut() {

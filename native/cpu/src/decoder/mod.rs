@@ -72,6 +72,8 @@ pub struct DecoderShape {
     pub activation: Activation,
     /// The attention softmax's scale; None: 1 / sqrt(head_dim).
     pub attn_scale: Option<f32>,
+    /// Soft-capping of the scaled scores, `cap tanh(s / cap)` (Gemma 2).
+    pub attn_softcap: Option<f32>,
 }
 
 /// The gated MLP's activation: `act(gate) * up`.
@@ -233,6 +235,7 @@ impl Decoder {
             threads,
             attn_shape,
             scale,
+            softcap: s.attn_softcap,
             units,
             // per layer 4 products and the attention, then the head
             claims: (0..5 * self.layers.len() + 1)

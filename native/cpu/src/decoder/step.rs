@@ -155,6 +155,8 @@ pub(super) struct Step<'a, T> {
     pub(super) attn_shape: AttentionShape,
     /// The softmax scale, 1 / sqrt(head_dim).
     pub(super) scale: f32,
+    /// The scores' soft-cap ([`super::DecoderShape::attn_softcap`]).
+    pub(super) softcap: Option<f32>,
     pub(super) units: Vec<Unit>,
     /// per shared phase of the step, in order: the first piece of its work
     /// not yet taken (an output row of a product, an attention unit)

@@ -17,6 +17,7 @@ const SHAPE: DecoderShape = DecoderShape {
     eps: 1e-5,
     activation: Activation::Silu,
     attn_scale: None,
+    attn_softcap: None,
 };
 const BLOCK_SIZE: usize = 4;
 const NUM_BLOCKS: usize = 80;

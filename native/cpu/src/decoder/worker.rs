@@ -263,6 +263,7 @@ impl<'a, T: KvStore> Worker<'a, T> {
             starts: window.map(|_| &starts[..count]),
             q: unsafe { &*st.bufs.q.range(reach * q_len, count * q_len) },
             scale: st.scale,
+            softcap: st.softcap,
         };
         // SAFETY: this unit alone writes its rows' parts for its kv head.
         unsafe {
