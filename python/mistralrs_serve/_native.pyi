@@ -160,11 +160,22 @@ class StepPlan:
         """(T,) the position of each token in its sequence."""
     @property
     def slot_mapping(self) -> NDArray[np.int64]:
-        """(T,) the KV-cache slot each token writes: block * block_size + offset."""
+        """(T,) the KV-cache slot each token writes: block * block_size + offset (in the
+        first KV group)."""
     @property
     def block_tables(self) -> NDArray[np.int32]:
-        """(S, max_blocks) each sequence's block ids, padded with -1; -1 too for the blocks
-        freed behind a sliding window (attention reads from the window's first block on)."""
+        """(S, max_blocks) each sequence's block ids (in the first KV group), padded with -1;
+        -1 too for the blocks freed behind a sliding window (attention reads from the
+        window's first block on)."""
+    @property
+    def group_slot_mapping(self) -> NDArray[np.int64]:
+        """(G, T) every KV group's slot_mapping."""
+    @property
+    def group_block_tables(self) -> NDArray[np.int32]:
+        """(G * S, max_blocks) every KV group's block_tables, group after group."""
+    @property
+    def num_groups(self) -> int:
+        """The scheduler's KV groups (G)."""
     @property
     def copy_ops(self) -> NDArray[np.int64]:
         """(k, 2) (source, destination) blocks to copy before the model runs (copy-on-write)."""
@@ -199,7 +210,11 @@ class Scheduler:
         enable_prefix_caching: bool = True,
         cache_salt: int = 0,
         sliding_window: int | None = None,
-    ) -> Scheduler: ...
+        kv_groups: list[int | None] | None = None,
+    ) -> Scheduler:
+        """kv_groups: the window of each KV group of layers (None: global layers), each group
+        a block table per sequence over the one pool, for models whose layers mix windows;
+        not with sliding_window (the one group's window)."""
     def add(self, seq_id: int, prompt_ids: NDArray[np.uint32], num_forks: int = 0) -> None: ...
     def append_token(self, seq_id: int, token_id: int) -> None: ...
     def fork(self, parent_id: int, child_id: int) -> None: ...
@@ -225,6 +240,9 @@ class Scheduler:
     @property
     def sliding_window(self) -> int | None:
         """The window every layer attends within, behind which blocks are freed; None: none."""
+    @property
+    def kv_groups(self) -> list[int | None]:
+        """Each KV group's window; one group: [sliding_window]."""
     @property
     def prefix_cache_queries(self) -> int: ...
     @property

@@ -564,3 +564,32 @@ def test_rust_scheduler_matches_reference(block_size: int, caching: bool) -> Non
     assert totals["hits"] > 0 or not caching, totals
     assert totals["copies"] > 0 or block_size == 1, totals
     assert totals["readmitted"] == 0, totals
+
+
+def test_kv_groups_through_the_binding() -> None:
+    """A hybrid model's two KV groups (global, window 8): a slot per token and a table per
+    sequence in each; the windowed group's table frees behind its window, the global one's
+    never; the first group's arrays are the plain `slot_mapping`/`block_tables`."""
+    s = Scheduler(num_blocks=32, block_size=4, kv_groups=[None, 8])
+    assert s.kv_groups == [None, 8] and s.sliding_window is None
+    s.add(1, np.arange(10, dtype=np.uint32))
+    plan = s.schedule()
+    assert plan.num_groups == 2
+    assert plan.group_slot_mapping.shape == (2, 10) and plan.group_block_tables.shape == (2, 3)
+    np.testing.assert_array_equal(plan.slot_mapping, plan.group_slot_mapping[0])
+    np.testing.assert_array_equal(plan.block_tables, plan.group_block_tables[:1])
+    assert not set(plan.group_slot_mapping[0]) & set(plan.group_slot_mapping[1])
+    for pos in range(10, 40):
+        s.append_token(1, pos)
+        plan = s.schedule()
+    global_table, windowed = plan.group_block_tables
+    assert (global_table >= 0).all()
+    assert (windowed[: (40 - 8) // 4] == -1).all() and (windowed[(40 - 8) // 4 :] >= 0).all()
+    assert s.num_used_blocks == 10 + 10 - (40 - 8) // 4
+    assert Scheduler(num_blocks=8).kv_groups == [None]
+
+
+@pytest.mark.parametrize("kwargs", [{"kv_groups": [None, 0]}, {"kv_groups": [None, 4], "sliding_window": 4}])
+def test_bad_kv_groups_are_refused(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match="window"):
+        Scheduler(num_blocks=8, **kwargs)

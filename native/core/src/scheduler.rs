@@ -12,6 +12,15 @@
 //! window moves on; their table entries stay, empty (-1 in the plan), so that
 //! position p still lives in entry p / block_size. Attention must then read a
 //! table from the window's first block on, never from its start.
+//!
+//! A model whose layers mix windows (Gemma: sliding layers and global ones)
+//! splits its layers into KV groups (`SchedulerConfig::kv_groups`), each with
+//! its own block table per sequence over the one pool, and a block holding one
+//! group's layers: a windowed group's tables free blocks behind its window
+//! while a global group's keep every one. The plan then has a table and a slot
+//! per token for each group, group after group; the prefix cache keys a
+//! group's blocks apart, and a prefix hit takes of a windowed group only the
+//! blocks its next query sees.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -33,6 +42,9 @@ pub struct SchedulerConfig {
     /// None where some layer sees them all: then nothing is freed before a
     /// sequence ends.
     pub sliding_window: Option<usize>,
+    /// The KV groups' windows (None: a group of global layers), where there
+    /// are several groups; empty: one group, with `sliding_window`.
+    pub kv_groups: Vec<Option<usize>>,
 }
 
 impl SchedulerConfig {
@@ -53,7 +65,43 @@ impl SchedulerConfig {
         if self.sliding_window == Some(0) {
             return bad("sliding_window");
         }
+        if self.kv_groups.contains(&Some(0)) {
+            return bad("every window of kv_groups");
+        }
+        if !self.kv_groups.is_empty() && self.sliding_window.is_some() {
+            return Err(SchedulerError::InvalidConfig(
+                "sliding_window and kv_groups together: give the windows in kv_groups".into(),
+            ));
+        }
         Ok(())
+    }
+
+    /// Each KV group's window (one group: `sliding_window`).
+    pub fn group_windows(&self) -> Vec<Option<usize>> {
+        if self.kv_groups.is_empty() {
+            vec![self.sliding_window]
+        } else {
+            self.kv_groups.clone()
+        }
+    }
+}
+
+/// A sequence's blocks of one KV group, one entry per block of positions.
+#[derive(Debug, Clone, Default)]
+struct Table {
+    /// None: a block freed behind the group's window (always a leading run).
+    blocks: Vec<Option<BlockId>>,
+    /// Leading entries of `blocks` freed behind the window.
+    num_freed: usize,
+}
+
+/// The prefix cache's key of group `g`'s block of chain hash `h`: group 0's
+/// is the hash itself.
+fn group_key(h: u64, g: usize) -> u64 {
+    if g == 0 {
+        h
+    } else {
+        block_hash(Some(h), g as u64, &[])
     }
 }
 
@@ -65,11 +113,9 @@ struct Sequence {
     num_prompt_tokens: usize,
     /// Tokens whose KV is cached, counting those scheduled in the last plan.
     num_computed: usize,
-    /// None: a block freed behind the sliding window (always a leading run).
-    block_table: Vec<Option<BlockId>>,
-    /// Leading entries of `block_table` freed behind the window.
-    num_freed: usize,
-    /// Hashes of the full blocks at the front of `block_table` (freed ones too).
+    /// Per KV group, its blocks; every group's table has the same length.
+    tables: Vec<Table>,
+    /// Chain hashes of the full blocks at the front of the tables (freed ones too).
     block_hashes: Vec<u64>,
     /// Seats in the running batch kept for the forks this sequence will make.
     reserved_forks: usize,
@@ -86,9 +132,10 @@ pub struct StepPlan {
     pub sample: Vec<bool>,
     pub input_ids: Vec<u32>,
     pub positions: Vec<u32>,
+    /// Per KV group, each token's slot (group after group).
     pub slot_mapping: Vec<i64>,
-    /// Row-major (seq_ids.len(), max_blocks), padded with -1; -1 too for the
-    /// blocks freed behind a sliding window.
+    /// Per KV group, row-major (seq_ids.len(), max_blocks), padded with -1; -1
+    /// too for the blocks freed behind a sliding window (group after group).
     pub block_tables: Vec<i32>,
     pub max_blocks: usize,
     /// (source, destination) block copies to run before the model (copy-on-write).
@@ -116,6 +163,10 @@ pub struct SchedulerStats {
 #[derive(Debug)]
 pub struct Scheduler {
     cfg: SchedulerConfig,
+    /// Each KV group's window ([`SchedulerConfig::group_windows`]).
+    windows: Vec<Option<usize>>,
+    /// The plan being made's slots, per group.
+    slots: Vec<Vec<i64>>,
     pool: BlockPool,
     cache: PrefixCache,
     seqs: HashMap<u64, Sequence>,
@@ -129,7 +180,10 @@ impl Scheduler {
     pub fn new(cfg: SchedulerConfig) -> Result<Self, SchedulerError> {
         cfg.validate()?;
         let pool = BlockPool::new(cfg.num_blocks);
+        let windows = cfg.group_windows();
         Ok(Self {
+            slots: vec![vec![]; windows.len()],
+            windows,
             cfg,
             pool,
             cache: PrefixCache::default(),
@@ -168,6 +222,21 @@ impl Scheduler {
         num_tokens.div_ceil(self.cfg.block_size)
     }
 
+    /// Blocks of every group that a sequence of `num_tokens` holds at most
+    /// while it computes them: a windowed group's, its window and a chunk.
+    fn blocks_held(&self, num_tokens: usize) -> usize {
+        let all = self.blocks_for(num_tokens);
+        let chunk = self.cfg.max_num_batched_tokens;
+        self.windows
+            .iter()
+            .map(|w| {
+                w.map_or(all, |w| {
+                    all.min((w + chunk).div_ceil(self.cfg.block_size) + 1)
+                })
+            })
+            .sum()
+    }
+
     /// Queue a new sequence. Its whole prompt must fit in the pool.
     pub fn add(&mut self, seq_id: u64, prompt_ids: &[u32]) -> Result<(), SchedulerError> {
         self.add_group(seq_id, prompt_ids, 0)
@@ -187,7 +256,7 @@ impl Scheduler {
         if prompt_ids.is_empty() {
             return Err(SchedulerError::EmptyPrompt(seq_id));
         }
-        let needed = self.blocks_for(prompt_ids.len() + 1);
+        let needed = self.blocks_held(prompt_ids.len() + 1);
         if needed > self.cfg.num_blocks {
             return Err(SchedulerError::TooLong {
                 seq_id,
@@ -206,8 +275,7 @@ impl Scheduler {
             token_ids: prompt_ids.to_vec(),
             num_prompt_tokens: prompt_ids.len(),
             num_computed: 0,
-            block_table: vec![],
-            num_freed: 0,
+            tables: vec![Table::default(); self.windows.len()],
             block_hashes: vec![],
             reserved_forks: num_forks,
         };
@@ -249,8 +317,10 @@ impl Scheduler {
         parent.reserved_forks -= 1;
         let mut child = parent.clone();
         child.reserved_forks = 0;
-        for &b in child.block_table.iter().flatten() {
-            self.pool.share(b);
+        for t in &child.tables {
+            for &b in t.blocks.iter().flatten() {
+                self.pool.share(b);
+            }
         }
         self.seqs.insert(child_id, child);
         self.running.insert(pos + 1, child_id);
@@ -265,15 +335,17 @@ impl Scheduler {
             .ok_or(SchedulerError::UnknownSequence(seq_id))?;
         self.waiting.retain(|&s| s != seq_id);
         self.running.retain(|&s| s != seq_id);
-        self.release(&seq.block_table);
+        self.release(&seq.tables);
         Ok(())
     }
 
     /// Free in reverse so that a chain's deepest blocks are reused first.
-    fn release(&mut self, blocks: &[Option<BlockId>]) {
-        for &b in blocks.iter().rev().flatten() {
-            let freed = self.pool.free(b);
-            debug_assert!(freed, "block {b} freed twice");
+    fn release(&mut self, tables: &[Table]) {
+        for t in tables {
+            for &b in t.blocks.iter().rev().flatten() {
+                let freed = self.pool.free(b);
+                debug_assert!(freed, "block {b} freed twice");
+            }
         }
     }
 
@@ -281,6 +353,7 @@ impl Scheduler {
     /// no more, so the blocks behind every window can go back first.
     pub fn schedule(&mut self) -> StepPlan {
         let mut plan = StepPlan::default();
+        self.slots.iter_mut().for_each(Vec::clear);
         let mut budget = self.cfg.max_num_batched_tokens;
         for i in 0..self.running.len() {
             self.free_behind_window(self.running[i]);
@@ -307,6 +380,7 @@ impl Scheduler {
             self.admit_waiting(&mut budget, &mut plan);
         }
         self.fill_block_tables(&mut plan);
+        plan.slot_mapping = self.slots.concat();
         plan
     }
 
@@ -339,11 +413,11 @@ impl Scheduler {
     /// recompute, or an admission that did not fit); hashes stay in the cache.
     fn drop_blocks(&mut self, id: u64) {
         let seq = self.seqs.get_mut(&id).expect("known");
-        let blocks = std::mem::take(&mut seq.block_table);
+        let fresh = vec![Table::default(); seq.tables.len()];
+        let tables = std::mem::replace(&mut seq.tables, fresh);
         seq.block_hashes.clear();
         seq.num_computed = 0;
-        seq.num_freed = 0;
-        self.release(&blocks);
+        self.release(&tables);
     }
 
     /// Free the blocks of `id` wholly before the first key its next query sees:
@@ -351,18 +425,18 @@ impl Scheduler {
     /// and sees keys from `num_computed + 1 - window` on. Front first, so the
     /// pool reuses the oldest first; hashes stay, as for any freed block.
     fn free_behind_window(&mut self, id: u64) {
-        let Some(window) = self.cfg.sliding_window else {
-            return;
-        };
         let seq = self.seqs.get_mut(&id).expect("known");
-        let first_key = (seq.num_computed + 1).saturating_sub(window);
-        let end = (first_key / self.cfg.block_size).min(seq.block_table.len());
-        while seq.num_freed < end {
-            if let Some(b) = seq.block_table[seq.num_freed].take() {
-                let freed = self.pool.free(b);
-                debug_assert!(freed, "block {b} freed twice");
+        for (t, window) in seq.tables.iter_mut().zip(&self.windows) {
+            let Some(window) = window else { continue };
+            let first_key = (seq.num_computed + 1).saturating_sub(*window);
+            let end = (first_key / self.cfg.block_size).min(t.blocks.len());
+            while t.num_freed < end {
+                if let Some(b) = t.blocks[t.num_freed].take() {
+                    let freed = self.pool.free(b);
+                    debug_assert!(freed, "block {b} freed twice");
+                }
+                t.num_freed += 1;
             }
-            seq.num_freed += 1;
         }
     }
 
@@ -403,58 +477,89 @@ impl Scheduler {
     }
 
     /// Reuse cached full blocks of the prompt; the last token is always computed.
-    /// Returns (tokens looked up, tokens found).
+    /// The prefix is the longest that every group has cached: a global group
+    /// all its blocks, a windowed one those its next query sees (the others
+    /// stay freed). Returns (tokens looked up, tokens found).
     fn take_cached_prefix(&mut self, id: u64) -> (usize, usize) {
         if !self.cfg.enable_prefix_caching {
             return (0, 0);
         }
         let bs = self.cfg.block_size;
-        let seq = self.seqs.get_mut(&id).expect("waiting sequences are known");
+        let seq = &self.seqs[&id];
         let max_full = (seq.token_ids.len() - 1) / bs;
-        let mut parent = None;
+        let tokens = |i: usize| &seq.token_ids[i * bs..(i + 1) * bs];
+        let mut hashes: Vec<u64> = Vec::with_capacity(max_full);
         for i in 0..max_full {
-            let tokens = &seq.token_ids[i * bs..(i + 1) * bs];
-            let h = block_hash(parent, self.cfg.cache_salt, tokens);
-            let Some(b) = self.cache.lookup(h, tokens) else {
-                break;
-            };
-            self.pool.share(b);
-            seq.block_table.push(Some(b));
-            seq.block_hashes.push(h);
-            parent = Some(h);
+            hashes.push(block_hash(
+                hashes.last().copied(),
+                self.cfg.cache_salt,
+                tokens(i),
+            ));
         }
-        seq.num_computed = seq.block_table.len() * bs;
+        let found: Vec<Vec<Option<BlockId>>> = (0..self.windows.len())
+            .map(|g| {
+                let at = |(i, &h): (usize, &u64)| self.cache.lookup(group_key(h, g), tokens(i));
+                hashes.iter().enumerate().map(at).collect()
+            })
+            .collect();
+        let first =
+            |k: usize, w: Option<usize>| w.map_or(0, |w| (k * bs + 1).saturating_sub(w) / bs);
+        let hit = (0..=max_full)
+            .rev()
+            .find(|&k| {
+                let served = |(f, w): (&Vec<Option<BlockId>>, &Option<usize>)| {
+                    f[first(k, *w).min(k)..k].iter().all(Option::is_some)
+                };
+                found.iter().zip(&self.windows).all(served)
+            })
+            .unwrap_or(0);
+        let seq = self.seqs.get_mut(&id).expect("waiting sequences are known");
+        for ((t, f), w) in seq.tables.iter_mut().zip(&found).zip(&self.windows) {
+            t.num_freed = first(hit, *w).min(hit);
+            t.blocks = vec![None; t.num_freed];
+            for &b in f[t.num_freed..hit].iter().flatten() {
+                self.pool.share(b);
+                t.blocks.push(Some(b));
+            }
+        }
+        seq.block_hashes = hashes[..hit].to_vec();
+        seq.num_computed = hit * bs;
         (max_full * bs, seq.num_computed)
     }
 
-    /// Allocate the blocks `n` more tokens need (and a private copy of a
-    /// shared partial last block). All or nothing.
+    /// Allocate the blocks `n` more tokens need in every group (and a private
+    /// copy of a shared partial last block). All or nothing.
     fn try_reserve(&mut self, id: u64, n: usize, plan: &mut StepPlan) -> bool {
         let bs = self.cfg.block_size;
         let seq = &self.seqs[&id];
         let new_blocks = self
             .blocks_for(seq.num_computed + n)
-            .saturating_sub(seq.block_table.len());
-        let last = seq.block_table.last().copied().flatten();
-        let copy_last = !seq.num_computed.is_multiple_of(bs)
-            && last.is_some_and(|b| self.pool.ref_count(b) > 1);
-        if self.pool.num_free() < new_blocks + usize::from(copy_last) {
+            .saturating_sub(seq.tables[0].blocks.len());
+        let partial = !seq.num_computed.is_multiple_of(bs);
+        // per group, its shared partial last block (to copy before writing it)
+        let copies: Vec<Option<BlockId>> = seq
+            .tables
+            .iter()
+            .map(|t| t.blocks.last().copied().flatten())
+            .map(|last| last.filter(|&b| partial && self.pool.ref_count(b) > 1))
+            .collect();
+        let wanted = new_blocks * copies.len() + copies.iter().flatten().count();
+        if self.pool.num_free() < wanted {
             return false;
         }
-        if let (true, Some(old)) = (copy_last, last) {
-            let new = self.allocate_block();
-            plan.copy_ops.push((old, new));
-            self.pool.free(old);
-            let seq = self.seqs.get_mut(&id).expect("known");
-            *seq.block_table.last_mut().expect("has a last block") = Some(new);
-        }
-        for _ in 0..new_blocks {
-            let b = self.allocate_block();
-            self.seqs
-                .get_mut(&id)
-                .expect("known")
-                .block_table
-                .push(Some(b));
+        for (g, copy) in copies.into_iter().enumerate() {
+            if let Some(old) = copy {
+                let new = self.allocate_block();
+                plan.copy_ops.push((old, new));
+                self.pool.free(old);
+                let t = &mut self.seqs.get_mut(&id).expect("known").tables[g];
+                *t.blocks.last_mut().expect("has a last block") = Some(new);
+            }
+            for _ in 0..new_blocks {
+                let b = self.allocate_block();
+                let t = &mut self.seqs.get_mut(&id).expect("known").tables[g];
+                t.blocks.push(Some(b));
+            }
         }
         true
     }
@@ -476,11 +581,12 @@ impl Scheduler {
         let seq = self.seqs.get_mut(&id).expect("known");
         let start = seq.num_computed;
         for pos in start..start + n {
-            let block = seq.block_table[pos / bs].expect("blocks being written are live");
             plan.input_ids.push(seq.token_ids[pos]);
             plan.positions.push(pos as u32);
-            plan.slot_mapping
-                .push((block as usize * bs + pos % bs) as i64);
+            for (t, slots) in seq.tables.iter().zip(&mut self.slots) {
+                let block = t.blocks[pos / bs].expect("blocks being written are live");
+                slots.push((block as usize * bs + pos % bs) as i64);
+            }
         }
         seq.num_computed += n;
         plan.seq_ids.push(id);
@@ -505,26 +611,31 @@ impl Scheduler {
                 tokens,
             );
             // A block is full (and registered) a step before the window can pass it.
-            if let Some(b) = seq.block_table[i] {
-                self.pool.set_hash(b, h);
-                self.cache.insert(h, b, tokens);
+            for (g, t) in seq.tables.iter().enumerate() {
+                if let Some(b) = t.blocks[i] {
+                    self.pool.set_hash(b, group_key(h, g));
+                    self.cache.insert(group_key(h, g), b, tokens);
+                }
             }
             seq.block_hashes.push(h);
         }
     }
 
     fn fill_block_tables(&self, plan: &mut StepPlan) {
-        let tables: Vec<&Vec<Option<BlockId>>> = plan
-            .seq_ids
+        let seqs: Vec<&Sequence> = plan.seq_ids.iter().map(|id| &self.seqs[id]).collect();
+        plan.max_blocks = seqs
             .iter()
-            .map(|id| &self.seqs[id].block_table)
-            .collect();
-        plan.max_blocks = tables.iter().map(|t| t.len()).max().unwrap_or(0);
-        plan.block_tables = vec![-1; tables.len() * plan.max_blocks];
-        for (row, table) in tables.iter().enumerate() {
-            for (j, &b) in table.iter().enumerate() {
-                if let Some(b) = b {
-                    plan.block_tables[row * plan.max_blocks + j] = b as i32;
+            .map(|s| s.tables[0].blocks.len())
+            .max()
+            .unwrap_or(0);
+        let per_group = seqs.len() * plan.max_blocks;
+        plan.block_tables = vec![-1; self.windows.len() * per_group];
+        for (row, seq) in seqs.iter().enumerate() {
+            for (g, t) in seq.tables.iter().enumerate() {
+                for (j, &b) in t.blocks.iter().enumerate() {
+                    if let Some(b) = b {
+                        plan.block_tables[g * per_group + row * plan.max_blocks + j] = b as i32;
+                    }
                 }
             }
         }
@@ -534,11 +645,18 @@ impl Scheduler {
     pub fn owner_counts(&self) -> Vec<u32> {
         let mut counts = vec![0u32; self.cfg.num_blocks];
         for seq in self.seqs.values() {
-            for &b in seq.block_table.iter().flatten() {
-                counts[b as usize] += 1;
+            for t in &seq.tables {
+                for &b in t.blocks.iter().flatten() {
+                    counts[b as usize] += 1;
+                }
             }
         }
         counts
+    }
+
+    /// The number of KV groups (tables and slots per token in a plan).
+    pub fn num_groups(&self) -> usize {
+        self.windows.len()
     }
 
     /// Token ids of a sequence (prompt and generated).

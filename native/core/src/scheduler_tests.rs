@@ -10,6 +10,7 @@ fn config(num_blocks: usize, block_size: usize) -> SchedulerConfig {
         enable_prefix_caching: true,
         cache_salt: 0,
         sliding_window: None,
+        kv_groups: vec![],
     }
 }
 
@@ -210,34 +211,47 @@ impl Trace {
     }
 }
 
-/// Simulated KV memory: which token's KV each slot holds. Every position a
-/// query of the plan may see (all before it, or its window) must hold its token.
-fn check_kv(kv: &mut [Option<u32>], s: &Scheduler, plan: &StepPlan, bs: usize) {
+/// Simulated KV memory: which group's KV of which token each slot holds.
+/// Every position a query of the plan may see in a group (all before it, or
+/// the group's window) must hold that group's KV of its token.
+fn check_kv(kv: &mut [Option<(usize, u32)>], s: &Scheduler, plan: &StepPlan, bs: usize) {
     for &(src, dst) in &plan.copy_ops {
         let (src, dst) = (src as usize * bs, dst as usize * bs);
         let block: Vec<_> = kv[src..src + bs].to_vec();
         kv[dst..dst + bs].copy_from_slice(&block);
     }
-    for (&slot, &tok) in plan.slot_mapping.iter().zip(&plan.input_ids) {
-        kv[slot as usize] = Some(tok);
-    }
-    for (row, &id) in plan.seq_ids.iter().enumerate() {
-        let tokens = s.token_ids(id).unwrap();
-        let table = &plan.block_tables[row * plan.max_blocks..(row + 1) * plan.max_blocks];
-        let first_query = (plan.context_lens[row] - plan.query_lens[row]) as usize;
-        let first_key = s
-            .config()
-            .sliding_window
-            .map_or(0, |w| (first_query + 1).saturating_sub(w));
-        for pos in first_key..plan.context_lens[row] as usize {
-            let slot = table[pos / bs] as usize * bs + pos % bs;
-            assert_eq!(
-                kv[slot],
-                Some(tokens[pos]),
-                "seq {id} position {pos} reads another token's KV"
-            );
+    let windows = s.config().group_windows();
+    let t = plan.num_tokens();
+    for g in 0..windows.len() {
+        for (&slot, &tok) in plan.slot_mapping[g * t..(g + 1) * t]
+            .iter()
+            .zip(&plan.input_ids)
+        {
+            kv[slot as usize] = Some((g, tok));
         }
     }
+    for (g, window) in windows.iter().enumerate() {
+        for (row, &id) in plan.seq_ids.iter().enumerate() {
+            let tokens = s.token_ids(id).unwrap();
+            let table = group_table(plan, g, row);
+            let first_query = (plan.context_lens[row] - plan.query_lens[row]) as usize;
+            let first_key = window.map_or(0, |w| (first_query + 1).saturating_sub(w));
+            for pos in first_key..plan.context_lens[row] as usize {
+                let slot = table[pos / bs] as usize * bs + pos % bs;
+                assert_eq!(
+                    kv[slot],
+                    Some((g, tokens[pos])),
+                    "seq {id} group {g} position {pos} reads another token's KV"
+                );
+            }
+        }
+    }
+}
+
+/// Group `g`'s table of plan row `row`.
+fn group_table(plan: &StepPlan, g: usize, row: usize) -> &[i32] {
+    let per_group = plan.seq_ids.len() * plan.max_blocks;
+    &plan.block_tables[g * per_group + row * plan.max_blocks..][..plan.max_blocks]
 }
 
 fn check_invariants(s: &Scheduler, plan: &StepPlan) {
@@ -271,24 +285,24 @@ fn check_invariants(s: &Scheduler, plan: &StepPlan) {
 }
 
 /// With a sliding window, exactly the blocks before the window of a row's
-/// first query are freed (-1); every block from there to its context is live.
+/// first query are freed (-1) in that group; every block from there to its
+/// context is live.
 fn check_freed_entries(s: &Scheduler, plan: &StepPlan) {
     let bs = s.config().block_size;
-    for row in 0..plan.seq_ids.len() {
-        let table = &plan.block_tables[row * plan.max_blocks..(row + 1) * plan.max_blocks];
-        let (ctx, first_query) = first_query(plan, row);
-        let first_live = s
-            .config()
-            .sliding_window
-            .map_or(0, |w| (first_query + 1).saturating_sub(w) / bs);
-        assert!(
-            table[..first_live].iter().all(|&b| b == -1),
-            "a block behind the window is still held"
-        );
-        assert!(
-            table[first_live..ctx.div_ceil(bs)].iter().all(|&b| b >= 0),
-            "a block the step reads was freed"
-        );
+    for (g, window) in s.config().group_windows().iter().enumerate() {
+        for row in 0..plan.seq_ids.len() {
+            let table = group_table(plan, g, row);
+            let (ctx, first_query) = first_query(plan, row);
+            let first_live = window.map_or(0, |w| (first_query + 1).saturating_sub(w) / bs);
+            assert!(
+                table[..first_live].iter().all(|&b| b == -1),
+                "a block behind group {g}'s window is still held"
+            );
+            assert!(
+                table[first_live..ctx.div_ceil(bs)].iter().all(|&b| b >= 0),
+                "a block the step reads in group {g} was freed"
+            );
+        }
     }
 }
 
@@ -298,13 +312,19 @@ fn first_query(plan: &StepPlan, row: usize) -> (usize, usize) {
     (ctx, ctx - plan.query_lens[row] as usize)
 }
 
+/// A random trace of adds, forks, finishes and aborts over `windows` (one
+/// KV group per window), checking every plan.
 fn run_trace(
     seed: u64,
     num_blocks: usize,
     block_size: usize,
     caching: bool,
-    sliding_window: Option<usize>,
+    windows: &[Option<usize>],
 ) -> SchedulerStats {
+    let (sliding_window, kv_groups) = match windows {
+        [one] => (*one, vec![]),
+        many => (None, many.to_vec()),
+    };
     let cfg = SchedulerConfig {
         num_blocks,
         block_size,
@@ -313,6 +333,7 @@ fn run_trace(
         enable_prefix_caching: caching,
         cache_salt: 3,
         sliding_window,
+        kv_groups,
     };
     let mut s = Scheduler::new(cfg).unwrap();
     let mut t = Trace { seed, step: 0 };
@@ -387,7 +408,7 @@ fn random_traces_keep_every_invariant() {
             12 + (seed as usize % 5) * 6,
             [1, 2, 4, 16][seed as usize % 4],
             seed % 3 != 0,
-            None,
+            &[None],
         );
     }
 }
@@ -401,7 +422,7 @@ fn random_traces_with_a_sliding_window_keep_every_invariant() {
             12 + (seed as usize % 5) * 6,
             [1, 2, 4, 16][seed as usize % 4],
             seed % 3 != 0,
-            Some([1, 3, 5, 8, 17][seed as usize % 5]),
+            &[Some([1, 3, 5, 8, 17][seed as usize % 5])],
         );
         preemptions += stats.num_preemptions;
     }
@@ -418,10 +439,10 @@ fn windowed(num_blocks: usize, block_size: usize, window: usize) -> SchedulerCon
 }
 
 fn table(plan: &StepPlan, row: usize) -> &[i32] {
-    &plan.block_tables[row * plan.max_blocks..(row + 1) * plan.max_blocks]
+    group_table(plan, 0, row)
 }
 
-fn checked_schedule(s: &mut Scheduler, kv: &mut [Option<u32>]) -> StepPlan {
+fn checked_schedule(s: &mut Scheduler, kv: &mut [Option<(usize, u32)>]) -> StepPlan {
     let plan = s.schedule();
     check_invariants(s, &plan);
     check_kv(kv, s, &plan, s.config().block_size);
@@ -627,4 +648,117 @@ fn fork_keeps_the_freed_entries_and_shares_the_live_blocks() {
 #[test]
 fn a_zero_window_is_refused() {
     assert!(Scheduler::new(windowed(4, 4, 0)).is_err());
+}
+
+// --- KV groups: a windowed group's tables free, a global group's keep ---
+
+fn grouped(num_blocks: usize, block_size: usize, groups: &[Option<usize>]) -> SchedulerConfig {
+    SchedulerConfig {
+        kv_groups: groups.to_vec(),
+        ..config(num_blocks, block_size)
+    }
+}
+
+#[test]
+fn random_traces_with_kv_groups_keep_every_invariant() {
+    let mut preemptions = 0;
+    for seed in 0..40 {
+        let w = Some([1, 3, 5, 8, 17][seed as usize % 5]);
+        let groups = [vec![None, w], vec![w, None, w], vec![w, w]][seed as usize % 3].clone();
+        let stats = run_trace(
+            seed,
+            (24 + (seed as usize % 5) * 8) * groups.len(),
+            [1, 2, 4, 16][seed as usize % 4],
+            seed % 3 != 1,
+            &groups,
+        );
+        preemptions += stats.num_preemptions;
+    }
+    assert!(preemptions > 0, "the traces exercise preemption");
+}
+
+#[test]
+fn a_global_group_keeps_its_blocks_while_a_windowed_one_frees() {
+    let (bs, w) = (4, 8);
+    let mut s = Scheduler::new(grouped(32, bs, &[None, Some(w)])).unwrap();
+    let mut kv = vec![None; 32 * bs];
+    s.add(1, &(0..10).collect::<Vec<_>>()).unwrap();
+    let plan = checked_schedule(&mut s, &mut kv);
+    assert_eq!(
+        plan.slot_mapping.len(),
+        2 * 10,
+        "a slot per token and group"
+    );
+    assert_eq!(
+        plan.block_tables,
+        vec![0, 1, 2, 3, 4, 5],
+        "group after group"
+    );
+    for pos in 10..70u32 {
+        s.append_token(1, 100 + pos).unwrap();
+        let plan = checked_schedule(&mut s, &mut kv);
+        let blocks = pos as usize / bs + 1;
+        let freed = (pos as usize + 1).saturating_sub(w) / bs;
+        assert!(group_table(&plan, 0, 0).iter().all(|&b| b >= 0));
+        let windowed = group_table(&plan, 1, 0);
+        assert_eq!(windowed.iter().filter(|&&b| b == -1).count(), freed);
+        assert_eq!(s.pool().num_used(), 2 * blocks - freed);
+    }
+    s.finish(1).unwrap();
+    assert_eq!(s.pool().num_free(), 32);
+}
+
+#[test]
+fn a_prefix_hit_takes_a_windowed_group_s_window_only() {
+    let (bs, w) = (4, 8);
+    let mut s = Scheduler::new(grouped(32, bs, &[None, Some(w)])).unwrap();
+    let mut kv = vec![None; 32 * bs];
+    let prompt: Vec<u32> = (100..120).collect(); // 5 blocks
+    s.add(1, &prompt).unwrap();
+    let first = checked_schedule(&mut s, &mut kv);
+    let (global, windowed) = (
+        group_table(&first, 0, 0).to_vec(),
+        group_table(&first, 1, 0).to_vec(),
+    );
+    for t in 0..4 {
+        s.append_token(1, t).unwrap();
+        checked_schedule(&mut s, &mut kv);
+    }
+    s.finish(1).unwrap();
+    s.add(2, &prompt).unwrap();
+    let plan = checked_schedule(&mut s, &mut kv);
+    assert_eq!(
+        (plan.query_lens.clone(), s.stats().prefix_cache_hits),
+        (vec![4], 16)
+    );
+    // the global group takes its whole chain; the windowed one the blocks position 16 sees (9 on)
+    assert_eq!(&group_table(&plan, 0, 0)[..4], &global[..4]);
+    assert_eq!(
+        &group_table(&plan, 1, 0)[..4],
+        &[-1, -1, windowed[2], windowed[3]]
+    );
+    s.finish(2).unwrap();
+    assert_eq!(s.pool().num_free(), 32);
+}
+
+#[test]
+fn kv_groups_are_checked_and_size_the_longest_prompt() {
+    assert!(Scheduler::new(grouped(8, 4, &[None, Some(0)])).is_err());
+    let both = SchedulerConfig {
+        sliding_window: Some(4),
+        ..grouped(8, 4, &[None, Some(4)])
+    };
+    assert!(Scheduler::new(both).is_err());
+    // 20 tokens and the first sampled: 6 blocks globally, the window's (4 + a chunk of 8) in the other
+    let mut cfg = grouped(10, 4, &[None, Some(4)]);
+    cfg.max_num_batched_tokens = 8;
+    assert!(Scheduler::new(cfg.clone())
+        .unwrap()
+        .add(1, &[7; 20])
+        .is_ok());
+    cfg.num_blocks = 9;
+    assert!(matches!(
+        Scheduler::new(cfg).unwrap().add(1, &[7; 20]),
+        Err(SchedulerError::TooLong { needed: 10, .. })
+    ));
 }

@@ -36,7 +36,7 @@ impl PyScheduler {
     #[new]
     #[pyo3(signature = (
         *, num_blocks, block_size = 16, max_num_seqs = 256, max_num_batched_tokens = 2048,
-        enable_prefix_caching = true, cache_salt = 0, sliding_window = None
+        enable_prefix_caching = true, cache_salt = 0, sliding_window = None, kv_groups = None
     ))]
     fn new(
         num_blocks: usize,
@@ -46,6 +46,7 @@ impl PyScheduler {
         enable_prefix_caching: bool,
         cache_salt: u64,
         sliding_window: Option<usize>,
+        kv_groups: Option<Vec<Option<usize>>>,
     ) -> PyResult<Self> {
         let cfg = SchedulerConfig {
             num_blocks,
@@ -55,6 +56,7 @@ impl PyScheduler {
             enable_prefix_caching,
             cache_salt,
             sliding_window,
+            kv_groups: kv_groups.unwrap_or_default(),
         };
         Ok(Self {
             inner: Scheduler::new(cfg).map_err(to_py_err)?,
@@ -94,7 +96,7 @@ impl PyScheduler {
     /// while `self` is mutably borrowed would let another thread's read of a
     /// counter fail with "Already mutably borrowed".
     fn schedule(&mut self, py: Python<'_>) -> PyStepPlan {
-        to_py_plan(py, self.inner.schedule())
+        to_py_plan(py, self.inner.schedule(), self.inner.num_groups())
     }
 
     /// Copies of a sequence's prompt and of the tokens appended since.
@@ -150,6 +152,12 @@ impl PyScheduler {
         self.inner.config().sliding_window
     }
 
+    /// Each KV group's window (None: a group of global layers); one group: `[sliding_window]`.
+    #[getter]
+    fn kv_groups(&self) -> Vec<Option<usize>> {
+        self.inner.config().group_windows()
+    }
+
     #[getter]
     fn prefix_cache_queries(&self) -> u64 {
         self.inner.stats().prefix_cache_queries
@@ -190,13 +198,24 @@ pub struct PyStepPlan {
     /// (T,) int64: the position of each token in its sequence.
     #[pyo3(get)]
     positions: Py<PyArray1<i64>>,
-    /// (T,) int64: the KV-cache slot each token writes (block * block_size + offset).
+    /// (T,) int64: the KV-cache slot each token writes (block * block_size + offset), in
+    /// the first KV group.
     #[pyo3(get)]
     slot_mapping: Py<PyArray1<i64>>,
-    /// (S, max_blocks) int32: each sequence's block ids, padded with -1; -1 too for the
-    /// blocks freed behind a sliding window (attention reads from the window's first block).
+    /// (S, max_blocks) int32: each sequence's block ids in the first KV group, padded with
+    /// -1; -1 too for the blocks freed behind a sliding window (attention reads from the
+    /// window's first block).
     #[pyo3(get)]
     block_tables: Py<PyArray2<i32>>,
+    /// (G, T) int64: `slot_mapping` of every KV group.
+    #[pyo3(get)]
+    group_slot_mapping: Py<PyArray2<i64>>,
+    /// (G * S, max_blocks) int32: `block_tables` of every KV group, group after group.
+    #[pyo3(get)]
+    group_block_tables: Py<PyArray2<i32>>,
+    /// Number of KV groups (G).
+    #[pyo3(get)]
+    num_groups: usize,
     /// (k, 2) int64: (source, destination) blocks to copy before the model runs.
     #[pyo3(get)]
     copy_ops: Py<PyArray2<i64>>,
@@ -230,8 +249,10 @@ impl PyStepPlan {
     }
 }
 
-fn to_py_plan(py: Python<'_>, plan: StepPlan) -> PyStepPlan {
-    let num_seqs = plan.seq_ids.len();
+fn to_py_plan(py: Python<'_>, plan: StepPlan, num_groups: usize) -> PyStepPlan {
+    let (num_seqs, num_tokens) = (plan.seq_ids.len(), plan.input_ids.len());
+    let first_slots = plan.slot_mapping[..num_tokens].to_vec();
+    let first_tables = plan.block_tables[..num_seqs * plan.max_blocks].to_vec();
     let mut logit_rows = Vec::new();
     let mut sampled = Vec::new();
     let mut end = 0i64;
@@ -255,14 +276,23 @@ fn to_py_plan(py: Python<'_>, plan: StepPlan) -> PyStepPlan {
         sample: plan.sample.into_pyarray(py).unbind(),
         input_ids: widen(py, &plan.input_ids),
         positions: widen(py, &plan.positions),
-        slot_mapping: plan.slot_mapping.into_pyarray(py).unbind(),
-        block_tables: matrix(py, num_seqs, plan.max_blocks, plan.block_tables).unbind(),
+        slot_mapping: first_slots.into_pyarray(py).unbind(),
+        block_tables: matrix(py, num_seqs, plan.max_blocks, first_tables).unbind(),
+        group_slot_mapping: matrix(py, num_groups, num_tokens, plan.slot_mapping).unbind(),
+        group_block_tables: matrix(
+            py,
+            num_groups * num_seqs,
+            plan.max_blocks,
+            plan.block_tables,
+        )
+        .unbind(),
+        num_groups,
         copy_ops: matrix(py, plan.copy_ops.len(), 2, copies).unbind(),
         preempted: seq_id_array(py, &plan.preempted),
         logit_rows: logit_rows.into_pyarray(py).unbind(),
         sampled_seq_ids: seq_id_array(py, &sampled),
         num_seqs,
-        num_tokens: plan.input_ids.len(),
+        num_tokens,
         is_decode_only,
     }
 }
