@@ -312,6 +312,29 @@ fn first_query(plan: &StepPlan, row: usize) -> (usize, usize) {
     (ctx, ctx - plan.query_lens[row] as usize)
 }
 
+/// The traces' config: one KV group per window of `windows`.
+fn trace_config(
+    num_blocks: usize,
+    block_size: usize,
+    caching: bool,
+    windows: &[Option<usize>],
+) -> SchedulerConfig {
+    let (sliding_window, kv_groups) = match windows {
+        [one] => (*one, vec![]),
+        many => (None, many.to_vec()),
+    };
+    SchedulerConfig {
+        num_blocks,
+        block_size,
+        max_num_seqs: 6,
+        max_num_batched_tokens: 40,
+        enable_prefix_caching: caching,
+        cache_salt: 3,
+        sliding_window,
+        kv_groups,
+    }
+}
+
 /// A random trace of adds, forks, finishes and aborts over `windows` (one
 /// KV group per window), checking every plan.
 fn run_trace(
@@ -321,21 +344,7 @@ fn run_trace(
     caching: bool,
     windows: &[Option<usize>],
 ) -> SchedulerStats {
-    let (sliding_window, kv_groups) = match windows {
-        [one] => (*one, vec![]),
-        many => (None, many.to_vec()),
-    };
-    let cfg = SchedulerConfig {
-        num_blocks,
-        block_size,
-        max_num_seqs: 6,
-        max_num_batched_tokens: 40,
-        enable_prefix_caching: caching,
-        cache_salt: 3,
-        sliding_window,
-        kv_groups,
-    };
-    let mut s = Scheduler::new(cfg).unwrap();
+    let mut s = Scheduler::new(trace_config(num_blocks, block_size, caching, windows)).unwrap();
     let mut t = Trace { seed, step: 0 };
     let mut kv = vec![None; num_blocks * block_size];
     let mut targets: HashMap<u64, usize> = HashMap::new();
