@@ -339,12 +339,14 @@ class NativeDecoder:
         attn_scale: float | None = None,
         attn_softcap: float | None = None,
         layer_extras: list[tuple[list[float] | None, list[float] | None, int | None, int]] | None = None,
+        kv_layout: list[tuple[int, int]] | None = None,
     ) -> NativeDecoder:
         """layers: per layer (attn_norm, qkv, qkv_bias, q_norm, k_norm, o, o_bias,
         ffn_norm, gate_up, down); activation "silu" or "gelu_tanh"; attn_scale None
         for 1 / sqrt(head_dim); attn_softcap the scaled scores' cap (`cap tanh(s / cap)`,
         Gemma 2), None for none; layer_extras per layer (post_attn_norm, post_ffn_norm,
-        window, rope_table: 0 takes cos/sin, 1 cos_local/sin_local)."""
+        window, rope_table: 0 takes cos/sin, 1 cos_local/sin_local); kv_layout per layer
+        (KV group, place in a cache block), None for one group with the layers in order."""
 
     @property
     def weight_bytes(self) -> int: ...
@@ -365,8 +367,10 @@ class NativeDecoder:
     ) -> None:
         """One step of one token per row (a row attends causally over positions
         0..context_len of its sequence); x is overwritten, the keys and values
-        go into kv (2, layers, blocks, block_size, kv_heads, head_dim), the logits of
-        logit_rows into logits."""
+        go into kv (2, cache layers, blocks, block_size, kv_heads, head_dim), the logits of
+        logit_rows into logits. slots (groups * rows,) and block_tables (groups * rows,
+        max_blocks) hold each KV group's, group after group; a windowed group's tables may
+        hold -1 behind its window."""
 
 @final
 class GrammarMatcher:

@@ -121,8 +121,14 @@ class ScriptedLM:
     def decode_weight_bytes(self) -> int:
         return 0
 
-    def fused_forward(self, kv: np.ndarray | None) -> ScriptedForward | None:
+    def fused_forward(self, kv: np.ndarray | None, kv_layout: Any = None) -> ScriptedForward | None:
         return ScriptedForward(self, kv) if kv is not None else None
+
+    def kv_window(self) -> int | None:
+        return None
+
+    def layer_windows(self) -> list[int | None]:
+        return [None] * self.config.num_layers
 
 
 def _last_index(seq: list[int], sub: list[int]) -> int:

@@ -74,14 +74,13 @@ def _logits(loaded: LoadedModel, engine: LLMEngine, ids: list[int]) -> torch.Ten
     path = engine.runner.path
     out = []
     if isinstance(path, FusedPath):
-        bs = engine.runner.cache.block_size
-        table = np.arange(len(ids) // bs + 1, dtype=np.int64)[None]
+        bs, groups = engine.runner.cache.block_size, engine.runner.kv_layout.num_groups
         for start in range(0, len(ids), CHUNK):
             pos = np.arange(start, min(start + CHUNK, len(ids)))
-            slots = table[0, pos // bs] * bs + pos % bs
+            slots, tables = tm.fused_step_arrays(groups, pos, bs, len(ids) // bs + 1)
             rows = np.arange(len(pos))
             arr = np.asarray(ids, dtype=np.int64)[pos]
-            out.append(path.fused.forward(arr, pos, slots, np.repeat(table, len(pos), 0), pos + 1, rows))
+            out.append(path.fused.forward(arr, pos, slots, tables, pos + 1, rows))
         return torch.cat(out)
     cache = tm.ContiguousKVCache(loaded.config, len(ids), torch.float32)
     for start in range(0, len(ids), CHUNK):

@@ -465,3 +465,14 @@ class TinyReference:
         """The same weights written as a GGUF the way llama.cpp's converter does."""
         suffix = "-".join(f"{k}={getattr(v, 'name', v)}" for k, v in sorted(kwargs.items()))
         return write_gguf_from_hf(self.directory, tmp / f"{self.directory.name}{suffix}.gguf", **kwargs)
+
+
+def fused_step_arrays(
+    num_groups: int, pos: np.ndarray, block_size: int, width: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Slots and block tables of one sequence's rows at positions `pos` for a fused
+    forward over a cache in `num_groups` KV groups: group g holds the sequence in
+    blocks g * width .. (g + 1) * width, in order, and its arrays follow group g - 1's."""
+    tables = [np.arange(g * width, (g + 1) * width, dtype=np.int64)[None] for g in range(num_groups)]
+    slots = np.concatenate([t[0, pos // block_size] * block_size + pos % block_size for t in tables])
+    return slots, np.concatenate([np.repeat(t, len(pos), 0) for t in tables])

@@ -52,6 +52,7 @@ pub fn paged_decode_attention<'py>(
         max_blocks: tables.shape()[1],
         context_lens: ctxs.as_slice()?,
         scale,
+        window: None,
     };
     let out_slice = out_rw.as_slice_mut()?;
     const CACHE: &str = "a C-contiguous 4-D float32 or int16 (bf16 bits) array";

@@ -156,6 +156,53 @@ type LayerArgs<'py> = (
 /// Per layer, beyond the Llama layer: (post_attn_norm, post_ffn_norm, window, rope_table).
 type LayerExtras = (Option<Vec<f32>>, Option<Vec<f32>>, Option<usize>, usize);
 
+/// The decoder's layers from the binding's tuples: the extras default to none,
+/// the KV layout to one group with the layers in order.
+fn layer_weights(
+    layers: Vec<LayerArgs<'_>>,
+    layer_extras: Option<Vec<LayerExtras>>,
+    kv_layout: Option<Vec<(usize, usize)>>,
+) -> PyResult<Vec<LayerWeights>> {
+    let extras = layer_extras.unwrap_or_else(|| vec![(None, None, None, 0); layers.len()]);
+    let kv_layout = kv_layout.unwrap_or_else(|| (0..layers.len()).map(|i| (0, i)).collect());
+    if extras.len() != layers.len() || kv_layout.len() != layers.len() {
+        return Err(PyValueError::new_err(format!(
+            "{} layer_extras and {} kv_layout entries for {} layers",
+            extras.len(),
+            kv_layout.len(),
+            layers.len()
+        )));
+    }
+    let mut built = Vec::with_capacity(layers.len());
+    for (
+        (
+            (attn_norm, qkv, qkv_bias, q_norm, k_norm, o, o_bias, ffn_norm, gate_up, down),
+            (post_attn_norm, post_ffn_norm, window, rope_table),
+        ),
+        kv,
+    ) in layers.into_iter().zip(extras).zip(kv_layout)
+    {
+        built.push(LayerWeights {
+            attn_norm,
+            qkv: Arc::clone(&qkv.inner),
+            qkv_bias,
+            q_norm,
+            k_norm,
+            o: Arc::clone(&o.inner),
+            o_bias,
+            ffn_norm,
+            gate_up: Arc::clone(&gate_up.inner),
+            down: Arc::clone(&down.inner),
+            post_attn_norm,
+            post_ffn_norm,
+            window,
+            rope_table,
+            kv,
+        });
+    }
+    Ok(built)
+}
+
 /// A Llama-family model's step (decode and prefill rows), fused (see `mistralrs_serve_cpu::decoder`).
 #[pyclass(frozen, name = "NativeDecoder", module = "mistralrs_serve._native")]
 pub struct PyNativeDecoder {
@@ -168,9 +215,10 @@ impl PyNativeDecoder {
     /// ffn_norm, gate_up, down); the matrices are moved into the decoder.
     /// activation "silu" or "gelu_tanh"; attn_scale None for 1 / sqrt(head_dim);
     /// attn_softcap: the scaled scores' `cap tanh(s / cap)` (Gemma 2), None for none;
-    /// layer_extras: per layer (post_attn_norm, post_ffn_norm, window, rope_table).
+    /// layer_extras: per layer (post_attn_norm, post_ffn_norm, window, rope_table);
+    /// kv_layout: per layer (KV group, place in a cache block), None: (0, its index).
     #[new]
-    #[pyo3(signature = (*, hidden, num_heads, num_kv_heads, head_dim, intermediate, vocab, eps, layers, final_norm, lm_head, activation = "silu", attn_scale = None, attn_softcap = None, layer_extras = None))]
+    #[pyo3(signature = (*, hidden, num_heads, num_kv_heads, head_dim, intermediate, vocab, eps, layers, final_norm, lm_head, activation = "silu", attn_scale = None, attn_softcap = None, layer_extras = None, kv_layout = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         hidden: usize,
@@ -187,6 +235,7 @@ impl PyNativeDecoder {
         attn_scale: Option<f32>,
         attn_softcap: Option<f32>,
         layer_extras: Option<Vec<LayerExtras>>,
+        kv_layout: Option<Vec<(usize, usize)>>,
     ) -> PyResult<Self> {
         if let Some(cap) = attn_softcap.filter(|c| !(c.is_finite() && *c > 0.0)) {
             return Err(PyValueError::new_err(format!(
@@ -202,14 +251,6 @@ impl PyNativeDecoder {
                 )))
             }
         };
-        let extras = layer_extras.unwrap_or_else(|| vec![(None, None, None, 0); layers.len()]);
-        if extras.len() != layers.len() {
-            return Err(PyValueError::new_err(format!(
-                "{} layer_extras for {} layers",
-                extras.len(),
-                layers.len()
-            )));
-        }
         let shape = DecoderShape {
             hidden,
             num_heads,
@@ -222,29 +263,7 @@ impl PyNativeDecoder {
             attn_scale,
             attn_softcap,
         };
-        let mut built = Vec::with_capacity(layers.len());
-        for (
-            (attn_norm, qkv, qkv_bias, q_norm, k_norm, o, o_bias, ffn_norm, gate_up, down),
-            (post_attn_norm, post_ffn_norm, window, rope_table),
-        ) in layers.into_iter().zip(extras)
-        {
-            built.push(LayerWeights {
-                attn_norm,
-                qkv: Arc::clone(&qkv.inner),
-                qkv_bias,
-                q_norm,
-                k_norm,
-                o: Arc::clone(&o.inner),
-                o_bias,
-                ffn_norm,
-                gate_up: Arc::clone(&gate_up.inner),
-                down: Arc::clone(&down.inner),
-                post_attn_norm,
-                post_ffn_norm,
-                window,
-                rope_table,
-            });
-        }
+        let built = layer_weights(layers, layer_extras, kv_layout)?;
         let head = Arc::clone(&lm_head.inner);
         let inner = Decoder::new(shape, built, final_norm, head).map_err(to_py_err)?;
         Ok(Self { inner })
@@ -257,9 +276,10 @@ impl PyNativeDecoder {
     }
 
     /// One step, one token per row. x (rows, hidden) float32, overwritten; cos/sin (rows,
-    /// head_dim / 2) float32; slots, context_lens (rows,) int64; block_tables
-    /// (rows, max_blocks) int64; logit_rows (n,) int64; kv the whole cache
-    /// (2, layers, blocks, block_size, kv_heads, head_dim), float32 or int16
+    /// head_dim / 2) float32; context_lens (rows,) int64; slots (groups * rows,) int64 and
+    /// block_tables (groups * rows, max_blocks) int64, KV group after group; logit_rows
+    /// (n,) int64; kv the whole cache (2, cache layers, blocks, block_size, kv_heads,
+    /// head_dim), float32 or int16
     /// holding bf16 bits, written; logits (n, vocab) float32, written; cos_local/sin_local
     /// the rotary table of the layers with rope_table 1.
     #[pyo3(signature = (x, cos, sin, slots, block_tables, context_lens, logit_rows, kv, logits, threads = 1, cos_local = None, sin_local = None))]
@@ -298,7 +318,7 @@ impl PyNativeDecoder {
         let mut logits = readwrite::<f32, numpy::Ix2>("logits", WRITEABLE_F32_2D, &logits)?;
         const KV: &str = "a writeable, C-contiguous 6-D float32 or int16 (bf16 bits) array";
         let kv_shape = shape_of("kv", KV, 6, &kv)?;
-        if kv_shape[0] != 2 || kv_shape[1] != self.inner.num_layers() {
+        if kv_shape[0] != 2 || kv_shape[1] != self.inner.cache_layers() {
             return Err(bad_array("kv", KV, &kv));
         }
         let block_size = kv_shape[3];

@@ -12,7 +12,13 @@ import torch
 from mistralrs_serve import _native
 from mistralrs_serve.engine.cuda_graphs import DecodeGraphs, NotCapturable
 from mistralrs_serve.engine.kv_cache import PagedKVCache
-from mistralrs_serve.layers.attention import AttentionKernel, PagedAttention
+from mistralrs_serve.layers.attention import (
+    PLAIN,
+    AttentionBackend,
+    AttentionKernel,
+    LayerAttention,
+    PagedAttention,
+)
 from mistralrs_serve.layers.linear import int4_rows
 from mistralrs_serve.models.interface import CausalLM, FusedForward
 
@@ -27,6 +33,38 @@ class ForwardPath(Protocol):
         ...
 
 
+class GroupedAttention:
+    """The attention of a step over a cache in several KV groups (kv_cache.KVLayout):
+    one PagedAttention per group over its slots and tables, a layer's call going to its
+    group's at its place in a block."""
+
+    def __init__(self, cache: PagedKVCache, plan: _native.StepPlan, kernel: AttentionKernel) -> None:
+        seqs = plan.num_seqs
+        self.places = cache.layout.places
+        self.groups = [
+            PagedAttention(
+                cache,
+                plan.query_lens,
+                plan.context_lens,
+                plan.group_slot_mapping[g],
+                plan.group_block_tables[g * seqs : (g + 1) * seqs],
+                decode_mode=kernel,
+            )
+            for g in range(plan.num_groups)
+        ]
+
+    def attend(
+        self,
+        layer_idx: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        how: LayerAttention = PLAIN,
+    ) -> torch.Tensor:
+        group, place = self.places[layer_idx]
+        return self.groups[group].attend(place, q, k, v, how)
+
+
 class TorchPath:
     """The model's torch forward over the paged cache, attention by the Rust
     decode kernel on the CPU and SDPA elsewhere."""
@@ -38,14 +76,18 @@ class TorchPath:
         self.device = cache.kv.device
 
     def forward(self, plan: _native.StepPlan) -> torch.Tensor:
-        attn = PagedAttention(
-            self.cache,
-            plan.query_lens,
-            plan.context_lens,
-            plan.slot_mapping,
-            plan.block_tables,
-            decode_mode=self.kernel,
-        )
+        attn: AttentionBackend
+        if plan.num_groups == 1:
+            attn = PagedAttention(
+                self.cache,
+                plan.query_lens,
+                plan.context_lens,
+                plan.slot_mapping,
+                plan.block_tables,
+                decode_mode=self.kernel,
+            )
+        else:
+            attn = GroupedAttention(self.cache, plan, self.kernel)
         dev = self.device
         return self.model.forward(
             torch.from_numpy(plan.input_ids).to(dev),
@@ -76,12 +118,15 @@ class FusedPath:
         self.fused = fused
 
     def forward(self, plan: _native.StepPlan) -> torch.Tensor:
-        # every token a row with its own block table and context (its position + 1)
+        # every token a row with its own block tables and context (its position + 1),
+        # each KV group's slots and tables after the group before's
+        groups, seqs = plan.num_groups, plan.num_seqs
+        tables = plan.group_block_tables.reshape(groups, seqs, -1)
         return self.fused.forward(
             plan.input_ids,
             plan.positions,
-            plan.slot_mapping,
-            np.repeat(plan.block_tables, plan.query_lens, axis=0),
+            plan.group_slot_mapping.reshape(-1),
+            np.repeat(tables, plan.query_lens, axis=1).reshape(groups * plan.num_tokens, -1),
             plan.positions + 1,
             plan.logit_rows,
         )

@@ -44,14 +44,19 @@ class LLMEngine:
         self.runner = ModelRunner(loaded, self.config)
         self.max_model_len = self.runner.max_model_len
         num_blocks = self.runner.cache.num_blocks
-        self.num_kv_tokens = num_blocks * self.config.block_size
+        self.num_kv_tokens = self.runner.num_kv_tokens
         self.scheduler = _native.Scheduler(
             num_blocks=num_blocks,
             block_size=self.config.block_size,
             max_num_seqs=self.config.max_num_seqs,
             max_num_batched_tokens=self.config.max_num_batched_tokens,
             enable_prefix_caching=self.config.enable_prefix_caching,
-            sliding_window=self.runner.kv_window if self.config.free_kv_behind_window else None,
+            sliding_window=(
+                self.runner.kv_window
+                if self.config.free_kv_behind_window and not self.runner.kv_groups
+                else None
+            ),
+            kv_groups=self.runner.kv_groups or None,
         )
         self.grammars = GrammarCompiler(self.tokenizer, self.model.config.vocab_size)
         # Grammar masks of a step are filled on this thread while the model runs.
@@ -281,4 +286,3 @@ class LLMEngine:
         while request_id in self.requests:
             self.step()
         return outputs
-

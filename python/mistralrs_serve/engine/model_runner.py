@@ -22,7 +22,7 @@ from mistralrs_serve.config import EngineConfig
 from mistralrs_serve.engine.cuda_graphs import DecodeGraphs
 from mistralrs_serve.engine.device_sampler import SampledTokens, can_sample_on_device, sample_on_device
 from mistralrs_serve.engine.forward_paths import ForwardPath, FusedPath, GraphPath, TorchPath, TritonPath
-from mistralrs_serve.engine.kv_cache import PagedKVCache
+from mistralrs_serve.engine.kv_cache import KVLayout, PagedKVCache
 from mistralrs_serve.models.loader import LoadedModel
 
 if TYPE_CHECKING:
@@ -53,27 +53,52 @@ class ModelRunner:
         self.use_triton = config.triton if config.triton is not None else self.device.type == "cuda"
         model_len = loaded.config.max_position_embeddings
         self.max_model_len = min(model_len, config.max_model_len or model_len)
+        self.kv_layout = self._kv_layout()
         self.cache = self._allocate_cache()
         self.path = self._choose_path()
-        # The torch and Triton paths read a windowed layer's blocks from the window's first
-        # on (captured decodes only run contexts within the window), so the scheduler may
-        # free those behind it; the fused forward reads whole tables.
-        self.kv_window = None if isinstance(self.path, FusedPath) else self.model.kv_window()
+        # Every path reads a windowed layer's blocks from the window's first on (captured
+        # decodes only run contexts within the window; the fused forward's tiles from the
+        # multiple of 8 before it, so its blocks must be whole multiples of 8), so the
+        # scheduler may free those behind it.
+        fused_reads_behind = isinstance(self.path, FusedPath) and config.block_size % 8 != 0
+        self.kv_window = None if fused_reads_behind else self.model.kv_window()
+        # the scheduler's KV groups: [] for one (with kv_window)
+        self.kv_groups: list[int | None] = (
+            list(self.kv_layout.windows) if self.kv_layout.num_groups > 1 else []
+        )
+        self.num_kv_tokens = self.kv_layout.max_tokens(
+            self.cache.num_blocks, config.block_size, config.max_num_batched_tokens
+        )
+
+    def _kv_layout(self) -> KVLayout:
+        """KV groups by window where the layers mix windows (Gemma), so the sliding
+        layers' blocks go back behind their window: on the CPU paths (Triton's kernels
+        and the CUDA graphs take one table), with blocks of whole multiples of 8 (the
+        fused tiles' unit) and freeing behind windows on. Else one group."""
+        config, num_layers = self.config, self.model.config.num_layers
+        if not config.free_kv_behind_window or self.use_triton or config.block_size % 8:
+            return KVLayout.single(num_layers)
+        layout = KVLayout.by_window(self.model.layer_windows())
+        return layout if layout.num_groups > 1 else KVLayout.single(num_layers)
 
     def _allocate_cache(self) -> PagedKVCache:
         """As many blocks as the budget holds, in the model's compute dtype: keys and
         values come out of its matmuls, so a wider cache would only read more bytes."""
         cfg, block_size, dtype = self.model.config, self.config.block_size, self.model.dtype
-        num_blocks = PagedKVCache.num_blocks_for_budget(cfg, block_size, dtype, self.config.kv_cache_mb << 20)
-        cache = PagedKVCache(cfg, num_blocks, block_size, dtype, self.device)
+        layers = self.kv_layout.cache_layers
+        budget = self.config.kv_cache_mb << 20
+        num_blocks = PagedKVCache.num_blocks_for_budget(cfg, block_size, dtype, budget, layers)
+        cache = PagedKVCache(cfg, num_blocks, block_size, dtype, self.device, self.kv_layout)
+        groups = self.kv_layout.num_groups
         logger.info(
-            "KV cache on %s: %d blocks of %d tokens (%d tokens, %d MiB, %s)%s",
+            "KV cache on %s: %d blocks of %d tokens (%d tokens, %d MiB, %s)%s%s",
             self.device,
             num_blocks,
             block_size,
             num_blocks * block_size,
-            num_blocks * PagedKVCache.bytes_per_block(cfg, block_size, dtype) >> 20,
+            num_blocks * PagedKVCache.bytes_per_block(cfg, block_size, dtype, layers) >> 20,
             str(dtype).removeprefix("torch."),
+            f"; {groups} KV groups of {layers} layers by window" if groups > 1 else "",
             "; Triton kernels" if self.use_triton else "",
         )
         return cache
@@ -93,7 +118,8 @@ class ModelRunner:
             )
             return GraphPath(graphs, eager)
         if self.device.type == "cpu" and self.config.native_forward:
-            fused = self.model.fused_forward(self.cache.kv_np)
+            places = None if self.kv_layout.num_groups == 1 else self.kv_layout.places
+            fused = self.model.fused_forward(self.cache.kv_np, places)
             if fused is not None:
                 return FusedPath(fused)
         return TorchPath(self.model, self.cache)

@@ -33,7 +33,7 @@ from mistralrs_serve.layers.linear import AnyWeight, Linear, concat_weights
 from mistralrs_serve.layers.norm import RMSNorm
 from mistralrs_serve.layers.rotary import RotaryTable
 from mistralrs_serve.models import gemma_config
-from mistralrs_serve.models.interface import FusedForward, every_layer_window
+from mistralrs_serve.models.interface import FusedForward, KVPlaces, every_layer_window
 from mistralrs_serve.models.llama import qkv_attention
 from mistralrs_serve.models.llama_native import (
     FusedSpec,
@@ -243,7 +243,7 @@ class GemmaForCausalLM:
         """Weight bytes one decode step reads (the embedding row is negligible)."""
         return sum(lin.decode_bytes() for lin in self.linears())
 
-    def fused_forward(self, kv: np.ndarray | None) -> FusedForward | None:
+    def fused_forward(self, kv: np.ndarray | None, kv_layout: KVPlaces | None = None) -> FusedForward | None:
         """The fused Rust step (models/llama_native.py) with Gemma's settings: GELU-tanh,
         its score scale and (Gemma 2) soft-cap, post norms, windows and the local
         layers' rotary table."""
@@ -276,12 +276,15 @@ class GemmaForCausalLM:
             embed_scale=cfg.hidden_size**0.5,
             final_softcap=self.final_softcap,
         )
-        return NativeForward(spec, kv)
+        return NativeForward(spec, kv, kv_layout)
 
     def kv_window(self) -> int | None:
         """None for Gemma 2 and 3, whose global layers read every block (freeing behind
         the sliding layers' window would take them a block pool of their own)."""
         return every_layer_window(layer.how for layer in self.layers)
+
+    def layer_windows(self) -> list[int | None]:
+        return [layer.how.window for layer in self.layers]
 
     def linears(self) -> list[Linear]:
         """The head first, then every layer's."""

@@ -13,6 +13,9 @@ import torch
 from mistralrs_serve.config import ModelConfig
 from mistralrs_serve.layers.attention import AttentionBackend, LayerAttention
 
+# per layer, its KV group and its place in a cache block (engine/kv_cache.KVLayout.places)
+KVPlaces = tuple[tuple[int, int], ...]
+
 
 class FusedForward(Protocol):
     """A whole step in one native call over the paged cache (the Llama family's
@@ -71,9 +74,14 @@ class CausalLM(Protocol):
         """Weight bytes one decode step reads."""
         ...
 
-    def fused_forward(self, kv: np.ndarray | None) -> FusedForward | None:
-        """The family's fused native step over the cache `kv` (PagedKVCache.kv_np),
-        or None where it has none or it does not apply (device, weights, CPU)."""
+    def fused_forward(self, kv: np.ndarray | None, kv_layout: KVPlaces | None = None) -> FusedForward | None:
+        """The family's fused native step over the cache `kv` (PagedKVCache.kv_np), each
+        layer at its (KV group, place) of `kv_layout` (None: one group, in order), or
+        None where it has none or it does not apply (device, weights, CPU)."""
+        ...
+
+    def layer_windows(self) -> list[int | None]:
+        """Each layer's sliding window (None: it sees every key), for the KV groups."""
         ...
 
     def kv_window(self) -> int | None:

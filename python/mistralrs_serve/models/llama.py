@@ -28,7 +28,7 @@ from mistralrs_serve.layers.attention import PLAIN, AttentionBackend, LayerAtten
 from mistralrs_serve.layers.linear import AnyWeight, Linear, concat_weights
 from mistralrs_serve.layers.norm import RMSNorm
 from mistralrs_serve.layers.rotary import RotaryTable, apply_rotary
-from mistralrs_serve.models.interface import every_layer_window
+from mistralrs_serve.models.interface import KVPlaces, every_layer_window
 from mistralrs_serve.models.registry import Architecture
 
 if TYPE_CHECKING:
@@ -198,6 +198,9 @@ class LlamaForCausalLM:
         """The window every layer attends within (Mistral v0.1, a windowed Phi-3), else None."""
         return every_layer_window(layer.how for layer in self.layers)
 
+    def layer_windows(self) -> list[int | None]:
+        return [layer.how.window for layer in self.layers]
+
     @torch.inference_mode()
     def forward(
         self,
@@ -239,12 +242,12 @@ class LlamaForCausalLM:
         """Weight bytes one decode step reads (the embedding row is negligible)."""
         return sum(lin.decode_bytes() for lin in self.linears())
 
-    def fused_forward(self, kv: np.ndarray | None) -> NativeForward | None:
+    def fused_forward(self, kv: np.ndarray | None, kv_layout: KVPlaces | None = None) -> NativeForward | None:
         """The fused Rust step (models/llama_native.py) where it applies: it knows
         neither windows nor layers without rotary."""
         from mistralrs_serve.models.llama_native import NativeForward
 
-        return NativeForward.build(self, kv) if self.is_plain() else None
+        return NativeForward.build(self, kv, kv_layout) if self.is_plain() else None
 
     def linears(self) -> list[Linear]:
         """The head first, then every layer's."""

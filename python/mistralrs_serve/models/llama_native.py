@@ -18,6 +18,7 @@ from mistralrs_serve import _native
 from mistralrs_serve.layers.block_weight import BlockWeight
 from mistralrs_serve.layers.linear import AnyWeight, Linear
 from mistralrs_serve.layers.rotary import RotaryTable
+from mistralrs_serve.models.interface import KVPlaces
 from mistralrs_serve.models.llama import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -103,7 +104,7 @@ class NativeForward:
     MISTRALRS_SERVE_CPU_PATH=avx2|portable caps it); `--no-native-forward` turns it off.
     """
 
-    def __init__(self, spec: FusedSpec, kv: np.ndarray) -> None:
+    def __init__(self, spec: FusedSpec, kv: np.ndarray, kv_layout: KVPlaces | None = None) -> None:
         layers = [
             (an, _matrix(qkv), qb, qn, kn, _matrix(o), ob, fn, _matrix(gu), _matrix(down))
             for an, qkv, qb, qn, kn, o, ob, fn, gu, down in spec.layers
@@ -125,6 +126,7 @@ class NativeForward:
             attn_scale=spec.attn_scale,
             attn_softcap=spec.attn_softcap,
             layer_extras=spec.extras,
+            kv_layout=None if kv_layout is None else list(kv_layout),
         )
         # token rows straight from the quantized table (the tied head's, or the embedding's
         # own blocks), as llama.cpp reads them: no dense copy of the table
@@ -143,12 +145,14 @@ class NativeForward:
         logger.info("fused CPU forward: %.1f MB of weights per decode step", self.decoder.weight_bytes / 1e6)
 
     @staticmethod
-    def build(model: LlamaForCausalLM, kv: np.ndarray | None) -> NativeForward | None:
+    def build(
+        model: LlamaForCausalLM, kv: np.ndarray | None, kv_layout: KVPlaces | None = None
+    ) -> NativeForward | None:
         """The fused forward for this model and cache, or None where it does not apply."""
         if not applies(model.device, kv, model.linears()[1:]):
             return None
         assert kv is not None
-        return NativeForward(llama_spec(model), kv)
+        return NativeForward(llama_spec(model), kv, kv_layout)
 
     def forward(
         self,

@@ -24,6 +24,7 @@ from mistralrs_serve.config import ModelConfig, RopeScaling
 from mistralrs_serve.errors import ModelLoadError, UnsupportedModelError
 from mistralrs_serve.layers.attention import PLAIN, AttentionBackend, LayerAttention
 from mistralrs_serve.layers.linear import AnyWeight
+from mistralrs_serve.models.interface import KVPlaces
 from mistralrs_serve.models.llama import LlamaForCausalLM
 from mistralrs_serve.models.registry import Architecture
 
@@ -76,9 +77,9 @@ class Ministral3ForCausalLM(MistralForCausalLM):
             attn = _ScaledQueries(attn, scale.to(self.dtype).view(-1, 1, 1))  # (T, 1, 1)
         return super().forward(input_ids, positions, attn, logits_indices, int4_rows)
 
-    def fused_forward(self, kv: np.ndarray | None) -> NativeForward | None:
+    def fused_forward(self, kv: np.ndarray | None, kv_layout: KVPlaces | None = None) -> NativeForward | None:
         # the fused forward takes the rotary tables but knows no query scale
-        return None if self.query_beta else super().fused_forward(kv)
+        return None if self.query_beta else super().fused_forward(kv, kv_layout)
 
 
 class _ScaledQueries:

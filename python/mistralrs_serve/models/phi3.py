@@ -31,6 +31,7 @@ from mistralrs_serve.layers.attention import PLAIN, AttentionBackend, LayerAtten
 from mistralrs_serve.layers.linear import AnyWeight, Linear, concat_weights
 from mistralrs_serve.layers.norm import RMSNorm
 from mistralrs_serve.layers.rotary import RotaryTable, apply_partial_rotary
+from mistralrs_serve.models.interface import KVPlaces
 from mistralrs_serve.models.llama import DecoderLayer, LlamaForCausalLM, _dense
 from mistralrs_serve.models.registry import Architecture
 
@@ -102,7 +103,7 @@ class Phi3ForCausalLM(LlamaForCausalLM):
             dtype,
         )
 
-    def fused_forward(self, kv: np.ndarray | None) -> None:
+    def fused_forward(self, kv: np.ndarray | None, kv_layout: KVPlaces | None = None) -> None:
         """None: the fused Rust step knows neither partial rotary nor LongRoPE's multiplier."""
         return None
 

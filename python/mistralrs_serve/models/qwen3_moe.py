@@ -27,7 +27,7 @@ from mistralrs_serve.layers.linear import AnyWeight, Linear, concat_weights
 from mistralrs_serve.layers.moe import Routing, SparseMoE, check_expert_counts, dense, stack_experts
 from mistralrs_serve.layers.norm import RMSNorm
 from mistralrs_serve.layers.rotary import RotaryTable
-from mistralrs_serve.models.interface import FusedForward, every_layer_window
+from mistralrs_serve.models.interface import FusedForward, KVPlaces, every_layer_window
 from mistralrs_serve.models.llama import qkv_attention
 from mistralrs_serve.models.registry import Architecture
 
@@ -235,13 +235,16 @@ class MoeForCausalLM:
             moe.decode_bytes() for moe in self._experts()
         )
 
-    def fused_forward(self, kv: np.ndarray | None) -> FusedForward | None:
+    def fused_forward(self, kv: np.ndarray | None, kv_layout: KVPlaces | None = None) -> FusedForward | None:
         """No fused native step for MoE families (the Rust forward is Llama's)."""
         return None
 
     def kv_window(self) -> int | None:
         """The window every layer attends within (a Mixtral config with one), else None."""
         return every_layer_window(layer.how for layer in self.layers)
+
+    def layer_windows(self) -> list[int | None]:
+        return [layer.how.window for layer in self.layers]
 
     def _linears(self) -> list[Linear]:
         return [self.lm_head] + [lin for layer in self.layers for lin in layer.linears()]

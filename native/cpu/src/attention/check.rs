@@ -79,7 +79,10 @@ pub(super) fn validate(
                 batch.max_blocks
             )));
         }
-        let table = &batch.block_tables[seq * batch.max_blocks..][..needed];
+        let first_read = batch
+            .window
+            .map_or(0, |w| (ctx as usize).saturating_sub(w) / 8 * 8 / block_size);
+        let table = &batch.block_tables[seq * batch.max_blocks..][first_read..needed];
         if let Some(&block) = table.iter().find(|&&b| b < 0 || b as usize >= num_blocks) {
             return Err(AttentionError::Block {
                 seq,

@@ -76,6 +76,10 @@ pub struct DecodeBatch<'a> {
     pub context_lens: &'a [i64],
     /// Softmax scale, usually 1 / sqrt(head_dim).
     pub scale: f32,
+    /// A sliding window the tables were freed behind: the entries of blocks
+    /// wholly before `context - window` (rounded down to a multiple of 8, where
+    /// the tiles start) are never read, and may be -1. None: every entry is.
+    pub window: Option<usize>,
 }
 
 #[cfg(test)]

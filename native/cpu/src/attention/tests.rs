@@ -356,6 +356,7 @@ fn row_speed() {
         max_blocks: blocks,
         context_lens: &[ctx as i64],
         scale: 0.125,
+        window: None,
     };
     let t = std::time::Instant::now();
     for _ in 0..reps {
@@ -475,6 +476,7 @@ fn with_reference<T: KvElem>(
         max_blocks: table.len(),
         context_lens: &ctxs,
         scale,
+        window: None,
     };
     (out, reference(shape, &batch, wide.0, wide.1))
 }
@@ -561,6 +563,7 @@ fn case(shape: AttentionShape, ctxs: &[i64], num_blocks: usize, seed: u64) {
         max_blocks,
         context_lens: ctxs,
         scale: 1.0 / (head_dim as f32).sqrt(),
+        window: None,
     };
     let want = reference(shape, &batch, &k, &v);
     let mut got = vec![f32::NAN; q.len()];
@@ -636,6 +639,7 @@ fn rejects_bad_plans() {
             max_blocks: 2,
             context_lens: ctx,
             scale: 1.0,
+            window: None,
         };
         paged_decode_attention(shape, &batch, &cache, &cache, out)
     };

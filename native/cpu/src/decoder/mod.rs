@@ -106,6 +106,10 @@ pub struct LayerWeights {
     pub window: Option<usize>,
     /// Which rotary table the layer takes: 0 `StepRows::cos/sin`, 1 `StepRows::local`.
     pub rope_table: usize,
+    /// The KV group whose slots and block tables the layer takes (its layers
+    /// share a window), and the layer's place in a block of the cache (see
+    /// [`StepRows::slots`]); Llama's: group 0 and the layer's index.
+    pub kv: (usize, usize),
 }
 
 pub struct Decoder {
@@ -116,6 +120,10 @@ pub struct Decoder {
     layers: Vec<LayerWeights>,
     final_norm: Vec<f32>,
     lm_head: Arc<QMatrix>,
+    /// Each KV group's window (its layers').
+    group_windows: Vec<Option<usize>>,
+    /// Layers per cache block: the most places a group's layers take.
+    cache_layers: usize,
 }
 
 /// One step's rows: a token each, already embedded.
@@ -127,9 +135,10 @@ pub struct StepRows<'a> {
     pub sin: &'a [f32],
     /// The same for the layers of `rope_table` 1, where some have it.
     pub local: Option<(&'a [f32], &'a [f32])>,
-    /// Cache slot each row's key and value go to.
+    /// Cache slot each row's key and value go to, in each KV group (group
+    /// after group, `rows` each).
     pub slots: &'a [i64],
-    /// (rows, max_blocks) block tables.
+    /// (groups, rows, max_blocks) block tables.
     pub block_tables: &'a [i64],
     pub max_blocks: usize,
     /// Positions each row attends over, its own included.
@@ -170,17 +179,30 @@ impl Decoder {
         }
         want("lm_head", &lm_head, vocab, hidden)?;
         vec_len("final_norm", &final_norm, hidden)?;
+        let (group_windows, cache_layers) = kv_groups(&layers)?;
         Ok(Self {
             shape,
             scratch: Mutex::new(Scratch::default()),
             layers,
             final_norm,
             lm_head,
+            group_windows,
+            cache_layers,
         })
     }
 
     pub fn num_layers(&self) -> usize {
         self.layers.len()
+    }
+
+    /// Layers per block of the cache (`kv`'s second dimension).
+    pub fn cache_layers(&self) -> usize {
+        self.cache_layers
+    }
+
+    /// KV groups: block tables and slots per row a step takes.
+    pub fn num_groups(&self) -> usize {
+        self.group_windows.len()
     }
 
     /// Weight bytes one step reads.
@@ -204,7 +226,7 @@ impl Decoder {
     ) -> Result<(), DecoderError> {
         let s = self.shape;
         let n = self.check(&rows, &cache, logits.len())?;
-        let layer_elems = cache.kv.len() / (2 * self.layers.len());
+        let layer_elems = cache.kv.len() / (2 * self.cache_layers);
         let attn_shape = AttentionShape {
             num_heads: s.num_heads,
             num_kv_heads: s.num_kv_heads,
@@ -216,15 +238,18 @@ impl Decoder {
         let mut scratch =
             std::mem::take(&mut *self.scratch.lock().unwrap_or_else(|e| e.into_inner()));
         scratch.floats[SLOT_Q].resize(n * q_len, 0.0);
-        let batch = DecodeBatch {
-            q: &scratch.floats[SLOT_Q],
-            block_tables: rows.block_tables,
-            max_blocks: rows.max_blocks,
-            context_lens: rows.context_lens,
-            scale: s.attn_scale.unwrap_or(1.0 / (s.head_dim as f32).sqrt()),
-        };
-        check_decode_batch(attn_shape, &batch, layer_elems, layer_elems, n * q_len)?;
-        let scale = batch.scale;
+        let scale = s.attn_scale.unwrap_or(1.0 / (s.head_dim as f32).sqrt());
+        for (g, &window) in self.group_windows.iter().enumerate() {
+            let batch = DecodeBatch {
+                q: &scratch.floats[SLOT_Q],
+                block_tables: &rows.block_tables[g * n * rows.max_blocks..][..n * rows.max_blocks],
+                max_blocks: rows.max_blocks,
+                context_lens: rows.context_lens,
+                scale,
+                window,
+            };
+            check_decode_batch(attn_shape, &batch, layer_elems, layer_elems, n * q_len)?;
+        }
         let (first_part, parts) = first_parts(rows.context_lens);
         let threads = threads.clamp(1, MAX_THREADS);
         let units = attention_units(&rows, s.num_kv_heads, threads);
@@ -295,7 +320,7 @@ impl Decoder {
         logits_len: usize,
     ) -> Result<usize, DecoderError> {
         let s = self.shape;
-        let n = rows.slots.len();
+        let n = rows.context_lens.len();
         let bad = |what: String| Err(DecoderError::Shape(what));
         if rows.x.len() != n * s.hidden {
             return bad(format!(
@@ -317,9 +342,11 @@ impl Decoder {
             }
             _ => {}
         }
-        if rows.context_lens.len() != n || rows.block_tables.len() != n * rows.max_blocks {
+        let groups = self.num_groups();
+        if rows.slots.len() != groups * n || rows.block_tables.len() != groups * n * rows.max_blocks
+        {
             return bad(format!(
-                "{n} rows need {n} context lengths and ({n}, max_blocks) block tables"
+                "{n} rows in {groups} KV groups need {groups} x {n} slots and ({groups} x {n}, max_blocks) block tables"
             ));
         }
         if let Some(&r) = rows.logit_rows.iter().find(|&&r| r >= n) {
@@ -332,17 +359,31 @@ impl Decoder {
                 s.vocab
             ));
         }
+        self.check_cache(rows, cache)?;
+        Ok(n)
+    }
+}
+
+impl Decoder {
+    /// The cache against the decoder's layers and shape, and the rows' slots
+    /// against the cache.
+    fn check_cache<T>(
+        &self,
+        rows: &StepRows<'_>,
+        cache: &KvCache<'_, T>,
+    ) -> Result<(), DecoderError> {
+        let s = self.shape;
         let row_elems = s.num_kv_heads * s.head_dim;
         let per_layer_block = cache.block_size * row_elems;
-        let layers = self.layers.len();
+        let layers = self.cache_layers;
         if per_layer_block == 0 || !cache.kv.len().is_multiple_of(2 * layers * per_layer_block) {
-            return bad(format!(
+            return Err(DecoderError::Shape(format!(
                 "the cache has {} values, not whole blocks of 2 x {layers} layers x {} x {} x {}",
                 cache.kv.len(),
                 cache.block_size,
                 s.num_kv_heads,
                 s.head_dim
-            ));
+            )));
         }
         let slots = cache.kv.len() / (2 * layers * row_elems);
         for (row, &slot) in rows.slots.iter().enumerate() {
@@ -350,7 +391,42 @@ impl Decoder {
                 return Err(DecoderError::Slot { row, slot, slots });
             }
         }
-        Ok(n)
+        Ok(())
+    }
+}
+
+/// Each KV group's window and the layers per cache block, from the layers'
+/// (group, place): groups numbered from 0 without gaps, a group's layers on
+/// distinct places. A group's window is its layers' widest where each has
+/// one (the scheduler frees its tables behind it), else None.
+fn kv_groups(layers: &[LayerWeights]) -> Result<(Vec<Option<usize>>, usize), DecoderError> {
+    if layers.is_empty() {
+        return Ok((vec![None], 1));
+    }
+    let groups = layers.iter().map(|l| l.kv.0 + 1).max().unwrap_or(1);
+    let cache_layers = layers.iter().map(|l| l.kv.1 + 1).max().unwrap_or(1);
+    // per group, None until a layer is seen, then Some(the widest window so far)
+    let mut windows: Vec<Option<Option<usize>>> = vec![None; groups];
+    let mut taken = vec![false; groups * cache_layers];
+    for (i, l) in layers.iter().enumerate() {
+        let (g, place) = l.kv;
+        let bad = |what: &str| {
+            Err(DecoderError::Shape(format!(
+                "layer {i}: KV group {g} place {place}: {what}"
+            )))
+        };
+        if std::mem::replace(&mut taken[g * cache_layers + place], true) {
+            return bad("taken by another layer");
+        }
+        windows[g] = Some(match windows[g] {
+            None => l.window,
+            Some(w) => w.zip(l.window).map(|(a, b)| a.max(b)),
+        });
+    }
+    let windows: Option<Vec<Option<usize>>> = windows.into_iter().collect();
+    match windows {
+        Some(w) => Ok((w, cache_layers)),
+        None => Err(DecoderError::Shape("a KV group without layers".into())),
     }
 }
 

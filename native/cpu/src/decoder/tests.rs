@@ -1,5 +1,6 @@
 //! The fused decode step against a plain f32 reference of the same network.
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use super::ops::{gelu_tanh_mul, rms_norm, rope, swiglu};
@@ -55,7 +56,7 @@ fn model(qk_norm: bool, bias: bool) -> Decoder {
     let s = SHAPE;
     let qkv_rows = (s.num_heads + 2 * s.num_kv_heads) * s.head_dim;
     let layers = (0..2)
-        .map(|_| LayerWeights {
+        .map(|i| LayerWeights {
             attn_norm: rand.vec(s.hidden, 0.5).iter().map(|v| v + 1.0).collect(),
             qkv: q4(&mut rand, qkv_rows, s.hidden),
             qkv_bias: bias.then(|| rand.vec(qkv_rows, 0.1)),
@@ -70,6 +71,7 @@ fn model(qk_norm: bool, bias: bool) -> Decoder {
             post_ffn_norm: None,
             window: None,
             rope_table: 0,
+            kv: (0, i),
         })
         .collect();
     let head = Arc::new(
@@ -502,6 +504,11 @@ fn swiglu_holds_at_extreme_gates() {
 /// A Gemma-3-like network: GELU-tanh, a scale of its own, post norms, two
 /// windowed layers on the second rotary table and a global one.
 fn gemma_like() -> Decoder {
+    gemma_like_in([(0, 0), (0, 1), (0, 2)])
+}
+
+/// [`gemma_like`] with its layers' KV group and place in a block.
+fn gemma_like_in(kv: [(usize, usize); 3]) -> Decoder {
     let mut rand = Rand(17, 0);
     let s = DecoderShape {
         activation: Activation::GeluTanh,
@@ -519,8 +526,12 @@ fn gemma_like() -> Decoder {
     let layers = [(Some(5), 1), (Some(7), 1), (None, 0)]
         .into_iter()
         .zip(norms)
+        .enumerate()
         .map(
-            |((window, rope_table), [attn_norm, q_norm, k_norm, ffn_norm, post_attn, post_ffn])| {
+            |(
+                i,
+                ((window, rope_table), [attn_norm, q_norm, k_norm, ffn_norm, post_attn, post_ffn]),
+            )| {
                 LayerWeights {
                     attn_norm,
                     qkv: q4(&mut rand, qkv_rows, s.hidden),
@@ -536,6 +547,7 @@ fn gemma_like() -> Decoder {
                     post_ffn_norm: Some(post_ffn),
                     window,
                     rope_table,
+                    kv: kv[i],
                 }
             },
         )
@@ -640,4 +652,99 @@ fn gelu_tanh_matches_its_definition() {
             "gelu({g}): {o}"
         );
     }
+}
+
+/// One sequence's rows `positions` in one step, each KV group with its own
+/// table (`tables[g]`); logits of every row.
+fn forward_grouped(
+    m: &Decoder,
+    kv: &mut [u16],
+    tables: &[Vec<i64>],
+    positions: Range<usize>,
+    a: &[Vec<f32>],
+) -> Result<Vec<Vec<f32>>, DecoderError> {
+    let n = positions.len();
+    let mut x: Vec<f32> = positions.clone().flat_map(|p| a[p].clone()).collect();
+    let (mut cos, mut sin, mut cos_l, mut sin_l) = (vec![], vec![], vec![], vec![]);
+    for p in positions.clone() {
+        let ((c, si), (cl, sl)) = (rotary(p), local_rotary(p));
+        cos.extend(c);
+        sin.extend(si);
+        cos_l.extend(cl);
+        sin_l.extend(sl);
+    }
+    let block =
+        |t: &[i64], p: usize| t[p / BLOCK_SIZE] * BLOCK_SIZE as i64 + (p % BLOCK_SIZE) as i64;
+    let slots: Vec<i64> = tables
+        .iter()
+        .flat_map(|t| positions.clone().map(|p| block(t, p)))
+        .collect();
+    let all: Vec<i64> = tables
+        .iter()
+        .flat_map(|t| (0..n).flat_map(|_| t.clone()))
+        .collect();
+    let ctx: Vec<i64> = positions.clone().map(|p| p as i64 + 1).collect();
+    let logit_rows: Vec<usize> = (0..n).collect();
+    let mut logits = vec![0f32; n * m.shape.vocab];
+    let input = StepRows {
+        x: &mut x,
+        cos: &cos,
+        sin: &sin,
+        local: Some((&cos_l, &sin_l)),
+        slots: &slots,
+        block_tables: &all,
+        max_blocks: tables[0].len(),
+        context_lens: &ctx,
+        logit_rows: &logit_rows,
+    };
+    let cache = KvCache {
+        kv,
+        block_size: BLOCK_SIZE,
+    };
+    m.forward(input, cache, &mut logits, 2)?;
+    Ok(logits
+        .chunks_exact(m.shape.vocab)
+        .map(|l| l.to_vec())
+        .collect())
+}
+
+/// The windowed layers in a KV group of their own, whose table loses its
+/// blocks behind the window as the sequence goes on (-1 entries): the same
+/// logits, bit for bit, as every layer in one group with every block; an
+/// entry the window still reads that is -1 is an error, not a read.
+#[test]
+fn a_windowed_kv_group_reads_none_of_its_freed_blocks() {
+    let whole = gemma_like();
+    let grouped = gemma_like_in([(1, 0), (1, 1), (0, 0)]);
+    assert_eq!((grouped.num_groups(), grouped.cache_layers()), (2, 2));
+    let a = embeds(21, 150);
+    let global: Vec<i64> = (0..38).map(|b| (b * 7) % 38).collect();
+    let mut windowed: Vec<i64> = (0..38).map(|b| 40 + (b * 3) % 38).collect();
+    let elems = NUM_BLOCKS * BLOCK_SIZE * SHAPE.num_kv_heads * SHAPE.head_dim;
+    let (mut kv1, mut kv2) = (gemma_cache(), vec![0u16; 2 * 2 * elems]);
+    for range in [0..13usize, 13..14, 14..140, 140..150] {
+        // the widest window is 7: blocks wholly before the tiles' start (a multiple of 8) go
+        let first_read = (range.start + 1).saturating_sub(7) / 8 * 8 / BLOCK_SIZE;
+        windowed[..first_read].fill(-1);
+        let want = forward_grouped(
+            &whole,
+            &mut kv1,
+            std::slice::from_ref(&global),
+            range.clone(),
+            &a,
+        )
+        .unwrap();
+        let got = forward_grouped(
+            &grouped,
+            &mut kv2,
+            &[global.clone(), windowed.clone()],
+            range.clone(),
+            &a,
+        )
+        .unwrap();
+        assert_eq!(got, want, "rows {range:?}");
+    }
+    windowed[(149 + 1 - 7) / 8 * 8 / BLOCK_SIZE] = -1;
+    let err = forward_grouped(&grouped, &mut kv2, &[global, windowed], 149..150, &a);
+    assert!(matches!(err, Err(DecoderError::Attention(_))), "{err:?}");
 }

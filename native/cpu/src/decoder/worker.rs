@@ -53,26 +53,27 @@ impl<'a, T: KvStore> Worker<'a, T> {
     /// Every layer for the step's rows, then the wanted rows' logits.
     pub(super) fn run(mut self) {
         let model = self.model;
-        for (li, l) in model.layers.iter().enumerate() {
-            self.layer(li, l);
+        for l in &model.layers {
+            self.layer(l);
         }
         // every thread's rows are final only after the last residual add
         self.st.barrier.wait();
         self.logits();
     }
 
-    fn layer(&mut self, li: usize, l: &LayerWeights) {
+    fn layer(&mut self, l: &LayerWeights) {
         let (st, bufs) = (self.st, &self.st.bufs);
         self.norm_rows(&l.attn_norm, &l.qkv);
         st.barrier.wait();
         self.product(&l.qkv, &bufs.qkv);
-        let k_off = li * st.layer_elems;
-        let v_off = (self.model.layers.len() + li) * st.layer_elems;
+        // the layer's place in a block of its KV group
+        let k_off = l.kv.1 * st.layer_elems;
+        let v_off = (self.model.cache_layers() + l.kv.1) * st.layer_elems;
         for r in self.mine.clone() {
             self.qkv_row(r, l, (k_off, v_off));
         }
         st.barrier.wait();
-        self.attention(k_off, v_off, l.window);
+        self.attention(k_off, v_off, l);
         st.barrier.wait();
         self.merge_attention(&l.o);
         st.barrier.wait();
@@ -189,7 +190,7 @@ impl<'a, T: KvStore> Worker<'a, T> {
             }
             rope(head, cos, sin);
         }
-        let slot = st.slots[r] as usize * kv_len;
+        let slot = st.slots[l.kv.0 * st.n + r] as usize * kv_len;
         let k_dst = unsafe { st.kv.range(k_off + slot, kv_len) };
         let v_dst = unsafe { st.kv.range(v_off + slot, kv_len) };
         k_dst
@@ -205,7 +206,7 @@ impl<'a, T: KvStore> Worker<'a, T> {
 
     /// The layer's attention units, in any order, to whichever thread is
     /// free: a row's arithmetic is its own (see `attend_tile`).
-    fn attention(&mut self, k_off: usize, v_off: usize, window: Option<usize>) {
+    fn attention(&mut self, k_off: usize, v_off: usize, l: &LayerWeights) {
         let st = self.st;
         let k_layer = unsafe { &*st.kv.range(k_off, st.layer_elems) };
         let v_layer = unsafe { &*st.kv.range(v_off, st.layer_elems) };
@@ -213,7 +214,7 @@ impl<'a, T: KvStore> Worker<'a, T> {
         loop {
             let u = next.fetch_add(1, Ordering::Relaxed);
             let Some(unit) = st.units.get(u) else { break };
-            self.attend_unit(unit, k_layer, v_layer, window);
+            self.attend_unit(unit, k_layer, v_layer, l);
         }
     }
 
@@ -221,8 +222,8 @@ impl<'a, T: KvStore> Worker<'a, T> {
     /// Under a `window`, a row whose keys start past the segment gives it a part
     /// that weighs nothing (max -inf, sum 0), and the others start where theirs do.
     #[inline]
-    fn attend_unit(&mut self, unit: &Unit, k_layer: &[T], v_layer: &[T], window: Option<usize>) {
-        let st = self.st;
+    fn attend_unit(&mut self, unit: &Unit, k_layer: &[T], v_layer: &[T], l: &LayerWeights) {
+        let (st, window) = (self.st, l.window);
         let q_len = self.model.shape.num_heads * self.model.shape.head_dim;
         let plen = segment_len(st.attn_shape);
         let rows = unit.first_row..unit.first_row + unit.rows;
@@ -257,7 +258,7 @@ impl<'a, T: KvStore> Worker<'a, T> {
             return;
         }
         let tile = TileQuery {
-            table: &st.block_tables[reach * st.max_blocks..][..st.max_blocks],
+            table: &st.block_tables[(l.kv.0 * st.n + reach) * st.max_blocks..][..st.max_blocks],
             first,
             ends: &ends[..count],
             starts: window.map(|_| &starts[..count]),
