@@ -103,3 +103,14 @@ def test_grouped_blocks_give_the_same_tokens_in_fewer_layer_blocks(loaded: Loade
     again, _ = _run(grouped, prompts[:1])
     assert again[0] == want[0] and grouped.scheduler.prefix_cache_hits > 0
     assert grouped.scheduler.num_used_blocks == 0
+
+
+def test_groups_only_where_a_sequence_can_grow_as_long(loaded: LoadedModel) -> None:
+    """Chunks of 2048 tokens would have each sliding group hold 130 blocks at once: in a
+    1 MiB cache that leaves the global group nothing, so the engine keeps one group."""
+    config = EngineConfig(kv_cache_mb=1, block_size=16, max_num_batched_tokens=2048)
+    engine = LLMEngine(loaded, config)
+    assert engine.runner.kv_layout.num_groups == 1 and engine.scheduler.kv_groups == [None]
+    assert engine.num_kv_tokens == engine.runner.cache.num_blocks * 16
+    roomy = LLMEngine(loaded, EngineConfig(kv_cache_mb=1, block_size=16, max_num_batched_tokens=64))
+    assert roomy.runner.kv_layout.num_groups == 6 and roomy.num_kv_tokens > engine.num_kv_tokens

@@ -74,12 +74,22 @@ class ModelRunner:
         """KV groups by window where the layers mix windows (Gemma), so the sliding
         layers' blocks go back behind their window: on the CPU paths (Triton's kernels
         and the CUDA graphs take one table), with blocks of whole multiples of 8 (the
-        fused tiles' unit) and freeing behind windows on. Else one group."""
-        config, num_layers = self.config, self.model.config.num_layers
+        fused tiles' unit), freeing behind windows on, and a budget in which one sequence
+        can grow at least as long as in one group. Else one group."""
+        config, cfg = self.config, self.model.config
+        single = KVLayout.single(cfg.num_layers)
         if not config.free_kv_behind_window or self.use_triton or config.block_size % 8:
-            return KVLayout.single(num_layers)
+            return single
         layout = KVLayout.by_window(self.model.layer_windows())
-        return layout if layout.num_groups > 1 else KVLayout.single(num_layers)
+        if layout.num_groups == 1:
+            return single
+        budget, bs, chunk = config.kv_cache_mb << 20, config.block_size, config.max_num_batched_tokens
+
+        def longest(lay: KVLayout) -> int:
+            blocks = PagedKVCache.num_blocks_for_budget(cfg, bs, self.model.dtype, budget, lay.cache_layers)
+            return min(lay.max_tokens(blocks, bs, chunk), self.max_model_len)
+
+        return layout if longest(layout) >= longest(single) else single
 
     def _allocate_cache(self) -> PagedKVCache:
         """As many blocks as the budget holds, in the model's compute dtype: keys and

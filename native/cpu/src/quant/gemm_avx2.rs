@@ -160,11 +160,8 @@ unsafe fn half<const N: usize, K: Codes>(
     stride: usize,
     (lo, hi): (usize, usize),
 ) {
-    let nb = w.blocks_per_row();
-    let bytes = K::KIND.block_bytes();
-    // this half's 32 bytes of each 64-byte register of the group's layout
-    let codes = w.q.as_ptr().add((h / 2) * nb * bytes + (h % 2) * 32);
-    let factors = Factors::of_half(w, h);
+    let (nb, bytes) = (w.blocks_per_row(), K::KIND.block_bytes());
+    let (codes, factors) = half_at::<K>(w, h);
     let ones = _mm256_set1_epi16(1);
     let mut acc = [_mm256_setzero_ps(); N];
     let mut regs = [_mm256_setzero_si256(); 8];
@@ -208,10 +205,8 @@ unsafe fn half_super<const N: usize, K: Codes>(
     stride: usize,
     (lo, hi): (usize, usize),
 ) {
-    let nb = w.blocks_per_row();
-    let bytes = K::KIND.block_bytes();
-    let codes = w.q.as_ptr().add((h / 2) * nb * bytes + (h % 2) * 32);
-    let factors = Factors::of_half(w, h);
+    let (nb, bytes) = (w.blocks_per_row(), K::KIND.block_bytes());
+    let (codes, factors) = half_at::<K>(w, h);
     let mut acc = [_mm256_setzero_ps(); N];
     let mut regs = [_mm256_setzero_si256(); 8];
     for sb in 0..nb / SUPER_BLOCKS {
@@ -245,6 +240,17 @@ unsafe fn half_super<const N: usize, K: Codes>(
     for (b, a) in acc.iter().enumerate() {
         store_lanes(*a, out.add(b * stride), lo, hi);
     }
+}
+
+/// Half group `h`'s codes (its 32 bytes of each 64-byte register of the
+/// group's layout, from block 0) and factors.
+#[inline]
+unsafe fn half_at<K: Codes>(w: &Part, h: usize) -> (*const u8, Factors) {
+    let group = (h / 2) * w.blocks_per_row() * K::KIND.block_bytes();
+    (
+        w.q.as_ptr().add(group + (h % 2) * 32),
+        Factors::of_half(w, h),
+    )
 }
 
 /// Asks the cache for the codes [`AHEAD`] blocks of `bytes` past `p`.
