@@ -177,7 +177,7 @@ def ours_worker(task_file: Path, result_file: Path) -> None:
     alone, so that its resident memory is its own. Its KV cache holds `n_ctx` tokens."""
     from mistralrs_serve.config import EngineConfig
     from mistralrs_serve.engine.engine_loop import EngineLoop
-    from mistralrs_serve.engine.kv_cache import PagedKVCache
+    from mistralrs_serve.engine.kv_cache import KVLayout, PagedKVCache
     from mistralrs_serve.engine.llm_engine import LLMEngine
     from mistralrs_serve.models.loader import ModelSource, load_model
 
@@ -187,8 +187,15 @@ def ours_worker(task_file: Path, result_file: Path) -> None:
 
     def build() -> LLMEngine:  # on the engine thread (EngineLoop says why)
         loaded = load_model(ModelSource("gguf", task["gguf"]))
-        per_token = PagedKVCache.bytes_per_block(loaded.model.config, 1, loaded.model.dtype)
-        kv_mb = -(-task["n_ctx"] * per_token // (1 << 20))  # whole MiB, at least n_ctx tokens
+        # whole MiB for n_ctx tokens: where the layers mix windows (Gemma), the KV groups'
+        # blocks (the sliding layers keep their window and a chunk), as llama.cpp sizes its
+        # sliding-window cache apart
+        cfg, default = loaded.model.config, EngineConfig()
+        layout = KVLayout.by_window(loaded.model.layer_windows())
+        bs, chunk = default.block_size, default.max_num_batched_tokens
+        blocks = layout.blocks_for(task["n_ctx"], bs, chunk)
+        kv_bytes = blocks * PagedKVCache.bytes_per_block(cfg, bs, loaded.model.dtype, layout.cache_layers)
+        kv_mb = -(-kv_bytes // (1 << 20))
         return LLMEngine(loaded, EngineConfig(kv_cache_mb=kv_mb, max_model_len=task["n_ctx"]))
 
     client = EngineLoop(build)

@@ -114,3 +114,14 @@ def test_groups_only_where_a_sequence_can_grow_as_long(loaded: LoadedModel) -> N
     assert engine.num_kv_tokens == engine.runner.cache.num_blocks * 16
     roomy = LLMEngine(loaded, EngineConfig(kv_cache_mb=1, block_size=16, max_num_batched_tokens=64))
     assert roomy.runner.kv_layout.num_groups == 6 and roomy.num_kv_tokens > engine.num_kv_tokens
+
+
+def test_blocks_for_is_what_max_tokens_gives_back() -> None:
+    layout = KVLayout.by_window(([512] * 5 + [None]) * 3)
+    # past a window and a chunk the sliding groups hold their most, and the two agree
+    for tokens in (4096, 5000, 10_000):
+        blocks = layout.blocks_for(tokens, 16, 2048)
+        assert layout.max_tokens(blocks, 16, 2048) >= tokens > layout.max_tokens(blocks - 1, 16, 2048)
+    # 4096 tokens: 256 global blocks and each sliding group its window and a chunk (161)
+    assert layout.blocks_for(4096, 16, 2048) == 256 + 5 * 161
+    assert KVLayout.single(4).blocks_for(4096, 16, 2048) == 256

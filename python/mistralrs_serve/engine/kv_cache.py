@@ -63,6 +63,13 @@ class KVLayout:
         """Layers one block holds: the most places a group takes."""
         return 1 + max((place for _, place in self.places), default=0)
 
+    def blocks_for(self, tokens: int, block_size: int, chunk: int) -> int:
+        """Blocks one sequence of `tokens` holds at most while computed in chunks of
+        `chunk` tokens (the least pool `max_tokens` gives it in)."""
+        every = -(-tokens // block_size)
+        held = [every if w is None else min(every, -(-(w + chunk) // block_size) + 1) for w in self.windows]
+        return sum(held)
+
     def max_tokens(self, num_blocks: int, block_size: int, chunk: int) -> int:
         """The longest sequence the pool holds alone while computing it in chunks of
         `chunk` tokens: a windowed group keeps its window and a chunk, a global one all."""
