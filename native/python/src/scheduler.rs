@@ -38,6 +38,7 @@ impl PyScheduler {
         *, num_blocks, block_size = 16, max_num_seqs = 256, max_num_batched_tokens = 2048,
         enable_prefix_caching = true, cache_salt = 0, sliding_window = None, kv_groups = None
     ))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         num_blocks: usize,
         block_size: usize,
