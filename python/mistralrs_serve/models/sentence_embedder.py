@@ -25,6 +25,10 @@ from mistralrs_serve.errors import ModelLoadError, UnsupportedModelError
 from mistralrs_serve.models.bert import BertEncoder, load_bert
 
 POOLINGS = ("cls", "mean", "max", "lasttoken", "mean_sqrt_len")
+# Padded tokens per forward call at most: rows sorted by length in calls this small
+# pad little (256 short sentences: 436 sentences/s here, against 256 in one call of
+# 16384); a call is a row at least.
+BATCH_TOKENS = 512
 
 
 class InputTooLong(ValueError):
@@ -80,7 +84,7 @@ class SentenceEmbedder:
         return self.embed_ids(self.tokenize(texts, truncate), truncate)
 
     def embed_ids(
-        self, rows: Sequence[Sequence[int]], truncate: bool = True, batch_tokens: int = 16384
+        self, rows: Sequence[Sequence[int]], truncate: bool = True, batch_tokens: int = BATCH_TOKENS
     ) -> Embeddings:
         """One vector per row of token ids, taken as they are (no special tokens added), in
         order; a row over the limit cut to it where `truncate`, else refused."""
