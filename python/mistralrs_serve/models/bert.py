@@ -4,9 +4,9 @@ layer-normed, then post-norm layers of bidirectional attention and a GELU MLP. R
 from a Hugging Face directory (config.json, model.safetensors; the weights with or
 without the `bert.` prefix a pretraining checkpoint has).
 
-A batch is padded to its longest row: the padding keys are masked out of every
-attention, and the padding rows' own states are whatever they come out as (pooling
-leaves them out)."""
+A batch comes padded to its longest row, and runs packed: the products, norms and
+GELUs take the real tokens only, and only the attention sees the padded layout (its
+padding keys masked out). The padding rows' states come out as zeros."""
 
 from __future__ import annotations
 
@@ -95,12 +95,31 @@ class BertEncoder:
         if length > cfg.max_position_embeddings:
             raise ValueError(f"{length} tokens: the model takes at most {cfg.max_position_embeddings}")
         types = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
-        x = self.word[input_ids] + self.position[:length][None] + self.token_type[types]
+        mask = attention_mask.bool()
+        real = mask.reshape(-1).nonzero().squeeze(1)  # the real tokens' rows of (B * L)
+        positions = torch.arange(length).expand_as(input_ids).reshape(-1)[real]
+        x = self.word[input_ids.reshape(-1)[real]] + self.position[positions]
+        x = x + self.token_type[types.reshape(-1)[real]]
         x = F.layer_norm(x, (cfg.hidden_size,), *self.embed_norm, cfg.layer_norm_eps)
-        keys = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, L): which keys a query sees
+        packing = _Packing(real, mask)
         for layer in self.layers:
-            x = layer.forward(x, keys, cfg)
-        return x
+            x = layer.forward(x, packing, cfg)
+        return packing.unpack(x)
+
+
+class _Packing:
+    """The real tokens of a padded (B, L) batch as rows of a packed (T, ...) tensor."""
+
+    def __init__(self, real: torch.Tensor, mask: torch.Tensor) -> None:
+        self.real, self.shape = real, mask.shape
+        self.keys = mask[:, None, None, :]  # (B, 1, 1, L): which keys a query sees
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """(T, ...) -> (B, L, ...), zeros at the padding."""
+        batch, length = self.shape
+        out = x.new_zeros((batch * length, *x.shape[1:]))
+        out[self.real] = x
+        return out.view(batch, length, *x.shape[1:])
 
 
 class _BertLayer:
@@ -114,13 +133,14 @@ class _BertLayer:
         self.down = (get(p + "output.dense.weight"), get(p + "output.dense.bias"))
         self.mlp_norm = (get(p + "output.LayerNorm.weight"), get(p + "output.LayerNorm.bias"))
 
-    def forward(self, x: torch.Tensor, keys: torch.Tensor, cfg: BertConfig) -> torch.Tensor:
-        batch, length, hidden = x.shape
-        heads = cfg.num_heads
-        qkv = F.linear(x, self.qkv_w, self.qkv_b).view(batch, length, 3, heads, hidden // heads)
+    def forward(self, x: torch.Tensor, packing: _Packing, cfg: BertConfig) -> torch.Tensor:
+        """Packed (T, hidden) states -> the layer's, the attention over the padded layout."""
+        hidden, heads = x.shape[1], cfg.num_heads
+        (batch, length), head_dim = packing.shape, hidden // heads
+        qkv = packing.unpack(F.linear(x, self.qkv_w, self.qkv_b)).view(batch, length, 3, heads, head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, heads, L, head_dim)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=keys)
-        a = a.transpose(1, 2).reshape(batch, length, hidden)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=packing.keys)
+        a = a.transpose(1, 2).reshape(batch * length, hidden)[packing.real]
         x = F.layer_norm(F.linear(a, *self.out) + x, (hidden,), *self.att_norm, cfg.layer_norm_eps)
         h = F.gelu(F.linear(x, *self.up), approximate=cfg.gelu_approximate)
         return F.layer_norm(F.linear(h, *self.down) + x, (hidden,), *self.mlp_norm, cfg.layer_norm_eps)
