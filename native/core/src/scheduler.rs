@@ -427,9 +427,9 @@ impl Scheduler {
     fn free_behind_window(&mut self, id: u64) {
         let seq = self.seqs.get_mut(&id).expect("known");
         for (t, window) in seq.tables.iter_mut().zip(&self.windows) {
-            let Some(window) = window else { continue };
-            let first_key = (seq.num_computed + 1).saturating_sub(*window);
-            let end = (first_key / self.cfg.block_size).min(t.blocks.len());
+            // a global group's first live block is 0: nothing to free
+            let end = Self::first_live(seq.num_computed, *window, self.cfg.block_size)
+                .min(t.blocks.len());
             while t.num_freed < end {
                 if let Some(b) = t.blocks[t.num_freed].take() {
                     let freed = self.pool.free(b);
@@ -438,6 +438,13 @@ impl Scheduler {
                 t.num_freed += 1;
             }
         }
+    }
+
+    /// The first block a query at `position` may read under `window` (None:
+    /// block 0): the blocks wholly before its first key, `position + 1 - window`,
+    /// are what [`Scheduler::free_behind_window`] gives back.
+    fn first_live(position: usize, window: Option<usize>, block_size: usize) -> usize {
+        window.map_or(0, |w| (position + 1).saturating_sub(w) / block_size)
     }
 
     /// Running sequences plus the seats they keep for forks.
@@ -488,23 +495,24 @@ impl Scheduler {
         let seq = &self.seqs[&id];
         let max_full = (seq.token_ids.len() - 1) / bs;
         let tokens = |i: usize| &seq.token_ids[i * bs..(i + 1) * bs];
+        // the chain's hashes and each group's cached blocks, up to a global group's first miss
         let mut hashes: Vec<u64> = Vec::with_capacity(max_full);
+        let mut found: Vec<Vec<Option<BlockId>>> = vec![vec![]; self.windows.len()];
         for i in 0..max_full {
-            hashes.push(block_hash(
-                hashes.last().copied(),
-                self.cfg.cache_salt,
-                tokens(i),
-            ));
+            let h = block_hash(hashes.last().copied(), self.cfg.cache_salt, tokens(i));
+            let cached = |g: usize| self.cache.lookup(group_key(h, g), tokens(i));
+            let global_miss =
+                (0..self.windows.len()).any(|g| self.windows[g].is_none() && cached(g).is_none());
+            if global_miss {
+                break;
+            }
+            hashes.push(h);
+            for (g, f) in found.iter_mut().enumerate() {
+                f.push(cached(g));
+            }
         }
-        let found: Vec<Vec<Option<BlockId>>> = (0..self.windows.len())
-            .map(|g| {
-                let at = |(i, &h): (usize, &u64)| self.cache.lookup(group_key(h, g), tokens(i));
-                hashes.iter().enumerate().map(at).collect()
-            })
-            .collect();
-        let first =
-            |k: usize, w: Option<usize>| w.map_or(0, |w| (k * bs + 1).saturating_sub(w) / bs);
-        let hit = (0..=max_full)
+        let first = |k: usize, w: Option<usize>| Self::first_live(k * bs, w, bs);
+        let hit = (0..=hashes.len())
             .rev()
             .find(|&k| {
                 let served = |(f, w): (&Vec<Option<BlockId>>, &Option<usize>)| {

@@ -28,9 +28,9 @@ class KVLayout:
     windows: tuple[int | None, ...]
 
     @staticmethod
-    def single(num_layers: int) -> KVLayout:
+    def single(num_layers: int, window: int | None = None) -> KVLayout:
         """Every layer in one group, in order: a block holds every layer."""
-        return KVLayout(tuple((0, i) for i in range(num_layers)), (None,))
+        return KVLayout(tuple((0, i) for i in range(num_layers)), (window,))
 
     @staticmethod
     def by_window(layer_windows: list[int | None]) -> KVLayout:
@@ -42,8 +42,7 @@ class KVLayout:
         for i, w in enumerate(layer_windows):
             by.setdefault(w, []).append(i)
         if len(by) <= 1:
-            window = next(iter(by), None)
-            return KVLayout(tuple((0, i) for i in range(len(layer_windows))), (window,))
+            return KVLayout.single(len(layer_windows), next(iter(by), None))
         size = min(len(layers) for layers in by.values())
         places: dict[int, tuple[int, int]] = {}
         windows: list[int | None] = []

@@ -358,49 +358,61 @@ fn forward_rows(
     rows: &[(&[i64], usize, Vec<f32>)],
     threads: usize,
 ) -> Vec<Vec<f32>> {
-    let s = m.shape;
-    let n = rows.len();
-    let max_blocks = rows[0].0.len();
-    let mut x: Vec<f32> = rows.iter().flat_map(|r| r.2.clone()).collect();
+    let positions: Vec<usize> = rows.iter().map(|r| r.1).collect();
+    let x = rows.iter().flat_map(|r| r.2.clone()).collect();
+    let tables = vec![rows.iter().map(|r| r.0).collect()];
+    run_step(m, kv, &positions, x, &tables, threads).unwrap()
+}
+
+/// One step of rows at `positions` (embeddings `x`, concatenated), each
+/// KV group `g` with row `r`'s table `tables[g][r]`; logits of every row.
+fn run_step(
+    m: &Decoder,
+    kv: &mut [u16],
+    positions: &[usize],
+    mut x: Vec<f32>,
+    tables: &[Vec<&[i64]>],
+    threads: usize,
+) -> Result<Vec<Vec<f32>>, DecoderError> {
+    let n = positions.len();
     let (mut cos, mut sin, mut cos_l, mut sin_l) = (vec![], vec![], vec![], vec![]);
-    for r in rows {
-        let (c, si) = rotary(r.1);
+    for &p in positions {
+        let ((c, si), (cl, sl)) = (rotary(p), local_rotary(p));
         cos.extend(c);
         sin.extend(si);
-        let (c, si) = local_rotary(r.1);
-        cos_l.extend(c);
-        sin_l.extend(si);
+        cos_l.extend(cl);
+        sin_l.extend(sl);
     }
-    let tables: Vec<i64> = rows.iter().flat_map(|r| r.0.to_vec()).collect();
-    let slots: Vec<i64> = rows
+    let block =
+        |t: &[i64], p: usize| t[p / BLOCK_SIZE] * BLOCK_SIZE as i64 + (p % BLOCK_SIZE) as i64;
+    let slots: Vec<i64> = tables
         .iter()
-        .map(|r| r.0[r.1 / BLOCK_SIZE] * BLOCK_SIZE as i64 + (r.1 % BLOCK_SIZE) as i64)
+        .flat_map(|g| g.iter().zip(positions).map(|(t, &p)| block(t, p)))
         .collect();
-    let ctx: Vec<i64> = rows.iter().map(|r| r.1 as i64 + 1).collect();
+    let all: Vec<i64> = tables.iter().flatten().flat_map(|t| t.to_vec()).collect();
+    let ctx: Vec<i64> = positions.iter().map(|&p| p as i64 + 1).collect();
     let logit_rows: Vec<usize> = (0..n).collect();
-    let mut logits = vec![0f32; n * s.vocab];
+    let mut logits = vec![0f32; n * m.shape.vocab];
     let input = StepRows {
         x: &mut x,
         cos: &cos,
         sin: &sin,
         local: Some((&cos_l, &sin_l)),
         slots: &slots,
-        block_tables: &tables,
-        max_blocks,
+        block_tables: &all,
+        max_blocks: tables[0][0].len(),
         context_lens: &ctx,
         logit_rows: &logit_rows,
     };
-    m.forward(
-        input,
-        KvCache {
-            kv,
-            block_size: BLOCK_SIZE,
-        },
-        &mut logits,
-        threads,
-    )
-    .unwrap();
-    logits.chunks_exact(s.vocab).map(|l| l.to_vec()).collect()
+    let cache = KvCache {
+        kv,
+        block_size: BLOCK_SIZE,
+    };
+    m.forward(input, cache, &mut logits, threads)?;
+    Ok(logits
+        .chunks_exact(m.shape.vocab)
+        .map(|l| l.to_vec())
+        .collect())
 }
 
 #[test]
@@ -663,49 +675,10 @@ fn forward_grouped(
     positions: Range<usize>,
     a: &[Vec<f32>],
 ) -> Result<Vec<Vec<f32>>, DecoderError> {
-    let n = positions.len();
-    let mut x: Vec<f32> = positions.clone().flat_map(|p| a[p].clone()).collect();
-    let (mut cos, mut sin, mut cos_l, mut sin_l) = (vec![], vec![], vec![], vec![]);
-    for p in positions.clone() {
-        let ((c, si), (cl, sl)) = (rotary(p), local_rotary(p));
-        cos.extend(c);
-        sin.extend(si);
-        cos_l.extend(cl);
-        sin_l.extend(sl);
-    }
-    let block =
-        |t: &[i64], p: usize| t[p / BLOCK_SIZE] * BLOCK_SIZE as i64 + (p % BLOCK_SIZE) as i64;
-    let slots: Vec<i64> = tables
-        .iter()
-        .flat_map(|t| positions.clone().map(|p| block(t, p)))
-        .collect();
-    let all: Vec<i64> = tables
-        .iter()
-        .flat_map(|t| (0..n).flat_map(|_| t.clone()))
-        .collect();
-    let ctx: Vec<i64> = positions.clone().map(|p| p as i64 + 1).collect();
-    let logit_rows: Vec<usize> = (0..n).collect();
-    let mut logits = vec![0f32; n * m.shape.vocab];
-    let input = StepRows {
-        x: &mut x,
-        cos: &cos,
-        sin: &sin,
-        local: Some((&cos_l, &sin_l)),
-        slots: &slots,
-        block_tables: &all,
-        max_blocks: tables[0].len(),
-        context_lens: &ctx,
-        logit_rows: &logit_rows,
-    };
-    let cache = KvCache {
-        kv,
-        block_size: BLOCK_SIZE,
-    };
-    m.forward(input, cache, &mut logits, 2)?;
-    Ok(logits
-        .chunks_exact(m.shape.vocab)
-        .map(|l| l.to_vec())
-        .collect())
+    let rows: Vec<usize> = positions.collect();
+    let x = rows.iter().flat_map(|&p| a[p].clone()).collect();
+    let per_row: Vec<Vec<&[i64]>> = tables.iter().map(|t| vec![&t[..]; rows.len()]).collect();
+    run_step(m, kv, &rows, x, &per_row, 2)
 }
 
 /// The windowed layers in a KV group of their own, whose table loses its

@@ -13,6 +13,9 @@ use std::ops::Range;
 
 use super::{BLOCK, SUPER_BLOCKS};
 
+/// `x + ROUND - ROUND` rounds |x| < 2^22 to the nearest integer, ties to
+/// even (1.5 * 2^23), in loops that vectorise.
+const ROUND: f32 = 12_582_912.0;
 /// Columns per super-block.
 const SUPER: usize = BLOCK * SUPER_BLOCKS;
 /// Sums of 16 codes per row and super-block.
@@ -252,7 +255,6 @@ unsafe fn supers_avx2(row: RowAt, x: &[f32], cols: usize) {
 /// `row`'s blocks and sums up to `cols` are valid for writes.
 #[inline(always)]
 unsafe fn quantize_supers(row: RowAt, x: &[f32], cols: usize) {
-    const ROUND: f32 = 12_582_912.0;
     let mut padded = [0f32; SUPER];
     for s in 0..cols / SUPER {
         let start = (s * SUPER).min(x.len());
@@ -329,8 +331,6 @@ unsafe fn quantize_avx512(row: RowAt, x: &[f32]) {
 /// `row`'s blocks up to `x`'s length are valid for writes.
 #[inline(always)]
 pub(super) unsafe fn quantize_blocks(row: RowAt, x: &[f32]) {
-    // x + 1.5 * 2^23 - 1.5 * 2^23 rounds |x| < 2^22 to the nearest integer (ties to even)
-    const ROUND: f32 = 12_582_912.0;
     for (b, block) in x.chunks(BLOCK).enumerate() {
         let codes = std::slice::from_raw_parts_mut(row.q.add(b * ROW_Q_STEP), BLOCK);
         // a partial last block: zeros past x

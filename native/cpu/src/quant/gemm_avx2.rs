@@ -462,8 +462,7 @@ unsafe fn f16s(p: *const u16) -> __m256 {
 #[inline]
 #[target_feature(enable = "avx2,f16c")]
 unsafe fn super_scales(first: *const u16, second: *const u16, subs: *const i8) -> (__m256, __m256) {
-    let a = _mm256_cvtepi8_epi32(_mm_loadl_epi64(subs.cast()));
-    let b = _mm256_cvtepi8_epi32(_mm_loadl_epi64(subs.add(GROUP_ROWS).cast()));
+    let (a, b) = (lanes_i32(subs), lanes_i32(subs.add(GROUP_ROWS)));
     (
         _mm256_mul_ps(f16s(first), _mm256_cvtepi32_ps(a)),
         _mm256_mul_ps(f16s(second), _mm256_cvtepi32_ps(b)),
