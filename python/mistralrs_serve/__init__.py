@@ -21,7 +21,11 @@ if TYPE_CHECKING:
         ChatCompletionResponse,
         CompletionRequest,
         CompletionResponse,
+        EmbeddingRequest,
+        EmbeddingResponse,
+        SpeechRequest,
     )
+    from mistralrs_serve.entrypoints.openai.serving_audio import TranscriptionRequest
     from mistralrs_serve.runner import Runner, Which
     from mistralrs_serve.sampling_params import SamplingParams
 
@@ -31,6 +35,10 @@ _LAZY = {
     "ChatCompletionResponse": "mistralrs_serve.entrypoints.openai.protocol",
     "CompletionRequest": "mistralrs_serve.entrypoints.openai.protocol",
     "CompletionResponse": "mistralrs_serve.entrypoints.openai.protocol",
+    "EmbeddingRequest": "mistralrs_serve.entrypoints.openai.protocol",
+    "EmbeddingResponse": "mistralrs_serve.entrypoints.openai.protocol",
+    "SpeechRequest": "mistralrs_serve.entrypoints.openai.protocol",
+    "TranscriptionRequest": "mistralrs_serve.entrypoints.openai.serving_audio",
     "Runner": "mistralrs_serve.runner",
     "Which": "mistralrs_serve.runner",
     "SamplingParams": "mistralrs_serve.sampling_params",
@@ -41,11 +49,15 @@ __all__ = [
     "ChatCompletionResponse",
     "CompletionRequest",
     "CompletionResponse",
+    "EmbeddingRequest",
+    "EmbeddingResponse",
     "InvalidRequestError",
     "MistralrsServeError",
     "ModelLoadError",
     "Runner",
     "SamplingParams",
+    "SpeechRequest",
+    "TranscriptionRequest",
     "Which",
 ]
 __version__ = "0.1.0"

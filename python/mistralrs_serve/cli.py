@@ -222,6 +222,10 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--max-body-mb", type=int, default=ServerConfig.max_body_bytes >> 20, help="largest request body"
     )
+    add_storage_args(p)
+
+
+def add_storage_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("storage (stored responses and files)")
     g.add_argument(
         "--data-dir",

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -15,17 +16,28 @@ from mistralrs_serve.engine.engine_info import EngineInfo
 from mistralrs_serve.engine.engine_loop import EngineLoop
 from mistralrs_serve.engine.llm_engine import LLMEngine
 from mistralrs_serve.entrypoints.openai.attachments import Attachments
+from mistralrs_serve.entrypoints.openai.model_set import build_serving
 from mistralrs_serve.entrypoints.openai.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    SpeechRequest,
+)
+from mistralrs_serve.entrypoints.openai.serving_audio import (
+    SpeechServing,
+    TranscriptionRequest,
+    TranscriptionServing,
 )
 from mistralrs_serve.entrypoints.openai.serving_chat import ChatServing
 from mistralrs_serve.entrypoints.openai.serving_completion import CompletionServing
+from mistralrs_serve.entrypoints.openai.serving_embedding import EmbeddingServing
 from mistralrs_serve.errors import InvalidRequestError
 from mistralrs_serve.models.loader import ModelSource, load_model
+from mistralrs_serve.models.model_specs import ModelSpec
 from mistralrs_serve.store.db import Database
 from mistralrs_serve.store.files import FileStore, SqliteFileStore
 
@@ -72,8 +84,46 @@ class Which:
                 chat_template=chat_template,
             )
 
+    @dataclass(frozen=True)
+    class Embedding:
+        """An embedding model: a packaged name, a sentence-transformers directory or a hub id."""
+
+        model_id: str = "all-minilm-l6-v2"
+        matryoshka_dimensions: tuple[int, ...] = ()
+
+        def spec(self) -> ModelSpec:
+            opts = (
+                {"matryoshka_dimensions": list(self.matryoshka_dimensions)}
+                if self.matryoshka_dimensions
+                else {}
+            )
+            return ModelSpec("embedding", self.model_id, options=opts)
+
+    @dataclass(frozen=True)
+    class Speech:
+        """A Piper voice (packaged name, .onnx file or its directory); `voices` names several."""
+
+        model_id: str = "en_US-joe-medium"
+        voices: tuple[tuple[str, str], ...] = ()  # (voice name, source), the first the default
+
+        def spec(self) -> ModelSpec:
+            return ModelSpec(
+                "speech", self.model_id, options={"voices": dict(self.voices)} if self.voices else {}
+            )
+
+    @dataclass(frozen=True)
+    class Transcription:
+        """A CTranslate2 Whisper model: a packaged name (whisper-tiny.en, whisper-base) or directory."""
+
+        model_id: str = "whisper-tiny.en"
+        compute_type: str = "int8"
+
+        def spec(self) -> ModelSpec:
+            return ModelSpec("transcription", self.model_id, options={"compute_type": self.compute_type})
+
 
 AnyWhich = Which.Default | Which.Plain | Which.GGUF
+OtherWhich = Which.Embedding | Which.Speech | Which.Transcription
 
 
 class Runner:
@@ -86,15 +136,24 @@ class Runner:
 
     def __init__(
         self,
-        which: AnyWhich | None = None,
+        which: AnyWhich | OtherWhich | None = None,
         *,
         chat_template: str | None = None,
         dtype: str = "auto",
         num_threads: int | None = None,
         engine_config: EngineConfig | None = None,
         data_dir: str | os.PathLike[str] | None = None,
+        transcriber: Which.Transcription | None = None,
     ) -> None:
+        """`which` a chat model (the default), or an embedding, speech or transcription model,
+        whose requests go to `send_embedding_request`, `generate_speech` and
+        `send_transcription_request`. `transcriber` lets a chat model hear `input_audio` parts."""
         which = which if which is not None else Which.Default()
+        self._listener = build_serving(transcriber.spec()) if transcriber is not None else None
+        if isinstance(which, (Which.Embedding, Which.Speech, Which.Transcription)):
+            self.kind = which.spec().kind
+            self._serving = build_serving(which.spec())
+            return
         self._setup(which.source(chat_template), dtype, num_threads, engine_config, data_dir)
 
     @classmethod
@@ -121,29 +180,60 @@ class Runner:
         engine_config: EngineConfig | None,
         data_dir: str | os.PathLike[str] | None,
     ) -> None:
+        self.kind = "chat"
+        self._serving = None
+        self._listener = getattr(self, "_listener", None)
         # opened first: a bad data_dir fails before the model loads
         self.files: FileStore | None = SqliteFileStore(Database(data_dir)) if data_dir is not None else None
         self.client = start_engine(source, dtype, num_threads, engine_config)
         self.info: EngineInfo = self.client.info  # the model's tokenizer, template and limits
-        self._chat = ChatServing(self.client, self.info.model_name, Attachments(self.files))
+        listen = self._listener.hear if self._listener is not None else None
+        self._chat = ChatServing(self.client, self.info.model_name, Attachments(self.files, listen=listen))
         self._completion = CompletionServing(self.client, self.info.model_name)
 
     def send_chat_completion_request(
         self, request: ChatCompletionRequest
     ) -> ChatCompletionResponse | Iterator[ChatCompletionChunk]:
         """The response, or with `stream=True` an iterator of chunks (closing it aborts the request)."""
+        self._model_of("chat")
         if request.stream:
             return self._chat.create_stream(request)
         return self._chat.create(request)
 
     def send_completion_request(self, request: CompletionRequest) -> CompletionResponse:
+        self._model_of("chat")
         if request.stream:
             raise InvalidRequestError("stream=True is not supported for completions by the Runner", "stream")
         return self._completion.create(request)
 
+    def send_embedding_request(self, request: EmbeddingRequest) -> EmbeddingResponse:
+        """One vector per input, as /v1/embeddings answers (a Runner of Which.Embedding)."""
+        serving: EmbeddingServing = self._model_of("embedding")
+        return serving.create(request)
+
+    def generate_speech(self, request: SpeechRequest) -> bytes:
+        """The whole audio file of `request.input` in `request.response_format` (Which.Speech)."""
+        serving: SpeechServing = self._model_of("speech")
+        return serving.create(request)
+
+    def send_transcription_request(self, request: TranscriptionRequest) -> dict[str, Any] | str:
+        """The transcript as /v1/audio/transcriptions answers it: a dict for json and
+        verbose_json, text for text, srt and vtt (Which.Transcription)."""
+        serving: TranscriptionServing = self._model_of("transcription")
+        body, _ = serving.body(request, serving.transcript(request))
+        return body if isinstance(body, dict) else body.decode()
+
+    def _model_of(self, kind: str) -> Any:
+        if self.kind != kind:
+            raise InvalidRequestError(f"this Runner serves a model of kind {self.kind}, not {kind}", "model")
+        return self._serving
+
     def close(self) -> None:
         """Stop the engine thread (it also stops with the process)."""
-        self.client.shutdown()
+        if self.kind == "chat":
+            self.client.shutdown()
+        elif self.kind == "embedding":
+            self._serving.engine.shutdown()
 
     def tokenize_text(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.info.tokenizer.encode(text, add_special_tokens=add_special_tokens)

@@ -23,3 +23,29 @@ def live_server(default_runner: Any) -> Iterator[LiveServer]:
 @pytest.fixture(scope="session")
 def client(live_server: LiveServer) -> openai.OpenAI:
     return live_server.client()
+
+
+@pytest.fixture(scope="session")
+def modal_server(default_runner: Any) -> Iterator[LiveServer]:
+    """The default chat model with the packaged embedder, voice and transcriber (what
+    `--with-defaults` serves), and a second embedder name over MiniLM that declares
+    Matryoshka sizes."""
+    from mistralrs_serve.entrypoints.openai.model_set import build_serving
+    from mistralrs_serve.models.model_specs import ModelSpec, with_defaults
+
+    specs = with_defaults([])
+    specs.append(
+        ModelSpec(
+            "embedding", "all-minilm-l6-v2", name="minilm-mrl", options={"matryoshka_dimensions": [128, 256]}
+        )
+    )
+    models = [(s, lambda s=s: build_serving(s)) for s in specs]
+    config = ServerConfig(max_body_bytes=4 << 20, max_audio_bytes=2 << 20, keepalive_s=0.5)
+    live = start_server(config, lambda: default_runner.client, models)
+    yield live
+    stop_server(live)
+
+
+@pytest.fixture(scope="session")
+def modal_client(modal_server: LiveServer) -> openai.OpenAI:
+    return modal_server.client()

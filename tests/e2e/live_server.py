@@ -56,8 +56,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(config: ServerConfig, load: Any) -> LiveServer:
-    app = build_app(config, load)
+def start_server(config: ServerConfig, load: Any, models: Any = ()) -> LiveServer:
+    """A server over `load`'s chat engine (None: no chat model) and `models`, (spec, loader)
+    pairs of the others; healthy once every model has loaded."""
+    app = build_app(config, load, models)
     port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False)

@@ -211,11 +211,15 @@ def test_tokenize_detokenize(live_server: LiveServer) -> None:
 
 
 def metric(text: str, name: str) -> float:
-    """The value of an unlabelled sample in Prometheus text."""
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"{name} not in /metrics")
+    """The sum of a metric's samples (one per model) in Prometheus text."""
+    values = [
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith((name + " ", name + "{"))
+    ]
+    if not values:
+        raise AssertionError(f"{name} not in /metrics")
+    return sum(values)
 
 
 def test_metrics_count_requests_and_tokens(live_server: LiveServer, client: openai.OpenAI) -> None:

@@ -2,8 +2,10 @@
 `modules.json` names the modules in order (the transformer, `Pooling`, optionally
 `Normalize`), `1_Pooling/config.json` the pooling (mean, CLS, max, last token, mean
 over sqrt(len)), `sentence_bert_config.json` the longest input (`max_seq_length`).
-The transformer is the project's own BERT encoder (models/bert.py); the tokenizer is
-the directory's tokenizer.json with its special tokens ([CLS] ... [SEP]).
+The transformer is the project's own BERT encoder (models/bert.py), or for a decoder
+model (Qwen3-Embedding: last-token pooling) the Llama-family network run without a
+cache (models/decoder_encoder.py); the tokenizer is the directory's tokenizer.json
+with its special tokens ([CLS] ... [SEP], or the decoder's closing token).
 
 Inputs are texts or token ids. Rows longer than `max_seq_length` are cut to it
 where `truncate` allows, else refused; batches are formed from rows of similar length
@@ -16,13 +18,14 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import tokenizers
 import torch
 
 from mistralrs_serve.errors import ModelLoadError, UnsupportedModelError
-from mistralrs_serve.models.bert import BertEncoder, load_bert
+from mistralrs_serve.models.bert import load_bert
 
 POOLINGS = ("cls", "mean", "max", "lasttoken", "mean_sqrt_len")
 # Padded tokens per forward call at most: rows sorted by length in calls this small
@@ -45,10 +48,28 @@ class Embeddings:
     token_counts: list[int]  # tokens each row took, special tokens included (usage)
 
 
+class EncoderShape(Protocol):
+    @property
+    def hidden_size(self) -> int: ...
+
+    @property
+    def max_position_embeddings(self) -> int: ...
+
+
+class Encoder(Protocol):
+    """The transformer under the pooling: models/bert.py's encoder, or a decoder
+    (models/decoder_encoder.py) whose last token pools."""
+
+    @property
+    def config(self) -> EncoderShape: ...
+
+    def forward(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor: ...
+
+
 class SentenceEmbedder:
     def __init__(
         self,
-        encoder: BertEncoder,
+        encoder: Encoder,
         tokenizer: tokenizers.Tokenizer,
         pooling: str,
         normalize: bool,
@@ -63,7 +84,7 @@ class SentenceEmbedder:
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
         self.batch_tokens = BATCH_TOKENS
         pad = tokenizer.token_to_id("[PAD]")
-        self.pad_id = 0 if pad is None else pad
+        self.pad_id = 0 if pad is None else pad  # masked everywhere: any id will do
         self._truncating = tokenizers.Tokenizer.from_str(tokenizer.to_str())
         self._truncating.enable_truncation(self.max_seq_length)
 
@@ -195,7 +216,18 @@ def _load(directory: Path) -> SentenceEmbedder:
     tokenizer = tokenizers.Tokenizer.from_file(str(tokenizer_path))
     tokenizer.no_truncation()
     tokenizer.no_padding()
-    return SentenceEmbedder(load_bert(directory), tokenizer, pooling, normalize, max_len)
+    return SentenceEmbedder(_encoder(directory), tokenizer, pooling, normalize, max_len)
+
+
+def _encoder(directory: Path) -> Encoder:
+    """BERT for `model_type` bert, else a decoder of the Llama family."""
+    config = directory / "config.json"
+    model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
+    if model_type in (None, "bert"):
+        return load_bert(directory)
+    from mistralrs_serve.models.decoder_encoder import load_decoder_encoder
+
+    return load_decoder_encoder(directory)
 
 
 def _pooling_of(cfg: dict[str, object]) -> str:

@@ -130,7 +130,5 @@ def tokenizer_from_gguf(metadata: Mapping[str, Any], source: str) -> tuple[Token
         if pre is not None:
             tokenizer = _assemble(vocab, lambda: gpt2_model(vocab, pre), gpt2_pipeline(pre), added, post)
         else:
-            tokenizer = _assemble(
-                vocab, lambda: spm_model(vocab, specials), spm_pipeline(vocab), added, post
-            )
+            tokenizer = _assemble(vocab, lambda: spm_model(vocab, specials), spm_pipeline(vocab), added, post)
     return tokenizer, special_tokens_for(vocab, specials, eog)

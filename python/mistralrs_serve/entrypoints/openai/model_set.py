@@ -157,6 +157,15 @@ def model_dir(source: str) -> Path:
 
 def build_serving(spec: ModelSpec) -> Any:
     """The serving object of a non-chat model (what `ServedModel.serving` holds)."""
+    if spec.kind in ("speech", "transcription"):
+        try:
+            import faster_whisper  # noqa: F401
+            import piper  # noqa: F401
+        except ImportError as e:
+            raise ModelLoadError(
+                f"{spec.kind} models need the audio extra ({e.name} is missing): "
+                "pip install 'mistralrs-serve[audio]'"
+            ) from None
     name, opts = spec.served_name(), spec.options
     if spec.kind == "embedding":
         from mistralrs_serve.engine.embedding_engine import EmbeddingEngine

@@ -232,7 +232,7 @@ class ChatCompletionChunk(BaseModel):
 class EmbeddingRequest(OpenAIModel):
     """POST /v1/embeddings. `input`: a string, strings, token ids, or lists of token ids."""
 
-    model: str
+    model: str = "default-embedding"
     input: str | list[str] | list[int] | list[list[int]]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
@@ -243,7 +243,7 @@ class EmbeddingRequest(OpenAIModel):
 class SpeechRequest(OpenAIModel):
     """POST /v1/audio/speech. `voice` is a name or OpenAI's `{"id": ...}` object."""
 
-    model: str
+    model: str = "default-speech"
     input: str
     voice: str | dict[str, str] | None = None
     instructions: str | None = None  # accepted; Piper voices take no instructions

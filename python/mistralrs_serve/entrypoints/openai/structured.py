@@ -37,7 +37,13 @@ _SCHEMA_LISTS = ("prefixItems", "anyOf", "oneOf")
 _SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 # Beside `properties`, these may admit further keys: such a schema is left as it is.
 _OPENERS = (
-    "additionalProperties", "patternProperties", "unevaluatedProperties", "allOf", "anyOf", "oneOf", "$ref"
+    "additionalProperties",
+    "patternProperties",
+    "unevaluatedProperties",
+    "allOf",
+    "anyOf",
+    "oneOf",
+    "$ref",
 )
 
 
