@@ -25,3 +25,4 @@ $BIN/python bench/responses_api.py --smoke
 $BIN/python bench/agent_tools.py --smoke
 $BIN/python bench/models.py --smoke
 $BIN/python bench/embeddings.py --smoke
+$BIN/python bench/audio.py --smoke

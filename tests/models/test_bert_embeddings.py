@@ -37,8 +37,15 @@ def _tiny_bert(directory: Path, act: str) -> Any:
     return model
 
 
-@pytest.mark.parametrize("act", ["gelu", "gelu_new"])
-def test_the_encoder_matches_transformers_on_a_padded_batch(tmp_path: Path, act: str) -> None:
+@pytest.mark.parametrize(("act", "short_rows"), [("gelu", 64), ("gelu_new", 64), ("gelu", 4)])
+def test_the_encoder_matches_transformers_on_a_padded_batch(
+    tmp_path: Path, act: str, short_rows: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows up to SHORT_ROWS long attend through the explicit products, longer ones through
+    torch's fused attention (short_rows 4 sends this batch there)."""
+    from mistralrs_serve.models import bert
+
+    monkeypatch.setattr(bert, "SHORT_ROWS", short_rows)
     hf = _tiny_bert(tmp_path / act, act)
     ours = load_bert(tmp_path / act)
     lengths = [9, 3, 17, 1]
@@ -54,9 +61,11 @@ def test_the_encoder_matches_transformers_on_a_padded_batch(tmp_path: Path, act:
     for i, n in enumerate(lengths):
         diff = (got[i, :n] - want[i, :n]).abs().max().item()
         assert diff <= 1e-4, (act, i, diff)
-    # a row alone gives the same states as in the padded batch
+    # a row alone gives the same states as in the padded batch, and a second call over the
+    # reused workspace the same as the first
     alone = ours.forward(ids[1:2, :3], mask[1:2, :3])
     assert (alone[0] - got[1, :3]).abs().max().item() <= 1e-5
+    assert torch.equal(ours.forward(ids, mask), got)
 
 
 def test_pooling_modes_against_a_plain_reference() -> None:
