@@ -193,10 +193,7 @@ class _BertLayer:
         h = torch.addmm(self.out_b, a, self.out_w, out=ws.take("attn_out", tokens, hidden))
         x = _layer_norm(h.add_(x), self.att_norm, cfg.layer_norm_eps, ws.take("x_mid", tokens, hidden), ws)
         up = torch.addmm(self.up_b, x, self.up_w, out=ws.take("up", tokens, self.up_w.shape[1]))
-        if cfg.gelu_approximate == "none":
-            torch._C._nn.gelu_(up)
-        else:
-            torch._C._nn.gelu_(up, approximate=cfg.gelu_approximate)
+        torch.ops.aten.gelu_(up, approximate=cfg.gelu_approximate)
         down = torch.addmm(self.down_b, up, self.down_w, out=ws.take("down", tokens, hidden))
         return _layer_norm(
             down.add_(x), self.mlp_norm, cfg.layer_norm_eps, ws.take("x_out", tokens, hidden), ws
