@@ -22,6 +22,7 @@ __all__ = [
     "__version__",
     "apply_token_bitmask",
     "fill_token_bitmasks",
+    "packed_attention",
     "paged_decode_attention",
     "sample",
 ]
@@ -87,6 +88,17 @@ def sample(
     history; KeyError for a sequence the scheduler does not know; RuntimeError when a row has
     no token left to sample (every logit -inf or NaN). The GIL is released while sampling.
     """
+
+def packed_attention(
+    qkv: NDArray[np.float32],
+    starts: NDArray[np.int64],
+    num_heads: int,
+    scale: float,
+    out: NDArray[np.float32],
+) -> None:
+    """Bidirectional attention of packed sequences (encoders): qkv (rows, 3 * num_heads *
+    head_dim) with each row's q, k and v side by side; sequence s is rows
+    starts[s]..starts[s + 1]; out (rows, num_heads * head_dim) is written."""
 
 def paged_decode_attention(
     q: NDArray[np.float32],

@@ -1,14 +1,19 @@
-//! Binding of the CPU crate's paged decode attention: checks the arrays,
-//! borrows their memory, releases the GIL for the kernel.
+//! Binding of the CPU crate's attention kernels (paged decode attention, and
+//! the encoders' packed attention): checks the arrays, borrows their memory,
+//! releases the GIL for the kernel.
 
 use mistralrs_serve_cpu::attention::{
-    paged_decode_attention as decode_kernel, AttentionShape, DecodeBatch, KvElem,
+    packed_attention as packed_kernel, paged_decode_attention as decode_kernel, AttentionShape,
+    DecodeBatch, KvElem,
 };
 use numpy::PyUntypedArrayMethods;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
-use crate::convert::{as_bits, readonly, readwrite, shape_of, tables_and_lens, F32_3D};
+use crate::convert::{
+    as_bits, readonly, readwrite, shape_of, tables_and_lens, F32_2D, F32_3D, I64_1D,
+    WRITEABLE_F32_2D,
+};
 use crate::errors::to_py_err;
 
 /// Decode attention of one query row per sequence over the paged cache.
@@ -82,5 +87,40 @@ fn run<T: KvElem>(
     out: &mut [f32],
 ) -> PyResult<()> {
     py.detach(|| decode_kernel(shape, batch, k, v, out))
+        .map_err(to_py_err)
+}
+
+/// Bidirectional attention of packed sequences (encoders): qkv (rows, 3 * heads *
+/// head_dim) float32 with each row's q, k, v side by side; starts (num_seqs + 1,)
+/// int64, sequence s being rows starts[s]..starts[s + 1]; out (rows, heads *
+/// head_dim) float32, written.
+#[pyfunction]
+pub fn packed_attention<'py>(
+    py: Python<'py>,
+    qkv: Bound<'py, PyAny>,
+    starts: Bound<'py, PyAny>,
+    num_heads: usize,
+    scale: f32,
+    out: Bound<'py, PyAny>,
+) -> PyResult<()> {
+    let qkv = readonly::<f32, numpy::Ix2>("qkv", F32_2D, &qkv)?;
+    let starts = readonly::<i64, numpy::Ix1>("starts", I64_1D, &starts)?;
+    let mut out_rw = readwrite::<f32, numpy::Ix2>("out", WRITEABLE_F32_2D, &out)?;
+    let cols = qkv.shape()[1];
+    if num_heads == 0 || cols % (3 * num_heads) != 0 {
+        return Err(PyValueError::new_err(format!(
+            "qkv has {cols} columns: not 3 x num_heads ({num_heads}) x head_dim"
+        )));
+    }
+    let starts: Vec<usize> = starts
+        .as_slice()?
+        .iter()
+        .map(|&s| usize::try_from(s))
+        .collect::<Result<_, _>>()
+        .map_err(|_| PyValueError::new_err("starts must not be negative"))?;
+    let head_dim = cols / 3 / num_heads;
+    let qkv = qkv.as_slice()?;
+    let out = out_rw.as_slice_mut()?;
+    py.detach(|| packed_kernel(qkv, &starts, num_heads, head_dim, scale, out))
         .map_err(to_py_err)
 }

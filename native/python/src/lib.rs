@@ -21,6 +21,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<scheduler::PyScheduler>()?;
     m.add_class::<scheduler::PyStepPlan>()?;
     m.add_function(wrap_pyfunction!(attention::paged_decode_attention, m)?)?;
+    m.add_function(wrap_pyfunction!(attention::packed_attention, m)?)?;
     m.add_class::<decoder::PyQuantMatrix>()?;
     m.add_class::<decoder::PyNativeDecoder>()?;
     m.add_class::<grammar::PyGrammarVocabulary>()?;

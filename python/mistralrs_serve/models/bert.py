@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from mistralrs_serve import _native as native
 from mistralrs_serve.errors import ModelLoadError, UnsupportedModelError
 
 # transformers' names for the GELUs a BERT config may ask for
@@ -118,11 +119,6 @@ class BertEncoder:
         return ws
 
 
-# Rows up to this long attend through explicit small products over a reused
-# workspace; longer ones through torch's fused attention (no L x L scores kept).
-SHORT_ROWS = 64
-
-
 class _Workspace:
     """Buffers a forward reuses instead of allocating: a fresh multi-megabyte tensor
     per product is a fresh mapping from the C allocator, whose page faults cost as much
@@ -147,8 +143,9 @@ class _Packing:
     def __init__(self, real: torch.Tensor, mask: torch.Tensor, ws: _Workspace) -> None:
         self.real, self.shape, self.ws = real, mask.shape, ws
         self.keys = mask[:, None, None, :]  # (B, 1, 1, L): which keys a query sees
-        # additive mask of the short path: 0 for a real key, -inf for padding
-        self.bias = torch.zeros(mask.shape).masked_fill_(~mask, float("-inf"))[:, None, :]
+        # where each sequence's rows start in the packed order (a row without tokens has none)
+        ends = mask.sum(1).cumsum(0)
+        self.starts = torch.unique_consecutive(torch.cat([ends.new_zeros(1), ends]))
 
     def unpack(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """(T, C) -> (B, L, C) in the workspace; the padding rows hold finite leftovers."""
@@ -201,33 +198,22 @@ class _BertLayer:
 
 
 def _attention(qkv: torch.Tensor, packing: _Packing, cfg: BertConfig) -> torch.Tensor:
-    """(T, 3 * hidden) packed q, k, v -> (T, hidden) attention, over the padded layout."""
-    (batch, length), heads, ws = packing.shape, cfg.num_heads, packing.ws
-    tokens, head_dim = qkv.shape[0], qkv.shape[1] // 3 // heads
-    per_head = qkv.view(tokens, 3, heads, head_dim).permute(1, 2, 0, 3)  # (3, H, T, D)
-    if length > SHORT_ROWS:
-        padded = packing.unpack(qkv, "qkv_padded").view(batch, length, 3, heads, head_dim)
-        q, k, v = padded.permute(2, 0, 3, 1, 4)  # each (B, H, L, D)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=packing.keys, scale=1.0).transpose(1, 2)
-        out = ws.take("ctx_rows", batch, length, heads * head_dim)
-        out.view(batch, length, heads, head_dim).copy_(a)
-        return torch.index_select(out.view(batch * length, -1), 0, packing.real)
-    # head-major padded q, k, v (3, H, B * L, D): one scatter, then plain batched products
-    hb = heads * batch
-    buf = ws.take("qkv_heads", 3, heads, batch * length, head_dim)
-    buf.index_copy_(2, packing.real, per_head)
-    q, k, v = (t.view(hb, length, head_dim) for t in buf)
-    scores = torch.bmm(q, k.transpose(1, 2), out=ws.take("scores", hb, length, length))
-    scores.view(heads, batch, length, length).add_(packing.bias[None])
-    probs = torch.ops.aten._softmax.out(scores, -1, False, out=ws.take("probs", hb, length, length))
-    ctx = torch.bmm(probs, v, out=ws.take("ctx", hb, length, head_dim)).view(heads, batch * length, head_dim)
-    real = torch.index_select(ctx, 1, packing.real, out=ws.take("ctx_real", heads, tokens, head_dim))
-    return (
-        ws.take("ctx_rows", tokens, heads * head_dim)
-        .view(tokens, heads, head_dim)
-        .copy_(real.transpose(0, 1))
-        .view(tokens, -1)
-    )
+    """(T, 3 * hidden) packed q, k, v -> (T, hidden) attention, each row over its own
+    sequence's rows: the Rust kernel over the packed rows (no padding, no copies), or
+    torch's fused attention over the padded layout where the rows are not on the CPU."""
+    ws, tokens = packing.ws, qkv.shape[0]
+    hidden = qkv.shape[1] // 3
+    out = ws.take("ctx_rows", tokens, hidden)
+    if qkv.device.type == "cpu":
+        native.packed_attention(qkv.numpy(), packing.starts.numpy(), cfg.num_heads, 1.0, out.numpy())
+        return out
+    (batch, length), heads = packing.shape, cfg.num_heads
+    padded = packing.unpack(qkv, "qkv_padded").view(batch, length, 3, heads, hidden // heads)
+    q, k, v = padded.permute(2, 0, 3, 1, 4)  # each (B, H, L, D)
+    a = F.scaled_dot_product_attention(q, k, v, attn_mask=packing.keys, scale=1.0).transpose(1, 2)
+    rows = ws.take("ctx_padded", batch, length, hidden)
+    rows.view(batch, length, heads, hidden // heads).copy_(a)
+    return torch.index_select(rows.view(batch * length, -1), 0, packing.real, out=out)
 
 
 def load_bert(directory: Path) -> BertEncoder:

@@ -10,7 +10,8 @@
 //! per sequence over its whole context; and [`attend_tile`] (`tile`, with
 //! the AVX-512 kernels in `tile16`), a tile of one sequence's rows over one
 //! segment of their context, the unit of work the fused decoder spreads over
-//! its threads. `check` validates a batch against the cache; `layout` holds
+//! its threads. [`packed_attention`] (`packed`) is the encoders': packed
+//! rows of whole sequences, bidirectional, no cache. `check` validates a batch against the cache; `layout` holds
 //! the vector loads and transposes the AVX-512 kernels share.
 
 mod check;
@@ -19,6 +20,7 @@ mod decode;
 mod decode_avx512;
 #[cfg(target_arch = "x86_64")]
 mod layout;
+mod packed;
 mod tile;
 #[cfg(target_arch = "x86_64")]
 mod tile16;
@@ -27,6 +29,7 @@ mod tile_avx2;
 
 pub use check::check_decode_batch;
 pub use decode::paged_decode_attention;
+pub use packed::packed_attention;
 pub use tile::{
     attend_tile, merge_segments, segment_len, TileQuery, TileScratch, SEGMENT, TILE_ROWS,
 };
