@@ -112,6 +112,40 @@ def test_a_busy_model_does_not_hold_up_the_others(
     assert results["speech"] == 200
 
 
+def test_requests_to_every_model_at_once(modal_server: LiveServer, speech_wav_bytes: bytes) -> None:
+    """Two requests to each kind, all in flight together: every one answered."""
+    chat = {"model": "default", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    calls: list[tuple[str, dict[str, Any]]] = [
+        ("/v1/chat/completions", {"json": chat}),
+        ("/v1/embeddings", {"json": {"model": "default-embedding", "input": ["a", "b", "c"]}}),
+        ("/v1/embeddings", {"json": {"model": "minilm-mrl", "input": "d", "dimensions": 128}}),
+        ("/v1/audio/speech", {"json": {"model": "tts-1", "input": "In parallel."}}),
+        (
+            "/v1/audio/transcriptions",
+            {"files": {"file": ("a.wav", speech_wav_bytes)}, "data": {"model": "whisper-1"}},
+        ),
+    ]
+    results: dict[int, int] = {}
+
+    def call(i: int, path: str, kwargs: dict[str, Any]) -> None:
+        with modal_server.http() as http:
+            results[i] = http.post(path, **kwargs).status_code
+
+    threads = [
+        threading.Thread(target=call, args=(i, path, kwargs)) for i, (path, kwargs) in enumerate(calls * 2)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert results == {i: 200 for i in range(len(calls) * 2)}
+
+
+@pytest.fixture(scope="module")
+def speech_wav_bytes() -> bytes:
+    return _spoken("Requests to every model at once.")
+
+
 def test_metrics_are_labelled_by_model(modal_server: LiveServer) -> None:
     with modal_server.http() as http:
         http.post("/v1/embeddings", json={"model": "minilm-mrl", "input": "x"})
@@ -262,7 +296,16 @@ def _spoken(text: str) -> bytes:
 
 
 def test_runner_for_each_kind() -> None:
-    from mistralrs_serve import EmbeddingRequest, Runner, SpeechRequest, TranscriptionRequest, Which
+    import base64
+
+    from mistralrs_serve import (
+        ChatCompletionRequest,
+        EmbeddingRequest,
+        Runner,
+        SpeechRequest,
+        TranscriptionRequest,
+        Which,
+    )
     from mistralrs_serve.errors import InvalidRequestError
 
     embedder = Runner(Which.Embedding(matryoshka_dimensions=(64,)))
@@ -277,3 +320,9 @@ def test_runner_for_each_kind() -> None:
         TranscriptionRequest(file=wav, model="x", response_format="text")
     )
     assert isinstance(text, str) and "runner" in text.lower()
+    # a chat Runner that hears input_audio parts through a transcriber of its own
+    chat = Runner(Which.Default(), transcriber=Which.Transcription())
+    part = {"type": "input_audio", "input_audio": {"data": base64.b64encode(wav).decode(), "format": "wav"}}
+    ids = chat._chat.prompt_ids(ChatCompletionRequest(messages=[{"role": "user", "content": [part]}]))
+    assert "runner" in chat.detokenize_text(ids).lower()
+    chat.close()

@@ -19,20 +19,24 @@ from mistralrs_serve.models.sentence_embedder import load_sentence_embedder
 VOCAB = 96
 
 
+# the shape every tiny model here shares
+COMMON: dict[str, Any] = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-6,
+    rope_theta=10000.0,
+)
+
+
 def _tiny(directory: Path, family: str) -> Any:
     import transformers
 
-    common = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        rms_norm_eps=1e-6,
-        rope_theta=10000.0,
-    )
+    common = COMMON
     if family == "qwen3":
         config: Any = transformers.Qwen3Config(head_dim=16, **common)
         arch = "Qwen3ForCausalLM"
@@ -119,16 +123,7 @@ def test_last_token_pooling_as_qwen3_embedding(tmp_path: Path) -> None:
 def test_other_families_are_refused(tmp_path: Path) -> None:
     import transformers
 
-    config = transformers.Gemma3TextConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        sliding_window=16,
-    )
+    config = transformers.Gemma3TextConfig(**COMMON, head_dim=8, sliding_window=16)
     transformers.AutoModel.from_config(config).save_pretrained(tmp_path, safe_serialization=True)
     raw = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**raw, "architectures": ["Gemma3ForCausalLM"]}))
