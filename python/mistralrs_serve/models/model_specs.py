@@ -3,11 +3,12 @@
 `--with-defaults`.
 
 Kinds: chat (the LLM engine), embedding (sentence-transformers directories,
-BERT encoders or decoders with last-token pooling), speech (Piper voices) and
-transcription (CTranslate2 Whisper). A `-m` without a kind gets one from what
-the source is: a packaged name's kind, a directory with `modules.json`
-(embedding), an `.onnx` voice (speech), a CTranslate2 `model.bin` (transcription),
-anything else chat.
+BERT encoders or decoders with last-token pooling), speech (Piper voices),
+transcription (CTranslate2 Whisper) and image (a diffusers pipeline
+directory). A `-m` without a kind gets one from what the source is: a
+packaged name's kind, a directory with `model_index.json` (image), one with
+`modules.json` (embedding), an `.onnx` voice (speech), a CTranslate2
+`model.bin` (transcription), anything else chat.
 
 The TOML file:
 
@@ -34,18 +35,20 @@ import tomllib
 from mistralrs_serve.errors import ModelLoadError
 from mistralrs_serve.models.packaged import PACKAGED, PACKAGED_DIRS
 
-KINDS = ("chat", "embedding", "speech", "transcription")
+KINDS = ("chat", "embedding", "speech", "transcription", "image")
 # each kind's alias for its default model, and OpenAI's model names that mean it
 DEFAULT_ALIASES = {
     "chat": "default",
     "embedding": "default-embedding",
     "speech": "default-speech",
     "transcription": "default-transcription",
+    "image": "default-image",
 }
 OPENAI_NAMES = {
     "embedding": ("text-embedding-3-small", "text-embedding-3-large", "text-embedding-ada-002"),
     "speech": ("tts-1", "tts-1-hd", "gpt-4o-mini-tts"),
     "transcription": ("whisper-1", "gpt-4o-transcribe", "gpt-4o-mini-transcribe"),
+    "image": ("dall-e-2", "dall-e-3", "gpt-image-1"),
 }
 # what --with-defaults adds: the packaged embedder, voice and transcriber
 DEFAULT_SOURCES = {
@@ -75,6 +78,7 @@ OPTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
     },
     "speech": {"voices": dict, "max_input_chars": int},
     "transcription": {"compute_type": str, "beam_size": int, "threads": int},
+    "image": {"dtype": str, "max_pixels": int, "steps": int},
 }
 
 
@@ -118,6 +122,8 @@ def infer_kind(source: str) -> str:
     if path.is_file():
         return "speech" if path.suffix == ".onnx" else "chat"
     if path.is_dir():
+        if (path / "model_index.json").is_file():
+            return "image"
         if (path / "modules.json").is_file() or (path / "sentence_bert_config.json").is_file():
             return "embedding"
         if any(path.glob("*.onnx.json")):

@@ -1,8 +1,9 @@
 """Routes of the models that do not chat: POST /v1/embeddings,
-/v1/audio/speech, /v1/audio/transcriptions and /v1/audio/translations. Each
+/v1/audio/speech, /v1/audio/transcriptions, /v1/audio/translations and
+/v1/images/generations. Each
 resolves its model in the server's ModelSet (a model of another kind is a 400
 naming `model`) and runs it on that model's own workers: the embedder's
-engine thread, the voice's or transcriber's executor."""
+engine thread, the voice's, transcriber's or image pipeline's executor."""
 
 from __future__ import annotations
 
@@ -26,8 +27,13 @@ from mistralrs_serve.entrypoints.openai.api_server import (
 )
 from mistralrs_serve.entrypoints.openai.http_errors import error_body, json_response
 from mistralrs_serve.entrypoints.openai.model_set import ServedModel
-from mistralrs_serve.entrypoints.openai.protocol import EmbeddingRequest, SpeechRequest
+from mistralrs_serve.entrypoints.openai.protocol import (
+    EmbeddingRequest,
+    ImageGenerationRequest,
+    SpeechRequest,
+)
 from mistralrs_serve.entrypoints.openai.serving_audio import TranscriptionRequest
+from mistralrs_serve.entrypoints.openai.serving_images import URL_TTL_S
 from mistralrs_serve.errors import InvalidRequestError, PayloadTooLargeError
 
 T = TypeVar("T")
@@ -83,6 +89,31 @@ def audio_routes(state: ServerState) -> APIRouter:
             transcript = await _on(executor, serving.transcript, req)
             body, media = serving.body(req, transcript)
             return json_response(body) if isinstance(body, dict) else Response(body, media_type=media)
+
+        return await _observed(state, handle)
+
+    @router.post("/v1/images/generations")
+    async def images(request: Request) -> Response:
+        async def handle(entry: list[ServedModel]) -> Response:
+            req = parse_body(await read_body(request, config.max_body_bytes), ImageGenerationRequest)
+            model = state.models.resolve(req.model, "image")
+            entry.append(model)
+            serving = model.serving
+            serving.options(req)  # a bad field is a 400 before the pipeline runs
+            base = str(request.base_url).rstrip("/")
+
+            def store(png: bytes, index: int) -> str:
+                stored = state.files.create(
+                    png,
+                    filename=f"image-{index}.png",
+                    purpose="vision",
+                    content_type="image/png",
+                    expires_after_s=URL_TTL_S,
+                )
+                return f"{base}/v1/files/{stored.id}/content"
+
+            body = await _on(_executor(model), serving.generate, req, store)
+            return json_response(body)
 
         return await _observed(state, handle)
 

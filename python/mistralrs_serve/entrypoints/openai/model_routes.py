@@ -76,4 +76,7 @@ def _card(model_id: str, entry: ServedModel, state: ServerState) -> dict[str, An
         card["voices"] = list(serving.model.voices)
     elif entry.kind == "transcription":
         card["multilingual"] = serving.model.multilingual
+    elif entry.kind == "image":
+        card["pipeline"] = serving.model.kind
+        card["size_multiple"] = serving.model.factor
     return card

@@ -54,7 +54,7 @@ class ModelSet:
 
     def add(self, spec: ModelSpec, load: Callable[[], Any]) -> ServedModel:
         entry = ServedModel(spec, load, name=spec.served_name())
-        if spec.kind in ("speech", "transcription"):
+        if spec.kind in ("speech", "transcription", "image"):
             entry.executor = ThreadPoolExecutor(1, thread_name_prefix=f"{spec.kind}-{entry.name}")
         self.models.append(entry)
         return entry
@@ -193,6 +193,25 @@ def build_serving(spec: ModelSpec) -> Any:
             beam_size=int(opts.get("beam_size", 1)),
         )
         return TranscriptionServing(model, name)
+    if spec.kind == "image":
+        try:
+            import diffusers  # noqa: F401
+        except ImportError:
+            raise ModelLoadError(
+                "image models need the image extra: pip install 'mistralrs-serve[image]'"
+            ) from None
+        from mistralrs_serve.entrypoints.openai.serving_images import ImageServing
+        from mistralrs_serve.images.diffusion import DiffusionModel
+
+        return ImageServing(
+            DiffusionModel(
+                model_dir(spec.source),
+                dtype=str(opts.get("dtype", "float32")),
+                max_pixels=int(opts.get("max_pixels", 2048 * 2048)),
+                default_steps=opts.get("steps"),
+            ),
+            name,
+        )
     raise ModelLoadError(f"build_serving: {spec.kind} models load through the engine")
 
 

@@ -268,3 +268,22 @@ class EmbeddingResponse(OpenAIModel):
     data: list[EmbeddingData]
     model: str
     usage: EmbeddingUsage
+
+
+class ImageGenerationRequest(OpenAIModel):
+    """POST /v1/images/generations. `size` ("WxH") or `height`/`width` (the spec's);
+    `steps`, `guidance_scale` and `seed` are extensions."""
+
+    model: str = "default-image"
+    prompt: str
+    n: int = 1
+    size: str | None = None
+    height: int | None = None
+    width: int | None = None
+    response_format: Literal["url", "b64_json", "Url", "B64Json"] = "url"
+    steps: int | None = None
+    guidance_scale: float | None = None
+    seed: int | None = None
+    quality: str | None = None  # accepted, not used (as the spec says)
+    style: str | None = None
+    user: str | None = None

@@ -1,0 +1,1 @@
+"""Images: generation through diffusers pipelines (`diffusion.py`)."""
