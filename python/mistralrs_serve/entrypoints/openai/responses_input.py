@@ -113,7 +113,11 @@ def _part(part: Any, where: str, is_assistant: bool) -> dict[str, Any]:
     if kind == "refusal" and is_assistant:
         return {"type": "refusal", "refusal": _string(part, "refusal", where)}
     if kind == "input_image":
-        raise InvalidRequestError(f"{where}: input_image is not supported yet (no vision model)", where)
+        raise InvalidRequestError(
+            f"{where}: this model takes no input_image parts (it has no vision encoder); the part is "
+            "refused rather than dropped",
+            where,
+        )
     if kind == "input_file" and not is_assistant:
         if not any(isinstance(part.get(k), str) for k in ("file_id", "file_data", "file_url")):
             raise InvalidRequestError(f"{where} needs one of file_id, file_data or file_url", where)

@@ -315,7 +315,11 @@ def _check_part(where: str, part: Any) -> None:
     if kind == "text" and isinstance(part.get("text"), str):
         return
     if kind in PENDING_PART_TYPES:
-        raise InvalidRequestError(f"{where}: content parts of type {kind!r} are not supported yet", where)
+        raise InvalidRequestError(
+            f"{where}: this model takes no {kind!r} parts (it has no vision encoder); the part is "
+            "refused rather than dropped",
+            where,
+        )
     raise InvalidRequestError(f"{where} must be a text part {{'type': 'text', 'text': ...}}", where)
 
 
