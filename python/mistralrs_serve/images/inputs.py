@@ -52,7 +52,8 @@ def decode_image(data: bytes, where: str) -> ImageInput:
             image = Image.open(io.BytesIO(data))
             if image.format not in FORMATS:
                 raise InvalidRequestError(
-                    f"{where}: {image.format or 'this'} images are not supported; send PNG, JPEG, WebP or GIF",
+                    f"{where}: {image.format or 'this'} images are not supported; send PNG, JPEG, WebP "
+                    "or GIF",
                     where,
                 )
             width, height = image.size
