@@ -227,7 +227,15 @@ class Scheduler:
         """kv_groups: the window of each KV group of layers (None: global layers), each group
         a block table per sequence over the one pool, for models whose layers mix windows;
         not with sliding_window (the one group's window)."""
-    def add(self, seq_id: int, prompt_ids: NDArray[np.uint32], num_forks: int = 0) -> None: ...
+    def add(
+        self,
+        seq_id: int,
+        prompt_ids: NDArray[np.uint32],
+        num_forks: int = 0,
+        spans: list[tuple[int, int, int]] | None = None,
+    ) -> None:
+        """Queue a sequence; `spans` are (start, end, key) prompt spans of content the ids
+        do not tell apart (an image's placeholder tokens), kept apart in the prefix cache."""
     def append_token(self, seq_id: int, token_id: int) -> None: ...
     def fork(self, parent_id: int, child_id: int) -> None: ...
     def finish(self, seq_id: int) -> None: ...

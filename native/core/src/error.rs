@@ -34,6 +34,15 @@ pub enum SchedulerError {
     },
     #[error("sequence {0} has an empty prompt")]
     EmptyPrompt(u64),
+    #[error(
+        "sequence {seq_id}: content span {start}..{end} is empty or outside its {len}-token prompt"
+    )]
+    BadSpan {
+        seq_id: u64,
+        start: usize,
+        end: usize,
+        len: usize,
+    },
     #[error("sequence {seq_id} needs {needed} KV blocks; the cache has {available}")]
     TooLong {
         seq_id: u64,

@@ -18,5 +18,5 @@ pub use dry::DryParams;
 pub use error::{SamplerError, SchedulerError};
 pub use grammar::{GrammarError, GrammarMatcher, Vocabulary};
 pub use sampler::{sample_batch, sample_row, SampleOutput, SamplingParams, TokenHistory};
-pub use scheduler::{Scheduler, SchedulerConfig, SchedulerStats, StepPlan};
+pub use scheduler::{ContentSpan, Scheduler, SchedulerConfig, SchedulerStats, StepPlan};
 pub use stop::{StopError, StopMatcher, StopPush};

@@ -119,6 +119,31 @@ struct Sequence {
     block_hashes: Vec<u64>,
     /// Seats in the running batch kept for the forks this sequence will make.
     reserved_forks: usize,
+    /// Prompt spans whose tokens stand for content the ids do not tell apart
+    /// (an image's placeholder tokens): (start, end, key of the content).
+    spans: Vec<ContentSpan>,
+}
+
+/// Prompt positions `start..end` hold content identified by `key` (a digest of
+/// an image, say), not by their token ids: two prompts with the same ids and
+/// different keys never share the blocks those positions touch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ContentSpan {
+    pub start: usize,
+    pub end: usize,
+    pub key: u64,
+}
+
+/// The salt of block `i`: the cache's, mixed with the key and place of every
+/// content span the block's positions touch (the chain carries it onward).
+fn block_salt(salt: u64, spans: &[ContentSpan], i: usize, bs: usize) -> u64 {
+    let (first, end) = (i * bs, (i + 1) * bs);
+    spans
+        .iter()
+        .filter(|s| s.start < end && s.end > first)
+        .fold(salt, |acc, s| {
+            block_hash(Some(acc), s.key, &[s.start as u32, s.end as u32])
+        })
 }
 
 /// One step's work as flat arrays, sequences in plan order.
@@ -250,6 +275,28 @@ impl Scheduler {
         prompt_ids: &[u32],
         num_forks: usize,
     ) -> Result<(), SchedulerError> {
+        self.add_with_spans(seq_id, prompt_ids, num_forks, &[])
+    }
+
+    /// `add_group` with content spans (see [`ContentSpan`]) for the prefix cache.
+    pub fn add_with_spans(
+        &mut self,
+        seq_id: u64,
+        prompt_ids: &[u32],
+        num_forks: usize,
+        spans: &[ContentSpan],
+    ) -> Result<(), SchedulerError> {
+        if let Some(s) = spans
+            .iter()
+            .find(|s| s.start >= s.end || s.end > prompt_ids.len())
+        {
+            return Err(SchedulerError::BadSpan {
+                seq_id,
+                start: s.start,
+                end: s.end,
+                len: prompt_ids.len(),
+            });
+        }
         if self.seqs.contains_key(&seq_id) {
             return Err(SchedulerError::DuplicateSequence(seq_id));
         }
@@ -278,6 +325,7 @@ impl Scheduler {
             tables: vec![Table::default(); self.windows.len()],
             block_hashes: vec![],
             reserved_forks: num_forks,
+            spans: spans.to_vec(),
         };
         self.seqs.insert(seq_id, seq);
         self.waiting.push_back(seq_id);
@@ -499,7 +547,8 @@ impl Scheduler {
         let mut hashes: Vec<u64> = Vec::with_capacity(max_full);
         let mut found: Vec<Vec<Option<BlockId>>> = vec![vec![]; self.windows.len()];
         for i in 0..max_full {
-            let h = block_hash(hashes.last().copied(), self.cfg.cache_salt, tokens(i));
+            let salt = block_salt(self.cfg.cache_salt, &seq.spans, i, bs);
+            let h = block_hash(hashes.last().copied(), salt, tokens(i));
             let cached = |g: usize| self.cache.lookup(group_key(h, g), tokens(i));
             let global_miss =
                 (0..self.windows.len()).any(|g| self.windows[g].is_none() && cached(g).is_none());
@@ -613,11 +662,8 @@ impl Scheduler {
         while seq.block_hashes.len() < seq.num_computed / bs {
             let i = seq.block_hashes.len();
             let tokens = &seq.token_ids[i * bs..(i + 1) * bs];
-            let h = block_hash(
-                seq.block_hashes.last().copied(),
-                self.cfg.cache_salt,
-                tokens,
-            );
+            let salt = block_salt(self.cfg.cache_salt, &seq.spans, i, bs);
+            let h = block_hash(seq.block_hashes.last().copied(), salt, tokens);
             // A block is full (and registered) a step before the window can pass it.
             for (g, t) in seq.tables.iter().enumerate() {
                 if let Some(b) = t.blocks[i] {

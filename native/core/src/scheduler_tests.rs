@@ -771,3 +771,80 @@ fn kv_groups_are_checked_and_size_the_longest_prompt() {
         Err(SchedulerError::TooLong { needed: 10, .. })
     ));
 }
+
+#[test]
+fn content_spans_keep_prompts_with_other_images_apart() {
+    // 16 tokens, blocks of 4: an "image" of placeholder id 7 at positions 5..9
+    let prompt: Vec<u32> = vec![1, 2, 3, 4, 5, 7, 7, 7, 7, 6, 6, 6, 6, 6, 6, 6];
+    let span = |key| {
+        [ContentSpan {
+            start: 5,
+            end: 9,
+            key,
+        }]
+    };
+    let hits_after = |second: &[ContentSpan]| {
+        let mut s = Scheduler::new(config(32, 4)).unwrap();
+        s.add_with_spans(1, &prompt, 0, &span(0xA)).unwrap();
+        s.schedule();
+        s.finish(1).unwrap();
+        s.add_with_spans(2, &prompt, 0, second).unwrap();
+        s.schedule();
+        s.stats().prefix_cache_hits
+    };
+    assert_eq!(
+        hits_after(&span(0xA)),
+        12,
+        "the same image: every full block but the last hits"
+    );
+    assert_eq!(
+        hits_after(&span(0xB)),
+        4,
+        "another image: only the block before it hits"
+    );
+    assert_eq!(
+        hits_after(&[]),
+        4,
+        "no image key: the same as another image"
+    );
+    let moved = [ContentSpan {
+        start: 4,
+        end: 8,
+        key: 0xA,
+    }];
+    assert_eq!(
+        hits_after(&moved),
+        4,
+        "the same key elsewhere is other content past block 0"
+    );
+}
+
+#[test]
+fn bad_content_spans_are_errors() {
+    let mut s = Scheduler::new(config(8, 4)).unwrap();
+    for (start, end) in [(2, 2), (3, 1), (0, 6)] {
+        let err = s
+            .add_with_spans(
+                1,
+                &[1, 2, 3, 4, 5],
+                0,
+                &[ContentSpan { start, end, key: 1 }],
+            )
+            .unwrap_err();
+        assert!(
+            matches!(err, SchedulerError::BadSpan { .. }),
+            "{start}..{end}"
+        );
+    }
+    s.add_with_spans(
+        1,
+        &[1, 2, 3, 4, 5],
+        0,
+        &[ContentSpan {
+            start: 0,
+            end: 5,
+            key: 1,
+        }],
+    )
+    .unwrap();
+}

@@ -37,6 +37,7 @@ impl IntoPyErr for SchedulerError {
             | Self::NoReservedSeat(_)
             | Self::TooManyChoices { .. }
             | Self::EmptyPrompt(_)
+            | Self::BadSpan { .. }
             | Self::TooLong { .. } => PyValueError::new_err(self.to_string()),
         }
     }

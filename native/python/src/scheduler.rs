@@ -1,7 +1,9 @@
 //! Binding of the continuous-batching scheduler: flat numpy arrays in, a typed
 //! `StepPlan` of numpy arrays out.
 
-use mistralrs_serve_core::{Scheduler, SchedulerConfig, SchedulerError, StepPlan, TokenHistory};
+use mistralrs_serve_core::{
+    ContentSpan, Scheduler, SchedulerConfig, SchedulerError, StepPlan, TokenHistory,
+};
 use numpy::{IntoPyArray, PyArray1, PyArray2, PyReadonlyArray1};
 use pyo3::prelude::*;
 
@@ -64,17 +66,25 @@ impl PyScheduler {
         })
     }
 
-    /// Queue a sequence; `num_forks` seats are kept for its n > 1 choices.
-    #[pyo3(signature = (seq_id, prompt_ids, num_forks = 0))]
+    /// Queue a sequence; `num_forks` seats are kept for its n > 1 choices;
+    /// `spans` are (start, end, key) prompt spans of content the ids do not
+    /// tell apart (an image's placeholders), kept apart in the prefix cache.
+    #[pyo3(signature = (seq_id, prompt_ids, num_forks = 0, spans = None))]
     fn add(
         &mut self,
         seq_id: u64,
         prompt_ids: PyReadonlyArray1<'_, u32>,
         num_forks: usize,
+        spans: Option<Vec<(usize, usize, u64)>>,
     ) -> PyResult<()> {
         let ids = contiguous("prompt_ids", &prompt_ids)?;
+        let spans: Vec<ContentSpan> = spans
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(start, end, key)| ContentSpan { start, end, key })
+            .collect();
         self.inner
-            .add_group(seq_id, ids, num_forks)
+            .add_with_spans(seq_id, ids, num_forks, &spans)
             .map_err(to_py_err)
     }
 
