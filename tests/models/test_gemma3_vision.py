@@ -1,0 +1,80 @@
+"""Gemma 3's image encoder (models/siglip.py, models/gemma3_vision.py) against
+transformers' Gemma3ForConditionalGeneration on tiny random weights built here
+and loaded from the saved directory, fp32: the image features that replace the
+placeholder tokens, for several pictures in a batch and for one alone, each
+processed by our Gemma 3 image processor (equal to transformers', see
+tests/models/test_image_inputs.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from mistralrs_serve.errors import ModelLoadError
+from mistralrs_serve.images.processors import Gemma3ImageProcessor
+from mistralrs_serve.models.gemma3_vision import Gemma3ImageEncoder, load_gemma3_image_encoder
+from test_image_inputs import picture
+
+
+def _tiny_gemma3(directory: Path) -> Any:
+    import transformers
+
+    text = dict(
+        vocab_size=300,
+        hidden_size=48,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=24,
+        sliding_window=16,
+    )
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=40,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=56,
+        patch_size=7,
+        hidden_act="gelu_pytorch_tanh",
+    )
+    config = transformers.Gemma3Config(
+        text_config=text, vision_config=vision, mm_tokens_per_image=16, image_token_index=299
+    )
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():  # the projector starts at zero: give it values
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=0.2)
+        model.model.multi_modal_projector.mm_soft_emb_norm.weight.normal_(std=0.2)
+    model.save_pretrained(directory, safe_serialization=True)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
+    directory = tmp_path_factory.mktemp("gemma3-vision")
+    return _tiny_gemma3(directory), directory
+
+
+def test_image_features_match_transformers(tiny: tuple[Any, Path]) -> None:
+    hf, directory = tiny
+    ours = load_gemma3_image_encoder(directory)
+    processor = Gemma3ImageProcessor({"size": {"height": 56, "width": 56}, "image_seq_length": 16})
+    sizes = [(90, 60), (40, 120), (56, 56)]
+    pixels = torch.from_numpy(np.stack([processor(picture(w, h, seed=w)).pixel_values for w, h in sizes]))
+    got = ours.encode(pixels)
+    with torch.no_grad():
+        want = hf.model.get_image_features(pixel_values=pixels).pooler_output
+    assert got.shape == want.shape == (3, 16, 48)
+    assert (got - want).abs().max().item() <= 1e-4
+    alone = ours.encode(pixels[1:2])  # one picture alone gives what it gives in the batch
+    assert (alone[0] - got[1]).abs().max().item() <= 1e-5
+    assert ours.image_token_id == 299
+
+
+def test_a_text_only_checkpoint_is_refused() -> None:
+    with pytest.raises(ModelLoadError, match="vision_config"):
+        Gemma3ImageEncoder({"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text"}, {})
