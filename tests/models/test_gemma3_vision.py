@@ -7,23 +7,27 @@ tests/models/test_image_inputs.py)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import tiny_models as tm
 import torch
 from mistralrs_serve.errors import ModelLoadError
 from mistralrs_serve.images.processors import Gemma3ImageProcessor
 from mistralrs_serve.models.gemma3_vision import Gemma3ImageEncoder, load_gemma3_image_encoder
+from mistralrs_serve.models.loader import ModelSource, load_model
 from test_image_inputs import picture
 
 
 def _tiny_gemma3(directory: Path) -> Any:
     import transformers
 
+    tok = tm.build_tokenizer()
     text = dict(
-        vocab_size=300,
+        vocab_size=max(300, tok.get_vocab_size() + 1),
         hidden_size=48,
         intermediate_size=64,
         num_hidden_layers=2,
@@ -42,7 +46,10 @@ def _tiny_gemma3(directory: Path) -> Any:
         hidden_act="gelu_pytorch_tanh",
     )
     config = transformers.Gemma3Config(
-        text_config=text, vision_config=vision, mm_tokens_per_image=16, image_token_index=299
+        text_config=text,
+        vision_config=vision,
+        mm_tokens_per_image=16,
+        image_token_index=text["vocab_size"] - 1,
     )
     torch.manual_seed(0)
     model = transformers.Gemma3ForConditionalGeneration(config).eval()
@@ -50,6 +57,9 @@ def _tiny_gemma3(directory: Path) -> Any:
         model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=0.2)
         model.model.multi_modal_projector.mm_soft_emb_norm.weight.normal_(std=0.2)
     model.save_pretrained(directory, safe_serialization=True)
+    tok.save(str(directory / "tokenizer.json"))
+    tok_cfg = {"eos_token": tm.EOS_TOKEN, "bos_token": None, "chat_template": tm.CHAT_TEMPLATE}
+    (directory / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
     return model
 
 
@@ -72,7 +82,20 @@ def test_image_features_match_transformers(tiny: tuple[Any, Path]) -> None:
     assert (got - want).abs().max().item() <= 1e-4
     alone = ours.encode(pixels[1:2])  # one picture alone gives what it gives in the batch
     assert (alone[0] - got[1]).abs().max().item() <= 1e-5
-    assert ours.image_token_id == 299
+    assert ours.image_token_id == hf.config.image_token_index
+
+
+def test_the_text_model_loads_from_the_vision_checkpoint(tiny: tuple[Any, Path]) -> None:
+    """The same directory served as a chat model: its text model (text_config, the
+    language_model weights) gives transformers' logits on a prompt without images."""
+    hf, directory = tiny
+    loaded = load_model(ModelSource.parse(str(directory)), dtype=torch.float32)
+    assert loaded.config.architecture == "gemma3"
+    ids = tm.prompt_ids(24, 250)
+    got = tm.run_ours(loaded.model, ids)
+    with torch.no_grad():
+        want = hf(input_ids=torch.tensor([ids])).logits[0]
+    assert (got - want).abs().max().item() <= 1e-4
 
 
 def test_a_text_only_checkpoint_is_refused() -> None:

@@ -38,8 +38,55 @@ def read_json(path: Path, *, required: bool) -> dict[str, Any]:
     return data
 
 
+# Vision-language checkpoints whose text model is a family here: the text model's
+# architecture. Their text settings sit in `text_config` (or at the top, as older
+# Qwen2-VL files have them), their text weights under `language_model` (or beside
+# the vision tower's); `text_weights` renames those and leaves the vision parts out.
+MULTIMODAL_TEXT = {
+    "Gemma3ForConditionalGeneration": "Gemma3ForCausalLM",
+    "Qwen2VLForConditionalGeneration": "Qwen2ForCausalLM",
+    "Qwen2_5_VLForConditionalGeneration": "Qwen2ForCausalLM",
+}
+VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "visual.")
+
+
+def text_part(raw: dict[str, Any]) -> dict[str, Any]:
+    """config.json's text model: itself, or a vision-language checkpoint's text_config."""
+    names = raw.get("architectures") or []
+    if not names or names[0] not in MULTIMODAL_TEXT:
+        return raw
+    text = raw.get("text_config")
+    merged = {**raw, **text} if isinstance(text, dict) else dict(raw)
+    merged.pop("text_config", None)
+    merged.pop("vision_config", None)
+    merged["architectures"] = [MULTIMODAL_TEXT[names[0]]]
+    return merged
+
+
+def text_weights(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A vision-language checkpoint's text weights under the causal LM's names."""
+    out = {}
+    for name, tensor in weights.items():
+        for old, new in (
+            ("language_model.model.", "model."),
+            ("model.language_model.", "model."),
+            ("language_model.lm_head.", "lm_head."),
+        ):
+            if name.startswith(old):
+                name = new + name.removeprefix(old)
+                break
+        if not name.removeprefix("model.").startswith(VISION_PREFIXES):
+            out[name] = tensor
+    return out
+
+
+def is_multimodal(model_dir: Path) -> bool:
+    names = read_json(model_dir / "config.json", required=True).get("architectures") or []
+    return bool(names) and names[0] in MULTIMODAL_TEXT
+
+
 def read_hf_config(model_dir: Path) -> ModelConfig:
-    raw = read_json(model_dir / "config.json", required=True)
+    raw = text_part(read_json(model_dir / "config.json", required=True))
     names = raw.get("architectures") or []
     if not names:
         raise ModelLoadError(f"{model_dir / 'config.json'}: no 'architectures' entry")

@@ -114,8 +114,8 @@ def _part(part: Any, where: str, is_assistant: bool) -> dict[str, Any]:
         return {"type": "refusal", "refusal": _string(part, "refusal", where)}
     if kind == "input_image":
         raise InvalidRequestError(
-            f"{where}: this model takes no input_image parts (it has no vision encoder); the part is "
-            "refused rather than dropped",
+            f"{where}: this model is served for text only, so it takes no input_image parts; the "
+            "part is refused rather than dropped",
             where,
         )
     if kind == "input_file" and not is_assistant:

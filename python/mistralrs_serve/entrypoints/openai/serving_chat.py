@@ -316,8 +316,8 @@ def _check_part(where: str, part: Any) -> None:
         return
     if kind in PENDING_PART_TYPES:
         raise InvalidRequestError(
-            f"{where}: this model takes no {kind!r} parts (it has no vision encoder); the part is "
-            "refused rather than dropped",
+            f"{where}: this model is served for text only, so it takes no {kind!r} parts; the "
+            "part is refused rather than dropped",
             where,
         )
     raise InvalidRequestError(f"{where} must be a text part {{'type': 'text', 'text': ...}}", where)
