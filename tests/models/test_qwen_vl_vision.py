@@ -1,0 +1,107 @@
+"""Qwen2.5-VL's vision encoder (models/qwen_vl_vision.py) against transformers'
+Qwen2_5_VLForConditionalGeneration on tiny random weights built here and loaded
+from the saved directory, fp32: the merged image embeddings of several pictures
+of different sizes in one call (windowed and full-attention blocks, windows that
+do not divide the grid), each processed by our Qwen-VL image processor (equal to
+transformers', see tests/models/test_image_inputs.py). The text model of the same
+directory gives transformers' logits on a prompt without images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import tiny_models as tm
+import torch
+from mistralrs_serve.images.processors import QwenVLImageProcessor
+from mistralrs_serve.models.loader import ModelSource, load_model
+from mistralrs_serve.models.qwen_vl_vision import load_qwen_vl_vision, window_order
+from test_image_inputs import picture
+
+
+def _tiny_qwen_vl(directory: Path) -> Any:
+    import transformers
+
+    tok = tm.build_tokenizer()
+    vocab = tok.get_vocab_size() + 8
+    text = dict(
+        vocab_size=vocab,
+        hidden_size=48,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rope_scaling={"type": "mrope", "mrope_section": [2, 2, 2]},
+    )
+    vision = dict(
+        depth=3,
+        hidden_size=32,
+        intermediate_size=40,
+        num_heads=4,
+        out_hidden_size=48,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        window_size=56,  # 2 x 2 merge groups per window: small grids still hold several
+        fullatt_block_indexes=[1],
+    )
+    config = transformers.Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=vocab - 1,
+        video_token_id=vocab - 2,
+        vision_start_token_id=vocab - 3,
+        vision_end_token_id=vocab - 4,
+    )
+    torch.manual_seed(0)
+    model = transformers.Qwen2_5_VLForConditionalGeneration(config).eval()
+    model.save_pretrained(directory, safe_serialization=True)
+    tok.save(str(directory / "tokenizer.json"))
+    tok_cfg = {"eos_token": tm.EOS_TOKEN, "bos_token": None, "chat_template": tm.CHAT_TEMPLATE}
+    (directory / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
+    directory = tmp_path_factory.mktemp("qwen-vl")
+    return _tiny_qwen_vl(directory), directory
+
+
+def test_image_embeddings_match_transformers(tiny: tuple[Any, Path]) -> None:
+    hf, directory = tiny
+    ours = load_qwen_vl_vision(directory)
+    processor = QwenVLImageProcessor({"min_pixels": 56 * 56, "max_pixels": 28 * 28 * 64})
+    images = [processor(picture(w, h, seed=w)) for w, h in [(150, 100), (60, 200), (56, 56)]]
+    grids = [im.grid_thw for im in images if im.grid_thw is not None]
+    pixels = torch.from_numpy(np.concatenate([im.pixel_values for im in images]))
+    got = ours.encode(pixels, grids)
+    with torch.no_grad():
+        want = hf.model.get_image_features(pixels, torch.tensor(grids)).pooler_output
+    assert [g.shape[0] for g in got] == [im.num_tokens for im in images] == [w.shape[0] for w in want]
+    for g, w in zip(got, want, strict=True):
+        assert (g - w).abs().max().item() <= 1e-4
+    alone = ours.encode(torch.from_numpy(images[1].pixel_values), grids[1:2])[0]
+    assert (alone - got[1]).abs().max().item() <= 1e-5
+
+
+def test_window_order_groups_each_window() -> None:
+    # one image of 8 x 6 patches: 4 x 3 merge groups in windows of 2 x 2 groups
+    order, bounds = window_order([(1, 8, 6)], merge=2, window=2)
+    assert sorted(order.tolist()) == list(range(12))
+    assert order[:4].tolist() == [0, 1, 3, 4] and bounds[:3] == [0, 16, 24]
+
+
+def test_the_text_model_loads_from_the_vision_checkpoint(tiny: tuple[Any, Path]) -> None:
+    """Multimodal rotary positions reduce to plain ones on text: the Qwen2 network gives
+    transformers' logits."""
+    hf, directory = tiny
+    loaded = load_model(ModelSource.parse(str(directory)), dtype=torch.float32)
+    ids = tm.prompt_ids(20, 200)
+    got = tm.run_ours(loaded.model, ids)
+    with torch.no_grad():
+        want = hf(input_ids=torch.tensor([ids])).logits[0]
+    assert (got - want).abs().max().item() <= 1e-4
