@@ -7,7 +7,6 @@ tests/models/test_image_inputs.py)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,6 @@ import torch
 from mistralrs_serve.errors import ModelLoadError
 from mistralrs_serve.images.processors import Gemma3ImageProcessor
 from mistralrs_serve.models.gemma3_vision import Gemma3ImageEncoder, load_gemma3_image_encoder
-from mistralrs_serve.models.loader import ModelSource, load_model
 from test_image_inputs import picture
 
 
@@ -57,9 +55,7 @@ def _tiny_gemma3(directory: Path) -> Any:
         model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=0.2)
         model.model.multi_modal_projector.mm_soft_emb_norm.weight.normal_(std=0.2)
     model.save_pretrained(directory, safe_serialization=True)
-    tok.save(str(directory / "tokenizer.json"))
-    tok_cfg = {"eos_token": tm.EOS_TOKEN, "bos_token": None, "chat_template": tm.CHAT_TEMPLATE}
-    (directory / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    tm.save_tokenizer_files(directory, tok)
     return model
 
 
@@ -89,13 +85,7 @@ def test_the_text_model_loads_from_the_vision_checkpoint(tiny: tuple[Any, Path])
     """The same directory served as a chat model: its text model (text_config, the
     language_model weights) gives transformers' logits on a prompt without images."""
     hf, directory = tiny
-    loaded = load_model(ModelSource.parse(str(directory)), dtype=torch.float32)
-    assert loaded.config.architecture == "gemma3"
-    ids = tm.prompt_ids(24, 250)
-    got = tm.run_ours(loaded.model, ids)
-    with torch.no_grad():
-        want = hf(input_ids=torch.tensor([ids])).logits[0]
-    assert (got - want).abs().max().item() <= 1e-4
+    tm.assert_text_model_matches(hf, directory)
 
 
 def test_a_text_only_checkpoint_is_refused() -> None:

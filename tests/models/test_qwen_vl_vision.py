@@ -8,7 +8,6 @@ directory gives transformers' logits on a prompt without images."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,6 @@ import pytest
 import tiny_models as tm
 import torch
 from mistralrs_serve.images.processors import QwenVLImageProcessor
-from mistralrs_serve.models.loader import ModelSource, load_model
 from mistralrs_serve.models.qwen_vl_vision import load_qwen_vl_vision, window_order
 from test_image_inputs import picture
 
@@ -59,9 +57,7 @@ def _tiny_qwen_vl(directory: Path) -> Any:
     torch.manual_seed(0)
     model = transformers.Qwen2_5_VLForConditionalGeneration(config).eval()
     model.save_pretrained(directory, safe_serialization=True)
-    tok.save(str(directory / "tokenizer.json"))
-    tok_cfg = {"eos_token": tm.EOS_TOKEN, "bos_token": None, "chat_template": tm.CHAT_TEMPLATE}
-    (directory / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    tm.save_tokenizer_files(directory, tok)
     return model
 
 
@@ -99,9 +95,4 @@ def test_the_text_model_loads_from_the_vision_checkpoint(tiny: tuple[Any, Path])
     """Multimodal rotary positions reduce to plain ones on text: the Qwen2 network gives
     transformers' logits."""
     hf, directory = tiny
-    loaded = load_model(ModelSource.parse(str(directory)), dtype=torch.float32)
-    ids = tm.prompt_ids(20, 200)
-    got = tm.run_ours(loaded.model, ids)
-    with torch.no_grad():
-        want = hf(input_ids=torch.tensor([ids])).logits[0]
-    assert (got - want).abs().max().item() <= 1e-4
+    tm.assert_text_model_matches(hf, directory)

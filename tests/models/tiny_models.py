@@ -476,3 +476,20 @@ def fused_step_arrays(
     tables = [np.arange(g * width, (g + 1) * width, dtype=np.int64)[None] for g in range(num_groups)]
     slots = np.concatenate([t[0, pos // block_size] * block_size + pos % block_size for t in tables])
     return slots, np.concatenate([np.repeat(t, len(pos), 0) for t in tables])
+
+
+def save_tokenizer_files(directory: Path, tok: tokenizers.Tokenizer) -> None:
+    """The test tokenizer and its tokenizer_config.json (EOS, chat template) beside a saved model."""
+    tok.save(str(directory / "tokenizer.json"))
+    tok_cfg = {"eos_token": EOS_TOKEN, "bos_token": None, "chat_template": CHAT_TEMPLATE}
+    (directory / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+
+
+def assert_text_model_matches(hf: Any, directory: Path, length: int = 20) -> None:
+    """The directory served as a chat model gives `hf`'s logits (fp32) on a text prompt."""
+    loaded = load_model(ModelSource.parse(str(directory)), dtype=torch.float32)
+    ids = prompt_ids(length, 200)
+    got = run_ours(loaded.model, ids)
+    with torch.no_grad():
+        want = hf(input_ids=torch.tensor([ids])).logits[0]
+    assert (got - want).abs().max().item() <= 1e-4
