@@ -46,14 +46,12 @@ class EmbeddingEngine:
         self.embedder = embedder
         self.name = name
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self.waiting = 0
         self._thread = threading.Thread(target=self._run, name=f"embed-{name}", daemon=True)
         self._thread.start()
 
     def submit(self, rows: list[list[int]]) -> Future[np.ndarray]:
         """The (rows, dim) float32 vectors of `rows`, when their batch has run."""
         future: Future[np.ndarray] = Future()
-        self.waiting += 1
         self._jobs.put(_Job(rows, future))
         return future
 
@@ -81,7 +79,6 @@ class EmbeddingEngine:
 
     def _run_batch(self, batch: list[_Job]) -> None:
         jobs = [j for j in batch if j.future.set_running_or_notify_cancel()]
-        self.waiting -= len(batch)
         if not jobs:
             return
         try:

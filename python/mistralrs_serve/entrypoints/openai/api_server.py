@@ -455,10 +455,9 @@ def token_routes(state: ServerState) -> APIRouter:
     async def tokenize(request: Request) -> Response:
         async def handle() -> Response:
             req = parse_body(await read_body(request, limit), TokenizeRequest)
-            state.check_model(req.model)
-            info = state.ready()
-            assert state.chat is not None  # set before the client, which ready() found
-            ids = await anyio.to_thread.run_sync(_tokenize, req, info, state.chat)  # file parts block
+            model = state.chat_model(req.model)
+            info = model.client.info
+            ids = await anyio.to_thread.run_sync(_tokenize, req, info, model.chat)  # file parts block
             return json_response({"count": len(ids), "max_model_len": info.max_model_len, "tokens": ids})
 
         return await state.admitted(handle)
@@ -467,8 +466,7 @@ def token_routes(state: ServerState) -> APIRouter:
     async def detokenize(request: Request) -> Response:
         async def handle() -> Response:
             req = parse_body(await read_body(request, limit), DetokenizeRequest)
-            state.check_model(req.model)
-            tok = state.ready().tokenizer
+            tok = state.chat_model(req.model).client.info.tokenizer
             if any(not 0 <= t < tok.vocab_size for t in req.tokens):
                 raise InvalidRequestError(f"token ids must be in [0, {tok.vocab_size})", "tokens")
             return json_response({"prompt": tok.decode(req.tokens, skip_special_tokens=False)})

@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,6 @@ class ServedModel:
     serving: Any = None  # chat: a ChatModel (api_server); else Embedding/Speech/TranscriptionServing
     error: str | None = None
     executor: ThreadPoolExecutor | None = None
-    loaded_at: float = field(default_factory=time.time)
 
     @property
     def kind(self) -> str:
