@@ -63,6 +63,14 @@ def wav_header(rate: int, frames: int | None) -> bytes:
     )
 
 
+def check_format(fmt: str) -> None:
+    """A 400 naming `response_format` unless `fmt` is one this module writes."""
+    if fmt not in FORMATS:
+        raise InvalidRequestError(
+            f"response_format {fmt!r} is not supported; use one of {', '.join(FORMATS)}", "response_format"
+        )
+
+
 class _Sink(io.RawIOBase):
     """A write-only file PyAV muxes into; `take` returns what was written since."""
 
@@ -85,11 +93,7 @@ class AudioEncoder:
     """Mono 16-bit samples at `rate` into `fmt`'s bytes, piece by piece."""
 
     def __init__(self, fmt: str, rate: int, streaming: bool) -> None:
-        if fmt not in FORMATS:
-            raise InvalidRequestError(
-                f"response_format {fmt!r} is not supported; use one of {', '.join(FORMATS)}",
-                "response_format",
-            )
+        check_format(fmt)
         self.fmt, self.rate, self.streaming = fmt, rate, streaming
         self._pending: list[np.ndarray] = []  # a whole wav's samples, for its exact header
         self._started = False

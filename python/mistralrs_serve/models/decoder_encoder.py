@@ -131,18 +131,8 @@ def _linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torc
 def load_decoder_encoder(directory: Path) -> DecoderEncoder:
     """A directory of the causal LM (`Qwen3ForCausalLM`) or of its base model (`Qwen3Model`,
     what a checkpoint saved without its head names)."""
-    from mistralrs_serve.models.hf_loader import load_safetensors, read_json
-    from mistralrs_serve.models.registry import config_from_hf, find_architecture
+    from mistralrs_serve.models.hf_loader import load_safetensors, read_hf_config
 
-    raw = read_json(directory / "config.json", required=True)
-    names = raw.get("architectures") or []
-    if not names:
-        raise ModelLoadError(f"{directory / 'config.json'}: no 'architectures' entry")
-    name = str(names[0])
-    if name.endswith("Model") and not name.endswith("ForCausalLM"):
-        name = name.removesuffix("Model") + "ForCausalLM"
-    try:
-        config = config_from_hf(raw, find_architecture(hf_name=name))
-    except ModelLoadError as e:
-        raise type(e)(f"{directory / 'config.json'}: {e}") from e
-    return DecoderEncoder(config, load_safetensors(directory, torch.float32))
+    return DecoderEncoder(
+        read_hf_config(directory, base_models=True), load_safetensors(directory, torch.float32)
+    )

@@ -64,7 +64,8 @@ def text_part(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def text_weights(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A vision-language checkpoint's text weights under the causal LM's names."""
+    """A vision-language checkpoint's text weights under the causal LM's names (a text
+    checkpoint's come back as they are)."""
     out = {}
     for name, tensor in weights.items():
         for old, new in (
@@ -80,18 +81,18 @@ def text_weights(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def is_multimodal(model_dir: Path) -> bool:
-    names = read_json(model_dir / "config.json", required=True).get("architectures") or []
-    return bool(names) and names[0] in MULTIMODAL_TEXT
-
-
-def read_hf_config(model_dir: Path) -> ModelConfig:
+def read_hf_config(model_dir: Path, *, base_models: bool = False) -> ModelConfig:
+    """The text model's settings. `base_models`: also a checkpoint saved without its head
+    (`Qwen3Model`), read as its causal LM (`Qwen3ForCausalLM`), as embedders are."""
     raw = text_part(read_json(model_dir / "config.json", required=True))
     names = raw.get("architectures") or []
     if not names:
         raise ModelLoadError(f"{model_dir / 'config.json'}: no 'architectures' entry")
+    name = str(names[0])
+    if base_models and name.endswith("Model") and not name.endswith("ForCausalLM"):
+        name = name.removesuffix("Model") + "ForCausalLM"
     try:
-        return config_from_hf(raw, find_architecture(hf_name=names[0]))
+        return config_from_hf(raw, find_architecture(hf_name=name))
     except ModelLoadError as e:  # unsupported architecture, invalid config: say which file
         raise type(e)(f"{model_dir / 'config.json'}: {e}") from e
     except (KeyError, TypeError, ValueError) as e:

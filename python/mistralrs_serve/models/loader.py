@@ -153,9 +153,8 @@ def _load_hf(source: ModelSource, dtype: torch.dtype) -> LoadedModel:
     tokenizer = hf_loader.load_hf_tokenizer(model_dir, source.chat_template)
     try:
         arch = find_architecture(name=cfg.architecture)
-        weights = hf_loader.load_safetensors(model_dir, dtype)
-        if hf_loader.is_multimodal(model_dir):  # the text model of a vision-language checkpoint
-            weights = hf_loader.text_weights(weights)
+        # a vision-language checkpoint's text model (a text checkpoint is left as it is)
+        weights = hf_loader.text_weights(hf_loader.load_safetensors(model_dir, dtype))
         model = arch.model(cfg, weights, dtype)
     except ModelLoadError as e:
         _raise_naming(model_dir, e)

@@ -43,7 +43,12 @@ from mistralrs_serve.config import ServerConfig
 from mistralrs_serve.engine.engine_info import EngineClient, EngineInfo
 from mistralrs_serve.entrypoints.openai.attachments import Attachments, FileLimits
 from mistralrs_serve.entrypoints.openai.file_routes import file_routes
-from mistralrs_serve.entrypoints.openai.http_errors import error_body, error_response, json_response
+from mistralrs_serve.entrypoints.openai.http_errors import (
+    error_event,
+    error_response,
+    json_response,
+    sse_data,
+)
 from mistralrs_serve.entrypoints.openai.metrics import ServerMetrics
 from mistralrs_serve.entrypoints.openai.model_set import ModelSet, ServedModel
 from mistralrs_serve.entrypoints.openai.protocol import (
@@ -60,7 +65,6 @@ from mistralrs_serve.entrypoints.openai.skill_routes import skill_routes
 from mistralrs_serve.errors import (
     AuthenticationError,
     InvalidRequestError,
-    ModelNotFoundError,
     RequestTooLargeError,
     ServerBusyError,
     UnsupportedEndpointError,
@@ -126,10 +130,6 @@ class ServerState:
         )
         fail_interrupted(self.responses.store)  # what a server that died left running
 
-    @property
-    def load_error(self) -> str | None:
-        return self.primary.error if self.primary is not None else None
-
     def _engine_stats(self) -> dict[str, dict[str, int]]:
         return {
             m.name: m.serving.client.stats() for m in self.models.models if isinstance(m.serving, ChatModel)
@@ -169,18 +169,15 @@ class ServerState:
         serving: ChatModel = entry.serving
         return serving
 
-    def check_model(self, model: str) -> None:
-        self.chat_model(model)
-
-    def ready(self) -> EngineInfo:
-        """The primary chat engine's info; ServerBusyError while it loads (or after it failed to)."""
-        if self.client is None:
-            if self.primary is None:
-                raise ModelNotFoundError(DEFAULT_MODEL_ID, self.models.names() or ["no models"])
-            if self.load_error is not None:
-                raise ServerBusyError(f"the model failed to load: {self.load_error}", retry_after_s=60)
-            raise ServerBusyError("the model is still loading", retry_after_s=5)
-        return self.client.info
+    def check_primary(self, model: str) -> None:
+        """`model` names the primary chat model, which Responses run on; another chat model is
+        a 400 naming `model` rather than a request answered by the wrong model."""
+        chosen = self.chat_model(model)
+        if self.primary is not None and chosen is not self.primary.serving:
+            raise InvalidRequestError(
+                f"the Responses API runs on the primary chat model {self.model_id}; {model!r} is another",
+                "model",
+            )
 
     async def admitted(self, handler: Callable[[], Awaitable[Response]]) -> Response:
         """Error envelope for whatever the handler raises; the pending-request cap."""
@@ -291,7 +288,7 @@ def _drop_none(value: Any) -> Any:
 
 
 def sse_event(model: BaseModel) -> bytes:
-    return b"data: " + orjson.dumps(dump(model)) + b"\n\n"
+    return sse_data(dump(model))
 
 
 def parse_body(raw: bytes, model: type[M]) -> M:
@@ -567,8 +564,7 @@ def _sse(chunks: AsyncIterator[BaseModel | None]) -> Response:
             async for chunk in chunks:
                 yield b": keep-alive\n\n" if chunk is None else sse_event(chunk)
         except Exception as e:
-            _, body, _ = error_body(e)
-            yield b"data: " + orjson.dumps(body) + b"\n\n"
+            yield error_event(e)
             return
         yield b"data: [DONE]\n\n"
 

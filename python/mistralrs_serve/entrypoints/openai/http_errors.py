@@ -87,6 +87,16 @@ def error_response(exc: BaseException) -> Response:
     return json_response(body, status, headers)
 
 
+def sse_data(body: Any) -> bytes:
+    """One server-sent event carrying `body` as JSON."""
+    return b"data: " + orjson.dumps(body) + b"\n\n"
+
+
+def error_event(exc: BaseException) -> bytes:
+    """The error envelope as the last event of a stream that has already begun."""
+    return sse_data(error_body(exc)[1])
+
+
 async def answered(handle: Callable[[], Awaitable[Response]]) -> Response:
     """handle()'s response, or the error envelope of whatever it raised."""
     try:

@@ -1,6 +1,6 @@
 """Prometheus metrics of one server: HTTP requests, latencies, tokens, and
 the engines' scheduler gauges read at scrape time, each labelled with its
-model; requests to embedding, speech and transcription models by model, kind
+model; requests to embedding, speech, transcription and image models by model, kind
 and outcome. Each app has its own registry (tests build several apps in one
 process)."""
 
@@ -100,13 +100,13 @@ class ServerMetrics:
         )
         self.model_requests = Counter(
             f"{PREFIX}_model_requests",
-            "requests to embedding, speech and transcription models by model, kind and status",
+            "requests to embedding, speech, transcription and image models by model, kind and status",
             ["model", "kind", "status"],
             registry=r,
         )
         self.model_latency = Histogram(
             f"{PREFIX}_model_request_seconds",
-            "time to answer a request to an embedding, speech or transcription model",
+            "time to answer a request to an embedding, speech, transcription or image model",
             ["model", "kind"],
             buckets=E2E_BUCKETS,
             registry=r,

@@ -25,7 +25,7 @@ from mistralrs_serve.entrypoints.openai.api_server import (
     read_body,
     unless_disconnected,
 )
-from mistralrs_serve.entrypoints.openai.http_errors import error_body, json_response
+from mistralrs_serve.entrypoints.openai.http_errors import error_event, json_response
 from mistralrs_serve.entrypoints.openai.model_set import ServedModel
 from mistralrs_serve.entrypoints.openai.protocol import (
     EmbeddingRequest,
@@ -162,10 +162,7 @@ async def _drain(items: Generator[bytes], executor: Executor) -> AsyncIterator[b
                 return
             yield item
     except Exception as e:
-        _, body, _ = error_body(e)
-        import orjson
-
-        yield b"data: " + orjson.dumps(body) + b"\n\n"
+        yield error_event(e)
     finally:
         executor.submit(items.close)  # after the step in flight, on the same thread
 

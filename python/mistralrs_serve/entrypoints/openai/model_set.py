@@ -14,6 +14,7 @@ kind is a 400 naming `model`; an unknown one a 404; one still loading a 503."""
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import threading
 import time
@@ -156,15 +157,12 @@ def model_dir(source: str) -> Path:
 
 def build_serving(spec: ModelSpec) -> Any:
     """The serving object of a non-chat model (what `ServedModel.serving` holds)."""
-    if spec.kind in ("speech", "transcription"):
-        try:
-            import faster_whisper  # noqa: F401
-            import piper  # noqa: F401
-        except ImportError as e:
-            raise ModelLoadError(
-                f"{spec.kind} models need the audio extra ({e.name} is missing): "
-                "pip install 'mistralrs-serve[audio]'"
-            ) from None
+    library = {"speech": "piper", "transcription": "faster_whisper"}.get(spec.kind)
+    if library is not None and importlib.util.find_spec(library) is None:
+        raise ModelLoadError(
+            f"{spec.kind} models need the audio extra ({library} is missing): "
+            "pip install 'mistralrs-serve[audio]'"
+        )
     name, opts = spec.served_name(), spec.options
     if spec.kind == "embedding":
         from mistralrs_serve.engine.embedding_engine import EmbeddingEngine

@@ -63,7 +63,7 @@ def response_routes(state: ServerState) -> APIRouter:
     async def create(request: Request) -> Response:
         async def handle() -> Response:
             req = parse_body(await read_body(request, config.max_body_bytes), ResponsesRequest)
-            state.check_model(req.model or DEFAULT_MODEL_ID)
+            state.check_primary(req.model or DEFAULT_MODEL_ID)
             result = await unless_disconnected(request, responses.create(req, config.keepalive_s))
             if result is None:
                 return Response(status_code=499)

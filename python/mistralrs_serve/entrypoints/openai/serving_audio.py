@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from mistralrs_serve.audio.codecs import FORMATS, AudioEncoder, decode_audio
+from mistralrs_serve.audio.codecs import AudioEncoder, check_format, decode_audio
 from mistralrs_serve.audio.speech import PiperSpeech
 from mistralrs_serve.audio.transcription import (
     LANGUAGE_NAMES,
@@ -31,6 +31,7 @@ from mistralrs_serve.audio.transcription import (
     Transcript,
     WhisperTranscriber,
 )
+from mistralrs_serve.entrypoints.openai.http_errors import sse_data
 from mistralrs_serve.entrypoints.openai.protocol import SpeechRequest
 from mistralrs_serve.errors import InvalidRequestError
 
@@ -52,11 +53,7 @@ class SpeechServing:
 
     def plan(self, req: SpeechRequest) -> SpeechPlan:
         voice = req.voice.get("id") if isinstance(req.voice, dict) else req.voice
-        if req.response_format not in FORMATS:
-            raise InvalidRequestError(
-                f"response_format {req.response_format!r} is not supported; use one of {', '.join(FORMATS)}",
-                "response_format",
-            )
+        check_format(req.response_format)
         self.model.check(req.input, req.speed)
         sse = req.stream_format == "sse"
         streaming = sse or "stream_format" in req.model_fields_set
@@ -77,7 +74,7 @@ class SpeechServing:
                 "type": "speech.audio.done",
                 "usage": {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0},
             }
-            yield _event(done)
+            yield sse_data(done)
 
     def create(self, req: SpeechRequest) -> bytes:
         """The whole file."""
@@ -85,14 +82,8 @@ class SpeechServing:
         return b"".join(self.chunks(req, SpeechPlan(plan.voice, plan.fmt, False, False)))
 
 
-def _event(body: dict[str, Any]) -> bytes:
-    import orjson
-
-    return b"data: " + orjson.dumps(body) + b"\n\n"
-
-
 def _delta(data: bytes) -> bytes:
-    return _event({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
+    return sse_data({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
 
 
 @dataclass
@@ -183,8 +174,8 @@ class TranscriptionServing:
         for s in segments:
             delta = s.text if texts else s.text.lstrip()
             texts.append(delta)
-            yield _event({"type": "transcript.text.delta", "delta": delta})
-        yield _event({"type": "transcript.text.done", "text": "".join(texts).strip()})
+            yield sse_data({"type": "transcript.text.delta", "delta": delta})
+        yield sse_data({"type": "transcript.text.done", "text": "".join(texts).strip()})
         yield b"data: [DONE]\n\n"
 
 
