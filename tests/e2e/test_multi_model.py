@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
-from live_server import LiveServer, free_port
+from live_server import LiveServer, free_port, start_server, stop_server
 from mistralrs_serve.config import ServerConfig
 from mistralrs_serve.errors import ModelLoadError
 from mistralrs_serve.models.model_specs import (
@@ -326,3 +326,25 @@ def test_runner_for_each_kind() -> None:
     ids = chat._chat.prompt_ids(ChatCompletionRequest(messages=[{"role": "user", "content": [part]}]))
     assert "runner" in chat.detokenize_text(ids).lower()
     chat.close()
+
+
+def test_a_second_chat_model(default_runner: Any) -> None:
+    """Two chat models (the session's engine under two names): chat, completions and
+    /tokenize reach the one named; Responses run on the primary only, and naming the other
+    is a 400 naming `model`, not an answer from the wrong model."""
+    second = ModelSpec("chat", "default", name="second-chat")
+    live = start_server(
+        ServerConfig(), lambda: default_runner.client, [(second, lambda: default_runner.client)]
+    )
+    try:
+        with live.http() as http:
+            chat = {"model": "second-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+            res = http.post("/v1/chat/completions", json=chat)
+            assert res.status_code == 200 and res.json()["model"] == "second-chat"
+            assert http.post("/tokenize", json={"model": "second-chat", "prompt": "hi"}).json()["count"] > 0
+            bad = http.post("/v1/responses", json={"model": "second-chat", "input": "hi"})
+            assert bad.status_code == 400 and bad.json()["error"]["param"] == "model"
+            ok = http.post("/v1/responses", json={"model": "default", "input": "hi", "max_output_tokens": 2})
+            assert ok.status_code == 200
+    finally:
+        stop_server(live)
