@@ -43,6 +43,14 @@ pub enum SchedulerError {
         end: usize,
         len: usize,
     },
+    #[error(
+        "sequence {seq_id}: a whole content span of {len} tokens exceeds the step budget of {budget}"
+    )]
+    SpanOverBudget {
+        seq_id: u64,
+        len: usize,
+        budget: usize,
+    },
     #[error("sequence {seq_id} needs {needed} KV blocks; the cache has {available}")]
     TooLong {
         seq_id: u64,

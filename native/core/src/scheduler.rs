@@ -126,12 +126,29 @@ struct Sequence {
 
 /// Prompt positions `start..end` hold content identified by `key` (a digest of
 /// an image, say), not by their token ids: two prompts with the same ids and
-/// different keys never share the blocks those positions touch.
+/// different keys never share the blocks those positions touch. A `whole`
+/// span is computed in one chunk (its tokens attend to each other both ways,
+/// as Gemma 3's image tokens do), so it must fit the step's token budget.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ContentSpan {
     pub start: usize,
     pub end: usize,
     pub key: u64,
+    pub whole: bool,
+}
+
+/// How many of `n` tokens from `start` one chunk may take so that it cuts no
+/// whole span it begins: it stops before a span that would not fit, and takes
+/// none when the span starts at `start` and does not fit (the next step with
+/// more budget takes it). A span begun before `start` (a prefix-cache hit
+/// inside it) does not bind: its cached keys were computed whole.
+fn chunk_len(spans: &[ContentSpan], start: usize, n: usize) -> usize {
+    let end = start + n;
+    spans
+        .iter()
+        .filter(|s| s.whole && s.start >= start && s.start < end && s.end > end)
+        .map(|s| s.start - start)
+        .fold(n, usize::min)
 }
 
 /// The salt of block `i`: the cache's, mixed with the key and place of every
@@ -297,6 +314,14 @@ impl Scheduler {
                 len: prompt_ids.len(),
             });
         }
+        let budget = self.cfg.max_num_batched_tokens;
+        if let Some(s) = spans.iter().find(|s| s.whole && s.end - s.start > budget) {
+            return Err(SchedulerError::SpanOverBudget {
+                seq_id,
+                len: s.end - s.start,
+                budget,
+            });
+        }
         if self.seqs.contains_key(&seq_id) {
             return Err(SchedulerError::DuplicateSequence(seq_id));
         }
@@ -414,7 +439,12 @@ impl Scheduler {
                 i += 1; // waiting for its sampled token to be appended
                 continue;
             }
-            let n = want.min(budget);
+            let seq = &self.seqs[&id];
+            let n = chunk_len(&seq.spans, seq.num_computed, want.min(budget));
+            if n == 0 {
+                i += 1; // a whole span next that this step has no room left for
+                continue;
+            }
             if self.make_room(id, n, &mut plan) {
                 self.emit(id, n, &mut plan);
                 budget -= n;
@@ -517,7 +547,8 @@ impl Scheduler {
             self.free_behind_window(id);
             let seq = &self.seqs[&id];
             let n = (seq.token_ids.len() - seq.num_computed).min(*budget);
-            if !self.try_reserve(id, n, plan) {
+            let n = chunk_len(&seq.spans, seq.num_computed, n);
+            if n == 0 || !self.try_reserve(id, n, plan) {
                 self.drop_blocks(id); // leave it waiting; give back what the prefix cache lent it
                 return;
             }

@@ -59,6 +59,70 @@ fn long_prompts_are_chunked_by_the_token_budget() {
 }
 
 #[test]
+fn chunks_never_cut_a_whole_span() {
+    let mut cfg = config(16, 4);
+    cfg.max_num_batched_tokens = 6;
+    let whole = |start, end| ContentSpan {
+        start,
+        end,
+        key: 9,
+        whole: true,
+    };
+    let chunks = |spans: &[ContentSpan]| {
+        let mut s = Scheduler::new(cfg.clone()).unwrap();
+        s.add_with_spans(1, &(0..14).collect::<Vec<_>>(), 0, spans)
+            .unwrap();
+        (0..3)
+            .map(|_| s.schedule().query_lens[0])
+            .collect::<Vec<_>>()
+    };
+    // the span 4..9 would be cut at 6: the first chunk stops before it, the next takes it
+    assert_eq!(chunks(&[whole(4, 9)]), vec![4, 6, 4]);
+    // a span that is not whole is cut by the budget as before
+    assert_eq!(
+        chunks(&[ContentSpan {
+            whole: false,
+            ..whole(4, 9)
+        }]),
+        vec![6, 6, 2]
+    );
+    // a span of the whole budget starting a chunk takes it all
+    assert_eq!(chunks(&[whole(0, 6)]), vec![6, 6, 2]);
+    let err = Scheduler::new(cfg.clone())
+        .unwrap()
+        .add_with_spans(1, &[1; 10], 0, &[whole(1, 8)])
+        .unwrap_err();
+    assert!(matches!(
+        err,
+        SchedulerError::SpanOverBudget {
+            len: 7,
+            budget: 6,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn a_whole_span_waits_for_a_step_with_room() {
+    let mut cfg = config(32, 4);
+    cfg.max_num_batched_tokens = 6;
+    let mut s = Scheduler::new(cfg).unwrap();
+    s.add(1, &[1, 2, 3, 4]).unwrap();
+    let span = ContentSpan {
+        start: 0,
+        end: 5,
+        key: 3,
+        whole: true,
+    };
+    s.add_with_spans(2, &[7, 7, 7, 7, 7, 8], 0, &[span])
+        .unwrap();
+    // 4 tokens of sequence 1 leave 2: too few for the span, so 2 waits
+    assert_eq!(s.schedule().query_lens, vec![4]);
+    s.append_token(1, 5).unwrap();
+    assert_eq!(s.schedule().query_lens, vec![1, 5]);
+}
+
+#[test]
 fn decodes_and_prefills_share_a_step() {
     let mut s = Scheduler::new(config(16, 4)).unwrap();
     s.add(1, &[1, 2, 3]).unwrap();
@@ -781,6 +845,7 @@ fn content_spans_keep_prompts_with_other_images_apart() {
             start: 5,
             end: 9,
             key,
+            whole: false,
         }]
     };
     let hits_after = |second: &[ContentSpan]| {
@@ -811,6 +876,7 @@ fn content_spans_keep_prompts_with_other_images_apart() {
         start: 4,
         end: 8,
         key: 0xA,
+        whole: false,
     }];
     assert_eq!(
         hits_after(&moved),
@@ -828,7 +894,12 @@ fn bad_content_spans_are_errors() {
                 1,
                 &[1, 2, 3, 4, 5],
                 0,
-                &[ContentSpan { start, end, key: 1 }],
+                &[ContentSpan {
+                    start,
+                    end,
+                    key: 1,
+                    whole: false,
+                }],
             )
             .unwrap_err();
         assert!(
@@ -844,6 +915,7 @@ fn bad_content_spans_are_errors() {
             start: 0,
             end: 5,
             key: 1,
+            whole: false,
         }],
     )
     .unwrap();

@@ -38,6 +38,7 @@ impl IntoPyErr for SchedulerError {
             | Self::TooManyChoices { .. }
             | Self::EmptyPrompt(_)
             | Self::BadSpan { .. }
+            | Self::SpanOverBudget { .. }
             | Self::TooLong { .. } => PyValueError::new_err(self.to_string()),
         }
     }

@@ -67,21 +67,27 @@ impl PyScheduler {
     }
 
     /// Queue a sequence; `num_forks` seats are kept for its n > 1 choices;
-    /// `spans` are (start, end, key) prompt spans of content the ids do not
-    /// tell apart (an image's placeholders), kept apart in the prefix cache.
+    /// `spans` are (start, end, key, whole) prompt spans of content the ids do
+    /// not tell apart (an image's placeholders), kept apart in the prefix
+    /// cache; a whole one is never cut between two chunks.
     #[pyo3(signature = (seq_id, prompt_ids, num_forks = 0, spans = None))]
     fn add(
         &mut self,
         seq_id: u64,
         prompt_ids: PyReadonlyArray1<'_, u32>,
         num_forks: usize,
-        spans: Option<Vec<(usize, usize, u64)>>,
+        spans: Option<Vec<(usize, usize, u64, bool)>>,
     ) -> PyResult<()> {
         let ids = contiguous("prompt_ids", &prompt_ids)?;
         let spans: Vec<ContentSpan> = spans
             .unwrap_or_default()
             .into_iter()
-            .map(|(start, end, key)| ContentSpan { start, end, key })
+            .map(|(start, end, key, whole)| ContentSpan {
+                start,
+                end,
+                key,
+                whole,
+            })
             .collect();
         self.inner
             .add_with_spans(seq_id, ids, num_forks, &spans)
