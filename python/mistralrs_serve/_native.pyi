@@ -232,10 +232,11 @@ class Scheduler:
         seq_id: int,
         prompt_ids: NDArray[np.uint32],
         num_forks: int = 0,
-        spans: list[tuple[int, int, int]] | None = None,
+        spans: list[tuple[int, int, int, bool]] | None = None,
     ) -> None:
-        """Queue a sequence; `spans` are (start, end, key) prompt spans of content the ids
-        do not tell apart (an image's placeholder tokens), kept apart in the prefix cache."""
+        """Queue a sequence; `spans` are (start, end, key, whole) prompt spans of content the
+        ids do not tell apart (an image's placeholder tokens), kept apart in the prefix
+        cache; a whole one (its tokens attend both ways) is never cut between chunks."""
     def append_token(self, seq_id: int, token_id: int) -> None: ...
     def fork(self, parent_id: int, child_id: int) -> None: ...
     def finish(self, seq_id: int) -> None: ...

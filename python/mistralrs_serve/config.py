@@ -25,13 +25,18 @@ class RopeScaling:
     short_factor: tuple[float, ...] = ()
     long_factor: tuple[float, ...] = ()
     attention_factor: float | None = None
+    # Qwen2-VL's multimodal rotary: the frequency dimensions rotated by the temporal, the
+    # row and the column position, in that order (their sum is head_dim / 2); empty: 1-D
+    mrope_section: tuple[int, ...] = ()
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> RopeScaling:
         if not d:
             return cls()
+        rope_type = str(d.get("rope_type", d.get("type", "default")))
         return cls(
-            rope_type=str(d.get("rope_type", d.get("type", "default"))),
+            # "mrope" (transformers 4's name for Qwen2-VL's) scales nothing: default frequencies
+            rope_type="default" if rope_type == "mrope" else rope_type,
             factor=float(d.get("factor", 1.0)),
             low_freq_factor=float(d.get("low_freq_factor", 1.0)),
             high_freq_factor=float(d.get("high_freq_factor", 4.0)),
@@ -39,6 +44,7 @@ class RopeScaling:
             short_factor=tuple(float(x) for x in d.get("short_factor") or ()),
             long_factor=tuple(float(x) for x in d.get("long_factor") or ()),
             attention_factor=None if d.get("attention_factor") is None else float(d["attention_factor"]),
+            mrope_section=tuple(int(x) for x in d.get("mrope_section") or ()),
         )
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import tiny_models as tm
+import tiny_vlms
 import torch
 from mistralrs_serve.errors import ModelLoadError
 from mistralrs_serve.images.processors import Gemma3ImageProcessor
@@ -20,49 +21,10 @@ from mistralrs_serve.models.gemma3_vision import Gemma3ImageEncoder, load_gemma3
 from test_image_inputs import picture
 
 
-def _tiny_gemma3(directory: Path) -> Any:
-    import transformers
-
-    tok = tm.build_tokenizer()
-    text = dict(
-        vocab_size=max(300, tok.get_vocab_size() + 1),
-        hidden_size=48,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=24,
-        sliding_window=16,
-    )
-    vision = dict(
-        hidden_size=32,
-        intermediate_size=40,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=56,
-        patch_size=7,
-        hidden_act="gelu_pytorch_tanh",
-    )
-    config = transformers.Gemma3Config(
-        text_config=text,
-        vision_config=vision,
-        mm_tokens_per_image=16,
-        image_token_index=text["vocab_size"] - 1,
-    )
-    torch.manual_seed(0)
-    model = transformers.Gemma3ForConditionalGeneration(config).eval()
-    with torch.no_grad():  # the projector starts at zero: give it values
-        model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=0.2)
-        model.model.multi_modal_projector.mm_soft_emb_norm.weight.normal_(std=0.2)
-    model.save_pretrained(directory, safe_serialization=True)
-    tm.save_tokenizer_files(directory, tok)
-    return model
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
     directory = tmp_path_factory.mktemp("gemma3-vision")
-    return _tiny_gemma3(directory), directory
+    return tiny_vlms.gemma3(directory), directory
 
 
 def test_image_features_match_transformers(tiny: tuple[Any, Path]) -> None:

@@ -14,57 +14,17 @@ from typing import Any
 import numpy as np
 import pytest
 import tiny_models as tm
+import tiny_vlms
 import torch
 from mistralrs_serve.images.processors import QwenVLImageProcessor
 from mistralrs_serve.models.qwen_vl_vision import load_qwen_vl_vision, window_order
 from test_image_inputs import picture
 
 
-def _tiny_qwen_vl(directory: Path) -> Any:
-    import transformers
-
-    tok = tm.build_tokenizer()
-    vocab = tok.get_vocab_size() + 8
-    text = dict(
-        vocab_size=vocab,
-        hidden_size=48,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        rope_scaling={"type": "mrope", "mrope_section": [2, 2, 2]},
-    )
-    vision = dict(
-        depth=3,
-        hidden_size=32,
-        intermediate_size=40,
-        num_heads=4,
-        out_hidden_size=48,
-        patch_size=14,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-        window_size=56,  # 2 x 2 merge groups per window: small grids still hold several
-        fullatt_block_indexes=[1],
-    )
-    config = transformers.Qwen2_5_VLConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=vocab - 1,
-        video_token_id=vocab - 2,
-        vision_start_token_id=vocab - 3,
-        vision_end_token_id=vocab - 4,
-    )
-    torch.manual_seed(0)
-    model = transformers.Qwen2_5_VLForConditionalGeneration(config).eval()
-    model.save_pretrained(directory, safe_serialization=True)
-    tm.save_tokenizer_files(directory, tok)
-    return model
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
     directory = tmp_path_factory.mktemp("qwen-vl")
-    return _tiny_qwen_vl(directory), directory
+    return tiny_vlms.qwen_vl(directory), directory
 
 
 def test_image_embeddings_match_transformers(tiny: tuple[Any, Path]) -> None:

@@ -15,6 +15,7 @@ from collections.abc import AsyncGenerator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from mistralrs_serve.engine.media import PromptMedia
 from mistralrs_serve.errors import InvalidRequestError
 from mistralrs_serve.sampling_params import SamplingParams
 
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from mistralrs_serve.engine.grammar import GrammarCompiler
     from mistralrs_serve.engine.llm_engine import LLMEngine
     from mistralrs_serve.engine.sequence import CompletionOutput, Request, StepOutput
+    from mistralrs_serve.models.vision import VisionModel
     from mistralrs_serve.tokenizer.chat_template import ChatTemplate
     from mistralrs_serve.tokenizer.tokenizer import Tokenizer
 
@@ -35,6 +37,7 @@ class CheckedPrompt:
     params: SamplingParams
     max_new_tokens: int  # per choice: what the context, the KV cache and max_tokens leave room for
     matcher: _native.GrammarMatcher | None  # the compiled grammar; the engine forks it for each choice
+    media: PromptMedia | None = None  # the prompt's images, placed (engine/media.py)
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,8 @@ class EngineInfo:
     generation_defaults: Mapping[str, Any]  # the model's generation_config: unset sampling fields
     grammars: GrammarCompiler
     load_time_s: float  # how long loading the model took
+    vision: VisionModel | None = None  # set for a vision-language model: it takes image parts
+    max_num_batched_tokens: int = 8192  # tokens one step computes (an image must fit one, Gemma 3)
 
     @classmethod
     def of(cls, engine: LLMEngine) -> EngineInfo:
@@ -64,6 +69,8 @@ class EngineInfo:
             generation_defaults=dict(engine.loaded.generation_defaults),
             grammars=engine.grammars,
             load_time_s=engine.loaded.load_time_s,
+            vision=engine.loaded.vision,
+            max_num_batched_tokens=engine.config.max_num_batched_tokens,
         )
 
     @property
@@ -71,17 +78,29 @@ class EngineInfo:
         return self.tokenizer.chat_template
 
     def check_prompt(
-        self, prompt_ids: list[int], params: SamplingParams, param: str = "prompt"
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        param: str = "prompt",
+        media: PromptMedia | None = None,
     ) -> CheckedPrompt:
         """Everything the engine needs to hold of a request: it fits the context and
-        the KV cache, its logit bias names real tokens, its grammar compiles. Raises
-        InvalidRequestError naming the field (`param` for the prompt itself)."""
+        the KV cache, its logit bias names real tokens, its grammar compiles, an image
+        computed in one step fits a step. Raises InvalidRequestError naming the field
+        (`param` for the prompt itself)."""
         budget = self._token_budget(prompt_ids, params, param)
+        for im in media.images if media is not None else ():
+            if im.bidirectional and im.end - im.start > self.max_num_batched_tokens:
+                raise InvalidRequestError(
+                    f"an image of {im.end - im.start} tokens does not fit one step of "
+                    f"{self.max_num_batched_tokens} tokens (raise --max-batched-tokens)",
+                    param,
+                )
         params.check_vocab(self.vocab_size)
         matcher = self.grammars.compile(params.grammar) if params.grammar is not None else None
         if params.n > self.max_num_seqs:
             raise InvalidRequestError(f"n must be <= {self.max_num_seqs} (--max-seqs)", "n")
-        return CheckedPrompt(list(prompt_ids), params, budget, matcher)
+        return CheckedPrompt(list(prompt_ids), params, budget, matcher, media)
 
     def _token_budget(self, prompt_ids: list[int], params: SamplingParams, param: str) -> int:
         """Tokens each choice may generate; raises if the prompt cannot fit."""

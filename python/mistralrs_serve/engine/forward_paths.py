@@ -4,7 +4,7 @@ picks one per engine (model_runner.py)."""
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -12,6 +12,7 @@ import torch
 from mistralrs_serve import _native
 from mistralrs_serve.engine.cuda_graphs import DecodeGraphs, NotCapturable
 from mistralrs_serve.engine.kv_cache import PagedKVCache
+from mistralrs_serve.engine.media import StepMedia
 from mistralrs_serve.layers.attention import (
     PLAIN,
     AttentionBackend,
@@ -24,8 +25,9 @@ from mistralrs_serve.models.interface import CausalLM, FusedForward
 
 
 class ForwardPath(Protocol):
-    def forward(self, plan: _native.StepPlan) -> torch.Tensor:
-        """fp32 logits (len(plan.logit_rows), vocab) of one step; the KV goes into the cache."""
+    def forward(self, plan: _native.StepPlan, media: StepMedia | None = None) -> torch.Tensor:
+        """fp32 logits (len(plan.logit_rows), vocab) of one step; the KV goes into the cache.
+        media: the step's images (engine/media.py), on the paths that take them."""
         ...
 
     def decode_weight_bytes(self) -> int:
@@ -38,7 +40,13 @@ class GroupedAttention:
     one PagedAttention per group over its slots and tables, a layer's call going to its
     group's at its place in a block."""
 
-    def __init__(self, cache: PagedKVCache, plan: _native.StepPlan, kernel: AttentionKernel) -> None:
+    def __init__(
+        self,
+        cache: PagedKVCache,
+        plan: _native.StepPlan,
+        kernel: AttentionKernel,
+        bidirectional: tuple[Any, ...] | None = None,
+    ) -> None:
         seqs = plan.num_seqs
         self.places = cache.layout.places
         self.groups = [
@@ -49,6 +57,7 @@ class GroupedAttention:
                 plan.group_slot_mapping[g],
                 plan.group_block_tables[g * seqs : (g + 1) * seqs],
                 decode_mode=kernel,
+                bidirectional=bidirectional,
             )
             for g in range(plan.num_groups)
         ]
@@ -75,8 +84,9 @@ class TorchPath:
         self.model, self.cache = model, cache
         self.device = cache.kv.device
 
-    def forward(self, plan: _native.StepPlan) -> torch.Tensor:
+    def forward(self, plan: _native.StepPlan, media: StepMedia | None = None) -> torch.Tensor:
         attn: AttentionBackend
+        spans = media.bidirectional if media is not None and media.has_bidirectional else None
         if plan.num_groups == 1:
             attn = PagedAttention(
                 self.cache,
@@ -85,17 +95,20 @@ class TorchPath:
                 plan.slot_mapping,
                 plan.block_tables,
                 decode_mode=self.kernel,
+                bidirectional=spans,
             )
         else:
-            attn = GroupedAttention(self.cache, plan, self.kernel)
+            attn = GroupedAttention(self.cache, plan, self.kernel, spans)
         dev = self.device
-        return self.model.forward(
+        args = (
             torch.from_numpy(plan.input_ids).to(dev),
             torch.from_numpy(plan.positions).to(dev),
             attn,
             torch.from_numpy(plan.logit_rows).to(dev),
             int4_rows(plan.query_lens) if dev.type == "cpu" else None,  # the 4-bit kernel is CPU-only
         )
+        # media only to the families that take it (vision-language text models)
+        return self.model.forward(*args) if media is None else self.model.forward(*args, media=media)
 
     def decode_weight_bytes(self) -> int:
         return self.model.decode_weight_bytes()
@@ -117,7 +130,9 @@ class FusedPath:
     def __init__(self, fused: FusedForward) -> None:
         self.fused = fused
 
-    def forward(self, plan: _native.StepPlan) -> torch.Tensor:
+    def forward(self, plan: _native.StepPlan, media: StepMedia | None = None) -> torch.Tensor:
+        if media is not None:
+            raise ValueError("the fused forward takes no image embeddings (the runner picks torch for them)")
         # every token a row with its own block tables and context (its position + 1),
         # each KV group's slots and tables after the group before's
         groups, seqs = plan.num_groups, plan.num_seqs
@@ -142,10 +157,10 @@ class GraphPath:
     def __init__(self, graphs: DecodeGraphs, eager: ForwardPath) -> None:
         self.graphs, self.eager = graphs, eager
 
-    def forward(self, plan: _native.StepPlan) -> torch.Tensor:
-        bucket = self.graphs.bucket_for(plan)
-        if bucket is None:
-            return self.eager.forward(plan)
+    def forward(self, plan: _native.StepPlan, media: StepMedia | None = None) -> torch.Tensor:
+        bucket = None if media is not None else self.graphs.bucket_for(plan)
+        if bucket is None:  # steps with images (or their rotary shift) run eagerly
+            return self.eager.forward(plan, media)
         try:
             return self.graphs.run(bucket, plan)
         except NotCapturable:  # the eager step rewrites the same KV slots the partial one wrote

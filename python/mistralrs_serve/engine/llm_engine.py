@@ -20,6 +20,7 @@ from mistralrs_serve import _native
 from mistralrs_serve.config import EngineConfig
 from mistralrs_serve.engine.engine_info import CheckedPrompt, EngineInfo
 from mistralrs_serve.engine.grammar import GrammarCompiler
+from mistralrs_serve.engine.media import StepMedia, step_media
 from mistralrs_serve.engine.model_runner import ModelRunner
 from mistralrs_serve.engine.sequence import (
     CompletionOutput,
@@ -98,9 +99,10 @@ class LLMEngine:
         params = prompt.params
         prompt_ids = np.asarray(prompt.prompt_ids, dtype=np.uint32)
         req = Request(request_id, prompt_ids, params, prompt.max_new_tokens, on_output)
-        req.matcher = prompt.matcher
+        req.matcher, req.media = prompt.matcher, prompt.media
         leader = self._new_sequence(req)
-        self.scheduler.add(leader.seq_id, req.prompt_ids, params.n - 1)
+        spans = prompt.media.spans() if prompt.media is not None else None
+        self.scheduler.add(leader.seq_id, req.prompt_ids, params.n - 1, spans=spans)
         self.requests[request_id] = req
         return req
 
@@ -143,10 +145,27 @@ class LLMEngine:
         # Forks for n > 1 start now, so their grammar masks fill while the model runs.
         rows, seqs = self._rows_to_sample(plan.sampled_seq_ids)
         masks = self._start_masks(seqs)
-        logits = self.runner.execute(plan)
+        logits = self.runner.execute(plan, self._step_media(plan))
         if seqs:
             self._postprocess(logits, rows, seqs, masks)
         return plan.num_tokens
+
+    def _step_media(self, plan: _native.StepPlan) -> StepMedia | None:
+        """The step's images, when one of its sequences has any (engine/media.py)."""
+        media = []
+        for seq_id in plan.seq_ids.tolist():
+            seq = self.sequences.get(seq_id)
+            media.append(seq.request.media if seq is not None else None)
+        if not any(m is not None for m in media):
+            return None
+        return step_media(
+            plan.query_lens,
+            plan.context_lens,
+            plan.num_tokens,
+            media,
+            self.runner.multimodal_rope,
+            self.runner.device,
+        )
 
     def _note_cached_prefixes(self, plan: _native.StepPlan) -> None:
         """A request's first chunk starts after the prompt tokens the prefix cache

@@ -23,6 +23,7 @@ from mistralrs_serve.engine.cuda_graphs import DecodeGraphs
 from mistralrs_serve.engine.device_sampler import SampledTokens, can_sample_on_device, sample_on_device
 from mistralrs_serve.engine.forward_paths import ForwardPath, FusedPath, GraphPath, TorchPath, TritonPath
 from mistralrs_serve.engine.kv_cache import KVLayout, PagedKVCache
+from mistralrs_serve.engine.media import StepMedia
 from mistralrs_serve.models.loader import LoadedModel
 
 if TYPE_CHECKING:
@@ -51,6 +52,9 @@ class ModelRunner:
         if self.model.device != self.device:
             self.model.to(self.device)
         self.use_triton = config.triton if config.triton is not None else self.device.type == "cuda"
+        # a vision-language model's steps may carry images: the torch paths take them
+        self.takes_media = loaded.vision is not None
+        self.multimodal_rope = bool(loaded.config.rope_scaling.mrope_section)
         model_len = loaded.config.max_position_embeddings
         self.max_model_len = min(model_len, config.max_model_len or model_len)
         self.kv_layout = self._kv_layout()
@@ -127,7 +131,7 @@ class ModelRunner:
                 self.model, self.cache, self.config.max_num_seqs, max_context, capture=on_cuda
             )
             return GraphPath(graphs, eager)
-        if self.device.type == "cpu" and self.config.native_forward:
+        if self.device.type == "cpu" and self.config.native_forward and not self.takes_media:
             places = None if self.kv_layout.num_groups == 1 else self.kv_layout.places
             fused = self.model.fused_forward(self.cache.kv_np, places)
             if fused is not None:
@@ -138,10 +142,11 @@ class ModelRunner:
         """Weight bytes one decode step reads, by whichever path runs it."""
         return self.path.decode_weight_bytes()
 
-    def execute(self, plan: _native.StepPlan) -> torch.Tensor:
-        """Run one step: its block copies, then the model; fp32 logits of its sampled rows."""
+    def execute(self, plan: _native.StepPlan, media: StepMedia | None = None) -> torch.Tensor:
+        """Run one step: its block copies, then the model; fp32 logits of its sampled rows.
+        media: the step's images (engine/media.py)."""
         self.cache.copy_blocks(plan.copy_ops)
-        return self.path.forward(plan)
+        return self.path.forward(plan) if media is None else self.path.forward(plan, media)
 
     def sample(
         self,

@@ -16,6 +16,7 @@ import numpy as np
 
 from mistralrs_serve import _native
 from mistralrs_serve.engine.detokenizer import IncrementalDetokenizer
+from mistralrs_serve.engine.media import PromptMedia
 from mistralrs_serve.engine.stop import StopStringMatcher
 from mistralrs_serve.sampling_params import SamplingParams
 from mistralrs_serve.tokenizer.tokenizer import Tokenizer
@@ -86,6 +87,7 @@ class Request:
     num_unfinished: int = 0
     matcher: _native.GrammarMatcher | None = None  # the compiled grammar each choice forks
     num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache when first scheduled
+    media: PromptMedia | None = None  # the prompt's images (engine/media.py)
 
     @property
     def num_pending_forks(self) -> int:

@@ -17,10 +17,12 @@ from mistralrs_serve.layers.attention_plan import (
     DecodeGroup,
     KernelDecode,
     Prefill,
+    Spans,
     decode_groups,
     mixed_triton,
     prefills,
     validate_plan,
+    visibility,
 )
 
 if TYPE_CHECKING:
@@ -80,10 +82,13 @@ def windowed_softmax_attention(
     first_query_pos: int,
     first_key_pos: int,
     how: LayerAttention,
+    spans: tuple[tuple[int, int], ...] = (),
 ) -> torch.Tensor:
     """Causal attention of one sequence's queries q (Tq, H, D) over its keys and
     values k/v (Tk, K, D) in fp32, with `how`'s window, scale and soft-cap;
-    positions count from the sequence's start. -> (Tq, H * D)."""
+    positions count from the sequence's start. Inside each of `spans` queries see
+    every key of the span (then the window applies, as transformers composes
+    Gemma 3's masks). -> (Tq, H * D)."""
     heads, kv_heads, d = q.shape[1], k.shape[1], q.shape[2]
     groups = heads // kv_heads
     qf = q.float().reshape(q.shape[0], kv_heads, groups, d)  # (Tq, K, G, D)
@@ -91,10 +96,10 @@ def windowed_softmax_attention(
     scores = scores * (how.scale if how.scale is not None else d**-0.5)
     if how.softcap is not None:
         scores = torch.tanh(scores / how.softcap) * how.softcap
-    qpos = torch.arange(first_query_pos, first_query_pos + q.shape[0], device=q.device).unsqueeze(1)
-    kpos = torch.arange(first_key_pos, first_key_pos + k.shape[0], device=q.device).unsqueeze(0)
-    visible = kpos <= qpos
+    visible = visibility(first_query_pos, q.shape[0], first_key_pos, k.shape[0], spans, q.device)
     if how.window is not None:
+        qpos = torch.arange(first_query_pos, first_query_pos + q.shape[0], device=q.device).unsqueeze(1)
+        kpos = torch.arange(first_key_pos, first_key_pos + k.shape[0], device=q.device).unsqueeze(0)
         visible &= qpos - kpos < how.window
     probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
     out = torch.einsum("kgqt,tkd->qkgd", probs, v.float())  # (Tq, K, G, D)
@@ -150,6 +155,8 @@ class PagedAttention:
 
     call_cost_tokens and max_call_bytes tune how "group" batches decodes into
     SDPA calls: -1 gives one call per sequence, a huge value one padded call.
+    `bidirectional`: per sequence, position ranges whose tokens attend to each
+    other both ways (Gemma 3's images; engine/media.py), masked into its chunks.
     """
 
     def __init__(
@@ -163,6 +170,7 @@ class PagedAttention:
         decode_mode: AttentionKernel = "native",
         call_cost_tokens: int = DEFAULT_CALL_COST_TOKENS,
         max_call_bytes: int = DEFAULT_MAX_CALL_BYTES,
+        bidirectional: Spans | None = None,
     ) -> None:
         qlens = np.asarray(query_lens, dtype=np.int64)
         ctxs = np.asarray(context_lens, dtype=np.int64)
@@ -182,13 +190,18 @@ class PagedAttention:
         self._plan_writes(slots)
 
         starts = np.concatenate(([0], np.cumsum(qlens)[:-1])).astype(np.int64)
-        # per sequence (first row, query_len, context_len, block table) for layers
-        # with a window or soft-cap (LayerAttention), which attend sequence by sequence
-        self._sequences = list(zip(starts.tolist(), qlens.tolist(), ctxs.tolist(), tables, strict=True))
+        # per sequence (first row, query_len, context_len, block table, bidirectional spans)
+        # for layers with a window or soft-cap (LayerAttention), which attend one by one
+        spans = bidirectional if bidirectional is not None and any(bidirectional) else None
+        per_seq = spans if spans is not None else [()] * len(qlens)
+        self._sequences = list(
+            zip(starts.tolist(), qlens.tolist(), ctxs.tolist(), tables, per_seq, strict=True)
+        )
         self._max_context = int(ctxs.max(initial=0))
         is_decode = qlens == 1
         self._mixed = None
-        if decode_mode == "triton" and not is_decode.all():
+        # the mixed Triton kernel is causal only: a step with bidirectional spans takes SDPA
+        if decode_mode == "triton" and not is_decode.all() and spans is None:
             self._mixed = mixed_triton(qlens, ctxs, tables, dev)
             is_decode = np.zeros_like(is_decode)  # the mixed kernel covers every sequence
         self._kernel_decode = None
@@ -210,7 +223,7 @@ class PagedAttention:
             )
         self.prefills: list[Prefill] = []
         if self._mixed is None:
-            self.prefills = prefills(qlens, ctxs, tables, starts, cache.block_size, dev)
+            self.prefills = prefills(qlens, ctxs, tables, starts, cache.block_size, dev, spans)
         self._allocate_gather_buffers()
         # decode-only step whose single group covers every row in order: no
         # gather of q rows / scatter of output rows needed
@@ -306,7 +319,7 @@ class PagedAttention:
         cache, bs = self.cache, self.cache.block_size
         kv, d = cache.num_kv_heads, cache.head_dim
         out = torch.zeros((q.shape[0], q.shape[1] * d), dtype=torch.float32, device=self._device)
-        for start, q_len, ctx, table in self._sequences:
+        for start, q_len, ctx, table, spans in self._sequences:
             first_q = ctx - q_len
             first_k = 0 if how.window is None else max(0, first_q - how.window + 1)
             b0, b1 = first_k // bs, -(-ctx // bs)
@@ -315,7 +328,7 @@ class PagedAttention:
             k_s = cache.k[layer_idx].index_select(0, blocks).view(-1, kv, d)[lo:hi]
             v_s = cache.v[layer_idx].index_select(0, blocks).view(-1, kv, d)[lo:hi]
             rows = slice(start, start + q_len)
-            out[rows] = windowed_softmax_attention(q[rows], k_s, v_s, first_q, first_k, how)
+            out[rows] = windowed_softmax_attention(q[rows], k_s, v_s, first_q, first_k, how, spans)
         return out
 
     def _attend_torch(
@@ -349,7 +362,13 @@ class PagedAttention:
                 k_s = k[p.rows].to(self._attn_dtype).transpose(0, 1)
                 v_s = v[p.rows].to(self._attn_dtype).transpose(0, 1)
                 o = F.scaled_dot_product_attention(
-                    q_s, k_s, v_s, is_causal=True, enable_gqa=groups > 1, scale=scale
+                    q_s,
+                    k_s,
+                    v_s,
+                    attn_mask=p.mask,
+                    is_causal=p.mask is None,
+                    enable_gqa=groups > 1,
+                    scale=scale,
                 )
             else:
                 k_s = self._gather(k_cache, p.blocks, self._k_buf).view(-1, kv, d)[: p.context_len]

@@ -102,6 +102,20 @@ class RotaryTable:
         # (T, 1, head_dim // 2): broadcasts over heads
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
 
+    def lookup_multimodal(
+        self, positions: torch.Tensor, sections: tuple[int, ...]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Qwen2-VL's multimodal rotary: positions (3, T) temporal, row and column; the
+        frequencies of the i-th section of `sections` turn by positions[i % 3]. The
+        (T, 1, head_dim // 2) tables `lookup` gives; equal to it where the three agree."""
+        bounds = [0, *torch.tensor(sections).cumsum(0).tolist()]
+        cos, sin = self.cos[positions], self.sin[positions]  # (3, T, head_dim // 2)
+        parts = range(len(sections))
+        return (
+            torch.cat([t[i % 3, :, bounds[i] : bounds[i + 1]] for i in parts], dim=-1).unsqueeze(1)
+            for t in (cos, sin)
+        )  # type: ignore[return-value]
+
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate halves of the last dimension: x (T, heads, D), cos/sin (T, 1, D/2) from `lookup`.

@@ -20,10 +20,10 @@ matmul each.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from mistralrs_serve.config import ModelConfig, RopeScaling
 from mistralrs_serve.errors import ModelLoadError
@@ -34,7 +34,7 @@ from mistralrs_serve.layers.norm import RMSNorm
 from mistralrs_serve.layers.rotary import RotaryTable
 from mistralrs_serve.models import gemma_config
 from mistralrs_serve.models.interface import FusedForward, KVPlaces, every_layer_window
-from mistralrs_serve.models.llama import qkv_attention
+from mistralrs_serve.models.llama import embed_tokens, qkv_attention
 from mistralrs_serve.models.llama_native import (
     FusedSpec,
     LayerExtras,
@@ -44,6 +44,9 @@ from mistralrs_serve.models.llama_native import (
     f32_list,
 )
 from mistralrs_serve.models.registry import Architecture
+
+if TYPE_CHECKING:
+    from mistralrs_serve.engine.media import StepMedia
 
 _NORMS = (
     "input_layernorm",
@@ -208,9 +211,11 @@ class GemmaForCausalLM:
         attn: AttentionBackend,
         logits_indices: torch.Tensor,
         int4_rows: torch.Tensor | None = None,
+        media: StepMedia | None = None,
     ) -> torch.Tensor:
-        """input_ids/positions (T,); returns fp32 logits (len(logits_indices), vocab)."""
-        x = F.embedding(input_ids, self.embed) * self.embed_scale
+        """input_ids/positions (T,); returns fp32 logits (len(logits_indices), vocab).
+        media: Gemma 3's image embeddings, placed after the embedding's scaling."""
+        x = embed_tokens(self.embed, input_ids, media, self.embed_scale)
         local = self.local_rotary.lookup(positions)
         glob = local if self.local_rotary is self.global_rotary else self.global_rotary.lookup(positions)
         for layer in self.layers:

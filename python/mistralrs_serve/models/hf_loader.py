@@ -8,12 +8,13 @@ generation_config.json and chat_template.jinja.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import tokenizers
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from mistralrs_serve.config import ModelConfig
@@ -99,7 +100,11 @@ def read_hf_config(model_dir: Path, *, base_models: bool = False) -> ModelConfig
         raise ModelLoadError(f"{model_dir / 'config.json'}: missing or invalid setting {e}") from e
 
 
-def load_safetensors(model_dir: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def load_safetensors(
+    model_dir: Path, dtype: torch.dtype, only: Callable[[str], bool] | None = None
+) -> dict[str, torch.Tensor]:
+    """Every tensor of the directory's shards in `dtype`; with `only`, the names it takes
+    (read one by one, so the rest never leave the file)."""
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         found = ", ".join(sorted(p.name for p in model_dir.iterdir())) or "nothing"
@@ -107,10 +112,19 @@ def load_safetensors(model_dir: Path, dtype: torch.dtype) -> dict[str, torch.Ten
     weights: dict[str, torch.Tensor] = {}
     for f in progress(files, "loading safetensors shards", "file"):
         try:
-            weights.update({k: v.to(dtype) for k, v in load_file(f).items()})
+            if only is None:
+                weights.update({k: v.to(dtype) for k, v in load_file(f).items()})
+                continue
+            with safe_open(str(f), framework="pt") as shard:
+                weights.update({k: shard.get_tensor(k).to(dtype) for k in shard.keys() if only(k)})  # noqa: SIM118 (no __iter__)
         except (SafetensorError, OSError) as e:
             raise ModelLoadError(f"{f}: cannot read safetensors ({e})") from e
     return weights
+
+
+def is_vision_weight(name: str) -> bool:
+    """A vision-language checkpoint's vision tower or projector tensor."""
+    return name.removeprefix("model.").startswith(VISION_PREFIXES)
 
 
 def generation_eos_ids(model_dir: Path) -> list[int]:

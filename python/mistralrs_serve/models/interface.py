@@ -5,13 +5,16 @@ names the class: the engine's runner calls nothing else."""
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
 
 from mistralrs_serve.config import ModelConfig
 from mistralrs_serve.layers.attention import AttentionBackend, LayerAttention
+
+if TYPE_CHECKING:
+    from mistralrs_serve.engine.media import StepMedia
 
 # per layer, its KV group and its place in a cache block (engine/kv_cache.KVLayout.places)
 KVPlaces = tuple[tuple[int, int], ...]
@@ -40,10 +43,10 @@ class FusedForward(Protocol):
 class CausalLM(Protocol):
     """Token ids and positions in, logits of the selected rows out.
 
-    Prompts with non-text inputs (image or audio embeddings placed at given
-    positions) would enter here: a family that takes them adds the embeddings
-    and their rows to `forward`, and the runner passes them from the request.
-    No family does yet.
+    A family that serves as a vision-language model's text model (Llama's
+    network, so Qwen2; Gemma) also takes `media`: image embeddings that replace
+    the rows of their placeholder tokens, and multimodal rotary positions
+    (engine/media.py). The runner passes it only on steps that have images.
     """
 
     config: ModelConfig
@@ -57,6 +60,7 @@ class CausalLM(Protocol):
         attn: AttentionBackend,
         logits_indices: torch.Tensor,
         int4_rows: torch.Tensor | None = None,
+        media: StepMedia | None = None,
     ) -> torch.Tensor:
         """input_ids/positions (T,) -> fp32 logits (len(logits_indices), vocab).
         int4_rows: the rows of a mixed step that take the 4-bit kernel (layers.linear)."""

@@ -32,6 +32,7 @@ from mistralrs_serve.models.interface import KVPlaces, every_layer_window
 from mistralrs_serve.models.registry import Architecture
 
 if TYPE_CHECKING:
+    from mistralrs_serve.engine.media import StepMedia
     from mistralrs_serve.models.llama_native import NativeForward
 
 
@@ -209,11 +210,13 @@ class LlamaForCausalLM:
         attn: AttentionBackend,
         logits_indices: torch.Tensor,
         int4_rows: torch.Tensor | None = None,
+        media: StepMedia | None = None,
     ) -> torch.Tensor:
         """input_ids/positions (T,); returns fp32 logits (len(logits_indices), vocab).
-        int4_rows: the rows of a mixed step that take the 4-bit kernel (see Linear)."""
-        x = F.embedding(input_ids, self.embed)
-        cos, sin = self.rotary.lookup(positions)
+        int4_rows: the rows of a mixed step that take the 4-bit kernel (see Linear);
+        media: image embeddings replacing rows, multimodal rotary positions."""
+        x = embed_tokens(self.embed, input_ids, media)
+        cos, sin = rotary_tables(self.rotary, positions, media, self.config.rope_scaling.mrope_section)
         for layer in self.layers:
             x = layer.forward(x, cos, sin, attn, int4_rows)
         return self.lm_head(self.norm(x[logits_indices])).float()
@@ -261,6 +264,34 @@ class LlamaForCausalLM:
 
 def _dense(w: AnyWeight, dtype: torch.dtype) -> torch.Tensor:
     return w.to(dtype) if isinstance(w, torch.Tensor) else w.dequantize(dtype)
+
+
+def embed_tokens(
+    table: torch.Tensor,
+    input_ids: torch.Tensor,
+    media: StepMedia | None,
+    scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The rows of `table` for input_ids (times `scale`), then the step's image
+    embeddings in their rows, unscaled, as transformers places them (placeholder ids
+    may lie outside the table: those rows look up id 0 first)."""
+    if media is None or media.rows is None:
+        x = F.embedding(input_ids, table)
+        return x if scale is None else x * scale
+    x = F.embedding(input_ids.index_fill(0, media.rows, 0), table)
+    x = x if scale is None else x * scale
+    assert media.embeddings is not None
+    return x.index_copy_(0, media.rows, media.embeddings.to(x.dtype))
+
+
+def rotary_tables(
+    rotary: RotaryTable, positions: torch.Tensor, media: StepMedia | None, sections: tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of a step: by the step's three rotary positions per token where the
+    model rotates by sections (Qwen2-VL) and the step has them, else by position."""
+    if media is not None and media.rope_positions is not None and sections:
+        return rotary.lookup_multimodal(media.rope_positions, sections)
+    return rotary.lookup(positions)
 
 
 def required_weight_names(cfg: ModelConfig) -> list[str]:

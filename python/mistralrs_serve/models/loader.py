@@ -17,6 +17,7 @@ from mistralrs_serve.models.default_model import DEFAULT_MODEL_ID, default_model
 from mistralrs_serve.models.interface import CausalLM
 from mistralrs_serve.models.packaged import PACKAGED, packaged_model_path
 from mistralrs_serve.models.registry import find_architecture
+from mistralrs_serve.models.vision import VisionModel, load_vision
 from mistralrs_serve.tokenizer.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ class LoadedModel:
     config: ModelConfig
     generation_defaults: dict[str, Any] = field(default_factory=dict)
     load_time_s: float = 0.0
+    vision: VisionModel | None = None  # a vision-language checkpoint's image side
 
 
 def load_model(source: ModelSource, dtype: torch.dtype = torch.bfloat16) -> LoadedModel:
@@ -156,6 +158,10 @@ def _load_hf(source: ModelSource, dtype: torch.dtype) -> LoadedModel:
         # a vision-language checkpoint's text model (a text checkpoint is left as it is)
         weights = hf_loader.text_weights(hf_loader.load_safetensors(model_dir, dtype))
         model = arch.model(cfg, weights, dtype)
+        del weights
+        raw = hf_loader.read_json(model_dir / "config.json", required=True)
+        vision = load_vision(model_dir, raw, tokenizer)
     except ModelLoadError as e:
         _raise_naming(model_dir, e)
-    return LoadedModel(source.location, model, tokenizer, cfg, hf_loader.generation_defaults(model_dir))
+    defaults = hf_loader.generation_defaults(model_dir)
+    return LoadedModel(source.location, model, tokenizer, cfg, defaults, vision=vision)

@@ -29,6 +29,7 @@ from mistralrs_serve.models.llama import LlamaForCausalLM
 from mistralrs_serve.models.registry import Architecture
 
 if TYPE_CHECKING:
+    from mistralrs_serve.engine.media import StepMedia
     from mistralrs_serve.models.llama_native import NativeForward
 
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -71,11 +72,12 @@ class Ministral3ForCausalLM(MistralForCausalLM):
         attn: AttentionBackend,
         logits_indices: torch.Tensor,
         int4_rows: torch.Tensor | None = None,
+        media: StepMedia | None = None,
     ) -> torch.Tensor:
         if self.query_beta:
             scale = 1 + self.query_beta * torch.log1p(torch.floor(positions.float() / self.query_context))
             attn = _ScaledQueries(attn, scale.to(self.dtype).view(-1, 1, 1))  # (T, 1, 1)
-        return super().forward(input_ids, positions, attn, logits_indices, int4_rows)
+        return super().forward(input_ids, positions, attn, logits_indices, int4_rows, media)
 
     def fused_forward(self, kv: np.ndarray | None, kv_layout: KVPlaces | None = None) -> NativeForward | None:
         # the fused forward takes the rotary tables but knows no query scale

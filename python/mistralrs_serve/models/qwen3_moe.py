@@ -13,11 +13,10 @@ gate_proj` or Mixtral's `w1`/`w2`/`w3`), and GGUF's stacked `ffn_*_exps`.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from mistralrs_serve.config import ModelConfig
 from mistralrs_serve.errors import ModelLoadError
@@ -28,8 +27,11 @@ from mistralrs_serve.layers.moe import Routing, SparseMoE, check_expert_counts, 
 from mistralrs_serve.layers.norm import RMSNorm
 from mistralrs_serve.layers.rotary import RotaryTable
 from mistralrs_serve.models.interface import FusedForward, KVPlaces, every_layer_window
-from mistralrs_serve.models.llama import qkv_attention
+from mistralrs_serve.models.llama import embed_tokens, qkv_attention, rotary_tables
 from mistralrs_serve.models.registry import Architecture
+
+if TYPE_CHECKING:
+    from mistralrs_serve.engine.media import StepMedia
 
 # GGUF expert tensors (llama.cpp stacks each projection's experts into one) and
 # the router, as names under model.layers.N.
@@ -202,10 +204,11 @@ class MoeForCausalLM:
         attn: AttentionBackend,
         logits_indices: torch.Tensor,
         int4_rows: torch.Tensor | None = None,
+        media: StepMedia | None = None,
     ) -> torch.Tensor:
         """input_ids/positions (T,); returns fp32 logits (len(logits_indices), vocab)."""
-        x = F.embedding(input_ids, self.embed)
-        cos, sin = self.rotary.lookup(positions)
+        x = embed_tokens(self.embed, input_ids, media)
+        cos, sin = rotary_tables(self.rotary, positions, media, self.config.rope_scaling.mrope_section)
         for layer in self.layers:
             x = layer.forward(x, cos, sin, attn, int4_rows)
         return self.lm_head(self.norm(x[logits_indices])).float()

@@ -112,12 +112,12 @@ def _part(part: Any, where: str, is_assistant: bool) -> dict[str, Any]:
         return {"type": "input_text", "text": text}
     if kind == "refusal" and is_assistant:
         return {"type": "refusal", "refusal": _string(part, "refusal", where)}
-    if kind == "input_image":
-        raise InvalidRequestError(
-            f"{where}: this model is served for text only, so it takes no input_image parts; the "
-            "part is refused rather than dropped",
-            where,
-        )
+    if kind == "input_image" and not is_assistant:
+        # read (and refused by a text-only model) when the messages are built
+        out = {k: part[k] for k in ("image_url", "file_id") if isinstance(part.get(k), str)}
+        if len(out) != 1:
+            raise InvalidRequestError(f"{where} needs exactly one of image_url or file_id", where)
+        return {"type": "input_image", **out, "detail": part.get("detail") or "auto"}
     if kind == "input_file" and not is_assistant:
         if not any(isinstance(part.get(k), str) for k in ("file_id", "file_data", "file_url")):
             raise InvalidRequestError(f"{where} needs one of file_id, file_data or file_url", where)
@@ -284,17 +284,29 @@ class MessageBuilder:
                 raise InvalidRequestError(str(e), f"{self.where(i)}.encrypted_content") from None
         return "".join(p.get("text", "") for p in item.get("summary", []) if isinstance(p, dict))
 
-    def _content(self, i: int, parts: list[dict[str, Any]]) -> str:
-        """The text of a message (file parts were read into text parts before: see `file_texts`)."""
-        if not all(p["type"] in TEXT_PARTS for p in parts):
-            raise InvalidRequestError(
-                f"{self.where(i)}: a file part was not read", f"{self.where(i)}.content"
-            )
+    def _content(self, i: int, parts: list[dict[str, Any]]) -> str | list[dict[str, Any]]:
+        """The text of a message (file parts were read into text parts before: see
+        `with_file_texts`), or its text and image parts where it has images (encoded
+        before, for a model that takes them: an unread one is refused)."""
+        where = self.where(i)
+        for j, p in enumerate(parts):
+            if p["type"] == "input_image":
+                raise InvalidRequestError(
+                    f"{where}.content[{j}]: this model is served for text only, so it takes no "
+                    "input_image parts; the part is refused rather than dropped",
+                    f"{where}.content[{j}]",
+                )
+            if p["type"] not in (*TEXT_PARTS, "image"):
+                raise InvalidRequestError(f"{where}: a file part was not read", f"{where}.content")
+        if any(p["type"] == "image" for p in parts):
+            return [p if p["type"] == "image" else {"type": "text", "text": p["text"]} for p in parts]
         return "\n".join(p["text"] for p in parts)
 
 
-def has_files(items: list[dict[str, Any]]) -> bool:
-    return any(p.get("type") == "input_file" for x in items if x["type"] == "message" for p in x["content"])
+def has_files(items: list[dict[str, Any]], images: bool = False) -> bool:
+    """Whether messages of `items` have file parts (with `images`, or image parts) to read."""
+    kinds = ("input_file", "input_image") if images else ("input_file",)
+    return any(p.get("type") in kinds for x in items if x["type"] == "message" for p in x["content"])
 
 
 def with_file_texts(items: list[dict[str, Any]], expanded: list[Any]) -> list[dict[str, Any]]:

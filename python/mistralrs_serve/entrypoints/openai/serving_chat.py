@@ -12,6 +12,7 @@ from typing import Any
 import anyio
 
 from mistralrs_serve.engine.engine_info import CheckedPrompt, EngineClient
+from mistralrs_serve.engine.media import PromptMedia
 from mistralrs_serve.engine.sequence import CompletionOutput, StepOutput
 from mistralrs_serve.entrypoints.openai import serving_common as common
 from mistralrs_serve.entrypoints.openai import structured
@@ -22,6 +23,14 @@ from mistralrs_serve.entrypoints.openai.chat_output import (
     finish_reason,
     openai_call_delta,
     parse_text,
+)
+from mistralrs_serve.entrypoints.openai.image_parts import (
+    IMAGE_PART_TYPES,
+    ImageParts,
+    has_image_parts,
+    is_encoded_image,
+    place_images,
+    template_messages,
 )
 from mistralrs_serve.entrypoints.openai.protocol import (
     ChatChoice,
@@ -38,6 +47,7 @@ from mistralrs_serve.entrypoints.openai.reasoning import reasoning_parser_for
 from mistralrs_serve.entrypoints.openai.tool_parsers import TOKEN_MARKERS, ToolCallFormat, detect_format
 from mistralrs_serve.entrypoints.openai.tools import ToolPlan, plan_tools, with_tool_prompt
 from mistralrs_serve.errors import InvalidRequestError
+from mistralrs_serve.images.inputs import ImageLoader
 from mistralrs_serve.sampling_params import Grammar, SamplingParams
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -53,6 +63,13 @@ class ChatServing:
         self.seeds: random.Random | None = None  # the server's --seed, if any
         # file parts: without a store, file_id parts are refused and inline files are not kept
         self.attachments = attachments if attachments is not None else Attachments(None)
+        self.images: ImageParts | None = None  # a vision-language model's image parts
+        if self.info.vision is not None:
+            limits = self.attachments.limits
+            loader = ImageLoader(
+                self.attachments.store, limits.max_file_bytes, limits.allow_private_file_urls
+            )
+            self.images = ImageParts(self.info.vision, loader)
 
     def prepare(self, req: ChatCompletionRequest, *, allow_file_urls: bool = False) -> Prepared:
         """The checked prompt and the output parsing; raises InvalidRequestError.
@@ -79,9 +96,9 @@ class ChatServing:
             )
         params = self.sampling_params(req)
         params = replace(params, grammar=grammar or tool_grammar, skip_special_tokens=fmt is None)
-        prompt_ids, prompt_text = self.render(req, plan)
+        prompt_ids, prompt_text, media = self.render(req, plan)
         prompt = common.checked_prompt(
-            self.info, prompt_ids, params, truncate=req.truncate_sequence, param="messages"
+            self.info, prompt_ids, params, truncate=req.truncate_sequence, param="messages", media=media
         )
         thinks = template is not None and template.supports_thinking and not isinstance(req.messages, str)
         return Prepared(prompt, plan, fmt, template.source if thinks and template else None, prompt_text)
@@ -161,18 +178,35 @@ class ChatServing:
         self, req: ChatCompletionRequest, *, allow_file_urls: bool = False, persist: bool = True
     ) -> ChatCompletionRequest:
         """req with each file part of its messages replaced by a text part
-        holding what the model sees of the file (see attachments.py); req
-        itself when it has none. Blocking: reads the store, may fetch and store."""
-        if isinstance(req.messages, str) or not has_file_parts(req.messages):
+        holding what the model sees of the file (see attachments.py), and for a
+        vision-language model each image part by the encoded image (image_parts.py);
+        req itself when it has neither. Blocking: reads the store, may fetch and
+        store, runs the vision encoder."""
+        if isinstance(req.messages, str) or not self._has_attachments(req.messages):
             return req
-        messages = self.attachments.expand(req.messages, allow_file_urls=allow_file_urls, persist=persist)
+        messages = self.expand_parts(req.messages, allow_file_urls=allow_file_urls, persist=persist)
         return req.model_copy(update={"messages": messages})
+
+    def expand_parts(
+        self, messages: list[Any], *, allow_file_urls: bool, persist: bool, param: str = "messages"
+    ) -> list[Any]:
+        """File parts to text, image parts to encoded images (for a model that takes them)."""
+        if has_file_parts(messages):
+            messages = self.attachments.expand(
+                messages, allow_file_urls=allow_file_urls, persist=persist, param=param
+            )
+        if self.images is not None and has_image_parts(messages):
+            messages = self.images.encode(messages, param)
+        return messages
+
+    def _has_attachments(self, messages: Any) -> bool:
+        return has_file_parts(messages) or (self.images is not None and has_image_parts(messages))
 
     async def attach_files_async(
         self, req: ChatCompletionRequest, *, allow_file_urls: bool = False
     ) -> ChatCompletionRequest:
-        """As `attach_files`, on a worker thread (the store and fetches block)."""
-        if not has_file_parts(req.messages):
+        """As `attach_files`, on a worker thread (the store, fetches and encoder block)."""
+        if not self._has_attachments(req.messages):
             return req
         return await anyio.to_thread.run_sync(lambda: self.attach_files(req, allow_file_urls=allow_file_urls))
 
@@ -183,14 +217,16 @@ class ChatServing:
         plan = plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls)
         return self.render(req, plan)[0]
 
-    def render(self, req: ChatCompletionRequest, plan: ToolPlan) -> tuple[list[int], str]:
-        """Prompt ids and text. Tools go to the template when it takes them;
-        otherwise into the system message, in the plain-JSON call format."""
+    def render(self, req: ChatCompletionRequest, plan: ToolPlan) -> tuple[list[int], str, PromptMedia | None]:
+        """Prompt ids and text, and the images placed in it. Tools go to the template
+        when it takes them; otherwise into the system message, in the plain-JSON call format."""
         tokenizer = self.info.tokenizer
         if isinstance(req.messages, str):
             # mistral.rs SDK: a string is an already templated prompt.
-            return tokenizer.encode(req.messages, add_special_tokens=False), req.messages
-        messages = [_check_message(i, m) for i, m in enumerate(req.messages)]
+            return tokenizer.encode(req.messages, add_special_tokens=False), req.messages, None
+        takes_images = self.images is not None
+        messages = [_check_message(i, m, takes_images) for i, m in enumerate(req.messages)]
+        messages, images = template_messages(messages)
         if not messages:
             raise InvalidRequestError("messages must not be empty", "messages")
         template = tokenizer.chat_template
@@ -199,7 +235,9 @@ class ChatServing:
             messages, tools = with_tool_prompt(messages, tools), None
         extra = {"reasoning_effort": req.reasoning_effort} if req.reasoning_effort else {}
         text = tokenizer.render_chat(messages, tools=tools, enable_thinking=req.enable_thinking, **extra)
-        return tokenizer.encode(text, add_special_tokens=False), text
+        if images and self.images is not None:
+            return place_images(self.images.vision, tokenizer, text, images)
+        return tokenizer.encode(text, add_special_tokens=False), text, None
 
     def _choice(self, out: CompletionOutput, want_logprobs: bool, prep: Prepared) -> ChatChoice:
         logprobs = None
@@ -290,7 +328,7 @@ class ChunkBuilder:
             yield self._chunk([], usage)
 
 
-def _check_message(index: int, message: Any) -> dict[str, Any]:
+def _check_message(index: int, message: Any, takes_images: bool = False) -> dict[str, Any]:
     where = f"messages[{index}]"
     if not isinstance(message, dict):
         raise InvalidRequestError(f"{where} must be an object", where)
@@ -302,7 +340,7 @@ def _check_message(index: int, message: Any) -> dict[str, Any]:
     content = message.get("content")
     if isinstance(content, list):
         for j, part in enumerate(content):
-            _check_part(f"{where}.content[{j}]", part)
+            _check_part(f"{where}.content[{j}]", part, takes_images)
     elif content is not None and not isinstance(content, str):
         raise InvalidRequestError(f"{where}.content must be a string or a list of parts", f"{where}.content")
     elif content is None and role != "assistant":
@@ -310,11 +348,15 @@ def _check_message(index: int, message: Any) -> dict[str, Any]:
     return {**message, "role": "system"} if role == "developer" else message
 
 
-def _check_part(where: str, part: Any) -> None:
+def _check_part(where: str, part: Any, takes_images: bool) -> None:
     kind = part.get("type") if isinstance(part, dict) else None
     if kind == "text" and isinstance(part.get("text"), str):
         return
-    if kind in PENDING_PART_TYPES:
+    if takes_images and is_encoded_image(part):
+        return
+    if takes_images and kind in (*IMAGE_PART_TYPES, "image"):  # not read by attach_files
+        raise InvalidRequestError(f"{where}: an image part must be {{'type': 'image_url', ...}}", where)
+    if kind in PENDING_PART_TYPES or kind == "input_image":
         raise InvalidRequestError(
             f"{where}: this model is served for text only, so it takes no {kind!r} parts; the "
             "part is refused rather than dropped",

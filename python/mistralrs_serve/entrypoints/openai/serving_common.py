@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from mistralrs_serve.engine.engine_info import CheckedPrompt, EngineClient, EngineInfo
+from mistralrs_serve.engine.media import PromptMedia
 from mistralrs_serve.engine.sequence import CompletionOutput
 from mistralrs_serve.engine.sequence import TokenLogprob as EngineLogprob
 from mistralrs_serve.entrypoints.openai.protocol import (
@@ -75,13 +76,26 @@ def sampling_params(
 
 
 def checked_prompt(
-    info: EngineInfo, prompt_ids: list[int], params: SamplingParams, *, truncate: bool, param: str
+    info: EngineInfo,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    *,
+    truncate: bool,
+    param: str,
+    media: PromptMedia | None = None,
 ) -> CheckedPrompt:
     """The request's one check, before a response (or stream) starts. With `truncate`
-    the prompt keeps its last tokens so that max_tokens fits the context."""
+    the prompt keeps its last tokens so that max_tokens fits the context (not one
+    with images: they would lose their places)."""
     room_for_output = params.max_tokens or 1
     limit = info.max_model_len - room_for_output
     if truncate and len(prompt_ids) > limit:
+        if media is not None:
+            raise InvalidRequestError(
+                f"the prompt has {len(prompt_ids)} tokens with its images, over the {limit} that fit; "
+                "truncate_sequence does not cut prompts with images",
+                param,
+            )
         if limit < 1:
             raise InvalidRequestError(
                 f"max_tokens ({room_for_output}) leaves no room for the prompt in this model's context "
@@ -89,7 +103,7 @@ def checked_prompt(
                 "max_tokens",
             )
         prompt_ids = prompt_ids[-limit:]
-    return info.check_prompt(prompt_ids, params, param)
+    return info.check_prompt(prompt_ids, params, param, media)
 
 
 async def collect_async(client: EngineClient, prompt: CheckedPrompt) -> list[CompletionOutput]:

@@ -124,7 +124,8 @@ class ResponsesServing:
             raise InvalidRequestError("input is required", "input")
         stored_input = normalize_input(req.input, earlier)
         items = _Items(instruction_items(req.instructions), history, stored_input)
-        if has_files(items.history) or has_files(items.input):
+        images = chat.images is not None
+        if has_files(items.history, images) or has_files(items.input, images):
             items = await asyncio.to_thread(_read_files, chat, items)
         tools = convert_tools(req.tools)
         hosted, _ = read_hosted_tools(req.tools, self.agent.cfg if self.agent is not None else AgentConfig())
@@ -374,13 +375,13 @@ class ResponsesServing:
 def _read_files(chat: ChatServing, items: _Items) -> _Items:
     """Items whose input_file parts are the text the model sees of them (blocking: reads the
     store, may fetch). New files are stored as uploads; those of earlier turns are only read again."""
-    attachments = chat.attachments
+    images = chat.images is not None
 
     def read(part_items: list[dict[str, Any]], param: str, persist: bool) -> list[dict[str, Any]]:
-        if not has_files(part_items):
+        if not has_files(part_items, images):
             return part_items
         messages = [{"content": x["content"]} if x["type"] == "message" else {} for x in part_items]
-        expanded = attachments.expand(messages, allow_file_urls=True, persist=persist, param=param)
+        expanded = chat.expand_parts(messages, allow_file_urls=True, persist=persist, param=param)
         return with_file_texts(part_items, expanded)
 
     history = read(items.history, "previous_response_id", False)
