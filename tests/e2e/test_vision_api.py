@@ -21,13 +21,13 @@ import pytest
 from live_server import LiveServer, start_server, stop_server
 from mistralrs_serve import Runner, Which
 from mistralrs_serve.config import EngineConfig, ServerConfig
-from openai_schema import checked_chat, checked_chat_stream
-from responses_checks import created
+from openai_schema import check, checked_chat, checked_chat_stream
 from PIL import Image
+from responses_checks import created
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))  # the tiny checkpoints' builders
-import tiny_vlms  # noqa: E402
-from test_image_inputs import picture  # noqa: E402
+import tiny_vlms
+from test_image_inputs import picture
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +75,9 @@ def first_logprob(client: openai.OpenAI, image: Image.Image) -> float:
 
 def test_chat_with_an_image(vision_server: LiveServer) -> None:
     client = vision_server.client()
-    res = checked_chat(client, messages=ask(data_url(picture(64, 48)), detail="low"), max_tokens=6, temperature=0)
+    res = checked_chat(
+        client, messages=ask(data_url(picture(64, 48)), detail="low"), max_tokens=6, temperature=0
+    )
     assert res.choices[0].finish_reason in ("stop", "length")
     # the text, the begin/end of image, 16 image tokens and the "\n\n" around them
     assert res.usage is not None and res.usage.prompt_tokens > 20
@@ -122,13 +124,27 @@ def test_responses_with_input_image(vision_server: LiveServer) -> None:
         )
         assert body["status"] in ("completed", "incomplete")
         texts.append(res.output_text)
+        with vision_server.http() as http:  # the input kept as given, a valid item list
+            items = http.get(f"/v1/responses/{res.id}/input_items").json()
+        check("ResponseItemList", items)
+        assert items["data"][0]["content"][1] == {"type": "input_image", **part, "detail": "auto"}
     assert texts[0] == texts[1]  # the same picture by URL and by file id
+    # a follow-up turn reads the stored image again
+    follow, _ = created(
+        client, previous_response_id=res.id, input="and its colours?", max_output_tokens=4, temperature=0
+    )
+    assert follow.usage is not None and res.usage is not None
+    assert follow.usage.input_tokens > res.usage.input_tokens + 16
 
 
 @pytest.mark.parametrize(
     ("url", "param", "message"),
     [
-        ("data:image/png;base64," + base64.b64encode(b"not an image").decode(), "messages[0].content[1]", "readable"),
+        (
+            "data:image/png;base64," + base64.b64encode(b"not an image").decode(),
+            "messages[0].content[1]",
+            "readable",
+        ),
         ("ftp://example.com/cat.png", "messages[0].content[1]", "data URL"),
         ("http://127.0.0.1:9/cat.png", "messages[0].content[1]", ""),
     ],
@@ -169,6 +185,8 @@ def test_a_text_only_model_refuses_image_parts(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as e:
         client.responses.create(
             model="default",
-            input=[{"role": "user", "content": [{"type": "input_image", "image_url": data_url(picture(8, 8))}]}],
+            input=[
+                {"role": "user", "content": [{"type": "input_image", "image_url": data_url(picture(8, 8))}]}
+            ],
         )
     assert isinstance(e.value.body, dict) and e.value.body["param"] == "input[0].content[0]"
