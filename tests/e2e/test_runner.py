@@ -215,9 +215,9 @@ def test_a_request_is_checked_once_at_the_edge(default_runner, monkeypatch) -> N
     params: list[str] = []
     real = EngineInfo.check_prompt
 
-    def counting(self, prompt_ids, sampling, param="prompt"):  # type: ignore[no-untyped-def]
+    def counting(self, prompt_ids, sampling, param="prompt", media=None):  # type: ignore[no-untyped-def]
         params.append(param)
-        return real(self, prompt_ids, sampling, param)
+        return real(self, prompt_ids, sampling, param, media)
 
     monkeypatch.setattr(EngineInfo, "check_prompt", counting)
     chat(default_runner, max_tokens=2)
