@@ -51,6 +51,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         help="a Jinja chat template file (or literal template) to use instead of the model's",
     )
     g.add_argument(
+        "--mmproj",
+        default=None,
+        metavar="FILE",
+        help="llama.cpp's multimodal projector GGUF for a GGUF chat model (Gemma 3, Qwen2.5-VL): "
+        "it then takes image parts; found by itself as mmproj*.gguf beside the model in a directory",
+    )
+    g.add_argument(
         "--dtype",
         default="auto",
         choices=["auto", "bf16", "f32", "f16"],
@@ -368,6 +375,9 @@ def model_specs(args: argparse.Namespace) -> list[Any]:
         specs.insert(0, ModelSpec("chat", "default"))
     if args.with_defaults:
         specs = with_defaults(specs)
+    if getattr(args, "mmproj", None):  # the projector of the first chat model
+        i = next(i for i, s in enumerate(specs) if s.kind == "chat")
+        specs[i] = dataclasses.replace(specs[i], options={**specs[i].options, "mmproj": args.mmproj})
     check_names(specs)
     return specs
 
@@ -378,7 +388,9 @@ def chat_loader(spec: Any, args: argparse.Namespace) -> Callable[[], Any]:
     from mistralrs_serve.runner import start_engine
 
     opts: dict[str, Any] = dict(spec.options)
-    source = ModelSource.parse(spec.source, opts.pop("chat_template", None) or args.chat_template)
+    source = ModelSource.parse(
+        spec.source, opts.pop("chat_template", None) or args.chat_template, opts.pop("mmproj", None)
+    )
     dtype = opts.pop("dtype", args.dtype)
     config = engine_config(args)
     if "prefix_cache" in opts:
@@ -407,6 +419,7 @@ def run_command(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         num_threads=args.threads,
         engine_config=engine_config(args),
+        mmproj=args.mmproj,
     )
     try:
         return _answer(runner, args)

@@ -73,6 +73,7 @@ class Which:
         quantized_filename: str
         tok_model_id: str | None = None  # take the tokenizer and template from here instead
         revision: str | None = None
+        mmproj: str | None = None  # llama.cpp's multimodal projector GGUF (images in, Gemma 3 / Qwen2.5-VL)
 
         def source(self, chat_template: str | None) -> ModelSource:
             return ModelSource(
@@ -82,6 +83,7 @@ class Which:
                 revision=self.revision,
                 tokenizer_location=self.tok_model_id,
                 chat_template=chat_template,
+                mmproj=self.mmproj,
             )
 
     @dataclass(frozen=True)
@@ -166,10 +168,13 @@ class Runner:
         num_threads: int | None = None,
         engine_config: EngineConfig | None = None,
         data_dir: str | os.PathLike[str] | None = None,
+        mmproj: str | None = None,
     ) -> Runner:
-        """A Runner for a CLI-style model reference: file, directory, repo id or "default"."""
+        """A Runner for a CLI-style model reference: file, directory, repo id or "default"
+        (`mmproj`: a GGUF model's multimodal projector)."""
         runner = cls.__new__(cls)
-        runner._setup(ModelSource.parse(model, chat_template), dtype, num_threads, engine_config, data_dir)
+        source = ModelSource.parse(model, chat_template, mmproj)
+        runner._setup(source, dtype, num_threads, engine_config, data_dir)
         return runner
 
     def _setup(

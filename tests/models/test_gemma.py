@@ -145,7 +145,14 @@ def save_gemma(spec: GemmaSpec, directory: Path) -> Path:
     return directory
 
 
-def write_gemma_gguf(model_dir: Path, path: Path, quant: Any = None) -> Path:
+def write_gemma_gguf(
+    model_dir: Path,
+    path: Path,
+    quant: Any = None,
+    tok: Any = None,
+    eos_token: str = tm.EOS_TOKEN,
+    chat_template: str = tm.CHAT_TEMPLATE,
+) -> Path:
     """The saved model as llama.cpp's converter writes gemma2/gemma3: the gguf package's tensor
     names, every norm weight stored as 1 + weight, no q/k permutation, no lm_head (tied)."""
     import gguf
@@ -178,7 +185,7 @@ def write_gemma_gguf(model_dir: Path, path: Path, quant: Any = None) -> Path:
             w.add_rope_scaling_factor(full["factor"])
         if cfg.get("final_logit_softcapping"):
             w.add_final_logit_softcapping(cfg["final_logit_softcapping"])
-    tm.add_tokenizer_metadata(w, tm.build_tokenizer())
+    tm.add_tokenizer_metadata(w, tok or tm.build_tokenizer(), eos_token, chat_template)
     for name, t in load_file(str(model_dir / "model.safetensors")).items():
         if name == "lm_head.weight":
             continue

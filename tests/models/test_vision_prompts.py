@@ -35,9 +35,11 @@ TOL = 1e-4
 
 
 class Family:
-    def __init__(self, name: str, directory: Path, hf: Any) -> None:
+    """A tiny checkpoint as we load it from `source`, and transformers' model of it."""
+
+    def __init__(self, name: str, source: ModelSource, hf: Any) -> None:
         self.name, self.hf = name, hf
-        self.loaded: LoadedModel = load_model(ModelSource.parse(str(directory)), dtype=torch.float32)
+        self.loaded: LoadedModel = load_model(source, dtype=torch.float32)
         assert self.loaded.vision is not None
         self.vision = self.loaded.vision
 
@@ -78,7 +80,8 @@ BUILDERS: dict[str, Callable[[Path], Any]] = {"gemma3": tiny_vlms.gemma3, "qwen_
 @pytest.fixture(scope="module", params=sorted(BUILDERS))
 def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Family:
     directory = tmp_path_factory.mktemp(request.param)
-    return Family(request.param, directory, BUILDERS[request.param](directory))
+    hf = BUILDERS[request.param](directory)
+    return Family(request.param, ModelSource.parse(str(directory)), hf)
 
 
 def data_url(image: Image.Image) -> str:

@@ -252,7 +252,7 @@ def add_tokenizer_metadata(
     tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
     assert len(tokens) == max(vocab.values()) + 1
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
-    specials = set(SPECIAL_TOKENS)
+    specials = {added["content"] for added in spec["added_tokens"]}
     token_types = [gguf.TokenType.CONTROL if t in specials else gguf.TokenType.NORMAL for t in tokens]
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("default")
@@ -294,6 +294,9 @@ def write_gguf_from_hf(
     arch_name: str | None = None,
     raw_types: dict[str, Any] | None = None,
     drop: tuple[str, ...] = (),
+    tok: tokenizers.Tokenizer | None = None,
+    eos_token: str = EOS_TOKEN,
+    chat_template: str | None = CHAT_TEMPLATE,
 ) -> Path:
     """Convert a saved tiny model to GGUF like llama.cpp does.
 
@@ -324,10 +327,11 @@ def write_gguf_from_hf(
     writer.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
     writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-    tok = build_tokenizer()
     if tokenizer:
-        add_tokenizer_metadata(writer, tok)
+        add_tokenizer_metadata(writer, tok or build_tokenizer(), eos_token, chat_template)
     rope = cfg["rope_parameters"]
+    if rope.get("mrope_section"):  # Qwen2-VL's text model ("qwen2vl"): four sections, the last 0
+        writer.add_rope_dimension_sections([*rope["mrope_section"], 0])
     weights = load_file(str(model_dir / "model.safetensors"))
     if rope.get("rope_type") == "llama3":
         # The converter stores Llama 3.1 scaling as per-frequency divisors.

@@ -61,8 +61,9 @@ def _save(
     (directory / "preprocessor_config.json").write_text(json.dumps(preprocessor))
 
 
-def gemma3(directory: Path) -> Any:
-    """A tiny Gemma3ForConditionalGeneration saved in `directory`; returns the model (fp32, eval)."""
+def gemma3(directory: Path, layer_types: tuple[str, ...] = ("sliding_attention", "full_attention")) -> Any:
+    """A tiny Gemma3ForConditionalGeneration saved in `directory`; returns the model (fp32, eval).
+    Scores are scaled by head_dim (as llama.cpp assumes for GGUF files)."""
     import transformers
 
     tok, ids = _tokenizer(GEMMA3_TOKENS)
@@ -74,8 +75,9 @@ def gemma3(directory: Path) -> Any:
         num_attention_heads=2,
         num_key_value_heads=1,
         head_dim=24,
+        query_pre_attn_scalar=24,
         sliding_window=16,
-        layer_types=["sliding_attention", "full_attention"],
+        layer_types=list(layer_types),
     )
     vision = dict(
         hidden_size=32,
@@ -99,7 +101,12 @@ def gemma3(directory: Path) -> Any:
     with torch.no_grad():  # the projector starts at zero: give it values
         model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=0.2)
         model.model.multi_modal_projector.mm_soft_emb_norm.weight.normal_(std=0.2)
-    preprocessor = {"size": {"height": 56, "width": 56}, "image_seq_length": 16}
+    preprocessor = {
+        "size": {"height": 56, "width": 56},
+        "image_seq_length": 16,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+    }
     _save(directory, model, tok, GEMMA3_TEMPLATE, "<end_of_turn>", preprocessor)
     return model
 
@@ -140,6 +147,11 @@ def qwen_vl(directory: Path) -> Any:
     )
     torch.manual_seed(0)
     model = transformers.Qwen2_5_VLForConditionalGeneration(config).eval()
-    preprocessor = {"min_pixels": 56 * 56, "max_pixels": 28 * 28 * 64}
+    preprocessor = {
+        "min_pixels": 56 * 56,
+        "max_pixels": 28 * 28 * 64,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+    }
     _save(directory, model, tok, QWEN_VL_TEMPLATE, "<|im_end|>", preprocessor)
     return model

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -38,10 +38,24 @@ class ModelSource:
     revision: str | None = None
     tokenizer_location: str | None = None  # HF-layout dir or repo id to take the tokenizer from
     chat_template: str | None = None
+    mmproj: str | None = None  # a GGUF text model's llama.cpp multimodal projector (models/mmproj.py)
 
     @classmethod
-    def parse(cls, model: str | None, chat_template: str | None = None) -> ModelSource:
+    def parse(
+        cls, model: str | None, chat_template: str | None = None, mmproj: str | None = None
+    ) -> ModelSource:
         """Resolve a CLI `-m` value: nothing/"default", a GGUF file, a directory, or a hub id."""
+        source = cls._parse(model, chat_template)
+        if mmproj is None:
+            return source
+        if source.kind != "gguf":
+            raise ModelLoadError(f"--mmproj {mmproj}: a projector goes with a GGUF text model, not {model!r}")
+        if not Path(mmproj).expanduser().is_file():
+            raise ModelLoadError(f"--mmproj {mmproj}: no such file")
+        return replace(source, mmproj=str(Path(mmproj).expanduser()))
+
+    @classmethod
+    def _parse(cls, model: str | None, chat_template: str | None) -> ModelSource:
         if model is None or model in ("", "default"):
             return cls("default", chat_template=chat_template)
         if model in PACKAGED:
@@ -57,14 +71,19 @@ class ModelSource:
 
     @classmethod
     def _from_dir(cls, path: Path, chat_template: str | None) -> ModelSource:
+        """A Hugging Face directory, or one GGUF text model (with its `mmproj*.gguf`
+        projector beside it, if there is one)."""
         if (path / "config.json").exists():
             return cls("hf_dir", str(path), chat_template=chat_template)
         ggufs = sorted(path.glob("*.gguf"))
-        if len(ggufs) == 1:
-            return cls("gguf", str(ggufs[0]), chat_template=chat_template)
+        projectors = [g for g in ggufs if g.name.lower().startswith("mmproj")]
+        models = [g for g in ggufs if g not in projectors]
+        if len(models) == 1 and len(projectors) <= 1:
+            mmproj = str(projectors[0]) if projectors else None
+            return cls("gguf", str(models[0]), chat_template=chat_template, mmproj=mmproj)
         raise ModelLoadError(
-            f"{path}: expected config.json (Hugging Face layout) or exactly one .gguf file, "
-            f"found {len(ggufs)} .gguf files"
+            f"{path}: expected config.json (Hugging Face layout) or exactly one .gguf file (and at most "
+            f"one mmproj*.gguf projector), found {len(models)} model and {len(projectors)} projector files"
         )
 
 
@@ -128,7 +147,12 @@ def _load_gguf(path: Path, source: ModelSource, dtype: torch.dtype, name: str | 
         model = arch.model(cfg, gguf_loader.load_gguf_weights(gguf, arch, cfg, dtype), dtype)
     except ModelLoadError as e:
         _raise_naming(path, e)
-    return LoadedModel(name or path.name, model, tokenizer, cfg)
+    vision = None
+    if source.mmproj is not None:
+        from mistralrs_serve.models.mmproj import load_mmproj
+
+        vision = load_mmproj(Path(source.mmproj), tokenizer, cfg)
+    return LoadedModel(name or path.name, model, tokenizer, cfg, vision=vision)
 
 
 def _raise_naming(path: Path, e: ModelLoadError) -> NoReturn:

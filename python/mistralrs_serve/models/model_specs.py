@@ -60,6 +60,7 @@ DEFAULT_SOURCES = {
 OPTIONS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "chat": {
         "chat_template": str,
+        "mmproj": str,
         "dtype": str,
         "kv_cache_mb": int,
         "max_seqs": int,

@@ -127,6 +127,8 @@ def config_from_gguf(meta: Mapping[str, Any], arch: Architecture, tensors: Colle
         "rope_type": get("rope.scaling.type", "default"),
         "factor": get("rope.scaling.factor", 1.0),
         "original_max_position_embeddings": get("rope.scaling.original_context_length", 8192),
+        # Qwen2-VL's multimodal rotary (llama.cpp writes four sections, the last 0)
+        "mrope_section": [int(x) for x in get("rope.dimension_sections", ()) if int(x)],
     }
     if scaling["rope_type"] == "none":
         scaling["rope_type"] = "default"
