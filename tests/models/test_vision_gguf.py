@@ -94,3 +94,16 @@ def test_two_projectors_in_a_directory_are_ambiguous(tmp_path: Path) -> None:
         (tmp_path / name).write_bytes(b"")
     with pytest.raises(ModelLoadError, match="1 model and 2 projector files"):
         ModelSource.parse(str(tmp_path))
+
+
+def test_the_cli_flag_goes_to_the_first_chat_model(files: dict[str, tuple[Any, Path]]) -> None:
+    from mistralrs_serve.cli import build_parser, model_specs
+
+    _, gemma_dir = files["gemma3"]
+    text, mmproj = str(gemma_dir / "model.gguf"), str(gemma_dir / "mmproj-model.gguf")
+    args = build_parser().parse_args(
+        ["serve", "-m", text, "-m", "embedding:all-minilm-l6-v2", "--mmproj", mmproj]
+    )
+    specs = model_specs(args)
+    assert specs[0].kind == "chat" and specs[0].options["mmproj"] == mmproj
+    assert "mmproj" not in specs[1].options
