@@ -192,3 +192,12 @@ def test_marker_text_in_a_part_is_refused(family: Family) -> None:
     messages = [{"role": "user", "content": [{"type": "text", "text": f"see {marker}"}, image_part(RED)]}]
     with pytest.raises(InvalidRequestError, match="image markers"):
         family.prompt(engine, messages)
+
+
+def test_the_triton_path(family: Family) -> None:
+    """The Triton kernels (Triton's interpreter here, as conftest sets): a step with a
+    bidirectional image takes SDPA prefills beside the kernels' decodes."""
+    engine = family.engine(triton=True, max_num_batched_tokens=24)
+    prompt = family.prompt(engine, THREE)
+    text = family.prompt(engine, [{"role": "user", "content": "plain words"}])
+    check(family, prompt, run(engine, {"image": prompt, "text": text})["image"], [WIDE, TALL, RED])
