@@ -445,7 +445,7 @@ def test_vision_gemma3_directory_serves_its_text_model(
     references: dict[str, tm.TinyReference], tmp_path: Path
 ) -> None:
     """A Gemma3ForConditionalGeneration config (the text settings in text_config) over the
-    text model's weights loads as that text model (images are issue 19's engine work)."""
+    text model's weights, without vision_config, loads as that text model, for text only."""
     text = json.loads((references["gemma3"].directory / "config.json").read_text())
     directory = _edit_config(
         references["gemma3"],
@@ -455,6 +455,7 @@ def test_vision_gemma3_directory_serves_its_text_model(
         text_config=text,
     )
     loaded = load_model(ModelSource.parse(str(directory)), dtype=torch.float32)
+    assert loaded.vision is None
     _assert_close(
         tm.run_ours(loaded.model, references["gemma3"].ids), references["gemma3"].logits, "text model"
     )

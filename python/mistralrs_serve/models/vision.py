@@ -21,6 +21,7 @@ Both encoders run in float32 on the CPU thread that prepares the request.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,8 @@ from mistralrs_serve.images.processors import (
     QwenVLImageProcessor,
 )
 from mistralrs_serve.tokenizer.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
 
 VISION_ARCHITECTURES = ("Gemma3ForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration")
 
@@ -218,6 +221,9 @@ def load_vision(model_dir: Path, raw: Mapping[str, Any], tokenizer: Tokenizer) -
     """The vision model of a vision-language checkpoint (config.json `raw`), None for a text one."""
     names = raw.get("architectures") or []
     if not names or names[0] not in VISION_ARCHITECTURES:
+        return None
+    if not isinstance(raw.get("vision_config"), dict):
+        logger.warning("%s: %s without vision_config: served for text only", model_dir, names[0])
         return None
     from mistralrs_serve.models.hf_loader import is_vision_weight, load_safetensors, read_json
 
