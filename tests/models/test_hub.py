@@ -279,7 +279,7 @@ def test_parse_dir_with_one_gguf(tmp_path: Path) -> None:
 def test_parse_dir_without_a_single_model(tmp_path: Path, ggufs: int) -> None:
     for i in range(ggufs):
         (tmp_path / f"m{i}.gguf").write_bytes(b"")
-    with pytest.raises(ModelLoadError, match=f"found {ggufs} .gguf files") as info:
+    with pytest.raises(ModelLoadError, match=f"found {ggufs} model and 0 projector files") as info:
         ModelSource.parse(str(tmp_path))
     assert str(tmp_path) in str(info.value)
 
