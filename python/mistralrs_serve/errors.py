@@ -55,6 +55,10 @@ class RequestTooLargeError(InvalidRequestError):
     """The request body is over the server's size limit."""
 
 
+class RequestTimeoutError(InvalidRequestError):
+    """The request body did not arrive in time (HTTP 408)."""
+
+
 class NotFoundError(MistralrsServeError):
     """A stored object (a response, a file) that does not exist, was deleted or was never stored."""
 

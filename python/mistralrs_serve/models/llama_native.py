@@ -6,6 +6,7 @@ layers) and Gemma 3's (built by models/gemma.py through the same `FusedSpec`).
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -101,7 +102,8 @@ class NativeForward:
     (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K; a Q4_K_M file mixes them, even
     within a fused projection), the model is on the CPU
     and the CPU has AVX-512 VNNI or AVX2 (`_native.QuantMatrix.kernel_path()`;
-    MISTRALRS_SERVE_CPU_PATH=avx2|portable caps it); `--no-native-forward` turns it off.
+    MISTRALRS_SERVE_CPU_PATH=avx2 caps it, and =portable runs it on its plain Rust loops,
+    the reference the vector paths are tested against); `--no-native-forward` turns it off.
     """
 
     def __init__(self, spec: FusedSpec, kv: np.ndarray, kv_layout: KVPlaces | None = None) -> None:
@@ -202,8 +204,11 @@ class NativeForward:
 
 def applies(device: torch.device, kv: np.ndarray | None, linears: list[Linear]) -> bool:
     """Whether the fused step can run: on the CPU, over a cache with numpy views, with a
-    vector kernel, every linear layer GGUF blocks of a type the kernels read."""
-    if device.type != "cpu" or kv is None or not _native.QuantMatrix.has_fast_kernel():
+    vector kernel (or its portable loops where MISTRALRS_SERVE_CPU_PATH=portable asks for
+    them: the reference the vector paths are tested against), every linear layer GGUF
+    blocks of a type the kernels read."""
+    asked_portable = os.environ.get("MISTRALRS_SERVE_CPU_PATH", "").strip().lower() == "portable"
+    if device.type != "cpu" or kv is None or not (_native.QuantMatrix.has_fast_kernel() or asked_portable):
         return False
     if not all(lin.has_quant_matrix() for lin in linears):
         return False

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
-import orjson
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from pydantic import BaseModel, ValidationError
@@ -49,6 +48,7 @@ from mistralrs_serve.entrypoints.openai.http_errors import (
     json_response,
     sse_data,
 )
+from mistralrs_serve.entrypoints.openai.http_security import SecureHttp, json_body
 from mistralrs_serve.entrypoints.openai.metrics import ServerMetrics
 from mistralrs_serve.entrypoints.openai.model_set import ModelSet, ServedModel
 from mistralrs_serve.entrypoints.openai.protocol import (
@@ -292,10 +292,7 @@ def sse_event(model: BaseModel) -> bytes:
 
 
 def parse_body(raw: bytes, model: type[M]) -> M:
-    try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError as e:
-        raise InvalidRequestError(f"the request body is not valid JSON: {e}") from None
+    data = json_body(raw)
     if not isinstance(data, dict):
         raise InvalidRequestError("the request body must be a JSON object")
     try:
@@ -380,6 +377,7 @@ def build_app(
             allow_headers=["*"],
         )
     app.add_middleware(AuthAndMetrics, state=state)
+    app.add_middleware(SecureHttp, body_timeout_s=config.body_timeout_s)  # outermost: every response
     app.exception_handler(StarletteHTTPException)(http_error)
     from mistralrs_serve.entrypoints.openai.model_routes import model_routes  # it imports this module
 

@@ -18,6 +18,7 @@ from mistralrs_serve.errors import (
     ModelNotFoundError,
     NotFoundError,
     PayloadTooLargeError,
+    RequestTimeoutError,
     RequestTooLargeError,
     ServerBusyError,
     UnsupportedEndpointError,
@@ -37,6 +38,7 @@ class ErrorKind:
 TABLE: list[tuple[type[BaseException], ErrorKind]] = [
     (PayloadTooLargeError, ErrorKind(413, "invalid_request_error", "file_too_large")),
     (RequestTooLargeError, ErrorKind(400, "invalid_request_error", "request_too_large")),
+    (RequestTimeoutError, ErrorKind(408, "invalid_request_error", "request_timeout")),
     (InvalidRequestError, ErrorKind(400, "invalid_request_error", None)),
     (AuthenticationError, ErrorKind(401, "invalid_request_error", "invalid_api_key")),
     (ModelNotFoundError, ErrorKind(404, "invalid_request_error", "model_not_found")),

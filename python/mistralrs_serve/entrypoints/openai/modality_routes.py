@@ -25,6 +25,7 @@ from mistralrs_serve.entrypoints.openai.api_server import (
     read_body,
     unless_disconnected,
 )
+from mistralrs_serve.entrypoints.openai.file_routes import parse_multipart
 from mistralrs_serve.entrypoints.openai.http_errors import error_event, json_response
 from mistralrs_serve.entrypoints.openai.model_set import ServedModel
 from mistralrs_serve.entrypoints.openai.protocol import (
@@ -174,10 +175,12 @@ async def _transcription_form(request: Request, max_bytes: int, task: str) -> Tr
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes + (1 << 20):
         raise PayloadTooLargeError(f"the upload is {declared} bytes; the audio limit is {max_bytes}", "file")
-    try:
-        form = await request.form(max_files=1, max_fields=64)
-    except Exception as e:  # a malformed body
-        raise InvalidRequestError(f"the form could not be read: {e}", "file") from None
+
+    def too_large() -> PayloadTooLargeError:
+        return PayloadTooLargeError(f"the upload is over the audio limit of {max_bytes} bytes", "file")
+
+    # read as a stream, capped whether or not the client declared a length
+    form = await parse_multipart(request, max_bytes + (1 << 20), too_large, max_fields=64)
     upload = form.get("file")
     if not isinstance(upload, UploadFile):
         raise InvalidRequestError("'file' is required: the audio to transcribe", "file")

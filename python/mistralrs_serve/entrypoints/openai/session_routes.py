@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import Any
 
 import anyio
-import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
@@ -23,6 +22,7 @@ from mistralrs_serve.agent.approvals import ApprovalRegistry
 from mistralrs_serve.agent.sessions import SessionManager
 from mistralrs_serve.entrypoints.openai.api_server import read_body
 from mistralrs_serve.entrypoints.openai.http_errors import answered, json_response
+from mistralrs_serve.entrypoints.openai.http_security import json_body
 from mistralrs_serve.errors import InvalidRequestError
 
 
@@ -100,7 +100,4 @@ def parse_answer(body: Any) -> tuple[str, bool]:
 
 
 def _json_body(raw: bytes) -> Any:
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError as e:
-        raise InvalidRequestError(f"the request body is not valid JSON: {e}") from None
+    return json_body(raw)

@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import orjson
 from fastapi import APIRouter, Request
 from starlette.datastructures import FormData, UploadFile
 from starlette.responses import Response
 
 from mistralrs_serve.entrypoints.openai.file_routes import DRAIN_BYTES, parse_multipart
 from mistralrs_serve.entrypoints.openai.http_errors import answered, json_response
+from mistralrs_serve.entrypoints.openai.http_security import json_body
 from mistralrs_serve.errors import InvalidRequestError, PayloadTooLargeError
 from mistralrs_serve.store.skill_bundle import MAX_FILES, MAX_TOTAL_BYTES, PARAM, UploadPart
 from mistralrs_serve.store.skills import DEFAULT_LIST_LIMIT, SkillStore, VersionRef
@@ -192,10 +192,7 @@ async def _read_json(request: Request) -> Any:
         raw += chunk
         if len(raw) > MAX_JSON_BYTES:
             raise InvalidRequestError(f"the request body is over {MAX_JSON_BYTES} bytes")
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError as e:
-        raise InvalidRequestError(f"the request body is not valid JSON: {e}") from None
+    return json_body(raw)
 
 
 def _default_version(body: Any) -> VersionRef:
