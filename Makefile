@@ -10,7 +10,7 @@ PROMPT ?= What is the capital of France?
 HOST ?= 127.0.0.1
 PORT ?= 1234
 
-.PHONY: setup build serve run test lint bench lock clean
+.PHONY: setup build serve run test lint bench lock clean wheels
 
 setup: $(STAMP) build
 
@@ -35,6 +35,10 @@ run: setup
 
 lint: setup
 	bash ci/lint.sh
+
+# dist/: the abi3 wheels (manylinux x86_64 and aarch64) and the kernels wheel
+wheels: setup
+	bash ci/wheels.sh build
 
 test: setup
 	bash ci/test.sh

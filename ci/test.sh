@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every test tier, in order of cost: static checks, the pure Rust core,
-# the CPU pytest suite, then a seconds-long benchmark smoke run.
+# the CPU pytest suite, a seconds-long benchmark smoke run, then the wheels
+# built and installed where no Rust toolchain is.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
@@ -26,3 +27,6 @@ $BIN/python bench/agent_tools.py --smoke
 $BIN/python bench/models.py --smoke
 $BIN/python bench/embeddings.py --smoke
 $BIN/python bench/audio.py --smoke
+# the prebuilt wheels, installed where no Rust toolchain is (README: Installing the prebuilt wheels)
+bash ci/wheels.sh build
+bash ci/wheels.sh check

@@ -29,7 +29,9 @@ build() {
     done
     rm -rf "$DIST" && mkdir -p "$DIST"
     for target in "${TARGETS[@]}"; do
-        VIRTUAL_ENV=$(realpath .venv) $BIN/maturin build --release --zig --compatibility manylinux2014 \
+        # maturin runs zig as `python3 -m ziglang` from PATH
+        PATH="$(realpath .venv)/bin:$PATH" VIRTUAL_ENV=$(realpath .venv) $BIN/maturin build --release --zig \
+            --compatibility manylinux2014 \
             --target "$target" --out "$DIST" -q
     done
     $BIN/pip wheel -q --no-deps --no-build-isolation -w "$DIST" ./kernels

@@ -54,8 +54,9 @@ pub fn segment_len(shape: AttentionShape) -> usize {
     shape.num_heads * (shape.head_dim + 2)
 }
 
-/// Reusable buffers of [`attend_tile`] (one per thread).
+/// Reusable buffers of [`attend_tile`] (one per thread; the AVX2 kernel's).
 #[derive(Default)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub struct TileScratch {
     pub(super) floats: Vec<f32>,
     pub(super) maxes: Vec<f32>,
@@ -81,6 +82,7 @@ pub struct TileScratch {
 /// accessing them; the table's blocks must be in the cache (see
 /// [`check_decode_batch`](super::check_decode_batch)); `tile.q` holds `ends.len()` rows.
 #[inline]
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
 pub unsafe fn attend_tile<T: KvElem>(
     shape: AttentionShape,
     tile: &TileQuery<'_>,

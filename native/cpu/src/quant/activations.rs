@@ -162,6 +162,7 @@ impl QuantRaw {
     /// # Safety
     /// The batch is alive and nothing writes those rows meanwhile.
     #[inline]
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // read by the x86 kernels' dispatch
     pub(super) unsafe fn per_super(&self, r: Range<usize>) -> bool {
         r.into_iter().all(|i| *self.supers.add(i))
     }
@@ -171,6 +172,7 @@ impl QuantRaw {
     /// # Safety
     /// As [`QuantRaw::per_super`].
     #[inline]
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // read by the x86 kernels' dispatch
     pub(super) unsafe fn any_per_super(&self, r: Range<usize>) -> bool {
         r.into_iter().any(|i| *self.supers.add(i))
     }
