@@ -13,6 +13,10 @@ trap 'rm -rf "$MISTRALRS_SERVE_DATA_DIR"' EXIT
 if ! command -v bwrap >/dev/null; then
     apt-get update -qq && apt-get install -y -qq bubblewrap >/dev/null
 fi
+# the chat page's tests drive Debian's Chromium through its chromedriver
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+fi
 bash ci/lint.sh
 cargo test --release
 $BIN/python -m pytest -q -ra

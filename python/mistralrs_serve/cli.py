@@ -229,6 +229,7 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--max-body-mb", type=int, default=ServerConfig.max_body_bytes >> 20, help="largest request body"
     )
+    g.add_argument("--no-ui", action="store_true", help="leave out the chat page at GET /ui")
     g.add_argument(
         "--body-timeout-s",
         type=float,
@@ -341,6 +342,7 @@ def serve_command(args: argparse.Namespace) -> int:
         enable_metrics=not args.disable_metrics,
         max_body_bytes=args.max_body_mb << 20,
         body_timeout_s=args.body_timeout_s,
+        ui=not args.no_ui,
         max_pending_requests=args.max_pending_requests,
         served_model_name=args.served_model_name,
         seed=args.seed,

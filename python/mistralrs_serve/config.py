@@ -141,6 +141,7 @@ class ServerConfig:
     max_body_bytes: int = 16 << 20
     # a request's body must arrive within this long (then a 408)
     body_timeout_s: float = 60.0
+    ui: bool = True  # GET /ui: the chat page
     # requests being served at once (queued in the engine included); more get 503
     max_pending_requests: int = 512
     # SSE comment sent when a stream has had no output for this long

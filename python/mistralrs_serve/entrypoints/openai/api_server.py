@@ -396,6 +396,10 @@ def build_app(
 
     app.include_router(embedding_routes(state))
     app.include_router(audio_routes(state))
+    if config.ui:
+        from mistralrs_serve.entrypoints.openai.ui_routes import ui_routes
+
+        app.include_router(ui_routes())
     app.include_router(unsupported_routes())
     if config.enable_metrics:
         app.include_router(metrics_routes(state))

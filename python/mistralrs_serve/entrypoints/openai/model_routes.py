@@ -66,7 +66,9 @@ def _card(model_id: str, entry: ServedModel, state: ServerState) -> dict[str, An
         card["root"] = entry.name
     serving = entry.serving
     if entry.kind == "chat":
-        card["max_model_len"] = serving.client.info.max_model_len
+        info = serving.client.info
+        card["max_model_len"] = info.max_model_len
+        card["input_modalities"] = ["text", "image"] if info.vision is not None else ["text"]
     elif entry.kind == "embedding":
         card["dimensions"] = serving.dim
         card["max_model_len"] = serving.engine.embedder.max_seq_length
