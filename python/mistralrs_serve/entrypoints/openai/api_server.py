@@ -403,6 +403,15 @@ def build_app(
     app.include_router(unsupported_routes())
     if config.enable_metrics:
         app.include_router(metrics_routes(state))
+    document: list[dict[str, Any]] = []
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi() -> Response:
+        from mistralrs_serve.entrypoints.openai.openapi_doc import openapi_document  # it imports this module
+
+        document[:] = document or [openapi_document(app)]
+        return json_response(document[0])
+
     return app
 
 
