@@ -55,7 +55,8 @@ check() {
     port=$("$venv/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
     (cd / && env PATH="$path" "$venv/bin/mistralrs-serve" serve -p "$port" >"$server_log" 2>&1) &
     pid=$!
-    trap 'kill $pid 2>/dev/null || true' RETURN
+    # the venv holds gigabytes (torch): gone however the check ends
+    trap 'kill $pid 2>/dev/null || true; rm -rf "$(dirname "$venv")" "$server_log"' RETURN
     (cd / && env PATH="$path" "$venv/bin/python" - "$port" <<'EOF'
 import sys, time, httpx, openai
 base = f"http://127.0.0.1:{sys.argv[1]}"
@@ -85,7 +86,6 @@ assert res.choices[0].message.content is not None
 print("wheel SDK answered on the", _native.QuantMatrix.kernel_path(), "path from", mistralrs_serve.__file__)
 EOF
     )
-    rm -rf "$(dirname "$venv")" "$server_log"
 }
 
 case "${1:-}" in
