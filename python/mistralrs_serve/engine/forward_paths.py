@@ -4,7 +4,7 @@ picks one per engine (model_runner.py)."""
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -20,6 +20,7 @@ from mistralrs_serve.layers.attention import (
     LayerAttention,
     PagedAttention,
 )
+from mistralrs_serve.layers.attention_plan import Spans
 from mistralrs_serve.layers.linear import int4_rows
 from mistralrs_serve.models.interface import CausalLM, FusedForward
 
@@ -45,7 +46,7 @@ class GroupedAttention:
         cache: PagedKVCache,
         plan: _native.StepPlan,
         kernel: AttentionKernel,
-        bidirectional: tuple[Any, ...] | None = None,
+        bidirectional: Spans | None = None,
     ) -> None:
         seqs = plan.num_seqs
         self.places = cache.layout.places

@@ -151,7 +151,10 @@ class LLMEngine:
         return plan.num_tokens
 
     def _step_media(self, plan: _native.StepPlan) -> StepMedia | None:
-        """The step's images, when one of its sequences has any (engine/media.py)."""
+        """The step's images, when one of its sequences has any (engine/media.py); a
+        text-only model's steps have none, and are not looked through."""
+        if not self.runner.takes_media:
+            return None
         media = []
         for seq_id in plan.seq_ids.tolist():
             seq = self.sequences.get(seq_id)

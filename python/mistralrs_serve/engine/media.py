@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mistralrs_serve.layers.attention_plan import Spans
+
 
 @dataclass(frozen=True)
 class PlacedImage:
@@ -67,7 +69,7 @@ class StepMedia:
     rows: torch.Tensor | None  # (R,) rows of the step's tokens whose embeddings are replaced
     embeddings: torch.Tensor | None  # (R, hidden)
     # per sequence of the plan, the position ranges [start, end) whose tokens attend both ways
-    bidirectional: tuple[tuple[tuple[int, int], ...], ...]
+    bidirectional: Spans
     rope_positions: torch.Tensor | None  # (3, T) for a multimodal rotary model, else None
 
     @property

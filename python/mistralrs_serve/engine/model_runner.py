@@ -146,7 +146,7 @@ class ModelRunner:
         """Run one step: its block copies, then the model; fp32 logits of its sampled rows.
         media: the step's images (engine/media.py)."""
         self.cache.copy_blocks(plan.copy_ops)
-        return self.path.forward(plan) if media is None else self.path.forward(plan, media)
+        return self.path.forward(plan, media)
 
     def sample(
         self,

@@ -96,11 +96,7 @@ def windowed_softmax_attention(
     scores = scores * (how.scale if how.scale is not None else d**-0.5)
     if how.softcap is not None:
         scores = torch.tanh(scores / how.softcap) * how.softcap
-    visible = visibility(first_query_pos, q.shape[0], first_key_pos, k.shape[0], spans, q.device)
-    if how.window is not None:
-        qpos = torch.arange(first_query_pos, first_query_pos + q.shape[0], device=q.device).unsqueeze(1)
-        kpos = torch.arange(first_key_pos, first_key_pos + k.shape[0], device=q.device).unsqueeze(0)
-        visible &= qpos - kpos < how.window
+    visible = visibility(first_query_pos, q.shape[0], first_key_pos, k.shape[0], spans, q.device, how.window)
     probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
     out = torch.einsum("kgqt,tkd->qkgd", probs, v.float())  # (Tq, K, G, D)
     return out.reshape(q.shape[0], heads * d)

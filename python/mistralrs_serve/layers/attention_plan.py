@@ -109,14 +109,18 @@ def visibility(
     num_keys: int,
     spans: tuple[tuple[int, int], ...],
     device: torch.device,
+    window: int | None = None,
 ) -> torch.Tensor:
     """(queries, keys) bool: causal, or both inside one of `spans` (an image whose
-    tokens attend to each other both ways, Gemma 3)."""
+    tokens attend to each other both ways, Gemma 3); then, with a window, only keys
+    less than `window` positions behind the query."""
     qpos = torch.arange(first_query, first_query + num_queries, device=device).unsqueeze(1)
     kpos = torch.arange(first_key, first_key + num_keys, device=device).unsqueeze(0)
     visible = kpos <= qpos
     for lo, hi in spans:
         visible |= (qpos >= lo) & (qpos < hi) & (kpos >= lo) & (kpos < hi)
+    if window is not None:
+        visible &= qpos - kpos < window
     return visible
 
 

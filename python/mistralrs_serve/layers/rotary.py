@@ -110,11 +110,12 @@ class RotaryTable:
         (T, 1, head_dim // 2) tables `lookup` gives; equal to it where the three agree."""
         bounds = [0, *torch.tensor(sections).cumsum(0).tolist()]
         cos, sin = self.cos[positions], self.sin[positions]  # (3, T, head_dim // 2)
-        parts = range(len(sections))
-        return (
-            torch.cat([t[i % 3, :, bounds[i] : bounds[i + 1]] for i in parts], dim=-1).unsqueeze(1)
-            for t in (cos, sin)
-        )  # type: ignore[return-value]
+
+        def by_section(t: torch.Tensor) -> torch.Tensor:
+            parts = [t[i % 3, :, bounds[i] : bounds[i + 1]] for i in range(len(sections))]
+            return torch.cat(parts, dim=-1).unsqueeze(1)
+
+        return by_section(cos), by_section(sin)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -59,7 +59,6 @@ def _token(tokenizer: Tokenizer, token_id: int, what: str) -> str:
 class VisionModel:
     """What the families share; a family sets the fields and `expansion`."""
 
-    family: str
     marker: str  # what the chat template writes for one image
     image_token_id: int
     bidirectional: bool = False
@@ -128,7 +127,6 @@ def image_runs(ids: Sequence[int], token_id: int) -> list[tuple[int, int]]:
 
 
 class Gemma3Vision(VisionModel):
-    family = "gemma3"
     bidirectional = True
 
     def __init__(
@@ -161,8 +159,6 @@ class Gemma3Vision(VisionModel):
 
 
 class QwenVLVision(VisionModel):
-    family = "qwen2_5_vl"
-
     def __init__(
         self,
         cfg: Mapping[str, Any],

@@ -373,8 +373,10 @@ class ResponsesServing:
 
 
 def _read_files(chat: ChatServing, items: _Items) -> _Items:
-    """Items whose input_file parts are the text the model sees of them (blocking: reads the
-    store, may fetch). New files are stored as uploads; those of earlier turns are only read again."""
+    """Items whose input_file parts are the text the model sees of them, and whose input_image
+    parts are encoded images for a model that takes them (blocking: reads the store, may
+    fetch, runs the encoder). New files are stored as uploads; those of earlier turns are
+    only read again."""
     images = chat.images is not None
 
     def read(part_items: list[dict[str, Any]], param: str, persist: bool) -> list[dict[str, Any]]:
