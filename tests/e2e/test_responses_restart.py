@@ -3,40 +3,15 @@ killed and started again over the same --data-dir."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 from live_server import free_port
 from openai_schema import check
+from server_process import kill_hard, start, stop
 
 QUESTION = "What is the capital of France? Answer in one sentence."
-
-
-def start(data_dir: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "mistralrs_serve.cli", "serve", "--data-dir", str(data_dir), "-p", str(port)]
-    env = {**os.environ, "MISTRALRS_SERVE_DATA_DIR": str(data_dir / "not-this-one")}
-    proc = subprocess.Popen(cmd, stdout=log.open("ab"), stderr=subprocess.STDOUT, env=env)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, log.read_text()[-3000:]
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise AssertionError("the server did not become healthy:\n" + log.read_text()[-3000:])
-
-
-def kill_hard(proc: subprocess.Popen[bytes]) -> None:
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
 
 
 def test_responses_survive_kill_9(tmp_path: Path) -> None:
@@ -77,6 +52,4 @@ def test_responses_survive_kill_9(tmp_path: Path) -> None:
             )
             assert follow.status_code == 200, follow.text  # the stored conversation goes on
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            proc.wait(timeout=30)
+        stop(proc)

@@ -114,7 +114,7 @@ impl PyQuantMatrix {
         self.inner.nbytes()
     }
 
-    /// Whether this CPU runs a vector kernel (AVX-512 VNNI or AVX2, as
+    /// Whether this CPU runs a vector kernel (AVX-512 VNNI, AVX2 or NEON, as
     /// `MISTRALRS_SERVE_CPU_PATH` allows); without one the portable loops are
     /// correct but far slower than torch.
     #[staticmethod]
@@ -123,15 +123,22 @@ impl PyQuantMatrix {
             != mistralrs_serve_cpu::quant::KernelPath::Portable
     }
 
-    /// The instruction set of the integer products: "avx512", "avx2" or "portable".
+    /// The instruction set of the integer products: "avx512", "avx2",
+    /// "neon-dotprod", "neon" or "portable".
     #[staticmethod]
     fn kernel_path() -> &'static str {
+        mistralrs_serve_cpu::quant::kernel_path().name()
+    }
+
+    /// Every path this CPU runs, fastest first (what MISTRALRS_SERVE_CPU_PATH may name).
+    #[staticmethod]
+    fn supported_paths() -> Vec<&'static str> {
         use mistralrs_serve_cpu::quant::KernelPath;
-        match mistralrs_serve_cpu::quant::kernel_path() {
-            KernelPath::Avx512 => "avx512",
-            KernelPath::Avx2 => "avx2",
-            KernelPath::Portable => "portable",
-        }
+        KernelPath::ALL
+            .into_iter()
+            .filter(|p| p.supported())
+            .map(KernelPath::name)
+            .collect()
     }
 
     #[getter]

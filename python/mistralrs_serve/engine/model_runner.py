@@ -136,6 +136,10 @@ class ModelRunner:
             fused = self.model.fused_forward(self.cache.kv_np, places)
             if fused is not None:
                 return FusedPath(fused)
+        # decode now every weight still kept as the model file's blocks (the torch path would
+        # on its first step): from here on nothing reads the mapped file, which may then be
+        # replaced, truncated or removed (a read past a truncated mapping is a SIGBUS)
+        self.model.to(self.device)
         return TorchPath(self.model, self.cache)
 
     def decode_weight_bytes(self) -> int:

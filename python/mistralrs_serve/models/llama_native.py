@@ -101,8 +101,8 @@ class NativeForward:
     Used when every linear layer is GGUF blocks of a type the Rust kernels read
     (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K; a Q4_K_M file mixes them, even
     within a fused projection), the model is on the CPU
-    and the CPU has AVX-512 VNNI or AVX2 (`_native.QuantMatrix.kernel_path()`;
-    MISTRALRS_SERVE_CPU_PATH=avx2 caps it, and =portable runs it on its plain Rust loops,
+    and the CPU has AVX-512 VNNI, AVX2 or (aarch64) NEON (`_native.QuantMatrix.kernel_path()`;
+    MISTRALRS_SERVE_CPU_PATH=avx2 or =neon caps it, and =portable runs it on its plain Rust loops,
     the reference the vector paths are tested against); `--no-native-forward` turns it off.
     """
 

@@ -11,14 +11,19 @@ crash leaves either no row or a complete file.
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 import os
 import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from mistralrs_serve.errors import MistralrsServeError
+from mistralrs_serve.errors import MistralrsServeError, StorageFullError
+
+logger = logging.getLogger(__name__)
 
 # Version N is reached by running MIGRATIONS[N - 1]; add a migration, never edit one.
 MIGRATIONS: list[str] = [
@@ -80,6 +85,11 @@ MIGRATIONS: list[str] = [
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 BUSY_TIMEOUT_MS = 30_000
+# a blob without a row (or a temporary one) older than this is a crash's leftover
+ORPHAN_GRACE_S = 3600.0
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# a write is refused up front when the data directory's disk has less room than this left
+MIN_FREE_BYTES = 1 << 20
 
 
 class StoreError(MistralrsServeError):
@@ -97,6 +107,7 @@ class Database:
             raise StoreError(f"cannot create the data directory {self.data_dir}: {e}") from None
         self._local = threading.local()
         self._migrate()
+        self.sweep_orphans()
 
     def connection(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
@@ -114,13 +125,29 @@ class Database:
     def write(self) -> Iterator[sqlite3.Connection]:
         """A write transaction: committed on exit, rolled back on an exception."""
         conn = self.connection()
-        conn.execute("BEGIN IMMEDIATE")
+        with self.full_disk_errors():
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+    @contextlib.contextmanager
+    def full_disk_errors(self) -> Iterator[None]:
+        """Turn a full disk (OSError ENOSPC/EDQUOT, SQLite's SQLITE_FULL) into StorageFullError."""
         try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+            yield
+        except (OSError, sqlite3.Error) as e:
+            if not _is_full(e):
+                raise
+            logger.error("the data directory %s is full: %s", self.data_dir, e)
+            raise StorageFullError(
+                f"the server's data directory is full ({e}); nothing was stored: free space "
+                "on its disk or delete stored files and responses, then retry"
+            ) from None
 
     def read(self, sql: str, args: tuple[object, ...] = ()) -> list[sqlite3.Row]:
         return self.connection().execute(sql, args).fetchall()
@@ -146,6 +173,18 @@ class Database:
         except sqlite3.DatabaseError as e:
             raise StoreError(f"cannot open the database {self.path}: {e}") from None
 
+    def check_room(self, nbytes: int = 0) -> None:
+        """StorageFullError unless the data directory's disk has room for nbytes more
+        (and MIN_FREE_BYTES beside): refuse a write before any work goes into it."""
+        try:
+            st = os.statvfs(self.data_dir)
+        except OSError:
+            return  # cannot tell: the write itself will say
+        free = st.f_bavail * st.f_frsize
+        if free < nbytes + MIN_FREE_BYTES:
+            with self.full_disk_errors():
+                raise OSError(errno.ENOSPC, f"{free} bytes free, {nbytes} to store")
+
     # blobs
 
     def write_blob(self, data: bytes) -> str:
@@ -153,12 +192,19 @@ class Database:
         name = uuid.uuid4().hex
         final = self.blob_dir / name
         tmp = self.blob_dir / f".{name}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-        _fsync_dir(self.blob_dir)
+        with self.full_disk_errors():
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, final)
+                _fsync_dir(self.blob_dir)
+            except BaseException:
+                for path in (tmp, final):  # a partial blob would hold the space it took
+                    with contextlib.suppress(OSError):
+                        path.unlink()
+                raise
         return name
 
     def read_blob(self, name: str) -> bytes:
@@ -168,11 +214,33 @@ class Database:
         with contextlib.suppress(FileNotFoundError):
             (self.blob_dir / name).unlink()
 
+    def sweep_orphans(self, grace_s: float = ORPHAN_GRACE_S) -> int:
+        """Delete blobs no `files` row names (and temporary ones) older than grace_s:
+        what a crash between a blob's write and its row left behind. Returns how many."""
+        referenced = {row[0] for row in self.read("SELECT blob FROM files")}
+        cutoff = time.time() - grace_s
+        swept = 0
+        for entry in self.blob_dir.iterdir():
+            with contextlib.suppress(OSError):  # gone meanwhile, or not ours to delete
+                if entry.name not in referenced and entry.is_file() and entry.stat().st_mtime < cutoff:
+                    entry.unlink()
+                    swept += 1
+        if swept:
+            logger.info("removed %d blobs a crash left without a row in %s", swept, self.blob_dir)
+        return swept
+
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             conn.close()
             self._local.conn = None
+
+
+def _is_full(e: OSError | sqlite3.Error) -> bool:
+    if isinstance(e, OSError):
+        return e.errno in _FULL_ERRNOS
+    code = getattr(e, "sqlite_errorcode", None)  # Python >= 3.11
+    return code == sqlite3.SQLITE_FULL if code is not None else "disk is full" in str(e)
 
 
 def _statements(script: str) -> list[str]:

@@ -170,6 +170,7 @@ class SqliteFileStore:
             content_type=content_type_for(filename, content_type),
             expires_at=now + expires_after_s if expires_after_s is not None else None,
         )
+        self.db.check_room(len(content))
         blob = self.db.write_blob(content)
         try:
             with self.db.write() as conn:

@@ -70,12 +70,19 @@ class ResponseStore(Protocol):
         """Responses left queued or in progress (by a server that stopped)."""
         ...
 
+    def check_room(self) -> None:
+        """StorageFullError when the store has no room for a response (before one runs)."""
+        ...
+
 
 class SqliteResponseStore:
     """`ResponseStore` over the embedded database (tables `responses` and `response_input_items`)."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
+
+    def check_room(self) -> None:
+        self.db.check_room()
 
     def insert(self, record: StoredResponse, input_items: Sequence[InputItem]) -> None:
         with self.db.write() as conn:

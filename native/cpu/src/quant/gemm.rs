@@ -1,7 +1,9 @@
 //! The integer matrix products: AVX-512 VNNI where the CPU has it, AVX2
-//! where it has that (`gemm_avx2.rs`), else the same sums in plain Rust.
-//! `MISTRALRS_SERVE_CPU_PATH` (avx512, avx2, portable) caps the choice, so
-//! that every path this CPU runs can be tested and measured.
+//! where it has that (`gemm_avx2.rs`); on aarch64 NEON with the dot-product
+//! instructions or without (`gemm_neon.rs`); else the same sums in plain
+//! Rust. `MISTRALRS_SERVE_CPU_PATH` (avx512, avx2, neon-dotprod, neon,
+//! portable) caps the choice, so that every path this CPU runs can be tested
+//! and measured.
 
 use std::ops::Range;
 use std::sync::OnceLock;
@@ -139,22 +141,44 @@ unsafe fn part_on(
         KernelPath::Avx512 => unsafe { avx512::gemm(w, xs, n, rows, out, out_stride) },
         #[cfg(target_arch = "x86_64")]
         KernelPath::Avx2 => unsafe { super::gemm_avx2::gemm(w, xs, n, rows, out, out_stride) },
+        // SAFETY (both NEON paths): as above.
+        #[cfg(target_arch = "aarch64")]
+        KernelPath::NeonDot => unsafe {
+            super::gemm_neon::gemm(w, xs, n, rows, out, out_stride, true)
+        },
+        #[cfg(target_arch = "aarch64")]
+        KernelPath::Neon => unsafe {
+            super::gemm_neon::gemm(w, xs, n, rows, out, out_stride, false)
+        },
         // SAFETY: per the contract.
         _ => unsafe { portable_into(w, xs, n, rows, out, out_stride) },
     }
 }
 
 /// The instruction set of the integer products.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KernelPath {
     Portable,
     /// AVX2, FMA and F16C.
     Avx2,
     /// AVX-512 F/BW/VNNI and F16C.
     Avx512,
+    /// aarch64 NEON (ARMv8.0).
+    Neon,
+    /// aarch64 NEON with the dot-product instructions (ARMv8.2 `dotprod`).
+    NeonDot,
 }
 
 impl KernelPath {
+    /// Every path, fastest first within each architecture's.
+    pub const ALL: [KernelPath; 5] = [
+        KernelPath::Avx512,
+        KernelPath::Avx2,
+        KernelPath::NeonDot,
+        KernelPath::Neon,
+        KernelPath::Portable,
+    ];
+
     /// The path a part of `kind` takes on this one: the AVX-512 kernel has
     /// no loop for the kinds with high bit planes ([`QuantKind::Q5`], Q6) or
     /// integer scales ([`QuantKind::Q4K`], which GGUF loading makes only
@@ -178,17 +202,40 @@ impl KernelPath {
             KernelPath::Portable => true,
             KernelPath::Avx2 => has_avx2(),
             KernelPath::Avx512 => has_vnni(),
+            KernelPath::Neon => cfg!(target_arch = "aarch64"),
+            KernelPath::NeonDot => has_neon_dotprod(),
+        }
+    }
+
+    /// Its name in `MISTRALRS_SERVE_CPU_PATH` (and in benchmarks' output).
+    pub fn name(self) -> &'static str {
+        match self {
+            KernelPath::Portable => "portable",
+            KernelPath::Avx2 => "avx2",
+            KernelPath::Avx512 => "avx512",
+            KernelPath::Neon => "neon",
+            KernelPath::NeonDot => "neon-dotprod",
         }
     }
 
     /// From its name in `MISTRALRS_SERVE_CPU_PATH`.
     pub fn from_name(name: &str) -> Option<Self> {
-        match name.trim().to_ascii_lowercase().as_str() {
-            "portable" => Some(KernelPath::Portable),
-            "avx2" => Some(KernelPath::Avx2),
-            "avx512" => Some(KernelPath::Avx512),
-            _ => None,
-        }
+        let name = name.trim().to_ascii_lowercase();
+        Self::ALL.into_iter().find(|p| p.name() == name)
+    }
+
+    fn is_arm(self) -> bool {
+        matches!(self, KernelPath::Neon | KernelPath::NeonDot)
+    }
+
+    /// The fastest path this CPU runs that is `cap` or slower than it on
+    /// `cap`'s architecture (Portable where none is).
+    pub fn capped_at(cap: KernelPath) -> KernelPath {
+        Self::ALL
+            .into_iter()
+            .skip_while(|p| *p != cap)
+            .find(|p| p.supported() && (p.is_arm() == cap.is_arm() || *p == KernelPath::Portable))
+            .unwrap_or(KernelPath::Portable)
     }
 }
 
@@ -197,15 +244,27 @@ impl KernelPath {
 pub fn kernel_path() -> KernelPath {
     static PATH: OnceLock<KernelPath> = OnceLock::new();
     *PATH.get_or_init(|| {
+        let best = KernelPath::ALL.into_iter().find(|p| p.supported());
         let cap = std::env::var("MISTRALRS_SERVE_CPU_PATH")
             .ok()
-            .and_then(|v| KernelPath::from_name(&v))
-            .unwrap_or(KernelPath::Avx512);
-        [KernelPath::Avx512, KernelPath::Avx2]
-            .into_iter()
-            .find(|p| *p <= cap && p.supported())
-            .unwrap_or(KernelPath::Portable)
+            .and_then(|v| KernelPath::from_name(&v));
+        match cap {
+            Some(cap) => KernelPath::capped_at(cap),
+            None => best.unwrap_or(KernelPath::Portable),
+        }
     })
+}
+
+/// Whether this CPU runs the NEON kernel with the dot-product instructions.
+pub fn has_neon_dotprod() -> bool {
+    #[cfg(target_arch = "aarch64")]
+    {
+        super::gemm_neon::has_dotprod()
+    }
+    #[cfg(not(target_arch = "aarch64"))]
+    {
+        false
+    }
 }
 
 /// Whether the AVX2 kernel runs on this CPU.
@@ -284,28 +343,42 @@ pub fn gemm_portable(
     gemm_path(KernelPath::Portable, w, xs, rows, out, out_stride)
 }
 
+/// Row `r` of `w` against the activation row `x`, in the float operations of the
+/// AVX2 and NEON kernels, in their order: per block `acc = fma(Σ q x, d dx, acc)`
+/// then `acc = fma(m, dx Σ x, acc)`; Q8's codes taken signed (its offset term
+/// then drops), Q6's halves one fma each. The integer sums are exact on every
+/// path, so the paths agree to the last bit (AVX-512's Q8, which keeps the
+/// offset term, to its rounding).
+///
 /// # Safety
 /// `x` is a live row quantized at `w.cols` columns.
 unsafe fn dot_portable(w: &Part, x: RowAt, r: usize) -> f32 {
     let mut acc = 0f32;
+    let sum = |codes: *const i8, cols: std::ops::Range<usize>, bias: i32, blk: usize| -> f32 {
+        cols.map(|j| (w.code(r, blk * BLOCK + j) as i32 - bias) * *codes.add(j) as i32)
+            .sum::<i32>() as f32
+    };
     for blk in 0..w.blocks_per_row() {
         let codes = x.q.add(blk * ROW_Q_STEP);
         let dx = *x.d.add(blk * BATCH);
-        if w.kind == QuantKind::Q6 {
-            // codes standing for q - 32, a scale per half block, no offset
-            for half in 0..2 {
-                let isum: i32 = (16 * half..16 * half + 16)
-                    .map(|j| (w.code(r, blk * BLOCK + j) as i32 - 32) * *codes.add(j) as i32)
-                    .sum();
-                acc += w.q6_scale(r, blk, half) * dx * isum as f32;
+        match w.kind {
+            QuantKind::Q6 => {
+                // codes standing for q - 32, a scale per half block, no offset
+                for half in 0..2 {
+                    let isum = sum(codes, 16 * half..16 * half + 16, 32, blk);
+                    acc = isum.mul_add(w.q6_scale(r, blk, half) * dx, acc);
+                }
             }
-            continue;
+            QuantKind::Q8 => {
+                // d dx Σ u x - 128 d dx Σ x = d dx Σ (u - 128) x
+                acc = sum(codes, 0..BLOCK, 128, blk).mul_add(w.block_scales(r, blk).0 * dx, acc);
+            }
+            QuantKind::Q4 | QuantKind::Q4K | QuantKind::Q5 => {
+                let (d, m) = w.block_scales(r, blk);
+                acc = sum(codes, 0..BLOCK, 0, blk).mul_add(d * dx, acc);
+                acc = m.mul_add(*x.dsum.add(blk * BATCH), acc);
+            }
         }
-        let isum: i32 = (0..BLOCK)
-            .map(|j| w.code(r, blk * BLOCK + j) as i32 * *codes.add(j) as i32)
-            .sum();
-        let (d, m) = w.block_scales(r, blk);
-        acc += d * dx * isum as f32 + m * *x.dsum.add(blk * BATCH);
     }
     acc
 }
@@ -341,16 +414,10 @@ mod avx512 {
                 let out = out.wrapping_offset((c * BATCH * stride) as isize + col0);
                 // the chunk's first row at the matrix's width
                 let chunk = xs.row(c * BATCH, w.cols);
-                match BATCH.min(n - c * BATCH) {
-                    8 => group::<8>(w, g, chunk, out, stride, mask),
-                    7 => group::<7>(w, g, chunk, out, stride, mask),
-                    6 => group::<6>(w, g, chunk, out, stride, mask),
-                    5 => group::<5>(w, g, chunk, out, stride, mask),
-                    4 => group::<4>(w, g, chunk, out, stride, mask),
-                    3 => group::<3>(w, g, chunk, out, stride, mask),
-                    2 => group::<2>(w, g, chunk, out, stride, mask),
-                    _ => group::<1>(w, g, chunk, out, stride, mask),
-                }
+                by_rows!(
+                    BATCH.min(n - c * BATCH),
+                    group(w, g, chunk, out, stride, mask)
+                )
             }
         }
     }

@@ -52,22 +52,6 @@ trait Codes {
     const SUPERS: bool = matches!(Self::KIND, QuantKind::Q4K | QuantKind::Q6);
 }
 
-/// `f::<m, K>(args)` for a const `m` from 1 to 8 equal to `$m`.
-macro_rules! by_rows {
-    ($m:expr, $f:ident::<$k:ty>($($a:expr),*)) => {
-        match $m {
-            8 => $f::<8, $k>($($a),*),
-            7 => $f::<7, $k>($($a),*),
-            6 => $f::<6, $k>($($a),*),
-            5 => $f::<5, $k>($($a),*),
-            4 => $f::<4, $k>($($a),*),
-            3 => $f::<3, $k>($($a),*),
-            2 => $f::<2, $k>($($a),*),
-            _ => $f::<1, $k>($($a),*),
-        }
-    };
-}
-
 struct Q4;
 struct Q4K;
 struct Q5;

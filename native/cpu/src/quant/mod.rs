@@ -10,7 +10,9 @@
 //!
 //! `d dx Σ q qx + m dx Σ qx`
 //!
-//! The integer sum is AVX-512 VNNI `vpdpbusd` (unsigned x signed bytes).
+//! The integer sum is AVX-512 VNNI `vpdpbusd` (unsigned x signed bytes);
+//! AVX2 (`gemm_avx2.rs`) and aarch64 NEON (`gemm_neon.rs`, with `sdot` where
+//! the CPU has it) read the same layout.
 //! The inputs of k-quant matrices are quantized per super-block of 256
 //! instead (llama.cpp's Q8_K, [`QMatrix::per_super_rows`]); each block keeps
 //! its `dx` and `dx Σ qx`, so every loop reads them alike.
@@ -30,11 +32,33 @@
 //! of [`BATCH`], and per chunk and block the chunk's rows' 32 codes side by
 //! side, so a chunk is one run of memory read through one pointer.
 
+/// `f::<m, T..>(args)` for a const `m` from 1 to 8 equal to `$m` (the kernels' loops over
+/// a chunk's activation rows are compiled once per row count).
+macro_rules! by_rows {
+    ($m:expr, $f:ident::<$($t:ty),*>($($a:expr),*)) => {
+        match $m {
+            8 => $f::<8 $(, $t)*>($($a),*),
+            7 => $f::<7 $(, $t)*>($($a),*),
+            6 => $f::<6 $(, $t)*>($($a),*),
+            5 => $f::<5 $(, $t)*>($($a),*),
+            4 => $f::<4 $(, $t)*>($($a),*),
+            3 => $f::<3 $(, $t)*>($($a),*),
+            2 => $f::<2 $(, $t)*>($($a),*),
+            _ => $f::<1 $(, $t)*>($($a),*),
+        }
+    };
+    ($m:expr, $f:ident($($a:expr),*)) => {
+        by_rows!($m, $f::<>($($a),*))
+    };
+}
+
 mod activations;
 mod f16;
 mod gemm;
 #[cfg(target_arch = "x86_64")]
 mod gemm_avx2;
+#[cfg(target_arch = "aarch64")]
+mod gemm_neon;
 mod gguf;
 
 use crate::error::QuantError;
@@ -42,7 +66,8 @@ pub use activations::{QuantBatch, QuantRaw, BATCH};
 use f16::f16_round;
 pub use f16::{f16_to_f32, f32_to_f16};
 pub use gemm::{
-    gemm, gemm_into, gemm_path, gemm_portable, has_avx2, has_vnni, kernel_path, KernelPath,
+    gemm, gemm_into, gemm_path, gemm_portable, has_avx2, has_neon_dotprod, has_vnni, kernel_path,
+    KernelPath,
 };
 pub use gguf::GgufType;
 

@@ -203,7 +203,7 @@ fn vector_quantization_matches_the_loops() {
 #[test]
 fn every_supported_path_matches_the_loops() {
     let mut rng = Rng::new(7);
-    let paths = [KernelPath::Avx2, KernelPath::Avx512];
+    let paths = KernelPath::ALL;
     let (rows, cols) = (45, 160);
     let (q, scale, offset) = q4_parts(&mut rng, rows, cols);
     let q4 = QMatrix::from_q4(&q, &scale, &offset, rows, cols).unwrap();
@@ -334,10 +334,7 @@ fn gguf_types_and_mixed_parts_on_every_path() {
                         );
                     }
                 }
-                for path in [KernelPath::Avx2, KernelPath::Avx512]
-                    .into_iter()
-                    .filter(|p| p.supported())
-                {
+                for path in KernelPath::ALL.into_iter().filter(|p| p.supported()) {
                     let mut fast = vec![f32::NAN; batch * n];
                     gemm_path(path, w, &mut acts, range.clone(), &mut fast, n);
                     for (i, (f, s)) in fast.iter().zip(&slow).enumerate() {
@@ -434,6 +431,19 @@ fn path_names_parse() {
         Some(KernelPath::Portable)
     );
     assert_eq!(KernelPath::from_name("sse"), None);
+    assert_eq!(
+        KernelPath::from_name("NEON-dotprod"),
+        Some(KernelPath::NeonDot)
+    );
+    // a cap stays on its architecture's paths
+    for cap in KernelPath::ALL {
+        let path = KernelPath::capped_at(cap);
+        assert!(path.supported());
+        assert!(
+            path == KernelPath::Portable || path.name()[..3] == cap.name()[..3],
+            "{cap:?} {path:?}"
+        );
+    }
     assert!(kernel_path().supported());
 }
 

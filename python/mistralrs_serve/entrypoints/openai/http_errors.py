@@ -21,6 +21,7 @@ from mistralrs_serve.errors import (
     RequestTimeoutError,
     RequestTooLargeError,
     ServerBusyError,
+    StorageFullError,
     UnsupportedEndpointError,
 )
 
@@ -45,6 +46,7 @@ TABLE: list[tuple[type[BaseException], ErrorKind]] = [
     (NotFoundError, ErrorKind(404, "invalid_request_error", "not_found")),
     (UnsupportedEndpointError, ErrorKind(404, "invalid_request_error", "unsupported_endpoint")),
     (ServerBusyError, ErrorKind(503, "server_error", "server_busy")),
+    (StorageFullError, ErrorKind(507, "server_error", "insufficient_storage")),
     (EngineError, ErrorKind(500, "server_error", "engine_error")),
 ]
 INTERNAL = ErrorKind(500, "server_error", "internal_error")

@@ -72,7 +72,7 @@ class ModelSet:
             entry.serving = wrap(entry, entry.load())
             logger.info("%s model %s loaded in %.1f s", entry.kind, entry.name, time.perf_counter() - start)
         except Exception as e:
-            logger.exception("the %s model %s failed to load", entry.kind, entry.name)
+            logger.exception("the %s model %s failed to load", entry.kind, entry.name or entry.spec.source)
             entry.error = f"{type(e).__name__}: {e}"
 
     def default_of(self, kind: str) -> ServedModel | None:
@@ -108,7 +108,10 @@ class ModelSet:
             )
         if entry.serving is None:
             if entry.error is not None:
-                raise ServerBusyError(f"model {entry.name} failed to load: {entry.error}", retry_after_s=60)
+                raise ServerBusyError(
+                    f"the {entry.kind} model {entry.name or model!r} failed to load: {entry.error}",
+                    retry_after_s=60,
+                )
             raise ServerBusyError(f"model {entry.name} is still loading", retry_after_s=5)
         return entry
 

@@ -30,7 +30,7 @@ from mistralrs_serve.entrypoints.openai.responses_agent import AgentEvents
 from mistralrs_serve.entrypoints.openai.responses_protocol import ResponsesRequest
 from mistralrs_serve.entrypoints.openai.responses_stream import TERMINAL_EVENTS, Event, ResponseStream
 from mistralrs_serve.entrypoints.openai.serving_chat import Prepared
-from mistralrs_serve.errors import EngineError
+from mistralrs_serve.errors import EngineError, StorageFullError
 from mistralrs_serve.store.responses import InputItem, ResponseStore, StoredResponse
 
 logger = logging.getLogger(__name__)
@@ -211,7 +211,12 @@ class ResponseRunner:
                 self._save(run, out.snapshot(), None)
 
     def _save(self, run: Run, obj: dict[str, Any], state_json: bytes | None) -> None:
-        self.store.update(run.id, obj["status"], orjson.dumps(obj), state_json)
+        try:
+            self.store.update(run.id, obj["status"], orjson.dumps(obj), state_json)
+        except StorageFullError as e:
+            # the run goes on for whoever follows it; the row keeps its last saved state, and a
+            # restart fails it if it was never finished
+            logger.error("response %s: its progress could not be stored: %s", run.id, e)
 
     # --- background jobs --------------------------------------------------
 

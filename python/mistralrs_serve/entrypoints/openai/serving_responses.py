@@ -101,6 +101,8 @@ class ResponsesServing:
     async def create(self, req: ResponsesRequest, keepalive_s: float | None) -> bytes | AsyncIterator[bytes]:
         """The response body (JSON), or its SSE stream when `stream` is set."""
         run = await self.prepare(req)
+        if run.store:  # a full disk is a 507 now, not after the run (or in its stream)
+            await asyncio.to_thread(self.store.check_room)
         if run.background:
             job = await self.runner.start_job(run)
             if req.stream:
