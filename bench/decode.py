@@ -200,8 +200,6 @@ def report(engine: str, r: dict[str, float], bandwidth: float, **extra: object) 
     )
 
 
-
-
 def compare_cpu_paths(paths: list[str], argv: list[str]) -> None:
     """Each path in a process of its own (the native library picks its path once), then
     the ratios: every path against portable, AVX2 against AVX-512."""
