@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 from functools import cache
@@ -43,3 +44,17 @@ def test_each_path_agrees_with_portable(name: str) -> None:
     portable = run_path("portable")
     assert portable["path"] == "portable"
     assert disagreements(got, portable) == []
+
+
+def test_a_path_of_the_other_architecture_caps_nothing() -> None:
+    """MISTRALRS_SERVE_CPU_PATH naming the other architecture's path is ignored, as an
+    unknown name is: the fastest path runs (not the portable loops, nor torch)."""
+    other = "avx2" if platform.machine() in ("aarch64", "arm64") else "neon"
+    code = (
+        "from mistralrs_serve import _native as n; "
+        "print(n.QuantMatrix.kernel_path(), n.QuantMatrix.supported_paths()[0])"
+    )
+    env = {**os.environ, "MISTRALRS_SERVE_CPU_PATH": other}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    chosen, best = out.stdout.split()
+    assert chosen == best

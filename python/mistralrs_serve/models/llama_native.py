@@ -136,6 +136,10 @@ class NativeForward:
         self.embed_q: _native.QuantMatrix | None = None
         if isinstance(source, BlockWeight):
             self.embed_q = head_q if spec.head.source is source else source.quant_matrix()
+        if self.embed_q is None:
+            # a table of a type the kernels cannot read rows of: decoded now, not on the first
+            # step, so that nothing reads the mapped model file once the model is serving
+            spec.dense_embed()
         # the blocks are repacked: the mapped file's pages need not stay resident too
         for blocks in [lin.source for lin in spec.linears()] + [source]:
             if isinstance(blocks, BlockWeight):

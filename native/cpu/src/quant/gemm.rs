@@ -240,14 +240,16 @@ impl KernelPath {
 }
 
 /// The fastest path this CPU runs, capped by `MISTRALRS_SERVE_CPU_PATH`
-/// (read once; an unknown name caps nothing).
+/// (read once; an unknown name, or one of the other architecture's paths,
+/// caps nothing).
 pub fn kernel_path() -> KernelPath {
     static PATH: OnceLock<KernelPath> = OnceLock::new();
     *PATH.get_or_init(|| {
         let best = KernelPath::ALL.into_iter().find(|p| p.supported());
         let cap = std::env::var("MISTRALRS_SERVE_CPU_PATH")
             .ok()
-            .and_then(|v| KernelPath::from_name(&v));
+            .and_then(|v| KernelPath::from_name(&v))
+            .filter(|cap| *cap == KernelPath::Portable || cap.is_arm() == cfg!(target_arch = "aarch64"));
         match cap {
             Some(cap) => KernelPath::capped_at(cap),
             None => best.unwrap_or(KernelPath::Portable),
