@@ -249,7 +249,9 @@ pub fn kernel_path() -> KernelPath {
         let cap = std::env::var("MISTRALRS_SERVE_CPU_PATH")
             .ok()
             .and_then(|v| KernelPath::from_name(&v))
-            .filter(|cap| *cap == KernelPath::Portable || cap.is_arm() == cfg!(target_arch = "aarch64"));
+            .filter(|cap| {
+                *cap == KernelPath::Portable || cap.is_arm() == cfg!(target_arch = "aarch64")
+            });
         match cap {
             Some(cap) => KernelPath::capped_at(cap),
             None => best.unwrap_or(KernelPath::Portable),
