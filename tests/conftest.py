@@ -29,3 +29,42 @@ def default_runner():  # type: ignore[no-untyped-def]
     from mistralrs_serve import Runner, Which
 
     return Runner(which=Which.Default())
+
+
+@pytest.fixture(scope="session")
+def pg_server():  # type: ignore[no-untyped-def]
+    """A PostgreSQL server for the test session (tests/pg_server.py); CI installs the package."""
+    from tests import pg_server as pg
+
+    if not pg.available():
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL is not installed: ci/test.sh installs Debian's postgresql")
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+    with pg.postgres_server() as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def open_db(request, tmp_path):  # type: ignore[no-untyped-def]
+    """Opens the store's database of one test, as a server would: SQLite under the data
+    directory, or a fresh PostgreSQL database (blobs under the data directory); each call
+    opens it again (a restart, another replica)."""
+    from mistralrs_serve.store.blobs import DirBlobStore
+    from mistralrs_serve.store.db import SqliteDatabase
+    from mistralrs_serve.store.postgres import PostgresDatabase
+
+    url = request.getfixturevalue("pg_server").create_database() if request.param == "postgresql" else None
+    opened = []
+
+    def open_(data_dir: Path = tmp_path):  # type: ignore[no-untyped-def]
+        data_dir = Path(data_dir)
+        if url is None:
+            db = SqliteDatabase(data_dir)
+        else:
+            db = PostgresDatabase(url, data_dir, DirBlobStore(data_dir / "blobs"), max_size=40)
+        opened.append(db)
+        return db
+
+    yield open_
+    for db in opened:
+        db.close()

@@ -248,6 +248,19 @@ def add_storage_args(p: argparse.ArgumentParser) -> None:
         "(default: $MISTRALRS_SERVE_DATA_DIR, else ~/.local/share/mistralrs-serve)",
     )
     g.add_argument(
+        "--store",
+        default=os.environ.get("MISTRALRS_SERVE_STORE") or None,
+        help="where stored responses, files' metadata, sessions and skills live: 'sqlite' (the "
+        "default, in --data-dir) or a postgresql:// URL shared by every replica "
+        "(default: $MISTRALRS_SERVE_STORE)",
+    )
+    g.add_argument(
+        "--blob-store",
+        default=os.environ.get("MISTRALRS_SERVE_BLOB_STORE") or None,
+        help="where stored files' bytes live: a directory (shared by replicas over a network "
+        "file system) or s3://bucket/prefix[?endpoint=URL] (default: --data-dir/blobs)",
+    )
+    g.add_argument(
         "--max-file-mb",
         type=int,
         default=ServerConfig.max_file_bytes >> 20,
@@ -347,6 +360,8 @@ def serve_command(args: argparse.Namespace) -> int:
         served_model_name=args.served_model_name,
         seed=args.seed,
         data_dir=args.data_dir,
+        store=args.store,
+        blob_store=args.blob_store,
         max_file_bytes=args.max_file_mb << 20,
         max_audio_bytes=args.max_audio_mb << 20,
         file_preview_chars=args.file_preview_chars,

@@ -151,6 +151,10 @@ class ServerConfig:
     seed: int | None = None
     # stored responses and files (SQLite + blobs); None: store.db.default_data_dir()
     data_dir: str | None = None
+    # where the rows live: None/"sqlite" (in data_dir) or a postgresql:// URL that replicas share
+    store: str | None = None
+    # where file bytes live: a directory or s3://bucket/prefix; None: <data_dir>/blobs
+    blob_store: str | None = None
     max_file_bytes: int = 512 << 20
     # largest audio upload to /v1/audio/transcriptions and translations (OpenAI's limit)
     max_audio_bytes: int = 25 << 20

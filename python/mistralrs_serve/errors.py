@@ -75,6 +75,10 @@ class PayloadTooLargeError(InvalidRequestError):
     """An uploaded or fetched file is over the server's file size limit (HTTP 413)."""
 
 
+class StoreUnavailableError(MistralrsServeError):
+    """The shared database cannot be reached (HTTP 503): nothing was stored, retry later."""
+
+
 class StorageFullError(MistralrsServeError):
     """The data directory has no room left (ENOSPC, a quota, SQLite's "disk is full"):
     nothing was stored, and what was stored before is intact."""

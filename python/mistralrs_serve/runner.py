@@ -38,8 +38,8 @@ from mistralrs_serve.entrypoints.openai.serving_embedding import EmbeddingServin
 from mistralrs_serve.errors import InvalidRequestError
 from mistralrs_serve.models.loader import ModelSource, load_model
 from mistralrs_serve.models.model_specs import ModelSpec
-from mistralrs_serve.store.db import Database
-from mistralrs_serve.store.files import FileStore, SqliteFileStore
+from mistralrs_serve.store.db import SqliteDatabase
+from mistralrs_serve.store.files import FileStore, SqlFileStore
 
 
 class Which:
@@ -189,7 +189,9 @@ class Runner:
         self._serving = None
         self._listener = getattr(self, "_listener", None)
         # opened first: a bad data_dir fails before the model loads
-        self.files: FileStore | None = SqliteFileStore(Database(data_dir)) if data_dir is not None else None
+        self.files: FileStore | None = (
+            SqlFileStore(SqliteDatabase(data_dir)) if data_dir is not None else None
+        )
         self.client = start_engine(source, dtype, num_threads, engine_config)
         self.info: EngineInfo = self.client.info  # the model's tokenizer, template and limits
         listen = self._listener.hear if self._listener is not None else None

@@ -19,8 +19,8 @@ from mistralrs_serve.agent.code_interpreter import CodeInterpreter
 from mistralrs_serve.agent.sandbox import TRUNCATED_NOTE, Sandbox
 from mistralrs_serve.agent.tool import ToolContext, ToolOutput
 from mistralrs_serve.config import AgentConfig
-from mistralrs_serve.store.db import Database
-from mistralrs_serve.store.files import SqliteFileStore, read_all
+from mistralrs_serve.store.db import SqliteDatabase
+from mistralrs_serve.store.files import SqlFileStore, read_all
 
 MEMORY_MB = 768  # room for numpy and matplotlib, small enough to pass in a test
 CFG = AgentConfig(
@@ -46,7 +46,7 @@ class Harness:
         self.interpreter = CodeInterpreter(cfg, Sandbox.from_config(cfg))
         self.python, self.reset = self.interpreter.tools()
         self.session = Session("sess-1", tmp_path / "work")
-        self.files = SqliteFileStore(Database(tmp_path / "store")) if with_files else None
+        self.files = SqlFileStore(SqliteDatabase(tmp_path / "store")) if with_files else None
 
     def context(self, cancelled: asyncio.Event | None = None) -> ToolContext:
         return ToolContext(self.session, cancelled or asyncio.Event(), self.files)

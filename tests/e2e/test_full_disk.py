@@ -20,8 +20,8 @@ import pytest
 from live_server import start_server, stop_server
 from mistralrs_serve.config import ServerConfig
 from mistralrs_serve.errors import StorageFullError
-from mistralrs_serve.store.db import Database
-from mistralrs_serve.store.files import SqliteFileStore
+from mistralrs_serve.store.db import SqliteDatabase
+from mistralrs_serve.store.files import SqlFileStore
 
 DISK_BYTES = 8 << 20
 
@@ -56,8 +56,8 @@ def fill(disk: Path) -> Path:
 
 
 def test_the_store_refuses_writes_on_a_full_disk_and_keeps_what_it_has(small_disk: Path) -> None:
-    db = Database(small_disk / "data")
-    files = SqliteFileStore(db)
+    db = SqliteDatabase(small_disk / "data")
+    files = SqlFileStore(db)
     kept = files.create(b"kept" * 1000, filename="kept.txt", purpose="user_data")
     filler = fill(small_disk)
     # past the up-front check (as when two writers race for the last bytes): the write itself fails
@@ -76,7 +76,7 @@ def test_the_store_refuses_writes_on_a_full_disk_and_keeps_what_it_has(small_dis
     assert files.get(again.id).bytes == 5
 
 
-def kept_blob(db: Database, file_id: str) -> str:
+def kept_blob(db: SqliteDatabase, file_id: str) -> str:
     return str(db.read("SELECT blob FROM files WHERE id = ?", (file_id,))[0][0])
 
 

@@ -18,8 +18,8 @@ import pytest
 from mistralrs_serve.errors import InvalidRequestError
 from mistralrs_serve.images.inputs import ImageLoader, decode_image
 from mistralrs_serve.images.processors import Gemma3ImageProcessor, QwenVLImageProcessor, smart_resize
-from mistralrs_serve.store.db import Database
-from mistralrs_serve.store.files import SqliteFileStore
+from mistralrs_serve.store.db import SqliteDatabase
+from mistralrs_serve.store.files import SqlFileStore
 from PIL import Image, ImageDraw
 
 
@@ -80,7 +80,7 @@ def test_bad_bytes_are_a_400_naming_the_part(data: bytes) -> None:
 
 @pytest.fixture
 def loader(tmp_path: Path) -> ImageLoader:
-    return ImageLoader(SqliteFileStore(Database(tmp_path)), max_bytes=1 << 20, allow_private_urls=True)
+    return ImageLoader(SqlFileStore(SqliteDatabase(tmp_path)), max_bytes=1 << 20, allow_private_urls=True)
 
 
 @pytest.fixture

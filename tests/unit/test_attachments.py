@@ -13,17 +13,17 @@ from mistralrs_serve.entrypoints.openai.attachments import (
     has_file_parts,
 )
 from mistralrs_serve.errors import InvalidRequestError, NotFoundError, PayloadTooLargeError
-from mistralrs_serve.store.db import Database
-from mistralrs_serve.store.files import SqliteFileStore, read_all
+from mistralrs_serve.store.db import SqliteDatabase
+from mistralrs_serve.store.files import SqlFileStore, read_all
 from pdf_builder import minimal_pdf
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> SqliteFileStore:
-    return SqliteFileStore(Database(tmp_path))
+def store(tmp_path: Path) -> SqlFileStore:
+    return SqlFileStore(SqliteDatabase(tmp_path))
 
 
-def attachments(store: SqliteFileStore | None, **limits: Any) -> Attachments:
+def attachments(store: SqlFileStore | None, **limits: Any) -> Attachments:
     return Attachments(store, FileLimits(**{"max_file_bytes": 10_000, **limits}))
 
 
@@ -47,7 +47,7 @@ def texts(messages: list[dict[str, Any]]) -> list[str]:
     return [p["text"] for p in messages[0]["content"]]
 
 
-def test_text_file_by_id_whole(store: SqliteFileStore) -> None:
+def test_text_file_by_id_whole(store: SqlFileStore) -> None:
     f = store.create(b"alpha\nbeta\n", filename="notes.txt", purpose="user_data")
     out = attachments(store).expand(user({"type": "text", "text": "read"}, by_id(f.id)))
     assert texts(out) == [
@@ -56,7 +56,7 @@ def test_text_file_by_id_whole(store: SqliteFileStore) -> None:
     ]
 
 
-def test_preview_cut_per_file_and_per_request(store: SqliteFileStore) -> None:
+def test_preview_cut_per_file_and_per_request(store: SqlFileStore) -> None:
     ids = [store.create(b"0123456789" * 3, filename=f"{i}.txt", purpose="user_data").id for i in range(3)]
     out = texts(
         attachments(store, file_preview_chars=12, request_file_chars=20).expand(user(*map(by_id, ids)))
@@ -66,13 +66,13 @@ def test_preview_cut_per_file_and_per_request(store: SqliteFileStore) -> None:
     assert "[not shown: this request's file text limit of 20 characters is used up]" in out[2]
 
 
-def test_utf8_cut_on_a_character(store: SqliteFileStore) -> None:
+def test_utf8_cut_on_a_character(store: SqlFileStore) -> None:
     f = store.create("é€😀".encode() * 50, filename="u.txt", purpose="user_data")
     (text,) = texts(attachments(store, file_preview_chars=7).expand(user(by_id(f.id))))
     assert "\né€😀é€😀é\n[cut: only the first 7 characters" in text
 
 
-def test_binary_file_is_a_line(store: SqliteFileStore) -> None:
+def test_binary_file_is_a_line(store: SqlFileStore) -> None:
     f = store.create(bytes(range(256)), filename="blob.bin", purpose="user_data")
     (text,) = texts(attachments(store).expand(user(by_id(f.id))))
     assert text == (
@@ -81,7 +81,7 @@ def test_binary_file_is_a_line(store: SqliteFileStore) -> None:
     )
 
 
-def test_pdf_text_stored_and_cut(store: SqliteFileStore) -> None:
+def test_pdf_text_stored_and_cut(store: SqlFileStore) -> None:
     pdf = minimal_pdf([["The zebra report"], ["Page two quokka"]])
     (text,) = texts(attachments(store).expand(user(inline(pdf, "r.pdf", "application/pdf"))))
     assert text.startswith(f'<file name="r.pdf" type="application/pdf" bytes="{len(pdf)}">\n')
@@ -95,7 +95,7 @@ def test_pdf_text_stored_and_cut(store: SqliteFileStore) -> None:
     assert "[a PDF with no text to extract]" in damaged
 
 
-def test_inline_forms_and_what_is_kept(store: SqliteFileStore) -> None:
+def test_inline_forms_and_what_is_kept(store: SqlFileStore) -> None:
     a = attachments(store)
     (text,) = texts(a.expand(user(inline(b"a,b\n1,2\n", "t.csv", mime=None))))  # bare base64
     assert text.startswith('<file name="t.csv" type="text/csv" bytes="8">\na,b\n1,2\n')
@@ -106,13 +106,13 @@ def test_inline_forms_and_what_is_kept(store: SqliteFileStore) -> None:
     assert len(store.list().data) == 2
 
 
-def test_responses_input_file_part(store: SqliteFileStore) -> None:
+def test_responses_input_file_part(store: SqlFileStore) -> None:
     f = store.create(b"flat form", filename="f.txt", purpose="user_data")
     out = attachments(store).expand(user({"type": "input_file", "file_id": f.id}), param="input")
     assert "\nflat form\n" in texts(out)[0]
 
 
-def test_messages_without_files_untouched(store: SqliteFileStore) -> None:
+def test_messages_without_files_untouched(store: SqlFileStore) -> None:
     messages = [
         {"role": "user", "content": "hi"},
         {"role": "user", "content": [{"type": "text", "text": "x"}]},
@@ -156,14 +156,14 @@ def test_messages_without_files_untouched(store: SqliteFileStore) -> None:
         ),
     ],
 )
-def test_bad_parts_name_the_field(store: SqliteFileStore, part: Any, param: str, match: str) -> None:
+def test_bad_parts_name_the_field(store: SqlFileStore, part: Any, param: str, match: str) -> None:
     with pytest.raises(InvalidRequestError, match=match) as e:
         attachments(store).expand(user(part))
     assert e.value.param == param
     assert store.list().data == []
 
 
-def test_unknown_id_and_too_large(store: SqliteFileStore) -> None:
+def test_unknown_id_and_too_large(store: SqlFileStore) -> None:
     with pytest.raises(NotFoundError) as e:
         attachments(store).expand(
             [{"role": "system", "content": "s"}, *user({"type": "text", "text": "t"}, by_id("file-nope"))]
@@ -176,7 +176,7 @@ def test_unknown_id_and_too_large(store: SqliteFileStore) -> None:
     assert store.list().data == []
 
 
-def test_without_a_store(store: SqliteFileStore) -> None:
+def test_without_a_store(store: SqlFileStore) -> None:
     a = attachments(None)
     assert "\nno store\n" in texts(a.expand(user(inline(b"no store"))))[0]
     with pytest.raises(InvalidRequestError, match="data_dir") as e:

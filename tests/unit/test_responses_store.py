@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -16,8 +17,10 @@ from mistralrs_serve.entrypoints.openai.responses_tools import (
     convert_tools,
 )
 from mistralrs_serve.errors import InvalidRequestError
-from mistralrs_serve.store.db import Database
-from mistralrs_serve.store.responses import InputItem, SqliteResponseStore, StoredResponse
+from mistralrs_serve.store.db import SqlDatabase
+from mistralrs_serve.store.responses import InputItem, SqlResponseStore, StoredResponse
+
+OpenDb = Callable[..., SqlDatabase]  # the open_db fixture (tests/conftest.py): SQLite, then PostgreSQL
 
 
 def record(response_id: str, status: str = "completed", prev: str | None = None) -> StoredResponse:
@@ -29,8 +32,8 @@ def items(n: int) -> list[InputItem]:
     return [InputItem(f"msg_{i}", orjson.dumps({"id": f"msg_{i}", "n": i})) for i in range(n)]
 
 
-def test_store_round_trip_and_pages(tmp_path: Path) -> None:
-    store = SqliteResponseStore(Database(tmp_path))
+def test_store_round_trip_and_pages(open_db: OpenDb, tmp_path: Path) -> None:
+    store = SqlResponseStore(open_db(tmp_path))
     store.insert(record("resp_a"), items(5))
     got = store.get("resp_a")
     assert got is not None and got.object_json == record("resp_a").object_json
@@ -49,12 +52,12 @@ def test_store_round_trip_and_pages(tmp_path: Path) -> None:
     assert not store.update("resp_a", "completed", b"{}")  # a deleted response is not brought back
 
 
-def test_unfinished_responses_fail_after_a_restart(tmp_path: Path) -> None:
-    store = SqliteResponseStore(Database(tmp_path))
+def test_unfinished_responses_fail_after_a_restart(open_db: OpenDb, tmp_path: Path) -> None:
+    store = SqlResponseStore(open_db(tmp_path))
     store.insert(record("resp_run", "in_progress"), [])
     store.insert(record("resp_q", "queued"), [])
     store.insert(record("resp_done"), [])
-    store = SqliteResponseStore(Database(tmp_path))  # as a new server opens it
+    store = SqlResponseStore(open_db(tmp_path))  # as a new server opens it
     assert fail_interrupted(store) == 2
     for rid in ("resp_run", "resp_q"):
         got = store.get(rid)
@@ -65,8 +68,8 @@ def test_unfinished_responses_fail_after_a_restart(tmp_path: Path) -> None:
     assert done is not None and done.object_json == record("resp_done").object_json
 
 
-def test_concurrent_writers_lose_nothing(tmp_path: Path) -> None:
-    store = SqliteResponseStore(Database(tmp_path))
+def test_concurrent_writers_lose_nothing(open_db: OpenDb, tmp_path: Path) -> None:
+    store = SqlResponseStore(open_db(tmp_path))
     errors: list[BaseException] = []
 
     def work(worker: int) -> None:

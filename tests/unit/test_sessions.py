@@ -5,16 +5,19 @@ working directories, close hooks, import validation)."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from mistralrs_serve.agent.sessions import AgentSession, SessionManager, check_session_id, splice
 from mistralrs_serve.errors import InvalidRequestError, NotFoundError
-from mistralrs_serve.store.db import Database
-from mistralrs_serve.store.sessions import SessionState, SqliteSessionStore, message_key
+from mistralrs_serve.store.db import SqlDatabase
+from mistralrs_serve.store.sessions import SessionState, SqlSessionStore, message_key
 
 TTL_S = 100
+
+OpenDb = Callable[..., SqlDatabase]  # the open_db fixture (tests/conftest.py): SQLite, then PostgreSQL
 
 
 class Clock:
@@ -50,8 +53,8 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def store(tmp_path: Path, clock: Clock) -> SqliteSessionStore:
-    return SqliteSessionStore(Database(tmp_path), clock=clock)
+def store(open_db: OpenDb, tmp_path: Path, clock: Clock) -> SqlSessionStore:
+    return SqlSessionStore(open_db(tmp_path), clock=clock)
 
 
 @pytest.fixture
@@ -60,7 +63,7 @@ def closed() -> list[str]:
 
 
 @pytest.fixture
-def manager(store: SqliteSessionStore, tmp_path: Path, closed: list[str]) -> SessionManager:
+def manager(store: SqlSessionStore, tmp_path: Path, closed: list[str]) -> SessionManager:
     return SessionManager(store, tmp_path, ttl_s=TTL_S, max_sessions=3, on_close=closed.append)
 
 
@@ -71,7 +74,7 @@ def state(*messages: dict[str, Any], hidden: list[int] | None = None) -> Session
 # the store
 
 
-def test_put_get_delete(store: SqliteSessionStore, clock: Clock) -> None:
+def test_put_get_delete(store: SqlSessionStore, clock: Clock) -> None:
     s = SessionState([user("hi"), assistant("hello")], approvals={"python": "approve"}, files=["file-1"])
     stored = store.put("a", s, ttl_s=TTL_S)
     assert (stored.created_at, stored.updated_at, stored.expires_at) == (1_000_000, 1_000_000, 1_000_100)
@@ -89,7 +92,7 @@ def test_put_get_delete(store: SqliteSessionStore, clock: Clock) -> None:
         store.get("never")
 
 
-def test_ttl_expiry_and_purge(store: SqliteSessionStore, clock: Clock) -> None:
+def test_ttl_expiry_and_purge(store: SqlSessionStore, clock: Clock) -> None:
     store.put("old", state(user("1")), ttl_s=TTL_S)
     clock.now += 60
     store.put("new", state(user("2")), ttl_s=TTL_S)
@@ -105,13 +108,13 @@ def test_ttl_expiry_and_purge(store: SqliteSessionStore, clock: Clock) -> None:
     assert store.put("forever", state(), ttl_s=None).expires_at is None
 
 
-def test_expired_id_put_again_is_a_new_session(store: SqliteSessionStore, clock: Clock) -> None:
+def test_expired_id_put_again_is_a_new_session(store: SqlSessionStore, clock: Clock) -> None:
     store.put("a", state(user("1")), ttl_s=TTL_S)
     clock.now += 200
     assert store.put("a", state(user("2")), ttl_s=TTL_S).created_at == 1_000_200
 
 
-def test_cap_evicts_least_recently_updated(store: SqliteSessionStore, clock: Clock) -> None:
+def test_cap_evicts_least_recently_updated(store: SqlSessionStore, clock: Clock) -> None:
     for name in ("a", "b", "c", "d"):
         store.put(name, state(user(name)), ttl_s=TTL_S)
         clock.now += 1
@@ -123,7 +126,7 @@ def test_cap_evicts_least_recently_updated(store: SqliteSessionStore, clock: Clo
     assert store.evict_beyond(1, keep=["d"]) and store.ids() == ["d"], "a kept session is never evicted"
 
 
-def test_find_by_history_prefix_rules(store: SqliteSessionStore, clock: Clock) -> None:
+def test_find_by_history_prefix_rules(store: SqlSessionStore, clock: Clock) -> None:
     turn1 = [user("what is 2+2?"), assistant("4")]
     store.put("s1", state(*turn1), ttl_s=TTL_S)
     clock.now += 1
@@ -145,7 +148,7 @@ def test_find_by_history_prefix_rules(store: SqliteSessionStore, clock: Clock) -
     assert store.find_by_history(echoed) == "s1"
 
 
-def test_find_by_history_newest_on_a_tie_and_skips_expired(store: SqliteSessionStore, clock: Clock) -> None:
+def test_find_by_history_newest_on_a_tie_and_skips_expired(store: SqlSessionStore, clock: Clock) -> None:
     history = [user("hi"), assistant("hello")]
     store.put("first", state(*history), ttl_s=TTL_S)
     clock.now += 1
@@ -160,7 +163,7 @@ def test_find_by_history_newest_on_a_tie_and_skips_expired(store: SqliteSessionS
     assert store.find_by_history([*history, user("again")]) is None, "expired sessions do not match"
 
 
-def test_find_by_history_matches_the_visible_history(store: SqliteSessionStore) -> None:
+def test_find_by_history_matches_the_visible_history(store: SqlSessionStore) -> None:
     """The tool rounds the loop ran are stored but hidden: the client never sends them back."""
     stored = state(user("compute"), *TOOL_ROUND, assistant("it is 2"), hidden=[1, 2])
     store.put("agent", stored, ttl_s=TTL_S)
@@ -168,29 +171,31 @@ def test_find_by_history_matches_the_visible_history(store: SqliteSessionStore) 
     assert store.find_by_history([user("compute"), *TOOL_ROUND, assistant("it is 2"), user("x")]) is None
 
 
-def test_a_reopened_store_sees_the_sessions(tmp_path: Path, clock: Clock) -> None:
+def test_a_reopened_store_sees_the_sessions(open_db: OpenDb, tmp_path: Path, clock: Clock) -> None:
     history = [user("remember me"), assistant("ok")]
-    first = SqliteSessionStore(Database(tmp_path), clock=clock)
+    first = SqlSessionStore(open_db(tmp_path), clock=clock)
     first.put("kept", SessionState(history, approvals={"shell": "deny"}), ttl_s=TTL_S)
     first.put("gone", state(user("bye")), ttl_s=TTL_S)
     first.delete("gone")
     first.db.close()
-    again = SqliteSessionStore(Database(tmp_path), clock=clock)
+    again = SqlSessionStore(open_db(tmp_path), clock=clock)
     assert again.get("kept").state.approvals == {"shell": "deny"}
     assert again.find_by_history([*history, user("back")]) == "kept", "the index is rebuilt at open"
     assert again.ids() == ["kept"]
 
 
-def test_a_stale_index_entry_is_checked_against_the_row(store: SqliteSessionStore, tmp_path: Path) -> None:
+def test_a_stale_index_entry_is_checked_against_the_row(
+    open_db: OpenDb, store: SqlSessionStore, tmp_path: Path
+) -> None:
     """Another writer (a second store over the file) replaced the session: the hint is not trusted."""
     history = [user("a"), assistant("b")]
     store.put("s", state(*history), ttl_s=TTL_S)
-    other = SqliteSessionStore(Database(tmp_path), clock=store.clock)
+    other = SqlSessionStore(open_db(tmp_path), clock=store.clock)
     other.put("s", state(user("other")), ttl_s=TTL_S)
     assert store.find_by_history([*history, user("c")]) is None
 
 
-def test_concurrent_puts_and_lookups(store: SqliteSessionStore) -> None:
+def test_concurrent_puts_and_lookups(store: SqlSessionStore) -> None:
     errors: list[BaseException] = []
 
     def work(n: int) -> None:
@@ -251,7 +256,7 @@ def run_turn(manager: SessionManager, session: AgentSession, answer: str) -> lis
     return messages
 
 
-def test_tool_rounds_are_kept_and_hidden(manager: SessionManager, store: SqliteSessionStore) -> None:
+def test_tool_rounds_are_kept_and_hidden(manager: SessionManager, store: SqlSessionStore) -> None:
     first = manager.resolve(None, [user("compute")])
     run_turn(manager, first, "it is 2")
     stored = store.get(first.id).state
@@ -321,7 +326,7 @@ def test_a_failing_close_hook_does_not_stop_the_delete(manager: SessionManager, 
     assert closed == ["x"]
 
 
-def test_orphan_workdirs_are_removed_at_start(store: SqliteSessionStore, tmp_path: Path) -> None:
+def test_orphan_workdirs_are_removed_at_start(store: SqlSessionStore, tmp_path: Path) -> None:
     (tmp_path / "sessions" / "orphan" / "work").mkdir(parents=True)
     store.put("alive", SessionState(), ttl_s=TTL_S)
     (tmp_path / "sessions" / "alive" / "work").mkdir(parents=True)

@@ -1,4 +1,4 @@
-"""SqliteSkillStore and its upload checks over a scratch directory: directory
+"""SqlSkillStore and its upload checks over a scratch directory: directory
 and zip uploads, versions and their numbering, listing, delete, install into
 a session directory (planted links removed, not followed), and every hostile
 upload refused with a 400 naming `files`, nothing written outside the skills
@@ -11,15 +11,18 @@ import shutil
 import stat
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from mistralrs_serve.errors import InvalidRequestError, NotFoundError
 from mistralrs_serve.store import skill_bundle
-from mistralrs_serve.store.db import Database
+from mistralrs_serve.store.db import SqlDatabase
 from mistralrs_serve.store.skill_bundle import UploadPart, install_tree, parse_front_matter
-from mistralrs_serve.store.skills import SqliteSkillStore, default_skills_dir
+from mistralrs_serve.store.skills import SqlSkillStore, default_skills_dir
 from skill_uploads import HOSTILE, Hostile, directory, good_zip, skill_md, tree, zip_of
+
+OpenDb = Callable[..., SqlDatabase]  # the open_db fixture (tests/conftest.py): SQLite, then PostgreSQL
 
 
 def parts(pairs: list[tuple[str, bytes]]) -> list[UploadPart]:
@@ -27,17 +30,17 @@ def parts(pairs: list[tuple[str, bytes]]) -> list[UploadPart]:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> SqliteSkillStore:
-    return SqliteSkillStore(Database(tmp_path / "data"), tmp_path / "skills")
+def store(open_db: OpenDb, tmp_path: Path) -> SqlSkillStore:
+    return SqlSkillStore(open_db(tmp_path / "data"), tmp_path / "skills")
 
 
-def versions_on_disk(store: SqliteSkillStore) -> set[str]:
+def versions_on_disk(store: SqlSkillStore) -> set[str]:
     found = {p.relative_to(store.skills_dir).as_posix() for p in store.skills_dir.glob("skill_*/*")}
     assert not list(store.staging_dir.iterdir()), "a staged upload was left behind"
     return found
 
 
-def test_directory_upload(store: SqliteSkillStore) -> None:
+def test_directory_upload(store: SqlSkillStore) -> None:
     skill = store.create(parts(directory()))
     obj = skill.to_openai()
     assert skill.id.startswith("skill_") and obj["object"] == "skill"
@@ -49,14 +52,14 @@ def test_directory_upload(store: SqliteSkillStore) -> None:
     assert store.get(skill.id) == skill
 
 
-def test_zip_upload_keeps_the_executable_bit(store: SqliteSkillStore) -> None:
+def test_zip_upload_keeps_the_executable_bit(store: SqlSkillStore) -> None:
     skill = store.create(parts([("bundle.zip", good_zip("anything"))]))
     script = store.skills_dir / skill.id / "1" / "scripts" / "hello.py"
     assert script.stat().st_mode & 0o777 == 0o755
     assert (store.skills_dir / skill.id / "1" / "SKILL.md").stat().st_mode & 0o777 == 0o644
 
 
-def test_zip_with_directory_entries_and_finder_metadata(store: SqliteSkillStore) -> None:
+def test_zip_with_directory_entries_and_finder_metadata(store: SqlSkillStore) -> None:
     archive = zip_of(
         [
             ("my-skill/", b""),
@@ -71,7 +74,7 @@ def test_zip_with_directory_entries_and_finder_metadata(store: SqliteSkillStore)
 
 @pytest.mark.parametrize("case", HOSTILE, ids=[c.id for c in HOSTILE])
 def test_hostile_upload_is_refused_and_leaves_nothing(
-    case: Hostile, store: SqliteSkillStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    case: Hostile, store: SqlSkillStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     for name, value in case.caps.items():
         monkeypatch.setattr(skill_bundle, name, value)
@@ -89,7 +92,7 @@ def test_hostile_upload_is_refused_and_leaves_nothing(
     assert store.get(existing.id).latest_version == 1
 
 
-def test_empty_upload(store: SqliteSkillStore) -> None:
+def test_empty_upload(store: SqlSkillStore) -> None:
     with pytest.raises(InvalidRequestError, match="no files were uploaded") as caught:
         store.create([])
     assert caught.value.param == "files"
@@ -102,7 +105,7 @@ def test_hostile_cases_are_otherwise_good() -> None:
     assert name == "a-1"
 
 
-def test_versions_are_numbered_and_never_reused(store: SqliteSkillStore) -> None:
+def test_versions_are_numbered_and_never_reused(store: SqlSkillStore) -> None:
     skill = store.create(parts(directory()))
     v2 = store.create_version(skill.id, parts(directory(md=skill_md("renamed", "Second."))))
     assert (v2.version, v2.name, v2.id.startswith("skillver_")) == (2, "renamed", True)
@@ -129,7 +132,7 @@ def test_versions_are_numbered_and_never_reused(store: SqliteSkillStore) -> None
     assert obj["data"][1]["version"] == "2"
 
 
-def test_version_lookups(store: SqliteSkillStore) -> None:
+def test_version_lookups(store: SqlSkillStore) -> None:
     skill = store.create(parts(directory()))
     for bad in ("abc", "0", "-1", "1.5", "", True):
         with pytest.raises(InvalidRequestError) as caught:
@@ -143,7 +146,7 @@ def test_version_lookups(store: SqliteSkillStore) -> None:
     assert unknown.value.param == "skill_id"
 
 
-def test_list_pagination(store: SqliteSkillStore) -> None:
+def test_list_pagination(store: SqlSkillStore) -> None:
     ids = [store.create(parts(directory())).id for _ in range(5)]
     page = store.list(limit=2)
     assert [s.id for s in page.data] == ids[::-1][:2] and page.has_more
@@ -160,7 +163,7 @@ def test_list_pagination(store: SqliteSkillStore) -> None:
         assert caught.value.param == param
 
 
-def test_version_pagination(store: SqliteSkillStore) -> None:
+def test_version_pagination(store: SqlSkillStore) -> None:
     skill = store.create(parts(directory()))
     for _ in range(3):
         store.create_version(skill.id, parts(directory()))
@@ -172,7 +175,7 @@ def test_version_pagination(store: SqliteSkillStore) -> None:
         store.list_versions("skill_nope")
 
 
-def test_delete_removes_rows_and_files(store: SqliteSkillStore) -> None:
+def test_delete_removes_rows_and_files(store: SqlSkillStore) -> None:
     keep = store.create(parts(directory()))
     gone = store.create(parts(directory()))
     store.create_version(gone.id, parts(directory()))
@@ -186,12 +189,12 @@ def test_delete_removes_rows_and_files(store: SqliteSkillStore) -> None:
     assert store.get(keep.id) == keep
 
 
-def test_unknown_skill_is_404_before_the_upload_is_read(store: SqliteSkillStore) -> None:
+def test_unknown_skill_is_404_before_the_upload_is_read(store: SqlSkillStore) -> None:
     with pytest.raises(NotFoundError):
         store.create_version("skill_nope", [])
 
 
-def test_failed_record_leaves_no_version(store: SqliteSkillStore, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_record_leaves_no_version(store: SqlSkillStore, monkeypatch: pytest.MonkeyPatch) -> None:
     skill = store.create(parts(directory()))
 
     def fail(*args: object, **kwargs: object) -> None:
@@ -204,7 +207,9 @@ def test_failed_record_leaves_no_version(store: SqliteSkillStore, monkeypatch: p
     assert [v.version for v in store.list_versions(skill.id).data] == [1]
 
 
-def test_survives_a_reopen_and_clears_stale_staging(store: SqliteSkillStore, tmp_path: Path) -> None:
+def test_survives_a_reopen_and_clears_stale_staging(
+    open_db: OpenDb, store: SqlSkillStore, tmp_path: Path
+) -> None:
     skill = store.create(parts(directory()))
     stale = store.staging_dir / "upload-crashed"
     stale.mkdir()
@@ -212,12 +217,12 @@ def test_survives_a_reopen_and_clears_stale_staging(store: SqliteSkillStore, tmp
     os.utime(stale, (old, old))
     fresh = store.staging_dir / "upload-running"
     fresh.mkdir()
-    again = SqliteSkillStore(Database(tmp_path / "data"), tmp_path / "skills")
+    again = SqlSkillStore(open_db(tmp_path / "data"), tmp_path / "skills")
     assert again.get(skill.id) == skill
     assert not stale.exists() and fresh.exists()
 
 
-def test_install_copies_the_version_under_its_name(store: SqliteSkillStore, tmp_path: Path) -> None:
+def test_install_copies_the_version_under_its_name(store: SqlSkillStore, tmp_path: Path) -> None:
     skill = store.create(parts([("s.zip", good_zip("upload-dir"))]))
     store.create_version(skill.id, parts(directory(md=skill_md("other-name"))))
     session = tmp_path / "session"
@@ -234,7 +239,7 @@ def test_install_copies_the_version_under_its_name(store: SqliteSkillStore, tmp_
     assert sorted(p.name for p in (session / "skills").iterdir()) == ["my-skill", "other-name"]
 
 
-def test_install_unknown_names_the_param(store: SqliteSkillStore, tmp_path: Path) -> None:
+def test_install_unknown_names_the_param(store: SqlSkillStore, tmp_path: Path) -> None:
     skill = store.create(parts(directory()))
     param = "tools[0].environment.skills[1].skill_id"
     with pytest.raises(NotFoundError) as caught:
@@ -254,7 +259,7 @@ def test_install_unknown_names_the_param(store: SqliteSkillStore, tmp_path: Path
 
 
 def test_install_removes_planted_links_instead_of_following_them(
-    store: SqliteSkillStore, tmp_path: Path
+    store: SqlSkillStore, tmp_path: Path
 ) -> None:
     skill = store.create(parts(directory()))
     outside = tmp_path / "outside"
@@ -275,7 +280,9 @@ def test_install_removes_planted_links_instead_of_following_them(
     assert install_tree(store.skills_dir / skill.id / "1", session, "my-skill").is_dir()
 
 
-def test_versions_whose_files_are_gone_are_forgotten_on_open(store: SqliteSkillStore, tmp_path: Path) -> None:
+def test_versions_whose_files_are_gone_are_forgotten_on_open(
+    open_db: OpenDb, store: SqlSkillStore, tmp_path: Path
+) -> None:
     partly = store.create(parts(directory()))
     store.create_version(partly.id, parts(directory(md=skill_md("second"))), make_default=True)
     store.create_version(partly.id, parts(directory(md=skill_md("third"))))
@@ -283,7 +290,7 @@ def test_versions_whose_files_are_gone_are_forgotten_on_open(store: SqliteSkillS
     kept = store.create(parts(directory()))
     shutil.rmtree(store.skills_dir / partly.id / "2")  # the default
     shutil.rmtree(store.skills_dir / wholly.id)
-    again = SqliteSkillStore(Database(tmp_path / "data"), tmp_path / "skills")
+    again = SqlSkillStore(open_db(tmp_path / "data"), tmp_path / "skills")
     assert {s.id for s in again.list().data} == {partly.id, kept.id}
     after = again.get(partly.id)
     assert (after.default_version, after.latest_version, after.name) == (3, 3, "third")

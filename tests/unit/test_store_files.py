@@ -1,4 +1,4 @@
-"""SqliteFileStore over a scratch data directory: round trips, listing, expiry,
+"""SqlFileStore over a scratch data directory: round trips, listing, expiry,
 durability across a reopen, and 32 threads at once."""
 
 from __future__ import annotations
@@ -7,20 +7,23 @@ import os
 import random
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from mistralrs_serve.errors import InvalidRequestError, NotFoundError
-from mistralrs_serve.store.db import Database
-from mistralrs_serve.store.files import SqliteFileStore, read_all
+from mistralrs_serve.store.db import SqlDatabase
+from mistralrs_serve.store.files import SqlFileStore, read_all
+
+OpenDb = Callable[..., SqlDatabase]  # the open_db fixture (tests/conftest.py): SQLite, then PostgreSQL
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> SqliteFileStore:
-    return SqliteFileStore(Database(tmp_path))
+def store(open_db: OpenDb, tmp_path: Path) -> SqlFileStore:
+    return SqlFileStore(open_db(tmp_path))
 
 
-def test_create_get_content_delete(store: SqliteFileStore) -> None:
+def test_create_get_content_delete(store: SqlFileStore) -> None:
     data = bytes(range(256)) * 41
     f = store.create(data, filename="blob.bin", purpose="user_data")
     assert f.id.startswith("file-") and f.bytes == len(data) and f.content_type == "application/octet-stream"
@@ -35,7 +38,7 @@ def test_create_get_content_delete(store: SqliteFileStore) -> None:
     assert not list(store.db.blob_dir.iterdir()), "the blob goes with the row"
 
 
-def test_content_type_kept_or_guessed_from_the_name(store: SqliteFileStore) -> None:
+def test_content_type_kept_or_guessed_from_the_name(store: SqlFileStore) -> None:
     assert store.create(b"a,b", filename="t.csv", purpose="user_data").content_type == "text/csv"
     given = store.create(b"{}", filename="x", purpose="user_data", content_type="application/json")
     assert given.content_type == "application/json"
@@ -45,7 +48,7 @@ def test_content_type_kept_or_guessed_from_the_name(store: SqliteFileStore) -> N
     assert generic.content_type == "application/pdf"
 
 
-def test_names_are_one_printable_path_component(store: SqliteFileStore) -> None:
+def test_names_are_one_printable_path_component(store: SqlFileStore) -> None:
     assert store.create(b"x", filename="../etc/pa\nss\x00wd", purpose="user_data").filename == "passwd"
     assert (
         store.create(b"x", filename="C:\\dir\\r\u00e9sum\u00e9.pdf", purpose="user_data").filename
@@ -54,7 +57,7 @@ def test_names_are_one_printable_path_component(store: SqliteFileStore) -> None:
     assert store.create(b"x", filename="\x07", purpose="user_data").filename == "file"
 
 
-def test_list_order_purpose_limit_after(store: SqliteFileStore) -> None:
+def test_list_order_purpose_limit_after(store: SqlFileStore) -> None:
     ids = [store.create(b"x", filename=f"{i}.txt", purpose="user_data").id for i in range(5)]
     other = store.create(b"y", filename="b.jsonl", purpose="batch").id
     assert [f.id for f in store.list().data] == [other, *ids[::-1]]
@@ -77,7 +80,7 @@ def test_list_order_purpose_limit_after(store: SqliteFileStore) -> None:
     assert e.value.param == "after"
 
 
-def test_expiry_bounds_and_expired_files_are_gone(store: SqliteFileStore) -> None:
+def test_expiry_bounds_and_expired_files_are_gone(store: SqlFileStore) -> None:
     for seconds in (3599, 2_592_001):
         with pytest.raises(InvalidRequestError) as e:
             store.create(b"x", filename="a", purpose="user_data", expires_after_s=seconds)
@@ -93,30 +96,41 @@ def test_expiry_bounds_and_expired_files_are_gone(store: SqliteFileStore) -> Non
     assert not list(store.db.blob_dir.iterdir())
 
 
-def test_durable_across_a_reopen(tmp_path: Path) -> None:
-    first = SqliteFileStore(Database(tmp_path))
+def test_durable_across_a_reopen(open_db: OpenDb, tmp_path: Path) -> None:
+    first = SqlFileStore(open_db(tmp_path))
     payloads = {
         first.create(os.urandom(n), filename=f"{n}.bin", purpose="user_data"): n for n in (0, 1, 70_000)
     }
     contents = {f.id: read_all(first, f.id)[1] for f in payloads}
     first.db.close()
-    again = SqliteFileStore(Database(tmp_path))
+    again = SqlFileStore(open_db(tmp_path))
     for f in payloads:
         assert again.get(f.id) == f
         assert read_all(again, f.id)[1] == contents[f.id]
     assert {f.id for f in again.list().data} == set(contents)
 
 
-def test_a_failed_insert_leaves_no_blob(store: SqliteFileStore) -> None:
+def test_a_failed_insert_leaves_no_blob(store: SqlFileStore) -> None:
     with store.db.write() as conn:
-        conn.execute("CREATE TRIGGER no_files BEFORE INSERT ON files BEGIN SELECT RAISE(ABORT, 'full'); END")
+        if store.db.dialect == "sqlite":
+            conn.execute(
+                "CREATE TRIGGER no_files BEFORE INSERT ON files BEGIN SELECT RAISE(ABORT, 'full'); END"
+            )
+        else:
+            conn.execute(
+                "CREATE FUNCTION no_files() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION 'full'; END $$ "
+                "LANGUAGE plpgsql"
+            )
+            conn.execute(
+                "CREATE TRIGGER no_files BEFORE INSERT ON files FOR EACH ROW EXECUTE FUNCTION no_files()"
+            )
     with pytest.raises(Exception, match="full"):
         store.create(b"x", filename="a", purpose="user_data")
     assert not list(store.db.blob_dir.iterdir())
 
 
-def test_32_threads_create_get_delete_at_once(tmp_path: Path) -> None:
-    store = SqliteFileStore(Database(tmp_path))
+def test_32_threads_create_get_delete_at_once(open_db: OpenDb, tmp_path: Path) -> None:
+    store = SqlFileStore(open_db(tmp_path))
     kept: dict[str, bytes] = {}
     errors: list[BaseException] = []
     lock = threading.Lock()

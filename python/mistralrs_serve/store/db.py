@@ -1,11 +1,14 @@
-"""The embedded database: one SQLite file (WAL) and a blob directory under
-the server's data directory, with a versioned schema migrated on open.
+"""The store's database: `SqlDatabase` is what the stores (files, responses,
+sessions, skills) use; `SqliteDatabase` is the embedded default, one SQLite
+file (WAL) under the server's data directory, and `PostgresDatabase`
+(store/postgres.py) the server database that replicas share. Both run the
+same SQL (`?` placeholders; the few dialect differences are methods here)
+and the same versioned schema, migrated on open. File bytes live in a
+`BlobStore` (store/blobs.py) beside the rows.
 
-Each thread gets its own connection; writes take the database's write lock
-up front (`BEGIN IMMEDIATE`) and wait for it (busy timeout) rather than fail,
-so concurrent requests never see "database is locked". Blobs are written to
-a temporary name, fsynced and renamed, then recorded in a transaction: a
-crash leaves either no row or a complete file.
+SQLite: each thread gets its own connection; writes take the database's
+write lock up front (`BEGIN IMMEDIATE`) and wait for it (busy timeout) rather
+than fail, so concurrent requests never see "database is locked".
 """
 
 from __future__ import annotations
@@ -16,16 +19,50 @@ import logging
 import os
 import sqlite3
 import threading
-import time
 import uuid
-from collections.abc import Iterator
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any, BinaryIO, Protocol, TypeAlias, cast
 
-from mistralrs_serve.errors import MistralrsServeError, StorageFullError
+from mistralrs_serve.store.blobs import (
+    MIN_FREE_BYTES,
+    BlobStore,
+    DirBlobStore,
+    StoreError,
+    full_disk_error,
+    full_disk_errors,
+    is_full_os_error,
+)
+
+__all__ = ["SCHEMA_VERSION", "SqlDatabase", "SqliteDatabase", "StoreError", "default_data_dir"]
 
 logger = logging.getLogger(__name__)
 
+# A row: indexable by position and by column name (sqlite3.Row, or postgres.Row).
+Row: TypeAlias = Any
+
+
+class Cursor(Protocol):
+    rowcount: int
+
+    def fetchone(self) -> Row: ...  # None when there is none
+
+    def fetchall(self) -> list[Row]: ...
+
+    def __iter__(self) -> Iterator[Row]: ...
+
+
+class Conn(Protocol):
+    """A connection inside a write transaction, as the stores use it."""
+
+    def execute(self, sql: str, args: Sequence[object] = ..., /) -> Cursor: ...
+
+    def executemany(self, sql: str, args: Sequence[Sequence[object]], /) -> Any: ...
+
+
 # Version N is reached by running MIGRATIONS[N - 1]; add a migration, never edit one.
+# store/postgres.py keeps the same versions in PostgreSQL's types (PG_MIGRATIONS).
 MIGRATIONS: list[str] = [
     """
     CREATE TABLE files (
@@ -82,29 +119,105 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (skill_id, version)
     );
     """,
+    # 3: which server instance runs a response, and the instances alive (replicas sharing a database)
+    """
+    ALTER TABLE responses ADD COLUMN owner TEXT;
+    CREATE TABLE instances (
+        id TEXT PRIMARY KEY,
+        started_at INTEGER NOT NULL,
+        heartbeat_at INTEGER NOT NULL
+    );
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 BUSY_TIMEOUT_MS = 30_000
 # a blob without a row (or a temporary one) older than this is a crash's leftover
 ORPHAN_GRACE_S = 3600.0
-_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-# a write is refused up front when the data directory's disk has less room than this left
-MIN_FREE_BYTES = 1 << 20
 
 
-class StoreError(MistralrsServeError):
-    """The data directory cannot be used (a newer schema, a damaged file, no permission)."""
+class SqlDatabase(ABC):
+    """The rows (SQL) and the blobs of the stores.
+
+    `shared` is True where other server processes use the same database at
+    once (replicas): then nothing may assume this process wrote every row.
+    `instance_id` names this server process in the rows it owns."""
+
+    dialect: str
+    shared: bool
+    blobs: BlobStore
+    data_dir: Path
+
+    def __init__(self) -> None:
+        self.instance_id = f"inst_{uuid.uuid4().hex[:16]}"
+
+    @abstractmethod
+    def read(self, sql: str, args: Sequence[object] = ()) -> list[Row]: ...
+
+    @abstractmethod
+    def write(self) -> contextlib.AbstractContextManager[Conn]:
+        """A write transaction: committed on exit, rolled back on an exception. Writes are
+        serialized (one at a time across every process using the database)."""
+
+    @abstractmethod
+    def json_text(self, column: str, key: str) -> str:
+        """An SQL expression: the top-level `key` of the JSON text in `column`, as text."""
+
+    @abstractmethod
+    def check_room(self, nbytes: int = 0) -> None:
+        """StorageFullError unless nbytes more (and a margin) can be stored: refuse a write
+        before any work goes into it."""
+
+    def close(self) -> None:
+        return None
+
+    # blobs
+
+    def write_blob(self, data: bytes) -> str:
+        """Store bytes durably under a fresh name (returned); record the name in a transaction after."""
+        return self.blobs.write(data)
+
+    def open_blob(self, name: str) -> BinaryIO:
+        return self.blobs.open(name)
+
+    def read_blob(self, name: str) -> bytes:
+        return self.blobs.read(name)
+
+    def delete_blob(self, name: str) -> None:
+        self.blobs.delete(name)
+
+    @property
+    def blob_dir(self) -> Path:
+        """The blob directory (only for a directory blob store)."""
+        if not isinstance(self.blobs, DirBlobStore):
+            raise AttributeError(f"the blob store {self.blobs.url} is not a directory")
+        return self.blobs.path
+
+    def sweep_orphans(self, grace_s: float = ORPHAN_GRACE_S) -> int:
+        """Delete blobs no `files` row names (and temporary ones) older than grace_s:
+        what a crash between a blob's write and its row left behind. Returns how many."""
+        referenced = {row[0] for row in self.read("SELECT blob FROM files")}
+        swept = self.blobs.sweep(referenced, grace_s)
+        if swept:
+            logger.info("removed %d blobs a crash left without a row in %s", swept, self.blobs.url)
+        return swept
 
 
-class Database:
-    def __init__(self, data_dir: str | os.PathLike[str]) -> None:
+class SqliteDatabase(SqlDatabase):
+    """The embedded database: `<data_dir>/mistralrs-serve.sqlite3`, blobs in `<data_dir>/blobs`
+    unless another blob store is given."""
+
+    dialect = "sqlite"
+    shared = False
+
+    def __init__(self, data_dir: str | os.PathLike[str], blobs: BlobStore | None = None) -> None:
+        super().__init__()
         self.data_dir = Path(data_dir).expanduser()
-        self.blob_dir = self.data_dir / "blobs"
         self.path = self.data_dir / "mistralrs-serve.sqlite3"
         try:
-            self.blob_dir.mkdir(parents=True, exist_ok=True)
+            self.data_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise StoreError(f"cannot create the data directory {self.data_dir}: {e}") from None
+        self.blobs = blobs if blobs is not None else DirBlobStore(self.data_dir / "blobs")
         self._local = threading.local()
         self._migrate()
         self.sweep_orphans()
@@ -122,35 +235,27 @@ class Database:
         return conn
 
     @contextlib.contextmanager
-    def write(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction: committed on exit, rolled back on an exception."""
+    def write(self) -> Iterator[Conn]:
         conn = self.connection()
         with self.full_disk_errors():
             conn.execute("BEGIN IMMEDIATE")
             try:
-                yield conn
+                yield cast(Conn, conn)
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
 
-    @contextlib.contextmanager
-    def full_disk_errors(self) -> Iterator[None]:
+    def full_disk_errors(self) -> contextlib.AbstractContextManager[None]:
         """Turn a full disk (OSError ENOSPC/EDQUOT, SQLite's SQLITE_FULL) into StorageFullError."""
-        try:
-            yield
-        except (OSError, sqlite3.Error) as e:
-            if not _is_full(e):
-                raise
-            logger.error("the data directory %s is full: %s", self.data_dir, e)
-            raise StorageFullError(
-                f"the server's data directory is full ({e}); nothing was stored: free space "
-                "on its disk or delete stored files and responses, then retry"
-            ) from None
+        return full_disk_errors(self.data_dir, _is_full)
 
-    def read(self, sql: str, args: tuple[object, ...] = ()) -> list[sqlite3.Row]:
+    def read(self, sql: str, args: Sequence[object] = ()) -> list[Row]:
         return self.connection().execute(sql, args).fetchall()
+
+    def json_text(self, column: str, key: str) -> str:
+        return f"json_extract({column}, '$.{key}')"
 
     def _migrate(self) -> None:
         try:
@@ -158,13 +263,9 @@ class Database:
                 conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
                 row = conn.execute("SELECT version FROM schema_version").fetchone()
                 version = row[0] if row else 0
-                if version > SCHEMA_VERSION:
-                    raise StoreError(
-                        f"the database {self.path} has schema version {version}, newer than this "
-                        f"server's {SCHEMA_VERSION}: upgrade mistralrs-serve or use another --data-dir"
-                    )
+                check_schema_version(version, self.path)
                 for script in MIGRATIONS[version:]:
-                    for statement in _statements(script):
+                    for statement in statements(script):
                         conn.execute(statement)
                 if row is None:
                     conn.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
@@ -174,60 +275,16 @@ class Database:
             raise StoreError(f"cannot open the database {self.path}: {e}") from None
 
     def check_room(self, nbytes: int = 0) -> None:
-        """StorageFullError unless the data directory's disk has room for nbytes more
-        (and MIN_FREE_BYTES beside): refuse a write before any work goes into it."""
         try:
             st = os.statvfs(self.data_dir)
         except OSError:
             return  # cannot tell: the write itself will say
         free = st.f_bavail * st.f_frsize
         if free < nbytes + MIN_FREE_BYTES:
-            with self.full_disk_errors():
-                raise OSError(errno.ENOSPC, f"{free} bytes free, {nbytes} to store")
-
-    # blobs
-
-    def write_blob(self, data: bytes) -> str:
-        """Store bytes durably under a fresh name (returned); record the name in a transaction after."""
-        name = uuid.uuid4().hex
-        final = self.blob_dir / name
-        tmp = self.blob_dir / f".{name}.tmp"
-        with self.full_disk_errors():
-            try:
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, final)
-                _fsync_dir(self.blob_dir)
-            except BaseException:
-                for path in (tmp, final):  # a partial blob would hold the space it took
-                    with contextlib.suppress(OSError):
-                        path.unlink()
-                raise
-        return name
-
-    def read_blob(self, name: str) -> bytes:
-        return (self.blob_dir / name).read_bytes()
-
-    def delete_blob(self, name: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            (self.blob_dir / name).unlink()
-
-    def sweep_orphans(self, grace_s: float = ORPHAN_GRACE_S) -> int:
-        """Delete blobs no `files` row names (and temporary ones) older than grace_s:
-        what a crash between a blob's write and its row left behind. Returns how many."""
-        referenced = {row[0] for row in self.read("SELECT blob FROM files")}
-        cutoff = time.time() - grace_s
-        swept = 0
-        for entry in self.blob_dir.iterdir():
-            with contextlib.suppress(OSError):  # gone meanwhile, or not ours to delete
-                if entry.name not in referenced and entry.is_file() and entry.stat().st_mtime < cutoff:
-                    entry.unlink()
-                    swept += 1
-        if swept:
-            logger.info("removed %d blobs a crash left without a row in %s", swept, self.blob_dir)
-        return swept
+            raise full_disk_error(
+                self.data_dir, OSError(errno.ENOSPC, f"{free} bytes free, {nbytes} to store")
+            )
+        self.blobs.check_room(nbytes)
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
@@ -236,23 +293,25 @@ class Database:
             self._local.conn = None
 
 
-def _is_full(e: OSError | sqlite3.Error) -> bool:
+def check_schema_version(version: int, where: object) -> None:
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            f"the database {where} has schema version {version}, newer than this server's "
+            f"{SCHEMA_VERSION}: upgrade mistralrs-serve or use another store"
+        )
+
+
+def _is_full(e: BaseException) -> bool:
     if isinstance(e, OSError):
-        return e.errno in _FULL_ERRNOS
+        return is_full_os_error(e)
+    if not isinstance(e, sqlite3.Error):
+        return False
     code = getattr(e, "sqlite_errorcode", None)  # Python >= 3.11
     return code == sqlite3.SQLITE_FULL if code is not None else "disk is full" in str(e)
 
 
-def _statements(script: str) -> list[str]:
+def statements(script: str) -> list[str]:
     return [s.strip() for s in script.split(";") if s.strip()]
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def default_data_dir() -> Path:
@@ -262,3 +321,22 @@ def default_data_dir() -> Path:
         return Path(env)
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "mistralrs-serve"
+
+
+def open_database(
+    store: str | None, data_dir: str | os.PathLike[str], blob_store: str | None = None
+) -> SqlDatabase:
+    """The database a server uses: `store` None or "sqlite" is the embedded one under data_dir,
+    a postgresql:// URL a server database; blobs go to blob_store (a directory or
+    s3://bucket/prefix), by default `<data_dir>/blobs`."""
+    from mistralrs_serve.store.blobs import open_blob_store
+
+    blobs = open_blob_store(blob_store) if blob_store else None
+    if store in (None, "", "sqlite"):
+        return SqliteDatabase(data_dir, blobs)
+    assert store is not None
+    if store.split("://", 1)[0] in ("postgresql", "postgres"):
+        from mistralrs_serve.store.postgres import PostgresDatabase
+
+        return PostgresDatabase(store, data_dir, blobs or DirBlobStore(Path(data_dir).expanduser() / "blobs"))
+    raise StoreError(f"unknown store {store!r}: give 'sqlite' or a postgresql:// URL")

@@ -1,6 +1,6 @@
 """Stored files: uploads, and the files requests carry inline or by URL.
 
-`FileStore` is what the endpoints and attachments use; `SqliteFileStore` keeps
+`FileStore` is what the endpoints and attachments use; `SqlFileStore` keeps
 the rows in the embedded database and the bytes as blobs beside it. Another
 backend (a server database shared by replicas) implements the same protocol.
 Every method blocks (SQLite, fsync): async callers run them on a worker thread.
@@ -9,7 +9,6 @@ Every method blocks (SQLite, fsync): async callers run them on a worker thread.
 from __future__ import annotations
 
 import mimetypes
-import sqlite3
 import time
 import uuid
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ from typing import Any, BinaryIO, Literal, Protocol
 import orjson
 
 from mistralrs_serve.errors import InvalidRequestError, NotFoundError
-from mistralrs_serve.store.db import Database
+from mistralrs_serve.store.db import Row, SqlDatabase
 
 # What OpenAI accepts on upload; `user_data` is the purpose of request attachments.
 UPLOAD_PURPOSES = ("assistants", "batch", "fine-tune", "vision", "user_data", "evals")
@@ -132,8 +131,8 @@ def check_list_args(limit: int, order: str) -> None:
         raise InvalidRequestError(f"order must be 'asc' or 'desc'; got {order!r}", "order")
 
 
-class SqliteFileStore:
-    """FileStore over the embedded database: a row per file, its bytes in a blob.
+class SqlFileStore:
+    """FileStore over the store's database: a row per file, its bytes in a blob.
 
     Create writes the blob durably first and the row after, so a crash leaves
     at worst an orphan blob, never a row without its bytes; delete removes the
@@ -143,7 +142,7 @@ class SqliteFileStore:
 
     PURGE_EVERY_S = 60.0
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: SqlDatabase) -> None:
         self.db = db
         self._next_purge = 0.0  # expired files read as gone at once; their space comes back here
 
@@ -225,7 +224,7 @@ class SqliteFileStore:
     def open(self, file_id: str) -> tuple[StoredFile, BinaryIO]:
         row = self._row(file_id)
         try:
-            stream = (self.db.blob_dir / row["blob"]).open("rb")
+            stream = self.db.open_blob(row["blob"])
         except FileNotFoundError:  # deleted between the row read and the open
             raise _not_found(file_id) from None
         return _stored_file(row), stream
@@ -249,7 +248,7 @@ class SqliteFileStore:
             self.db.delete_blob(row["blob"])
         return len(rows)
 
-    def _row(self, file_id: str) -> sqlite3.Row:
+    def _row(self, file_id: str) -> Row:
         rows = self.db.read("SELECT * FROM files WHERE id = ?", (file_id,))
         if not rows or _expired(rows[0]["expires_at"]):
             raise _not_found(file_id)
@@ -268,7 +267,7 @@ def iter_chunks(stream: BinaryIO, chunk_bytes: int = 1 << 20) -> Iterator[bytes]
             yield chunk
 
 
-def _stored_file(row: sqlite3.Row) -> StoredFile:
+def _stored_file(row: Row) -> StoredFile:
     obj = orjson.loads(row["object_json"])
     return StoredFile(
         id=row["id"],

@@ -1,6 +1,6 @@
 """Stored responses of the Responses API and their input items.
 
-`ResponseStore` is what the endpoints use; `SqliteResponseStore` keeps them in
+`ResponseStore` is what the endpoints use; `SqlResponseStore` keeps them in
 the embedded database. A response's object is kept as the exact bytes it was
 served as, so that a later GET (after a restart too) answers the same bytes.
 Every method blocks (SQLite): async callers run them on a worker thread.
@@ -8,13 +8,12 @@ Every method blocks (SQLite): async callers run them on a worker thread.
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from mistralrs_serve.errors import InvalidRequestError
-from mistralrs_serve.store.db import Database
+from mistralrs_serve.store.db import Row, SqlDatabase
 
 UNFINISHED = ("queued", "in_progress")
 
@@ -75,10 +74,10 @@ class ResponseStore(Protocol):
         ...
 
 
-class SqliteResponseStore:
+class SqlResponseStore:
     """`ResponseStore` over the embedded database (tables `responses` and `response_input_items`)."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: SqlDatabase) -> None:
         self.db = db
 
     def check_room(self) -> None:
@@ -165,7 +164,7 @@ def _text(value: bytes | None) -> str | None:
     return value.decode() if value is not None else None
 
 
-def _record(row: sqlite3.Row) -> StoredResponse:
+def _record(row: Row) -> StoredResponse:
     state = row["state_json"]
     return StoredResponse(
         id=row["id"],

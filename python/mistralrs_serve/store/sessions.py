@@ -1,7 +1,7 @@
 """Stored agent sessions: a conversation's history, the tool approvals it
 remembers and the files it produced, kept across requests and restarts.
 
-`SessionStore` is what `agent/sessions.py` uses; `SqliteSessionStore` keeps one
+`SessionStore` is what `agent/sessions.py` uses; `SqlSessionStore` keeps one
 row per session in the `sessions` table, its state as JSON. A request without
 a `session_id` finds its session by history: each session keeps the chained
 SHA-256 of its visible history (`history_hash`), and `find_by_history` hashes
@@ -25,12 +25,13 @@ from typing import Any, Protocol
 import orjson
 
 from mistralrs_serve.errors import NotFoundError
-from mistralrs_serve.store.db import Database
+from mistralrs_serve.store.db import SqlDatabase
 
 # The fields of a chat message that decide whether two messages are the same
 # turn; the rest (refusal, annotations, reasoning, audio, nulls) varies between
 # what the server sent and what a client sends back.
 _KEY_FIELDS = ("role", "name", "tool_call_id")
+_NO_LIMIT = 2**63 - 1  # LIMIT with no bound that SQLite and PostgreSQL both take
 _HISTORY_SEED = hashlib.sha256(b"mistralrs-serve session history v1").digest()
 
 
@@ -161,12 +162,12 @@ def history_hash(messages: Sequence[Mapping[str, Any]]) -> str:
     return prefix_hashes(messages)[-1].hex()
 
 
-class SqliteSessionStore:
+class SqlSessionStore:
     """SessionStore over the embedded database's `sessions` table.
 
     `clock` gives the time (seconds since the epoch): tests move it."""
 
-    def __init__(self, db: Database, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, db: SqlDatabase, clock: Callable[[], float] = time.time) -> None:
         self.db = db
         self.clock = clock
         self._lock = threading.Lock()
@@ -246,8 +247,9 @@ class SqliteSessionStore:
             # the kept sessions count against the cap but are never chosen
             rows = conn.execute(
                 f"DELETE FROM sessions WHERE id IN (SELECT id FROM sessions {spared} "
-                "ORDER BY updated_at DESC, rowid DESC LIMIT -1 OFFSET max(0, ? - "
-                f"(SELECT count(*) FROM sessions WHERE id IN ({marks or 'NULL'})))) RETURNING id",
+                f"ORDER BY updated_at DESC, rowid DESC LIMIT {_NO_LIMIT} OFFSET (SELECT CASE WHEN n > 0 "
+                "THEN n ELSE 0 END FROM (SELECT ? - count(*) AS n FROM sessions "
+                f"WHERE id IN ({marks or 'NULL'})) AS room)) RETURNING id",
                 (*kept, max_sessions, *kept),
             ).fetchall()
             ids = [r["id"] for r in rows]
@@ -256,6 +258,8 @@ class SqliteSessionStore:
 
     def find_by_history(self, messages: Sequence[Any]) -> str | None:
         hashes = prefix_hashes(messages)
+        if self.db.shared:
+            return self._find_in_table(hashes)
         candidates: list[tuple[int, set[str]]] = []
         with self._lock:
             # longest first; the whole list is not a candidate: a match must be extended
@@ -274,12 +278,29 @@ class SqliteSessionStore:
         rows = self.db.read("SELECT id FROM sessions WHERE expires_at IS NULL OR expires_at > ?", (now,))
         return [r["id"] for r in rows]
 
+    def _find_in_table(self, hashes: list[bytes]) -> str | None:
+        """find_by_history where other processes write the table too (replicas sharing a
+        server database): the hashes are looked up in the table itself (PostgreSQL indexes
+        the expression), as this process's index would miss their sessions."""
+        lengths = {hashes[k].hex(): k for k in range(1, len(hashes) - 1)}
+        if not lengths:
+            return None
+        column = self.db.json_text("state_json", "history_hash")
+        marks = ",".join("?" * len(lengths))
+        rows = self.db.read(
+            f"SELECT id, {column} AS hash FROM sessions WHERE {column} IN ({marks}) "
+            "AND (expires_at IS NULL OR expires_at > ?) ORDER BY updated_at DESC, rowid DESC",
+            (*lengths, int(self.clock())),
+        )
+        best = max(rows, key=lambda r: lengths[r["hash"]], default=None)  # max keeps the first on a tie
+        return best["id"] if best is not None else None
+
     def _newest_matching(self, ids: set[str], wanted: str) -> str | None:
         """Of ids, the most recently updated unexpired session whose stored hash is `wanted`
         (the index may be stale where another process wrote the table)."""
         marks = ",".join("?" * len(ids))
         rows = self.db.read(
-            "SELECT id, json_extract(state_json, '$.history_hash') AS hash FROM sessions "
+            f"SELECT id, {self.db.json_text('state_json', 'history_hash')} AS hash FROM sessions "
             f"WHERE id IN ({marks}) AND (expires_at IS NULL OR expires_at > ?) "
             "ORDER BY updated_at DESC, rowid DESC",
             (*ids, int(self.clock())),
@@ -289,7 +310,9 @@ class SqliteSessionStore:
 
     def _load_index(self) -> None:
         """The hash index, read from the table once, at start; this store's writes keep it current."""
-        rows = self.db.read("SELECT id, json_extract(state_json, '$.history_hash') AS hash FROM sessions")
+        rows = self.db.read(
+            f"SELECT id, {self.db.json_text('state_json', 'history_hash')} AS hash FROM sessions"
+        )
         with self._lock:
             for row in rows:
                 if isinstance(row["hash"], str):

@@ -1,7 +1,7 @@
 """Uploaded Skills: versioned directories of instructions and scripts that a
 Responses `shell` tool's `skill_reference` copies into its session directory.
 
-`SkillStore` is what the routes and the agent loop use; `SqliteSkillStore`
+`SkillStore` is what the routes and the agent loop use; `SqlSkillStore`
 keeps the `skills` and `skill_versions` rows in the embedded database and
 each version's files in `<skills_dir>/<skill_id>/<version>/`. A version is
 unpacked and checked in a staging directory (store/skill_bundle.py), renamed
@@ -19,7 +19,6 @@ import contextlib
 import logging
 import os
 import shutil
-import sqlite3
 import stat
 import tempfile
 import time
@@ -32,7 +31,7 @@ from typing import Any, Generic, Literal, Protocol, TypeVar
 import orjson
 
 from mistralrs_serve.errors import InvalidRequestError, NotFoundError
-from mistralrs_serve.store.db import Database, StoreError
+from mistralrs_serve.store.db import Conn, Row, SqlDatabase, StoreError
 from mistralrs_serve.store.skill_bundle import SkillManifest, UploadPart, install_tree, unpack
 
 MAX_LIST_LIMIT = 100  # as OpenAI's list endpoints
@@ -182,10 +181,10 @@ def check_list_args(limit: int, order: str) -> None:
         raise InvalidRequestError(f"order must be 'asc' or 'desc'; got {order!r}", "order")
 
 
-class SqliteSkillStore:
+class SqlSkillStore:
     """SkillStore over the embedded database and a directory of version trees."""
 
-    def __init__(self, db: Database, skills_dir: Path) -> None:
+    def __init__(self, db: SqlDatabase, skills_dir: Path) -> None:
         self.db = db
         self.skills_dir = _open_skills_dir(skills_dir)
         self.staging_dir = self.skills_dir / STAGING_DIR
@@ -247,7 +246,7 @@ class SqliteSkillStore:
 
     def _place(
         self,
-        conn: sqlite3.Connection,
+        conn: Conn,
         staged: Path,
         skill_id: str,
         number: int,
@@ -311,7 +310,7 @@ class SqliteSkillStore:
 
     def _update_skill(
         self,
-        conn: sqlite3.Connection,
+        conn: Conn,
         skill: Skill,
         next_version: int | None,
         *,
@@ -347,7 +346,7 @@ class SqliteSkillStore:
         if after is not None:
             cursor = self.db.read(
                 "SELECT version FROM skill_versions WHERE skill_id = ? AND "
-                "(json_extract(object_json, '$.id') = ? OR CAST(version AS TEXT) = ?)",
+                f"({self.db.json_text('object_json', 'id')} = ? OR CAST(version AS TEXT) = ?)",
                 (skill_id, after, after),
             )
             if not cursor:
@@ -395,11 +394,10 @@ class SqliteSkillStore:
     def _version_dir(
         self, skill_id: str, version: VersionRef, param: str, version_param: str
     ) -> tuple[SkillVersion, Path]:
-        conn = self.db.connection()
-        rows = conn.execute("SELECT * FROM skills WHERE id = ?", (skill_id,)).fetchall()
+        rows = self.db.read("SELECT * FROM skills WHERE id = ?", (skill_id,))
         if not rows:
             raise _no_skill(skill_id, param)
-        row = _version_row(conn, _skill_from(rows[0]), version, version_param)
+        row = _version_row(self.db, _skill_from(rows[0]), version, version_param)
         path = self.skills_dir / row["path"]
         if not path.is_dir():
             raise NotFoundError(
@@ -459,25 +457,25 @@ def _open_skills_dir(path: Path) -> Path:
     return path.resolve()
 
 
-def _skill_row(conn: sqlite3.Connection, skill_id: str) -> sqlite3.Row:
-    row: sqlite3.Row | None = conn.execute("SELECT * FROM skills WHERE id = ?", (skill_id,)).fetchone()
+def _skill_row(conn: Conn, skill_id: str) -> Row:
+    row: Row | None = conn.execute("SELECT * FROM skills WHERE id = ?", (skill_id,)).fetchone()
     if row is None:
         raise _no_skill(skill_id, "skill_id")
     return row
 
 
-def _version_row(conn: sqlite3.Connection, skill: Skill, version: VersionRef, param: str) -> sqlite3.Row:
+def _version_row(conn: Conn | SqlDatabase, skill: Skill, version: VersionRef, param: str) -> Row:
+    """The row of a skill's version, read inside a transaction (conn) or outside one (the db)."""
     ref = parse_version(version, param)
     number = skill.default_version if ref is None else skill.latest_version if ref == "latest" else ref
-    row: sqlite3.Row | None = conn.execute(
-        "SELECT * FROM skill_versions WHERE skill_id = ? AND version = ?", (skill.id, number)
-    ).fetchone()
-    if row is None:
+    sql, args = "SELECT * FROM skill_versions WHERE skill_id = ? AND version = ?", (skill.id, number)
+    rows = conn.read(sql, args) if isinstance(conn, SqlDatabase) else conn.execute(sql, args).fetchall()
+    if not rows:
         raise NotFoundError(f"skill {skill.id!r} has no version {version!r}", param)
-    return row
+    return rows[0]
 
 
-def _skill_from(row: sqlite3.Row) -> Skill:
+def _skill_from(row: Row) -> Skill:
     obj = orjson.loads(row["object_json"])
     return Skill(
         obj["id"],
@@ -494,7 +492,7 @@ def _skill_json(skill: Skill, next_version: int) -> str:
     return orjson.dumps({**skill.to_openai(), "next_version": next_version}).decode()
 
 
-def _version_from(row: sqlite3.Row) -> SkillVersion:
+def _version_from(row: Row) -> SkillVersion:
     obj = orjson.loads(row["object_json"])
     return SkillVersion(
         obj["id"], obj["skill_id"], int(obj["version"]), obj["created_at"], obj["name"], obj["description"]

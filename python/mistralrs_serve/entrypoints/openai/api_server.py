@@ -70,11 +70,11 @@ from mistralrs_serve.errors import (
     UnsupportedEndpointError,
 )
 from mistralrs_serve.models.model_specs import ModelSpec
-from mistralrs_serve.store.db import Database, default_data_dir
-from mistralrs_serve.store.files import SqliteFileStore
-from mistralrs_serve.store.responses import SqliteResponseStore
-from mistralrs_serve.store.sessions import SqliteSessionStore
-from mistralrs_serve.store.skills import SqliteSkillStore, default_skills_dir
+from mistralrs_serve.store.db import default_data_dir, open_database
+from mistralrs_serve.store.files import SqlFileStore
+from mistralrs_serve.store.responses import SqlResponseStore
+from mistralrs_serve.store.sessions import SqlSessionStore
+from mistralrs_serve.store.skills import SqlSkillStore, default_skills_dir
 
 logger = logging.getLogger("mistralrs_serve.server")
 
@@ -108,17 +108,17 @@ class ServerState:
         self.created = int(time.time())
         self.metrics = ServerMetrics(self._engine_stats)
         # stored responses and files; opened before the socket, so a bad --data-dir fails the start
-        self.db = Database(config.data_dir or default_data_dir())
-        self.files = SqliteFileStore(self.db)
+        self.db = open_database(config.store, config.data_dir or default_data_dir(), config.blob_store)
+        self.files = SqlFileStore(self.db)
         agent = config.agent
         self.sessions = SessionManager(
-            SqliteSessionStore(self.db),
+            SqlSessionStore(self.db),
             self.db.data_dir,
             ttl_s=agent.session_ttl_s,
             max_sessions=agent.max_sessions,
         )
         self.approvals = ApprovalRegistry(agent.approval_timeout_s)
-        self.skills = SqliteSkillStore(self.db, Path(config.agent.skills_dir or default_skills_dir()))
+        self.skills = SqlSkillStore(self.db, Path(config.agent.skills_dir or default_skills_dir()))
         # server-side tools; built before the socket, so --sandbox on without bubblewrap fails the start
         self.agent = AgentRuntime(
             agent, files=self.files, sessions=self.sessions, approvals=self.approvals, skills=self.skills
@@ -126,7 +126,7 @@ class ServerState:
         self.agent_chat: AgentChatServing | None = None
         self.attachments = Attachments(self.files, FileLimits.from_config(config))
         self.responses = ResponsesServing(
-            SqliteResponseStore(self.db), ReasoningSeal(self.db.data_dir), config.default_truncation
+            SqlResponseStore(self.db), ReasoningSeal(self.db.data_dir), config.default_truncation
         )
         fail_interrupted(self.responses.store)  # what a server that died left running
 

@@ -22,6 +22,7 @@ from mistralrs_serve.errors import (
     RequestTooLargeError,
     ServerBusyError,
     StorageFullError,
+    StoreUnavailableError,
     UnsupportedEndpointError,
 )
 
@@ -47,6 +48,7 @@ TABLE: list[tuple[type[BaseException], ErrorKind]] = [
     (UnsupportedEndpointError, ErrorKind(404, "invalid_request_error", "unsupported_endpoint")),
     (ServerBusyError, ErrorKind(503, "server_error", "server_busy")),
     (StorageFullError, ErrorKind(507, "server_error", "insufficient_storage")),
+    (StoreUnavailableError, ErrorKind(503, "server_error", "store_unavailable")),
     (EngineError, ErrorKind(500, "server_error", "engine_error")),
 ]
 INTERNAL = ErrorKind(500, "server_error", "internal_error")
