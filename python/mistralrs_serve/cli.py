@@ -261,6 +261,13 @@ def add_storage_args(p: argparse.ArgumentParser) -> None:
         "file system) or s3://bucket/prefix[?endpoint=URL] (default: --data-dir/blobs)",
     )
     g.add_argument(
+        "--replica-lease-s",
+        type=float,
+        default=ServerConfig.replica_lease_s,
+        help="with a shared --store: a replica whose heartbeat is this old is dead, and the "
+        "background responses it ran are marked failed by the others",
+    )
+    g.add_argument(
         "--max-file-mb",
         type=int,
         default=ServerConfig.max_file_bytes >> 20,
@@ -362,6 +369,7 @@ def serve_command(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         store=args.store,
         blob_store=args.blob_store,
+        replica_lease_s=args.replica_lease_s,
         max_file_bytes=args.max_file_mb << 20,
         max_audio_bytes=args.max_audio_mb << 20,
         file_preview_chars=args.file_preview_chars,

@@ -155,6 +155,8 @@ class ServerConfig:
     store: str | None = None
     # where file bytes live: a directory or s3://bucket/prefix; None: <data_dir>/blobs
     blob_store: str | None = None
+    # where replicas share the store: a replica silent this long is dead, and the responses it ran fail
+    replica_lease_s: float = 30.0
     max_file_bytes: int = 512 << 20
     # largest audio upload to /v1/audio/transcriptions and translations (OpenAI's limit)
     max_audio_bytes: int = 25 << 20

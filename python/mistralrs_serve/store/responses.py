@@ -8,6 +8,7 @@ Every method blocks (SQLite): async callers run them on a worker thread.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -16,6 +17,7 @@ from mistralrs_serve.errors import InvalidRequestError
 from mistralrs_serve.store.db import Row, SqlDatabase
 
 UNFINISHED = ("queued", "in_progress")
+_UNFINISHED_MARKS = ", ".join("?" for _ in UNFINISHED)
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,8 @@ class ResponseStore(Protocol):
     def update(
         self, response_id: str, status: str, object_json: bytes, state_json: bytes | None = None
     ) -> bool:
-        """The response's new state; False when it was deleted meanwhile (it is not brought back)."""
+        """The new state of a queued or in-progress response; False when it was deleted or
+        ended meanwhile (by another replica's cancel): it is neither brought back nor changed."""
         ...
 
     def get(self, response_id: str) -> StoredResponse | None: ...
@@ -69,6 +72,14 @@ class ResponseStore(Protocol):
         """Responses left queued or in progress (by a server that stopped)."""
         ...
 
+    def heartbeat(self) -> None:
+        """Record that this server instance is alive (replicas sharing the store)."""
+        ...
+
+    def orphaned(self, stale_s: float) -> list[StoredResponse]:
+        """Unfinished responses whose owner has not sent a heartbeat for stale_s seconds."""
+        ...
+
     def check_room(self) -> None:
         """StorageFullError when the store has no room for a response (before one runs)."""
         ...
@@ -87,7 +98,7 @@ class SqlResponseStore:
         with self.db.write() as conn:
             conn.execute(
                 "INSERT INTO responses (id, created_at, status, background, previous_response_id, "
-                "object_json, state_json) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "object_json, state_json, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     record.id,
                     record.created_at,
@@ -96,6 +107,7 @@ class SqlResponseStore:
                     record.previous_response_id,
                     _text(record.object_json),
                     _text(record.state_json),
+                    self.db.instance_id,
                 ),
             )
             conn.executemany(
@@ -110,8 +122,8 @@ class SqlResponseStore:
         with self.db.write() as conn:
             cursor = conn.execute(
                 "UPDATE responses SET status = ?, object_json = ?, state_json = COALESCE(?, state_json) "
-                "WHERE id = ?",
-                (status, _text(object_json), _text(state_json), response_id),
+                f"WHERE id = ? AND status IN ({_UNFINISHED_MARKS})",
+                (status, _text(object_json), _text(state_json), response_id, *UNFINISHED),
             )
             return cursor.rowcount > 0
 
@@ -154,8 +166,26 @@ class SqlResponseStore:
         return items, len(rows) > limit
 
     def unfinished(self) -> list[StoredResponse]:
-        marks = ", ".join("?" for _ in UNFINISHED)
-        rows = self.db.read(f"SELECT * FROM responses WHERE status IN ({marks})", UNFINISHED)
+        rows = self.db.read(f"SELECT * FROM responses WHERE status IN ({_UNFINISHED_MARKS})", UNFINISHED)
+        return [_record(row) for row in rows]
+
+    def heartbeat(self) -> None:
+        now = int(time.time())
+        with self.db.write() as conn:
+            conn.execute(
+                "INSERT INTO instances (id, started_at, heartbeat_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+                (self.db.instance_id, now, now),
+            )
+            # instances silent for a day are gone for good; what they owned was failed long ago
+            conn.execute("DELETE FROM instances WHERE heartbeat_at < ?", (now - 86_400,))
+
+    def orphaned(self, stale_s: float) -> list[StoredResponse]:
+        rows = self.db.read(
+            f"SELECT * FROM responses WHERE status IN ({_UNFINISHED_MARKS}) AND (owner IS NULL OR owner "
+            "NOT IN (SELECT id FROM instances WHERE heartbeat_at >= ?))",
+            (*UNFINISHED, int(time.time() - stale_s)),
+        )
         return [_record(row) for row in rows]
 
 

@@ -60,7 +60,11 @@ from mistralrs_serve.entrypoints.openai.responses_seal import ReasoningSeal
 from mistralrs_serve.entrypoints.openai.serving_agent import AgentChatServing
 from mistralrs_serve.entrypoints.openai.serving_chat import ChatServing
 from mistralrs_serve.entrypoints.openai.serving_completion import CompletionServing
-from mistralrs_serve.entrypoints.openai.serving_responses import ResponsesServing, fail_interrupted
+from mistralrs_serve.entrypoints.openai.serving_responses import (
+    InstanceLease,
+    ResponsesServing,
+    fail_interrupted,
+)
 from mistralrs_serve.entrypoints.openai.skill_routes import skill_routes
 from mistralrs_serve.errors import (
     AuthenticationError,
@@ -128,7 +132,11 @@ class ServerState:
         self.responses = ResponsesServing(
             SqlResponseStore(self.db), ReasoningSeal(self.db.data_dir), config.default_truncation
         )
-        fail_interrupted(self.responses.store)  # what a server that died left running
+        self.lease: InstanceLease | None = None
+        if self.db.shared:  # replicas share the store: fail only what dead replicas left running
+            self.lease = InstanceLease(self.responses.store, stale_s=config.replica_lease_s)
+        else:
+            fail_interrupted(self.responses.store)  # what a server that died left running
 
     def _engine_stats(self) -> dict[str, dict[str, int]]:
         return {
@@ -365,6 +373,8 @@ def build_app(
         finally:
             state.models.shutdown()
             await state.agent.aclose()
+            if state.lease is not None:
+                state.lease.close()
 
     app = FastAPI(title="mistralrs-serve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.server = state

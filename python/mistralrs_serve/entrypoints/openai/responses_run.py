@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from mistralrs_serve.entrypoints.openai.responses_protocol import ResponsesReque
 from mistralrs_serve.entrypoints.openai.responses_stream import TERMINAL_EVENTS, Event, ResponseStream
 from mistralrs_serve.entrypoints.openai.serving_chat import Prepared
 from mistralrs_serve.errors import EngineError, StorageFullError
-from mistralrs_serve.store.responses import InputItem, ResponseStore, StoredResponse
+from mistralrs_serve.store.responses import UNFINISHED, InputItem, ResponseStore, StoredResponse
 
 logger = logging.getLogger(__name__)
 
@@ -210,13 +211,15 @@ class ResponseRunner:
                 out.finish("cancelled")
                 self._save(run, out.snapshot(), None)
 
-    def _save(self, run: Run, obj: dict[str, Any], state_json: bytes | None) -> None:
+    def _save(self, run: Run, obj: dict[str, Any], state_json: bytes | None) -> bool:
+        """False when the row was deleted or ended by another server (a replica's cancel)."""
         try:
-            self.store.update(run.id, obj["status"], orjson.dumps(obj), state_json)
+            return self.store.update(run.id, obj["status"], orjson.dumps(obj), state_json)
         except StorageFullError as e:
             # the run goes on for whoever follows it; the row keeps its last saved state, and a
             # restart fails it if it was never finished
             logger.error("response %s: its progress could not be stored: %s", run.id, e)
+            return True
 
     # --- background jobs --------------------------------------------------
 
@@ -260,7 +263,9 @@ class ResponseRunner:
             await asyncio.to_thread(self._save, run, event["response"], job.state_json())
         elif event["type"] in SAVED_EVENTS or (time.monotonic() - job.last_saved > PERSIST_EVERY_S):
             job.last_saved = time.monotonic()
-            await asyncio.to_thread(self._save, run, run.stream.snapshot(), None)
+            if not await asyncio.to_thread(self._save, run, run.stream.snapshot(), None):
+                # cancelled or deleted through another replica sharing the store: stop here
+                raise asyncio.CancelledError
 
     async def _end_job(self, job: BackgroundJob, status: str, error: str | None) -> None:
         if job.has_ended:
@@ -296,6 +301,27 @@ class ResponseRunner:
             except asyncio.TimeoutError:
                 yield KEEPALIVE
 
+    def end_elsewhere(self, record: StoredResponse) -> bool:
+        """Cancel a background response that another replica runs: its row ends here, and its
+        job stops at its next save (within PERSIST_EVERY_S) when it finds the row ended."""
+        return self.store.update(record.id, "cancelled", ended_object(record, "cancelled", None))
+
+    async def await_end(
+        self, record: StoredResponse, idle_s: float | None
+    ) -> AsyncIterator[bytes | StoredResponse]:
+        """Keep-alives while another replica runs the response, then its stored end (polled)."""
+        last_beat = time.monotonic()
+        while record.status in UNFINISHED:
+            await asyncio.sleep(PERSIST_EVERY_S / 2)
+            found = await asyncio.to_thread(self.store.get, record.id)
+            if found is None:
+                return
+            record = found
+            if idle_s is not None and time.monotonic() - last_beat >= idle_s:
+                last_beat = time.monotonic()
+                yield KEEPALIVE
+        yield record
+
     async def replay(self, record: StoredResponse, starting_after: int) -> AsyncIterator[bytes]:
         """A finished background response's stored events after `starting_after`; one that
         kept none (the server died while it ran) sends its terminal event alone."""
@@ -309,17 +335,60 @@ class ResponseRunner:
         yield sse({"type": kind, "sequence_number": starting_after + 1, "response": obj})
 
 
-def fail_interrupted(store: ResponseStore) -> int:
-    """Fail every response a dead server left queued or in progress (at startup, before serving)."""
-    records = store.unfinished()
-    for record in records:
-        obj = orjson.loads(record.object_json)
-        obj["status"] = "failed"
-        obj["error"] = wire.error_object(RESTARTED)
-        for item in obj.get("output", []):
-            if item.get("status") == "in_progress":
-                item["status"] = "incomplete"
-        store.update(record.id, "failed", orjson.dumps(obj))
-    if records:
-        logger.warning("%d responses were running when the server stopped: marked failed", len(records))
-    return len(records)
+def fail_interrupted(
+    store: ResponseStore, records: list[StoredResponse] | None = None, reason: str = RESTARTED
+) -> int:
+    """Fail every response a dead server left queued or in progress: at startup, before serving,
+    all of them (`records` None); where replicas share the store, those of replicas that died."""
+    if records is None:
+        records = store.unfinished()
+    failed = sum(store.update(r.id, "failed", ended_object(r, "failed", reason)) for r in records)
+    if failed:
+        logger.warning("%d responses were running when their server stopped: marked failed", failed)
+    return failed
+
+
+REPLICA_DIED = "the replica running this response stopped before it finished"
+
+
+class InstanceLease:
+    """Where replicas share the store: this server's heartbeat, and the failing of what dead
+    replicas left running. Every `every_s` a thread records the heartbeat, then fails the
+    unfinished responses whose owner has been silent for `stale_s` (so each survivor may find
+    them; the conditional update lets one win)."""
+
+    def __init__(self, store: ResponseStore, *, stale_s: float, every_s: float | None = None) -> None:
+        self.store = store
+        self.stale_s = stale_s
+        self.every_s = every_s if every_s is not None else max(0.5, stale_s / 6)
+        self._stop = threading.Event()
+        self.tick()  # before serving: a bad store fails the start
+        self._thread = threading.Thread(target=self._run, name="instance-lease", daemon=True)
+        self._thread.start()
+
+    def tick(self) -> int:
+        self.store.heartbeat()
+        return fail_interrupted(self.store, self.store.orphaned(self.stale_s), REPLICA_DIED)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                self.tick()
+            except Exception as e:  # the store is down for a while: try again next time
+                logger.warning("the instance lease could not be renewed: %s", e)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def ended_object(record: StoredResponse, status: str, error: str | None) -> bytes:
+    """A stored unfinished response's object, ended by someone other than its job."""
+    obj = orjson.loads(record.object_json)
+    obj["status"] = status
+    if error is not None:
+        obj["error"] = wire.error_object(error)
+    for item in obj.get("output", []):
+        if item.get("status") == "in_progress":
+            item["status"] = "incomplete"
+    return orjson.dumps(obj)

@@ -34,7 +34,12 @@ from mistralrs_serve.entrypoints.openai.responses_input import (
     without_orphans,
 )
 from mistralrs_serve.entrypoints.openai.responses_protocol import ResponsesRequest
-from mistralrs_serve.entrypoints.openai.responses_run import ResponseRunner, Run, fail_interrupted
+from mistralrs_serve.entrypoints.openai.responses_run import (
+    InstanceLease,
+    ResponseRunner,
+    Run,
+    fail_interrupted,
+)
 from mistralrs_serve.entrypoints.openai.responses_seal import ReasoningSeal
 from mistralrs_serve.entrypoints.openai.responses_stream import ResponseStream
 from mistralrs_serve.entrypoints.openai.responses_tools import (
@@ -45,9 +50,9 @@ from mistralrs_serve.entrypoints.openai.responses_tools import (
 )
 from mistralrs_serve.entrypoints.openai.serving_chat import ChatServing, Prepared
 from mistralrs_serve.errors import InvalidRequestError, NotFoundError, ServerBusyError
-from mistralrs_serve.store.responses import ResponseStore, StoredResponse
+from mistralrs_serve.store.responses import UNFINISHED, ResponseStore, StoredResponse
 
-__all__ = ["ResponsesServing", "fail_interrupted"]
+__all__ = ["InstanceLease", "ResponsesServing", "fail_interrupted"]
 
 logger = logging.getLogger(__name__)
 
@@ -337,7 +342,20 @@ class ResponsesServing:
             raise _not_found(response_id)
         if not record.background:
             raise InvalidRequestError("only background responses can be streamed again", "stream")
+        if record.status in UNFINISHED:  # another replica sharing the store runs it
+            return self._follow_elsewhere(record, starting_after, keepalive_s)
         return self.runner.replay(record, starting_after)
+
+    async def _follow_elsewhere(
+        self, record: StoredResponse, starting_after: int, keepalive_s: float | None
+    ) -> AsyncIterator[bytes]:
+        """Keep-alives until the replica running it has stored its end, then its events."""
+        async for found in self.runner.await_end(record, keepalive_s):
+            if isinstance(found, bytes):
+                yield found
+                continue
+            async for frame in self.runner.replay(found, starting_after):
+                yield frame
 
     async def cancel(self, response_id: str) -> bytes:
         """Stop a background response (its KV blocks are freed); a finished one comes back unchanged."""
@@ -345,8 +363,14 @@ class ResponsesServing:
         record = await asyncio.to_thread(self.store.get, response_id)
         if record is None:
             raise _not_found(response_id)
-        if not record.background and record.status in ("queued", "in_progress"):
-            raise InvalidRequestError("only background responses can be cancelled", "response_id")
+        if record.status in UNFINISHED:
+            if not record.background:
+                raise InvalidRequestError("only background responses can be cancelled", "response_id")
+            # another replica sharing the store runs it: end the row; that job stops when it sees it
+            await asyncio.to_thread(self.runner.end_elsewhere, record)
+            record = await asyncio.to_thread(self.store.get, response_id)
+            if record is None:
+                raise _not_found(response_id)
         return record.object_json
 
     async def delete(self, response_id: str) -> dict[str, Any]:
