@@ -136,7 +136,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
 
 
-COMMANDS = ("serve", "run")
+COMMANDS = ("serve", "run", "ray")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,6 +159,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(serve)
     add_server_args(serve)
     add_agent_args(serve)
+    ray = sub.add_parser(
+        "ray",
+        help="serve the same API from many engine replicas on a Ray cluster (Ray Serve)",
+        description="Deploy the server as a Ray Serve application: an ingress that routes each "
+        "request by prefix affinity (falling back to the least-loaded replica) to N engine "
+        "replicas, each running what `serve` runs. Replicas share their state through --store "
+        "postgresql://... and --blob-store. /health and /metrics at the ingress report every replica.",
+    )
+    add_model_args(ray)
+    add_engine_args(ray)
+    add_server_args(ray)
+    add_agent_args(ray)
+    from mistralrs_serve.scale.options import add_ray_args
+
+    add_ray_args(ray)
     run = sub.add_parser(
         "run",
         help="answer one prompt (--prompt) or chat interactively",
@@ -308,6 +323,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return serve_command(args)
+        if args.command == "ray":
+            from mistralrs_serve.scale.app import ray_command
+
+            return ray_command(args)
         return run_command(args)
     except (MistralrsServeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -350,11 +369,19 @@ def configure_logging(level: str, fmt: str) -> None:
 def serve_command(args: argparse.Namespace) -> int:
     import uvicorn
 
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    app = server_app(args)
+    logger.info("serving the OpenAI API on http://%s:%d/v1", args.host, args.port)
+    uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=False, timeout_keep_alive=30)
+    return 0
+
+
+def server_app(args: argparse.Namespace) -> Any:
+    """The FastAPI app `serve` runs, from its parsed arguments (Ray replicas run the same one)."""
     from mistralrs_serve.entrypoints.openai.api_server import build_app
     from mistralrs_serve.entrypoints.openai.model_set import build_serving
 
-    if not 0 < args.port < 65536:
-        raise ValueError(f"--port must be in 1..65535, got {args.port}")
     specs = model_specs(args)
     config = ServerConfig(
         api_key=args.api_key or None,
@@ -383,10 +410,7 @@ def serve_command(args: argparse.Namespace) -> int:
     primary = next((s for s in chats if s.default), chats[0]) if chats else None
     others = [(s, chat_loader(s, args) if s.kind == "chat" else partial(build_serving, s)) for s in specs]
     load = chat_loader(primary, args) if primary is not None else None
-    app = build_app(config, load, [o for o in others if o[0] is not primary], primary=primary)
-    logger.info("serving the OpenAI API on http://%s:%d/v1", args.host, args.port)
-    uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=False, timeout_keep_alive=30)
-    return 0
+    return build_app(config, load, [o for o in others if o[0] is not primary], primary=primary)
 
 
 def model_specs(args: argparse.Namespace) -> list[Any]:

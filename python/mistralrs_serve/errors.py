@@ -79,6 +79,10 @@ class StoreUnavailableError(MistralrsServeError):
     """The shared database cannot be reached (HTTP 503): nothing was stored, retry later."""
 
 
+class ReplicaUnavailableError(MistralrsServeError):
+    """No replica of a scaled-out deployment could take the request, or the one serving it died (HTTP 503)."""
+
+
 class StorageFullError(MistralrsServeError):
     """The data directory has no room left (ENOSPC, a quota, SQLite's "disk is full"):
     nothing was stored, and what was stored before is intact."""

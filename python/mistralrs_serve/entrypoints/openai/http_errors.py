@@ -18,6 +18,7 @@ from mistralrs_serve.errors import (
     ModelNotFoundError,
     NotFoundError,
     PayloadTooLargeError,
+    ReplicaUnavailableError,
     RequestTimeoutError,
     RequestTooLargeError,
     ServerBusyError,
@@ -49,6 +50,7 @@ TABLE: list[tuple[type[BaseException], ErrorKind]] = [
     (ServerBusyError, ErrorKind(503, "server_error", "server_busy")),
     (StorageFullError, ErrorKind(507, "server_error", "insufficient_storage")),
     (StoreUnavailableError, ErrorKind(503, "server_error", "store_unavailable")),
+    (ReplicaUnavailableError, ErrorKind(503, "server_error", "replica_unavailable")),
     (EngineError, ErrorKind(500, "server_error", "engine_error")),
 ]
 INTERNAL = ErrorKind(500, "server_error", "internal_error")

@@ -1,0 +1,168 @@
+"""The Ray Serve application: an `ingress` deployment (one replica, no CPU of
+its own) in front of an `engine` deployment (N replicas, or between a minimum
+and a maximum with Ray Serve's autoscaling on queue depth), whose router is
+router.AffinityRouter.
+
+Three ways to run it:
+- `mistralrs-serve ray --replicas N --store postgresql://... -m MODEL`
+  (`ray_command`): starts a local Ray instance, or joins `--address`;
+- `serve run mistralrs_serve.scale.app:build store=postgresql://... replicas=2`
+  or a Serve config file whose `import_path` is `mistralrs_serve.scale.app:build`
+  and whose `args` are the `mistralrs-serve ray` flags (`build` parses them);
+- from Python: `serve.run(application(args))`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+from mistralrs_serve.scale.ingress import Ingress
+from mistralrs_serve.scale.options import check_args
+from mistralrs_serve.scale.replica import EngineReplica
+
+logger = logging.getLogger(__name__)
+
+ROUTER = "mistralrs_serve.scale.router:AffinityRouter"
+
+
+def application(args: argparse.Namespace) -> Any:
+    """The Serve application for parsed `mistralrs-serve ray` arguments."""
+    from ray import serve
+    from ray.serve.config import RequestRouterConfig
+
+    check_args(args)
+    engine: dict[str, Any] = {
+        "name": "engine",
+        "ray_actor_options": {"num_cpus": args.replica_cpus, "num_gpus": args.replica_gpus},
+        "max_ongoing_requests": args.max_ongoing_requests,
+        "request_router_config": RequestRouterConfig(
+            request_router_class=ROUTER,
+            request_router_kwargs={"imbalance": args.affinity_imbalance},
+            request_routing_stats_period_s=1.0,
+            request_routing_stats_timeout_s=10.0,
+        ),
+        "health_check_period_s": 5.0,
+        "health_check_timeout_s": 60.0,
+        "graceful_shutdown_timeout_s": 30.0,
+    }
+    if args.min_replicas is not None or args.max_replicas is not None:
+        low = args.min_replicas if args.min_replicas is not None else 1
+        high = args.max_replicas if args.max_replicas is not None else max(low, args.replicas)
+        engine["autoscaling_config"] = {
+            "min_replicas": low,
+            "initial_replicas": max(low, min(high, args.replicas)),
+            "max_replicas": high,
+            "target_ongoing_requests": args.target_queue_depth,
+            "upscale_delay_s": 10.0,
+            "downscale_delay_s": 120.0,
+        }
+    else:
+        engine["num_replicas"] = args.replicas
+    engine_deployment = serve.deployment(EngineDeployment).options(**engine)
+    ingress_deployment = serve.deployment(IngressDeployment).options(
+        name="ingress",
+        num_replicas=1,
+        ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=max(1024, 4 * args.max_ongoing_requests),
+    )
+    return ingress_deployment.bind(engine_deployment.bind(args), max_body_bytes=args.max_body_mb << 20)
+
+
+class EngineDeployment(EngineReplica):
+    """EngineReplica as a Serve deployment: ready once its models load."""
+
+    async def __init__(self, args: argparse.Namespace) -> None:  # type: ignore[misc]
+        EngineReplica.__init__(self, args)
+        await self.start()
+
+    async def handle(  # type: ignore[override]
+        self, scope: dict[str, Any], body: bytes, affinity: str | None = None
+    ) -> AsyncIterator[dict[str, Any] | bytes]:
+        async for part in EngineReplica.handle(self, scope, body):
+            yield part
+
+    def ping(self) -> str:
+        return self.id
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        return self.routing_stats()
+
+    def check_health(self) -> None:
+        health = self.health()
+        if health["status"] == "failed":
+            raise RuntimeError(f"replica {self.id} is unhealthy: {health['error']}")
+
+    async def __del__(self) -> None:
+        await self.stop()
+
+
+class IngressDeployment(Ingress):
+    async def __init__(self, engine: Any, *, max_body_bytes: int) -> None:  # type: ignore[misc]
+        Ingress.__init__(self, engine, max_body_bytes=max_body_bytes)
+        # one call makes the handle's router, whose replica stats /health reports from the start
+        self._warm = asyncio.get_running_loop().create_task(self._warm_router(engine))
+
+    @staticmethod
+    async def _warm_router(engine: Any) -> None:
+        try:
+            await engine.options(method_name="ping").remote()
+        except Exception as e:
+            logger.warning("the engine deployment did not answer its first call: %s", e)
+
+    async def __call__(self, request: Any) -> Any:  # the deployment's HTTP entry
+        return await Ingress.__call__(self, request)
+
+
+def parse_ray_args(argv: list[str]) -> argparse.Namespace:
+    from mistralrs_serve.cli import build_parser
+
+    return build_parser().parse_args(["ray", *argv])
+
+
+def build(config: Mapping[str, Any]) -> Any:
+    """The application builder for `serve run` / `serve deploy`: its args are the
+    `mistralrs-serve ray` flags without the dashes (`store`, `replicas`, `model`, ...);
+    a list value repeats its flag, true is a bare flag."""
+    argv: list[str] = []
+    for name, value in config.items():
+        flag = "--" + str(name).replace("_", "-")
+        for one in value if isinstance(value, list) else [value]:
+            if one is True:
+                argv.append(flag)
+            elif one not in (False, None):
+                argv += [flag, str(one)]
+    return application(parse_ray_args(argv))
+
+
+def ray_command(args: argparse.Namespace) -> int:
+    """`mistralrs-serve ray`: deploy on a Ray cluster (a local one by default) and serve until
+    interrupted."""
+    try:
+        import ray
+        from ray import serve
+    except ImportError:
+        raise ValueError(
+            "`mistralrs-serve ray` needs Ray Serve: pip install 'mistralrs-serve[ray,postgres]'"
+        ) from None
+    app = application(args)
+    if not ray.is_initialized():
+        ray.init(address=args.address, include_dashboard=False, logging_level=logging.WARNING)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(app, name=args.app_name, route_prefix="/", blocking=False)
+    logger.info(
+        "serving the OpenAI API on http://%s:%d/v1 from %s engine replicas",
+        args.host,
+        args.port,
+        f"{args.min_replicas}..{args.max_replicas}" if args.max_replicas else args.replicas,
+    )
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.delete(args.app_name)
+        return 130

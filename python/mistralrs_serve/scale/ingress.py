@@ -1,0 +1,265 @@
+"""The HTTP ingress of a Ray Serve deployment (app.py wraps `Ingress` in a
+Serve deployment; Ray's proxy hands it each request).
+
+It reads the body (bounded), works out the routing key (affinity.py), and
+calls the engine deployment, whose router (router.py) picks the replica. The
+replica's head and body chunks pass straight through, so streams are not
+buffered and the bytes are the single server's. When a replica dies before
+its answer began, the request goes to another one; when it dies mid-stream,
+the stream ends with an error event in the endpoint's own format. `/health`
+and `/metrics` answer for every replica, from the routing stats the replicas
+report (and the ingress's own counters)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from mistralrs_serve.entrypoints.openai.http_errors import error_event, error_response, json_response
+from mistralrs_serve.errors import PayloadTooLargeError, ReplicaUnavailableError
+from mistralrs_serve.scale.affinity import ResponseOwners, response_id_in, routing_key
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "mistralrs_serve_ingress"
+RETRIES = 3  # how many other replicas a request not yet begun may be sent to
+LEARN_BYTES = 8192  # how much of an answer is searched for the id of the response it made
+_SEQUENCE = re.compile(rb'"sequence_number"\s*:\s*(\d+)')
+
+
+class Ingress:
+    def __init__(self, engine: Any, *, max_body_bytes: int, retries: int = RETRIES) -> None:
+        self.engine = engine.options(stream=True, method_name="handle")
+        self.max_body_bytes = max_body_bytes
+        self.retries = retries
+        self.owners = ResponseOwners()
+        self.registry = CollectorRegistry()
+        self.routed = Counter(
+            f"{PREFIX}_requests", "requests passed to a replica", ["keyed"], registry=self.registry
+        )
+        self.retried = Counter(
+            f"{PREFIX}_retries",
+            "requests sent again after their replica died before answering",
+            registry=self.registry,
+        )
+        self.cut = Counter(
+            f"{PREFIX}_streams_cut",
+            "streams ended with an error event when their replica died",
+            registry=self.registry,
+        )
+        self.replicas_gauge = Gauge(
+            f"{PREFIX}_replicas", "replicas by reported status", ["status"], registry=self.registry
+        )
+
+    async def __call__(self, request: Request) -> Response:
+        path = request.url.path
+        if request.method == "GET" and path == "/health":
+            return self.health()
+        if request.method == "GET" and path == "/metrics":
+            return Response(self.metrics(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        try:
+            body = await _read_body(request, self.max_body_bytes)
+        except PayloadTooLargeError as e:
+            return error_response(e)
+        scope = _portable_scope(request.scope)
+        key = routing_key(request.method, path, body, self.owners)
+        self.routed.labels(keyed=str(key is not None).lower()).inc()
+        for attempt in range(self.retries + 1):
+            stream = self.engine.remote(scope, body, affinity=key)
+            try:
+                head = await stream.__anext__()
+            except Exception as e:
+                if not _replica_gone(e) or attempt == self.retries:
+                    stream.cancel()
+                    logger.error("request %s %s: no replica answered: %s", request.method, path, e)
+                    return error_response(ReplicaUnavailableError(_gone_message(e)))
+                self.retried.inc()
+                logger.warning(
+                    "request %s %s: its replica died before answering; sending it to another",
+                    request.method,
+                    path,
+                )
+                continue
+            return PassThrough(head, stream, self, key, path)
+        raise AssertionError("unreachable")
+
+    def learn(self, first_bytes: bytes, key: str | None) -> None:
+        """Remember which key made a response (its later routes follow it)."""
+        if key is not None:
+            found = response_id_in(first_bytes)
+            if found is not None:
+                self.owners.remember(found, key)
+
+    # --- every replica's health and metrics ---------------------------------
+
+    def replica_stats(self) -> list[dict[str, Any]]:
+        from mistralrs_serve.scale.router import ROUTERS
+
+        seen: dict[str, dict[str, Any]] = {}
+        for router in list(ROUTERS):
+            for stats in router.replica_stats():
+                seen[stats["ray_replica_id"]] = stats
+        return list(seen.values())
+
+    def health(self) -> Response:
+        replicas = []
+        for stats in self.replica_stats():
+            health = stats.get("health") or {"status": "starting"}
+            replicas.append({"ray_replica_id": stats["ray_replica_id"], **health})
+        counts: dict[str, int] = {}
+        for r in replicas:
+            counts[r["status"]] = counts.get(r["status"], 0) + 1
+        for status in ("ok", "loading", "failed", "starting"):
+            self.replicas_gauge.labels(status=status).set(counts.get(status, 0))
+        ok = counts.get("ok", 0)
+        status = "ok" if ok else "loading" if replicas else "starting"
+        body = {"status": status, "replicas_ready": ok, "replicas": replicas}
+        return json_response(body, 200 if ok else 503)
+
+    def metrics(self) -> bytes:
+        """The ingress's counters, then every replica's metrics with a `replica` label."""
+        self.health()  # refreshes the replica gauge
+        texts = [
+            (str(stats.get("replica", stats["ray_replica_id"])), stats["metrics"])
+            for stats in self.replica_stats()
+            if isinstance(stats.get("metrics"), str)
+        ]
+        merged = CollectorRegistry()
+        merged.register(_Merged(texts))
+        return generate_latest(self.registry) + generate_latest(merged)
+
+
+class PassThrough(Response):
+    """A replica's answer as it comes: its status and headers as sent, its body chunk by chunk."""
+
+    def __init__(
+        self, head: dict[str, Any], stream: Any, ingress: Ingress, key: str | None, path: str
+    ) -> None:
+        self.head = head
+        self.stream = stream
+        self.ingress = ingress
+        self.key = key
+        self.path = path
+        self.status_code = int(head["status"])
+        self.background = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = [(bytes(k), bytes(v)) for k, v in self.head["headers"]]
+        is_sse = any(k.lower() == b"content-type" and v.startswith(b"text/event-stream") for k, v in headers)
+        await send({"type": "http.response.start", "status": self.status_code, "headers": headers})
+        seen = b""
+        last_sequence = -1
+        try:
+            async for chunk in self.stream:
+                if len(seen) < LEARN_BYTES:
+                    seen += chunk[: LEARN_BYTES - len(seen)]
+                    if len(seen) >= LEARN_BYTES or b"resp_" in seen:
+                        self.ingress.learn(seen, self.key)
+                if is_sse:
+                    for found in _SEQUENCE.findall(chunk):
+                        last_sequence = int(found)
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except asyncio.CancelledError:
+            self.stream.cancel()
+            raise
+        except Exception as e:
+            if not is_sse:
+                raise  # a body cut short: the connection is dropped, the client sees it incomplete
+            self.ingress.cut.inc()
+            logger.error("a stream of %s ended: its replica died: %s", self.path, e)
+            await send(
+                {"type": "http.response.body", "body": self._error_frame(e, last_sequence), "more_body": True}
+            )
+        else:
+            if seen:
+                self.ingress.learn(seen, self.key)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    def _error_frame(self, e: Exception, last_sequence: int) -> bytes:
+        error = ReplicaUnavailableError(
+            "the replica serving this stream stopped before it finished; nothing after this "
+            f"point was generated ({type(e).__name__})"
+        )
+        if self.path.startswith("/v1/responses"):
+            event = {
+                "type": "error",
+                "code": "replica_unavailable",
+                "message": str(error),
+                "param": None,
+                "sequence_number": last_sequence + 1,
+            }
+            return b"event: error\ndata: " + orjson.dumps(event) + b"\n\n"
+        return error_event(error)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLargeError(f"the request body is over the server's limit of {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLargeError(f"the request body is over the server's limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _portable_scope(scope: Scope) -> dict[str, Any]:
+    """The parts of an HTTP scope a replica's app reads, as plain picklable values."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": scope.get("http_version", "1.1"),
+        "method": scope["method"],
+        "scheme": scope.get("scheme", "http"),
+        "path": scope["path"],
+        "raw_path": scope.get("raw_path") or scope["path"].encode(),
+        "root_path": "",
+        "query_string": scope.get("query_string", b""),
+        "headers": [(bytes(k), bytes(v)) for k, v in scope.get("headers", [])],
+        "client": tuple(scope["client"]) if scope.get("client") else None,
+        "server": tuple(scope["server"]) if scope.get("server") else None,
+    }
+
+
+def _replica_gone(e: BaseException) -> bool:
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+    return isinstance(e, (ActorDiedError, ActorUnavailableError, RayActorError))
+
+
+def _gone_message(e: BaseException) -> str:
+    return f"no replica could take the request ({type(e).__name__}); retry later"
+
+
+class _Merged:
+    """The replicas' metric families, each sample labelled with its replica."""
+
+    def __init__(self, texts: list[tuple[str, str]]) -> None:
+        self.texts = texts
+
+    def collect(self) -> Iterator[Metric]:
+        families: dict[str, Metric] = {}
+        for replica, text in self.texts:
+            for family in text_string_to_metric_families(text):
+                merged = families.get(family.name)
+                if merged is None:
+                    merged = families[family.name] = Metric(
+                        family.name, family.documentation, family.type, family.unit
+                    )
+                merged.samples += [
+                    s._replace(labels={**s.labels, "replica": replica}) for s in family.samples
+                ]
+        yield from families.values()
