@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -124,6 +125,10 @@ def parse_ray_args(argv: list[str]) -> argparse.Namespace:
     return build_parser().parse_args(["ray", *argv])
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def build(config: Mapping[str, Any]) -> Any:
     """The application builder for `serve run` / `serve deploy`: its args are the
     `mistralrs-serve ray` flags without the dashes (`store`, `replicas`, `model`, ...);
@@ -150,6 +155,7 @@ def ray_command(args: argparse.Namespace) -> int:
             "`mistralrs-serve ray` needs Ray Serve: pip install 'mistralrs-serve[ray,postgres]'"
         ) from None
     app = application(args)
+    signal.signal(signal.SIGTERM, _interrupt)  # `docker stop`, systemd: shut down as on Ctrl-C
     if not ray.is_initialized():
         ray.init(address=args.address, include_dashboard=False, logging_level=logging.WARNING)
     serve.start(http_options={"host": args.host, "port": args.port})
