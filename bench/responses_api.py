@@ -35,9 +35,33 @@ from serve import free_port, percentiles, wait_healthy
 
 BAR = 0.95
 WORDS = (
-    "river", "stone", "light", "garden", "market", "window", "paper", "music", "orange", "winter",
-    "signal", "forest", "letter", "engine", "bridge", "silver", "cloud", "number", "story",
-    "harbor", "planet", "circle", "yellow", "morning", "basket", "candle", "mirror",
+    "river",
+    "stone",
+    "light",
+    "garden",
+    "market",
+    "window",
+    "paper",
+    "music",
+    "orange",
+    "winter",
+    "signal",
+    "forest",
+    "letter",
+    "engine",
+    "bridge",
+    "silver",
+    "cloud",
+    "number",
+    "story",
+    "harbor",
+    "planet",
+    "circle",
+    "yellow",
+    "morning",
+    "basket",
+    "candle",
+    "mirror",
 )
 
 

@@ -9,6 +9,6 @@ single server runs, with the shared state in PostgreSQL and a blob store.
 - `affinity.py`: what a request's routing key is, and which replica a key goes to.
 - `router.py`: the Ray Serve request router that applies affinity, falling back
   to the least-loaded replica.
-- `replica.py`: one engine replica: the single server's FastAPI app, driven
-  through ASGI (`asgi_bridge.py`) so its bytes are the single server's.
+- `replica.py`: one engine replica: the single server's FastAPI app on its own
+  port; a Ray call reserves it for a request, whose bytes then go over HTTP.
 """

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -78,14 +79,16 @@ class EngineDeployment(EngineReplica):
     """EngineReplica as a Serve deployment: ready once its models load."""
 
     async def __init__(self, args: argparse.Namespace) -> None:  # type: ignore[misc]
-        EngineReplica.__init__(self, args)
+        import ray
+
+        # its port on the node's address, which the ingress reaches from any node
+        EngineReplica.__init__(self, args, host=ray.util.get_node_ip_address())
         await self.start()
 
-    async def handle(  # type: ignore[override]
-        self, scope: dict[str, Any], body: bytes, affinity: str | None = None
-    ) -> AsyncIterator[dict[str, Any] | bytes]:
-        async for part in EngineReplica.handle(self, scope, body):
-            yield part
+    async def slot(self, affinity: str | None = None) -> AsyncIterator[dict[str, Any]]:  # type: ignore[override]
+        """`affinity` is for the router (router.py), which reads it from the call."""
+        async for found in EngineReplica.slot(self):
+            yield found
 
     def ping(self) -> str:
         return self.id
@@ -157,6 +160,10 @@ def ray_command(args: argparse.Namespace) -> int:
     app = application(args)
     signal.signal(signal.SIGTERM, _interrupt)  # `docker stop`, systemd: shut down as on Ctrl-C
     if not ray.is_initialized():
+        if args.address is None:
+            # a local instance: HAProxy in front, straight to the ingress replica's own HTTP server,
+            # with no Ray message per streamed chunk (on a cluster of your own, set it there)
+            os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
         ray.init(address=args.address, include_dashboard=False, logging_level=logging.WARNING)
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(app, name=args.app_name, route_prefix="/", blocking=False)
@@ -170,5 +177,9 @@ def ray_command(args: argparse.Namespace) -> int:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        serve.delete(args.app_name)
+        if args.address is None:  # the local instance this command started: stop its proxies too
+            serve.shutdown()
+            ray.shutdown()
+        else:
+            serve.delete(args.app_name)
         return 130

@@ -12,12 +12,12 @@ report (and the ingress's own counters)."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.metrics_core import Metric
@@ -29,21 +29,30 @@ from starlette.types import Receive, Scope, Send
 from mistralrs_serve.entrypoints.openai.http_errors import error_event, error_response, json_response
 from mistralrs_serve.errors import PayloadTooLargeError, ReplicaUnavailableError
 from mistralrs_serve.scale.affinity import ResponseOwners, response_id_in, routing_key
+from mistralrs_serve.scale.replica import TICKET_HEADER
 
 logger = logging.getLogger(__name__)
 
 PREFIX = "mistralrs_serve_ingress"
 RETRIES = 3  # how many other replicas a request not yet begun may be sent to
 LEARN_BYTES = 8192  # how much of an answer is searched for the id of the response it made
+# hop-by-hop headers, and what the client side recomputes
+_NOT_FORWARDED = {b"host", b"content-length", b"connection", b"keep-alive", b"transfer-encoding", b"upgrade"}
+_NOT_RETURNED = {b"connection", b"keep-alive", b"transfer-encoding", b"date", b"server"}
 _SEQUENCE = re.compile(rb'"sequence_number"\s*:\s*(\d+)')
 
 
 class Ingress:
     def __init__(self, engine: Any, *, max_body_bytes: int, retries: int = RETRIES) -> None:
-        self.engine = engine.options(stream=True, method_name="handle")
+        self.engine = engine.options(stream=True, method_name="slot")
         self.max_body_bytes = max_body_bytes
         self.retries = retries
         self.owners = ResponseOwners()
+        # to the replicas' own ports: kept-alive connections, no timeout on a long stream
+        self.http = httpx.AsyncClient(
+            timeout=httpx.Timeout(None, connect=10.0),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=512),
+        )
         self.registry = CollectorRegistry()
         self.routed = Counter(
             f"{PREFIX}_requests", "requests passed to a replica", ["keyed"], registry=self.registry
@@ -72,26 +81,36 @@ class Ingress:
             body = await _read_body(request, self.max_body_bytes)
         except PayloadTooLargeError as e:
             return error_response(e)
-        scope = _portable_scope(request.scope)
         key = routing_key(request.method, path, body, self.owners)
         self.routed.labels(keyed=str(key is not None).lower()).inc()
+        target = request.scope.get("raw_path") or path.encode()
+        if request.scope.get("query_string"):
+            target += b"?" + request.scope["query_string"]
+        headers = [(k, v) for k, v in request.headers.raw if k.lower() not in _NOT_FORWARDED]
         for attempt in range(self.retries + 1):
-            stream = self.engine.remote(scope, body, affinity=key)
+            slot = self.engine.remote(affinity=key)
             try:
-                head = await stream.__anext__()
+                found = await slot.__anext__()
+                answer = await self.http.send(
+                    self.http.build_request(
+                        request.method,
+                        found["url"] + target.decode("latin-1"),
+                        headers=[*headers, (TICKET_HEADER, found["ticket"].encode())],
+                        content=body,
+                    ),
+                    stream=True,
+                )
             except Exception as e:
+                slot.cancel()
                 if not _replica_gone(e) or attempt == self.retries:
-                    stream.cancel()
                     logger.error("request %s %s: no replica answered: %s", request.method, path, e)
                     return error_response(ReplicaUnavailableError(_gone_message(e)))
                 self.retried.inc()
                 logger.warning(
-                    "request %s %s: its replica died before answering; sending it to another",
-                    request.method,
-                    path,
+                    "%s %s: its replica died before answering (%s); trying another", request.method, path, e
                 )
                 continue
-            return PassThrough(head, stream, self, key, path)
+            return PassThrough(answer, slot, self, key, path)
         raise AssertionError("unreachable")
 
     def learn(self, first_bytes: bytes, key: str | None) -> None:
@@ -144,24 +163,24 @@ class PassThrough(Response):
     """A replica's answer as it comes: its status and headers as sent, its body chunk by chunk."""
 
     def __init__(
-        self, head: dict[str, Any], stream: Any, ingress: Ingress, key: str | None, path: str
+        self, answer: httpx.Response, slot: Any, ingress: Ingress, key: str | None, path: str
     ) -> None:
-        self.head = head
-        self.stream = stream
+        self.answer = answer
+        self.slot = slot
         self.ingress = ingress
         self.key = key
         self.path = path
-        self.status_code = int(head["status"])
+        self.status_code = answer.status_code
         self.background = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        headers = [(bytes(k), bytes(v)) for k, v in self.head["headers"]]
-        is_sse = any(k.lower() == b"content-type" and v.startswith(b"text/event-stream") for k, v in headers)
-        await send({"type": "http.response.start", "status": self.status_code, "headers": headers})
+        headers = [(k, v) for k, v in self.answer.headers.raw if k.lower() not in _NOT_RETURNED]
+        is_sse = self.answer.headers.get("content-type", "").startswith("text/event-stream")
         seen = b""
         last_sequence = -1
         try:
-            async for chunk in self.stream:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": headers})
+            async for chunk in self.answer.aiter_raw():
                 if len(seen) < LEARN_BYTES:
                     seen += chunk[: LEARN_BYTES - len(seen)]
                     if len(seen) >= LEARN_BYTES or b"resp_" in seen:
@@ -170,10 +189,7 @@ class PassThrough(Response):
                     for found in _SEQUENCE.findall(chunk):
                         last_sequence = int(found)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        except asyncio.CancelledError:
-            self.stream.cancel()
-            raise
-        except Exception as e:
+        except httpx.TransportError as e:
             if not is_sse:
                 raise  # a body cut short: the connection is dropped, the client sees it incomplete
             self.ingress.cut.inc()
@@ -184,6 +200,9 @@ class PassThrough(Response):
         else:
             if seen:
                 self.ingress.learn(seen, self.key)
+        finally:
+            await self.answer.aclose()
+            self.slot.cancel()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     def _error_frame(self, e: Exception, last_sequence: int) -> bytes:
@@ -216,28 +235,10 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _portable_scope(scope: Scope) -> dict[str, Any]:
-    """The parts of an HTTP scope a replica's app reads, as plain picklable values."""
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
-        "http_version": scope.get("http_version", "1.1"),
-        "method": scope["method"],
-        "scheme": scope.get("scheme", "http"),
-        "path": scope["path"],
-        "raw_path": scope.get("raw_path") or scope["path"].encode(),
-        "root_path": "",
-        "query_string": scope.get("query_string", b""),
-        "headers": [(bytes(k), bytes(v)) for k, v in scope.get("headers", [])],
-        "client": tuple(scope["client"]) if scope.get("client") else None,
-        "server": tuple(scope["server"]) if scope.get("server") else None,
-    }
-
-
 def _replica_gone(e: BaseException) -> bool:
     from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
-    return isinstance(e, (ActorDiedError, ActorUnavailableError, RayActorError))
+    return isinstance(e, (ActorDiedError, ActorUnavailableError, RayActorError, httpx.TransportError))
 
 
 def _gone_message(e: BaseException) -> str:

@@ -1,67 +1,160 @@
 """One engine replica: the app `mistralrs-serve serve` runs (cli.server_app),
-driven through ASGI without a socket. The ingress calls `handle` with the
-request; the answer streams back as a head and body chunks, so every replica
-answers with the single server's bytes. Not Ray-specific: app.py wraps it in
-a Serve deployment, and tests may drive it directly."""
+served by uvicorn on a port of its own inside the replica's process.
+
+The ingress reaches a replica in two steps. A Ray Serve call (`slot`), which
+the deployment's router (router.py) sends to the replica it picks, answers
+with the replica's address and a ticket, then stays open until the ticket's
+HTTP request has finished, so Ray counts the request as the replica's for its
+whole life (queue-length routing, `max_ongoing_requests` and autoscaling on
+ongoing requests all see the real load). The request itself, and every chunk
+of its answer, then travel over plain HTTP between the ingress and the
+replica: no Ray message per streamed token. Not Ray-specific: app.py wraps it
+in a Serve deployment, and tests may drive it directly."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
+import socket
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
-
-from mistralrs_serve.scale.asgi_bridge import Head, Lifespan, Scope, call
 
 logger = logging.getLogger(__name__)
 
 LOAD_TIMEOUT_S = 900.0
+TICKET_HEADER = b"x-mistralrs-serve-ticket"
+TICKET_WAIT_S = 60.0  # a slot whose request never arrives (its ingress died) is given up after this
+
+
+class _QuietServer:
+    """uvicorn.Server that leaves the process's signal handlers alone (Ray owns them)."""
+
+    @staticmethod
+    def make(config: Any) -> Any:
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            @contextlib.contextmanager
+            def capture_signals(self) -> Iterator[None]:
+                yield
+
+        return Server(config)
+
+
+class Ticket:
+    def __init__(self) -> None:
+        self.arrived = asyncio.Event()
+        self.over = asyncio.Event()
+
+
+class Tickets:
+    """ASGI middleware: marks a ticket when the request carrying it arrives and when it is over."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.waiting: dict[str, Ticket] = {}
+
+    def issue(self) -> tuple[str, Ticket]:
+        ticket = uuid.uuid4().hex
+        self.waiting[ticket] = Ticket()
+        return ticket, self.waiting[ticket]
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        ticket = None
+        headers = []
+        for key, value in scope["headers"]:
+            if key == TICKET_HEADER:
+                ticket = value.decode("latin-1")
+            else:
+                headers.append((key, value))
+        found = self.waiting.get(ticket) if ticket else None
+        if found is not None:
+            found.arrived.set()
+        try:
+            await self.app({**scope, "headers": headers}, receive, send)
+        finally:
+            if found is not None:
+                found.over.set()
 
 
 class EngineReplica:
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, host: str = "127.0.0.1") -> None:
         from mistralrs_serve.cli import configure_logging, server_app
 
         configure_logging(args.log_level, args.log_format)
         self.id = f"replica-{uuid.uuid4().hex[:8]}"
         self.pid = os.getpid()
+        self.host = host
         self.app = server_app(args)
         self.state = self.app.state.server
+        self.tickets = Tickets(self.app)
         self.started = time.time()
-        self.lifespan = Lifespan(self.app)
+        self.url = ""
+        self._server: Any = None
+        self._task: asyncio.Task[None] | None = None
         self._ready = False
 
     async def start(self) -> None:
-        """Run the app's startup and wait for its models: a replica takes traffic once loaded."""
-        await self.lifespan.start()
+        """Open the replica's HTTP port and wait for its models: it takes traffic once loaded."""
+        import uvicorn
+
+        sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.host, 0))
+        port = sock.getsockname()[1]
+        config = uvicorn.Config(
+            self.tickets,
+            log_config=None,
+            access_log=False,
+            lifespan="on",
+            timeout_keep_alive=75,
+            backlog=4096,
+        )
+        self._server = _QuietServer.make(config)
+        self._task = asyncio.get_running_loop().create_task(self._server.serve(sockets=[sock]))
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        self.url = f"http://{host}:{port}"
         deadline = time.monotonic() + LOAD_TIMEOUT_S
         while time.monotonic() < deadline:
+            if self._task.done():
+                raise RuntimeError(f"replica {self.id}: its HTTP server stopped: {self._task.exception()}")
             statuses = {m.status for m in self.state.models.models}
             if "failed" in statuses:
                 raise RuntimeError(f"replica {self.id}: a model failed to load: {self.health()['error']}")
-            if statuses <= {"ready"}:
+            if self._server.started and statuses <= {"ready"}:
                 self._ready = True
-                logger.info("replica %s (pid %d) is ready", self.id, self.pid)
+                logger.info("replica %s (pid %d) is ready at %s", self.id, self.pid, self.url)
                 return
             await asyncio.sleep(0.2)
         raise RuntimeError(f"replica {self.id}: the models did not load in {LOAD_TIMEOUT_S:.0f} s")
 
-    async def handle(self, scope: Scope, body: bytes) -> AsyncIterator[dict[str, Any] | bytes]:
-        """The app's answer: first {"status", "headers", "replica"}, then the body's chunks."""
-        scope = {**scope, "app": self.app, "state": {}}
-        async for part in call(self.app, scope, body):
-            if isinstance(part, Head):
-                yield {"status": part.status, "headers": part.headers, "replica": self.id}
-            else:
-                yield part
+    async def slot(self) -> AsyncIterator[dict[str, Any]]:
+        """Where to send one request: {"url", "ticket", "replica"}; then open until it is over."""
+        ticket, found = self.tickets.issue()
+        try:
+            yield {"url": self.url, "ticket": ticket, "replica": self.id}
+            try:  # the ingress connects at once; a slot it never used (it died) is given up
+                await asyncio.wait_for(found.arrived.wait(), TICKET_WAIT_S)
+            except asyncio.TimeoutError:
+                return
+            await found.over.wait()
+        finally:
+            self.tickets.waiting.pop(ticket, None)
 
     def queue_depth(self) -> int:
-        """Requests this replica holds: admitted by the server and not finished."""
-        return int(self.state.pending)
+        """Requests this replica holds: those its server admitted and has not answered, or the
+        sequences its engines run and queue (background responses among them), the larger."""
+        stats = self.state.engine_stats() if self._ready else {}
+        sequences = sum(s["num_running"] + s["num_waiting"] for s in stats.values())
+        return max(int(self.state.pending), sequences)
 
     def health(self) -> dict[str, Any]:
         models = [
@@ -73,6 +166,7 @@ class EngineReplica:
         return {
             "replica": self.id,
             "pid": self.pid,
+            "url": self.url,
             "status": status,
             "uptime_s": round(time.time() - self.started, 1),
             "queue_depth": self.queue_depth(),
@@ -96,4 +190,8 @@ class EngineReplica:
         }
 
     async def stop(self) -> None:
-        await self.lifespan.stop()
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._task, 30)

@@ -110,7 +110,7 @@ class ServerState:
         self.primary: ServedModel | None = None  # None: this server serves no chat model
         self.pending = 0
         self.created = int(time.time())
-        self.metrics = ServerMetrics(self._engine_stats)
+        self.metrics = ServerMetrics(self.engine_stats)
         # stored responses and files; opened before the socket, so a bad --data-dir fails the start
         self.db = open_database(config.store, config.data_dir or default_data_dir(), config.blob_store)
         self.files = SqlFileStore(self.db)
@@ -138,7 +138,7 @@ class ServerState:
         else:
             fail_interrupted(self.responses.store)  # what a server that died left running
 
-    def _engine_stats(self) -> dict[str, dict[str, int]]:
+    def engine_stats(self) -> dict[str, dict[str, int]]:
         return {
             m.name: m.serving.client.stats() for m in self.models.models if isinstance(m.serving, ChatModel)
         }
