@@ -37,7 +37,7 @@ class Replicas:
 
 @pytest.fixture(scope="module")
 def replicas(pg_server: PostgresServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
-    shared = tmp_path_factory.mktemp("shared")
+    shared = tmp_path_factory.mktemp("replicas-data")
     flags = ("--store", pg_server.create_database(), "--replica-lease-s", str(LEASE_S))
     procs = []
     try:

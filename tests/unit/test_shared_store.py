@@ -43,7 +43,7 @@ def test_many_servers_opening_at_once_migrate_once(open_db: OpenDb, tmp_path: Pa
     assert [tuple(r) for r in opened[0].read("SELECT version FROM schema_version")] == [(SCHEMA_VERSION,)]
     # every one of them works on the same tables
     files = [SqlFileStore(db) for db in opened]
-    made = files[3].create(b"shared", filename="a.txt", purpose="user_data")
+    made = files[3].create(b"one store", filename="a.txt", purpose="user_data")
     assert files[5].get(made.id) == made
 
 

@@ -21,7 +21,7 @@ import os
 import signal
 import time
 from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from typing import Any, cast
 
 from mistralrs_serve.scale.ingress import Ingress
 from mistralrs_serve.scale.options import check_args
@@ -42,13 +42,13 @@ def application(args: argparse.Namespace) -> Any:
         "name": "engine",
         "ray_actor_options": {"num_cpus": args.replica_cpus, "num_gpus": args.replica_gpus},
         "max_ongoing_requests": args.max_ongoing_requests,
-        "request_router_config": RequestRouterConfig(
+        "request_router_config": cast(Any, RequestRouterConfig)(  # ray's stub types it loosely
             request_router_class=ROUTER,
             request_router_kwargs={"imbalance": args.affinity_imbalance},
-            request_routing_stats_period_s=1.0,
+            request_routing_stats_period_s=2.0,
             request_routing_stats_timeout_s=10.0,
         ),
-        "health_check_period_s": 5.0,
+        "health_check_period_s": 10.0,
         "health_check_timeout_s": 60.0,
         "graceful_shutdown_timeout_s": 30.0,
     }
@@ -65,8 +65,9 @@ def application(args: argparse.Namespace) -> Any:
         }
     else:
         engine["num_replicas"] = args.replicas
-    engine_deployment = serve.deployment(EngineDeployment).options(**engine)
-    ingress_deployment = serve.deployment(IngressDeployment).options(
+    deployment = cast(Any, serve.deployment)  # as a plain decorator, untyped in ray's stub
+    engine_deployment = deployment(EngineDeployment).options(**engine)
+    ingress_deployment = deployment(IngressDeployment).options(
         name="ingress",
         num_replicas=1,
         ray_actor_options={"num_cpus": 0},
@@ -85,7 +86,7 @@ class EngineDeployment(EngineReplica):
         EngineReplica.__init__(self, args, host=ray.util.get_node_ip_address())
         await self.start()
 
-    async def slot(self, affinity: str | None = None) -> AsyncIterator[dict[str, Any]]:  # type: ignore[override]
+    async def slot(self, affinity: str | None = None) -> AsyncIterator[dict[str, Any]]:
         """`affinity` is for the router (router.py), which reads it from the call."""
         async for found in EngineReplica.slot(self):
             yield found
@@ -142,7 +143,7 @@ def build(config: Mapping[str, Any]) -> Any:
         for one in value if isinstance(value, list) else [value]:
             if one is True:
                 argv.append(flag)
-            elif one not in (False, None):
+            elif one is not False and one is not None:
                 argv += [flag, str(one)]
     return application(parse_ray_args(argv))
 
