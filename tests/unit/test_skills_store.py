@@ -291,6 +291,9 @@ def test_versions_whose_files_are_gone_are_forgotten_on_open(
     shutil.rmtree(store.skills_dir / partly.id / "2")  # the default
     shutil.rmtree(store.skills_dir / wholly.id)
     again = SqlSkillStore(open_db(tmp_path / "data"), tmp_path / "skills")
+    if again.db.shared:  # another replica may hold the files: a shared database forgets nothing
+        assert {s.id for s in again.list().data} == {partly.id, wholly.id, kept.id}
+        return
     assert {s.id for s in again.list().data} == {partly.id, kept.id}
     after = again.get(partly.id)
     assert (after.default_version, after.latest_version, after.name) == (3, 3, "third")

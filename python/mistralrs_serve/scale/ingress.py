@@ -27,7 +27,8 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from mistralrs_serve.entrypoints.openai.http_errors import error_event, error_response, json_response
-from mistralrs_serve.errors import PayloadTooLargeError, ReplicaUnavailableError
+from mistralrs_serve.entrypoints.openai.http_security import read_body
+from mistralrs_serve.errors import ReplicaUnavailableError, RequestTooLargeError
 from mistralrs_serve.scale.affinity import ResponseOwners, response_id_in, routing_key
 from mistralrs_serve.scale.replica import TICKET_HEADER
 
@@ -78,8 +79,8 @@ class Ingress:
         if request.method == "GET" and path == "/metrics":
             return Response(self.metrics(), media_type="text/plain; version=0.0.4; charset=utf-8")
         try:
-            body = await _read_body(request, self.max_body_bytes)
-        except PayloadTooLargeError as e:
+            body = await read_body(request, self.max_body_bytes)
+        except RequestTooLargeError as e:
             return error_response(e)
         key = routing_key(request.method, path, body, self.owners)
         self.routed.labels(keyed=str(key is not None).lower()).inc()
@@ -220,19 +221,6 @@ class PassThrough(Response):
             }
             return b"event: error\ndata: " + orjson.dumps(event) + b"\n\n"
         return error_event(error)
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLargeError(f"the request body is over the server's limit of {limit} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLargeError(f"the request body is over the server's limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _replica_gone(e: BaseException) -> bool:

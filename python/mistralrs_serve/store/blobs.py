@@ -62,7 +62,7 @@ class BlobStore(Protocol):
 def full_disk_error(where: object, e: BaseException) -> StorageFullError:
     logger.error("the store at %s is full: %s", where, e)
     return StorageFullError(
-        f"the server's storage is full ({e}); nothing was stored: free space on its disk "
+        f"the server's data directory is full ({e}); nothing was stored: free space on its disk "
         "or delete stored files and responses, then retry"
     )
 
@@ -123,13 +123,7 @@ class DirBlobStore:
             (self.path / name).unlink()
 
     def check_room(self, nbytes: int) -> None:
-        try:
-            st = os.statvfs(self.path)
-        except OSError:
-            return  # cannot tell: the write itself will say
-        free = st.f_bavail * st.f_frsize
-        if free < nbytes + MIN_FREE_BYTES:
-            raise full_disk_error(self.path, OSError(errno.ENOSPC, f"{free} bytes free, {nbytes} to store"))
+        check_disk_room(self.path, nbytes)
 
     def sweep(self, referenced: set[str], grace_s: float) -> int:
         cutoff = time.time() - grace_s
@@ -231,6 +225,17 @@ def open_blob_store(url: str | os.PathLike[str]) -> BlobStore:
     if scheme and len(scheme) > 1:
         raise StoreError(f"unknown blob store {text!r}: give a directory or s3://bucket/prefix")
     return DirBlobStore(text)
+
+
+def check_disk_room(path: Path, nbytes: int) -> None:
+    """StorageFullError unless path's disk has room for nbytes more, and MIN_FREE_BYTES beside."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return  # cannot tell: the write itself will say
+    free = st.f_bavail * st.f_frsize
+    if free < nbytes + MIN_FREE_BYTES:
+        raise full_disk_error(path, OSError(errno.ENOSPC, f"{free} bytes free, {nbytes} to store"))
 
 
 def fsync_dir(path: Path) -> None:

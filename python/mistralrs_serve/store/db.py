@@ -14,7 +14,6 @@ than fail, so concurrent requests never see "database is locked".
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import sqlite3
@@ -26,11 +25,10 @@ from pathlib import Path
 from typing import Any, BinaryIO, Protocol, TypeAlias, cast
 
 from mistralrs_serve.store.blobs import (
-    MIN_FREE_BYTES,
     BlobStore,
     DirBlobStore,
     StoreError,
-    full_disk_error,
+    check_disk_room,
     full_disk_errors,
     is_full_os_error,
 )
@@ -275,15 +273,7 @@ class SqliteDatabase(SqlDatabase):
             raise StoreError(f"cannot open the database {self.path}: {e}") from None
 
     def check_room(self, nbytes: int = 0) -> None:
-        try:
-            st = os.statvfs(self.data_dir)
-        except OSError:
-            return  # cannot tell: the write itself will say
-        free = st.f_bavail * st.f_frsize
-        if free < nbytes + MIN_FREE_BYTES:
-            raise full_disk_error(
-                self.data_dir, OSError(errno.ENOSPC, f"{free} bytes free, {nbytes} to store")
-            )
+        check_disk_room(self.data_dir, nbytes)
         self.blobs.check_room(nbytes)
 
     def close(self) -> None:

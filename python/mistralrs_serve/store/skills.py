@@ -31,6 +31,7 @@ from typing import Any, Generic, Literal, Protocol, TypeVar
 import orjson
 
 from mistralrs_serve.errors import InvalidRequestError, NotFoundError
+from mistralrs_serve.store.blobs import fsync_dir
 from mistralrs_serve.store.db import Conn, Row, SqlDatabase, StoreError
 from mistralrs_serve.store.skill_bundle import SkillManifest, UploadPart, install_tree, unpack
 
@@ -261,7 +262,7 @@ class SqlSkillStore:
         (self.skills_dir / skill_id).mkdir(mode=0o700, exist_ok=True)
         os.chmod(staged, 0o755)  # mkdtemp made it private; the installed copy keeps the mode
         os.rename(staged, self.skills_dir / relative)
-        _fsync_dir(self.skills_dir / skill_id)
+        fsync_dir(self.skills_dir / skill_id)
         obj = {**version.to_openai(), "num_files": manifest.num_files, "num_bytes": manifest.num_bytes}
         conn.execute(
             "INSERT INTO skill_versions (skill_id, version, created_at, object_json, path) "
@@ -415,6 +416,15 @@ class SqlSkillStore:
         missing = [(r["skill_id"], r["version"]) for r in rows if not (self.skills_dir / r["path"]).is_dir()]
         if not missing:
             return
+        if self.db.shared:
+            # other replicas may hold them (a skills directory of their own): never delete theirs
+            logger.warning(
+                "%d skill versions have no files in %s; the database is shared, so they are kept: "
+                "give every replica the same --skills-dir",
+                len(missing),
+                self.skills_dir,
+            )
+            return
         logger.warning(
             "%d skill versions have no files in %s (was it cleared?): forgetting them",
             len(missing),
@@ -501,11 +511,3 @@ def _version_from(row: Row) -> SkillVersion:
 
 def _no_skill(skill_id: str, param: str) -> NotFoundError:
     return NotFoundError(f"No such skill: {skill_id!r}", param)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -48,7 +48,7 @@ from mistralrs_serve.entrypoints.openai.http_errors import (
     json_response,
     sse_data,
 )
-from mistralrs_serve.entrypoints.openai.http_security import SecureHttp, json_body
+from mistralrs_serve.entrypoints.openai.http_security import SecureHttp, json_body, read_body
 from mistralrs_serve.entrypoints.openai.metrics import ServerMetrics
 from mistralrs_serve.entrypoints.openai.model_set import ModelSet, ServedModel
 from mistralrs_serve.entrypoints.openai.protocol import (
@@ -69,7 +69,6 @@ from mistralrs_serve.entrypoints.openai.skill_routes import skill_routes
 from mistralrs_serve.errors import (
     AuthenticationError,
     InvalidRequestError,
-    RequestTooLargeError,
     ServerBusyError,
     UnsupportedEndpointError,
 )
@@ -122,7 +121,11 @@ class ServerState:
             max_sessions=agent.max_sessions,
         )
         self.approvals = ApprovalRegistry(agent.approval_timeout_s)
-        self.skills = SqlSkillStore(self.db, Path(config.agent.skills_dir or default_skills_dir()))
+        # replicas sharing the database share the data directory: their skills live there by default
+        skills_dir = config.agent.skills_dir or (
+            self.db.data_dir / "skills" if self.db.shared else default_skills_dir()
+        )
+        self.skills = SqlSkillStore(self.db, Path(skills_dir))
         # server-side tools; built before the socket, so --sandbox on without bubblewrap fails the start
         self.agent = AgentRuntime(
             agent, files=self.files, sessions=self.sessions, approvals=self.approvals, skills=self.skills
@@ -311,19 +314,6 @@ def parse_body(raw: bytes, model: type[M]) -> M:
         param = loc[0] if loc else None
         where = ".".join(loc)
         raise InvalidRequestError(f"{where}: {first['msg']}" if where else first["msg"], param) from None
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise RequestTooLargeError(f"the request body is {declared} bytes; the limit is {limit}")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RequestTooLargeError(f"the request body is over the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 T = TypeVar("T")

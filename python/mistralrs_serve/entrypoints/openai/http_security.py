@@ -21,9 +21,10 @@ import asyncio
 from typing import Any
 
 import orjson
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mistralrs_serve.errors import InvalidRequestError, RequestTimeoutError
+from mistralrs_serve.errors import InvalidRequestError, RequestTimeoutError, RequestTooLargeError
 
 MAX_JSON_DEPTH = 64
 SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
@@ -101,3 +102,17 @@ def check_depth(value: Any, limit: int = MAX_JSON_DEPTH) -> None:
         if depth > limit:
             raise InvalidRequestError(f"the request body nests deeper than {limit} levels")
         stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The whole body, refused (413) past `limit` bytes, declared or sent."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise RequestTooLargeError(f"the request body is {declared} bytes; the limit is {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestTooLargeError(f"the request body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
