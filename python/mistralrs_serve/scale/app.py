@@ -86,10 +86,15 @@ class EngineDeployment(EngineReplica):
         EngineReplica.__init__(self, args, host=ray.util.get_node_ip_address())
         await self.start()
 
-    async def slot(self, affinity: str | None = None) -> AsyncIterator[dict[str, Any]]:
-        """`affinity` is for the router (router.py), which reads it from the call."""
+    async def slot(
+        self, affinity: str | None = None, avoid: list[str] | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
+        """`affinity` and `avoid` are for the router (router.py), which reads them from the call."""
+        from ray import serve
+
+        ray_replica = serve.get_replica_context().replica_id.unique_id
         async for found in EngineReplica.slot(self):
-            yield found
+            yield {**found, "ray_replica": ray_replica}
 
     def ping(self) -> str:
         return self.id

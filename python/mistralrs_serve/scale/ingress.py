@@ -12,6 +12,7 @@ report (and the ingress's own counters)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import Iterator
@@ -35,7 +36,8 @@ from mistralrs_serve.scale.replica import TICKET_HEADER
 logger = logging.getLogger(__name__)
 
 PREFIX = "mistralrs_serve_ingress"
-RETRIES = 3  # how many other replicas a request not yet begun may be sent to
+RETRIES = 5  # how many times a request not yet begun may be sent again when its replica died
+RETRY_PAUSE_S = 0.1  # doubled at each retry
 LEARN_BYTES = 8192  # how much of an answer is searched for the id of the response it made
 # hop-by-hop headers, and what the client side recomputes
 _NOT_FORWARDED = {b"host", b"content-length", b"connection", b"keep-alive", b"transfer-encoding", b"upgrade"}
@@ -88,8 +90,10 @@ class Ingress:
         if request.scope.get("query_string"):
             target += b"?" + request.scope["query_string"]
         headers = [(k, v) for k, v in request.headers.raw if k.lower() not in _NOT_FORWARDED]
+        avoid: list[str] = []  # replicas that failed this request: the router passes them over
         for attempt in range(self.retries + 1):
-            slot = self.engine.remote(affinity=key)
+            slot = self.engine.remote(affinity=key, avoid=avoid)
+            found: dict[str, Any] = {}
             try:
                 found = await slot.__anext__()
                 answer = await self.http.send(
@@ -107,9 +111,12 @@ class Ingress:
                     logger.error("request %s %s: no replica answered: %s", request.method, path, e)
                     return error_response(ReplicaUnavailableError(_gone_message(e)))
                 self.retried.inc()
+                if "ray_replica" in found:
+                    avoid.append(found["ray_replica"])
                 logger.warning(
                     "%s %s: its replica died before answering (%s); trying another", request.method, path, e
                 )
+                await asyncio.sleep(RETRY_PAUSE_S * 2**attempt)  # Ray learns of the death meanwhile
                 continue
             return PassThrough(answer, slot, self, key, path)
         raise AssertionError("unreachable")

@@ -37,6 +37,9 @@ class AffinityRouter(FIFOMixin, RequestRouter):
         if not candidate_replicas:
             return []
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        avoid = set(pending_request.kwargs.get("avoid") or ()) if pending_request is not None else set()
+        if avoid and set(by_id) - avoid:  # those that failed this request, while others remain
+            by_id = {rid: r for rid, r in by_id.items() if rid not in avoid}
         queues = {rid: self._depth(r) for rid, r in by_id.items()}
         key = pending_request.kwargs.get("affinity") if pending_request is not None else None
         order, owned = rank(key, queues, getattr(self, "imbalance", DEFAULT_IMBALANCE))
