@@ -73,7 +73,10 @@ def application(args: argparse.Namespace) -> Any:
         ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=max(1024, 4 * args.max_ongoing_requests),
     )
-    return ingress_deployment.bind(engine_deployment.bind(args), max_body_bytes=args.max_body_mb << 20)
+    # the largest body any route takes (an upload, with its multipart framing); each route's own
+    # limit is the replica's to enforce, with the single server's error
+    largest = (max(args.max_body_mb, args.max_file_mb, args.max_audio_mb) << 20) + (1 << 20)
+    return ingress_deployment.bind(engine_deployment.bind(args), max_body_bytes=largest)
 
 
 class EngineDeployment(EngineReplica):
