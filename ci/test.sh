@@ -38,7 +38,6 @@ $BIN/python bench/models.py --smoke
 $BIN/python bench/embeddings.py --smoke
 $BIN/python bench/audio.py --smoke
 $BIN/python bench/soak.py --smoke
-$BIN/python bench/scale.py --smoke
 # the prebuilt wheels, installed where no Rust toolchain is (README: Installing the prebuilt wheels)
 bash ci/wheels.sh build
 bash ci/wheels.sh check

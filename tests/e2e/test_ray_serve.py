@@ -194,6 +194,17 @@ def test_stored_responses_through_the_deployment(cluster: Cluster) -> None:
         client.responses.retrieve(first.id)
 
 
+def test_an_upload_over_the_json_body_limit_passes_the_ingress(cluster: Cluster) -> None:
+    """The ingress takes the largest body any route takes (uploads: --max-file-mb), not --max-body-mb."""
+    data = os.urandom(17 << 20)  # over the 16 MiB JSON body limit, under the 512 MiB file limit
+    made = cluster.client().files.create(file=("big.bin", data), purpose="user_data")
+    assert made.bytes == len(data)
+    assert cluster.client().files.content(made.id).content == data
+    too_big = httpx.post(f"{cluster.base}/v1/chat/completions", content=b"x" * (17 << 20), timeout=60)
+    # the JSON route's own limit, answered by the replica as the single server answers it
+    assert too_big.status_code == 400 and too_big.json()["error"]["code"] == "request_too_large"
+
+
 def test_a_replica_killed_mid_load(cluster: Cluster) -> None:
     client = cluster.client()
     story = "Tell me a very long story about a lighthouse keeper and the sea, in many chapters."
