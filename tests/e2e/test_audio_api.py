@@ -46,7 +46,8 @@ def test_other_formats_carry_the_same_speech(
     modal_client: openai.OpenAI, speech_wav: bytes, fmt: str
 ) -> None:
     """Piper draws noise on every call, so the samples differ between calls: the
-    length and the words heard back are what must agree."""
+    length and the words heard back are what must agree (Whisper may mishear one
+    word of a noisier draw: "jumped" for "jumps" was seen once in CI)."""
     data = modal_client.audio.speech.create(
         model="tts-1", voice="alloy", input=SENTENCE, response_format=fmt
     ).read()
@@ -59,7 +60,7 @@ def test_other_formats_carry_the_same_speech(
         got = decode_audio(data, "x", rate=22050)
     assert abs(len(got) - len(reference)) < 0.25 * len(reference)
     text = modal_client.audio.transcriptions.create(model="whisper-1", file=(f"speech.{fmt}", data)).text
-    assert words(text) == words(SENTENCE)
+    assert word_errors(words(text), words(SENTENCE)) <= 1, text
 
 
 def test_speed_changes_the_length(modal_client: openai.OpenAI) -> None:
@@ -277,3 +278,13 @@ def test_audio_part_without_a_transcriber_is_a_400(live_server: LiveServer, spee
         res = http.post("/v1/chat/completions", json={"model": "default", "messages": messages})
     assert res.status_code == 400
     assert "transcription model" in res.json()["error"]["message"]
+
+
+def word_errors(heard: list[str], said: list[str]) -> int:
+    """Word-level edit distance (substitutions, insertions, deletions)."""
+    row = list(range(len(said) + 1))
+    for i, h in enumerate(heard, 1):
+        prev, row[0] = row[0], i
+        for j, s in enumerate(said, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (h != s))
+    return row[-1]
