@@ -52,6 +52,7 @@ class ScriptedForward:
 
     def __init__(self, model: ScriptedLM, kv: np.ndarray) -> None:
         self.model = model
+        self.vocab = model.config.vocab_size
         _, _, num_blocks, self.block_size = kv.shape[:4]
         self.slot_tokens = np.full(num_blocks * self.block_size, -1, dtype=np.int64)
 
@@ -63,10 +64,15 @@ class ScriptedForward:
         block_tables: np.ndarray,
         context_lens: np.ndarray,
         logit_rows: np.ndarray,
+        out: np.ndarray | None = None,
     ) -> torch.Tensor:
         written = slots >= 0
         self.slot_tokens[slots[written]] = input_ids[written]
-        logits = torch.zeros((len(logit_rows), self.model.config.vocab_size), dtype=torch.float32)
+        if out is None:
+            logits = torch.zeros((len(logit_rows), self.vocab), dtype=torch.float32)
+        else:
+            logits = torch.from_numpy(out)
+            logits.zero_()
         for i, row in enumerate(logit_rows):
             pos = np.arange(int(positions[row]) + 1)
             history = self.slot_tokens[

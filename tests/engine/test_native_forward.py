@@ -97,3 +97,51 @@ def test_every_engine_on_one_model_gets_the_fused_forward(loaded: LoadedModel, e
     assert not isinstance(off.runner.path, FusedPath)
     ids = text_ids(engine, 40)
     assert torch.equal(native_logits(engine, ids, [40]), native_logits(second, ids, [40]))
+
+
+def test_logits_written_into_a_kept_buffer_are_the_same(engine: LLMEngine) -> None:
+    """The engine's fused path writes each step's logits into one array kept from step to
+    step (RowBuffer): the same values as a fresh array, a row count that grows and shrinks,
+    and a clear error for an array of the wrong shape or type."""
+    path = engine.runner.path
+    assert isinstance(path, FusedPath)
+    ids = text_ids(engine, 24)
+    fresh = native_logits(engine, ids, [24])
+    bs = engine.runner.cache.block_size
+    table = np.arange(len(ids) // bs + 1, dtype=np.int64)[None]
+    kept = path.logits
+    places = set()
+    for rows in (np.arange(24), np.arange(3), np.arange(24)):
+        pos = np.arange(24)
+        slots = table[0, pos // bs] * bs + pos % bs
+        out = kept.rows(len(rows), path.fused.vocab)
+        got = path.fused.forward(ids, pos, slots, np.repeat(table, 24, 0), pos + 1, rows, out=out)
+        assert got.data_ptr() == out.ctypes.data  # written where asked, no copy
+        torch.testing.assert_close(got, fresh[rows], rtol=0, atol=0)
+        places.add(out.ctypes.data)
+    assert len(places) == 1  # grown at most once, then reused
+    pos = np.arange(24)
+    slots = table[0, pos // bs] * bs + pos % bs
+    for bad in (
+        np.empty((23, path.fused.vocab), dtype=np.float32),
+        np.empty((24, path.fused.vocab), dtype=np.float64),
+        np.empty((path.fused.vocab, 24), dtype=np.float32).T,
+    ):
+        with pytest.raises(ValueError, match="C-contiguous float32"):
+            path.fused.forward(ids, pos, slots, np.repeat(table, 24, 0), pos + 1, np.arange(24), out=bad)
+
+
+def test_sampled_rows_are_copies_in_kept_memory(engine: LLMEngine) -> None:
+    """The host sampler writes its rows in place: they are copies (a row serving two
+    choices is two rows), in memory the next step reuses."""
+    logits = np.arange(5 * 7, dtype=np.float32).reshape(5, 7)
+    first = engine.runner._sampled_rows(logits, [4, 1, 1])
+    np.testing.assert_array_equal(first, logits[[4, 1, 1]])
+    first[1] = -1.0
+    np.testing.assert_array_equal(logits[1], np.arange(7, 14, dtype=np.float32))  # the source untouched
+    second = engine.runner._sampled_rows(logits, [0, 2])
+    assert second.ctypes.data == first.ctypes.data
+    np.testing.assert_array_equal(second, logits[[0, 2]])
+    halves = engine.runner._sampled_rows(logits.astype(np.float16), [3])  # not fp32: a plain copy
+    assert halves.dtype == np.float32
+    np.testing.assert_array_equal(halves, logits[[3]])

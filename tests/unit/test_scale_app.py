@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from mistralrs_serve.scale.app import build, parse_ray_args
+from mistralrs_serve.scale.app import LOCAL_INSTANCE_ENV, build, parse_ray_args
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -36,6 +36,18 @@ def test_the_readmes_serve_config_builds() -> None:
     assert isinstance(scaling, dict) and (scaling["min_replicas"], scaling["max_replicas"]) == (1, 8)
     router = found["engine"]["request_router_config"]
     assert isinstance(router, dict) and router["request_router_class"].endswith("AffinityRouter")
+
+
+def test_the_readme_names_the_local_instances_ray_settings() -> None:
+    """What `mistralrs-serve ray` sets for a local Ray instance is what the README says it
+    sets, and the README's `ray start` for a cluster of one's own sets Serve's
+    high-throughput mode too."""
+    text = README.read_text()
+    for name, value in LOCAL_INSTANCE_ENV.items():
+        assert f"`{name}={value}`" in text, name
+    start = re.search(r"^(.*) ray start --head$", text, re.M)
+    assert start is not None
+    assert {"RAY_SERVE_ENABLE_HA_PROXY=1", "RAY_SERVE_THROUGHPUT_OPTIMIZED=1"} <= set(start.group(1).split())
 
 
 def test_fixed_replicas_and_flags() -> None:

@@ -21,7 +21,14 @@ from mistralrs_serve import _native
 from mistralrs_serve.config import EngineConfig
 from mistralrs_serve.engine.cuda_graphs import DecodeGraphs
 from mistralrs_serve.engine.device_sampler import SampledTokens, can_sample_on_device, sample_on_device
-from mistralrs_serve.engine.forward_paths import ForwardPath, FusedPath, GraphPath, TorchPath, TritonPath
+from mistralrs_serve.engine.forward_paths import (
+    ForwardPath,
+    FusedPath,
+    GraphPath,
+    RowBuffer,
+    TorchPath,
+    TritonPath,
+)
 from mistralrs_serve.engine.kv_cache import KVLayout, PagedKVCache
 from mistralrs_serve.engine.media import StepMedia
 from mistralrs_serve.models.loader import LoadedModel
@@ -60,6 +67,7 @@ class ModelRunner:
         self.kv_layout = self._kv_layout()
         self.cache = self._allocate_cache()
         self.path = self._choose_path()
+        self.sample_rows = RowBuffer()  # the rows the host sampler writes in place
         # Every path reads a windowed layer's blocks from the window's first on (captured
         # decodes only run contexts within the window; the fused forward's tiles from the
         # multiple of 8 before it, so its blocks must be whole multiples of 8), so the
@@ -152,6 +160,16 @@ class ModelRunner:
         self.cache.copy_blocks(plan.copy_ops)
         return self.path.forward(plan, media)
 
+    def _sampled_rows(self, logits: np.ndarray, rows: list[int]) -> np.ndarray:
+        """A copy of logits[rows] (a row may serve several choices) for the sampler to write
+        in place, in memory kept from step to step (RowBuffer says why)."""
+        if logits.dtype != np.float32 or logits.ndim != 2:
+            return np.ascontiguousarray(logits[rows], dtype=np.float32)
+        out = self.sample_rows.rows(len(rows), logits.shape[1])
+        # mode="clip" writes straight into `out` ("raise" copies through a buffer of its own);
+        # the rows are the step's own, always in range
+        return np.take(logits, rows, axis=0, out=out, mode="clip")
+
     def sample(
         self,
         logits: torch.Tensor,
@@ -165,7 +183,7 @@ class ModelRunner:
         prompt and generated ids, which the penalties and DRY read in place."""
         if self.use_triton and all(can_sample_on_device(s.request.params) for s in seqs):
             return sample_on_device(logits, rows, seqs, bitmask, histories)
-        logits_np = logits.cpu().numpy()[rows]  # fancy indexing copies: the sampler writes in place
+        logits_np = self._sampled_rows(logits.cpu().numpy(), rows)
         if bitmask is not None:
             _native.apply_token_bitmask(logits_np, bitmask)
         return SampledTokens(

@@ -26,6 +26,7 @@ class FusedForward(Protocol):
     block table; a prefill chunk's rows attend causally together."""
 
     weight_bytes: int  # what one decode step reads
+    vocab: int
 
     def forward(
         self,
@@ -35,8 +36,11 @@ class FusedForward(Protocol):
         block_tables: np.ndarray,
         context_lens: np.ndarray,
         logit_rows: np.ndarray,
+        out: np.ndarray | None = None,
     ) -> torch.Tensor:
-        """fp32 logits (len(logit_rows), vocab); block_tables and context_lens per row."""
+        """fp32 logits (len(logit_rows), vocab); block_tables and context_lens per row. With
+        `out` (a C-contiguous fp32 array of that shape) they are written there, and the
+        tensor shares its memory."""
         ...
 
 

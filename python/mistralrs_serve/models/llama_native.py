@@ -168,8 +168,9 @@ class NativeForward:
         block_tables: np.ndarray,
         context_lens: np.ndarray,
         logit_rows: np.ndarray,
+        out: np.ndarray | None = None,
     ) -> torch.Tensor:
-        """fp32 logits (len(logit_rows), vocab) of one token per row."""
+        """fp32 logits (len(logit_rows), vocab) of one token per row, in `out` when given."""
         spec = self.spec
         with torch.inference_mode():
             if self.embed_q is not None:
@@ -185,7 +186,13 @@ class NativeForward:
             cos_l, sin_l = (
                 (None, None) if local is None else (t[pos].float().numpy() for t in (local.cos, local.sin))
             )
-        logits = np.empty((len(logit_rows), self.vocab), dtype=np.float32)
+        shape = (len(logit_rows), self.vocab)
+        if out is None:
+            logits = np.empty(shape, dtype=np.float32)
+        elif out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous:
+            raise ValueError(f"out must be a C-contiguous float32 array of shape {shape}")
+        else:
+            logits = out
         self.decoder.forward(
             x,
             cos,
@@ -200,10 +207,10 @@ class NativeForward:
             cos_l,
             sin_l,
         )
-        out = torch.from_numpy(logits)
+        result = torch.from_numpy(logits)
         if spec.final_softcap is not None:
-            out = torch.tanh(out / spec.final_softcap) * spec.final_softcap
-        return out
+            result.div_(spec.final_softcap).tanh_().mul_(spec.final_softcap)
+        return result
 
 
 def applies(device: torch.device, kv: np.ndarray | None, linears: list[Linear]) -> bool:

@@ -16,10 +16,11 @@ import asyncio
 import logging
 import re
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
-import httpx
+import aiohttp
 import orjson
+from multidict import CIMultiDict
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
@@ -51,11 +52,7 @@ class Ingress:
         self.max_body_bytes = max_body_bytes
         self.retries = retries
         self.owners = ResponseOwners()
-        # to the replicas' own ports: kept-alive connections, no timeout on a long stream
-        self.http = httpx.AsyncClient(
-            timeout=httpx.Timeout(None, connect=10.0),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=512),
-        )
+        self._http: aiohttp.ClientSession | None = None
         self.registry = CollectorRegistry()
         self.routed = Counter(
             f"{PREFIX}_requests", "requests passed to a replica", ["keyed"], registry=self.registry
@@ -89,21 +86,24 @@ class Ingress:
         target = request.scope.get("raw_path") or path.encode()
         if request.scope.get("query_string"):
             target += b"?" + request.scope["query_string"]
-        headers = [(k, v) for k, v in request.headers.raw if k.lower() not in _NOT_FORWARDED]
+        headers = CIMultiDict(
+            (k.decode("latin-1"), v.decode("latin-1"))
+            for k, v in request.headers.raw
+            if k.lower() not in _NOT_FORWARDED
+        )
         avoid: list[str] = []  # replicas that failed this request: the router passes them over
         for attempt in range(self.retries + 1):
             slot = self.engine.remote(affinity=key, avoid=avoid)
             found: dict[str, Any] = {}
             try:
                 found = await slot.__anext__()
-                answer = await self.http.send(
-                    self.http.build_request(
-                        request.method,
-                        found["url"] + target.decode("latin-1"),
-                        headers=[*headers, (TICKET_HEADER, found["ticket"].encode())],
-                        content=body,
-                    ),
-                    stream=True,
+                headers[TICKET_HEADER.decode()] = found["ticket"]
+                answer = await self.http().request(
+                    request.method,
+                    found["url"] + target.decode("latin-1"),
+                    headers=headers,
+                    data=body,
+                    allow_redirects=False,
                 )
             except Exception as e:
                 slot.cancel()
@@ -121,12 +121,20 @@ class Ingress:
             return PassThrough(answer, slot, self, key, path)
         raise AssertionError("unreachable")
 
-    def learn(self, first_bytes: bytes, key: str | None) -> None:
-        """Remember which key made a response (its later routes follow it)."""
-        if key is not None:
-            found = response_id_in(first_bytes)
-            if found is not None:
-                self.owners.remember(found, key)
+    def http(self) -> aiohttp.ClientSession:
+        """The client to the replicas' own ports (made in the serving loop): kept-alive
+        connections, no timeout on a long stream, the bytes as sent (no decompression, no
+        cookies, no headers of its own). aiohttp's parser is C: the ingress's work per
+        streamed chunk is a large part of its cost."""
+        if self._http is None or self._http.closed:
+            self._http = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=10.0),
+                auto_decompress=False,
+                cookie_jar=aiohttp.DummyCookieJar(),
+                skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
+            )
+        return self._http
 
     # --- every replica's health and metrics ---------------------------------
 
@@ -139,24 +147,26 @@ class Ingress:
                 seen[stats["ray_replica_id"]] = stats
         return list(seen.values())
 
-    def health(self) -> Response:
+    def replicas(self) -> list[dict[str, Any]]:
+        """Each replica's health as it last reported it; the replica gauge follows."""
         replicas = []
         for stats in self.replica_stats():
             health = stats.get("health") or {"status": "starting"}
             replicas.append({"ray_replica_id": stats["ray_replica_id"], **health})
-        counts: dict[str, int] = {}
-        for r in replicas:
-            counts[r["status"]] = counts.get(r["status"], 0) + 1
         for status in ("ok", "loading", "failed", "starting"):
-            self.replicas_gauge.labels(status=status).set(counts.get(status, 0))
-        ok = counts.get("ok", 0)
+            self.replicas_gauge.labels(status=status).set(sum(r["status"] == status for r in replicas))
+        return replicas
+
+    def health(self) -> Response:
+        replicas = self.replicas()
+        ok = sum(r["status"] == "ok" for r in replicas)
         status = "ok" if ok else "loading" if replicas else "starting"
         body = {"status": status, "replicas_ready": ok, "replicas": replicas}
         return json_response(body, 200 if ok else 503)
 
     def metrics(self) -> bytes:
         """The ingress's counters, then every replica's metrics with a `replica` label."""
-        self.health()  # refreshes the replica gauge
+        self.replicas()  # the replica gauge, as of the replicas' last reports
         texts = [
             (str(stats.get("replica", stats["ray_replica_id"])), stats["metrics"])
             for stats in self.replica_stats()
@@ -171,33 +181,40 @@ class PassThrough(Response):
     """A replica's answer as it comes: its status and headers as sent, its body chunk by chunk."""
 
     def __init__(
-        self, answer: httpx.Response, slot: Any, ingress: Ingress, key: str | None, path: str
+        self, answer: aiohttp.ClientResponse, slot: Any, ingress: Ingress, key: str | None, path: str
     ) -> None:
         self.answer = answer
         self.slot = slot
         self.ingress = ingress
         self.key = key
         self.path = path
-        self.status_code = answer.status_code
+        self.status_code = answer.status
         self.background = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        headers = [(k, v) for k, v in self.answer.headers.raw if k.lower() not in _NOT_RETURNED]
+        headers = [(k, v) for k, v in self.answer.raw_headers if k.lower() not in _NOT_RETURNED]
         is_sse = self.answer.headers.get("content-type", "").startswith("text/event-stream")
+        # a Responses stream's error event continues its sequence numbers
+        numbered = is_sse and self.path.startswith("/v1/responses")
+        learning = self.key is not None  # until the id of the response it made is seen
         seen = b""
         last_sequence = -1
+        whole = False
         try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": headers})
-            async for chunk in self.answer.aiter_raw():
-                if len(seen) < LEARN_BYTES:
-                    seen += chunk[: LEARN_BYTES - len(seen)]
-                    if len(seen) >= LEARN_BYTES or b"resp_" in seen:
-                        self.ingress.learn(seen, self.key)
-                if is_sse:
-                    for found in _SEQUENCE.findall(chunk):
-                        last_sequence = int(found)
+            async for chunk in self.answer.content.iter_any():
+                if learning:
+                    seen = (seen + chunk)[:LEARN_BYTES]
+                    found = response_id_in(seen) if b"resp_" in seen else None
+                    if found is not None:
+                        self.ingress.owners.remember(found, cast(str, self.key))
+                    learning = found is None and len(seen) < LEARN_BYTES
+                if numbered:
+                    for number in _SEQUENCE.findall(chunk):
+                        last_sequence = int(number)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        except httpx.TransportError as e:
+            whole = True
+        except aiohttp.ClientError as e:
             if not is_sse:
                 raise  # a body cut short: the connection is dropped, the client sees it incomplete
             self.ingress.cut.inc()
@@ -205,11 +222,11 @@ class PassThrough(Response):
             await send(
                 {"type": "http.response.body", "body": self._error_frame(e, last_sequence), "more_body": True}
             )
-        else:
-            if seen:
-                self.ingress.learn(seen, self.key)
         finally:
-            await self.answer.aclose()
+            if whole:
+                self.answer.release()  # its connection back to the pool
+            else:
+                self.answer.close()
             self.slot.cancel()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
@@ -233,7 +250,9 @@ class PassThrough(Response):
 def _replica_gone(e: BaseException) -> bool:
     from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
-    return isinstance(e, (ActorDiedError, ActorUnavailableError, RayActorError, httpx.TransportError))
+    return isinstance(
+        e, (ActorDiedError, ActorUnavailableError, RayActorError, aiohttp.ClientConnectionError)
+    )
 
 
 def _gone_message(e: BaseException) -> str:

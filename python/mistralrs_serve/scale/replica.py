@@ -31,19 +31,16 @@ TICKET_HEADER = b"x-mistralrs-serve-ticket"
 TICKET_WAIT_S = 60.0  # a slot whose request never arrives (its ingress died) is given up after this
 
 
-class _QuietServer:
-    """uvicorn.Server that leaves the process's signal handlers alone (Ray owns them)."""
+def quiet_server(config: Any) -> Any:
+    """A uvicorn.Server that leaves the process's signal handlers alone (Ray owns them)."""
+    import uvicorn
 
-    @staticmethod
-    def make(config: Any) -> Any:
-        import uvicorn
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield
 
-        class Server(uvicorn.Server):
-            @contextlib.contextmanager
-            def capture_signals(self) -> Iterator[None]:
-                yield
-
-        return Server(config)
+    return Server(config)
 
 
 class Ticket:
@@ -118,7 +115,7 @@ class EngineReplica:
             timeout_keep_alive=75,
             backlog=4096,
         )
-        self._server = _QuietServer.make(config)
+        self._server = quiet_server(config)
         self._task = asyncio.get_running_loop().create_task(self._server.serve(sockets=[sock]))
         host = f"[{self.host}]" if ":" in self.host else self.host
         self.url = f"http://{host}:{port}"
