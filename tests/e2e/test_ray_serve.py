@@ -50,12 +50,13 @@ class Cluster:
         body: dict[str, Any] = httpx.get(f"{self.base}/health", timeout=10).json()
         return body
 
-    def metric(self, name: str) -> dict[str, float]:
-        """A counter's value per replica, from the ingress's /metrics."""
+    def metric(self, name: str, having: str = "") -> dict[str, float]:
+        """A counter's value per replica (its samples whose labels include `having`), from
+        the ingress's /metrics."""
         text = httpx.get(f"{self.base}/metrics", timeout=10).text
         values: dict[str, float] = {}
         for line in text.splitlines():
-            if line.startswith(name + "{"):
+            if line.startswith(name + "{") and having in line:
                 replica = re.search(r'replica="([^"]+)"', line)
                 if replica:
                     values[replica.group(1)] = values.get(replica.group(1), 0.0) + float(
@@ -176,6 +177,35 @@ def test_requests_spread_and_a_conversation_sticks_to_one_replica(cluster: Clust
     hits = cluster.metric("mistralrs_serve_prefix_cache_hits_total")
     gained = sorted(hits[r] - hits_before.get(r, 0.0) for r in hits)
     assert gained[0] == 0 and gained[-1] >= 3 * 300, f"the turns' prefix hits by replica: {gained}"
+
+
+def test_an_approvals_answer_reaches_the_replica_holding_it(cluster: Cluster) -> None:
+    """A tool approval waits in the memory of the replica running its agent loop, whose tag
+    its id carries: an answer through the ingress goes there, however the load lies. (No
+    approval is pending here, so each answer is that replica's own 404; which replica
+    answered is read from the replicas' request counters.)"""
+    route = 'route="/v1/agent/approvals/{approval_id}"'
+    replicas = [r["replica"] for r in cluster.health()["replicas"]]
+    assert len(replicas) == 2
+    for holder in replicas:
+        before = cluster.metric("mistralrs_serve_http_requests_total", route)
+        tag = holder.removeprefix("replica-")
+        for _ in range(3):
+            answer = httpx.post(
+                f"{cluster.base}/v1/agent/approvals/appr_{tag}_{os.urandom(16).hex()}",
+                json={"decision": "approve"},
+                timeout=30,
+            )
+            assert answer.status_code == 404, answer.text
+            assert answer.json()["error"]["param"] == "approval_id", answer.text
+        deadline = time.monotonic() + 15
+        while True:  # the replicas report their metrics every two seconds
+            time.sleep(1)
+            after = cluster.metric("mistralrs_serve_http_requests_total", route)
+            counts = {r: after.get(r, 0.0) - before.get(r, 0.0) for r in replicas}
+            if sum(counts.values()) >= 3 or time.monotonic() > deadline:
+                break
+        assert counts == {r: 3 if r == holder else 0 for r in replicas}, (holder, counts)
 
 
 def test_stored_responses_through_the_deployment(cluster: Cluster) -> None:

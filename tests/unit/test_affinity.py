@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import orjson
+from mistralrs_serve.agent.approvals import ApprovalRegistry
 from mistralrs_serve.scale.affinity import (
     LONG_SYSTEM_CHARS,
     ResponseOwners,
+    approval_holder,
     rank,
     rendezvous,
     response_id_in,
@@ -108,3 +110,26 @@ def test_rank_prefers_the_keys_replica_unless_it_is_much_busier() -> None:
     order, owned = rank(None, {own: 5, other: None}, imbalance=8)
     assert order == [other, own] and not owned, "unknown depth counts as empty"
     assert rank(k, {}, imbalance=8) == ([], False)
+
+
+def test_an_approvals_answer_goes_to_the_replica_holding_it() -> None:
+    """A replica's approvals carry its tag; the answer's path names that replica, which
+    comes first whatever its load, and the others follow while it is gone."""
+    registry = ApprovalRegistry(timeout_s=30)
+    registry.tag = "0a1b2c3d"
+    approval = registry.create("sess_1", "python", "{}")
+    assert approval.id.startswith("appr_0a1b2c3d_")
+    holder = approval_holder(f"/v1/agent/approvals/{approval.id}")
+    assert holder == "replica-0a1b2c3d"
+    order, owned = rank("prefix:abc", {"replica-ffffffff": 0, holder: 50}, imbalance=8, holder=holder)
+    assert order[0] == holder and owned, "the holder comes first however busy"
+    order, _ = rank(None, {"replica-ffffffff": 3, "replica-eeeeeeee": 0}, imbalance=8, holder=holder)
+    assert order == ["replica-eeeeeeee", "replica-ffffffff"], "a holder that is gone: by load"
+    untagged = ApprovalRegistry(timeout_s=30).create("sess_1", "python", "{}")  # a single server's
+    assert approval_holder(f"/v1/agent/approvals/{untagged.id}") is None
+    for path in (
+        "/v1/agent/approvals/appr_nope",
+        f"/v1/agent/approvals/{approval.id}/extra",
+        f"/v1/responses/{approval.id}",
+    ):
+        assert approval_holder(path) is None, path

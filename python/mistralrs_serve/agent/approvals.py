@@ -107,11 +107,15 @@ class ApprovalRegistry:
         self._lock = threading.Lock()
         self._pending: dict[str, _Entry] = {}
         self._finished: OrderedDict[str, str] = OrderedDict()  # id -> Decision.reason
+        # names the process holding these approvals in their ids (`appr_{tag}_...`), so that
+        # an ingress in front of many replicas sends each answer to the one waiting for it
+        # (scale/affinity.approval_holder); empty for a single server
+        self.tag = ""
 
     def create(self, session_id: str, tool_name: str, arguments: Any) -> Approval:
         now = time.time()
         approval = Approval(
-            id=f"appr_{uuid.uuid4().hex}",
+            id=f"appr_{self.tag}_{uuid.uuid4().hex}" if self.tag else f"appr_{uuid.uuid4().hex}",
             session_id=session_id,
             tool_name=tool_name,
             arguments=arguments,

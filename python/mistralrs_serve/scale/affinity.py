@@ -9,7 +9,9 @@ A request's routing key names the KV blocks it would reuse:
   conversations) alone, else the messages up to the first user turn, which
   every later turn of the same conversation repeats; a completion prompt's
   first characters.
-A key goes to the replica with the highest rendezvous score, so keys spread
+An answer to a tool approval (`/v1/agent/approvals/{id}`) goes to the replica
+holding it, named in its id (`approval_holder`): it waits in that process's
+memory. A key goes to the replica with the highest rendezvous score, so keys spread
 evenly and only the keys of a replica that leaves or joins move. Requests
 without a key (embeddings, files, models) go to the least-loaded replica.
 """
@@ -29,6 +31,14 @@ LONG_SYSTEM_CHARS = 1024  # a system prompt at least this long is a prefix many 
 PROMPT_KEY_CHARS = 2048  # how much of a completion prompt decides its key
 _RESPONSE_PATH = re.compile(r"^/v1/responses/(resp_[A-Za-z0-9_-]+)")
 _RESPONSE_ID = re.compile(rb'"id"\s*:\s*"(resp_[A-Za-z0-9_-]+)"')
+_APPROVAL_PATH = re.compile(r"^/v1/agent/approvals/appr_([0-9a-f]{8})_[0-9a-f]+$")
+REPLICA_PREFIX = "replica-"  # an engine replica's id: this, then the tag its approval ids carry
+
+
+def approval_holder(path: str) -> str | None:
+    """The id of the engine replica holding the approval a path answers, when its id names one."""
+    found = _APPROVAL_PATH.match(path)
+    return REPLICA_PREFIX + found.group(1) if found else None
 
 
 class ResponseOwners:
@@ -144,14 +154,19 @@ def rendezvous(key: str, replica_ids: Iterable[str]) -> str | None:
     return best
 
 
-def rank(key: str | None, queues: Mapping[str, int | None], imbalance: int) -> tuple[list[str], bool]:
+def rank(
+    key: str | None, queues: Mapping[str, int | None], imbalance: int, holder: str | None = None
+) -> tuple[list[str], bool]:
     """Replica ids in the order to try them, and whether the first is the key's own.
 
-    The key's replica comes first unless its queue is more than `imbalance` requests
+    A `holder` (the replica a request must reach, whatever its load) comes first while it
+    is there. Otherwise the key's replica comes first unless its queue is more than `imbalance` requests
     longer than the shortest (then affinity costs more than the prefix saves); the rest
     follow by queue depth (unknown depths count as empty: the router probes them), ties
     in random order so that requests without a key spread."""
     by_load = sorted(queues, key=lambda r: (queues[r] or 0, random.random()))
+    if holder is not None and holder in queues:
+        return [holder, *(r for r in by_load if r != holder)], True
     if key is None or not by_load:
         return by_load, False
     owner = rendezvous(key, by_load)

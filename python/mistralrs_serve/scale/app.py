@@ -102,9 +102,10 @@ class EngineDeployment(EngineReplica):
         await self.start()
 
     async def slot(
-        self, affinity: str | None = None, avoid: list[str] | None = None
+        self, affinity: str | None = None, avoid: list[str] | None = None, holder: str | None = None
     ) -> AsyncIterator[dict[str, Any]]:
-        """`affinity` and `avoid` are for the router (router.py), which reads them from the call."""
+        """`affinity`, `avoid` and `holder` are for the router (router.py), which reads them
+        from the call."""
         from ray import serve
 
         ray_replica = serve.get_replica_context().replica_id.unique_id

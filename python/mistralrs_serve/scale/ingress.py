@@ -31,7 +31,7 @@ from starlette.types import Receive, Scope, Send
 from mistralrs_serve.entrypoints.openai.http_errors import error_event, error_response, json_response
 from mistralrs_serve.entrypoints.openai.http_security import read_body
 from mistralrs_serve.errors import ReplicaUnavailableError, RequestTooLargeError
-from mistralrs_serve.scale.affinity import ResponseOwners, response_id_in, routing_key
+from mistralrs_serve.scale.affinity import ResponseOwners, approval_holder, response_id_in, routing_key
 from mistralrs_serve.scale.replica import TICKET_HEADER
 
 logger = logging.getLogger(__name__)
@@ -82,6 +82,7 @@ class Ingress:
         except RequestTooLargeError as e:
             return error_response(e)
         key = routing_key(request.method, path, body, self.owners)
+        holder = approval_holder(path)  # an approval's answer goes where the approval waits
         self.routed.labels(keyed=str(key is not None).lower()).inc()
         target = request.scope.get("raw_path") or path.encode()
         if request.scope.get("query_string"):
@@ -93,7 +94,7 @@ class Ingress:
         )
         avoid: list[str] = []  # replicas that failed this request: the router passes them over
         for attempt in range(self.retries + 1):
-            slot = self.engine.remote(affinity=key, avoid=avoid)
+            slot = self.engine.remote(affinity=key, avoid=avoid, holder=holder)
             found: dict[str, Any] = {}
             try:
                 found = await slot.__anext__()

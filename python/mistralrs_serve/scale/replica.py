@@ -24,6 +24,8 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+from mistralrs_serve.scale.affinity import REPLICA_PREFIX
+
 logger = logging.getLogger(__name__)
 
 LOAD_TIMEOUT_S = 900.0
@@ -87,11 +89,13 @@ class EngineReplica:
         from mistralrs_serve.cli import configure_logging, server_app
 
         configure_logging(args.log_level, args.log_format)
-        self.id = f"replica-{uuid.uuid4().hex[:8]}"
+        tag = uuid.uuid4().hex[:8]
+        self.id = REPLICA_PREFIX + tag
         self.pid = os.getpid()
         self.host = host
         self.app = server_app(args)
         self.state = self.app.state.server
+        self.state.approvals.tag = tag  # its approvals' ids name it (affinity.approval_holder)
         self.tickets = Tickets(self.app)
         self.started = time.time()
         self.url = ""

@@ -41,8 +41,14 @@ class AffinityRouter(FIFOMixin, RequestRouter):
         if avoid and set(by_id) - avoid:  # those that failed this request, while others remain
             by_id = {rid: r for rid, r in by_id.items() if rid not in avoid}
         queues = {rid: self._depth(r) for rid, r in by_id.items()}
-        key = pending_request.kwargs.get("affinity") if pending_request is not None else None
-        order, owned = rank(key, queues, getattr(self, "imbalance", DEFAULT_IMBALANCE))
+        kwargs = pending_request.kwargs if pending_request is not None else {}
+        key = kwargs.get("affinity")
+        holder = kwargs.get("holder")  # an engine replica's own id: Ray's id for it, from its stats
+        if holder is not None:
+            holder = next(
+                (rid for rid, r in by_id.items() if (r.routing_stats or {}).get("replica") == holder), None
+            )
+        order, owned = rank(key, queues, getattr(self, "imbalance", DEFAULT_IMBALANCE), holder)
         if key is not None:
             if owned:
                 self.affinity_hits += 1
