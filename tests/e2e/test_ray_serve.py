@@ -139,6 +139,9 @@ def test_the_single_servers_answers(cluster: Cluster, live_server: LiveServer) -
     )
     bad = httpx.post(f"{cluster.base}/v1/chat/completions", content=b"{nope", timeout=30)
     assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
+    # the local instance starts Ray's workers at the command's own priority, not Ray's nice 15
+    # (app.LOCAL_INSTANCE_ENV), so the engine is not below Ray's daemons for the cores
+    assert [r["nice"] for r in cluster.health()["replicas"]] == [os.getpriority(os.PRIO_PROCESS, 0)] * 2
 
 
 def test_requests_spread_and_a_conversation_sticks_to_one_replica(cluster: Cluster) -> None:

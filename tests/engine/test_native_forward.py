@@ -132,8 +132,9 @@ def test_logits_written_into_a_kept_buffer_are_the_same(engine: LLMEngine) -> No
 
 
 def test_sampled_rows_are_copies_in_kept_memory(engine: LLMEngine) -> None:
-    """The host sampler writes its rows in place: they are copies (a row serving two
-    choices is two rows), in memory the next step reuses."""
+    """The host sampler writes its rows in place: rows out of order, or a row serving two
+    choices, are copies (a row per choice), in memory the next step reuses; the step's
+    first rows in order are its own logits, sampled where they are."""
     logits = np.arange(5 * 7, dtype=np.float32).reshape(5, 7)
     first = engine.runner._sampled_rows(logits, [4, 1, 1])
     np.testing.assert_array_equal(first, logits[[4, 1, 1]])
@@ -145,3 +146,12 @@ def test_sampled_rows_are_copies_in_kept_memory(engine: LLMEngine) -> None:
     halves = engine.runner._sampled_rows(logits.astype(np.float16), [3])  # not fp32: a plain copy
     assert halves.dtype == np.float32
     np.testing.assert_array_equal(halves, logits[[3]])
+    for rows in ([0, 1, 2, 3, 4], [0, 1, 2]):
+        own = engine.runner._sampled_rows(logits, rows)
+        assert own.ctypes.data == logits.ctypes.data and own.shape == (len(rows), 7)
+    read_only = logits.copy()
+    read_only.flags.writeable = False
+    for unowned in (np.asfortranarray(logits), read_only):  # strided, or read-only: copied
+        copied = engine.runner._sampled_rows(unowned, [0, 1])
+        assert copied.ctypes.data == first.ctypes.data
+        np.testing.assert_array_equal(copied, logits[:2])

@@ -41,13 +41,14 @@ def test_the_readmes_serve_config_builds() -> None:
 def test_the_readme_names_the_local_instances_ray_settings() -> None:
     """What `mistralrs-serve ray` sets for a local Ray instance is what the README says it
     sets, and the README's `ray start` for a cluster of one's own sets Serve's
-    high-throughput mode too."""
+    high-throughput mode and its workers' priority too."""
     text = README.read_text()
     for name, value in LOCAL_INSTANCE_ENV.items():
         assert f"`{name}={value}`" in text, name
     start = re.search(r"^(.*) ray start --head$", text, re.M)
     assert start is not None
-    assert {"RAY_SERVE_ENABLE_HA_PROXY=1", "RAY_SERVE_THROUGHPUT_OPTIMIZED=1"} <= set(start.group(1).split())
+    wanted = {"RAY_worker_niceness=0", "RAY_SERVE_ENABLE_HA_PROXY=1", "RAY_SERVE_THROUGHPUT_OPTIMIZED=1"}
+    assert wanted <= set(start.group(1).split())
 
 
 def test_fixed_replicas_and_flags() -> None:

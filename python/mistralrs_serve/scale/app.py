@@ -34,9 +34,13 @@ ROUTER = "mistralrs_serve.scale.router:AffinityRouter"
 # the ingress replica's own HTTP server, user code and routing on the replica's own event
 # loop; and with a slower control loop and metrics export, which on a small machine take
 # cores from the engine (the controller: 0.9 CPU-s in a 27 s run at concurrency 64 on 2
-# cores, 0.4 at 0.5 s). A variable already set wins; on a cluster of your own, set them
-# where Ray starts (README).
+# cores, 0.4 at 0.5 s). Ray starts its workers, the engine replicas among them, at nice 15,
+# below its own daemons and every other process on the node, whose every wake-up then takes a
+# core from the engine's forward; the local instance starts them at 0, as the single server
+# runs. A variable already set wins; on a cluster of your own, set them where Ray starts
+# (README).
 LOCAL_INSTANCE_ENV = {
+    "RAY_worker_niceness": "0",
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",

@@ -45,6 +45,11 @@ def quiet_server(config: Any) -> Any:
     return Server(config)
 
 
+def niceness() -> int:
+    """This process's nice value (Ray starts its workers at RAY_worker_niceness, 15 by default)."""
+    return os.getpriority(os.PRIO_PROCESS, 0) if hasattr(os, "getpriority") else 0
+
+
 class Ticket:
     def __init__(self) -> None:
         self.arrived = asyncio.Event()
@@ -102,6 +107,14 @@ class EngineReplica:
         self._server: Any = None
         self._task: asyncio.Task[None] | None = None
         self._ready = False
+        self.nice = niceness()
+        if self.nice > 0:
+            logger.warning(
+                "replica %s runs at nice %d, below every process on the node at 0 (Ray's daemons "
+                "among them), which take its cores first: start Ray with RAY_worker_niceness=0",
+                self.id,
+                self.nice,
+            )
 
     async def start(self) -> None:
         """Open the replica's HTTP port and wait for its models: it takes traffic once loaded."""
@@ -170,6 +183,7 @@ class EngineReplica:
             "url": self.url,
             "status": status,
             "uptime_s": round(time.time() - self.started, 1),
+            "nice": self.nice,
             "queue_depth": self.queue_depth(),
             "models": models,
             "error": "; ".join(f"{m['name']}: {m['error']}" for m in failed) or None,
