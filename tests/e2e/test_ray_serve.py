@@ -64,6 +64,15 @@ class Cluster:
                     )
         return values
 
+    def routes(self, outcome: str) -> float:
+        """The ingress's count of keyed requests that reached their key's replica (hit) or not."""
+        text = httpx.get(f"{self.base}/metrics", timeout=10).text
+        found = re.search(
+            rf'^mistralrs_serve_ingress_affinity_routes_total{{outcome="{outcome}"}} (\S+)$', text, re.M
+        )
+        assert found is not None, text[-2000:]
+        return float(found.group(1))
+
 
 def _ray_stop() -> None:
     ray = Path(sys.executable).with_name("ray")
@@ -166,6 +175,7 @@ def test_requests_spread_and_a_conversation_sticks_to_one_replica(cluster: Clust
     assert len(served) == 2 and all(n >= 2 for n in served.values()), served
 
     hits_before = cluster.metric("mistralrs_serve_prefix_cache_hits_total")
+    routed_before = cluster.routes("hit")
     story = "Here is a long story to remember. " + " ".join(
         f"Line {i} of the tale of the lighthouse." for i in range(60)
     )
@@ -180,6 +190,7 @@ def test_requests_spread_and_a_conversation_sticks_to_one_replica(cluster: Clust
     hits = cluster.metric("mistralrs_serve_prefix_cache_hits_total")
     gained = sorted(hits[r] - hits_before.get(r, 0.0) for r in hits)
     assert gained[0] == 0 and gained[-1] >= 3 * 300, f"the turns' prefix hits by replica: {gained}"
+    assert cluster.routes("hit") - routed_before >= 4  # each turn went to its key's replica
 
 
 def test_an_approvals_answer_reaches_the_replica_holding_it(cluster: Cluster) -> None:

@@ -70,6 +70,7 @@ class Ingress:
         self.replicas_gauge = Gauge(
             f"{PREFIX}_replicas", "replicas by reported status", ["status"], registry=self.registry
         )
+        self.registry.register(_AffinityRoutes())
 
     async def __call__(self, request: Request) -> Response:
         path = request.url.path
@@ -258,6 +259,26 @@ def _replica_gone(e: BaseException) -> bool:
 
 def _gone_message(e: BaseException) -> str:
     return f"no replica could take the request ({type(e).__name__}); retry later"
+
+
+class _AffinityRoutes:
+    """The routers' counts of keyed requests: sent to their key's replica (hit), or elsewhere,
+    its queue being too long or the replica gone (miss)."""
+
+    def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import CounterMetricFamily
+
+        from mistralrs_serve.scale.router import ROUTERS
+
+        routers = list(ROUTERS)
+        family = CounterMetricFamily(
+            f"{PREFIX}_affinity_routes",
+            "keyed requests routed to their key's replica (hit) or to another (miss)",
+            labels=["outcome"],
+        )
+        family.add_metric(["hit"], sum(getattr(r, "affinity_hits", 0) for r in routers))
+        family.add_metric(["miss"], sum(getattr(r, "affinity_misses", 0) for r in routers))
+        yield family
 
 
 class _Merged:

@@ -4,7 +4,8 @@ least-loaded replica. The ingress passes each request's routing key as the
 `affinity` keyword of its call; Ray Serve probes queue depths and retries
 within the ranks this returns. Each router registers itself (`ROUTERS`) so
 the ingress, in the same process, can read the replicas' routing stats
-(health, metrics, queue depth) for its `/health` and `/metrics`."""
+(health, metrics, queue depth) and its affinity counters for its `/health` and
+`/metrics`."""
 
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ class AffinityRouter(FIFOMixin, RequestRouter):
                 (rid for rid, r in by_id.items() if (r.routing_stats or {}).get("replica") == holder), None
             )
         order, owned = rank(key, queues, getattr(self, "imbalance", DEFAULT_IMBALANCE), holder)
-        if key is not None:
+        if key is not None and holder is None:  # a holder's request goes there whatever its key
             if owned:
                 self.affinity_hits += 1
             else:
