@@ -157,7 +157,8 @@ def rendezvous(key: str, replica_ids: Iterable[str]) -> str | None:
 def rank(
     key: str | None, queues: Mapping[str, int | None], imbalance: int, holder: str | None = None
 ) -> tuple[list[str], bool]:
-    """Replica ids in the order to try them, and whether the first is the key's own.
+    """Replica ids in the order to try them, and whether the first is the one asked for:
+    the holder, or else the key's own.
 
     A `holder` (the replica a request must reach, whatever its load) comes first while it
     is there. Otherwise the key's replica comes first unless its queue is more than `imbalance` requests

@@ -149,10 +149,11 @@ class Ingress:
                 seen[stats["ray_replica_id"]] = stats
         return list(seen.values())
 
-    def replicas(self) -> list[dict[str, Any]]:
-        """Each replica's health as it last reported it; the replica gauge follows."""
+    def replicas(self, reports: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+        """Each replica's health as it last reported it (in `reports`, the replicas' routing
+        stats, when the caller has them); the replica gauge follows."""
         replicas = []
-        for stats in self.replica_stats():
+        for stats in self.replica_stats() if reports is None else reports:
             health = stats.get("health") or {"status": "starting"}
             replicas.append({"ray_replica_id": stats["ray_replica_id"], **health})
         for status in ("ok", "loading", "failed", "starting"):
@@ -168,10 +169,11 @@ class Ingress:
 
     def metrics(self) -> bytes:
         """The ingress's counters, then every replica's metrics with a `replica` label."""
-        self.replicas()  # the replica gauge, as of the replicas' last reports
+        reports = self.replica_stats()
+        self.replicas(reports)  # the replica gauge, as of the replicas' last reports
         texts = [
             (str(stats.get("replica", stats["ray_replica_id"])), stats["metrics"])
-            for stats in self.replica_stats()
+            for stats in reports
             if isinstance(stats.get("metrics"), str)
         ]
         merged = CollectorRegistry()

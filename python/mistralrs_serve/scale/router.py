@@ -38,11 +38,11 @@ class AffinityRouter(FIFOMixin, RequestRouter):
         if not candidate_replicas:
             return []
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
-        avoid = set(pending_request.kwargs.get("avoid") or ()) if pending_request is not None else set()
+        kwargs = pending_request.kwargs if pending_request is not None else {}
+        avoid = set(kwargs.get("avoid") or ())
         if avoid and set(by_id) - avoid:  # those that failed this request, while others remain
             by_id = {rid: r for rid, r in by_id.items() if rid not in avoid}
         queues = {rid: self._depth(r) for rid, r in by_id.items()}
-        kwargs = pending_request.kwargs if pending_request is not None else {}
         key = kwargs.get("affinity")
         holder = kwargs.get("holder")  # an engine replica's own id: Ray's id for it, from its stats
         if holder is not None:
